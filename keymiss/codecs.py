@@ -1,0 +1,133 @@
+"""Values ↔ bytes, with no pickle anywhere.
+
+The bytes a codec produces are what a Redis client reading the key sees: UTF-8 text for ``str``, the
+JSON document for dicts and lists, the bytes themselves for ``bytes``. A one-byte tag kept beside the
+value (never inside it) says which codec wrote it, so ``Keymiss.get`` gives back the same type the
+handler returned. Numpy arrays carry a small self-describing header (dtype and shape as JSON) so a
+reader in any language can decode them; object arrays are refused because they would need pickle.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+from enum import IntEnum
+from typing import Any
+
+from .errors import CodecError
+
+try:  # numpy is a core dependency, but keep the import failure readable for slim installs
+    import numpy as np
+except ImportError:  # pragma: no cover
+    np = None  # type: ignore[assignment]
+
+
+class Codec(IntEnum):
+    """The tag stored beside each value."""
+
+    BYTES = 0
+    TEXT = 1
+    JSON = 2
+    NUMPY = 3
+
+
+NUMPY_MAGIC = b"KMNDARR1"
+_HLEN = struct.Struct("<H")
+
+
+def encode(value: Any, codec: Codec | None = None) -> tuple[bytes, Codec]:
+    """Encode ``value``; with ``codec=None`` the codec follows the value's type."""
+    try:
+        if codec is None:
+            codec = _codec_for(value)
+        if codec is Codec.BYTES:
+            if isinstance(value, bytes | bytearray | memoryview):
+                return bytes(value), codec
+            raise CodecError(f"the bytes codec needs bytes, got {type(value).__name__}")
+        if codec is Codec.TEXT:
+            if isinstance(value, str):
+                return value.encode("utf-8", "surrogateescape"), codec
+            raise CodecError(f"the text codec needs str, got {type(value).__name__}")
+        if codec is Codec.JSON:
+            return json.dumps(value, ensure_ascii=False, separators=(",", ":"), allow_nan=False).encode(), codec
+        if codec is Codec.NUMPY:
+            return _encode_array(value), codec
+    except CodecError:
+        raise
+    except (TypeError, ValueError, UnicodeError) as exc:
+        raise CodecError(f"cannot encode {type(value).__name__} value: {exc}") from exc
+    raise CodecError(f"unknown codec {codec!r}")  # pragma: no cover
+
+
+def decode(data: bytes, codec: Codec | int) -> Any:
+    """Decode bytes written under ``codec``; any malformed input raises ``CodecError``."""
+    try:
+        if codec == Codec.BYTES:
+            return data
+        if codec == Codec.TEXT:
+            return data.decode("utf-8", "surrogateescape")
+        if codec == Codec.JSON:
+            return json.loads(data)
+        if codec == Codec.NUMPY:
+            return _decode_array(data)
+    except CodecError:
+        raise
+    except (ValueError, TypeError, UnicodeError) as exc:
+        raise CodecError(f"stored value does not decode as {Codec(codec).name.lower()}: {exc}") from exc
+    raise CodecError(f"unknown codec tag {codec!r}")
+
+
+def codec_from_name(name: str | None) -> Codec | None:
+    """``"text"``, ``"json"``, ``"bytes"``, ``"numpy"`` or ``None``/``"auto"`` (follow the value)."""
+    if name is None or name == "auto":
+        return None
+    try:
+        return Codec[name.upper()]
+    except KeyError:
+        raise CodecError(f"unknown codec {name!r}; use auto, bytes, text, json or numpy") from None
+
+
+def _codec_for(value: Any) -> Codec:
+    if isinstance(value, str):
+        return Codec.TEXT
+    if isinstance(value, bytes | bytearray | memoryview):
+        return Codec.BYTES
+    if np is not None and isinstance(value, np.ndarray):
+        return Codec.NUMPY
+    if value is None or isinstance(value, dict | list | tuple | int | float | bool):
+        return Codec.JSON
+    raise CodecError(
+        f"cannot store a {type(value).__name__}: return str, bytes, a JSON-able value or a numpy array"
+    )
+
+
+def _encode_array(arr: Any) -> bytes:
+    if np is None:  # pragma: no cover
+        raise CodecError("numpy is not installed")
+    arr = np.asarray(arr)
+    if arr.dtype.hasobject:
+        raise CodecError("numpy arrays of Python objects cannot be stored (they would need pickle)")
+    arr = np.ascontiguousarray(arr)
+    header = json.dumps({"dtype": arr.dtype.str, "shape": list(arr.shape)}, separators=(",", ":")).encode()
+    return NUMPY_MAGIC + _HLEN.pack(len(header)) + header + arr.tobytes()
+
+
+def _decode_array(data: bytes) -> Any:
+    if np is None:  # pragma: no cover
+        raise CodecError("numpy is not installed")
+    if not data.startswith(NUMPY_MAGIC) or len(data) < len(NUMPY_MAGIC) + 2:
+        raise CodecError("stored value is not a keymiss numpy array")
+    start = len(NUMPY_MAGIC) + 2
+    (hlen,) = _HLEN.unpack_from(data, len(NUMPY_MAGIC))
+    meta = json.loads(data[start : start + hlen])
+    dtype = np.dtype(meta["dtype"])
+    if dtype.hasobject:
+        raise CodecError("refusing an object dtype")
+    shape = tuple(int(s) for s in meta["shape"])
+    body = memoryview(data)[start + hlen :]
+    count = 1
+    for s in shape:
+        count *= s
+    if len(body) != count * dtype.itemsize:
+        raise CodecError(f"array body is {len(body)} bytes, header says {count * dtype.itemsize}")
+    return np.frombuffer(body, dtype=dtype).reshape(shape).copy()

@@ -1,0 +1,54 @@
+"""Exceptions a caller can act on.
+
+Each carries the keyspace (where there is one) so a server can turn it into a Redis-style
+``-ERR`` line that tells the operator which registered function is at fault.
+"""
+
+from __future__ import annotations
+
+
+class KeymissError(Exception):
+    """Base of every error keymiss raises on purpose."""
+
+
+class ConfigError(KeymissError, ValueError):
+    """A setting that cannot work (bad size, unknown store URL, bad pattern)."""
+
+
+class KeyspaceError(KeymissError):
+    """Something went wrong inside one keyspace; ``keyspace`` names its pattern."""
+
+    def __init__(self, message: str, *, keyspace: str | None = None) -> None:
+        super().__init__(message)
+        self.keyspace = keyspace
+
+
+class KeyMismatchError(KeyspaceError, ValueError):
+    """The key starts like a template keyspace but its fields cannot be parsed.
+
+    Raised instead of a silent miss so a client with a typo in a key learns why nothing was computed.
+    """
+
+
+class HandlerError(KeyspaceError):
+    """The registered function raised; the original exception is ``__cause__``."""
+
+
+class ComputeTimeoutError(KeyspaceError, TimeoutError):
+    """The registered function did not finish within the keyspace's timeout."""
+
+
+class BatchResultError(KeyspaceError):
+    """A batched function returned a result list whose length differs from its input list."""
+
+
+class CodecError(KeymissError, ValueError):
+    """A value could not be turned into bytes, or stored bytes could not be read back."""
+
+
+class StoreError(KeymissError):
+    """The store could not complete an operation (disk full, connection lost, key too long)."""
+
+
+class BusyError(KeymissError):
+    """Too many computations in flight; the caller should retry later."""

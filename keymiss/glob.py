@@ -1,0 +1,78 @@
+"""Redis ``KEYS``/``SCAN MATCH`` glob patterns.
+
+Python's ``fnmatch`` differs from Redis (``[!a]`` instead of ``[^a]``, no backslash escapes), so a
+pattern copied from a Redis deployment would silently match other keys. This follows Redis's
+``stringmatchlen``: ``*``, ``?``, ``[abc]``, ``[^a]``, ``[a-z]`` and ``\\`` escapes.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from functools import lru_cache
+
+
+def glob_to_regex(pattern: str) -> str:
+    """Translate a Redis glob into an anchored regular expression."""
+    out: list[str] = []
+    i, n = 0, len(pattern)
+    while i < n:
+        c = pattern[i]
+        if c == "*":
+            while i + 1 < n and pattern[i + 1] == "*":
+                i += 1
+            out.append(".*")
+        elif c == "?":
+            out.append(".")
+        elif c == "\\" and i + 1 < n:
+            i += 1
+            out.append(re.escape(pattern[i]))
+        elif c == "[":
+            j = i + 1
+            negate = j < n and pattern[j] == "^"
+            if negate:
+                j += 1
+            parts: list[str] = []
+            while j < n and pattern[j] != "]":
+                if pattern[j] == "\\" and j + 1 < n:
+                    parts.append(re.escape(pattern[j + 1]))
+                    j += 2
+                elif j + 2 < n and pattern[j + 1] == "-" and pattern[j + 2] != "]":
+                    lo, hi = sorted((pattern[j], pattern[j + 2]))
+                    parts.append(f"{re.escape(lo)}-{re.escape(hi)}")
+                    j += 3
+                else:
+                    parts.append(re.escape(pattern[j]))
+                    j += 1
+            # Redis treats an unterminated class as running to the end of the pattern.
+            body = "".join(parts)
+            if not body:
+                out.append("[^\\s\\S]" if not negate else "[\\s\\S]")
+            else:
+                out.append(f"[{'^' if negate else ''}{body}]")
+            i = j
+        else:
+            out.append(re.escape(c))
+        i += 1
+    return "(?s:" + "".join(out) + r")\Z"
+
+
+@lru_cache(maxsize=256)
+def compile_glob(pattern: str) -> Callable[[str], bool]:
+    """A fast ``key -> bool`` matcher; ``*`` alone and literal patterns skip the regex engine."""
+    if pattern == "*":
+        return lambda key: True
+    if not any(ch in pattern for ch in "*?[\\"):
+        return pattern.__eq__
+    if pattern.endswith("*") and not any(ch in pattern[:-1] for ch in "*?[\\"):
+        return lambda key, p=pattern[:-1]: key.startswith(p)  # type: ignore[misc]
+    rx = re.compile(glob_to_regex(pattern))
+    return lambda key: rx.match(key) is not None
+
+
+def glob_prefix(pattern: str) -> str:
+    """The literal text every matching key starts with (used to route keys quickly)."""
+    for i, ch in enumerate(pattern):
+        if ch in "*?[\\":
+            return pattern[:i]
+    return pattern

@@ -1,0 +1,203 @@
+"""Keyspaces: which registered function owns a key, and what that function is given.
+
+Two pattern kinds:
+
+* **glob** (``double:*``) — Redis ``KEYS`` globbing; the function receives the whole key.
+* **template** (``bertqa{<tag>}_<context>_<question>``) — ``<name>`` fields. Each field runs up to the
+  first occurrence of the literal text after it, and the last field takes the rest, so a question
+  may contain ``_`` freely. A key that starts with the template's literal prefix but does not parse
+  raises ``KeyMismatchError``: a typo in a key is reported, not silently treated as a miss.
+"""
+
+from __future__ import annotations
+
+import inspect
+import re
+from collections import namedtuple
+from collections.abc import Callable
+from typing import Any
+
+from .codecs import Codec, codec_from_name
+from .errors import ConfigError, KeyMismatchError
+from .glob import compile_glob, glob_prefix
+from .stats import KeyspaceStats
+
+_FIELD = re.compile(r"<([A-Za-z_][A-Za-z0-9_]*)>")
+
+DEFAULT_TIMEOUT = 60.0
+
+
+class Template:
+    """A compiled ``<field>`` template: literal pieces alternating with field names."""
+
+    def __init__(self, pattern: str) -> None:
+        self.pattern = pattern
+        self.names: list[str] = []
+        self.literals: list[str] = []  # literals[i] precedes names[i]; literals[-1] trails
+        pos = 0
+        for m in _FIELD.finditer(pattern):
+            self.literals.append(pattern[pos : m.start()])
+            self.names.append(m.group(1))
+            pos = m.end()
+        self.literals.append(pattern[pos:])
+        if not self.names:
+            raise ConfigError(f"template {pattern!r} has no <field>")
+        if len(set(self.names)) != len(self.names):
+            raise ConfigError(f"template {pattern!r} names a field twice")
+        for i, lit in enumerate(self.literals[1:-1], start=1):
+            if not lit:
+                raise ConfigError(
+                    f"template {pattern!r}: fields <{self.names[i - 1]}> and <{self.names[i]}> need "
+                    "literal text between them, or the split is ambiguous"
+                )
+        self.prefix = self.literals[0]
+        self.fields_type = namedtuple("Fields", self.names)  # type: ignore[misc]
+
+    def parse(self, key: str) -> Any:
+        """The key's fields as a named tuple, or ``None`` when the key does not fit the template."""
+        if not key.startswith(self.prefix):
+            return None
+        pos = len(self.prefix)
+        values: list[str] = []
+        last = len(self.names) - 1
+        trailer = self.literals[-1]
+        for i in range(len(self.names)):
+            if i < last:
+                end = key.find(self.literals[i + 1], pos)
+                if end < 0:
+                    return None
+                values.append(key[pos:end])
+                pos = end + len(self.literals[i + 1])
+            else:
+                if trailer:
+                    if not key.endswith(trailer) or len(key) - len(trailer) < pos:
+                        return None
+                    values.append(key[pos : len(key) - len(trailer)])
+                else:
+                    values.append(key[pos:])
+        if any(not v for v in values):
+            return None
+        return self.fields_type(*values)
+
+
+class Keyspace:
+    """One registered function and the settings that govern its computations."""
+
+    def __init__(
+        self,
+        pattern: str,
+        handler: Callable[..., Any],
+        *,
+        ttl: float | None = None,
+        batch_size: int | None = None,
+        batch_wait_ms: float | None = None,
+        timeout: float | None = DEFAULT_TIMEOUT,
+        codec: str | None = None,
+        error_ttl: float | None = None,
+    ) -> None:
+        if not pattern:
+            raise ConfigError("a keyspace pattern cannot be empty")
+        if ttl is not None and ttl <= 0:
+            raise ConfigError(f"keyspace {pattern!r}: ttl must be positive seconds or None")
+        if batch_size is not None and batch_size < 1:
+            raise ConfigError(f"keyspace {pattern!r}: batch_size must be >= 1")
+        if batch_wait_ms is not None and batch_size is None:
+            raise ConfigError(f"keyspace {pattern!r}: batch_wait_ms needs batch_size")
+        if timeout is not None and timeout <= 0:
+            raise ConfigError(f"keyspace {pattern!r}: timeout must be positive seconds or None")
+        self.pattern = pattern
+        self.handler = handler
+        self.ttl = ttl
+        self.batch_size = batch_size
+        self.batch_wait = (5.0 if batch_wait_ms is None else batch_wait_ms) / 1000.0
+        self.timeout = timeout
+        self.codec: Codec | None = codec_from_name(codec)
+        self.error_ttl = error_ttl
+        self.stats = KeyspaceStats()
+        self.is_async = inspect.iscoroutinefunction(handler) or inspect.iscoroutinefunction(
+            getattr(handler, "__call__", None)  # noqa: B004 - async callable objects
+        )
+        self.template: Template | None = Template(pattern) if _FIELD.search(pattern) else None
+        if self.template is not None:
+            self.prefix = self.template.prefix
+            self._glob: Callable[[str], bool] | None = None
+            if batch_size is None:
+                self._check_signature()
+        else:
+            self.prefix = glob_prefix(pattern)
+            self._glob = compile_glob(pattern)
+
+    @property
+    def kind(self) -> str:
+        return "glob" if self.template is None else "template"
+
+    def _check_signature(self) -> None:
+        assert self.template is not None
+        try:
+            sig = inspect.signature(self.handler)
+        except (TypeError, ValueError):  # builtins without signatures: trust the user
+            return
+        try:
+            sig.bind(**dict.fromkeys(self.template.names, ""))
+        except TypeError as exc:
+            raise ConfigError(
+                f"keyspace {self.pattern!r}: handler {getattr(self.handler, '__name__', self.handler)!r} "
+                f"cannot take the template's fields {self.template.names}: {exc}"
+            ) from None
+
+    def claims(self, key: str) -> bool:
+        """Whether this keyspace is responsible for ``key`` (a template claims its whole prefix)."""
+        if self._glob is not None:
+            return self._glob(key)
+        return key.startswith(self.prefix)
+
+    def argument(self, key: str) -> Any:
+        """What the handler receives for ``key``: the key itself, or its parsed fields."""
+        if self.template is None:
+            return key
+        fields = self.template.parse(key)
+        if fields is None:
+            raise KeyMismatchError(
+                f"key {key[:200]!r} does not fit keyspace template {self.pattern!r}",
+                keyspace=self.pattern,
+            )
+        return fields
+
+    def describe(self) -> dict[str, Any]:
+        """Settings and counters, as KEYMISS KEYSPACES shows them."""
+        return {
+            "pattern": self.pattern,
+            "kind": self.kind,
+            "handler": getattr(self.handler, "__qualname__", repr(self.handler)),
+            "async": self.is_async,
+            "ttl": self.ttl,
+            "batch_size": self.batch_size,
+            "batch_wait_ms": self.batch_wait * 1000 if self.batch_size else None,
+            "timeout": self.timeout,
+            "codec": self.codec.name.lower() if self.codec is not None else "auto",
+            **self.stats.as_dict(),
+        }
+
+
+class Registry:
+    """The keyspaces of one app, in registration order (the first that claims a key owns it)."""
+
+    def __init__(self) -> None:
+        self.keyspaces: list[Keyspace] = []
+
+    def add(self, ks: Keyspace) -> None:
+        if any(k.pattern == ks.pattern for k in self.keyspaces):
+            raise ConfigError(f"keyspace {ks.pattern!r} is already registered")
+        self.keyspaces.append(ks)
+
+    def route(self, key: str) -> Keyspace | None:
+        for ks in self.keyspaces:
+            if ks.claims(key):
+                return ks
+        return None
+
+    def __iter__(self):  # type: ignore[no-untyped-def]
+        return iter(self.keyspaces)
+
+    def __len__(self) -> int:
+        return len(self.keyspaces)

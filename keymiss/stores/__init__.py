@@ -1,0 +1,58 @@
+"""Stores, chosen by URL-like strings so a flag or a config file can name them.
+
+``memory`` · ``lmdb:PATH`` · ``lmdb:PATH?max_disk=10GB&durable=0&map_size=1GB``
+"""
+
+from __future__ import annotations
+
+from urllib.parse import parse_qsl
+
+from ..errors import ConfigError
+from ..sizes import parse_size
+from .base import Item, LocalStore, Store, Write
+from .eviction import LRUPolicy, Policy
+from .memory import MemoryStore
+
+__all__ = ["Item", "LRUPolicy", "LocalStore", "MemoryStore", "Policy", "Store", "Write", "open_store"]
+
+_TRUE = {"1", "true", "yes", "on"}
+_FALSE = {"0", "false", "no", "off"}
+
+
+def _flag(value: str, name: str) -> bool:
+    v = value.lower()
+    if v in _TRUE | _FALSE:
+        return v in _TRUE
+    raise ConfigError(f"store option {name}={value!r} must be 1/0, true/false, yes/no or on/off")
+
+
+def open_store(url: str, *, max_memory: int | str = "auto", eviction: str | Policy = "lru") -> Store:
+    """Build a store from its URL; ``max_memory`` and ``eviction`` apply to the memory store."""
+    base, _, query = url.partition("?")
+    opts = dict(parse_qsl(query, keep_blank_values=True, strict_parsing=False))
+    scheme, sep, rest = base.partition(":")
+    scheme = scheme.strip().lower()
+    if scheme == "memory" and not rest:
+        unknown = set(opts) - {"max_memory", "eviction"}
+        if unknown:
+            raise ConfigError(f"unknown memory store option(s): {', '.join(sorted(unknown))}")
+        size = parse_size(opts.get("max_memory", max_memory), what="max_memory")
+        return MemoryStore(size, eviction=opts.get("eviction", eviction))
+    if scheme == "lmdb" and sep:
+        from .lmdb import LMDBStore
+
+        path = rest[2:] if rest.startswith("//") else rest
+        if not path:
+            raise ConfigError("lmdb store needs a directory: lmdb:PATH")
+        unknown = set(opts) - {"max_disk", "durable", "map_size"}
+        if unknown:
+            raise ConfigError(f"unknown lmdb store option(s): {', '.join(sorted(unknown))}")
+        return LMDBStore(
+            path,
+            max_disk=parse_size(opts["max_disk"], what="max_disk") if "max_disk" in opts else None,
+            durable=_flag(opts.get("durable", "1"), "durable"),
+            map_size=parse_size(opts.get("map_size", "256mb"), what="map_size"),
+        )
+    if scheme in {"redis", "rediss", "redis+cluster"}:
+        raise ConfigError(f"store {url!r}: Redis stores are not available in this version of keymiss")
+    raise ConfigError(f"unknown store {url!r}; use 'memory' or 'lmdb:PATH'")

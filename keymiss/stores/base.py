@@ -1,0 +1,242 @@
+"""The Store contract every backend honours, and the shared machinery of in-process stores.
+
+A store keeps bytes plus a one-byte codec tag and an absolute expiry time; it never interprets the
+bytes. Methods are coroutines so that network stores fit the same seam; in-process stores also offer
+``get_now`` so the engine's hit path costs a dictionary or B-tree lookup and no coroutine hop.
+"""
+
+from __future__ import annotations
+
+import abc
+import itertools
+from collections import OrderedDict
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from ..glob import compile_glob
+
+#: Redis's answers for PTTL: no such key, key without expiry.
+PTTL_MISSING = -2
+PTTL_PERSISTENT = -1
+
+
+class Item:
+    """One stored value: its bytes, the codec tag that wrote them, and when it expires (unix s)."""
+
+    __slots__ = ("codec", "expires_at", "value")
+
+    def __init__(self, value: bytes, codec: int = 0, expires_at: float | None = None) -> None:
+        self.value = value
+        self.codec = codec
+        self.expires_at = expires_at
+
+    def __repr__(self) -> str:
+        return f"Item({self.value[:40]!r}, codec={self.codec}, expires_at={self.expires_at})"
+
+
+@dataclass(frozen=True, slots=True)
+class Write:
+    """One write of a batch (``Store.set_many``)."""
+
+    key: str
+    value: bytes
+    codec: int = 0
+    ttl: float | None = None
+
+
+class Store(abc.ABC):
+    """What the engine and the server need of a backend."""
+
+    #: URL-like name shown in logs and INFO (``memory``, ``lmdb:/var/cache/km``).
+    url: str = "store"
+    #: True where ``get_now`` answers without I/O waits (in-process stores).
+    local: bool = False
+
+    def get_now(self, key: str) -> Item | None:
+        """Synchronous lookup; only stores with ``local = True`` implement it."""
+        raise NotImplementedError
+
+    @abc.abstractmethod
+    async def get(self, key: str) -> Item | None: ...
+
+    @abc.abstractmethod
+    async def get_many(self, keys: Sequence[str]) -> list[Item | None]: ...
+
+    @abc.abstractmethod
+    async def set(
+        self,
+        key: str,
+        value: bytes,
+        *,
+        codec: int = 0,
+        ttl: float | None = None,
+        nx: bool = False,
+        xx: bool = False,
+        keep_ttl: bool = False,
+    ) -> bool:
+        """Store ``value``; returns False when NX/XX refused it or it can never fit the budget."""
+
+    @abc.abstractmethod
+    async def set_many(self, writes: Sequence[Write]) -> list[bool]:
+        """Store several values in one round trip (one transaction where the backend has them)."""
+
+    @abc.abstractmethod
+    async def delete(self, keys: Iterable[str]) -> int: ...
+
+    @abc.abstractmethod
+    async def exists(self, keys: Iterable[str]) -> int:
+        """How many of ``keys`` exist (a key named twice counts twice, as in Redis)."""
+
+    @abc.abstractmethod
+    async def pttl(self, key: str) -> int:
+        """Milliseconds left, ``-1`` for no expiry, ``-2`` for no key (Redis's PTTL)."""
+
+    @abc.abstractmethod
+    async def expire(self, key: str, ttl: float | None) -> bool:
+        """Set (or with ``None`` remove) the expiry of an existing key; False if there is no key."""
+
+    @abc.abstractmethod
+    async def scan(self, cursor: int, match: str | None = None, count: int = 10) -> tuple[int, list[str]]:
+        """Redis SCAN: every key present for the whole iteration is returned at least once."""
+
+    @abc.abstractmethod
+    async def dbsize(self) -> int: ...
+
+    @abc.abstractmethod
+    async def flush(self) -> None: ...
+
+    @abc.abstractmethod
+    async def sweep(self, limit: int = 1000) -> int:
+        """Drop up to ``limit`` expired entries; returns how many went."""
+
+    @abc.abstractmethod
+    async def close(self) -> None: ...
+
+    @abc.abstractmethod
+    def info(self) -> dict[str, Any]:
+        """Numbers for INFO and metrics: at least ``used_bytes``, ``max_bytes``, ``keys``, ``evictions``."""
+
+
+class LocalStore(Store):
+    """Shared code of in-process stores: synchronous primitives, async face, SCAN cursors."""
+
+    local = True
+
+    def __init__(self) -> None:
+        self._scans: OrderedDict[int, Any] = OrderedDict()
+        self._scan_ids = itertools.count(1)
+        self.evictions = 0
+        self.expired = 0
+
+    # --- primitives a subclass provides -------------------------------------------------------
+    @abc.abstractmethod
+    def get_now(self, key: str) -> Item | None: ...
+
+    @abc.abstractmethod
+    def _set(self, writes: Sequence[Write], nx: bool, xx: bool, keep_ttl: bool) -> list[bool]: ...
+
+    @abc.abstractmethod
+    def _delete(self, keys: Iterable[str]) -> int: ...
+
+    @abc.abstractmethod
+    def _set_expiry(self, key: str, expires_at: float | None) -> bool: ...
+
+    @abc.abstractmethod
+    def _scan_start(self) -> Any: ...
+
+    @abc.abstractmethod
+    def _scan_step(self, state: Any, count: int) -> tuple[list[str], Any, bool]: ...
+
+    @abc.abstractmethod
+    def _len(self) -> int: ...
+
+    @abc.abstractmethod
+    def _now(self) -> float: ...
+
+    async def _write(self, fn: Any, *args: Any) -> Any:
+        """Run a mutating primitive; the LMDB store overrides this to use its writer thread."""
+        return fn(*args)
+
+    # --- the async contract ---------------------------------------------------------------------
+    async def get(self, key: str) -> Item | None:
+        return self.get_now(key)
+
+    async def get_many(self, keys: Sequence[str]) -> list[Item | None]:
+        get = self.get_now
+        return [get(k) for k in keys]
+
+    async def set(
+        self,
+        key: str,
+        value: bytes,
+        *,
+        codec: int = 0,
+        ttl: float | None = None,
+        nx: bool = False,
+        xx: bool = False,
+        keep_ttl: bool = False,
+    ) -> bool:
+        result: list[bool] = await self._write(self._set, [Write(key, value, codec, ttl)], nx, xx, keep_ttl)
+        return result[0]
+
+    async def set_many(self, writes: Sequence[Write]) -> list[bool]:
+        if not writes:
+            return []
+        result: list[bool] = await self._write(self._set, list(writes), False, False, False)
+        return result
+
+    async def delete(self, keys: Iterable[str]) -> int:
+        result: int = await self._write(self._delete, list(keys))
+        return result
+
+    async def exists(self, keys: Iterable[str]) -> int:
+        return sum(1 for k in keys if self.get_now(k) is not None)
+
+    async def pttl(self, key: str) -> int:
+        item = self.get_now(key)
+        if item is None:
+            return PTTL_MISSING
+        if item.expires_at is None:
+            return PTTL_PERSISTENT
+        return max(0, round((item.expires_at - self._now()) * 1000))
+
+    async def expire(self, key: str, ttl: float | None) -> bool:
+        if ttl is not None and ttl <= 0:
+            return bool(await self.delete([key]))
+        expires_at = None if ttl is None else self._now() + ttl
+        result: bool = await self._write(self._set_expiry, key, expires_at)
+        return result
+
+    async def scan(self, cursor: int, match: str | None = None, count: int = 10) -> tuple[int, list[str]]:
+        if cursor == 0:
+            state = self._scan_start()
+        else:
+            state = self._scans.pop(cursor, None)
+            if state is None:  # unknown or abandoned cursor: the iteration is over
+                return 0, []
+        keys, state, done = self._scan_step(state, max(1, count))
+        if match is not None and match != "*":
+            matches = compile_glob(match)
+            keys = [k for k in keys if matches(k)]
+        if done:
+            return 0, keys
+        cid = next(self._scan_ids)
+        self._scans[cid] = state
+        while len(self._scans) > 1024:  # abandoned iterations must not pile up
+            self._scans.popitem(last=False)
+        return cid, keys
+
+    async def dbsize(self) -> int:
+        return self._len()
+
+    def matching_keys(self, pattern: str) -> list[str]:
+        """All keys matching a glob (used by ``forget``); a full walk, so meant for operators."""
+        state = self._scan_start()
+        matches = compile_glob(pattern)
+        out: list[str] = []
+        while True:
+            keys, state, done = self._scan_step(state, 1000)
+            out.extend(k for k in keys if matches(k))
+            if done:
+                return out

@@ -1,0 +1,84 @@
+"""Eviction policies for the memory store.
+
+A policy only decides *which key goes next*; the store does the byte accounting and the removal.
+Adding a policy means subclassing ``Policy`` and overriding a handful of small hooks, the way
+cachetools' caches differ only in ``popitem``.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+
+from ..errors import ConfigError
+
+
+class Policy:
+    """Hooks the memory store calls; the base keeps no order and must be subclassed."""
+
+    name = "base"
+
+    def insert(self, key: str, size: int) -> None:
+        """A new key entered the store."""
+
+    def touch(self, key: str) -> None:
+        """An existing key was read or overwritten."""
+
+    def remove(self, key: str) -> None:
+        """A key left the store (delete, expiry or eviction)."""
+
+    def victim(self) -> str:
+        """The key to evict next; called only while the store holds at least one key."""
+        raise NotImplementedError
+
+    def admit(self, key: str, size: int) -> bool:
+        """Whether a new key may push others out; admission-aware policies override this."""
+        return True
+
+    def clear(self) -> None:
+        """Forget every key."""
+
+
+class LRUPolicy(Policy):
+    """Least recently used first: the baseline every other policy is measured against."""
+
+    name = "lru"
+
+    def __init__(self) -> None:
+        self._order: OrderedDict[str, None] = OrderedDict()
+
+    def insert(self, key: str, size: int) -> None:
+        self._order[key] = None
+
+    def touch(self, key: str) -> None:
+        self._order.move_to_end(key)
+
+    def remove(self, key: str) -> None:
+        self._order.pop(key, None)
+
+    def victim(self) -> str:
+        return next(iter(self._order))
+
+    def clear(self) -> None:
+        self._order.clear()
+
+
+class FIFOPolicy(LRUPolicy):
+    """First in, first out: reads do not refresh; cheapest hit path, useful for scan-heavy loads."""
+
+    name = "fifo"
+
+    def touch(self, key: str) -> None:
+        return None
+
+
+POLICIES: dict[str, type[Policy]] = {"lru": LRUPolicy, "fifo": FIFOPolicy}
+
+
+def make_policy(name: str | Policy) -> Policy:
+    """A policy instance from its name (``"lru"``) or an instance supplied by the user."""
+    if isinstance(name, Policy):
+        return name
+    try:
+        return POLICIES[name.lower()]()
+    except KeyError:
+        raise ConfigError(f"unknown eviction policy {name!r}; choose one of {sorted(POLICIES)}") from None

@@ -1,0 +1,372 @@
+"""A persistent, memory-mapped store on LMDB.
+
+Why LMDB: reads are a B-tree walk in a shared memory map (no syscalls, no copies until the value is
+handed out), several processes may read the same file, and a committed write transaction survives a
+``kill -9`` of the writer because LMDB never overwrites live pages.
+
+Each record is ``header | [full key] | value``. The header holds a magic, the codec tag, the expiry,
+an insertion sequence number (the eviction order when ``max_disk`` is set) and a CRC32 over the key,
+the header fields and the value: a record that was truncated, copied from another key or written by
+something else is detected and read as a miss, never interpreted.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import os
+import struct
+import threading
+import time
+import zlib
+from collections.abc import Callable, Iterable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import lmdb
+
+from ..errors import StoreError
+from ..sizes import format_size
+from .base import Item, LocalStore, Write
+
+log = logging.getLogger("keymiss.lmdb")
+
+_HEADER = struct.Struct("<2sBBIqQ")  # magic, codec, flags, crc32, expires_ms (0 = never), seq
+_FIELDS = struct.Struct("<BBqQ")  # the header fields the checksum covers
+_KEYLEN = struct.Struct("<I")
+_SEQ = struct.Struct(">Q")  # big-endian so the order index sorts by insertion
+MAGIC = b"KM"
+FLAG_LONG_KEY = 1
+_LONG_KEY_PREFIX = b"\x00km#"
+_DATA_DB = b"keymiss.data"
+_ORDER_DB = b"keymiss.order"
+
+
+def _encode_key(key: str) -> bytes:
+    return key.encode("utf-8", "surrogateescape")
+
+
+class LMDBStore(LocalStore):
+    """Persistent store; reads run on the caller's thread, writes on one writer thread when durable."""
+
+    def __init__(
+        self,
+        path: str,
+        *,
+        map_size: int = 256 * 1024**2,
+        max_disk: int | None = None,
+        durable: bool = True,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        super().__init__()
+        self.path = path
+        self.url = f"lmdb:{path}"
+        self.max_disk = max_disk
+        self.durable = durable
+        self.corrupt = 0
+        self._clock = clock
+        os.makedirs(path, exist_ok=True)
+        if max_disk is not None:
+            map_size = min(map_size, max_disk)
+        try:
+            self._env = lmdb.open(
+                path,
+                map_size=map_size,
+                max_dbs=4,
+                sync=durable,
+                metasync=durable,
+                readahead=False,
+                lock=True,
+            )
+        except lmdb.Error as exc:
+            raise StoreError(f"cannot open LMDB store at {path!r}: {exc}") from exc
+        stale = self._env.reader_check()  # reader slots left by killed processes
+        if stale:
+            log.info("cleared %d stale LMDB reader slot(s) in %s", stale, path)
+        self._data = self._env.open_db(_DATA_DB)
+        self._order = self._env.open_db(_ORDER_DB)
+        self._max_key = self._env.max_key_size()
+        self._resize_lock = threading.Lock()
+        self._writer = ThreadPoolExecutor(1, thread_name_prefix="keymiss-lmdb-writer") if durable else None
+        with self._env.begin(db=self._order) as txn:
+            cur = txn.cursor()
+            self._seq = _SEQ.unpack(cur.key())[0] + 1 if cur.last() else 1
+        self._sweep_after: bytes | None = None
+        self._closed = False
+
+    # --- record format -------------------------------------------------------------------------
+    def _db_key(self, kb: bytes) -> bytes:
+        if 0 < len(kb) <= self._max_key and not kb.startswith(_LONG_KEY_PREFIX):
+            return kb
+        return _LONG_KEY_PREFIX + hashlib.sha256(kb).digest()
+
+    def _pack(self, kb: bytes, dbk: bytes, value: bytes, codec: int, expires_at: float | None, seq: int) -> bytes:
+        flags = FLAG_LONG_KEY if dbk is not kb else 0
+        exp = 0 if expires_at is None else max(1, int(expires_at * 1000))
+        crc = zlib.crc32(value, zlib.crc32(_FIELDS.pack(codec, flags, exp, seq), zlib.crc32(kb)))
+        head = _HEADER.pack(MAGIC, codec, flags, crc, exp, seq)
+        if flags:
+            return head + _KEYLEN.pack(len(kb)) + kb + value
+        return head + value
+
+    def _unpack(self, kb: bytes | None, raw: bytes) -> tuple[bytes, Item, int] | None:
+        """(full key, item, seq) or None when the record is not a valid keymiss record for ``kb``."""
+        try:
+            magic, codec, flags, crc, exp, seq = _HEADER.unpack_from(raw)
+        except struct.error:
+            return None
+        if magic != MAGIC:
+            return None
+        pos = _HEADER.size
+        if flags & FLAG_LONG_KEY:
+            try:
+                (klen,) = _KEYLEN.unpack_from(raw, pos)
+            except struct.error:
+                return None
+            stored_key = raw[pos + 4 : pos + 4 + klen]
+            pos += 4 + klen
+            if kb is not None and stored_key != kb:
+                return None
+            kb = stored_key
+        if kb is None:
+            return None
+        value = raw[pos:]
+        if zlib.crc32(value, zlib.crc32(_FIELDS.pack(codec, flags, exp, seq), zlib.crc32(kb))) != crc:
+            return None
+        return kb, Item(value, codec, exp / 1000 if exp else None), seq
+
+    def _bad_record(self, key: str) -> None:
+        self.corrupt += 1
+        log.warning("ignoring a stored value for %r that is not a valid keymiss record", key[:200])
+
+    # --- reads ---------------------------------------------------------------------------------
+    def _read(self, fn: Callable[[Any], Any]) -> Any:
+        """Run ``fn`` in a read transaction; adopts a map another process has grown."""
+        for _ in range(3):
+            try:
+                with self._resize_lock, self._env.begin(db=self._data) as txn:
+                    return fn(txn)
+            except lmdb.MapResizedError:
+                with self._resize_lock:
+                    self._env.set_mapsize(0)
+            except lmdb.Error as exc:
+                raise StoreError(f"LMDB read failed: {exc}") from exc
+        raise StoreError("LMDB map keeps being resized by another process")
+
+    def get_now(self, key: str) -> Item | None:
+        kb = _encode_key(key)
+        raw = self._read(lambda txn: txn.get(self._db_key(kb)))
+        if raw is None:
+            return None
+        parsed = self._unpack(kb, raw)
+        if parsed is None:
+            self._bad_record(key)
+            return None
+        item = parsed[1]
+        if item.expires_at is not None and item.expires_at <= self._clock():
+            return None
+        return item
+
+    async def get_many(self, keys: Sequence[str]) -> list[Item | None]:
+        out: list[Item | None] = []
+        now = self._clock()
+        raws = self._read(
+            lambda txn: [(k, kb, txn.get(self._db_key(kb))) for k in keys for kb in (_encode_key(k),)]
+        )
+        for key, kb, raw in raws:
+            parsed = None if raw is None else self._unpack(kb, raw)
+            if raw is not None and parsed is None:
+                self._bad_record(key)
+            item = None if parsed is None else parsed[1]
+            out.append(None if item is None or (item.expires_at and item.expires_at <= now) else item)
+        return out
+
+    # --- writes --------------------------------------------------------------------------------
+    async def _write(self, fn: Any, *args: Any) -> Any:
+        if self._closed:
+            raise StoreError("the LMDB store is closed")
+        if self._writer is None:
+            return self._with_room(fn, *args)
+        return await asyncio.get_running_loop().run_in_executor(self._writer, self._with_room, fn, *args)
+
+    def _with_room(self, fn: Any, *args: Any) -> Any:
+        """Run a write transaction, growing the map (or evicting under ``max_disk``) when it is full."""
+        for _ in range(64):
+            try:
+                return fn(*args)
+            except lmdb.MapFullError:
+                self._make_room()
+            except lmdb.MapResizedError:
+                with self._resize_lock:
+                    self._env.set_mapsize(0)
+            except lmdb.Error as exc:
+                raise StoreError(f"LMDB write failed: {exc}") from exc
+        raise StoreError("LMDB store is full and nothing more can be evicted")
+
+    def _make_room(self) -> None:
+        size = self._env.info()["map_size"]
+        if self.max_disk is None or size < self.max_disk:
+            new = size * 2 if self.max_disk is None else min(size * 2, self.max_disk)
+            with self._resize_lock:
+                self._env.set_mapsize(new)
+            log.info("LMDB map grown to %s", format_size(new))
+            return
+        with self._env.begin(write=True) as txn:
+            entries = txn.stat(self._data)["entries"]
+            if entries == 0:
+                raise StoreError(f"value does not fit in max_disk={format_size(self.max_disk)}")
+            victims = max(16, entries // 50)
+            cur = txn.cursor(self._order)
+            n = 0
+            while n < victims and cur.first():
+                txn.delete(cur.value(), db=self._data)
+                cur.delete()
+                n += 1
+        self.evictions += n
+
+    def _set(self, writes: Sequence[Write], nx: bool, xx: bool, keep_ttl: bool) -> list[bool]:
+        now = self._clock()
+        results: list[bool] = []
+        seq = self._seq
+        with self._env.begin(write=True, db=self._data) as txn:
+            for w in writes:
+                kb = _encode_key(w.key)
+                dbk = self._db_key(kb)
+                raw = txn.get(dbk)
+                old = None if raw is None else self._unpack(kb, raw)
+                alive = old is not None and (old[1].expires_at is None or old[1].expires_at > now)
+                if (nx and alive) or (xx and not alive):
+                    results.append(False)
+                    continue
+                if keep_ttl and alive and old is not None:
+                    expires_at = old[1].expires_at
+                else:
+                    expires_at = None if w.ttl is None else now + w.ttl
+                if old is not None:
+                    txn.delete(_SEQ.pack(old[2]), db=self._order)
+                txn.put(dbk, self._pack(kb, dbk, w.value, w.codec, expires_at, seq))
+                txn.put(_SEQ.pack(seq), dbk, db=self._order)
+                seq += 1
+                results.append(True)
+        self._seq = seq
+        return results
+
+    def _delete(self, keys: Iterable[str]) -> int:
+        n = 0
+        now = self._clock()
+        with self._env.begin(write=True, db=self._data) as txn:
+            for key in keys:
+                kb = _encode_key(key)
+                dbk = self._db_key(kb)
+                raw = txn.get(dbk)
+                if raw is None:
+                    continue
+                old = self._unpack(kb, raw)
+                if old is not None:
+                    txn.delete(_SEQ.pack(old[2]), db=self._order)
+                    if old[1].expires_at is None or old[1].expires_at > now:
+                        n += 1
+                txn.delete(dbk)
+        return n
+
+    def _set_expiry(self, key: str, expires_at: float | None) -> bool:
+        now = self._clock()
+        with self._env.begin(write=True, db=self._data) as txn:
+            kb = _encode_key(key)
+            dbk = self._db_key(kb)
+            raw = txn.get(dbk)
+            old = None if raw is None else self._unpack(kb, raw)
+            if old is None or (old[1].expires_at is not None and old[1].expires_at <= now):
+                return False
+            item = old[1]
+            txn.put(dbk, self._pack(kb, dbk, item.value, item.codec, expires_at, old[2]))
+        return True
+
+    def _sweep(self, limit: int) -> int:
+        now_ms = self._clock() * 1000
+        n = 0
+        with self._env.begin(write=True, db=self._data) as txn:
+            cur = txn.cursor()
+            found = cur.set_range(self._sweep_after) if self._sweep_after else cur.first()
+            seen = 0
+            while found and seen < limit:
+                raw = cur.value()
+                seen += 1
+                if len(raw) >= _HEADER.size:
+                    magic, _c, _f, _crc, exp, seq = _HEADER.unpack_from(raw)
+                    if magic == MAGIC and exp and exp <= now_ms:
+                        txn.delete(_SEQ.pack(seq), db=self._order)
+                        found = cur.delete()  # moves to the next record
+                        n += 1
+                        continue
+                found = cur.next()
+            self._sweep_after = cur.key() if found else None
+        self.expired += n
+        return n
+
+    async def sweep(self, limit: int = 1000) -> int:
+        result: int = await self._write(self._sweep, limit)
+        return result
+
+    async def flush(self) -> None:
+        def drop() -> None:
+            with self._env.begin(write=True) as txn:
+                txn.drop(self._data, delete=False)
+                txn.drop(self._order, delete=False)
+
+        await self._write(drop)
+
+    async def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        if self._writer is not None:
+            self._writer.shutdown(wait=True)
+        self._env.close()
+
+    # --- introspection -------------------------------------------------------------------------
+    def _len(self) -> int:
+        n: int = self._read(lambda txn: txn.stat(self._data)["entries"])
+        return n
+
+    def _now(self) -> float:
+        return self._clock()
+
+    def _scan_start(self) -> Any:
+        return b""
+
+    def _scan_step(self, state: Any, count: int) -> tuple[list[str], Any, bool]:
+        keys: list[str] = []
+        now = self._clock()
+        last = state
+        with self._resize_lock, self._env.begin(db=self._data) as txn:
+            cur = txn.cursor()
+            found = cur.set_range(state) if state else cur.first()
+            if found and state and cur.key() == state:
+                found = cur.next()
+            while found and len(keys) < count:
+                dbk, raw = cur.key(), cur.value()
+                last = dbk
+                parsed = self._unpack(None if dbk.startswith(_LONG_KEY_PREFIX) else dbk, raw)
+                if parsed is not None and (parsed[1].expires_at is None or parsed[1].expires_at > now):
+                    keys.append(parsed[0].decode("utf-8", "surrogateescape"))
+                found = cur.next()
+        return keys, last, not found
+
+    def info(self) -> dict[str, Any]:
+        env_info = self._env.info()
+        stat = self._env.stat()
+        used = (env_info["last_pgno"] + 1) * stat["psize"]
+        return {
+            "store": self.url,
+            "used_bytes": used,
+            "max_bytes": self.max_disk or env_info["map_size"],
+            "used_human": format_size(used),
+            "map_size": env_info["map_size"],
+            "keys": self._len(),
+            "evictions": self.evictions,
+            "expired": self.expired,
+            "corrupt": self.corrupt,
+            "durable": self.durable,
+        }

@@ -1,0 +1,168 @@
+"""The in-process store, bounded by bytes.
+
+The budget covers keys, values and a per-entry overhead measured on CPython (the dict slot, the entry
+object and the two objects it holds), so ``max_memory`` is close to what the process really spends.
+"""
+
+from __future__ import annotations
+
+import heapq
+import time
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any
+
+from ..sizes import format_size
+from .base import Item, LocalStore, Write
+from .eviction import Policy, make_policy
+
+#: Bytes a stored entry costs beyond its key and value: the dict slot, the Item (3 slots), the key
+#: str and value bytes object headers, and the eviction policy's own node. Measured with
+#: tracemalloc in tests/test_memory_store.py::test_overhead_estimate_is_honest.
+ENTRY_OVERHEAD = 280
+
+
+def key_bytes(key: str) -> int:
+    """Bytes a key occupies in the budget (its UTF-8 length, exact for ASCII without encoding)."""
+    return len(key) if key.isascii() else len(key.encode("utf-8", "surrogateescape"))
+
+
+class MemoryStore(LocalStore):
+    """Keys and values in a dict, evicted by a pluggable policy when the byte budget is reached."""
+
+    def __init__(
+        self,
+        max_memory: int,
+        *,
+        eviction: str | Policy = "lru",
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        super().__init__()
+        self.max_bytes = int(max_memory)
+        self.policy = make_policy(eviction)
+        self.url = "memory"
+        self._data: dict[str, Item] = {}
+        self._sizes: dict[str, int] = {}
+        self._bytes = 0
+        self._clock = clock
+        self._expiry: list[tuple[float, str]] = []  # heap; stale rows are skipped
+
+    # --- reads ------------------------------------------------------------------------------------
+    def get_now(self, key: str) -> Item | None:
+        item = self._data.get(key)
+        if item is None:
+            return None
+        if item.expires_at is not None and item.expires_at <= self._clock():
+            self._remove(key)
+            self.expired += 1
+            return None
+        self.policy.touch(key)
+        return item
+
+    # --- writes -----------------------------------------------------------------------------------
+    def _set(self, writes: Sequence[Write], nx: bool, xx: bool, keep_ttl: bool) -> list[bool]:
+        now = self._clock()
+        return [self._set_one(w, nx, xx, keep_ttl, now) for w in writes]
+
+    def _set_one(self, w: Write, nx: bool, xx: bool, keep_ttl: bool, now: float) -> bool:
+        old = self.get_now(w.key) if (nx or xx or keep_ttl) else self._data.get(w.key)
+        if (nx and old is not None) or (xx and old is None):
+            return False
+        if keep_ttl and old is not None:
+            expires_at = old.expires_at
+        else:
+            expires_at = None if w.ttl is None else now + w.ttl
+        size = key_bytes(w.key) + len(w.value) + ENTRY_OVERHEAD
+        if old is not None:
+            self._remove(w.key)
+        if size > self.max_bytes or not self.policy.admit(w.key, size):
+            # Redis semantics: a SET replaces; a value we cannot keep must not leave a stale one behind.
+            return False
+        while self._bytes + size > self.max_bytes and self._data:
+            self._remove(self.policy.victim())
+            self.evictions += 1
+        self._data[w.key] = Item(w.value, w.codec, expires_at)
+        self._sizes[w.key] = size
+        self._bytes += size
+        self.policy.insert(w.key, size)
+        if expires_at is not None:
+            heapq.heappush(self._expiry, (expires_at, w.key))
+        return True
+
+    def _remove(self, key: str) -> None:
+        if self._data.pop(key, None) is not None:
+            self._bytes -= self._sizes.pop(key)
+            self.policy.remove(key)
+
+    def _delete(self, keys: Iterable[str]) -> int:
+        n = 0
+        for key in keys:
+            if self.get_now(key) is not None:
+                self._remove(key)
+                n += 1
+        return n
+
+    def _set_expiry(self, key: str, expires_at: float | None) -> bool:
+        item = self.get_now(key)
+        if item is None:
+            return False
+        item.expires_at = expires_at
+        if expires_at is not None:
+            heapq.heappush(self._expiry, (expires_at, key))
+        return True
+
+    async def sweep(self, limit: int = 1000) -> int:
+        now = self._clock()
+        heap, n = self._expiry, 0
+        while heap and heap[0][0] <= now and n < limit:
+            expires_at, key = heapq.heappop(heap)
+            item = self._data.get(key)
+            if item is not None and item.expires_at is not None and item.expires_at <= now:
+                self._remove(key)
+                self.expired += 1
+                n += 1
+        if len(heap) > 2 * len(self._data) + 1024:  # overwritten TTLs leave stale rows: compact
+            self._expiry = [(t, k) for t, k in heap if (i := self._data.get(k)) and i.expires_at == t]
+            heapq.heapify(self._expiry)
+        return n
+
+    async def flush(self) -> None:
+        self._data.clear()
+        self._sizes.clear()
+        self._expiry.clear()
+        self._bytes = 0
+        self.policy.clear()
+
+    async def close(self) -> None:
+        await self.flush()
+
+    # --- introspection -------------------------------------------------------------------------
+    @property
+    def used_bytes(self) -> int:
+        return self._bytes
+
+    def _len(self) -> int:
+        return len(self._data)
+
+    def _now(self) -> float:
+        return self._clock()
+
+    def _scan_start(self) -> Any:
+        return (list(self._data), 0)
+
+    def _scan_step(self, state: Any, count: int) -> tuple[list[str], Any, bool]:
+        snapshot, pos = state
+        chunk = [k for k in snapshot[pos : pos + count] if self.get_now(k) is not None]
+        pos += count
+        return chunk, (snapshot, pos), pos >= len(snapshot)
+
+    def info(self) -> dict[str, Any]:
+        return {
+            "store": self.url,
+            "used_bytes": self._bytes,
+            "max_bytes": self.max_bytes,
+            "used_human": format_size(self._bytes),
+            "keys": len(self._data),
+            "evictions": self.evictions,
+            "expired": self.expired,
+            "eviction_policy": self.policy.name,
+        }

@@ -1,0 +1,53 @@
+"""Shared fixtures: a controllable clock and every store kind, in temporary directories."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+
+import pytest
+
+from keymiss.stores.base import LocalStore
+from keymiss.stores.lmdb import LMDBStore
+from keymiss.stores.memory import MemoryStore
+
+
+class FakeClock:
+    """A wall clock the test moves by hand, so TTL tests neither sleep nor flake."""
+
+    def __init__(self) -> None:
+        self.now = time.time()
+
+    def __call__(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
+
+
+@pytest.fixture
+def clock() -> FakeClock:
+    return FakeClock()
+
+
+StoreFactory = Callable[..., LocalStore]
+
+STORE_KINDS = ["memory", "lmdb", "lmdb-nosync"]
+
+
+def make_store(kind: str, tmp_path: Path, clock: Callable[[], float] = time.time) -> LocalStore:
+    if kind == "memory":
+        return MemoryStore(64 * 1024**2, clock=clock)
+    if kind == "lmdb":
+        return LMDBStore(str(tmp_path / "db"), clock=clock, map_size=1024**2)
+    if kind == "lmdb-nosync":
+        return LMDBStore(str(tmp_path / "db"), clock=clock, durable=False, map_size=1024**2)
+    raise ValueError(kind)
+
+
+@pytest.fixture(params=STORE_KINDS)
+async def store(request: pytest.FixtureRequest, tmp_path: Path, clock: FakeClock) -> AsyncIterator[LocalStore]:
+    s = make_store(request.param, tmp_path, clock)
+    yield s
+    await s.close()

@@ -1,0 +1,188 @@
+"""One contract, every store: what the engine and the server rely on, checked against each backend."""
+
+from __future__ import annotations
+
+import pytest
+
+from keymiss.stores.base import PTTL_MISSING, PTTL_PERSISTENT, LocalStore, Write
+
+from .conftest import FakeClock
+
+
+async def test_missing_key_is_none(store: LocalStore) -> None:
+    assert await store.get("nope") is None
+    assert store.get_now("nope") is None
+
+
+async def test_set_get_round_trip_keeps_bytes_and_codec(store: LocalStore) -> None:
+    assert await store.set("k", b"\x00\xffvalue", codec=2)
+    item = await store.get("k")
+    assert item is not None
+    assert item.value == b"\x00\xffvalue"
+    assert item.codec == 2
+    assert item.expires_at is None
+
+
+async def test_overwrite_replaces_value(store: LocalStore) -> None:
+    await store.set("k", b"one")
+    await store.set("k", b"two")
+    item = await store.get("k")
+    assert item is not None and item.value == b"two"
+    assert await store.dbsize() == 1
+
+
+async def test_binary_and_unicode_keys(store: LocalStore) -> None:
+    keys = ["é☃", "a b\nc", "\udcff-surrogate-escaped", ""]
+    for i, key in enumerate(keys):
+        await store.set(key, str(i).encode())
+    for i, key in enumerate(keys):
+        item = await store.get(key)
+        assert item is not None and item.value == str(i).encode()
+
+
+async def test_empty_value_is_not_a_miss(store: LocalStore) -> None:
+    await store.set("k", b"")
+    item = await store.get("k")
+    assert item is not None and item.value == b""
+
+
+async def test_get_many_preserves_order_and_misses(store: LocalStore) -> None:
+    await store.set("a", b"1")
+    await store.set("c", b"3")
+    items = await store.get_many(["a", "b", "c", "a"])
+    assert [None if i is None else i.value for i in items] == [b"1", None, b"3", b"1"]
+
+
+async def test_set_many_writes_all(store: LocalStore) -> None:
+    result = await store.set_many([Write(f"k{i}", f"v{i}".encode(), 1, None) for i in range(50)])
+    assert result == [True] * 50
+    assert await store.dbsize() == 50
+    item = await store.get("k49")
+    assert item is not None and item.value == b"v49" and item.codec == 1
+
+
+async def test_delete_and_exists_count_like_redis(store: LocalStore) -> None:
+    await store.set("a", b"1")
+    await store.set("b", b"2")
+    assert await store.exists(["a", "a", "b", "zz"]) == 3
+    assert await store.delete(["a", "zz"]) == 1
+    assert await store.exists(["a"]) == 0
+    assert await store.get("a") is None
+
+
+async def test_nx_and_xx(store: LocalStore) -> None:
+    assert not await store.set("k", b"1", xx=True)
+    assert await store.set("k", b"1", nx=True)
+    assert not await store.set("k", b"2", nx=True)
+    assert await store.set("k", b"3", xx=True)
+    item = await store.get("k")
+    assert item is not None and item.value == b"3"
+
+
+async def test_ttl_expiry(store: LocalStore, clock: FakeClock) -> None:
+    await store.set("k", b"v", ttl=10)
+    assert 9_000 <= await store.pttl("k") <= 10_000
+    clock.advance(9.9)
+    assert await store.get("k") is not None
+    clock.advance(0.2)
+    assert await store.get("k") is None
+    assert await store.pttl("k") == PTTL_MISSING
+    assert await store.exists(["k"]) == 0
+
+
+async def test_expired_key_is_free_for_nx(store: LocalStore, clock: FakeClock) -> None:
+    await store.set("k", b"old", ttl=1)
+    clock.advance(2)
+    assert await store.set("k", b"new", nx=True)
+
+
+async def test_pttl_codes(store: LocalStore) -> None:
+    assert await store.pttl("none") == PTTL_MISSING
+    await store.set("k", b"v")
+    assert await store.pttl("k") == PTTL_PERSISTENT
+
+
+async def test_expire_and_persist(store: LocalStore, clock: FakeClock) -> None:
+    assert not await store.expire("none", 5)
+    await store.set("k", b"v")
+    assert await store.expire("k", 5)
+    assert 4_000 < await store.pttl("k") <= 5_000
+    assert await store.expire("k", None)
+    assert await store.pttl("k") == PTTL_PERSISTENT
+    clock.advance(10)
+    assert await store.get("k") is not None
+    assert await store.expire("k", 0)  # a non-positive TTL deletes, as in Redis
+    assert await store.get("k") is None
+
+
+async def test_keep_ttl(store: LocalStore) -> None:
+    await store.set("k", b"v", ttl=100)
+    await store.set("k", b"w", keep_ttl=True)
+    assert await store.pttl("k") > 0
+    await store.set("k", b"x")
+    assert await store.pttl("k") == PTTL_PERSISTENT
+
+
+async def test_sweep_purges_expired(store: LocalStore, clock: FakeClock) -> None:
+    for i in range(30):
+        await store.set(f"t{i}", b"v", ttl=1)
+    await store.set("forever", b"v")
+    clock.advance(2)
+    purged = 0
+    for _ in range(10):
+        purged += await store.sweep(limit=10)
+    assert purged == 30
+    assert await store.dbsize() == 1
+
+
+async def test_scan_returns_every_key_once_with_match(store: LocalStore) -> None:
+    for i in range(57):
+        await store.set(f"user:{i}", b"v")
+    for i in range(13):
+        await store.set(f"other:{i}", b"v")
+    seen: list[str] = []
+    cursor, rounds = 0, 0
+    while True:
+        cursor, keys = await store.scan(cursor, "user:*", 10)
+        seen.extend(keys)
+        rounds += 1
+        if cursor == 0 or rounds > 100:
+            break
+    assert sorted(seen) == sorted(f"user:{i}" for i in range(57))
+
+
+async def test_scan_keeps_keys_present_throughout_despite_deletes(store: LocalStore) -> None:
+    for i in range(40):
+        await store.set(f"k{i:02d}", b"v")
+    cursor, first = await store.scan(0, None, 10)
+    await store.delete([f"k{i:02d}" for i in range(30, 40)])
+    seen = list(first)
+    while cursor:
+        cursor, keys = await store.scan(cursor, None, 10)
+        seen.extend(keys)
+    assert set(f"k{i:02d}" for i in range(30)) <= set(seen)
+    assert not set(seen) & {f"k{i:02d}" for i in range(31, 40)} - set(first)
+
+
+async def test_flush(store: LocalStore) -> None:
+    await store.set("a", b"1")
+    await store.flush()
+    assert await store.dbsize() == 0
+    assert await store.get("a") is None
+
+
+async def test_info_reports_budget_numbers(store: LocalStore) -> None:
+    await store.set("a", b"1" * 100)
+    info = store.info()
+    for field in ("used_bytes", "max_bytes", "keys", "evictions"):
+        assert field in info
+    assert info["keys"] == 1
+    assert 0 < info["used_bytes"] <= info["max_bytes"]
+
+
+@pytest.mark.parametrize("size", [0, 1, 4096, 1_000_000])
+async def test_value_sizes(store: LocalStore, size: int) -> None:
+    value = bytes(range(256)) * (size // 256) + b"x" * (size % 256)
+    await store.set("k", value)
+    item = await store.get("k")
+    assert item is not None and item.value == value
