@@ -9,8 +9,8 @@ from .errors import (
     ComputeTimeoutError,
     ConfigError,
     HandlerError,
-    KeymissError,
     KeyMismatchError,
+    KeymissError,
     KeyspaceError,
     StoreError,
 )
@@ -40,6 +40,7 @@ __all__ = [
     "MemoryStore",
     "Policy",
     "Store",
+    "StoreError",
     "Write",
     "__version__",
     "open_store",

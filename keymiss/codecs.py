@@ -49,7 +49,9 @@ def encode(value: Any, codec: Codec | None = None) -> tuple[bytes, Codec]:
                 return value.encode("utf-8", "surrogateescape"), codec
             raise CodecError(f"the text codec needs str, got {type(value).__name__}")
         if codec is Codec.JSON:
-            return json.dumps(value, ensure_ascii=False, separators=(",", ":"), allow_nan=False).encode(), codec
+            return json.dumps(
+                value, ensure_ascii=False, separators=(",", ":"), allow_nan=False
+            ).encode(), codec
         if codec is Codec.NUMPY:
             return _encode_array(value), codec
     except CodecError:
@@ -109,7 +111,8 @@ def _encode_array(arr: Any) -> bytes:
         raise CodecError("numpy arrays of Python objects cannot be stored (they would need pickle)")
     arr = np.ascontiguousarray(arr)
     header = json.dumps({"dtype": arr.dtype.str, "shape": list(arr.shape)}, separators=(",", ":")).encode()
-    return NUMPY_MAGIC + _HLEN.pack(len(header)) + header + arr.tobytes()
+    body: bytes = arr.tobytes()
+    return NUMPY_MAGIC + _HLEN.pack(len(header)) + header + body
 
 
 def _decode_array(data: bytes) -> Any:

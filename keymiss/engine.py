@@ -83,9 +83,9 @@ class Keymiss:
         eviction: str | Policy | None = None,
     ) -> None:
         """Override store settings (what ``--store``/``--max-memory`` do) before the store opens."""
-        if self._store is not None and (store is not None or max_memory is not None or eviction is not None):
-            if not isinstance(self._store_spec, Store) or store is not None:
-                raise KeymissError("the store is already open; configure it before the first request")
+        changing = store is not None or max_memory is not None or eviction is not None
+        if self._store is not None and changing:
+            raise KeymissError("the store is already open; configure it before the first request")
         if store is not None:
             self._store_spec = store
             self._store = store if isinstance(store, Store) else None
@@ -146,9 +146,10 @@ class Keymiss:
             if self._closed:
                 raise StoreError("keymiss is closed")
             spec = self._store_spec
-            self._store = (
-                spec if isinstance(spec, Store) else open_store(spec, max_memory=self._max_memory, eviction=self._eviction)
-            )
+            if isinstance(spec, Store):
+                self._store = spec
+            else:
+                self._store = open_store(spec, max_memory=self._max_memory, eviction=self._eviction)
         return self._store
 
     async def start(self) -> None:
@@ -318,7 +319,8 @@ class Keymiss:
             if ks.batch_size:
                 values = await self._call(ks, [arg for _, arg in entries])
                 if not isinstance(values, list | tuple) or len(values) != n:
-                    got = f"{len(values)} results" if isinstance(values, list | tuple) else type(values).__name__
+                    is_seq = isinstance(values, list | tuple)
+                    got = f"{len(values)} results" if is_seq else type(values).__name__
                     raise BatchResultError(
                         f"keyspace {ks.pattern!r}: batch handler returned {got} for {n} inputs",
                         keyspace=ks.pattern,
@@ -450,5 +452,3 @@ class Keymiss:
     def __repr__(self) -> str:
         store = self._store.url if self._store is not None else self._store_spec
         return f"<Keymiss store={store!r} keyspaces={[ks.pattern for ks in self.registry]}>"
-
-

@@ -57,11 +57,11 @@ class SingleFlight:
             if self._calls.get(key) is fut:
                 del self._calls[key]
 
-    async def wait_all(self, timeout: float | None) -> bool:
+    async def wait_all(self, grace: float | None) -> bool:
         """Wait for running computations (graceful shutdown); True if all finished in time."""
         if not self._tasks:
             return True
-        _done, pending = await asyncio.wait(set(self._tasks), timeout=timeout)
+        _done, pending = await asyncio.wait(set(self._tasks), timeout=grace)
         return not pending
 
     def cancel_all(self) -> None:

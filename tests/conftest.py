@@ -47,7 +47,9 @@ def make_store(kind: str, tmp_path: Path, clock: Callable[[], float] = time.time
 
 
 @pytest.fixture(params=STORE_KINDS)
-async def store(request: pytest.FixtureRequest, tmp_path: Path, clock: FakeClock) -> AsyncIterator[LocalStore]:
+async def store(
+    request: pytest.FixtureRequest, tmp_path: Path, clock: FakeClock
+) -> AsyncIterator[LocalStore]:
     s = make_store(request.param, tmp_path, clock)
     yield s
     await s.close()

@@ -101,7 +101,9 @@ class LMDBStore(LocalStore):
             return kb
         return _LONG_KEY_PREFIX + hashlib.sha256(kb).digest()
 
-    def _pack(self, kb: bytes, dbk: bytes, value: bytes, codec: int, expires_at: float | None, seq: int) -> bytes:
+    def _pack(
+        self, kb: bytes, dbk: bytes, value: bytes, codec: int, expires_at: float | None, seq: int
+    ) -> bytes:
         flags = FLAG_LONG_KEY if dbk is not kb else 0
         exp = 0 if expires_at is None else max(1, int(expires_at * 1000))
         crc = zlib.crc32(value, zlib.crc32(_FIELDS.pack(codec, flags, exp, seq), zlib.crc32(kb)))

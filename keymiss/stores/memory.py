@@ -18,7 +18,7 @@ from .eviction import Policy, make_policy
 #: Bytes a stored entry costs beyond its key and value: the dict slot, the Item (3 slots), the key
 #: str and value bytes object headers, and the eviction policy's own node. Measured with
 #: tracemalloc in tests/test_memory_store.py::test_overhead_estimate_is_honest.
-ENTRY_OVERHEAD = 280
+ENTRY_OVERHEAD = 340
 
 
 def key_bytes(key: str) -> int:
@@ -114,7 +114,7 @@ class MemoryStore(LocalStore):
         now = self._clock()
         heap, n = self._expiry, 0
         while heap and heap[0][0] <= now and n < limit:
-            expires_at, key = heapq.heappop(heap)
+            _, key = heapq.heappop(heap)
             item = self._data.get(key)
             if item is not None and item.expires_at is not None and item.expires_at <= now:
                 self._remove(key)

@@ -1,0 +1,47 @@
+"""The public surface: an explicit ``__all__`` that names real objects, and the demo command."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import keymiss
+
+
+def test_all_names_exist_and_are_unique() -> None:
+    assert len(set(keymiss.__all__)) == len(keymiss.__all__)
+    for name in keymiss.__all__:
+        assert hasattr(keymiss, name), name
+
+
+def test_all_lists_every_public_name() -> None:
+    public = {n for n in dir(keymiss) if not n.startswith("_")} - {
+        # submodules are reachable but not part of the flat API
+        "batching",
+        "cli",
+        "codecs",
+        "demo",
+        "engine",
+        "errors",
+        "glob",
+        "keyspace",
+        "singleflight",
+        "sizes",
+        "stats",
+        "stores",
+    }
+    assert public <= set(keymiss.__all__), public - set(keymiss.__all__)
+
+
+def test_demo_command_shows_miss_hit_and_one_computation(tmp_path: object) -> None:
+    out = subprocess.run(
+        [sys.executable, "-m", "keymiss", "demo", "--compute-seconds", "0.05"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    ).stdout
+    assert "miss  GET square:12 -> '144'" in out
+    assert "hit   GET square:12 -> '144'" in out
+    assert "1000 concurrent GET square:7 -> '49', 1 computation" in out
+    assert "computations=2" in out
