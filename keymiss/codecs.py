@@ -61,16 +61,20 @@ def encode(value: Any, codec: Codec | None = None) -> tuple[bytes, Codec]:
     raise CodecError(f"unknown codec {codec!r}")  # pragma: no cover
 
 
+# Plain ints: comparing against enum members costs a descriptor lookup on every hit.
+_BYTES, _TEXT, _JSON, _NUMPY = 0, 1, 2, 3
+
+
 def decode(data: bytes, codec: Codec | int) -> Any:
     """Decode bytes written under ``codec``; any malformed input raises ``CodecError``."""
     try:
-        if codec == Codec.BYTES:
-            return data
-        if codec == Codec.TEXT:
+        if codec == _TEXT:
             return data.decode("utf-8", "surrogateescape")
-        if codec == Codec.JSON:
+        if codec == _BYTES:
+            return data
+        if codec == _JSON:
             return json.loads(data)
-        if codec == Codec.NUMPY:
+        if codec == _NUMPY:
             return _decode_array(data)
     except CodecError:
         raise

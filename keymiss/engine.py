@@ -194,9 +194,20 @@ class Keymiss:
     # --- reads -------------------------------------------------------------------------------------
     async def get(self, key: str) -> Any:
         """The value for ``key``, computed on a miss; ``None`` for a missing key no keyspace owns."""
-        item = await self.get_item(key)
-        if item is None:
-            return None
+        # The hit path is inlined (not ``await self.get_item``): one coroutine less per hit.
+        store = self._store or self.store
+        item = store.get_now(key) if store.local else await store.get(key)
+        if item is not None:
+            self.hits += 1
+            ks = self.registry.route(key)
+            if ks is not None:
+                ks.stats.hits += 1
+        else:
+            if self._sweeper is None and not self._closed:
+                await self.start()
+            item = await self._miss(key)
+            if item is None:
+                return None
         try:
             return codecs.decode(item.value, item.codec)
         except CodecError as exc:

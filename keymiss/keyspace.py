@@ -118,14 +118,19 @@ class Keyspace:
             getattr(handler, "__call__", None)  # noqa: B004 - async callable objects
         )
         self.template: Template | None = Template(pattern) if _FIELD.search(pattern) else None
+        self.claims: Callable[[str], bool]
+        """Whether this keyspace is responsible for a key (a template claims its whole prefix)."""
         if self.template is not None:
             self.prefix = self.template.prefix
-            self._glob: Callable[[str], bool] | None = None
+            self.claims = self._claims_prefix
             if batch_size is None:
                 self._check_signature()
         else:
             self.prefix = glob_prefix(pattern)
-            self._glob = compile_glob(pattern)
+            self.claims = compile_glob(pattern)
+
+    def _claims_prefix(self, key: str) -> bool:
+        return key.startswith(self.prefix)
 
     @property
     def kind(self) -> str:
@@ -144,12 +149,6 @@ class Keyspace:
                 f"keyspace {self.pattern!r}: handler {getattr(self.handler, '__name__', self.handler)!r} "
                 f"cannot take the template's fields {self.template.names}: {exc}"
             ) from None
-
-    def claims(self, key: str) -> bool:
-        """Whether this keyspace is responsible for ``key`` (a template claims its whole prefix)."""
-        if self._glob is not None:
-            return self._glob(key)
-        return key.startswith(self.prefix)
 
     def argument(self, key: str) -> Any:
         """What the handler receives for ``key``: the key itself, or its parsed fields."""
@@ -184,15 +183,20 @@ class Registry:
 
     def __init__(self) -> None:
         self.keyspaces: list[Keyspace] = []
+        # (literal prefix, full matcher or None when the prefix decides, keyspace): routing runs on
+        # every hit for the per-keyspace counters, so most keys are settled by one startswith.
+        self._routes: list[tuple[str, Callable[[str], bool] | None, Keyspace]] = []
 
     def add(self, ks: Keyspace) -> None:
         if any(k.pattern == ks.pattern for k in self.keyspaces):
             raise ConfigError(f"keyspace {ks.pattern!r} is already registered")
         self.keyspaces.append(ks)
+        exact = ks.template is not None or ks.pattern == ks.prefix + "*"
+        self._routes.append((ks.prefix, None if exact else ks.claims, ks))
 
     def route(self, key: str) -> Keyspace | None:
-        for ks in self.keyspaces:
-            if ks.claims(key):
+        for prefix, matcher, ks in self._routes:
+            if key.startswith(prefix) and (matcher is None or matcher(key)):
                 return ks
         return None
 
