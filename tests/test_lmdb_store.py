@@ -235,3 +235,18 @@ async def test_sequence_continues_after_reopen(tmp_path: Path) -> None:
     await store.set("a0", b"w")  # overwrite moves a0 to the back of the eviction order
     assert await store.dbsize() == 11
     await store.close()
+
+
+async def test_expired_key_read_is_purged_by_next_sweep(tmp_path: Path) -> None:
+    from .conftest import FakeClock
+
+    clock = FakeClock()
+    store = LMDBStore(str(tmp_path / "db"), clock=clock)
+    await store.set("gone", b"v", ttl=1)
+    await store.set("stays", b"v")
+    clock.advance(2)
+    assert store.get_now("gone") is None
+    assert await store.dbsize() == 2  # still on disk until the sweep
+    assert await store.sweep(limit=0) == 1  # purged from the read's note, without a walk
+    assert await store.dbsize() == 1
+    await store.close()

@@ -93,6 +93,7 @@ class LMDBStore(LocalStore):
             cur = txn.cursor()
             self._seq = _SEQ.unpack(cur.key())[0] + 1 if cur.last() else 1
         self._sweep_after: bytes | None = None
+        self._expired_seen: set[str] = set()
         self._closed = False
 
     # --- record format -------------------------------------------------------------------------
@@ -167,6 +168,8 @@ class LMDBStore(LocalStore):
             return None
         item = parsed[1]
         if item.expires_at is not None and item.expires_at <= self._clock():
+            if len(self._expired_seen) < 10_000:
+                self._expired_seen.add(key)  # purged by the next sweep, off the read path
             return None
         return item
 
@@ -288,7 +291,17 @@ class LMDBStore(LocalStore):
     def _sweep(self, limit: int) -> int:
         now_ms = self._clock() * 1000
         n = 0
+        seen, self._expired_seen = self._expired_seen, set()
         with self._env.begin(write=True, db=self._data) as txn:
+            for key in seen:  # keys a read found expired: purge exactly those first
+                kb = _encode_key(key)
+                dbk = self._db_key(kb)
+                raw = txn.get(dbk)
+                old = None if raw is None else self._unpack(kb, raw)
+                if old is not None and old[1].expires_at is not None and old[1].expires_at * 1000 <= now_ms:
+                    txn.delete(_SEQ.pack(old[2]), db=self._order)
+                    txn.delete(dbk)
+                    n += 1
             cur = txn.cursor()
             found = cur.set_range(self._sweep_after) if self._sweep_after else cur.first()
             seen = 0
@@ -307,7 +320,8 @@ class LMDBStore(LocalStore):
         self.expired += n
         return n
 
-    async def sweep(self, limit: int = 1000) -> int:
+    async def sweep(self, limit: int = 10_000) -> int:
+        """Purge keys reads found expired, then walk up to ``limit`` records for the rest."""
         result: int = await self._write(self._sweep, limit)
         return result
 
