@@ -20,7 +20,60 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--store", default="memory", help="memory or lmdb:PATH")
     demo.add_argument("--max-memory", default="64MB", help="memory store budget (e.g. 256MB, auto)")
     demo.add_argument("--compute-seconds", type=float, default=0.2, help="simulated inference time")
+    serve = sub.add_parser("serve", help="serve keyspaces to any Redis client")
+    serve.add_argument("--app", help="MODULE:ATTR naming a keymiss.Keymiss (importable from here)")
+    serve.add_argument("--host", help="address to bind (default 127.0.0.1)")
+    serve.add_argument("--port", type=int, help="port (default 6380; 0 picks a free one)")
+    serve.add_argument("--store", help="memory or lmdb:PATH (overrides the app)")
+    serve.add_argument("--max-memory", help="memory store budget, e.g. 256MB or auto (overrides the app)")
+    serve.add_argument("--eviction", help="memory store eviction policy (lru, fifo)")
+    serve.add_argument("--requirepass", help="password clients must AUTH with")
+    serve.add_argument(
+        "--unsafe-no-auth",
+        action="store_const",
+        const=True,
+        help="allow a non-loopback address without a password",
+    )
+    serve.add_argument("--max-clients", type=int)
+    serve.add_argument("--max-in-flight", type=int, help="computations at once before -BUSY")
+    serve.add_argument("--output-buffer", help="unread reply bytes before a client is disconnected")
+    serve.add_argument("--grace-seconds", type=float, help="how long shutdown waits for computations")
+    serve.add_argument("--metrics-port", type=int, help="serve Prometheus metrics on this port")
+    serve.add_argument("--config", help="a keymiss.toml file")
     return parser
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from .config import load_settings
+    from .errors import ConfigError
+    from .server import load_app, run
+
+    names = (
+        "app",
+        "host",
+        "port",
+        "store",
+        "max_memory",
+        "eviction",
+        "requirepass",
+        "unsafe_no_auth",
+        "max_clients",
+        "max_in_flight",
+        "output_buffer",
+        "grace_seconds",
+        "metrics_port",
+    )
+    try:
+        settings = load_settings(args.config, {n: getattr(args, n) for n in names})
+        km = load_app(settings.app)
+        run(km, settings, config_file=args.config)
+    except ConfigError as exc:
+        print(f"keymiss: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:
+        print(f"keymiss: cannot serve: {exc}", file=sys.stderr)
+        return 1
+    return 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -40,6 +93,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             )
         )
         return 0
+    if command == "serve":
+        return _serve(args)
     return 2  # pragma: no cover - argparse rejects unknown commands first
 
 

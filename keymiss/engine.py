@@ -230,6 +230,25 @@ class Keymiss:
             await self.start()
         return await self._miss(key)
 
+    def peek(self, key: str) -> Item | None:
+        """Synchronous store lookup that counts a hit; the server's fast path for local stores.
+
+        Returns ``None`` on a miss without computing anything; follow up with ``fill``.
+        """
+        item = (self._store or self.store).get_now(key)
+        if item is not None:
+            self.hits += 1
+            ks = self.registry.route(key)
+            if ks is not None:
+                ks.stats.hits += 1
+        return item
+
+    async def fill(self, key: str) -> Item | None:
+        """The miss path on its own: compute (or join the computation of) ``key`` and store it."""
+        if self._sweeper is None and not self._closed:
+            await self.start()
+        return await self._miss(key)
+
     async def get_many(self, keys: Sequence[str], *, return_exceptions: bool = False) -> list[Any]:
         """Values for ``keys`` in order: hits in one store round trip, misses computed concurrently."""
         items = await self.get_many_items(keys, return_exceptions=return_exceptions)

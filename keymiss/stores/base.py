@@ -154,9 +154,47 @@ class LocalStore(Store):
     @abc.abstractmethod
     def _now(self) -> float: ...
 
-    async def _write(self, fn: Any, *args: Any) -> Any:
-        """Run a mutating primitive; the LMDB store overrides this to use its writer thread."""
+    #: True where writes finish without blocking (memory; LMDB without fsync): the server then
+    #: answers SET/DEL inline instead of through a task.
+    sync_writes = True
+
+    def _write_now(self, fn: Any, *args: Any) -> Any:
+        """Run a mutating primitive on this thread (LMDB wraps it to grow the map when full)."""
         return fn(*args)
+
+    async def _write(self, fn: Any, *args: Any) -> Any:
+        """Run a mutating primitive; durable LMDB overrides this to use its writer thread."""
+        return self._write_now(fn, *args)
+
+    # --- synchronous face (valid for reads always, for writes where ``sync_writes``) -------------
+    def set_now(
+        self,
+        key: str,
+        value: bytes,
+        *,
+        codec: int = 0,
+        ttl: float | None = None,
+        nx: bool = False,
+        xx: bool = False,
+        keep_ttl: bool = False,
+    ) -> bool:
+        result: list[bool] = self._write_now(self._set, [Write(key, value, codec, ttl)], nx, xx, keep_ttl)
+        return result[0]
+
+    def delete_now(self, keys: Iterable[str]) -> int:
+        result: int = self._write_now(self._delete, list(keys))
+        return result
+
+    def exists_now(self, keys: Iterable[str]) -> int:
+        return sum(1 for k in keys if self.get_now(k) is not None)
+
+    def pttl_now(self, key: str) -> int:
+        item = self.get_now(key)
+        if item is None:
+            return PTTL_MISSING
+        if item.expires_at is None:
+            return PTTL_PERSISTENT
+        return max(0, round((item.expires_at - self._now()) * 1000))
 
     # --- the async contract ---------------------------------------------------------------------
     async def get(self, key: str) -> Item | None:
@@ -191,15 +229,10 @@ class LocalStore(Store):
         return result
 
     async def exists(self, keys: Iterable[str]) -> int:
-        return sum(1 for k in keys if self.get_now(k) is not None)
+        return self.exists_now(keys)
 
     async def pttl(self, key: str) -> int:
-        item = self.get_now(key)
-        if item is None:
-            return PTTL_MISSING
-        if item.expires_at is None:
-            return PTTL_PERSISTENT
-        return max(0, round((item.expires_at - self._now()) * 1000))
+        return self.pttl_now(key)
 
     async def expire(self, key: str, ttl: float | None) -> bool:
         if ttl is not None and ttl <= 0:

@@ -188,15 +188,21 @@ class LMDBStore(LocalStore):
         return out
 
     # --- writes --------------------------------------------------------------------------------
+    @property
+    def sync_writes(self) -> bool:  # type: ignore[override]
+        return self._writer is None
+
     async def _write(self, fn: Any, *args: Any) -> Any:
+        if self._writer is None:
+            return self._write_now(fn, *args)
         if self._closed:
             raise StoreError("the LMDB store is closed")
-        if self._writer is None:
-            return self._with_room(fn, *args)
-        return await asyncio.get_running_loop().run_in_executor(self._writer, self._with_room, fn, *args)
+        return await asyncio.get_running_loop().run_in_executor(self._writer, self._write_now, fn, *args)
 
-    def _with_room(self, fn: Any, *args: Any) -> Any:
+    def _write_now(self, fn: Any, *args: Any) -> Any:
         """Run a write transaction, growing the map (or evicting under ``max_disk``) when it is full."""
+        if self._closed:
+            raise StoreError("the LMDB store is closed")
         for _ in range(64):
             try:
                 return fn(*args)

@@ -1,0 +1,109 @@
+"""One settings object for the server, loaded from a TOML file, then ``KEYMISS_*`` variables,
+then command-line flags (each overriding the one before)."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import tomllib
+from dataclasses import dataclass, field, fields
+from typing import Any
+
+from .errors import ConfigError
+from .sizes import parse_size
+
+
+@dataclass
+class Settings:
+    """Everything ``keymiss serve`` can be told. Sizes accept ``"64MB"``-style strings."""
+
+    app: str | None = None
+    host: str = "127.0.0.1"
+    port: int = 6380
+    store: str | None = None  # None: what the app chose
+    max_memory: str | None = None
+    eviction: str | None = None
+    requirepass: str | None = None
+    unsafe_no_auth: bool = False
+    max_clients: int = 10_000
+    max_bulk: int | str = "512MB"  # proto-max-bulk-len
+    max_inline: int | str = "64KB"
+    max_args: int = 1024 * 1024
+    query_buffer: int | str = "1GB"  # client-query-buffer-limit
+    output_buffer: int | str = "64MB"  # a client whose unread replies pass this is disconnected
+    output_stall_seconds: float = 60.0  # ... or whose replies stay unread this long
+    max_in_flight: int = 10_000  # computations at once before -BUSY
+    grace_seconds: float = 10.0
+    metrics_port: int | None = None
+    log_level: str = "INFO"
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def size(self, name: str) -> int:
+        return parse_size(getattr(self, name), what=name.replace("_", "-"))
+
+    def validate(self) -> None:
+        for name in ("max_bulk", "max_inline", "query_buffer", "output_buffer"):
+            self.size(name)
+        if not 0 <= self.port < 65536:
+            raise ConfigError(f"port {self.port} is out of range")
+        if self.max_clients < 1 or self.max_in_flight < 1:
+            raise ConfigError("max-clients and max-in-flight must be at least 1")
+
+
+_FIELDS = {f.name: f for f in fields(Settings) if f.name != "extra"}
+
+
+def _coerce(name: str, value: Any) -> Any:
+    kind = _FIELDS[name].type
+    if isinstance(value, str) and ("bool" in str(kind)):
+        low = value.strip().lower()
+        if low not in {"1", "0", "true", "false", "yes", "no", "on", "off"}:
+            raise ConfigError(f"{name} must be a boolean, got {value!r}")
+        return low in {"1", "true", "yes", "on"}
+    if isinstance(value, str) and str(kind) in {"int", "int | None"}:
+        try:
+            return int(value)
+        except ValueError:
+            raise ConfigError(f"{name} must be an integer, got {value!r}") from None
+    if isinstance(value, str) and str(kind) == "float":
+        try:
+            return float(value)
+        except ValueError:
+            raise ConfigError(f"{name} must be a number, got {value!r}") from None
+    return value
+
+
+def load_settings(
+    config_file: str | None = None,
+    overrides: dict[str, Any] | None = None,
+    environ: dict[str, str] | None = None,
+) -> Settings:
+    """Settings from defaults ← TOML file (a ``[keymiss]`` table or top level) ← env ← flags."""
+    values: dict[str, Any] = {}
+    if config_file:
+        try:
+            with open(config_file, "rb") as f:
+                data = tomllib.load(f)
+        except (OSError, tomllib.TOMLDecodeError) as exc:
+            raise ConfigError(f"cannot read config file {config_file!r}: {exc}") from exc
+        data = data.get("keymiss", data)
+        for key, value in data.items():
+            name = key.replace("-", "_")
+            if name not in _FIELDS:
+                raise ConfigError(f"{config_file}: unknown setting {key!r}")
+            values[name] = value
+    env = os.environ if environ is None else environ
+    for name in _FIELDS:
+        raw = env.get("KEYMISS_" + name.upper())
+        if raw is not None:
+            values[name] = raw
+    for name, value in (overrides or {}).items():
+        if value is not None:
+            values[name] = value
+    settings = Settings(**{k: _coerce(k, v) for k, v in values.items()})
+    settings.validate()
+    return settings
+
+
+def as_dict(settings: Settings) -> dict[str, Any]:
+    return dataclasses.asdict(settings)

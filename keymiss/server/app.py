@@ -1,0 +1,170 @@
+"""Listen, serve, shut down gracefully."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import importlib
+import ipaddress
+import itertools
+import logging
+import os
+import signal
+import socket
+import sys
+import time
+from typing import Any
+
+from ..config import Settings
+from ..engine import Keymiss
+from ..errors import ConfigError
+from .connection import Connection
+
+log = logging.getLogger("keymiss.server")
+
+
+def load_app(spec: str | None) -> Keymiss:
+    """Import ``module:attr`` (uvicorn style, from the current directory); no spec: an empty app."""
+    if not spec:
+        return Keymiss()
+    module_name, _, attr = spec.partition(":")
+    attr = attr or "app"
+    if os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise ConfigError(f"cannot import app module {module_name!r}: {exc}") from exc
+    try:
+        obj: Any = getattr(module, attr)
+    except AttributeError:
+        raise ConfigError(f"module {module_name!r} has no attribute {attr!r}") from None
+    if not isinstance(obj, Keymiss) and callable(obj):
+        obj = obj()
+    if not isinstance(obj, Keymiss):
+        raise ConfigError(f"{spec} is a {type(obj).__name__}, not a keymiss.Keymiss")
+    return obj
+
+
+def is_loopback(host: str) -> bool:
+    """True if every address ``host`` resolves to is a loopback address."""
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        pass
+    try:
+        infos = socket.getaddrinfo(host, None)
+    except OSError:
+        return False
+    return bool(infos) and all(ipaddress.ip_address(info[4][0]).is_loopback for info in infos)
+
+
+class Server:
+    """A RESP front end over one ``Keymiss`` engine."""
+
+    def __init__(self, km: Keymiss, settings: Settings, *, config_file: str | None = None) -> None:
+        settings.validate()
+        if not is_loopback(settings.host) and not settings.requirepass and not settings.unsafe_no_auth:
+            raise ConfigError(
+                f"refusing to listen on {settings.host} without a password: anyone who can reach it "
+                "could read and fill the cache. Set --requirepass, or pass --unsafe-no-auth if the "
+                "network is trusted."
+            )
+        self.km = km
+        self.settings = settings
+        self.config_file = config_file
+        km.configure(store=settings.store, max_memory=settings.max_memory, eviction=settings.eviction)
+        km.max_in_flight = settings.max_in_flight
+        self.connections: dict[int, Connection] = {}
+        self.ids = itertools.count(1)
+        self.started_at = time.time()
+        self.port = settings.port
+        self.loop_name = "asyncio"
+        self.total_connections = 0
+        self.total_commands = 0
+        self.rejected_connections = 0
+        self.error_replies = 0
+        self.busy_rejections = 0
+        self.output_disconnections = 0
+        self.auth_failures = 0
+        self._server: asyncio.Server | None = None
+        self._watchdog: asyncio.Task[None] | None = None
+        self._stopping = asyncio.Event()
+
+    async def start(self) -> None:
+        loop = asyncio.get_running_loop()
+        self.loop_name = type(loop).__module__.split(".")[0]
+        await self.km.start()
+        self._server = await loop.create_server(
+            lambda: Connection(self), self.settings.host, self.settings.port, reuse_address=True, backlog=511
+        )
+        sock = self._server.sockets[0]
+        self.port = sock.getsockname()[1]
+        self._watchdog = loop.create_task(self._watch())
+        log.info(
+            "keymiss listening on %s:%d, store=%s, keyspaces=[%s], auth=%s, loop=%s",
+            self.settings.host,
+            self.port,
+            self.km.store.url,
+            ", ".join(ks.pattern for ks in self.km.registry),
+            "on" if self.settings.requirepass else "off",
+            self.loop_name,
+        )
+
+    async def _watch(self) -> None:
+        """Disconnect clients whose replies have gone unread for too long."""
+        stall = self.settings.output_stall_seconds
+        while True:
+            await asyncio.sleep(min(1.0, stall / 2))
+            now = time.monotonic()
+            for conn in list(self.connections.values()):
+                if conn.write_paused and now - conn.write_paused_since > stall:
+                    log.warning("closing client %s: replies unread for %.0fs", conn.addr, stall)
+                    self.output_disconnections += 1
+                    conn.abort()
+
+    def request_stop(self) -> None:
+        self._stopping.set()
+
+    async def serve_forever(self) -> None:
+        """Serve until SIGINT/SIGTERM (or ``request_stop``), then shut down gracefully."""
+        await self.start()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            with contextlib.suppress(NotImplementedError, RuntimeError):  # not the main thread
+                loop.add_signal_handler(sig, self.request_stop)
+        await self._stopping.wait()
+        await self.shutdown()
+
+    async def shutdown(self) -> None:
+        """Stop accepting, let running computations finish (up to the grace period), close the store."""
+        grace = self.settings.grace_seconds
+        log.info("shutting down: %d computation(s) in flight, grace %.0fs", len(self.km._flights), grace)
+        if self._server is not None:
+            self._server.close()
+        if self._watchdog is not None:
+            self._watchdog.cancel()
+        deadline = time.monotonic() + grace
+        await self.km._flights.wait_all(grace)
+        # let waiting connections write the replies those computations produced
+        while any(c.waiting for c in self.connections.values()) and time.monotonic() < deadline:  # noqa: ASYNC110
+            await asyncio.sleep(0.01)
+        for conn in list(self.connections.values()):
+            if conn.transport is not None:
+                conn.transport.close()
+        await asyncio.sleep(0)
+        await self.km.close(grace=max(0.0, deadline - time.monotonic()))
+        log.info("keymiss stopped")
+
+
+def run(km: Keymiss, settings: Settings, *, config_file: str | None = None) -> None:
+    """Run a server until a signal stops it, on uvloop when it is installed."""
+    server = Server(km, settings, config_file=config_file)
+    try:
+        import uvloop
+
+        loop_factory: Any = uvloop.new_event_loop
+    except ImportError:
+        loop_factory = None
+    with asyncio.Runner(loop_factory=loop_factory) as runner:
+        runner.run(server.serve_forever())

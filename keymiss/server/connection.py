@@ -1,0 +1,241 @@
+"""One client connection: bytes in, commands dispatched in order, replies out, with flow control.
+
+Commands are answered inline while they can be (hits, pings, writes to in-process stores). A command
+that must wait — a miss being computed — is finished by a task, and the connection reads no further
+commands from its buffer until it is done, so pipelined replies keep their order. Reading pauses when
+the client stops reading replies (the transport's write buffer is full) or piles up input behind a
+waiting command; a client whose unread replies pass the output limit, or stay unread too long, is
+disconnected so it cannot hold memory hostage.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Awaitable
+from typing import TYPE_CHECKING, cast
+
+from ..errors import BusyError
+from ..stores.base import LocalStore
+from . import resp
+from .commands import TABLE, error_reply
+
+if TYPE_CHECKING:
+    from .app import Server
+
+log = logging.getLogger("keymiss.server")
+
+#: Input kept buffered behind a waiting command before the socket stops being read.
+READ_PAUSE_BYTES = 1024 * 1024
+NOAUTH = b"-NOAUTH Authentication required.\r\n"
+
+
+class Connection(asyncio.Protocol):
+    """The asyncio protocol of one client."""
+
+    def __init__(self, server: Server) -> None:
+        self.server = server
+        self.km = server.km
+        s = server.settings
+        self.parser = resp.RequestParser(
+            max_bulk=s.size("max_bulk"), max_args=s.max_args, max_inline=s.size("max_inline")
+        )
+        self.query_limit = s.size("query_buffer")
+        self.output_limit = s.size("output_buffer")
+        self.id = next(server.ids)
+        self.proto = 2
+        self.name = ""
+        self.lib: dict[str, str] = {}
+        self.authenticated = s.requirepass is None
+        self.local_store = isinstance(self.km.store, LocalStore)
+        self.transport: asyncio.Transport | None = None
+        self.addr = "?"
+        self.laddr = "?"
+        self.waiting = False
+        self.close_after_reply = False
+        self.closed = False
+        self.write_paused = False
+        self.write_paused_since = 0.0
+        self.read_paused = False
+        self.created = time.monotonic()
+        self.last_active = self.created
+        self.last_cmd = b"NULL"
+        self._task: asyncio.Task[None] | None = None
+
+    @property
+    def authenticated(self) -> bool:
+        return self._authenticated
+
+    @authenticated.setter
+    def authenticated(self, value: bool) -> None:
+        self._authenticated = value
+        self.parser.authenticated = value  # unauthenticated clients may only send small requests
+
+    # --- transport callbacks -------------------------------------------------------------------
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # uvloop's transports are not asyncio.Transport subclasses, but they have the same methods
+        self.transport = cast(asyncio.Transport, transport)
+        peer = transport.get_extra_info("peername")
+        sock = transport.get_extra_info("sockname")
+        self.addr = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else str(peer)
+        self.laddr = f"{sock[0]}:{sock[1]}" if isinstance(sock, tuple) else str(sock)
+        srv = self.server
+        srv.total_connections += 1
+        if len(srv.connections) >= srv.settings.max_clients:
+            srv.rejected_connections += 1
+            transport.write(b"-ERR max number of clients reached\r\n")
+            transport.close()
+            self.closed = True
+            return
+        transport.set_write_buffer_limits(high=256 * 1024)
+        srv.connections[self.id] = self
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        self.server.connections.pop(self.id, None)
+        if self._task is not None and not self._task.done():
+            self._task.cancel()  # the computation itself is shielded and goes on for others
+
+    def data_received(self, data: bytes) -> None:
+        if self.closed:
+            return
+        self.last_active = time.monotonic()
+        self.parser.feed(data)
+        if self.parser.pending > self.query_limit:
+            log.warning("closing client %s: query buffer over %d bytes", self.addr, self.query_limit)
+            self.abort()
+            return
+        if not self.waiting:
+            self._process()
+        self._flow()
+
+    def pause_writing(self) -> None:
+        self.write_paused = True
+        self.write_paused_since = time.monotonic()
+        self._flow()
+
+    def resume_writing(self) -> None:
+        self.write_paused = False
+        self._flow()
+        if not self.waiting and not self.closed:
+            self._process()
+
+    # --- processing ----------------------------------------------------------------------------
+    def _flow(self) -> None:
+        """Pause reading while replies go unread or input piles up behind a waiting command."""
+        if self.closed or self.transport is None:
+            return
+        pause = self.write_paused or (self.waiting and self.parser.pending > READ_PAUSE_BYTES)
+        if pause and not self.read_paused:
+            self.transport.pause_reading()
+            self.read_paused = True
+        elif not pause and self.read_paused:
+            self.transport.resume_reading()
+            self.read_paused = False
+
+    def _process(self) -> None:
+        out: list[bytes] = []
+        parser = self.parser
+        while not self.write_paused and not self.close_after_reply:
+            try:
+                args = parser.next()
+            except resp.ProtocolError as exc:
+                log.info("protocol error from %s: %s", self.addr, exc)
+                out.append(exc.reply)
+                self.close_after_reply = True
+                break
+            if args is None:
+                break
+            reply = self._dispatch(args)
+            if type(reply) is not bytes:
+                if out:
+                    self._write(b"".join(out))
+                self.waiting = True
+                self._task = asyncio.get_running_loop().create_task(self._complete(reply))
+                return
+            out.append(reply)
+        if out:
+            self._write(b"".join(out))
+        if self.close_after_reply and self.transport is not None:
+            self.transport.close()
+
+    def _dispatch(self, args: list[bytes]) -> bytes | Awaitable[bytes]:
+        srv = self.server
+        srv.total_commands += 1
+        name = args[0].lower()
+        cmd = TABLE.get(name)
+        self.last_cmd = name
+        if cmd is None:
+            shown = " ".join(f"'{a[:128].decode(errors='replace')}'" for a in args[1:])
+            srv.error_replies += 1
+            name_shown = args[0][:128].decode(errors="replace")
+            return resp.error(f"ERR unknown command '{name_shown}', with args beginning with: {shown}")
+        if not self._authenticated and "noauth" not in cmd.flags:
+            srv.error_replies += 1
+            return NOAUTH
+        n = len(args)
+        if (cmd.arity > 0 and n != cmd.arity) or n < -cmd.arity:
+            srv.error_replies += 1
+            return resp.error(f"ERR wrong number of arguments for '{cmd.name}' command")
+        try:
+            return cmd.handler(self, args)
+        except Exception as exc:
+            return self._error(exc)
+
+    def _error(self, exc: BaseException) -> bytes:
+        srv = self.server
+        srv.error_replies += 1
+        if isinstance(exc, BusyError):
+            srv.busy_rejections += 1
+        reply = error_reply(exc)
+        if reply.startswith(b"-ERR internal error"):
+            log.error("command %r failed", self.last_cmd, exc_info=exc)
+        return reply
+
+    async def _complete(self, pending: Awaitable[bytes]) -> None:
+        try:
+            reply = await pending
+        except asyncio.CancelledError:
+            return
+        except Exception as exc:
+            reply = self._error(exc)
+        self.waiting = False
+        if self.closed:
+            return
+        self._write(reply)
+        self._process()
+        self._flow()
+
+    def _write(self, data: bytes) -> None:
+        transport = self.transport
+        if transport is None or self.closed:
+            return
+        transport.write(data)
+        if transport.get_write_buffer_size() > self.output_limit:
+            log.warning(
+                "closing client %s: %d bytes of replies unread", self.addr, transport.get_write_buffer_size()
+            )
+            self.server.output_disconnections += 1
+            self.abort()
+
+    def abort(self) -> None:
+        self.closed = True
+        self.server.connections.pop(self.id, None)
+        if self.transport is not None:
+            self.transport.abort()
+
+    def describe(self) -> str:
+        """One CLIENT LIST line, with Redis's field names."""
+        now = time.monotonic()
+        obl = self.transport.get_write_buffer_size() if self.transport is not None and not self.closed else 0
+        lib_name = self.lib.get("lib-name", "")
+        lib_ver = self.lib.get("lib-ver", "")
+        return (
+            f"id={self.id} addr={self.addr} laddr={self.laddr} name={self.name} "
+            f"age={int(now - self.created)} idle={int(now - self.last_active)} "
+            f"flags={'b' if self.waiting else 'N'} "
+            f"db=0 sub=0 psub=0 ssub=0 multi=-1 qbuf={self.parser.pending} omem={obl} "
+            f"cmd={self.last_cmd.decode(errors='replace')} user=default resp={self.proto} "
+            f"lib-name={lib_name} lib-ver={lib_ver}"
+        )

@@ -1,0 +1,303 @@
+"""RESP2/RESP3 request framing and reply encoding, free of I/O.
+
+Requests are framed by Redis's own rules (``processMultibulkBuffer`` / ``processInlineBuffer`` in
+``networking.c``) with Redis's own error texts, because clients and operators recognise them and
+because a reply parser such as hiredis accepts request shapes Redis rejects (nested arrays, ``$-1``
+arguments, RESP3 aggregates) and rejects ones Redis accepts (``*-10`` is an empty command).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+INT_MAX = 2**31 - 1
+INLINE_MAX = 64 * 1024  # PROTO_INLINE_MAX_SIZE
+UNAUTH_MAX_ARGS = 10
+UNAUTH_MAX_BULK = 16384
+
+
+class ProtocolError(Exception):
+    """Malformed request; ``reply`` is the error line Redis sends before closing the connection."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.reply = f"-ERR Protocol error: {message}\r\n".encode()
+
+
+def _strict_int(raw: bytes) -> int | None:
+    """Redis's ``string2ll``: optional ``-``, digits, no leading zeros, no spaces or ``+``."""
+    if not raw or len(raw) > 20:
+        return None
+    digits = raw[1:] if raw[0] == 45 else raw  # '-'
+    if not digits.isdigit() or (len(digits) > 1 and digits[0] == 48):  # '0'
+        return None
+    value = int(raw)
+    if not -(2**63) <= value < 2**63 or raw == b"-0":
+        return None
+    return value
+
+
+_ESCAPES = {ord("n"): 10, ord("r"): 13, ord("t"): 9, ord("b"): 8, ord("a"): 7}
+_HEX = b"0123456789abcdefABCDEF"
+
+
+def split_inline(line: bytes) -> list[bytes] | None:
+    """Redis's ``sdssplitargs``; ``None`` means unbalanced quotes."""
+    args: list[bytes] = []
+    i, n = 0, len(line)
+    while True:
+        while i < n and line[i] in b" \n\r\t\v\f":
+            i += 1
+        if i >= n:
+            return args
+        current = bytearray()
+        in_dq = in_sq = False
+        while True:
+            if in_dq:
+                if i >= n:
+                    return None
+                c = line[i]
+                if (
+                    c == 92  # backslash
+                    and i + 3 < n
+                    and line[i + 1] == ord("x")
+                    and line[i + 2] in _HEX
+                    and line[i + 3] in _HEX
+                ):
+                    current.append(int(line[i + 2 : i + 4], 16))
+                    i += 3
+                elif c == 92 and i + 1 < n:
+                    i += 1
+                    current.append(_ESCAPES.get(line[i], line[i]))
+                elif c == 34:  # closing "
+                    if i + 1 < n and line[i + 1] not in b" \n\r\t\v\f":
+                        return None
+                    in_dq = False
+                    i += 1
+                    break
+                else:
+                    current.append(c)
+            elif in_sq:
+                if i >= n:
+                    return None
+                c = line[i]
+                if c == 92 and i + 1 < n and line[i + 1] == 39:
+                    i += 1
+                    current.append(39)
+                elif c == 39:
+                    if i + 1 < n and line[i + 1] not in b" \n\r\t\v\f":
+                        return None
+                    in_sq = False
+                    i += 1
+                    break
+                else:
+                    current.append(c)
+            else:
+                if i >= n:
+                    break
+                c = line[i]
+                if c in b" \n\r\t\v\f":
+                    break
+                if c == 34:
+                    in_dq = True
+                elif c == 39:
+                    in_sq = True
+                else:
+                    current.append(c)
+            i += 1
+        args.append(bytes(current))
+
+
+class RequestParser:
+    """Incremental request reader: ``feed`` bytes, then call ``next`` until it returns ``None``.
+
+    State survives between feeds, so a 100 MB bulk arriving in 1-byte chunks is scanned once.
+    """
+
+    def __init__(
+        self, *, max_bulk: int = 512 * 1024**2, max_args: int = INT_MAX, max_inline: int = INLINE_MAX
+    ) -> None:
+        self.max_bulk = max_bulk
+        self.max_args = max_args
+        self.max_inline = max_inline
+        self.authenticated = True
+        self._buf = bytearray()
+        self._pos = 0
+        self._args: list[bytes] | None = None
+        self._remaining = 0
+        self._bulklen = -1
+
+    def feed(self, data: bytes) -> None:
+        if self._pos and self._pos == len(self._buf):
+            self._buf.clear()
+            self._pos = 0
+        elif self._pos > 65536 and self._pos * 2 > len(self._buf):
+            del self._buf[: self._pos]
+            self._pos = 0
+        self._buf += data
+
+    @property
+    def pending(self) -> int:
+        """Bytes received and not yet consumed (the query buffer)."""
+        return len(self._buf) - self._pos
+
+    @property
+    def in_command(self) -> bool:
+        """True while a multibulk command has been started but not finished."""
+        return self._args is not None
+
+    def next(self) -> list[bytes] | None:
+        """The next complete command, or ``None`` if more bytes are needed."""
+        buf = self._buf
+        while True:
+            if self._args is None:
+                if self._pos >= len(buf):
+                    return None
+                if buf[self._pos] != 42:  # '*'
+                    cmd = self._inline()
+                    if cmd is None:
+                        return None
+                    if cmd:
+                        return cmd
+                    continue  # empty line
+                cr = buf.find(b"\r", self._pos)
+                if cr < 0:
+                    if len(buf) - self._pos > INLINE_MAX:
+                        raise ProtocolError("too big mbulk count string")
+                    return None
+                if cr + 1 >= len(buf):
+                    return None  # wait for the '\n'
+                count = _strict_int(bytes(buf[self._pos + 1 : cr]))
+                if count is None or count > INT_MAX:
+                    raise ProtocolError("invalid multibulk length")
+                if not self.authenticated and count > UNAUTH_MAX_ARGS:
+                    raise ProtocolError("unauthenticated multibulk length")
+                if count > self.max_args:
+                    raise ProtocolError("invalid multibulk length")
+                self._pos = cr + 2
+                if count <= 0:
+                    continue  # Redis ignores empty and negative multibulk counts
+                self._args = []
+                self._remaining = count
+                self._bulklen = -1
+            args = self._args
+            while self._remaining:
+                if self._bulklen < 0:
+                    if self._pos >= len(buf):
+                        return None
+                    if buf[self._pos] != 36:  # '$'
+                        raise ProtocolError(f"expected '$', got '{chr(buf[self._pos])}'")
+                    cr = buf.find(b"\r", self._pos)
+                    if cr < 0:
+                        if len(buf) - self._pos > INLINE_MAX:
+                            raise ProtocolError("too big bulk count string")
+                        return None
+                    if cr + 1 >= len(buf):
+                        return None
+                    size = _strict_int(bytes(buf[self._pos + 1 : cr]))
+                    if size is None or size < 0 or size > self.max_bulk:
+                        raise ProtocolError("invalid bulk length")
+                    if not self.authenticated and size > UNAUTH_MAX_BULK:
+                        raise ProtocolError("unauthenticated bulk length")
+                    self._pos = cr + 2
+                    self._bulklen = size
+                end = self._pos + self._bulklen
+                if end + 2 > len(buf):
+                    return None
+                args.append(bytes(buf[self._pos : end]))
+                self._pos = end + 2  # like Redis, the two bytes after the bulk are not checked
+                self._bulklen = -1
+                self._remaining -= 1
+            self._args = None
+            return args
+
+    def _inline(self) -> list[bytes] | None:
+        buf = self._buf
+        nl = buf.find(b"\n", self._pos)
+        if nl < 0:
+            if len(buf) - self._pos > self.max_inline:
+                raise ProtocolError("too big inline request")
+            return None
+        end = nl - 1 if nl > self._pos and buf[nl - 1] == 13 else nl
+        line = bytes(buf[self._pos : end])
+        if end - self._pos > self.max_inline:
+            raise ProtocolError("too big inline request")
+        self._pos = nl + 1
+        args = split_inline(line)
+        if args is None:
+            raise ProtocolError("unbalanced quotes in request")
+        return args
+
+
+# --- replies ----------------------------------------------------------------------------------------
+OK = b"+OK\r\n"
+PONG = b"+PONG\r\n"
+NULL2 = b"$-1\r\n"
+NULL3 = b"_\r\n"
+NULL_ARRAY2 = b"*-1\r\n"
+EMPTY_ARRAY = b"*0\r\n"
+
+
+def simple(text: str) -> bytes:
+    return b"+" + text.encode() + b"\r\n"
+
+
+def error(message: str) -> bytes:
+    """An error line; the message's first word is the error code (``ERR``, ``BUSY``, ``NOAUTH``)."""
+    clean = message.replace("\r", " ").replace("\n", " ")
+    return b"-" + clean.encode("utf-8", "replace") + b"\r\n"
+
+
+def integer(n: int) -> bytes:
+    return b":%d\r\n" % n
+
+
+def bulk(value: bytes) -> bytes:
+    return b"$%d\r\n%b\r\n" % (len(value), value)
+
+
+def null(proto: int) -> bytes:
+    return NULL3 if proto == 3 else NULL2
+
+
+def array(items: Iterable[bytes], count: int | None = None) -> bytes:
+    """An array of already-encoded replies."""
+    parts = list(items)
+    return b"*%d\r\n" % (len(parts) if count is None else count) + b"".join(parts)
+
+
+def verbatim(text: str, proto: int) -> bytes:
+    """RESP3 verbatim text (as INFO and CLIENT INFO send it), a bulk string on RESP2."""
+    data = text.encode()
+    if proto == 3:
+        return b"=%d\r\ntxt:%b\r\n" % (len(data) + 4, data)
+    return bulk(data)
+
+
+def encode(value: Any, proto: int) -> bytes:
+    """A Python value as a reply: dicts become maps (flat arrays on RESP2), floats doubles."""
+    if value is None:
+        return null(proto)
+    if isinstance(value, bool):
+        if proto == 3:
+            return b"#t\r\n" if value else b"#f\r\n"
+        return integer(int(value))
+    if isinstance(value, int):
+        return integer(value)
+    if isinstance(value, float):
+        if proto == 3:
+            return b",%b\r\n" % repr(value).encode()
+        return bulk(repr(value).encode())
+    if isinstance(value, bytes):
+        return bulk(value)
+    if isinstance(value, str):
+        return bulk(value.encode("utf-8", "surrogateescape"))
+    if isinstance(value, Mapping):
+        body = b"".join(encode(k, proto) + encode(v, proto) for k, v in value.items())
+        if proto == 3:
+            return b"%%%d\r\n" % len(value) + body
+        return b"*%d\r\n" % (2 * len(value)) + body
+    if isinstance(value, list | tuple | set | frozenset):
+        return b"*%d\r\n" % len(value) + b"".join(encode(v, proto) for v in value)
+    return bulk(str(value).encode())
