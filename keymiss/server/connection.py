@@ -75,20 +75,20 @@ class Connection(asyncio.Protocol):
     # --- transport callbacks -------------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # uvloop's transports are not asyncio.Transport subclasses, but they have the same methods
-        self.transport = cast(asyncio.Transport, transport)
-        peer = transport.get_extra_info("peername")
-        sock = transport.get_extra_info("sockname")
+        self.transport = t = cast(asyncio.Transport, transport)
+        peer = t.get_extra_info("peername")
+        sock = t.get_extra_info("sockname")
         self.addr = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else str(peer)
         self.laddr = f"{sock[0]}:{sock[1]}" if isinstance(sock, tuple) else str(sock)
         srv = self.server
         srv.total_connections += 1
         if len(srv.connections) >= srv.settings.max_clients:
             srv.rejected_connections += 1
-            transport.write(b"-ERR max number of clients reached\r\n")
-            transport.close()
+            t.write(b"-ERR max number of clients reached\r\n")
+            t.close()
             self.closed = True
             return
-        transport.set_write_buffer_limits(high=256 * 1024)
+        t.set_write_buffer_limits(high=256 * 1024)
         srv.connections[self.id] = self
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -152,7 +152,8 @@ class Connection(asyncio.Protocol):
                 if out:
                     self._write(b"".join(out))
                 self.waiting = True
-                self._task = asyncio.get_running_loop().create_task(self._complete(reply))
+                pending = cast(Awaitable[bytes], reply)
+                self._task = asyncio.get_running_loop().create_task(self._complete(pending))
                 return
             out.append(reply)
         if out:

@@ -297,9 +297,9 @@ class LMDBStore(LocalStore):
     def _sweep(self, limit: int) -> int:
         now_ms = self._clock() * 1000
         n = 0
-        seen, self._expired_seen = self._expired_seen, set()
+        noted, self._expired_seen = self._expired_seen, set()
         with self._env.begin(write=True, db=self._data) as txn:
-            for key in seen:  # keys a read found expired: purge exactly those first
+            for key in noted:  # keys a read found expired: purge exactly those first
                 kb = _encode_key(key)
                 dbk = self._db_key(kb)
                 raw = txn.get(dbk)

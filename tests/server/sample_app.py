@@ -1,0 +1,53 @@
+"""The app the server tests serve: keyspaces that compute, fail, hang, batch and parse templates."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+from keymiss import Keymiss
+
+app = Keymiss(store="memory", max_memory="64MB")
+
+
+@app.keyspace("double:*")
+def double(key: str) -> str:
+    return str(2 * int(key.split(":", 1)[1]))
+
+
+@app.keyspace("slow:*")
+async def slow(key: str) -> str:
+    await asyncio.sleep(0.3)
+    return f"slow result for {key}"
+
+
+@app.keyspace("block:*")
+def block(key: str) -> str:
+    time.sleep(0.5)  # a CPU-bound model in a worker thread
+    return "blocked"
+
+
+@app.keyspace("fail:*")
+def fail(key: str) -> str:
+    raise ValueError(f"cannot compute {key}")
+
+
+@app.keyspace("hang:*", timeout=0.2)
+async def hang(key: str) -> str:
+    await asyncio.sleep(30)
+    return "never"
+
+
+@app.keyspace("qa{<tag>}_<context>_<question>", ttl=100)
+async def qa(tag: str, context: str, question: str) -> dict[str, str]:
+    return {"tag": tag, "context": context, "question": question}
+
+
+@app.keyspace("batch:*", batch_size=16, batch_wait_ms=20)
+def batch(keys: list[str]) -> list[str]:
+    return [f"{k}:{len(keys)}" for k in keys]
+
+
+@app.keyspace("big:*")
+def big(key: str) -> bytes:
+    return b"x" * (100 * 1024)
