@@ -37,6 +37,13 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--max-clients", type=int)
     serve.add_argument("--max-in-flight", type=int, help="computations at once before -BUSY")
     serve.add_argument("--output-buffer", help="unread reply bytes before a client is disconnected")
+    serve.add_argument(
+        "--output-stall-seconds",
+        type=float,
+        help="seconds a client may leave replies unread before it is disconnected",
+    )
+    serve.add_argument("--max-bulk", help="largest bulk argument accepted (default 512MB)")
+    serve.add_argument("--query-buffer", help="largest unprocessed input per client (default 1GB)")
     serve.add_argument("--grace-seconds", type=float, help="how long shutdown waits for computations")
     serve.add_argument("--metrics-port", type=int, help="serve Prometheus metrics on this port")
     serve.add_argument("--config", help="a keymiss.toml file")

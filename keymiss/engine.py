@@ -243,6 +243,32 @@ class Keymiss:
                 ks.stats.hits += 1
         return item
 
+    def peek_many(self, keys: Sequence[str]) -> list[Item | None] | None:
+        """Items for ``keys`` if none needs computing (each is a hit or owned by no keyspace),
+        counted as hits and misses; otherwise ``None`` and nothing counted (use ``get_many_items``)."""
+        store = self._store or self.store
+        items = [store.get_now(k) for k in keys]
+        route = self.registry.route
+        routes = [route(k) for k in keys]
+        if any(i is None and ks is not None for i, ks in zip(items, routes, strict=True)):
+            return None
+        for item, ks in zip(items, routes, strict=True):
+            if item is None:
+                self.misses += 1
+            else:
+                self.hits += 1
+                if ks is not None:
+                    ks.stats.hits += 1
+        return items
+
+    def plain_miss(self, key: str) -> bool:
+        """After a ``peek`` miss: True (and the miss counted) when no keyspace owns ``key``, so the
+        answer is nil without any computation — the server then replies without a task."""
+        if self.registry.route(key) is not None:
+            return False
+        self.misses += 1
+        return True
+
     async def fill(self, key: str) -> Item | None:
         """The miss path on its own: compute (or join the computation of) ``key`` and store it."""
         if self._sweeper is None and not self._closed:
@@ -370,9 +396,7 @@ class Keymiss:
             raise HandlerError(
                 f"keyspace {ks.pattern!r}: handler failed: {type(exc).__name__}: {exc}", keyspace=ks.pattern
             ) from exc
-        ks.stats.calls += 1
-        ks.stats.computations += n
-        ks.stats.compute_seconds += time.perf_counter() - started
+        ks.stats.observe(time.perf_counter() - started, n)
         results: list[Item | BaseException] = []
         writes: list[Write] = []
         for (key, _), value in zip(entries, values, strict=True):

@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+import bisect
+from dataclasses import asdict, dataclass, field
 from typing import Any
+
+#: Upper bounds (seconds) of the compute-time histogram: from a cached embedding to a slow model.
+COMPUTE_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 
 
 @dataclass
@@ -20,6 +24,15 @@ class KeyspaceStats:
     coalesced: int = 0  # callers that joined a computation already running
     compute_seconds: float = 0.0
     not_stored: int = 0  # computed values the store declined (bigger than the budget)
+    #: handler calls per COMPUTE_BUCKETS bound, plus one overflow slot (not cumulative)
+    compute_histogram: list[int] = field(default_factory=lambda: [0] * (len(COMPUTE_BUCKETS) + 1))
+
+    def observe(self, seconds: float, keys: int = 1) -> None:
+        """Record one handler call that computed ``keys`` keys in ``seconds``."""
+        self.compute_histogram[bisect.bisect_left(COMPUTE_BUCKETS, seconds)] += 1
+        self.compute_seconds += seconds
+        self.calls += 1
+        self.computations += keys
 
     @property
     def mean_compute_seconds(self) -> float:
@@ -32,6 +45,7 @@ class KeyspaceStats:
 
     def as_dict(self) -> dict[str, Any]:
         d = asdict(self)
+        del d["compute_histogram"]
         d["mean_compute_seconds"] = self.mean_compute_seconds
         d["seconds_saved"] = self.seconds_saved
         return d

@@ -90,6 +90,7 @@ class Server:
         self._server: asyncio.Server | None = None
         self._watchdog: asyncio.Task[None] | None = None
         self._stopping = asyncio.Event()
+        self._metrics: Any = None
 
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
@@ -101,6 +102,13 @@ class Server:
         sock = self._server.sockets[0]
         self.port = sock.getsockname()[1]
         self._watchdog = loop.create_task(self._watch())
+        if self.settings.metrics_port is not None:
+            from .metrics import start_metrics_server
+
+            self._metrics = start_metrics_server(self, self.settings.metrics_port)
+            log.info(
+                "Prometheus metrics on http://%s:%d/metrics", self.settings.host, self._metrics[0].server_port
+            )
         log.info(
             "keymiss listening on %s:%d, store=%s, keyspaces=[%s], auth=%s, loop=%s",
             self.settings.host,
@@ -144,6 +152,8 @@ class Server:
             self._server.close()
         if self._watchdog is not None:
             self._watchdog.cancel()
+        if self._metrics is not None:
+            self._metrics[0].shutdown()
         deadline = time.monotonic() + grace
         await self.km._flights.wait_all(grace)
         # let waiting connections write the replies those computations produced

@@ -146,6 +146,8 @@ def cmd_get(c: Connection, args: list[bytes]) -> Reply:
         item = km.peek(key)
         if item is not None:
             return resp.bulk(item.value)
+        if km.plain_miss(key):
+            return resp.null(c.proto)
         return _fill_reply(c, key)
     return _get_reply(c, key)
 
@@ -170,9 +172,9 @@ async def _get_reply(c: Connection, key: str) -> bytes:
 def cmd_mget(c: Connection, args: list[bytes]) -> Reply:
     keys = [key_of(a) for a in args[1:]]
     if c.local_store:
-        items = [c.km.peek(k) for k in keys]
-        if all(i is not None for i in items):
-            return resp.array(resp.bulk(i.value) for i in items if i is not None)
+        items = c.km.peek_many(keys)
+        if items is not None:
+            return resp.array(_item_reply(i, c.proto) for i in items)
     return _mget_reply(c, keys)
 
 

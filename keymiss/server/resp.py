@@ -147,9 +147,52 @@ class RequestParser:
         """True while a multibulk command has been started but not finished."""
         return self._args is not None
 
+    def _fast(self) -> list[bytes] | None:
+        """One complete, well-formed multibulk command at the cursor, or ``None``.
+
+        The common case parsed with few checks and no state; anything unusual (incomplete, odd
+        spacing, limits, errors) returns ``None`` so the exact path below decides, from the same
+        position, with Redis's rules and messages.
+        """
+        buf = self._buf
+        size = len(buf)
+        cr = buf.find(b"\r\n", self._pos, self._pos + 13)
+        if cr < 0:
+            return None
+        raw = buf[self._pos + 1 : cr]
+        if not raw.isdigit() or raw[0] == 48:
+            return None
+        count = int(raw)
+        if count > 4096 or count > self.max_args:
+            return None
+        p = cr + 2
+        max_bulk = self.max_bulk
+        args = []
+        for _ in range(count):
+            if p >= size or buf[p] != 36:
+                return None
+            cr = buf.find(b"\r\n", p, p + 13)
+            if cr < 0:
+                return None
+            raw = buf[p + 1 : cr]
+            if not raw.isdigit() or (raw[0] == 48 and len(raw) > 1):
+                return None
+            n = int(raw)
+            end = cr + 2 + n
+            if n > max_bulk or end + 2 > size:
+                return None
+            args.append(bytes(buf[cr + 2 : end]))
+            p = end + 2
+        self._pos = p
+        return args
+
     def next(self) -> list[bytes] | None:
         """The next complete command, or ``None`` if more bytes are needed."""
         buf = self._buf
+        if self._args is None and self._pos < len(buf) and buf[self._pos] == 42 and self.authenticated:
+            cmd = self._fast()
+            if cmd is not None:
+                return cmd
         while True:
             if self._args is None:
                 if self._pos >= len(buf):

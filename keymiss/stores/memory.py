@@ -39,6 +39,7 @@ class MemoryStore(LocalStore):
         super().__init__()
         self.max_bytes = int(max_memory)
         self.policy = make_policy(eviction)
+        self._touch = self.policy.touch
         self.url = "memory"
         self._data: dict[str, Item] = {}
         self._sizes: dict[str, int] = {}
@@ -55,7 +56,7 @@ class MemoryStore(LocalStore):
             self._remove(key)
             self.expired += 1
             return None
-        self.policy.touch(key)
+        self._touch(key)
         return item
 
     # --- writes -----------------------------------------------------------------------------------

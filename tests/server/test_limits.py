@@ -1,0 +1,121 @@
+"""Limits and operations: slow readers, client caps, bulk limits, config files, metrics."""
+
+from __future__ import annotations
+
+import socket
+import time
+import urllib.request
+from pathlib import Path
+
+import redis
+
+from .conftest import raw_connect, read_reply, start_server
+
+
+def test_client_that_never_reads_is_disconnected_and_others_stay_fast(tmp_path: Path) -> None:
+    srv = start_server(tmp_path, "--output-stall-seconds", "1", "--output-buffer", "8MB")
+    try:
+        hog = raw_connect(srv.port)
+        hog.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        request = b"*2\r\n$3\r\nGET\r\n$6\r\nbig:01\r\n" * 2000  # 2000 × 100 KB replies, never read
+        hog.setblocking(False)
+        sent = 0
+        deadline = time.monotonic() + 5
+        while sent < len(request) and time.monotonic() < deadline:
+            try:
+                sent += hog.send(request[sent:])
+            except BlockingIOError:
+                time.sleep(0.01)  # the server stopped reading us: flow control works
+        other = redis.Redis(port=srv.port, socket_timeout=5)
+        other.set("hot", "v")
+        t0 = time.perf_counter()
+        for _ in range(200):
+            assert other.get("hot") == b"v"
+        assert time.perf_counter() - t0 < 2
+        closed = False
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and not closed:
+            info = other.info("stats")
+            closed = info["client_output_buffer_disconnections"] >= 1
+            time.sleep(0.2)
+        assert closed, srv.log
+        assert "replies unread" in srv.log
+        assert other.ping()
+        other.close()
+        hog.close()
+    finally:
+        srv.stop()
+
+
+def test_max_clients(tmp_path: Path) -> None:
+    srv = start_server(tmp_path, "--max-clients", "2")
+    try:
+        a, b = redis.Redis(port=srv.port), redis.Redis(port=srv.port)
+        assert a.ping() and b.ping()
+        s = raw_connect(srv.port)
+        assert read_reply(s) == b"-ERR max number of clients reached\r\n"
+        s.close()
+        assert a.info("stats")["rejected_connections"] == 1
+        a.close()
+        b.close()
+    finally:
+        srv.stop()
+
+
+def test_bulk_limit_from_config_file(tmp_path: Path) -> None:
+    config = tmp_path / "keymiss.toml"
+    config.write_text('[keymiss]\nmax-bulk = "1KB"\nmax-in-flight = 7\n')
+    srv = start_server(tmp_path, "--config", str(config))
+    try:
+        s = raw_connect(srv.port)
+        s.sendall(b"*3\r\n$3\r\nSET\r\n$1\r\nk\r\n$2000\r\n")
+        assert read_reply(s) == b"-ERR Protocol error: invalid bulk length\r\n"
+        s.close()
+        r = redis.Redis(port=srv.port)
+        assert r.config_get("keymiss-max-in-flight") == {"keymiss-max-in-flight": "7"}
+        assert r.set("k", "x" * 1000)
+        r.close()
+    finally:
+        srv.stop()
+
+
+def test_bad_config_is_a_clear_error(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    config = tmp_path / "keymiss.toml"
+    config.write_text('colour = "blue"\n')
+    out = subprocess.run(
+        [sys.executable, "-m", "keymiss", "serve", "--config", str(config)],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert out.returncode == 2
+    assert "unknown setting 'colour'" in out.stderr
+    out = subprocess.run(
+        [sys.executable, "-m", "keymiss", "serve", "--app", "no_such_module:app"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert out.returncode == 2 and "cannot import app module 'no_such_module'" in out.stderr
+
+
+def test_prometheus_metrics(tmp_path: Path) -> None:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    srv = start_server(tmp_path, "--metrics-port", str(port))
+    try:
+        r = redis.Redis(port=srv.port)
+        r.get("double:4")
+        r.get("double:4")
+        body = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+        assert 'keymiss_hits_total{keyspace="double:*"} 1.0' in body
+        assert 'keymiss_computations_total{keyspace="double:*"} 1.0' in body
+        assert 'keymiss_compute_seconds_bucket{keyspace="double:*",le="+Inf"} 1.0' in body
+        assert "keymiss_store_bytes" in body and "keymiss_in_flight" in body
+        r.close()
+    finally:
+        srv.stop()
