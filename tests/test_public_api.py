@@ -33,3 +33,18 @@ def test_demo_command_shows_miss_hit_and_one_computation(tmp_path: object) -> No
     assert "hit   GET square:12 -> '144'" in out
     assert "1000 concurrent GET square:7 -> '49', 1 computation" in out
     assert "computations=2" in out
+
+
+def test_embedded_example_app_serves_its_keyspaces() -> None:
+    import asyncio
+
+    from keymiss.examples import app
+
+    async def main() -> list[object]:
+        async with app:
+            return await app.get_many(["square:3", "embed:a", "embed:b", "greet{t}_ada"])
+
+    square, emb_a, emb_b, greet = asyncio.run(main())
+    assert square == "9" and greet == "hello ada (shard t)"
+    assert isinstance(emb_a, list) and len(emb_a) == 8 and emb_a != emb_b
+    assert app.registry.route("embed:a").stats.calls == 1  # type: ignore[union-attr]
