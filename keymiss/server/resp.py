@@ -8,10 +8,20 @@ arguments, RESP3 aggregates) and rejects ones Redis accepts (``*-10`` is an empt
 
 from __future__ import annotations
 
+import re
+from collections import deque
 from collections.abc import Iterable, Mapping
 from typing import Any
 
+try:
+    import hiredis
+except ImportError:  # optional: the exact parser below stands alone
+    hiredis = None
+
 INT_MAX = 2**31 - 1
+#: An aggregate header with 4+ digits anywhere in the pending input keeps hiredis away from it: hiredis
+#: sizes aggregates up front, and freeing a reader that saw ``>2000000000`` takes the CPU for a minute.
+_BIG_AGGREGATE = re.compile(rb"[*%~>|][0-9]{4}")
 INLINE_MAX = 64 * 1024  # PROTO_INLINE_MAX_SIZE
 UNAUTH_MAX_ARGS = 10
 UNAUTH_MAX_BULK = 16384
@@ -116,8 +126,15 @@ class RequestParser:
     """
 
     def __init__(
-        self, *, max_bulk: int = 512 * 1024**2, max_args: int = INT_MAX, max_inline: int = INLINE_MAX
+        self,
+        *,
+        max_bulk: int = 512 * 1024**2,
+        max_args: int = INT_MAX,
+        max_inline: int = INLINE_MAX,
+        use_hiredis: bool = True,
     ) -> None:
+        self.use_hiredis = use_hiredis and hiredis is not None
+        self._ready: deque[list[bytes]] = deque()
         self.max_bulk = max_bulk
         self.max_args = max_args
         self.max_inline = max_inline
@@ -146,6 +163,45 @@ class RequestParser:
     def in_command(self) -> bool:
         """True while a multibulk command has been started but not finished."""
         return self._args is not None
+
+    def _hiredis_batch(self) -> list[list[bytes]]:
+        """Every complete, canonical, well-formed command at the cursor, parsed by hiredis.
+
+        hiredis is a reply parser: it accepts request shapes Redis rejects (nested arrays, ``$-1``,
+        ``+simple`` strings, RESP3 types) and rejects ``*-10``, which Redis skips. So a command is
+        taken only if it is a non-empty flat list of bytes *and* its bytes are laid out canonically
+        (every element marker at its canonical offset is ``$``) — then Redis would have read exactly
+        the same command from exactly those bytes (hiredis already refuses signs, spaces and leading
+        zeros in lengths). At the first command that fails this, or on any hiredis error, the cursor
+        stops and the exact parser takes over from there with Redis's own rules and messages.
+        """
+        buf = self._buf
+        pos = self._pos
+        reader = hiredis.Reader()
+        reader.feed(buf, pos)  # type: ignore[arg-type]  # any buffer works
+        out: list[list[bytes]] = []
+        max_args = self.max_args
+        max_bulk = self.max_bulk
+        while True:
+            try:
+                cmd = reader.gets()
+            except hiredis.ProtocolError:
+                break
+            if type(cmd) is not list or not cmd or len(cmd) > max_args:
+                break
+            p = pos + 3 + len(str(len(cmd)))
+            for arg in cmd:
+                if type(arg) is not bytes or buf[p] != 36 or len(arg) > max_bulk:
+                    p = -1
+                    break
+                size = len(arg)
+                p += 5 + size + (1 if size < 10 else 2 if size < 100 else len(str(size)))
+            if p < 0:
+                break
+            out.append(cmd)
+            pos = p
+        self._pos = pos
+        return out
 
     def _fast(self) -> list[bytes] | None:
         """One complete, well-formed multibulk command at the cursor, or ``None``.
@@ -188,11 +244,23 @@ class RequestParser:
 
     def next(self) -> list[bytes] | None:
         """The next complete command, or ``None`` if more bytes are needed."""
+        if self._ready:
+            return self._ready.popleft()
         buf = self._buf
         if self._args is None and self._pos < len(buf) and buf[self._pos] == 42 and self.authenticated:
-            cmd = self._fast()
-            if cmd is not None:
-                return cmd
+            if (
+                self.use_hiredis
+                and len(buf) - self._pos <= 65536
+                and _BIG_AGGREGATE.search(buf, self._pos) is None
+            ):
+                batch = self._hiredis_batch()
+                if batch:
+                    self._ready.extend(batch[1:])
+                    return batch[0]
+            else:
+                cmd = self._fast()
+                if cmd is not None:
+                    return cmd
         while True:
             if self._args is None:
                 if self._pos >= len(buf):

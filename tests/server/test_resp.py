@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import random
 
 import pytest
@@ -171,3 +172,69 @@ def test_reply_encoding_resp2_and_resp3() -> None:
     )
     assert resp.verbatim("hi", 3) == b"=6\r\ntxt:hi\r\n"
     assert resp.error("ERR bad\r\ninjected") == b"-ERR bad  injected\r\n"
+
+
+FRAGMENTS = [
+    b"*2\r\n$3\r\nGET\r\n$1\r\nk\r\n",
+    b"*1\r\n$4\r\nPING\r\n",
+    b"*1\r\n+PING\r\n",  # a simple string where Redis wants '$'
+    b"*1\r\n:1\r\n",
+    b"*1\r\n$-1\r\n",
+    b"*2\r\n$3\r\nGET\r\n*1\r\n$1\r\na\r\n",  # nested array
+    b"*1\r\n%1\r\n$1\r\na\r\n$1\r\nb\r\n",  # RESP3 map
+    b"*0\r\n",
+    b"*-1\r\n",
+    b"*-10\r\n",
+    b"*02\r\n",
+    b"*1\r\n$03\r\nGET\r\n",
+    b"*1\r\n$3\r\nGETxx",  # two bytes after a bulk that are not CRLF
+    b"*1\rX$4\r\nPING\r\n",
+    b"PING\r\n",
+    b"\r\n",
+    b"*3000000000\r\n",
+    b"*1\r\n$2000000000\r\n",
+    b"$4\r\nPING\r\n",
+    b"*1\r\n$1\r\n\r\r\n",
+]
+
+
+def run_parser(data: bytes, seed: int, use_hiredis: bool) -> list[object]:
+    rng = random.Random(seed)
+    p = RequestParser(use_hiredis=use_hiredis, max_bulk=1000)
+    out: list[object] = []
+    i = 0
+    try:
+        while i < len(data):
+            n = rng.choice([1, 3, 5, 64, 4096])
+            p.feed(data[i : i + n])
+            i += n
+            while (cmd := p.next()) is not None:
+                out.append(cmd)
+    except ProtocolError as exc:
+        out.append(exc.reply)
+    return out
+
+
+@settings(max_examples=400, deadline=None)
+@given(
+    parts=st.lists(st.one_of(st.sampled_from(FRAGMENTS), st.binary(max_size=12)), min_size=1, max_size=12),
+    seed=st.integers(0, 2**16),
+)
+def test_hiredis_fast_path_agrees_with_the_exact_parser(parts: list[bytes], seed: int) -> None:
+    """The hiredis fast path must never accept, split or name an error differently from Redis's rules."""
+    data = b"".join(parts)
+    assert run_parser(data, seed, use_hiredis=True) == run_parser(data, seed, use_hiredis=False)
+
+
+@pytest.mark.parametrize("data", [b"*2000000000\r\n", b"*1\r\n>2000000000\r\n", b"*1\r\n~2000000000\r\n"])
+def test_huge_aggregate_headers_cost_nothing(data: bytes) -> None:
+    """hiredis sizes aggregates up front; such input must never reach it (it would take the CPU)."""
+    import time
+
+    t0 = time.perf_counter()
+    p = RequestParser()
+    p.feed(data)
+    with contextlib.suppress(ProtocolError):
+        assert p.next() is None
+    del p
+    assert time.perf_counter() - t0 < 0.5
