@@ -16,7 +16,7 @@ from typing import Any
 try:
     import hiredis
 except ImportError:  # optional: the exact parser below stands alone
-    hiredis = None
+    hiredis = None  # type: ignore[assignment]
 
 INT_MAX = 2**31 - 1
 #: An aggregate header with 4+ digits anywhere in the pending input keeps hiredis away from it: hiredis
