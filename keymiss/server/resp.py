@@ -248,9 +248,10 @@ class RequestParser:
             return self._ready.popleft()
         buf = self._buf
         if self._args is None and self._pos < len(buf) and buf[self._pos] == 42 and self.authenticated:
+            # hiredis pays off on pipelines; one small command is cheaper to read in Python
             if (
                 self.use_hiredis
-                and len(buf) - self._pos <= 65536
+                and 256 <= len(buf) - self._pos <= 65536
                 and _BIG_AGGREGATE.search(buf, self._pos) is None
             ):
                 batch = self._hiredis_batch()
