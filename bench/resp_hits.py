@@ -69,7 +69,9 @@ def preload(port: int, keys: int, value: bytes) -> None:
         batch = []
         for i in range(keys):
             key = b"key:%012d" % i
-            batch.append(b"*3\r\n$3\r\nSET\r\n$%d\r\n%b\r\n$%d\r\n%b\r\n" % (len(key), key, len(value), value))
+            batch.append(
+                b"*3\r\n$3\r\nSET\r\n$%d\r\n%b\r\n$%d\r\n%b\r\n" % (len(key), key, len(value), value)
+            )
             if len(batch) == 1000 or i == keys - 1:
                 s.sendall(b"".join(batch))
                 expected = 5 * len(batch)
@@ -82,13 +84,34 @@ def preload(port: int, keys: int, value: bytes) -> None:
 
 def bench(port: int, requests: int, pipeline: int, clients: int, keys: int) -> dict[str, float]:
     out = subprocess.run(
-        ["redis-benchmark", "-p", str(port), "-t", "get", "-n", str(requests), "-r", str(keys),
-         "-c", str(clients), "-P", str(pipeline), "--csv"],
-        capture_output=True, text=True, timeout=900, check=True,
+        [
+            "redis-benchmark",
+            "-p",
+            str(port),
+            "-t",
+            "get",
+            "-n",
+            str(requests),
+            "-r",
+            str(keys),
+            "-c",
+            str(clients),
+            "-P",
+            str(pipeline),
+            "--csv",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=900,
+        check=True,
     ).stdout
     rows = list(csv.DictReader(io.StringIO(out)))
     row = rows[-1]
-    return {"rps": float(row["rps"]), "p50": float(row["p50_latency_ms"]), "p99": float(row["p99_latency_ms"])}
+    return {
+        "rps": float(row["rps"]),
+        "p50": float(row["p50_latency_ms"]),
+        "p99": float(row["p99_latency_ms"]),
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -109,12 +132,45 @@ def main(argv: list[str] | None = None) -> int:
     redis_version = re.search(r"v=(\S+)", version)
     with tempfile.TemporaryDirectory() as tmp:
         targets = {
-            "redis-server": lambda port: ["redis-server", "--port", str(port), "--bind", "127.0.0.1",
-                                          "--save", "", "--appendonly", "no", "--dir", tmp],
-            "keymiss memory": lambda port: [sys.executable, "-m", "keymiss", "--log-level", "WARNING", "serve",
-                                            "--port", str(port), "--store", "memory", "--max-memory", "1GB"],
-            "keymiss lmdb": lambda port: [sys.executable, "-m", "keymiss", "--log-level", "WARNING", "serve",
-                                          "--port", str(port), "--store", f"lmdb:{tmp}/lmdb"],
+            "redis-server": lambda port: [
+                "redis-server",
+                "--port",
+                str(port),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+                "--dir",
+                tmp,
+            ],
+            "keymiss memory": lambda port: [
+                sys.executable,
+                "-m",
+                "keymiss",
+                "--log-level",
+                "WARNING",
+                "serve",
+                "--port",
+                str(port),
+                "--store",
+                "memory",
+                "--max-memory",
+                "1GB",
+            ],
+            "keymiss lmdb": lambda port: [
+                sys.executable,
+                "-m",
+                "keymiss",
+                "--log-level",
+                "WARNING",
+                "serve",
+                "--port",
+                str(port),
+                "--store",
+                f"lmdb:{tmp}/lmdb",
+            ],
         }
         for name, make in targets.items():
             port = free_port()
@@ -124,12 +180,18 @@ def main(argv: list[str] | None = None) -> int:
                     results[(name, p)] = bench(port, args.requests, p, args.clients, args.keys)
                     print(f"  {name:16} -P {p:<3} {results[(name, p)]['rps']:>12,.0f} ops/s", file=sys.stderr)
 
-    print(f"# GET hits over RESP: keymiss vs redis-server {redis_version.group(1) if redis_version else ''}\n")
-    print(f"redis-benchmark -t get -n {args.requests} -r {args.keys} -c {args.clients}; "
-          f"python {sys.version.split()[0]}, {os.cpu_count()} cores\n")
+    print(
+        f"# GET hits over RESP: keymiss vs redis-server {redis_version.group(1) if redis_version else ''}\n"
+    )
+    print(
+        f"redis-benchmark -t get -n {args.requests} -r {args.keys} -c {args.clients}; "
+        f"python {sys.version.split()[0]}, {os.cpu_count()} cores\n"
+    )
     print("| server | -P | ops/s | p50 ms | p99 ms | × redis-server |")
     print("| --- | ---: | ---: | ---: | ---: | ---: |")
-    for (name, p), r in sorted(results.items(), key=lambda kv: (kv[0][1], kv[0][0] != "redis-server", kv[0][0])):
+    for (name, p), r in sorted(
+        results.items(), key=lambda kv: (kv[0][1], kv[0][0] != "redis-server", kv[0][0])
+    ):
         ratio = r["rps"] / results[("redis-server", p)]["rps"]
         print(f"| {name} | {p} | {r['rps']:,.0f} | {r['p50']:.3f} | {r['p99']:.3f} | {ratio:.2f} |")
     return 0
