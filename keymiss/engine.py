@@ -70,6 +70,8 @@ class Keymiss:
         self._sweep_interval = sweep_interval
         self._sweeper: asyncio.Task[None] | None = None
         self._closed = False
+        self._startup: list[Callable[[Keymiss], Any]] = []
+        self._started = False
         self.hits = 0
         self.misses = 0
         self.decode_failures = 0
@@ -152,9 +154,18 @@ class Keymiss:
                 self._store = open_store(spec, max_memory=self._max_memory, eviction=self._eviction)
         return self._store
 
+    def on_start(self, hook: Callable[[Keymiss], Any]) -> None:
+        """Run ``await hook(km)`` once when the engine starts (after a server applied its store
+        settings): loading a model, ingesting a default corpus, checking stored fingerprints."""
+        self._startup.append(hook)
+
     async def start(self) -> None:
-        """Open the store and start the expiry sweep (``get`` does this on first use)."""
+        """Open the store, run start hooks and start the expiry sweep (``get`` does this on first use)."""
         _ = self.store
+        if not self._started:
+            self._started = True
+            for hook in self._startup:
+                await hook(self)
         if self._sweeper is None and self._sweep_interval > 0:
             self._sweeper = asyncio.get_running_loop().create_task(self._sweep_loop())
 
@@ -203,7 +214,7 @@ class Keymiss:
             if ks is not None:
                 ks.stats.hits += 1
         else:
-            if self._sweeper is None and not self._closed:
+            if not self._started and not self._closed:
                 await self.start()
             item = await self._miss(key)
             if item is None:
@@ -226,7 +237,7 @@ class Keymiss:
             if ks is not None:
                 ks.stats.hits += 1
             return item
-        if self._sweeper is None and not self._closed:
+        if not self._started and not self._closed:
             await self.start()
         return await self._miss(key)
 
@@ -271,7 +282,7 @@ class Keymiss:
 
     async def fill(self, key: str) -> Item | None:
         """The miss path on its own: compute (or join the computation of) ``key`` and store it."""
-        if self._sweeper is None and not self._closed:
+        if not self._started and not self._closed:
             await self.start()
         return await self._miss(key)
 
@@ -305,7 +316,7 @@ class Keymiss:
                 if ks is not None:
                     ks.stats.hits += 1
         if missing:
-            if self._sweeper is None and not self._closed:
+            if not self._started and not self._closed:
                 await self.start()
             results = await asyncio.gather(*(self._miss(keys[i]) for i in missing), return_exceptions=True)
             for i, result in zip(missing, results, strict=True):
@@ -400,6 +411,10 @@ class Keymiss:
         results: list[Item | BaseException] = []
         writes: list[Write] = []
         for (key, _), value in zip(entries, values, strict=True):
+            if isinstance(value, KeymissError):  # a deliberate, already clear error: pass it on
+                ks.stats.errors += 1
+                results.append(value)
+                continue
             if isinstance(value, BaseException):
                 ks.stats.errors += 1
                 err = HandlerError(

@@ -1,0 +1,198 @@
+"""The ``bertqa{<tag>}_<context>_<question>`` keyspace: wiring contexts, readers and the engine."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+from collections.abc import Callable, Iterable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any
+
+from ..engine import Keymiss
+from ..errors import CodecError
+from .contexts import ContextRecord, UnknownContextError, context_store_key, read_corpus
+from .reader import QAParams, Reader, SentenceReader, SpanReader
+
+log = logging.getLogger("keymiss.qa")
+
+QA_PATTERN = "bertqa{<tag>}_<context>_<question>"
+MODEL_KEY = "keymiss:model:bertqa"
+DEMO_CORPUS = os.path.join(os.path.dirname(__file__), "data", "demo_corpus.jsonl")
+
+
+def _glob_escape(text: str) -> str:
+    return "".join("\\" + ch if ch in "*?[]\\" else ch for ch in text)
+
+
+def answers_pattern(context_key: str) -> str:
+    """Glob matching every cached answer about one context."""
+    return f"bertqa{{*}}_{_glob_escape(context_key)}_*"
+
+
+@dataclass
+class IngestReport:
+    added: int = 0
+    replaced: int = 0
+    unchanged: int = 0
+    forgotten_answers: int = 0
+
+
+class QAService:
+    """Holds the reader (loaded at start, off the event loop) and runs it on one model thread."""
+
+    def __init__(self, make_reader: Callable[[], Reader]) -> None:
+        self._make_reader = make_reader
+        self.reader: Reader | None = None
+        # One forward pass at a time: batches that wait here grow instead of fighting for 2 cores.
+        self._model_thread = ThreadPoolExecutor(1, thread_name_prefix="keymiss-model")
+
+    async def load(self) -> Reader:
+        if self.reader is None:
+            self.reader = await asyncio.get_running_loop().run_in_executor(
+                self._model_thread, self._make_reader
+            )
+        return self.reader
+
+    async def run(self, fn: Callable[..., Any], *args: Any) -> Any:
+        return await asyncio.get_running_loop().run_in_executor(self._model_thread, fn, *args)
+
+    async def ingest(
+        self, km: Keymiss, pairs: Iterable[tuple[str, str]], progress: Callable[[int], None] | None = None
+    ) -> IngestReport:
+        """Store each context's tokens (idempotent); a changed context forgets its cached answers."""
+        reader = await self.load()
+        report = IngestReport()
+        store = km.store
+        batch: list[tuple[str, str]] = []
+
+        async def flush() -> None:
+            keys = [context_store_key(k) for k, _ in batch]
+            existing = await store.get_many(keys)
+            todo: list[tuple[str, str, bool]] = []
+            for (key, text), item in zip(batch, existing, strict=True):
+                old = None
+                if item is not None:
+                    try:
+                        old = ContextRecord.from_bytes(item.value)
+                    except CodecError:
+                        old = None
+                if old is not None and old.text == text and reader.current(old):
+                    report.unchanged += 1
+                    continue
+                todo.append((key, text, item is not None and (old is None or old.text != text)))
+            records = await self.run(lambda: [reader.prepare(k, t) for k, t, _ in todo])
+            from ..stores.base import Write
+
+            await store.set_many([Write(context_store_key(r.key), r.to_bytes()) for r in records])
+            for key, _, changed in todo:
+                if changed:
+                    report.replaced += 1
+                    report.forgotten_answers += await km.forget(answers_pattern(key))
+                else:
+                    report.added += 1
+            if progress:
+                progress(len(batch))
+            batch.clear()
+
+        for pair in pairs:
+            batch.append(pair)
+            if len(batch) >= 64:
+                await flush()
+        if batch:
+            await flush()
+        return report
+
+
+def build_qa_app(
+    km: Keymiss | None = None,
+    *,
+    model: str | None = None,
+    dtype: str = "float32",
+    device: str | None = None,
+    params: QAParams | None = None,
+    batch_size: int = 16,
+    batch_wait_ms: float = 5.0,
+    timeout: float = 120.0,
+    corpus: str | None = None,
+) -> Keymiss:
+    """Register the ``bertqa`` keyspace on ``km`` (a new ``Keymiss`` by default).
+
+    With ``model`` (a local extractive-QA checkpoint) answers are spans; without it the shipped
+    all-MiniLM-L6-v2 encoder answers with the best-matching sentence, and the demo corpus is
+    ingested at start. ``corpus`` names a file to ingest at start (JSON lines or plain text).
+    """
+    km = km or Keymiss()
+
+    def make_reader() -> Reader:
+        from .models import load_encoder, load_qa_model
+
+        if model:
+            return SpanReader(load_qa_model(model, dtype=dtype, device=device), params)
+        return SentenceReader(load_encoder(device=device))
+
+    service = QAService(make_reader)
+    km.qa = service  # type: ignore[attr-defined]
+
+    async def startup(km: Keymiss) -> None:
+        reader = await service.load()
+        current = f"{reader.kind}:{reader.fingerprint}".encode()
+        stored = await km.store.get(MODEL_KEY)
+        if stored is None or stored.value != current:
+            if stored is not None:
+                n = await km.forget("bertqa{*}_*")
+                log.info(
+                    "model changed (%s -> %s): forgot %d cached answers",
+                    stored.value.decode(),
+                    current.decode(),
+                    n,
+                )
+            await km.store.set(MODEL_KEY, current)
+        sources = [c for c in (corpus, None if model else DEMO_CORPUS) if c]
+        for source in sources:
+            report = await service.ingest(km, read_corpus(source))
+            log.info("ingested %s: %s", source, report)
+
+    km.on_start(startup)
+
+    @km.keyspace(
+        QA_PATTERN, batch_size=batch_size, batch_wait_ms=batch_wait_ms, timeout=timeout, codec="text"
+    )
+    async def bertqa(items: list[Any]) -> list[Any]:
+        reader = await service.load()
+        stored = await km.store.get_many([context_store_key(it.context) for it in items])
+        results: list[Any] = [None] * len(items)
+        pairs: list[tuple[str, ContextRecord]] = []
+        where: list[int] = []
+        stale: list[int] = []
+        for i, (it, item) in enumerate(zip(items, stored, strict=True)):
+            if item is None:
+                results[i] = UnknownContextError(f"unknown context '{it.context}'", keyspace=QA_PATTERN)
+                continue
+            try:
+                rec = ContextRecord.from_bytes(item.value)
+            except CodecError as exc:
+                results[i] = UnknownContextError(
+                    f"context '{it.context}' is unreadable: {exc}", keyspace=QA_PATTERN
+                )
+                continue
+            if not reader.current(rec):
+                stale.append(len(pairs))
+            pairs.append((it.question, rec))
+            where.append(i)
+        if stale:  # stored for another tokenizer or encoder: tokenise again and keep the new record
+            from ..stores.base import Write
+
+            fresh = await service.run(
+                lambda: [reader.prepare(pairs[j][1].key, pairs[j][1].text) for j in stale]
+            )
+            for j, rec in zip(stale, fresh, strict=True):
+                pairs[j] = (pairs[j][0], rec)
+            await km.store.set_many([Write(context_store_key(r.key), r.to_bytes()) for r in fresh])
+        answers = await service.run(reader.answer, pairs) if pairs else []
+        for i, answer in zip(where, answers, strict=True):
+            results[i] = answer
+        return results
+
+    return km
