@@ -7,6 +7,7 @@ import asyncio
 import logging
 import sys
 from collections.abc import Sequence
+from typing import Any
 
 from . import __version__
 
@@ -47,32 +48,106 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--grace-seconds", type=float, help="how long shutdown waits for computations")
     serve.add_argument("--metrics-port", type=int, help="serve Prometheus metrics on this port")
     serve.add_argument("--config", help="a keymiss.toml file")
+    serve.add_argument("--model", help="extractive-QA checkpoint directory for the bertqa keyspace")
+    serve.add_argument("--qa-dtype", help="float32 (default) or bfloat16 model weights")
+    serve.add_argument("--qa-batch-size", type=int, help="questions per forward pass (default 16)")
+    serve.add_argument("--qa-batch-wait-ms", type=float, help="how long a batch waits to fill (default 5)")
+    serve.add_argument("--corpus", help="contexts to ingest at start (JSON lines or text, one per line)")
+
+    ingest = sub.add_parser("ingest", help="tokenise contexts once and store them for the bertqa keyspace")
+    ingest.add_argument("file", help='JSON lines {"key": ..., "text": ...} or text, one paragraph per line')
+    ingest.add_argument("--store", required=True, help="lmdb:PATH (a memory store would vanish on exit)")
+    ingest.add_argument("--model", help="extractive-QA checkpoint (default: the MiniLM sentence reader)")
     return parser
 
 
+def _ingest(args: argparse.Namespace) -> int:
+    from .engine import Keymiss
+    from .errors import ConfigError, KeymissError
+
+    try:
+        from .qa.app import QAService
+        from .qa.contexts import read_corpus
+        from .qa.models import load_encoder, load_qa_model
+        from .qa.reader import SentenceReader, SpanReader
+    except ImportError as exc:
+        print(f"keymiss: ingest needs the qa extra ({exc})", file=sys.stderr)
+        return 2
+    if args.store.startswith("memory"):
+        print("keymiss: a memory store is gone when ingest exits; use --store lmdb:PATH", file=sys.stderr)
+        return 2
+
+    def make_reader() -> SpanReader | SentenceReader:
+        if args.model:
+            return SpanReader(load_qa_model(args.model))
+        return SentenceReader(load_encoder())
+
+    async def run() -> None:
+        km = Keymiss(store=args.store, sweep_interval=0)
+        service = QAService(make_reader)
+        try:
+            pairs = list(read_corpus(args.file))
+            try:
+                from rich.progress import Progress
+
+                with Progress(transient=False) as bar:
+                    task = bar.add_task(f"ingest {args.file}", total=len(pairs))
+                    report = await service.ingest(km, pairs, lambda n: bar.advance(task, n))
+            except ImportError:
+                report = await service.ingest(km, pairs)
+            print(
+                f"{len(pairs)} contexts: {report.added} added, {report.replaced} replaced, "
+                f"{report.unchanged} unchanged; {report.forgotten_answers} cached answers forgotten"
+            )
+        finally:
+            await km.close()
+
+    try:
+        asyncio.run(run())
+    except (ConfigError, KeymissError, ValueError, OSError) as exc:
+        print(f"keymiss: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def _with_qa(km: Any, settings: Any) -> Any:
+    """Add the bertqa keyspace (the default app): span answers with --model, else the MiniLM
+    sentence reader over the demo corpus. Without the qa extra, a plain cache with a warning."""
+    from .engine import Keymiss
+
+    try:
+        from .qa import build_qa_app
+    except ImportError as exc:
+        if settings.model:
+            raise SystemExit(f"keymiss: --model needs the qa extra: {exc}") from None
+        logging.getLogger("keymiss").warning(
+            "serving a plain cache: the built-in bertqa keyspace needs the qa extra (%s)", exc
+        )
+        return km or Keymiss()
+    return build_qa_app(
+        km,
+        model=settings.model,
+        dtype=settings.qa_dtype,
+        batch_size=settings.qa_batch_size,
+        batch_wait_ms=settings.qa_batch_wait_ms,
+        corpus=settings.corpus,
+    )
+
+
 def _serve(args: argparse.Namespace) -> int:
-    from .config import load_settings
+    from dataclasses import fields
+
+    from .config import Settings, load_settings
     from .errors import ConfigError
     from .server import load_app, run
 
-    names = (
-        "app",
-        "host",
-        "port",
-        "store",
-        "max_memory",
-        "eviction",
-        "requirepass",
-        "unsafe_no_auth",
-        "max_clients",
-        "max_in_flight",
-        "output_buffer",
-        "grace_seconds",
-        "metrics_port",
-    )
+    # every serve flag is named after its setting, so flags map onto settings one to one
+    overrides = {f.name: getattr(args, f.name) for f in fields(Settings) if hasattr(args, f.name)}
     try:
-        settings = load_settings(args.config, {n: getattr(args, n) for n in names})
-        km = load_app(settings.app)
+        settings = load_settings(args.config, overrides)
+        km = load_app(settings.app) if settings.app else None
+        if km is None or settings.model:
+            km = _with_qa(km, settings)
         run(km, settings, config_file=args.config)
     except ConfigError as exc:
         print(f"keymiss: {exc}", file=sys.stderr)
@@ -102,6 +177,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     if command == "serve":
         return _serve(args)
+    if command == "ingest":
+        return _ingest(args)
     return 2  # pragma: no cover - argparse rejects unknown commands first
 
 

@@ -35,6 +35,11 @@ class Settings:
     max_in_flight: int = 10_000  # computations at once before -BUSY
     grace_seconds: float = 10.0
     metrics_port: int | None = None
+    model: str | None = None  # extractive-QA checkpoint directory for the bertqa keyspace
+    qa_dtype: str = "float32"  # float32 or bfloat16 weights
+    qa_batch_size: int = 16
+    qa_batch_wait_ms: float = 5.0
+    corpus: str | None = None  # contexts to ingest at start (JSON lines or text)
     log_level: str = "INFO"
     extra: dict[str, Any] = field(default_factory=dict)
 

