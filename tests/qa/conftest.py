@@ -22,7 +22,7 @@ WORDS = (
     "caching key keys value values snake_case performs perform spread spreads through contact "
     "droplets surface surfaces water temperature high low rapid slowly per cent year years day days "
     "first second third new old"
-).split()  # noqa: SIM905
+).split()
 
 SHORT_CONTEXT = (
     "The virus spreads through contact and droplets among adults. Children show a low immune response, "
