@@ -129,7 +129,12 @@ def build_qa_app(
         from .models import load_encoder, load_qa_model
 
         if model:
-            return SpanReader(load_qa_model(model, dtype=dtype, device=device), params)
+            main = load_qa_model(model, dtype=dtype, device=device)
+            # reduced precision decides fast; close calls are settled by the float32 weights
+            # bfloat16 weights need a float32 copy to settle close calls; autocast reuses its weights
+            reduced = main.dtype.lower() in ("bfloat16", "bf16")
+            verify = load_qa_model(model, device=device) if reduced else None
+            return SpanReader(main, params, verify=verify)
         return SentenceReader(load_encoder(device=device))
 
     service = QAService(make_reader)

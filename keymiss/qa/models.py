@@ -81,11 +81,12 @@ def _torch_dtype(name: str) -> Any:
         "fp32": torch.float32,
         "bfloat16": torch.bfloat16,
         "bf16": torch.bfloat16,
+        "bf16-autocast": torch.float32,  # weights stay float32; matrix products run in bfloat16
     }
     try:
         return table[name.lower()]
     except KeyError:
-        raise ConfigError(f"unknown dtype {name!r}; use float32 or bfloat16") from None
+        raise ConfigError(f"unknown dtype {name!r}; use float32, bfloat16 or bf16-autocast") from None
 
 
 def pick_device(device: str | None) -> str:
@@ -109,15 +110,30 @@ class QAModel:
     fingerprint: str
     tokenizer_fingerprint: str
     max_positions: int
+    #: bfloat16 matrix products over a float32 residual stream (``dtype="bf16-autocast"``)
+    autocast: bool = False
+    #: the float32 model that settles close calls when ``autocast`` is on
+    precise_model: Any = None
 
     def forward(
-        self, input_ids: np.ndarray, token_type_ids: np.ndarray, attention_mask: np.ndarray
+        self,
+        input_ids: np.ndarray,
+        token_type_ids: np.ndarray,
+        attention_mask: np.ndarray,
+        *,
+        precise: bool = False,
     ) -> tuple[np.ndarray, np.ndarray]:
-        """Start and end logits, float32, shape ``(batch, seq)``."""
+        """Start and end logits, float32, shape ``(batch, seq)``; ``precise`` turns autocast off."""
+        import contextlib
+
         import torch
 
-        with torch.inference_mode():
-            out = self.model(
+        device_type = self.device.split(":")[0]
+        fast = self.autocast and not precise
+        cast = torch.autocast(device_type, dtype=torch.bfloat16) if fast else contextlib.nullcontext()
+        model = self.precise_model if precise and self.precise_model is not None else self.model
+        with torch.inference_mode(), cast:
+            out = model(
                 input_ids=torch.from_numpy(input_ids).to(self.device),
                 token_type_ids=torch.from_numpy(token_type_ids).to(self.device),
                 attention_mask=torch.from_numpy(attention_mask).to(self.device),
@@ -140,10 +156,32 @@ def load_qa_model(path: str, *, dtype: str = "float32", device: str | None = Non
     dev = pick_device(device)
     model = AutoModelForQuestionAnswering.from_pretrained(path, dtype=_torch_dtype(dtype))
     model.eval().to(dev)
+    precise = None
+    if dtype.lower() == "bf16-autocast":
+        # Linear weights in bfloat16 (no re-cast on every pass); layer norms, embeddings and the
+        # residual stream stay float32 under autocast. The float32 original settles close calls.
+        import copy
+
+        import torch
+
+        precise = model
+        model = copy.deepcopy(model)
+        for module in model.modules():
+            if isinstance(module, torch.nn.Linear):
+                module.to(torch.bfloat16)
     max_pos = int(getattr(model.config, "max_position_embeddings", 512))
     log.info("loaded QA model %s (%s, %s)", path, dtype, dev)
     return QAModel(
-        path, tokenizer, model, dev, dtype, fingerprint(path), tokenizer_fingerprint(path), max_pos
+        path,
+        tokenizer,
+        model,
+        dev,
+        dtype,
+        fingerprint(path),
+        tokenizer_fingerprint(path),
+        max_pos,
+        autocast=precise is not None,
+        precise_model=precise,
     )
 
 

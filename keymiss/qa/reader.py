@@ -34,7 +34,11 @@ class QAParams:
     max_question_len: int = 64
     handle_impossible_answer: bool = False
     align_to_words: bool = True
-    max_batch_tokens: int = 384 * 16
+    #: tokens per forward pass: ~12 windows of 384, where bf16 matrix products peak on 2 cores
+    max_batch_tokens: int = 384 * 12
+    #: with reduced precision, answers whose best and runner-up scores are closer than this
+    #: (relative) are recomputed in float32: reduced-precision speed, full-precision decisions
+    verify_margin: float = 0.04
 
 
 @dataclass
@@ -65,22 +69,30 @@ def _word_spans(rec: ContextRecord) -> dict[int, tuple[int, int]]:
 def _decode_spans(
     start: np.ndarray, end: np.ndarray, topk: int, max_answer_len: int, undesired: np.ndarray
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Best (start, end) pairs by start×end probability, end ≥ start, length ≤ max_answer_len."""
-    outer = np.matmul(np.expand_dims(start, -1), np.expand_dims(end, 1))
-    candidates = np.tril(np.triu(outer), max_answer_len - 1)
-    flat = candidates.flatten()
+    """Best (start, end) pairs by start×end probability, end ≥ start, length ≤ max_answer_len.
+
+    The pipeline builds the full n×n outer product and zeroes all but a band of ``max_answer_len``
+    diagonals; only the band can win, so it is computed alone (each score is the same single float32
+    product). The ranking is the pipeline's — by score, with candidates ordered as in its flattened
+    matrix — and when fewer than ``topk`` band entries are positive, the zero entries fill in as
+    ``np.argpartition`` would let them (they can only ever produce score-0 answers).
+    """
+    s, e = start[0], end[0]
+    n = s.shape[0]
+    width = min(max_answer_len, n)
+    rows = np.concatenate([np.arange(n - d) for d in range(width)])
+    cols = np.concatenate([np.arange(d, n) for d in range(width)])
+    scores = s[rows] * e[cols]
     if topk == 1:
-        order = np.array([np.argmax(flat)])
-    elif len(flat) < topk:
-        order = np.argsort(-flat)
+        best = int(np.argmax(scores))
+        order = np.array([best]) if scores[best] > 0 else np.array([0])
     else:
-        idx = np.argpartition(-flat, topk)[0:topk]
-        order = idx[np.argsort(-flat[idx])]
-    starts, ends = np.unravel_index(order, candidates.shape)[1:]
+        flat_index = rows * n + cols
+        order = np.lexsort((flat_index, -scores))[:topk]
+    starts, ends = rows[order], cols[order]
     allowed = undesired.nonzero()  # a (rows, cols) pair, as the pipeline passes it to np.isin
     keep = np.isin(starts, allowed) & np.isin(ends, allowed)
-    starts, ends = starts[keep], ends[keep]
-    return starts, ends, candidates[0, starts, ends]
+    return starts[keep], ends[keep], scores[order][keep]
 
 
 class SpanReader:
@@ -88,8 +100,14 @@ class SpanReader:
 
     kind = "span"
 
-    def __init__(self, model: QAModel, params: QAParams | None = None) -> None:
+    def __init__(
+        self, model: QAModel, params: QAParams | None = None, *, verify: QAModel | None = None
+    ) -> None:
         self.model = model
+        # Who settles close calls: a float32 copy (bfloat16 weights), the same weights without
+        # autocast, or nobody (float32 already decides exactly).
+        self.verify = verify if verify is not None else (model if model.autocast else None)
+        self.verified = 0  # answers recomputed in float32
         p = params or QAParams()
         limit = min(model.max_positions, int(getattr(model.tokenizer, "model_max_length", 512) or 512), 512)
         if p.max_seq_len > limit:
@@ -142,10 +160,26 @@ class SpanReader:
                 )
                 ids = ids[: p.max_question_len]
             windows.extend(self._windows(i, list(ids), len(items[i][1].ids)))
-        logits = self._forward(windows, items)
-        return [self._best(i, q, rec, windows, logits) for i, (q, rec) in enumerate(items)]
+        logits = self._forward(windows, items, self.model)
+        best = [self._best(i, rec, windows, logits) for i, (_, rec) in enumerate(items)]
+        if self.verify is not None:
+            close = [i for i, (_, margin) in enumerate(best) if margin < self.params.verify_margin]
+            if close:
+                again = [w for w in windows if w.item in set(close)]
+                logits_again = self._forward(again, items, self.verify, precise=True)
+                for i in close:
+                    best[i] = self._best(i, items[i][1], again, logits_again)
+                self.verified += len(close)
+        return [text for text, _ in best]
 
-    def _forward(self, windows: list[_Window], items: list[tuple[str, ContextRecord]]) -> list[Any]:
+    def _forward(
+        self,
+        windows: list[_Window],
+        items: list[tuple[str, ContextRecord]],
+        model: QAModel,
+        *,
+        precise: bool = False,
+    ) -> list[Any]:
         """Start/end logits per window; windows sorted by length and padded per chunk."""
         order = sorted(range(len(windows)), key=lambda w: windows[w].length)
         out: list[Any] = [None] * len(windows)
@@ -164,7 +198,7 @@ class SpanReader:
                 ids[row, : len(seq)] = seq
                 types[row, len(q) + 2 : len(seq)] = 1
                 mask[row, : len(seq)] = 1
-            start, end = self.model.forward(ids, types, mask)
+            start, end = model.forward(ids, types, mask, precise=precise)
             for row, w in enumerate(chunk):
                 n = windows[w].length
                 out[w] = (start[row, :n], end[row, :n])
@@ -179,8 +213,9 @@ class SpanReader:
         return out
 
     def _best(
-        self, item: int, question: str, rec: ContextRecord, windows: list[_Window], logits: list[Any]
-    ) -> str:
+        self, item: int, rec: ContextRecord, windows: list[_Window], logits: list[Any]
+    ) -> tuple[str, float]:
+        """The answer text and its relative lead over the runner-up (1.0: no contest)."""
         p = self.params
         spans = _word_spans(rec) if p.align_to_words else {}
         words = rec.words
@@ -221,7 +256,11 @@ class SpanReader:
         if p.handle_impossible_answer:
             answers.append([min_null, ""])
         answers.sort(key=lambda x: x[0], reverse=True)
-        return str(answers[0][1]) if answers else ""
+        if not answers:
+            return "", 1.0
+        top = float(answers[0][0])
+        lead = 1.0 if len(answers) < 2 or top <= 0 else (top - float(answers[1][0])) / top
+        return str(answers[0][1]), lead
 
     @staticmethod
     def _chars(

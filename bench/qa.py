@@ -1,0 +1,228 @@
+"""Question answering on misses: keymiss against the Hugging Face pipeline, in one run.
+
+Builds a real-sized checkpoint offline — a ``BertForQuestionAnswering`` whose encoder is the shipped
+all-MiniLM-L6-v2 weights and whose span head is seeded — in a temp dir, loads it through keymiss's
+own loader (as ``--model`` does), and answers 200 distinct (context, question) pairs over ~300-token
+contexts four ways:
+
+(a) ``pipeline("question-answering")`` once per request (the naive baseline, float32);
+(b) keymiss misses through the engine, 32 requests in flight, dynamic batching, ``--dtype`` weights;
+(c) the raw batched forward pass of (b)'s model on the same windows (the limit);
+(d) keymiss hits for the same keys.
+
+Prints answers/s, p50/p99 latency, (b)/(a), (b)/(c) and how many of (b)'s answers equal (a)'s.
+Run: ``python bench/qa.py`` (``--pairs 64`` for a shorter run).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import random
+import sys
+import tempfile
+import time
+from typing import Any
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import numpy as np
+
+from keymiss import Keymiss
+from keymiss.qa import build_qa_app
+from keymiss.qa.contexts import read_corpus
+from keymiss.qa.models import default_encoder_path, load_qa_model
+from keymiss.qa.reader import SpanReader
+
+QUESTION_WORDS = ["What", "Who", "Which", "How", "Why", "When", "Where"]
+
+
+def build_checkpoint(directory: str, seed: int = 0) -> str:
+    """MiniLM-L6 encoder weights + a seeded span head, saved like any fine-tuned checkpoint."""
+    import shutil
+
+    import torch
+    from transformers import AutoModel, AutoTokenizer, BertForQuestionAnswering
+
+    src = default_encoder_path()
+    encoder = AutoModel.from_pretrained(src)
+    torch.manual_seed(seed)
+    qa = BertForQuestionAnswering(encoder.config)
+    qa.bert.load_state_dict(encoder.state_dict(), strict=False)
+    with torch.no_grad():
+        qa.qa_outputs.weight.normal_(0.0, 0.5)
+        qa.qa_outputs.bias.zero_()
+    qa.save_pretrained(directory)
+    AutoTokenizer.from_pretrained(src).save_pretrained(directory)
+    for name in ("vocab.txt",):
+        if os.path.exists(os.path.join(src, name)):
+            shutil.copy(os.path.join(src, name), directory)
+    return directory
+
+
+def make_pairs(n: int, tokenizer: Any, seed: int = 1) -> tuple[dict[str, str], list[tuple[str, str]]]:
+    """~300-token contexts made of the demo corpus's sentences, and n distinct questions about them."""
+    from keymiss.qa.app import DEMO_CORPUS
+    from keymiss.qa.contexts import split_sentences
+
+    sentences = []
+    for _, text in read_corpus(DEMO_CORPUS):
+        sentences += [text[a:b] for a, b in split_sentences(text)]
+    rnd = random.Random(seed)
+    contexts: dict[str, str] = {}
+    for c in range(max(1, n // 10)):
+        parts: list[str] = []
+        while len(tokenizer(" ".join(parts), add_special_tokens=False)["input_ids"]) < 290:
+            parts.append(rnd.choice(sentences))
+        contexts[f"bench:{{c{c}}}:{c}"] = " ".join(parts)
+    pairs = []
+    keys = list(contexts)
+    for i in range(n):
+        ctx = keys[i % len(keys)]
+        words = rnd.sample(contexts[ctx].replace(".", "").split(), 6)
+        pairs.append((ctx, f"{rnd.choice(QUESTION_WORDS)} {' '.join(words).lower()} {i}?"))
+    return contexts, pairs
+
+
+def pct(values: list[float], q: float) -> float:
+    return float(np.percentile(values, q)) * 1000
+
+
+async def run_keymiss(
+    model: str,
+    dtype: str,
+    contexts: dict[str, str],
+    pairs: list[tuple[str, str]],
+    concurrency: int,
+    batch_size: int,
+) -> dict[str, Any]:
+    km = build_qa_app(
+        Keymiss(sweep_interval=0), model=model, dtype=dtype, batch_size=batch_size, batch_wait_ms=5
+    )
+    async with km:
+        await km.qa.ingest(km, list(contexts.items()))  # type: ignore[attr-defined]
+        keys = [f"bertqa{{{ctx.split('{')[1].split('}')[0]}}}_{ctx}_{q}" for ctx, q in pairs]
+        gate = asyncio.Semaphore(concurrency)
+        latencies: list[float] = []
+
+        async def one(key: str) -> str:
+            async with gate:
+                t0 = time.perf_counter()
+                value = await km.get(key)
+                latencies.append(time.perf_counter() - t0)
+                return str(value)
+
+        t0 = time.perf_counter()
+        answers = await asyncio.gather(*(one(k) for k in keys))
+        miss_time = time.perf_counter() - t0
+        miss_lat = list(latencies)
+        latencies.clear()
+        t0 = time.perf_counter()
+        await asyncio.gather(*(one(k) for k in keys))
+        hit_time = time.perf_counter() - t0
+        reader: SpanReader = km.qa.reader  # type: ignore[attr-defined]
+        stats = km.stats()["keyspaces"]["bertqa{<tag>}_<context>_<question>"]
+    return {
+        "answers": answers,
+        "miss_time": miss_time,
+        "miss_lat": miss_lat,
+        "hit_time": hit_time,
+        "hit_lat": list(latencies),
+        "reader": reader,
+        "calls": stats["calls"],
+    }
+
+
+def raw_forward(
+    reader: SpanReader, contexts: dict[str, str], pairs: list[tuple[str, str]], batch: int
+) -> float:
+    """The same windows, batched and padded the same way, through the model alone."""
+    records = {k: reader.prepare(k, t) for k, t in contexts.items()}
+    items = [(q, records[ctx]) for ctx, q in pairs]
+    tok = reader.model.tokenizer
+    encoded = tok([q for q, _ in items], add_special_tokens=False)["input_ids"]
+    windows = []
+    for i, ids in enumerate(encoded):
+        windows.extend(reader._windows(i, list(ids), len(items[i][1].ids)))
+    t0 = time.perf_counter()
+    for start in range(0, len(windows), batch):
+        reader._forward(windows[start : start + batch], items, reader.model)
+    return time.perf_counter() - t0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
+    parser.add_argument("--pairs", type=int, default=200)
+    parser.add_argument("--concurrency", type=int, default=32)
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument(
+        "--dtype",
+        default="float32,bf16-autocast,bfloat16",
+        help="comma list for (b) and (c): float32, bfloat16 (weights), bf16-autocast (bf16 products)",
+    )
+    args = parser.parse_args(argv)
+
+    import torch
+    from transformers import pipeline
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    with tempfile.TemporaryDirectory() as tmp:
+        model = build_checkpoint(os.path.join(tmp, "minilm-qa"))
+        ref_model = load_qa_model(model)
+        contexts, pairs = make_pairs(args.pairs, ref_model.tokenizer)
+        tokens = [len(ref_model.tokenizer(c)["input_ids"]) for c in contexts.values()]
+
+        pipe = pipeline("question-answering", model=model, tokenizer=model, device="cpu")
+        pipe(question="warm up?", context=next(iter(contexts.values())))
+        lat_a: list[float] = []
+        ref_answers = []
+        t0 = time.perf_counter()
+        for ctx, q in pairs:
+            t1 = time.perf_counter()
+            ref_answers.append(pipe(question=q, context=contexts[ctx])["answer"])
+            lat_a.append(time.perf_counter() - t1)
+        time_a = time.perf_counter() - t0
+
+        runs = []
+        for dtype in args.dtype.split(","):
+            b = asyncio.run(run_keymiss(model, dtype, contexts, pairs, args.concurrency, args.batch_size))
+            time_c = min(raw_forward(b["reader"], contexts, pairs, args.batch_size) for _ in range(2))
+            runs.append((dtype, b, time_c))
+
+    n = len(pairs)
+    rate_a = n / time_a
+    print(f"# QA on misses: {n} (context, question) pairs, contexts {min(tokens)}-{max(tokens)} tokens\n")
+    print(
+        f"checkpoint: MiniLM-L6 encoder + seeded span head; torch {torch.__version__}, "
+        f"{torch.get_num_threads()} threads; concurrency {args.concurrency}, batch {args.batch_size}\n"
+    )
+    print("| path | answers/s | p50 ms | p99 ms | × (a) | (b)/(c) | same answer as (a) |")
+    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: |")
+    print(
+        f"| (a) pipeline, one request at a time, float32 | {rate_a:.1f} | {pct(lat_a, 50):.1f} | "
+        f"{pct(lat_a, 99):.1f} | 1.00 | | |"
+    )
+    for dtype, b, time_c in runs:
+        agree = sum(x == y for x, y in zip(b["answers"], ref_answers, strict=True))
+        rate_b, rate_c, rate_d = n / b["miss_time"], n / time_c, n / b["hit_time"]
+        print(
+            f"| (b) keymiss misses, {dtype} ({b['calls']} batches, {b['reader'].verified} close calls "
+            f"redone in float32) | {rate_b:.1f} | {pct(b['miss_lat'], 50):.1f} | "
+            f"{pct(b['miss_lat'], 99):.1f} | "
+            f"{rate_b / rate_a:.2f} | {rate_b / rate_c:.2f} | {agree}/{n} ({100 * agree / n:.1f}%) |"
+        )
+        print(f"| (c) raw batched forward, {dtype} | {rate_c:.1f} | | | {rate_c / rate_a:.2f} | | |")
+        print(
+            f"| (d) keymiss hits | {rate_d:,.0f} | {pct(b['hit_lat'], 50):.3f} | "
+            f"{pct(b['hit_lat'], 99):.3f} | "
+            f"{rate_d / rate_a:,.0f} | | |"
+        )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
