@@ -216,3 +216,27 @@ def test_context_store_key_keeps_the_hash_tag() -> None:
     key = context_store_key("PMC302072.xml:{8YG}:10")
     assert key[key.index("{") : key.index("}") + 1] == "{8YG}"
     asyncio.run(asyncio.sleep(0))
+
+
+def test_reduced_precision_close_calls_are_settled_in_float32(tiny_model: str, reference: Any) -> None:
+    """bf16-autocast decides; any answer within the margin is recomputed with the float32 weights.
+    With a margin of 1.0 every answer is a close call, so all must equal the float32 pipeline."""
+    from keymiss.qa.reader import QAParams
+
+    model = load_qa_model(tiny_model, dtype="bf16-autocast")
+    assert model.autocast and model.precise_model is not None
+    reader = SpanReader(model, QAParams(verify_margin=1.0))
+    context = long_context(30)
+    rec = reader.prepare("k:{t}:1", context)
+    assert reader.answer([(q, rec) for q in QUESTIONS]) == [
+        pipeline_answer(reference, q, context) for q in QUESTIONS
+    ]
+    assert reader.verified == len(QUESTIONS)
+
+
+def test_bfloat16_weights_load_with_a_float32_verifier(tiny_model: str) -> None:
+    km = build_qa_app(Keymiss(sweep_interval=0), model=tiny_model, dtype="bfloat16")
+    asyncio.run(km.start())
+    reader = km.qa.reader  # type: ignore[attr-defined]
+    assert reader.model.dtype == "bfloat16" and reader.verify is not None and reader.verify.dtype == "float32"
+    asyncio.run(km.close())
