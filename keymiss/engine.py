@@ -407,7 +407,7 @@ class Keymiss:
             raise HandlerError(
                 f"keyspace {ks.pattern!r}: handler failed: {type(exc).__name__}: {exc}", keyspace=ks.pattern
             ) from exc
-        ks.stats.observe(time.perf_counter() - started, n)
+        elapsed = time.perf_counter() - started
         results: list[Item | BaseException] = []
         writes: list[Write] = []
         for (key, _), value in zip(entries, values, strict=True):
@@ -432,6 +432,7 @@ class Keymiss:
                 continue
             writes.append(Write(key, data, tag, ks.ttl))
             results.append(Item(data, tag))
+        ks.stats.observe(elapsed, len(writes))  # keys computed; failed ones count as errors
         if writes:
             try:
                 stored = await self.store.set_many(writes)
