@@ -70,7 +70,11 @@ def hit_table(n: int, repeats: int) -> list[tuple[str, float]]:
         rows.append(("diskcache.Cache", best_of(repeats, lambda: time_sync(n // 5, keys, dc.get))))
         dc.close()
 
-    for label, url in (("keymiss memory", "memory"), ("keymiss lmdb", None)):
+    for label, url in (
+        ("keymiss memory, lru", "memory?eviction=lru"),
+        ("keymiss memory, tinylfu", "memory?eviction=tinylfu"),
+        ("keymiss lmdb", None),
+    ):
         with tempfile.TemporaryDirectory() as tmp:
             store = url or f"lmdb:{tmp}/db?durable=0"
 

@@ -51,7 +51,7 @@ class Keymiss:
         store: str | Store = "memory",
         *,
         max_memory: int | str = "auto",
-        eviction: str | Policy = "lru",
+        eviction: str | Policy = "tinylfu",
         max_in_flight: int = 10_000,
         workers: int | None = None,
         sweep_interval: float = 1.0,
@@ -152,12 +152,19 @@ class Keymiss:
                 self._store = spec
             else:
                 self._store = open_store(spec, max_memory=self._max_memory, eviction=self._eviction)
+            if hasattr(self._store, "on_evict"):
+                self._store.on_evict = self._evicted
         return self._store
 
     def on_start(self, hook: Callable[[Keymiss], Any]) -> None:
         """Run ``await hook(km)`` once when the engine starts (after a server applied its store
         settings): loading a model, ingesting a default corpus, checking stored fingerprints."""
         self._startup.append(hook)
+
+    def _evicted(self, key: str) -> None:
+        ks = self.registry.route(key)
+        if ks is not None:
+            ks.stats.evictions += 1
 
     async def start(self) -> None:
         """Open the store, run start hooks and start the expiry sweep (``get`` does this on first use)."""
@@ -430,7 +437,7 @@ class Keymiss:
                 ks.stats.errors += 1
                 results.append(CodecError(f"keyspace {ks.pattern!r}: {exc}"))
                 continue
-            writes.append(Write(key, data, tag, ks.ttl))
+            writes.append(Write(key, data, tag, ks.ttl, cost=elapsed / n))
             results.append(Item(data, tag))
         ks.stats.observe(elapsed, len(writes))  # keys computed; failed ones count as errors
         if writes:

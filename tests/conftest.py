@@ -33,12 +33,13 @@ def clock() -> FakeClock:
 
 StoreFactory = Callable[..., LocalStore]
 
-STORE_KINDS = ["memory", "lmdb", "lmdb-nosync"]
+STORE_KINDS = ["memory", "memory-lru", "memory-tinylfu-cost", "lmdb", "lmdb-nosync"]
 
 
 def make_store(kind: str, tmp_path: Path, clock: Callable[[], float] = time.time) -> LocalStore:
-    if kind == "memory":
-        return MemoryStore(64 * 1024**2, clock=clock)
+    if kind.startswith("memory"):
+        policy = kind.partition("-")[2] or "tinylfu"
+        return MemoryStore(64 * 1024**2, clock=clock, eviction=policy)
     if kind == "lmdb":
         return LMDBStore(str(tmp_path / "db"), clock=clock, map_size=1024**2)
     if kind == "lmdb-nosync":

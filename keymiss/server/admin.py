@@ -258,7 +258,7 @@ def _config_values(c: Connection) -> dict[str, str]:
         "databases": "1",
         "maxclients": str(s.max_clients),
         "maxmemory": str(store.get("max_bytes", 0)),
-        "maxmemory-policy": "allkeys-lru",
+        "maxmemory-policy": str(store.get("eviction_policy", "none")),
         "timeout": "0",
         "proto-max-bulk-len": str(s.size("max_bulk")),
         "client-query-buffer-limit": str(s.size("query_buffer")),
@@ -339,7 +339,7 @@ def info_sections(c: Connection) -> dict[str, dict[str, Any]]:
             "used_memory_dataset": store.get("used_bytes", 0),
             "maxmemory": store.get("max_bytes", 0),
             "maxmemory_human": format_size(int(store.get("max_bytes", 0))),
-            "maxmemory_policy": "allkeys-lru",
+            "maxmemory_policy": store.get("eviction_policy", "none"),
             "keymiss_store": store.get("store"),
         },
         "stats": {
@@ -378,6 +378,7 @@ def info_sections(c: Connection) -> dict[str, dict[str, Any]]:
                 ("timeouts", st.timeouts),
                 ("in_flight", st.in_flight),
                 ("coalesced", st.coalesced),
+                ("evictions", st.evictions),
                 ("mean_compute_seconds", st.mean_compute_seconds),
                 ("compute_seconds_saved", st.seconds_saved),
             )

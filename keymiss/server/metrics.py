@@ -30,6 +30,7 @@ class KeymissCollector:
             "errors": "Computations that failed",
             "timeouts": "Computations that passed their timeout",
             "coalesced": "Reads that joined a computation already running",
+            "evictions": "Values the memory store evicted to stay within its budget",
         }
         families = {
             name: CounterMetricFamily(f"keymiss_{name}", text, labels=["keyspace"])

@@ -26,7 +26,7 @@ def _flag(value: str, name: str) -> bool:
     raise ConfigError(f"store option {name}={value!r} must be 1/0, true/false, yes/no or on/off")
 
 
-def open_store(url: str, *, max_memory: int | str = "auto", eviction: str | Policy = "lru") -> Store:
+def open_store(url: str, *, max_memory: int | str = "auto", eviction: str | Policy = "tinylfu") -> Store:
     """Build a store from its URL; ``max_memory`` and ``eviction`` apply to the memory store."""
     base, _, query = url.partition("?")
     opts = dict(parse_qsl(query, keep_blank_values=True, strict_parsing=False))

@@ -43,6 +43,7 @@ class Write:
     value: bytes
     codec: int = 0
     ttl: float | None = None
+    cost: float = 0.0  # compute seconds that produced the value (cost-aware eviction)
 
 
 class Store(abc.ABC):

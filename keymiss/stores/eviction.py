@@ -17,17 +17,21 @@ class Policy:
 
     name = "base"
 
-    def insert(self, key: str, size: int) -> None:
-        """A new key entered the store."""
+    def insert(self, key: str, size: int, cost: float = 0.0) -> None:
+        """A new key entered the store (``cost``: compute seconds, where the engine measured it)."""
 
     def touch(self, key: str) -> None:
-        """An existing key was read or overwritten."""
+        """An existing key was read."""
+
+    def miss(self, key: str) -> None:
+        """A lookup found nothing (frequency-based policies still learn the key is wanted)."""
 
     def remove(self, key: str) -> None:
         """A key left the store (delete, expiry or eviction)."""
 
     def victim(self) -> str:
-        """The key to evict next; called only while the store holds at least one key."""
+        """The key to evict next; called while the store is over budget (the newest key included,
+        so an admission policy may answer with the newcomer itself)."""
         raise NotImplementedError
 
     def admit(self, key: str, size: int) -> bool:
@@ -46,7 +50,7 @@ class LRUPolicy(Policy):
     def __init__(self) -> None:
         self._order: OrderedDict[str, None] = OrderedDict()
 
-    def insert(self, key: str, size: int) -> None:
+    def insert(self, key: str, size: int, cost: float = 0.0) -> None:
         self._order[key] = None
 
     def touch(self, key: str) -> None:
@@ -71,14 +75,22 @@ class FIFOPolicy(LRUPolicy):
         return None
 
 
-POLICIES: dict[str, type[Policy]] = {"lru": LRUPolicy, "fifo": FIFOPolicy}
+POLICY_NAMES = ("tinylfu", "tinylfu-cost", "lru", "fifo")
 
 
-def make_policy(name: str | Policy) -> Policy:
-    """A policy instance from its name (``"lru"``) or an instance supplied by the user."""
+def make_policy(name: str | Policy, max_bytes: int) -> Policy:
+    """A policy instance from its name (``"tinylfu"``) or an instance supplied by the user."""
     if isinstance(name, Policy):
         return name
-    try:
-        return POLICIES[name.lower()]()
-    except KeyError:
-        raise ConfigError(f"unknown eviction policy {name!r}; choose one of {sorted(POLICIES)}") from None
+    from .tinylfu import TinyLFUPolicy
+
+    key = name.lower()
+    if key == "lru":
+        return LRUPolicy()
+    if key == "fifo":
+        return FIFOPolicy()
+    if key in ("tinylfu", "w-tinylfu"):
+        return TinyLFUPolicy(max_bytes)
+    if key == "tinylfu-cost":
+        return TinyLFUPolicy(max_bytes, cost_aware=True)
+    raise ConfigError(f"unknown eviction policy {name!r}; choose one of {', '.join(POLICY_NAMES)}")

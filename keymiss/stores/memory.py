@@ -33,13 +33,16 @@ class MemoryStore(LocalStore):
         self,
         max_memory: int,
         *,
-        eviction: str | Policy = "lru",
+        eviction: str | Policy = "tinylfu",
         clock: Callable[[], float] = time.time,
     ) -> None:
         super().__init__()
         self.max_bytes = int(max_memory)
-        self.policy = make_policy(eviction)
+        self.policy = make_policy(eviction, self.max_bytes)
         self._touch = self.policy.touch
+        self._miss = self.policy.miss
+        #: called with each evicted key (the engine counts evictions per keyspace)
+        self.on_evict: Callable[[str], None] | None = None
         self.url = "memory"
         self._data: dict[str, Item] = {}
         self._sizes: dict[str, int] = {}
@@ -51,6 +54,7 @@ class MemoryStore(LocalStore):
     def get_now(self, key: str) -> Item | None:
         item = self._data.get(key)
         if item is None:
+            self._miss(key)
             return None
         if item.expires_at is not None and item.expires_at <= self._clock():
             self._remove(key)
@@ -78,13 +82,18 @@ class MemoryStore(LocalStore):
         if size > self.max_bytes or not self.policy.admit(w.key, size):
             # Redis semantics: a SET replaces; a value we cannot keep must not leave a stale one behind.
             return False
-        while self._bytes + size > self.max_bytes and self._data:
-            self._remove(self.policy.victim())
-            self.evictions += 1
         self._data[w.key] = Item(w.value, w.codec, expires_at)
         self._sizes[w.key] = size
         self._bytes += size
-        self.policy.insert(w.key, size)
+        self.policy.insert(w.key, size, w.cost)
+        while self._bytes > self.max_bytes:
+            victim = self.policy.victim()
+            self._remove(victim)
+            self.evictions += 1
+            if self.on_evict is not None and victim != w.key:
+                self.on_evict(victim)
+        if w.key not in self._data:  # the admission policy preferred what it already holds
+            return False
         if expires_at is not None:
             heapq.heappush(self._expiry, (expires_at, w.key))
         return True

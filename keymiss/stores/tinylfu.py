@@ -1,0 +1,237 @@
+"""W-TinyLFU eviction and admission, weighted by bytes and optionally by compute cost.
+
+The shape is Caffeine's: a small LRU *window* takes every new entry; entries the window pushes out
+become *candidates* for the segmented LRU main space (*probation* then *protected*), and a candidate
+gets in only if a frequency sketch says it is used more often than the probation entry it would
+push out. One scan of one-off keys therefore churns the 1 % window and leaves hot entries alone —
+where LRU would lose them all. A hill climber moves the window's share to whatever raised the hit
+rate in the last sample.
+
+With ``cost_aware`` the contest weighs frequency × compute seconds ÷ bytes: the cache keeps what is
+most expensive to recompute per byte it occupies.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict, deque
+
+from .eviction import Policy
+
+_HALVE = bytes(i >> 1 for i in range(256))
+#: compute seconds assumed for entries nobody measured (values a client SET)
+COST_FLOOR = 1e-3
+
+
+class FrequencySketch:
+    """Count-min sketch of 4-bit counters (stored one per byte, capped at 15), 4 rows.
+
+    Every ``sample`` increments all counters halve, so frequencies describe recent use and an entry
+    that was hot yesterday cannot squat forever. Width is a power of two ≥ the expected entries, so
+    the table costs 4 bytes per entry of capacity.
+    """
+
+    def __init__(self, expected_entries: int = 1024) -> None:
+        self.resize(expected_entries)
+
+    def resize(self, expected_entries: int) -> None:
+        width = 64
+        while width < expected_entries:
+            width <<= 1
+        self.width = width
+        self.mask = width - 1
+        self.w1, self.w2, self.w3 = width, 2 * width, 3 * width
+        self.table = bytearray(4 * width)
+        self.sample = 10 * width
+        self.additions = 0
+
+    # str hashes are SipHash: 64 well-mixed bits. Three disjoint 21-bit fields and one mixed field
+    # give the four row indexes (independent for widths up to 2**21). Inlined: this runs on every hit.
+    def increment(self, key: object) -> None:
+        h = hash(key)
+        m, t = self.mask, self.table
+        a = h & m
+        b = self.w1 + ((h >> 21) & m)
+        c = self.w2 + ((h >> 42) & m)
+        d = self.w3 + (((h >> 11) ^ (h >> 37)) & m)
+        added = False
+        if t[a] < 15:
+            t[a] += 1
+            added = True
+        if t[b] < 15:
+            t[b] += 1
+            added = True
+        if t[c] < 15:
+            t[c] += 1
+            added = True
+        if t[d] < 15:
+            t[d] += 1
+            added = True
+        if added:
+            self.additions += 1
+            if self.additions >= self.sample:
+                self.reset()
+
+    def frequency(self, key: object) -> int:
+        h = hash(key)
+        m, t = self.mask, self.table
+        return min(
+            t[h & m],
+            t[self.w1 + ((h >> 21) & m)],
+            t[self.w2 + ((h >> 42) & m)],
+            t[self.w3 + (((h >> 11) ^ (h >> 37)) & m)],
+        )
+
+    def reset(self) -> None:
+        """Halve every counter (aging)."""
+        self.table = bytearray(self.table.translate(_HALVE))
+        self.additions //= 2
+
+
+class TinyLFUPolicy(Policy):
+    """Byte-weighted W-TinyLFU with an adaptive window; ``cost_aware`` adds compute cost."""
+
+    name = "tinylfu"
+
+    def __init__(self, max_bytes: int, *, cost_aware: bool = False, window_share: float = 0.01) -> None:
+        self.max_bytes = max(1, int(max_bytes))
+        self.cost_aware = cost_aware
+        if cost_aware:
+            self.name = "tinylfu-cost"
+        self.window: OrderedDict[str, int] = OrderedDict()
+        self.probation: OrderedDict[str, int] = OrderedDict()
+        self.protected: OrderedDict[str, int] = OrderedDict()
+        self.window_bytes = self.probation_bytes = self.protected_bytes = 0
+        self.window_share = window_share
+        self._set_window(window_share)
+        self.sketch = FrequencySketch(1024)
+        self.costs: dict[str, float] = {}
+        self.candidates: deque[str] = deque()
+        self.entries = 0
+        # hill climbing over the window's share of the budget
+        self._hits = self._misses = 0
+        self._prev_rate = 0.0
+        self._step = 0.0625
+        self._until_climb = 1000
+        self.rejected = 0  # candidates the sketch kept out
+
+    def _set_window(self, share: float) -> None:
+        self.window_share = min(0.8, max(0.005, share))
+        self.window_max = max(1, int(self.max_bytes * self.window_share))
+        self.protected_max = int((self.max_bytes - self.window_max) * 0.8)
+
+    # --- hooks ---------------------------------------------------------------------------------------
+    def insert(self, key: str, size: int, cost: float = 0.0) -> None:
+        self.candidates.clear()  # a new admission round: earlier winners are ordinary members now
+        self.entries += 1
+        if self.entries > self.sketch.width:
+            self.sketch.resize(2 * self.entries)
+        self.sketch.increment(key)
+        self.window[key] = size
+        self.window_bytes += size
+        if self.cost_aware:
+            self.costs[key] = max(cost, COST_FLOOR)
+        # Entries the window pushes out become candidates at probation's recent end; they face
+        # the admission contest only if the store has to make room.
+        while self.window_bytes > self.window_max and len(self.window) > 1:
+            k, s = self.window.popitem(last=False)
+            self.window_bytes -= s
+            self.probation[k] = s
+            self.probation_bytes += s
+            self.candidates.append(k)
+        self._misses += 1
+        self._until_climb -= 1
+        if self._until_climb <= 0:
+            self._climb()
+
+    def touch(self, key: str) -> None:
+        self.sketch.increment(key)
+        self._hits += 1
+        self._until_climb -= 1
+        if self._until_climb <= 0:
+            self._climb()
+        if key in self.protected:
+            self.protected.move_to_end(key)
+        elif key in self.window:
+            self.window.move_to_end(key)
+        elif key in self.probation:
+            size = self.probation.pop(key)
+            self.probation_bytes -= size
+            self.protected[key] = size
+            self.protected_bytes += size
+            while self.protected_bytes > self.protected_max and len(self.protected) > 1:
+                k, s = self.protected.popitem(last=False)
+                self.protected_bytes -= s
+                self.probation[k] = s
+                self.probation_bytes += s
+
+    def miss(self, key: str) -> None:
+        """A lookup found nothing: the sketch still learns the key is wanted."""
+        self.sketch.increment(key)
+
+    def remove(self, key: str) -> None:
+        for segment in (self.window, self.probation, self.protected):
+            size = segment.pop(key, None)
+            if size is not None:
+                if segment is self.window:
+                    self.window_bytes -= size
+                elif segment is self.probation:
+                    self.probation_bytes -= size
+                else:
+                    self.protected_bytes -= size
+                self.entries -= 1
+                break
+        if self.cost_aware:
+            self.costs.pop(key, None)
+
+    def clear(self) -> None:
+        self.window.clear()
+        self.probation.clear()
+        self.protected.clear()
+        self.candidates.clear()
+        self.costs.clear()
+        self.window_bytes = self.probation_bytes = self.protected_bytes = self.entries = 0
+
+    def _score(self, key: str, size: int) -> float:
+        freq = self.sketch.frequency(key)
+        if not self.cost_aware:
+            return float(freq)
+        return freq * self.costs.get(key, COST_FLOOR) / max(size, 1)
+
+    def victim(self) -> str:
+        while self.candidates and self.candidates[0] not in self.probation:
+            self.candidates.popleft()
+        if self.probation:
+            victim = next(iter(self.probation))
+            if self.candidates:
+                candidate = self.candidates[0]
+                if candidate != victim:
+                    # the candidate gets in only if it beats the victim; ties keep the incumbent
+                    if self._score(candidate, self.probation[candidate]) > self._score(
+                        victim, self.probation[victim]
+                    ):
+                        return victim
+                    self.rejected += 1
+                    self.candidates.popleft()
+                    return candidate
+                self.candidates.popleft()
+            return victim
+        if self.protected:
+            return next(iter(self.protected))
+        return next(iter(self.window))
+
+    def _climb(self) -> None:
+        """Every sample of accesses, move the window share in whichever direction raised the hit rate."""
+        total = self._hits + self._misses
+        self._until_climb = max(1000, 10 * self.entries)
+        if total < self._until_climb:
+            self._until_climb -= total
+            return
+        rate = self._hits / total
+        if rate < self._prev_rate:
+            self._step = -self._step
+        self._prev_rate = rate
+        self._set_window(self.window_share + self._step)
+        self._step *= 0.98
+        if abs(self._step) < 0.002:
+            self._step = 0.0625 if self._step >= 0 else -0.0625
+        self._hits = self._misses = 0

@@ -1,0 +1,157 @@
+"""W-TinyLFU: the frequency sketch, admission decisions, scan resistance, cost awareness, budget."""
+
+from __future__ import annotations
+
+import random
+
+from keymiss import Keymiss
+from keymiss.stores.memory import ENTRY_OVERHEAD, MemoryStore
+from keymiss.stores.tinylfu import FrequencySketch, TinyLFUPolicy
+
+
+def test_sketch_counts_and_caps_at_15() -> None:
+    s = FrequencySketch(1024)
+    for _ in range(7):
+        s.increment("hot")
+    s.increment("warm")
+    assert s.frequency("hot") == 7
+    assert s.frequency("warm") == 1
+    assert s.frequency("never") == 0
+    for _ in range(40):
+        s.increment("hot")
+    assert s.frequency("hot") == 15  # 4-bit counters
+
+
+def test_sketch_halves_after_its_sample() -> None:
+    s = FrequencySketch(64)
+    for _ in range(12):
+        s.increment("k")
+    before = s.frequency("k")
+    s.reset()
+    assert s.frequency("k") == before // 2
+
+
+def test_sketch_ages_automatically() -> None:
+    s = FrequencySketch(1024)
+    s.sample = 20  # halve after 20 additions (normally 10x the width)
+    for _ in range(10):
+        s.increment("old")
+    for _ in range(10):
+        s.increment("new")
+    assert s.frequency("old") == 5 and s.frequency("new") == 5
+    assert s.additions == 10
+
+
+def test_sketch_error_is_bounded() -> None:
+    """Count-min never undercounts; with 4 rows over 4096 slots, overcounting stays small."""
+    s = FrequencySketch(4096)
+    rng = random.Random(3)
+    truth: dict[str, int] = {}
+    for _ in range(3000):
+        k = f"k{int(rng.paretovariate(1.2)) % 2000}"
+        truth[k] = truth.get(k, 0) + 1
+        s.increment(k)
+    over = [s.frequency(k) - min(v, 15) for k, v in truth.items()]
+    assert min(over) >= 0
+    assert sum(1 for o in over if o > 1) / len(over) < 0.05
+
+
+def test_sketch_is_a_few_bytes_per_entry() -> None:
+    s = FrequencySketch(100_000)
+    assert len(s.table) <= 4 * 2 * 100_000  # 4 one-byte counters per slot, width < 2x entries
+
+
+def _contest(candidate_freq: int, victim_freq: int) -> str:
+    """Probation holds an older entry "v" and a candidate "c" just pushed out of the window."""
+    p = TinyLFUPolicy(10_000)
+    p.probation.update(v=100, c=100)
+    p.probation_bytes = 200
+    p.candidates.append("c")
+    for _ in range(candidate_freq):
+        p.sketch.increment("c")
+    for _ in range(victim_freq):
+        p.sketch.increment("v")
+    return p.victim()
+
+
+def test_admission_contest() -> None:
+    assert _contest(candidate_freq=1, victim_freq=5) == "c"  # a one-off is turned away
+    assert _contest(candidate_freq=9, victim_freq=5) == "v"  # a frequent newcomer gets in
+    assert _contest(candidate_freq=5, victim_freq=5) == "c"  # ties keep the incumbent
+
+
+def test_newcomers_always_enter_the_window() -> None:
+    p = TinyLFUPolicy(100_000)
+    p.insert("new", 10)
+    assert "new" in p.window and not p.candidates
+
+
+async def test_scan_of_one_off_keys_does_not_flush_hot_entries() -> None:
+    size = 100
+    budget = 100 * (size + ENTRY_OVERHEAD + 8)
+
+    async def run(policy: str) -> float:
+        store = MemoryStore(budget, eviction=policy)
+        hot = [f"hot{i:03d}" for i in range(50)]
+        for _ in range(20):
+            for k in hot:
+                if store.get_now(k) is None:
+                    await store.set(k, b"x" * size)
+        for i in range(2000):  # a flood of unique questions
+            k = f"scan{i:05d}"
+            if store.get_now(k) is None:
+                await store.set(k, b"x" * size)
+        return sum(store.get_now(k) is not None for k in hot) / len(hot)
+
+    assert await run("lru") == 0.0
+    assert await run("tinylfu") >= 0.9
+
+
+async def test_cost_aware_keeps_expensive_entries() -> None:
+    size = 100
+    budget = 60 * (size + ENTRY_OVERHEAD + 8)
+    store = MemoryStore(budget, eviction="tinylfu-cost")
+    from keymiss.stores import Write
+
+    for _round in range(6):
+        for i in range(40):
+            for kind, cost in (("cheap", 0.001), ("dear", 1.0)):
+                k = f"{kind}{i:02d}"
+                if store.get_now(k) is None:
+                    await store.set_many([Write(k, b"x" * size, cost=cost)])
+    dear = sum(store.get_now(f"dear{i:02d}") is not None for i in range(40))
+    cheap = sum(store.get_now(f"cheap{i:02d}") is not None for i in range(40))
+    assert dear > cheap
+
+
+async def test_budget_never_exceeded_with_random_sizes() -> None:
+    budget = 1024**2
+    for policy in ("tinylfu", "tinylfu-cost"):
+        store = MemoryStore(budget, eviction=policy)
+        rng = random.Random(5)
+        for _ in range(5000):
+            k = f"k{int(rng.paretovariate(1.1)) % 3000}"
+            if store.get_now(k) is None:
+                await store.set(k, b"x" * int(rng.lognormvariate(7, 1.2) % 200_000))
+            assert store.used_bytes <= budget
+        recount = sum(len(k) + len(v.value) + ENTRY_OVERHEAD for k, v in store._data.items())
+        assert recount == store.used_bytes
+        p = store.policy
+        assert isinstance(p, TinyLFUPolicy)
+        assert p.window_bytes + p.probation_bytes + p.protected_bytes == store.used_bytes
+        assert len(p.window) + len(p.probation) + len(p.protected) == len(store._data)
+
+
+async def test_engine_counts_evictions_per_keyspace() -> None:
+    km = Keymiss(store="memory", max_memory=20 * (ENTRY_OVERHEAD + 200), eviction="lru", sweep_interval=0)
+
+    @km.keyspace("e:*")
+    def e(key: str) -> str:
+        return "v" * 100
+
+    for i in range(60):
+        await km.get(f"e:{i}")
+    stats = km.stats()["keyspaces"]["e:*"]
+    assert stats["evictions"] > 0
+    assert km.stats()["store"]["eviction_policy"] == "lru"
+    await km.close()
