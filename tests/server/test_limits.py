@@ -119,3 +119,24 @@ def test_prometheus_metrics(tmp_path: Path) -> None:
         r.close()
     finally:
         srv.stop()
+
+
+def test_eviction_policy_flag(tmp_path: Path) -> None:
+    srv = start_server(tmp_path, "--eviction", "tinylfu-cost", "--max-memory", "8MB")
+    try:
+        r = redis.Redis(port=srv.port)
+        assert r.info("memory")["maxmemory_policy"] == "tinylfu-cost"
+        assert r.config_get("maxmemory-policy") == {"maxmemory-policy": "tinylfu-cost"}
+        r.close()
+    finally:
+        srv.stop()
+    import subprocess
+    import sys
+
+    out = subprocess.run(
+        [sys.executable, "-m", "keymiss", "serve", "--eviction", "random"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert out.returncode == 2 and "unknown eviction policy 'random'" in out.stderr
