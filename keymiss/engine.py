@@ -216,10 +216,7 @@ class Keymiss:
         store = self._store or self.store
         item = store.get_now(key) if store.local else await store.get(key)
         if item is not None:
-            self.hits += 1
-            ks = self.registry.route(key)
-            if ks is not None:
-                ks.stats.hits += 1
+            self._count_hit(key)
         else:
             if not self._started and not self._closed:
                 await self.start()
@@ -239,10 +236,7 @@ class Keymiss:
         store = self._store or self.store
         item = store.get_now(key) if store.local else await store.get(key)
         if item is not None:
-            self.hits += 1
-            ks = self.registry.route(key)
-            if ks is not None:
-                ks.stats.hits += 1
+            self._count_hit(key)
             return item
         if not self._started and not self._closed:
             await self.start()
@@ -255,11 +249,14 @@ class Keymiss:
         """
         item = (self._store or self.store).get_now(key)
         if item is not None:
-            self.hits += 1
-            ks = self.registry.route(key)
-            if ks is not None:
-                ks.stats.hits += 1
+            self._count_hit(key)
         return item
+
+    def _count_hit(self, key: str) -> None:
+        self.hits += 1
+        ks = self.registry.route(key)
+        if ks is not None:
+            ks.stats.hits += 1
 
     def peek_many(self, keys: Sequence[str]) -> list[Item | None] | None:
         """Items for ``keys`` if none needs computing (each is a hit or owned by no keyspace),
@@ -270,13 +267,11 @@ class Keymiss:
         routes = [route(k) for k in keys]
         if any(i is None and ks is not None for i, ks in zip(items, routes, strict=True)):
             return None
-        for item, ks in zip(items, routes, strict=True):
+        for key, item in zip(keys, items, strict=True):
             if item is None:
                 self.misses += 1
             else:
-                self.hits += 1
-                if ks is not None:
-                    ks.stats.hits += 1
+                self._count_hit(key)
         return items
 
     def plain_miss(self, key: str) -> bool:
@@ -316,12 +311,9 @@ class Keymiss:
         store = self._store or self.store
         found: list[Item | BaseException | None] = list(await store.get_many(keys))
         missing = [i for i, item in enumerate(found) if item is None]
-        for i, item in enumerate(found):
+        for key, item in zip(keys, found, strict=True):
             if item is not None:
-                self.hits += 1
-                ks = self.registry.route(keys[i])
-                if ks is not None:
-                    ks.stats.hits += 1
+                self._count_hit(key)
         if missing:
             if not self._started and not self._closed:
                 await self.start()
@@ -508,7 +500,8 @@ class Keymiss:
                 keys.extend(chunk)
                 if cursor == 0:
                     break
-        self._errors = {k: v for k, v in self._errors.items() if k not in set(keys)}
+        gone = set(keys)
+        self._errors = {k: v for k, v in self._errors.items() if k not in gone}
         return await store.delete(keys) if keys else 0
 
     # --- introspection -----------------------------------------------------------------------------
