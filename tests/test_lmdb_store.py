@@ -250,3 +250,14 @@ async def test_expired_key_read_is_purged_by_next_sweep(tmp_path: Path) -> None:
     assert await store.sweep(limit=0) == 1  # purged from the read's note, without a walk
     assert await store.dbsize() == 1
     await store.close()
+
+
+async def test_max_disk_eviction_spares_keymiss_records(tmp_path: Path) -> None:
+    store = LMDBStore(str(tmp_path / "db"), map_size=512 * 1024, max_disk=2 * 1024**2)
+    assert await store.set("keymiss:ctx:doc:{t}:1", b"context tokens")
+    value = os.urandom(32 * 1024)
+    for i in range(300):
+        assert await store.set(f"k{i:04d}", value)
+    assert store.info()["evictions"] > 0
+    assert store.get_now("keymiss:ctx:doc:{t}:1") is not None
+    await store.close()

@@ -138,3 +138,22 @@ async def test_default_keymiss_uses_auto_budget() -> None:
     info = km.store.info()
     assert info["store"] == "memory" and info["max_bytes"] >= 1024**2
     await km.close()
+
+
+async def test_keymiss_records_are_never_evicted() -> None:
+    """QA contexts and fingerprints (``keymiss:*``) count against the budget but are never victims."""
+    for policy in ("lru", "tinylfu", "tinylfu-cost"):
+        budget = 20 * (ENTRY_OVERHEAD + 110)
+        store = MemoryStore(budget, eviction=policy)
+        assert await store.set("keymiss:ctx:doc:{t}:1", b"c" * 100)
+        for i in range(200):
+            await store.set(f"answer:{i:03d}", b"a" * 100)
+            assert store.get_now("keymiss:ctx:doc:{t}:1") is not None
+            assert store.used_bytes <= budget
+        assert store.info()["pinned_bytes"] > 0
+        # a budget full of pinned records refuses what it cannot make room for, instead of failing
+        tiny = MemoryStore(2 * (ENTRY_OVERHEAD + 120), eviction=policy)
+        assert await tiny.set("keymiss:a", b"x" * 100)
+        assert await tiny.set("keymiss:b", b"x" * 100)
+        assert not await tiny.set("plain", b"x" * 100)
+        assert tiny.get_now("keymiss:a") is not None and tiny.get_now("keymiss:b") is not None

@@ -16,6 +16,11 @@ from typing import Any
 
 from ..glob import compile_glob
 
+#: keymiss's own records (QA contexts, model fingerprints) live under this prefix. Stores never evict
+#: them to make room — losing a context would turn every question about it into an error — but they
+#: count against the budget like any value.
+PINNED_PREFIX = "keymiss:"
+
 #: Redis's answers for PTTL: no such key, key without expiry.
 PTTL_MISSING = -2
 PTTL_PERSISTENT = -1

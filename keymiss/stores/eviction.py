@@ -54,7 +54,10 @@ class LRUPolicy(Policy):
         self._order[key] = None
 
     def touch(self, key: str) -> None:
-        self._order.move_to_end(key)
+        try:  # noqa: SIM105 - a try costs nothing on this hot path; contextlib.suppress does
+            self._order.move_to_end(key)
+        except KeyError:  # a pinned record: the store keeps it outside any policy
+            pass
 
     def remove(self, key: str) -> None:
         self._order.pop(key, None)

@@ -28,7 +28,7 @@ import lmdb
 
 from ..errors import StoreError
 from ..sizes import format_size
-from .base import Item, LocalStore, Write
+from .base import PINNED_PREFIX, Item, LocalStore, Write
 
 log = logging.getLogger("keymiss.lmdb")
 
@@ -257,7 +257,8 @@ class LMDBStore(LocalStore):
                 if old is not None:
                     txn.delete(_SEQ.pack(old[2]), db=self._order)
                 txn.put(dbk, self._pack(kb, dbk, w.value, w.codec, expires_at, seq))
-                txn.put(_SEQ.pack(seq), dbk, db=self._order)
+                if not w.key.startswith(PINNED_PREFIX):  # keymiss's own records are never evicted
+                    txn.put(_SEQ.pack(seq), dbk, db=self._order)
                 seq += 1
                 results.append(True)
         self._seq = seq

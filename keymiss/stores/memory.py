@@ -12,7 +12,7 @@ from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 from ..sizes import format_size
-from .base import Item, LocalStore, Write
+from .base import PINNED_PREFIX, Item, LocalStore, Write
 from .eviction import Policy, make_policy
 
 #: Bytes a stored entry costs beyond its key and value: the dict slot, the Item (3 slots), the key
@@ -47,6 +47,8 @@ class MemoryStore(LocalStore):
         self._data: dict[str, Item] = {}
         self._sizes: dict[str, int] = {}
         self._bytes = 0
+        self._pinned_bytes = 0
+        self._pinned_keys = 0
         self._clock = clock
         self._expiry: list[tuple[float, str]] = []  # heap; stale rows are skipped
 
@@ -85,8 +87,15 @@ class MemoryStore(LocalStore):
         self._data[w.key] = Item(w.value, w.codec, expires_at)
         self._sizes[w.key] = size
         self._bytes += size
-        self.policy.insert(w.key, size, w.cost)
+        if w.key.startswith(PINNED_PREFIX):
+            self._pinned_bytes += size
+            self._pinned_keys += 1
+        else:
+            self.policy.insert(w.key, size, w.cost)
         while self._bytes > self.max_bytes:
+            if len(self._data) == self._pinned_keys:  # only pinned records left: refuse the newcomer
+                self._remove(w.key)
+                return False
             victim = self.policy.victim()
             self._remove(victim)
             self.evictions += 1
@@ -100,8 +109,13 @@ class MemoryStore(LocalStore):
 
     def _remove(self, key: str) -> None:
         if self._data.pop(key, None) is not None:
-            self._bytes -= self._sizes.pop(key)
-            self.policy.remove(key)
+            size = self._sizes.pop(key)
+            self._bytes -= size
+            if key.startswith(PINNED_PREFIX):
+                self._pinned_bytes -= size
+                self._pinned_keys -= 1
+            else:
+                self.policy.remove(key)
 
     def _delete(self, keys: Iterable[str]) -> int:
         n = 0
@@ -140,6 +154,8 @@ class MemoryStore(LocalStore):
         self._sizes.clear()
         self._expiry.clear()
         self._bytes = 0
+        self._pinned_bytes = 0
+        self._pinned_keys = 0
         self.policy.clear()
 
     async def close(self) -> None:
@@ -172,6 +188,7 @@ class MemoryStore(LocalStore):
             "max_bytes": self.max_bytes,
             "used_human": format_size(self._bytes),
             "keys": len(self._data),
+            "pinned_bytes": self._pinned_bytes,
             "evictions": self.evictions,
             "expired": self.expired,
             "eviction_policy": self.policy.name,
