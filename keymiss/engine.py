@@ -224,12 +224,21 @@ class Keymiss:
             if item is None:
                 return None
         try:
-            return codecs.decode(item.value, item.codec)
+            return self._decode(key, item)
         except CodecError as exc:
             self.decode_failures += 1
             log.warning("stored value of %r does not decode (%s); recomputing", key[:200], exc)
             item = await self._miss(key)
             return None if item is None else codecs.decode(item.value, item.codec)
+
+    def _decode(self, key: str, item: Item) -> Any:
+        if item.codec == 0 and not (self._store or self.store).local:
+            # a shared store keeps the plain bytes clients see; the keyspace knows their codec
+            ks = self.registry.route(key)
+            codec = None if ks is None else (ks.codec or ks.learned_codec)
+            if codec is not None:
+                return codecs.decode(item.value, codec)
+        return codecs.decode(item.value, item.codec)
 
     async def get_item(self, key: str) -> Item | None:
         """Like ``get`` but returns the stored bytes and codec tag (what the RESP server sends)."""
@@ -292,12 +301,12 @@ class Keymiss:
         """Values for ``keys`` in order: hits in one store round trip, misses computed concurrently."""
         items = await self.get_many_items(keys, return_exceptions=return_exceptions)
         out: list[Any] = []
-        for item in items:
+        for key, item in zip(keys, items, strict=True):
             if item is None or isinstance(item, BaseException):
                 out.append(item)
                 continue
             try:
-                out.append(codecs.decode(item.value, item.codec))
+                out.append(self._decode(key, item))
             except CodecError as exc:
                 if not return_exceptions:
                     raise
@@ -351,19 +360,72 @@ class Keymiss:
     async def _compute(self, ks: Keyspace, key: str, arg: Any) -> Item:
         ks.stats.in_flight += 1
         try:
-            if ks.batch_size:
-                result = await self._batchers[ks.pattern].submit((key, arg))
-            else:
-                (result,) = await self._run_batch(ks, [(key, arg)])
-            if isinstance(result, BaseException):
-                raise result
-            return result  # type: ignore[no-any-return]
+            if getattr(self.store, "distributed", False):
+                return await self._compute_shared(ks, key, arg)
+            return await self._compute_here(ks, key, arg)
         except Exception as exc:
             if ks.error_ttl:
                 self._errors[key] = (exc, time.monotonic() + ks.error_ttl)
             raise
         finally:
             ks.stats.in_flight -= 1
+
+    async def _compute_shared(self, ks: Keyspace, key: str, arg: Any) -> Item:
+        """Cluster-wide single-flight: compute only while holding the key's lease in Redis; other
+        nodes wait for the completion message (or the lease's expiry) and read the stored value."""
+        store: Any = self.store
+        await store.prepare_wait()
+        budget = (ks.timeout or DEFAULT_TIMEOUT) + 2 * store.lease_ms / 1000
+        deadline = time.monotonic() + budget
+        while time.monotonic() < deadline:
+            token = await store.acquire(key)
+            if token is not None:
+                renewer = asyncio.get_running_loop().create_task(self._renew(store, key, token))
+                try:
+                    return await self._compute_here(ks, key, arg)
+                finally:
+                    renewer.cancel()
+                    await store.release(key, token)
+            waiter = store.waiter(key)
+            try:
+                item = await store.get(key)
+                if item is not None:
+                    ks.stats.coalesced += 1
+                    return item  # type: ignore[no-any-return]
+                wait = await store.lease_pttl(key) / 1000
+                if wait > 0:
+                    await store.wait_for(waiter, min(wait + 0.05, max(0.0, deadline - time.monotonic())))
+            finally:
+                store.drop_waiter(key, waiter)
+            item = await store.get(key)
+            if item is not None:
+                ks.stats.coalesced += 1
+                return item  # type: ignore[no-any-return]
+            # the holder failed or died: take the lease ourselves on the next round
+        raise ComputeTimeoutError(
+            f"keyspace {ks.pattern!r}: no node finished computing the key within {budget:.0f}s",
+            keyspace=ks.pattern,
+        )
+
+    async def _renew(self, store: Any, key: str, token: str) -> None:
+        """Keep a long computation's lease alive."""
+        while True:
+            await asyncio.sleep(store.lease_ms / 3000)
+            try:
+                if not await store.renew(key, token):
+                    log.warning("lost the lease of %r while computing it", key[:200])
+                    return
+            except StoreError as exc:
+                log.warning("could not renew the lease of %r: %s", key[:200], exc)
+
+    async def _compute_here(self, ks: Keyspace, key: str, arg: Any) -> Item:
+        if ks.batch_size:
+            result = await self._batchers[ks.pattern].submit((key, arg))
+        else:
+            (result,) = await self._run_batch(ks, [(key, arg)])
+        if isinstance(result, BaseException):
+            raise result
+        return result  # type: ignore[no-any-return]
 
     async def _call(self, ks: Keyspace, arg: Any) -> Any:
         if ks.template is not None and not ks.batch_size:
@@ -429,6 +491,7 @@ class Keymiss:
                 ks.stats.errors += 1
                 results.append(CodecError(f"keyspace {ks.pattern!r}: {exc}"))
                 continue
+            ks.learned_codec = tag
             writes.append(Write(key, data, tag, ks.ttl, cost=elapsed / n))
             results.append(Item(data, tag))
         ks.stats.observe(elapsed, len(writes))  # keys computed; failed ones count as errors

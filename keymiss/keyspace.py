@@ -112,6 +112,9 @@ class Keyspace:
         self.batch_wait = (5.0 if batch_wait_ms is None else batch_wait_ms) / 1000.0
         self.timeout = timeout
         self.codec: Codec | None = codec_from_name(codec)
+        #: the codec this node last encoded a value with: how values read back from a shared store
+        #: (which keeps plain bytes only) are decoded when no codec was declared
+        self.learned_codec: Codec | None = None
         self.error_ttl = error_ttl
         self.stats = KeyspaceStats()
         self.is_async = inspect.iscoroutinefunction(handler) or inspect.iscoroutinefunction(

@@ -53,6 +53,10 @@ def open_store(url: str, *, max_memory: int | str = "auto", eviction: str | Poli
             durable=_flag(opts.get("durable", "1"), "durable"),
             map_size=parse_size(opts.get("map_size", "256mb"), what="map_size"),
         )
-    if scheme in {"redis", "rediss", "redis+cluster"}:
-        raise ConfigError(f"store {url!r}: Redis stores are not available in this version of keymiss")
-    raise ConfigError(f"unknown store {url!r}; use 'memory' or 'lmdb:PATH'")
+    if scheme in {"redis", "rediss", "redis+cluster", "rediss+cluster"}:
+        try:
+            from .redis import RedisStore
+        except ImportError as exc:
+            raise ConfigError(f"store {url!r} needs redis-py: pip install 'keymiss[redis]' ({exc})") from None
+        return RedisStore(url)
+    raise ConfigError(f"unknown store {url!r}; use 'memory', 'lmdb:PATH', 'redis://…' or 'redis+cluster://…'")

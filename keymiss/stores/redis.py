@@ -1,0 +1,245 @@
+"""Redis and Redis Cluster as the shared store of several keymiss nodes.
+
+Values live under the very key a client asked for, as the bytes a client sees, with TTL as ``PX``:
+any Redis client can read cached answers straight from Redis. keymiss's own keys (leases, contexts,
+fingerprints) start with ``keymiss:`` and contain the value key's ``{hash tag}``, so a context, its
+answers and their leases share one slot.
+
+Network failures surface as ``StoreError`` quickly (short socket timeouts, one retry with back-off)
+so a request fails cleanly instead of hanging; redis-py reconnects on the next command.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import uuid
+from collections.abc import Awaitable, Callable, Iterable, Sequence
+from typing import Any
+from urllib.parse import parse_qsl, urlsplit, urlunsplit
+
+import redis.asyncio as aioredis
+from redis.asyncio.cluster import RedisCluster
+from redis.asyncio.retry import Retry
+from redis.backoff import ExponentialBackoff
+from redis.exceptions import RedisError
+
+from ..errors import ConfigError, StoreError
+from .base import PTTL_MISSING, Item, Store, Write
+
+log = logging.getLogger("keymiss.redis")
+
+DONE_CHANNEL = "keymiss:done"
+LEASE_PREFIX = "keymiss:lease:"
+
+# Release or renew a lease only while it is still ours (compare the token first).
+_RELEASE = "if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('del', KEYS[1]) else return 0 end"
+_RENEW = "if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('pexpire', KEYS[1], ARGV[2]) else return 0 end"
+
+
+def _wrap(exc: Exception) -> StoreError:
+    return StoreError(f"redis unavailable: {type(exc).__name__}: {exc}")
+
+
+class RedisStore(Store):
+    """A ``Store`` over redis-py's asyncio client (standalone) or cluster client."""
+
+    local = False
+    distributed = True
+
+    def __init__(self, url: str, *, timeout: float = 2.0, lease_ms: int = 30_000) -> None:
+        parts = urlsplit(url)
+        scheme = parts.scheme.lower()
+        self.cluster = scheme in ("redis+cluster", "rediss+cluster")
+        opts = dict(parse_qsl(parts.query))
+        timeout = float(opts.pop("timeout", timeout))
+        self.lease_ms = int(opts.pop("lease_ms", lease_ms))
+        clean = urlunsplit((scheme.replace("+cluster", ""), parts.netloc, parts.path, "", ""))
+        self.url = url if not parts.password else url.replace(parts.password, "***")
+        retry = Retry(ExponentialBackoff(cap=0.5, base=0.05), retries=1)
+        common: dict[str, Any] = {
+            "socket_timeout": timeout,
+            "socket_connect_timeout": timeout,
+            "retry": retry,
+            "decode_responses": False,
+        }
+        try:
+            if self.cluster:
+                self.client: Any = RedisCluster.from_url(clean, **common)
+            else:
+                self.client = aioredis.Redis.from_url(clean, health_check_interval=10, **common)
+        except (ValueError, RedisError) as exc:
+            raise ConfigError(f"bad redis store URL {self.url!r}: {exc}") from exc
+        self._pubsub: Any = None
+        self._listener: asyncio.Task[None] | None = None
+        self._waiters: dict[str, list[asyncio.Future[None]]] = {}
+        self.evictions = 0
+
+    async def _call(self, fn: Callable[..., Awaitable[Any]], *args: Any, **kwargs: Any) -> Any:
+        try:
+            return await fn(*args, **kwargs)
+        except RedisError as exc:
+            raise _wrap(exc) from exc
+        except OSError as exc:
+            raise _wrap(exc) from exc
+
+    # --- values ---------------------------------------------------------------------------------------
+    async def get(self, key: str) -> Item | None:
+        value = await self._call(self.client.get, key)
+        return None if value is None else Item(value)
+
+    async def get_many(self, keys: Sequence[str]) -> list[Item | None]:
+        if not keys:
+            return []
+        fn = self.client.mget_nonatomic if self.cluster else self.client.mget
+        values = await self._call(fn, list(keys))
+        return [None if v is None else Item(v) for v in values]
+
+    async def set(
+        self,
+        key: str,
+        value: bytes,
+        *,
+        codec: int = 0,
+        ttl: float | None = None,
+        nx: bool = False,
+        xx: bool = False,
+        keep_ttl: bool = False,
+    ) -> bool:
+        px = None if ttl is None else max(1, int(ttl * 1000))
+        ok = await self._call(
+            self.client.set, key, value, px=px, nx=nx, xx=xx, keepttl=keep_ttl and px is None
+        )
+        return bool(ok)
+
+    async def set_many(self, writes: Sequence[Write]) -> list[bool]:
+        if not writes:
+            return []
+        pipe = self.client.pipeline(transaction=False)
+        for w in writes:
+            pipe.set(w.key, w.value, px=None if w.ttl is None else max(1, int(w.ttl * 1000)))
+        results = await self._call(pipe.execute)
+        return [bool(r) for r in results]
+
+    async def delete(self, keys: Iterable[str]) -> int:
+        keys = list(keys)
+        return int(await self._call(self.client.delete, *keys)) if keys else 0
+
+    async def exists(self, keys: Iterable[str]) -> int:
+        keys = list(keys)
+        return int(await self._call(self.client.exists, *keys)) if keys else 0
+
+    async def pttl(self, key: str) -> int:
+        return int(await self._call(self.client.pttl, key))
+
+    async def expire(self, key: str, ttl: float | None) -> bool:
+        if ttl is None:
+            return bool(await self._call(self.client.persist, key))
+        if ttl <= 0:
+            return bool(await self.delete([key]))
+        return bool(await self._call(self.client.pexpire, key, max(1, int(ttl * 1000))))
+
+    async def scan(self, cursor: int, match: str | None = None, count: int = 10) -> tuple[int, list[str]]:
+        if self.cluster:  # one pass over every primary: cluster cursors do not compose
+            keys = [k async for k in self.client.scan_iter(match=match, count=max(count, 100))]
+            return 0, [k.decode("utf-8", "surrogateescape") for k in keys]
+        nxt, keys = await self._call(self.client.scan, cursor, match=match, count=count)
+        return int(nxt), [k.decode("utf-8", "surrogateescape") for k in keys]
+
+    async def dbsize(self) -> int:
+        return int(await self._call(self.client.dbsize))
+
+    async def flush(self) -> None:
+        await self._call(self.client.flushdb)
+
+    async def sweep(self, limit: int = 1000) -> int:
+        return 0  # Redis expires keys itself
+
+    async def close(self) -> None:
+        if self._listener is not None:
+            self._listener.cancel()
+        if self._pubsub is not None:
+            with contextlib.suppress(RedisError, OSError, AttributeError):
+                await self._pubsub.aclose()
+        with contextlib.suppress(RedisError, OSError):
+            await self.client.aclose()
+
+    def info(self) -> dict[str, Any]:
+        return {"store": self.url, "used_bytes": 0, "max_bytes": 0, "keys": 0, "evictions": self.evictions}
+
+    async def raw(self, *args: bytes | str) -> Any:
+        """Run any command (pass-through for commands keymiss does not own)."""
+        return await self.client.execute_command(*args)
+
+    # --- cluster-wide single-flight ---------------------------------------------------------------------
+    def lease_key(self, key: str) -> str:
+        return LEASE_PREFIX + key
+
+    async def acquire(self, key: str) -> str | None:
+        """Take the computation lease for ``key``: a token if we hold it, ``None`` if another node does."""
+        token = uuid.uuid4().hex
+        ok = await self._call(self.client.set, self.lease_key(key), token, nx=True, px=self.lease_ms)
+        return token if ok else None
+
+    async def renew(self, key: str, token: str) -> bool:
+        return bool(await self._call(self.client.eval, _RENEW, 1, self.lease_key(key), token, self.lease_ms))
+
+    async def release(self, key: str, token: str) -> None:
+        try:
+            await self._call(self.client.eval, _RELEASE, 1, self.lease_key(key), token)
+        finally:
+            await self._call(self.client.publish, DONE_CHANNEL, key.encode("utf-8", "surrogateescape"))
+
+    async def lease_pttl(self, key: str) -> int:
+        ms = int(await self._call(self.client.pttl, self.lease_key(key)))
+        return ms if ms != PTTL_MISSING else 0
+
+    async def _ensure_listener(self) -> None:
+        if self._listener is not None and not self._listener.done():
+            return
+        self._pubsub = self.client.pubsub()
+        await self._call(self._pubsub.subscribe, DONE_CHANNEL)
+        self._listener = asyncio.get_running_loop().create_task(self._listen())
+
+    async def _listen(self) -> None:
+        pubsub = self._pubsub
+        while True:
+            try:
+                message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=1.0)
+            except (RedisError, OSError) as exc:
+                log.warning("completion channel lost (%s); waiters fall back to lease expiry", exc)
+                for futures in self._waiters.values():
+                    for fut in futures:
+                        if not fut.done():
+                            fut.set_result(None)
+                self._waiters.clear()
+                return
+            if message is None or message.get("type") != "message":
+                continue
+            key = message["data"].decode("utf-8", "surrogateescape")
+            for fut in self._waiters.pop(key, []):
+                if not fut.done():
+                    fut.set_result(None)
+
+    def waiter(self, key: str) -> asyncio.Future[None]:
+        """A future set when some node announces it finished ``key``; register it *before* checking
+        for the value, so an announcement in between is not missed."""
+        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._waiters.setdefault(key, []).append(fut)
+        return fut
+
+    def drop_waiter(self, key: str, fut: asyncio.Future[None]) -> None:
+        futures = self._waiters.get(key)
+        if futures and fut in futures:
+            futures.remove(fut)
+            if not futures:
+                del self._waiters[key]
+
+    async def wait_for(self, fut: asyncio.Future[None], seconds: float) -> None:
+        """Wait for ``fut`` (a completion message) at most ``seconds`` (the lease's remaining life)."""
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(asyncio.shield(fut), seconds)
+
+    async def prepare_wait(self) -> None:
+        await self._ensure_listener()
