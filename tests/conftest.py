@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
+from typing import Any
 from pathlib import Path
 
 import pytest
@@ -11,6 +12,8 @@ import pytest
 from keymiss.stores.base import LocalStore
 from keymiss.stores.lmdb import LMDBStore
 from keymiss.stores.memory import MemoryStore
+
+from .redis_servers import HAVE_REDIS, RedisCluster3, RedisProcess
 
 
 class FakeClock:
@@ -33,7 +36,7 @@ def clock() -> FakeClock:
 
 StoreFactory = Callable[..., LocalStore]
 
-STORE_KINDS = ["memory", "memory-lru", "memory-tinylfu-cost", "lmdb", "lmdb-nosync"]
+STORE_KINDS = ["memory", "memory-lru", "memory-tinylfu-cost", "lmdb", "lmdb-nosync", "redis", "redis-cluster"]
 
 
 def make_store(kind: str, tmp_path: Path, clock: Callable[[], float] = time.time) -> LocalStore:
@@ -47,10 +50,39 @@ def make_store(kind: str, tmp_path: Path, clock: Callable[[], float] = time.time
     raise ValueError(kind)
 
 
+@pytest.fixture(scope="session")
+def redis_standalone(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisProcess]:
+    if not HAVE_REDIS:
+        pytest.skip("redis-server is not installed")
+    server = RedisProcess(tmp_path_factory.mktemp("redis"))
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def redis_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisCluster3]:
+    if not HAVE_REDIS:
+        pytest.skip("redis-server is not installed")
+    cluster = RedisCluster3(tmp_path_factory.mktemp("cluster"))
+    yield cluster
+    cluster.stop()
+
+
 @pytest.fixture(params=STORE_KINDS)
-async def store(
-    request: pytest.FixtureRequest, tmp_path: Path, clock: FakeClock
-) -> AsyncIterator[LocalStore]:
+async def store(request: pytest.FixtureRequest, tmp_path: Path, clock: FakeClock) -> AsyncIterator[Any]:
+    if request.param.startswith("redis"):
+        from keymiss.stores.redis import RedisStore
+
+        if request.param == "redis":
+            server = request.getfixturevalue("redis_standalone")
+            shared: Any = RedisStore(f"redis://127.0.0.1:{server.port}/0")
+        else:
+            shared = RedisStore(request.getfixturevalue("redis_cluster").url)
+        await shared.flush()
+        yield shared
+        await shared.flush()
+        await shared.close()
+        return
     s = make_store(request.param, tmp_path, clock)
     yield s
     await s.close()

@@ -42,8 +42,24 @@ if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('pexpire', KEYS[
 """
 
 
+def _k(key: str) -> bytes:
+    """Keys are binary-safe: surrogate-escaped bytes go back to the bytes a client sent."""
+    return key.encode("utf-8", "surrogateescape")
+
+
 def _wrap(exc: Exception) -> StoreError:
     return StoreError(f"redis unavailable: {type(exc).__name__}: {exc}")
+
+
+def _sum_nodes(per_node: Any) -> dict[str, Any]:
+    if not isinstance(per_node, dict) or not all(isinstance(v, dict) for v in per_node.values()):
+        return per_node if isinstance(per_node, dict) else {}
+    total: dict[str, Any] = {}
+    for values in per_node.values():
+        for k, v in values.items():
+            if isinstance(v, int | float):
+                total[k] = total.get(k, 0) + v
+    return total
 
 
 class RedisStore(Store):
@@ -78,7 +94,7 @@ class RedisStore(Store):
         self._pubsub: Any = None
         self._listener: asyncio.Task[None] | None = None
         self._waiters: dict[str, list[asyncio.Future[None]]] = {}
-        self.evictions = 0
+        self._info: dict[str, Any] = {"used_bytes": 0, "max_bytes": 0, "keys": 0, "evictions": 0}
 
     async def _call(self, fn: Callable[..., Awaitable[Any]], *args: Any, **kwargs: Any) -> Any:
         try:
@@ -90,14 +106,14 @@ class RedisStore(Store):
 
     # --- values ---------------------------------------------------------------------------------------
     async def get(self, key: str) -> Item | None:
-        value = await self._call(self.client.get, key)
+        value = await self._call(self.client.get, _k(key))
         return None if value is None else Item(value)
 
     async def get_many(self, keys: Sequence[str]) -> list[Item | None]:
         if not keys:
             return []
         fn = self.client.mget_nonatomic if self.cluster else self.client.mget
-        values = await self._call(fn, list(keys))
+        values = await self._call(fn, [_k(k) for k in keys])
         return [None if v is None else Item(v) for v in values]
 
     async def set(
@@ -113,7 +129,7 @@ class RedisStore(Store):
     ) -> bool:
         px = None if ttl is None else max(1, int(ttl * 1000))
         ok = await self._call(
-            self.client.set, key, value, px=px, nx=nx, xx=xx, keepttl=keep_ttl and px is None
+            self.client.set, _k(key), value, px=px, nx=nx, xx=xx, keepttl=keep_ttl and px is None
         )
         return bool(ok)
 
@@ -122,27 +138,27 @@ class RedisStore(Store):
             return []
         pipe = self.client.pipeline(transaction=False)
         for w in writes:
-            pipe.set(w.key, w.value, px=None if w.ttl is None else max(1, int(w.ttl * 1000)))
+            pipe.set(_k(w.key), w.value, px=None if w.ttl is None else max(1, int(w.ttl * 1000)))
         results = await self._call(pipe.execute)
         return [bool(r) for r in results]
 
     async def delete(self, keys: Iterable[str]) -> int:
-        keys = list(keys)
-        return int(await self._call(self.client.delete, *keys)) if keys else 0
+        raw = [_k(k) for k in keys]
+        return int(await self._call(self.client.delete, *raw)) if raw else 0
 
     async def exists(self, keys: Iterable[str]) -> int:
-        keys = list(keys)
-        return int(await self._call(self.client.exists, *keys)) if keys else 0
+        raw = [_k(k) for k in keys]
+        return int(await self._call(self.client.exists, *raw)) if raw else 0
 
     async def pttl(self, key: str) -> int:
-        return int(await self._call(self.client.pttl, key))
+        return int(await self._call(self.client.pttl, _k(key)))
 
     async def expire(self, key: str, ttl: float | None) -> bool:
         if ttl is None:
-            return bool(await self._call(self.client.persist, key))
+            return bool(await self._call(self.client.persist, _k(key)))
         if ttl <= 0:
             return bool(await self.delete([key]))
-        return bool(await self._call(self.client.pexpire, key, max(1, int(ttl * 1000))))
+        return bool(await self._call(self.client.pexpire, _k(key), max(1, int(ttl * 1000))))
 
     async def scan(self, cursor: int, match: str | None = None, count: int = 10) -> tuple[int, list[str]]:
         if self.cluster:  # one pass over every primary: cluster cursors do not compose
@@ -152,13 +168,35 @@ class RedisStore(Store):
         return int(nxt), [k.decode("utf-8", "surrogateescape") for k in keys]
 
     async def dbsize(self) -> int:
-        return int(await self._call(self.client.dbsize))
+        if self.cluster:
+            n = await self._call(self.client.dbsize, target_nodes=RedisCluster.PRIMARIES)
+        else:
+            n = await self._call(self.client.dbsize)
+        return sum(int(v) for v in n.values()) if isinstance(n, dict) else int(n)
 
     async def flush(self) -> None:
         await self._call(self.client.flushdb)
 
     async def sweep(self, limit: int = 1000) -> int:
-        return 0  # Redis expires keys itself
+        """Redis expires keys itself; the periodic sweep refreshes the numbers ``info`` reports."""
+        try:
+            nodes = {"target_nodes": RedisCluster.PRIMARIES} if self.cluster else {}
+            info = await self._call(self.client.info, "memory", **nodes)
+            stats = await self._call(self.client.info, "stats", **nodes)
+            keys = await self.dbsize()
+        except StoreError:
+            return 0
+        if self.cluster:  # per-node dicts: add them up
+            info = _sum_nodes(info)
+            stats = _sum_nodes(stats)
+        self._info = {
+            "used_bytes": int(info.get("used_memory", 0)),
+            "max_bytes": int(info.get("maxmemory", 0)),
+            "keys": keys,
+            "evictions": int(stats.get("evicted_keys", 0)),
+            "expired": int(stats.get("expired_keys", 0)),
+        }
+        return 0
 
     async def close(self) -> None:
         if self._listener is not None:
@@ -170,7 +208,8 @@ class RedisStore(Store):
             await self.client.aclose()
 
     def info(self) -> dict[str, Any]:
-        return {"store": self.url, "used_bytes": 0, "max_bytes": 0, "keys": 0, "evictions": self.evictions}
+        """Numbers from the last sweep (INFO is a network call; this must not block)."""
+        return {"store": self.url, "eviction_policy": "redis", **self._info}
 
     async def raw(self, *args: bytes | str) -> Any:
         """Run any command (pass-through for commands keymiss does not own)."""
@@ -183,20 +222,22 @@ class RedisStore(Store):
     async def acquire(self, key: str) -> str | None:
         """Take the computation lease for ``key``: a token if we hold it, ``None`` if another node does."""
         token = uuid.uuid4().hex
-        ok = await self._call(self.client.set, self.lease_key(key), token, nx=True, px=self.lease_ms)
+        ok = await self._call(self.client.set, _k(self.lease_key(key)), token, nx=True, px=self.lease_ms)
         return token if ok else None
 
     async def renew(self, key: str, token: str) -> bool:
-        return bool(await self._call(self.client.eval, _RENEW, 1, self.lease_key(key), token, self.lease_ms))
+        return bool(
+            await self._call(self.client.eval, _RENEW, 1, _k(self.lease_key(key)), token, self.lease_ms)
+        )
 
     async def release(self, key: str, token: str) -> None:
         try:
-            await self._call(self.client.eval, _RELEASE, 1, self.lease_key(key), token)
+            await self._call(self.client.eval, _RELEASE, 1, _k(self.lease_key(key)), token)
         finally:
             await self._call(self.client.publish, DONE_CHANNEL, key.encode("utf-8", "surrogateescape"))
 
     async def lease_pttl(self, key: str) -> int:
-        ms = int(await self._call(self.client.pttl, self.lease_key(key)))
+        ms = int(await self._call(self.client.pttl, _k(self.lease_key(key))))
         return ms if ms != PTTL_MISSING else 0
 
     async def _ensure_listener(self) -> None:
