@@ -27,6 +27,40 @@ _FIELD = re.compile(r"<([A-Za-z_][A-Za-z0-9_]*)>")
 DEFAULT_TIMEOUT = 60.0
 
 
+_ANNOTATED_CODECS = {"str": Codec.TEXT, "bytes": Codec.BYTES, "ndarray": Codec.NUMPY}
+_JSON_TYPES = ("dict", "list", "tuple", "int", "float", "bool")
+
+
+def _codec_from_annotation(handler: Callable[..., Any], batched: bool) -> Codec | None:
+    """The codec a handler's return annotation implies (``-> str`` is text, ``-> dict`` JSON; for a
+    batched handler, the element type of ``-> list[...]``), so values read back from a shared store,
+    which keeps plain bytes only, decode to the same type on every node."""
+    try:
+        ann = inspect.signature(handler).return_annotation
+    except (TypeError, ValueError):
+        return None
+    if ann is inspect.Signature.empty:
+        return None
+    if isinstance(ann, str):
+        text = ann
+    elif getattr(ann, "__args__", None):  # list[str] and friends: keep the parameters
+        text = str(ann)
+    else:
+        text = getattr(ann, "__name__", None) or str(ann)
+    text = text.replace("typing.", "").replace(" ", "")
+    if batched:
+        m = re.fullmatch(r"(?:list|List|Sequence|tuple)\[(.+?)(?:,\.\.\.)?\]", text)
+        if not m:
+            return None
+        text = m.group(1)
+    base = text.split("[", 1)[0].rsplit(".", 1)[-1]
+    if base in _ANNOTATED_CODECS:
+        return _ANNOTATED_CODECS[base]
+    if base in _JSON_TYPES:
+        return Codec.JSON
+    return None
+
+
 class Template:
     """A compiled ``<field>`` template: literal pieces alternating with field names."""
 
@@ -111,7 +145,9 @@ class Keyspace:
         self.batch_size = batch_size
         self.batch_wait = (5.0 if batch_wait_ms is None else batch_wait_ms) / 1000.0
         self.timeout = timeout
-        self.codec: Codec | None = codec_from_name(codec)
+        self.codec: Codec | None = codec_from_name(codec) or _codec_from_annotation(
+            handler, batch_size is not None
+        )
         #: the codec this node last encoded a value with: how values read back from a shared store
         #: (which keeps plain bytes only) are decoded when no codec was declared
         self.learned_codec: Codec | None = None

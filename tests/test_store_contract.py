@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-import pytest
-
 import asyncio
 from typing import Any
+
+import pytest
 
 from keymiss.stores.base import PTTL_MISSING, PTTL_PERSISTENT, Write
 
@@ -200,7 +200,7 @@ async def test_info_reports_budget_numbers(store: LocalStore) -> None:
     for field in ("used_bytes", "max_bytes", "keys", "evictions"):
         assert field in info
     assert info["keys"] == 1
-    assert 0 < info["used_bytes"]
+    assert info["used_bytes"] > 0
     assert info["used_bytes"] <= info["max_bytes"] or not store.local  # Redis: maxmemory 0 = unbounded
 
 

@@ -84,6 +84,8 @@ class RedisStore(Store):
             "retry": retry,
             "decode_responses": False,
         }
+        self._common = common
+        self._sub_client: Any = None
         try:
             if self.cluster:
                 self.client: Any = RedisCluster.from_url(clean, **common)
@@ -206,6 +208,9 @@ class RedisStore(Store):
                 await self._pubsub.aclose()
         with contextlib.suppress(RedisError, OSError):
             await self.client.aclose()
+        if self._sub_client is not None:
+            with contextlib.suppress(RedisError, OSError):
+                await self._sub_client.aclose()
 
     def info(self) -> dict[str, Any]:
         """Numbers from the last sweep (INFO is a network call; this must not block)."""
@@ -243,7 +248,14 @@ class RedisStore(Store):
     async def _ensure_listener(self) -> None:
         if self._listener is not None and not self._listener.done():
             return
-        self._pubsub = self.client.pubsub()
+        if self.cluster:
+            # Classic PUBLISH reaches every node of a cluster, so one plain connection to any node
+            # hears every completion.
+            node = self.client.get_default_node() or self.client.get_primaries()[0]
+            self._sub_client = aioredis.Redis(host=node.host, port=node.port, **self._common)
+            self._pubsub = self._sub_client.pubsub()
+        else:
+            self._pubsub = self.client.pubsub()
         await self._call(self._pubsub.subscribe, DONE_CHANNEL)
         self._listener = asyncio.get_running_loop().create_task(self._listen())
 

@@ -1,0 +1,119 @@
+"""Several keymiss engines sharing one Redis: one computation per key across all of them."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Any
+
+import pytest
+
+from keymiss import Keymiss, StoreError
+from keymiss.stores.redis import RedisStore
+
+
+def make_nodes(url: str, n: int, compute: float, calls: list[str]) -> list[Keymiss]:
+    nodes = []
+    for _ in range(n):
+        km = Keymiss(store=RedisStore(url), sweep_interval=0)
+
+        @km.keyspace("slow:*")
+        async def slow(key: str) -> str:
+            calls.append(key)
+            await asyncio.sleep(compute)
+            return f"value of {key}"
+
+        nodes.append(km)
+    return nodes
+
+
+@pytest.fixture(params=["standalone", "cluster"])
+def redis_url(request: pytest.FixtureRequest) -> str:
+    if request.param == "standalone":
+        return f"redis://127.0.0.1:{request.getfixturevalue('redis_standalone').port}/0"
+    return str(request.getfixturevalue("redis_cluster").url)
+
+
+async def test_200_gets_across_two_nodes_compute_once(redis_url: str) -> None:
+    calls: list[str] = []
+    a, b = make_nodes(redis_url, 2, 0.3, calls)
+    key = f"slow:{time.monotonic_ns()}"
+    try:
+        t0 = time.perf_counter()
+        results = await asyncio.gather(*((a if i % 2 else b).get(key) for i in range(200)))
+        assert time.perf_counter() - t0 < 5  # waiters are woken by the completion message
+        assert results == [f"value of {key}"] * 200
+        assert calls == [key]
+        # the value sits in Redis under the very key, as plain bytes any client can read
+        assert (await a.store.get(key)).value == f"value of {key}".encode()  # type: ignore[union-attr]
+        assert await a.store.pttl(f"keymiss:lease:{key}") == -2  # the lease was released
+    finally:
+        await asyncio.gather(a.close(), b.close())
+
+
+async def test_lease_of_a_dead_holder_expires_and_another_node_computes(redis_url: str) -> None:
+    calls: list[str] = []
+    (b,) = make_nodes(redis_url + "?lease_ms=800" if "?" not in redis_url else redis_url, 1, 0.1, calls)
+    store: Any = b.store
+    key = f"slow:orphan{time.monotonic_ns()}"
+    assert await store.acquire(key) is not None  # a node took the lease, then died without a word
+    t0 = time.perf_counter()
+    assert await b.get(key) == f"value of {key}"
+    elapsed = time.perf_counter() - t0
+    assert 0.5 < elapsed < 0.8 + 0.1 + 1.0  # waited out the lease, then computed once
+    assert calls == [key]
+    await b.close()
+
+
+async def test_completion_message_wakes_waiters_before_lease_expiry(redis_url: str) -> None:
+    calls: list[str] = []
+    a, b = make_nodes(redis_url, 2, 0.2, calls)
+    key = f"slow:wake{time.monotonic_ns()}"
+    try:
+        first = asyncio.create_task(a.get(key))
+        await asyncio.sleep(0.05)
+        t0 = time.perf_counter()
+        assert await b.get(key) == f"value of {key}"
+        assert time.perf_counter() - t0 < 1.0  # woken by pub/sub, not by the 30 s lease
+        assert await first == f"value of {key}"
+        assert calls == [key]
+    finally:
+        await asyncio.gather(a.close(), b.close())
+
+
+async def test_redis_down_fails_fast_then_recovers(redis_standalone: Any) -> None:
+    import signal
+
+    calls: list[str] = []
+    (km,) = make_nodes(f"redis://127.0.0.1:{redis_standalone.port}/0?timeout=0.5", 1, 0.0, calls)
+    assert await km.get("slow:before") == "value of slow:before"
+    redis_standalone.signal(signal.SIGSTOP)
+    try:
+        t0 = time.perf_counter()
+        with pytest.raises(StoreError, match="redis unavailable"):
+            await km.get("slow:during")
+        assert time.perf_counter() - t0 < 5
+    finally:
+        redis_standalone.signal(signal.SIGCONT)
+    for _ in range(20):  # reconnects by itself
+        try:
+            assert await km.get("slow:after") == "value of slow:after"
+            break
+        except StoreError:
+            await asyncio.sleep(0.2)
+    else:
+        pytest.fail("did not recover after Redis came back")
+    await km.close()
+
+
+async def test_shared_store_values_decode_to_the_handlers_type(redis_url: str) -> None:
+    km = Keymiss(store=RedisStore(redis_url), sweep_interval=0)
+
+    @km.keyspace("doc:*")
+    def doc(key: str) -> dict[str, str]:
+        return {"key": key}
+
+    key = f"doc:{time.monotonic_ns()}"
+    assert await km.get(key) == {"key": key}
+    assert await km.get(key) == {"key": key}  # a hit from Redis, decoded as JSON again
+    await km.close()
