@@ -16,7 +16,7 @@ import time
 from collections.abc import Awaitable
 from typing import TYPE_CHECKING, cast
 
-from ..errors import BusyError
+from ..errors import BusyError, StoreError
 from ..stores.base import LocalStore
 from . import resp
 from .commands import TABLE, error_reply
@@ -167,6 +167,8 @@ class Connection(asyncio.Protocol):
         name = args[0].lower()
         cmd = TABLE.get(name)
         self.last_cmd = name
+        if cmd is None and self._authenticated and hasattr(self.km.store, "raw"):
+            return self._passthrough(args)
         if cmd is None:
             shown = " ".join(f"'{a[:128].decode(errors='replace')}'" for a in args[1:])
             srv.error_replies += 1
@@ -183,6 +185,26 @@ class Connection(asyncio.Protocol):
             return cmd.handler(self, args)
         except Exception as exc:
             return self._error(exc)
+
+    async def _passthrough(self, args: list[bytes]) -> bytes:
+        """Forward a command keymiss does not own (HSET, INCR, LPUSH, …) to the backing Redis."""
+        from redis.exceptions import RedisClusterException, RedisError, ResponseError
+
+        try:
+            result = await self.km.store.raw(*args)  # type: ignore[attr-defined]
+        except ResponseError as exc:
+            text = str(exc)
+            code = getattr(exc, "status_code", None)  # redis-py strips the code of errors it knows
+            if code and not text.startswith(code):
+                text = f"{code} {text}"
+            return resp.error(text if text.split(" ", 1)[0].isupper() else f"ERR {text}")
+        except RedisClusterException as exc:
+            if "slot" in str(exc).lower():
+                return resp.error("CROSSSLOT Keys in request don't hash to the same slot")
+            return resp.error(f"ERR {exc}")
+        except (RedisError, OSError) as exc:
+            return self._error(StoreError(f"redis unavailable: {type(exc).__name__}: {exc}"))
+        return resp.encode(result, self.proto)
 
     def _error(self, exc: BaseException) -> bytes:
         srv = self.server

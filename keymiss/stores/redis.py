@@ -85,7 +85,14 @@ class RedisStore(Store):
             "decode_responses": False,
         }
         self._common = common
+        self._clean_url = clean
         self._sub_client: Any = None
+        self._raw_client: Any = None
+        self._ready = False
+        self._init_lock = asyncio.Lock()
+        # redis-py's asyncio cluster client mishandles bursts of concurrent commands while it opens
+        # connections ("handler is closed"); a gate keeps its pools within what it handles.
+        self._gate = asyncio.Semaphore(int(opts.pop("max_concurrency", 32))) if self.cluster else None
         try:
             if self.cluster:
                 self.client: Any = RedisCluster.from_url(clean, **common)
@@ -98,12 +105,29 @@ class RedisStore(Store):
         self._waiters: dict[str, list[asyncio.Future[None]]] = {}
         self._info: dict[str, Any] = {"used_bytes": 0, "max_bytes": 0, "keys": 0, "evictions": 0}
 
+    async def _connect(self) -> None:
+        """Discover the cluster's slots once, before any traffic: redis-py initialises lazily, and a
+        burst of first commands initialising concurrently closes connections under each other."""
+        async with self._init_lock:
+            if not self._ready:
+                if self.cluster:
+                    await self.client.initialize()
+                self._ready = True
+
     async def _call(self, fn: Callable[..., Awaitable[Any]], *args: Any, **kwargs: Any) -> Any:
+        if not self._ready:
+            try:
+                await self._connect()
+            except (RedisError, OSError) as exc:
+                raise _wrap(exc) from exc
         try:
+            if self._gate is not None:
+                async with self._gate:
+                    return await fn(*args, **kwargs)
             return await fn(*args, **kwargs)
         except RedisError as exc:
             raise _wrap(exc) from exc
-        except OSError as exc:
+        except (OSError, RuntimeError) as exc:  # RuntimeError: a transport closed under a command
             raise _wrap(exc) from exc
 
     # --- values ---------------------------------------------------------------------------------------
@@ -208,17 +232,24 @@ class RedisStore(Store):
                 await self._pubsub.aclose()
         with contextlib.suppress(RedisError, OSError):
             await self.client.aclose()
-        if self._sub_client is not None:
-            with contextlib.suppress(RedisError, OSError):
-                await self._sub_client.aclose()
+        for extra in (self._sub_client, self._raw_client):
+            if extra is not None:
+                with contextlib.suppress(RedisError, OSError):
+                    await extra.aclose()
 
     def info(self) -> dict[str, Any]:
         """Numbers from the last sweep (INFO is a network call; this must not block)."""
         return {"store": self.url, "eviction_policy": "redis", **self._info}
 
-    async def raw(self, *args: bytes | str) -> Any:
-        """Run any command (pass-through for commands keymiss does not own)."""
-        return await self.client.execute_command(*args)
+    async def raw(self, *args: bytes) -> Any:
+        """Run a command keymiss does not own on the backing Redis (pass-through). Response
+        callbacks are off, so replies stay close to what Redis sent."""
+        if self._raw_client is None:
+            cls = RedisCluster if self.cluster else aioredis.Redis
+            self._raw_client = cls.from_url(self._clean_url, **self._common)
+            self._raw_client.response_callbacks = {}
+        name = args[0].decode("ascii", "replace")  # the cluster client routes by a str command name
+        return await self._call(self._raw_client.execute_command, name, *args[1:])
 
     # --- cluster-wide single-flight ---------------------------------------------------------------------
     def lease_key(self, key: str) -> str:

@@ -51,3 +51,9 @@ def batch(keys: list[str]) -> list[str]:
 @app.keyspace("big:*")
 def big(key: str) -> bytes:
     return b"x" * (100 * 1024)
+
+
+@app.keyspace("crawl:*")
+async def crawl(key: str) -> str:
+    await asyncio.sleep(1.5)  # a long model run
+    return f"crawled {key}"

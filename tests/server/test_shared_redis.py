@@ -1,0 +1,133 @@
+"""Several `keymiss serve` nodes in front of one real Redis / 3-master Redis Cluster."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+import redis
+import redis.asyncio as aioredis
+
+from .conftest import ServerProcess, start_server
+
+
+def computations(port: int, pattern: str) -> int:
+    r = redis.Redis(port=port)
+    try:
+        for k, v in r.info("keymiss").items():
+            if k.startswith("keyspace_") and isinstance(v, dict) and v["pattern"] == pattern:
+                return int(v["computations"])
+        return 0
+    finally:
+        r.close()
+
+
+@pytest.fixture
+def two_nodes(tmp_path: Path, redis_cluster: Any) -> Any:
+    url = redis_cluster.url + "?lease_ms=1000"
+    a = start_server(tmp_path, "--store", url)
+    b = start_server(tmp_path, "--store", url)
+    yield a, b
+    for node in (a, b):
+        node.stop(signal.SIGKILL) if node.proc.poll() is None else None
+
+
+def test_200_gets_across_two_nodes_one_computation(two_nodes: tuple[ServerProcess, ServerProcess]) -> None:
+    a, b = two_nodes
+    key = f"slow:{time.monotonic_ns()}"
+
+    async def main() -> list[bytes | None]:
+        clients = [aioredis.Redis(port=(a if i % 2 else b).port) for i in range(200)]
+        try:
+            await asyncio.gather(*(c.ping() for c in clients))
+            return list(await asyncio.gather(*(c.get(key) for c in clients)))
+        finally:
+            await asyncio.gather(*(c.aclose() for c in clients))
+
+    values = asyncio.run(main())
+    assert values == [f"slow result for {key}".encode()] * 200
+    assert computations(a.port, "slow:*") + computations(b.port, "slow:*") == 1
+
+
+def test_kill_9_of_the_lease_holder(two_nodes: tuple[ServerProcess, ServerProcess]) -> None:
+    a, b = two_nodes
+    key = f"crawl:{time.monotonic_ns()}"
+    got: dict[str, Any] = {}
+
+    def ask(node: ServerProcess, name: str) -> None:
+        try:
+            got[name] = redis.Redis(port=node.port, socket_timeout=15).get(key)
+        except redis.RedisError as exc:
+            got[name] = exc
+        got[name + "_at"] = time.monotonic()
+
+    ta = threading.Thread(target=ask, args=(a, "a"))
+    ta.start()
+    time.sleep(0.3)  # a holds the lease and computes
+    tb = threading.Thread(target=ask, args=(b, "b"))
+    tb.start()
+    time.sleep(0.2)
+    os.kill(a.proc.pid, signal.SIGKILL)
+    killed = time.monotonic()
+    tb.join(15)
+    ta.join(5)
+    assert got["b"] == f"crawled {key}".encode()
+    assert got["b_at"] - killed < 1.0 + 1.5 + 0.5  # lease TTL + compute time (+ a little slack)
+    assert isinstance(got.get("a"), redis.ConnectionError)  # its client lost the connection, no hang
+    assert computations(b.port, "crawl:*") == 1  # at most 2 in all: the dead node's and this one
+
+
+def test_pass_through_commands(tmp_path: Path, redis_cluster: Any) -> None:
+    node = start_server(tmp_path, "--store", redis_cluster.url)
+    direct = redis.RedisCluster.from_url(redis_cluster.url.replace("redis+cluster", "redis"))
+    try:
+        r = redis.Redis(port=node.port)
+        assert r.hset("h{1}", mapping={"a": "1", "b": "2"}) == 2
+        assert direct.hgetall("h{1}") == {b"a": b"1", b"b": b"2"}
+        direct.hset("h{1}", "c", "3")
+        assert r.hget("h{1}", "c") == b"3"
+        assert r.incr("n{1}") == 1 and direct.get("n{1}") == b"1"
+        assert r.lpush("l{1}", "x", "y") == 2 and direct.lrange("l{1}", 0, -1) == [b"y", b"x"]
+        # redis-py turns "-CROSSSLOT ..." into ClusterCrossSlotError (and drops the code from the text)
+        with pytest.raises(redis.exceptions.ClusterCrossSlotError):
+            r.execute_command("SUNION", "s{a}", "s{b}")
+        with pytest.raises(redis.ResponseError, match="WRONGTYPE"):
+            r.lpush("h{1}", "z")
+        r.close()
+    finally:
+        direct.close()
+        node.stop()
+
+
+def test_redis_outage_gives_clean_errors_and_service_resumes(tmp_path: Path, redis_standalone: Any) -> None:
+    node = start_server(tmp_path, "--store", f"redis://127.0.0.1:{redis_standalone.port}/0?timeout=0.5")
+    r = redis.Redis(port=node.port, socket_timeout=10)
+    try:
+        assert r.get("double:4") == b"8"
+        redis_standalone.signal(signal.SIGSTOP)
+        try:
+            t0 = time.monotonic()
+            with pytest.raises(redis.ResponseError, match="store error: redis unavailable"):
+                r.get("double:5")
+            assert time.monotonic() - t0 < 5
+            assert r.ping()  # keymiss itself keeps serving
+        finally:
+            redis_standalone.signal(signal.SIGCONT)
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                assert r.get("double:6") == b"12"
+                break
+            except redis.ResponseError:
+                assert time.monotonic() < deadline, "did not recover"
+                time.sleep(0.2)
+        assert r.get("double:4") == b"8" and r.get("double:5") == b"10"  # no wrong values after
+    finally:
+        r.close()
+        node.stop()
