@@ -117,3 +117,29 @@ async def test_shared_store_values_decode_to_the_handlers_type(redis_url: str) -
     assert await km.get(key) == {"key": key}
     assert await km.get(key) == {"key": key}  # a hit from Redis, decoded as JSON again
     await km.close()
+
+
+async def test_near_cache_serves_hot_hits_and_is_invalidated_by_other_nodes(redis_url: str) -> None:
+    from keymiss.stores import open_store
+    from keymiss.stores.near import NearCacheStore
+
+    url = redis_url + ("&" if "?" in redis_url else "?") + "near_cache=4MB&near_ttl=30"
+    a = Keymiss(store=open_store(url), sweep_interval=0)
+    b = Keymiss(store=open_store(url), sweep_interval=0)
+    assert isinstance(a.store, NearCacheStore)
+    key = f"near:{time.monotonic_ns()}"
+    try:
+        await b.set(key, "v1")
+        assert await a.get(key) == b"v1"  # from Redis, now also held near
+        for _ in range(10):
+            assert await a.get(key) == b"v1"
+        assert a.store.near_hits >= 10  # type: ignore[attr-defined]
+        await b.set(key, "v2")  # another node writes: a's copy must go
+        for _ in range(50):
+            if await a.get(key) == b"v2":
+                break
+            await asyncio.sleep(0.02)
+        else:
+            pytest.fail("the near cache kept serving a value another node replaced")
+    finally:
+        await asyncio.gather(a.close(), b.close())

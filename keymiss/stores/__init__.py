@@ -58,5 +58,14 @@ def open_store(url: str, *, max_memory: int | str = "auto", eviction: str | Poli
             from .redis import RedisStore
         except ImportError as exc:
             raise ConfigError(f"store {url!r} needs redis-py: pip install 'keymiss[redis]' ({exc})") from None
-        return RedisStore(url)
+        base_url, _, query = url.partition("?")
+        opts = dict(parse_qsl(query))
+        near = opts.pop("near_cache", None)
+        near_ttl = float(opts.pop("near_ttl", "5"))
+        shared = RedisStore(base_url + ("?" + "&".join(f"{k}={v}" for k, v in opts.items()) if opts else ""))
+        if near:
+            from .near import NearCacheStore
+
+            return NearCacheStore(shared, max_bytes=parse_size(near, what="near_cache"), ttl=near_ttl)
+        return shared
     raise ConfigError(f"unknown store {url!r}; use 'memory', 'lmdb:PATH', 'redis://…' or 'redis+cluster://…'")

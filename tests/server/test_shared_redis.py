@@ -128,6 +128,20 @@ def test_redis_outage_gives_clean_errors_and_service_resumes(tmp_path: Path, red
                 assert time.monotonic() < deadline, "did not recover"
                 time.sleep(0.2)
         assert r.get("double:4") == b"8" and r.get("double:5") == b"10"  # no wrong values after
+        # a crash and restart of Redis (its data gone): clean errors while down, then recomputed
+        redis_standalone.stop()
+        with pytest.raises(redis.ResponseError, match="store error: redis unavailable"):
+            r.get("double:8")
+        redis_standalone.start()
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                assert r.get("double:8") == b"16"
+                break
+            except redis.ResponseError:
+                assert time.monotonic() < deadline, "did not recover after the restart"
+                time.sleep(0.2)
+        assert r.get("double:4") == b"8"  # lost with Redis's memory, computed again, right
     finally:
         r.close()
         node.stop()
