@@ -382,6 +382,12 @@ class Keymiss:
             if token is not None:
                 renewer = asyncio.get_running_loop().create_task(self._renew(store, key, token))
                 try:
+                    # Another node may have stored the value and released its lease between our
+                    # miss and our acquire: look again before computing it a second time.
+                    item = await store.get(key)
+                    if item is not None:
+                        ks.stats.coalesced += 1
+                        return item  # type: ignore[no-any-return]
                     return await self._compute_here(ks, key, arg)
                 finally:
                     renewer.cancel()

@@ -45,9 +45,10 @@ class NearCacheStore(Store):
         return getattr(self.shared, name)
 
     async def _listen(self) -> None:
-        client = self.shared._sub_client or self.shared.client
-        if self.shared.cluster:
-            node = self.shared.client.get_default_node()
+        await self.shared._connect()
+        client = self.shared.client
+        if self.shared.cluster:  # a plain connection to one node hears the whole cluster's PUBLISH
+            node = self.shared.client.get_default_node() or self.shared.client.get_primaries()[0]
             from redis.asyncio import Redis
 
             client = Redis(host=node.host, port=node.port, **self.shared._common)

@@ -279,6 +279,7 @@ class RedisStore(Store):
     async def _ensure_listener(self) -> None:
         if self._listener is not None and not self._listener.done():
             return
+        await self._connect()
         if self.cluster:
             # Classic PUBLISH reaches every node of a cluster, so one plain connection to any node
             # hears every completion.
