@@ -261,6 +261,15 @@ class Keymiss:
             self._count_hit(key)
         return item
 
+    def peek_cached(self, key: str) -> Item | None:
+        """Synchronous lookup in a shared store's in-process tier (the near cache), if it has one;
+        ``None`` means "ask the store", not "missing"."""
+        getter = getattr(self._store or self.store, "get_cached", None)
+        item = getter(key) if getter is not None else None
+        if item is not None:
+            self._count_hit(key)
+        return item
+
     def _count_hit(self, key: str) -> None:
         self.hits += 1
         ks = self.registry.route(key)

@@ -149,6 +149,10 @@ def cmd_get(c: Connection, args: list[bytes]) -> Reply:
         if km.plain_miss(key):
             return resp.null(c.proto)
         return _fill_reply(c, key)
+    if c.near_cache:
+        item = km.peek_cached(key)
+        if item is not None:
+            return resp.bulk(item.value)
     return _get_reply(c, key)
 
 

@@ -49,6 +49,7 @@ class Connection(asyncio.Protocol):
         self.lib: dict[str, str] = {}
         self.authenticated = s.requirepass is None
         self.local_store = isinstance(self.km.store, LocalStore)
+        self.near_cache = hasattr(self.km.store, "get_cached")
         self.transport: asyncio.Transport | None = None
         self.addr = "?"
         self.laddr = "?"

@@ -90,6 +90,9 @@ class RedisStore(Store):
         self._raw_client: Any = None
         self._ready = False
         self._init_lock = asyncio.Lock()
+        self._gets: list[tuple[str, asyncio.Future[Item | None]]] = []
+        self._gets_scheduled = False
+        self._tasks: set[asyncio.Task[None]] = set()
         # redis-py's asyncio cluster client mishandles bursts of concurrent commands while it opens
         # connections ("handler is closed"); a gate keeps its pools within what it handles.
         self._gate = asyncio.Semaphore(int(opts.pop("max_concurrency", 32))) if self.cluster else None
@@ -132,8 +135,42 @@ class RedisStore(Store):
 
     # --- values ---------------------------------------------------------------------------------------
     async def get(self, key: str) -> Item | None:
-        value = await self._call(self.client.get, _k(key))
-        return None if value is None else Item(value)
+        """Single GETs issued in the same event-loop turn (many clients, pipelines) leave as one MGET:
+        redis-py costs tens of microseconds per command, so one round trip for all of them."""
+        loop = asyncio.get_running_loop()
+        fut: asyncio.Future[Item | None] = loop.create_future()
+        self._gets.append((key, fut))
+        if not self._gets_scheduled:
+            self._gets_scheduled = True
+            loop.call_soon(self._flush_gets)
+        return await fut
+
+    def _flush_gets(self) -> None:
+        batch, self._gets = self._gets, []
+        self._gets_scheduled = False
+        task = asyncio.get_running_loop().create_task(self._fetch(batch))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _fetch(self, batch: list[tuple[str, asyncio.Future[Item | None]]]) -> None:
+        keys = list(dict.fromkeys(k for k, _ in batch))
+        try:
+            if len(keys) == 1:
+                values = [await self._call(self.client.get, _k(keys[0]))]
+            else:
+                fn = self.client.mget_nonatomic if self.cluster else self.client.mget
+                values = await self._call(fn, [_k(k) for k in keys])
+        except BaseException as exc:
+            for _, fut in batch:
+                if not fut.done():
+                    fut.set_exception(exc)
+            if not isinstance(exc, Exception):
+                raise
+            return
+        found = {k: (None if v is None else Item(v)) for k, v in zip(keys, values, strict=True)}
+        for key, fut in batch:
+            if not fut.done():
+                fut.set_result(found[key])
 
     async def get_many(self, keys: Sequence[str]) -> list[Item | None]:
         if not keys:
