@@ -105,9 +105,43 @@ def test_pass_through_commands(tmp_path: Path, redis_cluster: Any) -> None:
         node.stop()
 
 
+class Load:
+    """Clients asking double:<n> in a loop; every reply must be the right value or an error."""
+
+    def __init__(self, port: int, clients: int = 8) -> None:
+        self.stop = threading.Event()
+        self.ok = self.errors = self.wrong = 0
+        self.threads = [threading.Thread(target=self.run, args=(port, i)) for i in range(clients)]
+        for t in self.threads:
+            t.start()
+
+    def run(self, port: int, seed: int) -> None:
+        r = redis.Redis(port=port, socket_timeout=10)
+        n = seed
+        deadline = time.monotonic() + 60
+        while not self.stop.is_set() and time.monotonic() < deadline:
+            n = (n * 7 + 3) % 500
+            try:
+                value = r.get(f"double:{n}")
+            except redis.ResponseError:
+                self.errors += 1
+                continue
+            if value == str(2 * n).encode():
+                self.ok += 1
+            else:
+                self.wrong += 1
+        r.close()
+
+    def finish(self) -> None:
+        self.stop.set()
+        for t in self.threads:
+            t.join(15)
+
+
 def test_redis_outage_gives_clean_errors_and_service_resumes(tmp_path: Path, redis_standalone: Any) -> None:
     node = start_server(tmp_path, "--store", f"redis://127.0.0.1:{redis_standalone.port}/0?timeout=0.5")
     r = redis.Redis(port=node.port, socket_timeout=10)
+    load = Load(node.port)
     try:
         assert r.get("double:4") == b"8"
         redis_standalone.signal(signal.SIGSTOP)
@@ -142,6 +176,12 @@ def test_redis_outage_gives_clean_errors_and_service_resumes(tmp_path: Path, red
                 assert time.monotonic() < deadline, "did not recover after the restart"
                 time.sleep(0.2)
         assert r.get("double:4") == b"8"  # lost with Redis's memory, computed again, right
+        before = load.ok
+        time.sleep(0.5)
+        assert load.ok > before  # the load is being served again
     finally:
+        load.finish()
         r.close()
         node.stop()
+    assert load.wrong == 0  # errors during the outages, never a wrong value
+    assert load.errors > 0 and load.ok > 0
