@@ -23,7 +23,7 @@ async def slow(key: str) -> str:
 
 @app.keyspace("block:*")
 def block(key: str) -> str:
-    time.sleep(0.5)  # a CPU-bound model in a worker thread
+    time.sleep(1.0)  # a CPU-bound model in a worker thread
     return "blocked"
 
 

@@ -243,7 +243,7 @@ def test_hits_stay_fast_while_a_model_runs(server: ServerProcess) -> None:
     still_running = t.is_alive()
     t.join(5)
     assert still_running, "the model should still be running during the hits"
-    assert elapsed < 0.4
+    assert elapsed < 0.8  # a blocked loop would take the model's full second
     r.close()
     slow_client.close()
 

@@ -78,7 +78,8 @@ def test_kill_9_of_the_lease_holder(two_nodes: tuple[ServerProcess, ServerProces
     tb.join(15)
     ta.join(5)
     assert got["b"] == f"crawled {key}".encode()
-    assert got["b_at"] - killed < 1.0 + 1.5 + 0.5  # lease TTL + compute time (+ a little slack)
+    # lease TTL + compute time, with slack for a loaded machine (the default lease is 30 s)
+    assert got["b_at"] - killed < 1.0 + 1.5 + 1.5
     assert isinstance(got.get("a"), redis.ConnectionError)  # its client lost the connection, no hang
     assert computations(b.port, "crawl:*") == 1  # at most 2 in all: the dead node's and this one
 
