@@ -1,0 +1,197 @@
+"""Crashes, poisoned stores, vanishing clients and floods: every scenario asserts its pass criteria."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import pickle
+import random
+import signal
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import redis
+import redis.asyncio as aioredis
+
+from keymiss.stores.lmdb import LMDBStore
+
+from ..server.conftest import raw_connect, read_reply, start_server
+
+WRITER = textwrap.dedent(
+    """
+    import asyncio, random, sys
+    from keymiss.stores.lmdb import LMDBStore
+
+    async def main():
+        store = LMDBStore(sys.argv[1], map_size=256 * 1024)  # small: the map grows under the kills
+        rng = random.Random(int(sys.argv[2]))
+        i = int(sys.argv[3])
+        while True:
+            key = f"k{i}"
+            await store.set(key, (key * rng.randint(1, 400)).encode(), codec=1)
+            print(key, flush=True)
+            i += 1
+
+    asyncio.run(main())
+    """
+)
+
+
+def test_lmdb_survives_50_kills_at_random_points(tmp_path: Path) -> None:
+    path = str(tmp_path / "db")
+    rng = random.Random(11)
+    acked: list[str] = []
+    for round_ in range(50):
+        proc = subprocess.Popen(
+            [sys.executable, "-c", WRITER, path, str(round_), str(len(acked))],
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        assert proc.stdout is not None
+        target = rng.randint(1, 40)
+        for _ in range(target):
+            line = proc.stdout.readline()
+            assert line, "writer died on its own"
+            acked.append(line.strip())
+        time.sleep(rng.random() * 0.01)  # land the kill anywhere, also inside a write
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(10)
+    store = LMDBStore(path)
+    try:
+        for key in acked:
+            item = store.get_now(key)
+            assert item is not None, key
+            assert item.value.startswith(key.encode()) and item.codec == 1
+        assert store.corrupt == 0
+    finally:
+        asyncio.run(store.close())
+
+
+class _Marker:
+    def __init__(self, path: str) -> None:
+        self.path = path
+
+    def __reduce__(self) -> tuple[object, tuple[str, str]]:
+        return (open, (self.path, "w"))
+
+
+def test_poisoned_redis_values_are_never_unpickled(tmp_path: Path, redis_standalone: Any) -> None:
+    marker = tmp_path / "pwned"
+    direct = redis.Redis(port=redis_standalone.port)
+    node = start_server(tmp_path, "--store", f"redis://127.0.0.1:{redis_standalone.port}/0")
+    try:
+        payload = pickle.dumps(_Marker(str(marker)))
+        direct.set("double:41", payload)  # written behind keymiss's back
+        direct.set("double:42", os.urandom(64))
+        r = redis.Redis(port=node.port)
+        assert r.get("double:41") == payload  # served as-is, as Redis would; never interpreted
+        assert len(r.get("double:42")) == 64
+        assert r.get("double:43") == b"86"
+        assert not marker.exists()
+        r.close()
+    finally:
+        node.stop()
+        direct.close()
+
+
+def test_leader_client_disconnect_does_not_cancel_the_computation(tmp_path: Path) -> None:
+    node = start_server(tmp_path)
+    try:
+        key = f"slow:leader{time.monotonic_ns()}"
+        leader = raw_connect(node.port)
+        leader.sendall(f"GET {key}\r\n".encode())
+        time.sleep(0.05)
+        leader.close()  # the client that started the computation goes away
+        r = redis.Redis(port=node.port, socket_timeout=5)
+        assert r.get(key) == f"slow result for {key}".encode()
+        assert r.get(key) == f"slow result for {key}".encode()
+        stats = {v["pattern"]: v for k, v in r.info("keymiss").items() if k.startswith("keyspace_")}
+        assert stats["slow:*"]["computations"] == 1
+        r.close()
+        assert "Traceback" not in node.log
+    finally:
+        node.stop()
+
+
+def test_unique_key_flood_gets_busy_fast_and_hot_keys_keep_hitting(tmp_path: Path) -> None:
+    node = start_server(tmp_path, "--max-in-flight", "8")
+    try:
+        hot = redis.Redis(port=node.port, socket_timeout=5)
+        for i in range(20):
+            hot.set(f"hot:{i}", "v")
+        results = {"busy": 0, "ok": 0, "slowest_busy": 0.0}
+
+        async def flood() -> None:
+            clients = [aioredis.Redis(port=node.port, socket_timeout=10) for _ in range(20)]
+
+            async def one(c: aioredis.Redis, n: int) -> None:
+                t0 = time.perf_counter()
+                try:
+                    await c.get(f"slow:flood{n}")
+                    results["ok"] += 1
+                except redis.ResponseError as exc:
+                    assert str(exc).startswith("BUSY")
+                    results["busy"] += 1
+                    results["slowest_busy"] = max(results["slowest_busy"], time.perf_counter() - t0)
+
+            try:
+                await asyncio.gather(*(one(clients[n % 20], n) for n in range(400)))
+            finally:
+                await asyncio.gather(*(c.aclose() for c in clients))
+
+        hits = 0
+        t = threading.Thread(target=lambda: asyncio.run(flood()))
+        t.start()
+        for i in range(500):
+            hits += hot.get(f"hot:{i % 20}") == b"v"
+        t.join(60)
+        assert hits / 500 >= 0.9
+        assert results["busy"] > 0 and results["ok"] >= 8
+        assert results["slowest_busy"] < 1.0  # refused fast, not queued behind the computations
+        info = hot.info("keymiss")
+        assert info["keymiss_in_flight"] == 0
+        hot.close()
+    finally:
+        node.stop()
+
+
+def test_malformed_input_leaves_no_traceback_and_pings_still_answer(tmp_path: Path) -> None:
+    node = start_server(tmp_path)
+    corpus = [
+        b"*-10\r\n",
+        b"*3000000000\r\n",
+        b"*1\r\n$blabla\r\n",
+        b"*1\r\n$-5\r\n",
+        b"*1\r\n$2000000000\r\n",
+        b"*1\r\nx\r\n",
+        b'SET "a\r\n',
+        b"\x00" * 70_000,
+        b"PING\nPING\r\nPING\n",
+        b"*1\r\n$4\r\nPING\n\n",
+        b"*2\r\n$3\r\nGET\r\n*1\r\n$1\r\na\r\n",
+        b"\xff\xfe\r\n",
+        b"*1\r\n%1\r\n",
+    ]
+    try:
+        for payload in corpus:
+            s = raw_connect(node.port)
+            try:
+                for i in range(0, len(payload), 4096):
+                    s.sendall(payload[i : i + 4096])
+                s.settimeout(1.0)
+                with contextlib.suppress(TimeoutError, ConnectionResetError):
+                    read_reply(s, timeout=1.0)  # an error line, or nothing for ignored input
+            finally:
+                s.close()
+            r = redis.Redis(port=node.port, socket_timeout=2)
+            assert r.ping()
+            r.close()
+        assert "Traceback" not in node.log
+    finally:
+        node.stop()
