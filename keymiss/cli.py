@@ -44,6 +44,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="seconds a client may leave replies unread before it is disconnected",
     )
     serve.add_argument("--max-bulk", help="largest bulk argument accepted (default 512MB)")
+    serve.add_argument(
+        "--request-seconds",
+        type=float,
+        help="close a client whose request is still incomplete after this long (default 30)",
+    )
     serve.add_argument("--query-buffer", help="largest unprocessed input per client (default 1GB)")
     serve.add_argument("--grace-seconds", type=float, help="how long shutdown waits for computations")
     serve.add_argument("--metrics-port", type=int, help="serve Prometheus metrics on this port")

@@ -32,6 +32,7 @@ class Settings:
     query_buffer: int | str = "1GB"  # client-query-buffer-limit
     output_buffer: int | str = "64MB"  # a client whose unread replies pass this is disconnected
     output_stall_seconds: float = 60.0  # ... or whose replies stay unread this long
+    request_seconds: float = 30.0  # a request still incomplete after this long is a slowloris: closed
     max_in_flight: int = 10_000  # computations at once before -BUSY
     grace_seconds: float = 10.0
     metrics_port: int | None = None

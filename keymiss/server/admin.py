@@ -352,6 +352,7 @@ def info_sections(c: Connection) -> dict[str, dict[str, Any]]:
             "keyspace_misses": km.misses,
             "total_error_replies": srv.error_replies,
             "client_output_buffer_disconnections": srv.output_disconnections,
+            "slow_request_disconnections": srv.slow_request_disconnections,
         },
         "keyspace": {},
         "keymiss": {

@@ -86,6 +86,7 @@ class Server:
         self.error_replies = 0
         self.busy_rejections = 0
         self.output_disconnections = 0
+        self.slow_request_disconnections = 0
         self.auth_failures = 0
         self._server: asyncio.Server | None = None
         self._watchdog: asyncio.Task[None] | None = None
@@ -122,13 +123,18 @@ class Server:
     async def _watch(self) -> None:
         """Disconnect clients whose replies have gone unread for too long."""
         stall = self.settings.output_stall_seconds
+        slow = self.settings.request_seconds
         while True:
-            await asyncio.sleep(min(1.0, stall / 2))
+            await asyncio.sleep(min(1.0, stall / 2, slow / 4))
             now = time.monotonic()
             for conn in list(self.connections.values()):
                 if conn.write_paused and now - conn.write_paused_since > stall:
                     log.warning("closing client %s: replies unread for %.0fs", conn.addr, stall)
                     self.output_disconnections += 1
+                    conn.abort()
+                elif conn.partial_since and now - conn.partial_since > slow:
+                    log.warning("closing client %s: request incomplete after %.0fs", conn.addr, slow)
+                    self.slow_request_disconnections += 1
                     conn.abort()
 
     def request_stop(self) -> None:

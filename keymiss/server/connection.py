@@ -62,6 +62,8 @@ class Connection(asyncio.Protocol):
         self.created = time.monotonic()
         self.last_active = self.created
         self.last_cmd = b"NULL"
+        self.partial_since = 0.0  # when the unfinished request now buffered began arriving (0: none)
+        self._progressed = False
         self._task: asyncio.Task[None] | None = None
 
     @property
@@ -110,6 +112,11 @@ class Connection(asyncio.Protocol):
         if not self.waiting:
             self._process()
         self._flow()
+        if self.parser.pending and not self.waiting:
+            if not self.partial_since or self._progressed:
+                self.partial_since = self.last_active  # timed from the start of *this* request
+        else:
+            self.partial_since = 0.0
 
     def pause_writing(self) -> None:
         self.write_paused = True
@@ -138,6 +145,7 @@ class Connection(asyncio.Protocol):
     def _process(self) -> None:
         out: list[bytes] = []
         parser = self.parser
+        self._progressed = False
         while not self.write_paused and not self.close_after_reply:
             try:
                 args = parser.next()
@@ -148,6 +156,7 @@ class Connection(asyncio.Protocol):
                 break
             if args is None:
                 break
+            self._progressed = True
             reply = self._dispatch(args)
             if type(reply) is not bytes:
                 if out:

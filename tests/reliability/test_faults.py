@@ -8,6 +8,7 @@ import os
 import pickle
 import random
 import signal
+import socket
 import subprocess
 import sys
 import textwrap
@@ -195,3 +196,67 @@ def test_malformed_input_leaves_no_traceback_and_pings_still_answer(tmp_path: Pa
         assert "Traceback" not in node.log
     finally:
         node.stop()
+
+
+def test_slowloris_clients_are_closed_and_memory_stays_bounded(tmp_path: Path) -> None:
+    import psutil
+
+    node = start_server(tmp_path, "--request-seconds", "2")
+    proc = psutil.Process(node.proc.pid)
+    try:
+        hot = redis.Redis(port=node.port, socket_timeout=5)
+        hot.set("hot", "v")
+        baseline = proc.memory_info().rss
+        socks = []
+        for _ in range(200):  # each declares a 1 MB bulk, then trickles
+            s = socket.create_connection(("127.0.0.1", node.port), timeout=5)
+            s.sendall(b"*3\r\n$3\r\nSET\r\n$4\r\nslow\r\n$1048576\r\n" + b"x" * 100)
+            socks.append(s)
+        t0 = time.monotonic()
+        closed = 0
+        hits = 0
+        while time.monotonic() - t0 < 8 and closed < len(socks):
+            hits += hot.get("hot") == b"v"
+            closed = 0
+            for s in socks:
+                try:
+                    s.sendall(b"x")
+                except OSError:
+                    closed += 1
+            time.sleep(0.1)
+        assert closed == len(socks), f"{closed} of {len(socks)} slow clients closed"
+        assert time.monotonic() - t0 < 6  # within the 2 s request limit plus the watchdog's tick
+        assert proc.memory_info().rss < baseline + 32 * 1024**2
+        assert hits > 10 and hot.get("hot") == b"v"
+        assert hot.info("stats")["slow_request_disconnections"] == len(socks)
+        hot.close()
+        for s in socks:
+            s.close()
+    finally:
+        node.stop()
+
+
+def test_memory_store_rss_stays_near_its_budget() -> None:
+    script = textwrap.dedent(
+        """
+        import random, psutil, asyncio
+        from keymiss.stores.memory import MemoryStore
+        budget = 64 * 1024**2
+        store = MemoryStore(budget, eviction="tinylfu")
+        base = psutil.Process().memory_info().rss
+        rng = random.Random(1)
+        written = 0
+        i = 0
+        while written < 10 * budget:
+            size = int(rng.lognormvariate(9, 1.3)) % 400_000
+            store.set_now(f"k{i}", rng.randbytes(size))
+            written += size
+            i += 1
+            assert store.used_bytes <= budget
+        print(psutil.Process().memory_info().rss - base)
+        """
+    )
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    grown = int(out.stdout.strip())
+    assert grown < 64 * 1024**2 + 30 * 1024**2, grown
