@@ -157,6 +157,7 @@ async def test_sync_handler_does_not_block_hits(km: Keymiss) -> None:
     assert await miss == "done"
 
 
+@pytest.mark.reliability
 async def test_error_reaches_every_waiter_and_next_get_retries(km: Keymiss) -> None:
     calls = 0
     release = asyncio.Event()
@@ -185,6 +186,7 @@ async def test_error_reaches_every_waiter_and_next_get_retries(km: Keymiss) -> N
     assert km.stats()["keyspaces"]["flaky:*"]["errors"] == 1
 
 
+@pytest.mark.reliability
 async def test_timeout_reaches_every_waiter(km: Keymiss) -> None:
     @km.keyspace("hang:*", timeout=0.1)
     async def hang(key: str) -> str:
@@ -201,6 +203,7 @@ async def test_timeout_reaches_every_waiter(km: Keymiss) -> None:
     assert km.stats()["in_flight"] == 0
 
 
+@pytest.mark.reliability
 async def test_sync_handler_timeout_discards_late_result(km: Keymiss) -> None:
     @km.keyspace("slowsync:*", timeout=0.1)
     def slow(key: str) -> str:
@@ -213,6 +216,7 @@ async def test_sync_handler_timeout_discards_late_result(km: Keymiss) -> None:
     assert km.store.get_now("slowsync:1") is None
 
 
+@pytest.mark.reliability
 async def test_cancelled_waiter_does_not_cancel_computation(km: Keymiss) -> None:
     release = asyncio.Event()
     calls = 0
@@ -261,6 +265,7 @@ async def test_value_is_committed_before_any_caller_hears(km: Keymiss) -> None:
     await app.close()
 
 
+@pytest.mark.reliability
 async def test_store_failure_is_reported_and_engine_keeps_serving(km: Keymiss) -> None:
     class FailingStore(MemoryStore):
         fail = True
@@ -299,6 +304,7 @@ async def test_error_ttl_caches_failures_briefly(km: Keymiss) -> None:
     assert calls == 1
 
 
+@pytest.mark.reliability
 async def test_unencodable_result_is_an_error_not_a_crash(km: Keymiss) -> None:
     @km.keyspace("obj:*")
     def obj(key: str) -> object:

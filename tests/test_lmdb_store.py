@@ -38,6 +38,7 @@ WRITER = textwrap.dedent(
 
 
 @pytest.mark.parametrize("kill_after", [1, 37, 400])
+@pytest.mark.reliability
 async def test_every_acknowledged_write_survives_kill_9(tmp_path: Path, kill_after: int) -> None:
     path = str(tmp_path / "db")
     proc = subprocess.Popen([sys.executable, "-c", WRITER, path], stdout=subprocess.PIPE, text=True)
@@ -78,6 +79,7 @@ class _Marker:
         return (open, (self.path, "w"))
 
 
+@pytest.mark.reliability
 async def test_poisoned_records_are_misses_and_never_executed(tmp_path: Path) -> None:
     path = str(tmp_path / "db")
     marker = tmp_path / "pwned"
@@ -135,6 +137,7 @@ async def test_long_and_empty_keys(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("durable", [True, False])
+@pytest.mark.reliability
 async def test_map_grows_instead_of_failing(tmp_path: Path, durable: bool) -> None:
     store = LMDBStore(str(tmp_path / "db"), map_size=256 * 1024, durable=durable)
     value = os.urandom(64 * 1024)
@@ -145,6 +148,7 @@ async def test_map_grows_instead_of_failing(tmp_path: Path, durable: bool) -> No
     await store.close()
 
 
+@pytest.mark.reliability
 async def test_max_disk_evicts_oldest_instead_of_failing(tmp_path: Path) -> None:
     store = LMDBStore(str(tmp_path / "db"), map_size=512 * 1024, max_disk=2 * 1024**2)
     value = os.urandom(32 * 1024)
@@ -189,6 +193,7 @@ async def test_another_process_reads_while_this_one_writes(tmp_path: Path) -> No
     await store.close()
 
 
+@pytest.mark.reliability
 async def test_stale_reader_slot_is_cleared_on_open(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     """A reader killed mid-transaction leaves its slot behind while other processes keep the
     environment open (LMDB only resets the table when the first process opens it); keymiss clears

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import random
 
+import pytest
+
 from keymiss import Keymiss
 from keymiss.stores.memory import ENTRY_OVERHEAD, MemoryStore
 from keymiss.stores.tinylfu import FrequencySketch, TinyLFUPolicy
@@ -86,6 +88,7 @@ def test_newcomers_always_enter_the_window() -> None:
     assert "new" in p.window and not p.candidates
 
 
+@pytest.mark.reliability
 async def test_scan_of_one_off_keys_does_not_flush_hot_entries() -> None:
     size = 100
     budget = 100 * (size + ENTRY_OVERHEAD + 8)

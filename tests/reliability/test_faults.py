@@ -18,7 +18,6 @@ from pathlib import Path
 from typing import Any
 
 import redis
-import redis.asyncio as aioredis
 
 from keymiss.stores.lmdb import LMDBStore
 
@@ -120,43 +119,65 @@ def test_leader_client_disconnect_does_not_cancel_the_computation(tmp_path: Path
         node.stop()
 
 
+def _flood(port: int, first: int, count: int, batch: int, tally: dict[str, int]) -> None:
+    """Pipelines of GETs for distinct keys of a 50 ms keyspace, read back reply by reply."""
+    s = socket.create_connection(("127.0.0.1", port), timeout=30)
+    f = s.makefile("rb")
+    try:
+        for start in range(first, first + count, batch):
+            s.sendall(b"".join(b"GET quick:flood%d\r\n" % n for n in range(start, start + batch)))
+            for _ in range(batch):
+                line = f.readline()
+                if line.startswith(b"-BUSY"):
+                    tally["busy"] += 1
+                elif line.startswith(b"$"):
+                    f.readline()
+                    tally["ok"] += 1
+                else:
+                    tally["other"] += 1
+    finally:
+        f.close()
+        s.close()
+
+
 def test_unique_key_flood_gets_busy_fast_and_hot_keys_keep_hitting(tmp_path: Path) -> None:
+    """A flood of distinct keys against a 50 ms keyspace: at most 8 computations run, the rest get
+    -BUSY at once (thousands of requests a second are answered), hot keys keep hitting, memory stays
+    bounded."""
+    import psutil
+
     node = start_server(tmp_path, "--max-in-flight", "8")
     try:
+        rss = psutil.Process(node.proc.pid)
         hot = redis.Redis(port=node.port, socket_timeout=5)
         for i in range(20):
             hot.set(f"hot:{i}", "v")
-        results = {"busy": 0, "ok": 0, "slowest_busy": 0.0}
-
-        async def flood() -> None:
-            clients = [aioredis.Redis(port=node.port, socket_timeout=10) for _ in range(20)]
-
-            async def one(c: aioredis.Redis, n: int) -> None:
-                t0 = time.perf_counter()
-                try:
-                    await c.get(f"slow:flood{n}")
-                    results["ok"] += 1
-                except redis.ResponseError as exc:
-                    assert str(exc).startswith("BUSY")
-                    results["busy"] += 1
-                    results["slowest_busy"] = max(results["slowest_busy"], time.perf_counter() - t0)
-
-            try:
-                await asyncio.gather(*(one(clients[n % 20], n) for n in range(400)))
-            finally:
-                await asyncio.gather(*(c.aclose() for c in clients))
-
-        hits = 0
-        t = threading.Thread(target=lambda: asyncio.run(flood()))
-        t.start()
-        for i in range(500):
-            hits += hot.get(f"hot:{i % 20}") == b"v"
-        t.join(60)
-        assert hits / 500 >= 0.9
-        assert results["busy"] > 0 and results["ok"] >= 8
-        assert results["slowest_busy"] < 1.0  # refused fast, not queued behind the computations
-        info = hot.info("keymiss")
-        assert info["keymiss_in_flight"] == 0
+        baseline = rss.memory_info().rss
+        tally = {"busy": 0, "ok": 0, "other": 0}
+        # 64 connections: more concurrent misses than the 8 computations allowed
+        threads = [
+            threading.Thread(target=_flood, args=(node.port, i * 100, 100, 20, tally)) for i in range(64)
+        ]
+        t0 = time.monotonic()
+        for t in threads:
+            t.start()
+        hits = asked = 0
+        peak_in_flight = 0
+        while any(t.is_alive() for t in threads) and time.monotonic() - t0 < 60:
+            hits += hot.get(f"hot:{asked % 20}") == b"v"
+            asked += 1
+            if asked % 10 == 0:
+                peak_in_flight = max(peak_in_flight, hot.info("keymiss")["keymiss_in_flight"])
+        for t in threads:
+            t.join(30)
+        rate = 6400 / (time.monotonic() - t0)
+        assert tally["other"] == 0 and tally["busy"] + tally["ok"] == 6400
+        assert tally["busy"] > 0 and tally["ok"] >= 8
+        assert rate > 1000, rate  # refused at once, not queued behind the 50 ms computations
+        assert peak_in_flight <= 8
+        assert asked > 20 and hits / asked >= 0.9
+        assert rss.memory_info().rss < baseline + 32 * 1024**2
+        assert hot.info("keymiss")["keymiss_in_flight"] == 0
         hot.close()
     finally:
         node.stop()

@@ -57,3 +57,9 @@ def big(key: str) -> bytes:
 async def crawl(key: str) -> str:
     await asyncio.sleep(1.5)  # a long model run
     return f"crawled {key}"
+
+
+@app.keyspace("quick:*")
+async def quick(key: str) -> str:
+    await asyncio.sleep(0.05)  # a small model: 50 ms
+    return f"quick {key}"

@@ -7,11 +7,13 @@ import time
 import urllib.request
 from pathlib import Path
 
+import pytest
 import redis
 
 from .conftest import raw_connect, read_reply, start_server
 
 
+@pytest.mark.reliability
 def test_client_that_never_reads_is_disconnected_and_others_stay_fast(tmp_path: Path) -> None:
     srv = start_server(tmp_path, "--output-stall-seconds", "1", "--output-buffer", "8MB")
     try:
@@ -28,10 +30,13 @@ def test_client_that_never_reads_is_disconnected_and_others_stay_fast(tmp_path: 
                 time.sleep(0.01)  # the server stopped reading us: flow control works
         other = redis.Redis(port=srv.port, socket_timeout=5)
         other.set("hot", "v")
-        t0 = time.perf_counter()
+        latencies = []
         for _ in range(200):
+            t0 = time.perf_counter()
             assert other.get("hot") == b"v"
-        assert time.perf_counter() - t0 < 2
+            latencies.append(time.perf_counter() - t0)
+        latencies.sort()
+        assert latencies[197] < 0.1  # p99 of the other client's hits stays low
         closed = False
         deadline = time.monotonic() + 10
         while time.monotonic() < deadline and not closed:
@@ -47,6 +52,7 @@ def test_client_that_never_reads_is_disconnected_and_others_stay_fast(tmp_path: 
         srv.stop()
 
 
+@pytest.mark.reliability
 def test_max_clients(tmp_path: Path) -> None:
     srv = start_server(tmp_path, "--max-clients", "2")
     try:
@@ -62,6 +68,7 @@ def test_max_clients(tmp_path: Path) -> None:
         srv.stop()
 
 
+@pytest.mark.reliability
 def test_bulk_limit_from_config_file(tmp_path: Path) -> None:
     config = tmp_path / "keymiss.toml"
     config.write_text('[keymiss]\nmax-bulk = "1KB"\nmax-in-flight = 7\n')

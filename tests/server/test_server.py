@@ -66,6 +66,7 @@ def test_template_key_value_is_json(client: redis.Redis) -> None:
     assert 90 <= client.ttl(key) <= 100
 
 
+@pytest.mark.reliability
 def test_handler_errors_name_the_keyspace_and_keep_the_connection(client: redis.Redis) -> None:
     with pytest.raises(redis.ResponseError, match=r"keyspace 'fail:\*': handler failed: ValueError"):
         client.get("fail:1")
@@ -277,6 +278,7 @@ def test_inline_commands_like_telnet(server: ServerProcess) -> None:
         (b"\x00" * 70_000, b"-ERR Protocol error: too big inline request\r\n"),
     ],
 )
+@pytest.mark.reliability
 def test_malformed_input_in_chunks_gets_error_and_server_keeps_serving(
     server: ServerProcess, payload: bytes, error: bytes | None
 ) -> None:
@@ -346,6 +348,7 @@ def test_redis_benchmark_completes_without_errors(server: ServerProcess) -> None
     assert "ERR" not in text and "error" not in text.lower()
 
 
+@pytest.mark.reliability
 def test_busy_when_in_flight_cap_is_reached(tmp_path: Path) -> None:
     srv = start_server(tmp_path, "--max-in-flight", "2")
     try:
@@ -373,6 +376,7 @@ def test_busy_when_in_flight_cap_is_reached(tmp_path: Path) -> None:
         srv.stop()
 
 
+@pytest.mark.reliability
 def test_auth_required(tmp_path: Path) -> None:
     srv = start_server(tmp_path, "--requirepass", "s3cret")
     try:
@@ -402,6 +406,7 @@ def test_auth_required(tmp_path: Path) -> None:
         srv.stop()
 
 
+@pytest.mark.reliability
 def test_refuses_public_bind_without_password(tmp_path: Path) -> None:
     out = subprocess.run(
         ["python", "-m", "keymiss", "serve", "--host", "0.0.0.0", "--port", "0"],

@@ -55,6 +55,7 @@ def test_200_gets_across_two_nodes_one_computation(two_nodes: tuple[ServerProces
     assert computations(a.port, "slow:*") + computations(b.port, "slow:*") == 1
 
 
+@pytest.mark.reliability
 def test_kill_9_of_the_lease_holder(two_nodes: tuple[ServerProcess, ServerProcess]) -> None:
     a, b = two_nodes
     key = f"crawl:{time.monotonic_ns()}"
@@ -139,6 +140,7 @@ class Load:
             t.join(15)
 
 
+@pytest.mark.reliability
 def test_redis_outage_gives_clean_errors_and_service_resumes(tmp_path: Path, redis_standalone: Any) -> None:
     node = start_server(tmp_path, "--store", f"redis://127.0.0.1:{redis_standalone.port}/0?timeout=0.5")
     r = redis.Redis(port=node.port, socket_timeout=10)
