@@ -13,7 +13,7 @@ from .. import __version__
 from ..glob import compile_glob
 from ..sizes import format_size
 from . import resp
-from .commands import TABLE, CommandError, Reply, arg, command, key_of, to_int
+from .commands import SYNTAX, TABLE, CommandError, Reply, arg, command, key_of, to_int
 
 if TYPE_CHECKING:
     from .connection import Connection
@@ -87,7 +87,7 @@ def _check_password(c: Connection, user: bytes, password: bytes) -> None:
 )
 def cmd_auth(c: Connection, args: list[bytes]) -> Reply:
     if len(args) > 3:
-        raise CommandError(resp_syntax())
+        raise CommandError(SYNTAX)
     if len(args) == 2 and c.server.settings.requirepass is None:
         raise CommandError(
             "ERR AUTH <password> called without any password configured for the default user. "
@@ -96,10 +96,6 @@ def cmd_auth(c: Connection, args: list[bytes]) -> Reply:
     user, password = (b"default", args[1]) if len(args) == 2 else (args[1], args[2])
     _check_password(c, user, password)
     return resp.OK
-
-
-def resp_syntax() -> str:
-    return "ERR syntax error"
 
 
 @command(
