@@ -9,13 +9,13 @@ to Redis behind keymiss's back can be served stale.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from collections.abc import Iterable, Sequence
 from typing import Any
 
 from redis.exceptions import RedisError
 
+from ..errors import StoreError
 from .base import Item, Store, Write
 from .memory import MemoryStore
 from .redis import RedisStore
@@ -68,12 +68,20 @@ class NearCacheStore(Store):
             self._listener = asyncio.get_running_loop().create_task(self._listen())
 
     async def _announce(self, keys: Iterable[str]) -> None:
-        for key in keys:
-            self.near.delete_now([key])
-            with contextlib.suppress(Exception):
-                await self.shared._call(
-                    self.shared.client.publish, INVALIDATE_CHANNEL, key.encode("utf-8", "surrogateescape")
+        """Drop our own copies and tell the other nodes to drop theirs, all messages at once
+        (a cluster pipeline refuses PUBLISH, so they go out concurrently instead)."""
+        keys = list(keys)
+        self.near.delete_now(keys)
+        publish = self.shared.client.publish
+        try:
+            await asyncio.gather(
+                *(
+                    self.shared._call(publish, INVALIDATE_CHANNEL, k.encode("utf-8", "surrogateescape"))
+                    for k in keys
                 )
+            )
+        except StoreError as exc:  # the write itself succeeded; others fall back on the short TTL
+            log.warning("could not announce %d changed key(s): %s", len(keys), exc)
 
     def get_cached(self, key: str) -> Item | None:
         """The near copy alone, synchronously: lets the server answer hot hits without a task."""

@@ -107,6 +107,18 @@ def test_pass_through_commands(tmp_path: Path, redis_cluster: Any) -> None:
         node.stop()
 
 
+def wait_until_served(r: redis.Redis, key: str, expected: bytes, seconds: float = 10) -> None:
+    """Retry through the errors of an outage until keymiss serves ``key`` again."""
+    deadline = time.monotonic() + seconds
+    while True:
+        try:
+            assert r.get(key) == expected
+            return
+        except redis.ResponseError:
+            assert time.monotonic() < deadline, "did not recover after Redis came back"
+            time.sleep(0.2)
+
+
 class Load:
     """Clients asking double:<n> in a loop; every reply must be the right value or an error."""
 
@@ -156,28 +168,14 @@ def test_redis_outage_gives_clean_errors_and_service_resumes(tmp_path: Path, red
             assert r.ping()  # keymiss itself keeps serving
         finally:
             redis_standalone.signal(signal.SIGCONT)
-        deadline = time.monotonic() + 10
-        while True:
-            try:
-                assert r.get("double:6") == b"12"
-                break
-            except redis.ResponseError:
-                assert time.monotonic() < deadline, "did not recover"
-                time.sleep(0.2)
+        wait_until_served(r, "double:6", b"12")
         assert r.get("double:4") == b"8" and r.get("double:5") == b"10"  # no wrong values after
         # a crash and restart of Redis (its data gone): clean errors while down, then recomputed
         redis_standalone.stop()
         with pytest.raises(redis.ResponseError, match="store error: redis unavailable"):
             r.get("double:8")
         redis_standalone.start()
-        deadline = time.monotonic() + 10
-        while True:
-            try:
-                assert r.get("double:8") == b"16"
-                break
-            except redis.ResponseError:
-                assert time.monotonic() < deadline, "did not recover after the restart"
-                time.sleep(0.2)
+        wait_until_served(r, "double:8", b"16")
         assert r.get("double:4") == b"8"  # lost with Redis's memory, computed again, right
         before = load.ok
         time.sleep(0.5)
