@@ -31,7 +31,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import numpy as np
 
 from keymiss import Keymiss
-from keymiss.qa import build_qa_app
+from keymiss.qa import build_qa_app, qa_service
 from keymiss.qa.contexts import read_corpus
 from keymiss.qa.models import default_encoder_path, load_qa_model
 from keymiss.qa.reader import SpanReader
@@ -102,7 +102,7 @@ async def run_keymiss(
         Keymiss(sweep_interval=0), model=model, dtype=dtype, batch_size=batch_size, batch_wait_ms=5
     )
     async with km:
-        await km.qa.ingest(km, list(contexts.items()))  # type: ignore[attr-defined]
+        await qa_service(km).ingest(km, list(contexts.items()))
         keys = [f"bertqa{{{ctx.split('{')[1].split('}')[0]}}}_{ctx}_{q}" for ctx, q in pairs]
         gate = asyncio.Semaphore(concurrency)
         latencies: list[float] = []
@@ -122,7 +122,7 @@ async def run_keymiss(
         t0 = time.perf_counter()
         await asyncio.gather(*(one(k) for k in keys))
         hit_time = time.perf_counter() - t0
-        reader: SpanReader = km.qa.reader  # type: ignore[attr-defined]
+        reader: SpanReader = qa_service(km).reader
         stats = km.stats()["keyspaces"]["bertqa{<tag>}_<context>_<question>"]
     return {
         "answers": answers,

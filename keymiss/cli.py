@@ -10,24 +10,45 @@ from collections.abc import Sequence
 from typing import Any
 
 from . import __version__
+from .logs import configure_logging
+from .options import ERROR_DETAILS
+from .stores import STORE_URLS
+from .stores.eviction import POLICY_NAMES
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="keymiss", description="Compute-on-miss cache for ML inference.")
     parser.add_argument("--version", action="version", version=f"keymiss {__version__}")
-    parser.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING, ERROR")
+    parser.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING or ERROR (default INFO)")
+    parser.add_argument(
+        "--log-format",
+        default="text",
+        choices=("text", "json"),
+        help="text (default) or json: one object a line",
+    )
     sub = parser.add_subparsers(dest="command")
     demo = sub.add_parser("demo", help="show a miss, a hit, a stampede and the stats")
-    demo.add_argument("--store", default="memory", help="memory or lmdb:PATH")
+    demo.add_argument("--store", default="memory", help=f"a store URL: {STORE_URLS}")
     demo.add_argument("--max-memory", default="64MB", help="memory store budget (e.g. 256MB, auto)")
     demo.add_argument("--compute-seconds", type=float, default=0.2, help="simulated inference time")
     serve = sub.add_parser("serve", help="serve keyspaces to any Redis client")
     serve.add_argument("--app", help="MODULE:ATTR naming a keymiss.Keymiss (importable from here)")
     serve.add_argument("--host", help="address to bind (default 127.0.0.1)")
     serve.add_argument("--port", type=int, help="port (default 6380; 0 picks a free one)")
-    serve.add_argument("--store", help="memory or lmdb:PATH (overrides the app)")
+    serve.add_argument("--store", help=f"a store URL (overrides the app): {STORE_URLS}")
     serve.add_argument("--max-memory", help="memory store budget, e.g. 256MB or auto (overrides the app)")
-    serve.add_argument("--eviction", help="memory store eviction policy (lru, fifo)")
+    serve.add_argument(
+        "--eviction", help=f"memory store eviction policy: {', '.join(POLICY_NAMES)} (default tinylfu)"
+    )
+    serve.add_argument(
+        "--handler-errors",
+        choices=ERROR_DETAILS,
+        help="what clients see of a handler's exception: message (type and message, the default) or "
+        "type (the type alone; the log always has the traceback)",
+    )
+    serve.add_argument(
+        "--access-log", action="store_const", const=True, help="log every command (logger keymiss.access)"
+    )
     serve.add_argument("--requirepass", help="password clients must AUTH with")
     serve.add_argument(
         "--unsafe-no-auth",
@@ -54,7 +75,11 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--metrics-port", type=int, help="serve Prometheus metrics on this port")
     serve.add_argument("--config", help="a keymiss.toml file")
     serve.add_argument("--model", help="extractive-QA checkpoint directory for the bertqa keyspace")
-    serve.add_argument("--qa-dtype", help="float32 (default) or bfloat16 model weights")
+    serve.add_argument(
+        "--qa-dtype",
+        help="float32 (default), bf16-autocast (bfloat16 matrix products, close calls settled in float32) "
+        "or bfloat16 (bfloat16 weights)",
+    )
     serve.add_argument("--qa-batch-size", type=int, help="questions per forward pass (default 16)")
     serve.add_argument("--qa-batch-wait-ms", type=float, help="how long a batch waits to fill (default 5)")
     serve.add_argument("--corpus", help="contexts to ingest at start (JSON lines or text, one per line)")
@@ -71,10 +96,8 @@ def _ingest(args: argparse.Namespace) -> int:
     from .errors import ConfigError, KeymissError
 
     try:
-        from .qa.app import QAService
+        from .qa.app import QAService, reader_factory
         from .qa.contexts import read_corpus
-        from .qa.models import load_encoder, load_qa_model
-        from .qa.reader import SentenceReader, SpanReader
     except ImportError as exc:
         print(f"keymiss: ingest needs the qa extra ({exc})", file=sys.stderr)
         return 2
@@ -82,14 +105,9 @@ def _ingest(args: argparse.Namespace) -> int:
         print("keymiss: a memory store is gone when ingest exits; use --store lmdb:PATH", file=sys.stderr)
         return 2
 
-    def make_reader() -> SpanReader | SentenceReader:
-        if args.model:
-            return SpanReader(load_qa_model(args.model))
-        return SentenceReader(load_encoder())
-
     async def run() -> None:
         km = Keymiss(store=args.store, sweep_interval=0)
-        service = QAService(make_reader)
+        service = QAService(reader_factory(args.model))
         try:
             pairs = list(read_corpus(args.file))
             try:
@@ -153,21 +171,18 @@ def _serve(args: argparse.Namespace) -> int:
         km = load_app(settings.app) if settings.app else None
         if km is None or settings.model:
             km = _with_qa(km, settings)
-        run(km, settings, config_file=args.config)
+        return run(km, settings, config_file=args.config)
     except ConfigError as exc:
         print(f"keymiss: {exc}", file=sys.stderr)
         return 2
     except OSError as exc:
         print(f"keymiss: cannot serve: {exc}", file=sys.stderr)
         return 1
-    return 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(
-        level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
+    configure_logging(args.log_level, args.log_format)
     command = args.command or "demo"
     if command == "demo":
         from .demo import run_demo

@@ -34,6 +34,8 @@ class Settings:
     output_stall_seconds: float = 60.0  # ... or whose replies stay unread this long
     request_seconds: float = 30.0  # a request still incomplete after this long is a slowloris: closed
     max_in_flight: int = 10_000  # computations at once before -BUSY
+    handler_errors: str | None = None  # what clients see of a handler's exception: message or type
+    access_log: bool = False  # log every command on the keymiss.access logger
     grace_seconds: float = 10.0
     metrics_port: int | None = None
     model: str | None = None  # extractive-QA checkpoint directory for the bertqa keyspace
@@ -54,6 +56,8 @@ class Settings:
             raise ConfigError(f"port {self.port} is out of range")
         if self.max_clients < 1 or self.max_in_flight < 1:
             raise ConfigError("max-clients and max-in-flight must be at least 1")
+        if self.handler_errors is not None and self.handler_errors not in ("message", "type"):
+            raise ConfigError(f"handler-errors must be message or type, got {self.handler_errors!r}")
 
 
 _FIELDS = {f.name: f for f in fields(Settings) if f.name != "extra"}

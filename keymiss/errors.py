@@ -52,3 +52,8 @@ class StoreError(KeymissError):
 
 class BusyError(KeymissError):
     """Too many computations in flight; the caller should retry later."""
+
+
+class ReplyError(KeymissError):
+    """The backing server answered a passed-through command with an error; ``str(self)`` is its
+    whole error line (``CROSSSLOT Keys in request don't hash to the same slot``)."""

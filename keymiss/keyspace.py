@@ -20,11 +20,12 @@ from typing import Any
 from .codecs import Codec, codec_from_name
 from .errors import ConfigError, KeyMismatchError
 from .glob import compile_glob, glob_prefix
+from .options import DEFAULT_TIMEOUT, KeyspaceOptions
 from .stats import KeyspaceStats
 
 _FIELD = re.compile(r"<([A-Za-z_][A-Za-z0-9_]*)>")
 
-DEFAULT_TIMEOUT = 60.0
+__all__ = ["DEFAULT_TIMEOUT", "Keyspace", "Registry", "Template"]
 
 
 _ANNOTATED_CODECS = {"str": Codec.TEXT, "bytes": Codec.BYTES, "ndarray": Codec.NUMPY}
@@ -121,37 +122,26 @@ class Keyspace:
         self,
         pattern: str,
         handler: Callable[..., Any],
-        *,
-        ttl: float | None = None,
-        batch_size: int | None = None,
-        batch_wait_ms: float | None = None,
-        timeout: float | None = DEFAULT_TIMEOUT,
-        codec: str | None = None,
-        error_ttl: float | None = None,
+        options: KeyspaceOptions | None = None,
+        **overrides: Any,
     ) -> None:
         if not pattern:
             raise ConfigError("a keyspace pattern cannot be empty")
-        if ttl is not None and ttl <= 0:
-            raise ConfigError(f"keyspace {pattern!r}: ttl must be positive seconds or None")
-        if batch_size is not None and batch_size < 1:
-            raise ConfigError(f"keyspace {pattern!r}: batch_size must be >= 1")
-        if batch_wait_ms is not None and batch_size is None:
-            raise ConfigError(f"keyspace {pattern!r}: batch_wait_ms needs batch_size")
-        if timeout is not None and timeout <= 0:
-            raise ConfigError(f"keyspace {pattern!r}: timeout must be positive seconds or None")
+        try:
+            opts = KeyspaceOptions.of(options, **overrides)
+        except ConfigError as exc:
+            raise ConfigError(f"keyspace {pattern!r}: {exc}") from None
         self.pattern = pattern
         self.handler = handler
-        self.ttl = ttl
-        self.batch_size = batch_size
-        self.batch_wait = (5.0 if batch_wait_ms is None else batch_wait_ms) / 1000.0
-        self.timeout = timeout
-        self.codec: Codec | None = codec_from_name(codec) or _codec_from_annotation(
-            handler, batch_size is not None
+        self.options = opts
+        self.ttl = opts.ttl
+        self.batch_size = opts.batch_size
+        self.batch_wait = opts.batch_wait
+        self.timeout = opts.timeout
+        self.error_ttl = opts.error_ttl
+        self.codec: Codec | None = codec_from_name(opts.codec) or _codec_from_annotation(
+            handler, opts.batch_size is not None
         )
-        #: the codec this node last encoded a value with: how values read back from a shared store
-        #: (which keeps plain bytes only) are decoded when no codec was declared
-        self.learned_codec: Codec | None = None
-        self.error_ttl = error_ttl
         self.stats = KeyspaceStats()
         self.is_async = inspect.iscoroutinefunction(handler) or inspect.iscoroutinefunction(
             getattr(handler, "__call__", None)  # noqa: B004 - async callable objects
@@ -162,7 +152,7 @@ class Keyspace:
         if self.template is not None:
             self.prefix = self.template.prefix
             self.claims = self._claims_prefix
-            if batch_size is None:
+            if opts.batch_size is None:
                 self._check_signature()
         else:
             self.prefix = glob_prefix(pattern)
@@ -213,6 +203,8 @@ class Keyspace:
             "batch_wait_ms": self.batch_wait * 1000 if self.batch_size else None,
             "timeout": self.timeout,
             "codec": self.codec.name.lower() if self.codec is not None else "auto",
+            "concurrency": self.options.concurrency,
+            "error_ttl": self.error_ttl,
             **self.stats.as_dict(),
         }
 

@@ -65,5 +65,10 @@ class SingleFlight:
         return not pending
 
     def cancel_all(self) -> None:
+        """Cancel every computation; a waiter whose computation never began gets the error too."""
         for task in list(self._tasks):
             task.cancel()
+        for key, fut in list(self._calls.items()):
+            if not fut.done():
+                fut.set_exception(asyncio.CancelledError(f"computation of {key!r} was cancelled"))
+            del self._calls[key]

@@ -20,7 +20,8 @@ class KeyspaceStats:
     calls: int = 0  # handler invocations (a batch of 8 counts 1)
     errors: int = 0
     timeouts: int = 0
-    in_flight: int = 0
+    in_flight: int = 0  # keys being computed, including those whose handler is past its timeout
+    stuck: int = 0  # handler calls past their timeout whose thread has not returned
     coalesced: int = 0  # callers that joined a computation already running
     compute_seconds: float = 0.0
     not_stored: int = 0  # computed values the store declined (too big, or not admitted)
@@ -38,6 +39,11 @@ class KeyspaceStats:
     @property
     def mean_compute_seconds(self) -> float:
         return self.compute_seconds / self.computations if self.computations else 0.0
+
+    @property
+    def mean_call_seconds(self) -> float:
+        """Mean seconds of one handler call (a batch is one call)."""
+        return self.compute_seconds / self.calls if self.calls else 0.0
 
     @property
     def seconds_saved(self) -> float:

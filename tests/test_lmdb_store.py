@@ -109,7 +109,7 @@ async def test_poisoned_records_are_misses_and_never_executed(tmp_path: Path) ->
     for key in ("p:random", "p:pickle", "p:truncated", "p:copied"):
         assert await app.get(key) == f"fresh:{key}"
     assert not marker.exists()
-    assert app.store.info()["corrupt"] == 4
+    assert app.store.info().extra["corrupt"] == 4
     assert sorted(calls) == sorted(["p:source", "p:random", "p:pickle", "p:truncated", "p:copied"])
     await app.close()
 
@@ -143,7 +143,7 @@ async def test_map_grows_instead_of_failing(tmp_path: Path, durable: bool) -> No
     value = os.urandom(64 * 1024)
     for i in range(100):  # 6.4 MB into a 256 KB map
         assert await store.set(f"k{i}", value)
-    assert store.info()["map_size"] > 6 * 1024**2
+    assert store.info().extra["map_size"] > 6 * 1024**2
     assert all(store.get_now(f"k{i}") is not None for i in range(100))
     await store.close()
 
@@ -155,8 +155,8 @@ async def test_max_disk_evicts_oldest_instead_of_failing(tmp_path: Path) -> None
     for i in range(300):  # ~9.6 MB through a 2 MB disk budget
         assert await store.set(f"k{i:04d}", value)
     info = store.info()
-    assert info["evictions"] > 0
-    assert info["map_size"] <= 2 * 1024**2
+    assert info.evictions > 0
+    assert info.extra["map_size"] <= 2 * 1024**2
     assert store.get_now("k0299") is not None  # the newest stays
     assert store.get_now("k0000") is None  # the oldest went first
     await store.close()
@@ -263,6 +263,6 @@ async def test_max_disk_eviction_spares_keymiss_records(tmp_path: Path) -> None:
     value = os.urandom(32 * 1024)
     for i in range(300):
         assert await store.set(f"k{i:04d}", value)
-    assert store.info()["evictions"] > 0
+    assert store.info().evictions > 0
     assert store.get_now("keymiss:ctx:doc:{t}:1") is not None
     await store.close()

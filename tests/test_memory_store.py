@@ -27,7 +27,7 @@ async def test_budget_never_exceeded_under_10x_random_inserts() -> None:
         i += 1
         assert store.used_bytes <= budget
     assert store.evictions > 0
-    assert store.info()["keys"] > 0
+    assert store.info().keys > 0
     # the accounting matches a recount of what is really held
     recount = sum(len(k) + len(v.value) + ENTRY_OVERHEAD for k, v in store._data.items())
     assert recount == store.used_bytes
@@ -125,7 +125,7 @@ def test_sizes_parse_like_redis() -> None:
 
 def test_store_urls() -> None:
     assert isinstance(open_store("memory", max_memory="1MB"), MemoryStore)
-    assert open_store("memory?max_memory=2MB").info()["max_bytes"] == 2 * 1024**2
+    assert open_store("memory?max_memory=2MB").info().max_bytes == 2 * 1024**2
     for bad in ("memcached://x", "lmdb:", "memory?colour=blue", "lmdb:/tmp/x?durable=maybe"):
         with pytest.raises(ConfigError):
             open_store(bad)
@@ -136,7 +136,7 @@ def test_store_urls() -> None:
 async def test_default_keymiss_uses_auto_budget() -> None:
     km = Keymiss()
     info = km.store.info()
-    assert info["store"] == "memory" and info["max_bytes"] >= 1024**2
+    assert info.store == "memory" and info.max_bytes >= 1024**2
     await km.close()
 
 
@@ -150,7 +150,7 @@ async def test_keymiss_records_are_never_evicted() -> None:
             await store.set(f"answer:{i:03d}", b"a" * 100)
             assert store.get_now("keymiss:ctx:doc:{t}:1") is not None
             assert store.used_bytes <= budget
-        assert store.info()["pinned_bytes"] > 0
+        assert store.info().extra["pinned_bytes"] > 0
         # a budget full of pinned records refuses what it cannot make room for, instead of failing
         tiny = MemoryStore(2 * (ENTRY_OVERHEAD + 120), eviction=policy)
         assert await tiny.set("keymiss:a", b"x" * 100)

@@ -158,3 +158,54 @@ async def test_engine_counts_evictions_per_keyspace() -> None:
     assert stats["evictions"] > 0
     assert km.stats()["store"]["eviction_policy"] == "lru"
     await km.close()
+
+
+def test_sketch_growth_keeps_what_it_knew() -> None:
+    """Widening the table tiles each row, so every key reads the same cells' values as before."""
+    s = FrequencySketch(64)
+    truth = {f"k{i}": 1 + i % 15 for i in range(20)}  # sparse: 20 keys over 64 slots per row
+    for k, n in truth.items():
+        for _ in range(n):
+            s.increment(k)
+    before = {k: s.frequency(k) for k in truth}
+    exact = [k for k in truth if before[k] == truth[k]]  # keys no collision inflated
+    assert len(exact) >= 15
+    additions = s.additions
+
+    s.resize(4096)
+    assert s.width == 4096 and len(s.table) == 4 * 4096
+    after = {k: s.frequency(k) for k in truth}
+    assert all(after[k] >= before[k] for k in truth)  # count-min never loses a count
+    assert after == before  # in fact the very same estimates
+    assert all(after[k] == truth[k] for k in exact)
+    assert s.additions == additions  # aging bookkeeping carries over...
+    assert s.sample == 10 * 4096  # ...and the sample scales with the width
+
+    s.increment("k0")  # the grown sketch keeps counting from there
+    assert s.frequency("k0") == min(before["k0"] + 1, 15)
+
+    table = bytes(s.table)
+    s.resize(100)  # growth only: a smaller size changes nothing
+    assert s.width == 4096 and bytes(s.table) == table
+
+
+async def test_hot_keys_survive_a_flood_while_the_cache_is_still_growing() -> None:
+    """A fresh store's sketch grows from 1024 slots as entries arrive; it must not forget the hot set."""
+
+    async def hot_left(policy: str) -> int:
+        store = MemoryStore(4 * 1024**2, eviction=policy)  # about 6,500 entries of this size
+        value = b"v" * 300
+        hot = [f"hot:{i:03d}" for i in range(100)]
+        for k in hot:
+            await store.set(k, value)
+        for _ in range(50):
+            for k in hot:
+                assert store.get_now(k) is not None
+        for i in range(30_000):  # one-off keys, each read once
+            k = f"once:{i:05d}"
+            await store.set(k, value)
+            store.get_now(k)
+        return sum(store.get_now(k) is not None for k in hot)
+
+    assert await hot_left("lru") <= 10
+    assert await hot_left("tinylfu") >= 90

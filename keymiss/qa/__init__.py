@@ -3,7 +3,16 @@
 Needs the ``qa`` extra (torch, transformers, tokenizers); nothing here downloads anything.
 """
 
-from .app import QA_PATTERN, build_qa_app
+from .app import QA_PATTERN, QAService, build_qa_app, qa_service, reader_factory
 from .contexts import ContextRecord, UnknownContextError, context_store_key
 
-__all__ = ["QA_PATTERN", "ContextRecord", "UnknownContextError", "build_qa_app", "context_store_key"]
+__all__ = [
+    "QA_PATTERN",
+    "ContextRecord",
+    "QAService",
+    "UnknownContextError",
+    "build_qa_app",
+    "context_store_key",
+    "qa_service",
+    "reader_factory",
+]

@@ -105,6 +105,41 @@ class QAService:
         return report
 
 
+SERVICE = "qa"
+
+
+def qa_service(km: Keymiss) -> QAService:
+    """The QA service ``build_qa_app`` attached to ``km`` (its reader, ``ingest``)."""
+    service = km.extensions.get(SERVICE)
+    if not isinstance(service, QAService):
+        raise KeyError("this Keymiss has no bertqa keyspace (build it with build_qa_app)")
+    return service
+
+
+def reader_factory(
+    model: str | None = None,
+    *,
+    dtype: str = "float32",
+    device: str | None = None,
+    params: QAParams | None = None,
+) -> Callable[[], Reader]:
+    """What loads the reader: span answers from a local extractive-QA checkpoint, or, without one,
+    the shipped all-MiniLM-L6-v2 encoder answering with the best-matching sentence."""
+
+    def make_reader() -> Reader:
+        from .models import load_encoder, load_qa_model
+
+        if model:
+            main = load_qa_model(model, dtype=dtype, device=device)
+            # bfloat16 weights need a float32 copy to settle close calls; autocast reuses its weights
+            reduced = main.dtype.lower() in ("bfloat16", "bf16")
+            verify = load_qa_model(model, device=device) if reduced else None
+            return SpanReader(main, params, verify=verify)
+        return SentenceReader(load_encoder(device=device))
+
+    return make_reader
+
+
 def build_qa_app(
     km: Keymiss | None = None,
     *,
@@ -124,21 +159,8 @@ def build_qa_app(
     ingested at start. ``corpus`` names a file to ingest at start (JSON lines or plain text).
     """
     km = km or Keymiss()
-
-    def make_reader() -> Reader:
-        from .models import load_encoder, load_qa_model
-
-        if model:
-            main = load_qa_model(model, dtype=dtype, device=device)
-            # reduced precision decides fast; close calls are settled by the float32 weights
-            # bfloat16 weights need a float32 copy to settle close calls; autocast reuses its weights
-            reduced = main.dtype.lower() in ("bfloat16", "bf16")
-            verify = load_qa_model(model, device=device) if reduced else None
-            return SpanReader(main, params, verify=verify)
-        return SentenceReader(load_encoder(device=device))
-
-    service = QAService(make_reader)
-    km.qa = service  # type: ignore[attr-defined]
+    service = QAService(reader_factory(model, dtype=dtype, device=device, params=params))
+    km.extensions[SERVICE] = service
 
     async def startup(km: Keymiss) -> None:
         reader = await service.load()

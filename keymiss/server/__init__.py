@@ -1,6 +1,7 @@
 """The RESP front end: any Redis client GETs through keymiss."""
 
-from . import admin as _admin  # noqa: F401  (registers the connection and operator commands)
+# Importing the command modules fills the command table.
+from . import introspection, keys, session, strings  # noqa: F401
 from .app import Server, load_app, run
 
 __all__ = ["Server", "load_app", "run"]

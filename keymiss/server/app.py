@@ -73,7 +73,12 @@ class Server:
         self.km = km
         self.settings = settings
         self.config_file = config_file
-        km.configure(store=settings.store, max_memory=settings.max_memory, eviction=settings.eviction)
+        km.configure(
+            store=settings.store,
+            max_memory=settings.max_memory,
+            eviction=settings.eviction,
+            error_detail=settings.handler_errors,
+        )
         km.max_in_flight = settings.max_in_flight
         self.connections: dict[int, Connection] = {}
         self.ids = itertools.count(1)
@@ -88,6 +93,8 @@ class Server:
         self.output_disconnections = 0
         self.slow_request_disconnections = 0
         self.auth_failures = 0
+        self.abandoned_handlers = 0
+        self.access_log = settings.access_log
         self._server: asyncio.Server | None = None
         self._watchdog: asyncio.Task[None] | None = None
         self._stopping = asyncio.Event()
@@ -151,9 +158,12 @@ class Server:
         await self.shutdown()
 
     async def shutdown(self) -> None:
-        """Stop accepting, let running computations finish (up to the grace period), close the store."""
+        """Stop accepting, let running computations finish (up to the grace period), close the store.
+
+        Always ends: handlers still stuck after the grace period are abandoned (their threads are
+        daemons) and counted in ``abandoned_handlers``, which the exit status reports."""
         grace = self.settings.grace_seconds
-        log.info("shutting down: %d computation(s) in flight, grace %.0fs", len(self.km._flights), grace)
+        log.info("shutting down: %d computation(s) in flight, grace %.0fs", self.km.engine.in_flight, grace)
         if self._server is not None:
             self._server.close()
         if self._watchdog is not None:
@@ -161,7 +171,7 @@ class Server:
         if self._metrics is not None:
             self._metrics[0].shutdown()
         deadline = time.monotonic() + grace
-        await self.km._flights.wait_all(grace)
+        await self.km.drain(grace)
         # let waiting connections write the replies those computations produced
         while any(c.waiting for c in self.connections.values()) and time.monotonic() < deadline:  # noqa: ASYNC110
             await asyncio.sleep(0.01)
@@ -170,11 +180,23 @@ class Server:
                 conn.transport.close()
         await asyncio.sleep(0)
         await self.km.close(grace=max(0.0, deadline - time.monotonic()))
-        log.info("keymiss stopped")
+        self.abandoned_handlers = self.km.abandoned_handlers
+        if self.abandoned_handlers:
+            log.error(
+                "keymiss stopped, abandoning %d handler call(s) stuck past their timeout",
+                self.abandoned_handlers,
+            )
+        else:
+            log.info("keymiss stopped")
 
 
-def run(km: Keymiss, settings: Settings, *, config_file: str | None = None) -> None:
-    """Run a server until a signal stops it, on uvloop when it is installed."""
+#: Exit status of ``keymiss serve`` when shutdown had to abandon handlers stuck past their timeout.
+EXIT_ABANDONED = 3
+
+
+def run(km: Keymiss, settings: Settings, *, config_file: str | None = None) -> int:
+    """Run a server until a signal stops it, on uvloop when it is installed. Returns the exit
+    status: 0, or ``EXIT_ABANDONED`` when handlers stuck past their timeout were left behind."""
     server = Server(km, settings, config_file=config_file)
     try:
         import uvloop
@@ -184,3 +206,4 @@ def run(km: Keymiss, settings: Settings, *, config_file: str | None = None) -> N
         loop_factory = None
     with asyncio.Runner(loop_factory=loop_factory) as runner:
         runner.run(server.serve_forever())
+    return EXIT_ABANDONED if server.abandoned_handlers else 0

@@ -16,15 +16,16 @@ import time
 from collections.abc import Awaitable
 from typing import TYPE_CHECKING, cast
 
-from ..errors import BusyError, StoreError
-from ..stores.base import LocalStore
-from . import resp
+from ..errors import BusyError, KeymissError, ReplyError
+from ..stores.base import SharedStore
+from . import reply, resp
 from .commands import TABLE, error_reply
 
 if TYPE_CHECKING:
     from .app import Server
 
 log = logging.getLogger("keymiss.server")
+access = logging.getLogger("keymiss.access")
 
 #: Input kept buffered behind a waiting command before the socket stops being read.
 READ_PAUSE_BYTES = 1024 * 1024
@@ -48,8 +49,8 @@ class Connection(asyncio.Protocol):
         self.name = ""
         self.lib: dict[str, str] = {}
         self.authenticated = s.requirepass is None
-        self.local_store = isinstance(self.km.store, LocalStore)
-        self.near_cache = hasattr(self.km.store, "get_cached")
+        store = self.km.store
+        self.shared: SharedStore | None = store if isinstance(store, SharedStore) else None
         self.transport: asyncio.Transport | None = None
         self.addr = "?"
         self.laddr = "?"
@@ -157,15 +158,15 @@ class Connection(asyncio.Protocol):
             if args is None:
                 break
             self._progressed = True
-            reply = self._dispatch(args)
-            if type(reply) is not bytes:
+            answer = self._dispatch(args)
+            if type(answer) is not bytes:
                 if out:
                     self._write(b"".join(out))
                 self.waiting = True
-                pending = cast(Awaitable[bytes], reply)
+                pending = cast(Awaitable[bytes], answer)
                 self._task = asyncio.get_running_loop().create_task(self._complete(pending))
                 return
-            out.append(reply)
+            out.append(answer)
         if out:
             self._write(b"".join(out))
         if self.close_after_reply and self.transport is not None:
@@ -177,66 +178,66 @@ class Connection(asyncio.Protocol):
         name = args[0].lower()
         cmd = TABLE.get(name)
         self.last_cmd = name
-        if cmd is None and self._authenticated and hasattr(self.km.store, "raw"):
-            return self._passthrough(args)
+        if srv.access_log:
+            access.info(
+                "%s %s %s%s",
+                self.addr,
+                name.decode(errors="replace")[:32].upper(),
+                args[1][:200].decode(errors="replace") if len(args) > 1 and name != b"auth" else "",
+                f" (+{len(args) - 2} args)" if len(args) > 2 else "",
+                extra={"client": self.addr, "command": name.decode(errors="replace")[:32]},
+            )
+        if cmd is None and self._authenticated and self.shared is not None:
+            return self._passthrough(self.shared, args)
         if cmd is None:
             shown = " ".join(f"'{a[:128].decode(errors='replace')}'" for a in args[1:])
             srv.error_replies += 1
             name_shown = args[0][:128].decode(errors="replace")
-            return resp.error(f"ERR unknown command '{name_shown}', with args beginning with: {shown}")
+            return reply.error(f"ERR unknown command '{name_shown}', with args beginning with: {shown}")
         if not self._authenticated and "noauth" not in cmd.flags:
             srv.error_replies += 1
             return NOAUTH
         n = len(args)
         if (cmd.arity > 0 and n != cmd.arity) or n < -cmd.arity:
             srv.error_replies += 1
-            return resp.error(f"ERR wrong number of arguments for '{cmd.name}' command")
+            return reply.error(f"ERR wrong number of arguments for '{cmd.name}' command")
         try:
             return cmd.handler(self, args)
         except Exception as exc:
-            return self._error(exc)
+            return self.error(exc)
 
-    async def _passthrough(self, args: list[bytes]) -> bytes:
+    async def _passthrough(self, store: SharedStore, args: list[bytes]) -> bytes:
         """Forward a command keymiss does not own (HSET, INCR, LPUSH, …) to the backing Redis."""
-        from redis.exceptions import RedisClusterException, RedisError, ResponseError
-
         try:
-            result = await self.km.store.raw(*args)  # type: ignore[attr-defined]
-        except ResponseError as exc:
-            text = str(exc)
-            code = getattr(exc, "status_code", None)  # redis-py strips the code of errors it knows
-            if code and not text.startswith(code):
-                text = f"{code} {text}"
-            return resp.error(text if text.split(" ", 1)[0].isupper() else f"ERR {text}")
-        except RedisClusterException as exc:
-            if "slot" in str(exc).lower():
-                return resp.error("CROSSSLOT Keys in request don't hash to the same slot")
-            return resp.error(f"ERR {exc}")
-        except (RedisError, OSError) as exc:
-            return self._error(StoreError(f"redis unavailable: {type(exc).__name__}: {exc}"))
-        return resp.encode(result, self.proto)
+            result = await store.raw(args)
+        except ReplyError as exc:
+            return reply.error(str(exc))
+        except KeymissError as exc:
+            return self.error(exc)
+        return reply.encode(result, self.proto)
 
-    def _error(self, exc: BaseException) -> bytes:
+    def error(self, exc: BaseException) -> bytes:
+        """The error reply for ``exc``, counted; unexpected exceptions are logged with traceback."""
         srv = self.server
         srv.error_replies += 1
         if isinstance(exc, BusyError):
             srv.busy_rejections += 1
-        reply = error_reply(exc)
-        if reply.startswith(b"-ERR internal error"):
+        line = error_reply(exc)
+        if line.startswith(b"-ERR internal error"):
             log.error("command %r failed", self.last_cmd, exc_info=exc)
-        return reply
+        return line
 
     async def _complete(self, pending: Awaitable[bytes]) -> None:
         try:
-            reply = await pending
+            answer = await pending
         except asyncio.CancelledError:
             return
         except Exception as exc:
-            reply = self._error(exc)
+            answer = self.error(exc)
         self.waiting = False
         if self.closed:
             return
-        self._write(reply)
+        self._write(answer)
         self._process()
         self._flow()
 

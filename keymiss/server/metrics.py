@@ -36,7 +36,12 @@ class KeymissCollector:
             name: CounterMetricFamily(f"keymiss_{name}", text, labels=["keyspace"])
             for name, text in counters.items()
         }
-        in_flight = GaugeMetricFamily("keymiss_in_flight", "Computations running now", labels=["keyspace"])
+        in_flight = GaugeMetricFamily(
+            "keymiss_in_flight", "Keys being computed, with handlers past their timeout", labels=["keyspace"]
+        )
+        stuck = GaugeMetricFamily(
+            "keymiss_stuck_handlers", "Handler calls past their timeout still running", labels=["keyspace"]
+        )
         compute = HistogramMetricFamily(
             "keymiss_compute_seconds", "Duration of one call of a keyspace's function", labels=["keyspace"]
         )
@@ -45,21 +50,23 @@ class KeymissCollector:
             for name, family in families.items():
                 family.add_metric([ks.pattern], getattr(st, name))
             in_flight.add_metric([ks.pattern], st.in_flight)
+            stuck.add_metric([ks.pattern], st.stuck)
             cumulative = list(itertools.accumulate(st.compute_histogram))
             buckets = [(repr(b), c) for b, c in zip(COMPUTE_BUCKETS, cumulative, strict=False)]
             buckets.append(("+Inf", cumulative[-1]))
             compute.add_metric([ks.pattern], buckets, st.compute_seconds)
         yield from families.values()
         yield in_flight
+        yield stuck
         yield compute
         info = km.store.info()
         store_bytes = GaugeMetricFamily("keymiss_store_bytes", "Bytes the store holds", labels=["store"])
-        store_bytes.add_metric([str(info.get("store"))], float(info.get("used_bytes", 0)))
+        store_bytes.add_metric([info.store], float(info.used_bytes))
         yield store_bytes
         store_max = GaugeMetricFamily("keymiss_store_max_bytes", "The store's byte budget", labels=["store"])
-        store_max.add_metric([str(info.get("store"))], float(info.get("max_bytes", 0)))
+        store_max.add_metric([info.store], float(info.max_bytes))
         yield store_max
-        yield GaugeMetricFamily("keymiss_store_keys", "Keys in the store", value=float(info.get("keys", 0)))
+        yield GaugeMetricFamily("keymiss_store_keys", "Keys in the store", value=float(info.keys))
         yield GaugeMetricFamily(
             "keymiss_connected_clients", "Open client connections", value=float(len(self.server.connections))
         )

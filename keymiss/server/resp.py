@@ -1,4 +1,4 @@
-"""RESP2/RESP3 request framing and reply encoding, free of I/O.
+"""RESP2/RESP3 request framing, free of I/O (replies are encoded by ``reply``).
 
 Requests are framed by Redis's own rules (``processMultibulkBuffer`` / ``processInlineBuffer`` in
 ``networking.c``) with Redis's own error texts, because clients and operators recognise them and
@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import re
 from collections import deque
-from collections.abc import Iterable, Mapping
-from typing import Any
 
 try:
     import hiredis
@@ -35,7 +33,7 @@ class ProtocolError(Exception):
         self.reply = f"-ERR Protocol error: {message}\r\n".encode()
 
 
-def _strict_int(raw: bytes) -> int | None:
+def parse_int(raw: bytes) -> int | None:
     """Redis's ``string2ll``: optional ``-``, digits, no leading zeros, no spaces or ``+``."""
     if not raw or len(raw) > 20:
         return None
@@ -280,7 +278,7 @@ class RequestParser:
                     return None
                 if cr + 1 >= len(buf):
                     return None  # wait for the '\n'
-                count = _strict_int(bytes(buf[self._pos + 1 : cr]))
+                count = parse_int(bytes(buf[self._pos + 1 : cr]))
                 if count is None or count > INT_MAX:
                     raise ProtocolError("invalid multibulk length")
                 if not self.authenticated and count > UNAUTH_MAX_ARGS:
@@ -307,7 +305,7 @@ class RequestParser:
                         return None
                     if cr + 1 >= len(buf):
                         return None
-                    size = _strict_int(bytes(buf[self._pos + 1 : cr]))
+                    size = parse_int(bytes(buf[self._pos + 1 : cr]))
                     if size is None or size < 0 or size > self.max_bulk:
                         raise ProtocolError("invalid bulk length")
                     if not self.authenticated and size > UNAUTH_MAX_BULK:
@@ -340,76 +338,3 @@ class RequestParser:
         if args is None:
             raise ProtocolError("unbalanced quotes in request")
         return args
-
-
-# --- replies ----------------------------------------------------------------------------------------
-OK = b"+OK\r\n"
-PONG = b"+PONG\r\n"
-NULL2 = b"$-1\r\n"
-NULL3 = b"_\r\n"
-NULL_ARRAY2 = b"*-1\r\n"
-EMPTY_ARRAY = b"*0\r\n"
-
-
-def simple(text: str) -> bytes:
-    return b"+" + text.encode() + b"\r\n"
-
-
-def error(message: str) -> bytes:
-    """An error line; the message's first word is the error code (``ERR``, ``BUSY``, ``NOAUTH``)."""
-    clean = message.replace("\r", " ").replace("\n", " ")
-    return b"-" + clean.encode("utf-8", "replace") + b"\r\n"
-
-
-def integer(n: int) -> bytes:
-    return b":%d\r\n" % n
-
-
-def bulk(value: bytes) -> bytes:
-    return b"$%d\r\n%b\r\n" % (len(value), value)
-
-
-def null(proto: int) -> bytes:
-    return NULL3 if proto == 3 else NULL2
-
-
-def array(items: Iterable[bytes], count: int | None = None) -> bytes:
-    """An array of already-encoded replies."""
-    parts = list(items)
-    return b"*%d\r\n" % (len(parts) if count is None else count) + b"".join(parts)
-
-
-def verbatim(text: str, proto: int) -> bytes:
-    """RESP3 verbatim text (as INFO and CLIENT INFO send it), a bulk string on RESP2."""
-    data = text.encode()
-    if proto == 3:
-        return b"=%d\r\ntxt:%b\r\n" % (len(data) + 4, data)
-    return bulk(data)
-
-
-def encode(value: Any, proto: int) -> bytes:
-    """A Python value as a reply: dicts become maps (flat arrays on RESP2), floats doubles."""
-    if value is None:
-        return null(proto)
-    if isinstance(value, bool):
-        if proto == 3:
-            return b"#t\r\n" if value else b"#f\r\n"
-        return integer(int(value))
-    if isinstance(value, int):
-        return integer(value)
-    if isinstance(value, float):
-        if proto == 3:
-            return b",%b\r\n" % repr(value).encode()
-        return bulk(repr(value).encode())
-    if isinstance(value, bytes):
-        return bulk(value)
-    if isinstance(value, str):
-        return bulk(value.encode("utf-8", "surrogateescape"))
-    if isinstance(value, Mapping):
-        body = b"".join(encode(k, proto) + encode(v, proto) for k, v in value.items())
-        if proto == 3:
-            return b"%%%d\r\n" % len(value) + body
-        return b"*%d\r\n" % (2 * len(value)) + body
-    if isinstance(value, list | tuple | set | frozenset):
-        return b"*%d\r\n" % len(value) + b"".join(encode(v, proto) for v in value)
-    return bulk(str(value).encode())

@@ -9,11 +9,24 @@ from urllib.parse import parse_qsl
 
 from ..errors import ConfigError
 from ..sizes import parse_size
-from .base import Item, LocalStore, Store, Write
+from .base import EvictHook, Item, LocalStore, SharedStore, Store, StoreInfo, Write
 from .eviction import LRUPolicy, Policy
 from .memory import MemoryStore
 
-__all__ = ["Item", "LRUPolicy", "LocalStore", "MemoryStore", "Policy", "Store", "Write", "open_store"]
+__all__ = [
+    "STORE_URLS",
+    "EvictHook",
+    "Item",
+    "LRUPolicy",
+    "LocalStore",
+    "MemoryStore",
+    "Policy",
+    "SharedStore",
+    "Store",
+    "StoreInfo",
+    "Write",
+    "open_store",
+]
 
 _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"0", "false", "no", "off"}
@@ -26,8 +39,28 @@ def _flag(value: str, name: str) -> bool:
     raise ConfigError(f"store option {name}={value!r} must be 1/0, true/false, yes/no or on/off")
 
 
-def open_store(url: str, *, max_memory: int | str = "auto", eviction: str | Policy = "tinylfu") -> Store:
-    """Build a store from its URL; ``max_memory`` and ``eviction`` apply to the memory store."""
+STORE_URLS = "memory, lmdb:PATH, redis://HOST:PORT, rediss://HOST:PORT or redis+cluster://HOST:PORT"
+
+
+def open_store(
+    url: str,
+    *,
+    max_memory: int | str = "auto",
+    eviction: str | Policy = "tinylfu",
+    on_evict: EvictHook | None = None,
+) -> Store:
+    """Build a store from its URL; ``max_memory`` and ``eviction`` apply to the memory store.
+
+    Every malformed URL is a ``ConfigError`` with one readable line, never a traceback."""
+    try:
+        return _open(url, max_memory, eviction, on_evict)
+    except ConfigError:
+        raise
+    except (ValueError, TypeError) as exc:
+        raise ConfigError(f"bad store URL {url!r}: {exc}") from None
+
+
+def _open(url: str, max_memory: int | str, eviction: str | Policy, on_evict: EvictHook | None) -> Store:
     base, _, query = url.partition("?")
     opts = dict(parse_qsl(query, keep_blank_values=True, strict_parsing=False))
     scheme, sep, rest = base.partition(":")
@@ -37,7 +70,7 @@ def open_store(url: str, *, max_memory: int | str = "auto", eviction: str | Poli
         if unknown:
             raise ConfigError(f"unknown memory store option(s): {', '.join(sorted(unknown))}")
         size = parse_size(opts.get("max_memory", max_memory), what="max_memory")
-        return MemoryStore(size, eviction=opts.get("eviction", eviction))
+        return MemoryStore(size, eviction=opts.get("eviction", eviction), on_evict=on_evict)
     if scheme == "lmdb" and sep:
         from .lmdb import LMDBStore
 
@@ -52,20 +85,37 @@ def open_store(url: str, *, max_memory: int | str = "auto", eviction: str | Poli
             max_disk=parse_size(opts["max_disk"], what="max_disk") if "max_disk" in opts else None,
             durable=_flag(opts.get("durable", "1"), "durable"),
             map_size=parse_size(opts.get("map_size", "256mb"), what="map_size"),
+            on_evict=on_evict,
         )
     if scheme in {"redis", "rediss", "redis+cluster", "rediss+cluster"}:
         try:
             from .redis import RedisStore
         except ImportError as exc:
             raise ConfigError(f"store {url!r} needs redis-py: pip install 'keymiss[redis]' ({exc})") from None
-        base_url, _, query = url.partition("?")
-        opts = dict(parse_qsl(query))
+        unknown = set(opts) - {"timeout", "lease_ms", "max_concurrency", "near_cache", "near_ttl"}
+        if unknown:
+            raise ConfigError(f"unknown redis store option(s): {', '.join(sorted(unknown))}")
         near = opts.pop("near_cache", None)
-        near_ttl = float(opts.pop("near_ttl", "5"))
-        shared = RedisStore(base_url + ("?" + "&".join(f"{k}={v}" for k, v in opts.items()) if opts else ""))
+        near_ttl = _number(opts.pop("near_ttl", "5"), "near_ttl")
+        shared = RedisStore(
+            base,
+            timeout=_number(opts.get("timeout", "2"), "timeout"),
+            lease_ms=int(_number(opts.get("lease_ms", "30000"), "lease_ms")),
+            max_concurrency=int(_number(opts.get("max_concurrency", "32"), "max_concurrency")),
+        )
         if near:
             from .near import NearCacheStore
 
             return NearCacheStore(shared, max_bytes=parse_size(near, what="near_cache"), ttl=near_ttl)
         return shared
-    raise ConfigError(f"unknown store {url!r}; use 'memory', 'lmdb:PATH', 'redis://…' or 'redis+cluster://…'")
+    raise ConfigError(f"unknown store {url!r}; use {STORE_URLS}")
+
+
+def _number(value: str, name: str) -> float:
+    try:
+        n = float(value)
+    except ValueError:
+        raise ConfigError(f"store option {name}={value!r} must be a number") from None
+    if not n > 0 or n == float("inf"):
+        raise ConfigError(f"store option {name}={value!r} must be a positive number")
+    return n

@@ -10,8 +10,8 @@ from __future__ import annotations
 import abc
 import itertools
 from collections import OrderedDict
-from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from collections.abc import Awaitable, Callable, Iterable, Sequence
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from ..glob import compile_glob
@@ -51,17 +51,41 @@ class Write:
     cost: float = 0.0  # compute seconds that produced the value (cost-aware eviction)
 
 
+#: Called with each key a store evicts to stay within its budget (the engine counts per keyspace).
+EvictHook = Callable[[str], None]
+
+
+@dataclass
+class StoreInfo:
+    """A store's numbers for INFO, CONFIG GET and metrics; ``extra`` holds backend-specific ones."""
+
+    store: str
+    used_bytes: int = 0
+    max_bytes: int = 0
+    keys: int = 0
+    evictions: int = 0
+    expired: int = 0
+    eviction_policy: str = "none"
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def as_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d.update(d.pop("extra"))
+        return d
+
+
 class Store(abc.ABC):
-    """What the engine and the server need of a backend."""
+    """What the engine and the server need of a backend: the asynchronous face every store has.
+
+    Two capabilities are declared by subclassing, never probed: ``LocalStore`` (in-process, with a
+    synchronous face) and ``SharedStore`` (several nodes share it: cross-node single-flight and
+    pass-through of commands keymiss does not own).
+    """
 
     #: URL-like name shown in logs and INFO (``memory``, ``lmdb:/var/cache/km``).
     url: str = "store"
-    #: True where ``get_now`` answers without I/O waits (in-process stores).
+    #: True for ``LocalStore``s: ``get_now`` answers without I/O waits.
     local: bool = False
-
-    def get_now(self, key: str) -> Item | None:
-        """Synchronous lookup; only stores with ``local = True`` implement it."""
-        raise NotImplementedError
 
     @abc.abstractmethod
     async def get(self, key: str) -> Item | None: ...
@@ -120,8 +144,32 @@ class Store(abc.ABC):
     async def close(self) -> None: ...
 
     @abc.abstractmethod
-    def info(self) -> dict[str, Any]:
-        """Numbers for INFO and metrics: at least ``used_bytes``, ``max_bytes``, ``keys``, ``evictions``."""
+    def info(self) -> StoreInfo:
+        """Numbers for INFO and metrics; must not block (network stores report their last reading)."""
+
+
+class SharedStore(Store):
+    """A store several keymiss nodes share (Redis, Redis Cluster).
+
+    It owns what sharing needs: cross-node single-flight (``flight``), pass-through of commands
+    keymiss does not own (``raw``), and the translation of its client library's errors into
+    ``StoreError`` (unreachable) or ``ReplyError`` (the server's own error line), so the protocol
+    layer never sees a client library's exceptions.
+    """
+
+    @abc.abstractmethod
+    async def flight(self, key: str, compute: Callable[[], Awaitable[Item]], compute_seconds: float) -> Item:
+        """Run ``compute`` only while this node holds ``key``'s cluster-wide lease; while another
+        node holds it, wait for that node's result and return it. ``timeout`` is what the
+        computation itself may take."""
+
+    @abc.abstractmethod
+    async def raw(self, args: Sequence[bytes]) -> Any:
+        """Run a command keymiss does not own on the backing server and return its reply."""
+
+    def get_cached(self, key: str) -> Item | None:
+        """A copy held in process (a near cache), synchronously; ``None`` means "ask the store"."""
+        return None
 
 
 class LocalStore(Store):
@@ -129,7 +177,8 @@ class LocalStore(Store):
 
     local = True
 
-    def __init__(self) -> None:
+    def __init__(self, on_evict: EvictHook | None = None) -> None:
+        self.on_evict = on_evict
         self._scans: OrderedDict[int, Any] = OrderedDict()
         self._scan_ids = itertools.count(1)
         self.evictions = 0

@@ -28,7 +28,7 @@ import lmdb
 
 from ..errors import StoreError
 from ..sizes import format_size
-from .base import PINNED_PREFIX, Item, LocalStore, Write
+from .base import PINNED_PREFIX, EvictHook, Item, LocalStore, StoreInfo, Write
 
 log = logging.getLogger("keymiss.lmdb")
 
@@ -58,8 +58,9 @@ class LMDBStore(LocalStore):
         max_disk: int | None = None,
         durable: bool = True,
         clock: Callable[[], float] = time.time,
+        on_evict: EvictHook | None = None,
     ) -> None:
-        super().__init__()
+        super().__init__(on_evict)
         self.path = path
         self.url = f"lmdb:{path}"
         self.max_disk = max_disk
@@ -230,11 +231,16 @@ class LMDBStore(LocalStore):
             victims = max(16, entries // 50)
             cur = txn.cursor(self._order)
             n = 0
+            gone: list[bytes] = []
             while n < victims and cur.first():
-                txn.delete(cur.value(), db=self._data)
+                gone.append(cur.value())
+                txn.delete(gone[-1], db=self._data)
                 cur.delete()
                 n += 1
         self.evictions += n
+        if self.on_evict is not None:
+            for raw in gone:
+                self.on_evict(raw.decode("utf-8", "surrogateescape"))
 
     def _set(self, writes: Sequence[Write], nx: bool, xx: bool, keep_ttl: bool) -> list[bool]:
         now = self._clock()
@@ -377,19 +383,22 @@ class LMDBStore(LocalStore):
                 found = cur.next()
         return keys, last, not found
 
-    def info(self) -> dict[str, Any]:
+    def info(self) -> StoreInfo:
         env_info = self._env.info()
         stat = self._env.stat()
         used = (env_info["last_pgno"] + 1) * stat["psize"]
-        return {
-            "store": self.url,
-            "used_bytes": used,
-            "max_bytes": self.max_disk or env_info["map_size"],
-            "used_human": format_size(used),
-            "map_size": env_info["map_size"],
-            "keys": self._len(),
-            "evictions": self.evictions,
-            "expired": self.expired,
-            "corrupt": self.corrupt,
-            "durable": self.durable,
-        }
+        return StoreInfo(
+            store=self.url,
+            used_bytes=used,
+            max_bytes=self.max_disk or env_info["map_size"],
+            keys=self._len(),
+            evictions=self.evictions,
+            expired=self.expired,
+            eviction_policy="oldest" if self.max_disk else "none",
+            extra={
+                "used_human": format_size(used),
+                "map_size": env_info["map_size"],
+                "corrupt": self.corrupt,
+                "durable": self.durable,
+            },
+        )

@@ -12,7 +12,7 @@ from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 from ..sizes import format_size
-from .base import PINNED_PREFIX, Item, LocalStore, Write
+from .base import PINNED_PREFIX, EvictHook, Item, LocalStore, StoreInfo, Write
 from .eviction import Policy, make_policy
 
 #: Bytes a stored entry costs beyond its key and value: the dict slot, the Item (3 slots), the key
@@ -35,14 +35,13 @@ class MemoryStore(LocalStore):
         *,
         eviction: str | Policy = "tinylfu",
         clock: Callable[[], float] = time.time,
+        on_evict: EvictHook | None = None,
     ) -> None:
-        super().__init__()
+        super().__init__(on_evict)
         self.max_bytes = int(max_memory)
         self.policy = make_policy(eviction, self.max_bytes)
         self._touch = self.policy.touch
         self._miss = self.policy.miss
-        #: called with each evicted key (the engine counts evictions per keyspace)
-        self.on_evict: Callable[[str], None] | None = None
         self.url = "memory"
         self._data: dict[str, Item] = {}
         self._sizes: dict[str, int] = {}
@@ -181,15 +180,14 @@ class MemoryStore(LocalStore):
         pos += count
         return chunk, (snapshot, pos), pos >= len(snapshot)
 
-    def info(self) -> dict[str, Any]:
-        return {
-            "store": self.url,
-            "used_bytes": self._bytes,
-            "max_bytes": self.max_bytes,
-            "used_human": format_size(self._bytes),
-            "keys": len(self._data),
-            "pinned_bytes": self._pinned_bytes,
-            "evictions": self.evictions,
-            "expired": self.expired,
-            "eviction_policy": self.policy.name,
-        }
+    def info(self) -> StoreInfo:
+        return StoreInfo(
+            store=self.url,
+            used_bytes=self._bytes,
+            max_bytes=self.max_bytes,
+            keys=len(self._data),
+            evictions=self.evictions,
+            expired=self.expired,
+            eviction_policy=self.policy.name,
+            extra={"used_human": format_size(self._bytes), "pinned_bytes": self._pinned_bytes},
+        )

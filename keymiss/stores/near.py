@@ -9,14 +9,16 @@ to Redis behind keymiss's back can be served stale.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import dataclasses
 import logging
-from collections.abc import Iterable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from typing import Any
 
 from redis.exceptions import RedisError
 
 from ..errors import StoreError
-from .base import Item, Store, Write
+from .base import Item, SharedStore, StoreInfo, Write
 from .memory import MemoryStore
 from .redis import RedisStore
 
@@ -25,60 +27,59 @@ log = logging.getLogger("keymiss.near")
 INVALIDATE_CHANNEL = "keymiss:invalidate"
 
 
-class NearCacheStore(Store):
-    """``RedisStore`` plus a bytes-bounded, short-lived in-process copy of what was read."""
+class NearCacheStore(SharedStore):
+    """A ``RedisStore`` plus a bytes-bounded, short-lived in-process copy of what was read.
 
-    local = False
-    distributed = True
+    Every capability is delegated explicitly: leases (``flight``) and pass-through (``raw``) are the
+    shared store's; reads look at the near copy first; writes go to Redis, then invalidate.
+    """
 
     def __init__(self, shared: RedisStore, *, max_bytes: int = 32 * 1024**2, ttl: float = 5.0) -> None:
         self.shared = shared
         self.near = MemoryStore(max_bytes, eviction="tinylfu")
         self.ttl = ttl
         self.url = f"{shared.url} (near cache {max_bytes // 1024**2}MB, {ttl:g}s)"
-        self.lease_ms = shared.lease_ms
         self.near_hits = 0
         self._listener: asyncio.Task[None] | None = None
-        self._pubsub: Any = None
 
-    def __getattr__(self, name: str) -> Any:  # leases, waiters, raw pass-through: the shared store's
-        return getattr(self.shared, name)
+    async def flight(self, key: str, compute: Callable[[], Awaitable[Item]], compute_seconds: float) -> Item:
+        return await self.shared.flight(key, compute, compute_seconds)
+
+    async def raw(self, args: Sequence[bytes]) -> Any:
+        return await self.shared.raw(args)
 
     async def _listen(self) -> None:
-        await self.shared._connect()
-        client = self.shared.client
-        if self.shared.cluster:  # a plain connection to one node hears the whole cluster's PUBLISH
-            node = self.shared.client.get_default_node() or self.shared.client.get_primaries()[0]
-            from redis.asyncio import Redis
-
-            client = Redis(host=node.host, port=node.port, **self.shared._common)
-        self._pubsub = client.pubsub()
         try:
-            await self._pubsub.subscribe(INVALIDATE_CHANNEL)
+            await self.shared.connect()
+            pubsub = self.shared.subscriber()
+        except StoreError as exc:
+            log.warning("invalidation channel unavailable (%s): dropping the near cache", exc)
+            await self.near.flush()
+            return
+        try:
+            await pubsub.subscribe(INVALIDATE_CHANNEL)
             while True:
-                msg = await self._pubsub.get_message(ignore_subscribe_messages=True, timeout=1.0)
+                msg = await pubsub.get_message(ignore_subscribe_messages=True, timeout=1.0)
                 if msg and msg.get("type") == "message":
                     self.near.delete_now([msg["data"].decode("utf-8", "surrogateescape")])
         except (RedisError, OSError) as exc:
             log.warning("invalidation channel lost (%s): dropping the near cache", exc)
             await self.near.flush()
+        finally:
+            with contextlib.suppress(RedisError, OSError, AttributeError):
+                await pubsub.aclose()
 
     def _ensure_listener(self) -> None:
         if self._listener is None or self._listener.done():
             self._listener = asyncio.get_running_loop().create_task(self._listen())
 
     async def _announce(self, keys: Iterable[str]) -> None:
-        """Drop our own copies and tell the other nodes to drop theirs, all messages at once
-        (a cluster pipeline refuses PUBLISH, so they go out concurrently instead)."""
+        """Drop our own copies and tell the other nodes to drop theirs, all messages at once."""
         keys = list(keys)
         self.near.delete_now(keys)
-        publish = self.shared.client.publish
         try:
-            await asyncio.gather(
-                *(
-                    self.shared._call(publish, INVALIDATE_CHANNEL, k.encode("utf-8", "surrogateescape"))
-                    for k in keys
-                )
+            await self.shared.publish(
+                INVALIDATE_CHANNEL, [k.encode("utf-8", "surrogateescape") for k in keys]
             )
         except StoreError as exc:  # the write itself succeeded; others fall back on the short TTL
             log.warning("could not announce %d changed key(s): %s", len(keys), exc)
@@ -98,7 +99,7 @@ class NearCacheStore(Store):
             return item
         item = await self.shared.get(key)
         if item is not None:
-            self.near.set_now(key, item.value, ttl=self.ttl)
+            self.near.set_now(key, item.value, codec=item.codec, ttl=self.ttl)
         return item
 
     async def get_many(self, keys: Sequence[str]) -> list[Item | None]:
@@ -110,7 +111,7 @@ class NearCacheStore(Store):
             for i, item in zip(missing, fetched, strict=True):
                 out[i] = item
                 if item is not None:
-                    self.near.set_now(keys[i], item.value, ttl=self.ttl)
+                    self.near.set_now(keys[i], item.value, codec=item.codec, ttl=self.ttl)
         return out
 
     async def set(self, key: str, value: bytes, **kwargs: Any) -> bool:
@@ -160,12 +161,13 @@ class NearCacheStore(Store):
         await self.near.close()
         await self.shared.close()
 
-    def info(self) -> dict[str, Any]:
+    def info(self) -> StoreInfo:
         near = self.near.info()
-        return {
-            **self.shared.info(),
-            "store": self.url,
-            "near_keys": near["keys"],
-            "near_bytes": near["used_bytes"],
+        info = dataclasses.replace(self.shared.info(), store=self.url)
+        info.extra = {
+            **info.extra,
+            "near_keys": near.keys,
+            "near_bytes": near.used_bytes,
             "near_hits": self.near_hits,
         }
+        return info

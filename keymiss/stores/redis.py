@@ -14,10 +14,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 import uuid
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from typing import Any
-from urllib.parse import parse_qsl, urlsplit, urlunsplit
+from urllib.parse import urlsplit, urlunsplit
 
 import redis.asyncio as aioredis
 from redis.asyncio.cluster import RedisCluster
@@ -25,13 +26,14 @@ from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialBackoff
 from redis.exceptions import RedisError
 
-from ..errors import ConfigError, StoreError
-from .base import PTTL_MISSING, Item, Store, Write
+from ..errors import ComputeTimeoutError, ConfigError, ReplyError, StoreError
+from .base import PTTL_MISSING, Item, SharedStore, StoreInfo, Write
 
 log = logging.getLogger("keymiss.redis")
 
 DONE_CHANNEL = "keymiss:done"
 LEASE_PREFIX = "keymiss:lease:"
+CODEC_PREFIX = "keymiss:codec:"
 
 # Release or renew a lease only while it is still ours (compare the token first).
 _RELEASE = """
@@ -45,6 +47,20 @@ if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('pexpire', KEYS[
 def _k(key: str) -> bytes:
     """Keys are binary-safe: surrogate-escaped bytes go back to the bytes a client sent."""
     return key.encode("utf-8", "surrogateescape")
+
+
+def _tag(key: str) -> bytes:
+    return _k(CODEC_PREFIX + key)
+
+
+def _px(ttl: float | None) -> int | None:
+    return None if ttl is None else max(1, int(ttl * 1000))
+
+
+def _item(value: bytes | None, tag: bytes | None) -> Item | None:
+    if value is None:
+        return None
+    return Item(value, int(tag) if tag and tag.isdigit() else 0)
 
 
 def _wrap(exc: Exception) -> StoreError:
@@ -62,19 +78,21 @@ def _sum_nodes(per_node: Any) -> dict[str, Any]:
     return total
 
 
-class RedisStore(Store):
-    """A ``Store`` over redis-py's asyncio client (standalone) or cluster client."""
+class RedisStore(SharedStore):
+    """A ``SharedStore`` over redis-py's asyncio client (standalone) or cluster client.
 
-    local = False
-    distributed = True
+    A value's codec tag lives beside it under ``keymiss:codec:<key>`` (same hash tag, same TTL),
+    written only for values that are not plain bytes, so the value a client GETs stays exactly the
+    bytes the codec wrote and ``Keymiss.get`` still returns the type the handler returned.
+    """
 
-    def __init__(self, url: str, *, timeout: float = 2.0, lease_ms: int = 30_000) -> None:
+    def __init__(
+        self, url: str, *, timeout: float = 2.0, lease_ms: int = 30_000, max_concurrency: int = 32
+    ) -> None:
         parts = urlsplit(url)
         scheme = parts.scheme.lower()
         self.cluster = scheme in ("redis+cluster", "rediss+cluster")
-        opts = dict(parse_qsl(parts.query))
-        timeout = float(opts.pop("timeout", timeout))
-        self.lease_ms = int(opts.pop("lease_ms", lease_ms))
+        self.lease_ms = lease_ms
         clean = urlunsplit((scheme.replace("+cluster", ""), parts.netloc, parts.path, "", ""))
         self.url = url if not parts.password else url.replace(parts.password, "***")
         retry = Retry(ExponentialBackoff(cap=0.5, base=0.05), retries=1)
@@ -90,12 +108,13 @@ class RedisStore(Store):
         self._raw_client: Any = None
         self._ready = False
         self._init_lock = asyncio.Lock()
+        self._listener_lock = asyncio.Lock()
         self._gets: list[tuple[str, asyncio.Future[Item | None]]] = []
         self._gets_scheduled = False
         self._tasks: set[asyncio.Task[None]] = set()
         # redis-py's asyncio cluster client mishandles bursts of concurrent commands while it opens
         # connections ("handler is closed"); a gate keeps its pools within what it handles.
-        self._gate = asyncio.Semaphore(int(opts.pop("max_concurrency", 32))) if self.cluster else None
+        self._gate = asyncio.Semaphore(max_concurrency) if self.cluster else None
         try:
             if self.cluster:
                 self.client: Any = RedisCluster.from_url(clean, **common)
@@ -106,7 +125,7 @@ class RedisStore(Store):
         self._pubsub: Any = None
         self._listener: asyncio.Task[None] | None = None
         self._waiters: dict[str, list[asyncio.Future[None]]] = {}
-        self._info: dict[str, Any] = {"used_bytes": 0, "max_bytes": 0, "keys": 0, "evictions": 0}
+        self._info = StoreInfo(store=self.url, eviction_policy="redis")
 
     async def _connect(self) -> None:
         """Discover the cluster's slots once, before any traffic: redis-py initialises lazily, and a
@@ -152,14 +171,20 @@ class RedisStore(Store):
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
+    async def _mget(self, keys: Sequence[str]) -> list[Item | None]:
+        """Values and their codec tags in one round trip."""
+        raw: list[bytes] = []
+        for k in keys:
+            raw.append(_k(k))
+            raw.append(_tag(k))
+        fn = self.client.mget_nonatomic if self.cluster else self.client.mget
+        values = await self._call(fn, raw)
+        return [_item(values[i], values[i + 1]) for i in range(0, len(values), 2)]
+
     async def _fetch(self, batch: list[tuple[str, asyncio.Future[Item | None]]]) -> None:
         keys = list(dict.fromkeys(k for k, _ in batch))
         try:
-            if len(keys) == 1:
-                values = [await self._call(self.client.get, _k(keys[0]))]
-            else:
-                fn = self.client.mget_nonatomic if self.cluster else self.client.mget
-                values = await self._call(fn, [_k(k) for k in keys])
+            items = await self._mget(keys)
         except BaseException as exc:
             for _, fut in batch:
                 if not fut.done():
@@ -167,7 +192,7 @@ class RedisStore(Store):
             if not isinstance(exc, Exception):
                 raise
             return
-        found = {k: (None if v is None else Item(v)) for k, v in zip(keys, values, strict=True)}
+        found = dict(zip(keys, items, strict=True))
         for key, fut in batch:
             if not fut.done():
                 fut.set_result(found[key])
@@ -175,9 +200,7 @@ class RedisStore(Store):
     async def get_many(self, keys: Sequence[str]) -> list[Item | None]:
         if not keys:
             return []
-        fn = self.client.mget_nonatomic if self.cluster else self.client.mget
-        values = await self._call(fn, [_k(k) for k in keys])
-        return [None if v is None else Item(v) for v in values]
+        return await self._mget(keys)
 
     async def set(
         self,
@@ -190,10 +213,17 @@ class RedisStore(Store):
         xx: bool = False,
         keep_ttl: bool = False,
     ) -> bool:
-        px = None if ttl is None else max(1, int(ttl * 1000))
+        px = _px(ttl)
+        if not (nx or xx or keep_ttl):
+            return (await self.set_many([Write(key, value, codec, ttl)]))[0]
         ok = await self._call(
             self.client.set, _k(key), value, px=px, nx=nx, xx=xx, keepttl=keep_ttl and px is None
         )
+        if ok:  # a conditional write: the tag follows once the value is known to be ours
+            if codec:
+                await self._call(self.client.set, _tag(key), str(codec).encode(), px=px, keepttl=px is None)
+            else:
+                await self._call(self.client.delete, _tag(key))
         return bool(ok)
 
     async def set_many(self, writes: Sequence[Write]) -> list[bool]:
@@ -201,13 +231,27 @@ class RedisStore(Store):
             return []
         pipe = self.client.pipeline(transaction=False)
         for w in writes:
-            pipe.set(_k(w.key), w.value, px=None if w.ttl is None else max(1, int(w.ttl * 1000)))
+            px = _px(w.ttl)
+            pipe.set(_k(w.key), w.value, px=px)
+            if w.codec:
+                pipe.set(_tag(w.key), str(w.codec).encode(), px=px)
+            else:
+                pipe.delete(_tag(w.key))
         results = await self._call(pipe.execute)
-        return [bool(r) for r in results]
+        out: list[bool] = []
+        i = 0
+        for _ in writes:
+            out.append(bool(results[i]))
+            i += 2
+        return out
 
     async def delete(self, keys: Iterable[str]) -> int:
-        raw = [_k(k) for k in keys]
-        return int(await self._call(self.client.delete, *raw)) if raw else 0
+        keys = list(keys)
+        if not keys:
+            return 0
+        n = int(await self._call(self.client.delete, *(_k(k) for k in keys)))
+        await self._call(self.client.delete, *(_tag(k) for k in keys))
+        return n
 
     async def exists(self, keys: Iterable[str]) -> int:
         raw = [_k(k) for k in keys]
@@ -218,10 +262,14 @@ class RedisStore(Store):
 
     async def expire(self, key: str, ttl: float | None) -> bool:
         if ttl is None:
-            return bool(await self._call(self.client.persist, _k(key)))
+            ok = bool(await self._call(self.client.persist, _k(key)))
+            await self._call(self.client.persist, _tag(key))
+            return ok
         if ttl <= 0:
             return bool(await self.delete([key]))
-        return bool(await self._call(self.client.pexpire, _k(key), max(1, int(ttl * 1000))))
+        ok = bool(await self._call(self.client.pexpire, _k(key), _px(ttl)))
+        await self._call(self.client.pexpire, _tag(key), _px(ttl))
+        return ok
 
     async def scan(self, cursor: int, match: str | None = None, count: int = 10) -> tuple[int, list[str]]:
         if self.cluster:  # one pass over every primary: cluster cursors do not compose
@@ -252,13 +300,15 @@ class RedisStore(Store):
         if self.cluster:  # per-node dicts: add them up
             info = _sum_nodes(info)
             stats = _sum_nodes(stats)
-        self._info = {
-            "used_bytes": int(info.get("used_memory", 0)),
-            "max_bytes": int(info.get("maxmemory", 0)),
-            "keys": keys,
-            "evictions": int(stats.get("evicted_keys", 0)),
-            "expired": int(stats.get("expired_keys", 0)),
-        }
+        self._info = StoreInfo(
+            store=self.url,
+            used_bytes=int(info.get("used_memory", 0)),
+            max_bytes=int(info.get("maxmemory", 0)),
+            keys=keys,
+            evictions=int(stats.get("evicted_keys", 0)),
+            expired=int(stats.get("expired_keys", 0)),
+            eviction_policy="redis",
+        )
         return 0
 
     async def close(self) -> None:
@@ -274,62 +324,128 @@ class RedisStore(Store):
                 with contextlib.suppress(RedisError, OSError):
                     await extra.aclose()
 
-    def info(self) -> dict[str, Any]:
+    def info(self) -> StoreInfo:
         """Numbers from the last sweep (INFO is a network call; this must not block)."""
-        return {"store": self.url, "eviction_policy": "redis", **self._info}
+        return self._info
 
-    async def raw(self, *args: bytes) -> Any:
+    async def raw(self, args: Sequence[bytes]) -> Any:
         """Run a command keymiss does not own on the backing Redis (pass-through). Response
-        callbacks are off, so replies stay close to what Redis sent."""
+        callbacks are off, so replies stay close to what Redis sent; Redis's own error lines come
+        back as ``ReplyError`` with their code, and an unreachable Redis as ``StoreError``."""
+        from redis.exceptions import RedisClusterException, ResponseError
+
         if self._raw_client is None:
             cls = RedisCluster if self.cluster else aioredis.Redis
             self._raw_client = cls.from_url(self._clean_url, **self._common)
             self._raw_client.response_callbacks = {}
         name = args[0].decode("ascii", "replace")  # the cluster client routes by a str command name
-        return await self._call(self._raw_client.execute_command, name, *args[1:])
+        try:
+            return await self._raw_client.execute_command(name, *args[1:])
+        except ResponseError as exc:
+            text = str(exc)
+            code = getattr(exc, "status_code", None)  # redis-py strips the code of errors it knows
+            if code and not text.startswith(code):
+                text = f"{code} {text}"
+            raise ReplyError(text if text.split(" ", 1)[0].isupper() else f"ERR {text}") from None
+        except RedisClusterException as exc:
+            if "slot" in str(exc).lower():
+                raise ReplyError("CROSSSLOT Keys in request don't hash to the same slot") from None
+            raise ReplyError(f"ERR {exc}") from None
+        except (RedisError, OSError, RuntimeError) as exc:
+            raise _wrap(exc) from exc
 
     # --- cluster-wide single-flight ---------------------------------------------------------------------
-    def lease_key(self, key: str) -> str:
-        return LEASE_PREFIX + key
+    async def flight(self, key: str, compute: Callable[[], Awaitable[Item]], compute_seconds: float) -> Item:
+        """Compute only while holding the key's lease in Redis (``SET NX PX``, renewed while the
+        computation runs); other nodes wait for the completion message — or the lease's expiry, if
+        the holder died — and read the stored value."""
+        await self._ensure_listener()
+        budget = compute_seconds + 2 * self.lease_ms / 1000
+        deadline = time.monotonic() + budget
+        while time.monotonic() < deadline:
+            token = await self._acquire(key)
+            if token is not None:
+                renewer = asyncio.get_running_loop().create_task(self._renew(key, token))
+                try:
+                    # Another node may have stored the value and released its lease between our
+                    # miss and our acquire: look again before computing it a second time.
+                    item = await self.get(key)
+                    return item if item is not None else await compute()
+                finally:
+                    renewer.cancel()
+                    await self._release(key, token)
+            waiter = self._waiter(key)
+            try:
+                item = await self.get(key)
+                if item is not None:
+                    return item
+                wait = await self._lease_pttl(key) / 1000
+                if wait > 0:
+                    remaining = max(0.0, deadline - time.monotonic())
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(asyncio.shield(waiter), min(wait + 0.05, remaining))
+            finally:
+                self._drop_waiter(key, waiter)
+            item = await self.get(key)
+            if item is not None:
+                return item
+            # the holder failed or died: take the lease ourselves on the next round
+        raise ComputeTimeoutError(f"no node finished computing the key within {budget:.0f}s")
 
-    async def acquire(self, key: str) -> str | None:
+    async def _renew(self, key: str, token: str) -> None:
+        """Keep a long computation's lease alive."""
+        while True:
+            await asyncio.sleep(self.lease_ms / 3000)
+            try:
+                if not await self._call(
+                    self.client.eval, _RENEW, 1, _k(LEASE_PREFIX + key), token, self.lease_ms
+                ):
+                    log.warning("lost the lease of %r while computing it", key[:200])
+                    return
+            except StoreError as exc:
+                log.warning("could not renew the lease of %r: %s", key[:200], exc)
+
+    async def _acquire(self, key: str) -> str | None:
         """Take the computation lease for ``key``: a token if we hold it, ``None`` if another node does."""
         token = uuid.uuid4().hex
-        ok = await self._call(self.client.set, _k(self.lease_key(key)), token, nx=True, px=self.lease_ms)
+        ok = await self._call(self.client.set, _k(LEASE_PREFIX + key), token, nx=True, px=self.lease_ms)
         return token if ok else None
 
-    async def renew(self, key: str, token: str) -> bool:
-        return bool(
-            await self._call(self.client.eval, _RENEW, 1, _k(self.lease_key(key)), token, self.lease_ms)
-        )
-
-    async def release(self, key: str, token: str) -> None:
+    async def _release(self, key: str, token: str) -> None:
         try:
-            await self._call(self.client.eval, _RELEASE, 1, _k(self.lease_key(key)), token)
+            await self._call(self.client.eval, _RELEASE, 1, _k(LEASE_PREFIX + key), token)
         finally:
             await self._call(self.client.publish, DONE_CHANNEL, key.encode("utf-8", "surrogateescape"))
 
-    async def lease_pttl(self, key: str) -> int:
-        ms = int(await self._call(self.client.pttl, _k(self.lease_key(key))))
+    async def _lease_pttl(self, key: str) -> int:
+        ms = int(await self._call(self.client.pttl, _k(LEASE_PREFIX + key)))
         return ms if ms != PTTL_MISSING else 0
 
     async def _ensure_listener(self) -> None:
+        # One listener however many first misses arrive together: without the lock, a cold burst
+        # opened one SUBSCRIBE connection per miss and exhausted the pool.
         if self._listener is not None and not self._listener.done():
             return
-        await self._connect()
-        if self.cluster:
-            # Classic PUBLISH reaches every node of a cluster, so one plain connection to any node
-            # hears every completion.
-            node = self.client.get_default_node() or self.client.get_primaries()[0]
-            self._sub_client = aioredis.Redis(host=node.host, port=node.port, **self._common)
-            self._pubsub = self._sub_client.pubsub()
-        else:
-            self._pubsub = self.client.pubsub()
-        await self._call(self._pubsub.subscribe, DONE_CHANNEL)
-        self._listener = asyncio.get_running_loop().create_task(self._listen())
+        async with self._listener_lock:
+            if self._listener is not None and not self._listener.done():
+                return
+            await self._connect()
+            if self._pubsub is not None:
+                with contextlib.suppress(RedisError, OSError, AttributeError):
+                    await self._pubsub.aclose()
+            if self.cluster:
+                # Classic PUBLISH reaches every node of a cluster, so one plain connection to any
+                # node hears every completion.
+                if self._sub_client is None:
+                    node = self.client.get_default_node() or self.client.get_primaries()[0]
+                    self._sub_client = aioredis.Redis(host=node.host, port=node.port, **self._common)
+                self._pubsub = self._sub_client.pubsub()
+            else:
+                self._pubsub = self.client.pubsub()
+            await self._call(self._pubsub.subscribe, DONE_CHANNEL)
+            self._listener = asyncio.get_running_loop().create_task(self._listen(self._pubsub))
 
-    async def _listen(self) -> None:
-        pubsub = self._pubsub
+    async def _listen(self, pubsub: Any) -> None:
         while True:
             try:
                 message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=1.0)
@@ -348,24 +464,35 @@ class RedisStore(Store):
                 if not fut.done():
                     fut.set_result(None)
 
-    def waiter(self, key: str) -> asyncio.Future[None]:
-        """A future set when some node announces it finished ``key``; register it *before* checking
+    def _waiter(self, key: str) -> asyncio.Future[None]:
+        """A future set when some node announces it finished ``key``; registered *before* checking
         for the value, so an announcement in between is not missed."""
         fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._waiters.setdefault(key, []).append(fut)
         return fut
 
-    def drop_waiter(self, key: str, fut: asyncio.Future[None]) -> None:
+    def _drop_waiter(self, key: str, fut: asyncio.Future[None]) -> None:
         futures = self._waiters.get(key)
         if futures and fut in futures:
             futures.remove(fut)
             if not futures:
                 del self._waiters[key]
 
-    async def wait_for(self, fut: asyncio.Future[None], seconds: float) -> None:
-        """Wait for ``fut`` (a completion message) at most ``seconds`` (the lease's remaining life)."""
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(asyncio.shield(fut), seconds)
+    # --- what the near cache builds on ------------------------------------------------------------------
+    async def connect(self) -> None:
+        """Open the client (a cluster discovers its slots) before the first command."""
+        try:
+            await self._connect()
+        except (RedisError, OSError) as exc:
+            raise _wrap(exc) from exc
 
-    async def prepare_wait(self) -> None:
-        await self._ensure_listener()
+    def subscriber(self) -> Any:
+        """A new pub/sub object on a connection that hears every node's PUBLISH."""
+        if self.cluster:
+            node = self.client.get_default_node() or self.client.get_primaries()[0]
+            return aioredis.Redis(host=node.host, port=node.port, **self._common).pubsub()
+        return self.client.pubsub()
+
+    async def publish(self, channel: str, messages: Sequence[bytes]) -> None:
+        """Publish ``messages`` on ``channel`` concurrently (a cluster pipeline refuses PUBLISH)."""
+        await asyncio.gather(*(self._call(self.client.publish, channel, m) for m in messages))

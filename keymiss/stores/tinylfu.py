@@ -31,18 +31,47 @@ class FrequencySketch:
     """
 
     def __init__(self, expected_entries: int = 1024) -> None:
-        self.resize(expected_entries)
+        self._allocate(self._width_for(expected_entries))
 
-    def resize(self, expected_entries: int) -> None:
+    @staticmethod
+    def _width_for(expected_entries: int) -> int:
         width = 64
         while width < expected_entries:
             width <<= 1
+        return width
+
+    def _allocate(self, width: int) -> None:
+        """A zeroed table of ``width`` slots per row (construction only)."""
+        self._set_width(width)
+        self.table = bytearray(4 * width)
+        self.additions = 0
+
+    def _set_width(self, width: int) -> None:
         self.width = width
         self.mask = width - 1
         self.w1, self.w2, self.w3 = width, 2 * width, 3 * width
-        self.table = bytearray(4 * width)
         self.sample = 10 * width
-        self.additions = 0
+
+    def resize(self, expected_entries: int) -> None:
+        """Grow to fit ``expected_entries``, keeping every count; never shrinks.
+
+        Each row index is ``x & mask`` for some hash-derived ``x``, and the old mask's bits are a
+        subset of the new one's, so a key's new index reduces to its old index under the old mask.
+        Tiling each old row across the wider one (``new_row[i] = old_row[i & old_mask]``) therefore
+        leaves every key reading the very cells' values it read before: no estimate drops, the sketch
+        forgets nothing (a key's old collisions stay in its estimate until aging halves them away).
+        ``additions`` carries over; the aging sample scales with the width.
+        """
+        width = self._width_for(expected_entries)
+        old = self.width
+        if width <= old:
+            return
+        t, factor = self.table, width // old
+        table = bytearray()
+        for row in range(4):
+            table += t[row * old : (row + 1) * old] * factor  # repeating a row is tiling it
+        self.table = table
+        self._set_width(width)
 
     # str hashes are SipHash: 64 well-mixed bits. Three disjoint 21-bit fields and one mixed field
     # give the four row indexes (independent for widths up to 2**21). Inlined: this runs on every hit.

@@ -14,7 +14,7 @@ import pytest
 import redis
 
 from keymiss import Keymiss
-from keymiss.qa import UnknownContextError, build_qa_app
+from keymiss.qa import UnknownContextError, build_qa_app, qa_service
 from keymiss.qa.contexts import ContextRecord, context_store_key, read_corpus, split_sentences
 from keymiss.qa.models import load_qa_model
 from keymiss.qa.reader import SpanReader
@@ -91,7 +91,7 @@ def test_sentence_splitting() -> None:
 async def test_engine_batches_and_reports_unknown_contexts(tiny_model: str, reference: Any) -> None:
     km = build_qa_app(Keymiss(sweep_interval=0), model=tiny_model, batch_size=8, batch_wait_ms=20)
     async with km:
-        await km.qa.ingest(km, [("doc:{8YG}:1", SHORT_CONTEXT)])  # type: ignore[attr-defined]
+        await qa_service(km).ingest(km, [("doc:{8YG}:1", SHORT_CONTEXT)])
         keys = [f"bertqa{{8YG}}_doc:{{8YG}}:1_{q}" for q in QUESTIONS]
         answers = await km.get_many(keys)
         assert answers == [pipeline_answer(reference, q, SHORT_CONTEXT) for q in QUESTIONS]
@@ -237,6 +237,6 @@ def test_reduced_precision_close_calls_are_settled_in_float32(tiny_model: str, r
 def test_bfloat16_weights_load_with_a_float32_verifier(tiny_model: str) -> None:
     km = build_qa_app(Keymiss(sweep_interval=0), model=tiny_model, dtype="bfloat16")
     asyncio.run(km.start())
-    reader = km.qa.reader  # type: ignore[attr-defined]
+    reader = qa_service(km).reader
     assert reader.model.dtype == "bfloat16" and reader.verify is not None and reader.verify.dtype == "float32"
     asyncio.run(km.close())

@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from keymiss.server import resp
+from keymiss.server import reply
 from keymiss.server.resp import ProtocolError, RequestParser
 
 
@@ -163,15 +163,15 @@ def test_arbitrary_bytes_give_commands_or_protocol_errors_only(data: bytes, seed
 def test_reply_encoding_resp2_and_resp3() -> None:
     value = {"a": 1, "b": [b"x", None], "c": 1.5, "d": True}
     assert (
-        resp.encode(value, 2) == b"*8\r\n$1\r\na\r\n:1\r\n$1\r\nb\r\n*2\r\n$1\r\nx\r\n$-1\r\n"
+        reply.encode(value, 2) == b"*8\r\n$1\r\na\r\n:1\r\n$1\r\nb\r\n*2\r\n$1\r\nx\r\n$-1\r\n"
         b"$1\r\nc\r\n$3\r\n1.5\r\n$1\r\nd\r\n:1\r\n"
     )
     assert (
-        resp.encode(value, 3)
+        reply.encode(value, 3)
         == b"%4\r\n$1\r\na\r\n:1\r\n$1\r\nb\r\n*2\r\n$1\r\nx\r\n_\r\n$1\r\nc\r\n,1.5\r\n$1\r\nd\r\n#t\r\n"
     )
-    assert resp.verbatim("hi", 3) == b"=6\r\ntxt:hi\r\n"
-    assert resp.error("ERR bad\r\ninjected") == b"-ERR bad  injected\r\n"
+    assert reply.verbatim("hi", 3) == b"=6\r\ntxt:hi\r\n"
+    assert reply.error("ERR bad\r\ninjected") == b"-ERR bad  injected\r\n"
 
 
 FRAGMENTS = [

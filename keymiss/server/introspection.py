@@ -1,8 +1,11 @@
-"""Connection and operator commands: PING, AUTH, HELLO, CLIENT, COMMAND, CONFIG, INFO, KEYMISS."""
+"""Introspection and operator commands: COMMAND, CONFIG, INFO, KEYMISS.
+
+Split from the connection commands (``session``): these describe the server, its command table, its
+configuration and its keyspaces to clients and operators.
+"""
 
 from __future__ import annotations
 
-import hmac
 import os
 import platform
 import sys
@@ -12,180 +15,12 @@ from typing import TYPE_CHECKING, Any
 from .. import __version__
 from ..glob import compile_glob
 from ..sizes import format_size
-from . import resp
-from .commands import SYNTAX, TABLE, CommandError, Reply, arg, command, key_of, to_int
+from . import reply
+from .commands import TABLE, CommandError, Reply, arg, command, key_of
+from .session import REDIS_COMPAT_VERSION
 
 if TYPE_CHECKING:
     from .connection import Connection
-
-#: The Redis release whose commands and replies keymiss follows; clients that gate features on
-#: the server version read it from HELLO and INFO.
-REDIS_COMPAT_VERSION = "7.2.0"
-
-
-@command(
-    "ping",
-    -1,
-    flags=("fast",),
-    group="connection",
-    summary="Ping the server.",
-    arguments=[arg("message", optional=True)],
-)
-def cmd_ping(c: Connection, args: list[bytes]) -> Reply:
-    if len(args) > 2:
-        raise CommandError("ERR wrong number of arguments for 'ping' command")
-    return resp.PONG if len(args) == 1 else resp.bulk(args[1])
-
-
-@command(
-    "echo", 2, flags=("fast",), group="connection", summary="Return the message.", arguments=[arg("message")]
-)
-def cmd_echo(c: Connection, args: list[bytes]) -> Reply:
-    return resp.bulk(args[1])
-
-
-@command("quit", -1, flags=("noauth", "fast"), group="connection", summary="Close the connection.")
-def cmd_quit(c: Connection, args: list[bytes]) -> Reply:
-    c.close_after_reply = True
-    return resp.OK
-
-
-@command(
-    "select",
-    2,
-    flags=("fast",),
-    group="connection",
-    summary="Select database 0 (the only one).",
-    arguments=[arg("index", "integer")],
-)
-def cmd_select(c: Connection, args: list[bytes]) -> Reply:
-    if to_int(args[1]) != 0:
-        raise CommandError("ERR DB index is out of range")
-    return resp.OK
-
-
-def _check_password(c: Connection, user: bytes, password: bytes) -> None:
-    expected = c.server.settings.requirepass
-    if expected is None:
-        if user.lower() == b"default":
-            c.authenticated = True
-            return
-        raise CommandError("WRONGPASS invalid username-password pair or user is disabled.")
-    if user.lower() != b"default" or not hmac.compare_digest(password, expected.encode()):
-        c.server.auth_failures += 1
-        raise CommandError("WRONGPASS invalid username-password pair or user is disabled.")
-    c.authenticated = True
-
-
-@command(
-    "auth",
-    -2,
-    flags=("noauth", "fast"),
-    group="connection",
-    summary="Authenticate the connection.",
-    arguments=[arg("username", optional=True), arg("password")],
-)
-def cmd_auth(c: Connection, args: list[bytes]) -> Reply:
-    if len(args) > 3:
-        raise CommandError(SYNTAX)
-    if len(args) == 2 and c.server.settings.requirepass is None:
-        raise CommandError(
-            "ERR AUTH <password> called without any password configured for the default user. "
-            "Are you sure your configuration is correct?"
-        )
-    user, password = (b"default", args[1]) if len(args) == 2 else (args[1], args[2])
-    _check_password(c, user, password)
-    return resp.OK
-
-
-@command(
-    "hello",
-    -1,
-    flags=("noauth", "fast"),
-    group="connection",
-    summary="Handshake: choose RESP2 or RESP3, optionally authenticate and name the connection.",
-    arguments=[arg("protover", "integer", optional=True)],
-)
-def cmd_hello(c: Connection, args: list[bytes]) -> Reply:
-    proto = c.proto
-    if len(args) >= 2:
-        ver = resp._strict_int(args[1])
-        if ver is None:
-            raise CommandError("ERR Protocol version is not an integer or out of range")
-        if ver not in (2, 3):
-            raise CommandError("NOPROTO unsupported protocol version")
-        proto = ver
-    i = 2
-    name: bytes | None = None
-    while i < len(args):
-        opt = args[i].lower()
-        if opt == b"auth" and i + 2 < len(args):
-            _check_password(c, args[i + 1], args[i + 2])
-            i += 3
-        elif opt == b"setname" and i + 1 < len(args):
-            name = args[i + 1]
-            i += 2
-        else:
-            raise CommandError(f"ERR Syntax error in HELLO option '{args[i].decode(errors='replace')}'")
-    if not c.authenticated:
-        raise CommandError(
-            "NOAUTH HELLO must be called with the client already authenticated, otherwise the "
-            "HELLO <proto> AUTH <user> <pass> option can be used to authenticate the client and "
-            "select the RESP protocol version at the same time"
-        )
-    if name is not None:
-        _set_name(c, name)
-    c.proto = proto
-    info = {
-        "server": "redis",
-        "version": REDIS_COMPAT_VERSION,
-        "proto": proto,
-        "id": c.id,
-        "mode": "standalone",
-        "role": "master",
-        "modules": [],
-    }
-    return resp.encode(info, proto)
-
-
-def _set_name(c: Connection, name: bytes) -> None:
-    if any(ch <= 32 or ch > 126 for ch in name):
-        raise CommandError("ERR Client names cannot contain spaces, newlines or special characters.")
-    c.name = name.decode()
-
-
-@command(
-    "client",
-    -2,
-    flags=(),
-    group="connection",
-    summary="Inspect and name client connections.",
-    subcommands=("id", "setname", "getname", "info", "list", "setinfo", "no-evict", "no-touch"),
-)
-def cmd_client(c: Connection, args: list[bytes]) -> Reply:
-    sub = args[1].lower()
-    if sub == b"id" and len(args) == 2:
-        return resp.integer(c.id)
-    if sub == b"setname" and len(args) == 3:
-        _set_name(c, args[2])
-        return resp.OK
-    if sub == b"getname" and len(args) == 2:
-        return resp.null(c.proto) if not c.name else resp.bulk(c.name.encode())
-    if sub == b"info" and len(args) == 2:
-        return resp.verbatim(c.describe() + "\n", c.proto)
-    if sub == b"list" and len(args) == 2:
-        return resp.verbatim("".join(x.describe() + "\n" for x in c.server.connections.values()), c.proto)
-    if sub == b"setinfo" and len(args) == 4:
-        attr = args[2].lower()
-        if attr not in (b"lib-name", b"lib-ver"):
-            raise CommandError(f"ERR Unrecognized option '{args[2].decode(errors='replace')}'")
-        c.lib[attr.decode()] = args[3].decode(errors="replace")
-        return resp.OK
-    if sub in (b"no-evict", b"no-touch") and len(args) == 3:
-        return resp.OK
-    if sub in (b"id", b"setname", b"getname", b"info", b"list", b"setinfo"):
-        raise CommandError(f"ERR wrong number of arguments for 'client|{sub.decode()}' command")
-    raise CommandError(f"ERR unknown subcommand '{args[1].decode(errors='replace')}'. Try CLIENT HELP.")
 
 
 # --- COMMAND ---------------------------------------------------------------------------------------------
@@ -225,20 +60,20 @@ def _command_doc(name: bytes) -> dict[str, Any]:
 )
 def cmd_command(c: Connection, args: list[bytes]) -> Reply:
     if len(args) == 1:
-        return resp.encode([_command_info(n) for n in sorted(TABLE)], c.proto)
+        return reply.encode([_command_info(n) for n in sorted(TABLE)], c.proto)
     sub = args[1].lower()
     names = [a.lower() for a in args[2:]]
     if sub == b"count":
-        return resp.integer(len(TABLE))
+        return reply.integer(len(TABLE))
     if sub == b"list":
-        return resp.encode(sorted(cmd.name for cmd in TABLE.values()), c.proto)
+        return reply.encode(sorted(cmd.name for cmd in TABLE.values()), c.proto)
     if sub == b"info":
-        return resp.encode(
+        return reply.encode(
             [_command_info(n) if n in TABLE else None for n in (names or sorted(TABLE))], c.proto
         )
     if sub == b"docs":
         wanted = [n for n in (names or sorted(TABLE)) if n in TABLE]
-        return resp.encode({n.decode(): _command_doc(n) for n in wanted}, c.proto)
+        return reply.encode({n.decode(): _command_doc(n) for n in wanted}, c.proto)
     raise CommandError(f"ERR unknown subcommand '{args[1].decode(errors='replace')}'. Try COMMAND HELP.")
 
 
@@ -253,12 +88,12 @@ def _config_values(c: Connection) -> dict[str, str]:
         "appendonly": "no",
         "databases": "1",
         "maxclients": str(s.max_clients),
-        "maxmemory": str(store.get("max_bytes", 0)),
-        "maxmemory-policy": str(store.get("eviction_policy", "none")),
+        "maxmemory": str(store.max_bytes),
+        "maxmemory-policy": store.eviction_policy,
         "timeout": "0",
         "proto-max-bulk-len": str(s.size("max_bulk")),
         "client-query-buffer-limit": str(s.size("query_buffer")),
-        "keymiss-store": str(store.get("store")),
+        "keymiss-store": store.store,
         "keymiss-max-in-flight": str(c.km.max_in_flight),
     }
 
@@ -281,7 +116,7 @@ def cmd_config(c: Connection, args: list[bytes]) -> Reply:
         for raw in args[2:]:
             matches = compile_glob(key_of(raw).lower())
             out.update({k: v for k, v in values.items() if matches(k)})
-        return resp.encode(out, c.proto)
+        return reply.encode(out, c.proto)
     if sub in (b"set", b"resetstat", b"rewrite"):
         raise CommandError(f"ERR CONFIG {sub.decode().upper()} is not supported; restart with new settings")
     raise CommandError(f"ERR unknown subcommand '{args[1].decode(errors='replace')}'. Try CONFIG HELP.")
@@ -332,18 +167,18 @@ def info_sections(c: Connection) -> dict[str, dict[str, Any]]:
             "used_memory": rss,
             "used_memory_human": format_size(rss),
             "used_memory_rss": rss,
-            "used_memory_dataset": store.get("used_bytes", 0),
-            "maxmemory": store.get("max_bytes", 0),
-            "maxmemory_human": format_size(int(store.get("max_bytes", 0))),
-            "maxmemory_policy": store.get("eviction_policy", "none"),
-            "keymiss_store": store.get("store"),
+            "used_memory_dataset": store.used_bytes,
+            "maxmemory": store.max_bytes,
+            "maxmemory_human": format_size(store.max_bytes),
+            "maxmemory_policy": store.eviction_policy,
+            "keymiss_store": store.store,
         },
         "stats": {
             "total_connections_received": srv.total_connections,
             "total_commands_processed": srv.total_commands,
             "rejected_connections": srv.rejected_connections,
-            "expired_keys": store.get("expired", 0),
-            "evicted_keys": store.get("evictions", 0),
+            "expired_keys": store.expired,
+            "evicted_keys": store.evictions,
             "keyspace_hits": km.hits,
             "keyspace_misses": km.misses,
             "total_error_replies": srv.error_replies,
@@ -353,12 +188,13 @@ def info_sections(c: Connection) -> dict[str, dict[str, Any]]:
         "keyspace": {},
         "keymiss": {
             "keymiss_keyspaces": len(km.registry),
-            "keymiss_in_flight": len(km._flights),
+            "keymiss_in_flight": km.engine.in_flight,
+            "keymiss_stuck_handlers": km.engine.stuck_handlers(),
             "keymiss_max_in_flight": km.max_in_flight,
             "keymiss_busy_rejections": srv.busy_rejections,
         },
     }
-    keys = store.get("keys", 0)
+    keys = store.keys
     if keys:
         sections["keyspace"]["db0"] = f"keys={keys},expires=0,avg_ttl=0"
     for i, ks in enumerate(km.registry):
@@ -374,6 +210,7 @@ def info_sections(c: Connection) -> dict[str, dict[str, Any]]:
                 ("errors", st.errors),
                 ("timeouts", st.timeouts),
                 ("in_flight", st.in_flight),
+                ("stuck", st.stuck),
                 ("coalesced", st.coalesced),
                 ("evictions", st.evictions),
                 ("mean_compute_seconds", st.mean_compute_seconds),
@@ -407,7 +244,7 @@ def cmd_info(c: Connection, args: list[bytes]) -> Reply:
             lines.append("")
         lines.append(f"# {name.capitalize()}")
         lines.extend(f"{k}:{_field(v)}" for k, v in sections[name].items())
-    return resp.verbatim("\r\n".join(lines) + "\r\n", c.proto)
+    return reply.verbatim("\r\n".join(lines) + "\r\n", c.proto)
 
 
 # --- KEYMISS ---------------------------------------------------------------------------------------------
@@ -422,7 +259,7 @@ def cmd_info(c: Connection, args: list[bytes]) -> Reply:
 def cmd_keymiss(c: Connection, args: list[bytes]) -> Reply:
     sub = args[1].lower()
     if sub == b"keyspaces" and len(args) == 2:
-        return resp.encode([ks.describe() for ks in c.km.registry], c.proto)
+        return reply.encode([ks.describe() for ks in c.km.registry], c.proto)
     if sub == b"stats" and len(args) == 2:
         stats = c.km.stats()
         stats["server"] = {
@@ -430,12 +267,12 @@ def cmd_keymiss(c: Connection, args: list[bytes]) -> Reply:
             "total_commands_processed": c.server.total_commands,
             "busy_rejections": c.server.busy_rejections,
         }
-        return resp.encode(stats, c.proto)
+        return reply.encode(stats, c.proto)
     if sub == b"forget" and len(args) == 3:
         pattern = key_of(args[2])
 
         async def later() -> bytes:
-            return resp.integer(await c.km.forget(pattern))
+            return reply.integer(await c.km.forget(pattern))
 
         return later()
     if sub in (b"keyspaces", b"stats", b"forget"):

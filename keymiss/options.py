@@ -1,0 +1,98 @@
+"""Keyspace options: one dataclass, validated once, shared by every way a keyspace is declared.
+
+``Keymiss.keyspace()``, ``Keymiss.add_keyspace()``, the QA app and the worker all build a
+``KeyspaceOptions``; nothing else lists the option names, so a new option is added in one place.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass
+from typing import Any
+
+from .codecs import codec_from_name
+from .errors import CodecError, ConfigError
+
+DEFAULT_TIMEOUT = 60.0
+
+#: What a client sees of a handler's exception: its type and message, or its type alone (the
+#: message can carry file paths or secrets). The server log always has the full traceback.
+ERROR_DETAILS = ("message", "type")
+
+
+def default_concurrency() -> int:
+    """Threads a sync keyspace may occupy at once, as ``ThreadPoolExecutor`` sizes its pool."""
+    return min(32, (os.cpu_count() or 1) + 4)
+
+
+@dataclass(frozen=True, slots=True)
+class KeyspaceOptions:
+    """How one keyspace computes, stores and fails.
+
+    ``concurrency`` bounds the handler calls running at once (threads, for a sync handler), so a
+    keyspace whose handler hangs exhausts only its own slots. ``queue`` bounds the computations
+    waiting for a slot and ``queue_timeout`` how long one may wait: past either, the caller gets
+    ``BusyError`` rather than a timeout charged to a handler that never started. ``timeout`` runs
+    from the moment the handler starts.
+    """
+
+    ttl: float | None = None
+    batch_size: int | None = None
+    batch_wait_ms: float | None = None
+    timeout: float | None = DEFAULT_TIMEOUT
+    codec: str | None = None
+    error_ttl: float | None = None
+    concurrency: int | None = None  # None: default_concurrency() for sync handlers, unbounded for async
+    queue: int = 1000
+    queue_timeout: float | None = None  # None: the keyspace's timeout
+    error_detail: str | None = None  # None: the engine's default ("message")
+
+    def __post_init__(self) -> None:
+        def positive(name: str, value: float | None) -> None:
+            if value is not None and (not isinstance(value, int | float) or value <= 0):
+                raise ConfigError(f"{name} must be positive seconds or None, got {value!r}")
+
+        positive("ttl", self.ttl)
+        positive("timeout", self.timeout)
+        positive("error_ttl", self.error_ttl)
+        positive("queue_timeout", self.queue_timeout)
+        if self.batch_size is not None and (not isinstance(self.batch_size, int) or self.batch_size < 1):
+            raise ConfigError(f"batch_size must be an integer >= 1, got {self.batch_size!r}")
+        if self.batch_wait_ms is not None:
+            if self.batch_size is None:
+                raise ConfigError("batch_wait_ms needs batch_size")
+            if self.batch_wait_ms < 0:
+                raise ConfigError(f"batch_wait_ms must be >= 0, got {self.batch_wait_ms!r}")
+        if self.concurrency is not None and (not isinstance(self.concurrency, int) or self.concurrency < 1):
+            raise ConfigError(f"concurrency must be an integer >= 1, got {self.concurrency!r}")
+        if not isinstance(self.queue, int) or self.queue < 0:
+            raise ConfigError(f"queue must be an integer >= 0, got {self.queue!r}")
+        if self.error_detail is not None and self.error_detail not in ERROR_DETAILS:
+            raise ConfigError(
+                f"error_detail must be one of {', '.join(ERROR_DETAILS)}, got {self.error_detail!r}"
+            )
+        try:
+            codec_from_name(self.codec)
+        except CodecError as exc:
+            raise ConfigError(str(exc)) from None
+
+    @classmethod
+    def of(cls, options: KeyspaceOptions | None = None, **overrides: Any) -> KeyspaceOptions:
+        """Options from keyword arguments (unknown names are a ``ConfigError``, not a ``TypeError``)."""
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(overrides) - known)
+        if unknown:
+            raise ConfigError(
+                f"unknown keyspace option(s): {', '.join(unknown)}; known: {', '.join(sorted(known))}"
+            )
+        base = options or cls()
+        return dataclasses.replace(base, **overrides) if overrides else base
+
+    @property
+    def batch_wait(self) -> float:
+        """Seconds a batch waits to fill."""
+        return (5.0 if self.batch_wait_ms is None else self.batch_wait_ms) / 1000.0
+
+    def as_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)

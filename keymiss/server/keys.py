@@ -1,0 +1,276 @@
+"""Key commands: EXISTS, TTL, PTTL, TYPE, DBSIZE, SCAN, DEL, UNLINK, EXPIRE, PEXPIRE, PERSIST, FLUSHDB.
+
+Split from ``commands`` so the table machinery stays small; these act on keys as a whole (existence,
+expiry, deletion, iteration) and never compute a value.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable
+from typing import TYPE_CHECKING
+
+from . import reply, resp
+from .commands import (
+    SYNTAX,
+    TABLE,
+    Command,
+    CommandError,
+    Reply,
+    arg,
+    command,
+    key_of,
+    local_store_of,
+    to_int,
+)
+
+if TYPE_CHECKING:
+    from .connection import Connection
+
+
+# --- reads ---------------------------------------------------------------------------------------------
+@command(
+    "exists",
+    -2,
+    flags=("readonly", "fast"),
+    keys=(1, -1, 1),
+    summary="Count how many of the keys exist (nothing is computed).",
+    arguments=[arg("key", "key", multiple=True)],
+)
+def cmd_exists(c: Connection, args: list[bytes]) -> Reply:
+    keys = [key_of(a) for a in args[1:]]
+    store = local_store_of(c)
+    if store is not None:
+        return reply.integer(store.exists_now(keys))
+    return _int_of(c.km.store.exists(keys))
+
+
+async def _int_of(aw: Awaitable[int]) -> bytes:
+    return reply.integer(int(await aw))
+
+
+@command(
+    "ttl",
+    2,
+    flags=("readonly", "fast"),
+    keys=(1, 1, 1),
+    summary="Seconds to live of a key; -1 without expiry, -2 if missing.",
+    arguments=[arg("key", "key")],
+)
+def cmd_ttl(c: Connection, args: list[bytes]) -> Reply:
+    return _ttl(c, key_of(args[1]), 1000)
+
+
+@command(
+    "pttl",
+    2,
+    flags=("readonly", "fast"),
+    keys=(1, 1, 1),
+    summary="Milliseconds to live of a key; -1 without expiry, -2 if missing.",
+    arguments=[arg("key", "key")],
+)
+def cmd_pttl(c: Connection, args: list[bytes]) -> Reply:
+    return _ttl(c, key_of(args[1]), 1)
+
+
+def _ttl(c: Connection, key: str, unit: int) -> Reply:
+    def fmt(ms: int) -> bytes:
+        return reply.integer(ms if ms < 0 else (ms + unit // 2) // unit)
+
+    store = local_store_of(c)
+    if store is not None:
+        return fmt(store.pttl_now(key))
+
+    async def later() -> bytes:
+        return fmt(await c.km.store.pttl(key))
+
+    return later()
+
+
+@command(
+    "type",
+    2,
+    flags=("readonly", "fast"),
+    keys=(1, 1, 1),
+    summary="The type of a key: string, or none.",
+    arguments=[arg("key", "key")],
+)
+def cmd_type(c: Connection, args: list[bytes]) -> Reply:
+    store = local_store_of(c)
+    key = key_of(args[1])
+    if store is not None:
+        return reply.simple("string" if store.get_now(key) is not None else "none")
+
+    async def later() -> bytes:
+        return reply.simple("string" if await c.km.store.get(key) is not None else "none")
+
+    return later()
+
+
+@command("dbsize", 1, flags=("readonly", "fast"), summary="The number of keys in the store.")
+def cmd_dbsize(c: Connection, args: list[bytes]) -> Reply:
+    return _int_of(c.km.store.dbsize())
+
+
+@command(
+    "scan",
+    -2,
+    flags=("readonly",),
+    summary="Incrementally iterate the keys.",
+    arguments=[
+        arg("cursor", "integer"),
+        arg("pattern", "pattern", optional=True, token="MATCH"),
+        arg("count", "integer", optional=True, token="COUNT"),
+        arg("type", "string", optional=True, token="TYPE"),
+    ],
+)
+def cmd_scan(c: Connection, args: list[bytes]) -> Reply:
+    cursor = resp.parse_int(args[1])
+    if cursor is None or cursor < 0:
+        raise CommandError("ERR invalid cursor")
+    match: str | None = None
+    count = 10
+    only_strings = True
+    i = 2
+    while i < len(args):
+        opt = args[i].lower()
+        if i + 1 >= len(args):
+            raise CommandError(SYNTAX)
+        if opt == b"match":
+            match = key_of(args[i + 1])
+        elif opt == b"count":
+            count = to_int(args[i + 1])
+            if count < 1:
+                raise CommandError(SYNTAX)
+        elif opt == b"type":
+            only_strings = args[i + 1].lower() == b"string"
+        else:
+            raise CommandError(SYNTAX)
+        i += 2
+
+    async def later() -> bytes:
+        nxt, keys = await c.km.store.scan(cursor, match, count)
+        if not only_strings:
+            keys = []
+        return (
+            b"*2\r\n"
+            + reply.bulk(str(nxt).encode())
+            + reply.array(reply.bulk(k.encode("utf-8", "surrogateescape")) for k in keys)
+        )
+
+    return later()
+
+
+# --- writes --------------------------------------------------------------------------------------------
+def _delete(c: Connection, keys: list[str]) -> Reply:
+    store = local_store_of(c)
+    if store is not None and store.sync_writes:
+        return reply.integer(store.delete_now(keys))
+    return _int_of(c.km.store.delete(keys))
+
+
+@command(
+    "del",
+    -2,
+    flags=("write",),
+    keys=(1, -1, 1),
+    summary="Delete keys; returns how many existed.",
+    arguments=[arg("key", "key", multiple=True)],
+)
+def cmd_del(c: Connection, args: list[bytes]) -> Reply:
+    return _delete(c, [key_of(a) for a in args[1:]])
+
+
+@command(
+    "unlink",
+    -2,
+    flags=("write", "fast"),
+    keys=(1, -1, 1),
+    summary="Delete keys (same as DEL here).",
+    arguments=[arg("key", "key", multiple=True)],
+)
+def cmd_unlink(c: Connection, args: list[bytes]) -> Reply:
+    return _delete(c, [key_of(a) for a in args[1:]])
+
+
+def _expire_cmd(c: Connection, args: list[bytes], unit: float, name: str) -> Reply:
+    key = key_of(args[1])
+    amount = to_int(args[2])
+    flags = {a.lower() for a in args[3:]}
+    if not flags <= {b"nx", b"xx", b"gt", b"lt"} or len(flags) != len(args) - 3:
+        raise CommandError(f"ERR Unsupported option {args[3].decode(errors='replace')}")
+    if (b"nx" in flags and flags & {b"xx", b"gt", b"lt"}) or ({b"gt", b"lt"} <= flags):
+        raise CommandError("ERR NX and XX, GT or LT options at the same time are not compatible")
+    ttl = amount * unit
+
+    async def later() -> bytes:
+        store = c.km.store
+        current = await store.pttl(key)
+        if current == -2:
+            return reply.integer(0)
+        has = current >= 0
+        if (b"nx" in flags and has) or (b"xx" in flags and not has):
+            return reply.integer(0)
+        if b"gt" in flags and (not has or ttl * 1000 <= current):
+            return reply.integer(0)
+        if b"lt" in flags and has and ttl * 1000 >= current:
+            return reply.integer(0)
+        return reply.integer(int(await store.expire(key, ttl)))
+
+    return later()
+
+
+@command(
+    "expire",
+    -3,
+    flags=("write", "fast"),
+    keys=(1, 1, 1),
+    summary="Set a key's time to live in seconds.",
+    arguments=[arg("key", "key"), arg("seconds", "integer"), arg("condition", "oneof", optional=True)],
+)
+def cmd_expire(c: Connection, args: list[bytes]) -> Reply:
+    return _expire_cmd(c, args, 1.0, "expire")
+
+
+@command(
+    "pexpire",
+    -3,
+    flags=("write", "fast"),
+    keys=(1, 1, 1),
+    summary="Set a key's time to live in milliseconds.",
+    arguments=[arg("key", "key"), arg("milliseconds", "integer"), arg("condition", "oneof", optional=True)],
+)
+def cmd_pexpire(c: Connection, args: list[bytes]) -> Reply:
+    return _expire_cmd(c, args, 0.001, "pexpire")
+
+
+@command(
+    "persist",
+    2,
+    flags=("write", "fast"),
+    keys=(1, 1, 1),
+    summary="Remove a key's expiry.",
+    arguments=[arg("key", "key")],
+)
+def cmd_persist(c: Connection, args: list[bytes]) -> Reply:
+    return _int_of(c.km.persist(key_of(args[1])))
+
+
+@command(
+    "flushdb",
+    -1,
+    flags=("write",),
+    summary="Remove every key.",
+    arguments=[arg("flush-type", "oneof", optional=True)],
+)
+def cmd_flushdb(c: Connection, args: list[bytes]) -> Reply:
+    if len(args) > 2 or (len(args) == 2 and args[1].lower() not in (b"async", b"sync")):
+        raise CommandError(SYNTAX)
+
+    async def later() -> bytes:
+        await c.km.store.flush()
+        return reply.OK
+
+    return later()
+
+
+TABLE[b"flushall"] = Command("flushall", cmd_flushdb, -1, ("write",), summary="Remove every key.")

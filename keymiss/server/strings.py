@@ -1,0 +1,298 @@
+"""String commands: GET, MGET, GETEX, SET, SETEX, PSETEX, SETNX, MSET, GETDEL.
+
+Split from ``commands`` so the table machinery stays small. These read or write a key's value; GET,
+MGET and GETEX are where a miss in a registered keyspace gets computed.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Awaitable
+from typing import TYPE_CHECKING
+
+from ..stores.base import Item
+from . import reply
+from .commands import SYNTAX, CommandError, Reply, arg, command, key_of, local_store_of, to_int
+
+if TYPE_CHECKING:
+    from .connection import Connection
+
+
+def _item_reply(item: Item | None, proto: int) -> bytes:
+    return reply.null(proto) if item is None else reply.bulk(item.value)
+
+
+# --- reads ---------------------------------------------------------------------------------------------
+@command(
+    "get",
+    2,
+    flags=("readonly", "fast"),
+    keys=(1, 1, 1),
+    group="string",
+    summary="Get the value of a key; a miss in a registered keyspace is computed, stored and returned.",
+    arguments=[arg("key", "key")],
+)
+def cmd_get(c: Connection, args: list[bytes]) -> Reply:
+    result = c.km.read(key_of(args[1]))  # one engine call: a hit or plain miss is ready
+    if result is None:
+        return reply.null(c.proto)
+    if type(result) is Item:
+        return reply.bulk(result.value)
+    return _awaited(c, result)  # type: ignore[arg-type]
+
+
+async def _awaited(c: Connection, pending: Awaitable[Item | None]) -> bytes:
+    return _item_reply(await pending, c.proto)
+
+
+@command(
+    "mget",
+    -2,
+    flags=("readonly", "fast"),
+    keys=(1, -1, 1),
+    group="string",
+    summary="Get the values of several keys; misses are computed concurrently and batched.",
+    arguments=[arg("key", "key", multiple=True)],
+)
+def cmd_mget(c: Connection, args: list[bytes]) -> Reply:
+    result = c.km.read_many([key_of(a) for a in args[1:]])
+    if isinstance(result, list):
+        return _mget_reply(c, result)
+    return _mget_later(c, result)
+
+
+def _mget_reply(c: Connection, results: list[Item | BaseException | None]) -> bytes:
+    # Failed keys become error entries inside the array: the other answers are not thrown away.
+    parts = []
+    for r in results:
+        if isinstance(r, BaseException):
+            parts.append(c.error(r))
+        else:
+            parts.append(_item_reply(r, c.proto))
+    return reply.array(parts)
+
+
+async def _mget_later(c: Connection, pending: Awaitable[list[Item | BaseException | None]]) -> bytes:
+    return _mget_reply(c, await pending)
+
+
+@command(
+    "getex",
+    -2,
+    flags=("write", "fast"),
+    keys=(1, 1, 1),
+    group="string",
+    summary="Get the value of a key (computing it on a miss) and optionally set its expiration.",
+    arguments=[arg("key", "key"), arg("expiration", "oneof", optional=True)],
+)
+def cmd_getex(c: Connection, args: list[bytes]) -> Reply:
+    key = key_of(args[1])
+    opts = [a.lower() for a in args[2:]]
+    ttl: float | None = None
+    persist = False
+    if opts:
+        if opts == [b"persist"]:
+            persist = True
+        elif len(opts) == 2 and opts[0] in (b"ex", b"px", b"exat", b"pxat"):
+            ttl = _expiry(opts[0], args[3], "getex")
+        else:
+            raise CommandError(SYNTAX)
+    return _getex(c, key, ttl, persist, bool(opts))
+
+
+async def _getex(c: Connection, key: str, ttl: float | None, persist: bool, change: bool) -> bytes:
+    item = await c.km.get_item(key)
+    if item is not None and change:
+        if persist:
+            await c.km.store.expire(key, None)
+        elif ttl is not None:
+            await c.km.store.expire(key, ttl)
+    return _item_reply(item, c.proto)
+
+
+# --- writes --------------------------------------------------------------------------------------------
+def _expiry(opt: bytes, raw: bytes, cmd: str) -> float:
+    """Seconds from now for EX/PX/EXAT/PXAT; Redis's errors for bad values."""
+    n = to_int(raw)
+    if opt == b"ex":
+        ttl = float(n)
+    elif opt == b"px":
+        ttl = n / 1000
+    elif opt == b"exat":
+        ttl = n - time.time()
+        if n <= 0:
+            raise CommandError(f"ERR invalid expire time in '{cmd}' command")
+        return max(ttl, 1e-9) if ttl > 0 else -1.0
+    else:  # pxat
+        if n <= 0:
+            raise CommandError(f"ERR invalid expire time in '{cmd}' command")
+        ttl = n / 1000 - time.time()
+        return max(ttl, 1e-9) if ttl > 0 else -1.0
+    if n <= 0:
+        raise CommandError(f"ERR invalid expire time in '{cmd}' command")
+    return ttl
+
+
+@command(
+    "set",
+    -3,
+    flags=("write",),
+    keys=(1, 1, 1),
+    group="string",
+    summary="Set a key to a value, with optional expiry and NX/XX conditions.",
+    arguments=[
+        arg("key", "key"),
+        arg("value"),
+        arg("condition", "oneof", optional=True),
+        arg("get", "pure-token", optional=True, token="GET"),
+        arg("expiration", "oneof", optional=True),
+    ],
+)
+def cmd_set(c: Connection, args: list[bytes]) -> Reply:
+    key = key_of(args[1])
+    value = args[2]
+    nx = xx = get = keep = False
+    ttl: float | None = None
+    expiry_seen = False
+    i = 3
+    n = len(args)
+    while i < n:
+        opt = args[i].lower()
+        if opt == b"nx" and not xx:
+            nx = True
+        elif opt == b"xx" and not nx:
+            xx = True
+        elif opt == b"get":
+            get = True
+        elif opt == b"keepttl" and not expiry_seen:
+            keep = expiry_seen = True
+        elif opt in (b"ex", b"px", b"exat", b"pxat") and not expiry_seen and i + 1 < n:
+            ttl = _expiry(opt, args[i + 1], "set")
+            expiry_seen = True
+            i += 1
+        else:
+            raise CommandError(SYNTAX)
+        i += 1
+    return _set(c, key, value, ttl, nx, xx, keep, get)
+
+
+def _set(
+    c: Connection, key: str, value: bytes, ttl: float | None, nx: bool, xx: bool, keep: bool, get: bool
+) -> Reply:
+    if ttl is not None and ttl < 0:  # an absolute expiry already in the past: Redis deletes
+        ttl = None
+        expired = True
+    else:
+        expired = False
+    store = local_store_of(c)
+    old: Item | None = None
+    if get and store is not None:
+        old = store.get_now(key)
+
+    def finish(ok: bool) -> bytes:
+        if get:
+            return _item_reply(old, c.proto)
+        return reply.OK if ok else reply.null(c.proto)
+
+    if store is not None and store.sync_writes:
+        ok = store.set_now(key, value, ttl=ttl, nx=nx, xx=xx, keep_ttl=keep)
+        if ok and expired:
+            store.delete_now([key])
+        return finish(ok)
+
+    async def later() -> bytes:
+        nonlocal old
+        if get and store is None:
+            old = await c.km.store.get(key)
+        ok = await c.km.store.set(key, value, ttl=ttl, nx=nx, xx=xx, keep_ttl=keep)
+        if ok and expired:
+            await c.km.store.delete([key])
+        return finish(ok)
+
+    return later()
+
+
+@command(
+    "setex",
+    4,
+    flags=("write",),
+    keys=(1, 1, 1),
+    group="string",
+    summary="Set a key with an expiry in seconds.",
+    arguments=[arg("key", "key"), arg("seconds", "integer"), arg("value")],
+)
+def cmd_setex(c: Connection, args: list[bytes]) -> Reply:
+    return _set(c, key_of(args[1]), args[3], _expiry(b"ex", args[2], "setex"), False, False, False, False)
+
+
+@command(
+    "psetex",
+    4,
+    flags=("write",),
+    keys=(1, 1, 1),
+    group="string",
+    summary="Set a key with an expiry in milliseconds.",
+    arguments=[arg("key", "key"), arg("milliseconds", "integer"), arg("value")],
+)
+def cmd_psetex(c: Connection, args: list[bytes]) -> Reply:
+    return _set(c, key_of(args[1]), args[3], _expiry(b"px", args[2], "psetex"), False, False, False, False)
+
+
+@command(
+    "setnx",
+    3,
+    flags=("write", "fast"),
+    keys=(1, 1, 1),
+    group="string",
+    summary="Set a key only if it does not exist; 1 if set.",
+    arguments=[arg("key", "key"), arg("value")],
+)
+def cmd_setnx(c: Connection, args: list[bytes]) -> Reply:
+    async def later() -> bytes:
+        return reply.integer(int(await c.km.store.set(key_of(args[1]), args[2], nx=True)))
+
+    return later()
+
+
+@command(
+    "mset",
+    -3,
+    flags=("write",),
+    keys=(1, -1, 2),
+    group="string",
+    summary="Set several keys at once.",
+    arguments=[arg("data", "block", multiple=True)],
+)
+def cmd_mset(c: Connection, args: list[bytes]) -> Reply:
+    if len(args) % 2 == 0:
+        raise CommandError("ERR wrong number of arguments for 'mset' command")
+    from ..stores.base import Write
+
+    writes = [Write(key_of(args[i]), args[i + 1]) for i in range(1, len(args), 2)]
+
+    async def later() -> bytes:
+        await c.km.store.set_many(writes)
+        return reply.OK
+
+    return later()
+
+
+@command(
+    "getdel",
+    2,
+    flags=("write", "fast"),
+    keys=(1, 1, 1),
+    group="string",
+    summary="Get the value of a key and delete it (nothing is computed).",
+    arguments=[arg("key", "key")],
+)
+def cmd_getdel(c: Connection, args: list[bytes]) -> Reply:
+    key = key_of(args[1])
+
+    async def later() -> bytes:
+        item = await c.km.store.get(key)
+        if item is not None:
+            await c.km.store.delete([key])
+        return _item_reply(item, c.proto)
+
+    return later()
