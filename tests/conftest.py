@@ -36,7 +36,16 @@ def clock() -> FakeClock:
 
 StoreFactory = Callable[..., LocalStore]
 
-STORE_KINDS = ["memory", "memory-lru", "memory-tinylfu-cost", "lmdb", "lmdb-nosync", "redis", "redis-cluster"]
+STORE_KINDS = [
+    "memory",
+    "memory-lru",
+    "memory-tinylfu-cost",
+    "lmdb",
+    "lmdb-nosync",
+    "redis",
+    "redis-cluster",
+    "redis-near",
+]
 
 
 def make_store(kind: str, tmp_path: Path, clock: Callable[[], float] = time.time) -> LocalStore:
@@ -73,11 +82,15 @@ async def store(request: pytest.FixtureRequest, tmp_path: Path, clock: FakeClock
     if request.param.startswith("redis"):
         from keymiss.stores.redis import RedisStore
 
-        if request.param == "redis":
+        if request.param in ("redis", "redis-near"):
             server = request.getfixturevalue("redis_standalone")
             shared: Any = RedisStore(f"redis://127.0.0.1:{server.port}/0")
         else:
             shared = RedisStore(request.getfixturevalue("redis_cluster").url)
+        if request.param == "redis-near":  # the near cache delegates everything it does not hold
+            from keymiss.stores.near import NearCacheStore
+
+            shared = NearCacheStore(shared, max_bytes=4 * 1024**2, ttl=5)
         await shared.flush()
         yield shared
         await shared.flush()

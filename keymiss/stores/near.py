@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import dataclasses
 import logging
+import time
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from typing import Any
 
@@ -92,27 +93,28 @@ class NearCacheStore(SharedStore):
         return item
 
     async def get(self, key: str) -> Item | None:
-        self._ensure_listener()
-        item = self.near.get_now(key)
-        if item is not None:
-            self.near_hits += 1
-            return item
-        item = await self.shared.get(key)
-        if item is not None:
-            self.near.set_now(key, item.value, codec=item.codec, ttl=self.ttl)
-        return item
+        return (await self.get_many([key]))[0]
 
     async def get_many(self, keys: Sequence[str]) -> list[Item | None]:
         self._ensure_listener()
         out: list[Item | None] = [self.near.get_now(k) for k in keys]
         missing = [i for i, item in enumerate(out) if item is None]
+        self.near_hits += len(keys) - len(missing)
         if missing:
-            fetched = await self.shared.get_many([keys[i] for i in missing])
+            fetched = await self.shared.get_expiring([keys[i] for i in missing])
             for i, item in zip(missing, fetched, strict=True):
                 out[i] = item
                 if item is not None:
-                    self.near.set_now(keys[i], item.value, codec=item.codec, ttl=self.ttl)
+                    self._keep(keys[i], item)
         return out
+
+    def _keep(self, key: str, item: Item) -> None:
+        """Hold a copy for at most ``ttl`` seconds, and never past the value's own expiry."""
+        ttl = self.ttl
+        if item.expires_at is not None:
+            ttl = min(ttl, item.expires_at - time.time())
+        if ttl > 0:
+            self.near.set_now(key, item.value, codec=item.codec, ttl=ttl)
 
     async def set(self, key: str, value: bytes, **kwargs: Any) -> bool:
         ok = await self.shared.set(key, value, **kwargs)
