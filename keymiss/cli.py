@@ -32,6 +32,11 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--max-memory", default="64MB", help="memory store budget (e.g. 256MB, auto)")
     demo.add_argument("--compute-seconds", type=float, default=0.2, help="simulated inference time")
     serve = sub.add_parser("serve", help="serve keyspaces to any Redis client")
+    # the log flags work before or after the subcommand
+    serve.add_argument("--log-level", default=argparse.SUPPRESS, help="DEBUG, INFO, WARNING or ERROR")
+    serve.add_argument(
+        "--log-format", default=argparse.SUPPRESS, choices=("text", "json"), help="text or json"
+    )
     serve.add_argument("--app", help="MODULE:ATTR naming a keymiss.Keymiss (importable from here)")
     serve.add_argument("--host", help="address to bind (default 127.0.0.1)")
     serve.add_argument("--port", type=int, help="port (default 6380; 0 picks a free one)")

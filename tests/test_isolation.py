@@ -34,7 +34,9 @@ def release() -> threading.Event:
     event.set()
 
 
-async def test_a_hung_keyspace_leaves_another_keyspaces_p99_under_50ms(km: Keymiss, release: threading.Event) -> None:
+async def test_a_hung_keyspace_leaves_another_keyspaces_p99_under_50ms(
+    km: Keymiss, release: threading.Event
+) -> None:
     @km.keyspace("hang:*", timeout=0.2)
     def hang(key: str) -> str:
         release.wait(20)
@@ -85,7 +87,11 @@ async def test_in_flight_counts_stay_honest_through_timeouts(km: Keymiss, releas
     while km.stats()["in_flight"] and time.monotonic() < deadline:
         await asyncio.sleep(0.01)
     stats = km.stats()
-    assert (stats["in_flight"], stats["stuck_handlers"], stats["keyspaces"]["hang:*"]["in_flight"]) == (0, 0, 0)
+    assert (stats["in_flight"], stats["stuck_handlers"], stats["keyspaces"]["hang:*"]["in_flight"]) == (
+        0,
+        0,
+        0,
+    )
     assert await km.get("hang:after") == "late"  # slots came back with their threads
 
 

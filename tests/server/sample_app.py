@@ -63,3 +63,14 @@ async def crawl(key: str) -> str:
 async def quick(key: str) -> str:
     await asyncio.sleep(0.05)  # a small model: 50 ms
     return f"quick {key}"
+
+
+@app.keyspace("stuck:*", timeout=0.2, concurrency=2)
+def stuck(key: str) -> str:
+    time.sleep(60)  # a sync handler that never comes back in time: its thread stays busy
+    return "never"
+
+
+@app.keyspace("secret:*")
+def secret(key: str) -> str:
+    raise RuntimeError("token=s3cr3t in /srv/private/model.bin")

@@ -1,0 +1,109 @@
+"""What a server operator and its clients see when handlers fail, hang or are misconfigured."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import redis
+
+from .conftest import start_server
+
+
+def test_shutdown_ends_with_stuck_handlers_and_says_so(tmp_path: Path) -> None:
+    srv = start_server(tmp_path, "--grace-seconds", "1")
+    try:
+        r = redis.Redis(port=srv.port, socket_timeout=10)
+        for i in range(2):  # both of stuck's slots, held past the 0.2 s timeout
+            with pytest.raises(redis.ResponseError, match="did not finish within 0.2s"):
+                r.get(f"stuck:{i}")
+        with pytest.raises(redis.ResponseError, match="^BUSY .*past their timeout"):
+            r.get("stuck:more")
+        info = r.info("keymiss")
+        assert info["keymiss_stuck_handlers"] == 2 and info["keymiss_in_flight"] == 2
+        assert r.get("double:4") == b"8"  # other keyspaces keep computing
+        t0 = time.monotonic()
+        status = srv.stop(signal.SIGTERM, timeout=20)
+        assert time.monotonic() - t0 < 10, "shutdown waited for handlers stuck for 60 s"
+        assert status == 3, srv.log  # the exit status says handlers were abandoned
+        assert "abandoning 2 handler call(s)" in srv.log
+    finally:
+        srv.stop(signal.SIGKILL)
+
+
+def test_handler_failures_are_logged_with_traceback_and_text_can_be_hidden(tmp_path: Path) -> None:
+    srv = start_server(tmp_path, "--handler-errors", "type", "--log-format", "json")
+    try:
+        r = redis.Redis(port=srv.port, socket_timeout=10)
+        for _ in range(5):
+            with pytest.raises(redis.ResponseError) as info:
+                r.get("secret:1")
+            assert "s3cr3t" not in str(info.value) and "RuntimeError" in str(info.value)
+        (entry,) = r.mget(["secret:2"])  # MGET entries are error replies with the same text
+        assert entry is None or "s3cr3t" not in str(entry)
+        assert r.ping()
+        deadline = time.monotonic() + 5
+        while "s3cr3t" not in srv.log and time.monotonic() < deadline:
+            time.sleep(0.05)
+        lines = [json.loads(line) for line in srv.log.splitlines() if line.startswith("{")]
+        failures = [x for x in lines if x["logger"] == "keymiss.handler"]
+        assert len(failures) == 1, failures  # once per window, not once per request
+        assert "secret:*" in failures[0]["message"] and "s3cr3t" in failures[0]["traceback"]
+        assert all({"time", "level", "logger", "message"} <= set(x) for x in lines)
+    finally:
+        srv.stop()
+
+
+def test_access_log_names_each_command(tmp_path: Path) -> None:
+    srv = start_server(tmp_path, "--access-log", "--requirepass", "pw")
+    try:
+        r = redis.Redis(port=srv.port, password="pw", socket_timeout=10)
+        r.get("double:21")
+        r.set("plain", "v")
+        deadline = time.monotonic() + 5
+        while "SET plain" not in srv.log and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert "keymiss.access" in srv.log and "GET double:21" in srv.log and "SET plain" in srv.log
+        assert "pw" not in srv.log.split("keymiss.access", 1)[1].split("GET double:21")[0]  # no password
+    finally:
+        srv.stop()
+
+
+@pytest.mark.parametrize(
+    "store",
+    [
+        "redis://127.0.0.1:1?timeout=x",
+        "redis://127.0.0.1:1?lease_ms=-5",
+        "redis://127.0.0.1:1?bogus=1",
+        "lmdb:",
+        "memory?max_memory=lots",
+        "ftp://nowhere",
+    ],
+)
+def test_a_malformed_store_url_is_one_clean_line(store: str) -> None:
+    out = subprocess.run(
+        [sys.executable, "-m", "keymiss", "serve", "--port", "0", "--store", store],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert out.returncode == 2, out.stderr
+    assert "Traceback" not in out.stderr
+    lines = [line for line in out.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("keymiss: "), out.stderr
+
+
+def test_help_names_every_accepted_value() -> None:
+    out = subprocess.run(
+        [sys.executable, "-m", "keymiss", "serve", "--help"], capture_output=True, text=True, timeout=60
+    )
+    text = " ".join(out.stdout.split())
+    for value in ("memory", "lmdb:PATH", "redis://", "redis+cluster://", "tinylfu-cost", "lru", "fifo"):
+        assert value in text, value
+    for dtype in ("float32", "bf16-autocast", "bfloat16"):
+        assert dtype in text, dtype
