@@ -25,6 +25,8 @@ from .stores.eviction import Policy
 
 log = logging.getLogger("keymiss")
 
+_TEXT = int(codecs.Codec.TEXT)
+
 F = TypeVar("F", bound=Callable[..., Any])
 
 #: What ``read`` returns: a ready item, ``None`` (a miss no keyspace owns), or an awaitable of either.
@@ -407,6 +409,8 @@ class Keymiss:
             item = await item  # type: ignore[misc]
             if item is None:
                 return None
+        if item.codec == _TEXT:  # the common case, inlined: text never fails to decode
+            return item.value.decode("utf-8", "surrogateescape")
         try:
             return codecs.decode(item.value, item.codec)
         except CodecError as exc:
