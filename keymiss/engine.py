@@ -9,19 +9,18 @@ and only then answers — so an answer always means the value is stored.
 from __future__ import annotations
 
 import asyncio
-import functools
 import logging
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, TypeVar
 
 from . import codecs
 from .compute import Computed, ComputeEngine
-from .errors import CodecError, ComputeTimeoutError, KeymissError, StoreError
-from .keyspace import DEFAULT_TIMEOUT, Keyspace, Registry
+from .errors import CodecError, KeymissError, StoreError
+from .keyspace import Keyspace, Registry
 from .options import KeyspaceOptions
-from .singleflight import SingleFlight
-from .stores import Item, LocalStore, SharedStore, Store, Write, open_store
+from .stores import Item, LocalStore, SharedStore, Store, open_store
 from .stores.eviction import Policy
+from .writeback import WriteBack
 
 log = logging.getLogger("keymiss")
 
@@ -67,9 +66,7 @@ class Keymiss:
         self._max_memory = max_memory
         self._eviction = eviction
         self._store: Store | None = store if isinstance(store, Store) else None
-        self._fills = SingleFlight()
-        self._pending_writes: list[tuple[Write, asyncio.Future[bool]]] = []
-        self._writers: set[asyncio.Task[None]] = set()
+        self.writeback = WriteBack(self.engine, lambda: self.store)
         self._sweep_interval = sweep_interval
         self._sweeper: asyncio.Task[None] | None = None
         self._closed = False
@@ -188,7 +185,7 @@ class Keymiss:
         """Let running computations finish and store their values, up to ``grace`` seconds."""
         deadline = asyncio.get_running_loop().time() + grace
         computed = await self.engine.drain(grace)
-        stored = await self._fills.wait_all(max(0.0, deadline - asyncio.get_running_loop().time()))
+        stored = await self.writeback.wait_all(max(0.0, deadline - asyncio.get_running_loop().time()))
         return computed and stored
 
     async def close(self, grace: float = 10.0) -> None:
@@ -202,7 +199,7 @@ class Keymiss:
             self._sweeper = None
         if not await self.drain(grace):
             log.warning("closing with computations still running after %.1fs; they are abandoned", grace)
-            self._fills.cancel_all()
+            self.writeback.cancel_all()
         self.abandoned_handlers = self.engine.close()
         if self.abandoned_handlers:
             log.warning("%d handler thread(s) still inside a handler are abandoned", self.abandoned_handlers)
@@ -326,72 +323,9 @@ class Keymiss:
 
     # --- write-back --------------------------------------------------------------------------------
     async def _fill(self, key: str, ks: Keyspace) -> Item:
-        """Join or start the one fill of ``key``: compute it, store it, then answer every waiter."""
         if not self._started and not self._closed:
             await self.start()
-        fut = self._fills.get(key)
-        if fut is None:
-            fut = self._fills.start(key, functools.partial(self._compute_and_store, key, ks))
-        else:
-            ks.stats.coalesced += 1
-        item: Item = await asyncio.shield(fut)
-        return item
-
-    async def _compute_and_store(self, key: str, ks: Keyspace) -> Item:
-        store = self.store
-        if not isinstance(store, SharedStore):
-            return await self._compute_here(key, ks)
-        computed_here = False
-
-        async def compute() -> Item:
-            nonlocal computed_here
-            computed_here = True
-            return await self._compute_here(key, ks)
-
-        try:
-            item = await store.flight(key, compute, ks.timeout or DEFAULT_TIMEOUT)
-        except ComputeTimeoutError as exc:
-            raise ComputeTimeoutError(f"keyspace {ks.pattern!r}: {exc}", keyspace=ks.pattern) from None
-        if not computed_here:
-            ks.stats.coalesced += 1  # another node computed it
-        return item
-
-    async def _compute_here(self, key: str, ks: Keyspace) -> Item:
-        computed = await self.engine.compute_one(key, ks)
-        assert computed is not None  # ks owns key
-        if not await self._put(computed):
-            ks.stats.not_stored += 1
-        return computed.item()
-
-    async def _put(self, computed: Computed) -> bool:
-        """Store one computed value. Values that finish together (one batch) leave in one
-        ``set_many`` — one transaction, one fsync for a durable LMDB."""
-        loop = asyncio.get_running_loop()
-        fut: asyncio.Future[bool] = loop.create_future()
-        self._pending_writes.append((computed.write(), fut))
-        if len(self._pending_writes) == 1:  # the flush runs after this loop turn's other puts
-            task = loop.create_task(self._flush_writes())
-            self._writers.add(task)
-            task.add_done_callback(self._writers.discard)
-        return await fut
-
-    async def _flush_writes(self) -> None:
-        batch, self._pending_writes = self._pending_writes, []
-        try:
-            stored = await self.store.set_many([w for w, _ in batch])
-        except Exception as exc:
-            err = (
-                exc if isinstance(exc, StoreError) else StoreError(f"could not store computed values: {exc}")
-            )
-            if err is not exc:
-                err.__cause__ = exc
-            for _, fut in batch:
-                if not fut.done():
-                    fut.set_exception(err)
-            return
-        for (_, fut), ok in zip(batch, stored, strict=True):
-            if not fut.done():
-                fut.set_result(ok)
+        return await self.writeback.fill(key, ks)
 
     async def compute(self, keys: Sequence[str]) -> list[Computed | BaseException | None]:
         """Compute ``keys`` and store nothing (the worker's call): see ``ComputeEngine.compute``."""

@@ -144,3 +144,24 @@ async def test_near_cache_serves_hot_hits_and_is_invalidated_by_other_nodes(redi
             pytest.fail("the near cache kept serving a value another node replaced")
     finally:
         await asyncio.gather(a.close(), b.close())
+
+
+async def test_a_cold_burst_of_misses_opens_one_completion_listener(redis_url: str) -> None:
+    """A fresh node whose first traffic is 100 concurrent misses subscribes once, not 100 times,
+    and keeps working afterwards (it used to exhaust its pool with SUBSCRIBE connections)."""
+    calls: list[str] = []
+    (node,) = make_nodes(redis_url, 1, 0.05, calls)
+    tag = time.monotonic_ns()
+    try:
+        keys = [f"slow:cold{tag}:{i}" for i in range(100)]
+        values = await asyncio.gather(*(node.get(k) for k in keys))
+        assert values == [f"value of {k}" for k in keys] and len(calls) == 100
+        store: Any = node.store
+        clients = await store.call(store.client.client_list)
+        if isinstance(clients, dict):  # cluster: per node
+            clients = [c for per in clients.values() for c in per]
+        subscribers = [c for c in clients if "keymiss:done" in str(c) or int(c.get("sub", 0)) > 0]
+        assert len(subscribers) <= 1, subscribers
+        assert await node.set(f"after:{tag}", "v") and await node.get(f"after:{tag}") == "v"
+    finally:
+        await node.close()

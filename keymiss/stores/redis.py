@@ -15,7 +15,6 @@ import asyncio
 import contextlib
 import logging
 import time
-import uuid
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
@@ -26,22 +25,13 @@ from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialBackoff
 from redis.exceptions import RedisError
 
-from ..errors import ComputeTimeoutError, ConfigError, ReplyError, StoreError
-from .base import PTTL_MISSING, Item, SharedStore, StoreInfo, Write
+from ..errors import ConfigError, ReplyError, StoreError
+from .base import Item, SharedStore, StoreInfo, Write
+from .leases import Leases
 
 log = logging.getLogger("keymiss.redis")
 
-DONE_CHANNEL = "keymiss:done"
-LEASE_PREFIX = "keymiss:lease:"
 CODEC_PREFIX = "keymiss:codec:"
-
-# Release or renew a lease only while it is still ours (compare the token first).
-_RELEASE = """
-if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('del', KEYS[1]) else return 0 end
-"""
-_RENEW = """
-if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('pexpire', KEYS[1], ARGV[2]) else return 0 end
-"""
 
 
 def _k(key: str) -> bytes:
@@ -104,11 +94,9 @@ class RedisStore(SharedStore):
         }
         self._common = common
         self._clean_url = clean
-        self._sub_client: Any = None
         self._raw_client: Any = None
         self._ready = False
         self._init_lock = asyncio.Lock()
-        self._listener_lock = asyncio.Lock()
         self._gets: list[tuple[str, asyncio.Future[Item | None]]] = []
         self._gets_scheduled = False
         self._tasks: set[asyncio.Task[None]] = set()
@@ -122,9 +110,7 @@ class RedisStore(SharedStore):
                 self.client = aioredis.Redis.from_url(clean, health_check_interval=10, **common)
         except (ValueError, RedisError) as exc:
             raise ConfigError(f"bad redis store URL {self.url!r}: {exc}") from exc
-        self._pubsub: Any = None
-        self._listener: asyncio.Task[None] | None = None
-        self._waiters: dict[str, list[asyncio.Future[None]]] = {}
+        self.leases = Leases(self)
         self._info = StoreInfo(store=self.url, eviction_policy="redis")
 
     async def _connect(self) -> None:
@@ -136,7 +122,8 @@ class RedisStore(SharedStore):
                     await self.client.initialize()
                 self._ready = True
 
-    async def _call(self, fn: Callable[..., Awaitable[Any]], *args: Any, **kwargs: Any) -> Any:
+    async def call(self, fn: Callable[..., Awaitable[Any]], *args: Any, **kwargs: Any) -> Any:
+        """Run one redis-py coroutine function; every failure comes out as ``StoreError``."""
         if not self._ready:
             try:
                 await self._connect()
@@ -178,7 +165,7 @@ class RedisStore(SharedStore):
             raw.append(_k(k))
             raw.append(_tag(k))
         fn = self.client.mget_nonatomic if self.cluster else self.client.mget
-        values = await self._call(fn, raw)
+        values = await self.call(fn, raw)
         return [_item(values[i], values[i + 1]) for i in range(0, len(values), 2)]
 
     async def _fetch(self, batch: list[tuple[str, asyncio.Future[Item | None]]]) -> None:
@@ -212,7 +199,7 @@ class RedisStore(SharedStore):
             pipe.get(_k(k))
             pipe.get(_tag(k))
             pipe.pttl(_k(k))
-        replies = await self._call(pipe.execute)
+        replies = await self.call(pipe.execute)
         now = time.time()
         out: list[Item | None] = []
         for i in range(0, len(replies), 3):
@@ -236,14 +223,14 @@ class RedisStore(SharedStore):
         px = _px(ttl)
         if not (nx or xx or keep_ttl):
             return (await self.set_many([Write(key, value, codec, ttl)]))[0]
-        ok = await self._call(
+        ok = await self.call(
             self.client.set, _k(key), value, px=px, nx=nx, xx=xx, keepttl=keep_ttl and px is None
         )
         if ok:  # a conditional write: the tag follows once the value is known to be ours
             if codec:
-                await self._call(self.client.set, _tag(key), str(codec).encode(), px=px, keepttl=px is None)
+                await self.call(self.client.set, _tag(key), str(codec).encode(), px=px, keepttl=px is None)
             else:
-                await self._call(self.client.delete, _tag(key))
+                await self.call(self.client.delete, _tag(key))
         return bool(ok)
 
     async def set_many(self, writes: Sequence[Write]) -> list[bool]:
@@ -257,7 +244,7 @@ class RedisStore(SharedStore):
                 pipe.set(_tag(w.key), str(w.codec).encode(), px=px)
             else:
                 pipe.delete(_tag(w.key))
-        results = await self._call(pipe.execute)
+        results = await self.call(pipe.execute)
         out: list[bool] = []
         i = 0
         for _ in writes:
@@ -269,51 +256,51 @@ class RedisStore(SharedStore):
         keys = list(keys)
         if not keys:
             return 0
-        n = int(await self._call(self.client.delete, *(_k(k) for k in keys)))
-        await self._call(self.client.delete, *(_tag(k) for k in keys))
+        n = int(await self.call(self.client.delete, *(_k(k) for k in keys)))
+        await self.call(self.client.delete, *(_tag(k) for k in keys))
         return n
 
     async def exists(self, keys: Iterable[str]) -> int:
         raw = [_k(k) for k in keys]
-        return int(await self._call(self.client.exists, *raw)) if raw else 0
+        return int(await self.call(self.client.exists, *raw)) if raw else 0
 
     async def pttl(self, key: str) -> int:
-        return int(await self._call(self.client.pttl, _k(key)))
+        return int(await self.call(self.client.pttl, _k(key)))
 
     async def expire(self, key: str, ttl: float | None) -> bool:
         if ttl is None:
-            ok = bool(await self._call(self.client.persist, _k(key)))
-            await self._call(self.client.persist, _tag(key))
+            ok = bool(await self.call(self.client.persist, _k(key)))
+            await self.call(self.client.persist, _tag(key))
             return ok
         if ttl <= 0:
             return bool(await self.delete([key]))
-        ok = bool(await self._call(self.client.pexpire, _k(key), _px(ttl)))
-        await self._call(self.client.pexpire, _tag(key), _px(ttl))
+        ok = bool(await self.call(self.client.pexpire, _k(key), _px(ttl)))
+        await self.call(self.client.pexpire, _tag(key), _px(ttl))
         return ok
 
     async def scan(self, cursor: int, match: str | None = None, count: int = 10) -> tuple[int, list[str]]:
         if self.cluster:  # one pass over every primary: cluster cursors do not compose
             keys = [k async for k in self.client.scan_iter(match=match, count=max(count, 100))]
             return 0, [k.decode("utf-8", "surrogateescape") for k in keys]
-        nxt, keys = await self._call(self.client.scan, cursor, match=match, count=count)
+        nxt, keys = await self.call(self.client.scan, cursor, match=match, count=count)
         return int(nxt), [k.decode("utf-8", "surrogateescape") for k in keys]
 
     async def dbsize(self) -> int:
         if self.cluster:
-            n = await self._call(self.client.dbsize, target_nodes=RedisCluster.PRIMARIES)
+            n = await self.call(self.client.dbsize, target_nodes=RedisCluster.PRIMARIES)
         else:
-            n = await self._call(self.client.dbsize)
+            n = await self.call(self.client.dbsize)
         return sum(int(v) for v in n.values()) if isinstance(n, dict) else int(n)
 
     async def flush(self) -> None:
-        await self._call(self.client.flushdb)
+        await self.call(self.client.flushdb)
 
     async def sweep(self, limit: int = 1000) -> int:
         """Redis expires keys itself; the periodic sweep refreshes the numbers ``info`` reports."""
         try:
             nodes = {"target_nodes": RedisCluster.PRIMARIES} if self.cluster else {}
-            info = await self._call(self.client.info, "memory", **nodes)
-            stats = await self._call(self.client.info, "stats", **nodes)
+            info = await self.call(self.client.info, "memory", **nodes)
+            stats = await self.call(self.client.info, "stats", **nodes)
             keys = await self.dbsize()
         except StoreError:
             return 0
@@ -332,14 +319,10 @@ class RedisStore(SharedStore):
         return 0
 
     async def close(self) -> None:
-        if self._listener is not None:
-            self._listener.cancel()
-        if self._pubsub is not None:
-            with contextlib.suppress(RedisError, OSError, AttributeError):
-                await self._pubsub.aclose()
+        await self.leases.close()
         with contextlib.suppress(RedisError, OSError):
             await self.client.aclose()
-        for extra in (self._sub_client, self._raw_client):
+        for extra in (self._raw_client,):
             if extra is not None:
                 with contextlib.suppress(RedisError, OSError):
                     await extra.aclose()
@@ -376,127 +359,8 @@ class RedisStore(SharedStore):
 
     # --- cluster-wide single-flight ---------------------------------------------------------------------
     async def flight(self, key: str, compute: Callable[[], Awaitable[Item]], compute_seconds: float) -> Item:
-        """Compute only while holding the key's lease in Redis (``SET NX PX``, renewed while the
-        computation runs); other nodes wait for the completion message — or the lease's expiry, if
-        the holder died — and read the stored value."""
-        await self._ensure_listener()
-        budget = compute_seconds + 2 * self.lease_ms / 1000
-        deadline = time.monotonic() + budget
-        while time.monotonic() < deadline:
-            token = await self._acquire(key)
-            if token is not None:
-                renewer = asyncio.get_running_loop().create_task(self._renew(key, token))
-                try:
-                    # Another node may have stored the value and released its lease between our
-                    # miss and our acquire: look again before computing it a second time.
-                    item = await self.get(key)
-                    return item if item is not None else await compute()
-                finally:
-                    renewer.cancel()
-                    await self._release(key, token)
-            waiter = self._waiter(key)
-            try:
-                item = await self.get(key)
-                if item is not None:
-                    return item
-                wait = await self._lease_pttl(key) / 1000
-                if wait > 0:
-                    remaining = max(0.0, deadline - time.monotonic())
-                    with contextlib.suppress(TimeoutError):
-                        await asyncio.wait_for(asyncio.shield(waiter), min(wait + 0.05, remaining))
-            finally:
-                self._drop_waiter(key, waiter)
-            item = await self.get(key)
-            if item is not None:
-                return item
-            # the holder failed or died: take the lease ourselves on the next round
-        raise ComputeTimeoutError(f"no node finished computing the key within {budget:.0f}s")
-
-    async def _renew(self, key: str, token: str) -> None:
-        """Keep a long computation's lease alive."""
-        while True:
-            await asyncio.sleep(self.lease_ms / 3000)
-            try:
-                if not await self._call(
-                    self.client.eval, _RENEW, 1, _k(LEASE_PREFIX + key), token, self.lease_ms
-                ):
-                    log.warning("lost the lease of %r while computing it", key[:200])
-                    return
-            except StoreError as exc:
-                log.warning("could not renew the lease of %r: %s", key[:200], exc)
-
-    async def _acquire(self, key: str) -> str | None:
-        """Take the computation lease for ``key``: a token if we hold it, ``None`` if another node does."""
-        token = uuid.uuid4().hex
-        ok = await self._call(self.client.set, _k(LEASE_PREFIX + key), token, nx=True, px=self.lease_ms)
-        return token if ok else None
-
-    async def _release(self, key: str, token: str) -> None:
-        try:
-            await self._call(self.client.eval, _RELEASE, 1, _k(LEASE_PREFIX + key), token)
-        finally:
-            await self._call(self.client.publish, DONE_CHANNEL, key.encode("utf-8", "surrogateescape"))
-
-    async def _lease_pttl(self, key: str) -> int:
-        ms = int(await self._call(self.client.pttl, _k(LEASE_PREFIX + key)))
-        return ms if ms != PTTL_MISSING else 0
-
-    async def _ensure_listener(self) -> None:
-        # One listener however many first misses arrive together: without the lock, a cold burst
-        # opened one SUBSCRIBE connection per miss and exhausted the pool.
-        if self._listener is not None and not self._listener.done():
-            return
-        async with self._listener_lock:
-            if self._listener is not None and not self._listener.done():
-                return
-            await self._connect()
-            if self._pubsub is not None:
-                with contextlib.suppress(RedisError, OSError, AttributeError):
-                    await self._pubsub.aclose()
-            if self.cluster:
-                # Classic PUBLISH reaches every node of a cluster, so one plain connection to any
-                # node hears every completion.
-                if self._sub_client is None:
-                    node = self.client.get_default_node() or self.client.get_primaries()[0]
-                    self._sub_client = aioredis.Redis(host=node.host, port=node.port, **self._common)
-                self._pubsub = self._sub_client.pubsub()
-            else:
-                self._pubsub = self.client.pubsub()
-            await self._call(self._pubsub.subscribe, DONE_CHANNEL)
-            self._listener = asyncio.get_running_loop().create_task(self._listen(self._pubsub))
-
-    async def _listen(self, pubsub: Any) -> None:
-        while True:
-            try:
-                message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=1.0)
-            except (RedisError, OSError) as exc:
-                log.warning("completion channel lost (%s); waiters fall back to lease expiry", exc)
-                for futures in self._waiters.values():
-                    for fut in futures:
-                        if not fut.done():
-                            fut.set_result(None)
-                self._waiters.clear()
-                return
-            if message is None or message.get("type") != "message":
-                continue
-            key = message["data"].decode("utf-8", "surrogateescape")
-            for fut in self._waiters.pop(key, []):
-                if not fut.done():
-                    fut.set_result(None)
-
-    def _waiter(self, key: str) -> asyncio.Future[None]:
-        """A future set when some node announces it finished ``key``; registered *before* checking
-        for the value, so an announcement in between is not missed."""
-        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._waiters.setdefault(key, []).append(fut)
-        return fut
-
-    def _drop_waiter(self, key: str, fut: asyncio.Future[None]) -> None:
-        futures = self._waiters.get(key)
-        if futures and fut in futures:
-            futures.remove(fut)
-            if not futures:
-                del self._waiters[key]
+        """Compute only while holding the key's lease in Redis; see ``keymiss.stores.leases``."""
+        return await self.leases.flight(key, compute, compute_seconds)
 
     # --- what the near cache builds on ------------------------------------------------------------------
     async def connect(self) -> None:
@@ -507,7 +371,8 @@ class RedisStore(SharedStore):
             raise _wrap(exc) from exc
 
     def subscriber(self) -> Any:
-        """A new pub/sub object on a connection that hears every node's PUBLISH."""
+        """A new pub/sub object on a connection that hears every node's PUBLISH (classic PUBLISH
+        reaches every node of a cluster, so one plain connection to any node will do)."""
         if self.cluster:
             node = self.client.get_default_node() or self.client.get_primaries()[0]
             return aioredis.Redis(host=node.host, port=node.port, **self._common).pubsub()
@@ -515,4 +380,4 @@ class RedisStore(SharedStore):
 
     async def publish(self, channel: str, messages: Sequence[bytes]) -> None:
         """Publish ``messages`` on ``channel`` concurrently (a cluster pipeline refuses PUBLISH)."""
-        await asyncio.gather(*(self._call(self.client.publish, channel, m) for m in messages))
+        await asyncio.gather(*(self.call(self.client.publish, channel, m) for m in messages))

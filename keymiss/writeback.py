@@ -1,0 +1,103 @@
+"""Write-back: the one fill of a missing key — compute it, store it, then answer every waiter.
+
+The layer between the read path (``engine.Keymiss``) and the compute engine. A fill is single-flight
+per key, so a value is written once however many readers missed it; on a shared store it runs under
+the store's cross-node lease (``SharedStore.flight``), so it is computed once per cluster. Values
+that finish together (one batch) leave in one ``set_many``: one transaction, one fsync for a
+durable LMDB.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+from collections.abc import Callable
+
+from .compute import Computed, ComputeEngine
+from .errors import ComputeTimeoutError, StoreError
+from .keyspace import DEFAULT_TIMEOUT, Keyspace
+from .singleflight import SingleFlight
+from .stores import Item, SharedStore, Store, Write
+
+
+class WriteBack:
+    """Fills missing keys into a store with values from a ``ComputeEngine``."""
+
+    def __init__(self, engine: ComputeEngine, store: Callable[[], Store]) -> None:
+        self.engine = engine
+        self._store = store  # opened lazily by the owner
+        self._fills = SingleFlight()
+        self._pending: list[tuple[Write, asyncio.Future[bool]]] = []
+        self._writers: set[asyncio.Task[None]] = set()
+
+    async def fill(self, key: str, ks: Keyspace) -> Item:
+        """Join or start the fill of ``key`` (owned by ``ks``); the item once it is stored."""
+        fut = self._fills.get(key)
+        if fut is None:
+            fut = self._fills.start(key, functools.partial(self._compute_and_store, key, ks))
+        else:
+            ks.stats.coalesced += 1
+        item: Item = await asyncio.shield(fut)
+        return item
+
+    async def wait_all(self, grace: float) -> bool:
+        """Wait up to ``grace`` seconds for running fills; True if all ended."""
+        return await self._fills.wait_all(grace)
+
+    def cancel_all(self) -> None:
+        self._fills.cancel_all()
+
+    async def _compute_and_store(self, key: str, ks: Keyspace) -> Item:
+        store = self._store()
+        if not isinstance(store, SharedStore):
+            return await self._compute_here(key, ks)
+        computed_here = False
+
+        async def compute() -> Item:
+            nonlocal computed_here
+            computed_here = True
+            return await self._compute_here(key, ks)
+
+        try:
+            item = await store.flight(key, compute, ks.timeout or DEFAULT_TIMEOUT)
+        except ComputeTimeoutError as exc:
+            raise ComputeTimeoutError(f"keyspace {ks.pattern!r}: {exc}", keyspace=ks.pattern) from None
+        if not computed_here:
+            ks.stats.coalesced += 1  # another node computed it
+        return item
+
+    async def _compute_here(self, key: str, ks: Keyspace) -> Item:
+        computed = await self.engine.compute_one(key, ks)
+        assert computed is not None  # ks owns key
+        if not await self._put(computed):
+            ks.stats.not_stored += 1
+        return computed.item()
+
+    async def _put(self, computed: Computed) -> bool:
+        """Queue one value for the next ``set_many``; True if the store kept it."""
+        loop = asyncio.get_running_loop()
+        fut: asyncio.Future[bool] = loop.create_future()
+        self._pending.append((computed.write(), fut))
+        if len(self._pending) == 1:  # the flush runs after this loop turn's other puts
+            task = loop.create_task(self._flush())
+            self._writers.add(task)
+            task.add_done_callback(self._writers.discard)
+        return await fut
+
+    async def _flush(self) -> None:
+        batch, self._pending = self._pending, []
+        try:
+            stored = await self._store().set_many([w for w, _ in batch])
+        except Exception as exc:
+            if isinstance(exc, StoreError):
+                err = exc
+            else:
+                err = StoreError(f"could not store computed values: {exc}")
+                err.__cause__ = exc
+            for _, fut in batch:
+                if not fut.done():
+                    fut.set_exception(err)
+            return
+        for (_, fut), ok in zip(batch, stored, strict=True):
+            if not fut.done():
+                fut.set_result(ok)
