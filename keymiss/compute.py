@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import itertools
 import logging
 import time
 from collections.abc import Sequence
@@ -36,6 +37,9 @@ from .slots import Gate, HandlerThreads
 from .stores.base import Item, Write
 
 log = logging.getLogger("keymiss")
+
+#: Remembered failures (``error_ttl``) kept at most, over all keyspaces.
+MAX_REMEMBERED = 100_000
 
 
 @dataclass(frozen=True, slots=True)
@@ -174,6 +178,27 @@ class ComputeEngine:
                 out[i] = result
         return out
 
+    def _remember(self, key: str, record: ErrorRecord) -> None:
+        """Keep a failure for ``error_ttl``; expired records go as new ones arrive, and there are
+        never more than ``MAX_REMEMBERED``, so a flood of distinct failing keys is bounded."""
+        errors = self._errors
+        errors.pop(key, None)
+        errors[key] = record  # dicts keep insertion order: the oldest record comes first
+        now = time.monotonic()
+        for old in list(itertools.islice(errors, 64)):
+            if errors[old].expires_at <= now or len(errors) > MAX_REMEMBERED:
+                del errors[old]
+            else:
+                break
+
+    def sweep(self) -> int:
+        """Drop expired remembered failures (the engine's periodic sweep calls this)."""
+        now = time.monotonic()
+        expired = [k for k, r in self._errors.items() if r.expires_at <= now]
+        for key in expired:
+            del self._errors[key]
+        return len(expired)
+
     def forget_errors(self, keys: set[str]) -> None:
         """Drop remembered errors of these keys (their values were forgotten)."""
         if self._errors:
@@ -214,7 +239,7 @@ class ComputeEngine:
             return result  # type: ignore[no-any-return]
         except KeymissError as exc:
             if ks.error_ttl and not isinstance(exc, BusyError):
-                self._errors[key] = ErrorRecord.of(exc, ks.error_ttl)
+                self._remember(key, ErrorRecord.of(exc, ks.error_ttl))
             raise
 
     async def _invoke(self, ks: Keyspace, lane: _Lane, payload: Any, n: int) -> Any:
@@ -296,7 +321,12 @@ class ComputeEngine:
             raise ComputeTimeoutError(
                 f"keyspace {ks.pattern!r}: handler did not finish within {ks.timeout:g}s", keyspace=ks.pattern
             ) from exc
-        except Exception as exc:
+        except asyncio.CancelledError as exc:
+            task = asyncio.current_task()
+            if task is not None and task.cancelling():
+                raise  # we are being cancelled (shutdown), not the handler failing
+            raise self._failed(ks, lane, keys, exc) from exc
+        except BaseException as exc:  # SystemExit, KeyboardInterrupt from a handler fail its keys only
             raise self._failed(ks, lane, keys, exc) from exc
         elapsed = time.perf_counter() - started
         results: list[Computed | BaseException] = []
@@ -323,7 +353,7 @@ class ComputeEngine:
         """Count and log a handler failure; the error its callers get."""
         ks.stats.errors += len(keys)
         lane.failures.failed("handler failed", keys, exc)
-        if isinstance(exc, KeymissError):  # a deliberate, already clear error: pass it on
+        if isinstance(exc, KeymissError) and lane.detail == "message":  # deliberate and clear: as is
             return exc
         scope = " for this key" if one else ""
         err = HandlerError(

@@ -216,6 +216,7 @@ class Keymiss:
     async def _sweep_loop(self) -> None:
         while True:
             await asyncio.sleep(self._sweep_interval)
+            self.engine.sweep()
             try:
                 await self.store.sweep()
             except Exception:  # a sweep failure must not end the sweeping
@@ -353,7 +354,7 @@ class Keymiss:
             ks = self.registry.route(key)
             if ks is None:
                 raise
-            fresh = await self._fill(key, ks)
+            fresh = await self.writeback.replace(key, ks)
             return codecs.decode(fresh.value, fresh.codec)
 
     async def get_item(self, key: str) -> Item | None:

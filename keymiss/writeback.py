@@ -40,6 +40,11 @@ class WriteBack:
         item: Item = await asyncio.shield(fut)
         return item
 
+    async def replace(self, key: str, ks: Keyspace) -> Item:
+        """Compute ``key`` and overwrite what is stored, whatever it is: for a stored value that
+        cannot be decoded (a shared store's lease would hand the bad value straight back)."""
+        return await self._compute_here(key, ks)
+
     async def wait_all(self, grace: float) -> bool:
         """Wait up to ``grace`` seconds for running fills; True if all ended."""
         return await self._fills.wait_all(grace)

@@ -295,3 +295,59 @@ async def test_unknown_keyspace_options_are_config_errors() -> None:
     for bad in ({"concurrency": 0}, {"queue": -1}, {"error_detail": "all"}, {"codec": "pickle"}):
         with pytest.raises(ConfigError):
             km.keyspace("x:*", **bad)
+
+
+@pytest.mark.parametrize("kind", [SystemExit, KeyboardInterrupt, asyncio.CancelledError])
+@pytest.mark.parametrize("sync", [True, False], ids=["sync", "async"])
+async def test_a_handler_raising_a_base_exception_fails_only_its_key(
+    km: Keymiss, kind: type[BaseException], sync: bool
+) -> None:
+    if sync:
+
+        def handler(key: str) -> str:
+            raise kind("from the handler")
+    else:
+
+        async def handler(key: str) -> str:  # type: ignore[misc]
+            raise kind("from the handler")
+
+    km.add_keyspace("boom:*", handler)
+
+    @km.keyspace("ok:*")
+    def ok(key: str) -> str:
+        return "fine"
+
+    with pytest.raises(HandlerError, match=kind.__name__):
+        await km.get("boom:1")
+    assert await km.get("ok:1") == "fine"
+    assert km.stats()["keyspaces"]["boom:*"]["errors"] == 1
+
+
+async def test_type_only_errors_hide_a_handlers_own_keymiss_error(km: Keymiss) -> None:
+    from keymiss import StoreError
+
+    @km.keyspace("tkm:*", error_detail="type")
+    def tkm(key: str) -> str:
+        raise StoreError("db password=hunter2")
+
+    with pytest.raises(KeymissError) as info:
+        await km.get("tkm:1")
+    assert "hunter2" not in str(info.value) and "StoreError" in str(info.value)
+
+
+async def test_remembered_errors_of_distinct_keys_are_bounded(km: Keymiss) -> None:
+    @km.keyspace("bad:*", error_ttl=0.05)
+    def bad(key: str) -> str:
+        raise ValueError("no")
+
+    for i in range(3000):
+        with pytest.raises(HandlerError):
+            await km.get(f"bad:{i}")
+    await asyncio.sleep(0.06)
+    for i in range(3000, 3100):  # new failures push out the expired ones
+        with pytest.raises(HandlerError):
+            await km.get(f"bad:{i}")
+    remembered = len(km.engine._errors)
+    assert remembered < 3000 - 64 * 10, remembered
+    await asyncio.sleep(0.06)
+    assert km.engine.sweep() > 0 and not km.engine._errors  # the periodic sweep takes the rest

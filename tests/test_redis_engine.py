@@ -165,3 +165,31 @@ async def test_a_cold_burst_of_misses_opens_one_completion_listener(redis_url: s
         assert await node.set(f"after:{tag}", "v") and await node.get(f"after:{tag}") == "v"
     finally:
         await node.close()
+
+
+async def test_codec_tags_never_misdecode_a_value_rewritten_behind_keymiss(redis_url: str) -> None:
+    km = Keymiss(store=RedisStore(redis_url), sweep_interval=0)
+    calls: list[str] = []
+
+    @km.keyspace("doc:*")
+    def doc(key: str) -> dict[str, str]:
+        calls.append(key)
+        return {"key": key}
+
+    store: Any = km.store
+    tag = time.monotonic_ns()
+    key = f"doc:{tag}"
+    try:
+        assert await km.get(key) == {"key": key}
+        assert await store.client.get(key.encode()) == f'{{"key":"{key}"}}'.encode()  # plain bytes
+        await store.client.set(key.encode(), b"oops")  # a plain client rewrites it; the tag stays
+        assert await km.get(key) == b"oops"  # the stale tag is recognised: bytes, no error
+        await store.client.delete(key.encode())
+        await store.client.set(key.encode(), b'{"other": 1}')
+        assert await km.get(key) == b'{"other": 1}'
+        assert calls == [key]  # a client's write wins; nothing was recomputed over it
+        await km.set(f"free:{tag}", {"a": 1})
+        _, keys = await store.scan(0, f"*{tag}*", 1000)
+        assert sorted(keys) == sorted([key, f"free:{tag}"])  # the tags are not listed
+    finally:
+        await km.close()

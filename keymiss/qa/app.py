@@ -3,15 +3,16 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import os
 from collections.abc import Callable, Iterable
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
 from ..engine import Keymiss
 from ..errors import CodecError
+from ..slots import HandlerThreads
 from .contexts import ContextRecord, UnknownContextError, context_store_key, read_corpus
 from .reader import QAParams, Reader, SentenceReader, SpanReader
 
@@ -46,17 +47,16 @@ class QAService:
         self._make_reader = make_reader
         self.reader: Reader | None = None
         # One forward pass at a time: batches that wait here grow instead of fighting for 2 cores.
-        self._model_thread = ThreadPoolExecutor(1, thread_name_prefix="keymiss-model")
+        # A daemon thread: a model stuck in a forward pass cannot keep the process from exiting.
+        self._model_thread = HandlerThreads("model", 1)
 
     async def load(self) -> Reader:
         if self.reader is None:
-            self.reader = await asyncio.get_running_loop().run_in_executor(
-                self._model_thread, self._make_reader
-            )
+            self.reader = await self.run(self._make_reader)
         return self.reader
 
     async def run(self, fn: Callable[..., Any], *args: Any) -> Any:
-        return await asyncio.get_running_loop().run_in_executor(self._model_thread, fn, *args)
+        return await asyncio.wrap_future(self._model_thread.submit(functools.partial(fn, *args)))
 
     async def ingest(
         self, km: Keymiss, pairs: Iterable[tuple[str, str]], progress: Callable[[int], None] | None = None

@@ -196,14 +196,46 @@ EXIT_ABANDONED = 3
 
 def run(km: Keymiss, settings: Settings, *, config_file: str | None = None) -> int:
     """Run a server until a signal stops it, on uvloop when it is installed. Returns the exit
-    status: 0, or ``EXIT_ABANDONED`` when handlers stuck past their timeout were left behind."""
+    status: 0, or ``EXIT_ABANDONED`` when work stuck past its timeout was left behind.
+
+    The loop is closed by hand rather than by ``asyncio.Runner``: on Python 3.11 the runner waits
+    without limit for the default executor, where an async handler's ``asyncio.to_thread`` call may
+    be stuck for good. Here that wait is bounded, and what is still stuck after it is abandoned
+    with an immediate exit (logs flushed first)."""
     server = Server(km, settings, config_file=config_file)
     try:
         import uvloop
 
-        loop_factory: Any = uvloop.new_event_loop
+        loop: asyncio.AbstractEventLoop = uvloop.new_event_loop()
     except ImportError:
-        loop_factory = None
-    with asyncio.Runner(loop_factory=loop_factory) as runner:
-        runner.run(server.serve_forever())
+        loop = asyncio.new_event_loop()
+    asyncio.set_event_loop(loop)
+    stuck_executor = False
+    try:
+        loop.run_until_complete(server.serve_forever())
+        loop.run_until_complete(loop.shutdown_asyncgens())
+        stuck_executor = not loop.run_until_complete(_shutdown_executor(loop, EXECUTOR_WAIT))
+    finally:
+        if stuck_executor:
+            log.error(
+                "keymiss stopped, abandoning threads of the default executor still busy after %.0fs "
+                "(an async handler's blocking call)",
+                EXECUTOR_WAIT,
+            )
+            logging.shutdown()
+            os._exit(EXIT_ABANDONED)
+        asyncio.set_event_loop(None)
+        loop.close()
     return EXIT_ABANDONED if server.abandoned_handlers else 0
+
+
+#: Seconds shutdown waits for the default executor's threads (``asyncio.to_thread``) to finish.
+EXECUTOR_WAIT = 2.0
+
+
+async def _shutdown_executor(loop: asyncio.AbstractEventLoop, seconds: float) -> bool:
+    try:
+        await asyncio.wait_for(asyncio.shield(loop.shutdown_default_executor()), seconds)
+    except TimeoutError:
+        return False
+    return True

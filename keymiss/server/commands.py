@@ -85,12 +85,14 @@ def arg(
     name: str, kind: str = "string", *, optional: bool = False, multiple: bool = False, token: str = ""
 ) -> dict[str, Any]:
     """An argument description for COMMAND DOCS (what redis-cli turns into hints)."""
-    flags = [f for f, on in (("optional", optional), ("multiple", multiple)) if on]
+    flags = [reply.Status(f) for f, on in (("optional", optional), ("multiple", multiple)) if on]
     doc: dict[str, Any] = {"name": name, "type": kind}
     if token:
         doc["token"] = token
     if flags:
         doc["flags"] = flags
+    if kind in ("oneof", "block"):  # redis-cli reads (and crashes without) the nested arguments
+        doc["arguments"] = []
     return doc
 
 

@@ -32,6 +32,11 @@ READ_PAUSE_BYTES = 1024 * 1024
 NOAUTH = b"-NOAUTH Authentication required.\r\n"
 
 
+def _printable(raw: bytes) -> str:
+    """Bytes for a log line with every control and non-ASCII byte escaped: a key cannot forge lines."""
+    return repr(raw)[2:-1]
+
+
 class Connection(asyncio.Protocol):
     """The asyncio protocol of one client."""
 
@@ -182,10 +187,10 @@ class Connection(asyncio.Protocol):
             access.info(
                 "%s %s %s%s",
                 self.addr,
-                name.decode(errors="replace")[:32].upper(),
-                args[1][:200].decode(errors="replace") if len(args) > 1 and name != b"auth" else "",
+                _printable(name[:32]).upper(),
+                _printable(args[1][:200]) if len(args) > 1 and name not in (b"auth", b"hello") else "",
                 f" (+{len(args) - 2} args)" if len(args) > 2 else "",
-                extra={"client": self.addr, "command": name.decode(errors="replace")[:32]},
+                extra={"client": self.addr, "command": _printable(name[:32])},
             )
         if cmd is None and self._authenticated and self.shared is not None:
             return self._passthrough(self.shared, args)
@@ -231,8 +236,12 @@ class Connection(asyncio.Protocol):
         try:
             answer = await pending
         except asyncio.CancelledError:
-            return
-        except Exception as exc:
+            task = asyncio.current_task()
+            if self.closed or (task is not None and task.cancelling()):
+                return  # the client went away, or the server is closing it
+            # the computation this command waited for was cancelled: the client still gets a reply
+            answer = self.error(KeymissError("the computation was cancelled; retry"))
+        except BaseException as exc:  # whatever a handler raised, this client gets an error reply
             answer = self.error(exc)
         self.waiting = False
         if self.closed:

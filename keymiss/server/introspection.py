@@ -29,11 +29,11 @@ def _command_info(name: bytes) -> list[Any]:
     return [
         cmd.name,
         cmd.arity,
-        [f for f in cmd.flags],
+        [reply.Status(f) for f in cmd.flags],
         cmd.first_key,
         cmd.last_key,
         cmd.step,
-        [f"@{cmd.group}"],
+        [reply.Status(f"@{cmd.group}")],
         [],
         [],
         [f"{cmd.name}|{s}" for s in cmd.subcommands],

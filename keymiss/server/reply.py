@@ -53,10 +53,19 @@ def verbatim(text: str, proto: int) -> bytes:
     return bulk(data)
 
 
+class Status(str):
+    """A string sent as a status reply (``+readonly``), as Redis sends command and argument flags:
+    redis-cli asserts on that type when it builds its hints from COMMAND DOCS."""
+
+    __slots__ = ()
+
+
 def encode(value: Any, proto: int) -> bytes:
     """A Python value as a reply: dicts become maps (flat arrays on RESP2), floats doubles."""
     if value is None:
         return null(proto)
+    if isinstance(value, Status):
+        return simple(value)
     if isinstance(value, bool):
         if proto == 3:
             return b"#t\r\n" if value else b"#f\r\n"

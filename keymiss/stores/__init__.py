@@ -5,7 +5,7 @@
 
 from __future__ import annotations
 
-from urllib.parse import parse_qsl
+from urllib.parse import parse_qsl, urlsplit
 
 from ..errors import ConfigError
 from ..sizes import parse_size
@@ -95,6 +95,11 @@ def _open(url: str, max_memory: int | str, eviction: str | Policy, on_evict: Evi
         unknown = set(opts) - {"timeout", "lease_ms", "max_concurrency", "near_cache", "near_ttl"}
         if unknown:
             raise ConfigError(f"unknown redis store option(s): {', '.join(sorted(unknown))}")
+        db = urlsplit(base).path.strip("/")
+        if db and not (db.isdigit() and int(db) < 1_000_000):
+            raise ConfigError(f"redis store URL {url!r}: the database must be a number, not {db!r}")
+        if db and int(db) != 0 and "cluster" in scheme:
+            raise ConfigError("a Redis Cluster has database 0 only")
         near = opts.pop("near_cache", None)
         near_ttl = _number(opts.pop("near_ttl", "5"), "near_ttl")
         shared = RedisStore(

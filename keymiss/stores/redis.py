@@ -15,6 +15,7 @@ import asyncio
 import contextlib
 import logging
 import time
+import zlib
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
@@ -32,6 +33,7 @@ from .leases import Leases
 log = logging.getLogger("keymiss.redis")
 
 CODEC_PREFIX = "keymiss:codec:"
+_TAGS = CODEC_PREFIX.encode()
 
 
 def _k(key: str) -> bytes:
@@ -47,10 +49,21 @@ def _px(ttl: float | None) -> int | None:
     return None if ttl is None else max(1, int(ttl * 1000))
 
 
+def _tag_value(codec: int, value: bytes) -> bytes:
+    """A codec tag names the codec and the CRC32 of the bytes it describes, so a tag that outlived
+    its value (the key was rewritten by a plain Redis client) is recognised and ignored."""
+    return b"%d:%08x" % (codec, zlib.crc32(value))
+
+
 def _item(value: bytes | None, tag: bytes | None) -> Item | None:
     if value is None:
         return None
-    return Item(value, int(tag) if tag and tag.isdigit() else 0)
+    codec = 0
+    if tag:
+        head, _, crc = tag.partition(b":")
+        if head.isdigit() and crc == b"%08x" % zlib.crc32(value):
+            codec = int(head)
+    return Item(value, codec)
 
 
 def _wrap(exc: Exception) -> StoreError:
@@ -228,7 +241,9 @@ class RedisStore(SharedStore):
         )
         if ok:  # a conditional write: the tag follows once the value is known to be ours
             if codec:
-                await self.call(self.client.set, _tag(key), str(codec).encode(), px=px, keepttl=px is None)
+                await self.call(
+                    self.client.set, _tag(key), _tag_value(codec, value), px=px, keepttl=px is None
+                )
             else:
                 await self.call(self.client.delete, _tag(key))
         return bool(ok)
@@ -241,7 +256,7 @@ class RedisStore(SharedStore):
             px = _px(w.ttl)
             pipe.set(_k(w.key), w.value, px=px)
             if w.codec:
-                pipe.set(_tag(w.key), str(w.codec).encode(), px=px)
+                pipe.set(_tag(w.key), _tag_value(w.codec, w.value), px=px)
             else:
                 pipe.delete(_tag(w.key))
         results = await self.call(pipe.execute)
@@ -279,11 +294,12 @@ class RedisStore(SharedStore):
         return ok
 
     async def scan(self, cursor: int, match: str | None = None, count: int = 10) -> tuple[int, list[str]]:
+        """Redis SCAN, without the codec tags (they are part of their value, not keys of their own)."""
         if self.cluster:  # one pass over every primary: cluster cursors do not compose
             keys = [k async for k in self.client.scan_iter(match=match, count=max(count, 100))]
-            return 0, [k.decode("utf-8", "surrogateescape") for k in keys]
+            return 0, [k.decode("utf-8", "surrogateescape") for k in keys if not k.startswith(_TAGS)]
         nxt, keys = await self.call(self.client.scan, cursor, match=match, count=count)
-        return int(nxt), [k.decode("utf-8", "surrogateescape") for k in keys]
+        return int(nxt), [k.decode("utf-8", "surrogateescape") for k in keys if not k.startswith(_TAGS)]
 
     async def dbsize(self) -> int:
         if self.cluster:

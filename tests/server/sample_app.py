@@ -74,3 +74,19 @@ def stuck(key: str) -> str:
 @app.keyspace("secret:*")
 def secret(key: str) -> str:
     raise RuntimeError("token=s3cr3t in /srv/private/model.bin")
+
+
+@app.keyspace("sysexit:*")
+def sysexit(key: str) -> str:
+    raise SystemExit("a handler must not stop the server")
+
+
+@app.keyspace("cancelled:*")
+async def cancelled(key: str) -> str:
+    raise asyncio.CancelledError("a handler's own cancellation")
+
+
+@app.keyspace("tothread:*", timeout=0.3)
+async def tothread(key: str) -> str:
+    await asyncio.to_thread(time.sleep, 60)  # a blocking call in the default executor, stuck
+    return "never"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import signal
 import subprocess
 import sys
@@ -80,6 +81,7 @@ def test_access_log_names_each_command(tmp_path: Path) -> None:
         "redis://127.0.0.1:1?timeout=x",
         "redis://127.0.0.1:1?lease_ms=-5",
         "redis://127.0.0.1:1?bogus=1",
+        "redis://127.0.0.1:1/abc",
         "lmdb:",
         "memory?max_memory=lots",
         "ftp://nowhere",
@@ -107,3 +109,67 @@ def test_help_names_every_accepted_value() -> None:
         assert value in text, value
     for dtype in ("float32", "bf16-autocast", "bfloat16"):
         assert dtype in text, dtype
+
+
+def test_a_handler_raising_systemexit_or_cancelled_fails_only_its_key(tmp_path: Path) -> None:
+    srv = start_server(tmp_path)
+    try:
+        r = redis.Redis(port=srv.port, socket_timeout=10)
+        for key in ("sysexit:1", "cancelled:1"):
+            pipe = r.pipeline(transaction=False)
+            pipe.get(key)
+            pipe.ping()
+            got = pipe.execute(raise_on_error=False)
+            assert isinstance(got[0], redis.ResponseError) and key.split(":")[0] in str(got[0]), got
+            assert got[1] is True  # the pipelined command behind it is answered
+        assert r.get("double:5") == b"10"
+        assert srv.proc.poll() is None
+    finally:
+        srv.stop()
+
+
+def test_shutdown_ends_when_an_async_handler_is_stuck_in_a_thread(tmp_path: Path) -> None:
+    srv = start_server(tmp_path, "--grace-seconds", "1")
+    try:
+        r = redis.Redis(port=srv.port, socket_timeout=10)
+        with pytest.raises(redis.ResponseError, match="did not finish"):
+            r.get("tothread:1")
+        t0 = time.monotonic()
+        status = srv.stop(signal.SIGTERM, timeout=20)
+        assert time.monotonic() - t0 < 10, "shutdown waited for the stuck thread"
+        assert status == 3, srv.log
+        assert "abandoning threads of the default executor" in srv.log
+    finally:
+        srv.stop(signal.SIGKILL)
+
+
+def test_the_access_log_cannot_be_forged_by_a_key(tmp_path: Path) -> None:
+    srv = start_server(tmp_path, "--access-log")
+    try:
+        r = redis.Redis(port=srv.port, socket_timeout=10)
+        r.get("x\n2026-01-01 00:00:00,000 ERROR keymiss.handler: FORGED")
+        r.get("done")
+        deadline = time.monotonic() + 5
+        while "GET done" not in srv.log and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not any(line.startswith("2026-01-01") for line in srv.log.splitlines())
+        assert "x\\n2026-01-01" in srv.log
+    finally:
+        srv.stop()
+
+
+@pytest.mark.skipif(shutil.which("redis-cli") is None, reason="redis-tools not installed")
+def test_redis_cli_reading_commands_from_stdin(tmp_path: Path) -> None:
+    srv = start_server(tmp_path)
+    try:
+        out = subprocess.run(
+            ["redis-cli", "-p", str(srv.port)],
+            input="PING\nGET double:21\n",
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
+        assert out.returncode == 0, out.stderr
+        assert out.stdout.split() == ["PONG", "42"]
+    finally:
+        srv.stop()
