@@ -10,6 +10,7 @@ from dataclasses import dataclass, field, fields
 from typing import Any
 
 from .errors import ConfigError
+from .options import KeyspaceOptions
 from .sizes import parse_size
 
 
@@ -44,6 +45,8 @@ class Settings:
     qa_batch_wait_ms: float = 5.0
     corpus: str | None = None  # contexts to ingest at start (JSON lines or text)
     log_level: str = "INFO"
+    #: per-keyspace option overrides: {pattern: {option: value}} (``[keymiss.keyspaces."hang:*"]``)
+    keyspaces: dict[str, dict[str, Any]] = field(default_factory=dict)
     extra: dict[str, Any] = field(default_factory=dict)
 
     def size(self, name: str) -> int:
@@ -60,7 +63,7 @@ class Settings:
             raise ConfigError(f"handler-errors must be message or type, got {self.handler_errors!r}")
 
 
-_FIELDS = {f.name: f for f in fields(Settings) if f.name != "extra"}
+_FIELDS = {f.name: f for f in fields(Settings) if f.name not in ("extra", "keyspaces")}
 
 
 def _coerce(name: str, value: Any) -> Any:
@@ -90,13 +93,23 @@ def load_settings(
 ) -> Settings:
     """Settings from defaults ← TOML file (a ``[keymiss]`` table or top level) ← env ← flags."""
     values: dict[str, Any] = {}
+    keyspaces: dict[str, dict[str, Any]] = {}
     if config_file:
         try:
             with open(config_file, "rb") as f:
                 data = tomllib.load(f)
         except (OSError, tomllib.TOMLDecodeError) as exc:
             raise ConfigError(f"cannot read config file {config_file!r}: {exc}") from exc
-        data = data.get("keymiss", data)
+        data = dict(data.get("keymiss", data))
+        tables = data.pop("keyspaces", {})
+        if not isinstance(tables, dict) or not all(isinstance(v, dict) for v in tables.values()):
+            raise ConfigError(f'{config_file}: keyspaces must be tables, e.g. [keymiss.keyspaces."hang:*"]')
+        for pattern, opts in tables.items():
+            try:
+                KeyspaceOptions.of(**{k.replace("-", "_"): v for k, v in opts.items()})
+            except ConfigError as exc:
+                raise ConfigError(f"{config_file}: keyspace {pattern!r}: {exc}") from None
+            keyspaces[pattern] = {k.replace("-", "_"): v for k, v in opts.items()}
         for key, value in data.items():
             name = key.replace("-", "_")
             if name not in _FIELDS:
@@ -110,7 +123,7 @@ def load_settings(
     for name, value in (overrides or {}).items():
         if value is not None:
             values[name] = value
-    settings = Settings(**{k: _coerce(k, v) for k, v in values.items()})
+    settings = Settings(**{k: _coerce(k, v) for k, v in values.items()}, keyspaces=keyspaces)
     settings.validate()
     return settings
 

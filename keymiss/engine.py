@@ -15,7 +15,7 @@ from typing import Any, TypeVar
 
 from . import codecs
 from .compute import Computed, ComputeEngine
-from .errors import CodecError, KeymissError, StoreError
+from .errors import CodecError, ConfigError, KeymissError, StoreError
 from .keyspace import Keyspace, Registry
 from .options import KeyspaceOptions
 from .stores import Item, LocalStore, SharedStore, Store, open_store
@@ -142,6 +142,19 @@ class Keymiss:
         """Non-decorator form of ``keyspace``."""
         ks = Keyspace(pattern, handler, options, **overrides)
         self.registry.add(ks)
+        self.engine.add(ks)
+        return ks
+
+    def tune(self, pattern: str, **options: Any) -> Keyspace:
+        """Change a registered keyspace's options (what a config file's ``[keyspaces."…"]`` table
+        does), keeping its handler and counters. Meant for before the first request."""
+        old = self.registry.get(pattern)
+        if old is None:
+            known = ", ".join(ks.pattern for ks in self.registry) or "none"
+            raise ConfigError(f"no keyspace {pattern!r} to configure; registered: {known}")
+        ks = Keyspace(pattern, old.handler, KeyspaceOptions.of(old.options, **options))
+        ks.stats = old.stats
+        self.registry.replace(ks)
         self.engine.add(ks)
         return ks
 

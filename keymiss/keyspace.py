@@ -225,6 +225,18 @@ class Registry:
         exact = ks.template is not None or ks.pattern == ks.prefix + "*"
         self._routes.append((ks.prefix, None if exact else ks.claims, ks))
 
+    def replace(self, ks: Keyspace) -> None:
+        """Put ``ks`` in the place of the registered keyspace with its pattern (new options)."""
+        for i, old in enumerate(self.keyspaces):
+            if old.pattern == ks.pattern:
+                self.keyspaces[i] = ks
+                self._routes[i] = (self._routes[i][0], self._routes[i][1], ks)
+                return
+        raise ConfigError(f"no keyspace {ks.pattern!r} is registered")
+
+    def get(self, pattern: str) -> Keyspace | None:
+        return next((k for k in self.keyspaces if k.pattern == pattern), None)
+
     def route(self, key: str) -> Keyspace | None:
         for prefix, matcher, ks in self._routes:
             if key.startswith(prefix) and (matcher is None or matcher(key)):

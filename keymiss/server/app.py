@@ -80,6 +80,8 @@ class Server:
             error_detail=settings.handler_errors,
         )
         km.max_in_flight = settings.max_in_flight
+        for pattern, options in settings.keyspaces.items():
+            km.tune(pattern, **options)
         self.connections: dict[int, Connection] = {}
         self.ids = itertools.count(1)
         self.started_at = time.time()

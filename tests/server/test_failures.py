@@ -173,3 +173,41 @@ def test_redis_cli_reading_commands_from_stdin(tmp_path: Path) -> None:
         assert out.stdout.split() == ["PONG", "42"]
     finally:
         srv.stop()
+
+
+def test_a_config_file_tunes_a_keyspace(tmp_path: Path) -> None:
+    config = tmp_path / "keymiss.toml"
+    config.write_text('[keymiss.keyspaces."stuck:*"]\nconcurrency = 1\ntimeout = 0.1\n')
+    srv = start_server(tmp_path, "--config", str(config))
+    try:
+        r = redis.Redis(port=srv.port, socket_timeout=10)
+        with pytest.raises(redis.ResponseError, match=r"within 0\.1s"):
+            r.get("stuck:1")
+        with pytest.raises(redis.ResponseError, match="^BUSY .*all 1 handler slots"):
+            r.get("stuck:2")
+    finally:
+        srv.stop(signal.SIGKILL)
+    for text, message in (
+        ('[keymiss.keyspaces."stuck:*"]\nconcurency = 1\n', "unknown keyspace option(s): concurency"),
+        ('[keymiss.keyspaces."nope:*"]\ntimeout = 1\n', "no keyspace 'nope:*' to configure"),
+    ):
+        config.write_text(text)
+        out = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "keymiss",
+                "serve",
+                "--port",
+                "0",
+                "--config",
+                str(config),
+                "--app",
+                "tests.server.sample_app:app",
+            ],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            cwd=Path(__file__).parent.parent.parent,
+        )
+        assert out.returncode == 2 and message in out.stderr and "Traceback" not in out.stderr, out.stderr
