@@ -183,7 +183,7 @@ def test_a_config_file_tunes_a_keyspace(tmp_path: Path) -> None:
         r = redis.Redis(port=srv.port, socket_timeout=10)
         with pytest.raises(redis.ResponseError, match=r"within 0\.1s"):
             r.get("stuck:1")
-        with pytest.raises(redis.ResponseError, match="^BUSY .*all 1 handler slots"):
+        with pytest.raises(redis.ResponseError, match=r"^BUSY .*all 1 handler slots"):
             r.get("stuck:2")
     finally:
         srv.stop(signal.SIGKILL)
