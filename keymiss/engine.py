@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from typing import Any, TypeVar
 
 from . import codecs
 from .compute import Computed, ComputeEngine
 from .errors import CodecError, ConfigError, KeymissError, StoreError
+from .glob import compile_glob
 from .keyspace import Keyspace, Registry
 from .options import KeyspaceOptions
 from .stores import Item, LocalStore, SharedStore, Store, open_store
@@ -341,6 +342,11 @@ class Keymiss:
             await self.start()
         return await self.writeback.fill(key, ks)
 
+    def written(self, keys: Iterable[str] | None = None) -> None:
+        """Tell the write-back that a client is writing ``keys`` (all keys: ``None``): a value being
+        computed since before must not replace what the client wrote."""
+        self.writeback.supersede(keys)
+
     async def compute(self, keys: Sequence[str]) -> list[Computed | BaseException | None]:
         """Compute ``keys`` and store nothing (the worker's call): see ``ComputeEngine.compute``."""
         if not self._started and not self._closed:
@@ -418,10 +424,12 @@ class Keymiss:
         data, tag = codecs.encode(value)
         if ttl is not None and ttl <= 0:
             raise KeymissError("invalid expire time in 'set' command")
+        self.written([key])
         return await self.store.set(key, data, codec=tag, ttl=ttl, nx=nx, xx=xx, keep_ttl=keep_ttl)
 
     async def delete(self, *keys: str) -> int:
         """Remove keys; returns how many existed."""
+        self.written(keys)
         return await self.store.delete(keys)
 
     async def exists(self, *keys: str) -> int:
@@ -460,6 +468,8 @@ class Keymiss:
                 if cursor == 0:
                     break
         self.engine.forget_errors(set(keys))
+        self.written(keys)
+        self.writeback.supersede_matching(compile_glob(pattern))  # values still being computed
         return await store.delete(keys) if keys else 0
 
     # --- introspection -----------------------------------------------------------------------------

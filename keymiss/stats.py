@@ -25,6 +25,7 @@ class KeyspaceStats:
     coalesced: int = 0  # callers that joined a computation already running
     compute_seconds: float = 0.0
     not_stored: int = 0  # computed values the store declined (too big, or not admitted)
+    superseded: int = 0  # computed values not stored because a client wrote the key meanwhile
     evictions: int = 0  # values of this keyspace the memory store evicted
     #: handler calls per COMPUTE_BUCKETS bound, plus one overflow slot (not cumulative)
     compute_histogram: list[int] = field(default_factory=lambda: [0] * (len(COMPUTE_BUCKETS) + 1))

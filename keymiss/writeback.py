@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 
 from .compute import Computed, ComputeEngine
 from .errors import ComputeTimeoutError, StoreError
@@ -27,7 +27,11 @@ class WriteBack:
         self.engine = engine
         self._store = store  # opened lazily by the owner
         self._fills = SingleFlight()
-        self._pending: list[tuple[Write, asyncio.Future[bool]]] = []
+        #: keys being filled, and those of them a client wrote meanwhile (their fill must not store)
+        self._filling: set[str] = set()
+        self._superseded: set[str] = set()
+        self.superseded = 0
+        self._pending: list[tuple[Write, asyncio.Future[bool | None]]] = []
         self._writers: set[asyncio.Task[None]] = set()
 
     async def fill(self, key: str, ks: Keyspace) -> Item:
@@ -39,6 +43,22 @@ class WriteBack:
             ks.stats.coalesced += 1
         item: Item = await asyncio.shield(fut)
         return item
+
+    def supersede(self, keys: Iterable[str] | None = None) -> None:
+        """A client is writing (or deleting) ``keys`` — every key when ``None`` (FLUSHDB): a fill
+        that started before must not store over what the client was told is there."""
+        if not self._filling:
+            return
+        if keys is None:
+            self._superseded |= self._filling
+            return
+        for key in keys:
+            if key in self._filling:
+                self._superseded.add(key)
+
+    def supersede_matching(self, matches: Callable[[str], bool]) -> None:
+        """``supersede`` every key being filled that ``matches`` (KEYMISS FORGET of a glob)."""
+        self._superseded |= {k for k in self._filling if matches(k)}
 
     async def replace(self, key: str, ks: Keyspace) -> Item:
         """Compute ``key`` and overwrite what is stored, whatever it is: for a stored value that
@@ -72,16 +92,26 @@ class WriteBack:
         return item
 
     async def _compute_here(self, key: str, ks: Keyspace) -> Item:
-        computed = await self.engine.compute_one(key, ks)
-        assert computed is not None  # ks owns key
-        if not await self._put(computed):
+        self._filling.add(key)
+        try:
+            computed = await self.engine.compute_one(key, ks)
+            assert computed is not None  # ks owns key
+            stored = await self._put(computed)
+        finally:
+            self._filling.discard(key)
+            self._superseded.discard(key)
+        if stored is None:
+            ks.stats.superseded += 1
+        elif not stored:
             ks.stats.not_stored += 1
+        # the waiters asked before the client's write: the computed value is still their answer
         return computed.item()
 
-    async def _put(self, computed: Computed) -> bool:
-        """Queue one value for the next ``set_many``; True if the store kept it."""
+    async def _put(self, computed: Computed) -> bool | None:
+        """Queue one value for the next ``set_many``; True if the store kept it, False if it
+        declined it, ``None`` if a client's write superseded it."""
         loop = asyncio.get_running_loop()
-        fut: asyncio.Future[bool] = loop.create_future()
+        fut: asyncio.Future[bool | None] = loop.create_future()
         self._pending.append((computed.write(), fut))
         if len(self._pending) == 1:  # the flush runs after this loop turn's other puts
             task = loop.create_task(self._flush())
@@ -91,6 +121,14 @@ class WriteBack:
 
     async def _flush(self) -> None:
         batch, self._pending = self._pending, []
+        if self._superseded:  # checked at the last moment before the write leaves
+            for w, fut in batch:
+                if w.key in self._superseded and not fut.done():
+                    self.superseded += 1
+                    fut.set_result(None)
+            batch = [(w, fut) for w, fut in batch if not fut.done()]
+            if not batch:
+                return
         try:
             stored = await self._store().set_many([w for w, _ in batch])
         except Exception as exc:

@@ -351,3 +351,37 @@ async def test_remembered_errors_of_distinct_keys_are_bounded(km: Keymiss) -> No
     assert remembered < 3000 - 64 * 10, remembered
     await asyncio.sleep(0.06)
     assert km.engine.sweep() > 0 and not km.engine._errors  # the periodic sweep takes the rest
+
+
+async def test_a_clients_write_wins_over_a_computation_that_started_before_it(km: Keymiss) -> None:
+    calls = 0
+
+    @km.keyspace("slow:*")
+    async def slow(key: str) -> str:
+        nonlocal calls
+        calls += 1
+        await asyncio.sleep(0.1)
+        return "computed"
+
+    # SET during the computation: the client's value stays; the reader that asked first gets its answer
+    reader = asyncio.ensure_future(km.get("slow:set"))
+    await asyncio.sleep(0.02)
+    assert await km.set("slow:set", "client")
+    assert await reader == "computed"
+    assert await km.get("slow:set") == "client"
+    # SET NX succeeds (nothing is stored yet) and is not clobbered afterwards
+    reader = asyncio.ensure_future(km.get("slow:nx"))
+    await asyncio.sleep(0.02)
+    assert await km.set("slow:nx", "first", nx=True)
+    await reader
+    assert await km.get("slow:nx") == "first"
+    # DEL and FORGET during the computation: the computed value does not reappear
+    for forget in (lambda: km.delete("slow:del"), lambda: km.forget("slow:del")):
+        reader = asyncio.ensure_future(km.get("slow:del"))
+        await asyncio.sleep(0.02)
+        await forget()
+        await reader
+        assert km.store.get_now("slow:del") is None  # type: ignore[attr-defined]
+    assert km.stats()["keyspaces"]["slow:*"]["superseded"] == 4
+    # with no client write, values are stored as always
+    assert await km.get("slow:plain") == "computed" and km.store.get_now("slow:plain") is not None  # type: ignore[attr-defined]

@@ -213,6 +213,9 @@ class Connection(asyncio.Protocol):
 
     async def _passthrough(self, store: SharedStore, args: list[bytes]) -> bytes:
         """Forward a command keymiss does not own (HSET, INCR, LPUSH, …) to the backing Redis."""
+        # Any argument may name a key (RENAME a b, APPEND k v): none of them may be overwritten
+        # by a computation that started before this command.
+        self.km.written(a.decode("utf-8", "surrogateescape") for a in args[1:])
         try:
             result = await store.raw(args)
         except ReplyError as exc:

@@ -162,6 +162,7 @@ def cmd_scan(c: Connection, args: list[bytes]) -> Reply:
 
 # --- writes --------------------------------------------------------------------------------------------
 def _delete(c: Connection, keys: list[str]) -> Reply:
+    c.km.written(keys)
     store = local_store_of(c)
     if store is not None and store.sync_writes:
         return reply.integer(store.delete_now(keys))
@@ -267,6 +268,7 @@ def cmd_flushdb(c: Connection, args: list[bytes]) -> Reply:
         raise CommandError(SYNTAX)
 
     async def later() -> bytes:
+        c.km.written(None)
         await c.km.store.flush()
         return reply.OK
 

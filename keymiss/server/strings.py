@@ -194,6 +194,7 @@ def _set(
             return _item_reply(old, c.proto)
         return reply.OK if ok else reply.null(c.proto)
 
+    c.km.written([key])  # a computation that started before this write must not replace it
     if store is not None and store.sync_writes:
         ok = store.set_now(key, value, ttl=ttl, nx=nx, xx=xx, keep_ttl=keep)
         if ok and expired:
@@ -249,6 +250,7 @@ def cmd_psetex(c: Connection, args: list[bytes]) -> Reply:
 )
 def cmd_setnx(c: Connection, args: list[bytes]) -> Reply:
     async def later() -> bytes:
+        c.km.written([key_of(args[1])])
         return reply.integer(int(await c.km.store.set(key_of(args[1]), args[2], nx=True)))
 
     return later()
@@ -271,6 +273,7 @@ def cmd_mset(c: Connection, args: list[bytes]) -> Reply:
     writes = [Write(key_of(args[i]), args[i + 1]) for i in range(1, len(args), 2)]
 
     async def later() -> bytes:
+        c.km.written(w.key for w in writes)
         await c.km.store.set_many(writes)
         return reply.OK
 
@@ -292,6 +295,7 @@ def cmd_getdel(c: Connection, args: list[bytes]) -> Reply:
     async def later() -> bytes:
         item = await c.km.store.get(key)
         if item is not None:
+            c.km.written([key])
             await c.km.store.delete([key])
         return _item_reply(item, c.proto)
 

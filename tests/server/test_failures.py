@@ -211,3 +211,23 @@ def test_a_config_file_tunes_a_keyspace(tmp_path: Path) -> None:
             cwd=Path(__file__).parent.parent.parent,
         )
         assert out.returncode == 2 and message in out.stderr and "Traceback" not in out.stderr, out.stderr
+
+
+def test_a_set_during_a_computation_is_not_lost(tmp_path: Path) -> None:
+    import threading
+
+    srv = start_server(tmp_path)
+    try:
+        r = redis.Redis(port=srv.port, socket_timeout=10)
+        first: list[bytes | None] = []
+        t = threading.Thread(target=lambda: first.append(r.get("slow:race")))
+        t.start()
+        time.sleep(0.1)  # the 0.3 s computation is running
+        other = redis.Redis(port=srv.port, socket_timeout=10)
+        assert other.set("slow:race", "mine") is True
+        t.join(10)
+        assert first == [b"slow result for slow:race"]  # asked before the write: the computed answer
+        time.sleep(0.05)
+        assert other.get("slow:race") == b"mine"  # the acknowledged write stays
+    finally:
+        srv.stop()
