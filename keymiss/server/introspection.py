@@ -212,6 +212,7 @@ def info_sections(c: Connection) -> dict[str, dict[str, Any]]:
                 ("in_flight", st.in_flight),
                 ("stuck", st.stuck),
                 ("coalesced", st.coalesced),
+                ("superseded", st.superseded),
                 ("evictions", st.evictions),
                 ("mean_compute_seconds", st.mean_compute_seconds),
                 ("compute_seconds_saved", st.seconds_saved),
