@@ -254,6 +254,8 @@ class Keymiss:
             if ks is None:
                 return None
             ks.stats.misses += 1
+            if self._started and not self._closed:
+                return self.writeback.begin(key, ks)  # watched from now: a client's write wins
             return self._fill(key, ks)
         if isinstance(store, SharedStore):
             near = store.get_cached(key)
@@ -285,7 +287,15 @@ class Keymiss:
                 pending.append((i, ks))
         if not pending:
             return found
+        if self._started and not self._closed:  # begun now, so client writes from now on win
+            return self._gather(found, [(i, self.writeback.begin(keys[i], ks)) for i, ks in pending])
         return self._fill_many(keys, found, pending)
+
+    async def _gather(self, found: Results, fills: list[tuple[int, asyncio.Future[Item]]]) -> Results:
+        results = await asyncio.gather(*(f for _, f in fills), return_exceptions=True)
+        for (i, _), result in zip(fills, results, strict=True):
+            found[i] = result
+        return found
 
     async def _fill_many(
         self, keys: Sequence[str], found: Results, pending: list[tuple[int, Keyspace]]
@@ -301,16 +311,27 @@ class Keymiss:
 
     async def _read_shared(self, key: str) -> Item | None:
         store = self.store
-        item = await store.get(key)
-        if item is not None:
-            self._count_hit(key)
-            return item
-        self.misses += 1
         ks = self.registry.route(key)
         if ks is None:
-            return None
-        ks.stats.misses += 1
-        return await self._fill(key, ks)
+            item = await store.get(key)
+            if item is not None:
+                self._count_hit(key)
+            else:
+                self.misses += 1
+            return item
+        # Watched before the lookup: a client's write acknowledged after our nil must still win.
+        self.writeback.watch(key)
+        try:
+            item = await store.get(key)
+            if item is not None:
+                self._count_hit(key)
+                return item
+            self.misses += 1
+            ks.stats.misses += 1
+            fill = self._fill(key, ks)
+            return await fill
+        finally:
+            self.writeback.unwatch(key)
 
     async def _read_many_shared(self, keys: Sequence[str]) -> Results:
         found: Results = list(await self.store.get_many(keys))
@@ -338,7 +359,9 @@ class Keymiss:
 
     # --- write-back --------------------------------------------------------------------------------
     async def _fill(self, key: str, ks: Keyspace) -> Item:
-        if not self._started and not self._closed:
+        if self._closed:
+            raise StoreError("keymiss is closed")
+        if not self._started:
             await self.start()
         return await self.writeback.fill(key, ks)
 

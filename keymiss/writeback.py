@@ -27,43 +27,70 @@ class WriteBack:
         self.engine = engine
         self._store = store  # opened lazily by the owner
         self._fills = SingleFlight()
-        #: keys being filled, and those of them a client wrote meanwhile (their fill must not store)
-        self._filling: set[str] = set()
+        #: keys a read or a fill is working on (a count each), and those of them a client wrote
+        #: meanwhile: their fill must not store over the client's write
+        self._watch: dict[str, int] = {}
         self._superseded: set[str] = set()
         self.superseded = 0
         self._pending: list[tuple[Write, asyncio.Future[bool | None]]] = []
         self._writers: set[asyncio.Task[None]] = set()
 
-    async def fill(self, key: str, ks: Keyspace) -> Item:
-        """Join or start the fill of ``key`` (owned by ``ks``); the item once it is stored."""
+    def watch(self, key: str) -> None:
+        """From now on, a client's write to ``key`` supersedes any fill of it until ``unwatch``."""
+        self._watch[key] = self._watch.get(key, 0) + 1
+
+    def unwatch(self, key: str, _: object = None) -> None:
+        n = self._watch.get(key, 0) - 1
+        if n > 0:
+            self._watch[key] = n
+        else:
+            self._watch.pop(key, None)
+            self._superseded.discard(key)
+
+    def begin(self, key: str, ks: Keyspace) -> asyncio.Future[Item]:
+        """Join or start the fill of ``key`` (owned by ``ks``), synchronously: it is watched from
+        this moment, so a client's write that lands before its task first runs still wins."""
         fut = self._fills.get(key)
         if fut is None:
+            self.watch(key)
             fut = self._fills.start(key, functools.partial(self._compute_and_store, key, ks))
+            fut.add_done_callback(functools.partial(self.unwatch, key))
         else:
             ks.stats.coalesced += 1
-        item: Item = await asyncio.shield(fut)
-        return item
+        return asyncio.shield(fut)
+
+    async def fill(self, key: str, ks: Keyspace) -> Item:
+        """``begin``, then the item once it is stored."""
+        return await self.begin(key, ks)
 
     def supersede(self, keys: Iterable[str] | None = None) -> None:
         """A client is writing (or deleting) ``keys`` — every key when ``None`` (FLUSHDB): a fill
         that started before must not store over what the client was told is there."""
-        if not self._filling:
+        if not self._watch:
             return
         if keys is None:
-            self._superseded |= self._filling
+            self._superseded |= self._watch.keys()
             return
         for key in keys:
-            if key in self._filling:
+            if key in self._watch:
                 self._superseded.add(key)
 
     def supersede_matching(self, matches: Callable[[str], bool]) -> None:
         """``supersede`` every key being filled that ``matches`` (KEYMISS FORGET of a glob)."""
-        self._superseded |= {k for k in self._filling if matches(k)}
+        self._superseded |= {k for k in self._watch if matches(k)}
 
     async def replace(self, key: str, ks: Keyspace) -> Item:
         """Compute ``key`` and overwrite what is stored, whatever it is: for a stored value that
         cannot be decoded (a shared store's lease would hand the bad value straight back)."""
-        return await self._compute_here(key, ks)
+        return await self.fill_now(key, ks)
+
+    async def fill_now(self, key: str, ks: Keyspace) -> Item:
+        """Compute and store ``key`` here (no lease), watched like a fill so that client writes win."""
+        self.watch(key)
+        try:
+            return await self._compute_here(key, ks)
+        finally:
+            self.unwatch(key)
 
     async def wait_all(self, grace: float) -> bool:
         """Wait up to ``grace`` seconds for running fills; True if all ended."""
@@ -92,14 +119,9 @@ class WriteBack:
         return item
 
     async def _compute_here(self, key: str, ks: Keyspace) -> Item:
-        self._filling.add(key)
-        try:
-            computed = await self.engine.compute_one(key, ks)
-            assert computed is not None  # ks owns key
-            stored = await self._put(computed)
-        finally:
-            self._filling.discard(key)
-            self._superseded.discard(key)
+        computed = await self.engine.compute_one(key, ks)
+        assert computed is not None  # ks owns key
+        stored = await self._put(computed)
         if stored is None:
             ks.stats.superseded += 1
         elif not stored:

@@ -385,3 +385,20 @@ async def test_a_clients_write_wins_over_a_computation_that_started_before_it(km
     assert km.stats()["keyspaces"]["slow:*"]["superseded"] == 4
     # with no client write, values are stored as always
     assert await km.get("slow:plain") == "computed" and km.store.get_now("slow:plain") is not None  # type: ignore[attr-defined]
+
+
+async def test_a_write_right_after_the_miss_still_wins(km: Keymiss) -> None:
+    @km.keyspace("slow:*")
+    async def slow(key: str) -> str:
+        await asyncio.sleep(0.01)
+        return "computed"
+
+    await km.start()
+    pending = km.read("slow:w")  # the miss is begun here, before its task has run at all
+    assert await km.set("slow:w", "client")
+    await pending  # type: ignore[misc]
+    assert await km.get("slow:w") == "client"
+    many = km.read_many(["slow:m1", "slow:m2"])
+    await km.set("slow:m2", "client")
+    await many  # type: ignore[misc]
+    assert await km.get_many(["slow:m1", "slow:m2"]) == ["computed", "client"]

@@ -193,3 +193,29 @@ async def test_codec_tags_never_misdecode_a_value_rewritten_behind_keymiss(redis
         assert sorted(keys) == sorted([key, f"free:{tag}"])  # the tags are not listed
     finally:
         await km.close()
+
+
+async def test_a_write_acknowledged_after_a_shared_miss_is_never_overwritten(redis_url: str) -> None:
+    km = Keymiss(store=RedisStore(redis_url), sweep_interval=0)
+
+    @km.keyspace("slow:*")
+    async def slow(key: str) -> str:
+        await asyncio.sleep(0.005)
+        return "computed"
+
+    await km.start()
+    tag = time.monotonic_ns()
+    lost = []
+    try:
+        for i in range(40):
+            key = f"slow:race{tag}:{i}"
+            reader = asyncio.ensure_future(km.get(key))
+            await asyncio.sleep((i % 8) * 0.0001)  # the write lands at different points of the miss
+            await km.set(key, "client")
+            await reader
+            await asyncio.sleep(0.02)
+            if await km.get(key) != "client":
+                lost.append(i)
+        assert not lost
+    finally:
+        await km.close()
