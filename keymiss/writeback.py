@@ -149,11 +149,17 @@ class WriteBack:
                     self.superseded += 1
                     fut.set_result(None)
             batch = [(w, fut) for w, fut in batch if not fut.done()]
-            if not batch:
-                return
+        if batch:
+            await self._write(batch)
+
+    async def _write(self, batch: list[tuple[Write, asyncio.Future[bool | None]]]) -> None:
         try:
             stored = await self._store().set_many([w for w, _ in batch])
         except Exception as exc:
+            if len(batch) > 1:  # one bad write must not fail the values that finished beside it
+                for one in batch:
+                    await self._write([one])
+                return
             if isinstance(exc, StoreError):
                 err = exc
             else:

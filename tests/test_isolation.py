@@ -402,3 +402,49 @@ async def test_a_write_right_after_the_miss_still_wins(km: Keymiss) -> None:
     await km.set("slow:m2", "client")
     await many  # type: ignore[misc]
     assert await km.get_many(["slow:m1", "slow:m2"]) == ["computed", "client"]
+
+
+async def test_a_value_that_can_never_fit_lmdb_is_declined_and_evicts_nothing(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    km = Keymiss(store=f"lmdb:{tmp_path}/db?max_disk=1MB&map_size=1MB", sweep_interval=0)
+
+    @km.keyspace("small:*")
+    def small(key: str) -> str:
+        return "v" * 100
+
+    @km.keyspace("big:*")
+    def big(key: str) -> bytes:
+        return b"x" * (2 * 1024**2)
+
+    try:
+        for i in range(200):
+            await km.get(f"small:{i}")
+        assert await km.get("big:1") == b"x" * (2 * 1024**2)  # answered, though not kept
+        assert km.stats()["keyspaces"]["big:*"]["not_stored"] == 1
+        assert await km.store.dbsize() == 200 and km.store.info().evictions == 0
+    finally:
+        await km.close()
+
+
+async def test_one_failing_write_does_not_fail_the_values_beside_it() -> None:
+    from keymiss import MemoryStore, StoreError
+
+    class FussyStore(MemoryStore):
+        """A memory store that cannot write one key: a full disk for that record, say."""
+
+        def _set(self, writes, nx, xx, keep_ttl):  # type: ignore[no-untyped-def]
+            if any(w.key == "emb:bad" for w in writes):
+                raise StoreError("no room for emb:bad")
+            return super()._set(writes, nx, xx, keep_ttl)
+
+    km = Keymiss(store=FussyStore(64 * 1024**2), sweep_interval=0)
+
+    @km.keyspace("emb:*", batch_size=8, batch_wait_ms=20)
+    def emb(keys: list[str]) -> list[str]:
+        return [k.upper() for k in keys]
+
+    try:
+        got = await km.get_many(["emb:a", "emb:bad", "emb:c"], return_exceptions=True)
+        assert got[0] == "EMB:A" and got[2] == "EMB:C" and isinstance(got[1], StoreError)
+        assert await km.store.dbsize() == 2
+    finally:
+        await km.close()

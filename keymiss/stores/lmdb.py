@@ -249,6 +249,11 @@ class LMDBStore(LocalStore):
         with self._env.begin(write=True, db=self._data) as txn:
             for w in writes:
                 kb = _encode_key(w.key)
+                if self.max_disk is not None and len(kb) + len(w.value) > self.max_disk // 2:
+                    # it could never fit beside the B-tree's pages: decline it rather than evict
+                    # the whole cache trying
+                    results.append(False)
+                    continue
                 dbk = self._db_key(kb)
                 raw = txn.get(dbk)
                 old = None if raw is None else self._unpack(kb, raw)
