@@ -18,6 +18,9 @@ if TYPE_CHECKING:
     from .connection import Connection
 
 
+OOM = "OOM command not allowed when used memory > 'maxmemory'."
+
+
 def _item_reply(item: Item | None, proto: int) -> bytes:
     return reply.null(proto) if item is None else reply.bulk(item.value)
 
@@ -190,6 +193,8 @@ def _set(
         old = store.get_now(key)
 
     def finish(ok: bool) -> bytes:
+        if not ok and not (nx or xx):  # refused for want of room, not by a condition
+            raise CommandError(OOM)
         if get:
             return _item_reply(old, c.proto)
         return reply.OK if ok else reply.null(c.proto)
@@ -274,7 +279,8 @@ def cmd_mset(c: Connection, args: list[bytes]) -> Reply:
 
     async def later() -> bytes:
         c.km.written(w.key for w in writes)
-        await c.km.store.set_many(writes)
+        if not all(await c.km.store.set_many(writes)):
+            raise CommandError(OOM)
         return reply.OK
 
     return later()

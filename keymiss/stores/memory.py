@@ -78,11 +78,11 @@ class MemoryStore(LocalStore):
         else:
             expires_at = None if w.ttl is None else now + w.ttl
         size = key_bytes(w.key) + len(w.value) + ENTRY_OVERHEAD
+        if size > self.max_bytes or not self.policy.admit(w.key, size):
+            # As Redis refuses a write over maxmemory (-OOM): declined, and the old value stays.
+            return False
         if old is not None:
             self._remove(w.key)
-        if size > self.max_bytes or not self.policy.admit(w.key, size):
-            # Redis semantics: a SET replaces; a value we cannot keep must not leave a stale one behind.
-            return False
         self._data[w.key] = Item(w.value, w.codec, expires_at)
         self._sizes[w.key] = size
         self._bytes += size

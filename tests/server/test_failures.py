@@ -231,3 +231,23 @@ def test_a_set_during_a_computation_is_not_lost(tmp_path: Path) -> None:
         assert other.get("slow:race") == b"mine"  # the acknowledged write stays
     finally:
         srv.stop()
+
+
+def test_a_write_over_the_memory_budget_is_refused_and_keeps_the_old_value(tmp_path: Path) -> None:
+    srv = start_server(tmp_path, "--max-memory", "2MB")
+    try:
+        r = redis.Redis(port=srv.port, socket_timeout=10)
+        assert r.set("k", "old")
+        big = b"x" * (3 * 1024**2)
+        for write in (
+            lambda: r.set("k", big),
+            lambda: r.execute_command("SETEX", "k", 100, big),
+            lambda: r.mset({"k2": big}),
+        ):
+            with pytest.raises(redis.exceptions.OutOfMemoryError, match=r"used memory > .maxmemory"):
+                write()
+        assert r.get("k") == b"old" and r.exists("k2") == 0
+        assert r.set("k", "new") and r.get("k") == b"new"
+        assert r.set("k", big, nx=True) is None  # a condition that fails is still nil
+    finally:
+        srv.stop()
