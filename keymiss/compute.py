@@ -28,6 +28,7 @@ from .errors import (
     ComputeTimeoutError,
     HandlerError,
     KeymissError,
+    StoreError,
 )
 from .failures import ErrorRecord, FailureLog, client_text
 from .keyspace import Keyspace, Registry
@@ -58,6 +59,10 @@ class Computed:
 
     def write(self) -> Write:
         return Write(self.key, self.value, self.codec, self.ttl, self.cost)
+
+
+class ClosedError(StoreError):
+    """The engine is closed: nothing more is computed."""
 
 
 class _Lane:
@@ -255,7 +260,11 @@ class ComputeEngine:
                     return await call()
             finally:
                 lane.gate.release()
-        cf = lane.threads.submit(call)
+        try:
+            cf = lane.threads.submit(call)
+        except RuntimeError:  # shut down between the check in _run and now
+            lane.gate.release()
+            raise ClosedError("keymiss is closed") from None
         try:
             async with asyncio.timeout(ks.timeout):
                 result = await asyncio.wrap_future(cf)
@@ -296,6 +305,8 @@ class ComputeEngine:
         """Run the handler once for ``entries`` and encode each result."""
         n = len(entries)
         keys = [k for k, _ in entries]
+        if lane.threads is not None and lane.threads.closed:
+            raise ClosedError("keymiss is closed")
         await lane.gate.acquire(ks.stats.mean_call_seconds)
         started = time.perf_counter()
         try:
@@ -321,6 +332,8 @@ class ComputeEngine:
             raise ComputeTimeoutError(
                 f"keyspace {ks.pattern!r}: handler did not finish within {ks.timeout:g}s", keyspace=ks.pattern
             ) from exc
+        except ClosedError:
+            raise
         except asyncio.CancelledError as exc:
             task = asyncio.current_task()
             if task is not None and task.cancelling():

@@ -314,6 +314,8 @@ class Keymiss:
         ks = self.registry.route(key)
         if ks is None:
             item = await store.get(key)
+            if item is None and isinstance(store, SharedStore):
+                item = await store.get_strict(key)  # nil, or WRONGTYPE for a key of another type
             if item is not None:
                 self._count_hit(key)
             else:

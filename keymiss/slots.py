@@ -144,6 +144,10 @@ class HandlerThreads:
                     fut.set_exception(outcome)
             del job, fn, fut, outcome
 
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
     def busy(self) -> int:
         """Threads running a handler now."""
         with self._lock:

@@ -14,7 +14,7 @@ import functools
 from collections.abc import Callable, Iterable
 
 from .compute import Computed, ComputeEngine
-from .errors import ComputeTimeoutError, StoreError
+from .errors import ComputeTimeoutError, KeymissError, StoreError
 from .keyspace import DEFAULT_TIMEOUT, Keyspace
 from .singleflight import SingleFlight
 from .stores import Item, SharedStore, Store, Write
@@ -160,7 +160,7 @@ class WriteBack:
                 for one in batch:
                     await self._write([one])
                 return
-            if isinstance(exc, StoreError):
+            if isinstance(exc, KeymissError):  # StoreError, or the store's own reply (OOM)
                 err = exc
             else:
                 err = StoreError(f"could not store computed values: {exc}")

@@ -448,3 +448,28 @@ async def test_one_failing_write_does_not_fail_the_values_beside_it() -> None:
         assert await km.store.dbsize() == 2
     finally:
         await km.close()
+
+
+async def test_reads_after_close_are_a_clear_error(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    from keymiss import StoreError
+
+    for store in ("memory", f"lmdb:{tmp_path}/db"):
+        km = Keymiss(store=store, sweep_interval=0)
+        calls = 0
+
+        @km.keyspace("sync:*")
+        def sync(key: str) -> str:
+            return "v"
+
+        @km.keyspace("async:*")
+        async def asynchronous(key: str) -> str:
+            nonlocal calls
+            calls += 1
+            return "v"
+
+        assert await km.get("sync:0") == "v"
+        await km.close()
+        for key in ("sync:1", "async:1"):
+            with pytest.raises(StoreError, match="closed"):
+                await km.get(key)
+        assert calls == 0 and km.stats()["keyspaces"]["sync:*"]["errors"] == 0

@@ -219,3 +219,31 @@ async def test_a_write_acknowledged_after_a_shared_miss_is_never_overwritten(red
         assert not lost
     finally:
         await km.close()
+
+
+async def test_redis_out_of_memory_is_its_own_error_and_leaves_no_tags(redis_standalone: Any) -> None:
+    from keymiss import KeymissError
+
+    url = f"redis://127.0.0.1:{redis_standalone.port}/0"
+    km = Keymiss(store=RedisStore(url), sweep_interval=0)
+
+    @km.keyspace("oom:*")
+    def big(key: str) -> str:
+        return "x" * 50_000
+
+    store: Any = km.store
+    info = await store.call(store.client.info, "memory")
+    await store.call(store.client.config_set, "maxmemory", int(info["used_memory"]) + 300_000)
+    await store.call(store.client.config_set, "maxmemory-policy", "noeviction")
+    tag = time.monotonic_ns()
+    try:
+        results = await km.get_many([f"oom:{tag}:{i}" for i in range(20)], return_exceptions=True)
+        errors = [r for r in results if isinstance(r, BaseException)]
+        assert errors and all(isinstance(e, KeymissError) and str(e).startswith("OOM ") for e in errors)
+        values = [k async for k in store.client.scan_iter(match=f"oom:{tag}:*")]
+        tags = [k async for k in store.client.scan_iter(match=f"keymiss:codec:oom:{tag}:*")]
+        assert len(tags) == len(values) == 20 - len(errors)  # every tag has its value
+    finally:
+        await store.call(store.client.config_set, "maxmemory", 0)
+        await store.call(store.client.config_set, "maxmemory-policy", "noeviction")
+        await km.close()

@@ -19,6 +19,7 @@ from ..errors import (
     CodecError,
     KeymissError,
     KeyspaceError,
+    ReplyError,
     StoreError,
 )
 from ..stores.base import LocalStore
@@ -111,7 +112,7 @@ def to_int(raw: bytes, message: str = NOT_INT) -> int:
 
 def error_reply(exc: BaseException) -> bytes:
     """The error line a client sees for an exception raised while serving a command."""
-    if isinstance(exc, CommandError):
+    if isinstance(exc, CommandError | ReplyError):  # whole error lines, code first
         return reply.error(str(exc))
     if isinstance(exc, BusyError):
         return reply.error(f"BUSY {exc}")

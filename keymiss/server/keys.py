@@ -100,7 +100,12 @@ def cmd_type(c: Connection, args: list[bytes]) -> Reply:
     if store is not None:
         return reply.simple("string" if store.get_now(key) is not None else "none")
 
+    shared = c.shared
+
     async def later() -> bytes:
+        if shared is not None:  # the backing server knows every type it holds (hash, list, …)
+            kind = await shared.raw([b"TYPE", args[1]])
+            return reply.simple(kind.decode() if isinstance(kind, bytes) else str(kind))
         return reply.simple("string" if await c.km.store.get(key) is not None else "none")
 
     return later()

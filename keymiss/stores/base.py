@@ -171,6 +171,11 @@ class SharedStore(Store):
         """A copy held in process (a near cache), synchronously; ``None`` means "ask the store"."""
         return None
 
+    async def get_strict(self, key: str) -> Item | None:
+        """Like ``get``, but a key holding another data type raises ``ReplyError`` (WRONGTYPE)
+        instead of reading as missing: checked before a miss is computed over it."""
+        return await self.get(key)
+
 
 class LocalStore(Store):
     """Shared code of in-process stores: synchronous primitives, async face, SCAN cursors."""

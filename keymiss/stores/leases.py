@@ -78,7 +78,8 @@ class Leases:
                 try:
                     # Another node may have stored the value and released its lease between our
                     # miss and our acquire: look again before computing it a second time.
-                    item = await self.store.get(key)
+                    # GET, not MGET: a key of another type (a hash) is WRONGTYPE, never overwritten
+                    item = await self.store.get_strict(key)
                     return item if item is not None else await compute()
                 finally:
                     renewer.cancel()

@@ -389,6 +389,8 @@ class LMDBStore(LocalStore):
         return keys, last, not found
 
     def info(self) -> StoreInfo:
+        if self._closed:  # the environment is gone: nothing to read, nothing to fail on
+            return StoreInfo(store=self.url, max_bytes=self.max_disk or 0, extra={"closed": True})
         env_info = self._env.info()
         stat = self._env.stat()
         used = (env_info["last_pgno"] + 1) * stat["psize"]

@@ -26,6 +26,16 @@ from .redis import RedisStore
 log = logging.getLogger("keymiss.near")
 
 INVALIDATE_CHANNEL = "keymiss:invalidate"
+#: The message on the invalidation channel that drops every near copy (FLUSHDB on some node).
+FLUSH_ALL = b"\x00flush"
+#: Pass-through commands that change nothing, so need no invalidation.
+_READ_ONLY = frozenset(
+    b"hget hgetall hmget hlen hexists hkeys hvals hstrlen hscan lrange llen lindex lpos scard smembers "
+    b"sismember smismember srandmember sscan zrange zrangebyscore zrevrange zscore zcard zcount zrank "
+    b"zrevrank zscan xrange xrevrange xlen xread xinfo strlen getrange bitcount bitpos getbit pfcount "
+    b"geopos geodist georadius_ro geosearch object memory dump exists type ttl pttl expiretime "
+    b"pexpiretime keys randomkey dbsize time lastsave info ping echo wait".split()
+)
 
 
 class NearCacheStore(SharedStore):
@@ -47,7 +57,20 @@ class NearCacheStore(SharedStore):
         return await self.shared.flight(key, compute, compute_seconds)
 
     async def raw(self, args: Sequence[bytes]) -> Any:
-        return await self.shared.raw(args)
+        try:
+            return await self.shared.raw(args)
+        finally:  # whatever the command changed, no node may keep serving an old copy of it
+            if args and args[0].lower() not in _READ_ONLY:
+                await self._announce(a.decode("utf-8", "surrogateescape") for a in args[1:65])
+
+    async def get_strict(self, key: str) -> Item | None:
+        item = self.near.get_now(key)
+        if item is not None:
+            return item
+        (item,) = await self.shared.get_expiring([key], strict=True)
+        if item is not None:
+            self._keep(key, item)
+        return item
 
     async def _listen(self) -> None:
         try:
@@ -62,7 +85,10 @@ class NearCacheStore(SharedStore):
             while True:
                 msg = await pubsub.get_message(ignore_subscribe_messages=True, timeout=1.0)
                 if msg and msg.get("type") == "message":
-                    self.near.delete_now([msg["data"].decode("utf-8", "surrogateescape")])
+                    if msg["data"] == FLUSH_ALL:
+                        await self.near.flush()
+                    else:
+                        self.near.delete_now([msg["data"].decode("utf-8", "surrogateescape")])
         except (RedisError, OSError) as exc:
             log.warning("invalidation channel lost (%s): dropping the near cache", exc)
             await self.near.flush()
@@ -152,6 +178,10 @@ class NearCacheStore(SharedStore):
     async def flush(self) -> None:
         await self.shared.flush()
         await self.near.flush()
+        try:
+            await self.shared.publish(INVALIDATE_CHANNEL, [FLUSH_ALL])
+        except StoreError as exc:
+            log.warning("could not announce a flush: %s", exc)
 
     async def sweep(self, limit: int = 1000) -> int:
         await self.near.sweep(limit)

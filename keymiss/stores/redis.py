@@ -24,9 +24,9 @@ import redis.asyncio as aioredis
 from redis.asyncio.cluster import RedisCluster
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialBackoff
-from redis.exceptions import RedisError
+from redis.exceptions import RedisClusterException, RedisError, ResponseError
 
-from ..errors import ConfigError, ReplyError, StoreError
+from ..errors import ConfigError, KeymissError, ReplyError, StoreError
 from .base import Item, SharedStore, StoreInfo, Write
 from .leases import Leases
 
@@ -64,6 +64,15 @@ def _item(value: bytes | None, tag: bytes | None) -> Item | None:
         if head.isdigit() and crc == b"%08x" % zlib.crc32(value):
             codec = int(head)
     return Item(value, codec)
+
+
+def _reply_error(exc: ResponseError) -> ReplyError:
+    """Redis's own error line, code included (redis-py strips the code of the errors it knows)."""
+    text = str(exc)
+    code = getattr(exc, "status_code", None)
+    if code and not text.startswith(code):
+        text = f"{code} {text}"
+    return ReplyError(text if text.split(" ", 1)[0].isupper() else f"ERR {text}")
 
 
 def _wrap(exc: Exception) -> StoreError:
@@ -136,7 +145,8 @@ class RedisStore(SharedStore):
                 self._ready = True
 
     async def call(self, fn: Callable[..., Awaitable[Any]], *args: Any, **kwargs: Any) -> Any:
-        """Run one redis-py coroutine function; every failure comes out as ``StoreError``."""
+        """Run one redis-py coroutine function. Redis's own error replies (WRONGTYPE, OOM) come out
+        as ``ReplyError`` with their code; every other failure as ``StoreError``."""
         if not self._ready:
             try:
                 await self._connect()
@@ -147,6 +157,8 @@ class RedisStore(SharedStore):
                 async with self._gate:
                     return await fn(*args, **kwargs)
             return await fn(*args, **kwargs)
+        except ResponseError as exc:
+            raise _reply_error(exc) from None
         except RedisError as exc:
             raise _wrap(exc) from exc
         except (OSError, RuntimeError) as exc:  # RuntimeError: a transport closed under a command
@@ -202,9 +214,10 @@ class RedisStore(SharedStore):
             return []
         return await self._mget(keys)
 
-    async def get_expiring(self, keys: Sequence[str]) -> list[Item | None]:
+    async def get_expiring(self, keys: Sequence[str], *, strict: bool = False) -> list[Item | None]:
         """Values with their codec tags and their expiry times (``expires_at``), in one round trip:
-        what a copy held elsewhere (the near cache) needs so that it never outlives the value."""
+        what a copy held elsewhere (the near cache) needs so that it never outlives the value. A key
+        holding another type reads as missing, as in MGET, or with ``strict`` raises WRONGTYPE."""
         if not keys:
             return []
         pipe = self.client.pipeline(transaction=False)
@@ -212,15 +225,26 @@ class RedisStore(SharedStore):
             pipe.get(_k(k))
             pipe.get(_tag(k))
             pipe.pttl(_k(k))
-        replies = await self.call(pipe.execute)
+        replies = await self.call(pipe.execute, raise_on_error=False)
         now = time.time()
         out: list[Item | None] = []
         for i in range(0, len(replies), 3):
-            item = _item(replies[i], replies[i + 1])
-            if item is not None and int(replies[i + 2]) >= 0:
-                item.expires_at = now + int(replies[i + 2]) / 1000
+            value, tag, pttl = replies[i : i + 3]
+            if isinstance(value, ResponseError):
+                if strict:
+                    raise _reply_error(value)
+                value = None
+            if isinstance(tag, Exception) or isinstance(pttl, Exception):
+                tag, pttl = None, -1
+            item = _item(value, tag)
+            if item is not None and int(pttl) >= 0:
+                item.expires_at = now + int(pttl) / 1000
             out.append(item)
         return out
+
+    async def get_strict(self, key: str) -> Item | None:
+        """One key with a plain GET: WRONGTYPE for a key of another type (MGET would say nil)."""
+        return (await self.get_expiring([key], strict=True))[0]
 
     async def set(
         self,
@@ -259,13 +283,14 @@ class RedisStore(SharedStore):
                 pipe.set(_tag(w.key), _tag_value(w.codec, w.value), px=px)
             else:
                 pipe.delete(_tag(w.key))
-        results = await self.call(pipe.execute)
-        out: list[bool] = []
-        i = 0
-        for _ in writes:
-            out.append(bool(results[i]))
-            i += 2
-        return out
+        results = await self.call(pipe.execute, raise_on_error=False)
+        failed = [(w, r) for w, r in zip(writes, results[::2], strict=True) if isinstance(r, Exception)]
+        if failed:  # a value Redis refused (OOM) must not leave its tag behind
+            with contextlib.suppress(KeymissError):
+                await self.call(self.client.delete, *(_tag(w.key) for w, _ in failed))
+            first = failed[0][1]
+            raise _reply_error(first) if isinstance(first, ResponseError) else _wrap(first)
+        return [bool(r) for r in results[::2]]
 
     async def delete(self, keys: Iterable[str]) -> int:
         keys = list(keys)
@@ -351,8 +376,6 @@ class RedisStore(SharedStore):
         """Run a command keymiss does not own on the backing Redis (pass-through). Response
         callbacks are off, so replies stay close to what Redis sent; Redis's own error lines come
         back as ``ReplyError`` with their code, and an unreachable Redis as ``StoreError``."""
-        from redis.exceptions import RedisClusterException, ResponseError
-
         if self._raw_client is None:
             cls = RedisCluster if self.cluster else aioredis.Redis
             self._raw_client = cls.from_url(self._clean_url, **self._common)
@@ -361,11 +384,7 @@ class RedisStore(SharedStore):
         try:
             return await self._raw_client.execute_command(name, *args[1:])
         except ResponseError as exc:
-            text = str(exc)
-            code = getattr(exc, "status_code", None)  # redis-py strips the code of errors it knows
-            if code and not text.startswith(code):
-                text = f"{code} {text}"
-            raise ReplyError(text if text.split(" ", 1)[0].isupper() else f"ERR {text}") from None
+            raise _reply_error(exc) from None
         except RedisClusterException as exc:
             if "slot" in str(exc).lower():
                 raise ReplyError("CROSSSLOT Keys in request don't hash to the same slot") from None

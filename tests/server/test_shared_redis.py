@@ -186,3 +186,29 @@ def test_redis_outage_gives_clean_errors_and_service_resumes(tmp_path: Path, red
         node.stop()
     assert load.wrong == 0  # errors during the outages, never a wrong value
     assert load.errors > 0 and load.ok > 0
+
+
+@pytest.mark.parametrize("near", ["", "?near_cache=4MB&near_ttl=30"], ids=["plain", "near"])
+def test_keys_of_other_types_are_wrongtype_never_overwritten(
+    tmp_path: Path, redis_standalone: Any, near: str
+) -> None:
+    node = start_server(tmp_path, "--store", f"redis://127.0.0.1:{redis_standalone.port}/0{near}")
+    direct = redis.Redis(port=redis_standalone.port)
+    r = redis.Redis(port=node.port, socket_timeout=10)
+    tag = time.monotonic_ns()
+    try:
+        direct.hset(f"double:{tag}", "field", "value")  # a hash where a keyspace would compute
+        direct.hset(f"plainhash:{tag}", "f", "v")  # and one outside every keyspace
+        for key in (f"double:{tag}", f"plainhash:{tag}"):
+            with pytest.raises(redis.ResponseError, match=r"^WRONGTYPE"):
+                r.get(key)
+            assert r.type(key) == b"hash"
+        entry, six = r.mget([f"double:{tag}", "double:3"])
+        assert six == b"6" and isinstance(entry, redis.ResponseError) and "WRONGTYPE" in str(entry)
+        assert direct.type(f"double:{tag}") == b"hash" and direct.hget(f"double:{tag}", "field") == b"value"
+        # a pass-through write invalidates this node's own copy at once
+        assert r.set(f"ctr:{tag}", "1") and r.get(f"ctr:{tag}") == b"1"
+        assert r.incr(f"ctr:{tag}") == 2 and r.get(f"ctr:{tag}") == b"2"
+    finally:
+        node.stop()
+        direct.close()
