@@ -27,6 +27,8 @@ if TYPE_CHECKING:
 log = logging.getLogger("keymiss.server")
 access = logging.getLogger("keymiss.access")
 
+#: Replies built before they are handed to the transport (which may then pause us).
+FLUSH_BYTES = 64 * 1024
 #: Input kept buffered behind a waiting command before the socket stops being read.
 READ_PAUSE_BYTES = 1024 * 1024
 NOAUTH = b"-NOAUTH Authentication required.\r\n"
@@ -150,9 +152,10 @@ class Connection(asyncio.Protocol):
 
     def _process(self) -> None:
         out: list[bytes] = []
+        out_bytes = 0
         parser = self.parser
         self._progressed = False
-        while not self.write_paused and not self.close_after_reply:
+        while not self.write_paused and not self.close_after_reply and not self.closed:
             try:
                 args = parser.next()
             except resp.ProtocolError as exc:
@@ -172,7 +175,15 @@ class Connection(asyncio.Protocol):
                 self._task = asyncio.get_running_loop().create_task(self._complete(pending))
                 return
             out.append(answer)
-        if out:
+            out_bytes += len(answer)
+            if out_bytes >= FLUSH_BYTES:
+                # Replies leave as they are made, not all at the end of what one read brought: a
+                # client that pipelines GETs of a large value and never reads pauses us (write
+                # buffer full) after a chunk, instead of having every reply built in memory first.
+                self._write(b"".join(out))
+                out.clear()
+                out_bytes = 0
+        if out and not self.closed:
             self._write(b"".join(out))
         if self.close_after_reply and self.transport is not None:
             self.transport.close()
@@ -258,7 +269,10 @@ class Connection(asyncio.Protocol):
         if transport is None or self.closed:
             return
         transport.write(data)
-        if transport.get_write_buffer_size() > self.output_limit:
+        # The limit is on what stays unsent *behind* this reply: one reply larger than the limit
+        # still streams to a client that reads (as in Redis); one that does not read is paused,
+        # then closed by the stall timer.
+        if transport.get_write_buffer_size() - len(data) > self.output_limit:
             log.warning(
                 "closing client %s: %d bytes of replies unread", self.addr, transport.get_write_buffer_size()
             )

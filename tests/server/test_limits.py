@@ -147,3 +147,36 @@ def test_eviction_policy_flag(tmp_path: Path) -> None:
         timeout=30,
     )
     assert out.returncode == 2 and "unknown eviction policy 'random'" in out.stderr
+
+
+def test_a_pipelining_client_that_never_reads_cannot_balloon_memory(tmp_path: Path) -> None:
+    import psutil
+
+    srv = start_server(tmp_path, "--output-buffer", "64MB", "--output-stall-seconds", "3")
+    try:
+        r = redis.Redis(port=srv.port, socket_timeout=10)
+        r.set("mb", b"x" * 1024**2)
+        rss = psutil.Process(srv.proc.pid)
+        before = rss.memory_info().rss
+        hog = raw_connect(srv.port)
+        hog.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        hog.sendall(b"*2\r\n$3\r\nGET\r\n$2\r\nmb\r\n" * 2000)  # 2 GB of replies asked in 54 KB
+        time.sleep(1.0)
+        grown = rss.memory_info().rss - before
+        assert grown < 40 * 1024**2, f"RSS grew {grown / 1024**2:.0f} MB for one client"
+        assert r.get("mb") == b"x" * 1024**2  # others are served meanwhile
+        hog.close()
+    finally:
+        srv.stop()
+
+
+def test_one_reply_larger_than_the_output_limit_streams_to_a_reader(tmp_path: Path) -> None:
+    srv = start_server(tmp_path, "--output-buffer", "4MB")
+    try:
+        r = redis.Redis(port=srv.port, socket_timeout=20)
+        value = b"y" * (40 * 1024**2)
+        assert r.set("huge", value)
+        assert r.get("huge") == value
+        assert r.get("huge") == value  # and again: the connection was not closed
+    finally:
+        srv.stop()
