@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
 import signal
@@ -250,4 +251,51 @@ def test_a_write_over_the_memory_budget_is_refused_and_keeps_the_old_value(tmp_p
         assert r.set("k", "new") and r.get("k") == b"new"
         assert r.set("k", big, nx=True) is None  # a condition that fails is still nil
     finally:
+        srv.stop()
+
+
+@pytest.mark.skipif(shutil.which("redis-cli") is None, reason="redis-tools not installed")
+def test_interactive_redis_cli_in_a_pty(tmp_path: Path) -> None:
+    """What a Redis user runs first: redis-cli at a prompt (it reads COMMAND DOCS for its hints)."""
+    import os
+    import pty
+    import select
+
+    srv = start_server(tmp_path)
+    pid, fd = pty.fork()
+    if pid == 0:  # the child: redis-cli on the pty
+        os.execvp("redis-cli", ["redis-cli", "-p", str(srv.port)])
+
+    def read_until(marker: bytes, seconds: float = 10) -> bytes:
+        seen = b""
+        deadline = time.monotonic() + seconds
+        while marker not in seen and time.monotonic() < deadline:
+            ready, _, _ = select.select([fd], [], [], 0.1)
+            if ready:
+                try:
+                    chunk = os.read(fd, 4096)
+                except OSError:
+                    break
+                if b"\x1b[6n" in chunk:  # the line editor asks where the cursor is: answer as a terminal
+                    os.write(fd, b"\x1b[1;1R")
+                seen += chunk
+        return seen
+
+    try:
+        prompt = f":{srv.port}> ".encode()
+        assert prompt in read_until(prompt)
+        for line, answer in ((b"PING", b"PONG"), (b"GET double:21", b"42"), (b"SET k v", b"OK")):
+            os.write(fd, line + b"\r")
+            seen = read_until(answer)
+            assert answer in seen, (line, seen)
+            if prompt not in seen.split(answer, 1)[1]:
+                assert prompt in read_until(prompt)  # the next prompt, before typing again
+        os.write(fd, b"quit\r")
+        _, status = os.waitpid(pid, 0)
+        assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0
+    finally:
+        with contextlib.suppress(OSError):
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+        os.close(fd)
         srv.stop()
