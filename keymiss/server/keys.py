@@ -22,6 +22,7 @@ from .commands import (
     local_store_of,
     to_int,
 )
+from .strings import check_expire_range
 
 if TYPE_CHECKING:
     from .connection import Connection
@@ -206,6 +207,7 @@ def _expire_cmd(c: Connection, args: list[bytes], unit: float, name: str) -> Rep
         raise CommandError(f"ERR Unsupported option {args[3].decode(errors='replace')}")
     if (b"nx" in flags and flags & {b"xx", b"gt", b"lt"}) or ({b"gt", b"lt"} <= flags):
         raise CommandError("ERR NX and XX, GT or LT options at the same time are not compatible")
+    check_expire_range(amount, 1000 if unit == 1.0 else 1, False, name)
     ttl = amount * unit
 
     async def later() -> bytes:

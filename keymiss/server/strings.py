@@ -114,9 +114,22 @@ async def _getex(c: Connection, key: str, ttl: float | None, persist: bool, chan
 
 
 # --- writes --------------------------------------------------------------------------------------------
+LLONG_MAX = 2**63 - 1
+
+
+def check_expire_range(n: int, unit_ms: int, absolute: bool, cmd: str) -> None:
+    """Redis's overflow rule: the expiry in milliseconds, made absolute, must fit a long long."""
+    if n > LLONG_MAX // unit_ms or n < -(LLONG_MAX // unit_ms):
+        raise CommandError(f"ERR invalid expire time in '{cmd}' command")
+    if not absolute and n * unit_ms > LLONG_MAX - int(time.time() * 1000):
+        raise CommandError(f"ERR invalid expire time in '{cmd}' command")
+
+
 def _expiry(opt: bytes, raw: bytes, cmd: str) -> float:
-    """Seconds from now for EX/PX/EXAT/PXAT; Redis's errors for bad values."""
+    """Seconds from now for EX/PX/EXAT/PXAT; Redis's errors for bad values (including an expiry
+    whose absolute time in milliseconds would overflow a signed 64-bit integer, as Redis checks)."""
     n = to_int(raw)
+    check_expire_range(n, 1000 if opt in (b"ex", b"exat") else 1, opt in (b"exat", b"pxat"), cmd)
     if opt == b"ex":
         ttl = float(n)
     elif opt == b"px":

@@ -299,3 +299,29 @@ def test_interactive_redis_cli_in_a_pty(tmp_path: Path) -> None:
             os.waitpid(pid, 0)
         os.close(fd)
         srv.stop()
+
+
+@pytest.mark.parametrize("store", ["memory", "lmdb"])
+def test_expiry_overflow_is_redis_s_error(tmp_path: Path, store: str) -> None:
+    url = "memory" if store == "memory" else f"lmdb:{tmp_path}/db"
+    srv = start_server(tmp_path, "--store", url)
+    try:
+        r = redis.Redis(port=srv.port, socket_timeout=10)
+        huge = 9223372036854775807
+        assert r.set("k", "v")
+        for cmd in (
+            ("EXPIRE", "k", huge),
+            ("PEXPIRE", "k", huge),
+            ("SET", "k", "v", "EX", huge),
+            ("SET", "k", "v", "PX", huge),
+            ("SETEX", "k", huge, "v"),
+            ("GETEX", "k", "EX", huge),
+        ):
+            with pytest.raises(redis.ResponseError, match=r"^invalid expire time in '(\w+)' command"):
+                r.execute_command(*cmd)
+        assert r.ttl("k") == -1 and r.get("k") == b"v"  # nothing changed
+        far = 10**12  # 31,700 years: large but valid, as in Redis
+        assert r.set("k", "v", ex=far) and abs(r.ttl("k") - far) <= 1
+        assert r.expire("k", far) and abs(r.ttl("k") - far) <= 1
+    finally:
+        srv.stop()
