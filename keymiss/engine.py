@@ -20,6 +20,7 @@ from .glob import compile_glob
 from .keyspace import Keyspace, Registry
 from .options import KeyspaceOptions
 from .stores import Item, LocalStore, SharedStore, Store, open_store
+from .stores.base import PINNED_PREFIX
 from .stores.eviction import Policy
 from .writeback import WriteBack
 
@@ -481,7 +482,12 @@ class Keymiss:
         return await self.store.expire(key, None)
 
     async def forget(self, pattern: str) -> int:
-        """Drop every cached value whose key matches a glob, e.g. after a model upgrade."""
+        """Drop every cached value whose key matches a glob, e.g. after a model upgrade. A
+        registered template (as KEYMISS KEYSPACES prints it) means all of its keys. keymiss's own
+        records (``keymiss:…``, such as QA contexts) are kept unless the pattern names them."""
+        ks = self.registry.get(pattern)
+        if ks is not None and ks.template is not None:
+            pattern = ks.template.glob()
         store = self.store
         if isinstance(store, LocalStore):
             keys = store.matching_keys(pattern)
@@ -493,6 +499,8 @@ class Keymiss:
                 if cursor == 0:
                     break
         self.engine.forget_errors(set(keys))
+        if not pattern.startswith(PINNED_PREFIX):
+            keys = [k for k in keys if not k.startswith(PINNED_PREFIX)]
         self.written(keys)
         self.writeback.supersede_matching(compile_glob(pattern))  # values still being computed
         return await store.delete(keys) if keys else 0

@@ -62,6 +62,10 @@ def _codec_from_annotation(handler: Callable[..., Any], batched: bool) -> Codec 
     return None
 
 
+def _glob_escape(text: str) -> str:
+    return "".join("\\" + ch if ch in "*?[]\\" else ch for ch in text)
+
+
 class Template:
     """A compiled ``<field>`` template: literal pieces alternating with field names."""
 
@@ -87,6 +91,10 @@ class Template:
                 )
         self.prefix = self.literals[0]
         self.fields_type = namedtuple("Fields", self.names)  # type: ignore[misc]
+
+    def glob(self) -> str:
+        """The Redis glob matching every key of this template (each field a ``*``)."""
+        return "*".join(_glob_escape(lit) for lit in self.literals)
 
     def parse(self, key: str) -> Any:
         """The key's fields as a named tuple, or ``None`` when the key does not fit the template."""

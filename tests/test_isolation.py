@@ -473,3 +473,18 @@ async def test_reads_after_close_are_a_clear_error(tmp_path) -> None:  # type: i
             with pytest.raises(StoreError, match="closed"):
                 await km.get(key)
         assert calls == 0 and km.stats()["keyspaces"]["sync:*"]["errors"] == 0
+
+
+async def test_forget_takes_the_pattern_keyspaces_prints_and_keeps_keymiss_records(km: Keymiss) -> None:
+    @km.keyspace("doc{<tag>}_<id>")
+    def doc(tag: str, id: str) -> str:
+        return id
+
+    for i in range(3):
+        await km.get(f"doc{{t}}_{i}")
+    await km.set("keymiss:ctx:doc{t}", "a context record")
+    await km.set("other", "kept")
+    assert await km.forget("doc{<tag>}_<id>") == 3  # the template itself, as KEYMISS KEYSPACES shows it
+    assert await km.forget("*") == 1  # "other"; keymiss's own records stay
+    assert await km.get("keymiss:ctx:doc{t}") == "a context record"
+    assert await km.forget("keymiss:*") == 1  # unless asked for by name

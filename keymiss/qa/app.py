@@ -13,7 +13,7 @@ from typing import Any
 from ..engine import Keymiss
 from ..errors import CodecError
 from ..slots import HandlerThreads
-from .contexts import ContextRecord, UnknownContextError, context_store_key, read_corpus
+from .contexts import ContextRecord, UnknownContextError, context_store_key, hash_tag, read_corpus
 from .reader import QAParams, Reader, SentenceReader, SpanReader
 
 log = logging.getLogger("keymiss.qa")
@@ -194,6 +194,15 @@ def build_qa_app(
         where: list[int] = []
         stale: list[int] = []
         for i, (it, item) in enumerate(zip(items, stored, strict=True)):
+            context_tag = hash_tag(it.context)
+            if context_tag is not None and context_tag != it.tag:
+                # on a cluster the answer would land in another slot than its context
+                results[i] = UnknownContextError(
+                    f"hash tag {{{it.tag}}} differs from the context's {{{context_tag}}}; use "
+                    f"bertqa{{{context_tag}}}_{it.context}_…",
+                    keyspace=QA_PATTERN,
+                )
+                continue
             if item is None:
                 results[i] = UnknownContextError(f"unknown context '{it.context}'", keyspace=QA_PATTERN)
                 continue

@@ -34,6 +34,18 @@ class UnknownContextError(KeyspaceError):
     """The question names a context that was never ingested."""
 
 
+def hash_tag(key: str) -> str | None:
+    """Redis Cluster's hash tag of a key: what lies between the first ``{`` and the first ``}``
+    after it, when that is not empty."""
+    start = key.find("{")
+    if start < 0:
+        return None
+    end = key.find("}", start + 1)
+    if end <= start + 1:
+        return None
+    return key[start + 1 : end]
+
+
 def context_store_key(context_key: str) -> str:
     """Where a context's record lives (same hash tag as the context key)."""
     return CONTEXT_PREFIX + context_key

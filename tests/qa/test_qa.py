@@ -100,6 +100,9 @@ async def test_engine_batches_and_reports_unknown_contexts(tiny_model: str, refe
         with pytest.raises(UnknownContextError, match=re.escape("unknown context 'nope:{8YG}:1'")):
             await km.get("bertqa{8YG}_nope:{8YG}:1_who?")
         assert km.store.get_now("bertqa{8YG}_nope:{8YG}:1_who?") is None  # type: ignore[attr-defined]
+        # a key whose hash tag differs from its context's would land in another cluster slot
+        with pytest.raises(UnknownContextError, match=re.escape("hash tag {other} differs")):
+            await km.get("bertqa{other}_doc:{8YG}:1_Who performs viral transmission among adults?")
 
 
 async def test_default_sentence_reader_answers_the_demo_questions() -> None:
