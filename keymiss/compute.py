@@ -57,8 +57,8 @@ class Computed:
     def item(self) -> Item:
         return Item(self.value, self.codec)
 
-    def write(self) -> Write:
-        return Write(self.key, self.value, self.codec, self.ttl, self.cost)
+    def write(self, *, nx: bool = False) -> Write:
+        return Write(self.key, self.value, self.codec, self.ttl, self.cost, nx)
 
 
 class ClosedError(StoreError):

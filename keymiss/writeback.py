@@ -17,7 +17,7 @@ from .compute import Computed, ComputeEngine
 from .errors import ComputeTimeoutError, KeymissError, StoreError
 from .keyspace import DEFAULT_TIMEOUT, Keyspace
 from .singleflight import SingleFlight
-from .stores import Item, SharedStore, Store, Write
+from .stores import Item, LocalStore, SharedStore, Store, Write
 
 
 class WriteBack:
@@ -88,7 +88,7 @@ class WriteBack:
         """Compute and store ``key`` here (no lease), watched like a fill so that client writes win."""
         self.watch(key)
         try:
-            return await self._compute_here(key, ks)
+            return await self._compute_here(key, ks, overwrite=True)
         finally:
             self.unwatch(key)
 
@@ -118,10 +118,14 @@ class WriteBack:
             ks.stats.coalesced += 1  # another node computed it
         return item
 
-    async def _compute_here(self, key: str, ks: Keyspace) -> Item:
+    async def _compute_here(self, key: str, ks: Keyspace, *, overwrite: bool = False) -> Item:
         computed = await self.engine.compute_one(key, ks)
         assert computed is not None  # ks owns key
-        stored = await self._put(computed)
+        # Written only if still absent: a client's write on any node (which this node's watch
+        # cannot see) wins over the computed value. ``overwrite`` replaces an undecodable value.
+        stored = await self._put(computed, nx=not overwrite)
+        if stored is False and await self._present(key):
+            stored = None  # refused by NX: someone wrote the key meanwhile
         if stored is None:
             ks.stats.superseded += 1
         elif not stored:
@@ -129,12 +133,18 @@ class WriteBack:
         # the waiters asked before the client's write: the computed value is still their answer
         return computed.item()
 
-    async def _put(self, computed: Computed) -> bool | None:
+    async def _present(self, key: str) -> bool:
+        store = self._store()
+        if isinstance(store, LocalStore):
+            return store.get_now(key) is not None
+        return bool(await store.exists([key]))
+
+    async def _put(self, computed: Computed, *, nx: bool) -> bool | None:
         """Queue one value for the next ``set_many``; True if the store kept it, False if it
         declined it, ``None`` if a client's write superseded it."""
         loop = asyncio.get_running_loop()
         fut: asyncio.Future[bool | None] = loop.create_future()
-        self._pending.append((computed.write(), fut))
+        self._pending.append((computed.write(nx=nx), fut))
         if len(self._pending) == 1:  # the flush runs after this loop turn's other puts
             task = loop.create_task(self._flush())
             self._writers.add(task)

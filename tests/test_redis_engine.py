@@ -247,3 +247,20 @@ async def test_redis_out_of_memory_is_its_own_error_and_leaves_no_tags(redis_sta
         await store.call(store.client.config_set, "maxmemory", 0)
         await store.call(store.client.config_set, "maxmemory-policy", "noeviction")
         await km.close()
+
+
+async def test_a_write_on_another_node_wins_over_this_nodes_computation(redis_url: str) -> None:
+    calls: list[str] = []
+    a, b = make_nodes(redis_url, 2, 0.2, calls)
+    tag = time.monotonic_ns()
+    try:
+        for i, value in enumerate(("client", {"from": "client"})):
+            key = f"slow:cross{tag}:{i}"
+            reader = asyncio.ensure_future(a.get(key))  # node a computes (0.2 s)
+            await asyncio.sleep(0.1)
+            assert await b.set(key, value)  # node b writes meanwhile: a's watch cannot see it
+            assert await reader == f"value of {key}"
+            assert await a.get(key) == value and await b.get(key) == value  # codec tag kept too
+        assert a.stats()["keyspaces"]["slow:*"]["superseded"] == 2
+    finally:
+        await asyncio.gather(a.close(), b.close())

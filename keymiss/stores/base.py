@@ -49,6 +49,9 @@ class Write:
     codec: int = 0
     ttl: float | None = None
     cost: float = 0.0  # compute seconds that produced the value (cost-aware eviction)
+    #: only if the key is absent (SET NX): a computed value never replaces what a client wrote,
+    #: on whichever node the client wrote it
+    nx: bool = False
 
 
 #: Called with each key a store evicts to stay within its budget (the engine counts per keyspace).

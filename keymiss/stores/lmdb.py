@@ -258,7 +258,7 @@ class LMDBStore(LocalStore):
                 raw = txn.get(dbk)
                 old = None if raw is None else self._unpack(kb, raw)
                 alive = old is not None and (old[1].expires_at is None or old[1].expires_at > now)
-                if (nx and alive) or (xx and not alive):
+                if ((nx or w.nx) and alive) or (xx and not alive):
                     results.append(False)
                     continue
                 if keep_ttl and alive and old is not None:

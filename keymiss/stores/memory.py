@@ -67,7 +67,7 @@ class MemoryStore(LocalStore):
     # --- writes -----------------------------------------------------------------------------------
     def _set(self, writes: Sequence[Write], nx: bool, xx: bool, keep_ttl: bool) -> list[bool]:
         now = self._clock()
-        return [self._set_one(w, nx, xx, keep_ttl, now) for w in writes]
+        return [self._set_one(w, nx or w.nx, xx, keep_ttl, now) for w in writes]
 
     def _set_one(self, w: Write, nx: bool, xx: bool, keep_ttl: bool, now: float) -> bool:
         old = self.get_now(w.key) if (nx or xx or keep_ttl) else self._data.get(w.key)

@@ -278,19 +278,35 @@ class RedisStore(SharedStore):
         pipe = self.client.pipeline(transaction=False)
         for w in writes:
             px = _px(w.ttl)
-            pipe.set(_k(w.key), w.value, px=px)
+            pipe.set(_k(w.key), w.value, px=px, nx=w.nx)
+            if w.nx:  # the tag follows only once the value is known to be ours (below)
+                continue
             if w.codec:
                 pipe.set(_tag(w.key), _tag_value(w.codec, w.value), px=px)
             else:
                 pipe.delete(_tag(w.key))
-        results = await self.call(pipe.execute, raise_on_error=False)
-        failed = [(w, r) for w, r in zip(writes, results[::2], strict=True) if isinstance(r, Exception)]
+        replies = iter(await self.call(pipe.execute, raise_on_error=False))
+        results: list[Any] = []
+        for w in writes:
+            results.append(next(replies))
+            if not w.nx:
+                next(replies)
+        failed = [(w, r) for w, r in zip(writes, results, strict=True) if isinstance(r, Exception)]
         if failed:  # a value Redis refused (OOM) must not leave its tag behind
             with contextlib.suppress(KeymissError):
                 await self.call(self.client.delete, *(_tag(w.key) for w, _ in failed))
             first = failed[0][1]
             raise _reply_error(first) if isinstance(first, ResponseError) else _wrap(first)
-        return [bool(r) for r in results[::2]]
+        won = [w for w, r in zip(writes, results, strict=True) if w.nx and r]
+        if won:  # values written only if absent: now their tags (a second round trip)
+            tags = self.client.pipeline(transaction=False)
+            for w in won:
+                if w.codec:
+                    tags.set(_tag(w.key), _tag_value(w.codec, w.value), px=_px(w.ttl))
+                else:
+                    tags.delete(_tag(w.key))
+            await self.call(tags.execute, raise_on_error=False)
+        return [bool(r) for r in results]
 
     async def delete(self, keys: Iterable[str]) -> int:
         keys = list(keys)
