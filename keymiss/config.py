@@ -106,7 +106,7 @@ def load_settings(
             raise ConfigError(f'{config_file}: keyspaces must be tables, e.g. [keymiss.keyspaces."hang:*"]')
         for pattern, opts in tables.items():
             try:
-                KeyspaceOptions.of(**{k.replace("-", "_"): v for k, v in opts.items()})
+                KeyspaceOptions.check(**{k.replace("-", "_"): v for k, v in opts.items()})
             except ConfigError as exc:
                 raise ConfigError(f"{config_file}: keyspace {pattern!r}: {exc}") from None
             keyspaces[pattern] = {k.replace("-", "_"): v for k, v in opts.items()}

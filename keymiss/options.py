@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 from dataclasses import dataclass
 from typing import Any
@@ -49,25 +50,33 @@ class KeyspaceOptions:
     error_detail: str | None = None  # None: the engine's default ("message")
 
     def __post_init__(self) -> None:
+        def number(value: object) -> bool:
+            return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+
+        def integer(value: object) -> bool:
+            return isinstance(value, int) and not isinstance(value, bool)
+
         def positive(name: str, value: float | None) -> None:
-            if value is not None and (not isinstance(value, int | float) or value <= 0):
+            if value is not None and not (number(value) and value > 0):
                 raise ConfigError(f"{name} must be positive seconds or None, got {value!r}")
 
         positive("ttl", self.ttl)
         positive("timeout", self.timeout)
         positive("error_ttl", self.error_ttl)
         positive("queue_timeout", self.queue_timeout)
-        if self.batch_size is not None and (not isinstance(self.batch_size, int) or self.batch_size < 1):
+        if self.batch_size is not None and not (integer(self.batch_size) and self.batch_size >= 1):
             raise ConfigError(f"batch_size must be an integer >= 1, got {self.batch_size!r}")
         if self.batch_wait_ms is not None:
             if self.batch_size is None:
                 raise ConfigError("batch_wait_ms needs batch_size")
-            if self.batch_wait_ms < 0:
+            if not (number(self.batch_wait_ms) and self.batch_wait_ms >= 0):
                 raise ConfigError(f"batch_wait_ms must be >= 0, got {self.batch_wait_ms!r}")
-        if self.concurrency is not None and (not isinstance(self.concurrency, int) or self.concurrency < 1):
+        if self.concurrency is not None and not (integer(self.concurrency) and self.concurrency >= 1):
             raise ConfigError(f"concurrency must be an integer >= 1, got {self.concurrency!r}")
-        if not isinstance(self.queue, int) or self.queue < 0:
+        if not (integer(self.queue) and self.queue >= 0):
             raise ConfigError(f"queue must be an integer >= 0, got {self.queue!r}")
+        if self.codec is not None and not isinstance(self.codec, str):
+            raise ConfigError(f"codec must be a name (auto, bytes, text, json, numpy), got {self.codec!r}")
         if self.error_detail is not None and self.error_detail not in ERROR_DETAILS:
             raise ConfigError(
                 f"error_detail must be one of {', '.join(ERROR_DETAILS)}, got {self.error_detail!r}"
@@ -88,6 +97,14 @@ class KeyspaceOptions:
             )
         base = options or cls()
         return dataclasses.replace(base, **overrides) if overrides else base
+
+    @classmethod
+    def check(cls, **overrides: Any) -> None:
+        """Validate overrides on their own (names and values), as a config file gives them: the
+        rules between options (batch_wait_ms needs batch_size) wait for the keyspace they tune."""
+        if "batch_wait_ms" in overrides and "batch_size" not in overrides:
+            overrides = {**overrides, "batch_size": 1}
+        cls.of(**overrides)
 
     @property
     def batch_wait(self) -> float:

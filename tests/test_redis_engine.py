@@ -9,6 +9,7 @@ from typing import Any
 import pytest
 
 from keymiss import Keymiss, StoreError
+from keymiss.stores import Write
 from keymiss.stores.redis import RedisStore
 
 
@@ -262,5 +263,30 @@ async def test_a_write_on_another_node_wins_over_this_nodes_computation(redis_ur
             assert await reader == f"value of {key}"
             assert await a.get(key) == value and await b.get(key) == value  # codec tag kept too
         assert a.stats()["keyspaces"]["slow:*"]["superseded"] == 2
+    finally:
+        await asyncio.gather(a.close(), b.close())
+
+
+async def test_a_pass_through_write_naming_many_keys_invalidates_every_near_copy(
+    redis_standalone: Any,
+) -> None:
+    from keymiss.stores import open_store
+
+    url = f"redis://127.0.0.1:{redis_standalone.port}/0?near_cache=4MB&near_ttl=30"
+    a, b = open_store(url), open_store(url)
+    tag = time.monotonic_ns()
+    keys = [f"many{tag}:{i}" for i in range(70)]
+    try:
+        await b.set_many([Write(k, b"old") for k in keys])
+        assert all(i is not None and i.value == b"old" for i in await a.get_many(keys))  # held near
+        await asyncio.sleep(0.2)  # a's listener is subscribed
+        script = b"for i, k in ipairs(KEYS) do redis.call('set', k, 'new') end return 1"
+        await b.raw([b"EVAL", script, b"70", *(k.encode() for k in keys)])  # type: ignore[attr-defined]
+        for _ in range(50):
+            if all(i is not None and i.value == b"new" for i in await a.get_many(keys)):
+                break
+            await asyncio.sleep(0.02)
+        else:
+            pytest.fail("a near copy outlived a pass-through write")
     finally:
         await asyncio.gather(a.close(), b.close())

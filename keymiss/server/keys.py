@@ -135,7 +135,7 @@ def cmd_scan(c: Connection, args: list[bytes]) -> Reply:
         raise CommandError("ERR invalid cursor")
     match: str | None = None
     count = 10
-    only_strings = True
+    kind: str | None = None
     i = 2
     while i < len(args):
         opt = args[i].lower()
@@ -148,15 +148,15 @@ def cmd_scan(c: Connection, args: list[bytes]) -> Reply:
             if count < 1:
                 raise CommandError(SYNTAX)
         elif opt == b"type":
-            only_strings = args[i + 1].lower() == b"string"
+            kind = args[i + 1].decode(errors="replace").lower()
         else:
             raise CommandError(SYNTAX)
         i += 2
 
     async def later() -> bytes:
-        nxt, keys = await c.km.store.scan(cursor, match, count)
-        if not only_strings:
-            keys = []
+        nxt, keys = await c.km.store.scan(cursor, match, count, kind)
+        if kind not in (None, "string") and c.shared is None:
+            keys = []  # an in-process store holds strings only
         return (
             b"*2\r\n"
             + reply.bulk(str(nxt).encode())

@@ -201,6 +201,8 @@ def _set(
     else:
         expired = False
     store = local_store_of(c)
+    if store is not None and not store.fits(key, len(value)):
+        raise CommandError(OOM)  # whatever its conditions: Redis checks memory first
     old: Item | None = None
     if get and store is not None:
         old = store.get_now(key)
@@ -221,8 +223,9 @@ def _set(
 
     async def later() -> bytes:
         nonlocal old
-        if get and store is None:
-            old = await c.km.store.get(key)
+        if get and store is None:  # WRONGTYPE for a key of another type, as Redis answers
+            shared = c.shared
+            old = await (shared.get_strict(key) if shared is not None else c.km.store.get(key))
         ok = await c.km.store.set(key, value, ttl=ttl, nx=nx, xx=xx, keep_ttl=keep)
         if ok and expired:
             await c.km.store.delete([key])
@@ -267,6 +270,10 @@ def cmd_psetex(c: Connection, args: list[bytes]) -> Reply:
     arguments=[arg("key", "key"), arg("value")],
 )
 def cmd_setnx(c: Connection, args: list[bytes]) -> Reply:
+    store = local_store_of(c)
+    if store is not None and not store.fits(key_of(args[1]), len(args[2])):
+        raise CommandError(OOM)
+
     async def later() -> bytes:
         c.km.written([key_of(args[1])])
         return reply.integer(int(await c.km.store.set(key_of(args[1]), args[2], nx=True)))
@@ -289,6 +296,9 @@ def cmd_mset(c: Connection, args: list[bytes]) -> Reply:
     from ..stores.base import Write
 
     writes = [Write(key_of(args[i]), args[i + 1]) for i in range(1, len(args), 2)]
+    store = local_store_of(c)
+    if store is not None and not all(store.fits(w.key, len(w.value)) for w in writes):
+        raise CommandError(OOM)  # refused whole, as Redis's MSET is: nothing is written
 
     async def later() -> bytes:
         c.km.written(w.key for w in writes)
@@ -311,8 +321,10 @@ def cmd_mset(c: Connection, args: list[bytes]) -> Reply:
 def cmd_getdel(c: Connection, args: list[bytes]) -> Reply:
     key = key_of(args[1])
 
+    shared = c.shared
+
     async def later() -> bytes:
-        item = await c.km.store.get(key)
+        item = await (shared.get_strict(key) if shared is not None else c.km.store.get(key))
         if item is not None:
             c.km.written([key])
             await c.km.store.delete([key])

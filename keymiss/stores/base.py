@@ -130,7 +130,9 @@ class Store(abc.ABC):
         """Set (or with ``None`` remove) the expiry of an existing key; False if there is no key."""
 
     @abc.abstractmethod
-    async def scan(self, cursor: int, match: str | None = None, count: int = 10) -> tuple[int, list[str]]:
+    async def scan(
+        self, cursor: int, match: str | None = None, count: int = 10, kind: str | None = None
+    ) -> tuple[int, list[str]]:
         """Redis SCAN: every key present for the whole iteration is returned at least once."""
 
     @abc.abstractmethod
@@ -229,6 +231,11 @@ class LocalStore(Store):
         """Run a mutating primitive; durable LMDB overrides this to use its writer thread."""
         return self._write_now(fn, *args)
 
+    def fits(self, key: str, size: int) -> bool:
+        """Whether a value of ``size`` bytes under ``key`` could be kept at all (the budget): a
+        write that could not is refused up front, as Redis refuses one over maxmemory."""
+        return True
+
     # --- synchronous face (valid for reads always, for writes where ``sync_writes``) -------------
     def set_now(
         self,
@@ -304,7 +311,9 @@ class LocalStore(Store):
         result: bool = await self._write(self._set_expiry, key, expires_at)
         return result
 
-    async def scan(self, cursor: int, match: str | None = None, count: int = 10) -> tuple[int, list[str]]:
+    async def scan(
+        self, cursor: int, match: str | None = None, count: int = 10, kind: str | None = None
+    ) -> tuple[int, list[str]]:
         if cursor == 0:
             state = self._scan_start()
         else:

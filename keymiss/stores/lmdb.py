@@ -242,6 +242,9 @@ class LMDBStore(LocalStore):
             for raw in gone:
                 self.on_evict(raw.decode("utf-8", "surrogateescape"))
 
+    def fits(self, key: str, size: int) -> bool:
+        return self.max_disk is None or len(_encode_key(key)) + size <= self.max_disk // 2
+
     def _set(self, writes: Sequence[Write], nx: bool, xx: bool, keep_ttl: bool) -> list[bool]:
         now = self._clock()
         results: list[bool] = []
@@ -249,7 +252,7 @@ class LMDBStore(LocalStore):
         with self._env.begin(write=True, db=self._data) as txn:
             for w in writes:
                 kb = _encode_key(w.key)
-                if self.max_disk is not None and len(kb) + len(w.value) > self.max_disk // 2:
+                if not self.fits(w.key, len(w.value)):
                     # it could never fit beside the B-tree's pages: decline it rather than evict
                     # the whole cache trying
                     results.append(False)

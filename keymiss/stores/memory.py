@@ -64,6 +64,9 @@ class MemoryStore(LocalStore):
         self._touch(key)
         return item
 
+    def fits(self, key: str, size: int) -> bool:
+        return key_bytes(key) + size + ENTRY_OVERHEAD <= self.max_bytes
+
     # --- writes -----------------------------------------------------------------------------------
     def _set(self, writes: Sequence[Write], nx: bool, xx: bool, keep_ttl: bool) -> list[bool]:
         now = self._clock()

@@ -28,6 +28,8 @@ log = logging.getLogger("keymiss.near")
 INVALIDATE_CHANNEL = "keymiss:invalidate"
 #: The message on the invalidation channel that drops every near copy (FLUSHDB on some node).
 FLUSH_ALL = b"\x00flush"
+#: Arguments of a pass-through write announced one by one; beyond, every node drops its copies.
+MAX_ANNOUNCED = 1024
 #: Pass-through commands that change nothing, so need no invalidation.
 _READ_ONLY = frozenset(
     b"hget hgetall hmget hlen hexists hkeys hvals hstrlen hscan lrange llen lindex lpos scard smembers "
@@ -61,7 +63,12 @@ class NearCacheStore(SharedStore):
             return await self.shared.raw(args)
         finally:  # whatever the command changed, no node may keep serving an old copy of it
             if args and args[0].lower() not in _READ_ONLY:
-                await self._announce(a.decode("utf-8", "surrogateescape") for a in args[1:65])
+                if len(args) > 1 + MAX_ANNOUNCED:  # too many names to announce one by one
+                    await self.near.flush()
+                    with contextlib.suppress(StoreError):
+                        await self.shared.publish(INVALIDATE_CHANNEL, [FLUSH_ALL])
+                else:
+                    await self._announce(a.decode("utf-8", "surrogateescape") for a in args[1:])
 
     async def get_strict(self, key: str) -> Item | None:
         item = self.near.get_now(key)
@@ -169,8 +176,10 @@ class NearCacheStore(SharedStore):
         await self._announce([key])
         return ok
 
-    async def scan(self, cursor: int, match: str | None = None, count: int = 10) -> tuple[int, list[str]]:
-        return await self.shared.scan(cursor, match, count)
+    async def scan(
+        self, cursor: int, match: str | None = None, count: int = 10, kind: str | None = None
+    ) -> tuple[int, list[str]]:
+        return await self.shared.scan(cursor, match, count, kind)
 
     async def dbsize(self) -> int:
         return await self.shared.dbsize()

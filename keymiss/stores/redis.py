@@ -334,12 +334,14 @@ class RedisStore(SharedStore):
         await self.call(self.client.pexpire, _tag(key), _px(ttl))
         return ok
 
-    async def scan(self, cursor: int, match: str | None = None, count: int = 10) -> tuple[int, list[str]]:
+    async def scan(
+        self, cursor: int, match: str | None = None, count: int = 10, kind: str | None = None
+    ) -> tuple[int, list[str]]:
         """Redis SCAN, without the codec tags (they are part of their value, not keys of their own)."""
         if self.cluster:  # one pass over every primary: cluster cursors do not compose
-            keys = [k async for k in self.client.scan_iter(match=match, count=max(count, 100))]
+            keys = [k async for k in self.client.scan_iter(match=match, count=max(count, 100), _type=kind)]
             return 0, [k.decode("utf-8", "surrogateescape") for k in keys if not k.startswith(_TAGS)]
-        nxt, keys = await self.call(self.client.scan, cursor, match=match, count=count)
+        nxt, keys = await self.call(self.client.scan, cursor, match=match, count=count, _type=kind)
         return int(nxt), [k.decode("utf-8", "surrogateescape") for k in keys if not k.startswith(_TAGS)]
 
     async def dbsize(self) -> int:

@@ -249,7 +249,15 @@ def test_a_write_over_the_memory_budget_is_refused_and_keeps_the_old_value(tmp_p
                 write()
         assert r.get("k") == b"old" and r.exists("k2") == 0
         assert r.set("k", "new") and r.get("k") == b"new"
-        assert r.set("k", big, nx=True) is None  # a condition that fails is still nil
+        for write in (
+            lambda: r.set("absent", big, nx=True),  # NX on an absent key: no room, not "exists"
+            lambda: r.setnx("absent", big),
+            lambda: r.set("k", big, xx=True),
+            lambda: r.mset({"a": "1", "b": big}),  # refused whole, as Redis's MSET is
+        ):
+            with pytest.raises(redis.exceptions.OutOfMemoryError):
+                write()
+        assert r.exists("absent", "a", "b") == 0 and r.get("k") == b"new"
     finally:
         srv.stop()
 
@@ -323,5 +331,51 @@ def test_expiry_overflow_is_redis_s_error(tmp_path: Path, store: str) -> None:
         far = 10**12  # 31,700 years: large but valid, as in Redis
         assert r.set("k", "v", ex=far) and abs(r.ttl("k") - far) <= 1
         assert r.expire("k", far) and abs(r.ttl("k") - far) <= 1
+    finally:
+        srv.stop()
+
+
+@pytest.mark.parametrize(
+    ("body", "message"),
+    [
+        ("codec = 5", "codec must be a name"),
+        ('batch_size = 4\nbatch_wait_ms = "5"', "batch_wait_ms must be >= 0"),
+        ("ttl = nan", "ttl must be positive seconds"),
+        ("timeout = inf", "timeout must be positive seconds"),
+        ("timeout = true", "timeout must be positive seconds"),
+        ("concurrency = true", "concurrency must be an integer"),
+        ("batch_wait_ms = 10", "batch_wait_ms needs batch_size"),  # double:* is not batched
+    ],
+)
+def test_malformed_keyspace_options_in_a_config_file(tmp_path: Path, body: str, message: str) -> None:
+    config = tmp_path / "keymiss.toml"
+    config.write_text(f'[keymiss.keyspaces."double:*"]\n{body}\n')
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "keymiss",
+            "serve",
+            "--port",
+            "0",
+            "--config",
+            str(config),
+            "--app",
+            "tests.server.sample_app:app",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=Path(__file__).parent.parent.parent,
+    )
+    assert out.returncode == 2 and message in out.stderr and "Traceback" not in out.stderr, out.stderr
+
+
+def test_a_config_file_tunes_a_batched_keyspace_s_wait_alone(tmp_path: Path) -> None:
+    config = tmp_path / "keymiss.toml"
+    config.write_text('[keymiss.keyspaces."batch:*"]\nbatch_wait_ms = 1\n')
+    srv = start_server(tmp_path, "--config", str(config))
+    try:
+        assert redis.Redis(port=srv.port, socket_timeout=10).get("batch:1") == b"batch:1:1"
     finally:
         srv.stop()

@@ -206,6 +206,14 @@ def test_keys_of_other_types_are_wrongtype_never_overwritten(
         entry, six = r.mget([f"double:{tag}", "double:3"])
         assert six == b"6" and isinstance(entry, redis.ResponseError) and "WRONGTYPE" in str(entry)
         assert direct.type(f"double:{tag}") == b"hash" and direct.hget(f"double:{tag}", "field") == b"value"
+        with pytest.raises(redis.ResponseError, match=r"^WRONGTYPE"):
+            r.set(f"plainhash:{tag}", "x", get=True)
+        with pytest.raises(redis.ResponseError, match=r"^WRONGTYPE"):
+            r.getdel(f"plainhash:{tag}")
+        assert direct.type(f"plainhash:{tag}") == b"hash"  # left alone
+        strings = {k for k in r.scan_iter(match=f"*{tag}*", _type="STRING")}
+        hashes = {k for k in r.scan_iter(match=f"*{tag}*", _type="HASH")}
+        assert f"plainhash:{tag}".encode() in hashes and f"plainhash:{tag}".encode() not in strings
         # a pass-through write invalidates this node's own copy at once
         assert r.set(f"ctr:{tag}", "1") and r.get(f"ctr:{tag}") == b"1"
         assert r.incr(f"ctr:{tag}") == 2 and r.get(f"ctr:{tag}") == b"2"
