@@ -240,8 +240,9 @@ class Keymiss:
     # --- the read path -----------------------------------------------------------------------------
     def read(self, key: str) -> Read:
         """The one read entry point: the stored item (a hit, ready), ``None`` (a miss no keyspace
-        owns, ready), or an awaitable that computes, stores and returns the item. Errors of the
-        computation are raised by the awaitable; a key that does not fit its template raises here."""
+        owns, ready), or an awaitable that computes, stores and returns the item. Errors — a key
+        that does not fit its template among them — are raised by the awaitable. A miss is begun
+        here, synchronously, so a client's write from this moment on wins over its value."""
         store = self._store or self.store
         if store.local:
             item: Item | None = store.get_now(key)  # type: ignore[attr-defined]
