@@ -365,7 +365,10 @@ class ComputeEngine:
     ) -> KeymissError:
         """Count and log a handler failure; the error its callers get."""
         ks.stats.errors += len(keys)
-        lane.failures.failed("handler failed", keys, exc)
+        if isinstance(exc, KeymissError):  # a deliberate answer (unknown context): no traceback
+            lane.failures.failed(f"handler refused: {exc}", keys, None, logging.WARNING)
+        else:
+            lane.failures.failed("handler failed", keys, exc)
         if isinstance(exc, KeymissError) and lane.detail == "message":  # deliberate and clear: as is
             return exc
         scope = " for this key" if one else ""

@@ -61,7 +61,9 @@ class FailureLog:
         self.suppressed = 0
         self.logged = 0
 
-    def failed(self, what: str, keys: list[str], exc: BaseException | None) -> None:
+    def failed(
+        self, what: str, keys: list[str], exc: BaseException | None, level: int = logging.ERROR
+    ) -> None:
         """Record a failure of ``keys``; log it with its traceback unless one was logged recently."""
         now = time.monotonic()
         if now - self._last < self.window:
@@ -77,7 +79,8 @@ class FailureLog:
         )
         self.suppressed = 0
         key = keys[0] if keys else ""
-        log.error(
+        log.log(
+            level,
             "keyspace %r: %s for key %r%s%s",
             self.keyspace,
             what,
