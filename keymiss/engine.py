@@ -274,19 +274,7 @@ class Keymiss:
             return self._read_many_shared(keys)
         get_now = store.get_now  # type: ignore[attr-defined]
         found: Results = [get_now(k) for k in keys]
-        route = self.registry.route
-        pending: list[tuple[int, Keyspace]] = []
-        for i, (key, item) in enumerate(zip(keys, found, strict=True)):
-            ks = route(key)
-            if item is not None:
-                self.hits += 1
-                if ks is not None:
-                    ks.stats.hits += 1
-                continue
-            self.misses += 1
-            if ks is not None:
-                ks.stats.misses += 1
-                pending.append((i, ks))
+        pending = self._tally(keys, found)
         if not pending:
             return found
         if self._started and not self._closed:  # begun now, so client writes from now on win
@@ -338,10 +326,25 @@ class Keymiss:
             self.writeback.unwatch(key)
 
     async def _read_many_shared(self, keys: Sequence[str]) -> Results:
-        found: Results = list(await self.store.get_many(keys))
+        owned = [k for k in keys if self.registry.route(k) is not None]
+        for key in owned:  # watched before the lookup, as in _read_shared
+            self.writeback.watch(key)
+        try:
+            found: Results = list(await self.store.get_many(keys))
+            pending = self._tally(keys, found)
+            if pending:
+                await self._fill_many(keys, found, pending)
+            return found
+        finally:
+            for key in owned:
+                self.writeback.unwatch(key)
+
+    def _tally(self, keys: Sequence[str], found: Results) -> list[tuple[int, Keyspace]]:
+        """Count the hits and misses of a multi-key lookup; the misses a keyspace must fill."""
+        route = self.registry.route
         pending: list[tuple[int, Keyspace]] = []
         for i, (key, item) in enumerate(zip(keys, found, strict=True)):
-            ks = self.registry.route(key)
+            ks = route(key)
             if item is not None:
                 self.hits += 1
                 if ks is not None:
@@ -351,9 +354,7 @@ class Keymiss:
             if ks is not None:
                 ks.stats.misses += 1
                 pending.append((i, ks))
-        if pending:
-            await self._fill_many(keys, found, pending)
-        return found
+        return pending
 
     def _count_hit(self, key: str) -> None:
         self.hits += 1

@@ -17,6 +17,28 @@ import redis
 from .conftest import start_server
 
 
+def serve_with_config(config: Path) -> subprocess.CompletedProcess[str]:
+    """``keymiss serve`` of the sample app with a config file, expected to exit at start."""
+    return subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "keymiss",
+            "serve",
+            "--port",
+            "0",
+            "--config",
+            str(config),
+            "--app",
+            "tests.server.sample_app:app",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=Path(__file__).parent.parent.parent,
+    )
+
+
 def test_shutdown_ends_with_stuck_handlers_and_says_so(tmp_path: Path) -> None:
     srv = start_server(tmp_path, "--grace-seconds", "1")
     try:
@@ -193,24 +215,7 @@ def test_a_config_file_tunes_a_keyspace(tmp_path: Path) -> None:
         ('[keymiss.keyspaces."nope:*"]\ntimeout = 1\n', "no keyspace 'nope:*' to configure"),
     ):
         config.write_text(text)
-        out = subprocess.run(
-            [
-                sys.executable,
-                "-m",
-                "keymiss",
-                "serve",
-                "--port",
-                "0",
-                "--config",
-                str(config),
-                "--app",
-                "tests.server.sample_app:app",
-            ],
-            capture_output=True,
-            text=True,
-            timeout=60,
-            cwd=Path(__file__).parent.parent.parent,
-        )
+        out = serve_with_config(config)
         assert out.returncode == 2 and message in out.stderr and "Traceback" not in out.stderr, out.stderr
 
 
@@ -274,25 +279,31 @@ def test_interactive_redis_cli_in_a_pty(tmp_path: Path) -> None:
     if pid == 0:  # the child: redis-cli on the pty
         os.execvp("redis-cli", ["redis-cli", "-p", str(srv.port)])
 
-    def read_until(marker: bytes, seconds: float = 10) -> bytes:
-        seen = b""
+    transcript = bytearray()
+    answered = 0
+
+    def read_until(marker: bytes, seconds: float = 15) -> bytes:
+        """Read until ``marker`` shows up in what arrived since the call began; answer every
+        cursor-position query of the line editor as a terminal would, however the bytes split."""
+        nonlocal answered
+        start = len(transcript)
         deadline = time.monotonic() + seconds
-        while marker not in seen and time.monotonic() < deadline:
+        while marker not in transcript[start:] and time.monotonic() < deadline:
             ready, _, _ = select.select([fd], [], [], 0.1)
             if ready:
                 try:
-                    chunk = os.read(fd, 4096)
+                    transcript.extend(os.read(fd, 4096))
                 except OSError:
                     break
-                if b"\x1b[6n" in chunk:  # the line editor asks where the cursor is: answer as a terminal
-                    os.write(fd, b"\x1b[1;1R")
-                seen += chunk
-        return seen
+            while transcript.count(b"\x1b[6n") > answered:
+                os.write(fd, b"\x1b[1;1R")
+                answered += 1
+        return bytes(transcript[start:])
 
     try:
         prompt = f":{srv.port}> ".encode()
         assert prompt in read_until(prompt)
-        for line, answer in ((b"PING", b"PONG"), (b"GET double:21", b"42"), (b"SET k v", b"OK")):
+        for line, answer in ((b"PING", b"PONG"), (b"GET double:21", b'"42"'), (b"SET k v", b"OK")):
             os.write(fd, line + b"\r")
             seen = read_until(answer)
             assert answer in seen, (line, seen)
@@ -350,24 +361,7 @@ def test_expiry_overflow_is_redis_s_error(tmp_path: Path, store: str) -> None:
 def test_malformed_keyspace_options_in_a_config_file(tmp_path: Path, body: str, message: str) -> None:
     config = tmp_path / "keymiss.toml"
     config.write_text(f'[keymiss.keyspaces."double:*"]\n{body}\n')
-    out = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "keymiss",
-            "serve",
-            "--port",
-            "0",
-            "--config",
-            str(config),
-            "--app",
-            "tests.server.sample_app:app",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        cwd=Path(__file__).parent.parent.parent,
-    )
+    out = serve_with_config(config)
     assert out.returncode == 2 and message in out.stderr and "Traceback" not in out.stderr, out.stderr
 
 
