@@ -220,6 +220,11 @@ class ComputeEngine:
             self._flights.cancel_all()
         return done
 
+    def queued(self, pattern: str) -> int:
+        """Computations of a keyspace waiting for one of its handler slots."""
+        lane = self._lanes.get(pattern)
+        return 0 if lane is None else lane.gate.waiting
+
     def stuck_handlers(self) -> int:
         """Handler calls that passed their timeout and have not returned."""
         return sum(lane.gate.stuck for lane in self._lanes.values())

@@ -516,7 +516,10 @@ class Keymiss:
             "in_flight": self.engine.in_flight,
             "stuck_handlers": self.engine.stuck_handlers(),
             "decode_failures": self.decode_failures,
-            "keyspaces": {ks.pattern: ks.describe() for ks in self.registry},
+            "keyspaces": {
+                ks.pattern: {**ks.describe(), "queued": self.engine.queued(ks.pattern)}
+                for ks in self.registry
+            },
             "store": self.store.info().as_dict(),
         }
 

@@ -59,7 +59,6 @@ class FailureLog:
         self.window = window
         self._last = float("-inf")
         self.suppressed = 0
-        self.logged = 0
 
     def failed(
         self, what: str, keys: list[str], exc: BaseException | None, level: int = logging.ERROR
@@ -70,7 +69,6 @@ class FailureLog:
             self.suppressed += 1
             return
         self._last = now
-        self.logged += 1
         more = f" (+{len(keys) - 1} more keys in the batch)" if len(keys) > 1 else ""
         since = (
             f"; {self.suppressed} similar failure(s) not logged in the last {self.window:g}s"

@@ -148,11 +148,6 @@ class HandlerThreads:
     def closed(self) -> bool:
         return self._closed
 
-    def busy(self) -> int:
-        """Threads running a handler now."""
-        with self._lock:
-            return len(self._threads) - self._idle
-
     def shutdown(self) -> None:
         """Let idle threads exit; threads stuck in a handler are left behind (they are daemons)."""
         with self._lock:

@@ -31,7 +31,6 @@ class WriteBack:
         #: meanwhile: their fill must not store over the client's write
         self._watch: dict[str, int] = {}
         self._superseded: set[str] = set()
-        self.superseded = 0
         self._pending: list[tuple[Write, asyncio.Future[bool | None]]] = []
         self._writers: set[asyncio.Task[None]] = set()
 
@@ -156,7 +155,6 @@ class WriteBack:
         if self._superseded:  # checked at the last moment before the write leaves
             for w, fut in batch:
                 if w.key in self._superseded and not fut.done():
-                    self.superseded += 1
                     fut.set_result(None)
             batch = [(w, fut) for w, fut in batch if not fut.done()]
         if batch:

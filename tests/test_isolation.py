@@ -119,6 +119,7 @@ async def test_a_full_queue_is_busy_at_once(km: Keymiss, release: threading.Even
 
     tasks = [asyncio.ensure_future(km.get(f"one:{i}")) for i in range(3)]  # 1 runs, 2 wait
     await asyncio.sleep(0.05)
+    assert km.stats()["keyspaces"]["one:*"]["queued"] == 2
     t0 = time.perf_counter()
     with pytest.raises(BusyError, match="already wait"):
         await km.get("one:3")

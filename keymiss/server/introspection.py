@@ -210,6 +210,7 @@ def info_sections(c: Connection) -> dict[str, dict[str, Any]]:
                 ("errors", st.errors),
                 ("timeouts", st.timeouts),
                 ("in_flight", st.in_flight),
+                ("queued", km.engine.queued(ks.pattern)),
                 ("stuck", st.stuck),
                 ("coalesced", st.coalesced),
                 ("superseded", st.superseded),
