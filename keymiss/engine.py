@@ -311,33 +311,20 @@ class Keymiss:
             else:
                 self.misses += 1
             return item
-        # Watched before the lookup: a client's write acknowledged after our nil must still win.
-        self.writeback.watch(key)
-        try:
-            item = await store.get(key)
-            if item is not None:
-                self._count_hit(key)
-                return item
-            self.misses += 1
-            ks.stats.misses += 1
-            fill = self._fill(key, ks)
-            return await fill
-        finally:
-            self.writeback.unwatch(key)
+        item = await store.get(key)
+        if item is not None:
+            self._count_hit(key)
+            return item
+        self.misses += 1
+        ks.stats.misses += 1
+        return await self._fill(key, ks)
 
     async def _read_many_shared(self, keys: Sequence[str]) -> Results:
-        owned = [k for k in keys if self.registry.route(k) is not None]
-        for key in owned:  # watched before the lookup, as in _read_shared
-            self.writeback.watch(key)
-        try:
-            found: Results = list(await self.store.get_many(keys))
-            pending = self._tally(keys, found)
-            if pending:
-                await self._fill_many(keys, found, pending)
-            return found
-        finally:
-            for key in owned:
-                self.writeback.unwatch(key)
+        found: Results = list(await self.store.get_many(keys))
+        pending = self._tally(keys, found)
+        if pending:
+            await self._fill_many(keys, found, pending)
+        return found
 
     def _tally(self, keys: Sequence[str], found: Results) -> list[tuple[int, Keyspace]]:
         """Count the hits and misses of a multi-key lookup; the misses a keyspace must fill."""
@@ -371,8 +358,10 @@ class Keymiss:
         return await self.writeback.fill(key, ks)
 
     def written(self, keys: Iterable[str] | None = None) -> None:
-        """Tell the write-back that a client is writing ``keys`` (all keys: ``None``): a value being
-        computed since before must not replace what the client wrote."""
+        """Tell the write-back that a client is deleting ``keys`` (all keys: ``None``), or changing
+        them in a way that may leave them absent: a value being computed since before must not
+        appear afterwards. Plain writes need no call — a fill is stored only if its key is still
+        absent (``SET NX``), so whatever a client wrote, on any node, stays."""
         self.writeback.supersede(keys)
 
     async def compute(self, keys: Sequence[str]) -> list[Computed | BaseException | None]:
@@ -452,7 +441,6 @@ class Keymiss:
         data, tag = codecs.encode(value)
         if ttl is not None and ttl <= 0:
             raise KeymissError("invalid expire time in 'set' command")
-        self.written([key])
         return await self.store.set(key, data, codec=tag, ttl=ttl, nx=nx, xx=xx, keep_ttl=keep_ttl)
 
     async def delete(self, *keys: str) -> int:

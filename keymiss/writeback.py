@@ -81,10 +81,6 @@ class WriteBack:
     async def replace(self, key: str, ks: Keyspace) -> Item:
         """Compute ``key`` and overwrite what is stored, whatever it is: for a stored value that
         cannot be decoded (a shared store's lease would hand the bad value straight back)."""
-        return await self.fill_now(key, ks)
-
-    async def fill_now(self, key: str, ks: Keyspace) -> Item:
-        """Compute and store ``key`` here (no lease), watched like a fill so that client writes win."""
         self.watch(key)
         try:
             return await self._compute_here(key, ks, overwrite=True)

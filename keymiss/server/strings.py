@@ -214,7 +214,8 @@ def _set(
             return _item_reply(old, c.proto)
         return reply.OK if ok else reply.null(c.proto)
 
-    c.km.written([key])  # a computation that started before this write must not replace it
+    if expired:  # this SET ends in a delete: a computation that started before must not reappear
+        c.km.written([key])
     if store is not None and store.sync_writes:
         ok = store.set_now(key, value, ttl=ttl, nx=nx, xx=xx, keep_ttl=keep)
         if ok and expired:
@@ -275,7 +276,6 @@ def cmd_setnx(c: Connection, args: list[bytes]) -> Reply:
         raise CommandError(OOM)
 
     async def later() -> bytes:
-        c.km.written([key_of(args[1])])
         return reply.integer(int(await c.km.store.set(key_of(args[1]), args[2], nx=True)))
 
     return later()
@@ -301,7 +301,6 @@ def cmd_mset(c: Connection, args: list[bytes]) -> Reply:
         raise CommandError(OOM)  # refused whole, as Redis's MSET is: nothing is written
 
     async def later() -> bytes:
-        c.km.written(w.key for w in writes)
         if not all(await c.km.store.set_many(writes)):
             raise CommandError(OOM)
         return reply.OK
