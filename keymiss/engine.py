@@ -358,10 +358,10 @@ class Keymiss:
         return await self.writeback.fill(key, ks)
 
     def written(self, keys: Iterable[str] | None = None) -> None:
-        """Tell the write-back that a client is deleting ``keys`` (all keys: ``None``), or changing
-        them in a way that may leave them absent: a value being computed since before must not
-        appear afterwards. Plain writes need no call — a fill is stored only if its key is still
-        absent (``SET NX``), so whatever a client wrote, on any node, stays."""
+        """Tell the write-back that a client is writing or deleting ``keys`` (all keys: ``None``):
+        a value being computed since before must not be stored afterwards — not over the write,
+        and not once a written value has expired or been deleted. (Writes on other nodes of a
+        shared Redis are covered by fills being stored only if the key is still absent.)"""
         self.writeback.supersede(keys)
 
     async def compute(self, keys: Sequence[str]) -> list[Computed | BaseException | None]:
@@ -441,6 +441,7 @@ class Keymiss:
         data, tag = codecs.encode(value)
         if ttl is not None and ttl <= 0:
             raise KeymissError("invalid expire time in 'set' command")
+        self.written([key])
         return await self.store.set(key, data, codec=tag, ttl=ttl, nx=nx, xx=xx, keep_ttl=keep_ttl)
 
     async def delete(self, *keys: str) -> int:
@@ -463,6 +464,8 @@ class Keymiss:
 
     async def expire(self, key: str, seconds: float) -> bool:
         """Give an existing key a time to live (zero or less deletes it)."""
+        if seconds <= 0:
+            self.written([key])
         return await self.store.expire(key, seconds)
 
     async def persist(self, key: str) -> bool:

@@ -222,6 +222,8 @@ def _expire_cmd(c: Connection, args: list[bytes], unit: float, name: str) -> Rep
             return reply.integer(0)
         if b"lt" in flags and has and ttl * 1000 >= current:
             return reply.integer(0)
+        if ttl <= 0:  # a delete: a computation that started before must not reappear
+            c.km.written([key])
         return reply.integer(int(await store.expire(key, ttl)))
 
     return later()

@@ -106,10 +106,16 @@ def cmd_getex(c: Connection, args: list[bytes]) -> Reply:
 async def _getex(c: Connection, key: str, ttl: float | None, persist: bool, change: bool) -> bytes:
     item = await c.km.get_item(key)
     if item is not None and change:
-        if persist:
-            await c.km.store.expire(key, None)
-        elif ttl is not None:
-            await c.km.store.expire(key, ttl)
+        # A miss was computed meanwhile: change the expiry only of the value this reply carries,
+        # not of one another client wrote in between.
+        current = await c.km.store.get(key)
+        if current is not None and current.value == item.value:
+            if persist:
+                await c.km.store.expire(key, None)
+            elif ttl is not None:
+                if ttl <= 0:
+                    c.km.written([key])
+                await c.km.store.expire(key, ttl)
     return _item_reply(item, c.proto)
 
 
@@ -214,8 +220,7 @@ def _set(
             return _item_reply(old, c.proto)
         return reply.OK if ok else reply.null(c.proto)
 
-    if expired:  # this SET ends in a delete: a computation that started before must not reappear
-        c.km.written([key])
+    c.km.written([key])  # a computation that started before this write must not be stored after it
     if store is not None and store.sync_writes:
         ok = store.set_now(key, value, ttl=ttl, nx=nx, xx=xx, keep_ttl=keep)
         if ok and expired:
@@ -276,6 +281,7 @@ def cmd_setnx(c: Connection, args: list[bytes]) -> Reply:
         raise CommandError(OOM)
 
     async def later() -> bytes:
+        c.km.written([key_of(args[1])])
         return reply.integer(int(await c.km.store.set(key_of(args[1]), args[2], nx=True)))
 
     return later()
@@ -301,6 +307,7 @@ def cmd_mset(c: Connection, args: list[bytes]) -> Reply:
         raise CommandError(OOM)  # refused whole, as Redis's MSET is: nothing is written
 
     async def later() -> bytes:
+        c.km.written(w.key for w in writes)
         if not all(await c.km.store.set_many(writes)):
             raise CommandError(OOM)
         return reply.OK

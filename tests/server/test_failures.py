@@ -10,6 +10,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 import redis
@@ -371,5 +372,53 @@ def test_a_config_file_tunes_a_batched_keyspace_s_wait_alone(tmp_path: Path) -> 
     srv = start_server(tmp_path, "--config", str(config))
     try:
         assert redis.Redis(port=srv.port, socket_timeout=10).get("batch:1") == b"batch:1:1"
+    finally:
+        srv.stop()
+
+
+@pytest.mark.parametrize(
+    "write",
+    [
+        lambda r: (r.set("slow:w", "client"), r.expire("slow:w", 0)),  # EXPIRE 0 deletes
+        lambda r: (r.set("slow:w", "client"), r.pexpire("slow:w", -1)),
+        lambda r: r.set("slow:w", "client", px=50),  # the client's value expires before the fill
+    ],
+    ids=["expire-0", "pexpire-negative", "set-px-short"],
+)
+def test_a_computed_value_does_not_reappear_after_a_clients_write(tmp_path: Path, write: Any) -> None:
+    import threading
+
+    srv = start_server(tmp_path)
+    try:
+        r = redis.Redis(port=srv.port, socket_timeout=10)
+        first: list[bytes | None] = []
+        t = threading.Thread(target=lambda: first.append(r.get("slow:w")))
+        t.start()
+        time.sleep(0.1)  # the 0.3 s computation is running
+        other = redis.Redis(port=srv.port, socket_timeout=10)
+        write(other)
+        t.join(10)
+        assert first == [b"slow result for slow:w"]
+        time.sleep(0.3)
+        assert other.exists("slow:w") == 0  # deleted or expired: the stale computation stays out
+    finally:
+        srv.stop()
+
+
+def test_getex_on_a_miss_leaves_another_clients_value_alone(tmp_path: Path) -> None:
+    import threading
+
+    srv = start_server(tmp_path)
+    try:
+        r = redis.Redis(port=srv.port, socket_timeout=10)
+        got: list[bytes | None] = []
+        t = threading.Thread(target=lambda: got.append(r.getex("slow:gx", ex=1000)))
+        t.start()
+        time.sleep(0.1)
+        other = redis.Redis(port=srv.port, socket_timeout=10)
+        assert other.set("slow:gx", "client")
+        t.join(10)
+        assert got == [b"slow result for slow:gx"]
+        assert other.get("slow:gx") == b"client" and other.ttl("slow:gx") == -1  # its TTL untouched
     finally:
         srv.stop()
