@@ -290,3 +290,32 @@ async def test_a_pass_through_write_naming_many_keys_invalidates_every_near_copy
             pytest.fail("a near copy outlived a pass-through write")
     finally:
         await asyncio.gather(a.close(), b.close())
+
+
+async def test_a_reader_never_sees_a_typed_value_before_its_codec_tag(redis_url: str) -> None:
+    """The tag is written before the value it describes: a node reading between the two writes (as
+    a lease waiter does) got the handler's JSON back as raw bytes."""
+    writer, reader = RedisStore(redis_url), RedisStore(redis_url)
+    seen: list[tuple[str, int]] = []
+    done = asyncio.Event()
+    keys = [f"tagorder:{time.monotonic_ns()}:{i}" for i in range(150)]
+    current = [keys[0]]
+
+    async def read() -> None:
+        while not done.is_set():
+            item = (await reader.get_many([current[0]]))[0]
+            if item is not None:
+                seen.append((current[0], item.codec))
+
+    try:
+        task = asyncio.create_task(read())
+        for key in keys:
+            current[0] = key
+            for _ in range(3):  # give the reader a turn before the write
+                await asyncio.sleep(0)
+            assert await writer.set_many([Write(key, b'{"a": 1}', codec=2, ttl=30, nx=True)]) == [True]
+        done.set()
+        await task
+        assert seen and all(codec == 2 for _, codec in seen), [s for s in seen if s[1] != 2][:3]
+    finally:
+        await asyncio.gather(writer.close(), reader.close())

@@ -49,6 +49,10 @@ def _px(ttl: float | None) -> int | None:
     return None if ttl is None else max(1, int(ttl * 1000))
 
 
+# Delete a key only while it holds the value given (a tag this node wrote and no one replaced).
+_DROP_IF = "if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('del', KEYS[1]) end return 0"
+
+
 def _tag_value(codec: int, value: bytes) -> bytes:
     """A codec tag names the codec and the CRC32 of the bytes it describes, so a tag that outlived
     its value (the key was rewritten by a plain Redis client) is recognised and ignored."""
@@ -93,8 +97,9 @@ def _sum_nodes(per_node: Any) -> dict[str, Any]:
 class RedisStore(SharedStore):
     """A ``SharedStore`` over redis-py's asyncio client (standalone) or cluster client.
 
-    A value's codec tag lives beside it under ``keymiss:codec:<key>`` (same hash tag, same TTL),
-    written only for values that are not plain bytes, so the value a client GETs stays exactly the
+    A value's codec tag lives beside it under ``keymiss:codec:<key>`` (same TTL; same slot only
+    when the key has a hash tag, so tag and value are two writes, the tag first), written only for
+    values that are not plain bytes, so the value a client GETs stays exactly the
     bytes the codec wrote and ``Keymiss.get`` still returns the type the handler returned.
     """
 
@@ -258,12 +263,12 @@ class RedisStore(SharedStore):
         keep_ttl: bool = False,
     ) -> bool:
         px = _px(ttl)
-        if not (nx or xx or keep_ttl):
-            return (await self.set_many([Write(key, value, codec, ttl)]))[0]
+        if not (xx or keep_ttl):
+            return (await self.set_many([Write(key, value, codec, ttl, nx=nx)]))[0]
         ok = await self.call(
             self.client.set, _k(key), value, px=px, nx=nx, xx=xx, keepttl=keep_ttl and px is None
         )
-        if ok:  # a conditional write: the tag follows once the value is known to be ours
+        if ok:  # a write only-if-present: the tag follows once the value is known to be ours
             if codec:
                 await self.call(
                     self.client.set, _tag(key), _tag_value(codec, value), px=px, keepttl=px is None
@@ -273,40 +278,58 @@ class RedisStore(SharedStore):
         return bool(ok)
 
     async def set_many(self, writes: Sequence[Write]) -> list[bool]:
+        """Typed values' tags first, then the values: a reader between the two round trips (another
+        node waiting on the key's lease) sees a miss, or the value with its tag, never the value
+        alone. A write only-if-absent takes its tag only-if-absent too, so a value it loses to keeps
+        its own tag; the tag it took for nothing is removed while it is still the one it wrote."""
         if not writes:
             return []
+        typed = [w for w in writes if w.codec]
+        took: dict[int, bool] = {}
+        if typed:
+            tags = self.client.pipeline(transaction=False)
+            for w in typed:
+                tags.set(_tag(w.key), _tag_value(w.codec, w.value), px=_px(w.ttl), nx=w.nx)
+            for w, r in zip(typed, await self.call(tags.execute, raise_on_error=False), strict=True):
+                if isinstance(r, Exception):
+                    await self._drop_tags([t for t in typed if took.get(id(t), True)])
+                    raise _reply_error(r) if isinstance(r, ResponseError) else _wrap(r)
+                took[id(w)] = bool(r)
         pipe = self.client.pipeline(transaction=False)
         for w in writes:
-            px = _px(w.ttl)
-            pipe.set(_k(w.key), w.value, px=px, nx=w.nx)
-            if w.nx:  # the tag follows only once the value is known to be ours (below)
-                continue
-            if w.codec:
-                pipe.set(_tag(w.key), _tag_value(w.codec, w.value), px=px)
-            else:
+            pipe.set(_k(w.key), w.value, px=_px(w.ttl), nx=w.nx)
+            if not w.codec and not w.nx:  # an untagged value drops the old tag
                 pipe.delete(_tag(w.key))
         replies = iter(await self.call(pipe.execute, raise_on_error=False))
         results: list[Any] = []
         for w in writes:
             results.append(next(replies))
-            if not w.nx:
+            if not w.codec and not w.nx:
                 next(replies)
-        failed = [(w, r) for w, r in zip(writes, results, strict=True) if isinstance(r, Exception)]
+        failed = [w for w, r in zip(writes, results, strict=True) if isinstance(r, Exception)]
         if failed:  # a value Redis refused (OOM) must not leave its tag behind
-            with contextlib.suppress(KeymissError):
-                await self.call(self.client.delete, *(_tag(w.key) for w, _ in failed))
-            first = failed[0][1]
+            await self._drop_tags([w for w in failed if took.get(id(w), True)])
+            first = next(r for r in results if isinstance(r, Exception))
             raise _reply_error(first) if isinstance(first, ResponseError) else _wrap(first)
-        won = [w for w, r in zip(writes, results, strict=True) if w.nx and r]
-        if won:  # values written only if absent: now their tags (a second round trip)
-            tags = self.client.pipeline(transaction=False)
-            for w in won:
-                if w.codec:
-                    tags.set(_tag(w.key), _tag_value(w.codec, w.value), px=_px(w.ttl))
-                else:
-                    tags.delete(_tag(w.key))
-            await self.call(tags.execute, raise_on_error=False)
+        fix = self.client.pipeline(transaction=False)
+        for w, r in zip(writes, results, strict=True):
+            if not w.nx:
+                continue
+            if r and not w.codec:  # ours now: an old tag goes
+                fix.delete(_tag(w.key))
+            elif r and not took[id(w)]:  # ours, beside a tag left by a value deleted behind keymiss
+                fix.set(_tag(w.key), _tag_value(w.codec, w.value), px=_px(w.ttl))
+            elif not r and w.codec and took[id(w)]:  # lost: our tag goes unless since replaced
+                fix.eval(_DROP_IF, 1, _tag(w.key), _tag_value(w.codec, w.value))
+        if len(fix):
+            with contextlib.suppress(KeymissError):
+                await self.call(fix.execute, raise_on_error=False)
         return [bool(r) for r in results]
+
+    async def _drop_tags(self, writes: Sequence[Write]) -> None:
+        if writes:
+            with contextlib.suppress(KeymissError):
+                await self.call(self.client.delete, *(_tag(w.key) for w in writes))
 
     async def delete(self, keys: Iterable[str]) -> int:
         keys = list(keys)
