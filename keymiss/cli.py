@@ -89,6 +89,24 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--qa-batch-wait-ms", type=float, help="how long a batch waits to fill (default 5)")
     serve.add_argument("--corpus", help="contexts to ingest at start (JSON lines or text, one per line)")
 
+    sub.add_parser("redis-module", help="print the path of the Valkey / Redis module file")
+    worker = sub.add_parser("worker", help="compute the misses of module-loaded Valkey / Redis servers")
+    worker.add_argument("--log-level", default=argparse.SUPPRESS, help="DEBUG, INFO, WARNING or ERROR")
+    worker.add_argument("--log-format", default=argparse.SUPPRESS, choices=("text", "json"), help="text or json")
+    worker.add_argument(
+        "--app", help="MODULE:ATTR naming a keymiss.Keymiss (default: the bertqa keyspace)"
+    )
+    worker.add_argument(
+        "--redis", required=True, help="redis://[user:pass@]host:port or redis+cluster://host:port (any node)"
+    )
+    worker.add_argument("--batch", type=int, default=64, help="keys taken at once (default 64)")
+    worker.add_argument("--max-in-flight", type=int, default=256, help="keys computing at once (default 256)")
+    worker.add_argument("--model", help="extractive-QA checkpoint directory for the bertqa keyspace")
+    worker.add_argument("--qa-dtype", help="float32 (default), bf16-autocast or bfloat16")
+    worker.add_argument("--qa-batch-size", type=int, help="questions per forward pass (default 16)")
+    worker.add_argument("--qa-batch-wait-ms", type=float, help="how long a batch waits to fill (default 5)")
+    worker.add_argument("--corpus", help="contexts to ingest into the server at start")
+
     ingest = sub.add_parser("ingest", help="tokenise contexts once and store them for the bertqa keyspace")
     ingest.add_argument("file", help='JSON lines {"key": ..., "text": ...} or text, one paragraph per line')
     ingest.add_argument("--store", required=True, help="lmdb:PATH (a memory store would vanish on exit)")
@@ -185,6 +203,35 @@ def _serve(args: argparse.Namespace) -> int:
         return 1
 
 
+def _redis_module() -> int:
+    from .errors import ConfigError
+    from .redis_module import module_path
+
+    try:
+        print(module_path())
+    except ConfigError as exc:
+        print(f"keymiss: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _worker(args: argparse.Namespace) -> int:
+    from .errors import ConfigError
+    from .server import load_app
+    from .worker import parse_url, run_worker
+
+    try:
+        parse_url(args.redis)
+        km = load_app(args.app) if args.app else None
+        if km is None or args.model:
+            km = _with_qa(km, args)
+        km.configure(store=args.redis)  # contexts are read from the servers the worker serves
+        return asyncio.run(run_worker(km, args.redis, batch=args.batch, max_in_flight=args.max_in_flight))
+    except ConfigError as exc:
+        print(f"keymiss: {exc}", file=sys.stderr)
+        return 2
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     configure_logging(args.log_level, args.log_format)
@@ -204,6 +251,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _serve(args)
     if command == "ingest":
         return _ingest(args)
+    if command == "redis-module":
+        return _redis_module()
+    if command == "worker":
+        return _worker(args)
     return 2  # pragma: no cover - argparse rejects unknown commands first
 
 

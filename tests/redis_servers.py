@@ -44,17 +44,28 @@ def _ping(port: int) -> bool:
 class RedisProcess:
     """One redis-server, stopped by pid."""
 
-    def __init__(self, workdir: Path, *extra: str, port: int | None = None) -> None:
+    def __init__(
+        self,
+        workdir: Path,
+        *extra: str,
+        port: int | None = None,
+        binary: str = "redis-server",
+        env: dict[str, str] | None = None,
+        log: bool = False,
+    ) -> None:
         self.port = port or free_port()
         self.workdir = workdir
         self.extra = extra
+        self.binary = binary
+        self.env = env
+        self.log = workdir / "server.log" if log else None
         self.proc: subprocess.Popen[bytes] | None = None
         self.start()
 
     def start(self) -> None:
         self.workdir.mkdir(parents=True, exist_ok=True)
         cmd = [
-            "redis-server",
+            self.binary,
             "--port",
             str(self.port),
             "--bind",
@@ -67,9 +78,15 @@ class RedisProcess:
             str(self.workdir),
             *self.extra,
         ]
-        self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        deadline = time.monotonic() + 10
+        out = open(self.log, "ab") if self.log else subprocess.DEVNULL  # noqa: SIM115
+        env = {**os.environ, **self.env} if self.env else None
+        self.proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env)
+        if self.log:
+            out.close()  # type: ignore[union-attr]
+        deadline = time.monotonic() + 20
         while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"{self.binary} on {self.port} exited with {self.proc.returncode}")
             try:
                 if _ping(self.port):
                     return
@@ -96,9 +113,11 @@ class RedisProcess:
 class RedisCluster3:
     """Three masters made with ``redis-cli --cluster create``; ready when cluster_state:ok."""
 
-    def __init__(self, workdir: Path) -> None:
+    def __init__(
+        self, workdir: Path, *extra: str, binary: str = "redis-server", replicas: int = 0, log: bool = False
+    ) -> None:
         self.nodes = []
-        for i in range(3):
+        for i in range(3 * (1 + replicas)):
             port = free_cluster_port()
             self.nodes.append(
                 RedisProcess(
@@ -109,12 +128,23 @@ class RedisCluster3:
                     f"nodes-{port}.conf",
                     "--cluster-node-timeout",
                     "2000",
+                    *extra,
                     port=port,
+                    binary=binary,
+                    log=log,
                 )
             )
         addrs = [f"127.0.0.1:{n.port}" for n in self.nodes]
         subprocess.run(
-            ["redis-cli", "--cluster", "create", *addrs, "--cluster-replicas", "0", "--cluster-yes"],
+            [
+                "redis-cli",
+                "--cluster",
+                "create",
+                *addrs,
+                "--cluster-replicas",
+                str(replicas),
+                "--cluster-yes",
+            ],
             capture_output=True,
             text=True,
             timeout=60,

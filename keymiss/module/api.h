@@ -1,0 +1,172 @@
+/* The part of the Valkey / Redis module API that keymiss uses, declared here (not the server's
+ * header): every call is looked up by name at load time through the pointer the server puts first
+ * in the load context, so one build loads into Redis >= 7.0 and Valkey >= 8. */
+#ifndef KEYMISS_API_H
+#define KEYMISS_API_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#define RM_OK 0
+#define RM_ERR 1
+#define RM_APIVER_1 1
+
+#define RM_READ (1 << 0)
+#define RM_WRITE (1 << 1)
+
+#define RM_KEYTYPE_EMPTY 0
+#define RM_KEYTYPE_STRING 1
+
+#define RM_REPLY_ERROR 1
+
+#define RM_CTX_FLAGS_LUA (1 << 0)
+#define RM_CTX_FLAGS_MULTI (1 << 1)
+#define RM_CTX_FLAGS_SLAVE (1 << 3)
+#define RM_CTX_FLAGS_LOADING (1 << 13)
+#define RM_CTX_FLAGS_DENY_BLOCKING (1 << 21)
+
+#define RM_NOTIFY_GENERIC (1 << 2)
+#define RM_NOTIFY_STRING (1 << 3)
+#define RM_NOTIFY_LIST (1 << 4)
+#define RM_NOTIFY_SET (1 << 5)
+#define RM_NOTIFY_HASH (1 << 6)
+#define RM_NOTIFY_ZSET (1 << 7)
+#define RM_NOTIFY_EXPIRED (1 << 8)
+#define RM_NOTIFY_EVICTED (1 << 9)
+#define RM_NOTIFY_STREAM (1 << 10)
+
+#define RM_CMDFILTER_NOSELF (1 << 0)
+
+#define RM_EVENT_CLIENT_CHANGE 4
+#define RM_SUBEVENT_CLIENT_CHANGE_DISCONNECTED 1
+
+typedef struct RedisModuleCtx RedisModuleCtx;
+typedef struct RedisModuleKey RedisModuleKey;
+typedef struct RedisModuleString RedisModuleString;
+typedef struct RedisModuleCallReply RedisModuleCallReply;
+typedef struct RedisModuleBlockedClient RedisModuleBlockedClient;
+typedef struct RedisModuleDict RedisModuleDict;
+typedef struct RedisModuleDictIter RedisModuleDictIter;
+typedef struct RedisModuleCommandFilterCtx RedisModuleCommandFilterCtx;
+typedef struct RedisModuleCommandFilter RedisModuleCommandFilter;
+typedef struct RedisModuleInfoCtx RedisModuleInfoCtx;
+typedef uint64_t RedisModuleTimerID;
+
+typedef struct RedisModuleEvent {
+    uint64_t id;
+    uint64_t dataver;
+} RedisModuleEvent;
+
+typedef struct RedisModuleClientInfo {
+    uint64_t version;
+    uint64_t flags;
+    uint64_t id;
+    char addr[46];
+    uint16_t port;
+    uint16_t db;
+} RedisModuleClientInfo;
+
+typedef int (*RedisModuleCmdFunc)(RedisModuleCtx *ctx, RedisModuleString **argv, int argc);
+typedef void (*RedisModuleDisconnectFunc)(RedisModuleCtx *ctx, RedisModuleBlockedClient *bc);
+typedef int (*RedisModuleNotificationFunc)(RedisModuleCtx *ctx, int type, const char *event,
+                                           RedisModuleString *key);
+typedef void (*RedisModuleTimerProc)(RedisModuleCtx *ctx, void *data);
+typedef void (*RedisModuleCommandFilterFunc)(RedisModuleCommandFilterCtx *filter);
+typedef void (*RedisModuleInfoFunc)(RedisModuleInfoCtx *ctx, int for_crash_report);
+typedef void (*RedisModuleEventCallback)(RedisModuleCtx *ctx, RedisModuleEvent eid, uint64_t subevent,
+                                         void *data);
+typedef void (*RedisModuleFreePrivdata)(RedisModuleCtx *ctx, void *privdata);
+
+#ifdef KEYMISS_API_DEFINE
+#define KM_API
+#else
+#define KM_API extern
+#endif
+
+/* X(return type, name, parameters) for every call used. */
+#define KEYMISS_API_CALLS(X)                                                                          \
+    X(void *, Alloc, (size_t bytes))                                                                 \
+    X(void *, Calloc, (size_t nmemb, size_t size))                                                   \
+    X(void *, Realloc, (void *ptr, size_t bytes))                                                    \
+    X(void, Free, (void *ptr))                                                                       \
+    X(int, CreateCommand, (RedisModuleCtx * ctx, const char *name, RedisModuleCmdFunc f,            \
+                           const char *flags, int firstkey, int lastkey, int keystep))               \
+    X(void, SetModuleAttribs, (RedisModuleCtx * ctx, const char *name, int ver, int apiver))        \
+    X(int, IsModuleNameBusy, (const char *name))                                                     \
+    X(int, WrongArity, (RedisModuleCtx * ctx))                                                       \
+    X(int, ReplyWithLongLong, (RedisModuleCtx * ctx, long long ll))                                  \
+    X(int, ReplyWithError, (RedisModuleCtx * ctx, const char *err))                                  \
+    X(int, ReplyWithSimpleString, (RedisModuleCtx * ctx, const char *msg))                           \
+    X(int, ReplyWithArray, (RedisModuleCtx * ctx, long len))                                         \
+    X(void, ReplySetArrayLength, (RedisModuleCtx * ctx, long len))                                   \
+    X(int, ReplyWithStringBuffer, (RedisModuleCtx * ctx, const char *buf, size_t len))              \
+    X(int, ReplyWithString, (RedisModuleCtx * ctx, RedisModuleString * str))                         \
+    X(int, ReplyWithNull, (RedisModuleCtx * ctx))                                                    \
+    X(int, ReplyWithCallReply, (RedisModuleCtx * ctx, RedisModuleCallReply * reply))                \
+    X(int, GetSelectedDb, (RedisModuleCtx * ctx))                                                    \
+    X(void *, OpenKey, (RedisModuleCtx * ctx, RedisModuleString * keyname, int mode))               \
+    X(void, CloseKey, (RedisModuleKey * kp))                                                         \
+    X(int, KeyType, (RedisModuleKey * kp))                                                           \
+    X(char *, StringDMA, (RedisModuleKey * key, size_t *len, int mode))                              \
+    X(RedisModuleCallReply *, Call, (RedisModuleCtx * ctx, const char *cmd, const char *fmt, ...))  \
+    X(int, CallReplyType, (RedisModuleCallReply * reply))                                            \
+    X(void, FreeCallReply, (RedisModuleCallReply * reply))                                           \
+    X(RedisModuleString *, CreateString, (RedisModuleCtx * ctx, const char *ptr, size_t len))       \
+    X(RedisModuleString *, CreateStringFromString, (RedisModuleCtx * ctx,                           \
+                                                    const RedisModuleString *str))                   \
+    X(void, FreeString, (RedisModuleCtx * ctx, RedisModuleString * str))                             \
+    X(void, RetainString, (RedisModuleCtx * ctx, RedisModuleString * str))                           \
+    X(const char *, StringPtrLen, (const RedisModuleString *str, size_t *len))                       \
+    X(int, StringToLongLong, (const RedisModuleString *str, long long *ll))                          \
+    X(unsigned long long, GetClientId, (RedisModuleCtx * ctx))                                       \
+    X(int, GetContextFlags, (RedisModuleCtx * ctx))                                                  \
+    X(void, Log, (RedisModuleCtx * ctx, const char *level, const char *fmt, ...))                   \
+    X(long long, Milliseconds, (void))                                                               \
+    X(RedisModuleDict *, CreateDict, (RedisModuleCtx * ctx))                                         \
+    X(uint64_t, DictSize, (RedisModuleDict * d))                                                     \
+    X(int, DictSetC, (RedisModuleDict * d, void *key, size_t keylen, void *ptr))                     \
+    X(void *, DictGetC, (RedisModuleDict * d, void *key, size_t keylen, int *nokey))                 \
+    X(int, DictDelC, (RedisModuleDict * d, void *key, size_t keylen, void *oldval))                  \
+    X(RedisModuleDictIter *, DictIteratorStartC, (RedisModuleDict * d, const char *op, void *key,   \
+                                                  size_t keylen))                                    \
+    X(void *, DictNextC, (RedisModuleDictIter * di, size_t *keylen, void **dataptr))                 \
+    X(int, DictIteratorReseekC, (RedisModuleDictIter * di, const char *op, void *key,               \
+                                 size_t keylen))                                                     \
+    X(void, DictIteratorStop, (RedisModuleDictIter * di))                                            \
+    X(int, RegisterInfoFunc, (RedisModuleCtx * ctx, RedisModuleInfoFunc cb))                         \
+    X(int, InfoAddSection, (RedisModuleInfoCtx * ctx, const char *name))                             \
+    X(int, InfoBeginDictField, (RedisModuleInfoCtx * ctx, const char *name))                         \
+    X(int, InfoEndDictField, (RedisModuleInfoCtx * ctx))                                             \
+    X(int, InfoAddFieldCString, (RedisModuleInfoCtx * ctx, const char *field, const char *value))   \
+    X(int, InfoAddFieldLongLong, (RedisModuleInfoCtx * ctx, const char *field, long long value))    \
+    X(int, SubscribeToServerEvent, (RedisModuleCtx * ctx, RedisModuleEvent event,                    \
+                                    RedisModuleEventCallback cb))                                    \
+    X(RedisModuleBlockedClient *, BlockClient, (RedisModuleCtx * ctx, RedisModuleCmdFunc reply_cb,  \
+                                                RedisModuleCmdFunc timeout_cb,                       \
+                                                RedisModuleFreePrivdata free_privdata,               \
+                                                long long timeout_ms))                               \
+    X(int, UnblockClient, (RedisModuleBlockedClient * bc, void *privdata))                           \
+    X(void *, GetBlockedClientPrivateData, (RedisModuleCtx * ctx))                                   \
+    X(RedisModuleBlockedClient *, GetBlockedClientHandle, (RedisModuleCtx * ctx))                    \
+    X(void, SetDisconnectCallback, (RedisModuleBlockedClient * bc, RedisModuleDisconnectFunc cb))   \
+    X(int, SubscribeToKeyspaceEvents, (RedisModuleCtx * ctx, int types,                             \
+                                       RedisModuleNotificationFunc cb))                              \
+    X(RedisModuleTimerID, CreateTimer, (RedisModuleCtx * ctx, long long period,                     \
+                                        RedisModuleTimerProc cb, void *data))                        \
+    X(RedisModuleCommandFilter *, RegisterCommandFilter, (RedisModuleCtx * ctx,                     \
+                                                          RedisModuleCommandFilterFunc cb,           \
+                                                          int flags))                                \
+    X(int, CommandFilterArgsCount, (RedisModuleCommandFilterCtx * fctx))                             \
+    X(const RedisModuleString *, CommandFilterArgGet, (RedisModuleCommandFilterCtx * fctx, int pos))\
+    X(int, CommandFilterArgReplace, (RedisModuleCommandFilterCtx * fctx, int pos,                   \
+                                     RedisModuleString *arg))
+
+/* Hidden: a server built with exported symbols (-rdynamic) has functions named like these. */
+#define KEYMISS_DECLARE(ret, name, params) KM_API __attribute__((visibility("hidden"))) ret(*KM_##name) params;
+KEYMISS_API_CALLS(KEYMISS_DECLARE)
+#undef KEYMISS_DECLARE
+
+/* Looks up every call; RM_ERR if the server lacks one. */
+int keymiss_api_init(RedisModuleCtx *ctx, const char *name, int ver);
+
+#endif

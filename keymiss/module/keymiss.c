@@ -1,0 +1,1137 @@
+/* keymiss inside Valkey / Redis: GET and MGET of a registered keyspace compute on a miss.
+ *
+ * A command filter sends GET/MGET/GETEX(no options) naming a key of a registered keyspace to
+ * KEYMISS.GET / KEYMISS.MGET. A hit is answered from the keyspace like a plain GET. The first miss of
+ * a key queues one computation (an "entry"); every client asking meanwhile blocks on that entry.
+ * keymiss workers register keyspaces (KEYMISS.REGISTER), take queued keys in batches with a lease
+ * (KEYMISS.TAKE), and answer with KEYMISS.FILL (a plain SET, replicated as such) or KEYMISS.FAIL.
+ * A client write to a key being computed resolves its entry at once (waiters read what the client
+ * wrote) and the late fill is discarded. Where blocking is forbidden (MULTI, Lua, functions) a miss
+ * queues the computation and answers nil. Everything here runs on the server's main thread.
+ */
+#include "api.h"
+
+#include <ctype.h>
+#include <errno.h>
+#include <stdio.h>
+#include <string.h>
+#include <strings.h>
+
+#define KM_VERSION 1
+#define MAX_KEYSPACES 64
+#define MAX_WORKERS 4096
+#define MAX_ERROR_RECORDS 10000
+#define MAX_ERROR_LEN 512
+#define MAX_TAKE 10000
+#define TICK_MS 50
+#define DEFAULT_TIMEOUT_MS 65000
+#define DEFAULT_QUEUE 10000
+#define MAX_ATTEMPTS 3
+
+/* ---------------------------------------------------------------------------------------------- */
+/* State                                                                                          */
+
+typedef struct Request Request;
+typedef struct Entry Entry;
+
+typedef struct Keyspace {
+    char *name; /* the pattern as the worker printed it */
+    char *glob;
+    size_t globlen;
+    size_t prefixlen; /* literal head of the glob: a cheap first test */
+    long long ttl_ms, error_ttl_ms, timeout_ms, queue_max;
+    long long hits, misses, computations, fills, failures, timeouts, requeues, discarded, busy,
+        no_worker, superseded;
+    long long queued, in_flight;
+    int workers;
+    Entry *qhead, *qtail; /* entries waiting to be taken, oldest first */
+} Keyspace;
+
+typedef struct Waiter {
+    Request *req;
+    int idx;
+} Waiter;
+
+enum { QUEUED = 0, TAKEN = 1 };
+
+struct Entry {
+    RedisModuleString *key; /* retained */
+    int ks;
+    int state;
+    long long token;
+    unsigned long long taker;
+    long long lease_deadline, deadline;
+    int attempts;
+    Waiter *waiters;
+    int nwaiters, capwaiters;
+    Entry *prev, *next; /* queue links while QUEUED */
+};
+
+/* A blocked GET (nkeys 1, single) or MGET: answered when every slot it waits on resolves. */
+struct Request {
+    RedisModuleBlockedClient *bc;
+    int single;
+    int nkeys;
+    int pending;
+    RedisModuleString **keys; /* retained */
+    Entry **entries;          /* the entry each slot waits on, NULL once resolved */
+    char **errors;            /* per slot, NULL unless its computation failed */
+};
+
+typedef struct Taker {
+    RedisModuleBlockedClient *bc;
+    unsigned long long client;
+    uint64_t mask;
+    long long count, lease_ms;
+    struct Taker *next;
+    int woken;
+} Taker;
+
+typedef struct Worker {
+    unsigned long long client;
+    uint64_t mask;
+} Worker;
+
+typedef struct ErrorRecord {
+    char *msg;
+    long long expires;
+} ErrorRecord;
+
+static Keyspace *keyspaces[MAX_KEYSPACES];
+static int nkeyspaces;
+static Worker workers[MAX_WORKERS];
+static int nworkers;
+static Taker *takers;
+static RedisModuleDict *pending; /* key bytes -> Entry */
+static RedisModuleDict *errors;  /* key bytes -> ErrorRecord */
+static long long next_token = 1;
+static long long waiting; /* blocked requests */
+static int filling;       /* our own SET is running: its keyspace event is not a client's write */
+static RedisModuleString *get_name, *mget_name;
+
+/* ---------------------------------------------------------------------------------------------- */
+/* Globs: Redis's syntax (* ? [abc] [^a-z] \x), matched without recursion, O(len(glob)*len(key)).  */
+
+static int class_match(const char **pp, const char *end, unsigned char c, int nocase) {
+    const char *p = *pp + 1; /* after '[' */
+    int neg = 0, hit = 0;
+    if (p < end && *p == '^') {
+        neg = 1;
+        p++;
+    }
+    while (p < end && *p != ']') {
+        if (*p == '\\' && p + 1 < end) {
+            p++;
+            if ((unsigned char)*p == c) hit = 1;
+        } else if (p + 2 < end && p[1] == '-' && p[2] != ']') {
+            unsigned char lo = (unsigned char)p[0], hi = (unsigned char)p[2];
+            if (lo > hi) {
+                unsigned char t = lo;
+                lo = hi;
+                hi = t;
+            }
+            if (c >= lo && c <= hi) hit = 1;
+            p += 2;
+        } else if ((unsigned char)*p == c) {
+            hit = 1;
+        }
+        p++;
+    }
+    *pp = p; /* at ']' (or end for an unterminated class, which then matches nothing more) */
+    (void)nocase;
+    return neg ? !hit : hit;
+}
+
+static int glob_match(const char *glob, size_t glen, const char *s, size_t slen) {
+    const char *p = glob, *pend = glob + glen, *k = s, *kend = s + slen;
+    const char *star_p = NULL, *star_k = NULL;
+    while (k < kend) {
+        if (p < pend) {
+            if (*p == '*') {
+                while (p < pend && *p == '*') p++;
+                if (p == pend) return 1;
+                star_p = p;
+                star_k = k;
+                continue;
+            }
+            if (*p == '?') {
+                p++;
+                k++;
+                continue;
+            }
+            if (*p == '[') {
+                const char *q = p;
+                if (class_match(&q, pend, (unsigned char)*k, 0) && q < pend) {
+                    p = q + 1;
+                    k++;
+                    continue;
+                }
+            } else {
+                const char *q = p;
+                if (*q == '\\' && q + 1 < pend) q++;
+                if (*q == *k) {
+                    p = q + 1;
+                    k++;
+                    continue;
+                }
+            }
+        }
+        if (star_p == NULL) return 0;
+        p = star_p;
+        k = ++star_k;
+    }
+    while (p < pend && *p == '*') p++;
+    return p == pend;
+}
+
+static size_t glob_prefix_len(const char *glob, size_t len) {
+    size_t i = 0;
+    while (i < len && glob[i] != '*' && glob[i] != '?' && glob[i] != '[' && glob[i] != '\\') i++;
+    return i;
+}
+
+/* The keyspace owning a key (the first registered that matches), or -1. */
+static int route(const char *key, size_t len) {
+    for (int i = 0; i < nkeyspaces; i++) {
+        Keyspace *ks = keyspaces[i];
+        if (len < ks->prefixlen || memcmp(key, ks->glob, ks->prefixlen) != 0) continue;
+        if (glob_match(ks->glob, ks->globlen, key, len)) return i;
+    }
+    return -1;
+}
+
+static int route_str(const RedisModuleString *key) {
+    size_t len;
+    const char *p = KM_StringPtrLen(key, &len);
+    return route(p, len);
+}
+
+/* ---------------------------------------------------------------------------------------------- */
+/* Small helpers                                                                                  */
+
+static char *dup_bytes(const char *p, size_t len) {
+    char *s = KM_Alloc(len + 1);
+    memcpy(s, p, len);
+    s[len] = '\0';
+    return s;
+}
+
+/* An error line a client may receive: one line, a code in capitals first. */
+static char *error_line(const char *msg, size_t len) {
+    if (len > MAX_ERROR_LEN) len = MAX_ERROR_LEN;
+    int coded = 0;
+    size_t i = 0;
+    while (i < len && isupper((unsigned char)msg[i])) i++;
+    if (i > 0 && (i == len || msg[i] == ' ')) coded = 1;
+    char *out = KM_Alloc(len + 5);
+    size_t n = 0;
+    if (!coded) {
+        memcpy(out, "ERR ", 4);
+        n = 4;
+    }
+    for (i = 0; i < len; i++) {
+        char c = msg[i];
+        out[n++] = (c == '\r' || c == '\n') ? ' ' : c;
+    }
+    out[n] = '\0';
+    return out;
+}
+
+static int worker_index(unsigned long long client) {
+    for (int i = 0; i < nworkers; i++)
+        if (workers[i].client == client) return i;
+    return -1;
+}
+
+static void count_workers(void) {
+    for (int k = 0; k < nkeyspaces; k++) keyspaces[k]->workers = 0;
+    for (int i = 0; i < nworkers; i++)
+        for (int k = 0; k < nkeyspaces; k++)
+            if (workers[i].mask & ((uint64_t)1 << k)) keyspaces[k]->workers++;
+}
+
+/* ---------------------------------------------------------------------------------------------- */
+/* Entries and their queue                                                                        */
+
+static void queue_push(Entry *e, int front) {
+    Keyspace *ks = keyspaces[e->ks];
+    e->state = QUEUED;
+    e->prev = e->next = NULL;
+    if (ks->qhead == NULL) {
+        ks->qhead = ks->qtail = e;
+    } else if (front) {
+        e->next = ks->qhead;
+        ks->qhead->prev = e;
+        ks->qhead = e;
+    } else {
+        e->prev = ks->qtail;
+        ks->qtail->next = e;
+        ks->qtail = e;
+    }
+    ks->queued++;
+}
+
+static void queue_unlink(Entry *e) {
+    Keyspace *ks = keyspaces[e->ks];
+    if (e->prev) e->prev->next = e->next;
+    else ks->qhead = e->next;
+    if (e->next) e->next->prev = e->prev;
+    else ks->qtail = e->prev;
+    e->prev = e->next = NULL;
+    ks->queued--;
+}
+
+/* Wake one blocked taker that serves the entry's keyspace: its reply takes what is queued then. */
+static void wake_taker(int ks) {
+    Taker **pp = &takers;
+    while (*pp) {
+        Taker *t = *pp;
+        if (!t->woken && (t->mask & ((uint64_t)1 << ks))) {
+            *pp = t->next;
+            t->next = NULL;
+            t->woken = 1;
+            KM_UnblockClient(t->bc, t);
+            return;
+        }
+        pp = &t->next;
+    }
+}
+
+static Entry *entry_new(RedisModuleString *key, int ks, long long now) {
+    Entry *e = KM_Calloc(1, sizeof(*e));
+    e->key = KM_CreateStringFromString(NULL, key);
+    e->ks = ks;
+    e->token = next_token++;
+    e->deadline = now + keyspaces[ks]->timeout_ms;
+    size_t len;
+    const char *p = KM_StringPtrLen(e->key, &len);
+    KM_DictSetC(pending, (void *)p, len, e);
+    keyspaces[ks]->computations++;
+    queue_push(e, 0);
+    wake_taker(ks);
+    return e;
+}
+
+static void entry_add_waiter(Entry *e, Request *req, int idx) {
+    if (e->nwaiters == e->capwaiters) {
+        e->capwaiters = e->capwaiters ? e->capwaiters * 2 : 4;
+        e->waiters = KM_Realloc(e->waiters, sizeof(Waiter) * (size_t)e->capwaiters);
+    }
+    e->waiters[e->nwaiters].req = req;
+    e->waiters[e->nwaiters].idx = idx;
+    e->nwaiters++;
+}
+
+static void entry_drop_waiter(Entry *e, Request *req, int idx) {
+    for (int i = 0; i < e->nwaiters; i++) {
+        if (e->waiters[i].req == req && e->waiters[i].idx == idx) {
+            e->waiters[i] = e->waiters[--e->nwaiters];
+            return;
+        }
+    }
+}
+
+static RedisModuleDict *requests; /* blocked requests by handle (timeout and disconnect get no privdata) */
+
+static void request_finish(Request *req) {
+    waiting--;
+    KM_DictDelC(requests, &req->bc, sizeof(req->bc), NULL);
+    KM_UnblockClient(req->bc, req); /* the reply callback reads the keys now; free_request frees */
+}
+
+/* The computation of an entry is over: a value is in the keyspace (or a client wrote one), or it
+ * failed with `err` (copied). Every waiter's slot resolves; the entry is gone afterwards. */
+static void entry_resolve(Entry *e, const char *err) {
+    Keyspace *ks = keyspaces[e->ks];
+    size_t len;
+    const char *p = KM_StringPtrLen(e->key, &len);
+    KM_DictDelC(pending, (void *)p, len, NULL);
+    if (e->state == QUEUED) queue_unlink(e);
+    else ks->in_flight--;
+    for (int i = 0; i < e->nwaiters; i++) {
+        Request *req = e->waiters[i].req;
+        int idx = e->waiters[i].idx;
+        req->entries[idx] = NULL;
+        if (err) req->errors[idx] = dup_bytes(err, strlen(err));
+        if (--req->pending == 0) request_finish(req);
+    }
+    KM_Free(e->waiters);
+    KM_FreeString(NULL, e->key);
+    KM_Free(e);
+}
+
+static void entry_requeue(Entry *e) {
+    Keyspace *ks = keyspaces[e->ks];
+    if (e->state != TAKEN) return;
+    ks->in_flight--;
+    ks->requeues++;
+    e->taker = 0;
+    queue_push(e, 1);
+    wake_taker(e->ks);
+}
+
+static Entry *entry_find(const RedisModuleString *key) {
+    size_t len;
+    const char *p = KM_StringPtrLen(key, &len);
+    return KM_DictGetC(pending, (void *)p, len, NULL);
+}
+
+/* ---------------------------------------------------------------------------------------------- */
+/* Error records (a keyspace's error TTL)                                                         */
+
+static void error_forget(const char *p, size_t len) {
+    ErrorRecord *r = NULL;
+    if (KM_DictDelC(errors, (void *)p, len, &r) == RM_OK && r) {
+        KM_Free(r->msg);
+        KM_Free(r);
+    }
+}
+
+static void error_remember(const RedisModuleString *key, const char *msg, long long ttl_ms, long long now) {
+    size_t len;
+    const char *p = KM_StringPtrLen(key, &len);
+    error_forget(p, len);
+    if (KM_DictSize(errors) >= MAX_ERROR_RECORDS) return; /* bounded: a flood of failures is not kept */
+    ErrorRecord *r = KM_Alloc(sizeof(*r));
+    r->msg = dup_bytes(msg, strlen(msg));
+    r->expires = now + ttl_ms;
+    KM_DictSetC(errors, (void *)p, len, r);
+}
+
+static const char *error_fresh(const RedisModuleString *key, long long now) {
+    if (KM_DictSize(errors) == 0) return NULL;
+    size_t len;
+    const char *p = KM_StringPtrLen(key, &len);
+    ErrorRecord *r = KM_DictGetC(errors, (void *)p, len, NULL);
+    if (r == NULL) return NULL;
+    if (r->expires <= now) {
+        error_forget(p, len);
+        return NULL;
+    }
+    return r->msg;
+}
+
+/* ---------------------------------------------------------------------------------------------- */
+/* GET / MGET                                                                                     */
+
+/* Reply with an open key's value: bulk, nil, or (for GET only) WRONGTYPE; closes the key. */
+static void reply_key(RedisModuleCtx *ctx, RedisModuleKey *k, int single) {
+    if (k == NULL || KM_KeyType(k) == RM_KEYTYPE_EMPTY) {
+        KM_ReplyWithNull(ctx);
+    } else if (KM_KeyType(k) != RM_KEYTYPE_STRING) {
+        if (single) KM_ReplyWithError(ctx, "WRONGTYPE Operation against a key holding the wrong kind of value");
+        else KM_ReplyWithNull(ctx);
+    } else {
+        size_t len;
+        const char *v = KM_StringDMA(k, &len, RM_READ);
+        KM_ReplyWithStringBuffer(ctx, v ? v : "", v ? len : 0);
+    }
+    if (k) KM_CloseKey(k);
+}
+
+/* Reply with the key's current value. */
+static void reply_value(RedisModuleCtx *ctx, RedisModuleString *key, int single) {
+    reply_key(ctx, KM_OpenKey(ctx, key, RM_READ), single);
+}
+
+/* 1 if the key holds a value (of any type), 0 if it is missing. */
+static int key_present(RedisModuleCtx *ctx, RedisModuleString *key) {
+    RedisModuleKey *k = KM_OpenKey(ctx, key, RM_READ);
+    int present = k != NULL && KM_KeyType(k) != RM_KEYTYPE_EMPTY;
+    if (k) KM_CloseKey(k);
+    return present;
+}
+
+static void free_request(RedisModuleCtx *ctx, void *privdata) {
+    (void)ctx;
+    Request *req = privdata;
+    if (req == NULL) return;
+    for (int i = 0; i < req->nkeys; i++) {
+        KM_FreeString(NULL, req->keys[i]);
+        KM_Free(req->errors[i]);
+    }
+    KM_Free(req->keys);
+    KM_Free(req->entries);
+    KM_Free(req->errors);
+    KM_Free(req);
+}
+
+static int request_reply(RedisModuleCtx *ctx, RedisModuleString **argv, int argc) {
+    (void)argv;
+    (void)argc;
+    Request *req = KM_GetBlockedClientPrivateData(ctx);
+    if (!req->single) KM_ReplyWithArray(ctx, req->nkeys);
+    for (int i = 0; i < req->nkeys; i++) {
+        if (req->errors[i] && req->single) KM_ReplyWithError(ctx, req->errors[i]);
+        else if (req->errors[i]) KM_ReplyWithNull(ctx); /* MGET: a failed key reads as missing */
+        else reply_value(ctx, req->keys[i], req->single);
+    }
+    return RM_OK;
+}
+
+/* Stop waiting: the client timed out or went away. Its slots leave their entries, which go on. */
+static void request_abandon(Request *req) {
+    for (int i = 0; i < req->nkeys; i++) {
+        if (req->entries[i]) {
+            entry_drop_waiter(req->entries[i], req, i);
+            req->entries[i] = NULL;
+        }
+    }
+    req->pending = 0;
+    waiting--;
+    KM_UnblockClient(req->bc, req); /* frees it: no reply is sent to a client no longer blocked */
+}
+
+static Request *blocked_request(RedisModuleCtx *ctx);
+
+static int request_timeout(RedisModuleCtx *ctx, RedisModuleString **argv, int argc) {
+    (void)argv;
+    (void)argc;
+    Request *req = blocked_request(ctx);
+    const char *name = "?";
+    if (req) {
+        int ks = route_str(req->keys[0]);
+        if (ks >= 0) name = keyspaces[ks]->name;
+        request_abandon(req);
+    }
+    char msg[MAX_ERROR_LEN];
+    snprintf(msg, sizeof(msg), "ERR keymiss: timed out waiting for keyspace '%s'", name);
+    return KM_ReplyWithError(ctx, msg);
+}
+
+static Request *blocked_request(RedisModuleCtx *ctx) {
+    RedisModuleBlockedClient *bc = KM_GetBlockedClientHandle(ctx);
+    Request *req = NULL;
+    if (bc && KM_DictDelC(requests, &bc, sizeof(bc), &req) != RM_OK) req = NULL;
+    return req;
+}
+
+static void request_disconnected(RedisModuleCtx *ctx, RedisModuleBlockedClient *bc) {
+    (void)ctx;
+    Request *req = NULL;
+    if (KM_DictDelC(requests, &bc, sizeof(bc), &req) == RM_OK && req) request_abandon(req);
+}
+
+static void no_worker_error(RedisModuleCtx *ctx, Keyspace *ks) {
+    char msg[MAX_ERROR_LEN];
+    ks->no_worker++;
+    snprintf(msg, sizeof(msg), "ERR keymiss: no worker for keyspace '%s'", ks->name);
+    KM_ReplyWithError(ctx, msg);
+}
+
+static void busy_error(RedisModuleCtx *ctx, Keyspace *ks) {
+    char msg[MAX_ERROR_LEN];
+    ks->busy++;
+    snprintf(msg, sizeof(msg), "BUSY keymiss: the queue of keyspace '%s' is full (%lld)", ks->name,
+             ks->queue_max);
+    KM_ReplyWithError(ctx, msg);
+}
+
+/* The shared body of KEYMISS.GET and KEYMISS.MGET. */
+static int serve(RedisModuleCtx *ctx, RedisModuleString **keys, int nkeys, int single) {
+    int flags = KM_GetContextFlags(ctx);
+    int plain = KM_GetSelectedDb(ctx) != 0 || (flags & (RM_CTX_FLAGS_SLAVE | RM_CTX_FLAGS_LOADING));
+    int can_block = !(flags & (RM_CTX_FLAGS_DENY_BLOCKING | RM_CTX_FLAGS_MULTI | RM_CTX_FLAGS_LUA));
+    if (single) { /* the common case: one lookup for a hit */
+        int k = plain ? -1 : route_str(keys[0]);
+        RedisModuleKey *key = KM_OpenKey(ctx, keys[0], RM_READ);
+        if (k < 0 || (key != NULL && KM_KeyType(key) != RM_KEYTYPE_EMPTY)) {
+            if (k >= 0) keyspaces[k]->hits++;
+            reply_key(ctx, key, 1);
+            return RM_OK;
+        }
+        if (key) KM_CloseKey(key);
+    }
+    long long now = KM_Milliseconds();
+    Request *req = NULL;
+    /* First pass: hits, errors, and what must be computed. Nothing is queued unless the whole
+     * command can be served (a no-worker or full-queue key refuses a GET; an MGET reads it as nil). */
+    int *ksof = KM_Alloc(sizeof(int) * (size_t)nkeys);
+    int misses = 0;
+    for (int i = 0; i < nkeys; i++) {
+        ksof[i] = plain ? -1 : route_str(keys[i]);
+        if (ksof[i] < 0) continue;
+        if (!single && key_present(ctx, keys[i])) {
+            keyspaces[ksof[i]]->hits++;
+            ksof[i] = -1;
+            continue;
+        }
+        keyspaces[ksof[i]]->misses++;
+        misses++;
+    }
+    if (misses == 0) {
+        KM_Free(ksof);
+        if (!single) KM_ReplyWithArray(ctx, nkeys);
+        for (int i = 0; i < nkeys; i++) reply_value(ctx, keys[i], single);
+        return RM_OK;
+    }
+    char **errs = KM_Calloc((size_t)nkeys, sizeof(char *));
+    Entry **ents = KM_Calloc((size_t)nkeys, sizeof(Entry *));
+    int waits = 0;
+    for (int i = 0; i < nkeys; i++) {
+        if (ksof[i] < 0) continue;
+        Keyspace *ks = keyspaces[ksof[i]];
+        const char *rec = error_fresh(keys[i], now);
+        if (rec) {
+            errs[i] = dup_bytes(rec, strlen(rec));
+            continue;
+        }
+        Entry *e = entry_find(keys[i]);
+        if (e == NULL) {
+            if (ks->workers == 0) {
+                if (single) {
+                    no_worker_error(ctx, ks);
+                    goto done;
+                }
+                ks->no_worker++;
+                continue;
+            }
+            if (ks->queued + ks->in_flight >= ks->queue_max) {
+                if (single) {
+                    busy_error(ctx, ks);
+                    goto done;
+                }
+                ks->busy++;
+                continue;
+            }
+            e = entry_new(keys[i], ksof[i], now);
+        }
+        ents[i] = e;
+        waits++;
+    }
+    if (waits == 0 || !can_block) {
+        /* Nothing to wait for, or waiting is forbidden here: the computations stay queued. */
+        if (!single) KM_ReplyWithArray(ctx, nkeys);
+        for (int i = 0; i < nkeys; i++) {
+            if (errs[i] && single) KM_ReplyWithError(ctx, errs[i]);
+            else if (errs[i] || ents[i]) KM_ReplyWithNull(ctx);
+            else reply_value(ctx, keys[i], single);
+        }
+        goto done;
+    }
+    req = KM_Calloc(1, sizeof(*req));
+    req->single = single;
+    req->nkeys = nkeys;
+    req->pending = waits;
+    req->keys = KM_Alloc(sizeof(RedisModuleString *) * (size_t)nkeys);
+    req->entries = ents;
+    req->errors = errs;
+    ents = NULL;
+    errs = NULL;
+    long long block_ms = 0;
+    for (int i = 0; i < nkeys; i++) {
+        req->keys[i] = KM_CreateStringFromString(NULL, keys[i]);
+        if (req->entries[i]) {
+            entry_add_waiter(req->entries[i], req, i);
+            long long left = req->entries[i]->deadline - now;
+            if (left > block_ms) block_ms = left;
+        }
+    }
+    /* The entry's own deadline answers first; the block timeout is the backstop. */
+    req->bc = KM_BlockClient(ctx, request_reply, request_timeout, free_request, block_ms + 1000);
+    if (req->bc == NULL) { /* cannot happen where blocking is allowed; answer nil rather than hang */
+        for (int i = 0; i < nkeys; i++)
+            if (req->entries[i]) entry_drop_waiter(req->entries[i], req, i);
+        free_request(ctx, req);
+        if (!single) KM_ReplyWithArray(ctx, nkeys);
+        for (int i = 0; i < nkeys; i++) KM_ReplyWithNull(ctx);
+        goto done;
+    }
+    KM_SetDisconnectCallback(req->bc, request_disconnected);
+    KM_DictSetC(requests, &req->bc, sizeof(req->bc), req);
+    waiting++;
+done:
+    if (errs)
+        for (int i = 0; i < nkeys; i++) KM_Free(errs[i]);
+    KM_Free(errs);
+    KM_Free(ents);
+    KM_Free(ksof);
+    return RM_OK;
+}
+
+static int cmd_get(RedisModuleCtx *ctx, RedisModuleString **argv, int argc) {
+    if (argc != 2) return KM_WrongArity(ctx);
+    return serve(ctx, argv + 1, 1, 1);
+}
+
+static int cmd_mget(RedisModuleCtx *ctx, RedisModuleString **argv, int argc) {
+    if (argc < 2) return KM_WrongArity(ctx);
+    return serve(ctx, argv + 1, argc - 1, 0);
+}
+
+/* ---------------------------------------------------------------------------------------------- */
+/* Workers: REGISTER, TAKE, FILL, FAIL                                                            */
+
+static int parse_ms(RedisModuleString *s, long long *out, long long min) {
+    long long v;
+    if (KM_StringToLongLong(s, &v) != RM_OK || v < min || v > 365LL * 24 * 3600 * 1000) return RM_ERR;
+    *out = v;
+    return RM_OK;
+}
+
+/* KEYMISS.REGISTER name glob [TTL ms] [ERRTTL ms] [TIMEOUT ms] [QUEUE n]
+ * Declares (or updates) a keyspace and counts this connection among its workers. */
+static int cmd_register(RedisModuleCtx *ctx, RedisModuleString **argv, int argc) {
+    if (argc < 3 || (argc - 3) % 2) return KM_WrongArity(ctx);
+    size_t nlen, glen;
+    const char *name = KM_StringPtrLen(argv[1], &nlen);
+    const char *glob = KM_StringPtrLen(argv[2], &glen);
+    if (nlen == 0 || glen == 0 || nlen > 1024 || glen > 1024 || memchr(name, '\0', nlen) ||
+        memchr(glob, '\0', glen))
+        return KM_ReplyWithError(ctx, "ERR keymiss: a keyspace needs a name and a glob (1 to 1024 bytes)");
+    long long ttl = 0, errttl = 0, timeout = DEFAULT_TIMEOUT_MS, queue = DEFAULT_QUEUE;
+    for (int i = 3; i < argc; i += 2) {
+        size_t olen;
+        const char *opt = KM_StringPtrLen(argv[i], &olen);
+        int ok;
+        if (olen == 3 && strncasecmp(opt, "TTL", 3) == 0) ok = parse_ms(argv[i + 1], &ttl, 0);
+        else if (olen == 6 && strncasecmp(opt, "ERRTTL", 6) == 0) ok = parse_ms(argv[i + 1], &errttl, 0);
+        else if (olen == 7 && strncasecmp(opt, "TIMEOUT", 7) == 0) ok = parse_ms(argv[i + 1], &timeout, 1);
+        else if (olen == 5 && strncasecmp(opt, "QUEUE", 5) == 0) ok = parse_ms(argv[i + 1], &queue, 1);
+        else return KM_ReplyWithError(ctx, "ERR keymiss: unknown option (TTL, ERRTTL, TIMEOUT, QUEUE)");
+        if (ok != RM_OK) return KM_ReplyWithError(ctx, "ERR keymiss: option value is not a valid number");
+    }
+    int k;
+    for (k = 0; k < nkeyspaces; k++)
+        if (strlen(keyspaces[k]->name) == nlen && memcmp(keyspaces[k]->name, name, nlen) == 0) break;
+    if (k == nkeyspaces) {
+        if (nkeyspaces == MAX_KEYSPACES) return KM_ReplyWithError(ctx, "ERR keymiss: too many keyspaces (64)");
+        keyspaces[k] = KM_Calloc(1, sizeof(Keyspace));
+        keyspaces[k]->name = dup_bytes(name, nlen);
+        nkeyspaces++;
+    }
+    Keyspace *ks = keyspaces[k];
+    if (ks->glob == NULL || ks->globlen != glen || memcmp(ks->glob, glob, glen) != 0) {
+        KM_Free(ks->glob);
+        ks->glob = dup_bytes(glob, glen);
+        ks->globlen = glen;
+        ks->prefixlen = glob_prefix_len(glob, glen);
+    }
+    ks->ttl_ms = ttl;
+    ks->error_ttl_ms = errttl;
+    ks->timeout_ms = timeout;
+    ks->queue_max = queue;
+    unsigned long long client = KM_GetClientId(ctx);
+    int w = worker_index(client);
+    if (w < 0) {
+        if (nworkers == MAX_WORKERS) return KM_ReplyWithError(ctx, "ERR keymiss: too many workers");
+        w = nworkers++;
+        workers[w].client = client;
+        workers[w].mask = 0;
+    }
+    workers[w].mask |= (uint64_t)1 << k;
+    count_workers();
+    return KM_ReplyWithSimpleString(ctx, "OK");
+}
+
+/* Take up to t->count queued keys of the worker's keyspaces: a flat array of key, token pairs. */
+static void reply_taken(RedisModuleCtx *ctx, uint64_t mask, long long count, long long lease_ms,
+                        unsigned long long client) {
+    long long now = KM_Milliseconds(), n = 0;
+    KM_ReplyWithArray(ctx, -1 /* postponed */);
+    for (int k = 0; k < nkeyspaces && n < count; k++) {
+        if (!(mask & ((uint64_t)1 << k))) continue;
+        Keyspace *ks = keyspaces[k];
+        while (ks->qhead && n < count) {
+            Entry *e = ks->qhead;
+            queue_unlink(e);
+            e->state = TAKEN;
+            e->taker = client;
+            e->lease_deadline = now + lease_ms;
+            e->attempts++;
+            ks->in_flight++;
+            KM_ReplyWithString(ctx, e->key);
+            KM_ReplyWithLongLong(ctx, e->token);
+            n++;
+        }
+    }
+    KM_ReplySetArrayLength(ctx, n * 2);
+}
+
+static int take_reply(RedisModuleCtx *ctx, RedisModuleString **argv, int argc) {
+    (void)argv;
+    (void)argc;
+    Taker *t = KM_GetBlockedClientPrivateData(ctx);
+    int w = worker_index(t->client);
+    reply_taken(ctx, w < 0 ? 0 : workers[w].mask, t->count, t->lease_ms, t->client);
+    return RM_OK;
+}
+
+static void takers_unlink(Taker *t) {
+    for (Taker **pp = &takers; *pp; pp = &(*pp)->next) {
+        if (*pp == t) {
+            *pp = t->next;
+            return;
+        }
+    }
+}
+
+static Taker *taker_of(RedisModuleBlockedClient *bc) {
+    for (Taker *t = takers; t; t = t->next)
+        if (t->bc == bc) return t;
+    return NULL;
+}
+
+static int take_timeout(RedisModuleCtx *ctx, RedisModuleString **argv, int argc) {
+    (void)argv;
+    (void)argc;
+    Taker *t = taker_of(KM_GetBlockedClientHandle(ctx));
+    if (t) {
+        takers_unlink(t);
+        t->woken = 1;
+        KM_UnblockClient(t->bc, t);
+    }
+    return KM_ReplyWithArray(ctx, 0);
+}
+
+static void take_disconnected(RedisModuleCtx *ctx, RedisModuleBlockedClient *bc) {
+    (void)ctx;
+    Taker *t = taker_of(bc);
+    if (t) {
+        takers_unlink(t);
+        t->woken = 1;
+        KM_UnblockClient(t->bc, t);
+    }
+}
+
+static void free_taker(RedisModuleCtx *ctx, void *privdata) {
+    (void)ctx;
+    KM_Free(privdata);
+}
+
+/* KEYMISS.TAKE count block-ms lease-ms: queued keys of this worker's keyspaces, waiting up to
+ * block-ms for one. A key not filled or failed within lease-ms goes back to the queue. */
+static int cmd_take(RedisModuleCtx *ctx, RedisModuleString **argv, int argc) {
+    if (argc != 4) return KM_WrongArity(ctx);
+    long long count, block_ms, lease_ms;
+    if (KM_StringToLongLong(argv[1], &count) != RM_OK || count < 1 || count > MAX_TAKE ||
+        parse_ms(argv[2], &block_ms, 0) != RM_OK || parse_ms(argv[3], &lease_ms, 1) != RM_OK)
+        return KM_ReplyWithError(ctx, "ERR keymiss: TAKE count (1-10000) block-ms lease-ms");
+    unsigned long long client = KM_GetClientId(ctx);
+    int w = worker_index(client);
+    if (w < 0) return KM_ReplyWithError(ctx, "ERR keymiss: REGISTER a keyspace on this connection first");
+    uint64_t mask = workers[w].mask;
+    int ready = 0;
+    for (int k = 0; k < nkeyspaces; k++)
+        if ((mask & ((uint64_t)1 << k)) && keyspaces[k]->qhead) ready = 1;
+    int flags = KM_GetContextFlags(ctx);
+    if (ready || block_ms == 0 || (flags & (RM_CTX_FLAGS_DENY_BLOCKING | RM_CTX_FLAGS_MULTI | RM_CTX_FLAGS_LUA))) {
+        reply_taken(ctx, mask, count, lease_ms, client);
+        return RM_OK;
+    }
+    Taker *t = KM_Calloc(1, sizeof(*t));
+    t->client = client;
+    t->mask = mask;
+    t->count = count;
+    t->lease_ms = lease_ms;
+    t->bc = KM_BlockClient(ctx, take_reply, take_timeout, free_taker, block_ms);
+    if (t->bc == NULL) {
+        KM_Free(t);
+        return KM_ReplyWithArray(ctx, 0);
+    }
+    KM_SetDisconnectCallback(t->bc, take_disconnected);
+    t->next = takers;
+    takers = t;
+    return RM_OK;
+}
+
+static int parse_token(RedisModuleString *s, long long *out) {
+    return KM_StringToLongLong(s, out) == RM_OK && *out > 0 ? RM_OK : RM_ERR;
+}
+
+/* KEYMISS.FILL key token value [PX ms]: store the computed value (a plain SET, replicated as such)
+ * and wake the key's waiters. 1 if stored; 0 if discarded (a client wrote the key meanwhile, or
+ * the computation was given up). */
+static int cmd_fill(RedisModuleCtx *ctx, RedisModuleString **argv, int argc) {
+    if (argc != 4 && argc != 6) return KM_WrongArity(ctx);
+    long long token, px = 0;
+    if (parse_token(argv[2], &token) != RM_OK) return KM_ReplyWithError(ctx, "ERR keymiss: bad token");
+    if (argc == 6) {
+        size_t olen;
+        const char *opt = KM_StringPtrLen(argv[4], &olen);
+        if (olen != 2 || strncasecmp(opt, "PX", 2) != 0 || parse_ms(argv[5], &px, 1) != RM_OK)
+            return KM_ReplyWithError(ctx, "ERR keymiss: FILL key token value [PX ms]");
+    }
+    Entry *e = entry_find(argv[1]);
+    if (e == NULL || e->token != token) {
+        int ks = route_str(argv[1]);
+        if (ks >= 0) keyspaces[ks]->discarded++;
+        return KM_ReplyWithLongLong(ctx, 0);
+    }
+    Keyspace *ks = keyspaces[e->ks];
+    if (px == 0) px = ks->ttl_ms;
+    filling = 1;
+    RedisModuleCallReply *r = px > 0 ? KM_Call(ctx, "SET", "!sscl", argv[1], argv[3], "PX", px)
+                                     : KM_Call(ctx, "SET", "!ss", argv[1], argv[3]);
+    filling = 0;
+    if (r == NULL || KM_CallReplyType(r) == RM_REPLY_ERROR) {
+        char msg[MAX_ERROR_LEN];
+        snprintf(msg, sizeof(msg), "ERR keymiss: the value for keyspace '%s' could not be stored (%s)",
+                 ks->name, r == NULL ? strerror(errno) : "the server refused the write");
+        ks->failures++;
+        entry_resolve(e, msg);
+        if (r) {
+            KM_ReplyWithCallReply(ctx, r);
+            KM_FreeCallReply(r);
+            return RM_OK;
+        }
+        return KM_ReplyWithError(ctx, msg);
+    }
+    KM_FreeCallReply(r);
+    ks->fills++;
+    entry_resolve(e, NULL);
+    return KM_ReplyWithLongLong(ctx, 1);
+}
+
+/* KEYMISS.FAIL key token message: every waiter gets the error line; the keyspace's error TTL keeps
+ * it for later readers. 1 if the key was waiting, 0 if not. */
+static int cmd_fail(RedisModuleCtx *ctx, RedisModuleString **argv, int argc) {
+    if (argc != 4) return KM_WrongArity(ctx);
+    long long token;
+    if (parse_token(argv[2], &token) != RM_OK) return KM_ReplyWithError(ctx, "ERR keymiss: bad token");
+    Entry *e = entry_find(argv[1]);
+    if (e == NULL || e->token != token) return KM_ReplyWithLongLong(ctx, 0);
+    Keyspace *ks = keyspaces[e->ks];
+    size_t len;
+    const char *msg = KM_StringPtrLen(argv[3], &len);
+    char *line = error_line(msg, len);
+    ks->failures++;
+    if (ks->error_ttl_ms > 0) error_remember(argv[1], line, ks->error_ttl_ms, KM_Milliseconds());
+    entry_resolve(e, line);
+    KM_Free(line);
+    return KM_ReplyWithLongLong(ctx, 1);
+}
+
+/* ---------------------------------------------------------------------------------------------- */
+/* Events: client writes, worker disconnects, the clock                                            */
+
+static int on_keyspace_event(RedisModuleCtx *ctx, int type, const char *event, RedisModuleString *key) {
+    (void)type;
+    (void)event;
+    if (filling || KM_GetSelectedDb(ctx) != 0) return RM_OK;
+    if (KM_DictSize(errors)) {
+        size_t len;
+        const char *p = KM_StringPtrLen(key, &len);
+        error_forget(p, len); /* a write replaces a remembered failure */
+    }
+    if (KM_DictSize(pending) == 0) return RM_OK;
+    Entry *e = entry_find(key);
+    if (e) {
+        keyspaces[e->ks]->superseded++;
+        entry_resolve(e, NULL); /* the waiters read what the client wrote; the fill is discarded */
+    }
+    return RM_OK;
+}
+
+static void on_client_change(RedisModuleCtx *ctx, RedisModuleEvent eid, uint64_t subevent, void *data) {
+    (void)ctx;
+    (void)eid;
+    if (subevent != RM_SUBEVENT_CLIENT_CHANGE_DISCONNECTED || data == NULL) return;
+    unsigned long long client = ((RedisModuleClientInfo *)data)->id;
+    int w = worker_index(client);
+    if (w < 0) return;
+    workers[w] = workers[--nworkers];
+    count_workers();
+    /* What it had taken goes back to the queue for another worker. */
+    RedisModuleDictIter *it = KM_DictIteratorStartC(pending, "^", NULL, 0);
+    Entry *e;
+    Entry **back = NULL;
+    size_t nback = 0, cap = 0;
+    while (KM_DictNextC(it, NULL, (void **)&e)) {
+        if (e->state == TAKEN && e->taker == client) {
+            if (nback == cap) {
+                cap = cap ? cap * 2 : 16;
+                back = KM_Realloc(back, sizeof(Entry *) * cap);
+            }
+            back[nback++] = e;
+        }
+    }
+    KM_DictIteratorStop(it);
+    for (size_t i = 0; i < nback; i++) entry_requeue(back[i]);
+    KM_Free(back);
+}
+
+static void on_tick(RedisModuleCtx *ctx, void *data) {
+    (void)data;
+    long long now = KM_Milliseconds();
+    if (KM_DictSize(pending)) {
+        Entry **due = NULL;
+        size_t ndue = 0, cap = 0;
+        RedisModuleDictIter *it = KM_DictIteratorStartC(pending, "^", NULL, 0);
+        Entry *e;
+        while (KM_DictNextC(it, NULL, (void **)&e)) {
+            if (now >= e->deadline || (e->state == TAKEN && now >= e->lease_deadline)) {
+                if (ndue == cap) {
+                    cap = cap ? cap * 2 : 16;
+                    due = KM_Realloc(due, sizeof(Entry *) * cap);
+                }
+                due[ndue++] = e;
+            }
+        }
+        KM_DictIteratorStop(it);
+        for (size_t i = 0; i < ndue; i++) {
+            e = due[i];
+            Keyspace *ks = keyspaces[e->ks];
+            char msg[MAX_ERROR_LEN];
+            if (now >= e->deadline) {
+                ks->timeouts++;
+                snprintf(msg, sizeof(msg), "ERR keymiss: keyspace '%s' did not compute the key within %lld ms",
+                         ks->name, ks->timeout_ms);
+                entry_resolve(e, msg);
+            } else if (e->attempts >= MAX_ATTEMPTS) {
+                ks->failures++;
+                snprintf(msg, sizeof(msg), "ERR keymiss: keyspace '%s' lost the key's computation %d times",
+                         ks->name, e->attempts);
+                entry_resolve(e, msg);
+            } else {
+                entry_requeue(e);
+            }
+        }
+        KM_Free(due);
+    }
+    if (KM_DictSize(errors)) {
+        char **gone = NULL;
+        size_t *lens = NULL, ngone = 0, cap = 0;
+        RedisModuleDictIter *it = KM_DictIteratorStartC(errors, "^", NULL, 0);
+        char *k;
+        size_t klen;
+        ErrorRecord *r;
+        while ((k = KM_DictNextC(it, &klen, (void **)&r)) != NULL) {
+            if (r->expires > now) continue;
+            if (ngone == cap) {
+                cap = cap ? cap * 2 : 16;
+                gone = KM_Realloc(gone, sizeof(char *) * cap);
+                lens = KM_Realloc(lens, sizeof(size_t) * cap);
+            }
+            gone[ngone] = dup_bytes(k, klen);
+            lens[ngone++] = klen;
+        }
+        KM_DictIteratorStop(it);
+        for (size_t i = 0; i < ngone; i++) {
+            error_forget(gone[i], lens[i]);
+            KM_Free(gone[i]);
+        }
+        KM_Free(gone);
+        KM_Free(lens);
+    }
+    /* A woken taker may have gone before taking: queued keys wake another. */
+    for (int k = 0; k < nkeyspaces; k++)
+        if (keyspaces[k]->qhead) wake_taker(k);
+    KM_CreateTimer(ctx, TICK_MS, on_tick, NULL);
+}
+
+/* ---------------------------------------------------------------------------------------------- */
+/* The filter: GET / MGET / GETEX(key only) of a registered keyspace go through keymiss            */
+
+static int is_cmd(const char *p, size_t len, const char *name, size_t nlen) {
+    return len == nlen && strncasecmp(p, name, nlen) == 0;
+}
+
+static void command_filter(RedisModuleCommandFilterCtx *f) {
+    if (nkeyspaces == 0) return;
+    int argc = KM_CommandFilterArgsCount(f);
+    if (argc < 2) return;
+    size_t len;
+    const char *cmd = KM_StringPtrLen(KM_CommandFilterArgGet(f, 0), &len);
+    RedisModuleString *to;
+    if (is_cmd(cmd, len, "get", 3) || is_cmd(cmd, len, "getex", 5)) {
+        if (argc != 2) return;
+        to = get_name;
+    } else if (is_cmd(cmd, len, "mget", 4)) {
+        to = mget_name;
+    } else {
+        return;
+    }
+    for (int i = 1; i < argc; i++) {
+        if (route_str(KM_CommandFilterArgGet(f, i)) >= 0) {
+            KM_RetainString(NULL, to); /* the filter takes one reference */
+            KM_CommandFilterArgReplace(f, 0, to);
+            return;
+        }
+    }
+}
+
+/* ---------------------------------------------------------------------------------------------- */
+/* INFO keymiss                                                                                   */
+
+static void info_name(char *out, size_t size, const char *name) {
+    size_t n = 0;
+    for (; *name && n + 1 < size; name++) {
+        unsigned char c = (unsigned char)*name;
+        out[n++] = (c == ',' || c == '=' || c <= ' ' || c >= 127) ? '_' : (char)c;
+    }
+    out[n] = '\0';
+}
+
+static void on_info(RedisModuleInfoCtx *ctx, int for_crash_report) {
+    (void)for_crash_report;
+    KM_InfoAddSection(ctx, ""); /* the module's name: INFO keymiss */
+    KM_InfoAddFieldLongLong(ctx, "keyspaces", nkeyspaces);
+    KM_InfoAddFieldLongLong(ctx, "workers", nworkers);
+    KM_InfoAddFieldLongLong(ctx, "pending", (long long)KM_DictSize(pending));
+    KM_InfoAddFieldLongLong(ctx, "blocked_readers", waiting);
+    KM_InfoAddFieldLongLong(ctx, "error_records", (long long)KM_DictSize(errors));
+    for (int k = 0; k < nkeyspaces; k++) {
+        Keyspace *ks = keyspaces[k];
+        char field[32], name[256];
+        snprintf(field, sizeof(field), "keyspace_%d", k);
+        info_name(name, sizeof(name), ks->name);
+        KM_InfoBeginDictField(ctx, field);
+        KM_InfoAddFieldCString(ctx, "pattern", name);
+        KM_InfoAddFieldLongLong(ctx, "hits", ks->hits);
+        KM_InfoAddFieldLongLong(ctx, "misses", ks->misses);
+        KM_InfoAddFieldLongLong(ctx, "computations", ks->computations);
+        KM_InfoAddFieldLongLong(ctx, "queued", ks->queued);
+        KM_InfoAddFieldLongLong(ctx, "in_flight", ks->in_flight);
+        KM_InfoAddFieldLongLong(ctx, "fills", ks->fills);
+        KM_InfoAddFieldLongLong(ctx, "failures", ks->failures);
+        KM_InfoAddFieldLongLong(ctx, "timeouts", ks->timeouts);
+        KM_InfoAddFieldLongLong(ctx, "requeues", ks->requeues);
+        KM_InfoAddFieldLongLong(ctx, "discarded_fills", ks->discarded);
+        KM_InfoAddFieldLongLong(ctx, "superseded", ks->superseded);
+        KM_InfoAddFieldLongLong(ctx, "busy", ks->busy);
+        KM_InfoAddFieldLongLong(ctx, "no_worker", ks->no_worker);
+        KM_InfoAddFieldLongLong(ctx, "workers", ks->workers);
+        KM_InfoEndDictField(ctx);
+    }
+}
+
+/* ---------------------------------------------------------------------------------------------- */
+/* Loading                                                                                        */
+
+__attribute__((visibility("default"))) int RedisModule_OnLoad(RedisModuleCtx *ctx, RedisModuleString **argv, int argc) {
+    (void)argv;
+    if (keymiss_api_init(ctx, "keymiss", KM_VERSION) != RM_OK) return RM_ERR;
+    if (argc != 0) {
+        KM_Log(ctx, "warning", "keymiss: the module takes no arguments");
+        return RM_ERR;
+    }
+    pending = KM_CreateDict(NULL);
+    errors = KM_CreateDict(NULL);
+    requests = KM_CreateDict(NULL);
+    get_name = KM_CreateString(NULL, "keymiss.get", 11);
+    mget_name = KM_CreateString(NULL, "keymiss.mget", 12);
+    if (!pending || !errors || !requests || !get_name || !mget_name) return RM_ERR;
+    if (KM_CreateCommand(ctx, "keymiss.get", cmd_get, "readonly", 1, 1, 1) != RM_OK ||
+        KM_CreateCommand(ctx, "keymiss.mget", cmd_mget, "readonly", 1, -1, 1) != RM_OK ||
+        KM_CreateCommand(ctx, "keymiss.register", cmd_register, "", 0, 0, 0) != RM_OK ||
+        KM_CreateCommand(ctx, "keymiss.take", cmd_take, "", 0, 0, 0) != RM_OK ||
+        KM_CreateCommand(ctx, "keymiss.fill", cmd_fill, "write deny-oom", 1, 1, 1) != RM_OK ||
+        KM_CreateCommand(ctx, "keymiss.fail", cmd_fail, "", 1, 1, 1) != RM_OK)
+        return RM_ERR;
+    if (KM_RegisterCommandFilter(ctx, command_filter, RM_CMDFILTER_NOSELF) == NULL) return RM_ERR;
+    int events = RM_NOTIFY_GENERIC | RM_NOTIFY_STRING | RM_NOTIFY_LIST | RM_NOTIFY_SET | RM_NOTIFY_HASH |
+                 RM_NOTIFY_ZSET | RM_NOTIFY_EXPIRED | RM_NOTIFY_EVICTED | RM_NOTIFY_STREAM;
+    if (KM_SubscribeToKeyspaceEvents(ctx, events, on_keyspace_event) != RM_OK) return RM_ERR;
+    RedisModuleEvent client_change = {RM_EVENT_CLIENT_CHANGE, 1};
+    if (KM_SubscribeToServerEvent(ctx, client_change, on_client_change) != RM_OK) return RM_ERR;
+    if (KM_RegisterInfoFunc(ctx, on_info) != RM_OK) return RM_ERR;
+    KM_CreateTimer(ctx, TICK_MS, on_tick, NULL);
+    return RM_OK;
+}
+
+/* Blocked clients and the filter hold pointers into this module: it stays loaded. */
+__attribute__((visibility("default"))) int RedisModule_OnUnload(RedisModuleCtx *ctx) {
+    (void)ctx;
+    return RM_ERR;
+}

@@ -1,0 +1,363 @@
+"""keymiss workers: compute the misses that module-loaded Valkey / Redis servers queue.
+
+A server with the keymiss module (``keymiss redis-module``) serves hits itself and queues each
+missing key of a registered keyspace once. A worker registers the app's keyspaces on every master
+(``KEYMISS.REGISTER``), takes queued keys in batches (``KEYMISS.TAKE``, with a lease: a key a worker
+does not answer in time, or whose worker's connection closes, goes back to the queue), computes them
+with the engine (``Keymiss.compute``: batching, codecs, timeouts, QA) and answers with
+``KEYMISS.FILL`` or ``KEYMISS.FAIL``. Several workers, on several machines, share the queues.
+
+On a cluster, the worker attaches to every master, follows the topology (failovers included) and
+reconnects with backoff. ``stop()`` drains: no new takes; what was taken is finished.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+from urllib.parse import urlsplit, urlunsplit
+
+from .compute import Computed
+from .errors import ConfigError
+from .options import DEFAULT_TIMEOUT
+
+if TYPE_CHECKING:
+    from .engine import Keymiss
+
+log = logging.getLogger("keymiss.worker")
+
+#: extra seconds a key's module deadline allows beyond the keyspace's own timeouts (queueing, transfer)
+DEADLINE_MARGIN = 5.0
+
+
+def _error_line(exc: BaseException) -> str:
+    from .server.commands import error_reply
+
+    return error_reply(exc).decode("utf-8", "replace")[1:].rstrip("\r\n")
+
+
+@dataclass
+class WorkerStats:
+    """What one worker did, over all the servers it serves."""
+
+    takes: int = 0
+    taken: int = 0
+    fills: int = 0
+    discarded: int = 0
+    failures: int = 0
+    reconnects: int = 0
+    nodes: set[str] = field(default_factory=set)
+
+
+def parse_url(url: str) -> tuple[bool, str]:
+    """``(cluster, plain_url)``: ``redis[s]+cluster://`` names a cluster by any of its nodes."""
+    parts = urlsplit(url)
+    scheme = parts.scheme.lower()
+    if scheme not in ("redis", "rediss", "redis+cluster", "rediss+cluster"):
+        raise ConfigError(f"bad --redis URL {url!r}: use redis://host:port or redis+cluster://host:port")
+    if not parts.hostname:
+        raise ConfigError(f"bad --redis URL {url!r}: no host")
+    clean = urlunsplit((scheme.replace("+cluster", ""), parts.netloc, parts.path, parts.query, ""))
+    return scheme.endswith("+cluster"), clean
+
+
+def _with_node(url: str, host: str, port: int) -> str:
+    parts = urlsplit(url)
+    auth = parts.netloc.rpartition("@")[0]
+    netloc = (auth + "@" if auth else "") + (f"[{host}]" if ":" in host else host) + f":{port}"
+    return urlunsplit((parts.scheme, netloc, parts.path, parts.query, ""))
+
+
+def _masters(nodes_text: str) -> list[tuple[str, int]]:
+    """Masters that serve slots and are not failed, from ``CLUSTER NODES``."""
+    out = []
+    for line in nodes_text.splitlines():
+        fields_ = line.split()
+        if len(fields_) < 8:
+            continue
+        flags = fields_[2].split(",")
+        if "master" not in flags or "fail" in flags or "noaddr" in flags or len(fields_) < 9:
+            continue
+        addr = fields_[1].split("@", 1)[0].split(",", 1)[0]
+        host, _, port = addr.rpartition(":")
+        if host and port.isdigit() and int(port):
+            out.append((host, int(port)))
+    return out
+
+
+class Worker:
+    """Serves one app's keyspaces to the keymiss module of one server or one cluster."""
+
+    def __init__(
+        self,
+        km: Keymiss,
+        url: str,
+        *,
+        batch: int = 64,
+        max_in_flight: int = 256,
+        block_ms: int = 1000,
+        refresh_seconds: float = 5.0,
+        timeout: float = 5.0,
+    ) -> None:
+        self.km = km
+        self.cluster, self.url = parse_url(url)
+        if batch < 1 or max_in_flight < 1 or block_ms < 1:
+            raise ConfigError("batch, max_in_flight and block_ms must be at least 1")
+        self.batch = batch
+        self.max_in_flight = max_in_flight
+        self.block_ms = block_ms
+        self.refresh_seconds = refresh_seconds
+        self.timeout = timeout
+        self.stats = WorkerStats()
+        self._stopping = asyncio.Event()
+        self._nodes: dict[str, asyncio.Task[None]] = {}
+        self._in_flight = 0
+        self._room = asyncio.Event()
+        self._room.set()
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self._fills: dict[str, Any] = {}
+
+    # --- what is registered --------------------------------------------------------------------------
+    def registrations(self) -> list[list[Any]]:
+        """One ``KEYMISS.REGISTER`` argument list per keyspace of the app."""
+        out = []
+        for ks in self.km.registry:
+            o = ks.options
+            glob = ks.template.glob() if ks.template is not None else ks.pattern
+            timeout = (o.timeout or DEFAULT_TIMEOUT) + (o.queue_timeout or o.timeout or DEFAULT_TIMEOUT)
+            args: list[Any] = ["KEYMISS.REGISTER", ks.pattern, glob]
+            if o.ttl:
+                args += ["TTL", max(1, int(o.ttl * 1000))]
+            if o.error_ttl:
+                args += ["ERRTTL", max(1, int(o.error_ttl * 1000))]
+            args += ["TIMEOUT", int((timeout + DEADLINE_MARGIN) * 1000)]
+            args += ["QUEUE", max(1, o.queue)]
+            out.append(args)
+        if not out:
+            raise ConfigError("the app has no keyspaces: a worker would have nothing to compute")
+        return out
+
+    def lease_ms(self) -> int:
+        """How long a taken key stays ours: the slowest keyspace's wait and compute, plus margin."""
+        worst = max(
+            (ks.options.timeout or DEFAULT_TIMEOUT) + (ks.options.queue_timeout or ks.options.timeout or 0)
+            for ks in self.km.registry
+        )
+        return int((worst + DEADLINE_MARGIN) * 1000)
+
+    # --- running ---------------------------------------------------------------------------------------
+    async def run(self) -> None:
+        """Serve until ``stop()``; then finish what was taken and return."""
+        self.registrations()  # refuse an empty app before connecting anywhere
+        await self.km.start()
+        try:
+            if not self.cluster:
+                self._attach(self.url)
+                await self._stopping.wait()
+            else:
+                await self._follow_cluster()
+            await asyncio.gather(*self._nodes.values(), return_exceptions=True)
+            await self._idle.wait()
+        finally:
+            for task in self._nodes.values():
+                task.cancel()
+            self._nodes.clear()
+            for client in self._fills.values():
+                with contextlib.suppress(Exception):
+                    await client.aclose()
+            self._fills.clear()
+
+    def stop(self) -> None:
+        """Drain: take nothing more, finish what was taken."""
+        self._stopping.set()
+        self._room.set()
+
+    def _attach(self, url: str) -> None:
+        if url not in self._nodes or self._nodes[url].done():
+            self._nodes[url] = asyncio.get_running_loop().create_task(self._serve_node(url))
+
+    async def _follow_cluster(self) -> None:
+        import redis.asyncio as aioredis
+        from redis.exceptions import RedisError
+
+        seeds = [self.url]
+        while not self._stopping.is_set():
+            masters: list[tuple[str, int]] | None = None
+            for seed in list(dict.fromkeys(seeds)):
+                client: Any = aioredis.Redis.from_url(
+                    seed, socket_timeout=self.timeout, socket_connect_timeout=self.timeout
+                )
+                try:
+                    text = await client.execute_command("CLUSTER", "NODES")
+                    masters = _masters(text.decode() if isinstance(text, bytes) else str(text))
+                    break
+                except (RedisError, OSError) as exc:
+                    log.debug("cluster node %s: %s", seed, exc)
+                finally:
+                    with contextlib.suppress(RedisError, OSError, RuntimeError):
+                        await client.aclose()
+            if masters is not None:
+                wanted = {_with_node(self.url, h, p) for h, p in masters}
+                for url in wanted:
+                    self._attach(url)
+                for url in list(self._nodes):
+                    if url not in wanted:  # no longer a master: its keys moved with its slots
+                        self._nodes.pop(url).cancel()
+                seeds = [self.url, *wanted]
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._stopping.wait(), self.refresh_seconds)
+
+    async def _serve_node(self, url: str) -> None:
+        from redis.exceptions import RedisError
+
+        backoff = 0.1
+        while not self._stopping.is_set():
+            try:
+                await self._session(url)
+                backoff = 0.1
+            except (RedisError, OSError, RuntimeError) as exc:
+                self.stats.reconnects += 1
+                self.stats.nodes.discard(url)
+                log.warning("worker lost %s (%s); retrying in %.1fs", _safe(url), exc, backoff)
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._stopping.wait(), backoff)
+                backoff = min(backoff * 2, 2.0)
+
+    async def _session(self, url: str) -> None:
+        """One connection that registers and takes (the module counts it as a live worker while it
+        is open), and a pool that fills."""
+        import redis.asyncio as aioredis
+
+        block_s = self.block_ms / 1000
+        take: Any = aioredis.Redis.from_url(
+            url,
+            single_connection_client=True,
+            socket_timeout=block_s + self.timeout,
+            socket_connect_timeout=self.timeout,
+        )
+        fill = self._fills.get(url)
+        if fill is None:
+            fill = self._fills[url] = aioredis.Redis.from_url(
+                url, socket_timeout=self.timeout, socket_connect_timeout=self.timeout
+            )
+        try:
+            for args in self.registrations():
+                await take.execute_command(*args)
+            self.stats.nodes.add(url)
+            log.info("worker serving %s: %s", _safe(url), ", ".join(ks.pattern for ks in self.km.registry))
+            lease = self.lease_ms()
+            while not self._stopping.is_set():
+                room = self.max_in_flight - self._in_flight
+                if room <= 0:
+                    self._room.clear()
+                    await self._room.wait()
+                    continue
+                reply = await take.execute_command(
+                    "KEYMISS.TAKE", min(room, self.batch), self.block_ms, lease
+                )
+                self.stats.takes += 1
+                if not reply:
+                    continue
+                pairs = [
+                    (reply[i].decode("utf-8", "surrogateescape"), int(reply[i + 1]))
+                    for i in range(0, len(reply) - 1, 2)
+                ]
+                self.stats.taken += len(pairs)
+                self._begin(len(pairs))
+                task = asyncio.get_running_loop().create_task(self._compute(fill, pairs))
+                self._tasks.add(task)
+                task.add_done_callback(self._tasks.discard)
+        finally:
+            self.stats.nodes.discard(url)
+            # what was taken on this connection is finished by _compute, on the fill pool
+            with contextlib.suppress(Exception):
+                await take.aclose()
+
+    def _begin(self, n: int) -> None:
+        self._in_flight += n
+        self._idle.clear()
+
+    def _end(self, n: int) -> None:
+        self._in_flight -= n
+        self._room.set()
+        if self._in_flight == 0:
+            self._idle.set()
+
+    async def _compute(self, fill: Any, pairs: Sequence[tuple[str, int]]) -> None:
+        from redis.exceptions import RedisError
+
+        try:
+            keys = [k for k, _ in pairs]
+            results = await self.km.compute(keys)
+            pipe = fill.pipeline(transaction=False)
+            kinds = []
+            for (key, token), result in zip(pairs, results, strict=True):
+                raw = key.encode("utf-8", "surrogateescape")
+                if isinstance(result, Computed):
+                    args: list[Any] = ["KEYMISS.FILL", raw, token, result.value]
+                    if result.ttl:
+                        args += ["PX", max(1, int(result.ttl * 1000))]
+                    pipe.execute_command(*args)
+                    kinds.append("fill")
+                else:
+                    if result is None:
+                        text = "ERR keymiss: no keyspace of this worker owns the key"
+                    else:
+                        text = _error_line(result)
+                    pipe.execute_command("KEYMISS.FAIL", raw, token, text)
+                    kinds.append("fail")
+            replies = await pipe.execute(raise_on_error=False)
+            for kind, reply in zip(kinds, replies, strict=True):
+                if isinstance(reply, Exception):
+                    log.warning("the server refused a %s: %s", kind, reply)
+                    self.stats.failures += 1
+                elif kind == "fill" and reply == 1:
+                    self.stats.fills += 1
+                elif kind == "fill":
+                    self.stats.discarded += 1
+                else:
+                    self.stats.failures += 1
+        except (RedisError, OSError, RuntimeError) as exc:
+            log.warning("could not answer %d key(s): %s (they go back to the queue)", len(pairs), exc)
+        finally:
+            self._end(len(pairs))
+
+
+def _safe(url: str) -> str:
+    parts = urlsplit(url)
+    if parts.password:
+        return url.replace(parts.password, "***")
+    return url
+
+
+async def run_worker(km: Keymiss, url: str, **options: Any) -> int:
+    """Run a worker until SIGTERM or SIGINT, then drain; the process's exit status."""
+    import signal
+
+    worker = Worker(km, url, **options)
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        with contextlib.suppress(NotImplementedError, RuntimeError):
+            loop.add_signal_handler(sig, worker.stop)
+    started = time.monotonic()
+    try:
+        await worker.run()
+    finally:
+        await km.close()
+    s = worker.stats
+    log.info(
+        "worker stopped after %.0fs: %d taken, %d filled, %d discarded, %d failed",
+        time.monotonic() - started,
+        s.taken,
+        s.fills,
+        s.discarded,
+        s.failures,
+    )
+    return 0

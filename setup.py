@@ -1,0 +1,35 @@
+"""Builds the Valkey / Redis module (C) with the package: ``keymiss redis-module`` prints its path.
+
+The module is a plain shared object a server loads (``--loadmodule``), not a Python extension: it
+is named ``keymiss/module/keymiss.so`` and has no Python ABI tag.
+"""
+
+from __future__ import annotations
+
+import os
+
+from setuptools import Extension, setup
+from setuptools.command.build_ext import build_ext
+
+FLAGS = ["-std=c11", "-D_GNU_SOURCE", "-O2", "-Wall", "-Wextra", "-Werror", "-fvisibility=hidden"]
+
+
+class BuildServerModule(build_ext):
+    def get_ext_filename(self, fullname: str) -> str:
+        return os.path.join(*fullname.split(".")) + ".so"
+
+    def get_export_symbols(self, ext: Extension) -> list[str]:
+        return []  # no PyInit_: Python never imports it
+
+
+setup(
+    ext_modules=[
+        Extension(
+            "keymiss.module.keymiss",
+            sources=["keymiss/module/keymiss.c", "keymiss/module/api.c"],
+            depends=["keymiss/module/api.h"],
+            extra_compile_args=FLAGS,
+        )
+    ],
+    cmdclass={"build_ext": BuildServerModule},
+)

