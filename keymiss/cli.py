@@ -92,10 +92,10 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("redis-module", help="print the path of the Valkey / Redis module file")
     worker = sub.add_parser("worker", help="compute the misses of module-loaded Valkey / Redis servers")
     worker.add_argument("--log-level", default=argparse.SUPPRESS, help="DEBUG, INFO, WARNING or ERROR")
-    worker.add_argument("--log-format", default=argparse.SUPPRESS, choices=("text", "json"), help="text or json")
     worker.add_argument(
-        "--app", help="MODULE:ATTR naming a keymiss.Keymiss (default: the bertqa keyspace)"
+        "--log-format", default=argparse.SUPPRESS, choices=("text", "json"), help="text or json"
     )
+    worker.add_argument("--app", help="MODULE:ATTR naming a keymiss.Keymiss (default: the bertqa keyspace)")
     worker.add_argument(
         "--redis", required=True, help="redis://[user:pass@]host:port or redis+cluster://host:port (any node)"
     )
