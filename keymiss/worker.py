@@ -244,8 +244,15 @@ class Worker:
         )
         fill = self._fills.get(url)
         if fill is None:
+            from redis.asyncio.retry import Retry
+            from redis.backoff import ExponentialBackoff
+
+            # a pooled connection that outlived a server restart fails once: try again on a new one
             fill = self._fills[url] = aioredis.Redis.from_url(
-                url, socket_timeout=self.timeout, socket_connect_timeout=self.timeout
+                url,
+                socket_timeout=self.timeout,
+                socket_connect_timeout=self.timeout,
+                retry=Retry(ExponentialBackoff(cap=1.0, base=0.05), 3),
             )
         try:
             for args in self.registrations():

@@ -24,6 +24,10 @@ int keymiss_api_init(RedisModuleCtx *ctx, const char *name, int ver) {
     if (lookup(get_api, #fn, (void *)&KM_##fn) != RM_OK) return RM_ERR;
     KEYMISS_API_CALLS(KEYMISS_LOOKUP)
 #undef KEYMISS_LOOKUP
+#define KEYMISS_LOOKUP_OPTIONAL(ret, fn, params)                                                      \
+    if (lookup(get_api, #fn, (void *)&KM_##fn) != RM_OK) KM_##fn = NULL;
+    KEYMISS_API_OPTIONAL(KEYMISS_LOOKUP_OPTIONAL)
+#undef KEYMISS_LOOKUP_OPTIONAL
     if (KM_IsModuleNameBusy(name)) return RM_ERR;
     KM_SetModuleAttribs(ctx, name, ver, RM_APIVER_1);
     return RM_OK;

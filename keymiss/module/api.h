@@ -50,6 +50,7 @@ typedef struct RedisModuleDictIter RedisModuleDictIter;
 typedef struct RedisModuleCommandFilterCtx RedisModuleCommandFilterCtx;
 typedef struct RedisModuleCommandFilter RedisModuleCommandFilter;
 typedef struct RedisModuleInfoCtx RedisModuleInfoCtx;
+typedef struct RedisModuleCommand RedisModuleCommand;
 typedef uint64_t RedisModuleTimerID;
 
 typedef struct RedisModuleEvent {
@@ -162,8 +163,14 @@ typedef void (*RedisModuleFreePrivdata)(RedisModuleCtx *ctx, void *privdata);
                                      RedisModuleString *arg))
 
 /* Hidden: a server built with exported symbols (-rdynamic) has functions named like these. */
+/* Calls only newer servers have (Redis >= 7.2, Valkey): NULL where absent. */
+#define KEYMISS_API_OPTIONAL(X)                                                                       \
+    X(RedisModuleCommand *, GetCommand, (RedisModuleCtx * ctx, const char *name))                   \
+    X(int, SetCommandACLCategories, (RedisModuleCommand * command, const char *categories))
+
 #define KEYMISS_DECLARE(ret, name, params) KM_API __attribute__((visibility("hidden"))) ret(*KM_##name) params;
 KEYMISS_API_CALLS(KEYMISS_DECLARE)
+KEYMISS_API_OPTIONAL(KEYMISS_DECLARE)
 #undef KEYMISS_DECLARE
 
 /* Looks up every call; RM_ERR if the server lacks one. */

@@ -1119,6 +1119,15 @@ __attribute__((visibility("default"))) int RedisModule_OnLoad(RedisModuleCtx *ct
         KM_CreateCommand(ctx, "keymiss.fill", cmd_fill, "write deny-oom", 1, 1, 1) != RM_OK ||
         KM_CreateCommand(ctx, "keymiss.fail", cmd_fail, "", 1, 1, 1) != RM_OK)
         return RM_ERR;
+    /* Where the server has ACL categories for module commands, a user allowed @read may read
+     * keyspaces; elsewhere (Redis 7.0) a user listing commands needs +keymiss.get +keymiss.mget. */
+    if (KM_GetCommand && KM_SetCommandACLCategories) {
+        const char *reads[] = {"keymiss.get", "keymiss.mget"};
+        for (int i = 0; i < 2; i++) {
+            RedisModuleCommand *c = KM_GetCommand(ctx, reads[i]);
+            if (c == NULL || KM_SetCommandACLCategories(c, "read") != RM_OK) return RM_ERR;
+        }
+    }
     if (KM_RegisterCommandFilter(ctx, command_filter, RM_CMDFILTER_NOSELF) == NULL) return RM_ERR;
     int events = RM_NOTIFY_GENERIC | RM_NOTIFY_STRING | RM_NOTIFY_LIST | RM_NOTIFY_SET | RM_NOTIFY_HASH |
                  RM_NOTIFY_ZSET | RM_NOTIFY_EXPIRED | RM_NOTIFY_EVICTED | RM_NOTIFY_STREAM;

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import subprocess
 import sys
 import time
+from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -163,3 +166,87 @@ def test_keymiss_redis_module_prints_the_path_only() -> None:
         [sys.executable, "-m", "keymiss", "redis-module"], capture_output=True, text=True, timeout=30
     )
     assert out.returncode == 0 and out.stdout == f"{module_path()}\n"
+
+
+def start_worker_process(port: int, calls: Path, compute: float) -> subprocess.Popen[bytes]:
+    env = {
+        **os.environ,
+        "KEYMISS_TEST_CALLS": str(calls),
+        "KEYMISS_TEST_COMPUTE": str(compute),
+        "PYTHONPATH": str(Path(__file__).parent),
+    }
+    return subprocess.Popen(
+        [sys.executable, "-m", "keymiss", "worker", "--app", "worker_app:app", "--redis", f"redis://127.0.0.1:{port}"],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+
+
+async def until(predicate: Any, seconds: float = 15.0) -> None:
+    deadline = time.monotonic() + seconds
+    while not predicate():
+        assert time.monotonic() < deadline, "timed out waiting"
+        await asyncio.sleep(0.05)
+
+
+async def test_kill_9_of_the_worker_holding_a_key_hands_it_to_another(server: RedisProcess, tmp_path: Path) -> None:
+    log = tmp_path / "calls.txt"
+    log.touch()
+    doomed = start_worker_process(server.port, log, compute=30)
+    try:
+        await until(lambda: b"workers=1" in subprocess.run(
+            ["redis-cli", "-p", str(server.port), "INFO", "keymiss"], capture_output=True, timeout=5
+        ).stdout)
+        readers = [asyncio.ensure_future(resp(server.port, "GET", "slow:held", wait=30)) for _ in range(20)]
+        await until(lambda: log.read_text().splitlines() == ["slow:held"])  # the doomed worker computes it
+        calls: list[str] = []
+        async with running(make_app(calls), url(server)):
+            doomed.kill()  # kill -9: its connection closes, the module hands the key on
+            assert await asyncio.gather(*readers) == [b"value of slow:held"] * 20
+        assert len(log.read_text().splitlines()) + len(calls) <= 2
+        assert calls == ["slow:held"]
+        info = await resp(server.port, "INFO", "keymiss")
+        assert b"requeues=1" in info
+    finally:
+        doomed.kill()
+        doomed.wait(10)
+
+
+async def test_workers_reconnect_after_a_server_restart(server: RedisProcess) -> None:
+    calls: list[str] = []
+    async with running(make_app(calls), url(server)) as worker:
+        assert await resp(server.port, "GET", "slow:before") == b"value of slow:before"
+        server.stop()
+        server.start()
+        await until(lambda: worker.stats.reconnects >= 1 and worker.stats.nodes)
+        await until(lambda: b"workers=1" in subprocess.run(
+            ["redis-cli", "-p", str(server.port), "INFO", "keymiss"], capture_output=True, timeout=5
+        ).stdout)
+        assert await resp(server.port, "GET", "slow:after") == b"value of slow:after"
+
+
+WORKER_ACL = ["on", ">worker-pw", "~*", "-@all", "+keymiss.register", "+keymiss.take", "+keymiss.fill"]
+WORKER_ACL += ["+keymiss.fail", "+get", "+mget", "+keymiss.get", "+keymiss.mget", "+ping"]
+
+
+async def test_workers_run_as_an_acl_user_limited_to_the_worker_commands(server: RedisProcess) -> None:
+    assert await resp(server.port, "ACL", "SETUSER", "kmworker", *WORKER_ACL) == "OK"
+    assert await resp(server.port, "ACL", "SETUSER", "reader", "on", ">r", "~*", "-@all", "+get", "+keymiss.get") == "OK"
+    calls: list[str] = []
+    async with running(make_app(calls), f"redis://kmworker:worker-pw@127.0.0.1:{server.port}"):
+        reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+        from .conftest import encode, read_reply
+
+        writer.write(encode("AUTH", "reader", "r") + encode("GET", "slow:acl") + encode("SET", "slow:acl", "x"))
+        assert await read_reply(reader) == "OK"
+        assert await read_reply(reader) == b"value of slow:acl"
+        assert "NOPERM" in str(await read_reply(reader))  # the reader may only read
+        writer.close()
+        # the worker's user can do nothing else
+        reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+        writer.write(encode("AUTH", "kmworker", "worker-pw") + encode("FLUSHALL") + encode("SET", "a", "b"))
+        assert await read_reply(reader) == "OK"
+        assert "NOPERM" in str(await read_reply(reader))
+        assert "NOPERM" in str(await read_reply(reader))
+        writer.close()
