@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -250,3 +251,47 @@ async def test_workers_run_as_an_acl_user_limited_to_the_worker_commands(server:
         assert "NOPERM" in str(await read_reply(reader))
         assert "NOPERM" in str(await read_reply(reader))
         writer.close()
+
+
+@pytest.mark.skipif(shutil.which("valgrind") is None, reason="valgrind is not installed")
+async def test_the_module_runs_clean_under_valgrind(tmp_path: Path) -> None:
+    """Valkey's binary uses libc malloc, so valgrind sees every allocation the module makes."""
+    from .conftest import SERVERS
+
+    if SERVERS["valkey"] is None:
+        pytest.skip("no valkey binary")
+    vlog = tmp_path / "valgrind.txt"
+    wrapper = tmp_path / "valkey-under-valgrind"
+    wrapper.write_text(
+        "#!/bin/sh\nexec valgrind --error-exitcode=99 --leak-check=full --show-leak-kinds=definite "
+        f"--errors-for-leak-kinds=definite --log-file={vlog} {SERVERS['valkey']} \"$@\"\n"
+    )
+    wrapper.chmod(0o755)
+    server = RedisProcess(tmp_path / "vg", "--loadmodule", str(module_path()), binary=str(wrapper), log=True)
+    try:
+        calls: list[str] = []
+        async with running(make_app(calls, compute=0.3), url(server)):
+            got = await asyncio.gather(*(resp(server.port, "GET", "slow:v", wait=30) for _ in range(10)))
+            assert got == [b"value of slow:v"] * 10
+            assert await resp(server.port, "MGET", "slow:v", "slow:w", "x", wait=30) == [
+                b"value of slow:v", b"value of slow:w", None
+            ]
+            assert isinstance(await resp(server.port, "GET", "fail:v", wait=30), RespError)
+            # a blocked MGET whose client goes away, and a client write over a pending key
+            reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+            from .conftest import encode
+
+            writer.write(encode("MGET", "slow:gone1", "slow:gone2"))
+            await writer.drain()
+            await asyncio.sleep(0.1)
+            writer.close()
+            waiter = asyncio.ensure_future(resp(server.port, "GET", "slow:over", wait=30))
+            await asyncio.sleep(0.1)
+            await resp(server.port, "SET", "slow:over", "mine", wait=30)
+            assert await waiter == b"mine"
+            await asyncio.sleep(0.5)
+            assert isinstance(await resp(server.port, "GET", "hang:v", wait=30), RespError)
+    finally:
+        server.stop()
+    text = vlog.read_text()
+    assert "ERROR SUMMARY: 0 errors" in text, text[-3000:]
