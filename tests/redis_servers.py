@@ -161,10 +161,20 @@ class RedisCluster3:
                 ).stdout
                 for n in self.nodes
             ]
-            if all("cluster_state:ok" in s for s in states):
+            if all("cluster_state:ok" in s for s in states) and self._replicas_in_sync():
                 return
             time.sleep(0.2)
         raise RuntimeError("cluster never reached cluster_state:ok")
+
+    def _replicas_in_sync(self) -> bool:
+        """Every replica has synced with its master (one that never did cannot take over)."""
+        for n in self.nodes:
+            info = subprocess.run(
+                ["redis-cli", "-p", str(n.port), "info", "replication"], capture_output=True, text=True, timeout=5
+            ).stdout
+            if "role:slave" in info and "master_link_status:up" not in info:
+                return False
+        return True
 
     @property
     def url(self) -> str:
