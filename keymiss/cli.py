@@ -216,15 +216,25 @@ def _redis_module() -> int:
 
 
 def _worker(args: argparse.Namespace) -> int:
+    from .config import Settings
     from .errors import ConfigError
     from .server import load_app
     from .worker import parse_url, run_worker
 
+    qa = Settings(
+        model=args.model,
+        qa_dtype=args.qa_dtype or Settings.qa_dtype,
+        qa_batch_size=args.qa_batch_size or Settings.qa_batch_size,
+        qa_batch_wait_ms=args.qa_batch_wait_ms
+        if args.qa_batch_wait_ms is not None
+        else Settings.qa_batch_wait_ms,
+        corpus=args.corpus,
+    )
     try:
         parse_url(args.redis)
         km = load_app(args.app) if args.app else None
         if km is None or args.model:
-            km = _with_qa(km, args)
+            km = _with_qa(km, qa)
         km.configure(store=args.redis)  # contexts are read from the servers the worker serves
         return asyncio.run(run_worker(km, args.redis, batch=args.batch, max_in_flight=args.max_in_flight))
     except ConfigError as exc:

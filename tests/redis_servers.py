@@ -170,7 +170,10 @@ class RedisCluster3:
         """Every replica has synced with its master (one that never did cannot take over)."""
         for n in self.nodes:
             info = subprocess.run(
-                ["redis-cli", "-p", str(n.port), "info", "replication"], capture_output=True, text=True, timeout=5
+                ["redis-cli", "-p", str(n.port), "info", "replication"],
+                capture_output=True,
+                text=True,
+                timeout=5,
             ).stdout
             if "role:slave" in info and "master_link_status:up" not in info:
                 return False

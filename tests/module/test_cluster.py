@@ -34,7 +34,10 @@ def owner(cluster: RedisCluster3, key: str) -> RedisProcess:
         if node.proc is None or node.proc.poll() is not None:
             continue
         out = subprocess.run(
-            ["redis-cli", "-p", str(node.port), "CLUSTER", "KEYSLOT", key], capture_output=True, text=True, timeout=5
+            ["redis-cli", "-p", str(node.port), "CLUSTER", "KEYSLOT", key],
+            capture_output=True,
+            text=True,
+            timeout=5,
         )
         slot = int(out.stdout.strip())
         nodes = subprocess.run(

@@ -177,7 +177,16 @@ def start_worker_process(port: int, calls: Path, compute: float) -> subprocess.P
         "PYTHONPATH": str(Path(__file__).parent),
     }
     return subprocess.Popen(
-        [sys.executable, "-m", "keymiss", "worker", "--app", "worker_app:app", "--redis", f"redis://127.0.0.1:{port}"],
+        [
+            sys.executable,
+            "-m",
+            "keymiss",
+            "worker",
+            "--app",
+            "worker_app:app",
+            "--redis",
+            f"redis://127.0.0.1:{port}",
+        ],
         env=env,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
@@ -191,14 +200,21 @@ async def until(predicate: Any, seconds: float = 15.0) -> None:
         await asyncio.sleep(0.05)
 
 
-async def test_kill_9_of_the_worker_holding_a_key_hands_it_to_another(server: RedisProcess, tmp_path: Path) -> None:
+async def test_kill_9_of_the_worker_holding_a_key_hands_it_to_another(
+    server: RedisProcess, tmp_path: Path
+) -> None:
     log = tmp_path / "calls.txt"
     log.touch()
     doomed = start_worker_process(server.port, log, compute=30)
     try:
-        await until(lambda: b"workers=1" in subprocess.run(
-            ["redis-cli", "-p", str(server.port), "INFO", "keymiss"], capture_output=True, timeout=5
-        ).stdout)
+        await until(
+            lambda: (
+                b"workers=1"
+                in subprocess.run(
+                    ["redis-cli", "-p", str(server.port), "INFO", "keymiss"], capture_output=True, timeout=5
+                ).stdout
+            )
+        )
         readers = [asyncio.ensure_future(resp(server.port, "GET", "slow:held", wait=30)) for _ in range(20)]
         await until(lambda: log.read_text().splitlines() == ["slow:held"])  # the doomed worker computes it
         calls: list[str] = []
@@ -221,9 +237,14 @@ async def test_workers_reconnect_after_a_server_restart(server: RedisProcess) ->
         server.stop()
         server.start()
         await until(lambda: worker.stats.reconnects >= 1 and worker.stats.nodes)
-        await until(lambda: b"workers=1" in subprocess.run(
-            ["redis-cli", "-p", str(server.port), "INFO", "keymiss"], capture_output=True, timeout=5
-        ).stdout)
+        await until(
+            lambda: (
+                b"workers=1"
+                in subprocess.run(
+                    ["redis-cli", "-p", str(server.port), "INFO", "keymiss"], capture_output=True, timeout=5
+                ).stdout
+            )
+        )
         assert await resp(server.port, "GET", "slow:after") == b"value of slow:after"
 
 
@@ -233,13 +254,18 @@ WORKER_ACL += ["+keymiss.fail", "+get", "+mget", "+keymiss.get", "+keymiss.mget"
 
 async def test_workers_run_as_an_acl_user_limited_to_the_worker_commands(server: RedisProcess) -> None:
     assert await resp(server.port, "ACL", "SETUSER", "kmworker", *WORKER_ACL) == "OK"
-    assert await resp(server.port, "ACL", "SETUSER", "reader", "on", ">r", "~*", "-@all", "+get", "+keymiss.get") == "OK"
+    assert (
+        await resp(server.port, "ACL", "SETUSER", "reader", "on", ">r", "~*", "-@all", "+get", "+keymiss.get")
+        == "OK"
+    )
     calls: list[str] = []
     async with running(make_app(calls), f"redis://kmworker:worker-pw@127.0.0.1:{server.port}"):
         reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
         from .conftest import encode, read_reply
 
-        writer.write(encode("AUTH", "reader", "r") + encode("GET", "slow:acl") + encode("SET", "slow:acl", "x"))
+        writer.write(
+            encode("AUTH", "reader", "r") + encode("GET", "slow:acl") + encode("SET", "slow:acl", "x")
+        )
         assert await read_reply(reader) == "OK"
         assert await read_reply(reader) == b"value of slow:acl"
         assert "NOPERM" in str(await read_reply(reader))  # the reader may only read
@@ -264,7 +290,7 @@ async def test_the_module_runs_clean_under_valgrind(tmp_path: Path) -> None:
     wrapper = tmp_path / "valkey-under-valgrind"
     wrapper.write_text(
         "#!/bin/sh\nexec valgrind --error-exitcode=99 --leak-check=full --show-leak-kinds=definite "
-        f"--errors-for-leak-kinds=definite --log-file={vlog} {SERVERS['valkey']} \"$@\"\n"
+        f'--errors-for-leak-kinds=definite --log-file={vlog} {SERVERS["valkey"]} "$@"\n'
     )
     wrapper.chmod(0o755)
     server = RedisProcess(tmp_path / "vg", "--loadmodule", str(module_path()), binary=str(wrapper), log=True)
@@ -274,7 +300,9 @@ async def test_the_module_runs_clean_under_valgrind(tmp_path: Path) -> None:
             got = await asyncio.gather(*(resp(server.port, "GET", "slow:v", wait=30) for _ in range(10)))
             assert got == [b"value of slow:v"] * 10
             assert await resp(server.port, "MGET", "slow:v", "slow:w", "x", wait=30) == [
-                b"value of slow:v", b"value of slow:w", None
+                b"value of slow:v",
+                b"value of slow:w",
+                None,
             ]
             assert isinstance(await resp(server.port, "GET", "fail:v", wait=30), RespError)
             # a blocked MGET whose client goes away, and a client write over a pending key
