@@ -101,6 +101,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     worker.add_argument("--batch", type=int, default=64, help="keys taken at once (default 64)")
     worker.add_argument("--max-in-flight", type=int, default=256, help="keys computing at once (default 256)")
+    worker.add_argument(
+        "--default-ttl",
+        type=float,
+        default=7 * 24 * 3600,
+        help="seconds a value of a keyspace without a TTL is kept (default 7 days; 0: forever). With "
+        "maxmemory-policy volatile-lfu the server then evicts answers, never contexts",
+    )
     worker.add_argument("--model", help="extractive-QA checkpoint directory for the bertqa keyspace")
     worker.add_argument("--qa-dtype", help="float32 (default), bf16-autocast or bfloat16")
     worker.add_argument("--qa-batch-size", type=int, help="questions per forward pass (default 16)")
@@ -236,7 +243,15 @@ def _worker(args: argparse.Namespace) -> int:
         if km is None or args.model:
             km = _with_qa(km, qa)
         km.configure(store=args.redis)  # contexts are read from the servers the worker serves
-        return asyncio.run(run_worker(km, args.redis, batch=args.batch, max_in_flight=args.max_in_flight))
+        return asyncio.run(
+            run_worker(
+                km,
+                args.redis,
+                batch=args.batch,
+                max_in_flight=args.max_in_flight,
+                default_ttl=args.default_ttl or None,
+            )
+        )
     except ConfigError as exc:
         print(f"keymiss: {exc}", file=sys.stderr)
         return 2

@@ -103,6 +103,7 @@ class Worker:
         block_ms: int = 1000,
         refresh_seconds: float = 5.0,
         timeout: float = 5.0,
+        default_ttl: float | None = None,
     ) -> None:
         self.km = km
         self.cluster, self.url = parse_url(url)
@@ -113,6 +114,11 @@ class Worker:
         self.block_ms = block_ms
         self.refresh_seconds = refresh_seconds
         self.timeout = timeout
+        if default_ttl is not None and not default_ttl > 0:
+            raise ConfigError("default_ttl must be a positive number of seconds (or None)")
+        # a TTL for values of keyspaces without one, so that a server evicting only keys with a TTL
+        # (volatile-lfu) evicts answers, never the contexts they are computed from
+        self.default_ttl = default_ttl
         self.stats = WorkerStats()
         self._stopping = asyncio.Event()
         self._nodes: dict[str, asyncio.Task[None]] = {}
@@ -133,8 +139,9 @@ class Worker:
             glob = ks.template.glob() if ks.template is not None else ks.pattern
             timeout = (o.timeout or DEFAULT_TIMEOUT) + (o.queue_timeout or o.timeout or DEFAULT_TIMEOUT)
             args: list[Any] = ["KEYMISS.REGISTER", ks.pattern, glob]
-            if o.ttl:
-                args += ["TTL", max(1, int(o.ttl * 1000))]
+            ttl = o.ttl or self.default_ttl
+            if ttl:
+                args += ["TTL", max(1, int(ttl * 1000))]
             if o.error_ttl:
                 args += ["ERRTTL", max(1, int(o.error_ttl * 1000))]
             args += ["TIMEOUT", int((timeout + DEADLINE_MARGIN) * 1000)]
@@ -309,8 +316,9 @@ class Worker:
                 raw = key.encode("utf-8", "surrogateescape")
                 if isinstance(result, Computed):
                     args: list[Any] = ["KEYMISS.FILL", raw, token, result.value]
-                    if result.ttl:
-                        args += ["PX", max(1, int(result.ttl * 1000))]
+                    ttl = result.ttl or self.default_ttl
+                    if ttl:
+                        args += ["PX", max(1, int(ttl * 1000))]
                     pipe.execute_command(*args)
                     kinds.append("fill")
                 else:

@@ -13,6 +13,7 @@ from typing import Any
 
 import pytest
 
+from keymiss import Keymiss
 from keymiss.redis_module import module_path
 
 from ..redis_servers import RedisProcess
@@ -306,7 +307,7 @@ async def test_the_module_runs_clean_under_valgrind(tmp_path: Path) -> None:
             ]
             assert isinstance(await resp(server.port, "GET", "fail:v", wait=30), RespError)
             # a blocked MGET whose client goes away, and a client write over a pending key
-            reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+            _reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
             from .conftest import encode
 
             writer.write(encode("MGET", "slow:gone1", "slow:gone2"))
@@ -323,3 +324,41 @@ async def test_the_module_runs_clean_under_valgrind(tmp_path: Path) -> None:
         server.stop()
     text = vlog.read_text()
     assert "ERROR SUMMARY: 0 errors" in text, text[-3000:]
+
+
+async def test_under_maxmemory_volatile_lfu_evicts_answers_never_contexts(kind: str, tmp_path: Path) -> None:
+    """Contexts have no TTL; computed values always have one (the keyspace's, or the worker's
+    default): a server that evicts only keys with a TTL keeps every context."""
+    from .conftest import binary
+
+    server = RedisProcess(
+        tmp_path / "mm",
+        "--loadmodule",
+        str(module_path()),
+        "--maxmemory",
+        "4mb",
+        "--maxmemory-policy",
+        "volatile-lfu",
+        binary=binary(kind),
+    )
+    km = Keymiss(sweep_interval=0)
+
+    @km.keyspace("big:*")  # no TTL of its own
+    async def big(key: str) -> bytes:
+        return b"x" * 20_000
+
+    try:
+        contexts = [f"keymiss:ctx:doc{i}" for i in range(50)]
+        for c in contexts:
+            assert await resp(server.port, "SET", c, "y" * 10_000) == "OK"
+        async with running(km, url(server), default_ttl=3600):
+            for i in range(400):  # 8 MB of answers through a 4 MB server
+                got = await resp(server.port, "GET", f"big:{i}")
+                assert got == b"x" * 20_000, got
+            assert 0 < await resp(server.port, "TTL", "big:399") <= 3600
+        for c in contexts:
+            assert await resp(server.port, "EXISTS", c) == 1
+        info = await resp(server.port, "INFO", "stats")
+        assert int(info.split(b"evicted_keys:")[1].split(b"\r\n")[0]) > 0
+    finally:
+        server.stop()
