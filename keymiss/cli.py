@@ -243,13 +243,21 @@ def _worker(args: argparse.Namespace) -> int:
         if km is None or args.model:
             km = _with_qa(km, qa)
         km.configure(store=args.redis)  # contexts are read from the servers the worker serves
-        return asyncio.run(
-            run_worker(
-                km,
-                args.redis,
-                batch=args.batch,
-                max_in_flight=args.max_in_flight,
-                default_ttl=args.default_ttl or None,
+        try:
+            import uvloop
+
+            runner: Any = uvloop.run
+        except ImportError:
+            runner = asyncio.run
+        return int(
+            runner(
+                run_worker(
+                    km,
+                    args.redis,
+                    batch=args.batch,
+                    max_in_flight=args.max_in_flight,
+                    default_ttl=args.default_ttl or None,
+                )
             )
         )
     except ConfigError as exc:

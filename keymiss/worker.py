@@ -23,8 +23,9 @@ from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit, urlunsplit
 
 from .compute import Computed
-from .errors import ConfigError
+from .errors import ConfigError, ReplyError
 from .options import DEFAULT_TIMEOUT
+from .respclient import RespClient
 
 if TYPE_CHECKING:
     from .engine import Keymiss
@@ -128,7 +129,7 @@ class Worker:
         self._tasks: set[asyncio.Task[None]] = set()
         self._idle = asyncio.Event()
         self._idle.set()
-        self._fills: dict[str, Any] = {}
+        self._fills: dict[str, RespClient] = {}
 
     # --- what is registered --------------------------------------------------------------------------
     def registrations(self) -> list[list[Any]]:
@@ -177,8 +178,7 @@ class Worker:
                 task.cancel()
             self._nodes.clear()
             for client in self._fills.values():
-                with contextlib.suppress(Exception):
-                    await client.aclose()
+                await client.close()
             self._fills.clear()
 
     def stop(self) -> None:
@@ -222,14 +222,12 @@ class Worker:
                 await asyncio.wait_for(self._stopping.wait(), self.refresh_seconds)
 
     async def _serve_node(self, url: str) -> None:
-        from redis.exceptions import RedisError
-
         backoff = 0.1
         while not self._stopping.is_set():
             try:
                 await self._session(url)
                 backoff = 0.1
-            except (RedisError, OSError, RuntimeError) as exc:
+            except (ReplyError, OSError, ConnectionError, RuntimeError) as exc:
                 self.stats.reconnects += 1
                 self.stats.nodes.discard(url)
                 log.warning("worker lost %s (%s); retrying in %.1fs", _safe(url), exc, backoff)
@@ -237,44 +235,32 @@ class Worker:
                     await asyncio.wait_for(self._stopping.wait(), backoff)
                 backoff = min(backoff * 2, 2.0)
 
+    async def _fill_client(self, url: str) -> RespClient:
+        client = self._fills.get(url)
+        if client is None or client.closed:
+            client = self._fills[url] = await RespClient.connect(url, wait=self.timeout)
+        return client
+
     async def _session(self, url: str) -> None:
         """One connection that registers and takes (the module counts it as a live worker while it
-        is open), and a pool that fills."""
-        import redis.asyncio as aioredis
-
-        block_s = self.block_ms / 1000
-        take: Any = aioredis.Redis.from_url(
-            url,
-            single_connection_client=True,
-            socket_timeout=block_s + self.timeout,
-            socket_connect_timeout=self.timeout,
-        )
-        fill = self._fills.get(url)
-        if fill is None:
-            from redis.asyncio.retry import Retry
-            from redis.backoff import ExponentialBackoff
-
-            # a pooled connection that outlived a server restart fails once: try again on a new one
-            fill = self._fills[url] = aioredis.Redis.from_url(
-                url,
-                socket_timeout=self.timeout,
-                socket_connect_timeout=self.timeout,
-                retry=Retry(ExponentialBackoff(cap=1.0, base=0.05), 3),
-            )
+        is open); fills go over another, shared by the batches in flight."""
+        take = await RespClient.connect(url, wait=self.timeout)
         try:
             for args in self.registrations():
-                await take.execute_command(*args)
+                await take.call(args)
+            await self._fill_client(url)
             self.stats.nodes.add(url)
             log.info("worker serving %s: %s", _safe(url), ", ".join(ks.pattern for ks in self.km.registry))
             lease = self.lease_ms()
+            wait = self.block_ms / 1000 + self.timeout
             while not self._stopping.is_set():
                 room = self.max_in_flight - self._in_flight
                 if room <= 0:
                     self._room.clear()
                     await self._room.wait()
                     continue
-                reply = await take.execute_command(
-                    "KEYMISS.TAKE", min(room, self.batch), self.block_ms, lease
+                reply = await take.call(
+                    ["KEYMISS.TAKE", min(room, self.batch), self.block_ms, lease], wait=wait
                 )
                 self.stats.takes += 1
                 if not reply:
@@ -285,14 +271,12 @@ class Worker:
                 ]
                 self.stats.taken += len(pairs)
                 self._begin(len(pairs))
-                task = asyncio.get_running_loop().create_task(self._compute(fill, pairs))
+                task = asyncio.get_running_loop().create_task(self._compute(url, pairs))
                 self._tasks.add(task)
                 task.add_done_callback(self._tasks.discard)
         finally:
             self.stats.nodes.discard(url)
-            # what was taken on this connection is finished by _compute, on the fill pool
-            with contextlib.suppress(Exception):
-                await take.aclose()
+            await take.close()  # what it took is finished by _compute, on the fill connection
 
     def _begin(self, n: int) -> None:
         self._in_flight += n
@@ -304,14 +288,11 @@ class Worker:
         if self._in_flight == 0:
             self._idle.set()
 
-    async def _compute(self, fill: Any, pairs: Sequence[tuple[str, int]]) -> None:
-        from redis.exceptions import RedisError
-
+    async def _compute(self, url: str, pairs: Sequence[tuple[str, int]]) -> None:
         try:
             keys = [k for k, _ in pairs]
             results = await self.km.compute(keys)
-            pipe = fill.pipeline(transaction=False)
-            kinds = []
+            commands: list[list[Any]] = []
             for (key, token), result in zip(pairs, results, strict=True):
                 raw = key.encode("utf-8", "surrogateescape")
                 if isinstance(result, Computed):
@@ -319,28 +300,34 @@ class Worker:
                     ttl = result.ttl or self.default_ttl
                     if ttl:
                         args += ["PX", max(1, int(ttl * 1000))]
-                    pipe.execute_command(*args)
-                    kinds.append("fill")
                 else:
-                    if result is None:
-                        text = "ERR keymiss: no keyspace of this worker owns the key"
-                    else:
-                        text = _error_line(result)
-                    pipe.execute_command("KEYMISS.FAIL", raw, token, text)
-                    kinds.append("fail")
-            replies = await pipe.execute(raise_on_error=False)
-            for kind, reply in zip(kinds, replies, strict=True):
-                if isinstance(reply, Exception):
-                    log.warning("the server refused a %s: %s", kind, reply)
+                    text = (
+                        "ERR keymiss: no keyspace of this worker owns the key"
+                        if result is None
+                        else _error_line(result)
+                    )
+                    args = ["KEYMISS.FAIL", raw, token, text]
+                commands.append(args)
+            for attempt in range(3):  # a connection that outlived a server restart fails once
+                try:
+                    replies = await (await self._fill_client(url)).call_many(commands)
+                    break
+                except (OSError, ConnectionError):
+                    if attempt == 2:
+                        raise
+                    await asyncio.sleep(0.05 * (attempt + 1))
+            for args, reply in zip(commands, replies, strict=True):
+                if isinstance(reply, ReplyError):
+                    log.warning("the server refused %s: %s", args[0], reply)
                     self.stats.failures += 1
-                elif kind == "fill" and reply == 1:
+                elif args[0] == "KEYMISS.FILL" and reply == 1:
                     self.stats.fills += 1
-                elif kind == "fill":
+                elif args[0] == "KEYMISS.FILL":
                     self.stats.discarded += 1
                 else:
                     self.stats.failures += 1
-        except (RedisError, OSError, RuntimeError) as exc:
-            log.warning("could not answer %d key(s): %s (they go back to the queue)", len(pairs), exc)
+        except (OSError, ConnectionError, RuntimeError) as exc:
+            log.warning("could not answer %d key(s): %s (their leases will hand them on)", len(pairs), exc)
         finally:
             self._end(len(pairs))
 
