@@ -156,7 +156,7 @@ def hits(args: argparse.Namespace, tmp: str) -> list[str]:
             base = statistics.median(r["rps"] for r in results[(base_name, p)])
             p50 = statistics.median(r["p50"] for r in rs)
             p99 = statistics.median(r["p99"] for r in rs)
-            ratio = "" if name == base_name else f"{rps / base:.2f}"
+            ratio = f"{rps / base:.2f}" if "module" in name else ""
             if name.startswith("keymiss"):
                 ratio = f"{rps / base:.2f} (× redis-server)"
             lines.append(f"| {name} | {p} | {rps:,.0f} | {p50:.3f} | {p99:.3f} | {ratio} |")

@@ -13,6 +13,10 @@
 
 #define RM_READ (1 << 0)
 #define RM_WRITE (1 << 1)
+#define RM_OPEN_KEY_NOTOUCH (1 << 16)
+#define RM_OPEN_KEY_NONOTIFY (1 << 17)
+#define RM_OPEN_KEY_NOSTATS (1 << 18)
+#define RM_OPEN_KEY_NOEXPIRE (1 << 19)
 
 #define RM_KEYTYPE_EMPTY 0
 #define RM_KEYTYPE_STRING 1
@@ -157,6 +161,7 @@ typedef void (*RedisModuleFreePrivdata)(RedisModuleCtx *ctx, void *privdata);
     X(RedisModuleCommandFilter *, RegisterCommandFilter, (RedisModuleCtx * ctx,                     \
                                                           RedisModuleCommandFilterFunc cb,           \
                                                           int flags))                                \
+    X(RedisModuleCtx *, GetDetachedThreadSafeContext, (RedisModuleCtx * ctx))                        \
     X(int, CommandFilterArgsCount, (RedisModuleCommandFilterCtx * fctx))                             \
     X(const RedisModuleString *, CommandFilterArgGet, (RedisModuleCommandFilterCtx * fctx, int pos))\
     X(int, CommandFilterArgReplace, (RedisModuleCommandFilterCtx * fctx, int pos,                   \
@@ -166,7 +171,8 @@ typedef void (*RedisModuleFreePrivdata)(RedisModuleCtx *ctx, void *privdata);
 /* Calls only newer servers have (Redis >= 7.2, Valkey): NULL where absent. */
 #define KEYMISS_API_OPTIONAL(X)                                                                       \
     X(RedisModuleCommand *, GetCommand, (RedisModuleCtx * ctx, const char *name))                   \
-    X(int, SetCommandACLCategories, (RedisModuleCommand * command, const char *categories))
+    X(int, SetCommandACLCategories, (RedisModuleCommand * command, const char *categories))         \
+    X(int, GetOpenKeyModesAll, (void))
 
 #define KEYMISS_DECLARE(ret, name, params) KM_API __attribute__((visibility("hidden"))) ret(*KM_##name) params;
 KEYMISS_API_CALLS(KEYMISS_DECLARE)

@@ -108,6 +108,8 @@ static long long next_token = 1;
 static long long waiting; /* blocked requests */
 static int filling;       /* our own SET is running: its keyspace event is not a client's write */
 static RedisModuleString *get_name, *mget_name;
+static RedisModuleCtx *filter_ctx; /* database 0, for the filter's lookups */
+static int lookup_modes;           /* what the filter's lookups may skip, as the server allows */
 
 /* ---------------------------------------------------------------------------------------------- */
 /* Globs: Redis's syntax (* ? [abc] [^a-z] \x), matched without recursion, O(len(glob)*len(key)).  */
@@ -1042,12 +1044,28 @@ static void command_filter(RedisModuleCommandFilterCtx *f) {
     } else {
         return;
     }
+    /* A key that is present is the server's own: GET stays GET, at the server's speed. Only a
+     * command naming a missing key of a keyspace goes through keymiss. The lookup neither touches
+     * the key's LRU/LFU, counts, notifies, nor (where the server can avoid it) expires: the GET that
+     * follows does what a GET does. Database 0 is the keyspaces' database (a cluster has no other);
+     * KEYMISS.GET answers clients of other databases as a plain GET. */
+    int rewrite = 0;
     for (int i = 1; i < argc; i++) {
-        if (route_str(KM_CommandFilterArgGet(f, i)) >= 0) {
-            KM_RetainString(NULL, to); /* the filter takes one reference */
-            KM_CommandFilterArgReplace(f, 0, to);
-            return;
+        RedisModuleString *key = (RedisModuleString *)KM_CommandFilterArgGet(f, i);
+        int ks = route_str(key);
+        if (ks < 0) continue;
+        RedisModuleKey *k = KM_OpenKey(filter_ctx, key, RM_READ | lookup_modes);
+        int present = k != NULL && KM_KeyType(k) != RM_KEYTYPE_EMPTY;
+        if (k) KM_CloseKey(k);
+        if (!present) {
+            rewrite = 1;
+            break;
         }
+        if (argc == 2) keyspaces[ks]->hits++;
+    }
+    if (rewrite) {
+        KM_RetainString(NULL, to); /* the filter takes one reference */
+        KM_CommandFilterArgReplace(f, 0, to);
     }
 }
 
@@ -1127,6 +1145,13 @@ __attribute__((visibility("default"))) int RedisModule_OnLoad(RedisModuleCtx *ct
             RedisModuleCommand *c = KM_GetCommand(ctx, reads[i]);
             if (c == NULL || KM_SetCommandACLCategories(c, "read") != RM_OK) return RM_ERR;
         }
+    }
+    filter_ctx = KM_GetDetachedThreadSafeContext(ctx);
+    if (filter_ctx == NULL) return RM_ERR;
+    lookup_modes = RM_OPEN_KEY_NOTOUCH;
+    if (KM_GetOpenKeyModesAll) {
+        int all = KM_GetOpenKeyModesAll();
+        lookup_modes |= all & (RM_OPEN_KEY_NONOTIFY | RM_OPEN_KEY_NOSTATS | RM_OPEN_KEY_NOEXPIRE);
     }
     if (KM_RegisterCommandFilter(ctx, command_filter, RM_CMDFILTER_NOSELF) == NULL) return RM_ERR;
     int events = RM_NOTIFY_GENERIC | RM_NOTIFY_STRING | RM_NOTIFY_LIST | RM_NOTIFY_SET | RM_NOTIFY_HASH |

@@ -362,3 +362,54 @@ async def test_under_maxmemory_volatile_lfu_evicts_answers_never_contexts(kind: 
         assert int(info.split(b"evicted_keys:")[1].split(b"\r\n")[0]) > 0
     finally:
         server.stop()
+
+
+async def test_an_expired_value_is_computed_again_and_the_expiry_replicates(
+    kind: str, tmp_path: Path
+) -> None:
+    """The filter's lookup must not serve, or half-delete, a value past its TTL."""
+    from .conftest import binary
+
+    primary = RedisProcess(tmp_path / "p", "--loadmodule", str(module_path()), binary=binary(kind))
+    replica = RedisProcess(
+        tmp_path / "r",
+        "--loadmodule",
+        str(module_path()),
+        "--replicaof",
+        "127.0.0.1",
+        str(primary.port),
+        binary=binary(kind),
+    )
+    try:
+        await until(
+            lambda: (
+                b"master_link_status:up"
+                in subprocess.run(
+                    ["redis-cli", "-p", str(replica.port), "INFO", "replication"],
+                    capture_output=True,
+                    timeout=5,
+                ).stdout
+            )
+        )
+        calls: list[str] = []
+        async with running(make_app(calls), url(primary)):
+            assert await resp(primary.port, "SET", "slow:brief", "old", "PX", "100") == "OK"
+            assert await resp(primary.port, "GET", "slow:brief") == b"old"
+            await asyncio.sleep(0.2)
+            assert await resp(primary.port, "GET", "slow:brief") == b"value of slow:brief"
+            assert calls == ["slow:brief"]
+            await until(
+                lambda: (
+                    subprocess.run(
+                        ["redis-cli", "-p", str(replica.port), "GET", "slow:brief"],
+                        capture_output=True,
+                        timeout=5,
+                    ).stdout.strip()
+                    == b"value of slow:brief"
+                )
+            )
+            # a replica never computes: a missing key reads as missing there, at once
+            assert await resp(replica.port, "GET", "slow:not-on-replica", wait=2) is None
+    finally:
+        replica.stop()
+        primary.stop()
