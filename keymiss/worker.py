@@ -63,6 +63,8 @@ def parse_url(url: str) -> tuple[bool, str]:
         raise ConfigError(f"bad --redis URL {url!r}: use redis://host:port or redis+cluster://host:port")
     if not parts.hostname:
         raise ConfigError(f"bad --redis URL {url!r}: no host")
+    if parts.path not in ("", "/", "/0"):
+        raise ConfigError(f"bad --redis URL {url!r}: keyspaces live in database 0 (no /{parts.path[1:]})")
     clean = urlunsplit((scheme.replace("+cluster", ""), parts.netloc, parts.path, parts.query, ""))
     return scheme.endswith("+cluster"), clean
 

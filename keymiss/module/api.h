@@ -41,8 +41,14 @@
 
 #define RM_CMDFILTER_NOSELF (1 << 0)
 
+#define RM_EVENT_FLUSHDB 2
+#define RM_EVENT_LOADING 3
 #define RM_EVENT_CLIENT_CHANGE 4
+#define RM_EVENT_SWAPDB 11
 #define RM_SUBEVENT_CLIENT_CHANGE_DISCONNECTED 1
+#define RM_SUBEVENT_FLUSHDB_END 1
+#define RM_SUBEVENT_LOADING_ENDED 3
+#define RM_SUBEVENT_LOADING_FAILED 4
 
 typedef struct RedisModuleCtx RedisModuleCtx;
 typedef struct RedisModuleKey RedisModuleKey;
@@ -70,6 +76,18 @@ typedef struct RedisModuleClientInfo {
     uint16_t port;
     uint16_t db;
 } RedisModuleClientInfo;
+
+typedef struct RedisModuleFlushInfo {
+    uint64_t version;
+    int32_t sync;
+    int32_t dbnum; /* -1 for all */
+} RedisModuleFlushInfo;
+
+typedef struct RedisModuleSwapDbInfo {
+    uint64_t version;
+    int32_t dbnum_first;
+    int32_t dbnum_second;
+} RedisModuleSwapDbInfo;
 
 typedef int (*RedisModuleCmdFunc)(RedisModuleCtx *ctx, RedisModuleString **argv, int argc);
 typedef void (*RedisModuleDisconnectFunc)(RedisModuleCtx *ctx, RedisModuleBlockedClient *bc);
@@ -109,6 +127,7 @@ typedef void (*RedisModuleFreePrivdata)(RedisModuleCtx *ctx, void *privdata);
     X(int, ReplyWithNull, (RedisModuleCtx * ctx))                                                    \
     X(int, ReplyWithCallReply, (RedisModuleCtx * ctx, RedisModuleCallReply * reply))                \
     X(int, GetSelectedDb, (RedisModuleCtx * ctx))                                                    \
+    X(int, SelectDb, (RedisModuleCtx * ctx, int db))                                                 \
     X(void *, OpenKey, (RedisModuleCtx * ctx, RedisModuleString * keyname, int mode))               \
     X(void, CloseKey, (RedisModuleKey * kp))                                                         \
     X(int, KeyType, (RedisModuleKey * kp))                                                           \

@@ -27,6 +27,8 @@
 #define DEFAULT_TIMEOUT_MS 65000
 #define DEFAULT_QUEUE 10000
 #define MAX_ATTEMPTS 3
+#define MAX_GLOB 512
+#define MAX_ROUTED_KEY (64 * 1024)
 
 /* ---------------------------------------------------------------------------------------------- */
 /* State                                                                                          */
@@ -114,18 +116,26 @@ static int lookup_modes;           /* what the filter's lookups may skip, as the
 /* ---------------------------------------------------------------------------------------------- */
 /* Globs: Redis's syntax (* ? [abc] [^a-z] \x), matched without recursion, O(len(glob)*len(key)).  */
 
-static int class_match(const char **pp, const char *end, unsigned char c, int nocase) {
-    const char *p = *pp + 1; /* after '[' */
+/* A [...] class at *pp (on '['), as Redis reads one: `\x` escapes, `a-z` is a range whatever
+ * follows it, and an unterminated class runs to the end of the glob. *pp ends on its last char. */
+static int class_match(const char **pp, const char *end, unsigned char c) {
+    const char *p = *pp + 1;
     int neg = 0, hit = 0;
     if (p < end && *p == '^') {
         neg = 1;
         p++;
     }
-    while (p < end && *p != ']') {
-        if (*p == '\\' && p + 1 < end) {
+    for (;;) {
+        if (p >= end) { /* unterminated: the class ends with the glob */
+            p = end - 1;
+            break;
+        }
+        if (*p == '\\' && end - p >= 2) {
             p++;
             if ((unsigned char)*p == c) hit = 1;
-        } else if (p + 2 < end && p[1] == '-' && p[2] != ']') {
+        } else if (*p == ']') {
+            break;
+        } else if (end - p >= 3 && p[1] == '-') {
             unsigned char lo = (unsigned char)p[0], hi = (unsigned char)p[2];
             if (lo > hi) {
                 unsigned char t = lo;
@@ -139,8 +149,7 @@ static int class_match(const char **pp, const char *end, unsigned char c, int no
         }
         p++;
     }
-    *pp = p; /* at ']' (or end for an unterminated class, which then matches nothing more) */
-    (void)nocase;
+    *pp = p;
     return neg ? !hit : hit;
 }
 
@@ -163,7 +172,7 @@ static int glob_match(const char *glob, size_t glen, const char *s, size_t slen)
             }
             if (*p == '[') {
                 const char *q = p;
-                if (class_match(&q, pend, (unsigned char)*k, 0) && q < pend) {
+                if (class_match(&q, pend, (unsigned char)*k)) {
                     p = q + 1;
                     k++;
                     continue;
@@ -192,14 +201,21 @@ static size_t glob_prefix_len(const char *glob, size_t len) {
     return i;
 }
 
-/* The keyspace owning a key (the first registered that matches), or -1. */
+/* The keyspace owning a key, or -1: the first registered that matches and has a worker, else the
+ * first that matches (so a keyspace whose workers are gone never shadows a live one). Keys longer
+ * than MAX_ROUTED_KEY are no keyspace's: matching costs glob length x key length on every GET. */
 static int route(const char *key, size_t len) {
+    int idle = -1;
+    if (len > MAX_ROUTED_KEY) return -1;
     for (int i = 0; i < nkeyspaces; i++) {
         Keyspace *ks = keyspaces[i];
-        if (len < ks->prefixlen || memcmp(key, ks->glob, ks->prefixlen) != 0) continue;
-        if (glob_match(ks->glob, ks->globlen, key, len)) return i;
+        if (ks->glob == NULL || len < ks->prefixlen || memcmp(key, ks->glob, ks->prefixlen) != 0) continue;
+        if (glob_match(ks->glob, ks->globlen, key, len)) {
+            if (ks->workers > 0) return i;
+            if (idle < 0) idle = i;
+        }
     }
-    return -1;
+    return idle;
 }
 
 static int route_str(const RedisModuleString *key) {
@@ -368,6 +384,7 @@ static void entry_requeue(Entry *e) {
     ks->in_flight--;
     ks->requeues++;
     e->taker = 0;
+    e->token = next_token++; /* one taker at a time: the one whose lease passed can no longer fill */
     queue_push(e, 1);
     wake_taker(e->ks);
 }
@@ -678,9 +695,9 @@ static int cmd_register(RedisModuleCtx *ctx, RedisModuleString **argv, int argc)
     size_t nlen, glen;
     const char *name = KM_StringPtrLen(argv[1], &nlen);
     const char *glob = KM_StringPtrLen(argv[2], &glen);
-    if (nlen == 0 || glen == 0 || nlen > 1024 || glen > 1024 || memchr(name, '\0', nlen) ||
+    if (nlen == 0 || glen == 0 || nlen > MAX_GLOB || glen > MAX_GLOB || memchr(name, '\0', nlen) ||
         memchr(glob, '\0', glen))
-        return KM_ReplyWithError(ctx, "ERR keymiss: a keyspace needs a name and a glob (1 to 1024 bytes)");
+        return KM_ReplyWithError(ctx, "ERR keymiss: a keyspace needs a name and a glob (1 to 512 bytes)");
     long long ttl = 0, errttl = 0, timeout = DEFAULT_TIMEOUT_MS, queue = DEFAULT_QUEUE;
     for (int i = 3; i < argc; i += 2) {
         size_t olen;
@@ -696,13 +713,28 @@ static int cmd_register(RedisModuleCtx *ctx, RedisModuleString **argv, int argc)
     int k;
     for (k = 0; k < nkeyspaces; k++)
         if (strlen(keyspaces[k]->name) == nlen && memcmp(keyspaces[k]->name, name, nlen) == 0) break;
+    unsigned long long client = KM_GetClientId(ctx);
+    int w = worker_index(client);
     if (k == nkeyspaces) {
-        if (nkeyspaces == MAX_KEYSPACES) return KM_ReplyWithError(ctx, "ERR keymiss: too many keyspaces (64)");
-        keyspaces[k] = KM_Calloc(1, sizeof(Keyspace));
+        if (nkeyspaces == MAX_KEYSPACES) {
+            /* full: take the place of a keyspace no worker serves and nothing waits on */
+            for (k = 0; k < nkeyspaces; k++)
+                if (keyspaces[k]->workers == 0 && keyspaces[k]->queued == 0 && keyspaces[k]->in_flight == 0)
+                    break;
+            if (k == nkeyspaces) return KM_ReplyWithError(ctx, "ERR keymiss: too many keyspaces (64)");
+            KM_Free(keyspaces[k]->name);
+            KM_Free(keyspaces[k]->glob);
+            memset(keyspaces[k], 0, sizeof(Keyspace));
+        } else {
+            keyspaces[k] = KM_Calloc(1, sizeof(Keyspace));
+            nkeyspaces++;
+        }
         keyspaces[k]->name = dup_bytes(name, nlen);
-        nkeyspaces++;
     }
     Keyspace *ks = keyspaces[k];
+    int others = ks->workers - (w >= 0 && (workers[w].mask & ((uint64_t)1 << k)) ? 1 : 0);
+    if (ks->glob != NULL && (ks->globlen != glen || memcmp(ks->glob, glob, glen) != 0) && others > 0)
+        return KM_ReplyWithError(ctx, "ERR keymiss: the keyspace is served by live workers with another glob");
     if (ks->glob == NULL || ks->globlen != glen || memcmp(ks->glob, glob, glen) != 0) {
         KM_Free(ks->glob);
         ks->glob = dup_bytes(glob, glen);
@@ -713,8 +745,6 @@ static int cmd_register(RedisModuleCtx *ctx, RedisModuleString **argv, int argc)
     ks->error_ttl_ms = errttl;
     ks->timeout_ms = timeout;
     ks->queue_max = queue;
-    unsigned long long client = KM_GetClientId(ctx);
-    int w = worker_index(client);
     if (w < 0) {
         if (nworkers == MAX_WORKERS) return KM_ReplyWithError(ctx, "ERR keymiss: too many workers");
         w = nworkers++;
@@ -862,10 +892,14 @@ static int cmd_fill(RedisModuleCtx *ctx, RedisModuleString **argv, int argc) {
     }
     Keyspace *ks = keyspaces[e->ks];
     if (px == 0) px = ks->ttl_ms;
+    /* Keyspaces live in database 0, whichever database the worker's connection selected. */
+    int db = KM_GetSelectedDb(ctx);
+    if (db != 0 && KM_SelectDb(ctx, 0) != RM_OK) return KM_ReplyWithError(ctx, "ERR keymiss: cannot select db 0");
     filling = 1;
     RedisModuleCallReply *r = px > 0 ? KM_Call(ctx, "SET", "!sscl", argv[1], argv[3], "PX", px)
                                      : KM_Call(ctx, "SET", "!ss", argv[1], argv[3]);
     filling = 0;
+    if (db != 0) KM_SelectDb(ctx, db);
     if (r == NULL || KM_CallReplyType(r) == RM_REPLY_ERROR) {
         char msg[MAX_ERROR_LEN];
         snprintf(msg, sizeof(msg), "ERR keymiss: the value for keyspace '%s' could not be stored (%s)",
@@ -951,6 +985,50 @@ static void on_client_change(RedisModuleCtx *ctx, RedisModuleEvent eid, uint64_t
     KM_DictIteratorStop(it);
     for (size_t i = 0; i < nback; i++) entry_requeue(back[i]);
     KM_Free(back);
+}
+
+/* The keyspace changed wholesale (FLUSHALL/FLUSHDB, SWAPDB, a reload): every pending key resolves
+ * as if a client had written it, and the late fills are discarded. */
+static void resolve_all(void) {
+    Entry **all = NULL;
+    size_t n = 0, cap = 0;
+    RedisModuleDictIter *it = KM_DictIteratorStartC(pending, "^", NULL, 0);
+    Entry *e;
+    while (KM_DictNextC(it, NULL, (void **)&e)) {
+        if (n == cap) {
+            cap = cap ? cap * 2 : 16;
+            all = KM_Realloc(all, sizeof(Entry *) * cap);
+        }
+        all[n++] = e;
+    }
+    KM_DictIteratorStop(it);
+    for (size_t i = 0; i < n; i++) {
+        keyspaces[all[i]->ks]->superseded++;
+        entry_resolve(all[i], NULL);
+    }
+    KM_Free(all);
+}
+
+static void on_flush(RedisModuleCtx *ctx, RedisModuleEvent eid, uint64_t subevent, void *data) {
+    (void)ctx;
+    (void)eid;
+    RedisModuleFlushInfo *fi = data;
+    if (subevent == RM_SUBEVENT_FLUSHDB_END && (fi == NULL || fi->dbnum == -1 || fi->dbnum == 0)) resolve_all();
+}
+
+static void on_swapdb(RedisModuleCtx *ctx, RedisModuleEvent eid, uint64_t subevent, void *data) {
+    (void)ctx;
+    (void)eid;
+    (void)subevent;
+    RedisModuleSwapDbInfo *si = data;
+    if (si == NULL || si->dbnum_first == 0 || si->dbnum_second == 0) resolve_all();
+}
+
+static void on_loading(RedisModuleCtx *ctx, RedisModuleEvent eid, uint64_t subevent, void *data) {
+    (void)ctx;
+    (void)eid;
+    (void)data;
+    if (subevent == RM_SUBEVENT_LOADING_ENDED || subevent == RM_SUBEVENT_LOADING_FAILED) resolve_all();
 }
 
 static void on_tick(RedisModuleCtx *ctx, void *data) {
@@ -1117,49 +1195,59 @@ static void on_info(RedisModuleInfoCtx *ctx, int for_crash_report) {
 /* ---------------------------------------------------------------------------------------------- */
 /* Loading                                                                                        */
 
+static int load_failed(RedisModuleCtx *ctx, int line) {
+    KM_Log(ctx, "warning", "keymiss: the module could not initialise (keymiss.c line %d)", line);
+    return RM_ERR;
+}
+
 __attribute__((visibility("default"))) int RedisModule_OnLoad(RedisModuleCtx *ctx, RedisModuleString **argv, int argc) {
     (void)argv;
-    if (keymiss_api_init(ctx, "keymiss", KM_VERSION) != RM_OK) return RM_ERR;
+    if (keymiss_api_init(ctx, "keymiss", KM_VERSION) != RM_OK) return RM_ERR; /* no API: nothing to log with */
     if (argc != 0) {
         KM_Log(ctx, "warning", "keymiss: the module takes no arguments");
-        return RM_ERR;
+        return load_failed(ctx, __LINE__);
     }
     pending = KM_CreateDict(NULL);
     errors = KM_CreateDict(NULL);
     requests = KM_CreateDict(NULL);
     get_name = KM_CreateString(NULL, "keymiss.get", 11);
     mget_name = KM_CreateString(NULL, "keymiss.mget", 12);
-    if (!pending || !errors || !requests || !get_name || !mget_name) return RM_ERR;
+    if (!pending || !errors || !requests || !get_name || !mget_name) return load_failed(ctx, __LINE__);
     if (KM_CreateCommand(ctx, "keymiss.get", cmd_get, "readonly", 1, 1, 1) != RM_OK ||
         KM_CreateCommand(ctx, "keymiss.mget", cmd_mget, "readonly", 1, -1, 1) != RM_OK ||
-        KM_CreateCommand(ctx, "keymiss.register", cmd_register, "", 0, 0, 0) != RM_OK ||
-        KM_CreateCommand(ctx, "keymiss.take", cmd_take, "", 0, 0, 0) != RM_OK ||
+        KM_CreateCommand(ctx, "keymiss.register", cmd_register, "deny-script", 0, 0, 0) != RM_OK ||
+        KM_CreateCommand(ctx, "keymiss.take", cmd_take, "deny-script", 0, 0, 0) != RM_OK ||
         KM_CreateCommand(ctx, "keymiss.fill", cmd_fill, "write deny-oom", 1, 1, 1) != RM_OK ||
         KM_CreateCommand(ctx, "keymiss.fail", cmd_fail, "", 1, 1, 1) != RM_OK)
-        return RM_ERR;
+        return load_failed(ctx, __LINE__);
     /* Where the server has ACL categories for module commands, a user allowed @read may read
      * keyspaces; elsewhere (Redis 7.0) a user listing commands needs +keymiss.get +keymiss.mget. */
     if (KM_GetCommand && KM_SetCommandACLCategories) {
         const char *reads[] = {"keymiss.get", "keymiss.mget"};
         for (int i = 0; i < 2; i++) {
             RedisModuleCommand *c = KM_GetCommand(ctx, reads[i]);
-            if (c == NULL || KM_SetCommandACLCategories(c, "read") != RM_OK) return RM_ERR;
+            if (c == NULL || KM_SetCommandACLCategories(c, "read") != RM_OK) return load_failed(ctx, __LINE__);
         }
     }
     filter_ctx = KM_GetDetachedThreadSafeContext(ctx);
-    if (filter_ctx == NULL) return RM_ERR;
+    if (filter_ctx == NULL) return load_failed(ctx, __LINE__);
     lookup_modes = RM_OPEN_KEY_NOTOUCH;
     if (KM_GetOpenKeyModesAll) {
         int all = KM_GetOpenKeyModesAll();
         lookup_modes |= all & (RM_OPEN_KEY_NONOTIFY | RM_OPEN_KEY_NOSTATS | RM_OPEN_KEY_NOEXPIRE);
     }
-    if (KM_RegisterCommandFilter(ctx, command_filter, RM_CMDFILTER_NOSELF) == NULL) return RM_ERR;
+    if (KM_RegisterCommandFilter(ctx, command_filter, RM_CMDFILTER_NOSELF) == NULL) return load_failed(ctx, __LINE__);
     int events = RM_NOTIFY_GENERIC | RM_NOTIFY_STRING | RM_NOTIFY_LIST | RM_NOTIFY_SET | RM_NOTIFY_HASH |
                  RM_NOTIFY_ZSET | RM_NOTIFY_EXPIRED | RM_NOTIFY_EVICTED | RM_NOTIFY_STREAM;
-    if (KM_SubscribeToKeyspaceEvents(ctx, events, on_keyspace_event) != RM_OK) return RM_ERR;
+    if (KM_SubscribeToKeyspaceEvents(ctx, events, on_keyspace_event) != RM_OK) return load_failed(ctx, __LINE__);
     RedisModuleEvent client_change = {RM_EVENT_CLIENT_CHANGE, 1};
-    if (KM_SubscribeToServerEvent(ctx, client_change, on_client_change) != RM_OK) return RM_ERR;
-    if (KM_RegisterInfoFunc(ctx, on_info) != RM_OK) return RM_ERR;
+    if (KM_SubscribeToServerEvent(ctx, client_change, on_client_change) != RM_OK) return load_failed(ctx, __LINE__);
+    RedisModuleEvent flush = {RM_EVENT_FLUSHDB, 1}, swapdb = {RM_EVENT_SWAPDB, 1}, loading = {RM_EVENT_LOADING, 1};
+    if (KM_SubscribeToServerEvent(ctx, flush, on_flush) != RM_OK ||
+        KM_SubscribeToServerEvent(ctx, swapdb, on_swapdb) != RM_OK ||
+        KM_SubscribeToServerEvent(ctx, loading, on_loading) != RM_OK)
+        return load_failed(ctx, __LINE__);
+    if (KM_RegisterInfoFunc(ctx, on_info) != RM_OK) return load_failed(ctx, __LINE__);
     KM_CreateTimer(ctx, TICK_MS, on_tick, NULL);
     return RM_OK;
 }

@@ -55,6 +55,8 @@ async def test_mget_mixes_hits_misses_and_foreign_keys(server: RedisProcess) -> 
         got = await resp(server.port, "MGET", "slow:hit", "slow:m1", "plain", "slow:m2", "slow:m1")
         assert got == [b"stored", b"value of slow:m1", None, b"value of slow:m2", b"value of slow:m1"]
         assert sorted(calls) == ["slow:m1", "slow:m2"]
+        assert await resp(server.port, "GETEX", "slow:gx") == b"value of slow:gx"  # GETEX key: a GET
+        assert await resp(server.port, "GETEX", "slow:gy", "EX", "5") is None  # with options: the server's
 
 
 async def test_handler_errors_and_timeouts_reach_every_waiter(server: RedisProcess) -> None:
@@ -413,3 +415,151 @@ async def test_an_expired_value_is_computed_again_and_the_expiry_replicates(
     finally:
         replica.stop()
         primary.stop()
+
+
+# --- found by trying to break it ------------------------------------------------------------------
+
+
+async def raw_worker(port: int, *registers: list[str]) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    from .conftest import encode, read_reply
+
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    for args in registers:
+        writer.write(encode("KEYMISS.REGISTER", *args))
+        assert await read_reply(reader) == "OK"
+    return reader, writer
+
+
+async def call(conn: tuple[asyncio.StreamReader, asyncio.StreamWriter], *args: Any) -> Any:
+    from .conftest import encode, read_reply
+
+    conn[1].write(encode(*args))
+    return await asyncio.wait_for(read_reply(conn[0]), 10)
+
+
+async def test_a_fill_from_a_worker_in_another_database_lands_in_database_0(server: RedisProcess) -> None:
+    from keymiss.errors import ConfigError
+    from keymiss.worker import parse_url
+
+    with pytest.raises(ConfigError, match="database 0"):
+        parse_url(f"redis://127.0.0.1:{server.port}/1")
+    w = await raw_worker(server.port, ["s", "slow:*"])
+    assert await call(w, "SELECT", "1") == "OK"
+    reader = asyncio.ensure_future(resp(server.port, "GET", "slow:db"))
+    await asyncio.sleep(0.1)
+    key, token = await call(w, "KEYMISS.TAKE", "10", "1000", "10000")
+    assert await call(w, "KEYMISS.FILL", key, token, "computed") == 1
+    assert await reader == b"computed"
+    assert await resp(server.port, "GET", "slow:db") == b"computed"
+    assert await call(w, "GET", "slow:db") is None  # nothing in the worker's database 1
+    w[1].close()
+
+
+@pytest.mark.parametrize("wholesale", [["SWAPDB", "0", "1"], ["FLUSHALL"], ["FLUSHDB"]])
+async def test_swapdb_and_flushes_resolve_pending_keys_and_discard_late_fills(
+    server: RedisProcess, wholesale: list[str]
+) -> None:
+    w = await raw_worker(server.port, ["s", "slow:*"])
+    reader = asyncio.ensure_future(resp(server.port, "GET", "slow:s"))
+    await asyncio.sleep(0.1)
+    key, token = await call(w, "KEYMISS.TAKE", "10", "1000", "10000")
+    assert await call(w, "SELECT", "1") == "OK"
+    assert await call(w, "SET", "slow:s", "client") == "OK"  # what SWAPDB brings into db 0
+    assert await call(w, "SELECT", "0") == "OK"
+    assert await resp(server.port, *wholesale) == "OK"
+    expected = b"client" if wholesale[0] == "SWAPDB" else None
+    assert await asyncio.wait_for(reader, 5) == expected
+    assert await call(w, "KEYMISS.FILL", key, token, "STALE") == 0
+    assert await call(w, "EXISTS", "slow:s") == (1 if expected else 0)  # the stale fill stored nothing
+    if expected:
+        assert await call(w, "GET", "slow:s") == expected
+    w[1].close()
+
+
+async def test_a_keyspace_whose_workers_are_gone_never_shadows_a_live_one(server: RedisProcess) -> None:
+    stale = await raw_worker(server.port, ["old", "slow:*"])
+    stale[1].close()
+    await asyncio.sleep(0.1)
+    calls: list[str] = []
+    async with running(make_app(calls), url(server)):
+        assert await resp(server.port, "GET", "slow:q1") == b"value of slow:q1"
+
+
+async def test_a_live_keyspace_cannot_be_retargeted_by_another_connection(server: RedisProcess) -> None:
+    calls: list[str] = []
+    async with running(make_app(calls), url(server)):
+        err = await resp(server.port, "KEYMISS.REGISTER", "slow:*", "*")
+        assert isinstance(err, RespError) and "another glob" in str(err)
+        assert await resp(server.port, "GET", "session:nope") is None
+
+
+async def test_keyspaces_nobody_serves_give_way_when_the_table_is_full(server: RedisProcess) -> None:
+    for i in range(66):
+        got = await resp(server.port, "KEYMISS.REGISTER", f"junk{i}", f"junk{i}:*")
+        assert got == "OK", got  # each from a connection that closes: no worker keeps it
+    calls: list[str] = []
+    async with running(make_app(calls), url(server)):
+        assert await resp(server.port, "GET", "slow:after-junk") == b"value of slow:after-junk"
+
+
+async def test_scripts_cannot_register_or_take(server: RedisProcess) -> None:
+    for script in (
+        "return redis.call('KEYMISS.REGISTER','lua','lua:*')",
+        "return redis.call('KEYMISS.TAKE',1,0,1000)",
+    ):
+        assert isinstance(await resp(server.port, "EVAL", script, "0"), RespError)
+    assert isinstance(await resp(server.port, "GET", "lua:1"), type(None))  # no keyspace was made
+
+
+async def test_a_requeued_key_gets_a_new_token_so_only_its_current_taker_fills(server: RedisProcess) -> None:
+    a = await raw_worker(server.port, ["s", "slow:*"])
+    b = await raw_worker(server.port, ["s", "slow:*"])
+    reader = asyncio.ensure_future(resp(server.port, "GET", "slow:tok"))
+    await asyncio.sleep(0.1)
+    key, old = await call(a, "KEYMISS.TAKE", "10", "1000", "100")  # a 100 ms lease
+    await asyncio.sleep(0.3)
+    key2, new = await call(b, "KEYMISS.TAKE", "10", "1000", "10000")
+    assert key2 == key and new != old
+    assert await call(a, "KEYMISS.FILL", key, old, "OLD") == 0
+    assert await call(b, "KEYMISS.FILL", key, new, "NEW") == 1
+    assert await reader == b"NEW"
+    a[1].close()
+    b[1].close()
+
+
+@pytest.mark.parametrize(
+    ("glob", "key"),
+    [
+        ("slow:*", "slow:x"),
+        ("a?c", "abc"),
+        ("a\\*b", "a*b"),
+        ("a\\*b", "axb"),
+        ("[a-c]x", "bx"),
+        ("[^a]x", "ax"),
+        ("[^a]x", "bx"),
+        ("[b", "b"),
+        ("[^", "*"),
+        ("*[a?", "a"),
+        ("[*-]^]", "?"),
+        ("[*-]^]", "-"),
+        ("[*-]^]", "\\"),
+        ("[]a]", "a"),
+        ("x[c-a]", "xb"),
+        ("*a*a*a*b", "aaaaaaaaaaaaaaaaab"),
+        ("*a*a*a*b", "aaaaaaaaaaaaaaaaaa"),
+    ],
+)
+async def test_keyspace_globs_match_as_redis_keys_does(server: RedisProcess, glob: str, key: str) -> None:
+    assert await resp(server.port, "KEYMISS.REGISTER", "g", glob) == "OK"  # its connection closes
+    await resp(server.port, "SELECT", "1")
+    reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+    from .conftest import encode, read_reply
+
+    writer.write(encode("SELECT", "1") + encode("SET", key, "v") + encode("KEYS", glob) + encode("FLUSHDB"))
+    await read_reply(reader)
+    await read_reply(reader)
+    redis_matches = key.encode() in await read_reply(reader)
+    await read_reply(reader)
+    writer.close()
+    got = await resp(server.port, "GET", key)  # routed: "no worker"; not routed: a plain nil
+    assert isinstance(got, RespError) == redis_matches, (glob, key, got)
