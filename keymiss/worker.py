@@ -276,9 +276,13 @@ class Worker:
                 task = asyncio.get_running_loop().create_task(self._compute(url, pairs))
                 self._tasks.add(task)
                 task.add_done_callback(self._tasks.discard)
+            # draining: the module requeues what a closed connection took, so this one stays open
+            # until what was taken is answered (or its lease runs out)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._idle.wait(), lease / 1000)
         finally:
             self.stats.nodes.discard(url)
-            await take.close()  # what it took is finished by _compute, on the fill connection
+            await take.close()
 
     def _begin(self, n: int) -> None:
         self._in_flight += n

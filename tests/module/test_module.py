@@ -563,3 +563,28 @@ async def test_keyspace_globs_match_as_redis_keys_does(server: RedisProcess, glo
     writer.close()
     got = await resp(server.port, "GET", key)  # routed: "no worker"; not routed: a plain nil
     assert isinstance(got, RespError) == redis_matches, (glob, key, got)
+
+
+async def test_sigterm_drains_a_worker_what_it_took_is_finished(server: RedisProcess, tmp_path: Path) -> None:
+    log = tmp_path / "calls.txt"
+    log.touch()
+    proc = start_worker_process(server.port, log, compute=1.5)
+    try:
+        await until(
+            lambda: (
+                b"workers=1"
+                in subprocess.run(
+                    ["redis-cli", "-p", str(server.port), "INFO", "keymiss"], capture_output=True, timeout=5
+                ).stdout
+            )
+        )
+        reader = asyncio.ensure_future(resp(server.port, "GET", "slow:drain", wait=30))
+        await until(lambda: log.read_text().splitlines() == ["slow:drain"])
+        proc.terminate()  # SIGTERM while the key is computing
+        assert await reader == b"value of slow:drain"
+        assert await asyncio.to_thread(proc.wait, 20) == 0
+        err = await resp(server.port, "GET", "slow:after-drain")
+        assert isinstance(err, RespError) and "no worker" in str(err)
+    finally:
+        proc.kill()
+        proc.wait(10)
