@@ -38,6 +38,8 @@
 #define RM_NOTIFY_EXPIRED (1 << 8)
 #define RM_NOTIFY_EVICTED (1 << 9)
 #define RM_NOTIFY_STREAM (1 << 10)
+#define RM_NOTIFY_MODULE (1 << 13)
+#define RM_NOTIFY_NEW (1 << 14)
 
 #define RM_CMDFILTER_NOSELF (1 << 0)
 

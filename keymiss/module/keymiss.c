@@ -28,7 +28,8 @@
 #define DEFAULT_QUEUE 10000
 #define MAX_ATTEMPTS 3
 #define MAX_GLOB 512
-#define MAX_ROUTED_KEY (64 * 1024)
+#define MAX_ROUTED_KEY (4 * 1024)
+#define MAX_QUEUE 1000000
 
 /* ---------------------------------------------------------------------------------------------- */
 /* State                                                                                          */
@@ -84,7 +85,7 @@ typedef struct Taker {
     RedisModuleBlockedClient *bc;
     unsigned long long client;
     uint64_t mask;
-    long long count, lease_ms;
+    long long count, lease_ms, deadline;
     struct Taker *next;
     int woken;
 } Taker;
@@ -106,7 +107,8 @@ static int nworkers;
 static Taker *takers;
 static RedisModuleDict *pending; /* key bytes -> Entry */
 static RedisModuleDict *errors;  /* key bytes -> ErrorRecord */
-static long long next_token = 1;
+static long long next_token = 1; /* see new_token() */
+static uint64_t token_key;        /* random at load: tokens cannot be guessed from one's own */
 static long long waiting; /* blocked requests */
 static int filling;       /* our own SET is running: its keyspace event is not a client's write */
 static RedisModuleString *get_name, *mget_name;
@@ -240,7 +242,9 @@ static char *error_line(const char *msg, size_t len) {
     int coded = 0;
     size_t i = 0;
     while (i < len && isupper((unsigned char)msg[i])) i++;
-    if (i > 0 && (i == len || msg[i] == ' ')) coded = 1;
+    /* ERR or BUSY only: a worker's text must never pass for a MOVED, ASK or LOADING redirect */
+    if ((i == 3 && memcmp(msg, "ERR", 3) == 0) || (i == 4 && memcmp(msg, "BUSY", 4) == 0))
+        coded = i == len || msg[i] == ' ';
     char *out = KM_Alloc(len + 5);
     size_t n = 0;
     if (!coded) {
@@ -315,11 +319,21 @@ static void wake_taker(int ks) {
     }
 }
 
+/* A fresh token: a counter mixed with a secret (splitmix64), never 0, positive. */
+static long long new_token(void) {
+    uint64_t z = (uint64_t)(next_token++) + token_key;
+    z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ULL;
+    z = (z ^ (z >> 27)) * 0x94d049bb133111ebULL;
+    z ^= z >> 31;
+    z &= 0x3fffffffffffffffULL;
+    return z ? (long long)z : 1;
+}
+
 static Entry *entry_new(RedisModuleString *key, int ks, long long now) {
     Entry *e = KM_Calloc(1, sizeof(*e));
     e->key = KM_CreateStringFromString(NULL, key);
     e->ks = ks;
-    e->token = next_token++;
+    e->token = new_token();
     e->deadline = now + keyspaces[ks]->timeout_ms;
     size_t len;
     const char *p = KM_StringPtrLen(e->key, &len);
@@ -340,13 +354,15 @@ static void entry_add_waiter(Entry *e, Request *req, int idx) {
     e->nwaiters++;
 }
 
-static void entry_drop_waiter(Entry *e, Request *req, int idx) {
+/* Every slot of `req` leaves `e`, in one pass over e's waiters (an MGET may name a key many times:
+ * slot by slot this was quadratic). */
+static void entry_drop_request(Entry *e, Request *req) {
+    int n = 0;
     for (int i = 0; i < e->nwaiters; i++) {
-        if (e->waiters[i].req == req && e->waiters[i].idx == idx) {
-            e->waiters[i] = e->waiters[--e->nwaiters];
-            return;
-        }
+        if (e->waiters[i].req == req) req->entries[e->waiters[i].idx] = NULL;
+        else e->waiters[n++] = e->waiters[i];
     }
+    e->nwaiters = n;
 }
 
 static RedisModuleDict *requests; /* blocked requests by handle (timeout and disconnect get no privdata) */
@@ -378,13 +394,23 @@ static void entry_resolve(Entry *e, const char *err) {
     KM_Free(e);
 }
 
+static void entry_resolve(Entry *e, const char *err);
+
 static void entry_requeue(Entry *e) {
     Keyspace *ks = keyspaces[e->ks];
     if (e->state != TAKEN) return;
+    if (e->attempts >= MAX_ATTEMPTS) { /* a key that keeps losing its workers (or killing them) */
+        char msg[MAX_ERROR_LEN];
+        ks->failures++;
+        snprintf(msg, sizeof(msg), "ERR keymiss: keyspace '%s' lost the key's computation %d times", ks->name,
+                 e->attempts);
+        entry_resolve(e, msg);
+        return;
+    }
     ks->in_flight--;
     ks->requeues++;
     e->taker = 0;
-    e->token = next_token++; /* one taker at a time: the one whose lease passed can no longer fill */
+    e->token = new_token(); /* one taker at a time: the one whose lease passed can no longer fill */
     queue_push(e, 1);
     wake_taker(e->ks);
 }
@@ -433,24 +459,20 @@ static const char *error_fresh(const RedisModuleString *key, long long now) {
 /* ---------------------------------------------------------------------------------------------- */
 /* GET / MGET                                                                                     */
 
-/* Reply with an open key's value: bulk, nil, or (for GET only) WRONGTYPE; closes the key. */
-static void reply_key(RedisModuleCtx *ctx, RedisModuleKey *k, int single) {
-    if (k == NULL || KM_KeyType(k) == RM_KEYTYPE_EMPTY) {
-        KM_ReplyWithNull(ctx);
-    } else if (KM_KeyType(k) != RM_KEYTYPE_STRING) {
-        if (single) KM_ReplyWithError(ctx, "WRONGTYPE Operation against a key holding the wrong kind of value");
-        else KM_ReplyWithNull(ctx);
-    } else {
-        size_t len;
-        const char *v = KM_StringDMA(k, &len, RM_READ);
-        KM_ReplyWithStringBuffer(ctx, v ? v : "", v ? len : 0);
-    }
-    if (k) KM_CloseKey(k);
+/* Reply with the key's current value, read by the server's own GET (the filter leaves the module's
+ * calls alone): bulk, nil, or for GET a WRONGTYPE error (an MGET reads another type as nil).
+ * Reading through the module key API instead would rewrite small values' encoding on every read. */
+static void reply_value(RedisModuleCtx *ctx, RedisModuleString *key, int single) {
+    RedisModuleCallReply *r = KM_Call(ctx, "GET", "s", key);
+    if (r == NULL) KM_ReplyWithNull(ctx);
+    else if (KM_CallReplyType(r) == RM_REPLY_ERROR && !single) KM_ReplyWithNull(ctx);
+    else KM_ReplyWithCallReply(ctx, r);
+    if (r) KM_FreeCallReply(r);
 }
 
-/* Reply with the key's current value. */
-static void reply_value(RedisModuleCtx *ctx, RedisModuleString *key, int single) {
-    reply_key(ctx, KM_OpenKey(ctx, key, RM_READ), single);
+static void reply_key(RedisModuleCtx *ctx, RedisModuleKey *k, RedisModuleString *key, int single) {
+    if (k) KM_CloseKey(k);
+    reply_value(ctx, key, single);
 }
 
 /* 1 if the key holds a value (of any type), 0 if it is missing. */
@@ -490,12 +512,8 @@ static int request_reply(RedisModuleCtx *ctx, RedisModuleString **argv, int argc
 
 /* Stop waiting: the client timed out or went away. Its slots leave their entries, which go on. */
 static void request_abandon(Request *req) {
-    for (int i = 0; i < req->nkeys; i++) {
-        if (req->entries[i]) {
-            entry_drop_waiter(req->entries[i], req, i);
-            req->entries[i] = NULL;
-        }
-    }
+    for (int i = 0; i < req->nkeys; i++)
+        if (req->entries[i]) entry_drop_request(req->entries[i], req);
     req->pending = 0;
     waiting--;
     KM_UnblockClient(req->bc, req); /* frees it: no reply is sent to a client no longer blocked */
@@ -556,7 +574,7 @@ static int serve(RedisModuleCtx *ctx, RedisModuleString **keys, int nkeys, int s
         RedisModuleKey *key = KM_OpenKey(ctx, keys[0], RM_READ);
         if (k < 0 || (key != NULL && KM_KeyType(key) != RM_KEYTYPE_EMPTY)) {
             if (k >= 0) keyspaces[k]->hits++;
-            reply_key(ctx, key, 1);
+            reply_key(ctx, key, keys[0], 1);
             return RM_OK;
         }
         if (key) KM_CloseKey(key);
@@ -637,20 +655,17 @@ static int serve(RedisModuleCtx *ctx, RedisModuleString **keys, int nkeys, int s
     req->errors = errs;
     ents = NULL;
     errs = NULL;
-    long long block_ms = 0;
     for (int i = 0; i < nkeys; i++) {
         req->keys[i] = KM_CreateStringFromString(NULL, keys[i]);
-        if (req->entries[i]) {
-            entry_add_waiter(req->entries[i], req, i);
-            long long left = req->entries[i]->deadline - now;
-            if (left > block_ms) block_ms = left;
-        }
+        if (req->entries[i]) entry_add_waiter(req->entries[i], req, i);
     }
-    /* The entry's own deadline answers first; the block timeout is the backstop. */
-    req->bc = KM_BlockClient(ctx, request_reply, request_timeout, free_request, block_ms + 1000);
+    /* No server timeout: every entry has a deadline the tick enforces, which answers the request.
+     * (Redis 7.0 drops the reply of a client unblocked in the loop iteration its server timeout
+     * comes due.) The timeout callback still serves CLIENT UNBLOCK. */
+    req->bc = KM_BlockClient(ctx, request_reply, request_timeout, free_request, 0);
     if (req->bc == NULL) { /* cannot happen where blocking is allowed; answer nil rather than hang */
         for (int i = 0; i < nkeys; i++)
-            if (req->entries[i]) entry_drop_waiter(req->entries[i], req, i);
+            if (req->entries[i]) entry_drop_request(req->entries[i], req);
         free_request(ctx, req);
         if (!single) KM_ReplyWithArray(ctx, nkeys);
         for (int i = 0; i < nkeys; i++) KM_ReplyWithNull(ctx);
@@ -706,7 +721,8 @@ static int cmd_register(RedisModuleCtx *ctx, RedisModuleString **argv, int argc)
         if (olen == 3 && strncasecmp(opt, "TTL", 3) == 0) ok = parse_ms(argv[i + 1], &ttl, 0);
         else if (olen == 6 && strncasecmp(opt, "ERRTTL", 6) == 0) ok = parse_ms(argv[i + 1], &errttl, 0);
         else if (olen == 7 && strncasecmp(opt, "TIMEOUT", 7) == 0) ok = parse_ms(argv[i + 1], &timeout, 1);
-        else if (olen == 5 && strncasecmp(opt, "QUEUE", 5) == 0) ok = parse_ms(argv[i + 1], &queue, 1);
+        else if (olen == 5 && strncasecmp(opt, "QUEUE", 5) == 0)
+            ok = parse_ms(argv[i + 1], &queue, 1) == RM_OK && queue <= MAX_QUEUE ? RM_OK : RM_ERR;
         else return KM_ReplyWithError(ctx, "ERR keymiss: unknown option (TTL, ERRTTL, TIMEOUT, QUEUE)");
         if (ok != RM_OK) return KM_ReplyWithError(ctx, "ERR keymiss: option value is not a valid number");
     }
@@ -856,7 +872,8 @@ static int cmd_take(RedisModuleCtx *ctx, RedisModuleString **argv, int argc) {
     t->mask = mask;
     t->count = count;
     t->lease_ms = lease_ms;
-    t->bc = KM_BlockClient(ctx, take_reply, take_timeout, free_taker, block_ms);
+    t->deadline = KM_Milliseconds() + block_ms; /* the tick answers it then (no server timeout) */
+    t->bc = KM_BlockClient(ctx, take_reply, take_timeout, free_taker, 0);
     if (t->bc == NULL) {
         KM_Free(t);
         return KM_ReplyWithArray(ctx, 0);
@@ -1094,6 +1111,17 @@ static void on_tick(RedisModuleCtx *ctx, void *data) {
         KM_Free(gone);
         KM_Free(lens);
     }
+    /* Takes whose block time is over answer (with what is queued, if anything). */
+    for (Taker **pp = &takers; *pp;) {
+        Taker *t = *pp;
+        if (now >= t->deadline) {
+            *pp = t->next;
+            t->woken = 1;
+            KM_UnblockClient(t->bc, t);
+        } else {
+            pp = &t->next;
+        }
+    }
     /* A woken taker may have gone before taking: queued keys wake another. */
     for (int k = 0; k < nkeyspaces; k++)
         if (keyspaces[k]->qhead) wake_taker(k);
@@ -1207,6 +1235,9 @@ __attribute__((visibility("default"))) int RedisModule_OnLoad(RedisModuleCtx *ct
         KM_Log(ctx, "warning", "keymiss: the module takes no arguments");
         return load_failed(ctx, __LINE__);
     }
+    FILE *rnd = fopen("/dev/urandom", "rb");
+    if (rnd == NULL || fread(&token_key, sizeof(token_key), 1, rnd) != 1) token_key = (uint64_t)KM_Milliseconds();
+    if (rnd) fclose(rnd);
     pending = KM_CreateDict(NULL);
     errors = KM_CreateDict(NULL);
     requests = KM_CreateDict(NULL);
@@ -1238,7 +1269,8 @@ __attribute__((visibility("default"))) int RedisModule_OnLoad(RedisModuleCtx *ct
     }
     if (KM_RegisterCommandFilter(ctx, command_filter, RM_CMDFILTER_NOSELF) == NULL) return load_failed(ctx, __LINE__);
     int events = RM_NOTIFY_GENERIC | RM_NOTIFY_STRING | RM_NOTIFY_LIST | RM_NOTIFY_SET | RM_NOTIFY_HASH |
-                 RM_NOTIFY_ZSET | RM_NOTIFY_EXPIRED | RM_NOTIFY_EVICTED | RM_NOTIFY_STREAM;
+                 RM_NOTIFY_ZSET | RM_NOTIFY_EXPIRED | RM_NOTIFY_EVICTED | RM_NOTIFY_STREAM | RM_NOTIFY_MODULE |
+                 RM_NOTIFY_NEW;
     if (KM_SubscribeToKeyspaceEvents(ctx, events, on_keyspace_event) != RM_OK) return load_failed(ctx, __LINE__);
     RedisModuleEvent client_change = {RM_EVENT_CLIENT_CHANGE, 1};
     if (KM_SubscribeToServerEvent(ctx, client_change, on_client_change) != RM_OK) return load_failed(ctx, __LINE__);

@@ -588,3 +588,75 @@ async def test_sigterm_drains_a_worker_what_it_took_is_finished(server: RedisPro
     finally:
         proc.kill()
         proc.wait(10)
+
+
+# --- found by reading the module's code ---------------------------------------------------------
+
+
+async def test_an_mget_naming_one_missing_key_100k_times_then_leaving_does_not_stall_the_server(
+    server: RedisProcess,
+) -> None:
+    w = await raw_worker(server.port, ["s", "slow:*"])
+    from .conftest import encode
+
+    _reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+    writer.write(encode("MGET", *(["slow:same"] * 100_000)))
+    await writer.drain()
+    await asyncio.sleep(0.5)
+    writer.close()  # abandoning 100k slots of one entry: one pass, not 100k
+    t0 = time.monotonic()
+    assert await resp(server.port, "PING", wait=5) == "PONG"
+    assert time.monotonic() - t0 < 0.5
+    w[1].close()
+
+
+async def test_a_take_unblocked_right_after_a_stall_still_gets_its_reply(server: RedisProcess) -> None:
+    """Redis 7.0 dropped the reply of a client unblocked in the loop iteration its server-side
+    block timeout came due: a worker's TAKE, woken by a GET that ran after a long script."""
+    w = await raw_worker(server.port, ["s", "slow:*"])
+    from .conftest import encode, read_reply
+
+    w[1].write(encode("KEYMISS.TAKE", "10", "1000", "30000"))
+    await w[1].drain()
+    await asyncio.sleep(0.1)
+    reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+    busy = (
+        "local t = redis.call('TIME') local s = t[1] + t[2] / 1e6 "
+        "repeat t = redis.call('TIME') until t[1] + t[2] / 1e6 > s + 1.5 return 1"
+    )
+    writer.write(encode("EVAL", busy, "0") + encode("GET", "slow:stalled"))
+    await writer.drain()
+    taken = await asyncio.wait_for(read_reply(w[0]), 10)
+    assert taken and taken[0] == b"slow:stalled", taken
+    assert await call(w, "KEYMISS.FILL", taken[0], taken[1], "v") == 1
+    assert await asyncio.wait_for(read_reply(reader), 5) == 1
+    assert await asyncio.wait_for(read_reply(reader), 5) == b"v"
+    writer.close()
+    w[1].close()
+
+
+async def test_a_workers_error_text_never_passes_for_a_redirect(server: RedisProcess) -> None:
+    w = await raw_worker(server.port, ["s", "slow:*"])
+    reader = asyncio.ensure_future(resp(server.port, "GET", "slow:evil"))
+    await asyncio.sleep(0.1)
+    key, token = await call(w, "KEYMISS.TAKE", "10", "1000", "10000")
+    assert await call(w, "KEYMISS.FAIL", key, token, "MOVED 0 evil:6379") == 1
+    got = await reader
+    assert isinstance(got, RespError) and str(got) == "ERR MOVED 0 evil:6379"
+    w[1].close()
+
+
+async def test_a_key_whose_workers_keep_dying_fails_after_three_tries(server: RedisProcess) -> None:
+    reader = None
+    for attempt in range(3):
+        w = await raw_worker(server.port, ["s", "slow:doomed"])
+        if reader is None:
+            reader = asyncio.ensure_future(resp(server.port, "GET", "slow:doomed"))
+            await asyncio.sleep(0.1)
+        got = await call(w, "KEYMISS.TAKE", "10", "2000", "10000")
+        assert got and got[0] == b"slow:doomed", (attempt, got)
+        w[1].close()  # the worker dies holding it
+        await asyncio.sleep(0.1)
+    assert reader is not None
+    err = await asyncio.wait_for(reader, 5)
+    assert isinstance(err, RespError) and "lost the key's computation 3 times" in str(err)
