@@ -193,7 +193,8 @@ typedef void (*RedisModuleFreePrivdata)(RedisModuleCtx *ctx, void *privdata);
 #define KEYMISS_API_OPTIONAL(X)                                                                       \
     X(RedisModuleCommand *, GetCommand, (RedisModuleCtx * ctx, const char *name))                   \
     X(int, SetCommandACLCategories, (RedisModuleCommand * command, const char *categories))         \
-    X(int, GetOpenKeyModesAll, (void))
+    X(int, GetOpenKeyModesAll, (void))                                                               \
+    X(uint64_t, MonotonicMicroseconds, (void))
 
 #define KEYMISS_DECLARE(ret, name, params) KM_API __attribute__((visibility("hidden"))) ret(*KM_##name) params;
 KEYMISS_API_CALLS(KEYMISS_DECLARE)

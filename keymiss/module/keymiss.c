@@ -229,6 +229,12 @@ static int route_str(const RedisModuleString *key) {
 /* ---------------------------------------------------------------------------------------------- */
 /* Small helpers                                                                                  */
 
+/* Milliseconds on a clock that never steps back or jumps with the wall clock (deadlines, leases),
+ * where the server offers one (Redis >= 7.0, Valkey); else wall-clock milliseconds. */
+static long long now_ms(void) {
+    return KM_MonotonicMicroseconds ? (long long)(KM_MonotonicMicroseconds() / 1000) : KM_Milliseconds();
+}
+
 static char *dup_bytes(const char *p, size_t len) {
     char *s = KM_Alloc(len + 1);
     memcpy(s, p, len);
@@ -579,7 +585,7 @@ static int serve(RedisModuleCtx *ctx, RedisModuleString **keys, int nkeys, int s
         }
         if (key) KM_CloseKey(key);
     }
-    long long now = KM_Milliseconds();
+    long long now = now_ms();
     Request *req = NULL;
     /* First pass: hits, errors, and what must be computed. Nothing is queued unless the whole
      * command can be served (a no-worker or full-queue key refuses a GET; an MGET reads it as nil). */
@@ -731,6 +737,7 @@ static int cmd_register(RedisModuleCtx *ctx, RedisModuleString **argv, int argc)
         if (strlen(keyspaces[k]->name) == nlen && memcmp(keyspaces[k]->name, name, nlen) == 0) break;
     unsigned long long client = KM_GetClientId(ctx);
     int w = worker_index(client);
+    if (w < 0 && nworkers == MAX_WORKERS) return KM_ReplyWithError(ctx, "ERR keymiss: too many workers");
     if (k == nkeyspaces) {
         if (nkeyspaces == MAX_KEYSPACES) {
             /* full: take the place of a keyspace no worker serves and nothing waits on */
@@ -775,7 +782,7 @@ static int cmd_register(RedisModuleCtx *ctx, RedisModuleString **argv, int argc)
 /* Take up to t->count queued keys of the worker's keyspaces: a flat array of key, token pairs. */
 static void reply_taken(RedisModuleCtx *ctx, uint64_t mask, long long count, long long lease_ms,
                         unsigned long long client) {
-    long long now = KM_Milliseconds(), n = 0;
+    long long now = now_ms(), n = 0;
     KM_ReplyWithArray(ctx, -1 /* postponed */);
     for (int k = 0; k < nkeyspaces && n < count; k++) {
         if (!(mask & ((uint64_t)1 << k))) continue;
@@ -872,7 +879,7 @@ static int cmd_take(RedisModuleCtx *ctx, RedisModuleString **argv, int argc) {
     t->mask = mask;
     t->count = count;
     t->lease_ms = lease_ms;
-    t->deadline = KM_Milliseconds() + block_ms; /* the tick answers it then (no server timeout) */
+    t->deadline = now_ms() + block_ms; /* the tick answers it then (no server timeout) */
     t->bc = KM_BlockClient(ctx, take_reply, take_timeout, free_taker, 0);
     if (t->bc == NULL) {
         KM_Free(t);
@@ -949,7 +956,7 @@ static int cmd_fail(RedisModuleCtx *ctx, RedisModuleString **argv, int argc) {
     const char *msg = KM_StringPtrLen(argv[3], &len);
     char *line = error_line(msg, len);
     ks->failures++;
-    if (ks->error_ttl_ms > 0) error_remember(argv[1], line, ks->error_ttl_ms, KM_Milliseconds());
+    if (ks->error_ttl_ms > 0) error_remember(argv[1], line, ks->error_ttl_ms, now_ms());
     entry_resolve(e, line);
     KM_Free(line);
     return KM_ReplyWithLongLong(ctx, 1);
@@ -985,6 +992,9 @@ static void on_client_change(RedisModuleCtx *ctx, RedisModuleEvent eid, uint64_t
     if (w < 0) return;
     workers[w] = workers[--nworkers];
     count_workers();
+    /* its blocked take (if any) must not be the one woken for the keys it leaves behind */
+    for (Taker *t = takers; t; t = t->next)
+        if (t->client == client) t->mask = 0;
     /* What it had taken goes back to the queue for another worker. */
     RedisModuleDictIter *it = KM_DictIteratorStartC(pending, "^", NULL, 0);
     Entry *e;
@@ -1050,7 +1060,7 @@ static void on_loading(RedisModuleCtx *ctx, RedisModuleEvent eid, uint64_t subev
 
 static void on_tick(RedisModuleCtx *ctx, void *data) {
     (void)data;
-    long long now = KM_Milliseconds();
+    long long now = now_ms();
     if (KM_DictSize(pending)) {
         Entry **due = NULL;
         size_t ndue = 0, cap = 0;
