@@ -232,7 +232,15 @@ class Worker:
             except (ReplyError, OSError, ConnectionError, RuntimeError) as exc:
                 self.stats.reconnects += 1
                 self.stats.nodes.discard(url)
-                log.warning("worker lost %s (%s); retrying in %.1fs", _safe(url), exc, backoff)
+                if isinstance(exc, ReplyError) and "unknown command" in str(exc).lower():
+                    log.warning(
+                        "%s has no keymiss module: start it with "
+                        '--loadmodule "$(keymiss redis-module)" (or MODULE LOAD it); retrying in %.1fs',
+                        _safe(url),
+                        backoff,
+                    )
+                else:
+                    log.warning("worker lost %s (%s); retrying in %.1fs", _safe(url), exc, backoff)
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._stopping.wait(), backoff)
                 backoff = min(backoff * 2, 2.0)

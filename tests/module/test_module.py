@@ -660,3 +660,20 @@ async def test_a_key_whose_workers_keep_dying_fails_after_three_tries(server: Re
     assert reader is not None
     err = await asyncio.wait_for(reader, 5)
     assert isinstance(err, RespError) and "lost the key's computation 3 times" in str(err)
+
+
+async def test_a_worker_pointed_at_a_server_without_the_module_says_so(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    from keymiss.worker import Worker
+
+    plain = RedisProcess(tmp_path / "plain")
+    worker = Worker(make_app([]), url(plain), block_ms=100)
+    task = asyncio.get_running_loop().create_task(worker.run())
+    try:
+        await until(lambda: "has no keymiss module" in caplog.text, 10)
+        assert "keymiss redis-module" in caplog.text
+    finally:
+        worker.stop()
+        await asyncio.wait_for(task, 10)
+        plain.stop()
