@@ -67,7 +67,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument(
         "--output-stall-seconds",
         type=float,
-        help="seconds a client may leave replies unread before it is disconnected",
+        help="seconds a client may go without reading any of its pending replies before it is disconnected",
     )
     serve.add_argument("--max-bulk", help="largest bulk argument accepted (default 512MB)")
     serve.add_argument(

@@ -137,6 +137,8 @@ class Server:
             await asyncio.sleep(min(1.0, stall / 2, slow / 4))
             now = time.monotonic()
             for conn in list(self.connections.values()):
+                if conn.write_paused and conn.reading_replies(now):
+                    continue
                 if conn.write_paused and now - conn.write_paused_since > stall:
                     log.warning("closing client %s: replies unread for %.0fs", conn.addr, stall)
                     self.output_disconnections += 1

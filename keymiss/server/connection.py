@@ -66,6 +66,7 @@ class Connection(asyncio.Protocol):
         self.closed = False
         self.write_paused = False
         self.write_paused_since = 0.0
+        self.write_paused_bytes = 0
         self.read_paused = False
         self.created = time.monotonic()
         self.last_active = self.created
@@ -129,7 +130,23 @@ class Connection(asyncio.Protocol):
     def pause_writing(self) -> None:
         self.write_paused = True
         self.write_paused_since = time.monotonic()
+        self.write_paused_bytes = self.unsent()
         self._flow()
+
+    def unsent(self) -> int:
+        """Reply bytes the client has not taken yet."""
+        t = self.transport
+        return t.get_write_buffer_size() if t is not None and not self.closed else 0
+
+    def reading_replies(self, now: float) -> bool:
+        """Whether the client took some of its replies since the last look: a slow but steady reader
+        is never stalled (the stall timer restarts)."""
+        left = self.unsent()
+        if left < self.write_paused_bytes:
+            self.write_paused_bytes = left
+            self.write_paused_since = now
+            return True
+        return False
 
     def resume_writing(self) -> None:
         self.write_paused = False

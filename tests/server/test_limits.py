@@ -180,3 +180,30 @@ def test_one_reply_larger_than_the_output_limit_streams_to_a_reader(tmp_path: Pa
         assert r.get("huge") == value  # and again: the connection was not closed
     finally:
         srv.stop()
+
+
+@pytest.mark.reliability
+def test_a_slow_but_steady_reader_is_never_cut_off(tmp_path: Path) -> None:
+    """The stall timer measures replies left unread, not a client reading slowly: progress resets it."""
+    srv = start_server(tmp_path, "--output-stall-seconds", "1", "--output-buffer", "64MB")
+    try:
+        r = redis.Redis(port=srv.port, socket_timeout=10)
+        value = b"z" * (6 * 1024**2)
+        assert r.set("slow6", value)
+        reader = raw_connect(srv.port)
+        reader.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 65536)
+        reader.sendall(b"*2\r\n$3\r\nGET\r\n$5\r\nslow6\r\n")
+        got = b""
+        deadline = time.monotonic() + 20
+        expected = len(b"$%d\r\n" % len(value)) + len(value) + 2
+        while len(got) < expected and time.monotonic() < deadline:
+            chunk = reader.recv(32768)  # at most 1.6 MB/s: 4 s or more for the whole reply
+            assert chunk, f"disconnected after {len(got)} bytes"
+            got += chunk
+            time.sleep(0.02)
+        assert got.endswith(value + b"\r\n"), len(got)
+        assert r.info("stats")["client_output_buffer_disconnections"] == 0
+        reader.close()
+        r.close()
+    finally:
+        srv.stop()
