@@ -264,3 +264,22 @@ async def test_max_disk_eviction_spares_keymiss_records(tmp_path: Path) -> None:
     assert store.info().evictions > 0
     assert store.get_now("keymiss:ctx:doc:{t}:1") is not None
     await store.close()
+
+
+async def test_writes_are_refused_with_misconf_once_the_store_directory_is_deleted(tmp_path: Path) -> None:
+    """LMDB keeps writing to the unlinked file and replies OK; everything would vanish on restart."""
+    import shutil
+
+    from keymiss.errors import ReplyError
+
+    store = LMDBStore(str(tmp_path / "gone"), durable=False)
+    try:
+        assert await store.set("k", b"v")
+        shutil.rmtree(tmp_path / "gone")
+        with pytest.raises(ReplyError, match=r"^MISCONF keymiss: the LMDB store.s file"):
+            await store.set("k2", b"v2")
+        with pytest.raises(ReplyError, match=r"^MISCONF"):
+            await store.delete(["k"])
+        assert (await store.get("k")).value == b"v"  # type: ignore[union-attr]  # reads still answer
+    finally:
+        await store.close()

@@ -26,7 +26,7 @@ from typing import Any
 
 import lmdb
 
-from ..errors import StoreError
+from ..errors import ReplyError, StoreError
 from ..sizes import format_size
 from .base import PINNED_PREFIX, EvictHook, Item, LocalStore, StoreInfo, Write
 
@@ -96,6 +96,9 @@ class LMDBStore(LocalStore):
         self._sweep_after: bytes | None = None
         self._expired_seen: set[str] = set()
         self._closed = False
+        self._data_file = os.path.join(path, "data.mdb")
+        self._identity = self._file_identity()
+        self._gone_logged = False
 
     # --- record format -------------------------------------------------------------------------
     def _db_key(self, kb: bytes) -> bytes:
@@ -200,10 +203,32 @@ class LMDBStore(LocalStore):
             raise StoreError("the LMDB store is closed")
         return await asyncio.get_running_loop().run_in_executor(self._writer, self._write_now, fn, *args)
 
+    def _file_identity(self) -> tuple[int, int] | None:
+        try:
+            st = os.stat(self._data_file)
+        except OSError:
+            return None
+        return (st.st_dev, st.st_ino)
+
+    def _check_files(self) -> None:
+        """Refuse writes once the store's files are gone (the directory was deleted or replaced while
+        keymiss ran): LMDB would go on writing to the unlinked file, replying OK, and everything
+        written would vanish at the next start. Redis answers a failing persistence with MISCONF."""
+        if self._identity is not None and self._file_identity() == self._identity:
+            return
+        if not self._gone_logged:
+            self._gone_logged = True
+            log.error("the LMDB store's file %s is gone or replaced: refusing writes", self._data_file)
+        raise ReplyError(
+            f"MISCONF keymiss: the LMDB store's file {self._data_file} was removed or replaced while "
+            "keymiss ran; writes are refused so that none is silently lost. Restore it or restart keymiss."
+        )
+
     def _write_now(self, fn: Any, *args: Any) -> Any:
         """Run a write transaction, growing the map (or evicting under ``max_disk``) when it is full."""
         if self._closed:
             raise StoreError("the LMDB store is closed")
+        self._check_files()
         for _ in range(64):
             try:
                 return fn(*args)

@@ -422,3 +422,25 @@ def test_getex_on_a_miss_leaves_another_clients_value_alone(tmp_path: Path) -> N
         assert other.get("slow:gx") == b"client" and other.ttl("slow:gx") == -1  # its TTL untouched
     finally:
         srv.stop()
+
+
+def test_a_deleted_lmdb_directory_refuses_writes_with_misconf_and_the_server_keeps_serving(
+    tmp_path: Path,
+) -> None:
+    import shutil
+
+    import redis
+
+    srv = start_server(tmp_path, "--store", f"lmdb:{tmp_path}/db")
+    try:
+        r = redis.Redis(port=srv.port, socket_timeout=10)
+        assert r.set("before", "v")
+        shutil.rmtree(tmp_path / "db")
+        with pytest.raises(redis.ResponseError, match="MISCONF keymiss: the LMDB store's file"):
+            r.set("after", "v")
+        assert r.get("before") == b"v"
+        assert r.ping()
+        r.close()
+        assert "refusing writes" in srv.log
+    finally:
+        srv.stop()
