@@ -283,3 +283,30 @@ async def test_writes_are_refused_with_misconf_once_the_store_directory_is_delet
         assert (await store.get("k")).value == b"v"  # type: ignore[union-attr]  # reads still answer
     finally:
         await store.close()
+
+
+def test_a_damaged_store_file_is_named_as_such_at_open(tmp_path: Path) -> None:
+    from keymiss.errors import StoreError
+
+    path = tmp_path / "dmg"
+    store = LMDBStore(str(path), durable=False)
+    asyncio.run(store.set("k", b"v"))
+    asyncio.run(store.close())
+    data = path / "data.mdb"
+    raw = bytearray(data.read_bytes())
+    raw[: 2 * 4096] = b"\xff" * (2 * 4096)  # both meta pages
+    data.write_bytes(bytes(raw))
+    with pytest.raises(StoreError, match="looks damaged") as info:
+        LMDBStore(str(path), durable=False)
+    assert "move" in str(info.value) and "LMDB said" in str(info.value)
+
+
+def test_lmdb_failures_say_what_to_do() -> None:
+    from keymiss.stores.lmdb import _explain
+
+    text = _explain(
+        lmdb.CorruptedError("MDB_CORRUPTED: Located page was wrong type"), "LMDB read failed", "/x"
+    )
+    assert "looks damaged" in text and "restore it from a copy" in text
+    text = _explain(lmdb.DiskError("Input/output error"), "LMDB write failed", "/nonexistent-dir")
+    assert "full or failing" in text and "max_disk" in text

@@ -43,6 +43,33 @@ _DATA_DB = b"keymiss.data"
 _ORDER_DB = b"keymiss.order"
 
 
+def _explain(exc: BaseException, doing: str, path: str) -> str:
+    """What went wrong, in words a user can act on: LMDB reports a damaged meta page as "Cannot
+    allocate memory" and a full disk as "Input/output error"."""
+    import shutil
+
+    said = f"LMDB said: {exc}"
+    damaged = (lmdb.CorruptedError, lmdb.PageNotFoundError, lmdb.InvalidError, lmdb.VersionMismatchError)
+    if isinstance(exc, damaged) or (
+        "Cannot allocate memory" in str(exc) and os.path.exists(os.path.join(path, "data.mdb"))
+    ):
+        return (
+            f"{doing}: the store's file looks damaged ({said}); restore it from a copy, or move "
+            f"{path} aside to start with an empty cache"
+        )
+    try:
+        free = shutil.disk_usage(path).free
+    except OSError:
+        free = None
+    if isinstance(exc, lmdb.DiskError) or (free is not None and free < 16 * 1024**2):
+        room = f"{format_size(free)} free" if free is not None else "no space"
+        return (
+            f"{doing}: the disk holding {path} is full or failing ({room}; {said}); "
+            "free space or set ?max_disk="
+        )
+    return f"{doing}: {exc}"
+
+
 def _encode_key(key: str) -> bytes:
     return key.encode("utf-8", "surrogateescape")
 
@@ -81,7 +108,7 @@ class LMDBStore(LocalStore):
                 lock=True,
             )
         except lmdb.Error as exc:
-            raise StoreError(f"cannot open LMDB store at {path!r}: {exc}") from exc
+            raise StoreError(_explain(exc, f"cannot open the LMDB store at {path!r}", path)) from exc
         stale = self._env.reader_check()  # reader slots left by killed processes
         if stale:
             log.info("cleared %d stale LMDB reader slot(s) in %s", stale, path)
@@ -158,7 +185,7 @@ class LMDBStore(LocalStore):
                 with self._resize_lock:
                     self._env.set_mapsize(0)
             except lmdb.Error as exc:
-                raise StoreError(f"LMDB read failed: {exc}") from exc
+                raise StoreError(_explain(exc, "LMDB read failed", self.path)) from exc
         raise StoreError("LMDB map keeps being resized by another process")
 
     def get_now(self, key: str) -> Item | None:
@@ -238,7 +265,7 @@ class LMDBStore(LocalStore):
                 with self._resize_lock:
                     self._env.set_mapsize(0)
             except lmdb.Error as exc:
-                raise StoreError(f"LMDB write failed: {exc}") from exc
+                raise StoreError(_explain(exc, "LMDB write failed", self.path)) from exc
         raise StoreError("LMDB store is full and nothing more can be evicted")
 
     def _make_room(self) -> None:
