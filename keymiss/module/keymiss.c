@@ -983,6 +983,39 @@ static int on_keyspace_event(RedisModuleCtx *ctx, int type, const char *event, R
     return RM_OK;
 }
 
+/* The pending entries `want` picks, copied out (resolving one mutates the dict); *n is the count. */
+static Entry **collect_entries(int (*want)(const Entry *e, const void *arg), const void *arg, size_t *n) {
+    Entry **out = NULL, *e;
+    size_t cap = 0;
+    *n = 0;
+    RedisModuleDictIter *it = KM_DictIteratorStartC(pending, "^", NULL, 0);
+    while (KM_DictNextC(it, NULL, (void **)&e)) {
+        if (!want(e, arg)) continue;
+        if (*n == cap) {
+            cap = cap ? cap * 2 : 16;
+            out = KM_Realloc(out, sizeof(Entry *) * cap);
+        }
+        out[(*n)++] = e;
+    }
+    KM_DictIteratorStop(it);
+    return out;
+}
+
+static int any_entry(const Entry *e, const void *arg) {
+    (void)e;
+    (void)arg;
+    return 1;
+}
+
+static int taken_by(const Entry *e, const void *client) {
+    return e->state == TAKEN && e->taker == *(const unsigned long long *)client;
+}
+
+static int due_at(const Entry *e, const void *now) {
+    long long t = *(const long long *)now;
+    return t >= e->deadline || (e->state == TAKEN && t >= e->lease_deadline);
+}
+
 static void on_client_change(RedisModuleCtx *ctx, RedisModuleEvent eid, uint64_t subevent, void *data) {
     (void)ctx;
     (void)eid;
@@ -996,20 +1029,8 @@ static void on_client_change(RedisModuleCtx *ctx, RedisModuleEvent eid, uint64_t
     for (Taker *t = takers; t; t = t->next)
         if (t->client == client) t->mask = 0;
     /* What it had taken goes back to the queue for another worker. */
-    RedisModuleDictIter *it = KM_DictIteratorStartC(pending, "^", NULL, 0);
-    Entry *e;
-    Entry **back = NULL;
-    size_t nback = 0, cap = 0;
-    while (KM_DictNextC(it, NULL, (void **)&e)) {
-        if (e->state == TAKEN && e->taker == client) {
-            if (nback == cap) {
-                cap = cap ? cap * 2 : 16;
-                back = KM_Realloc(back, sizeof(Entry *) * cap);
-            }
-            back[nback++] = e;
-        }
-    }
-    KM_DictIteratorStop(it);
+    size_t nback;
+    Entry **back = collect_entries(taken_by, &client, &nback);
     for (size_t i = 0; i < nback; i++) entry_requeue(back[i]);
     KM_Free(back);
 }
@@ -1017,18 +1038,8 @@ static void on_client_change(RedisModuleCtx *ctx, RedisModuleEvent eid, uint64_t
 /* The keyspace changed wholesale (FLUSHALL/FLUSHDB, SWAPDB, a reload): every pending key resolves
  * as if a client had written it, and the late fills are discarded. */
 static void resolve_all(void) {
-    Entry **all = NULL;
-    size_t n = 0, cap = 0;
-    RedisModuleDictIter *it = KM_DictIteratorStartC(pending, "^", NULL, 0);
-    Entry *e;
-    while (KM_DictNextC(it, NULL, (void **)&e)) {
-        if (n == cap) {
-            cap = cap ? cap * 2 : 16;
-            all = KM_Realloc(all, sizeof(Entry *) * cap);
-        }
-        all[n++] = e;
-    }
-    KM_DictIteratorStop(it);
+    size_t n;
+    Entry **all = collect_entries(any_entry, NULL, &n);
     for (size_t i = 0; i < n; i++) {
         keyspaces[all[i]->ks]->superseded++;
         entry_resolve(all[i], NULL);
@@ -1062,22 +1073,10 @@ static void on_tick(RedisModuleCtx *ctx, void *data) {
     (void)data;
     long long now = now_ms();
     if (KM_DictSize(pending)) {
-        Entry **due = NULL;
-        size_t ndue = 0, cap = 0;
-        RedisModuleDictIter *it = KM_DictIteratorStartC(pending, "^", NULL, 0);
-        Entry *e;
-        while (KM_DictNextC(it, NULL, (void **)&e)) {
-            if (now >= e->deadline || (e->state == TAKEN && now >= e->lease_deadline)) {
-                if (ndue == cap) {
-                    cap = cap ? cap * 2 : 16;
-                    due = KM_Realloc(due, sizeof(Entry *) * cap);
-                }
-                due[ndue++] = e;
-            }
-        }
-        KM_DictIteratorStop(it);
+        size_t ndue;
+        Entry **due = collect_entries(due_at, &now, &ndue);
         for (size_t i = 0; i < ndue; i++) {
-            e = due[i];
+            Entry *e = due[i];
             Keyspace *ks = keyspaces[e->ks];
             char msg[MAX_ERROR_LEN];
             if (now >= e->deadline) {
@@ -1085,13 +1084,8 @@ static void on_tick(RedisModuleCtx *ctx, void *data) {
                 snprintf(msg, sizeof(msg), "ERR keymiss: keyspace '%s' did not compute the key within %lld ms",
                          ks->name, ks->timeout_ms);
                 entry_resolve(e, msg);
-            } else if (e->attempts >= MAX_ATTEMPTS) {
-                ks->failures++;
-                snprintf(msg, sizeof(msg), "ERR keymiss: keyspace '%s' lost the key's computation %d times",
-                         ks->name, e->attempts);
-                entry_resolve(e, msg);
             } else {
-                entry_requeue(e);
+                entry_requeue(e); /* which fails it after MAX_ATTEMPTS */
             }
         }
         KM_Free(due);

@@ -196,6 +196,11 @@ def start_worker_process(port: int, calls: Path, compute: float) -> subprocess.P
     )
 
 
+def has_one_worker(port: int) -> bool:
+    info = subprocess.run(["redis-cli", "-p", str(port), "INFO", "keymiss"], capture_output=True, timeout=5)
+    return b"workers=1" in info.stdout
+
+
 async def until(predicate: Any, seconds: float = 15.0) -> None:
     deadline = time.monotonic() + seconds
     while not predicate():
@@ -210,14 +215,7 @@ async def test_kill_9_of_the_worker_holding_a_key_hands_it_to_another(
     log.touch()
     doomed = start_worker_process(server.port, log, compute=30)
     try:
-        await until(
-            lambda: (
-                b"workers=1"
-                in subprocess.run(
-                    ["redis-cli", "-p", str(server.port), "INFO", "keymiss"], capture_output=True, timeout=5
-                ).stdout
-            )
-        )
+        await until(lambda: has_one_worker(server.port))
         readers = [asyncio.ensure_future(resp(server.port, "GET", "slow:held", wait=30)) for _ in range(20)]
         await until(lambda: log.read_text().splitlines() == ["slow:held"])  # the doomed worker computes it
         calls: list[str] = []
@@ -240,14 +238,7 @@ async def test_workers_reconnect_after_a_server_restart(server: RedisProcess) ->
         server.stop()
         server.start()
         await until(lambda: worker.stats.reconnects >= 1 and worker.stats.nodes)
-        await until(
-            lambda: (
-                b"workers=1"
-                in subprocess.run(
-                    ["redis-cli", "-p", str(server.port), "INFO", "keymiss"], capture_output=True, timeout=5
-                ).stdout
-            )
-        )
+        await until(lambda: has_one_worker(server.port))
         assert await resp(server.port, "GET", "slow:after") == b"value of slow:after"
 
 
@@ -570,14 +561,7 @@ async def test_sigterm_drains_a_worker_what_it_took_is_finished(server: RedisPro
     log.touch()
     proc = start_worker_process(server.port, log, compute=1.5)
     try:
-        await until(
-            lambda: (
-                b"workers=1"
-                in subprocess.run(
-                    ["redis-cli", "-p", str(server.port), "INFO", "keymiss"], capture_output=True, timeout=5
-                ).stdout
-            )
-        )
+        await until(lambda: has_one_worker(server.port))
         reader = asyncio.ensure_future(resp(server.port, "GET", "slow:drain", wait=30))
         await until(lambda: log.read_text().splitlines() == ["slow:drain"])
         proc.terminate()  # SIGTERM while the key is computing
