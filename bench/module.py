@@ -36,6 +36,7 @@ from bench.resp_hits import bench, free_port, preload, running
 from keymiss import Keymiss
 from keymiss.redis_module import module_path
 from keymiss.worker import Worker
+from tests.module.conftest import valkey_binary
 
 # One client: GET a new key (a miss), then the same key (a hit); seconds of each, one line per key.
 CLIENT = """
@@ -88,7 +89,7 @@ def register(port: int, glob: str) -> None:
 def hits(args: argparse.Namespace, tmp: str) -> list[str]:
     pipelines = [int(p) for p in args.pipelines.split(",")]
     targets: dict[str, list[str] | None] = {}
-    vk = valkey()
+    vk = valkey_binary()
     for name, binary in (("redis-server", "redis-server"), ("valkey-server", vk)):
         if binary is None:
             continue
@@ -158,7 +159,7 @@ async def misses(args: argparse.Namespace, tmp: str) -> list[str]:
         "| server | misses | p50 ms | p99 ms | hit p50 ms | handler mean ms |",
         "| --- | ---: | ---: | ---: | ---: | ---: |",
     ]
-    for name, binary in (("redis-server", "redis-server"), ("valkey-server", valkey())):
+    for name, binary in (("redis-server", "redis-server"), ("valkey-server", valkey_binary())):
         if binary is None:
             continue
         port = free_port()
