@@ -38,6 +38,28 @@ def build_parser() -> argparse.ArgumentParser:
         "--log-format", default=argparse.SUPPRESS, choices=("text", "json"), help="text or json"
     )
     serve.add_argument("--app", help="MODULE:ATTR naming a keymiss.Keymiss (importable from here)")
+    serve.add_argument(
+        "--server",
+        choices=("valkey", "python"),
+        help="valkey: a real server with the keymiss module (the default where a binary exists); "
+        "python: the pure-Python RESP server (implied by an LMDB store)",
+    )
+    serve.add_argument("--redis-server", help="embed this redis-server / valkey-server (7+) binary instead")
+    serve.add_argument(
+        "--redis", help="attach workers to this module-loaded server (redis://, redis+cluster://) instead"
+    )
+    serve.add_argument(
+        "--data-dir", help="the embedded server's snapshots (RDB) live here; without it nothing persists"
+    )
+    serve.add_argument(
+        "--default-ttl",
+        type=float,
+        help="seconds a computed value lives when its keyspace sets no TTL (default 7 days): the "
+        "server evicts only values with a TTL, never the QA contexts",
+    )
+    serve.add_argument(
+        "--restarts", type=int, help="deaths of the embedded server within a minute before giving up (5)"
+    )
     serve.add_argument("--host", help="address to bind (default 127.0.0.1)")
     serve.add_argument("--port", type=int, help="port (default 6380; 0 picks a free one)")
     serve.add_argument("--store", help=f"a store URL (overrides the app): {STORE_URLS}")
@@ -192,7 +214,10 @@ def _serve(args: argparse.Namespace) -> int:
 
     from .config import Settings, load_settings
     from .errors import ConfigError
+    from .frontend import choose_front_end, run_module_front
     from .server import load_app, run
+
+    log = logging.getLogger("keymiss.server")
 
     # every serve flag is named after its setting, so flags map onto settings one to one
     overrides = {f.name: getattr(args, f.name) for f in fields(Settings) if hasattr(args, f.name)}
@@ -201,7 +226,16 @@ def _serve(args: argparse.Namespace) -> int:
         km = load_app(settings.app) if settings.app else None
         if km is None or settings.model:
             km = _with_qa(km, settings)
-        return run(km, settings, config_file=args.config)
+        front = choose_front_end(km, settings)
+        if front.kind == "python":
+            if front.why != "--server python":
+                log.info("serving with the Python server: %s", front.why)
+            for name in ("data_dir", "redis_server", "valkey"):
+                if getattr(settings, name):
+                    log.warning("%s applies to the embedded server only: ignored", name.replace("_", "-"))
+            return run(km, settings, config_file=args.config)
+        log.info("front end: %s", front.why)
+        return run_module_front(km, settings, front)
     except ConfigError as exc:
         print(f"keymiss: {exc}", file=sys.stderr)
         return 2

@@ -19,6 +19,14 @@ class Settings:
     """Everything ``keymiss serve`` can be told. Sizes accept ``"64MB"``-style strings."""
 
     app: str | None = None
+    #: the front end: None picks (the embedded Valkey where a binary exists and the store allows),
+    #: "valkey" insists on a real server, "python" is the pure-Python RESP server
+    server: str | None = None
+    redis_server: str | None = None  # another redis-server / valkey-server binary to embed
+    redis: str | None = None  # attach workers to this module-loaded server instead of starting one
+    data_dir: str | None = None  # the embedded server's snapshots; None: nothing persists
+    default_ttl: float = 7 * 24 * 3600.0  # seconds a computed value lives when its keyspace sets no TTL
+    restarts: int = 5  # deaths of the embedded server within a minute before keymiss gives up
     host: str = "127.0.0.1"
     port: int = 6380
     store: str | None = None  # None: what the app chose
@@ -47,6 +55,8 @@ class Settings:
     log_level: str = "INFO"
     #: per-keyspace option overrides: {pattern: {option: value}} (``[keymiss.keyspaces."hang:*"]``)
     keyspaces: dict[str, dict[str, Any]] = field(default_factory=dict)
+    #: directives for the embedded server's configuration (``[keymiss.valkey]``: ``appendonly = true``)
+    valkey: dict[str, Any] = field(default_factory=dict)
     extra: dict[str, Any] = field(default_factory=dict)
 
     def size(self, name: str) -> int:
@@ -59,11 +69,15 @@ class Settings:
             raise ConfigError(f"port {self.port} is out of range")
         if self.max_clients < 1 or self.max_in_flight < 1:
             raise ConfigError("max-clients and max-in-flight must be at least 1")
+        if self.server not in (None, "valkey", "python"):
+            raise ConfigError(f"server must be valkey or python, got {self.server!r}")
+        if self.default_ttl < 0 or self.restarts < 0:
+            raise ConfigError("default-ttl and restarts cannot be negative")
         if self.handler_errors is not None and self.handler_errors not in ("message", "type"):
             raise ConfigError(f"handler-errors must be message or type, got {self.handler_errors!r}")
 
 
-_FIELDS = {f.name: f for f in fields(Settings) if f.name not in ("extra", "keyspaces")}
+_FIELDS = {f.name: f for f in fields(Settings) if f.name not in ("extra", "keyspaces", "valkey")}
 
 
 def _coerce(name: str, value: Any) -> Any:
@@ -78,7 +92,7 @@ def _coerce(name: str, value: Any) -> Any:
             return int(value)
         except ValueError:
             raise ConfigError(f"{name} must be an integer, got {value!r}") from None
-    if isinstance(value, str) and str(kind) == "float":
+    if isinstance(value, str) and str(kind) in {"float", "float | None"}:
         try:
             return float(value)
         except ValueError:
@@ -94,6 +108,7 @@ def load_settings(
     """Settings from defaults ← TOML file (a ``[keymiss]`` table or top level) ← env ← flags."""
     values: dict[str, Any] = {}
     keyspaces: dict[str, dict[str, Any]] = {}
+    valkey: dict[str, Any] = {}
     if config_file:
         try:
             with open(config_file, "rb") as f:
@@ -110,6 +125,11 @@ def load_settings(
             except ConfigError as exc:
                 raise ConfigError(f"{config_file}: keyspace {pattern!r}: {exc}") from None
             keyspaces[pattern] = {k.replace("-", "_"): v for k, v in opts.items()}
+        valkey = data.pop("valkey", {})
+        if not isinstance(valkey, dict) or any(isinstance(v, dict) for v in valkey.values()):
+            raise ConfigError(
+                f"{config_file}: [keymiss.valkey] holds server settings, e.g. appendonly = true"
+            )
         for key, value in data.items():
             name = key.replace("-", "_")
             if name not in _FIELDS:
@@ -123,7 +143,9 @@ def load_settings(
     for name, value in (overrides or {}).items():
         if value is not None:
             values[name] = value
-    settings = Settings(**{k: _coerce(k, v) for k, v in values.items()}, keyspaces=keyspaces)
+    settings = Settings(
+        **{k: _coerce(k, v) for k, v in values.items()}, keyspaces=keyspaces, valkey=dict(valkey)
+    )
     settings.validate()
     return settings
 

@@ -162,6 +162,20 @@ class Keymiss:
 
     # --- lifecycle -------------------------------------------------------------------------------
     @property
+    def store_spec(self) -> str | Store:
+        """The store the app asked for (a URL or a Store), before any server setting opens it."""
+        return self._store_spec
+
+    @property
+    def max_memory(self) -> int | str:
+        """The memory budget the app asked for (``"auto"`` by default)."""
+        return self._max_memory
+
+    @property
+    def eviction(self) -> str | Policy:
+        return self._eviction
+
+    @property
     def store(self) -> Store:
         """The store, opened on first use."""
         if self._store is None:
@@ -195,6 +209,12 @@ class Keymiss:
                 await hook(self)
         if self._sweeper is None and self._sweep_interval > 0:
             self._sweeper = asyncio.get_running_loop().create_task(self._sweep_loop())
+
+    async def run_start_hooks(self) -> None:
+        """Run the start hooks again: a server that restarted without its data needs its
+        contexts re-ingested. The hooks are idempotent (unchanged contexts are left alone)."""
+        for hook in self._startup:
+            await hook(self)
 
     async def drain(self, grace: float) -> bool:
         """Let running computations finish and store their values, up to ``grace`` seconds."""

@@ -8,6 +8,8 @@ from typing import Any
 
 #: Upper bounds (seconds) of the compute-time histogram: from a cached embedding to a slow model.
 COMPUTE_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+#: Upper bounds of the keys-per-call histogram: whether batching gathers what a model wants.
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 
 
 @dataclass
@@ -29,10 +31,13 @@ class KeyspaceStats:
     evictions: int = 0  # values of this keyspace the memory store evicted
     #: handler calls per COMPUTE_BUCKETS bound, plus one overflow slot (not cumulative)
     compute_histogram: list[int] = field(default_factory=lambda: [0] * (len(COMPUTE_BUCKETS) + 1))
+    #: handler calls per BATCH_BUCKETS bound of their key count, plus one overflow slot
+    batch_histogram: list[int] = field(default_factory=lambda: [0] * (len(BATCH_BUCKETS) + 1))
 
     def observe(self, seconds: float, keys: int = 1) -> None:
         """Record one handler call that computed ``keys`` keys in ``seconds``."""
         self.compute_histogram[bisect.bisect_left(COMPUTE_BUCKETS, seconds)] += 1
+        self.batch_histogram[bisect.bisect_left(BATCH_BUCKETS, keys)] += 1
         self.compute_seconds += seconds
         self.calls += 1
         self.computations += keys
@@ -54,6 +59,7 @@ class KeyspaceStats:
     def as_dict(self) -> dict[str, Any]:
         d = asdict(self)
         del d["compute_histogram"]
+        del d["batch_histogram"]
         d["mean_compute_seconds"] = self.mean_compute_seconds
         d["seconds_saved"] = self.seconds_saved
         return d

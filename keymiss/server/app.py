@@ -117,7 +117,9 @@ class Server:
 
             self._metrics = start_metrics_server(self, self.settings.metrics_port)
             log.info(
-                "Prometheus metrics on http://%s:%d/metrics", self.settings.host, self._metrics[0].server_port
+                "Prometheus metrics on http://%s:%d/metrics (and /healthz)",
+                self.settings.host,
+                self._metrics.server_port,
             )
         log.info(
             "keymiss listening on %s:%d, store=%s, keyspaces=[%s], auth=%s, loop=%s",
@@ -151,6 +153,11 @@ class Server:
     def request_stop(self) -> None:
         self._stopping.set()
 
+    @property
+    def serving(self) -> bool:
+        """Listening and not shutting down: what ``/healthz`` reports."""
+        return self._server is not None and self._server.is_serving() and not self._stopping.is_set()
+
     async def serve_forever(self) -> None:
         """Serve until SIGINT/SIGTERM (or ``request_stop``), then shut down gracefully."""
         await self.start()
@@ -158,6 +165,10 @@ class Server:
         for sig in (signal.SIGINT, signal.SIGTERM):
             with contextlib.suppress(NotImplementedError, RuntimeError):  # not the main thread
                 loop.add_signal_handler(sig, self.request_stop)
+        with contextlib.suppress(NotImplementedError, RuntimeError):
+            loop.add_signal_handler(
+                signal.SIGHUP, lambda: log.info("SIGHUP ignored: keymiss logs to its standard output")
+            )
         await self._stopping.wait()
         await self.shutdown()
 
@@ -173,7 +184,7 @@ class Server:
         if self._watchdog is not None:
             self._watchdog.cancel()
         if self._metrics is not None:
-            self._metrics[0].shutdown()
+            self._metrics.shutdown()
         deadline = time.monotonic() + grace
         await self.km.drain(grace)
         # let waiting connections write the replies those computations produced

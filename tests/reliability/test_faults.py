@@ -21,7 +21,7 @@ import redis
 
 from keymiss.stores.lmdb import LMDBStore
 
-from ..server.conftest import raw_connect, read_reply, start_server
+from ..server.conftest import both_fronts, raw_connect, read_reply, start_server
 
 WRITER = textwrap.dedent(
     """
@@ -183,8 +183,9 @@ def test_unique_key_flood_gets_busy_fast_and_hot_keys_keep_hitting(tmp_path: Pat
         node.stop()
 
 
-def test_malformed_input_leaves_no_traceback_and_pings_still_answer(tmp_path: Path) -> None:
-    node = start_server(tmp_path)
+@both_fronts
+def test_malformed_input_leaves_no_traceback_and_pings_still_answer(tmp_path: Path, front: str) -> None:
+    node = start_server(tmp_path, front=front)
     corpus = [
         b"*-10\r\n",
         b"*3000000000\r\n",

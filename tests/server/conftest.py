@@ -39,11 +39,21 @@ class ServerProcess:
             return self.proc.wait(5)
 
 
+#: the front ends of ``keymiss serve``: the default (an embedded Valkey with the module, workers in
+#: keymiss's process) and the pure-Python RESP server
+FRONTS = ["valkey", "python"]
+
+
 def start_server(
-    tmp_path: Path, *args: str, app: str | None = "tests.server.sample_app:app"
+    tmp_path: Path, *args: str, app: str | None = "tests.server.sample_app:app", front: str | None = None
 ) -> ServerProcess:
+    """``keymiss serve`` on a free port; ``front="valkey"`` is the default front end (the flag
+    left out, as a user would), ``"python"`` passes ``--server python``."""
+    front = front or os.environ.get("KEYMISS_TEST_FRONT", "python")
     log_path = tmp_path / f"server-{time.monotonic_ns()}.log"
     cmd = [sys.executable, "-m", "keymiss", "serve", "--port", "0", *args]
+    if front == "python":
+        cmd += ["--server", "python"]
     if app:
         cmd += ["--app", app]
     env = dict(os.environ, PYTHONUNBUFFERED="1")
@@ -63,9 +73,14 @@ def start_server(
     raise RuntimeError(f"keymiss serve did not start:\n{log_path.read_text()}")
 
 
+@pytest.fixture(scope="module", params=FRONTS)
+def front(request: pytest.FixtureRequest) -> str:
+    return str(request.param)
+
+
 @pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
-    srv = start_server(tmp_path_factory.mktemp("srv"))
+def server(tmp_path_factory: pytest.TempPathFactory, front: str) -> Iterator[ServerProcess]:
+    srv = start_server(tmp_path_factory.mktemp("srv"), front=front)
     yield srv
     srv.stop()
 
@@ -89,3 +104,7 @@ def read_reply(sock: socket.socket, timeout: float = 5) -> bytes:
     except TimeoutError:
         pass
     return data
+
+
+#: a test of client-visible behaviour, run against both front ends
+both_fronts = pytest.mark.parametrize("front", FRONTS)

@@ -17,7 +17,7 @@ import pytest
 import redis
 import redis.asyncio as aioredis
 
-from .conftest import ServerProcess, raw_connect, read_reply, start_server
+from .conftest import ServerProcess, both_fronts, raw_connect, read_reply, start_server
 
 needs_redis_tools = pytest.mark.skipif(shutil.which("redis-cli") is None, reason="redis-tools not installed")
 
@@ -33,7 +33,7 @@ def keymiss_section(r: redis.Redis) -> dict[str, dict[str, object]]:
     info = r.info("keymiss")
     out = {}
     for k, v in info.items():
-        if k.startswith("keyspace_") and isinstance(v, dict):
+        if k.startswith(("keyspace_", "keymiss_keyspace_")) and isinstance(v, dict):
             out[str(v["pattern"])] = v
     return out
 
@@ -67,19 +67,22 @@ def test_template_key_value_is_json(client: redis.Redis) -> None:
 
 
 @pytest.mark.reliability
-def test_handler_errors_name_the_keyspace_and_keep_the_connection(client: redis.Redis) -> None:
+def test_handler_errors_name_the_keyspace_and_keep_the_connection(client: redis.Redis, front: str) -> None:
     with pytest.raises(redis.ResponseError, match=r"keyspace 'fail:\*': handler failed: ValueError"):
         client.get("fail:1")
     with pytest.raises(redis.ResponseError, match=r"keyspace 'hang:\*'.*within 0.2s"):
         client.get("hang:1")
-    with pytest.raises(redis.ResponseError, match="does not fit keyspace template"):
-        client.get("qa{8YG}_no-question")
+    if front == "python":
+        with pytest.raises(redis.ResponseError, match="does not fit keyspace template"):
+            client.get("qa{8YG}_no-question")
+    else:  # the module routes by the template's glob (qa{*}_*_*): this key is in no keyspace
+        assert client.get("qa{8YG}_no-question") is None
     assert client.ping()
     with pytest.raises(redis.ResponseError):
         client.get("fail:1")  # and the next GET retries (and fails again) rather than caching
 
 
-def test_mget_mixes_hits_misses_unregistered_and_errors(client: redis.Redis) -> None:
+def test_mget_mixes_hits_misses_unregistered_and_errors(client: redis.Redis, front: str) -> None:
     client.set("mget:plain", "p")
     client.get("double:5")
     values = client.mget(["double:5", "double:6", "nobody", "mget:plain", "batch:a", "batch:b"])
@@ -87,7 +90,10 @@ def test_mget_mixes_hits_misses_unregistered_and_errors(client: redis.Redis) -> 
     assert values[4] == b"batch:a:2" and values[5] == b"batch:b:2"  # both misses in one batch
     mixed = client.execute_command("MGET", "double:7", "fail:x")
     assert mixed[0] == b"14"
-    assert isinstance(mixed[1], redis.ResponseError)
+    if front == "python":
+        assert isinstance(mixed[1], redis.ResponseError)
+    else:  # a real server's MGET has no error elements: a failed key reads as nil
+        assert mixed[1] is None
 
 
 def test_set_options_and_ttls(client: redis.Redis) -> None:
@@ -144,7 +150,7 @@ def test_scan_with_match_and_count(client: redis.Redis) -> None:
         client.execute_command("SCAN", "abc")
 
 
-def test_info_has_redis_field_names_and_keymiss_section(client: redis.Redis) -> None:
+def test_info_has_redis_field_names_and_keymiss_section(client: redis.Redis, front: str) -> None:
     client.get("double:99")
     info = client.info()
     for field in (
@@ -159,16 +165,15 @@ def test_info_has_redis_field_names_and_keymiss_section(client: redis.Redis) -> 
     ):
         assert field in info, field
     ks = keymiss_section(client)["double:*"]
-    for field in (
-        "hits",
-        "misses",
-        "computations",
-        "errors",
-        "timeouts",
-        "in_flight",
-        "mean_compute_seconds",
-        "compute_seconds_saved",
-    ):
+    for field in ("hits", "misses", "computations", "timeouts", "in_flight"):
+        assert field in ks, field
+    # the Python server times computations itself; the module counts what workers answer
+    extra = (
+        ("errors", "mean_compute_seconds", "compute_seconds_saved")
+        if front == "python"
+        else ("failures", "fills", "workers")
+    )
+    for field in extra:
         assert field in ks, field
     assert ks["computations"] >= 1
 
@@ -186,12 +191,12 @@ def test_client_commands(client: redis.Redis) -> None:
         client.client_setname("has space")
 
 
-def test_connection_and_server_commands(client: redis.Redis) -> None:
+def test_connection_and_server_commands(client: redis.Redis, front: str) -> None:
     assert client.ping()
     assert client.echo("hi") == b"hi"
     assert client.execute_command("SELECT", 0)
     with pytest.raises(redis.ResponseError, match="DB index is out of range"):
-        client.execute_command("SELECT", 1)
+        client.execute_command("SELECT", 1 if front == "python" else 16)
     assert client.config_get("maxmemory")
     assert client.command_count() > 20
     with pytest.raises(redis.ResponseError, match="unknown command 'NOPE', with args beginning with: 'x'"):
@@ -200,7 +205,9 @@ def test_connection_and_server_commands(client: redis.Redis) -> None:
         client.execute_command("GET")
 
 
-def test_keymiss_operator_commands(client: redis.Redis) -> None:
+def test_keymiss_operator_commands(client: redis.Redis, front: str) -> None:
+    if front != "python":
+        pytest.skip("KEYMISS KEYSPACES/FORGET/STATS are the Python server's; the module has INFO keymiss")
     spaces = client.execute_command("KEYMISS", "KEYSPACES")
     assert len(spaces) >= 7
     for i in range(3):
@@ -377,8 +384,9 @@ def test_busy_when_in_flight_cap_is_reached(tmp_path: Path) -> None:
 
 
 @pytest.mark.reliability
-def test_auth_required(tmp_path: Path) -> None:
-    srv = start_server(tmp_path, "--requirepass", "s3cret")
+@both_fronts
+def test_auth_required(tmp_path: Path, front: str) -> None:
+    srv = start_server(tmp_path, "--requirepass", "s3cret", front=front)
     try:
         anon = redis.Redis(port=srv.port)
         with pytest.raises(redis.AuthenticationError):
@@ -407,7 +415,8 @@ def test_auth_required(tmp_path: Path) -> None:
 
 
 @pytest.mark.reliability
-def test_refuses_public_bind_without_password(tmp_path: Path) -> None:
+@both_fronts
+def test_refuses_public_bind_without_password(tmp_path: Path, front: str) -> None:
     out = subprocess.run(
         ["python", "-m", "keymiss", "serve", "--host", "0.0.0.0", "--port", "0"],
         capture_output=True,
@@ -418,8 +427,9 @@ def test_refuses_public_bind_without_password(tmp_path: Path) -> None:
     assert "refusing to listen on 0.0.0.0 without a password" in out.stderr
 
 
-def test_graceful_shutdown_finishes_running_computation(tmp_path: Path) -> None:
-    srv = start_server(tmp_path)
+@both_fronts
+def test_graceful_shutdown_finishes_running_computation(tmp_path: Path, front: str) -> None:
+    srv = start_server(tmp_path, front=front)
     r = redis.Redis(port=srv.port, socket_timeout=10)
     result: list[bytes | None] = []
     t = threading.Thread(target=lambda: result.append(r.get("slow:shutdown")))
