@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-
 import socket
 import time
 import urllib.request
