@@ -240,7 +240,9 @@ class ModuleFront:
                 f"RDB in {self.server.data_dir}" if self.server.data_dir else "off (no --data-dir)",
             )
         else:
-            log.info("keymiss workers serving %s", self.front.why)
+            log.info(
+                "keymiss %s, keyspaces=[%s]", self.front.why, ", ".join(ks.pattern for ks in self.km.registry)
+            )
 
     def _failure(self, tasks: dict[str, asyncio.Task[Any]]) -> int:
         for name in ("server", "worker"):

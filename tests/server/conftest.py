@@ -45,7 +45,11 @@ FRONTS = ["valkey", "python"]
 
 
 def start_server(
-    tmp_path: Path, *args: str, app: str | None = "tests.server.sample_app:app", front: str | None = None
+    tmp_path: Path,
+    *args: str,
+    app: str | None = "tests.server.sample_app:app",
+    front: str | None = None,
+    ready: re.Pattern[str] = LISTENING,
 ) -> ServerProcess:
     """``keymiss serve`` on a free port; ``front="valkey"`` is the default front end (the flag
     left out, as a user would), ``"python"`` passes ``--server python``."""
@@ -63,7 +67,7 @@ def start_server(
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, text=True, cwd=root, env=env)
     deadline = time.monotonic() + 20
     while time.monotonic() < deadline:
-        m = LISTENING.search(log_path.read_text())
+        m = ready.search(log_path.read_text())
         if m:
             return ServerProcess(proc, int(m.group(1)), log_path)
         if proc.poll() is not None:
