@@ -1,8 +1,12 @@
 """GET hits over the wire: keymiss serve against redis-server, measured side by side.
 
-Starts ``redis-server`` and ``keymiss serve`` (memory store, and LMDB) on free loopback ports,
-preloads the same 100k keys into each, runs ``redis-benchmark -t get -r 100000 -c 50`` with
-``-P 1`` and ``-P 16`` against each, and prints ops/s, p50/p99 and the ratio keymiss / redis-server.
+Starts, on free loopback ports, ``redis-server`` (the baseline), a plain ``valkey-server`` (the
+embedded binary without the module: what the module costs), ``keymiss serve`` with its default
+front end (the embedded Valkey with the module, workers in process), and ``keymiss serve --server
+python`` (memory store, and LMDB). The benchmark's keys form a registered keyspace
+(``bench/hits_app.py``), so every GET is a hit the module's filter looks at. It preloads the same
+100k keys into each, runs ``redis-benchmark -t get -r 100000 -c 50`` with ``-P 1`` and ``-P 16``
+against each, and prints ops/s, p50/p99 and the ratio to redis-server.
 
 Run: ``python bench/resp_hits.py`` (``--requests 200000`` for a shorter run). Needs ``redis-server``
 and ``redis-benchmark`` (Debian: redis-server, redis-tools).
@@ -50,7 +54,8 @@ def wait_port(port: int, proc: subprocess.Popen[bytes], timeout: float = 20) -> 
 
 @contextmanager
 def running(cmd: list[str], port: int) -> Iterator[int]:
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=ROOT)
+    env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=ROOT, env=env)
     try:
         wait_port(port, proc)
         yield proc.pid
@@ -114,6 +119,13 @@ def bench(port: int, requests: int, pipeline: int, clients: int, keys: int) -> d
     }
 
 
+def _valkey_binary() -> str | None:
+    from keymiss.embedded import find_binary
+
+    binary, _ = find_binary()
+    return binary.path if binary else None
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     parser.add_argument("--requests", type=int, default=1_000_000)
@@ -145,13 +157,29 @@ def main(argv: list[str] | None = None) -> int:
                 "--dir",
                 tmp,
             ],
-            "keymiss memory": lambda port: [
+            "keymiss (default)": lambda port: [
                 sys.executable,
                 "-m",
                 "keymiss",
                 "--log-level",
                 "WARNING",
                 "serve",
+                "--app",
+                "bench.hits_app:app",
+                "--port",
+                str(port),
+            ],
+            "keymiss python memory": lambda port: [
+                sys.executable,
+                "-m",
+                "keymiss",
+                "--log-level",
+                "WARNING",
+                "serve",
+                "--server",
+                "python",
+                "--app",
+                "bench.hits_app:app",
                 "--port",
                 str(port),
                 "--store",
@@ -159,19 +187,38 @@ def main(argv: list[str] | None = None) -> int:
                 "--max-memory",
                 "1GB",
             ],
-            "keymiss lmdb": lambda port: [
+            "keymiss python lmdb": lambda port: [
                 sys.executable,
                 "-m",
                 "keymiss",
                 "--log-level",
                 "WARNING",
                 "serve",
+                "--server",
+                "python",
+                "--app",
+                "bench.hits_app:app",
                 "--port",
                 str(port),
                 "--store",
                 f"lmdb:{tmp}/lmdb",
             ],
         }
+        valkey = _valkey_binary()
+        if valkey:
+            targets["valkey-server (no module)"] = lambda port: [
+                valkey,
+                "--port",
+                str(port),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+                "--dir",
+                tmp,
+            ]
         for name, make in targets.items():
             port = free_port()
             with running(make(port), port):
