@@ -162,10 +162,14 @@ def server_policy(eviction: str | None) -> str:
             f"use the volatile- form, which evicts only computed values, or one of "
             f"{', '.join(SERVER_POLICIES)}"
         )
-    raise ConfigError(
-        f"the embedded Valkey has no {eviction!r} eviction: choose one of "
+    from .stores.eviction import POLICY_NAMES
+
+    choices = (
         f"{', '.join([*SERVER_POLICIES, *NATIVE_POLICIES])}, or --server python for the in-process store"
     )
+    if name in POLICY_NAMES:
+        raise ConfigError(f"the embedded Valkey has no {eviction!r} eviction: choose one of {choices}")
+    raise ConfigError(f"unknown eviction policy {eviction!r}; choose one of {choices}")
 
 
 def render_config(
