@@ -100,8 +100,10 @@ class NearCacheStore(SharedStore):
             log.warning("invalidation channel lost (%s): dropping the near cache", exc)
             await self.near.flush()
         finally:
-            with contextlib.suppress(RedisError, OSError, AttributeError):
-                await pubsub.aclose()
+            # bounded: a pubsub whose connection is half gone must not keep a cancelled task (and
+            # with it the event loop's shutdown) waiting for ever
+            with contextlib.suppress(RedisError, OSError, AttributeError, TimeoutError):
+                await asyncio.wait_for(pubsub.aclose(), 2.0)
 
     def _ensure_listener(self) -> None:
         if self._listener is None or self._listener.done():
@@ -199,6 +201,9 @@ class NearCacheStore(SharedStore):
     async def close(self) -> None:
         if self._listener is not None:
             self._listener.cancel()
+            # the listener closes its pubsub before the shared client's pool goes away
+            await asyncio.wait({self._listener}, timeout=3.0)
+            self._listener = None
         await self.near.close()
         await self.shared.close()
 
