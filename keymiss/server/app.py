@@ -19,6 +19,7 @@ from ..config import Settings
 from ..engine import Keymiss
 from ..errors import ConfigError
 from .connection import Connection
+from .passthrough import Relay
 
 log = logging.getLogger("keymiss.server")
 
@@ -101,6 +102,7 @@ class Server:
         self._watchdog: asyncio.Task[None] | None = None
         self._stopping = asyncio.Event()
         self._metrics: Any = None
+        self.relay: Relay | None = None  # the pass-through, made on first use (shared stores only)
 
     async def start(self) -> None:
         loop = asyncio.get_running_loop()

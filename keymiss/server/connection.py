@@ -20,6 +20,7 @@ from ..errors import BusyError, KeymissError, ReplyError
 from ..stores.base import SharedStore
 from . import reply, resp
 from .commands import TABLE, error_reply
+from .passthrough import Relay
 
 if TYPE_CHECKING:
     from .app import Server
@@ -240,12 +241,18 @@ class Connection(asyncio.Protocol):
             return self.error(exc)
 
     async def _passthrough(self, store: SharedStore, args: list[bytes]) -> bytes:
-        """Forward a command keymiss does not own (HSET, INCR, LPUSH, …) to the backing Redis."""
-        # Any argument may name a key (RENAME a b, APPEND k v): none of them may be overwritten
-        # by a computation that started before this command.
-        self.km.written(a.decode("utf-8", "surrogateescape") for a in args[1:])
+        """Relay a command keymiss does not own (HSET, LPUSH, …) to the backing Redis, if it is one
+        that is safe on a shared connection (see ``passthrough``)."""
+        relay = self.server.relay
+        if relay is None:
+            relay = self.server.relay = Relay(store)
         try:
-            result = await store.raw(args)
+            rule, refusal = await relay.check(args)
+            if refusal is not None:
+                raise ReplyError(refusal)
+            if rule.write:  # a key it writes is not overwritten by a computation started before
+                self.km.written(k.decode("utf-8", "surrogateescape") for k in rule.keys(args))
+            result = await store.raw(args, self.proto)
         except ReplyError as exc:
             return reply.error(str(exc))
         except KeymissError as exc:

@@ -9,6 +9,8 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 from typing import Any
 
+from ..stores.base import StatusReply
+
 OK = b"+OK\r\n"
 PONG = b"+PONG\r\n"
 NULL2 = b"$-1\r\n"
@@ -66,6 +68,10 @@ def encode(value: Any, proto: int) -> bytes:
         return null(proto)
     if isinstance(value, Status):
         return simple(value)
+    if isinstance(value, StatusReply):
+        return b"+%b\r\n" % value
+    if isinstance(value, Exception):  # an error inside an array (EXEC's replies)
+        return error(str(value))
     if isinstance(value, bool):
         if proto == 3:
             return b"#t\r\n" if value else b"#f\r\n"

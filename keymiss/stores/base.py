@@ -153,6 +153,12 @@ class Store(abc.ABC):
         """Numbers for INFO and metrics; must not block (network stores report their last reading)."""
 
 
+class StatusReply(bytes):
+    """A status reply (``+OK``) relayed from the backing server, kept apart from a bulk string."""
+
+    __slots__ = ()
+
+
 class SharedStore(Store):
     """A store several keymiss nodes share (Redis, Redis Cluster).
 
@@ -169,8 +175,9 @@ class SharedStore(Store):
         computation itself may take."""
 
     @abc.abstractmethod
-    async def raw(self, args: Sequence[bytes]) -> Any:
-        """Run a command keymiss does not own on the backing server and return its reply."""
+    async def raw(self, args: Sequence[bytes], proto: int = 2) -> Any:
+        """Run a command keymiss does not own on the backing server and return its reply, shaped
+        for a client speaking RESP ``proto``."""
 
     def get_cached(self, key: str) -> Item | None:
         """A copy held in process (a near cache), synchronously; ``None`` means "ask the store"."""

@@ -36,7 +36,7 @@ _READ_ONLY = frozenset(
     b"sismember smismember srandmember sscan zrange zrangebyscore zrevrange zscore zcard zcount zrank "
     b"zrevrank zscan xrange xrevrange xlen xread xinfo strlen getrange bitcount bitpos getbit pfcount "
     b"geopos geodist georadius_ro geosearch object memory dump exists type ttl pttl expiretime "
-    b"pexpiretime keys randomkey dbsize time lastsave info ping echo wait".split()
+    b"pexpiretime keys randomkey dbsize time lastsave info ping echo wait command".split()
 )
 
 
@@ -58,9 +58,9 @@ class NearCacheStore(SharedStore):
     async def flight(self, key: str, compute: Callable[[], Awaitable[Item]], compute_seconds: float) -> Item:
         return await self.shared.flight(key, compute, compute_seconds)
 
-    async def raw(self, args: Sequence[bytes]) -> Any:
+    async def raw(self, args: Sequence[bytes], proto: int = 2) -> Any:
         try:
-            return await self.shared.raw(args)
+            return await self.shared.raw(args, proto)
         finally:  # whatever the command changed, no node may keep serving an old copy of it
             if args and args[0].lower() not in _READ_ONLY:
                 if len(args) > 1 + MAX_ANNOUNCED:  # too many names to announce one by one

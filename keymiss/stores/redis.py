@@ -21,13 +21,15 @@ from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 import redis.asyncio as aioredis
+from redis._parsers import _AsyncRESP2Parser
 from redis.asyncio.cluster import RedisCluster
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialBackoff
-from redis.exceptions import RedisClusterException, RedisError, ResponseError
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import InvalidResponse, RedisClusterException, RedisError, ResponseError
 
 from ..errors import ConfigError, KeymissError, ReplyError, StoreError
-from .base import Item, SharedStore, StoreInfo, Write
+from .base import Item, SharedStore, StatusReply, StoreInfo, Write
 from .leases import Leases
 
 log = logging.getLogger("keymiss.redis")
@@ -68,6 +70,43 @@ def _item(value: bytes | None, tag: bytes | None) -> Item | None:
         if head.isdigit() and crc == b"%08x" % zlib.crc32(value):
             codec = int(head)
     return Item(value, codec)
+
+
+try:  # redis-py ≥ 7: maintenance notifications (a RESP3 feature) are off for the relay's parser
+    from redis.maint_notifications import MaintNotificationsConfig
+
+    _NO_MAINT: Any = MaintNotificationsConfig(enabled=False)
+except ImportError:  # pragma: no cover - older redis-py
+    _NO_MAINT = None
+
+
+class _RelayParser(_AsyncRESP2Parser):
+    """redis-py's RESP2 parser, except that a status reply comes back as ``StatusReply``: a relayed
+    ``+OK`` must reach the client as ``+OK``, not as the bulk string ``"OK"`` (redis-cli shows the
+    difference, and some clients check for it)."""
+
+    async def _read_response(self, disable_decoding: bool = False) -> Any:
+        raw = await self._readline()
+        byte, response = raw[:1], raw[1:]
+        if byte == b"-":
+            text = response.decode("utf-8", errors="replace")
+            error = self.parse_error(text)  # type: ignore[no-untyped-call]
+            if isinstance(error, RedisConnectionError):
+                self._clear()  # type: ignore[no-untyped-call]
+                raise error
+            # the special classes (MOVED, ASK, …) drive the cluster client; the rest keep their code
+            return ResponseError(text) if type(error) is ResponseError else error
+        if byte == b"+":
+            return StatusReply(response)
+        if byte == b":":
+            return int(response)
+        if byte in (b"$", b"*") and response == b"-1":
+            return None
+        if byte == b"$":
+            return await self._read(int(response))
+        if byte == b"*":
+            return [await self._read_response(disable_decoding) for _ in range(int(response))]
+        raise InvalidResponse(f"Protocol Error: {raw!r}")
 
 
 def _reply_error(exc: ResponseError) -> ReplyError:
@@ -121,7 +160,7 @@ class RedisStore(SharedStore):
         }
         self._common = common
         self._clean_url = clean
-        self._raw_client: Any = None
+        self._raw_clients: dict[int, Any] = {}
         self._ready = False
         self._init_lock = asyncio.Lock()
         self._gets: list[tuple[str, asyncio.Future[Item | None]]] = []
@@ -404,26 +443,47 @@ class RedisStore(SharedStore):
         await self.leases.close()
         with contextlib.suppress(RedisError, OSError):
             await self.client.aclose()
-        for extra in (self._raw_client,):
-            if extra is not None:
-                with contextlib.suppress(RedisError, OSError):
-                    await extra.aclose()
+        for extra in self._raw_clients.values():
+            with contextlib.suppress(RedisError, OSError):
+                await extra.aclose()
+        self._raw_clients.clear()
 
     def info(self) -> StoreInfo:
         """Numbers from the last sweep (INFO is a network call; this must not block)."""
         return self._info
 
-    async def raw(self, args: Sequence[bytes]) -> Any:
-        """Run a command keymiss does not own on the backing Redis (pass-through). Response
-        callbacks are off, so replies stay close to what Redis sent; Redis's own error lines come
-        back as ``ReplyError`` with their code, and an unreachable Redis as ``StoreError``."""
-        if self._raw_client is None:
-            cls = RedisCluster if self.cluster else aioredis.Redis
-            self._raw_client = cls.from_url(self._clean_url, **self._common)
-            self._raw_client.response_callbacks = {}
+    def _relay_client(self, proto: int) -> Any:
+        """The pass-through's client for a client speaking ``proto``: RESP2 through a parser that
+        keeps status replies apart from bulk strings, so a RESP2 client gets Redis's bytes; RESP3
+        (maps, sets, doubles intact) through redis-py's own parser, which reads ``+OK`` as a bulk."""
+        client = self._raw_clients.get(proto)
+        if client is not None:
+            return client
+        extra: dict[str, Any] = {"protocol": proto}
+        if proto == 2:
+            extra["parser_class"] = _RelayParser
+            if _NO_MAINT is not None:  # redis-py ≥ 7 wants hiredis or RESP3 for these
+                extra["maint_notifications_config"] = _NO_MAINT
+        if self.cluster:  # the cluster client takes no parser_class: its nodes' connections do
+            client = RedisCluster.from_url(self._clean_url, **self._common)
+            manager = client.nodes_manager
+            manager.connection_kwargs.update(extra)
+            for node in manager.startup_nodes.values():
+                node.connection_kwargs.update(extra)
+        else:
+            client = aioredis.Redis.from_url(self._clean_url, **extra, **self._common)
+        client.response_callbacks = {}
+        self._raw_clients[proto] = client
+        return client
+
+    async def raw(self, args: Sequence[bytes], proto: int = 2) -> Any:
+        """Run a command keymiss does not own on the backing Redis (pass-through), in the client's
+        protocol. Response callbacks are off, so replies stay what Redis sent; Redis's own error
+        lines come back as ``ReplyError`` with their code, and an unreachable Redis as ``StoreError``."""
+        client = self._relay_client(proto)
         name = args[0].decode("ascii", "replace")  # the cluster client routes by a str command name
         try:
-            return await self._raw_client.execute_command(name, *args[1:])
+            return await client.execute_command(name, *args[1:])
         except ResponseError as exc:
             raise _reply_error(exc) from None
         except RedisClusterException as exc:

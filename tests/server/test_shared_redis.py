@@ -220,3 +220,168 @@ def test_keys_of_other_types_are_wrongtype_never_overwritten(
     finally:
         node.stop()
         direct.close()
+
+
+# --- pass-through: only stateless data commands reach the shared connections -----------------------
+@pytest.fixture(scope="module")
+def relay_node(tmp_path_factory: pytest.TempPathFactory, redis_standalone: Any) -> Any:
+    node = start_server(
+        tmp_path_factory.mktemp("relay"), "--store", f"redis://127.0.0.1:{redis_standalone.port}"
+    )
+    yield node
+    node.stop()
+
+
+def raw(port: int, *commands: bytes) -> bytes:
+    """Send RESP commands on a fresh socket, return everything that came back."""
+    from .conftest import raw_connect, read_reply
+
+    s = raw_connect(port)
+    try:
+        s.sendall(b"".join(commands))
+        return read_reply(s)
+    finally:
+        s.close()
+
+
+def test_a_transaction_opened_by_one_client_never_captures_anothers_commands(relay_node: Any) -> None:
+    a, b = redis.Redis(port=relay_node.port), redis.Redis(port=relay_node.port)
+    try:
+        pending = []
+        with pytest.raises(redis.ResponseError):  # MULTI is not relayed down a shared connection
+            pending.append(a.execute_command("MULTI"))
+        for i in range(20):  # had it reached the pool, B's commands would reply QUEUED
+            assert b.hset("iso:h", f"f{i}", i) == 1
+            assert b.incr("iso:n") == i + 1
+        assert b.hlen("iso:h") == 20
+        with pytest.raises(redis.ResponseError):
+            a.execute_command("EXEC")
+        assert b.hlen("iso:h") == 20 and b.get("iso:n") == b"20"
+    finally:
+        b.delete("iso:h", "iso:n")
+        a.close(), b.close()
+
+
+@pytest.mark.parametrize(
+    "command, why",
+    [
+        ((b"MONITOR",), "admin"),
+        ((b"SUBSCRIBE", b"ch"), "pub/sub"),
+        ((b"PSUBSCRIBE", b"c*"), "pub/sub"),
+        ((b"EVAL", b"return redis.call('flushall')", b"0"), "script"),
+        ((b"EVALSHA", b"0" * 40, b"0"), "script"),
+        ((b"SCRIPT", b"FLUSH"), "script"),
+        ((b"FUNCTION", b"FLUSH"), "script"),
+        ((b"REPLICAOF", b"127.0.0.1", b"1"), "admin"),
+        ((b"ACL", b"SETUSER", b"x", b"on"), "admin"),
+        ((b"DEBUG", b"SLEEP", b"0"), "admin"),
+        ((b"SHUTDOWN",), "admin"),
+        ((b"BLPOP", b"iso:l", b"0"), "blocking"),
+        ((b"XREAD", b"BLOCK", b"0", b"STREAMS", b"iso:s", b"$"), "blocking"),
+        ((b"WATCH", b"iso:k"), "state"),
+        ((b"SWAPDB", b"0", b"1"), "database 0"),
+        ((b"MIGRATE", b"127.0.0.1", b"1", b"k", b"0", b"100"), "another server"),
+        ((b"CLUSTER", b"INFO"), "cluster"),
+    ],
+)
+def test_connection_state_scripting_admin_and_blocking_commands_are_refused(
+    relay_node: Any, redis_standalone: Any, command: tuple[bytes, ...], why: str
+) -> None:
+    r = redis.Redis(port=relay_node.port, socket_timeout=5)
+    direct = redis.Redis(port=redis_standalone.port)
+    try:
+        direct.set("iso:keep", "1")
+        with pytest.raises(redis.ResponseError) as err:
+            r.execute_command(*command)
+        text = str(err.value)
+        assert "not passed through" in text and why in text and "directly" in text, text
+        # the node and the shared Redis carry on, untouched
+        assert r.ping() and r.hset("iso:after", "f", "v") == 1 and r.hget("iso:after", "f") == b"v"
+        assert direct.get("iso:keep") == b"1" and direct.info("replication")["role"] == "master"
+    finally:
+        direct.delete("iso:keep", "iso:after")
+        r.close(), direct.close()
+
+
+def test_keymiss_records_and_channels_are_not_written_through(relay_node: Any, redis_standalone: Any) -> None:
+    r = redis.Redis(port=relay_node.port)
+    direct = redis.Redis(port=redis_standalone.port)
+    try:
+        for command in (
+            ("HSET", "keymiss:lease:x", "f", "v"),
+            ("APPEND", "keymiss:ctx:doc", "x"),
+            ("RENAME", "iso:a", "keymiss:lease:y"),
+            ("LPUSH", "keymiss:codec:z", "1"),
+            ("PUBLISH", "keymiss:done", "fake"),
+            ("PUBLISH", "keymiss:invalidate", "*"),
+        ):
+            with pytest.raises(redis.ResponseError, match="keymiss's own"):
+                r.execute_command(*command)
+        assert direct.exists("keymiss:lease:x", "keymiss:ctx:doc", "keymiss:lease:y", "keymiss:codec:z") == 0
+        assert r.publish("iso:news", "hello") == 0  # other channels: a plain PUBLISH
+        direct.hset("keymiss:probe", "f", "v")  # reading them is harmless
+        assert r.hget("keymiss:probe", "f") == b"v"
+    finally:
+        direct.delete("keymiss:probe")
+        r.close(), direct.close()
+
+
+def test_relayed_replies_and_errors_are_redis_own_bytes(relay_node: Any, redis_standalone: Any) -> None:
+    """+OK stays a status reply and every error keeps its code: compare byte for byte with Redis."""
+    commands = [
+        b"*4\r\n$5\r\nRPUSH\r\n$5\r\niso:l\r\n$1\r\na\r\n$1\r\nb\r\n",
+        b"*4\r\n$4\r\nLSET\r\n$5\r\niso:l\r\n$1\r\n0\r\n$1\r\nz\r\n",  # +OK
+        b"*3\r\n$6\r\nRENAME\r\n$5\r\niso:l\r\n$5\r\niso:m\r\n",  # +OK
+        b"*3\r\n$4\r\nHGET\r\n$5\r\niso:m\r\n$1\r\nf\r\n",  # -WRONGTYPE
+        b"*2\r\n$6\r\nLRANGE\r\n$5\r\niso:m\r\n",  # -ERR wrong number of arguments
+        b"*4\r\n$4\r\nLSET\r\n$5\r\niso:m\r\n$2\r\n99\r\n$1\r\nz\r\n",  # -ERR index out of range
+        b"*4\r\n$4\r\nHSET\r\n$5\r\niso:h\r\n$1\r\nf\r\n$2\r\nOK\r\n",
+        b"*3\r\n$4\r\nHGET\r\n$5\r\niso:h\r\n$1\r\nf\r\n",  # a bulk "OK" stays bulk
+        b"*2\r\n$5\r\nNOSUCHCMD\r\n$1\r\nx\r\n",
+        b"*4\r\n$6\r\nLRANGE\r\n$5\r\niso:m\r\n$1\r\n0\r\n$2\r\n-1\r\n",
+        b"*5\r\n$4\r\nZADD\r\n$5\r\niso:z\r\n$1\r\n1\r\n$1\r\na\r\n$1\r\nb\r\n",  # -ERR syntax / not a float
+    ]
+    commands[8] = b"*2\r\n$9\r\nNOSUCHCMD\r\n$1\r\nx\r\n"
+    direct = redis.Redis(port=redis_standalone.port)
+    try:
+        expected = []
+        for c in commands:
+            expected.append(raw(redis_standalone.port, c))
+        direct.delete("iso:l", "iso:m", "iso:h", "iso:z")
+        got = [raw(relay_node.port, c) for c in commands]
+        assert got[1] == b"+OK\r\n" and got[2] == b"+OK\r\n" and got[7] == b"$2\r\nOK\r\n"
+        assert got[3].startswith(b"-WRONGTYPE ")
+        assert got == expected
+    finally:
+        direct.delete("iso:l", "iso:m", "iso:h", "iso:z")
+        direct.close()
+
+
+def test_stateless_reads_of_a_stream_pass_without_block(relay_node: Any) -> None:
+    r = redis.Redis(port=relay_node.port)
+    try:
+        r.xadd("iso:s", {"a": "1"})
+        got = r.xread({"iso:s": "0"}, count=10)
+        assert got and got[0][1][0][1] == {b"a": b"1"}
+    finally:
+        r.delete("iso:s")
+        r.close()
+
+
+def test_a_resp3_client_gets_maps_from_a_relayed_command(relay_node: Any) -> None:
+    """RESP3 replies are relayed through redis-py's RESP3 parser: maps stay maps (a set arrives as
+    an array and a status as a bulk string, which RESP3 clients read alike)."""
+    r = redis.Redis(port=relay_node.port, protocol=2)
+    try:
+        r.hset("iso:h3", mapping={"a": "1"})
+        r.sadd("iso:s3", "x")
+        got = raw(
+            relay_node.port,
+            b"*2\r\n$5\r\nHELLO\r\n$1\r\n3\r\n",
+            b"*2\r\n$7\r\nHGETALL\r\n$6\r\niso:h3\r\n",
+            b"*2\r\n$8\r\nSMEMBERS\r\n$6\r\niso:s3\r\n",
+        )
+        assert got.endswith(b"%1\r\n$1\r\na\r\n$1\r\n1\r\n*1\r\n$1\r\nx\r\n"), got[-60:]
+    finally:
+        r.delete("iso:h3", "iso:s3")
+        r.close()
