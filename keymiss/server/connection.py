@@ -34,6 +34,18 @@ FLUSH_BYTES = 64 * 1024
 READ_PAUSE_BYTES = 1024 * 1024
 NOAUTH = b"-NOAUTH Authentication required.\r\n"
 
+#: Commands of the data types an in-process store does not hold: named as such, not as unknown.
+OTHER_TYPES = frozenset(
+    b"hset hsetnx hget hmset hmget hgetall hdel hlen hexists hkeys hvals hincrby hincrbyfloat hstrlen "
+    b"hscan hrandfield lpush rpush lpushx rpushx lpop rpop llen lrange lindex lset lrem ltrim linsert "
+    b"lpos lmove blpop brpop blmove rpoplpush sadd srem smembers sismember smismember scard spop "
+    b"srandmember sinter sunion sdiff sinterstore sunionstore sdiffstore smove sscan sintercard zadd "
+    b"zrem zscore zincrby zcard zcount zrange zrangebyscore zrevrange zrank zrevrank zpopmin zpopmax "
+    b"zscan zunionstore zinterstore zrangestore zmscore xadd xrange xrevrange xlen xread xreadgroup "
+    b"xgroup xack xdel xtrim xinfo xclaim xautoclaim xpending pfadd pfcount pfmerge geoadd geopos "
+    b"geodist geosearch georadius setbit getbit bitcount bitpos bitop bitfield".split()
+)
+
 
 def _printable(raw: bytes) -> str:
     """Bytes for a log line with every control and non-ASCII byte escaped: a key cannot forge lines."""
@@ -223,6 +235,13 @@ class Connection(asyncio.Protocol):
             )
         if cmd is None and self._authenticated and self.shared is not None:
             return self._passthrough(self.shared, args)
+        if cmd is None and name in OTHER_TYPES:
+            srv.error_replies += 1
+            return reply.error(
+                f"ERR '{name.decode()}' works on a data type keymiss's Python server does not hold "
+                "(it holds strings); serve with the default front end or a Redis store "
+                "(--store redis://…) for lists, hashes, sets and the rest"
+            )
         if cmd is None:
             shown = " ".join(f"'{a[:128].decode(errors='replace')}'" for a in args[1:])
             srv.error_replies += 1
@@ -239,6 +258,12 @@ class Connection(asyncio.Protocol):
             return cmd.handler(self, args)
         except Exception as exc:
             return self.error(exc)
+
+    def relay(self, args: list[bytes]) -> Awaitable[bytes]:
+        """Relay ``args`` to the shared Redis (a command keymiss implements locally for in-process
+        stores only, as INCR)."""
+        assert self.shared is not None
+        return self._passthrough(self.shared, args)
 
     async def _passthrough(self, store: SharedStore, args: list[bytes]) -> bytes:
         """Relay a command keymiss does not own (HSET, LPUSH, …) to the backing Redis, if it is one

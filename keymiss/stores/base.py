@@ -14,6 +14,7 @@ from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from ..errors import ReplyError
 from ..glob import compile_glob
 
 #: keymiss's own records (QA contexts, model fingerprints) live under this prefix. Stores never evict
@@ -261,6 +262,24 @@ class LocalStore(Store):
     def delete_now(self, keys: Iterable[str]) -> int:
         result: int = self._write_now(self._delete, list(keys))
         return result
+
+    def _update(self, key: str, edit: Callable[[Item | None], tuple[bytes | None, Any]]) -> Any:
+        """Read, edit and write one key as a single step of the store's writer: ``edit`` gets the
+        current item and returns ``(new value or None for no write, result)``. Every write of a
+        store goes through one writer (the event loop, or LMDB's writer thread), so no other write
+        lands between the read and the write: INCR from two clients never loses an increment."""
+        new, result = edit(self.get_now(key))
+        if new is not None and not self._set([Write(key, new, 0, None)], False, False, True)[0]:
+            raise ReplyError("OOM command not allowed when used memory > 'maxmemory'.")  # unchanged
+        return result
+
+    def update_now(self, key: str, edit: Callable[[Item | None], tuple[bytes | None, Any]]) -> Any:
+        """``update`` on this thread (valid where ``sync_writes``)."""
+        return self._write_now(self._update, key, edit)
+
+    async def update(self, key: str, edit: Callable[[Item | None], tuple[bytes | None, Any]]) -> Any:
+        """A read-modify-write of one key (INCR, APPEND, SETRANGE); the TTL is kept, as Redis does."""
+        return await self._write(self._update, key, edit)
 
     def exists_now(self, keys: Iterable[str]) -> int:
         return sum(1 for k in keys if self.get_now(k) is not None)

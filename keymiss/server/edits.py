@@ -1,0 +1,396 @@
+"""The rest of the string surface: INCR and kin, APPEND, SETRANGE, STRLEN, GETRANGE, KEYS, MEMORY
+USAGE, OBJECT ENCODING, with Redis's replies and error texts.
+
+Split from ``strings`` (the commands that compute on a miss): none of these computes. An edit is
+one read-modify-write step of the store's single writer (``LocalStore.update``), so concurrent
+INCRs never lose an increment and a client's edit wins over a computation that started before it.
+On a shared Redis these commands are relayed to it, where Redis itself does the same.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from decimal import Decimal, InvalidOperation, localcontext
+from typing import TYPE_CHECKING, Any
+
+from ..glob import compile_glob
+from ..stores.base import PINNED_PREFIX, Item
+from . import reply, resp
+from .commands import NOT_INT, SYNTAX, CommandError, Reply, arg, command, key_of, local_store_of, to_int
+
+if TYPE_CHECKING:
+    from .connection import Connection
+
+LLONG_MAX = 2**63 - 1
+LLONG_MIN = -(2**63)
+#: Redis's largest string (proto-max-bulk-len's default), which SETRANGE and APPEND may not pass.
+MAX_STRING = 512 * 1024 * 1024
+TOO_BIG = "ERR string exceeds maximum allowed size (proto-max-bulk-len)"
+
+#: The largest long double (x86 80-bit), past which Redis's INCRBYFLOAT reports an infinity.
+LDBL_MAX = Decimal("1.18973149535723176502e4932")
+
+Edit = Callable[[Item | None], tuple[bytes | None, Any]]
+
+
+def _relay_or(
+    c: Connection, args: list[bytes], key: str, edit: Edit, encode: Callable[[Any], bytes]
+) -> Reply:
+    """Run ``edit`` on the in-process store (inline where writes are synchronous), or relay the
+    command to the shared Redis."""
+    if c.shared is not None:
+        return c.relay(args)
+    c.km.written([key])  # a computation that started before this edit must not be stored after it
+    store = local_store_of(c)
+    if store is not None and store.sync_writes:
+        return encode(store.update_now(key, edit))
+
+    async def later() -> bytes:
+        return encode(await store.update(key, edit))  # type: ignore[union-attr]
+
+    return later()
+
+
+def _read_or(c: Connection, args: list[bytes], key: str, read: Callable[[Item | None], bytes]) -> Reply:
+    """Answer a read from the in-process store, or relay it to the shared Redis."""
+    if c.shared is not None:
+        return c.relay(args)
+
+    async def later() -> bytes:
+        return read(await c.km.store.get(key))
+
+    store = local_store_of(c)
+    return read(store.get_now(key)) if store is not None else later()
+
+
+# --- INCR and kin --------------------------------------------------------------------------------------
+def _as_int(item: Item | None) -> int:
+    if item is None:
+        return 0
+    value = resp.parse_int(item.value) if len(item.value) <= 20 else None
+    if value is None:
+        raise CommandError(NOT_INT)
+    return value
+
+
+def _incr(c: Connection, args: list[bytes], by: int) -> Reply:
+    def edit(item: Item | None) -> tuple[bytes, int]:
+        new = _as_int(item) + by
+        if not LLONG_MIN <= new <= LLONG_MAX:
+            raise CommandError("ERR increment or decrement would overflow")
+        return b"%d" % new, new
+
+    return _relay_or(c, args, key_of(args[1]), edit, reply.integer)
+
+
+def _counter(name: str, summary: str, with_amount: bool) -> None:
+    arguments = [arg("key", "key")] + (
+        [arg("increment" if "incr" in name else "decrement", "integer")] if with_amount else []
+    )
+
+    @command(
+        name,
+        3 if with_amount else 2,
+        flags=("write", "fast"),
+        keys=(1, 1, 1),
+        group="string",
+        summary=summary,
+        arguments=arguments,
+    )
+    def handler(c: Connection, args: list[bytes]) -> Reply:
+        if not with_amount:
+            return _incr(c, args, 1 if name == "incr" else -1)
+        amount = to_int(args[2])
+        if name == "decrby":
+            if amount == LLONG_MIN:
+                raise CommandError("ERR decrement would overflow")
+            amount = -amount
+        return _incr(c, args, amount)
+
+
+_counter("incr", "Add 1 to the integer a key holds (0 if missing).", False)
+_counter("decr", "Subtract 1 from the integer a key holds (0 if missing).", False)
+_counter("incrby", "Add an integer to the integer a key holds.", True)
+_counter("decrby", "Subtract an integer from the integer a key holds.", True)
+
+
+def _long_double(raw: bytes, message: str) -> Decimal:
+    """A number as Redis's strtold reads it: no spaces, no NaN, at most 5k characters."""
+    text = raw.decode("ascii", "replace")
+    if not text or text != text.strip() or len(text) > 5000:
+        raise CommandError(message)
+    try:
+        value = Decimal(text)
+    except InvalidOperation:
+        try:  # hexadecimal and other strtold forms
+            value = Decimal(float.fromhex(text)) if "x" in text.lower() else Decimal(float(text))
+        except (ValueError, OverflowError):
+            raise CommandError(message) from None
+    if value.is_nan():
+        raise CommandError(message)
+    return value
+
+
+def format_long_double(value: Decimal) -> str:
+    """Redis's human form of a long double: fixed point, 17 decimals at most, no trailing zeros."""
+    with localcontext() as ctx:
+        ctx.prec = 19  # a long double's ~19 significant digits: 10.5 + 0.1 is 10.6, as in Redis
+        value = +value
+    text = f"{value:.17f}"
+    if "." in text:
+        text = text.rstrip("0").rstrip(".")
+    return "0" if text in ("-0", "") else text
+
+
+@command(
+    "incrbyfloat",
+    3,
+    flags=("write", "fast"),
+    keys=(1, 1, 1),
+    group="string",
+    summary="Add a floating-point number to the number a key holds.",
+    arguments=[arg("key", "key"), arg("increment", "double")],
+)
+def cmd_incrbyfloat(c: Connection, args: list[bytes]) -> Reply:
+    by = _long_double(args[2], "ERR value is not a valid float")
+
+    def edit(item: Item | None) -> tuple[bytes, bytes]:
+        current = Decimal(0) if item is None else _long_double(item.value, "ERR value is not a valid float")
+        with localcontext() as ctx:
+            ctx.prec = 19
+            new = current + by
+        if new.is_infinite() or abs(new) > LDBL_MAX:
+            raise CommandError("ERR increment would produce NaN or Infinity")
+        text = format_long_double(new).encode()
+        return text, text
+
+    return _relay_or(c, args, key_of(args[1]), edit, reply.bulk)
+
+
+# --- APPEND, SETRANGE ----------------------------------------------------------------------------------
+@command(
+    "append",
+    3,
+    flags=("write", "fast"),
+    keys=(1, 1, 1),
+    group="string",
+    summary="Append to a key's value (creating it); returns the new length.",
+    arguments=[arg("key", "key"), arg("value")],
+)
+def cmd_append(c: Connection, args: list[bytes]) -> Reply:
+    tail = args[2]
+
+    def edit(item: Item | None) -> tuple[bytes, int]:
+        old = b"" if item is None else item.value
+        if len(old) + len(tail) > MAX_STRING:
+            raise CommandError(TOO_BIG)
+        new = old + tail
+        return new, len(new)
+
+    return _relay_or(c, args, key_of(args[1]), edit, reply.integer)
+
+
+@command(
+    "setrange",
+    4,
+    flags=("write",),
+    keys=(1, 1, 1),
+    group="string",
+    summary="Overwrite part of a key's value at an offset, zero-padding as needed.",
+    arguments=[arg("key", "key"), arg("offset", "integer"), arg("value")],
+)
+def cmd_setrange(c: Connection, args: list[bytes]) -> Reply:
+    offset = to_int(args[2])
+    if offset < 0:
+        raise CommandError("ERR offset is out of range")
+    part = args[3]
+
+    def edit(item: Item | None) -> tuple[bytes | None, int]:
+        old = b"" if item is None else item.value
+        if not part:  # nothing to write: the length as it is, and no key is created
+            return None, len(old)
+        if offset + len(part) > MAX_STRING:
+            raise CommandError(TOO_BIG)
+        padded = old.ljust(offset, b"\0")
+        new = padded[:offset] + part + padded[offset + len(part) :]
+        return new, len(new)
+
+    return _relay_or(c, args, key_of(args[1]), edit, reply.integer)
+
+
+# --- reads ---------------------------------------------------------------------------------------------
+@command(
+    "strlen",
+    2,
+    flags=("readonly", "fast"),
+    keys=(1, 1, 1),
+    group="string",
+    summary="The length of a key's value (0 if missing; nothing is computed).",
+    arguments=[arg("key", "key")],
+)
+def cmd_strlen(c: Connection, args: list[bytes]) -> Reply:
+    return _read_or(
+        c, args, key_of(args[1]), lambda item: reply.integer(0 if item is None else len(item.value))
+    )
+
+
+def _substr(value: bytes, start: int, end: int) -> bytes:
+    """Redis's GETRANGE: negative offsets count from the end; an empty range is empty."""
+    n = len(value)
+    if start < 0 and end < 0 and start > end:
+        return b""
+    if start < 0:
+        start = max(0, n + start)
+    if end < 0:
+        end = max(0, n + end)
+    end = min(end, n - 1)
+    if start > end or n == 0:
+        return b""
+    return value[start : end + 1]
+
+
+@command(
+    "getrange",
+    4,
+    flags=("readonly",),
+    keys=(1, 1, 1),
+    group="string",
+    summary="Part of a key's value, by byte offsets (nothing is computed).",
+    arguments=[arg("key", "key"), arg("start", "integer"), arg("end", "integer")],
+)
+def cmd_getrange(c: Connection, args: list[bytes]) -> Reply:
+    start, end = to_int(args[2]), to_int(args[3])
+    return _read_or(
+        c,
+        args,
+        key_of(args[1]),
+        lambda item: reply.bulk(b"" if item is None else _substr(item.value, start, end)),
+    )
+
+
+command(
+    "substr",
+    4,
+    flags=("readonly",),
+    keys=(1, 1, 1),
+    group="string",
+    summary="GETRANGE's old name.",
+    arguments=[arg("key", "key"), arg("start", "integer"), arg("end", "integer")],
+)(cmd_getrange)
+
+
+@command(
+    "keys",
+    2,
+    flags=("readonly",),
+    group="generic",
+    summary="Every key matching a pattern: O(N) in the number of keys, as in Redis (prefer SCAN).",
+    arguments=[arg("pattern", "pattern")],
+)
+def cmd_keys(c: Connection, args: list[bytes]) -> Reply:
+    if c.shared is not None:
+        return c.relay(args)
+    pattern = key_of(args[1])
+    store = local_store_of(c)
+    if store is None:
+        raise CommandError("ERR KEYS needs an in-process store")
+    matches = compile_glob(pattern)
+    keys = [k for k in store.matching_keys("*") if matches(k) and not k.startswith(PINNED_PREFIX)]
+    return reply.array(reply.bulk(k.encode("utf-8", "surrogateescape")) for k in keys)
+
+
+def _encoding(value: bytes) -> str:
+    if len(value) <= 20 and resp.parse_int(value) is not None:
+        return "int"
+    return "embstr" if len(value) <= 44 else "raw"
+
+
+#: What one key costs beyond its name and value in the in-process stores (entry, policy node).
+ENTRY_OVERHEAD = 64
+
+
+@command(
+    "memory",
+    -2,
+    flags=("readonly",),
+    group="server",
+    summary="MEMORY USAGE: the bytes a key takes (name, value and bookkeeping).",
+    subcommands=("usage", "help"),
+)
+def cmd_memory(c: Connection, args: list[bytes]) -> Reply:
+    if c.shared is not None:
+        return c.relay(args)
+    sub = args[1].lower()
+    if sub == b"help" and len(args) == 2:
+        return reply.array(reply.simple(line) for line in _MEMORY_HELP)
+    if sub != b"usage":
+        raise CommandError(f"ERR unknown subcommand '{args[1].decode(errors='replace')}'. Try MEMORY HELP.")
+    if len(args) not in (3, 5) or (len(args) == 5 and args[3].lower() != b"samples"):
+        raise CommandError(
+            SYNTAX if len(args) > 3 else "ERR wrong number of arguments for 'memory|usage' command"
+        )
+    if len(args) == 5:
+        to_int(args[4])
+    key = key_of(args[2])
+    return _read_or(
+        c,
+        args,
+        key,
+        lambda item: (
+            reply.null(c.proto)
+            if item is None
+            else reply.integer(len(args[2]) + len(item.value) + ENTRY_OVERHEAD)
+        ),
+    )
+
+
+_MEMORY_HELP = (
+    "MEMORY <subcommand> [<arg> [value] [opt] ...]. Subcommands are:",
+    "USAGE <key> [SAMPLES <count>]",
+    "    Return memory in bytes used by <key> and its value.",
+    "HELP",
+    "    Print this help.",
+)
+
+
+@command(
+    "object",
+    -2,
+    flags=("readonly",),
+    group="generic",
+    summary="OBJECT ENCODING / REFCOUNT / IDLETIME of a key.",
+    subcommands=("encoding", "refcount", "idletime", "help"),
+)
+def cmd_object(c: Connection, args: list[bytes]) -> Reply:
+    if c.shared is not None:
+        return c.relay(args)
+    sub = args[1].lower()
+    if sub == b"help" and len(args) == 2:
+        return reply.array(reply.simple(line) for line in _OBJECT_HELP)
+    if sub not in (b"encoding", b"refcount", b"idletime"):
+        raise CommandError(f"ERR unknown subcommand '{args[1].decode(errors='replace')}'. Try OBJECT HELP.")
+    if len(args) != 3:
+        raise CommandError(f"ERR wrong number of arguments for 'object|{sub.decode()}' command")
+
+    def read(item: Item | None) -> bytes:
+        if item is None:
+            return reply.null(c.proto)
+        if sub == b"encoding":
+            return reply.bulk(_encoding(item.value).encode())
+        return reply.integer(1 if sub == b"refcount" else 0)
+
+    return _read_or(c, args, key_of(args[2]), read)
+
+
+_OBJECT_HELP = (
+    "OBJECT <subcommand> [<arg> [value] [opt] ...]. Subcommands are:",
+    "ENCODING <key>",
+    "    Return the kind of internal representation used in order to store the value",
+    "    associated with a <key>.",
+    "IDLETIME <key>",
+    "    Return the idle time of the <key> (0: not tracked here).",
+    "REFCOUNT <key>",
+    "    Return the number of references of the value associated with the specified <key>.",
+    "HELP",
+    "    Print this help.",
+)

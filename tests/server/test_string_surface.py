@@ -1,0 +1,304 @@
+"""The string commands redis-py and redis-cli reach for, answered by the Python server exactly as a
+real redis-server answers them: each script below runs against both, reply bytes compared.
+
+The scripts follow Redis's own tests (tests/unit/type/string.tcl, type/incr.tcl, expire.tcl).
+"""
+
+from __future__ import annotations
+
+import socket
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import redis
+
+from .conftest import ServerProcess, start_server
+
+
+def encode(*args: str | bytes) -> bytes:
+    out = [b"*%d\r\n" % len(args)]
+    for a in args:
+        b = a if isinstance(a, bytes) else a.encode()
+        out.append(b"$%d\r\n%b\r\n" % (len(b), b))
+    return b"".join(out)
+
+
+class Wire:
+    """One connection that sends a command and reads exactly one reply's bytes."""
+
+    def __init__(self, port: int) -> None:
+        self.sock = socket.create_connection(("127.0.0.1", port), timeout=10)
+        self.buf = b""
+
+    def _line(self) -> bytes:
+        while b"\r\n" not in self.buf:
+            chunk = self.sock.recv(65536)
+            assert chunk, "connection closed"
+            self.buf += chunk
+        line, _, self.buf = self.buf.partition(b"\r\n")
+        return line
+
+    def _exact(self, n: int) -> bytes:
+        while len(self.buf) < n + 2:
+            chunk = self.sock.recv(65536)
+            assert chunk, "connection closed"
+            self.buf += chunk
+        data, self.buf = self.buf[:n], self.buf[n + 2 :]
+        return data
+
+    def reply(self) -> bytes:
+        line = self._line()
+        kind = line[:1]
+        if kind == b"$" and line != b"$-1":
+            return line + b"\r\n" + self._exact(int(line[1:])) + b"\r\n"
+        if kind == b"*" and line != b"*-1":
+            return line + b"\r\n" + b"".join(self.reply() for _ in range(int(line[1:])))
+        return line + b"\r\n"
+
+    def call(self, *args: str | bytes) -> bytes:
+        self.sock.sendall(encode(*args))
+        return self.reply()
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+@pytest.fixture(scope="module", params=["memory", "lmdb"])
+def keymiss_node(request: Any, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
+    tmp = tmp_path_factory.mktemp("strings")
+    extra = ("--store", f"lmdb:{tmp}/db") if request.param == "lmdb" else ()
+    node = start_server(tmp, *extra, front="python")
+    yield node
+    node.stop()
+
+
+SCRIPTS: dict[str, list[tuple[str, ...]]] = {
+    "incr": [
+        ("SET", "n", "10"),
+        ("INCR", "n"),
+        ("INCRBY", "n", "5"),
+        ("DECR", "n"),
+        ("DECRBY", "n", "3"),
+        ("INCRBY", "n", "-20"),
+        ("INCR", "fresh"),
+        ("DECR", "fresh2"),
+        ("GET", "n"),
+        ("INCRBY", "n", "1.5"),
+        ("INCRBY", "n", "x"),
+        ("INCR",),
+    ],
+    "incr errors": [
+        ("SET", "s", "abc"),
+        ("INCR", "s"),
+        ("SET", "sp", " 11"),
+        ("INCR", "sp"),
+        ("SET", "sp", "11 "),
+        ("INCR", "sp"),
+        ("SET", "sp", "+1"),
+        ("INCR", "sp"),
+        ("SET", "sp", "0x10"),
+        ("INCR", "sp"),
+        ("SET", "big", "9223372036854775807"),
+        ("INCR", "big"),
+        ("GET", "big"),
+        ("SET", "small", "-9223372036854775808"),
+        ("DECR", "small"),
+        ("INCRBY", "small", "9223372036854775807"),
+        ("SET", "n", "1"),
+        ("DECRBY", "n", "-9223372036854775808"),
+        ("SET", "long", "1" * 30),
+        ("INCR", "long"),
+    ],
+    "incrbyfloat": [
+        ("SET", "f", "10.5"),
+        ("INCRBYFLOAT", "f", "0.1"),
+        ("INCRBYFLOAT", "f", "-1.1"),
+        ("INCRBYFLOAT", "f2", "5.0e3"),
+        ("INCRBYFLOAT", "f2", "1"),
+        ("INCRBYFLOAT", "f3", "-0.5"),
+        ("INCRBYFLOAT", "f3", "0.5"),
+        ("SET", "s", "abc"),
+        ("INCRBYFLOAT", "s", "1"),
+        ("INCRBYFLOAT", "f", "nan"),
+        ("INCRBYFLOAT", "f", "abc"),
+        ("INCRBYFLOAT", "f", " 1"),
+        ("SET", "i", "17"),
+        ("INCRBYFLOAT", "i", "0.25"),
+        ("GET", "f"),
+    ],
+    "append and ranges": [
+        ("APPEND", "a", "hello"),
+        ("APPEND", "a", " world"),
+        ("STRLEN", "a"),
+        ("STRLEN", "nothing"),
+        ("GETRANGE", "a", "0", "4"),
+        ("GETRANGE", "a", "-5", "-1"),
+        ("GETRANGE", "a", "5", "3"),
+        ("GETRANGE", "a", "0", "-100"),
+        ("GETRANGE", "a", "-100", "-1"),
+        ("GETRANGE", "a", "0", "1000"),
+        ("GETRANGE", "a", "-1", "-5"),
+        ("GETRANGE", "nothing", "0", "-1"),
+        ("SUBSTR", "a", "6", "-1"),
+        ("GETRANGE", "a", "x", "1"),
+    ],
+    "setrange": [
+        ("SETRANGE", "r", "5", "xy"),
+        ("GET", "r"),
+        ("SETRANGE", "r", "0", "ab"),
+        ("GET", "r"),
+        ("SETRANGE", "r", "0", ""),
+        ("SETRANGE", "missing", "0", ""),
+        ("EXISTS", "missing"),
+        ("SETRANGE", "missing", "3", ""),
+        ("EXISTS", "missing"),
+        ("SETRANGE", "r", "-1", "x"),
+        ("SETRANGE", "r", "536870911", "xx"),
+        ("SETRANGE", "r", "1", "Z"),
+        ("GET", "r"),
+    ],
+    "edits keep the ttl": [
+        ("SET", "t", "1", "EX", "100"),
+        ("INCR", "t"),
+        ("TTL", "t"),
+        ("APPEND", "t", "0"),
+        ("TTL", "t"),
+        ("SETRANGE", "t", "0", "9"),
+        ("TTL", "t"),
+        ("INCRBYFLOAT", "t", "1"),
+        ("TTL", "t"),
+        ("GET", "t"),
+    ],
+    "object encoding": [
+        ("SET", "e1", "12345"),
+        ("OBJECT", "ENCODING", "e1"),
+        ("SET", "e2", "hello"),
+        ("OBJECT", "ENCODING", "e2"),
+        ("SET", "e3", "x" * 100),
+        ("OBJECT", "ENCODING", "e3"),
+        ("OBJECT", "ENCODING", "nothing"),
+        ("OBJECT", "NOSUCH", "e1"),
+        ("MEMORY", "USAGE", "nothing"),
+        ("OBJECT", "REFCOUNT", "e2"),
+    ],
+}
+
+
+@pytest.mark.parametrize("script", list(SCRIPTS))
+def test_replies_match_redis_byte_for_byte(
+    keymiss_node: ServerProcess, redis_standalone: Any, script: str
+) -> None:
+    prefix = f"surf:{script.replace(' ', '_')}:"
+
+    def keyed(cmd: tuple[str, ...]) -> tuple[str, ...]:
+        # every key of these scripts is the first argument, except OBJECT/MEMORY's second
+        if cmd[0] in ("OBJECT", "MEMORY") and len(cmd) > 2:
+            return (cmd[0], cmd[1], prefix + cmd[2], *cmd[3:])
+        if len(cmd) > 1:
+            return (cmd[0], prefix + cmd[1], *cmd[2:])
+        return cmd
+
+    expected_wire, got_wire = Wire(redis_standalone.port), Wire(keymiss_node.port)
+    try:
+        mismatches = []
+        for cmd in SCRIPTS[script]:
+            c = keyed(cmd)
+            want, got = expected_wire.call(*c), got_wire.call(*c)
+            if want != got:
+                mismatches.append((c, want, got))
+        assert not mismatches, mismatches
+    finally:
+        direct = redis.Redis(port=redis_standalone.port)
+        for k in direct.keys(prefix + "*"):
+            direct.delete(k)
+        direct.close()
+        expected_wire.close(), got_wire.close()
+
+
+def test_memory_usage_counts_the_key_and_value(keymiss_node: ServerProcess) -> None:
+    r = redis.Redis(port=keymiss_node.port, protocol=2)
+    try:
+        r.set("mu:small", "x")
+        r.set("mu:large", "x" * 100_000)
+        small, large = r.memory_usage("mu:small"), r.memory_usage("mu:large")
+        assert small is not None and large is not None and large - small >= 99_999
+        assert r.memory_usage("mu:none") is None
+    finally:
+        r.delete("mu:small", "mu:large")
+        r.close()
+
+
+def test_keys_lists_matches_and_hides_keymiss_records(keymiss_node: ServerProcess) -> None:
+    r = redis.Redis(port=keymiss_node.port, protocol=2)
+    try:
+        for i in range(30):
+            r.set(f"ks:{i}", i)
+        r.set("other", 1)
+        assert sorted(r.keys("ks:*")) == sorted(f"ks:{i}".encode() for i in range(30))
+        assert r.keys("ks:1?") == [] or sorted(r.keys("ks:1?")) == sorted(
+            f"ks:1{i}".encode() for i in range(10)
+        )
+        assert all(not k.startswith(b"keymiss:") for k in r.keys("*"))
+    finally:
+        r.delete(*[f"ks:{i}" for i in range(30)], "other")
+        r.close()
+
+
+def test_concurrent_incr_from_many_clients_loses_no_increment(keymiss_node: ServerProcess) -> None:
+    errors: list[BaseException] = []
+
+    def bump() -> None:
+        r = redis.Redis(port=keymiss_node.port, protocol=2)
+        try:
+            for _ in range(200):
+                r.incr("race:n")
+                r.append("race:s", "x")
+        except BaseException as exc:  # reported below
+            errors.append(exc)
+        finally:
+            r.close()
+
+    threads = [threading.Thread(target=bump) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    r = redis.Redis(port=keymiss_node.port, protocol=2)
+    try:
+        assert not errors
+        assert r.get("race:n") == b"1600" and r.strlen("race:s") == 1600
+    finally:
+        r.delete("race:n", "race:s")
+        r.close()
+
+
+def test_incr_over_the_budget_is_refused_and_keeps_the_value(tmp_path: Path) -> None:
+    node = start_server(tmp_path, "--max-memory", "1MB", front="python")
+    r = redis.Redis(port=node.port, protocol=2)
+    try:
+        r.set("b:v", "x" * 1000)
+        with pytest.raises(redis.exceptions.OutOfMemoryError):  # redis-py's class for -OOM
+            r.append("b:v", "y" * 2_000_000)
+        assert r.get("b:v") == b"x" * 1000
+    finally:
+        r.close()
+        node.stop()
+
+
+def test_a_data_type_the_python_server_does_not_hold_gets_a_clear_error(keymiss_node: ServerProcess) -> None:
+    r = redis.Redis(port=keymiss_node.port, protocol=2)
+    try:
+        for call in (
+            lambda: r.lpush("dt:l", "x"),
+            lambda: r.hset("dt:h", "f", "v"),
+            lambda: r.zadd("dt:z", {"a": 1}),
+        ):
+            with pytest.raises(redis.ResponseError, match=r"data type .* does not hold .*--store redis://"):
+                call()
+        assert r.set("dt:s", "v") and r.get("dt:s") == b"v"  # and it keeps serving
+    finally:
+        r.delete("dt:s")
+        r.close()
