@@ -20,6 +20,7 @@ from ..engine import Keymiss
 from ..errors import ConfigError
 from .connection import Connection
 from .passthrough import Relay
+from .transactions import Watches
 
 log = logging.getLogger("keymiss.server")
 
@@ -103,6 +104,18 @@ class Server:
         self._stopping = asyncio.Event()
         self._metrics: Any = None
         self.relay: Relay | None = None  # the pass-through, made on first use (shared stores only)
+        self.watches = Watches()
+        self.exclusive: Connection | None = None  # the client whose EXEC holds every other one
+        self.paused: set[Connection] = set()  # clients held meanwhile
+        self.background: set[asyncio.Future[Any]] = set()  # computations started inside EXEC
+
+    def release(self) -> None:
+        """An EXEC that held every other client is done: they go on, in arrival order."""
+        self.exclusive = None
+        paused, self.paused = self.paused, set()
+        for c in sorted(paused, key=lambda x: x.id):
+            if not c.closed and not c.waiting:
+                c.resume_processing()
 
     async def start(self) -> None:
         loop = asyncio.get_running_loop()

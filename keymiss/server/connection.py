@@ -17,10 +17,11 @@ from collections.abc import Awaitable
 from typing import TYPE_CHECKING, cast
 
 from ..errors import BusyError, KeymissError, ReplyError
-from ..stores.base import SharedStore
+from ..stores.base import Item, LocalStore, SharedStore
 from . import reply, resp
-from .commands import TABLE, error_reply
+from .commands import TABLE, Command, error_reply
 from .passthrough import Relay
+from .transactions import EXISTING_ONLY, IMMEDIATE, Transaction, queue
 
 if TYPE_CHECKING:
     from .app import Server
@@ -87,6 +88,10 @@ class Connection(asyncio.Protocol):
         self.partial_since = 0.0  # when the unfinished request now buffered began arriving (0: none)
         self._progressed = False
         self._task: asyncio.Task[None] | None = None
+        self.multi: Transaction | None = None  # the commands queued since MULTI
+        self.watched: dict[str, Item | None] = {}  # WATCHed keys and the value each held then
+        self.watch_dirty = False  # a watched key was written since WATCH
+        self.in_exec = False  # running EXEC's commands: a miss starts its computation, replies nil
 
     @property
     def authenticated(self) -> bool:
@@ -119,6 +124,7 @@ class Connection(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
         self.server.connections.pop(self.id, None)
+        self._forget_state()
         if self._task is not None and not self._task.done():
             self._task.cancel()  # the computation itself is shielded and goes on for others
 
@@ -161,6 +167,12 @@ class Connection(asyncio.Protocol):
             return True
         return False
 
+    def resume_processing(self) -> None:
+        """Go on with the commands buffered while another client's EXEC ran."""
+        if self.server.exclusive is None:
+            self._process()
+            self._flow()
+
     def resume_writing(self) -> None:
         self.write_paused = False
         self._flow()
@@ -181,6 +193,10 @@ class Connection(asyncio.Protocol):
             self.read_paused = False
 
     def _process(self) -> None:
+        holder = self.server.exclusive
+        if holder is not None and holder is not self:  # another client's EXEC is running
+            self.server.paused.add(self)
+            return
         out: list[bytes] = []
         out_bytes = 0
         parser = self.parser
@@ -237,25 +253,61 @@ class Connection(asyncio.Protocol):
             return self._passthrough(self.shared, args)
         if cmd is None and name in OTHER_TYPES:
             srv.error_replies += 1
-            return reply.error(
+            line = reply.error(
                 f"ERR '{name.decode()}' works on a data type keymiss's Python server does not hold "
                 "(it holds strings); serve with the default front end or a Redis store "
                 "(--store redis://…) for lists, hashes, sets and the rest"
             )
+            return line if self.multi is None else queue(self, args, line)
         if cmd is None:
-            shown = " ".join(f"'{a[:128].decode(errors='replace')}'" for a in args[1:])
+            shown = ""
+            for a in args[1:]:  # as Redis builds it: each argument quoted, trailing space, ~128 bytes
+                if len(shown) >= 128:
+                    break
+                shown += f"'{a[: 128 - len(shown)].decode(errors='replace')}' "
             srv.error_replies += 1
             name_shown = args[0][:128].decode(errors="replace")
-            return reply.error(f"ERR unknown command '{name_shown}', with args beginning with: {shown}")
+            line = reply.error(f"ERR unknown command '{name_shown}', with args beginning with: {shown}")
+            return line if self.multi is None else queue(self, args, line)
         if not self._authenticated and "noauth" not in cmd.flags:
             srv.error_replies += 1
             return NOAUTH
         n = len(args)
         if (cmd.arity > 0 and n != cmd.arity) or n < -cmd.arity:
             srv.error_replies += 1
-            return reply.error(f"ERR wrong number of arguments for '{cmd.name}' command")
+            line = reply.error(f"ERR wrong number of arguments for '{cmd.name}' command")
+            return line if self.multi is None else queue(self, args, line)
+        if self.multi is not None and name not in IMMEDIATE:
+            return queue(self, args, None)
+        if srv.watches and "write" in cmd.flags:
+            store = self.km.store
+            exists = None
+            if cmd.name in EXISTING_ONLY and isinstance(store, LocalStore):
+                exists = lambda key: store.get_now(key) is not None  # noqa: E731
+            srv.watches.touch(self._keys_of(cmd, args), exists)
         try:
             return cmd.handler(self, args)
+        except Exception as exc:
+            return self.error(exc)
+
+    @staticmethod
+    def _keys_of(cmd: Command, args: list[bytes]) -> list[str] | None:
+        """The keys a write command names (``None``: all of them, as FLUSHDB)."""
+        if cmd.name in ("flushdb", "flushall"):
+            return None
+        if cmd.first_key <= 0:
+            return []
+        last = cmd.last_key if cmd.last_key >= 0 else len(args) + cmd.last_key
+        return [a.decode("utf-8", "surrogateescape") for a in args[cmd.first_key : last + 1 : cmd.step]]
+
+    def dispatch_queued(self, args: list[bytes]) -> bytes | Awaitable[bytes]:
+        """Run one command EXEC took from the queue."""
+        return self._dispatch(args)
+
+    async def settle(self, pending: Awaitable[bytes]) -> bytes:
+        """The reply of a command that had to wait, its failure as an error reply."""
+        try:
+            return await pending
         except Exception as exc:
             return self.error(exc)
 
@@ -328,9 +380,18 @@ class Connection(asyncio.Protocol):
             self.server.output_disconnections += 1
             self.abort()
 
+    def _forget_state(self) -> None:
+        """A gone client's transaction state: its watches, and the hold an EXEC of its had."""
+        self.multi = None
+        self.server.watches.drop(self)
+        self.server.paused.discard(self)
+        if self.server.exclusive is self:
+            self.server.release()
+
     def abort(self) -> None:
         self.closed = True
         self.server.connections.pop(self.id, None)
+        self._forget_state()
         if self.transport is not None:
             self.transport.abort()
 
@@ -338,13 +399,14 @@ class Connection(asyncio.Protocol):
         """One CLIENT LIST line, with Redis's field names."""
         now = time.monotonic()
         obl = self.transport.get_write_buffer_size() if self.transport is not None and not self.closed else 0
+        queued = -1 if self.multi is None else len(self.multi.commands)
         lib_name = self.lib.get("lib-name", "")
         lib_ver = self.lib.get("lib-ver", "")
         return (
             f"id={self.id} addr={self.addr} laddr={self.laddr} name={self.name} "
             f"age={int(now - self.created)} idle={int(now - self.last_active)} "
             f"flags={'b' if self.waiting else 'N'} "
-            f"db=0 sub=0 psub=0 ssub=0 multi=-1 qbuf={self.parser.pending} omem={obl} "
+            f"db=0 sub=0 psub=0 ssub=0 multi={queued} qbuf={self.parser.pending} omem={obl} "
             f"cmd={self.last_cmd.decode(errors='replace')} user=default resp={self.proto} "
             f"lib-name={lib_name} lib-ver={lib_ver}"
         )

@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING
 from ..stores.base import Item
 from . import reply
 from .commands import SYNTAX, CommandError, Reply, arg, command, key_of, local_store_of, to_int
+from .transactions import background
 
 if TYPE_CHECKING:
     from .connection import Connection
@@ -41,6 +42,9 @@ def cmd_get(c: Connection, args: list[bytes]) -> Reply:
         return reply.null(c.proto)
     if type(result) is Item:
         return reply.bulk(result.value)
+    if c.in_exec and c.shared is None:  # inside EXEC a miss does not wait for its computation
+        background(c.server, result)  # type: ignore[arg-type]
+        return reply.null(c.proto)
     return _awaited(c, result)  # type: ignore[arg-type]
 
 
@@ -58,6 +62,8 @@ async def _awaited(c: Connection, pending: Awaitable[Item | None]) -> bytes:
     arguments=[arg("key", "key", multiple=True)],
 )
 def cmd_mget(c: Connection, args: list[bytes]) -> Reply:
+    if c.in_exec and c.shared is None:
+        return reply.array(cmd_get(c, [b"get", a]) for a in args[1:])  # type: ignore[misc]
     result = c.km.read_many([key_of(a) for a in args[1:]])
     if isinstance(result, list):
         return _mget_reply(c, result)
@@ -100,6 +106,9 @@ def cmd_getex(c: Connection, args: list[bytes]) -> Reply:
             ttl = _expiry(opts[0], args[3], "getex")
         else:
             raise CommandError(SYNTAX)
+    store = local_store_of(c)
+    if c.in_exec and store is not None and store.get_now(key) is None:
+        return cmd_get(c, [b"get", args[1]])  # a miss inside EXEC: started, nil, no expiry to set
     return _getex(c, key, ttl, persist, bool(opts))
 
 

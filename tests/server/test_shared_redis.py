@@ -278,7 +278,6 @@ def test_a_transaction_opened_by_one_client_never_captures_anothers_commands(rel
         ((b"SHUTDOWN",), "admin"),
         ((b"BLPOP", b"iso:l", b"0"), "blocking"),
         ((b"XREAD", b"BLOCK", b"0", b"STREAMS", b"iso:s", b"$"), "blocking"),
-        ((b"WATCH", b"iso:k"), "state"),
         ((b"SWAPDB", b"0", b"1"), "database 0"),
         ((b"MIGRATE", b"127.0.0.1", b"1", b"k", b"0", b"100"), "another server"),
         ((b"CLUSTER", b"INFO"), "cluster"),

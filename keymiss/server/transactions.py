@@ -1,0 +1,228 @@
+"""MULTI, EXEC, DISCARD, WATCH, UNWATCH: Redis transactions over the in-process stores.
+
+redis-py's default ``pipeline()`` is a transaction, so without these its writes would be applied and
+then reported as failed. A transaction runs whole, with no other client's command in between: the
+commands are answered one after another in the event loop, and where one must wait (a durable
+LMDB write) the server holds every other connection's commands until EXEC is done.
+
+A miss inside a transaction does not wait for its computation (a transaction that blocked for a
+model would hold up every client): the computation is started, the reply is nil, and a later GET
+gets the value.
+
+WATCH follows Redis: EXEC fails (a null reply) if any watched key was written by a command since
+WATCH, and also if its value changed otherwise (a computation stored it, it expired or was
+evicted), which is seen by comparing the value with the one it held at WATCH.
+
+On a shared Redis store, a transaction must run on one Redis connection, which the pass-through
+does not lend out; MULTI and WATCH say so, and the client sends its transaction to Redis directly.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING, Any
+
+from ..stores.base import Item
+from . import reply
+from .commands import CommandError, Reply, arg, command, key_of, local_store_of
+
+if TYPE_CHECKING:
+    from .app import Server
+    from .connection import Connection
+
+#: Write commands that change only keys that exist (a missing key is left untouched).
+EXISTING_ONLY = frozenset(
+    ("del", "unlink", "getdel", "expire", "pexpire", "persist", "getex", "flushdb", "flushall")
+)
+#: Commands answered at once inside MULTI instead of being queued (as in Redis).
+IMMEDIATE = frozenset((b"exec", b"discard", b"multi", b"watch", b"quit", b"reset"))
+#: Per queued command, counted with its arguments against the client's query-buffer limit.
+QUEUED_OVERHEAD = 64
+EXECABORT = "EXECABORT Transaction discarded because of previous errors."
+SHARED = (
+    "ERR transactions are not relayed to a shared Redis store (one needs a connection of its own); "
+    "send MULTI/EXEC or WATCH to Redis directly"
+)
+
+
+class Transaction:
+    """What one connection has queued since MULTI."""
+
+    __slots__ = ("aborted", "commands", "size")
+
+    def __init__(self) -> None:
+        self.commands: list[list[bytes]] = []
+        self.aborted = False
+        self.size = 0
+
+
+class Watches:
+    """The server's WATCHed keys: who watches which key, and the value each saw at WATCH."""
+
+    def __init__(self) -> None:
+        self.by_key: dict[str, set[Connection]] = {}
+
+    def __bool__(self) -> bool:
+        return bool(self.by_key)
+
+    def add(self, c: Connection, key: str, seen: Item | None) -> None:
+        if key not in c.watched:
+            c.watched[key] = seen
+            self.by_key.setdefault(key, set()).add(c)
+
+    def drop(self, c: Connection) -> None:
+        for key in c.watched:
+            watchers = self.by_key.get(key)
+            if watchers is not None:
+                watchers.discard(c)
+                if not watchers:
+                    del self.by_key[key]
+        c.watched.clear()
+        c.watch_dirty = False
+
+    def touch(self, keys: list[str] | None, exists: Callable[[str], bool] | None = None) -> None:
+        """Keys a command is about to write (``None``: every key, FLUSHDB): their watchers' EXEC
+        fails. Where the command changes only keys that exist (DEL, EXPIRE, a flush), ``exists``
+        says which do, so deleting a missing key touches nothing, as in Redis."""
+        if keys is None:
+            keys = list(self.by_key)
+        for key in keys:
+            watchers = self.by_key.get(key)
+            if watchers and (exists is None or exists(key)):
+                for c in watchers:
+                    c.watch_dirty = True
+
+
+def _same(a: Item | None, b: Item | None) -> bool:
+    if a is None or b is None:
+        return a is b
+    return a.value == b.value and a.codec == b.codec and a.expires_at == b.expires_at
+
+
+def changed(c: Connection) -> bool:
+    """Whether a watched key was written, or holds another value than at WATCH."""
+    if c.watch_dirty:
+        return True
+    store = local_store_of(c)
+    return store is not None and any(not _same(seen, store.get_now(k)) for k, seen in c.watched.items())
+
+
+def queue(c: Connection, args: list[bytes], error: bytes | None) -> bytes:
+    """Queue a command inside MULTI (``error``: it was refused at queueing, which aborts EXEC)."""
+    tx = c.multi
+    assert tx is not None
+    if error is not None:
+        tx.aborted = True
+        return error
+    tx.size += QUEUED_OVERHEAD + sum(len(a) for a in args)
+    if tx.size > c.query_limit:
+        tx.aborted = True
+        return reply.error("ERR transaction too large: its queued commands pass the query buffer limit")
+    tx.commands.append(args)
+    return b"+QUEUED\r\n"
+
+
+def background(server: Server, pending: Awaitable[Any]) -> None:
+    """Let a computation started inside a transaction finish on its own."""
+    task = asyncio.ensure_future(pending)
+    server.background.add(task)
+
+    def done(t: asyncio.Future[Any]) -> None:
+        server.background.discard(t)
+        if not t.cancelled():
+            t.exception()  # retrieved: its error was logged where it happened
+
+    task.add_done_callback(done)
+
+
+@command("multi", 1, flags=("fast",), group="transactions", summary="Start a transaction.")
+def cmd_multi(c: Connection, args: list[bytes]) -> Reply:
+    if c.multi is not None:
+        raise CommandError("ERR MULTI calls can not be nested")
+    if c.shared is not None:
+        raise CommandError(SHARED)
+    c.multi = Transaction()
+    return reply.OK
+
+
+@command("discard", 1, flags=("fast",), group="transactions", summary="Drop the queued commands.")
+def cmd_discard(c: Connection, args: list[bytes]) -> Reply:
+    if c.multi is None:
+        raise CommandError("ERR DISCARD without MULTI")
+    c.multi = None
+    c.server.watches.drop(c)
+    return reply.OK
+
+
+@command(
+    "watch",
+    -2,
+    flags=("fast",),
+    keys=(1, -1, 1),
+    group="transactions",
+    summary="Make the next EXEC conditional on these keys staying unchanged.",
+    arguments=[arg("key", "key", multiple=True)],
+)
+def cmd_watch(c: Connection, args: list[bytes]) -> Reply:
+    if c.multi is not None:
+        raise CommandError("ERR WATCH inside MULTI is not allowed")
+    if c.shared is not None:
+        raise CommandError(SHARED)
+    store = local_store_of(c)
+    assert store is not None
+    for raw in args[1:]:
+        key = key_of(raw)
+        c.server.watches.add(c, key, store.get_now(key))
+    return reply.OK
+
+
+@command("unwatch", 1, flags=("fast",), group="transactions", summary="Forget the watched keys.")
+def cmd_unwatch(c: Connection, args: list[bytes]) -> Reply:
+    c.server.watches.drop(c)
+    return reply.OK
+
+
+@command("exec", 1, flags=("slow",), group="transactions", summary="Run the queued commands as one.")
+def cmd_exec(c: Connection, args: list[bytes]) -> Reply:
+    tx = c.multi
+    if tx is None:
+        raise CommandError("ERR EXEC without MULTI")
+    c.multi = None
+    dirty = changed(c)
+    c.server.watches.drop(c)
+    if tx.aborted:
+        raise CommandError(EXECABORT)
+    if dirty:
+        return reply.NULL3 if c.proto == 3 else reply.NULL_ARRAY2
+    parts: list[bytes] = []
+    c.in_exec = True
+    try:
+        for i, queued in enumerate(tx.commands):
+            answer = c.dispatch_queued(queued)
+            if type(answer) is not bytes:
+                return _finish(c, parts, answer, tx.commands[i + 1 :])  # type: ignore[arg-type]
+            parts.append(answer)
+    finally:
+        if not c.server.exclusive:
+            c.in_exec = False
+    return reply.array(parts)
+
+
+def _finish(c: Connection, parts: list[bytes], pending: Awaitable[bytes], rest: list[list[bytes]]) -> Reply:
+    """The rest of an EXEC whose command must wait: every other client is held meanwhile."""
+    server = c.server
+    server.exclusive = c
+
+    async def run() -> bytes:
+        try:
+            parts.append(await c.settle(pending))
+            for queued in rest:
+                answer = c.dispatch_queued(queued)
+                parts.append(answer if type(answer) is bytes else await c.settle(answer))  # type: ignore[arg-type]
+            return reply.array(parts)
+        finally:
+            c.in_exec = False
+            server.release()
+
+    return run()

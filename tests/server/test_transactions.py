@@ -1,0 +1,300 @@
+"""MULTI/EXEC/DISCARD/WATCH on the Python server: Redis's replies byte for byte (as in Redis's
+tests/unit/multi.tcl), redis-py's default pipeline, atomicity against other clients, and a miss
+inside a transaction that does not wait."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import redis
+
+from .conftest import ServerProcess, start_server
+from .test_string_surface import Wire
+
+
+@pytest.fixture(scope="module", params=["memory", "lmdb"])
+def node(request: Any, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
+    tmp = tmp_path_factory.mktemp("tx")
+    extra = ("--store", f"lmdb:{tmp}/db") if request.param == "lmdb" else ()
+    srv = start_server(tmp, *extra, front="python")
+    yield srv
+    srv.stop()
+
+
+SCRIPTS: dict[str, list[tuple[str, ...]]] = {
+    "exec runs the queue": [
+        ("MULTI",),
+        ("SET", "a", "1"),
+        ("INCR", "a"),
+        ("GET", "a"),
+        ("APPEND", "a", "x"),
+        ("MGET", "a", "nothing"),
+        ("EXEC",),
+        ("GET", "a"),
+    ],
+    "errors while queueing abort": [
+        ("MULTI",),
+        ("SET", "a", "1"),
+        ("SET", "a"),
+        ("EXEC",),
+        ("EXISTS", "a"),
+        ("MULTI",),
+        ("NOSUCHCOMMAND", "x"),
+        ("SET", "a", "2"),
+        ("EXEC",),
+        ("EXISTS", "a"),
+    ],
+    "errors while running stay in the array": [
+        ("SET", "s", "abc"),
+        ("MULTI",),
+        ("INCR", "s"),
+        ("SET", "t", "1"),
+        ("SET", "t", "2", "NX"),
+        ("SET", "u", "1", "BADOPTION"),
+        ("EXEC",),
+        ("GET", "t"),
+    ],
+    "state errors": [
+        ("EXEC",),
+        ("DISCARD",),
+        ("MULTI",),
+        ("MULTI",),
+        ("WATCH", "a"),
+        ("SET", "a", "1"),
+        ("EXEC",),
+        ("GET", "a"),
+        ("MULTI",),
+        ("SET", "a", "2"),
+        ("DISCARD",),
+        ("GET", "a"),
+        ("EXEC",),
+    ],
+    "watch": [
+        ("WATCH", "w"),
+        ("SET", "w", "1"),  # our own write touches it too
+        ("MULTI",),
+        ("PING",),
+        ("EXEC",),
+        ("WATCH", "w"),
+        ("MULTI",),
+        ("PING",),
+        ("EXEC",),  # unchanged: runs
+        ("WATCH", "w"),
+        ("UNWATCH",),
+        ("SET", "w", "2"),
+        ("MULTI",),
+        ("PING",),
+        ("EXEC",),  # unwatched: runs
+        ("WATCH", "w", "v"),
+        ("DEL", "v"),  # deleting a missing key changes nothing... but Redis does not touch it
+        ("MULTI",),
+        ("GET", "w"),
+        ("EXEC",),
+        ("WATCH", "w"),
+        ("INCR", "w"),
+        ("MULTI",),
+        ("GET", "w"),
+        ("EXEC",),
+    ],
+    "empty transaction": [("MULTI",), ("EXEC",), ("MULTI",), ("DISCARD",)],
+}
+
+
+@pytest.mark.parametrize("script", list(SCRIPTS))
+def test_transactions_answer_as_redis_does(node: ServerProcess, redis_standalone: Any, script: str) -> None:
+    prefix = f"tx:{script.replace(' ', '_')}:"
+
+    def keyed(cmd: tuple[str, ...]) -> tuple[str, ...]:
+        if cmd[0] in ("MGET", "WATCH", "EXISTS"):
+            return (cmd[0], *(prefix + k for k in cmd[1:]))
+        if len(cmd) > 1 and cmd[0] not in ("PING", "NOSUCHCOMMAND"):
+            return (cmd[0], prefix + cmd[1], *cmd[2:])
+        return cmd
+
+    want_wire, got_wire = Wire(redis_standalone.port), Wire(node.port)
+    try:
+        mismatches = []
+        for cmd in SCRIPTS[script]:
+            c = keyed(cmd)
+            want, got = want_wire.call(*c), got_wire.call(*c)
+            if want != got:
+                mismatches.append((c, want, got))
+        assert not mismatches, mismatches
+    finally:
+        direct = redis.Redis(port=redis_standalone.port)
+        for k in direct.keys(prefix + "*"):
+            direct.delete(k)
+        direct.close()
+        want_wire.close(), got_wire.close()
+
+
+def test_redis_py_default_pipeline_is_a_transaction_that_works(node: ServerProcess) -> None:
+    r = redis.Redis(port=node.port)
+    try:
+        with r.pipeline() as p:  # transaction=True is redis-py's default
+            p.set("pl:a", "1").incr("pl:a").get("pl:a").incrbyfloat("pl:f", 1.5).delete("pl:a")
+            assert p.execute() == [True, 2, b"2", 1.5, 1]
+        with r.pipeline() as p, pytest.raises(redis.ResponseError):
+            p.set("pl:s", "x").incr("pl:s")
+            p.execute()  # INCR's error is raised, after SET was applied (as in Redis)
+        assert r.get("pl:s") == b"x"
+    finally:
+        r.delete("pl:s", "pl:f")
+        r.close()
+
+
+def test_watch_fails_exec_when_another_client_writes(node: ServerProcess) -> None:
+    a, b = redis.Redis(port=node.port), redis.Redis(port=node.port)
+    try:
+        a.set("wt:k", "1")
+        with a.pipeline() as p:
+            p.watch("wt:k")
+            assert p.get("wt:k") == b"1"
+            b.set("wt:k", "2")  # another client's write between WATCH and EXEC
+            p.multi()
+            p.set("wt:k", "from-a")
+            with pytest.raises(redis.WatchError):
+                p.execute()
+        assert a.get("wt:k") == b"2"
+
+        def bump(pipe: Any) -> None:  # redis-py's optimistic-locking helper retries until it wins
+            current = int(pipe.get("wt:n") or 0)
+            pipe.multi()
+            pipe.set("wt:n", current + 1)
+
+        threads = [threading.Thread(target=lambda: [a.transaction(bump, "wt:n") for _ in range(50)])]
+        threads.append(threading.Thread(target=lambda: [b.transaction(bump, "wt:n") for _ in range(50)]))
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+        assert a.get("wt:n") == b"100"  # every increment kept, though they raced
+    finally:
+        a.delete("wt:k", "wt:n")
+        a.close(), b.close()
+
+
+def test_watch_sees_a_value_changed_by_expiry_and_flush(node: ServerProcess) -> None:
+    r = redis.Redis(port=node.port)
+    try:
+        r.set("we:k", "1", px=200)
+        with r.pipeline() as p:
+            p.watch("we:k")
+            time.sleep(0.4)  # it expires between WATCH and EXEC
+            p.multi()
+            p.set("we:other", "1")
+            with pytest.raises(redis.WatchError):
+                p.execute()
+        with r.pipeline() as p:
+            p.watch("we:absent")  # absent at WATCH, a flush touches nothing for it
+            r.execute_command("FLUSHDB")
+            p.multi()
+            p.set("we:absent", "1")
+            assert p.execute() == [True]
+    finally:
+        r.delete("we:absent", "we:other")
+        r.close()
+
+
+def test_exec_is_atomic_to_other_clients(node: ServerProcess) -> None:
+    """One client moves a unit between two keys in transactions; another reads both with MGET
+    meanwhile and must never see the move half done (on LMDB the writes wait for the disk)."""
+    writer, reader = redis.Redis(port=node.port), redis.Redis(port=node.port)
+    writer.mset({"at:a": 1000, "at:b": 0})
+    torn: list[tuple[bytes, bytes]] = []
+    stop = threading.Event()
+
+    def read() -> None:
+        while not stop.is_set():
+            a, b = reader.mget("at:a", "at:b")
+            if int(a) + int(b) != 1000:
+                torn.append((a, b))
+
+    t = threading.Thread(target=read)
+    t.start()
+    try:
+        deadline = time.monotonic() + 20
+        for _ in range(200):
+            assert time.monotonic() < deadline
+            with writer.pipeline() as p:
+                p.decr("at:a").incr("at:b")
+                p.execute()
+    finally:
+        stop.set()
+        t.join(10)
+    try:
+        assert torn == []
+        assert writer.mget("at:a", "at:b") == [b"800", b"200"]
+    finally:
+        writer.delete("at:a", "at:b")
+        writer.close(), reader.close()
+
+
+def test_a_miss_inside_exec_does_not_wait_and_is_computed(tmp_path: Path) -> None:
+    srv = start_server(tmp_path, front="python")
+    r = redis.Redis(port=srv.port)
+    try:
+        with r.pipeline() as p:
+            p.get("slow:tx1").set("tx:after", "1").get("tx:after")
+            # nil: had EXEC waited for the computation (0.3 s in the sample app), it would be the value
+            assert p.execute() == [None, True, b"1"]
+        deadline = time.monotonic() + 10
+        while r.get("slow:tx1") is None:  # a plain GET waits for the computation started by EXEC
+            assert time.monotonic() < deadline
+        assert r.get("slow:tx1") is not None
+    finally:
+        r.close()
+        srv.stop()
+
+
+def test_a_client_gone_mid_transaction_leaves_nothing_behind(node: ServerProcess) -> None:
+    w = Wire(node.port)
+    w.call("WATCH", "gone:k")
+    w.call("MULTI")
+    w.call("SET", "gone:k", "1")
+    w.close()  # never EXECs
+    r = redis.Redis(port=node.port)
+    try:
+        time.sleep(0.2)
+        assert r.get("gone:k") is None
+        assert r.set("gone:k", "2") and r.get("gone:k") == b"2"  # and the server goes on serving
+        assert "multi=-1" in r.execute_command("CLIENT", "INFO").decode()
+    finally:
+        r.delete("gone:k")
+        r.close()
+
+
+def test_a_transaction_cannot_queue_without_bound(tmp_path: Path) -> None:
+    srv = start_server(tmp_path, "--query-buffer", "1MB", front="python")
+    w = Wire(srv.port)
+    try:
+        w.call("MULTI")
+        value = "x" * 100_000
+        replies = [w.call("SET", f"big:{i}", value) for i in range(20)]
+        assert replies[0] == b"+QUEUED\r\n" and replies[-1].startswith(b"-ERR transaction too large")
+        assert w.call("EXEC").startswith(b"-EXECABORT")
+        assert w.call("EXISTS", "big:0") == b":0\r\n"
+    finally:
+        w.close()
+        srv.stop()
+
+
+def test_transactions_on_a_shared_redis_store_say_where_to_send_them(
+    tmp_path: Path, redis_standalone: Any
+) -> None:
+    srv = start_server(tmp_path, "--store", f"redis://127.0.0.1:{redis_standalone.port}", front="python")
+    r = redis.Redis(port=srv.port)
+    try:
+        for command in (("MULTI",), ("WATCH", "k")):
+            with pytest.raises(redis.ResponseError, match="send MULTI/EXEC or WATCH to Redis directly"):
+                r.execute_command(*command)
+        assert r.set("sh:k", "1") and r.get("sh:k") == b"1"
+    finally:
+        r.delete("sh:k")
+        r.close()
+        srv.stop()
