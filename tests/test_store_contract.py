@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
 import pytest
 
 from keymiss.stores.base import PTTL_MISSING, PTTL_PERSISTENT, Write
 
-from .conftest import FakeClock
+from .conftest import STORE_KINDS, FakeClock, make_store
 
 LocalStore = Any  # the suite runs against every store; shared (Redis) ones where noted
 
@@ -209,3 +211,72 @@ async def test_value_sizes(store: LocalStore, size: int) -> None:
     await store.set("k", value)
     item = await store.get("k")
     assert item is not None and item.value == value
+
+
+@pytest.fixture(params=[k for k in STORE_KINDS if not k.startswith("redis")])
+async def local_store(
+    request: pytest.FixtureRequest, tmp_path: Path, clock: FakeClock
+) -> AsyncIterator[LocalStore]:
+    s = make_store(request.param, tmp_path, clock)
+    yield s
+    await s.close()
+
+
+async def _scan_all(store: LocalStore, between: Any = None, count: int = 10) -> list[str]:
+    seen: list[str] = []
+    cursor, rounds = 0, 0
+    while True:
+        cursor, keys = await store.scan(cursor, None, count)
+        seen.extend(keys)
+        rounds += 1
+        assert rounds < 100_000
+        if cursor == 0:
+            return seen
+        if between is not None:
+            await between(rounds)
+
+
+async def test_a_scan_survives_any_number_of_other_scans(local_store: LocalStore) -> None:
+    """Cursors are stateless: 1,100 scans started (and abandoned) between two steps of one scan
+    do not end it early (they did, past 1,024 remembered cursors)."""
+    store = local_store
+    for i in range(100):
+        await store.set(f"k{i}", b"v")
+
+    async def others(round_: int) -> None:
+        if round_ <= 2:
+            for _ in range(1100):
+                await store.scan(0, None, 1)
+
+    assert sorted(await _scan_all(store, others)) == sorted(f"k{i}" for i in range(100))
+
+
+async def test_a_scan_returns_every_key_present_throughout_while_the_store_grows_and_shrinks(
+    local_store: LocalStore,
+) -> None:
+    store = local_store
+    keep = [f"keep:{i}" for i in range(300)]
+    for k in keep:
+        await store.set(k, b"v")
+    churn = [f"churn:{i}" for i in range(3000)]
+
+    async def grow_then_shrink(round_: int) -> None:
+        if round_ < 10:  # the index doubles several times under the scan
+            await store.set_many([Write(k, b"v") for k in churn[round_ * 300 : (round_ + 1) * 300]])
+        elif round_ < 20:  # and halves again
+            await store.delete(churn[(round_ - 10) * 300 : (round_ - 9) * 300])
+
+    seen = await _scan_all(store, grow_then_shrink, count=5)
+    assert set(keep) <= set(seen)
+
+
+async def test_keymiss_records_are_not_listed_counted_or_flushed(local_store: LocalStore) -> None:
+    store = local_store
+    await store.set("keymiss:ctx:doc", b"tokens")
+    await store.set("user:1", b"v")
+    assert await store.dbsize() == 1
+    assert await _scan_all(store) == ["user:1"]
+    assert await store.flush_data() == 1
+    assert await store.dbsize() == 0 and await store.get("user:1") is None
+    assert (await store.get("keymiss:ctx:doc")).value == b"tokens"  # type: ignore[union-attr]
+    assert store.matching_keys("keymiss:*") == ["keymiss:ctx:doc"]  # operators still reach it

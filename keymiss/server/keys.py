@@ -9,6 +9,7 @@ from __future__ import annotations
 from collections.abc import Awaitable
 from typing import TYPE_CHECKING
 
+from ..stores.base import LocalStore
 from . import reply, resp
 from .commands import (
     SYNTAX,
@@ -278,7 +279,11 @@ def cmd_flushdb(c: Connection, args: list[bytes]) -> Reply:
 
     async def later() -> bytes:
         c.km.written(None)
-        await c.km.store.flush()
+        store = c.km.store
+        if isinstance(store, LocalStore):
+            await store.flush_data()  # keymiss's own records (contexts) stay
+        else:
+            await store.flush()
         return reply.OK
 
     return later()

@@ -8,8 +8,6 @@ bytes. Methods are coroutines so that network stores fit the same seam; in-proce
 from __future__ import annotations
 
 import abc
-import itertools
-from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -197,8 +195,6 @@ class LocalStore(Store):
 
     def __init__(self, on_evict: EvictHook | None = None) -> None:
         self.on_evict = on_evict
-        self._scans: OrderedDict[int, Any] = OrderedDict()
-        self._scan_ids = itertools.count(1)
         self.evictions = 0
         self.expired = 0
 
@@ -219,7 +215,13 @@ class LocalStore(Store):
     def _scan_start(self) -> Any: ...
 
     @abc.abstractmethod
-    def _scan_step(self, state: Any, count: int) -> tuple[list[str], Any, bool]: ...
+    def _scan_step(self, state: Any, count: int) -> tuple[list[str], Any, bool]:
+        """A full walk, keymiss's records included (``matching_keys``, for operators)."""
+
+    @abc.abstractmethod
+    def _scan_from(self, cursor: int, count: int) -> tuple[list[str], int]:
+        """SCAN's step: live keys from a stateless cursor, keymiss's records left out; the next
+        cursor (0: done)."""
 
     @abc.abstractmethod
     def _len(self) -> int: ...
@@ -340,23 +342,26 @@ class LocalStore(Store):
     async def scan(
         self, cursor: int, match: str | None = None, count: int = 10, kind: str | None = None
     ) -> tuple[int, list[str]]:
-        if cursor == 0:
-            state = self._scan_start()
-        else:
-            state = self._scans.pop(cursor, None)
-            if state is None:  # unknown or abandoned cursor: the iteration is over
-                return 0, []
-        keys, state, done = self._scan_step(state, max(1, count))
+        """Stateless cursors (nothing is remembered between calls, so no scan can be cut short by
+        others): every key present for the whole scan is returned at least once. keymiss's own
+        records (``keymiss:*``) are not listed."""
+        keys, nxt = self._scan_from(cursor, max(1, count))
         if match is not None and match != "*":
             matches = compile_glob(match)
             keys = [k for k in keys if matches(k)]
-        if done:
-            return 0, keys
-        cid = next(self._scan_ids)
-        self._scans[cid] = state
-        while len(self._scans) > 1024:  # abandoned iterations must not pile up
-            self._scans.popitem(last=False)
-        return cid, keys
+        return nxt, keys
+
+    async def flush_data(self) -> int:
+        """FLUSHDB: every key except keymiss's own records, which the keyspaces need (a QA
+        keyspace's contexts) and which only ``KEYMISS FORGET keymiss:*`` removes."""
+        n = 0
+        cursor = 0
+        while True:
+            keys, cursor = self._scan_from(cursor, 1000)
+            if keys:
+                n += await self.delete(keys)
+            if cursor == 0:
+                return n
 
     async def dbsize(self) -> int:
         return self._len()

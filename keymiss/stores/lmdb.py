@@ -416,8 +416,34 @@ class LMDBStore(LocalStore):
 
     # --- introspection -------------------------------------------------------------------------
     def _len(self) -> int:
-        n: int = self._read(lambda txn: txn.stat(self._data)["entries"])
+        """Keys but keymiss's own records (which the order index leaves out, as SCAN does)."""
+        n: int = self._read(lambda txn: txn.stat(self._order)["entries"])
         return n
+
+    def _scan_from(self, cursor: int, count: int) -> tuple[list[str], int]:
+        """By insertion order (the order index): a rewritten key gets a later sequence number, so a
+        key present for the whole scan is met at least once; the cursor is the next number."""
+        keys: list[str] = []
+        now = self._clock()
+        nxt = 0
+        with self._resize_lock, self._env.begin(db=self._order) as txn:
+            cur = txn.cursor(db=self._order)
+            found = cur.set_range(_SEQ.pack(cursor))
+            seen = 0
+            while found and seen < count:
+                seq, dbk = _SEQ.unpack(cur.key())[0], cur.value()
+                raw = txn.get(dbk, db=self._data)
+                parsed = (
+                    None
+                    if raw is None
+                    else self._unpack(None if dbk.startswith(_LONG_KEY_PREFIX) else dbk, raw)
+                )
+                if parsed is not None and (parsed[1].expires_at is None or parsed[1].expires_at > now):
+                    keys.append(parsed[0].decode("utf-8", "surrogateescape"))
+                nxt = seq + 1
+                seen += 1
+                found = cur.next()
+        return keys, (nxt if found else 0)
 
     def _now(self) -> float:
         return self._clock()

@@ -14,6 +14,7 @@ from typing import Any
 from ..sizes import format_size
 from .base import PINNED_PREFIX, EvictHook, Item, LocalStore, StoreInfo, Write
 from .eviction import Policy, make_policy
+from .scanindex import ScanIndex
 
 #: Bytes a stored entry costs beyond its key and value: the dict slot, the Item (3 slots), the key
 #: str and value bytes object headers, and the eviction policy's own node. Measured with
@@ -50,6 +51,7 @@ class MemoryStore(LocalStore):
         self._pinned_keys = 0
         self._clock = clock
         self._expiry: list[tuple[float, str]] = []  # heap; stale rows are skipped
+        self._index = ScanIndex()  # SCAN's stateless cursors, over every key but keymiss's records
 
     # --- reads ------------------------------------------------------------------------------------
     def get_now(self, key: str) -> Item | None:
@@ -94,6 +96,7 @@ class MemoryStore(LocalStore):
             self._pinned_keys += 1
         else:
             self.policy.insert(w.key, size, w.cost)
+            self._index.add(w.key)
         while self._bytes > self.max_bytes:
             if len(self._data) == self._pinned_keys:  # only pinned records left: refuse the newcomer
                 self._remove(w.key)
@@ -118,6 +121,7 @@ class MemoryStore(LocalStore):
                 self._pinned_keys -= 1
             else:
                 self.policy.remove(key)
+                self._index.discard(key)
 
     def _delete(self, keys: Iterable[str]) -> int:
         n = 0
@@ -159,6 +163,7 @@ class MemoryStore(LocalStore):
         self._pinned_bytes = 0
         self._pinned_keys = 0
         self.policy.clear()
+        self._index.clear()
 
     async def close(self) -> None:
         await self.flush()
@@ -169,10 +174,19 @@ class MemoryStore(LocalStore):
         return self._bytes
 
     def _len(self) -> int:
-        return len(self._data)
+        return len(self._data) - self._pinned_keys
 
     def _now(self) -> float:
         return self._clock()
+
+    def _scan_from(self, cursor: int, count: int) -> tuple[list[str], int]:
+        data, now = self._data, self._clock()
+
+        def alive(key: str) -> bool:  # no policy touch: a SCAN is not a use of the key
+            item = data.get(key)
+            return item is not None and (item.expires_at is None or item.expires_at > now)
+
+        return self._index.scan(cursor, count, alive)
 
     def _scan_start(self) -> Any:
         return (list(self._data), 0)
