@@ -162,6 +162,18 @@ class ComputeEngine:
         result: Computed = await asyncio.shield(fut)
         return result
 
+    def start_each(self, keys: Sequence[str]) -> list[asyncio.Future[Computed] | BaseException | None]:
+        """Start computing ``keys`` (the keys of one keyspace share its batches) and return, per key,
+        the future of its value, its error, or ``None`` for a key no keyspace owns: a caller can
+        answer each key as soon as it is done, not when the slowest of them is."""
+        out: list[asyncio.Future[Computed] | BaseException | None] = []
+        for key in keys:
+            try:
+                out.append(self.start(key))
+            except KeymissError as exc:
+                out.append(exc)
+        return out
+
     async def compute(self, keys: Sequence[str]) -> list[Computed | BaseException | None]:
         """Compute ``keys`` and store nothing. Each result is the encoded value, the key's error, or
         ``None`` for a key no keyspace owns; the keys of one keyspace share its batches."""

@@ -390,6 +390,15 @@ class Keymiss:
             await self.start()
         return await self.engine.compute(keys)
 
+    async def compute_each(
+        self, keys: Sequence[str]
+    ) -> list[asyncio.Future[Computed] | BaseException | None]:
+        """Start computing ``keys``, storing nothing: per key its future, its error or ``None`` (the
+        worker answers each key as it finishes); see ``ComputeEngine.start_each``."""
+        if not self._started and not self._closed:
+            await self.start()
+        return self.engine.start_each(keys)
+
     # --- Python API ----------------------------------------------------------------------------------
     async def get(self, key: str) -> Any:
         """The value for ``key``, computed on a miss; ``None`` for a missing key no keyspace owns."""

@@ -27,6 +27,9 @@ from .errors import ConfigError, ReplyError
 from .options import DEFAULT_TIMEOUT
 from .respclient import RespClient
 
+#: Redis's and Valkey's default proto-max-bulk-len, where a server does not say its own.
+MAX_BULK = 512 * 1024 * 1024
+
 if TYPE_CHECKING:
     from .engine import Keymiss
 
@@ -132,6 +135,7 @@ class Worker:
         self._idle = asyncio.Event()
         self._idle.set()
         self._fills: dict[str, RespClient] = {}
+        self._max_bulk: dict[str, int] = {}  # each server's proto-max-bulk-len
 
     # --- what is registered --------------------------------------------------------------------------
     def registrations(self) -> list[list[Any]]:
@@ -259,6 +263,7 @@ class Worker:
             for args in self.registrations():
                 await take.call(args)
             await self._fill_client(url)
+            self._max_bulk[url] = await self._bulk_limit(take)
             self.stats.nodes.add(url)
             log.info("worker serving %s: %s", _safe(url), ", ".join(ks.pattern for ks in self.km.registry))
             lease = self.lease_ms()
@@ -292,6 +297,15 @@ class Worker:
             self.stats.nodes.discard(url)
             await take.close()
 
+    async def _bulk_limit(self, conn: RespClient) -> int:
+        """The largest value the server takes in one argument (CONFIG may be renamed or denied:
+        then Redis's default)."""
+        try:
+            reply = await conn.call(["CONFIG", "GET", "proto-max-bulk-len"])
+            return int(reply[1]) if isinstance(reply, list) and len(reply) == 2 else MAX_BULK
+        except (ReplyError, ValueError, TypeError):
+            return MAX_BULK
+
     def _begin(self, n: int) -> None:
         self._in_flight += n
         self._idle.clear()
@@ -303,47 +317,96 @@ class Worker:
             self._idle.set()
 
     async def _compute(self, url: str, pairs: Sequence[tuple[str, int]]) -> None:
+        """Compute what one TAKE handed over and answer each key as soon as it is done: a key of a
+        fast keyspace taken with a slow one is not held back by it (the keys finished together
+        leave as one write)."""
+        left = len(pairs)
         try:
-            keys = [k for k, _ in pairs]
-            results = await self.km.compute(keys)
-            commands: list[list[Any]] = []
-            for (key, token), result in zip(pairs, results, strict=True):
-                raw = key.encode("utf-8", "surrogateescape")
-                if isinstance(result, Computed):
-                    args: list[Any] = ["KEYMISS.FILL", raw, token, result.value]
-                    ttl = result.ttl or self.default_ttl
-                    if ttl:
-                        args += ["PX", max(1, int(ttl * 1000))]
+            started = await self.km.compute_each([k for k, _ in pairs])
+            ready: list[tuple[str, int, Any]] = []
+            waiting: dict[asyncio.Future[Computed], tuple[str, int]] = {}
+            for (key, token), fut in zip(pairs, started, strict=True):
+                if isinstance(fut, asyncio.Future):
+                    waiting[asyncio.ensure_future(asyncio.shield(fut))] = (key, token)
                 else:
-                    text = (
-                        "ERR keymiss: no keyspace of this worker owns the key"
-                        if result is None
-                        else _error_line(result)
-                    )
-                    args = ["KEYMISS.FAIL", raw, token, text]
-                commands.append(args)
-            for attempt in range(3):  # a connection that outlived a server restart fails once
-                try:
-                    replies = await (await self._fill_client(url)).call_many(commands)
-                    break
-                except (OSError, ConnectionError):
-                    if attempt == 2:
-                        raise
-                    await asyncio.sleep(0.05 * (attempt + 1))
-            for args, reply in zip(commands, replies, strict=True):
-                if isinstance(reply, ReplyError):
-                    log.warning("the server refused %s: %s", args[0], reply)
-                    self.stats.failures += 1
-                elif args[0] == "KEYMISS.FILL" and reply == 1:
-                    self.stats.fills += 1
-                elif args[0] == "KEYMISS.FILL":
-                    self.stats.discarded += 1
-                else:
-                    self.stats.failures += 1
+                    ready.append((key, token, fut))
+            while True:
+                if ready:
+                    await self._answer(url, ready)
+                    left -= len(ready)
+                    self._end(len(ready))
+                    ready = []
+                if not waiting:
+                    return
+                done, _ = await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
+                for f in done:
+                    key, token = waiting.pop(f)
+                    try:
+                        ready.append((key, token, f.result()))
+                    except Exception as exc:  # the key's own error, sent to its readers
+                        ready.append((key, token, exc))
         except (OSError, ConnectionError, RuntimeError) as exc:
-            log.warning("could not answer %d key(s): %s (their leases will hand them on)", len(pairs), exc)
+            log.warning("could not answer %d key(s): %s (their leases will hand them on)", left, exc)
         finally:
-            self._end(len(pairs))
+            if left:
+                self._end(left)
+
+    def _answer_args(self, url: str, key: str, token: int, result: Any) -> list[Any]:
+        raw = key.encode("utf-8", "surrogateescape")
+        if isinstance(result, Computed):
+            limit = self._max_bulk.get(url, MAX_BULK)
+            if len(result.value) > limit:  # the server would drop the connection, not the value
+                return [
+                    "KEYMISS.FAIL",
+                    raw,
+                    token,
+                    f"ERR keymiss: the value ({len(result.value)} bytes) is larger than the server's "
+                    f"proto-max-bulk-len ({limit} bytes); it cannot be stored",
+                ]
+            args: list[Any] = ["KEYMISS.FILL", raw, token, result.value]
+            ttl = result.ttl or self.default_ttl
+            if ttl:
+                args += ["PX", max(1, int(ttl * 1000))]
+            return args
+        text = (
+            "ERR keymiss: no keyspace of this worker owns the key" if result is None else _error_line(result)
+        )
+        return ["KEYMISS.FAIL", raw, token, text]
+
+    async def _send(self, url: str, commands: list[list[Any]]) -> list[Any]:
+        for attempt in range(3):  # a connection that outlived a server restart fails once
+            try:
+                return await (await self._fill_client(url)).call_many(commands)
+            except (OSError, ConnectionError):
+                if attempt == 2:
+                    raise
+                await asyncio.sleep(0.05 * (attempt + 1))
+        raise AssertionError("unreachable")
+
+    async def _answer(self, url: str, results: list[tuple[str, int, Any]]) -> None:
+        """FILL or FAIL each key. A FILL the server refuses before the module sees it (MISCONF: its
+        disk is full; OOM: maxmemory) becomes a FAIL with the server's reason, so the readers get
+        that error now instead of a timeout later."""
+        commands = [self._answer_args(url, key, token, result) for key, token, result in results]
+        replies = await self._send(url, commands)
+        refused: list[list[Any]] = []
+        for args, reply in zip(commands, replies, strict=True):
+            if isinstance(reply, ReplyError):
+                log.warning("the server refused %s: %s", args[0], reply)
+                self.stats.failures += 1
+                if args[0] == "KEYMISS.FILL":
+                    why = f"ERR keymiss: the server refused to store the value: {reply}"
+                    refused.append(["KEYMISS.FAIL", args[1], args[2], why])
+            elif args[0] == "KEYMISS.FILL" and reply == 1:
+                self.stats.fills += 1
+            elif args[0] == "KEYMISS.FILL":
+                self.stats.discarded += 1
+            else:
+                self.stats.failures += 1
+        if refused:
+            for reply in await self._send(url, refused):
+                if isinstance(reply, ReplyError):
+                    log.warning("the server refused KEYMISS.FAIL too: %s", reply)
 
 
 def _safe(url: str) -> str:

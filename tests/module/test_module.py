@@ -17,7 +17,7 @@ from keymiss import Keymiss
 from keymiss.redis_module import module_path
 
 from ..redis_servers import RedisProcess
-from .conftest import RespError, make_app, resp, running
+from .conftest import RespError, binary, make_app, resp, running
 
 
 def url(server: RedisProcess) -> str:
@@ -661,3 +661,66 @@ async def test_a_worker_pointed_at_a_server_without_the_module_says_so(
         worker.stop()
         await asyncio.wait_for(task, 10)
         plain.stop()
+
+
+async def test_a_fast_key_taken_with_a_slow_one_is_answered_without_waiting_for_it(
+    server: RedisProcess,
+) -> None:
+    km = Keymiss(sweep_interval=0)
+
+    @km.keyspace("snail:*")
+    async def snail(key: str) -> str:
+        await asyncio.sleep(3)
+        return "slow"
+
+    @km.keyspace("quick:*")
+    async def quick(key: str) -> str:
+        return "fast"
+
+    async with running(km, url(server)):
+        # one MGET queues both keys at once, so one TAKE hands both to the worker
+        both = asyncio.create_task(resp(server.port, "MGET", "snail:0", "quick:0"))
+        await asyncio.sleep(0.2)
+        t0 = time.monotonic()
+        assert await resp(server.port, "GET", "quick:0") == b"fast"  # waits on the same computation
+        waited = time.monotonic() - t0
+        assert waited < 1.5, waited  # not the 3 s of the slow key taken with it
+        assert await both == [b"slow", b"fast"]
+
+
+async def test_a_value_the_server_will_not_store_fails_its_readers_at_once(kind: str, tmp_path: Path) -> None:
+    """Over proto-max-bulk-len, or refused with -OOM: the readers get the reason now, not a
+    "did not compute" timeout later, and other keys go on being filled."""
+    server = RedisProcess(
+        tmp_path / "server",
+        "--loadmodule",
+        str(module_path()),
+        "--proto-max-bulk-len",
+        "1mb",
+        "--maxmemory",
+        "3mb",
+        "--maxmemory-policy",
+        "noeviction",
+        binary=binary(kind),
+    )
+    km = Keymiss(sweep_interval=0)
+
+    @km.keyspace("big:*")
+    async def big(key: str) -> bytes:
+        return b"x" * int(key.split(":")[1])
+
+    try:
+        async with running(km, url(server)):
+            t0 = time.monotonic()
+            got = await resp(server.port, "GET", "big:2000000")
+            assert isinstance(got, RespError) and "larger than the server's proto-max-bulk-len" in str(got), (
+                got
+            )
+            assert await resp(server.port, "GET", "big:10") == b"x" * 10
+            for i in range(4):  # fill the server up to maxmemory (noeviction); the last SETs get -OOM
+                await resp(server.port, "SET", f"ballast:{i}", "y" * 900_000)
+            got = await resp(server.port, "GET", "big:900000")
+            assert isinstance(got, RespError) and "refused to store the value: OOM" in str(got), got
+            assert time.monotonic() - t0 < 5  # the module's timeout would be 60 s and more
+    finally:
+        server.stop()
