@@ -71,11 +71,20 @@ class Settings:
             raise ConfigError("max-clients and max-in-flight must be at least 1")
         if self.server not in (None, "valkey", "python"):
             raise ConfigError(f"server must be valkey or python, got {self.server!r}")
-        if self.default_ttl < 0 or self.restarts < 0:
-            raise ConfigError("default-ttl and restarts cannot be negative")
+        if self.restarts < 0:
+            raise ConfigError("restarts cannot be negative")
+        if not 0 < self.default_ttl <= MAX_TTL:
+            raise ConfigError(
+                f"default-ttl must be between 1 second and 365 days, got {self.default_ttl:g}: a value "
+                "without a TTL would never be evicted by a server that evicts only keys with one "
+                "(volatile-lfu), and the module keeps times up to a year"
+            )
         if self.handler_errors is not None and self.handler_errors not in ("message", "type"):
             raise ConfigError(f"handler-errors must be message or type, got {self.handler_errors!r}")
 
+
+#: The longest TTL or timeout the module keeps (a year in milliseconds, as its option parser).
+MAX_TTL = 365 * 24 * 3600.0
 
 _FIELDS = {f.name: f for f in fields(Settings) if f.name not in ("extra", "keyspaces", "valkey")}
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import functools
 import logging
 import os
 import re
@@ -41,7 +42,14 @@ SERVER_POLICIES = {"tinylfu": "volatile-lfu", "tinylfu-cost": "volatile-lfu", "l
 NATIVE_POLICIES = ("volatile-lfu", "volatile-lru", "volatile-ttl", "volatile-random", "noeviction")
 
 #: directives keymiss sets from its own settings; a ``[keymiss.valkey]`` table may not override them
+SOCKET_NAME = "valkey.sock"
+
 OWNED = {
+    "unixsocket": None,
+    "unixsocketperm": None,
+    "user": "requirepass",
+    "aclfile": "requirepass",
+    "rename-command": None,
     "port": "port",
     "bind": "host",
     "requirepass": "requirepass",
@@ -54,7 +62,6 @@ OWNED = {
     "supervised": None,
     "logfile": None,
     "pidfile": None,
-    "unixsocket": None,
 }
 
 #: connections keymiss itself may hold to its server, on top of ``--max-clients``
@@ -172,6 +179,32 @@ def server_policy(eviction: str | None) -> str:
     raise ConfigError(f"unknown eviction policy {eviction!r}; choose one of {choices}")
 
 
+def _info_field(info: Any, name: str) -> str | None:
+    text = info.decode(errors="replace") if isinstance(info, bytes) else str(info)
+    for line in text.splitlines():
+        key, sep, value = line.partition(":")
+        if sep and key == name:
+            return value.strip()
+    return None
+
+
+def port_in_use(host: str, port: int) -> str:
+    """Why ``port`` cannot be bound on ``host`` ("" if it can): checked before the server starts,
+    so keymiss never mistakes another process on its port for its own server."""
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except OSError:
+        return ""  # the server reports an unusable address itself
+    for family, kind, proto, _, addr in infos:
+        with socket.socket(family, kind, proto) as sock:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the server binds
+            try:
+                sock.bind(addr)
+            except OSError as exc:
+                return exc.strerror or str(exc)
+    return ""
+
+
 def render_config(
     *,
     port: int,
@@ -203,6 +236,10 @@ def render_config(
         'logfile ""',
         f"loadmodule {_quoted(module)}",
         f"dir {_quoted(data_dir or workdir)}",
+        # keymiss's own connections: a socket in its private directory, which no other process can
+        # take over (a TCP port can be held by anyone before the server binds it)
+        f"unixsocket {_quoted(os.path.join(workdir, SOCKET_NAME))}",
+        "unixsocketperm 700",
         f"maxmemory {max_memory}",
         f"maxmemory-policy {server_policy(eviction)}",
         # keymiss's own connections (workers, context reads, metrics) come on top of the clients'
@@ -218,6 +255,8 @@ def render_config(
     else:
         lines += ['save ""', "appendonly no"]
     if requirepass:
+        if any(ch in requirepass for ch in "\r\n\0"):
+            raise ConfigError("the password (--requirepass) cannot contain line breaks or NUL bytes")
         lines.append(f"requirepass {_quoted(requirepass)}")
     for raw_name, value in extra.items():
         name = raw_name.lower().replace("_", "-")
@@ -290,12 +329,11 @@ class EmbeddedServer:
         self.max_memory = parse_size(max_memory, what="max-memory")
         self.restarts = restarts
         self.start_seconds = start_seconds
-        self.workdir = tempfile.mkdtemp(prefix="keymiss-valkey-")
-        self.config_text = render_config(
+        render = functools.partial(
+            render_config,
             port=self.port,
             host=host,
             module=module,
-            workdir=self.workdir,
             data_dir=self.data_dir,
             max_memory=self.max_memory,
             eviction=eviction,
@@ -307,6 +345,9 @@ class EmbeddedServer:
             output_stall_seconds=output_stall_seconds,
             extra=extra or {},
         )
+        render(workdir="/nonexistent")  # refused settings raise here, before anything is created
+        self.workdir = tempfile.mkdtemp(prefix="keymiss-valkey-")
+        self.config_text = render(workdir=self.workdir)
         self.proc: asyncio.subprocess.Process | None = None
         self.started_at = 0.0
         self._up_since = 0.0
@@ -327,10 +368,18 @@ class EmbeddedServer:
         return self.host
 
     @property
-    def url(self) -> str:
+    def tcp_url(self) -> str:
+        """Where clients reach the server (keymiss itself uses ``url``)."""
         host = f"[{self.client_host}]" if ":" in self.client_host else self.client_host
         auth = f":{quote(self.requirepass, safe='')}@" if self.requirepass else ""
         return f"redis://{auth}{host}:{self.port}"
+
+    @property
+    def url(self) -> str:
+        """keymiss's own way in: the server's unix socket in keymiss's private directory, so the
+        password is never sent to whatever else might hold the TCP port."""
+        auth = f":{quote(self.requirepass, safe='')}@" if self.requirepass else ""
+        return f"unix://{auth}{os.path.join(self.workdir, SOCKET_NAME)}"
 
     @property
     def pid(self) -> int | None:
@@ -348,6 +397,9 @@ class EmbeddedServer:
                 os.makedirs(self.data_dir, exist_ok=True)
             except OSError as exc:
                 raise ServerFailed(f"cannot create the data directory {self.data_dir}: {exc}") from None
+        holder = port_in_use(self.host, self.port)
+        if holder:
+            raise ServerFailed(f"port {self.port} on {self.host} is in use by another process ({holder})")
         path = os.path.join(self.workdir, "valkey.conf")
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         with os.fdopen(fd, "w") as f:
@@ -388,11 +440,17 @@ class EmbeddedServer:
                 client = await RespClient.connect(self.url, wait=2)
                 try:
                     await client.call(["PING"])
-                    return
+                    info = await client.call(["INFO", "server"])
                 finally:
                     await client.close()
+                pid = _info_field(info, "process_id")
+                if pid != str(self.proc.pid):  # cannot happen through our own socket, but say so
+                    raise ServerFailed(f"the server on {self.url!r} is process {pid}, not {self.proc.pid}")
+                return
             except (OSError, ConnectionError, ReplyError) as exc:
                 last = str(exc)  # refused while starting, -LOADING while it reads its data
+                if last.startswith("LOADING"):  # progress: a large snapshot takes what it takes
+                    deadline = time.monotonic() + self.start_seconds
             await asyncio.sleep(0.05)
         raise ServerFailed(f"the server did not answer within {self.start_seconds:.0f}s ({last})")
 

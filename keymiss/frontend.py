@@ -179,24 +179,43 @@ class ModuleFront:
             )
         if self.front.kind == "embedded":
             self.server = self._embedded()
+            url = self.server.url
+        else:
+            assert self.front.url is not None
+            url = self.front.url
+        try:  # what the module would refuse is refused before any server starts
+            for pattern, options in s.keyspaces.items():
+                self.km.tune(pattern, **options)
+            self.worker = Worker(
+                self.km, url, max_in_flight=min(s.max_in_flight, 1024), default_ttl=s.default_ttl or None
+            )
+        except ConfigError:
+            if self.server is not None:
+                await self.server.stop()  # removes its directory
+            raise
+        if self.server is not None:
+            # a SIGTERM while the server loads a large snapshot stops it, instead of waiting
+            starting = loop.create_task(self.server.start())
+            stop = loop.create_task(self._stopping.wait())
+            await asyncio.wait((starting, stop), return_when=asyncio.FIRST_COMPLETED)
+            stop.cancel()
+            if not starting.done():
+                starting.cancel()
+                with contextlib.suppress(asyncio.CancelledError, ServerFailed):
+                    await starting
+                log.info("stopped while the server was starting")
+                await self.server.stop()
+                return 0
             try:
-                await self.server.start()
+                starting.result()
             except ServerFailed as exc:
                 log.error("cannot start the server: %s", exc)
                 await self.server.stop()
                 return EXIT_SERVER_FAILED
-            url = self.server.url
         else:
-            assert self.front.url is not None
-            await check_module(self.front.url)
-            url = self.front.url
+            await check_module(url)
         self.km.configure(store=url, error_detail=s.handler_errors)  # contexts live in that server
         self.km.max_in_flight = s.max_in_flight
-        for pattern, options in s.keyspaces.items():
-            self.km.tune(pattern, **options)
-        self.worker = Worker(
-            self.km, url, max_in_flight=min(s.max_in_flight, 1024), default_ttl=s.default_ttl or None
-        )
         tasks: dict[str, asyncio.Task[Any]] = {"worker": loop.create_task(self.worker.run())}
         if self.server is not None:
             tasks["server"] = loop.create_task(self.server.supervise(self._restarted))

@@ -85,14 +85,18 @@ class RespClient:
 
     @classmethod
     async def connect(cls, url: str, *, wait: float = 5.0) -> RespClient:
-        """Open ``redis://[user:password@]host:port`` (``rediss://`` for TLS) and authenticate."""
+        """Open ``redis://[user:password@]host:port`` (``rediss://`` for TLS, ``unix://[:password@]
+        /path`` for a unix socket) and authenticate."""
         parts = urlsplit(url)
-        if parts.scheme not in ("redis", "rediss") or not parts.hostname:
-            raise ConfigError(f"bad server URL {url!r}")
-        context = ssl.create_default_context() if parts.scheme == "rediss" else None
-        reader, writer = await asyncio.wait_for(
-            asyncio.open_connection(parts.hostname, parts.port or 6379, ssl=context), wait
-        )
+        if parts.scheme == "unix" and parts.path:
+            reader, writer = await asyncio.wait_for(asyncio.open_unix_connection(parts.path), wait)
+        else:
+            if parts.scheme not in ("redis", "rediss") or not parts.hostname:
+                raise ConfigError(f"bad server URL {url!r}")
+            context = ssl.create_default_context() if parts.scheme == "rediss" else None
+            reader, writer = await asyncio.wait_for(
+                asyncio.open_connection(parts.hostname, parts.port or 6379, ssl=context), wait
+            )
         sock = writer.get_extra_info("socket")
         if sock is not None:
             import socket

@@ -27,6 +27,9 @@ from .errors import ConfigError, ReplyError
 from .options import DEFAULT_TIMEOUT
 from .respclient import RespClient
 
+#: The longest time the module keeps (its option parser's limit: a year, in milliseconds).
+MAX_MS = 365 * 24 * 3600 * 1000
+
 #: Redis's and Valkey's default proto-max-bulk-len, where a server does not say its own.
 MAX_BULK = 512 * 1024 * 1024
 
@@ -62,6 +65,8 @@ def parse_url(url: str) -> tuple[bool, str]:
     """``(cluster, plain_url)``: ``redis[s]+cluster://`` names a cluster by any of its nodes."""
     parts = urlsplit(url)
     scheme = parts.scheme.lower()
+    if scheme == "unix" and parts.path:  # the embedded server's own socket
+        return False, url
     if scheme not in ("redis", "rediss", "redis+cluster", "rediss+cluster"):
         raise ConfigError(f"bad --redis URL {url!r}: use redis://host:port or redis+cluster://host:port")
     if not parts.hostname:
@@ -125,6 +130,7 @@ class Worker:
         # a TTL for values of keyspaces without one, so that a server evicting only keys with a TTL
         # (volatile-lfu) evicts answers, never the contexts they are computed from
         self.default_ttl = default_ttl
+        self.registrations()  # a setting the module would refuse is a ConfigError now, not a retry loop
         self.stats = WorkerStats()
         self._stopping = asyncio.Event()
         self._nodes: dict[str, asyncio.Task[None]] = {}
@@ -153,6 +159,12 @@ class Worker:
                 args += ["ERRTTL", max(1, int(o.error_ttl * 1000))]
             args += ["TIMEOUT", int((timeout + DEADLINE_MARGIN) * 1000)]
             args += ["QUEUE", max(1, o.queue)]
+            for name, value in zip(args[3::2], args[4::2], strict=True):
+                if name != "QUEUE" and value > MAX_MS:
+                    raise ConfigError(
+                        f"keyspace {ks.pattern!r}: its {name.lower()} ({value / 1000:g} s, timeouts and "
+                        "queue wait together) is over the module's limit of 365 days"
+                    )
             out.append(args)
         if not out:
             raise ConfigError("the app has no keyspaces: a worker would have nothing to compute")

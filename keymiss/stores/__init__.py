@@ -87,7 +87,7 @@ def _open(url: str, max_memory: int | str, eviction: str | Policy, on_evict: Evi
             map_size=parse_size(opts.get("map_size", "256mb"), what="map_size"),
             on_evict=on_evict,
         )
-    if scheme in {"redis", "rediss", "redis+cluster", "rediss+cluster"}:
+    if scheme in {"redis", "rediss", "redis+cluster", "rediss+cluster", "unix"}:
         try:
             from .redis import RedisStore
         except ImportError as exc:
@@ -95,7 +95,7 @@ def _open(url: str, max_memory: int | str, eviction: str | Policy, on_evict: Evi
         unknown = set(opts) - {"timeout", "lease_ms", "max_concurrency", "near_cache", "near_ttl"}
         if unknown:
             raise ConfigError(f"unknown redis store option(s): {', '.join(sorted(unknown))}")
-        db = urlsplit(base).path.strip("/")
+        db = "" if scheme == "unix" else urlsplit(base).path.strip("/")
         if db and not (db.isdigit() and int(db) < 1_000_000):
             raise ConfigError(f"redis store URL {url!r}: the database must be a number, not {db!r}")
         if db and int(db) != 0 and "cluster" in scheme:

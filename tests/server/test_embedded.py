@@ -6,6 +6,7 @@ workers in keymiss's process) and drives it with redis-py, redis-cli and signals
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import shutil
@@ -221,6 +222,9 @@ def test_an_app_s_memory_budget_and_eviction_map_onto_the_server(tmp_path: Path)
         (("--server", "valkey", "--store", "lmdb:./db"), "use --server python"),
         (("--redis-server", "/bin/true"), "not a Redis or Valkey server"),
         (("--redis-server", "/nonexistent"), "not an executable file"),
+        (("--default-ttl", "0"), "between 1 second and 365 days"),
+        (("--default-ttl", "40000000"), "between 1 second and 365 days"),
+        (("--requirepass", "line\nbreak"), "cannot contain line breaks"),
     ],
 )
 def test_refusals_are_one_clear_line(tmp_path: Path, args: tuple[str, ...], message: str) -> None:
@@ -379,3 +383,66 @@ def test_without_a_server_binary_the_python_server_serves_and_says_why(tmp_path:
         assert redis.Redis(port=srv.port, socket_timeout=10).get("double:7") == b"14"
     finally:
         srv.stop()
+
+
+def _keymiss_dirs() -> set[str]:
+    import glob
+    import tempfile
+
+    return set(glob.glob(os.path.join(tempfile.gettempdir(), "keymiss-valkey-*")))
+
+
+def test_a_refused_setting_leaves_no_directory_behind(tmp_path: Path) -> None:
+    config = tmp_path / "keymiss.toml"
+    config.write_text('[keymiss.valkey]\nuser = "default on nopass ~* &* +@all"\n')
+    before = _keymiss_dirs()
+    out = serve(tmp_path, "--config", str(config))
+    assert out.returncode == 2 and "cannot set 'user'" in out.stderr, out.stderr
+    assert _keymiss_dirs() - before == set()
+
+
+def test_a_port_held_by_another_process_is_refused_and_never_sent_the_password(tmp_path: Path) -> None:
+    """keymiss used to PING (and AUTH to) whatever answered on its port before its own server had
+    bound it; now its own connections go through a unix socket in its private directory."""
+    import threading
+
+    squatter = socket.socket()
+    squatter.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    squatter.bind(("127.0.0.1", 0))
+    squatter.listen(16)
+    port = squatter.getsockname()[1]
+    heard: list[bytes] = []
+
+    def listen() -> None:
+        squatter.settimeout(0.2)
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            try:
+                conn, _ = squatter.accept()
+            except (TimeoutError, OSError):
+                if squatter.fileno() < 0:
+                    return
+                continue
+            with conn:
+                conn.settimeout(1)
+                conn.sendall(b"+PONG\r\n+OK\r\n")
+                with contextlib.suppress(OSError):
+                    heard.append(conn.recv(4096))
+
+    t = threading.Thread(target=listen, daemon=True)
+    t.start()
+    env = dict(os.environ, PYTHONPATH=str(HERE.parent.parent))
+    try:
+        out = subprocess.run(
+            [sys.executable, "-m", "keymiss", "serve", "--port", str(port), "--requirepass", "TopSecret-123"],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            cwd=tmp_path,
+            env=env,
+        )
+    finally:
+        squatter.close()
+        t.join(5)
+    assert out.returncode == 1 and f"port {port} on 127.0.0.1 is in use" in out.stderr, out.stderr
+    assert not any(b"TopSecret-123" in h for h in heard) and heard == [], heard
