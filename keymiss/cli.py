@@ -140,6 +140,7 @@ def build_parser() -> argparse.ArgumentParser:
     ingest.add_argument("file", help='JSON lines {"key": ..., "text": ...} or text, one paragraph per line')
     ingest.add_argument("--store", required=True, help="lmdb:PATH (a memory store would vanish on exit)")
     ingest.add_argument("--model", help="extractive-QA checkpoint (default: the MiniLM sentence reader)")
+    ingest.add_argument("--keys-out", help="write every context key, one per line, to this file")
     return parser
 
 
@@ -156,6 +157,8 @@ def _ingest(args: argparse.Namespace) -> int:
     if args.store.startswith("memory"):
         print("keymiss: a memory store is gone when ingest exits; use --store lmdb:PATH", file=sys.stderr)
         return 2
+
+    keys: list[str] = []
 
     async def run() -> None:
         km = Keymiss(store=args.store, sweep_interval=0)
@@ -174,11 +177,21 @@ def _ingest(args: argparse.Namespace) -> int:
                 f"{len(pairs)} contexts: {report.added} added, {report.replaced} replaced, "
                 f"{report.unchanged} unchanged; {report.forgotten_answers} cached answers forgotten"
             )
+            if pairs:  # keys made from a text file's name and line numbers: say what they are
+                first, last = pairs[0][0], pairs[-1][0]
+                tag = first[first.find("{") : first.find("}") + 1] if "{" in first else ""
+                print(f"context keys: {first}" + (f" … {last}" if len(pairs) > 1 else ""))
+                print(f"ask with: GET 'bertqa{tag}_{first}_<question>'")
+            keys.extend(key for key, _ in pairs)
         finally:
             await km.close()
 
     try:
         asyncio.run(run())
+        if args.keys_out:
+            with open(args.keys_out, "w", encoding="utf-8") as out:
+                out.writelines(key + "\n" for key in keys)
+            print(f"{len(keys)} keys written to {args.keys_out}")
     except (ConfigError, KeymissError, ValueError, OSError) as exc:
         print(f"keymiss: {exc}", file=sys.stderr)
         return 2

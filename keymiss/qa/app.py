@@ -176,7 +176,8 @@ def build_qa_app(
                     n,
                 )
             await km.store.set(MODEL_KEY, current)
-        sources = [c for c in (corpus, None if model else DEMO_CORPUS) if c]
+        # a user's own corpus replaces the demo's: its paragraphs never land in their store
+        sources = [corpus] if corpus else ([] if model else [DEMO_CORPUS])
         for source in sources:
             report = await service.ingest(km, read_corpus(source))
             log.info("ingested %s: %s", source, report)

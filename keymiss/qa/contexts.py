@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import base64
 import json
+import logging
 import os
 import re
 import zlib
@@ -25,6 +26,8 @@ from typing import Any
 import numpy as np
 
 from ..errors import CodecError, KeyspaceError
+
+log = logging.getLogger("keymiss.qa")
 
 CONTEXT_PREFIX = "keymiss:ctx:"
 RECORD_VERSION = 1
@@ -151,6 +154,7 @@ def read_corpus(path: str) -> Iterator[tuple[str, str]]:
     name = os.path.basename(path)
     with open(path, encoding="utf-8") as f:
         if path.endswith((".jsonl", ".json")):
+            seen: dict[str, int] = {}
             for n, line in enumerate(f, 1):
                 if not line.strip():
                     continue
@@ -163,6 +167,14 @@ def read_corpus(path: str) -> Iterator[tuple[str, str]]:
                     raise ValueError(
                         f"{path}:{n}: context key {key!r} may not contain '_' (it separates key fields)"
                     )
+                if not text.strip():
+                    log.warning("%s:%d: context %r has an empty text; skipped", path, n, key)
+                    continue
+                if key in seen:
+                    log.warning(
+                        "%s:%d: context %r repeats line %d; the later text wins", path, n, key, seen[key]
+                    )
+                seen[key] = n
                 yield key, text
         else:
             stem = re.sub(r"[_{}\s]", "-", name)

@@ -243,3 +243,44 @@ def test_bfloat16_weights_load_with_a_float32_verifier(tiny_model: str) -> None:
     reader = qa_service(km).reader
     assert reader.model.dtype == "bfloat16" and reader.verify is not None and reader.verify.dtype == "float32"
     asyncio.run(km.close())
+
+
+def test_ingest_warns_of_empty_texts_and_repeated_keys_and_prints_generated_keys(
+    tmp_path: Path, tiny_model: str
+) -> None:
+    corpus = tmp_path / "corpus.jsonl"
+    corpus.write_text(
+        '{"key": "a:{T}:1", "text": "first text"}\n'
+        '{"key": "a:{T}:2", "text": "   "}\n'
+        '{"key": "a:{T}:1", "text": "second text"}\n'
+    )
+    out = _keymiss("ingest", str(corpus), "--store", f"lmdb:{tmp_path}/db", "--model", tiny_model)
+    assert out.returncode == 0, out.stderr
+    assert f"{corpus}:2: context 'a:{{T}}:2' has an empty text; skipped" in out.stderr
+    assert f"{corpus}:3: context 'a:{{T}}:1' repeats line 1; the later text wins" in out.stderr
+
+    text = tmp_path / "notes.txt"
+    text.write_text("The sky is blue.\n\nGrass is green.\n")
+    keys = tmp_path / "keys.txt"
+    out = _keymiss(
+        "ingest", str(text), "--store", f"lmdb:{tmp_path}/db2", "--model", tiny_model, "--keys-out", str(keys)
+    )
+    assert out.returncode == 0, out.stderr
+    written = keys.read_text().split()
+    assert len(written) == 2 and written[0].startswith("notes.txt:{") and written[1].endswith(":3")
+    assert f"context keys: {written[0]} … {written[1]}" in out.stdout
+    tag = written[0][written[0].index("{") : written[0].index("}") + 1]
+    assert f"ask with: GET 'bertqa{tag}_{written[0]}_<question>'" in out.stdout
+
+
+def test_a_users_corpus_replaces_the_demo_corpus(tmp_path: Path) -> None:
+    corpus = write_corpus(tmp_path / "mine.jsonl", {"mine:{M}:1": "Only my own paragraph is here."})
+    srv = start_server(tmp_path, "--corpus", corpus, app=None)
+    try:
+        r = redis.Redis(port=srv.port)
+        assert r.get("bertqa{M}_mine:{M}:1_What is here?") is not None
+        with pytest.raises(redis.ResponseError, match="unknown context"):
+            r.get("bertqa{demo}_guide:{demo}:5_Which values are evicted first?")
+        r.close()
+    finally:
+        srv.stop()
