@@ -250,6 +250,8 @@ class Connection(asyncio.Protocol):
                 extra={"client": self.addr, "command": _printable(name[:32])},
             )
         if cmd is None and self._authenticated and self.shared is not None:
+            if self.multi is not None:  # checked at EXEC, as the whole transaction is relayed
+                return queue(self, args, None)
             return self._passthrough(self.shared, args)
         if cmd is None and name in OTHER_TYPES:
             srv.error_replies += 1
@@ -284,14 +286,14 @@ class Connection(asyncio.Protocol):
             exists = None
             if cmd.name in EXISTING_ONLY and isinstance(store, LocalStore):
                 exists = lambda key: store.get_now(key) is not None  # noqa: E731
-            srv.watches.touch(self._keys_of(cmd, args), exists)
+            srv.watches.touch(self.keys_of(cmd, args), exists)
         try:
             return cmd.handler(self, args)
         except Exception as exc:
             return self.error(exc)
 
     @staticmethod
-    def _keys_of(cmd: Command, args: list[bytes]) -> list[str] | None:
+    def keys_of(cmd: Command, args: list[bytes]) -> list[str] | None:
         """The keys a write command names (``None``: all of them, as FLUSHDB)."""
         if cmd.name in ("flushdb", "flushall"):
             return None

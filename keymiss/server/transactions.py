@@ -13,8 +13,10 @@ WATCH follows Redis: EXEC fails (a null reply) if any watched key was written by
 WATCH, and also if its value changed otherwise (a computation stored it, it expired or was
 evicted), which is seen by comparing the value with the one it held at WATCH.
 
-On a shared Redis store, a transaction must run on one Redis connection, which the pass-through
-does not lend out; MULTI and WATCH say so, and the client sends its transaction to Redis directly.
+On a shared Redis store, EXEC sends the queued commands to Redis as one MULTI/EXEC on one of the
+relay's connections, so Redis runs them atomically; each is checked as the pass-through checks
+commands, and one that may not pass discards the transaction. WATCH would need a connection held
+from WATCH to EXEC, which the relay does not lend out: it is refused with a clear error.
 """
 
 from __future__ import annotations
@@ -25,7 +27,8 @@ from typing import TYPE_CHECKING, Any
 
 from ..stores.base import Item
 from . import reply
-from .commands import CommandError, Reply, arg, command, key_of, local_store_of
+from .commands import TABLE, CommandError, Reply, arg, command, key_of, local_store_of
+from .passthrough import Relay
 
 if TYPE_CHECKING:
     from .app import Server
@@ -40,21 +43,27 @@ IMMEDIATE = frozenset((b"exec", b"discard", b"multi", b"watch", b"quit", b"reset
 #: Per queued command, counted with its arguments against the client's query-buffer limit.
 QUEUED_OVERHEAD = 64
 EXECABORT = "EXECABORT Transaction discarded because of previous errors."
-SHARED = (
-    "ERR transactions are not relayed to a shared Redis store (one needs a connection of its own); "
-    "send MULTI/EXEC or WATCH to Redis directly"
+SHARED_WATCH = (
+    "ERR WATCH is not relayed to a shared Redis store (it needs a connection of its own until EXEC); "
+    "send WATCH and its transaction to Redis directly"
+)
+#: keymiss's own commands that are plain Redis commands, so a relayed transaction may hold them.
+SHARED_TX = frozenset(
+    b"get mget getex set setex psetex setnx mset getdel del unlink exists ttl pttl type expire pexpire "
+    b"persist incr incrby decr decrby incrbyfloat append setrange strlen getrange substr ping echo".split()
 )
 
 
 class Transaction:
     """What one connection has queued since MULTI."""
 
-    __slots__ = ("aborted", "commands", "size")
+    __slots__ = ("aborted", "commands", "shared", "size")
 
-    def __init__(self) -> None:
+    def __init__(self, shared: bool) -> None:
         self.commands: list[list[bytes]] = []
         self.aborted = False
         self.size = 0
+        self.shared = shared  # EXEC relays it to the shared Redis
 
 
 class Watches:
@@ -112,6 +121,12 @@ def queue(c: Connection, args: list[bytes], error: bytes | None) -> bytes:
     """Queue a command inside MULTI (``error``: it was refused at queueing, which aborts EXEC)."""
     tx = c.multi
     assert tx is not None
+    name = args[0].lower()
+    if error is None and tx.shared and name in TABLE and name not in SHARED_TX:
+        error = reply.error(
+            f"ERR '{name.decode()}' is keymiss's own command: it cannot be part of a transaction "
+            "relayed to the shared Redis"
+        )
     if error is not None:
         tx.aborted = True
         return error
@@ -140,9 +155,7 @@ def background(server: Server, pending: Awaitable[Any]) -> None:
 def cmd_multi(c: Connection, args: list[bytes]) -> Reply:
     if c.multi is not None:
         raise CommandError("ERR MULTI calls can not be nested")
-    if c.shared is not None:
-        raise CommandError(SHARED)
-    c.multi = Transaction()
+    c.multi = Transaction(c.shared is not None)
     return reply.OK
 
 
@@ -168,7 +181,7 @@ def cmd_watch(c: Connection, args: list[bytes]) -> Reply:
     if c.multi is not None:
         raise CommandError("ERR WATCH inside MULTI is not allowed")
     if c.shared is not None:
-        raise CommandError(SHARED)
+        raise CommandError(SHARED_WATCH)
     store = local_store_of(c)
     assert store is not None
     for raw in args[1:]:
@@ -195,6 +208,8 @@ def cmd_exec(c: Connection, args: list[bytes]) -> Reply:
         raise CommandError(EXECABORT)
     if dirty:
         return reply.NULL3 if c.proto == 3 else reply.NULL_ARRAY2
+    if tx.shared:
+        return _exec_shared(c, tx.commands)
     parts: list[bytes] = []
     c.in_exec = True
     try:
@@ -226,3 +241,49 @@ def _finish(c: Connection, parts: list[bytes], pending: Awaitable[bytes], rest: 
             server.release()
 
     return run()
+
+
+async def _exec_shared(c: Connection, commands: list[list[bytes]]) -> bytes:
+    """EXEC on a shared Redis: every command checked as the pass-through checks it, the keys it
+    writes marked written (a computation started before does not overwrite them), then one
+    MULTI/EXEC there. A miss of a keyspace key inside it starts the key's computation."""
+    shared = c.shared
+    assert shared is not None
+    relay = c.server.relay
+    if relay is None:
+        relay = c.server.relay = Relay(shared)
+    written: list[str] = []
+    for args in commands:
+        cmd = TABLE.get(args[0].lower())
+        if cmd is not None:
+            if "write" in cmd.flags:
+                written.extend(c.keys_of(cmd, args) or [])
+            continue
+        rule, refusal = await relay.check(args)
+        if refusal is not None:
+            raise CommandError(f"EXECABORT Transaction discarded: {refusal.removeprefix('ERR ')}")
+        if rule.write:
+            written.extend(k.decode("utf-8", "surrogateescape") for k in rule.keys(args))
+    if written:
+        c.km.written(written)
+    replies = await shared.transaction(commands, c.proto)
+    if replies is None:
+        return reply.NULL3 if c.proto == 3 else reply.NULL_ARRAY2
+    for args, answer in zip(commands, replies, strict=False):
+        name = args[0].lower()
+        if name in (b"get", b"getex") and answer is None:
+            _start(c, [args[1]])
+        elif name == b"mget" and isinstance(answer, list):
+            _start(c, [k for k, v in zip(args[1:], answer, strict=False) if v is None])
+    return reply.array(reply.encode(r, c.proto) for r in replies)
+
+
+def _start(c: Connection, keys: list[bytes]) -> None:
+    """Start computing keys a relayed transaction found missing (those of a keyspace)."""
+    for raw in keys:
+        key = key_of(raw)
+        if c.km.registry.route(key) is None:
+            continue
+        pending = c.km.read(key)
+        if pending is not None and type(pending) is not Item:
+            background(c.server, pending)  # type: ignore[arg-type]

@@ -178,6 +178,11 @@ class SharedStore(Store):
         """Run a command keymiss does not own on the backing server and return its reply, shaped
         for a client speaking RESP ``proto``."""
 
+    async def transaction(self, commands: Sequence[Sequence[bytes]], proto: int = 2) -> list[Any] | None:
+        """Run ``commands`` as one MULTI/EXEC on the backing server (one connection, atomic there):
+        each reply (an error as an exception), or ``None`` if the server aborted it."""
+        raise ReplyError("ERR this store runs no transactions")
+
     def get_cached(self, key: str) -> Item | None:
         """A copy held in process (a near cache), synchronously; ``None`` means "ask the store"."""
         return None

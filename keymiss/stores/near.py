@@ -70,6 +70,18 @@ class NearCacheStore(SharedStore):
                 else:
                     await self._announce(a.decode("utf-8", "surrogateescape") for a in args[1:])
 
+    async def transaction(self, commands: Sequence[Sequence[bytes]], proto: int = 2) -> list[Any] | None:
+        try:
+            return await self.shared.transaction(commands, proto)
+        finally:  # whatever it changed, no node may keep serving an old copy of it
+            written = [a.decode("utf-8", "surrogateescape") for c in commands for a in c[1:]]
+            if len(written) > MAX_ANNOUNCED:
+                await self.near.flush()
+                with contextlib.suppress(StoreError):
+                    await self.shared.publish(INVALIDATE_CHANNEL, [FLUSH_ALL])
+            elif written:
+                await self._announce(written)
+
     async def get_strict(self, key: str) -> Item | None:
         item = self.near.get_now(key)
         if item is not None:

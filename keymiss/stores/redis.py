@@ -493,6 +493,24 @@ class RedisStore(SharedStore):
         except (RedisError, OSError, RuntimeError) as exc:
             raise _wrap(exc) from exc
 
+    async def transaction(self, commands: Sequence[Sequence[bytes]], proto: int = 2) -> list[Any] | None:
+        """MULTI, the commands and EXEC on one connection of the relay (a cluster needs them all in
+        one slot); Redis's error lines keep their code, inside the replies and for EXEC itself."""
+        pipe = self._relay_client(proto).pipeline(transaction=True)
+        for args in commands:
+            pipe.execute_command(args[0].decode("ascii", "replace"), *args[1:])
+        try:
+            replies = await pipe.execute(raise_on_error=False)
+        except ResponseError as exc:
+            raise _reply_error(exc) from None
+        except RedisClusterException as exc:
+            if "slot" in str(exc).lower():
+                raise ReplyError("CROSSSLOT Keys in request don't hash to the same slot") from None
+            raise ReplyError(f"ERR {exc}") from None
+        except (RedisError, OSError, RuntimeError) as exc:
+            raise _wrap(exc) from exc
+        return [_reply_error(r) if isinstance(r, ResponseError) else r for r in replies]
+
     # --- cluster-wide single-flight ---------------------------------------------------------------------
     async def flight(self, key: str, compute: Callable[[], Awaitable[Item]], compute_seconds: float) -> Item:
         """Compute only while holding the key's lease in Redis; see ``keymiss.stores.leases``."""

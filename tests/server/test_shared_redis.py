@@ -247,15 +247,12 @@ def raw(port: int, *commands: bytes) -> bytes:
 def test_a_transaction_opened_by_one_client_never_captures_anothers_commands(relay_node: Any) -> None:
     a, b = redis.Redis(port=relay_node.port), redis.Redis(port=relay_node.port)
     try:
-        pending = []
-        with pytest.raises(redis.ResponseError):  # MULTI is not relayed down a shared connection
-            pending.append(a.execute_command("MULTI"))
-        for i in range(20):  # had it reached the pool, B's commands would reply QUEUED
+        assert a.execute_command("MULTI") in (b"OK", "OK", True)  # queued by keymiss, for A only
+        for i in range(20):  # had MULTI reached a pooled connection, B's commands would reply QUEUED
             assert b.hset("iso:h", f"f{i}", i) == 1
             assert b.incr("iso:n") == i + 1
         assert b.hlen("iso:h") == 20
-        with pytest.raises(redis.ResponseError):
-            a.execute_command("EXEC")
+        assert a.execute_command("EXEC") == []
         assert b.hlen("iso:h") == 20 and b.get("iso:n") == b"20"
     finally:
         b.delete("iso:h", "iso:n")
@@ -384,3 +381,20 @@ def test_a_resp3_client_gets_maps_from_a_relayed_command(relay_node: Any) -> Non
     finally:
         r.delete("iso:h3", "iso:s3")
         r.close()
+
+
+def test_a_transaction_relayed_to_a_cluster_runs_in_one_slot(tmp_path: Path, redis_cluster: Any) -> None:
+    node = start_server(tmp_path, "--store", redis_cluster.url)
+    r = redis.Redis(port=node.port)
+    try:
+        with r.pipeline() as p:
+            p.set("{t}a", "1").incr("{t}a").hset("{t}h", "f", "v").get("{t}a")
+            assert p.execute() == [True, 2, 1, b"2"]
+        with r.pipeline() as p, pytest.raises(redis.ResponseError, match="CROSSSLOT|slot"):
+            p.set("{t}a", "1").set("{u}b", "2")
+            p.execute()
+        assert r.get("{t}a") == b"2"  # nothing of the refused transaction was applied
+    finally:
+        r.delete("{t}a"), r.delete("{t}h")
+        r.close()
+        node.stop()

@@ -284,17 +284,82 @@ def test_a_transaction_cannot_queue_without_bound(tmp_path: Path) -> None:
         srv.stop()
 
 
-def test_transactions_on_a_shared_redis_store_say_where_to_send_them(
-    tmp_path: Path, redis_standalone: Any
+@pytest.fixture(scope="module")
+def shared_node(tmp_path_factory: pytest.TempPathFactory, redis_standalone: Any) -> Iterator[ServerProcess]:
+    tmp = tmp_path_factory.mktemp("txshared")
+    srv = start_server(tmp, "--store", f"redis://127.0.0.1:{redis_standalone.port}", front="python")
+    yield srv
+    srv.stop()
+
+
+@pytest.mark.parametrize(
+    "script", ["exec runs the queue", "errors while running stay in the array", "empty transaction"]
+)
+def test_a_transaction_relayed_to_a_shared_redis_answers_as_redis_does(
+    shared_node: ServerProcess, redis_standalone: Any, script: str
 ) -> None:
-    srv = start_server(tmp_path, "--store", f"redis://127.0.0.1:{redis_standalone.port}", front="python")
-    r = redis.Redis(port=srv.port)
+    prefix = f"txs:{script.replace(' ', '_')}:"
+
+    def keyed(cmd: tuple[str, ...]) -> tuple[str, ...]:
+        if cmd[0] == "MGET":
+            return (cmd[0], *(prefix + k for k in cmd[1:]))
+        return (cmd[0], prefix + cmd[1], *cmd[2:]) if len(cmd) > 1 else cmd
+
+    want_wire, got_wire = Wire(redis_standalone.port), Wire(shared_node.port)
+    direct = redis.Redis(port=redis_standalone.port)
     try:
-        for command in (("MULTI",), ("WATCH", "k")):
-            with pytest.raises(redis.ResponseError, match="send MULTI/EXEC or WATCH to Redis directly"):
-                r.execute_command(*command)
-        assert r.set("sh:k", "1") and r.get("sh:k") == b"1"
+        want = [want_wire.call(*keyed(c)) for c in SCRIPTS[script]]
+        for k in direct.keys(prefix + "*"):
+            direct.delete(k)
+        got = [got_wire.call(*keyed(c)) for c in SCRIPTS[script]]
+        assert got == want
     finally:
-        r.delete("sh:k")
-        r.close()
-        srv.stop()
+        for k in direct.keys(prefix + "*"):
+            direct.delete(k)
+        direct.close()
+        want_wire.close(), got_wire.close()
+
+
+def test_redis_py_default_pipeline_works_on_a_shared_redis(
+    shared_node: ServerProcess, redis_standalone: Any
+) -> None:
+    r = redis.Redis(port=shared_node.port)
+    direct = redis.Redis(port=redis_standalone.port)
+    try:
+        with r.pipeline() as p:
+            p.set("txp:a", "1").incr("txp:a").hset("txp:h", "f", "v").lpush("txp:l", "x").get("txp:a")
+            assert p.execute() == [True, 2, 1, 1, b"2"]
+        assert direct.hget("txp:h", "f") == b"v" and direct.lrange("txp:l", 0, -1) == [b"x"]
+        with r.pipeline() as p:  # a miss of a keyspace key: nil inside, computed after
+            p.get("slow:txp").set("txp:b", "1")
+            assert p.execute() == [None, True]
+        deadline = time.monotonic() + 10
+        while direct.get("slow:txp") is None:
+            assert time.monotonic() < deadline, "the miss inside EXEC was not computed"
+            time.sleep(0.05)
+    finally:
+        direct.delete("txp:a", "txp:h", "txp:l", "txp:b", "slow:txp")
+        r.close(), direct.close()
+
+
+def test_a_relayed_transaction_holding_a_refused_command_is_discarded_whole(
+    shared_node: ServerProcess, redis_standalone: Any
+) -> None:
+    w = Wire(shared_node.port)
+    direct = redis.Redis(port=redis_standalone.port)
+    try:
+        assert w.call("MULTI") == b"+OK\r\n"
+        assert w.call("SET", "txr:a", "1") == b"+QUEUED\r\n"
+        assert w.call("EVAL", "return redis.call('flushall')", "0") == b"+QUEUED\r\n"
+        answer = w.call("EXEC")
+        assert answer.startswith(b"-EXECABORT") and b"script" in answer, answer
+        assert direct.exists("txr:a") == 0
+        assert w.call("MULTI") == b"+OK\r\n"
+        assert w.call("INFO").startswith(b"-ERR 'info' is keymiss's own command")
+        assert w.call("EXEC").startswith(b"-EXECABORT")
+        with pytest.raises(redis.ResponseError, match="send WATCH and its transaction to Redis directly"):
+            redis.Redis(port=shared_node.port).execute_command("WATCH", "txr:a")
+        assert w.call("SET", "txr:a", "2") == b"+OK\r\n"  # and it goes on serving
+    finally:
+        direct.delete("txr:a")
+        w.close(), direct.close()
