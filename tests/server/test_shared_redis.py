@@ -390,7 +390,7 @@ def test_a_transaction_relayed_to_a_cluster_runs_in_one_slot(tmp_path: Path, red
         with r.pipeline() as p:
             p.set("{t}a", "1").incr("{t}a").hset("{t}h", "f", "v").get("{t}a")
             assert p.execute() == [True, 2, 1, b"2"]
-        with r.pipeline() as p, pytest.raises(redis.ResponseError, match="CROSSSLOT|slot"):
+        with r.pipeline() as p, pytest.raises(redis.ResponseError, match=r"CROSSSLOT|slot"):
             p.set("{t}a", "1").set("{u}b", "2")
             p.execute()
         assert r.get("{t}a") == b"2"  # nothing of the refused transaction was applied
