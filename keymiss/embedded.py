@@ -17,6 +17,7 @@ import functools
 import logging
 import os
 import re
+import secrets
 import shutil
 import signal
 import socket
@@ -43,6 +44,9 @@ NATIVE_POLICIES = ("volatile-lfu", "volatile-lru", "volatile-ttl", "volatile-ran
 
 #: directives keymiss sets from its own settings; a ``[keymiss.valkey]`` table may not override them
 SOCKET_NAME = "valkey.sock"
+#: The ACL user keymiss's own connections log in as; clients cannot run the worker's commands.
+OWN_USER = "keymiss"
+WORKER_COMMANDS = ("keymiss.register", "keymiss.take", "keymiss.fill", "keymiss.fail")
 
 OWNED = {
     "unixsocket": None,
@@ -215,6 +219,7 @@ def render_config(
     max_memory: int,
     eviction: str | None,
     requirepass: str | None,
+    own_password: str,
     max_clients: int,
     max_bulk: int,
     query_buffer: int,
@@ -254,10 +259,15 @@ def render_config(
         lines += [f"save {DEFAULT_SAVE}", "dbfilename dump.rdb", "appendonly no"]
     else:
         lines += ['save ""', "appendonly no"]
-    if requirepass:
-        if any(ch in requirepass for ch in "\r\n\0"):
-            raise ConfigError("the password (--requirepass) cannot contain line breaks or NUL bytes")
-        lines.append(f"requirepass {_quoted(requirepass)}")
+    if requirepass and any(ch in requirepass for ch in "\r\n\0"):
+        raise ConfigError("the password (--requirepass) cannot contain line breaks or NUL bytes")
+    # Clients are the default user, with every command but the worker's: only keymiss registers
+    # keyspaces and fills them (a client registering '*' would shadow every plain miss). keymiss's
+    # own connections log in as a user of their own, with a password made for this run.
+    password = _quoted(">" + requirepass) if requirepass else "nopass"
+    worker_commands = " ".join(f"-{c}" for c in WORKER_COMMANDS)
+    lines.append(f"user default on {password} ~* &* +@all {worker_commands}")
+    lines.append(f"user {OWN_USER} on {_quoted('>' + own_password)} ~* &* +@all")
     for raw_name, value in extra.items():
         name = raw_name.lower().replace("_", "-")
         if name in OWNED:
@@ -326,6 +336,7 @@ class EmbeddedServer:
         self.port = port or free_port(host)
         self.data_dir = os.path.abspath(data_dir) if data_dir else None
         self.requirepass = requirepass
+        self._own_password = secrets.token_hex(24)
         self.max_memory = parse_size(max_memory, what="max-memory")
         self.restarts = restarts
         self.start_seconds = start_seconds
@@ -338,6 +349,7 @@ class EmbeddedServer:
             max_memory=self.max_memory,
             eviction=eviction,
             requirepass=requirepass,
+            own_password=self._own_password,
             max_clients=max_clients,
             max_bulk=max_bulk,
             query_buffer=query_buffer,
@@ -378,7 +390,7 @@ class EmbeddedServer:
     def url(self) -> str:
         """keymiss's own way in: the server's unix socket in keymiss's private directory, so the
         password is never sent to whatever else might hold the TCP port."""
-        auth = f":{quote(self.requirepass, safe='')}@" if self.requirepass else ""
+        auth = f"{OWN_USER}:{self._own_password}@"
         return f"unix://{auth}{os.path.join(self.workdir, SOCKET_NAME)}"
 
     @property

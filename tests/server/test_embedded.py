@@ -446,3 +446,23 @@ def test_a_port_held_by_another_process_is_refused_and_never_sent_the_password(t
         t.join(5)
     assert out.returncode == 1 and f"port {port} on 127.0.0.1 is in use" in out.stderr, out.stderr
     assert not any(b"TopSecret-123" in h for h in heard) and heard == [], heard
+
+
+def test_clients_cannot_run_the_workers_commands(tmp_path: Path) -> None:
+    """A client registering a catch-all keyspace would turn every plain miss into an error."""
+    srv = start_server(tmp_path, front="valkey")
+    r = redis.Redis(port=srv.port)
+    try:
+        for command in (
+            ("KEYMISS.REGISTER", "rogue", "*"),
+            ("KEYMISS.TAKE", "10", "100", "1000"),
+            ("KEYMISS.FILL", "square:3", "1", "x"),
+            ("KEYMISS.FAIL", "square:3", "1", "ERR x"),
+        ):
+            with pytest.raises(redis.exceptions.NoPermissionError):
+                r.execute_command(*command)
+        assert r.get("session:1") is None  # a plain miss stays a plain miss
+        assert r.get("double:7") == b"14"  # and keymiss's own workers still fill
+    finally:
+        r.close()
+        srv.stop()
