@@ -326,8 +326,20 @@ class ModuleFront:
 
     # --- what health and metrics read ------------------------------------------------------------
     def healthy(self) -> bool:
+        """Up, a worker attached, and the server answering a PING within a second now (a stopped
+        or wedged server is unhealthy at once, not when a worker's TAKE times out)."""
         up = self.server.up if self.server is not None else True
-        return up and self.worker is not None and bool(self.worker.stats.nodes)
+        if not (up and self.worker is not None and self.worker.stats.nodes):
+            return False
+        import redis
+
+        client = redis.Redis.from_url(self.worker.url, socket_timeout=1, socket_connect_timeout=1)
+        try:
+            return bool(client.ping())
+        except (redis.RedisError, OSError):
+            return False
+        finally:
+            client.close()
 
 
 def run_module_front(km: Keymiss, settings: Settings, front: FrontEnd) -> int:

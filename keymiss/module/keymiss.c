@@ -630,7 +630,9 @@ static int serve(RedisModuleCtx *ctx, RedisModuleString **keys, int nkeys, int s
                 continue;
             }
             if (ks->queued + ks->in_flight >= ks->queue_max) {
-                if (single) {
+                /* where blocking is forbidden (MULTI, Lua) a miss reads as nil, a full queue too:
+                 * an error would abort a script part-way through its writes */
+                if (single && can_block) {
                     busy_error(ctx, ks);
                     goto done;
                 }

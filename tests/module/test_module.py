@@ -127,6 +127,16 @@ async def test_a_full_queue_answers_busy_at_once(server: RedisProcess) -> None:
         err = await resp(server.port, "GET", "tiny:third")
         assert isinstance(err, RespError) and str(err).startswith("BUSY keymiss:") and "tiny:*" in str(err)
         assert time.monotonic() - t0 < 0.5
+        # where blocking is forbidden, a full queue reads as nil: a script is not aborted half done
+        got = await resp(
+            server.port,
+            "EVAL",
+            "redis.call('SET', KEYS[2], '1') return redis.call('GET', KEYS[1])",
+            2,
+            "tiny:lua",
+            "after:lua",
+        )
+        assert got is None and await resp(server.port, "GET", "after:lua") == b"1"
         assert await asyncio.gather(*first) == [b"done", b"done"]
 
 

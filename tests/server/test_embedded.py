@@ -314,7 +314,8 @@ def test_healthz_and_metrics_cover_module_and_workers(tmp_path: Path) -> None:
             assert name in body, name
         os.kill(child_pid(srv), signal.SIGSTOP)  # a server that no longer answers: not healthy
         try:
-            wait_for(lambda: _status(base + "/healthz") == 503, 20, "/healthz to turn 503")
+            # at once (a PING of its own), not when a worker's TAKE times out 15 s later
+            wait_for(lambda: _status(base + "/healthz") == 503, 4, "/healthz to turn 503")
         finally:
             os.kill(child_pid(srv), signal.SIGCONT)
     finally:
