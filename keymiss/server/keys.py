@@ -206,8 +206,10 @@ def _expire_cmd(c: Connection, args: list[bytes], unit: float, name: str) -> Rep
     flags = {a.lower() for a in args[3:]}
     if not flags <= {b"nx", b"xx", b"gt", b"lt"} or len(flags) != len(args) - 3:
         raise CommandError(f"ERR Unsupported option {args[3].decode(errors='replace')}")
-    if (b"nx" in flags and flags & {b"xx", b"gt", b"lt"}) or ({b"gt", b"lt"} <= flags):
+    if b"nx" in flags and flags & {b"xx", b"gt", b"lt"}:
         raise CommandError("ERR NX and XX, GT or LT options at the same time are not compatible")
+    if {b"gt", b"lt"} <= flags:
+        raise CommandError("ERR GT and LT options at the same time are not compatible")
     check_expire_range(amount, 1000 if unit == 1.0 else 1, False, name)
     ttl = amount * unit
 

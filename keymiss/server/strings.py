@@ -103,7 +103,14 @@ def cmd_getex(c: Connection, args: list[bytes]) -> Reply:
         if opts == [b"persist"]:
             persist = True
         elif len(opts) == 2 and opts[0] in (b"ex", b"px", b"exat", b"pxat"):
-            ttl = _expiry(opts[0], args[3], "getex")
+            try:
+                ttl = _expiry(opts[0], args[3], "getex")
+            except CommandError:
+                # as Redis: a missing key is nil before its expiry is looked at
+                store = local_store_of(c)
+                if store is not None and store.get_now(key) is None and c.km.registry.route(key) is None:
+                    return reply.null(c.proto)
+                raise
         else:
             raise CommandError(SYNTAX)
     store = local_store_of(c)
