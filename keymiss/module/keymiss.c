@@ -957,8 +957,12 @@ static int cmd_fail(RedisModuleCtx *ctx, RedisModuleString **argv, int argc) {
     size_t len;
     const char *msg = KM_StringPtrLen(argv[3], &len);
     char *line = error_line(msg, len);
-    ks->failures++;
-    if (ks->error_ttl_ms > 0) error_remember(argv[1], line, ks->error_ttl_ms, now_ms());
+    /* a worker out of handler slots is busy, not a failure of the key: counted as such in INFO,
+     * and not remembered (the next read may well be computed) */
+    int busy = strncmp(line, "BUSY", 4) == 0;
+    if (busy) ks->busy++;
+    else ks->failures++;
+    if (!busy && ks->error_ttl_ms > 0) error_remember(argv[1], line, ks->error_ttl_ms, now_ms());
     entry_resolve(e, line);
     KM_Free(line);
     return KM_ReplyWithLongLong(ctx, 1);

@@ -734,3 +734,21 @@ async def test_a_value_the_server_will_not_store_fails_its_readers_at_once(kind:
             assert time.monotonic() - t0 < 5  # the module's timeout would be 60 s and more
     finally:
         server.stop()
+
+
+async def test_a_busy_worker_is_counted_as_busy_and_not_remembered_as_a_failure(server: RedisProcess) -> None:
+    w = await raw_worker(server.port, ["b", "busy:*", "ERRTTL", "60000"])
+    reader = asyncio.ensure_future(resp(server.port, "GET", "busy:1"))
+    await asyncio.sleep(0.1)
+    key, token = await call(w, "KEYMISS.TAKE", "10", "1000", "10000")
+    assert await call(w, "KEYMISS.FAIL", key, token, "BUSY keymiss: all 6 handler slots are held") == 1
+    got = await reader
+    assert isinstance(got, RespError) and str(got).startswith("BUSY")
+    info = (await resp(server.port, "INFO", "keymiss")).decode()
+    assert "busy=1" in info and "failures=0" in info, info
+    again = asyncio.ensure_future(resp(server.port, "GET", "busy:1"))  # queued again, not the error
+    await asyncio.sleep(0.1)
+    key, token = await call(w, "KEYMISS.TAKE", "10", "1000", "10000")
+    assert await call(w, "KEYMISS.FILL", key, token, "done") == 1
+    assert await again == b"done"
+    w[1].close()
