@@ -114,7 +114,9 @@ class Server:
         self.exclusive = None
         paused, self.paused = self.paused, set()
         for c in sorted(paused, key=lambda x: x.id):
-            if not c.closed and not c.waiting:
+            if self.exclusive is not None:  # a resumed client's EXEC holds them again: keep waiting
+                self.paused.add(c)
+            elif not c.closed and not c.waiting:
                 c.resume_processing()
 
     async def start(self) -> None:

@@ -92,6 +92,7 @@ class Connection(asyncio.Protocol):
         self.watched: dict[str, Item | None] = {}  # WATCHed keys and the value each held then
         self.watch_dirty = False  # a watched key was written since WATCH
         self.in_exec = False  # running EXEC's commands: a miss starts its computation, replies nil
+        self.exec_task: asyncio.Future[bytes] | None = None  # an EXEC that had to wait, running
 
     @property
     def authenticated(self) -> bool:
@@ -387,7 +388,8 @@ class Connection(asyncio.Protocol):
         self.multi = None
         self.server.watches.drop(self)
         self.server.paused.discard(self)
-        if self.server.exclusive is self:
+        running = self.exec_task is not None and not self.exec_task.done()
+        if self.server.exclusive is self and not running:  # a running EXEC releases it when done
             self.server.release()
 
     def abort(self) -> None:

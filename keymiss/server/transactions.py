@@ -238,9 +238,15 @@ def _finish(c: Connection, parts: list[bytes], pending: Awaitable[bytes], rest: 
             return reply.array(parts)
         finally:
             c.in_exec = False
-            server.release()
+            if server.exclusive is c:  # only the hold's owner releases it
+                server.release()
 
-    return run()
+    # A task of its own, shielded: an EXEC that has begun runs whole even if its client goes away.
+    task = asyncio.ensure_future(run())
+    c.exec_task = task
+    server.background.add(task)
+    task.add_done_callback(server.background.discard)
+    return asyncio.shield(task)
 
 
 async def _exec_shared(c: Connection, commands: list[list[bytes]]) -> bytes:

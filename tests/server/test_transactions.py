@@ -4,6 +4,7 @@ inside a transaction that does not wait."""
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
 from collections.abc import Iterator
@@ -363,3 +364,67 @@ def test_a_relayed_transaction_holding_a_refused_command_is_discarded_whole(
     finally:
         direct.delete("txr:a")
         w.close(), direct.close()
+
+
+@pytest.fixture(scope="module")
+def durable(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
+    """LMDB with fsync: every write inside EXEC waits, so EXEC holds the other clients."""
+    tmp = tmp_path_factory.mktemp("txdurable")
+    srv = start_server(tmp, "--store", f"lmdb:{tmp}/db", front="python")
+    yield srv
+    srv.stop()
+
+
+def _tx(prefix: bytes, n: int) -> bytes:
+    return b"MULTI\r\n" + b"".join(b"SET %s:%d 1\r\n" % (prefix, i) for i in range(n)) + b"EXEC\r\n"
+
+
+def test_every_client_held_by_an_exec_is_answered_when_it_ends(durable: ServerProcess) -> None:
+    """Held behind A's EXEC: B's EXEC, which holds them again, and C's GET: C used to be forgotten."""
+    import socket
+
+    for r in range(10):
+        a, b, c = (socket.create_connection(("127.0.0.1", durable.port), timeout=5) for _ in range(3))
+        try:
+            a.sendall(_tx(b"ha%d" % r, 2))
+            b.sendall(_tx(b"hb%d" % r, 2))
+            c.sendall(b"GET nothing\r\n")
+            got = b""
+            while not got.endswith(b"\r\n"):
+                chunk = c.recv(100)
+                assert chunk, "closed"
+                got += chunk
+            assert got == b"$-1\r\n"
+        finally:
+            for s in (a, b, c):
+                s.close()
+
+
+def test_an_exec_runs_whole_when_its_client_leaves_and_others_stay_atomic(durable: ServerProcess) -> None:
+    import socket
+
+    r = redis.Redis(port=durable.port)
+    try:
+        for rnd in range(3):
+            a = socket.create_connection(("127.0.0.1", durable.port))
+            b = socket.create_connection(("127.0.0.1", durable.port), timeout=20)
+            a.sendall(_tx(b"pa%d" % rnd, 30))
+            b.sendall(_tx(b"pb%d" % rnd, 30))
+            time.sleep(0.005)
+            a.close()  # gone while its EXEC waits on the disk
+            seen: list[int] = []
+            buf = b""
+            deadline = time.monotonic() + 20
+            while buf.count(b"\r\n") < 1 + 30 + 1 + 30 and time.monotonic() < deadline:
+                seen.append(r.exists(*[f"pb{rnd}:{i}" for i in range(30)]))
+                b.setblocking(False)
+                with contextlib.suppress(BlockingIOError):
+                    buf += b.recv(65536)
+            b.close()
+            assert all(n in (0, 30) for n in seen), seen  # B's transaction never seen half done
+            deadline = time.monotonic() + 10
+            while r.exists(*[f"pa{rnd}:{i}" for i in range(30)]) != 30:  # A's ran whole
+                assert time.monotonic() < deadline, r.exists(*[f"pa{rnd}:{i}" for i in range(30)])
+                time.sleep(0.05)
+    finally:
+        r.close()
