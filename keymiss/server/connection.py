@@ -17,7 +17,7 @@ from collections.abc import Awaitable
 from typing import TYPE_CHECKING, cast
 
 from ..errors import BusyError, KeymissError, ReplyError
-from ..stores.base import Item, LocalStore, SharedStore
+from ..stores.base import PINNED_PREFIX, Item, LocalStore, SharedStore
 from . import reply, resp
 from .commands import TABLE, Command, error_reply
 from .passthrough import Relay
@@ -280,6 +280,15 @@ class Connection(asyncio.Protocol):
             srv.error_replies += 1
             line = reply.error(f"ERR wrong number of arguments for '{cmd.name}' command")
             return line if self.multi is None else queue(self, args, line)
+        if "write" in cmd.flags and cmd.first_key > 0:
+            keys = self.keys_of(cmd, args) or []
+            if any(k.startswith(PINNED_PREFIX) for k in keys):  # leases, contexts, codec tags
+                srv.error_replies += 1
+                line = reply.error(
+                    f"ERR keys under '{PINNED_PREFIX}' are keymiss's own (leases, contexts); clients "
+                    "cannot write them (KEYMISS FORGET removes them by name)"
+                )
+                return line if self.multi is None else queue(self, args, line)
         if self.multi is not None and name not in IMMEDIATE:
             return queue(self, args, None)
         if srv.watches and "write" in cmd.flags:

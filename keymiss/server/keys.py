@@ -279,13 +279,16 @@ def cmd_flushdb(c: Connection, args: list[bytes]) -> Reply:
     if len(args) > 2 or (len(args) == 2 and args[1].lower() not in (b"async", b"sync")):
         raise CommandError(SYNTAX)
 
+    store = c.km.store
+    if not isinstance(store, LocalStore):
+        raise CommandError(
+            "ERR FLUSHDB through keymiss would delete every node's leases and contexts in the shared "
+            "Redis: use KEYMISS FORGET pattern, or send it to Redis directly"
+        )
+
     async def later() -> bytes:
         c.km.written(None)
-        store = c.km.store
-        if isinstance(store, LocalStore):
-            await store.flush_data()  # keymiss's own records (contexts) stay
-        else:
-            await store.flush()
+        await store.flush_data()  # keymiss's own records (contexts) stay
         return reply.OK
 
     return later()

@@ -398,3 +398,37 @@ def test_a_transaction_relayed_to_a_cluster_runs_in_one_slot(tmp_path: Path, red
         r.delete("{t}a"), r.delete("{t}h")
         r.close()
         node.stop()
+
+
+def test_keymiss_records_cannot_be_written_by_keymiss_own_commands_either(
+    relay_node: Any, redis_standalone: Any
+) -> None:
+    """A forged lease (SET keymiss:lease:<key>) would block that key on every node for its TTL."""
+    r = redis.Redis(port=relay_node.port)
+    direct = redis.Redis(port=redis_standalone.port)
+    try:
+        for command in (
+            ("SET", "keymiss:lease:double:9", "forged", "EX", "600"),
+            ("SETEX", "keymiss:lease:double:9", "600", "x"),
+            ("MSET", "ok:1", "1", "keymiss:ctx:doc", "x"),
+            ("DEL", "keymiss:lease:double:9"),
+            ("EXPIRE", "keymiss:ctx:doc", "1"),
+            ("INCR", "keymiss:n"),
+            ("APPEND", "keymiss:ctx:doc", "x"),
+            ("GETDEL", "keymiss:ctx:doc"),
+        ):
+            with pytest.raises(redis.ResponseError, match="keymiss's own"):
+                r.execute_command(*command)
+        with r.pipeline() as p, pytest.raises(redis.ResponseError):  # inside MULTI too
+            p.set("ok:2", "1").incr("keymiss:n")
+            p.execute()
+        assert direct.exists("keymiss:lease:double:9", "keymiss:n", "ok:1", "ok:2") == 0
+        with pytest.raises(redis.ResponseError, match="KEYMISS FORGET"):
+            r.flushdb()
+        direct.set("keymiss:lease:probe", "1")
+        direct.set("visible:1", "1")
+        assert b"visible:1" in r.keys("*") and not [k for k in r.keys("*") if k.startswith(b"keymiss:")]
+        assert r.get("double:9") == b"18"  # the keyspace is computed as ever
+    finally:
+        direct.delete("keymiss:lease:probe", "visible:1", "double:9")
+        r.close(), direct.close()

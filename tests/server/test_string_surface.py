@@ -340,3 +340,19 @@ def test_a_data_type_the_python_server_does_not_hold_gets_a_clear_error(keymiss_
     finally:
         r.delete("dt:s")
         r.close()
+
+
+def test_clients_cannot_write_keymiss_records_on_an_in_process_store(keymiss_node: ServerProcess) -> None:
+    r = redis.Redis(port=keymiss_node.port, protocol=2)
+    try:
+        for command in (
+            ("SET", "keymiss:ctx:doc", "x"),
+            ("DEL", "keymiss:model:bertqa"),
+            ("INCR", "keymiss:n"),
+        ):
+            with pytest.raises(redis.ResponseError, match="keymiss's own"):
+                r.execute_command(*command)
+        assert r.set("fine", "1")
+    finally:
+        r.delete("fine")
+        r.close()
