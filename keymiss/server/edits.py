@@ -9,9 +9,11 @@ On a shared Redis these commands are relayed to it, where Redis itself does the 
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable
-from decimal import Decimal, InvalidOperation, localcontext
 from typing import TYPE_CHECKING, Any
+
+import numpy as np
 
 from ..errors import ReplyError, StoreError
 from ..glob import compile_glob
@@ -27,9 +29,6 @@ LLONG_MIN = -(2**63)
 #: Redis's largest string (proto-max-bulk-len's default), which SETRANGE and APPEND may not pass.
 MAX_STRING = 512 * 1024 * 1024
 TOO_BIG = "ERR string exceeds maximum allowed size (proto-max-bulk-len)"
-
-#: The largest long double (x86 80-bit), past which Redis's INCRBYFLOAT reports an infinity.
-LDBL_MAX = Decimal("1.18973149535723176502e4932")
 
 Edit = Callable[[Item | None], tuple[bytes | None, Any]]
 
@@ -115,32 +114,28 @@ _counter("incrby", "Add an integer to the integer a key holds.", True)
 _counter("decrby", "Subtract an integer from the integer a key holds.", True)
 
 
-def _long_double(raw: bytes, message: str) -> Decimal:
-    """A number as Redis's strtold reads it: no spaces, no NaN, at most 5k characters."""
+def _long_double(raw: bytes, message: str) -> np.longdouble:
+    """A number as Redis's string2ld reads it (strtold: decimal, exponent, hex; no spaces, no
+    underscores, no NaN), as a long double, which is what Redis adds in."""
     text = raw.decode("ascii", "replace")
-    if not text or text != text.strip() or len(text) > 5000:
+    if not text or len(text) > 5000 or text != text.strip() or "_" in text:
         raise CommandError(message)
     try:
-        value = Decimal(text)
-    except InvalidOperation:
-        try:  # hexadecimal and other strtold forms
-            value = Decimal(float.fromhex(text)) if "x" in text.lower() else Decimal(float(text))
-        except (ValueError, OverflowError):
-            raise CommandError(message) from None
-    if value.is_nan():
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            value = np.longdouble(text)
+    except (ValueError, OverflowError):
+        raise CommandError(message) from None
+    if np.isnan(value):
         raise CommandError(message)
     return value
 
 
-def format_long_double(value: Decimal) -> str:
-    """Redis's human form of a long double: fixed point, 17 decimals at most, no trailing zeros."""
-    with localcontext() as ctx:
-        ctx.prec = 19  # a long double's ~19 significant digits: 10.5 + 0.1 is 10.6, as in Redis
-        value = +value
-    text = f"{value:.17f}"
-    if "." in text:
-        text = text.rstrip("0").rstrip(".")
-    return "0" if text in ("-0", "") else text
+def format_long_double(value: np.longdouble) -> str:
+    """Redis's human form of a long double (``%.17Lf``, trailing zeros trimmed): 10.5 + 0.1 is
+    10.6, and 1e30 prints its exact binary value, as Redis prints it."""
+    text = np.format_float_positional(value, precision=17, unique=False, fractional=True, trim="-")
+    return "0" if text in ("-0", "-0.") else text
 
 
 @command(
@@ -156,11 +151,12 @@ def cmd_incrbyfloat(c: Connection, args: list[bytes]) -> Reply:
     by = _long_double(args[2], "ERR value is not a valid float")
 
     def edit(item: Item | None) -> tuple[bytes, bytes]:
-        current = Decimal(0) if item is None else _long_double(item.value, "ERR value is not a valid float")
-        with localcontext() as ctx:
-            ctx.prec = 19
+        current = (
+            np.longdouble(0) if item is None else _long_double(item.value, "ERR value is not a valid float")
+        )
+        with np.errstate(all="ignore"):
             new = current + by
-        if new.is_infinite() or abs(new) > LDBL_MAX:
+        if not np.isfinite(new):
             raise CommandError("ERR increment would produce NaN or Infinity")
         text = format_long_double(new).encode()
         return text, text
