@@ -157,6 +157,8 @@ class Relay:
             return rule, self.refused(shown, rule.refusal)
         if name in _UNBLOCKED and any(a.lower() == b"block" for a in args[1:]):
             return rule, self.refused(shown, "a blocking command would hold a shared connection")
+        if name == b"copy" and any(a.lower() == b"db" for a in args[3:]):
+            return rule, self.refused(shown, "keymiss serves database 0 only")
         if name in _PUBLISH and len(args) > 1 and args[1].startswith(_OWN):
             return rule, f"ERR channels under '{PINNED_PREFIX}' are keymiss's own"
         if rule.write and any(k.startswith(_OWN) for k in rule.keys(args)):

@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 from typing import Any
 
-from ..stores.base import StatusReply
+from ..stores.base import NULL_ARRAY, StatusReply
 
 OK = b"+OK\r\n"
 PONG = b"+PONG\r\n"
@@ -68,6 +68,8 @@ def encode(value: Any, proto: int) -> bytes:
         return null(proto)
     if isinstance(value, Status):
         return simple(value)
+    if value is NULL_ARRAY:
+        return NULL3 if proto == 3 else NULL_ARRAY2
     if isinstance(value, StatusReply):
         return b"+%b\r\n" % value
     if isinstance(value, Exception):  # an error inside an array (EXEC's replies)

@@ -158,6 +158,19 @@ class StatusReply(bytes):
     __slots__ = ()
 
 
+class NullArray:
+    """A null array reply (RESP2 ``*-1``) relayed from the backing server, kept apart from a null
+    bulk string (``$-1``)."""
+
+    __slots__ = ()
+
+    def __bool__(self) -> bool:
+        return False
+
+
+NULL_ARRAY = NullArray()
+
+
 class SharedStore(Store):
     """A store several keymiss nodes share (Redis, Redis Cluster).
 

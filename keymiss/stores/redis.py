@@ -29,7 +29,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import InvalidResponse, RedisClusterException, RedisError, ResponseError
 
 from ..errors import ConfigError, KeymissError, ReplyError, StoreError
-from .base import Item, SharedStore, StatusReply, StoreInfo, Write
+from .base import NULL_ARRAY, Item, SharedStore, StatusReply, StoreInfo, Write
 from .leases import Leases
 
 log = logging.getLogger("keymiss.redis")
@@ -100,8 +100,10 @@ class _RelayParser(_AsyncRESP2Parser):
             return StatusReply(response)
         if byte == b":":
             return int(response)
-        if byte in (b"$", b"*") and response == b"-1":
+        if byte == b"$" and response == b"-1":
             return None
+        if byte == b"*" and response == b"-1":
+            return NULL_ARRAY  # LMPOP on an empty list: *-1, not $-1
         if byte == b"$":
             return await self._read(int(response))
         if byte == b"*":

@@ -278,6 +278,7 @@ def test_a_transaction_opened_by_one_client_never_captures_anothers_commands(rel
         ((b"SWAPDB", b"0", b"1"), "database 0"),
         ((b"MIGRATE", b"127.0.0.1", b"1", b"k", b"0", b"100"), "another server"),
         ((b"CLUSTER", b"INFO"), "cluster"),
+        ((b"COPY", b"iso:keep", b"iso:copy", b"DB", b"3"), "database 0"),
     ],
 )
 def test_connection_state_scripting_admin_and_blocking_commands_are_refused(
@@ -338,6 +339,7 @@ def test_relayed_replies_and_errors_are_redis_own_bytes(relay_node: Any, redis_s
         b"*5\r\n$4\r\nZADD\r\n$5\r\niso:z\r\n$1\r\n1\r\n$1\r\na\r\n$1\r\nb\r\n",  # -ERR syntax / not a float
     ]
     commands[8] = b"*2\r\n$9\r\nNOSUCHCMD\r\n$1\r\nx\r\n"
+    commands.append(b"*4\r\n$5\r\nLMPOP\r\n$1\r\n1\r\n$9\r\niso:empty\r\n$4\r\nLEFT\r\n")  # *-1
     direct = redis.Redis(port=redis_standalone.port)
     try:
         expected = []
@@ -346,7 +348,7 @@ def test_relayed_replies_and_errors_are_redis_own_bytes(relay_node: Any, redis_s
         direct.delete("iso:l", "iso:m", "iso:h", "iso:z")
         got = [raw(relay_node.port, c) for c in commands]
         assert got[1] == b"+OK\r\n" and got[2] == b"+OK\r\n" and got[7] == b"$2\r\nOK\r\n"
-        assert got[3].startswith(b"-WRONGTYPE ")
+        assert got[3].startswith(b"-WRONGTYPE ") and got[-1] == b"*-1\r\n"
         assert got == expected
     finally:
         direct.delete("iso:l", "iso:m", "iso:h", "iso:z")
