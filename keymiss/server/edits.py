@@ -29,6 +29,7 @@ LLONG_MIN = -(2**63)
 #: Redis's largest string (proto-max-bulk-len's default), which SETRANGE and APPEND may not pass.
 MAX_STRING = 512 * 1024 * 1024
 TOO_BIG = "ERR string exceeds maximum allowed size (proto-max-bulk-len)"
+OOM = "OOM command not allowed when used memory > 'maxmemory'."
 
 Edit = Callable[[Item | None], tuple[bytes | None, Any]]
 
@@ -176,15 +177,19 @@ def cmd_incrbyfloat(c: Connection, args: list[bytes]) -> Reply:
 )
 def cmd_append(c: Connection, args: list[bytes]) -> Reply:
     tail = args[2]
+    key = key_of(args[1])
+    store = local_store_of(c)
 
     def edit(item: Item | None) -> tuple[bytes, int]:
         old = b"" if item is None else item.value
         if len(old) + len(tail) > MAX_STRING:
             raise CommandError(TOO_BIG)
+        if store is not None and not store.fits(key, len(old) + len(tail)):
+            raise CommandError(OOM)  # before the string is built, not after
         new = old + tail
         return new, len(new)
 
-    return _relay_or(c, args, key_of(args[1]), edit, reply.integer)
+    return _relay_or(c, args, key, edit, reply.integer)
 
 
 @command(
@@ -201,6 +206,8 @@ def cmd_setrange(c: Connection, args: list[bytes]) -> Reply:
     if offset < 0:
         raise CommandError("ERR offset is out of range")
     part = args[3]
+    key = key_of(args[1])
+    store = local_store_of(c)
 
     def edit(item: Item | None) -> tuple[bytes | None, int]:
         old = b"" if item is None else item.value
@@ -208,11 +215,13 @@ def cmd_setrange(c: Connection, args: list[bytes]) -> Reply:
             return None, len(old)
         if offset + len(part) > MAX_STRING:
             raise CommandError(TOO_BIG)
+        if store is not None and not store.fits(key, max(len(old), offset + len(part))):
+            raise CommandError(OOM)  # before 512 MB of zeros are built for a 10 MB budget
         padded = old.ljust(offset, b"\0")
         new = padded[:offset] + part + padded[offset + len(part) :]
         return new, len(new)
 
-    return _relay_or(c, args, key_of(args[1]), edit, reply.integer)
+    return _relay_or(c, args, key, edit, reply.integer)
 
 
 # --- reads ---------------------------------------------------------------------------------------------

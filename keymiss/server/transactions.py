@@ -41,7 +41,8 @@ EXISTING_ONLY = frozenset(
 #: Commands answered at once inside MULTI instead of being queued (as in Redis).
 IMMEDIATE = frozenset((b"exec", b"discard", b"multi", b"watch", b"quit", b"reset"))
 #: Per queued command, counted with its arguments against the client's query-buffer limit.
-QUEUED_OVERHEAD = 64
+QUEUED_OVERHEAD = 120  # the list holding the arguments, and its slot in the queue
+ARG_OVERHEAD = 40  # a bytes object's header, per argument (measured on CPython 3.11)
 EXECABORT = "EXECABORT Transaction discarded because of previous errors."
 SHARED_WATCH = (
     "ERR WATCH is not relayed to a shared Redis store (it needs a connection of its own until EXEC); "
@@ -130,7 +131,7 @@ def queue(c: Connection, args: list[bytes], error: bytes | None) -> bytes:
     if error is not None:
         tx.aborted = True
         return error
-    tx.size += QUEUED_OVERHEAD + sum(len(a) for a in args)
+    tx.size += QUEUED_OVERHEAD + sum(len(a) + ARG_OVERHEAD for a in args)
     if tx.size > c.query_limit:
         tx.aborted = True
         return reply.error("ERR transaction too large: its queued commands pass the query buffer limit")

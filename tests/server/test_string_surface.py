@@ -366,3 +366,20 @@ def test_clients_cannot_write_keymiss_records_on_an_in_process_store(keymiss_nod
     finally:
         r.delete("fine")
         r.close()
+
+
+def test_an_edit_past_the_budget_is_refused_before_the_string_is_built(tmp_path: Path) -> None:
+    import psutil
+
+    node = start_server(tmp_path, "--max-memory", "10MB", front="python")
+    r = redis.Redis(port=node.port, protocol=2)
+    try:
+        rss = psutil.Process(node.proc.pid)
+        before = rss.memory_info().rss
+        with pytest.raises(redis.exceptions.OutOfMemoryError):
+            r.setrange("sr:k", 500 * 1024**2, "x")  # 500 MB of zeros asked in 30 bytes
+        assert rss.memory_info().rss - before < 50 * 1024**2
+        assert r.exists("sr:k") == 0 and r.ping()
+    finally:
+        r.close()
+        node.stop()
