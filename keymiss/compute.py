@@ -383,7 +383,9 @@ class ComputeEngine:
         """Count and log a handler failure; the error its callers get."""
         ks.stats.errors += len(keys)
         if isinstance(exc, KeymissError):  # a deliberate answer (unknown context): no traceback
-            lane.failures.failed(f"handler refused: {exc}", keys, None, logging.WARNING)
+            lane.failures.failed(
+                f"handler refused: {client_text(exc, 'message')}", keys, None, logging.WARNING
+            )
         else:
             lane.failures.failed("handler failed", keys, exc)
         if isinstance(exc, KeymissError) and lane.detail == "message":  # deliberate and clear: as is

@@ -48,7 +48,11 @@ def client_text(exc: BaseException, detail: str) -> str:
     """The part of a handler's exception a client may see."""
     if detail == "type":
         return f"{type(exc).__name__} (details in the server log)"
-    return f"{type(exc).__name__}: {exc}"
+    try:
+        text = str(exc)
+    except Exception:  # an exception whose __str__ itself raises: its type is all that is known
+        text = "(its message could not be read)"
+    return f"{type(exc).__name__}: {text}"
 
 
 class FailureLog:

@@ -543,3 +543,16 @@ async def test_lmdb_backed_engine_survives_reopen(tmp_path: Path) -> None:
     assert await again.get("d:1") == "computed"
     assert calls == 1
     await again.close()
+
+
+async def test_an_exception_whose_message_cannot_be_read_still_gives_a_clear_error(km: Keymiss) -> None:
+    class Unprintable(Exception):
+        def __str__(self) -> str:
+            raise RuntimeError("no")
+
+    @km.keyspace("odd:*")
+    def odd(key: str) -> str:
+        raise Unprintable()
+
+    with pytest.raises(HandlerError, match=r"handler failed: Unprintable: \(its message could not be read\)"):
+        await km.get("odd:1")
