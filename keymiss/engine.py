@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from typing import Any, TypeVar
 
@@ -249,13 +250,25 @@ class Keymiss:
         await self.close()
 
     async def _sweep_loop(self) -> None:
+        failing = ""  # the failure being repeated: logged when it starts, then once a minute
+        last_logged = 0.0
         while True:
             await asyncio.sleep(self._sweep_interval)
             self.engine.sweep()
             try:
                 await self.store.sweep()
-            except Exception:  # a sweep failure must not end the sweeping
-                log.exception("expiry sweep failed")
+            except Exception as exc:  # a sweep failure must not end the sweeping
+                now = time.monotonic()
+                if str(exc) != failing:
+                    log.exception("expiry sweep failed")
+                    failing, last_logged = str(exc), now
+                elif now - last_logged >= 60:
+                    log.error("expiry sweep still failing: %s", exc)
+                    last_logged = now
+            else:
+                if failing:
+                    log.info("expiry sweep works again")
+                failing = ""
 
     # --- the read path -----------------------------------------------------------------------------
     def read(self, key: str) -> Read:
