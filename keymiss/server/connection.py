@@ -21,7 +21,7 @@ from ..stores.base import PINNED_PREFIX, Item, LocalStore, SharedStore
 from . import reply, resp
 from .commands import TABLE, Command, error_reply
 from .passthrough import Relay
-from .transactions import EXISTING_ONLY, IMMEDIATE, Transaction, queue
+from .transactions import IMMEDIATE, Transaction, queue, snapshot
 
 if TYPE_CHECKING:
     from .app import Server
@@ -291,16 +291,31 @@ class Connection(asyncio.Protocol):
                 return line if self.multi is None else queue(self, args, line)
         if self.multi is not None and name not in IMMEDIATE:
             return queue(self, args, None)
-        if srv.watches and "write" in cmd.flags:
-            store = self.km.store
-            exists = None
-            if cmd.name in EXISTING_ONLY and isinstance(store, LocalStore):
-                exists = lambda key: store.get_now(key) is not None  # noqa: E731
-            srv.watches.touch(self.keys_of(cmd, args), exists)
+        store = self.km.store
+        if srv.watches and "write" in cmd.flags and isinstance(store, LocalStore):
+            watched = srv.watches.among(self.keys_of(cmd, args))
+            if watched:  # compared before and after: only a real change fails a watcher's EXEC
+                before = {k: snapshot(store.get_now(k)) for k in watched}
+                try:
+                    answer = cmd.handler(self, args)
+                except Exception as exc:
+                    return self.error(exc)
+                if type(answer) is bytes:
+                    srv.watches.touch_changed(store, before)
+                    return answer
+                return self._then_touch(store, before, answer)  # type: ignore[arg-type]
         try:
             return cmd.handler(self, args)
         except Exception as exc:
             return self.error(exc)
+
+    async def _then_touch(
+        self, store: LocalStore, before: dict[str, Item | None], pending: Awaitable[bytes]
+    ) -> bytes:
+        try:
+            return await pending
+        finally:
+            self.server.watches.touch_changed(store, before)
 
     @staticmethod
     def keys_of(cmd: Command, args: list[bytes]) -> list[str] | None:

@@ -22,10 +22,10 @@ from WATCH to EXEC, which the relay does not lend out: it is refused with a clea
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable
 from typing import TYPE_CHECKING, Any
 
-from ..stores.base import Item
+from ..stores.base import Item, LocalStore
 from . import reply
 from .commands import TABLE, CommandError, Reply, arg, command, key_of, local_store_of
 from .passthrough import Relay
@@ -34,10 +34,6 @@ if TYPE_CHECKING:
     from .app import Server
     from .connection import Connection
 
-#: Write commands that change only keys that exist (a missing key is left untouched).
-EXISTING_ONLY = frozenset(
-    ("del", "unlink", "getdel", "expire", "pexpire", "persist", "getex", "flushdb", "flushall")
-)
 #: Commands answered at once inside MULTI instead of being queued (as in Redis).
 IMMEDIATE = frozenset((b"exec", b"discard", b"multi", b"watch", b"quit", b"reset"))
 #: Per queued command, counted with its arguments against the client's query-buffer limit.
@@ -91,17 +87,22 @@ class Watches:
         c.watched.clear()
         c.watch_dirty = False
 
-    def touch(self, keys: list[str] | None, exists: Callable[[str], bool] | None = None) -> None:
-        """Keys a command is about to write (``None``: every key, FLUSHDB): their watchers' EXEC
-        fails. Where the command changes only keys that exist (DEL, EXPIRE, a flush), ``exists``
-        says which do, so deleting a missing key touches nothing, as in Redis."""
+    def among(self, keys: list[str] | None) -> list[str]:
+        """Which of ``keys`` (``None``: any key, FLUSHDB) someone watches."""
         if keys is None:
-            keys = list(self.by_key)
-        for key in keys:
-            watchers = self.by_key.get(key)
-            if watchers and (exists is None or exists(key)):
-                for c in watchers:
+            return list(self.by_key)
+        return [k for k in keys if k in self.by_key]
+
+    def touch_changed(self, store: LocalStore, before: dict[str, Item | None]) -> None:
+        for key, seen in before.items():
+            if not _same(seen, store.get_now(key)):
+                for c in self.by_key.get(key, ()):
                     c.watch_dirty = True
+
+
+def snapshot(item: Item | None) -> Item | None:
+    """A copy of what WATCH compares (an in-process item's expiry can change in place)."""
+    return None if item is None else Item(item.value, item.codec, item.expires_at)
 
 
 def _same(a: Item | None, b: Item | None) -> bool:
@@ -187,7 +188,7 @@ def cmd_watch(c: Connection, args: list[bytes]) -> Reply:
     assert store is not None
     for raw in args[1:]:
         key = key_of(raw)
-        c.server.watches.add(c, key, store.get_now(key))
+        c.server.watches.add(c, key, snapshot(store.get_now(key)))
     return reply.OK
 
 

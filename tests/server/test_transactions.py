@@ -103,6 +103,27 @@ SCRIPTS: dict[str, list[tuple[str, ...]]] = {
         ("EXEC",),
     ],
     "empty transaction": [("MULTI",), ("EXEC",), ("MULTI",), ("DISCARD",)],
+    "writes that change nothing do not fail exec": [
+        ("SET", "n", "1"),
+        ("WATCH", "n", "m"),
+        ("SET", "n", "2", "NX"),
+        ("SETNX", "n", "3"),
+        ("SET", "m", "1", "XX"),
+        ("GETEX", "n"),
+        ("PERSIST", "n"),
+        ("SETRANGE", "n", "0", ""),
+        ("DEL", "m"),
+        ("EXPIRE", "m", "10"),
+        ("MULTI",),
+        ("GET", "n"),
+        ("EXEC",),
+        ("WATCH", "n"),
+        ("SET", "n", "2"),
+        ("SET", "n", "1"),  # changed, then changed back: still a change
+        ("MULTI",),
+        ("GET", "n"),
+        ("EXEC",),
+    ],
 }
 
 
