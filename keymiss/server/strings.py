@@ -22,6 +22,13 @@ if TYPE_CHECKING:
 OOM = "OOM command not allowed when used memory > 'maxmemory'."
 
 
+def too_large(what: str, size: int, limit: int) -> str:
+    return (
+        f"ERR the reply to {what} ({size} bytes) is larger than the output buffer limit ({limit} "
+        "bytes): ask for fewer keys at a time"
+    )
+
+
 def _item_reply(item: Item | None, proto: int) -> bytes:
     return reply.null(proto) if item is None else reply.bulk(item.value)
 
@@ -72,6 +79,9 @@ def cmd_mget(c: Connection, args: list[bytes]) -> Reply:
 
 def _mget_reply(c: Connection, results: list[Item | BaseException | None]) -> bytes:
     # Failed keys become error entries inside the array: the other answers are not thrown away.
+    size = sum(len(r.value) for r in results if type(r) is Item)
+    if size > c.output_limit:  # one value that large streams; an array of them would sit in memory
+        return c.error(CommandError(too_large("MGET", size, c.output_limit)))
     parts = []
     for r in results:
         if isinstance(r, BaseException):

@@ -212,7 +212,7 @@ def cmd_exec(c: Connection, args: list[bytes]) -> Reply:
         return reply.NULL3 if c.proto == 3 else reply.NULL_ARRAY2
     if tx.shared:
         return _exec_shared(c, tx.commands)
-    parts: list[bytes] = []
+    parts = Replies(c.output_limit)
     c.in_exec = True
     try:
         for i, queued in enumerate(tx.commands):
@@ -223,10 +223,37 @@ def cmd_exec(c: Connection, args: list[bytes]) -> Reply:
     finally:
         if not c.server.exclusive:
             c.in_exec = False
-    return reply.array(parts)
+    return parts.reply()
 
 
-def _finish(c: Connection, parts: list[bytes], pending: Awaitable[bytes], rest: list[list[bytes]]) -> Reply:
+class Replies:
+    """EXEC's replies, kept only while they fit the output buffer limit: past it the commands still
+    all run (a transaction is whole), and EXEC answers an error instead of holding them all."""
+
+    __slots__ = ("limit", "parts", "size")
+
+    def __init__(self, limit: int) -> None:
+        self.parts: list[bytes] = []
+        self.size = 0
+        self.limit = limit
+
+    def append(self, answer: bytes) -> None:
+        self.size += len(answer)
+        if self.size <= self.limit:
+            self.parts.append(answer)
+        elif self.parts:
+            self.parts.clear()
+
+    def reply(self) -> bytes:
+        if self.size > self.limit:
+            return reply.error(
+                f"ERR EXEC ran, but its replies ({self.size} bytes) pass the output buffer limit "
+                f"({self.limit} bytes): they are dropped; read large values outside a transaction"
+            )
+        return reply.array(self.parts)
+
+
+def _finish(c: Connection, parts: Replies, pending: Awaitable[bytes], rest: list[list[bytes]]) -> Reply:
     """The rest of an EXEC whose command must wait: every other client is held meanwhile."""
     server = c.server
     server.exclusive = c
@@ -237,7 +264,7 @@ def _finish(c: Connection, parts: list[bytes], pending: Awaitable[bytes], rest: 
             for queued in rest:
                 answer = c.dispatch_queued(queued)
                 parts.append(answer if type(answer) is bytes else await c.settle(answer))  # type: ignore[arg-type]
-            return reply.array(parts)
+            return parts.reply()
         finally:
             c.in_exec = False
             if server.exclusive is c:  # only the hold's owner releases it

@@ -234,3 +234,35 @@ def test_a_slow_but_steady_reader_is_never_cut_off(tmp_path: Path) -> None:
         r.close()
     finally:
         srv.stop()
+
+
+def test_an_mget_or_exec_reply_past_the_output_limit_is_an_error_not_a_memory_hog(tmp_path: Path) -> None:
+    import psutil
+
+    srv = start_server(tmp_path, "--output-buffer", "4MB", "--output-stall-seconds", "30")
+    try:
+        r = redis.Redis(port=srv.port, socket_timeout=20)
+        r.set("big", b"x" * 1024**2)
+        rss = psutil.Process(srv.proc.pid)
+        before = rss.memory_info().rss
+        hogs = []
+        for _ in range(4):  # each asks for 200 MB in one MGET, and reads nothing
+            hog = raw_connect(srv.port)
+            hog.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+            hog.sendall(b"*201\r\n$4\r\nMGET\r\n" + b"$3\r\nbig\r\n" * 200)
+            hogs.append(hog)
+        time.sleep(1.0)
+        assert rss.memory_info().rss - before < 60 * 1024**2
+        with pytest.raises(redis.ResponseError, match="larger than the output buffer limit"):
+            r.mget(["big"] * 10)
+        assert r.mget(["big"] * 2) == [b"x" * 1024**2] * 2  # within the limit: as ever
+        with r.pipeline() as p, pytest.raises(redis.ResponseError, match="EXEC ran, but its replies"):
+            p.set("tx-ran", "1")
+            for _ in range(10):
+                p.get("big")
+            p.execute()
+        assert r.get("tx-ran") == b"1"  # the transaction itself ran whole
+        for hog in hogs:
+            hog.close()
+    finally:
+        srv.stop()
