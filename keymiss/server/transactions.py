@@ -257,18 +257,23 @@ def _finish(c: Connection, parts: Replies, pending: Awaitable[bytes], rest: list
     """The rest of an EXEC whose command must wait: every other client is held meanwhile."""
     server = c.server
     server.exclusive = c
+    store = local_store_of(c)
 
     async def run() -> bytes:
+        if store is not None:
+            store.begin_batch()  # one fsync for the whole EXEC, not one per write
         try:
             parts.append(await c.settle(pending))
             for queued in rest:
                 answer = c.dispatch_queued(queued)
                 parts.append(answer if type(answer) is bytes else await c.settle(answer))  # type: ignore[arg-type]
-            return parts.reply()
         finally:
+            if store is not None:
+                await store.end_batch()  # on disk before EXEC replies
             c.in_exec = False
             if server.exclusive is c:  # only the hold's owner releases it
                 server.release()
+        return parts.reply()
 
     # A task of its own, shielded: an EXEC that has begun runs whole even if its client goes away.
     task = asyncio.ensure_future(run())

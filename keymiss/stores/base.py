@@ -259,6 +259,12 @@ class LocalStore(Store):
         """Run a mutating primitive; durable LMDB overrides this to use its writer thread."""
         return self._write_now(fn, *args)
 
+    def begin_batch(self) -> None:
+        """Writes until ``end_batch`` may share one sync to disk (a durable store's EXEC)."""
+
+    async def end_batch(self) -> None:
+        """Make the batch's writes durable (nothing to do for a store without syncs)."""
+
     def fits(self, key: str, size: int) -> bool:
         """Whether a value of ``size`` bytes under ``key`` could be kept at all (the budget): a
         write that could not is refused up front, as Redis refuses one over maxmemory."""

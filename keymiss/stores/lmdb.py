@@ -102,8 +102,10 @@ class LMDBStore(LocalStore):
                 path,
                 map_size=map_size,
                 max_dbs=4,
-                sync=durable,
-                metasync=durable,
+                # durable writes are synced by hand after each commit (``_write_now``), so that
+                # the commands of one EXEC can share one fsync (``begin_batch``)
+                sync=False,
+                metasync=False,
                 readahead=False,
                 lock=True,
             )
@@ -126,6 +128,7 @@ class LMDBStore(LocalStore):
         self._data_file = os.path.join(path, "data.mdb")
         self._identity = self._file_identity()
         self._gone_logged = False
+        self._batched = 0  # EXECs in progress whose writes share one fsync at their end
 
     # --- record format -------------------------------------------------------------------------
     def _db_key(self, kb: bytes) -> bytes:
@@ -221,7 +224,8 @@ class LMDBStore(LocalStore):
     # --- writes --------------------------------------------------------------------------------
     @property
     def sync_writes(self) -> bool:  # type: ignore[override]
-        return self._writer is None
+        # inside an EXEC's batch no write waits for the disk: they run inline, one fsync at the end
+        return self._writer is None or self._batched > 0
 
     async def _write(self, fn: Any, *args: Any) -> Any:
         if self._writer is None:
@@ -229,6 +233,16 @@ class LMDBStore(LocalStore):
         if self._closed:
             raise StoreError("the LMDB store is closed")
         return await asyncio.get_running_loop().run_in_executor(self._writer, self._write_now, fn, *args)
+
+    def begin_batch(self) -> None:
+        """Writes from now until ``end_batch`` are not synced one by one (an EXEC's commands)."""
+        self._batched += 1
+
+    async def end_batch(self) -> None:
+        """One fsync for the batch's writes; the EXEC replies after it."""
+        self._batched -= 1
+        if self.durable and not self._batched and not self._closed:
+            await self._write(lambda: None)  # runs after the batch's writes, then syncs
 
     def _file_identity(self) -> tuple[int, int] | None:
         try:
@@ -258,7 +272,10 @@ class LMDBStore(LocalStore):
         self._check_files()
         for _ in range(64):
             try:
-                return fn(*args)
+                result = fn(*args)
+                if self.durable and not self._batched:
+                    self._env.sync(True)  # on disk before the reply, as sync=True would be
+                return result
             except lmdb.MapFullError:
                 self._make_room()
             except lmdb.MapResizedError:

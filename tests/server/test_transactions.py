@@ -449,3 +449,31 @@ def test_an_exec_runs_whole_when_its_client_leaves_and_others_stay_atomic(durabl
                 time.sleep(0.05)
     finally:
         r.close()
+
+
+def test_a_large_exec_on_a_durable_store_shares_one_fsync_and_holds_others_briefly(
+    durable: ServerProcess,
+) -> None:
+    """20,000 SETs in one EXEC used to fsync each one while every other client waited (9 s)."""
+    import socket
+
+    a = socket.create_connection(("127.0.0.1", durable.port))
+    b = socket.create_connection(("127.0.0.1", durable.port), timeout=60)
+    try:
+        a.sendall(_tx(b"fs", 20_000))
+        time.sleep(0.2)
+        t0 = time.monotonic()
+        b.sendall(b"PING\r\n")
+        assert b.recv(100) == b"+PONG\r\n"
+        assert time.monotonic() - t0 < 3.0
+    finally:
+        a.close(), b.close()
+    r = redis.Redis(port=durable.port)
+    try:
+        deadline = time.monotonic() + 20
+        while r.exists("fs:19999") == 0:
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        assert r.dbsize() >= 20_000
+    finally:
+        r.close()
