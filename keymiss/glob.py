@@ -37,7 +37,7 @@ def glob_to_regex(pattern: str) -> str:
                 if pattern[j] == "\\" and j + 1 < n:
                     parts.append(re.escape(pattern[j + 1]))
                     j += 2
-                elif j + 2 < n and pattern[j + 1] == "-" and pattern[j + 2] != "]":
+                elif j + 2 < n and pattern[j + 1] == "-":  # as Redis: in [a-], "]" ends the range
                     lo, hi = sorted((pattern[j], pattern[j + 2]))
                     parts.append(f"{re.escape(lo)}-{re.escape(hi)}")
                     j += 3
@@ -66,8 +66,14 @@ def compile_glob(pattern: str) -> Callable[[str], bool]:
         return pattern.__eq__
     if pattern.endswith("*") and not any(ch in pattern[:-1] for ch in "*?[\\"):
         return lambda key, p=pattern[:-1]: key.startswith(p)  # type: ignore[misc]
-    rx = re.compile(glob_to_regex(pattern))
-    return lambda key: rx.match(key) is not None
+    # Redis matches bytes: "?" is one byte of a UTF-8 key, not one character. Keys and patterns
+    # that are not ASCII are matched in a one-character-per-byte view of their bytes.
+    rx = re.compile(glob_to_regex(pattern if pattern.isascii() else _bytes_view(pattern)))
+    return lambda key: rx.match(key if key.isascii() else _bytes_view(key)) is not None
+
+
+def _bytes_view(text: str) -> str:
+    return text.encode("utf-8", "surrogateescape").decode("latin-1")
 
 
 def glob_prefix(pattern: str) -> str:

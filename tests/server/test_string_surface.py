@@ -383,3 +383,92 @@ def test_an_edit_past_the_budget_is_refused_before_the_string_is_built(tmp_path:
     finally:
         r.close()
         node.stop()
+
+
+GLOB_KEYS = [
+    b"a",
+    b"b",
+    b"ab",
+    b"abc",
+    b"a-",
+    b"-",
+    b"]",
+    b"[",
+    b"\\",
+    b"a]",
+    b"^",
+    b"x\xc3\xa9",
+    b"\xc3\xa9",
+    b"\xff",
+    b"\xff\xfe",
+    b"a*",
+    b"a?",
+    b"A",
+    b"z",
+    b"\n",
+    b"a\nb",
+    b"\xe2\x82\xac",
+    b"aa",
+    b"ba",
+]
+GLOB_PATTERNS = [
+    b"?",
+    b"??",
+    b"x?",
+    b"x??",
+    b"[a-]",
+    b"[]a]",
+    b"[\\]]",
+    b"a\\",
+    b"[^]",
+    b"[",
+    b"[a",
+    b"\\\\",
+    b"[z-a]",
+    b"[^a]",
+    b"[!a]",
+    b"a[",
+    b"*\\*",
+    b"a\\?",
+    b"[a-c",
+    b"[\xc3\xa9]",
+    b"\xc3?",
+    b"?\xa9",
+    b"[\xff]",
+    b"[^\xff]",
+    b"*?*?*",
+    b"[-]",
+    b"[a-b-c]",
+    b"[\\a-c]",
+    b"[a\\-c]",
+    b"?\n?",
+    b"*\n*",
+    b"\\[",
+    b"[[]",
+    b"[^-a]",
+    b"**a",
+    b"[]",
+]
+
+
+def test_glob_patterns_match_bytes_as_redis_does(keymiss_node: ServerProcess, tmp_path: Path) -> None:
+    """KEYS and SCAN MATCH (and KEYMISS FORGET, which shares the matcher): "?" is one byte."""
+    from ..redis_servers import RedisProcess
+
+    ref_server = RedisProcess(tmp_path / "ref")
+    ref, km = redis.Redis(port=ref_server.port), redis.Redis(port=keymiss_node.port, protocol=2)
+    try:
+        for k in GLOB_KEYS:
+            ref.set(k, 1)
+            km.set(k, 1)
+        mismatches = []
+        for p in GLOB_PATTERNS:
+            want = sorted(ref.keys(p))
+            got, scanned = sorted(km.keys(p)), sorted(set(km.scan_iter(match=p, count=7)))
+            if not want == got == scanned:
+                mismatches.append((p, want, got, scanned))
+        assert not mismatches, mismatches
+    finally:
+        km.delete(*GLOB_KEYS)
+        ref.close(), km.close()
+        ref_server.stop()
