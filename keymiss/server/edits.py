@@ -337,16 +337,19 @@ def cmd_memory(c: Connection, args: list[bytes]) -> Reply:
     if c.shared is not None:
         return c.relay(args)
     sub = args[1].lower()
-    if sub == b"help" and len(args) == 2:
+    if sub == b"help":
+        if len(args) != 2:
+            raise CommandError("ERR wrong number of arguments for 'memory|help' command")
         return reply.array(reply.simple(line) for line in _MEMORY_HELP)
     if sub != b"usage":
         raise CommandError(f"ERR unknown subcommand '{args[1].decode(errors='replace')}'. Try MEMORY HELP.")
-    if len(args) not in (3, 5) or (len(args) == 5 and args[3].lower() != b"samples"):
-        raise CommandError(
-            SYNTAX if len(args) > 3 else "ERR wrong number of arguments for 'memory|usage' command"
-        )
-    if len(args) == 5:
-        to_int(args[4])
+    if len(args) < 3:
+        raise CommandError("ERR wrong number of arguments for 'memory|usage' command")
+    i = 3
+    while i < len(args):  # SAMPLES count, as often as given (the last wins), as Redis reads it
+        if args[i].lower() != b"samples" or i + 1 >= len(args) or to_int(args[i + 1]) < 0:
+            raise CommandError(SYNTAX)
+        i += 2
     key = key_of(args[2])
     return _read_or(
         c,
@@ -381,7 +384,9 @@ def cmd_object(c: Connection, args: list[bytes]) -> Reply:
     if c.shared is not None:
         return c.relay(args)
     sub = args[1].lower()
-    if sub == b"help" and len(args) == 2:
+    if sub == b"help":
+        if len(args) != 2:
+            raise CommandError("ERR wrong number of arguments for 'object|help' command")
         return reply.array(reply.simple(line) for line in _OBJECT_HELP)
     if sub not in (b"encoding", b"refcount", b"idletime"):
         raise CommandError(f"ERR unknown subcommand '{args[1].decode(errors='replace')}'. Try OBJECT HELP.")

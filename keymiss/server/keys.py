@@ -10,7 +10,7 @@ from collections.abc import Awaitable
 from typing import TYPE_CHECKING
 
 from ..stores.base import LocalStore
-from . import reply, resp
+from . import reply
 from .commands import (
     SYNTAX,
     TABLE,
@@ -118,6 +118,19 @@ def cmd_dbsize(c: Connection, args: list[bytes]) -> Reply:
     return _int_of(c.km.store.dbsize())
 
 
+def parse_cursor(raw: bytes) -> int:
+    """A cursor as Redis's strtoul reads it: an optional sign, decimal digits, up to 2**64 - 1 (a
+    negative one wraps, as in C)."""
+    text = raw.decode("ascii", "replace")
+    digits = text[1:] if text[:1] in ("+", "-") else text
+    if not digits.isdigit() or not digits.isascii():
+        raise CommandError("ERR invalid cursor")
+    value = int(digits)
+    if value > 2**64 - 1:
+        raise CommandError("ERR invalid cursor")
+    return (-value) % 2**64 if text[0] == "-" else value
+
+
 @command(
     "scan",
     -2,
@@ -131,9 +144,7 @@ def cmd_dbsize(c: Connection, args: list[bytes]) -> Reply:
     ],
 )
 def cmd_scan(c: Connection, args: list[bytes]) -> Reply:
-    cursor = resp.parse_int(args[1])
-    if cursor is None or cursor < 0:
-        raise CommandError("ERR invalid cursor")
+    cursor = parse_cursor(args[1])
     match: str | None = None
     count = 10
     kind: str | None = None

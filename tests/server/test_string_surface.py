@@ -182,6 +182,13 @@ SCRIPTS: dict[str, list[tuple[str, ...]]] = {
         ("TTL", "t"),
         ("GET", "t"),
     ],
+    "scan cursors": [
+        ("SCAN", "01", "COUNT", "1000", "MATCH", "nothing-matches"),
+        ("SCAN", "+0", "MATCH", "nothing-matches", "COUNT", "1000"),
+        ("SCAN", " 1"),
+        ("SCAN", "1x"),
+        ("SCAN", "18446744073709551616"),
+    ],
     "expire": [
         ("SET", "x", "1"),
         ("TTL", "x"),
@@ -231,6 +238,11 @@ SCRIPTS: dict[str, list[tuple[str, ...]]] = {
         ("OBJECT", "NOSUCH", "e1"),
         ("MEMORY", "USAGE", "nothing"),
         ("OBJECT", "REFCOUNT", "e2"),
+        ("MEMORY", "USAGE", "nothing", "SAMPLES", "-1"),
+        ("MEMORY", "USAGE", "nothing", "SAMPLES", "5", "SAMPLES", "0"),
+        ("MEMORY", "USAGE", "nothing", "SAMPLES"),
+        ("OBJECT", "HELP", "x"),
+        ("MEMORY", "HELP", "x"),
     ],
 }
 
@@ -458,6 +470,7 @@ def test_glob_patterns_match_bytes_as_redis_does(keymiss_node: ServerProcess, tm
     ref_server = RedisProcess(tmp_path / "ref")
     ref, km = redis.Redis(port=ref_server.port), redis.Redis(port=keymiss_node.port, protocol=2)
     try:
+        km.flushdb()  # what earlier tests left on this node
         for k in GLOB_KEYS:
             ref.set(k, 1)
             km.set(k, 1)
