@@ -6,7 +6,13 @@ Traces (generated, seeded; 1M requests each unless ``--requests``):
                                  compute-cost classes (20 % of keys cost 10× more: a large model)
   zipf+scan                      zipf-0.9 with a burst of one-off keys every 20k requests (the
                                  unique-question flood)
+  shift                          zipf-0.9 whose popular keys change halfway through (a new model
+                                 version, a news cycle): the policy must forget the old favourites
   loop                           a cycle over keys slightly more than the budget holds (LRU's worst)
+
+``tinylfu`` is the default: W-TinyLFU with size-aware, aggregated-victims admission; ``tinylfu-iv``
+compares a candidate with one victim at a time (the earlier default). Byte hit ratio weighs each
+hit by the bytes it served.
 
 Policies run through keymiss's real ``MemoryStore`` (same byte accounting for all); ``LFUCache``
 gets the same sizes through ``getsizeof``; Belady evicts the entry used farthest in the future
@@ -32,8 +38,8 @@ from keymiss.stores.base import Write
 from keymiss.stores.memory import ENTRY_OVERHEAD, MemoryStore
 
 KEYS = 100_000
-POLICIES = ("lru", "lfucache", "tinylfu", "tinylfu-cost", "static-best", "belady")
-TRACES = ("zipf-0.8", "zipf-0.9", "zipf-1.0", "zipf+scan", "loop")
+POLICIES = ("lru", "lfucache", "tinylfu-iv", "tinylfu", "tinylfu-cost", "static-best", "belady")
+TRACES = ("zipf-0.8", "zipf-0.9", "zipf-1.0", "zipf+scan", "shift", "loop")
 BUDGETS = (0.01, 0.05, 0.2)  # share of the bytes of all keys the trace can ask for
 
 _TRACES: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
@@ -47,11 +53,14 @@ def make_trace(name: str, n: int, seed: int = 7) -> tuple[np.ndarray, np.ndarray
         n_keys = 20_000
         keys = np.arange(n) % n_keys
     else:
-        alpha = 0.9 if name == "zipf+scan" else float(name.split("-")[1])
+        alpha = 0.9 if name in ("zipf+scan", "shift") else float(name.split("-")[1])
         weights = 1.0 / np.arange(1, KEYS + 1) ** alpha
         cdf = np.cumsum(weights / weights.sum())
-        ranks = np.searchsorted(cdf, rng.random(n))
-        keys = rng.permutation(KEYS)[np.minimum(ranks, KEYS - 1)]
+        ranks = np.minimum(np.searchsorted(cdf, rng.random(n)), KEYS - 1)
+        keys = rng.permutation(KEYS)[ranks]
+        if name == "shift":  # the second half ranks the keys anew
+            half = n // 2
+            keys[half:] = rng.permutation(KEYS)[ranks[half:]]
         if name == "zipf+scan":
             scan_ids = []
             next_id = KEYS
@@ -76,10 +85,10 @@ def total_bytes(keys: np.ndarray, sizes: np.ndarray) -> int:
 
 def run_store(
     policy: str, keys: np.ndarray, sizes: np.ndarray, costs: np.ndarray, budget: int
-) -> tuple[int, float]:
+) -> tuple[int, float, int]:
     store = MemoryStore(budget, eviction=policy)
     values: dict[int, bytes] = {}
-    hits = 0
+    hits = hit_bytes = 0
     saved = 0.0
     get = store.get_now
     put = store._set
@@ -89,22 +98,25 @@ def run_store(
         if get(name) is not None:
             hits += 1
             saved += costs[k]
+            hit_bytes += sizes[k]
             continue
         size = int(sizes[k])
         value = values.get(size)
         if value is None:
             value = values[size] = b"x" * size
         put([Write(name, value, 0, None, float(costs[k]))], False, False, False)
-    return hits, saved
+    return hits, saved, int(hit_bytes)
 
 
-def run_lfucache(keys: np.ndarray, sizes: np.ndarray, costs: np.ndarray, budget: int) -> tuple[int, float]:
+def run_lfucache(
+    keys: np.ndarray, sizes: np.ndarray, costs: np.ndarray, budget: int
+) -> tuple[int, float, int]:
     import cachetools
 
     names = [f"k{k:07d}" for k in range(len(sizes))]
     weight = {names[i]: int(sizes[i]) + len(names[i]) + ENTRY_OVERHEAD for i in range(len(sizes))}
     cache: cachetools.LFUCache[str, int] = cachetools.LFUCache(maxsize=budget, getsizeof=lambda v: v)
-    hits = 0
+    hits = hit_bytes = 0
     saved = 0.0
     for k in keys.tolist():
         name = names[k]
@@ -112,14 +124,15 @@ def run_lfucache(keys: np.ndarray, sizes: np.ndarray, costs: np.ndarray, budget:
             cache[name]
             hits += 1
             saved += costs[k]
+            hit_bytes += sizes[k]
             continue
         w = weight[name]
         if w <= budget:
             cache[name] = w
-    return hits, saved
+    return hits, saved, int(hit_bytes)
 
 
-def run_belady(keys: np.ndarray, sizes: np.ndarray, costs: np.ndarray, budget: int) -> tuple[int, float]:
+def run_belady(keys: np.ndarray, sizes: np.ndarray, costs: np.ndarray, budget: int) -> tuple[int, float, int]:
     n = len(keys)
     never = n + 1
     nxt = np.full(n, never, dtype=np.int64)
@@ -134,13 +147,14 @@ def run_belady(keys: np.ndarray, sizes: np.ndarray, costs: np.ndarray, budget: i
     cached: dict[int, int] = {}  # key -> its next use
     heap: list[tuple[int, int]] = []
     used = 0
-    hits = 0
+    hits = hit_bytes = 0
     saved = 0.0
     for i, k in enumerate(klist):
         nu = nxt_list[i]
         if k in cached:
             hits += 1
             saved += costs[k]
+            hit_bytes += sizes[k]
             if nu == never:
                 del cached[k]
                 used -= weight[k]
@@ -158,10 +172,12 @@ def run_belady(keys: np.ndarray, sizes: np.ndarray, costs: np.ndarray, budget: i
             if cached.get(victim) == -neg:
                 del cached[victim]
                 used -= weight[victim]
-    return hits, saved
+    return hits, saved, int(hit_bytes)
 
 
-def run_static_best(keys: np.ndarray, sizes: np.ndarray, costs: np.ndarray, budget: int) -> tuple[int, float]:
+def run_static_best(
+    keys: np.ndarray, sizes: np.ndarray, costs: np.ndarray, budget: int
+) -> tuple[int, float, int]:
     """The best any policy without foresight of *when* keys recur can do on an i.i.d. trace: hold
     the keys with the most requests per byte from the start (first requests still miss)."""
     ids, counts = np.unique(keys, return_counts=True)
@@ -170,10 +186,11 @@ def run_static_best(keys: np.ndarray, sizes: np.ndarray, costs: np.ndarray, budg
     chosen = order[np.cumsum(weight[order]) <= budget]
     hits = int((counts[chosen] - 1).sum())
     saved = float(((counts[chosen] - 1) * costs[ids[chosen]]).sum())
-    return hits, saved
+    hit_bytes = int(((counts[chosen] - 1) * sizes[ids[chosen]]).sum())
+    return hits, saved, hit_bytes
 
 
-def one(task: tuple[str, float, str, int]) -> tuple[str, float, str, float, float, float]:
+def one(task: tuple[str, float, str, int]) -> tuple[str, float, str, float, float, float, float]:
     trace, share, policy, n = task
     if trace not in _TRACES:
         _TRACES[trace] = make_trace(trace, n)
@@ -183,14 +200,15 @@ def one(task: tuple[str, float, str, int]) -> tuple[str, float, str, float, floa
         budget = int(total_bytes(keys, sizes) * 0.9)  # the cycle never fits: LRU's worst case
     t0 = time.perf_counter()
     if policy == "belady":
-        hits, saved = run_belady(keys, sizes, costs, budget)
+        hits, saved, hit_bytes = run_belady(keys, sizes, costs, budget)
     elif policy == "static-best":
-        hits, saved = run_static_best(keys, sizes, costs, budget)
+        hits, saved, hit_bytes = run_static_best(keys, sizes, costs, budget)
     elif policy == "lfucache":
-        hits, saved = run_lfucache(keys, sizes, costs, budget)
+        hits, saved, hit_bytes = run_lfucache(keys, sizes, costs, budget)
     else:
-        hits, saved = run_store(policy, keys, sizes, costs, budget)
-    return trace, share, policy, hits / len(keys), saved, time.perf_counter() - t0
+        hits, saved, hit_bytes = run_store(policy, keys, sizes, costs, budget)
+    requested = int(sizes[keys].sum())
+    return trace, share, policy, hits / len(keys), saved, hit_bytes / requested, time.perf_counter() - t0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -210,21 +228,26 @@ def main(argv: list[str] | None = None) -> int:
     with multiprocessing.get_context("fork").Pool(args.workers) as pool:
         results = pool.map(one, tasks, chunksize=1)
     elapsed = time.perf_counter() - t0
-    table: dict[tuple[str, float], dict[str, tuple[float, float]]] = {}
-    for trace, share, policy, ratio, saved, _secs in results:
-        table.setdefault((trace, share), {})[policy] = (ratio, saved)
+    table: dict[tuple[str, float], dict[str, tuple[float, float, float]]] = {}
+    for trace, share, policy, ratio, saved, byte_ratio, _secs in results:
+        table.setdefault((trace, share), {})[policy] = (ratio, saved, byte_ratio)
 
     print(f"# Hit ratio under a byte budget ({args.requests:,} requests per trace, {elapsed:.0f} s)\n")
-    print("Hit ratio in %, and compute seconds saved by hits (cost classes 5 ms / 50 ms).\n")
+    print("Hit ratio in %; then byte hit ratio in %; then compute seconds saved by hits (5 ms / 50 ms).\n")
     header = " | ".join(POLICIES)
-    print(f"| trace | budget | {header} | tinylfu − lru | static-best − tinylfu | belady − tinylfu |")
+    print(f"| trace | budget | {header} | tinylfu − lru | tinylfu − tinylfu-iv | static-best − tinylfu |")
     print("| --- | ---: |" + " ---: |" * (len(POLICIES) + 3))
     for (trace, share), row in table.items():
         cells = " | ".join(f"{100 * row[p][0]:.1f}" for p in POLICIES)
         gain = 100 * (row["tinylfu"][0] - row["lru"][0])
+        av_gain = 100 * (row["tinylfu"][0] - row["tinylfu-iv"][0])
         static_gap = 100 * (row["static-best"][0] - row["tinylfu"][0])
-        gap = 100 * (row["belady"][0] - row["tinylfu"][0])
-        print(f"| {trace} | {share:.0%} | {cells} | {gain:+.1f} | {static_gap:+.1f} | {gap:+.1f} |")
+        print(f"| {trace} | {share:.0%} | {cells} | {gain:+.1f} | {av_gain:+.1f} | {static_gap:+.1f} |")
+    print("\n| trace | budget | " + " | ".join(f"{p} bytes" for p in POLICIES) + " |")
+    print("| --- | ---: |" + " ---: |" * len(POLICIES))
+    for (trace, share), row in table.items():
+        cells = " | ".join(f"{100 * row[p][2]:.1f}" for p in POLICIES)
+        print(f"| {trace} | {share:.0%} | {cells} |")
     print("\n| trace | budget | " + " | ".join(f"{p} s saved" for p in POLICIES) + " | cost − size-only |")
     print("| --- | ---: |" + " ---: |" * (len(POLICIES) + 1))
     for (trace, share), row in table.items():

@@ -209,3 +209,51 @@ async def test_hot_keys_survive_a_flood_while_the_cache_is_still_growing() -> No
 
     assert await hot_left("lru") <= 10
     assert await hot_left("tinylfu") >= 90
+
+
+def test_hits_are_buffered_and_replayed_at_the_next_write() -> None:
+    store = MemoryStore(10_000_000)
+    policy = store.policy
+    assert isinstance(policy, TinyLFUPolicy)
+    store.set_now("hot", b"v")
+    for _ in range(5):
+        assert store.get_now("hot") is not None
+    assert policy.sketch.frequency("hot") == 1  # the hits wait in the read buffer
+    store.set_now("other", b"v")  # a write replays them first
+    assert policy.sketch.frequency("hot") == 6 and policy.reads == []
+
+
+def test_a_full_read_buffer_drops_samples_never_hits_or_expiry() -> None:
+    now = [1000.0]
+    store = MemoryStore(10_000_000, clock=lambda: now[0])
+    policy = store.policy
+    assert isinstance(policy, TinyLFUPolicy)
+    store.set_now("k", b"v", ttl=5)
+    for _ in range(5000):  # far more hits than the buffer holds, and no write
+        assert store.get_now("k") is not None
+    assert len(policy.reads) == 1024 and policy.dropped_reads == 5000 - 1024
+    now[0] += 6
+    assert store.get_now("k") is None  # the TTL holds whatever the buffer did
+    store.set_now("w", b"v")
+    assert policy.reads == [] and policy.sketch.frequency("k") == 15
+
+
+def test_aggregated_victims_keep_many_small_entries_over_one_big_one() -> None:
+    """A big candidate used a bit more than each small entry, but far less than the 45 of them its
+    bytes would displace: aggregated victims keep the small ones; one-victim-at-a-time lets it in."""
+    kept = {}
+    for admission in ("av", "iv"):
+        policy = TinyLFUPolicy(100_000, admission=admission)
+        store = MemoryStore(100_000, eviction=policy)
+        small = [f"s{i}" for i in range(200)]
+        for k in small:
+            store.set_now(k, b"x" * 100)
+        for _ in range(2):
+            for k in small:
+                store.get_now(k)
+        for _ in range(4):
+            store.get_now("big")  # misses: the sketch learns it is wanted (more than each small key)
+        store.set_now("big", b"x" * 20_000)  # enters the window, as every newcomer does
+        store.set_now("next", b"x" * 100)  # pushes it out of the window: the admission contest
+        kept[admission] = "big" in policy.probation or "big" in policy.protected
+    assert kept == {"av": False, "iv": True}, kept

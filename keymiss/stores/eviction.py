@@ -34,6 +34,11 @@ class Policy:
         so an admission policy may answer with the newcomer itself)."""
         raise NotImplementedError
 
+    def victim_for(self, need: int) -> str:
+        """The key to evict next when ``need`` bytes must be freed; size-aware admission policies
+        use ``need`` to weigh a candidate against every victim it would displace."""
+        return self.victim()
+
     def admit(self, key: str, size: int) -> bool:
         """Whether a new key may push others out; admission-aware policies override this."""
         return True
@@ -96,4 +101,6 @@ def make_policy(name: str | Policy, max_bytes: int) -> Policy:
         return TinyLFUPolicy(max_bytes)
     if key == "tinylfu-cost":
         return TinyLFUPolicy(max_bytes, cost_aware=True)
+    if key in ("tinylfu-iv", "tinylfu-av"):  # the size-aware admission variants, for comparison
+        return TinyLFUPolicy(max_bytes, admission=key.rpartition("-")[2])
     raise ConfigError(f"unknown eviction policy {name!r}; choose one of {', '.join(POLICY_NAMES)}")

@@ -101,7 +101,7 @@ class MemoryStore(LocalStore):
             if len(self._data) == self._pinned_keys:  # only pinned records left: refuse the newcomer
                 self._remove(w.key)
                 return False
-            victim = self.policy.victim()
+            victim = self.policy.victim_for(self._bytes - self.max_bytes)
             self._remove(victim)
             self.evictions += 1
             if self.on_evict is not None and victim != w.key:

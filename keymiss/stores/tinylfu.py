@@ -9,15 +9,30 @@ rate in the last sample.
 
 With ``cost_aware`` the contest weighs frequency × compute seconds ÷ bytes: the cache keeps what is
 most expensive to recompute per byte it occupies.
+
+Hits do no policy work on the caller's path (as Caffeine's read buffer): a hit appends its key to a
+bounded buffer, which is replayed into the sketch and the segments when a key is written (before any
+eviction is decided). A buffer full between two writes drops further reads, which costs the
+sketch a few samples of a hot key, never a hit its value, TTL or counters.
+
+Admission is size-aware (Einziger, Eytan, Friedman, Manes, "Lightweight Robust Size Aware Cache
+Management", ACM TOS 2022): a candidate of many bytes would push out several probation entries,
+so ``av`` (aggregated victims, the default) admits it only if it is used more than those victims
+together; ``iv`` (iterative victims) compares it with one victim at a time, as plain TinyLFU does.
 """
 
 from __future__ import annotations
 
+import itertools
 from collections import OrderedDict, deque
 
 from .eviction import Policy
 
 _HALVE = bytes(i >> 1 for i in range(256))
+#: hits buffered between two writes before further ones are dropped
+READ_BUFFER = 1024
+#: at most this many victims are weighed against one candidate (a huge value against tiny ones)
+AV_MAX_VICTIMS = 64
 #: compute seconds assumed for entries nobody measured (values a client SET)
 COST_FLOOR = 1e-3
 
@@ -121,11 +136,20 @@ class TinyLFUPolicy(Policy):
 
     name = "tinylfu"
 
-    def __init__(self, max_bytes: int, *, cost_aware: bool = False, window_share: float = 0.01) -> None:
+    def __init__(
+        self, max_bytes: int, *, cost_aware: bool = False, window_share: float = 0.01, admission: str = "av"
+    ) -> None:
         self.max_bytes = max(1, int(max_bytes))
         self.cost_aware = cost_aware
+        if admission not in ("av", "iv"):
+            raise ValueError(f"admission must be 'av' or 'iv', not {admission!r}")
+        self.admission = admission
         if cost_aware:
             self.name = "tinylfu-cost"
+        elif admission != "av":
+            self.name = f"tinylfu-{admission}"
+        self.reads: list[str] = []  # hits not yet replayed into the policy
+        self.dropped_reads = 0
         self.window: OrderedDict[str, int] = OrderedDict()
         self.probation: OrderedDict[str, int] = OrderedDict()
         self.protected: OrderedDict[str, int] = OrderedDict()
@@ -150,6 +174,8 @@ class TinyLFUPolicy(Policy):
 
     # --- hooks ---------------------------------------------------------------------------------------
     def insert(self, key: str, size: int, cost: float = 0.0) -> None:
+        if self.reads:
+            self.drain()
         self.candidates.clear()  # a new admission round: earlier winners are ordinary members now
         self.entries += 1
         if self.entries > self.sketch.width:
@@ -173,6 +199,20 @@ class TinyLFUPolicy(Policy):
             self._climb()
 
     def touch(self, key: str) -> None:
+        """A hit: recorded in the read buffer, replayed at the next write (dropped when full)."""
+        reads = self.reads
+        if len(reads) < READ_BUFFER:
+            reads.append(key)
+        else:
+            self.dropped_reads += 1
+
+    def drain(self) -> None:
+        """Replay the buffered hits into the sketch and the segments, oldest first."""
+        reads, self.reads = self.reads, []
+        for key in reads:
+            self._touched(key)
+
+    def _touched(self, key: str) -> None:
         self.sketch.increment(key)
         self._hits += 1
         self._until_climb -= 1
@@ -198,6 +238,7 @@ class TinyLFUPolicy(Policy):
         self.sketch.increment(key)
 
     def remove(self, key: str) -> None:
+        # a buffered read of a removed key replays as a sketch increment only (it is in no segment)
         for segment in (self.window, self.probation, self.protected):
             size = segment.pop(key, None)
             if size is not None:
@@ -213,6 +254,7 @@ class TinyLFUPolicy(Policy):
             self.costs.pop(key, None)
 
     def clear(self) -> None:
+        self.reads.clear()
         self.window.clear()
         self.probation.clear()
         self.protected.clear()
@@ -227,6 +269,21 @@ class TinyLFUPolicy(Policy):
         return freq * self.costs.get(key, COST_FLOOR) / max(size, 1)
 
     def victim(self) -> str:
+        return self.victim_for(0)
+
+    def _value(self, key: str) -> float:
+        """What keeping ``key`` is worth, summed over victims by aggregated-victims admission:
+        its frequency (× its compute seconds when cost-aware)."""
+        freq = self.sketch.frequency(key)
+        return float(freq) if not self.cost_aware else freq * self.costs.get(key, COST_FLOOR)
+
+    def victim_for(self, need: int) -> str:
+        if self.reads:
+            self.drain()
+        if self.admission == "av":
+            chosen = self._aggregated(need)
+            if chosen is not None:
+                return chosen
         while self.candidates and self.candidates[0] not in self.probation:
             self.candidates.popleft()
         if self.probation:
@@ -247,6 +304,35 @@ class TinyLFUPolicy(Policy):
         if self.protected:
             return next(iter(self.protected))
         return next(iter(self.window))
+
+    def _aggregated(self, need: int) -> str | None:
+        """Aggregated victims: the candidate against the probation entries its bytes would displace
+        (oldest first, as many as its size), taken together. ``None`` when there is no contest."""
+        while self.candidates and self.candidates[0] not in self.probation:
+            self.candidates.popleft()
+        if not self.probation or not self.candidates:
+            return None
+        candidate = self.candidates[0]
+        room = self.probation[candidate]
+        victims: list[str] = []
+        freed = 0
+        # in eviction order: probation, then protected, oldest first in each
+        for key, size in itertools.chain(self.probation.items(), self.protected.items()):
+            if key == candidate:
+                continue
+            victims.append(key)
+            freed += size
+            if freed >= room or len(victims) >= AV_MAX_VICTIMS:
+                break
+        if not victims:
+            self.candidates.popleft()
+            return candidate
+        total = sum(self._value(v) for v in victims)
+        if self._value(candidate) > total:
+            return victims[0]  # worth more than all it displaces: the next call goes on with the rest
+        self.rejected += 1
+        self.candidates.popleft()
+        return candidate
 
     def _climb(self) -> None:
         """Every sample of accesses, move the window share in whichever direction raised the hit rate."""
