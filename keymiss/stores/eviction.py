@@ -83,7 +83,7 @@ class FIFOPolicy(LRUPolicy):
         return None
 
 
-POLICY_NAMES = ("tinylfu", "tinylfu-cost", "lru", "fifo")
+POLICY_NAMES = ("tinylfu", "tinylfu-cost", "tinylfu-iv", "lru", "fifo")
 
 
 def make_policy(name: str | Policy, max_bytes: int) -> Policy:
@@ -101,6 +101,6 @@ def make_policy(name: str | Policy, max_bytes: int) -> Policy:
         return TinyLFUPolicy(max_bytes)
     if key == "tinylfu-cost":
         return TinyLFUPolicy(max_bytes, cost_aware=True)
-    if key in ("tinylfu-iv", "tinylfu-av"):  # the size-aware admission variants, for comparison
-        return TinyLFUPolicy(max_bytes, admission=key.rpartition("-")[2])
+    if key == "tinylfu-iv":  # one victim at a time (the earlier admission), for comparison
+        return TinyLFUPolicy(max_bytes, admission="iv")
     raise ConfigError(f"unknown eviction policy {name!r}; choose one of {', '.join(POLICY_NAMES)}")
