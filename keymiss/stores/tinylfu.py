@@ -12,7 +12,7 @@ most expensive to recompute per byte it occupies.
 
 Hits do no policy work on the caller's path (as Caffeine's read buffer): a hit appends its key to a
 bounded buffer, which is replayed into the sketch and the segments when a key is written (before any
-eviction is decided). A buffer full between two writes drops further reads, which costs the
+eviction is decided). A buffer full between two writes forgets its oldest reads, which costs the
 sketch a few samples of a hot key, never a hit its value, TTL or counters.
 
 Admission is size-aware (Einziger, Eytan, Friedman, Manes, "Lightweight Robust Size Aware Cache
@@ -148,8 +148,10 @@ class TinyLFUPolicy(Policy):
             self.name = "tinylfu-cost"
         elif admission != "av":
             self.name = f"tinylfu-{admission}"
-        self.reads: list[str] = []  # hits not yet replayed into the policy
-        self.dropped_reads = 0
+        # hits not yet replayed into the policy; a full buffer forgets its oldest (lossy, bounded).
+        # ``touch`` is the buffer's own append: a hit costs one C call, no Python frame.
+        self.reads: deque[str] = deque(maxlen=READ_BUFFER)
+        self.touch = self.reads.append  # type: ignore[method-assign,assignment]
         self.window: OrderedDict[str, int] = OrderedDict()
         self.probation: OrderedDict[str, int] = OrderedDict()
         self.protected: OrderedDict[str, int] = OrderedDict()
@@ -198,18 +200,16 @@ class TinyLFUPolicy(Policy):
         if self._until_climb <= 0:
             self._climb()
 
-    def touch(self, key: str) -> None:
-        """A hit: recorded in the read buffer, replayed at the next write (dropped when full)."""
-        reads = self.reads
-        if len(reads) < READ_BUFFER:
-            reads.append(key)
-        else:
-            self.dropped_reads += 1
+    def touch(self, key: str) -> None:  # replaced per instance by ``self.reads.append``
+        """A hit: recorded in the read buffer, replayed at the next write."""
+        self.reads.append(key)
 
     def drain(self) -> None:
         """Replay the buffered hits into the sketch and the segments, oldest first."""
-        reads, self.reads = self.reads, []
-        for key in reads:
+        reads = self.reads
+        keys = list(reads)
+        reads.clear()  # in place: ``touch`` is bound to this very buffer
+        for key in keys:
             self._touched(key)
 
     def _touched(self, key: str) -> None:
