@@ -45,7 +45,8 @@ class FrequencySketch:
     the table costs 4 bytes per entry of capacity.
     """
 
-    def __init__(self, expected_entries: int = 1024) -> None:
+    def __init__(self, expected_entries: int = 1024, cap: int = 15) -> None:
+        self.cap = cap
         self._allocate(self._width_for(expected_entries))
 
     @staticmethod
@@ -98,16 +99,17 @@ class FrequencySketch:
         c = self.w2 + ((h >> 42) & m)
         d = self.w3 + (((h >> 11) ^ (h >> 37)) & m)
         added = False
-        if t[a] < 15:
+        cap = self.cap
+        if t[a] < cap:
             t[a] += 1
             added = True
-        if t[b] < 15:
+        if t[b] < cap:
             t[b] += 1
             added = True
-        if t[c] < 15:
+        if t[c] < cap:
             t[c] += 1
             added = True
-        if t[d] < 15:
+        if t[d] < cap:
             t[d] += 1
             added = True
         if added:
@@ -327,8 +329,10 @@ class TinyLFUPolicy(Policy):
         if not victims:
             self.candidates.popleft()
             return candidate
+        # per byte: the victims may free more than the candidate needs (one big victim for a small
+        # candidate), so the candidate's worth is scaled to the bytes it would displace
         total = sum(self._value(v) for v in victims)
-        if self._value(candidate) > total:
+        if self._value(candidate) * freed / max(room, 1) > total:
             return victims[0]  # worth more than all it displaces: the next call goes on with the rest
         self.rejected += 1
         self.candidates.popleft()
