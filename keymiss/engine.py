@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
+import random
 import time
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from typing import Any, TypeVar
@@ -125,7 +127,9 @@ class Keymiss:
         fields) and must return a list of the same length. The options are ``KeyspaceOptions``'
         fields: ``ttl``, ``batch_size``, ``batch_wait_ms``, ``timeout``, ``codec``, ``error_ttl``
         (remember a failure so a broken input does not rerun an expensive model on every request),
-        ``concurrency``, ``queue``, ``queue_timeout`` and ``error_detail``.
+        ``concurrency``, ``queue``, ``queue_timeout``, ``error_detail`` and ``early_refresh``
+        (XFetch's beta: hits of a key nearing its TTL start one background recomputation, so a hot
+        key is refreshed before it expires; with the in-process stores).
         """
         opts = KeyspaceOptions.of(**options)
 
@@ -284,6 +288,8 @@ class Keymiss:
                 self.hits += 1
                 if ks is not None:
                     ks.stats.hits += 1
+                    if ks.early_refresh is not None and item.expires_at is not None:
+                        self._maybe_refresh(key, ks, item, store)  # type: ignore[arg-type]
                 return item
             self.misses += 1
             if ks is None:
@@ -298,6 +304,20 @@ class Keymiss:
                 self._count_hit(key)
                 return near
         return self._read_shared(key)
+
+    def _maybe_refresh(self, key: str, ks: Keyspace, item: Item, store: LocalStore) -> None:
+        """XFetch (Vattani, Chierichetti, Lowenstein, VLDB 2015): recompute early with a probability
+        that grows as expiry nears, scaled by how long the keyspace takes to compute, so a hot key
+        is refreshed once before it expires and no reader waits for it."""
+        delta = ks.stats.mean_call_seconds
+        if delta <= 0 or not self._started or self._closed or item.expires_at is None:
+            return
+        remaining = item.expires_at - store._now()
+        if ks.ttl is not None and remaining > ks.ttl / 2:
+            return  # not in the first half of a value's life: at most two computations per TTL
+        assert ks.early_refresh is not None
+        if -delta * ks.early_refresh * math.log(1.0 - random.random()) >= remaining:
+            self.writeback.refresh(key, ks)
 
     def read_many(self, keys: Sequence[str]) -> ReadMany:
         """``read`` for several keys, in order, with each key's error in its place. Ready when every

@@ -147,6 +147,7 @@ class Keyspace:
         self.batch_wait = opts.batch_wait
         self.timeout = opts.timeout
         self.error_ttl = opts.error_ttl
+        self.early_refresh = opts.early_refresh
         self.codec: Codec | None = codec_from_name(opts.codec) or _codec_from_annotation(
             handler, opts.batch_size is not None
         )
@@ -213,6 +214,7 @@ class Keyspace:
             "codec": self.codec.name.lower() if self.codec is not None else "auto",
             "concurrency": self.options.concurrency,
             "error_ttl": self.error_ttl,
+            "early_refresh": self.early_refresh,
             **self.stats.as_dict(),
         }
 

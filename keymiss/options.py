@@ -48,6 +48,9 @@ class KeyspaceOptions:
     queue: int = 1000
     queue_timeout: float | None = None  # None: the keyspace's timeout
     error_detail: str | None = None  # None: the engine's default ("message")
+    #: XFetch's beta: a hit may start one background recomputation before the TTL runs out, more
+    #: likely as expiry nears and the slower the keyspace computes (None: off)
+    early_refresh: float | None = None
 
     def __post_init__(self) -> None:
         def number(value: object) -> bool:
@@ -64,6 +67,7 @@ class KeyspaceOptions:
         positive("timeout", self.timeout)
         positive("error_ttl", self.error_ttl)
         positive("queue_timeout", self.queue_timeout)
+        positive("early_refresh", self.early_refresh)
         if self.batch_size is not None and not (integer(self.batch_size) and self.batch_size >= 1):
             raise ConfigError(f"batch_size must be an integer >= 1, got {self.batch_size!r}")
         if self.batch_wait_ms is not None:

@@ -29,6 +29,7 @@ class KeyspaceStats:
     not_stored: int = 0  # computed values the store declined (too big, or not admitted)
     superseded: int = 0  # computed values not stored because a client wrote the key meanwhile
     evictions: int = 0  # values of this keyspace the memory store evicted
+    early_refreshes: int = 0  # recomputations a hit started before the TTL ran out (XFetch)
     #: handler calls per COMPUTE_BUCKETS bound, plus one overflow slot (not cumulative)
     compute_histogram: list[int] = field(default_factory=lambda: [0] * (len(COMPUTE_BUCKETS) + 1))
     #: handler calls per BATCH_BUCKETS bound of their key count, plus one overflow slot

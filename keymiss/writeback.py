@@ -20,6 +20,12 @@ from .singleflight import SingleFlight
 from .stores import Item, LocalStore, SharedStore, Store, Write
 
 
+def _retrieved(fut: asyncio.Future[Item]) -> None:
+    """A background refresh's failure was counted and logged where it happened; mark it seen."""
+    if not fut.cancelled():
+        fut.exception()
+
+
 class WriteBack:
     """Fills missing keys into a store with values from a ``ComputeEngine``."""
 
@@ -57,6 +63,18 @@ class WriteBack:
         else:
             ks.stats.coalesced += 1
         return asyncio.shield(fut)
+
+    def refresh(self, key: str, ks: Keyspace) -> None:
+        """Recompute ``key`` in the background and store the value over the current one (an early
+        refresh): nothing if a fill of it is running already. Readers who find the key gone
+        meanwhile join this computation; a client's write meanwhile still wins."""
+        if self._fills.get(key) is not None:
+            return
+        ks.stats.early_refreshes += 1
+        self.watch(key)
+        fut = self._fills.start(key, functools.partial(self._compute_here, key, ks, overwrite=True))
+        fut.add_done_callback(functools.partial(self.unwatch, key))
+        fut.add_done_callback(_retrieved)
 
     async def fill(self, key: str, ks: Keyspace) -> Item:
         """``begin``, then the item once it is stored."""

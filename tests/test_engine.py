@@ -16,6 +16,7 @@ from keymiss import (
     BusyError,
     CodecError,
     ComputeTimeoutError,
+    ConfigError,
     HandlerError,
     KeyMismatchError,
     Keymiss,
@@ -556,3 +557,63 @@ async def test_an_exception_whose_message_cannot_be_read_still_gives_a_clear_err
 
     with pytest.raises(HandlerError, match=r"handler failed: Unprintable: \(its message could not be read\)"):
         await km.get("odd:1")
+
+
+async def test_early_refresh_keeps_a_hot_key_fresh_with_no_reader_waiting() -> None:
+    """XFetch, scaled down from the 60 s / TTL 2 s / 0.3 s acceptance run (keeping reads × compute
+    time, which sets how early XFetch fires): a hot key with TTL 0.6 s and a 0.1 s computation,
+    read every 3 ms for 6 s: after the first miss no read waits for a computation, and there are
+    at most two computations per TTL period."""
+    km = Keymiss(store="memory", max_memory="64MB", sweep_interval=0)
+    calls = 0
+
+    @km.keyspace("hot:*", ttl=0.6, early_refresh=1.0)
+    async def hot(key: str) -> str:
+        nonlocal calls
+        calls += 1
+        await asyncio.sleep(0.1)
+        return f"v{calls}"
+
+    try:
+        await km.get("hot:1")  # the one miss
+        slowest = 0.0
+        seen = set()
+        loop = asyncio.get_running_loop()
+        end = loop.time() + 6.0
+        while loop.time() < end:
+            t0 = loop.time()
+            seen.add(await km.get("hot:1"))
+            slowest = max(slowest, loop.time() - t0)
+            await asyncio.sleep(0.003)
+        assert slowest < 0.05, slowest  # no read waited on a 0.1 s computation
+        periods = 6.0 / 0.6
+        assert 2 <= calls <= 2 * periods + 1, calls
+        assert len(seen) >= 2  # refreshed values were served
+        assert km.stats()["keyspaces"]["hot:*"]["early_refreshes"] >= 1
+    finally:
+        await km.close()
+
+
+async def test_without_early_refresh_a_reader_waits_at_expiry() -> None:
+    km = Keymiss(store="memory", max_memory="64MB", sweep_interval=0)
+
+    @km.keyspace("cold:*", ttl=0.3)
+    async def cold(key: str) -> str:
+        await asyncio.sleep(0.1)
+        return "v"
+
+    try:
+        await km.get("cold:1")
+        await asyncio.sleep(0.35)
+        loop = asyncio.get_running_loop()
+        t0 = loop.time()
+        await km.get("cold:1")
+        assert loop.time() - t0 >= 0.09  # the expiry cliff early_refresh removes
+    finally:
+        await km.close()
+
+
+def test_early_refresh_must_be_positive() -> None:
+    km = Keymiss(store="memory", sweep_interval=0)
+    with pytest.raises(ConfigError, match="early_refresh"):
+        km.keyspace("x:*", early_refresh=0)

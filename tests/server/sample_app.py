@@ -90,3 +90,10 @@ async def cancelled(key: str) -> str:
 async def tothread(key: str) -> str:
     await asyncio.to_thread(time.sleep, 60)  # a blocking call in the default executor, stuck
     return "never"
+
+
+@app.keyspace("fresh:*", ttl=0.6, early_refresh=1.0)
+async def fresh(key: str) -> str:
+    """A hot answer refreshed before it expires (XFetch): its readers never wait at expiry."""
+    await asyncio.sleep(0.1)
+    return f"fresh at {time.time():.3f}"

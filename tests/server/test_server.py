@@ -439,3 +439,25 @@ def test_graceful_shutdown_finishes_running_computation(tmp_path: Path, front: s
     t.join(10)
     assert result == [b"slow result for slow:shutdown"]
     assert "keymiss stopped" in srv.log
+
+
+def test_early_refresh_over_resp_keeps_readers_from_waiting(tmp_path: Path) -> None:
+    srv = start_server(tmp_path, front="python")
+    r = redis.Redis(port=srv.port)
+    try:
+        r.get("fresh:1")  # the one miss
+        slowest, seen = 0.0, set()
+        end = time.monotonic() + 4.0
+        while time.monotonic() < end:
+            t0 = time.monotonic()
+            seen.add(r.get("fresh:1"))
+            slowest = max(slowest, time.monotonic() - t0)
+            time.sleep(0.003)
+        assert slowest < 0.08, slowest  # a wait on the 0.1 s computation would show
+        assert len(seen) >= 3  # refreshed values were served
+        info = r.info("keymiss")
+        ks = next(v for k, v in info.items() if k.startswith("keyspace_") and v["pattern"] == "fresh:*")
+        assert int(ks["computations"]) <= 2 * (4.0 / 0.6) + 2, ks
+    finally:
+        r.close()
+        srv.stop()
