@@ -288,7 +288,7 @@ class Keymiss:
                 self.hits += 1
                 if ks is not None:
                     ks.stats.hits += 1
-                    if ks.early_refresh is not None and item.expires_at is not None:
+                    if (ks.early_refresh is not None or ks.stale) and item.expires_at is not None:
                         self._maybe_refresh(key, ks, item, store)  # type: ignore[arg-type]
                 return item
             self.misses += 1
@@ -306,13 +306,20 @@ class Keymiss:
         return self._read_shared(key)
 
     def _maybe_refresh(self, key: str, ks: Keyspace, item: Item, store: LocalStore) -> None:
-        """XFetch (Vattani, Chierichetti, Lowenstein, VLDB 2015): recompute early with a probability
-        that grows as expiry nears, scaled by how long the keyspace takes to compute, so a hot key
-        is refreshed once before it expires and no reader waits for it."""
-        delta = ks.stats.mean_call_seconds
-        if delta <= 0 or not self._started or self._closed or item.expires_at is None:
+        """Stale-while-revalidate (RFC 5861): a value past its TTL but inside ``stale`` is served
+        while one refresh runs. XFetch (Vattani, Chierichetti, Lowenstein, VLDB 2015): before the
+        TTL, recompute early with a probability that grows as expiry nears, scaled by how long the
+        keyspace takes to compute, so a hot key is refreshed once before it expires."""
+        if not self._started or self._closed or item.expires_at is None:
             return
-        remaining = item.expires_at - store._now()
+        remaining = item.expires_at - store._now() - (ks.stale or 0.0)  # to the end of the TTL
+        if ks.stale and remaining <= 0:  # past its TTL, in the stale window: served, and refreshed
+            ks.stats.stale_hits += 1
+            self.writeback.refresh(key, ks, stale=True)
+            return
+        delta = ks.stats.mean_call_seconds
+        if ks.early_refresh is None or delta <= 0:
+            return
         if ks.ttl is not None and remaining > ks.ttl / 2:
             return  # not in the first half of a value's life: at most two computations per TTL
         assert ks.early_refresh is not None

@@ -148,6 +148,7 @@ class Keyspace:
         self.timeout = opts.timeout
         self.error_ttl = opts.error_ttl
         self.early_refresh = opts.early_refresh
+        self.stale = opts.stale
         self.codec: Codec | None = codec_from_name(opts.codec) or _codec_from_annotation(
             handler, opts.batch_size is not None
         )
@@ -215,6 +216,7 @@ class Keyspace:
             "concurrency": self.options.concurrency,
             "error_ttl": self.error_ttl,
             "early_refresh": self.early_refresh,
+            "stale": self.stale,
             **self.stats.as_dict(),
         }
 

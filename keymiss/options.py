@@ -51,6 +51,8 @@ class KeyspaceOptions:
     #: XFetch's beta: a hit may start one background recomputation before the TTL runs out, more
     #: likely as expiry nears and the slower the keyspace computes (None: off)
     early_refresh: float | None = None
+    #: seconds past the TTL an old value is still served while one refresh runs (None: off)
+    stale: float | None = None
 
     def __post_init__(self) -> None:
         def number(value: object) -> bool:
@@ -68,6 +70,9 @@ class KeyspaceOptions:
         positive("error_ttl", self.error_ttl)
         positive("queue_timeout", self.queue_timeout)
         positive("early_refresh", self.early_refresh)
+        positive("stale", self.stale)
+        if self.stale is not None and self.ttl is None:
+            raise ConfigError("stale needs a ttl: a value without one never goes stale")
         if self.batch_size is not None and not (integer(self.batch_size) and self.batch_size >= 1):
             raise ConfigError(f"batch_size must be an integer >= 1, got {self.batch_size!r}")
         if self.batch_wait_ms is not None:

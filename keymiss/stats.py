@@ -30,6 +30,8 @@ class KeyspaceStats:
     superseded: int = 0  # computed values not stored because a client wrote the key meanwhile
     evictions: int = 0  # values of this keyspace the memory store evicted
     early_refreshes: int = 0  # recomputations a hit started before the TTL ran out (XFetch)
+    stale_hits: int = 0  # hits served past the TTL, inside the stale window, while a refresh ran
+    refresh_failures: int = 0  # background refreshes that failed (the old value kept being served)
     #: handler calls per COMPUTE_BUCKETS bound, plus one overflow slot (not cumulative)
     compute_histogram: list[int] = field(default_factory=lambda: [0] * (len(COMPUTE_BUCKETS) + 1))
     #: handler calls per BATCH_BUCKETS bound of their key count, plus one overflow slot

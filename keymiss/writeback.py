@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import time
 from collections.abc import Callable, Iterable
 
 from .compute import Computed, ComputeEngine
@@ -18,12 +19,6 @@ from .errors import ComputeTimeoutError, KeymissError, StoreError
 from .keyspace import DEFAULT_TIMEOUT, Keyspace
 from .singleflight import SingleFlight
 from .stores import Item, LocalStore, SharedStore, Store, Write
-
-
-def _retrieved(fut: asyncio.Future[Item]) -> None:
-    """A background refresh's failure was counted and logged where it happened; mark it seen."""
-    if not fut.cancelled():
-        fut.exception()
 
 
 class WriteBack:
@@ -39,6 +34,7 @@ class WriteBack:
         self._superseded: set[str] = set()
         self._pending: list[tuple[Write, asyncio.Future[bool | None]]] = []
         self._writers: set[asyncio.Task[None]] = set()
+        self._retry: dict[str, tuple[float, float]] = {}  # key -> (next refresh allowed, backoff)
 
     def watch(self, key: str) -> None:
         """From now on, a client's write to ``key`` supersedes any fill of it until ``unwatch``."""
@@ -64,17 +60,33 @@ class WriteBack:
             ks.stats.coalesced += 1
         return asyncio.shield(fut)
 
-    def refresh(self, key: str, ks: Keyspace) -> None:
+    def refresh(self, key: str, ks: Keyspace, *, stale: bool = False) -> None:
         """Recompute ``key`` in the background and store the value over the current one (an early
-        refresh): nothing if a fill of it is running already. Readers who find the key gone
+        refresh, or a stale value's): nothing if a fill of it is running already, or if its last
+        refresh failed too recently (the wait doubles, 1 s to 60 s). Readers who find the key gone
         meanwhile join this computation; a client's write meanwhile still wins."""
         if self._fills.get(key) is not None:
             return
-        ks.stats.early_refreshes += 1
+        now = time.monotonic()
+        retry = self._retry.get(key)
+        if retry is not None and now < retry[0]:
+            return
+        if not stale:
+            ks.stats.early_refreshes += 1
         self.watch(key)
         fut = self._fills.start(key, functools.partial(self._compute_here, key, ks, overwrite=True))
         fut.add_done_callback(functools.partial(self.unwatch, key))
-        fut.add_done_callback(_retrieved)
+        fut.add_done_callback(functools.partial(self._refreshed, key, ks))
+
+    def _refreshed(self, key: str, ks: Keyspace, fut: asyncio.Future[Item]) -> None:
+        if fut.cancelled() or fut.exception() is None:  # the failure itself was logged where it ran
+            self._retry.pop(key, None)
+            return
+        ks.stats.refresh_failures += 1
+        wait = min(60.0, 2 * self._retry[key][1]) if key in self._retry else 1.0
+        self._retry[key] = (time.monotonic() + wait, wait)
+        while len(self._retry) > 10_000:  # bounded: the oldest backoffs go first
+            self._retry.pop(next(iter(self._retry)))
 
     async def fill(self, key: str, ks: Keyspace) -> Item:
         """``begin``, then the item once it is stored."""
@@ -157,7 +169,12 @@ class WriteBack:
         declined it, ``None`` if a client's write superseded it."""
         loop = asyncio.get_running_loop()
         fut: asyncio.Future[bool | None] = loop.create_future()
-        self._pending.append((computed.write(nx=nx), fut))
+        write = computed.write(nx=nx)
+        ks = self.engine.registry.route(computed.key) if write.ttl is not None else None
+        if ks is not None and ks.stale and write.ttl is not None and isinstance(self._store(), LocalStore):
+            # kept past its TTL for the stale window: the engine serves it as stale, refreshing
+            write = Write(write.key, write.value, write.codec, write.ttl + ks.stale, write.cost, write.nx)
+        self._pending.append((write, fut))
         if len(self._pending) == 1:  # the flush runs after this loop turn's other puts
             task = loop.create_task(self._flush())
             self._writers.add(task)

@@ -617,3 +617,61 @@ def test_early_refresh_must_be_positive() -> None:
     km = Keymiss(store="memory", sweep_interval=0)
     with pytest.raises(ConfigError, match="early_refresh"):
         km.keyspace("x:*", early_refresh=0)
+
+
+async def test_stale_values_are_served_at_once_while_one_refresh_runs() -> None:
+    km = Keymiss(store="memory", max_memory="64MB", sweep_interval=0)
+    calls = 0
+
+    @km.keyspace("news:*", ttl=0.3, stale=5)
+    async def news(key: str) -> str:
+        nonlocal calls
+        calls += 1
+        await asyncio.sleep(0.2)
+        return f"v{calls}"
+
+    try:
+        assert await km.get("news:1") == "v1"
+        await asyncio.sleep(0.35)  # past the TTL, inside the stale window
+        loop = asyncio.get_running_loop()
+        t0 = loop.time()
+        got = await asyncio.gather(*(km.get("news:1") for _ in range(50)))
+        assert got == ["v1"] * 50 and loop.time() - t0 < 0.05  # served at once, stale
+        await asyncio.sleep(0.3)
+        assert await km.get("news:1") == "v2" and calls == 2  # one refresh for all 50 readers
+        assert km.stats()["keyspaces"]["news:*"]["stale_hits"] >= 50
+    finally:
+        await km.close()
+
+
+async def test_a_failed_refresh_keeps_the_stale_value_until_stale_runs_out() -> None:
+    km = Keymiss(store="memory", max_memory="64MB", sweep_interval=0)
+    calls = 0
+
+    @km.keyspace("flaky:*", ttl=0.2, stale=0.8)
+    async def flaky(key: str) -> str:
+        nonlocal calls
+        calls += 1
+        if calls > 1:
+            raise RuntimeError("model server down")
+        return "good"
+
+    try:
+        assert await km.get("flaky:1") == "good"
+        await asyncio.sleep(0.25)
+        assert await km.get("flaky:1") == "good"  # stale; the refresh fails behind it
+        await asyncio.sleep(0.1)
+        assert await km.get("flaky:1") == "good"  # still the stale value, no error
+        stats = km.stats()["keyspaces"]["flaky:*"]
+        assert stats["refresh_failures"] == 1 and calls == 2  # backed off: not retried at once
+        await asyncio.sleep(0.8)  # past the stale window: a plain miss, whose error is the caller's
+        with pytest.raises(HandlerError, match="model server down"):
+            await km.get("flaky:1")
+    finally:
+        await km.close()
+
+
+def test_stale_needs_a_ttl() -> None:
+    km = Keymiss(store="memory", sweep_interval=0)
+    with pytest.raises(ConfigError, match="stale needs a ttl"):
+        km.keyspace("x:*", stale=10)

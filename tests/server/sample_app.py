@@ -97,3 +97,15 @@ async def fresh(key: str) -> str:
     """A hot answer refreshed before it expires (XFetch): its readers never wait at expiry."""
     await asyncio.sleep(0.1)
     return f"fresh at {time.time():.3f}"
+
+
+_editions = 0
+
+
+@app.keyspace("edition:*", ttl=0.3, stale=30)
+async def edition(key: str) -> str:
+    """Served stale for up to 30 s past its TTL while one refresh runs."""
+    global _editions
+    _editions += 1
+    await asyncio.sleep(0.2)
+    return f"edition {_editions}"

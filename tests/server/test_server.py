@@ -461,3 +461,22 @@ def test_early_refresh_over_resp_keeps_readers_from_waiting(tmp_path: Path) -> N
     finally:
         r.close()
         srv.stop()
+
+
+def test_a_stale_value_is_served_at_once_over_resp_while_it_refreshes(tmp_path: Path) -> None:
+    srv = start_server(tmp_path, front="python")
+    r = redis.Redis(port=srv.port)
+    try:
+        first = r.get("edition:1")
+        time.sleep(0.35)  # past its TTL
+        t0 = time.monotonic()
+        assert r.get("edition:1") == first  # the stale value, at once
+        assert time.monotonic() - t0 < 0.05
+        deadline = time.monotonic() + 5
+        while r.get("edition:1") == first:  # the refresh lands
+            assert time.monotonic() < deadline
+            time.sleep(0.02)
+        assert r.get("edition:1") != first
+    finally:
+        r.close()
+        srv.stop()
