@@ -148,7 +148,7 @@ class WriteBack:
         assert computed is not None  # ks owns key
         # Written only if still absent: a client's write on any node (which this node's watch
         # cannot see) wins over the computed value. ``overwrite`` replaces an undecodable value.
-        stored = await self._put(computed, nx=not overwrite)
+        stored = await self._put(computed, ks, nx=not overwrite)
         if stored is False and await self._present(key):
             stored = None  # refused by NX: someone wrote the key meanwhile
         if stored is None:
@@ -164,14 +164,13 @@ class WriteBack:
             return store.get_now(key) is not None
         return bool(await store.exists([key]))
 
-    async def _put(self, computed: Computed, *, nx: bool) -> bool | None:
+    async def _put(self, computed: Computed, ks: Keyspace, *, nx: bool) -> bool | None:
         """Queue one value for the next ``set_many``; True if the store kept it, False if it
         declined it, ``None`` if a client's write superseded it."""
         loop = asyncio.get_running_loop()
         fut: asyncio.Future[bool | None] = loop.create_future()
         write = computed.write(nx=nx)
-        ks = self.engine.registry.route(computed.key) if write.ttl is not None else None
-        if ks is not None and ks.stale and write.ttl is not None and isinstance(self._store(), LocalStore):
+        if ks.stale and write.ttl is not None and isinstance(self._store(), LocalStore):
             # kept past its TTL for the stale window: the engine serves it as stale, refreshing
             write = Write(write.key, write.value, write.codec, write.ttl + ks.stale, write.cost, write.nx)
         self._pending.append((write, fut))

@@ -34,6 +34,7 @@ FLUSH_BYTES = 64 * 1024
 #: Input kept buffered behind a waiting command before the socket stops being read.
 READ_PAUSE_BYTES = 1024 * 1024
 NOAUTH = b"-NOAUTH Authentication required.\r\n"
+_OWN = PINNED_PREFIX.encode()
 
 #: Commands of the data types an in-process store does not hold: named as such, not as unknown.
 OTHER_TYPES = frozenset(
@@ -280,19 +281,17 @@ class Connection(asyncio.Protocol):
             srv.error_replies += 1
             line = reply.error(f"ERR wrong number of arguments for '{cmd.name}' command")
             return line if self.multi is None else queue(self, args, line)
-        if "write" in cmd.flags and cmd.first_key > 0:
-            keys = self.keys_of(cmd, args) or []
-            if any(k.startswith(PINNED_PREFIX) for k in keys):  # leases, contexts, codec tags
-                srv.error_replies += 1
-                line = reply.error(
-                    f"ERR keys under '{PINNED_PREFIX}' are keymiss's own (leases, contexts); clients "
-                    "cannot write them (KEYMISS FORGET removes them by name)"
-                )
-                return line if self.multi is None else queue(self, args, line)
+        # leases, contexts and codec tags are keymiss's: no client command writes them
+        if "write" in cmd.flags and any(k.startswith(_OWN) for k in self.key_args(cmd, args)):
+            srv.error_replies += 1
+            line = reply.error(
+                f"ERR keys under '{PINNED_PREFIX}' are keymiss's own (leases, contexts); clients "
+                "cannot write them (KEYMISS FORGET removes them by name)"
+            )
+            return line if self.multi is None else queue(self, args, line)
         if self.multi is not None and name not in IMMEDIATE:
             return queue(self, args, None)
-        store = self.km.store
-        if srv.watches and "write" in cmd.flags and isinstance(store, LocalStore):
+        if srv.watches and "write" in cmd.flags and isinstance(store := self.km.store, LocalStore):
             watched = srv.watches.among(self.keys_of(cmd, args))
             if watched:  # compared before and after: only a real change fails a watcher's EXEC
                 before = {k: snapshot(store.get_now(k)) for k in watched}
@@ -318,14 +317,19 @@ class Connection(asyncio.Protocol):
             self.server.watches.touch_changed(store, before)
 
     @staticmethod
-    def keys_of(cmd: Command, args: list[bytes]) -> list[str] | None:
-        """The keys a write command names (``None``: all of them, as FLUSHDB)."""
-        if cmd.name in ("flushdb", "flushall"):
-            return None
+    def key_args(cmd: Command, args: list[bytes]) -> list[bytes]:
+        """The arguments that name keys, by the command's key positions."""
         if cmd.first_key <= 0:
             return []
         last = cmd.last_key if cmd.last_key >= 0 else len(args) + cmd.last_key
-        return [a.decode("utf-8", "surrogateescape") for a in args[cmd.first_key : last + 1 : cmd.step]]
+        return args[cmd.first_key : last + 1 : cmd.step]
+
+    @classmethod
+    def keys_of(cls, cmd: Command, args: list[bytes]) -> list[str] | None:
+        """The keys a write command names (``None``: all of them, as FLUSHDB)."""
+        if cmd.name in ("flushdb", "flushall"):
+            return None
+        return [a.decode("utf-8", "surrogateescape") for a in cls.key_args(cmd, args)]
 
     def dispatch_queued(self, args: list[bytes]) -> bytes | Awaitable[bytes]:
         """Run one command EXEC took from the queue."""
@@ -344,14 +348,18 @@ class Connection(asyncio.Protocol):
         assert self.shared is not None
         return self._passthrough(self.shared, args)
 
-    async def _passthrough(self, store: SharedStore, args: list[bytes]) -> bytes:
-        """Relay a command keymiss does not own (HSET, LPUSH, …) to the backing Redis, if it is one
-        that is safe on a shared connection (see ``passthrough``)."""
+    def relay_rules(self, store: SharedStore) -> Relay:
+        """The server's pass-through rules (learnt from the backing Redis), made on first use."""
         relay = self.server.relay
         if relay is None:
             relay = self.server.relay = Relay(store)
+        return relay
+
+    async def _passthrough(self, store: SharedStore, args: list[bytes]) -> bytes:
+        """Relay a command keymiss does not own (HSET, LPUSH, …) to the backing Redis, if it is one
+        that is safe on a shared connection (see ``passthrough``)."""
         try:
-            rule, refusal = await relay.check(args)
+            rule, refusal = await self.relay_rules(store).check(args)
             if refusal is not None:
                 raise ReplyError(refusal)
             if rule.write:  # a key it writes is not overwritten by a computation started before

@@ -20,16 +20,15 @@ from ..glob import compile_glob
 from ..stores.base import PINNED_PREFIX, Item
 from . import reply, resp
 from .commands import NOT_INT, SYNTAX, CommandError, Reply, arg, command, key_of, local_store_of, to_int
+from .strings import LLONG_MAX, OOM
 
 if TYPE_CHECKING:
     from .connection import Connection
 
-LLONG_MAX = 2**63 - 1
 LLONG_MIN = -(2**63)
 #: Redis's largest string (proto-max-bulk-len's default), which SETRANGE and APPEND may not pass.
 MAX_STRING = 512 * 1024 * 1024
 TOO_BIG = "ERR string exceeds maximum allowed size (proto-max-bulk-len)"
-OOM = "OOM command not allowed when used memory > 'maxmemory'."
 
 Edit = Callable[[Item | None], tuple[bytes | None, Any]]
 

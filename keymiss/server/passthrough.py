@@ -55,6 +55,7 @@ _BY_CATEGORY = {
 _PUBLISH = (b"publish", b"spublish")
 _UNBLOCKED = (b"xread", b"xreadgroup")  # blocking only with a BLOCK argument
 _KEYS_OK = (b"keys",)  # @dangerous for its O(N), which Redis's own users accept
+_DESPITE = {b"@pubsub": _PUBLISH, b"@blocking": _UNBLOCKED, b"@dangerous": _KEYS_OK}
 
 
 @dataclass(frozen=True)
@@ -101,11 +102,7 @@ def rule_of(entry: Any) -> Rule:
     refusal = _BY_NAME.get(name)
     if refusal is None and not subs:
         for cat, why in _BY_CATEGORY.items():
-            if cat in categories:
-                if (cat == b"@pubsub" and name in _PUBLISH) or (cat == b"@blocking" and name in _UNBLOCKED):
-                    continue
-                if cat == b"@dangerous" and name in _KEYS_OK:
-                    continue
+            if cat in categories and name not in _DESPITE.get(cat, ()):
                 refusal = why
                 break
     if refusal is None and b"noscript" in flags and not subs and name not in _UNBLOCKED:

@@ -28,7 +28,6 @@ from typing import TYPE_CHECKING, Any
 from ..stores.base import Item, LocalStore
 from . import reply
 from .commands import TABLE, CommandError, Reply, arg, command, key_of, local_store_of
-from .passthrough import Relay
 
 if TYPE_CHECKING:
     from .app import Server
@@ -289,9 +288,7 @@ async def _exec_shared(c: Connection, commands: list[list[bytes]]) -> bytes:
     MULTI/EXEC there. A miss of a keyspace key inside it starts the key's computation."""
     shared = c.shared
     assert shared is not None
-    relay = c.server.relay
-    if relay is None:
-        relay = c.server.relay = Relay(shared)
+    relay = c.relay_rules(shared)
     written: list[str] = []
     for args in commands:
         cmd = TABLE.get(args[0].lower())

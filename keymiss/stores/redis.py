@@ -120,6 +120,18 @@ def _reply_error(exc: ResponseError) -> ReplyError:
     return ReplyError(text if text.split(" ", 1)[0].isupper() else f"ERR {text}")
 
 
+def _relay_error(exc: Exception) -> KeymissError:
+    """What a relayed command's failure is to the client: Redis's own error line, a cluster's
+    CROSSSLOT, or the store being unreachable."""
+    if isinstance(exc, ResponseError):
+        return _reply_error(exc)
+    if isinstance(exc, RedisClusterException):
+        if "slot" in str(exc).lower():
+            return ReplyError("CROSSSLOT Keys in request don't hash to the same slot")
+        return ReplyError(f"ERR {exc}")
+    return _wrap(exc)
+
+
 def _wrap(exc: Exception) -> StoreError:
     return StoreError(f"redis unavailable: {type(exc).__name__}: {exc}")
 
@@ -486,14 +498,8 @@ class RedisStore(SharedStore):
         name = args[0].decode("ascii", "replace")  # the cluster client routes by a str command name
         try:
             return await client.execute_command(name, *args[1:])
-        except ResponseError as exc:
-            raise _reply_error(exc) from None
-        except RedisClusterException as exc:
-            if "slot" in str(exc).lower():
-                raise ReplyError("CROSSSLOT Keys in request don't hash to the same slot") from None
-            raise ReplyError(f"ERR {exc}") from None
-        except (RedisError, OSError, RuntimeError) as exc:
-            raise _wrap(exc) from exc
+        except (RedisError, RedisClusterException, OSError, RuntimeError) as exc:
+            raise _relay_error(exc) from None
 
     async def transaction(self, commands: Sequence[Sequence[bytes]], proto: int = 2) -> list[Any] | None:
         """MULTI, the commands and EXEC on one connection of the relay (a cluster needs them all in
@@ -503,14 +509,8 @@ class RedisStore(SharedStore):
             pipe.execute_command(args[0].decode("ascii", "replace"), *args[1:])
         try:
             replies = await pipe.execute(raise_on_error=False)
-        except ResponseError as exc:
-            raise _reply_error(exc) from None
-        except RedisClusterException as exc:
-            if "slot" in str(exc).lower():
-                raise ReplyError("CROSSSLOT Keys in request don't hash to the same slot") from None
-            raise ReplyError(f"ERR {exc}") from None
-        except (RedisError, OSError, RuntimeError) as exc:
-            raise _wrap(exc) from exc
+        except (RedisError, RedisClusterException, OSError, RuntimeError) as exc:
+            raise _relay_error(exc) from None
         return [_reply_error(r) if isinstance(r, ResponseError) else r for r in replies]
 
     # --- cluster-wide single-flight ---------------------------------------------------------------------

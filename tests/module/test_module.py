@@ -323,6 +323,19 @@ async def test_the_module_runs_clean_under_valgrind(tmp_path: Path) -> None:
             assert await waiter == b"mine"
             await asyncio.sleep(0.5)
             assert isinstance(await resp(server.port, "GET", "hang:v", wait=30), RespError)
+            # a full queue read inside Lua (nil), and a worker's BUSY answer (counted, not kept)
+            tiny = [asyncio.ensure_future(resp(server.port, "GET", f"tiny:{i}", wait=30)) for i in range(2)]
+            await asyncio.sleep(0.3)
+            lua = "return redis.call('GET', KEYS[1])"
+            assert await resp(server.port, "EVAL", lua, 1, "tiny:lua", wait=30) is None
+            await asyncio.gather(*tiny)
+            w = await raw_worker(server.port, ["b", "busy:*", "ERRTTL", "60000"])
+            busy = asyncio.ensure_future(resp(server.port, "GET", "busy:1", wait=30))
+            await asyncio.sleep(0.3)
+            key, token = await call(w, "KEYMISS.TAKE", "10", "1000", "10000")
+            assert await call(w, "KEYMISS.FAIL", key, token, "BUSY keymiss: all slots are held") == 1
+            assert isinstance(await busy, RespError)
+            w[1].close()
     finally:
         server.stop()
     text = vlog.read_text()

@@ -66,6 +66,25 @@ class Wire:
         self.sock.close()
 
 
+def assert_same_replies(redis_port: int, port: int, commands: list[tuple[str, ...]], prefix: str) -> None:
+    """Send ``commands`` to a real redis-server and to keymiss, one connection each, and compare
+    every reply byte for byte; the keys under ``prefix`` are removed from redis-server after."""
+    want_wire, got_wire = Wire(redis_port), Wire(port)
+    try:
+        mismatches = []
+        for c in commands:
+            want, got = want_wire.call(*c), got_wire.call(*c)
+            if want != got:
+                mismatches.append((c, want, got))
+        assert not mismatches, mismatches
+    finally:
+        direct = redis.Redis(port=redis_port)
+        for k in direct.keys(prefix + "*"):
+            direct.delete(k)
+        direct.close()
+        want_wire.close(), got_wire.close()
+
+
 @pytest.fixture(scope="module", params=["memory", "lmdb"])
 def keymiss_node(request: Any, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
     tmp = tmp_path_factory.mktemp("strings")
@@ -261,21 +280,7 @@ def test_replies_match_redis_byte_for_byte(
             return (cmd[0], prefix + cmd[1], *cmd[2:])
         return cmd
 
-    expected_wire, got_wire = Wire(redis_standalone.port), Wire(keymiss_node.port)
-    try:
-        mismatches = []
-        for cmd in SCRIPTS[script]:
-            c = keyed(cmd)
-            want, got = expected_wire.call(*c), got_wire.call(*c)
-            if want != got:
-                mismatches.append((c, want, got))
-        assert not mismatches, mismatches
-    finally:
-        direct = redis.Redis(port=redis_standalone.port)
-        for k in direct.keys(prefix + "*"):
-            direct.delete(k)
-        direct.close()
-        expected_wire.close(), got_wire.close()
+    assert_same_replies(redis_standalone.port, keymiss_node.port, [keyed(c) for c in SCRIPTS[script]], prefix)
 
 
 def test_memory_usage_counts_the_key_and_value(keymiss_node: ServerProcess) -> None:

@@ -15,7 +15,7 @@ import pytest
 import redis
 
 from .conftest import ServerProcess, start_server
-from .test_string_surface import Wire
+from .test_string_surface import Wire, assert_same_replies
 
 
 @pytest.fixture(scope="module", params=["memory", "lmdb"])
@@ -138,21 +138,7 @@ def test_transactions_answer_as_redis_does(node: ServerProcess, redis_standalone
             return (cmd[0], prefix + cmd[1], *cmd[2:])
         return cmd
 
-    want_wire, got_wire = Wire(redis_standalone.port), Wire(node.port)
-    try:
-        mismatches = []
-        for cmd in SCRIPTS[script]:
-            c = keyed(cmd)
-            want, got = want_wire.call(*c), got_wire.call(*c)
-            if want != got:
-                mismatches.append((c, want, got))
-        assert not mismatches, mismatches
-    finally:
-        direct = redis.Redis(port=redis_standalone.port)
-        for k in direct.keys(prefix + "*"):
-            direct.delete(k)
-        direct.close()
-        want_wire.close(), got_wire.close()
+    assert_same_replies(redis_standalone.port, node.port, [keyed(c) for c in SCRIPTS[script]], prefix)
 
 
 def test_redis_py_default_pipeline_is_a_transaction_that_works(node: ServerProcess) -> None:
