@@ -158,3 +158,18 @@ async def test_keymiss_records_are_never_evicted() -> None:
         assert await tiny.set("keymiss:b", b"x" * 100)
         assert not await tiny.set("plain", b"x" * 100)
         assert tiny.get_now("keymiss:a") is not None and tiny.get_now("keymiss:b") is not None
+
+
+@pytest.mark.parametrize("policy", ["tinylfu", "tinylfu-cost", "tinylfu-iv", "lru"])
+def test_a_refused_write_leaves_the_old_value_where_it_was(policy: str) -> None:
+    """The store used to drop the old value before finding no room for the new one."""
+    s = MemoryStore(10_000, eviction=policy)
+    assert s.set_now("keymiss:a", b"x" * 4000) and s.set_now("keymiss:b", b"x" * 4000)
+    assert not s.set_now("keymiss:a", b"y" * 5500)  # no room beside the other pinned record
+    pinned = s.get_now("keymiss:a")
+    assert pinned is not None and pinned.value == b"x" * 4000
+    assert s.set_now("k", b"v" * 100, ttl=60)
+    assert not s.set_now("k", b"w" * 2000)  # only pinned records could make room
+    kept = s.get_now("k")
+    assert kept is not None and kept.value == b"v" * 100 and s.pttl_now("k") > 0
+    assert s.used_bytes <= s.max_bytes

@@ -86,31 +86,39 @@ class MemoryStore(LocalStore):
         if size > self.max_bytes or not self.policy.admit(w.key, size):
             # As Redis refuses a write over maxmemory (-OOM): declined, and the old value stays.
             return False
+        old_size = self._sizes.get(w.key, 0)
         if old is not None:
             self._remove(w.key)
-        self._data[w.key] = Item(w.value, w.codec, expires_at)
-        self._sizes[w.key] = size
-        self._bytes += size
-        if w.key.startswith(PINNED_PREFIX):
-            self._pinned_bytes += size
-            self._pinned_keys += 1
-        else:
-            self.policy.insert(w.key, size, w.cost)
-            self._index.add(w.key)
+        self._insert(w.key, Item(w.value, w.codec, expires_at), size, w.cost)
         while self._bytes > self.max_bytes:
             if len(self._data) == self._pinned_keys:  # only pinned records left: refuse the newcomer
                 self._remove(w.key)
-                return False
+                break
             victim = self.policy.victim_for(self._bytes - self.max_bytes)
             self._remove(victim)
             self.evictions += 1
             if self.on_evict is not None and victim != w.key:
                 self.on_evict(victim)
-        if w.key not in self._data:  # the admission policy preferred what it already holds
+        if w.key not in self._data:  # refused (the policy preferred what it holds, or no room)
+            if old is not None:  # a declined write leaves the old value where it was (it fits:
+                self._insert(w.key, old, old_size, 0.0)  # it did before, and others went since)
+                if old.expires_at is not None:
+                    heapq.heappush(self._expiry, (old.expires_at, w.key))
             return False
         if expires_at is not None:
             heapq.heappush(self._expiry, (expires_at, w.key))
         return True
+
+    def _insert(self, key: str, item: Item, size: int, cost: float) -> None:
+        self._data[key] = item
+        self._sizes[key] = size
+        self._bytes += size
+        if key.startswith(PINNED_PREFIX):
+            self._pinned_bytes += size
+            self._pinned_keys += 1
+        else:
+            self.policy.insert(key, size, cost)
+            self._index.add(key)
 
     def _remove(self, key: str) -> None:
         if self._data.pop(key, None) is not None:
