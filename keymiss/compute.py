@@ -35,7 +35,7 @@ from .keyspace import Keyspace, Registry
 from .options import default_concurrency
 from .singleflight import SingleFlight
 from .slots import Gate, HandlerThreads
-from .stores.base import Item, Write
+from .stores.base import NO_VERSION, Item, Write
 
 log = logging.getLogger("keymiss")
 
@@ -53,12 +53,14 @@ class Computed:
     codec: int
     ttl: float | None
     cost: float
+    #: the keyspace's version tag when the computation started
+    version: bytes = NO_VERSION
 
     def item(self) -> Item:
-        return Item(self.value, self.codec)
+        return Item(self.value, self.codec, None, self.version)
 
     def write(self, *, nx: bool = False) -> Write:
-        return Write(self.key, self.value, self.codec, self.ttl, self.cost, nx)
+        return Write(self.key, self.value, self.codec, self.ttl, self.cost, nx, self.version)
 
 
 class ClosedError(StoreError):
@@ -325,6 +327,11 @@ class ComputeEngine:
         if lane.threads is not None and lane.threads.closed:
             raise ClosedError("keymiss is closed")
         await lane.gate.acquire(ks.stats.mean_call_seconds)
+        try:
+            version = ks.version_tag()  # what the values are computed under, asked before the call
+        except Exception as exc:  # the application's version callable failed: no value is versionless
+            lane.gate.release()
+            raise self._failed(ks, lane, keys, exc) from exc
         started = time.perf_counter()
         loop = asyncio.get_running_loop()
         deadline = loop.time() + ks.timeout if ks.timeout is not None else None
@@ -376,7 +383,7 @@ class ComputeEngine:
                 lane.failures.failed("the handler's value cannot be encoded", [key], exc)
                 results.append(CodecError(f"keyspace {ks.pattern!r}: {exc}"))
                 continue
-            results.append(Computed(key, data, tag, ks.ttl, elapsed / n))
+            results.append(Computed(key, data, tag, ks.ttl, elapsed / n, version))
             computed += 1
         ks.stats.observe(elapsed, computed)
         return results

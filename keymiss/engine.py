@@ -284,6 +284,8 @@ class Keymiss:
         if store.local:
             item: Item | None = store.get_now(key)  # type: ignore[attr-defined]
             ks = self.registry.route(key)
+            if item is not None and ks is not None and ks.version is not None and not self._serves(ks, item):
+                item = None  # computed under another version: a miss, and its fill replaces it
             if item is not None:
                 self.hits += 1
                 if ks is not None:
@@ -301,9 +303,22 @@ class Keymiss:
         if isinstance(store, SharedStore):
             near = store.get_cached(key)
             if near is not None:
-                self._count_hit(key)
-                return near
+                ks = self.registry.route(key)
+                if ks is None or ks.version is None or near.version is None or self._serves(ks, near):
+                    self._count_hit(key)
+                    return near
         return self._read_shared(key)
+
+    def _serves(self, ks: Keyspace, item: Item) -> bool:
+        """Whether ``item`` may be served under ``ks``'s current version (counted when not). A
+        version callable that fails serves nothing: the fill reports its error to the client."""
+        try:
+            if ks.serves(item.version):
+                return True
+        except Exception:
+            log.exception("keyspace %r: its version callable failed", ks.pattern)
+        ks.stats.version_misses += 1
+        return False
 
     def _maybe_refresh(self, key: str, ks: Keyspace, item: Item, store: LocalStore) -> None:
         """Stale-while-revalidate (RFC 5861): a value past its TTL but inside ``stale`` is served
@@ -372,6 +387,9 @@ class Keymiss:
                 self.misses += 1
             return item
         item = await store.get(key)
+        if item is not None and ks.version is not None and not self._serves(ks, item):
+            await self._discard({key: item})
+            item = None
         if item is not None:
             self._count_hit(key)
             return item
@@ -379,19 +397,41 @@ class Keymiss:
         ks.stats.misses += 1
         return await self._fill(key, ks)
 
+    async def _discard(self, hidden: dict[str, Item]) -> None:
+        """Delete values computed under another version from a shared store, each only while it is
+        still the value read (a client's write since stays), so the fill's NX write can land."""
+        store = self.store
+        if isinstance(store, SharedStore):
+            await store.discard_unchanged(hidden)
+
     async def _read_many_shared(self, keys: Sequence[str]) -> Results:
         found: Results = list(await self.store.get_many(keys))
-        pending = self._tally(keys, found)
+        hidden: dict[str, Item] = {}
+        pending = self._tally(keys, found, hidden)
+        if hidden:
+            await self._discard(hidden)
         if pending:
             await self._fill_many(keys, found, pending)
         return found
 
-    def _tally(self, keys: Sequence[str], found: Results) -> list[tuple[int, Keyspace]]:
-        """Count the hits and misses of a multi-key lookup; the misses a keyspace must fill."""
+    def _tally(
+        self, keys: Sequence[str], found: Results, hidden: dict[str, Item] | None = None
+    ) -> list[tuple[int, Keyspace]]:
+        """Count the hits and misses of a multi-key lookup; the misses a keyspace must fill. Values
+        computed under another version become misses (kept in ``hidden``, when given)."""
         route = self.registry.route
         pending: list[tuple[int, Keyspace]] = []
         for i, (key, item) in enumerate(zip(keys, found, strict=True)):
             ks = route(key)
+            if (
+                isinstance(item, Item)
+                and ks is not None
+                and ks.version is not None
+                and not self._serves(ks, item)
+            ):
+                if hidden is not None:
+                    hidden[key] = item
+                item = found[i] = None  # computed under another version: a miss
             if item is not None:
                 self.hits += 1
                 if ks is not None:

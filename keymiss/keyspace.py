@@ -11,6 +11,7 @@ Two pattern kinds:
 
 from __future__ import annotations
 
+import hashlib
 import inspect
 import re
 from collections import namedtuple
@@ -22,6 +23,7 @@ from .errors import ConfigError, KeyMismatchError
 from .glob import compile_glob, glob_prefix
 from .options import DEFAULT_TIMEOUT, KeyspaceOptions
 from .stats import KeyspaceStats
+from .stores.base import NO_VERSION
 
 _FIELD = re.compile(r"<([A-Za-z_][A-Za-z0-9_]*)>")
 
@@ -149,6 +151,8 @@ class Keyspace:
         self.error_ttl = opts.error_ttl
         self.early_refresh = opts.early_refresh
         self.stale = opts.stale
+        self.version = opts.version
+        self._version_seen: tuple[str, bytes] | None = None  # the last version asked, and its tag
         self.codec: Codec | None = codec_from_name(opts.codec) or _codec_from_annotation(
             handler, opts.batch_size is not None
         )
@@ -167,6 +171,35 @@ class Keyspace:
         else:
             self.prefix = glob_prefix(pattern)
             self.claims = compile_glob(pattern)
+
+    def current_version(self) -> str | None:
+        """The version values are computed under now (a callable version is asked each time)."""
+        v = self.version
+        if v is None or isinstance(v, str):
+            return v
+        current = v()
+        if not isinstance(current, str) or not current:
+            raise ConfigError(f"keyspace {self.pattern!r}: its version callable returned {current!r}")
+        return current
+
+    def version_tag(self) -> bytes:
+        """The 8 bytes stored beside each computed value: a digest of ``current_version()``, so a
+        long version (a model fingerprint) costs no more to keep or compare than a short one."""
+        if self.version is None:
+            return NO_VERSION
+        v = self.current_version()
+        seen = self._version_seen
+        if seen is not None and seen[0] == v:
+            return seen[1]
+        assert v is not None
+        tag = hashlib.blake2b(v.encode("utf-8", "surrogateescape"), digest_size=8).digest()
+        self._version_seen = (v, tag)
+        return tag
+
+    def serves(self, item_version: bytes | None) -> bool:
+        """Whether a stored value may be served: written by a client (no tag), or computed under
+        the current version. An unversioned keyspace serves every value."""
+        return item_version is None or self.version is None or item_version == self.version_tag()
 
     def _claims_prefix(self, key: str) -> bool:
         return key.startswith(self.prefix)
@@ -217,8 +250,15 @@ class Keyspace:
             "error_ttl": self.error_ttl,
             "early_refresh": self.early_refresh,
             "stale": self.stale,
+            "version": self._describe_version(),
             **self.stats.as_dict(),
         }
+
+    def _describe_version(self) -> str | None:
+        try:
+            return self.current_version()
+        except Exception as exc:  # INFO must still answer when an application's callable fails
+            return f"<version callable failed: {type(exc).__name__}>"
 
 
 class Registry:

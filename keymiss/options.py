@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -53,6 +54,10 @@ class KeyspaceOptions:
     early_refresh: float | None = None
     #: seconds past the TTL an old value is still served while one refresh runs (None: off)
     stale: float | None = None
+    #: the model/code version values are computed under: a string, or a cheap zero-argument
+    #: callable asked on every check, so an application can switch versions at run time. A value
+    #: computed under another version is never served (None: unversioned)
+    version: str | Callable[[], str] | None = None
 
     def __post_init__(self) -> None:
         def number(value: object) -> bool:
@@ -89,6 +94,14 @@ class KeyspaceOptions:
         if self.error_detail is not None and self.error_detail not in ERROR_DETAILS:
             raise ConfigError(
                 f"error_detail must be one of {', '.join(ERROR_DETAILS)}, got {self.error_detail!r}"
+            )
+        if (
+            self.version is not None
+            and not callable(self.version)
+            and not (isinstance(self.version, str) and self.version)
+        ):
+            raise ConfigError(
+                f"version must be a non-empty string or a zero-argument callable, got {self.version!r}"
             )
         try:
             codec_from_name(self.codec)

@@ -32,6 +32,7 @@ class KeyspaceStats:
     early_refreshes: int = 0  # recomputations a hit started before the TTL ran out (XFetch)
     stale_hits: int = 0  # hits served past the TTL, inside the stale window, while a refresh ran
     refresh_failures: int = 0  # background refreshes that failed (the old value kept being served)
+    version_misses: int = 0  # stored values not served: computed under another version
     #: handler calls per COMPUTE_BUCKETS bound, plus one overflow slot (not cumulative)
     compute_histogram: list[int] = field(default_factory=lambda: [0] * (len(COMPUTE_BUCKETS) + 1))
     #: handler calls per BATCH_BUCKETS bound of their key count, plus one overflow slot

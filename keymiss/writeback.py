@@ -146,6 +146,14 @@ class WriteBack:
     async def _compute_here(self, key: str, ks: Keyspace, *, overwrite: bool = False) -> Item:
         computed = await self.engine.compute_one(key, ks)
         assert computed is not None  # ks owns key
+        if ks.version is not None and computed.version != ks.version_tag():
+            # the version changed while it computed: its value is one no reader may be given
+            computed = await self.engine.compute_one(key, ks)
+            assert computed is not None
+            if computed.version != ks.version_tag():
+                raise KeymissError(
+                    f"keyspace {ks.pattern!r}: its version changed twice during one computation; retry"
+                )
         # Written only if still absent: a client's write on any node (which this node's watch
         # cannot see) wins over the computed value. ``overwrite`` replaces an undecodable value.
         stored = await self._put(computed, ks, nx=not overwrite)

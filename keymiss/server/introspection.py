@@ -131,6 +131,17 @@ def _rss() -> int:
         return 0
 
 
+def _escape(text: str) -> str:
+    """A name inside an INFO ``k=v,k=v`` line: the separators, and line breaks, percent-encoded."""
+    return (
+        text.replace("%", "%25")
+        .replace(",", "%2C")
+        .replace("=", "%3D")
+        .replace("\r", "%0D")
+        .replace("\n", "%0A")
+    )
+
+
 def _field(value: Any) -> str:
     if isinstance(value, float):
         return f"{value:.6f}"
@@ -199,10 +210,13 @@ def info_sections(c: Connection) -> dict[str, dict[str, Any]]:
         sections["keyspace"]["db0"] = f"keys={keys},expires=0,avg_ttl=0"
     for i, ks in enumerate(km.registry):
         st = ks.stats
+        version = ks.describe()["version"]
         sections["keymiss"][f"keyspace_{i}"] = ",".join(
             f"{k}={_field(v)}"
             for k, v in (
-                ("pattern", ks.pattern.replace(",", "%2C").replace("=", "%3D")),
+                ("pattern", _escape(ks.pattern)),
+                ("version", "" if version is None else _escape(version)),
+                ("version_misses", st.version_misses),
                 ("hits", st.hits),
                 ("misses", st.misses),
                 ("computations", st.computations),

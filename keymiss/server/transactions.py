@@ -101,7 +101,7 @@ class Watches:
 
 def snapshot(item: Item | None) -> Item | None:
     """A copy of what WATCH compares (an in-process item's expiry can change in place)."""
-    return None if item is None else Item(item.value, item.codec, item.expires_at)
+    return None if item is None else Item(item.value, item.codec, item.expires_at, item.version)
 
 
 def _same(a: Item | None, b: Item | None) -> bool:

@@ -25,15 +25,23 @@ PTTL_MISSING = -2
 PTTL_PERSISTENT = -1
 
 
+#: The version tag of a value computed by a keyspace without a version (``Item.version``).
+NO_VERSION = bytes(8)
+
+
 class Item:
-    """One stored value: its bytes, the codec tag that wrote them, and when it expires (unix s)."""
+    """One stored value: its bytes, the codec tag that wrote them, when it expires (unix s), and
+    the version tag of the keyspace that computed it (8 bytes; ``None`` for a client's write)."""
 
-    __slots__ = ("codec", "expires_at", "value")
+    __slots__ = ("codec", "expires_at", "value", "version")
 
-    def __init__(self, value: bytes, codec: int = 0, expires_at: float | None = None) -> None:
+    def __init__(
+        self, value: bytes, codec: int = 0, expires_at: float | None = None, version: bytes | None = None
+    ) -> None:
         self.value = value
         self.codec = codec
         self.expires_at = expires_at
+        self.version = version
 
     def __repr__(self) -> str:
         return f"Item({self.value[:40]!r}, codec={self.codec}, expires_at={self.expires_at})"
@@ -49,8 +57,17 @@ class Write:
     ttl: float | None = None
     cost: float = 0.0  # compute seconds that produced the value (cost-aware eviction)
     #: only if the key is absent (SET NX): a computed value never replaces what a client wrote,
-    #: on whichever node the client wrote it
+    #: on whichever node the client wrote it. A computed write (``version`` set) counts a value
+    #: computed under another version as absent: that value is hidden, and its key a miss.
     nx: bool = False
+    #: the version tag of the keyspace that computed the value; ``None`` for a client's write
+    version: bytes | None = None
+
+
+def superseded_version(old: Item, w: Write) -> bool:
+    """Whether a computed write may replace ``old`` despite NX: ``old`` was computed (not written
+    by a client) under another version, so no reader is served it any more."""
+    return w.version is not None and old.version is not None and old.version != w.version
 
 
 #: Called with each key a store evicts to stay within its budget (the engine counts per keyspace).
@@ -195,6 +212,10 @@ class SharedStore(Store):
         """Run ``commands`` as one MULTI/EXEC on the backing server (one connection, atomic there):
         each reply (an error as an exception), or ``None`` if the server aborted it."""
         raise ReplyError("ERR this store runs no transactions")
+
+    async def discard_unchanged(self, items: dict[str, Item]) -> None:
+        """Delete each key while it still holds the value read (``Item.value``); a key written since
+        is left alone. How a value computed under an old version makes way for its replacement."""
 
     def get_cached(self, key: str) -> Item | None:
         """A copy held in process (a near cache), synchronously; ``None`` means "ask the store"."""

@@ -4,10 +4,11 @@ Why LMDB: reads are a B-tree walk in a shared memory map (no syscalls, no copies
 handed out), several processes may read the same file, and a committed write transaction survives a
 ``kill -9`` of the writer because LMDB never overwrites live pages.
 
-Each record is ``header | [full key] | value``. The header holds a magic, the codec tag, the expiry,
-an insertion sequence number (the eviction order when ``max_disk`` is set) and a CRC32 over the key,
-the header fields and the value: a record that was truncated, copied from another key or written by
-something else is detected and read as a miss, never interpreted.
+Each record is ``header | [full key] | [version tag] | value``. The header holds a magic, the codec
+tag, the expiry, an insertion sequence number (the eviction order when ``max_disk`` is set) and a
+CRC32 over the key, the header fields, the version tag of a computed value and the value: a record
+that was truncated, copied from another key or written by something else is detected and read as a
+miss, never interpreted.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ import lmdb
 
 from ..errors import ReplyError, StoreError
 from ..sizes import format_size
-from .base import PINNED_PREFIX, EvictHook, Item, LocalStore, StoreInfo, Write
+from .base import PINNED_PREFIX, EvictHook, Item, LocalStore, StoreInfo, Write, superseded_version
 
 log = logging.getLogger("keymiss.lmdb")
 
@@ -38,6 +39,7 @@ _KEYLEN = struct.Struct("<I")
 _SEQ = struct.Struct(">Q")  # big-endian so the order index sorts by insertion
 MAGIC = b"KM"
 FLAG_LONG_KEY = 1
+FLAG_VERSION = 2  # a computed value: its keyspace's 8-byte version tag follows the key
 _LONG_KEY_PREFIX = b"\x00km#"
 _DATA_DB = b"keymiss.data"
 _ORDER_DB = b"keymiss.order"
@@ -137,15 +139,29 @@ class LMDBStore(LocalStore):
         return _LONG_KEY_PREFIX + hashlib.sha256(kb).digest()
 
     def _pack(
-        self, kb: bytes, dbk: bytes, value: bytes, codec: int, expires_at: float | None, seq: int
+        self,
+        kb: bytes,
+        dbk: bytes,
+        value: bytes,
+        codec: int,
+        expires_at: float | None,
+        seq: int,
+        version: bytes | None = None,
     ) -> bytes:
-        flags = FLAG_LONG_KEY if dbk is not kb else 0
+        flags = (FLAG_LONG_KEY if dbk is not kb else 0) | (FLAG_VERSION if version is not None else 0)
         exp = 0 if expires_at is None else max(1, int(expires_at * 1000))
-        crc = zlib.crc32(value, zlib.crc32(_FIELDS.pack(codec, flags, exp, seq), zlib.crc32(kb)))
+        crc = zlib.crc32(_FIELDS.pack(codec, flags, exp, seq), zlib.crc32(kb))
+        if version is not None:
+            crc = zlib.crc32(version, crc)
+        crc = zlib.crc32(value, crc)
         head = _HEADER.pack(MAGIC, codec, flags, crc, exp, seq)
-        if flags:
-            return head + _KEYLEN.pack(len(kb)) + kb + value
-        return head + value
+        parts = [head]
+        if flags & FLAG_LONG_KEY:
+            parts += [_KEYLEN.pack(len(kb)), kb]
+        if version is not None:
+            parts.append(version)
+        parts.append(value)
+        return b"".join(parts)
 
     def _unpack(self, kb: bytes | None, raw: bytes) -> tuple[bytes, Item, int] | None:
         """(full key, item, seq) or None when the record is not a valid keymiss record for ``kb``."""
@@ -168,10 +184,18 @@ class LMDBStore(LocalStore):
             kb = stored_key
         if kb is None:
             return None
+        check = zlib.crc32(_FIELDS.pack(codec, flags, exp, seq), zlib.crc32(kb))
+        version = None
+        if flags & FLAG_VERSION:
+            version = raw[pos : pos + 8]
+            if len(version) != 8:
+                return None
+            check = zlib.crc32(version, check)
+            pos += 8
         value = raw[pos:]
-        if zlib.crc32(value, zlib.crc32(_FIELDS.pack(codec, flags, exp, seq), zlib.crc32(kb))) != crc:
+        if zlib.crc32(value, check) != crc:
             return None
-        return kb, Item(value, codec, exp / 1000 if exp else None), seq
+        return kb, Item(value, codec, exp / 1000 if exp else None, version), seq
 
     def _bad_record(self, key: str) -> None:
         self.corrupt += 1
@@ -330,7 +354,9 @@ class LMDBStore(LocalStore):
                 raw = txn.get(dbk)
                 old = None if raw is None else self._unpack(kb, raw)
                 alive = old is not None and (old[1].expires_at is None or old[1].expires_at > now)
-                if ((nx or w.nx) and alive) or (xx and not alive):
+                if ((nx or w.nx) and alive and not (old is not None and superseded_version(old[1], w))) or (
+                    xx and not alive
+                ):
                     results.append(False)
                     continue
                 if keep_ttl and alive and old is not None:
@@ -339,7 +365,7 @@ class LMDBStore(LocalStore):
                     expires_at = None if w.ttl is None else now + w.ttl
                 if old is not None:
                     txn.delete(_SEQ.pack(old[2]), db=self._order)
-                txn.put(dbk, self._pack(kb, dbk, w.value, w.codec, expires_at, seq))
+                txn.put(dbk, self._pack(kb, dbk, w.value, w.codec, expires_at, seq, w.version))
                 if not w.key.startswith(PINNED_PREFIX):  # keymiss's own records are never evicted
                     txn.put(_SEQ.pack(seq), dbk, db=self._order)
                 seq += 1
@@ -375,7 +401,7 @@ class LMDBStore(LocalStore):
             if old is None or (old[1].expires_at is not None and old[1].expires_at <= now):
                 return False
             item = old[1]
-            txn.put(dbk, self._pack(kb, dbk, item.value, item.codec, expires_at, old[2]))
+            txn.put(dbk, self._pack(kb, dbk, item.value, item.codec, expires_at, old[2], item.version))
         return True
 
     def _sweep(self, limit: int) -> int:

@@ -12,7 +12,7 @@ from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 from ..sizes import format_size
-from .base import PINNED_PREFIX, EvictHook, Item, LocalStore, StoreInfo, Write
+from .base import PINNED_PREFIX, EvictHook, Item, LocalStore, StoreInfo, Write, superseded_version
 from .eviction import Policy, make_policy
 from .scanindex import ScanIndex
 
@@ -76,7 +76,7 @@ class MemoryStore(LocalStore):
 
     def _set_one(self, w: Write, nx: bool, xx: bool, keep_ttl: bool, now: float) -> bool:
         old = self.get_now(w.key) if (nx or xx or keep_ttl) else self._data.get(w.key)
-        if (nx and old is not None) or (xx and old is None):
+        if (nx and old is not None and not superseded_version(old, w)) or (xx and old is None):
             return False
         if keep_ttl and old is not None:
             expires_at = old.expires_at
@@ -89,7 +89,7 @@ class MemoryStore(LocalStore):
         old_size = self._sizes.get(w.key, 0)
         if old is not None:
             self._remove(w.key)
-        self._insert(w.key, Item(w.value, w.codec, expires_at), size, w.cost)
+        self._insert(w.key, Item(w.value, w.codec, expires_at, w.version), size, w.cost)
         while self._bytes > self.max_bytes:
             if len(self._data) == self._pinned_keys:  # only pinned records left: refuse the newcomer
                 self._remove(w.key)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import logging
 import time
 import zlib
@@ -55,21 +56,43 @@ def _px(ttl: float | None) -> int | None:
 _DROP_IF = "if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('del', KEYS[1]) end return 0"
 
 
-def _tag_value(codec: int, value: bytes) -> bytes:
+def _tag_value(codec: int, value: bytes, version: bytes | None = None) -> bytes:
     """A codec tag names the codec and the CRC32 of the bytes it describes, so a tag that outlived
-    its value (the key was rewritten by a plain Redis client) is recognised and ignored."""
-    return b"%d:%08x" % (codec, zlib.crc32(value))
+    its value (the key was rewritten by a plain Redis client) is recognised and ignored. A computed
+    value's tag adds its keyspace's version tag: a client's rewrite, whose tag no longer matches,
+    reads as a client's write, which every version serves."""
+    if version is None:
+        return b"%d:%08x" % (codec, zlib.crc32(value))
+    return b"%d:%08x:%s" % (codec, zlib.crc32(value), version.hex().encode())
+
+
+def _tagged(w: Write) -> bool:
+    return bool(w.codec) or w.version is not None
 
 
 def _item(value: bytes | None, tag: bytes | None) -> Item | None:
     if value is None:
         return None
     codec = 0
+    version = None
     if tag:
-        head, _, crc = tag.partition(b":")
+        head, _, rest = tag.partition(b":")
+        crc, _, ver = rest.partition(b":")
         if head.isdigit() and crc == b"%08x" % zlib.crc32(value):
             codec = int(head)
-    return Item(value, codec)
+            if len(ver) == 16:
+                try:
+                    version = bytes.fromhex(ver.decode("ascii"))
+                except ValueError:
+                    version = None
+    return Item(value, codec, None, version)
+
+
+# Delete a value only while it is the bytes read (compared by SHA1, as Lua has no CRC32).
+_DEL_IF_SHA = (
+    "local v = redis.call('get', KEYS[1]) "
+    "if v and redis.sha1hex(v) == ARGV[1] then return redis.call('del', KEYS[1]) end return 0"
+)
 
 
 try:  # redis-py ≥ 7: maintenance notifications (a RESP3 feature) are off for the relay's parser
@@ -337,12 +360,12 @@ class RedisStore(SharedStore):
         its own tag; the tag it took for nothing is removed while it is still the one it wrote."""
         if not writes:
             return []
-        typed = [w for w in writes if w.codec]
+        typed = [w for w in writes if _tagged(w)]
         took: dict[int, bool] = {}
         if typed:
             tags = self.client.pipeline(transaction=False)
             for w in typed:
-                tags.set(_tag(w.key), _tag_value(w.codec, w.value), px=_px(w.ttl), nx=w.nx)
+                tags.set(_tag(w.key), _tag_value(w.codec, w.value, w.version), px=_px(w.ttl), nx=w.nx)
             for w, r in zip(typed, await self.call(tags.execute, raise_on_error=False), strict=True):
                 if isinstance(r, Exception):
                     await self._drop_tags([t for t in typed if took.get(id(t), True)])
@@ -351,13 +374,13 @@ class RedisStore(SharedStore):
         pipe = self.client.pipeline(transaction=False)
         for w in writes:
             pipe.set(_k(w.key), w.value, px=_px(w.ttl), nx=w.nx)
-            if not w.codec and not w.nx:  # an untagged value drops the old tag
+            if not _tagged(w) and not w.nx:  # an untagged value drops the old tag
                 pipe.delete(_tag(w.key))
         replies = iter(await self.call(pipe.execute, raise_on_error=False))
         results: list[Any] = []
         for w in writes:
             results.append(next(replies))
-            if not w.codec and not w.nx:
+            if not _tagged(w) and not w.nx:
                 next(replies)
         failed = [w for w, r in zip(writes, results, strict=True) if isinstance(r, Exception)]
         if failed:  # a value Redis refused (OOM) must not leave its tag behind
@@ -368,12 +391,12 @@ class RedisStore(SharedStore):
         for w, r in zip(writes, results, strict=True):
             if not w.nx:
                 continue
-            if r and not w.codec:  # ours now: an old tag goes
+            if r and not _tagged(w):  # ours now: an old tag goes
                 fix.delete(_tag(w.key))
             elif r and not took[id(w)]:  # ours, beside a tag left by a value deleted behind keymiss
-                fix.set(_tag(w.key), _tag_value(w.codec, w.value), px=_px(w.ttl))
-            elif not r and w.codec and took[id(w)]:  # lost: our tag goes unless since replaced
-                fix.eval(_DROP_IF, 1, _tag(w.key), _tag_value(w.codec, w.value))
+                fix.set(_tag(w.key), _tag_value(w.codec, w.value, w.version), px=_px(w.ttl))
+            elif not r and _tagged(w) and took[id(w)]:  # lost: our tag goes unless since replaced
+                fix.eval(_DROP_IF, 1, _tag(w.key), _tag_value(w.codec, w.value, w.version))
         if len(fix):
             with contextlib.suppress(KeymissError):
                 await self.call(fix.execute, raise_on_error=False)
@@ -383,6 +406,18 @@ class RedisStore(SharedStore):
         if writes:
             with contextlib.suppress(KeymissError):
                 await self.call(self.client.delete, *(_tag(w.key) for w in writes))
+
+    async def discard_unchanged(self, items: dict[str, Item]) -> None:
+        """Each value, then its tag, deleted while still the one read: single-key scripts, as a key
+        and its tag share a slot only when the key has a hash tag."""
+        pipe = self.client.pipeline(transaction=False)
+        for key, item in items.items():
+            pipe.eval(_DEL_IF_SHA, 1, _k(key), hashlib.sha1(item.value).hexdigest())
+            pipe.eval(_DROP_IF, 1, _tag(key), _tag_value(item.codec, item.value, item.version))
+        replies = await self.call(pipe.execute, raise_on_error=False)
+        for r in replies:
+            if isinstance(r, Exception):
+                raise _reply_error(r) if isinstance(r, ResponseError) else _wrap(r)
 
     async def delete(self, keys: Iterable[str]) -> int:
         keys = list(keys)

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import time
+from pathlib import Path
 
 from keymiss import Keymiss
 
@@ -109,3 +111,15 @@ async def edition(key: str) -> str:
     _editions += 1
     await asyncio.sleep(0.2)
     return f"edition {_editions}"
+
+
+def _model_version() -> str:
+    """The version a test switches at run time by rewriting a file (read on every check)."""
+    path = os.environ.get("KEYMISS_TEST_VERSION_FILE")
+    return Path(path).read_text().strip() if path else "v1"
+
+
+@app.keyspace("model:*", version=_model_version)
+def model(key: str) -> str:
+    """Values computed under a version: after a switch, none computed before is served."""
+    return f"{key} under {_model_version()}"

@@ -480,3 +480,25 @@ def test_a_stale_value_is_served_at_once_over_resp_while_it_refreshes(tmp_path: 
     finally:
         r.close()
         srv.stop()
+
+
+def test_a_version_switch_hides_old_values_over_resp(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    version_file = tmp_path / "version"
+    version_file.write_text("v1")
+    monkeypatch.setenv("KEYMISS_TEST_VERSION_FILE", str(version_file))
+    srv = start_server(tmp_path, front="python")
+    r = redis.Redis(port=srv.port)
+    try:
+        assert r.get("model:1") == b"model:1 under v1"
+        version_file.write_text("v2")  # the application switches models
+        assert r.get("model:1") == b"model:1 under v2"  # never the v1 value, not even once
+        assert r.mget(["model:1", "model:2"]) == [b"model:1 under v2", b"model:2 under v2"]
+        r.set("model:3", b"a client's own")
+        version_file.write_text("v3")
+        assert r.get("model:3") == b"a client's own"  # a client's write is every version's
+        info = r.info("keymiss")
+        ks = next(v for k, v in info.items() if k.startswith("keyspace_") and v["pattern"] == "model:*")
+        assert ks["version"] == "v3" and int(ks["version_misses"]) == 1, ks
+    finally:
+        r.close()
+        srv.stop()
