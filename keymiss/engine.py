@@ -152,6 +152,26 @@ class Keymiss:
         self.engine.add(ks)
         return ks
 
+    def pipeline_keyspace(
+        self,
+        pattern: str,
+        pipe: Any,
+        *,
+        batch_size: int = 8,
+        inputs: str | None = None,
+        call_kwargs: dict[str, Any] | None = None,
+        **options: Any,
+    ) -> Keyspace:
+        """A local ``transformers`` pipeline as a batched keyspace: ``GET sentiment:I loved it``
+        runs ``pipe`` on the input the key carries (see ``keymiss.pipelines``) and stores its
+        result as JSON (a numpy array for feature extraction), versioned by the model's
+        fingerprint."""
+        from .pipelines import add_pipeline_keyspace
+
+        return add_pipeline_keyspace(
+            self, pattern, pipe, batch_size=batch_size, inputs=inputs, call_kwargs=call_kwargs, **options
+        )
+
     def tune(self, pattern: str, **options: Any) -> Keyspace:
         """Change a registered keyspace's options (what a config file's ``[keyspaces."…"]`` table
         does), keeping its handler and counters. Meant for before the first request."""
