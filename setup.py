@@ -29,6 +29,7 @@ setup(
             sources=["keymiss/module/keymiss.c", "keymiss/module/api.c"],
             depends=["keymiss/module/api.h"],
             extra_compile_args=FLAGS,
+            libraries=["m"],
         )
     ],
     cmdclass={"build_ext": BuildServerModule},

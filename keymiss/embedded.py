@@ -46,7 +46,7 @@ NATIVE_POLICIES = ("volatile-lfu", "volatile-lru", "volatile-ttl", "volatile-ran
 SOCKET_NAME = "valkey.sock"
 #: The ACL user keymiss's own connections log in as; clients cannot run the worker's commands.
 OWN_USER = "keymiss"
-WORKER_COMMANDS = ("keymiss.register", "keymiss.take", "keymiss.fill", "keymiss.fail")
+WORKER_COMMANDS = ("keymiss.register", "keymiss.take", "keymiss.fill", "keymiss.fail", "keymiss.version")
 
 OWNED = {
     "unixsocket": None,

@@ -41,6 +41,9 @@ log = logging.getLogger("keymiss.worker")
 #: extra seconds a key's module deadline allows beyond the keyspace's own timeouts (queueing, transfer)
 DEADLINE_MARGIN = 5.0
 
+#: how often a worker asks versioned keyspaces for their version (the callables should be cheap)
+VERSION_POLL = 0.05
+
 
 def _error_line(exc: BaseException) -> str:
     from .server.commands import error_reply
@@ -159,12 +162,18 @@ class Worker:
                 args += ["ERRTTL", max(1, int(o.error_ttl * 1000))]
             args += ["TIMEOUT", int((timeout + DEADLINE_MARGIN) * 1000)]
             args += ["QUEUE", max(1, o.queue)]
+            if o.stale:
+                args += ["STALE", max(1, int(o.stale * 1000))]
+            if o.early_refresh:
+                args += ["EARLY", max(1, min(1_000_000, int(o.early_refresh * 1000)))]
             for name, value in zip(args[3::2], args[4::2], strict=True):
-                if name != "QUEUE" and value > MAX_MS:
+                if name not in ("QUEUE", "EARLY") and value > MAX_MS:
                     raise ConfigError(
                         f"keyspace {ks.pattern!r}: its {name.lower()} ({value / 1000:g} s, timeouts and "
                         "queue wait together) is over the module's limit of 365 days"
                     )
+            if ks.version is not None:  # the tag is compared; the label is what INFO shows
+                args += ["VERSION", ks.version_tag().hex(), "LABEL", _label(ks.current_version())]
             out.append(args)
         if not out:
             raise ConfigError("the app has no keyspaces: a worker would have nothing to compute")
@@ -179,10 +188,43 @@ class Worker:
         return int((worst + DEADLINE_MARGIN) * 1000)
 
     # --- running ---------------------------------------------------------------------------------------
+    async def _watch_versions(self) -> None:
+        """Tell every server when a keyspace's version changes (its callable answers another
+        version), within ``VERSION_POLL`` seconds: from then on no value of the old one is read."""
+        sent = {ks.pattern: ks.version_tag() for ks in self.km.registry if ks.version is not None}
+        while not self._stopping.is_set() and sent:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._stopping.wait(), VERSION_POLL)
+            for ks in self.km.registry:
+                if ks.version is None:
+                    continue
+                try:
+                    tag = ks.version_tag()
+                except Exception:  # counted and reported by the computations that ask it
+                    continue
+                if sent.get(ks.pattern) == tag:
+                    continue
+                command = ["KEYMISS.VERSION", ks.pattern, tag.hex(), _label(ks.current_version())]
+                done = True
+                for url in list(self.stats.nodes):
+                    try:
+                        reply = (await self._send(url, [command]))[0]
+                    except (OSError, ConnectionError, RuntimeError) as exc:
+                        log.warning("could not switch %r's version on %s: %s", ks.pattern, _safe(url), exc)
+                        done = False
+                        continue
+                    if isinstance(reply, ReplyError):
+                        log.warning("%s refused %r's new version: %s", _safe(url), ks.pattern, reply)
+                        done = False
+                if done:
+                    sent[ks.pattern] = tag
+                    log.info("keyspace %r now serves version %s", ks.pattern, ks.current_version())
+
     async def run(self) -> None:
         """Serve until ``stop()``; then finish what was taken and return."""
         self.registrations()  # refuse an empty app before connecting anywhere
         await self.km.start()
+        versions = asyncio.get_running_loop().create_task(self._watch_versions())
         try:
             if not self.cluster:
                 self._attach(self.url)
@@ -192,6 +234,7 @@ class Worker:
             await asyncio.gather(*self._nodes.values(), return_exceptions=True)
             await self._idle.wait()
         finally:
+            versions.cancel()
             for task in self._nodes.values():
                 task.cancel()
             self._nodes.clear()
@@ -377,8 +420,12 @@ class Worker:
                 ]
             args: list[Any] = ["KEYMISS.FILL", raw, token, result.value]
             ttl = result.ttl or self.default_ttl
+            ks = self.km.registry.route(key)
             if ttl:
-                args += ["PX", max(1, int(ttl * 1000))]
+                stale = ks.stale if ks is not None and ks.stale else 0.0  # kept for the stale window
+                args += ["PX", max(1, int((ttl + stale) * 1000))]
+            if ks is not None and ks.version is not None:  # the module discards another version's
+                args += ["VERSION", result.version.hex()]
             return args
         text = (
             "ERR keymiss: no keyspace of this worker owns the key" if result is None else _error_line(result)
@@ -419,6 +466,12 @@ class Worker:
             for reply in await self._send(url, refused):
                 if isinstance(reply, ReplyError):
                     log.warning("the server refused KEYMISS.FAIL too: %s", reply)
+
+
+def _label(version: str | None) -> str:
+    """A version's name as INFO shows it (the module keeps up to 256 bytes of it)."""
+    raw = (version or "").encode("utf-8", "surrogateescape")[:256]
+    return raw.decode("utf-8", "ignore") or "-"
 
 
 def _safe(url: str) -> str:

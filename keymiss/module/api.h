@@ -20,6 +20,7 @@
 
 #define RM_KEYTYPE_EMPTY 0
 #define RM_KEYTYPE_STRING 1
+#define RM_NO_EXPIRE -1
 
 #define RM_REPLY_ERROR 1
 
@@ -134,6 +135,7 @@ typedef void (*RedisModuleFreePrivdata)(RedisModuleCtx *ctx, void *privdata);
     X(void, CloseKey, (RedisModuleKey * kp))                                                         \
     X(int, KeyType, (RedisModuleKey * kp))                                                           \
     X(char *, StringDMA, (RedisModuleKey * key, size_t *len, int mode))                              \
+    X(long long, GetExpire, (RedisModuleKey * key))                                                  \
     X(RedisModuleCallReply *, Call, (RedisModuleCtx * ctx, const char *cmd, const char *fmt, ...))  \
     X(int, CallReplyType, (RedisModuleCallReply * reply))                                            \
     X(void, FreeCallReply, (RedisModuleCallReply * reply))                                           \

@@ -8,11 +8,18 @@
  * A client write to a key being computed resolves its entry at once (waiters read what the client
  * wrote) and the late fill is discarded. Where blocking is forbidden (MULTI, Lua, functions) a miss
  * queues the computation and answers nil. Everything here runs on the server's main thread.
+ *
+ * Freshness: a keyspace with STALE keeps serving a value past its TTL (its PX covers both) while one
+ * refresh runs; one with EARLY (XFetch) may start one refresh of a hit before its TTL. A refresh is
+ * an entry nobody waits on. A versioned keyspace (VERSION) serves a value only while its companion
+ * key (keymiss:v:{<tag of the key's slot>}<key>, in the key's own slot) names the current version,
+ * or marks a client's write; KEYMISS.VERSION switches it at run time, hiding every older value.
  */
 #include "api.h"
 
 #include <ctype.h>
 #include <errno.h>
+#include <math.h>
 #include <stdio.h>
 #include <string.h>
 #include <strings.h>
@@ -30,6 +37,13 @@
 #define MAX_GLOB 512
 #define MAX_ROUTED_KEY (4 * 1024)
 #define MAX_QUEUE 1000000
+#define MAX_VERSION 256
+#define MAX_BACKOFFS 10000
+#define MAX_DIRTY 100000
+#define CLIENT_MARK "client"
+#define CLIENT_MARK_LEN 6
+#define COMPANION_PREFIX "keymiss:v:{"
+#define COMPANION_PREFIX_LEN 11
 
 /* ---------------------------------------------------------------------------------------------- */
 /* State                                                                                          */
@@ -45,6 +59,11 @@ typedef struct Keyspace {
     long long ttl_ms, error_ttl_ms, timeout_ms, queue_max;
     long long hits, misses, computations, fills, failures, timeouts, requeues, discarded, busy,
         no_worker, superseded;
+    long long stale_ms, early_milli; /* STALE window; EARLY: XFetch's beta, in thousandths */
+    char *version, *label;           /* the current version's tag and its name; NULL: unversioned */
+    size_t versionlen;
+    double mean_ms; /* take-to-fill time, smoothed: XFetch's compute time */
+    long long stale_hits, early_refreshes, refresh_failures, version_misses, version_discards;
     long long queued, in_flight;
     int workers;
     Entry *qhead, *qtail; /* entries waiting to be taken, oldest first */
@@ -65,6 +84,8 @@ struct Entry {
     unsigned long long taker;
     long long lease_deadline, deadline;
     int attempts;
+    int refresh; /* started by a hit (stale or early), not by a miss */
+    long long taken_at;
     Waiter *waiters;
     int nwaiters, capwaiters;
     Entry *prev, *next; /* queue links while QUEUED */
@@ -100,6 +121,10 @@ typedef struct ErrorRecord {
     long long expires;
 } ErrorRecord;
 
+typedef struct Backoff { /* a key whose refresh failed: the next waits until `until` */
+    long long until, wait;
+} Backoff;
+
 static Keyspace *keyspaces[MAX_KEYSPACES];
 static int nkeyspaces;
 static Worker workers[MAX_WORKERS];
@@ -107,6 +132,12 @@ static int nworkers;
 static Taker *takers;
 static RedisModuleDict *pending; /* key bytes -> Entry */
 static RedisModuleDict *errors;  /* key bytes -> ErrorRecord */
+static RedisModuleDict *backoffs; /* key bytes -> Backoff */
+static RedisModuleDict *dirty;    /* keys of versioned keyspaces a client wrote: companions to rewrite */
+static uint64_t rnd_state;        /* xorshift64*: XFetch's draws */
+static uint16_t crc16tab[256];
+static char slot_tags[16384][4]; /* for each slot, a short hash tag that lands in it */
+static unsigned char slot_taglen[16384];
 static long long next_token = 1; /* see new_token() */
 static uint64_t token_key;        /* random at load: tokens cannot be guessed from one's own */
 static long long waiting; /* blocked requests */
@@ -428,6 +459,250 @@ static Entry *entry_find(const RedisModuleString *key) {
 }
 
 /* ---------------------------------------------------------------------------------------------- */
+/* Versions and freshness                                                                         */
+
+/* Redis Cluster's key slot (CRC16/XMODEM of the hash tag, or of the whole key). */
+static void crc16_init(void) {
+    for (int i = 0; i < 256; i++) {
+        uint16_t c = (uint16_t)(i << 8);
+        for (int j = 0; j < 8; j++) c = (c & 0x8000) ? (uint16_t)((c << 1) ^ 0x1021) : (uint16_t)(c << 1);
+        crc16tab[i] = c;
+    }
+}
+
+static uint16_t crc16(const char *p, size_t len) {
+    uint16_t crc = 0;
+    for (size_t i = 0; i < len; i++)
+        crc = (uint16_t)((crc << 8) ^ crc16tab[((crc >> 8) ^ (unsigned char)p[i]) & 0xff]);
+    return crc;
+}
+
+static unsigned key_slot(const char *p, size_t len) {
+    size_t s, e;
+    for (s = 0; s < len && p[s] != '{'; s++) {
+    }
+    if (s == len) return crc16(p, len) & 16383;
+    for (e = s + 1; e < len && p[e] != '}'; e++) {
+    }
+    if (e == len || e == s + 1) return crc16(p, len) & 16383;
+    return crc16(p + s + 1, e - s - 1) & 16383;
+}
+
+/* For every slot, the first short base-36 string whose CRC16 lands in it (about 170,000 tries). */
+static int slot_tags_init(void) {
+    static const char digits[] = "0123456789abcdefghijklmnopqrstuvwxyz";
+    int left = 16384;
+    for (unsigned n = 0; left > 0 && n < 36u * 36 * 36 * 36; n++) {
+        char buf[4];
+        int len = 0;
+        unsigned v = n;
+        do {
+            buf[len++] = digits[v % 36];
+            v /= 36;
+        } while (v && len < 4);
+        unsigned s = crc16(buf, (size_t)len) & 16383;
+        if (slot_taglen[s] == 0) {
+            memcpy(slot_tags[s], buf, (size_t)len);
+            slot_taglen[s] = (unsigned char)len;
+            left--;
+        }
+    }
+    return left == 0 ? RM_OK : RM_ERR;
+}
+
+/* keymiss:v:{<tag>}<key>: where a versioned value's version is kept, in the value's own slot. */
+static RedisModuleString *companion_name(const RedisModuleString *key) {
+    size_t len;
+    const char *p = KM_StringPtrLen(key, &len);
+    unsigned s = key_slot(p, len);
+    size_t tl = slot_taglen[s], n = COMPANION_PREFIX_LEN + tl + 1 + len;
+    char *buf = KM_Alloc(n);
+    memcpy(buf, COMPANION_PREFIX, COMPANION_PREFIX_LEN);
+    memcpy(buf + COMPANION_PREFIX_LEN, slot_tags[s], tl);
+    buf[COMPANION_PREFIX_LEN + tl] = '}';
+    memcpy(buf + COMPANION_PREFIX_LEN + tl + 1, p, len);
+    RedisModuleString *name = KM_CreateString(NULL, buf, n);
+    KM_Free(buf);
+    return name;
+}
+
+/* Whether the present value of `key` (of keyspace k) may be served: always in an unversioned
+ * keyspace; in a versioned one when a client wrote it or its companion names the current version.
+ * `count`: a refusal is counted (once per read, where the read is answered). */
+static int version_ok(RedisModuleCtx *ctx, int k, RedisModuleString *key, int count) {
+    Keyspace *ks = keyspaces[k];
+    if (ks->version == NULL) return 1;
+    if (KM_DictSize(dirty)) {
+        size_t len;
+        const char *p = KM_StringPtrLen(key, &len);
+        int nokey = 1;
+        KM_DictGetC(dirty, (void *)p, len, &nokey);
+        if (!nokey) return 1; /* a client's write, its companion not yet rewritten */
+    }
+    RedisModuleString *cname = companion_name(key);
+    RedisModuleKey *c = KM_OpenKey(ctx, cname, RM_READ | lookup_modes);
+    int ok = 0;
+    if (c != NULL && KM_KeyType(c) == RM_KEYTYPE_STRING) {
+        size_t vlen;
+        const char *v = KM_StringDMA(c, &vlen, RM_READ);
+        ok = v != NULL && ((vlen == ks->versionlen && memcmp(v, ks->version, vlen) == 0) ||
+                           (vlen == CLIENT_MARK_LEN && memcmp(v, CLIENT_MARK, CLIENT_MARK_LEN) == 0));
+    }
+    if (c) KM_CloseKey(c);
+    KM_FreeString(NULL, cname);
+    if (!ok && count) ks->version_misses++;
+    return ok;
+}
+
+/* Uniform in (0, 1]. */
+static double rnd_unit(void) {
+    rnd_state ^= rnd_state >> 12;
+    rnd_state ^= rnd_state << 25;
+    rnd_state ^= rnd_state >> 27;
+    return ((double)((rnd_state * 2685821657736338717ULL) >> 11) + 1.0) / 9007199254740992.0;
+}
+
+/* One background recomputation of a present key: none while one runs, while its last refresh's
+ * backoff lasts, with no worker, or with the queue full (a refresh never refuses a reader). */
+static void refresh(int k, RedisModuleString *key, long long now) {
+    Keyspace *ks = keyspaces[k];
+    if (ks->workers == 0 || entry_find(key) != NULL || ks->queued + ks->in_flight >= ks->queue_max) return;
+    if (KM_DictSize(backoffs)) {
+        size_t len;
+        const char *p = KM_StringPtrLen(key, &len);
+        Backoff *b = KM_DictGetC(backoffs, (void *)p, len, NULL);
+        if (b != NULL && b->until > now) return;
+    }
+    Entry *e = entry_new(key, k, now);
+    e->refresh = 1;
+}
+
+/* A hit of keyspace k, `open` its key: past the TTL inside the stale window it is served stale and
+ * refreshed; before the TTL, XFetch (Vattani, Chierichetti, Lowenstein, VLDB 2015) refreshes it
+ * with probability growing as expiry nears, scaled by the keyspace's compute time, in the second
+ * half of the value's life only (at most two computations per TTL). */
+static void on_served(int k, RedisModuleKey *open, RedisModuleString *key) {
+    Keyspace *ks = keyspaces[k];
+    if ((ks->stale_ms == 0 && ks->early_milli == 0) || open == NULL) return;
+    long long pttl = KM_GetExpire(open);
+    if (pttl == RM_NO_EXPIRE || pttl < 0) return;
+    long long remaining = pttl - ks->stale_ms, now = now_ms();
+    if (ks->stale_ms > 0 && remaining <= 0) {
+        ks->stale_hits++;
+        refresh(k, key, now);
+        return;
+    }
+    if (ks->early_milli == 0 || ks->mean_ms <= 0 || ks->ttl_ms <= 0 || remaining > ks->ttl_ms / 2) return;
+    if (ks->mean_ms * (double)ks->early_milli / 1000.0 * -log(rnd_unit()) >= (double)remaining) {
+        if (ks->workers > 0 && entry_find(key) == NULL) ks->early_refreshes++;
+        refresh(k, key, now);
+    }
+}
+
+/* A refresh failed: the next waits 1 s, doubling to 60 s; the stale value is served meanwhile. */
+static void backoff_note(const RedisModuleString *key, long long now) {
+    size_t len;
+    const char *p = KM_StringPtrLen(key, &len);
+    Backoff *b = KM_DictGetC(backoffs, (void *)p, len, NULL);
+    if (b == NULL) {
+        if (KM_DictSize(backoffs) >= MAX_BACKOFFS) return; /* bounded: this key may retry sooner */
+        b = KM_Calloc(1, sizeof(*b));
+        b->wait = 1000;
+        KM_DictSetC(backoffs, (void *)p, len, b);
+    } else {
+        b->wait = b->wait * 2 > 60000 ? 60000 : b->wait * 2;
+    }
+    b->until = now + b->wait;
+}
+
+static void backoff_clear(const RedisModuleString *key) {
+    size_t len;
+    const char *p = KM_StringPtrLen(key, &len);
+    Backoff *b = NULL;
+    if (KM_DictDelC(backoffs, (void *)p, len, &b) == RM_OK) KM_Free(b);
+}
+
+/* Keys a client wrote in a versioned keyspace: their companion now marks a client's write (which
+ * every version serves), with the value's TTL; a deleted or expired key's companion goes. Run from
+ * the timer, where writes are allowed (not from the keyspace event that noted the key). */
+static void rewrite_companions(RedisModuleCtx *ctx) {
+    size_t n = 0, cap = 0;
+    char **keys = NULL;
+    size_t *lens = NULL;
+    RedisModuleDictIter *it = KM_DictIteratorStartC(dirty, "^", NULL, 0);
+    char *k;
+    size_t klen;
+    while ((k = KM_DictNextC(it, &klen, NULL)) != NULL) {
+        if (n == cap) {
+            cap = cap ? cap * 2 : 16;
+            keys = KM_Realloc(keys, sizeof(char *) * cap);
+            lens = KM_Realloc(lens, sizeof(size_t) * cap);
+        }
+        keys[n] = dup_bytes(k, klen);
+        lens[n++] = klen;
+    }
+    KM_DictIteratorStop(it);
+    int replica = (KM_GetContextFlags(ctx) & RM_CTX_FLAGS_SLAVE) != 0; /* its master does this */
+    if (!replica && KM_SelectDb(ctx, 0) != RM_OK) replica = 1;
+    for (size_t i = 0; i < n; i++) {
+        KM_DictDelC(dirty, keys[i], lens[i], NULL);
+        if (replica) {
+            KM_Free(keys[i]);
+            continue;
+        }
+        RedisModuleString *key = KM_CreateString(NULL, keys[i], lens[i]);
+        RedisModuleString *cname = companion_name(key);
+        RedisModuleKey *open = KM_OpenKey(ctx, key, RM_READ | lookup_modes);
+        int present = open != NULL && KM_KeyType(open) != RM_KEYTYPE_EMPTY;
+        long long pttl = present ? KM_GetExpire(open) : RM_NO_EXPIRE;
+        if (open) KM_CloseKey(open);
+        filling = 1;
+        RedisModuleCallReply *r;
+        if (!present) r = KM_Call(ctx, "DEL", "!s", cname);
+        else if (pttl > 0) r = KM_Call(ctx, "SET", "!sccl", cname, CLIENT_MARK, "PX", pttl);
+        else r = KM_Call(ctx, "SET", "!sc", cname, CLIENT_MARK);
+        filling = 0;
+        if (r == NULL || KM_CallReplyType(r) == RM_REPLY_ERROR) /* the value then reads as a miss */
+            KM_Log(ctx, "warning", "keymiss: could not mark a client's write to a versioned key");
+        if (r) KM_FreeCallReply(r);
+        KM_FreeString(NULL, cname);
+        KM_FreeString(NULL, key);
+        KM_Free(keys[i]);
+    }
+    KM_Free(keys);
+    KM_Free(lens);
+}
+
+/* Backoffs whose wait is long over are forgotten. */
+static void purge_backoffs(long long now) {
+    size_t n = 0, cap = 0;
+    char **keys = NULL;
+    size_t *lens = NULL;
+    RedisModuleDictIter *it = KM_DictIteratorStartC(backoffs, "^", NULL, 0);
+    char *k;
+    size_t klen;
+    Backoff *b;
+    while ((k = KM_DictNextC(it, &klen, (void **)&b)) != NULL) {
+        if (b->until + 60000 > now) continue;
+        if (n == cap) {
+            cap = cap ? cap * 2 : 16;
+            keys = KM_Realloc(keys, sizeof(char *) * cap);
+            lens = KM_Realloc(lens, sizeof(size_t) * cap);
+        }
+        keys[n] = dup_bytes(k, klen);
+        lens[n++] = klen;
+    }
+    KM_DictIteratorStop(it);
+    for (size_t i = 0; i < n; i++) {
+        Backoff *old = NULL;
+        if (KM_DictDelC(backoffs, keys[i], lens[i], &old) == RM_OK) KM_Free(old);
+        KM_Free(keys[i]);
+    }
+    KM_Free(keys);
+    KM_Free(lens);
+}
+
+/* ---------------------------------------------------------------------------------------------- */
 /* Error records (a keyspace's error TTL)                                                         */
 
 static void error_forget(const char *p, size_t len) {
@@ -476,17 +751,17 @@ static void reply_value(RedisModuleCtx *ctx, RedisModuleString *key, int single)
     if (r) KM_FreeCallReply(r);
 }
 
-static void reply_key(RedisModuleCtx *ctx, RedisModuleKey *k, RedisModuleString *key, int single) {
-    if (k) KM_CloseKey(k);
-    reply_value(ctx, key, single);
-}
-
 /* 1 if the key holds a value (of any type), 0 if it is missing. */
-static int key_present(RedisModuleCtx *ctx, RedisModuleString *key) {
-    RedisModuleKey *k = KM_OpenKey(ctx, key, RM_READ);
+static int key_exists(RedisModuleCtx *ctx, RedisModuleString *key) {
+    RedisModuleKey *k = KM_OpenKey(ctx, key, RM_READ | lookup_modes);
     int present = k != NULL && KM_KeyType(k) != RM_KEYTYPE_EMPTY;
     if (k) KM_CloseKey(k);
     return present;
+}
+
+static void reply_key(RedisModuleCtx *ctx, RedisModuleKey *k, RedisModuleString *key, int single) {
+    if (k) KM_CloseKey(k);
+    reply_value(ctx, key, single);
 }
 
 static void free_request(RedisModuleCtx *ctx, void *privdata) {
@@ -509,7 +784,8 @@ static int request_reply(RedisModuleCtx *ctx, RedisModuleString **argv, int argc
     Request *req = KM_GetBlockedClientPrivateData(ctx);
     if (!req->single) KM_ReplyWithArray(ctx, req->nkeys);
     for (int i = 0; i < req->nkeys; i++) {
-        if (req->errors[i] && req->single) KM_ReplyWithError(ctx, req->errors[i]);
+        /* an empty error: a value of another version, not to be read (nil) */
+        if (req->errors[i] && req->errors[i][0] && req->single) KM_ReplyWithError(ctx, req->errors[i]);
         else if (req->errors[i]) KM_ReplyWithNull(ctx); /* MGET: a failed key reads as missing */
         else reply_value(ctx, req->keys[i], req->single);
     }
@@ -578,8 +854,11 @@ static int serve(RedisModuleCtx *ctx, RedisModuleString **keys, int nkeys, int s
     if (single) { /* the common case: one lookup for a hit */
         int k = plain ? -1 : route_str(keys[0]);
         RedisModuleKey *key = KM_OpenKey(ctx, keys[0], RM_READ);
-        if (k < 0 || (key != NULL && KM_KeyType(key) != RM_KEYTYPE_EMPTY)) {
-            if (k >= 0) keyspaces[k]->hits++;
+        if (k < 0 || (key != NULL && KM_KeyType(key) != RM_KEYTYPE_EMPTY && version_ok(ctx, k, keys[0], 1))) {
+            if (k >= 0) {
+                keyspaces[k]->hits++;
+                on_served(k, key, keys[0]);
+            }
             reply_key(ctx, key, keys[0], 1);
             return RM_OK;
         }
@@ -590,20 +869,31 @@ static int serve(RedisModuleCtx *ctx, RedisModuleString **keys, int nkeys, int s
     /* First pass: hits, errors, and what must be computed. Nothing is queued unless the whole
      * command can be served (a no-worker or full-queue key refuses a GET; an MGET reads it as nil). */
     int *ksof = KM_Alloc(sizeof(int) * (size_t)nkeys);
+    char *hidden = KM_Calloc((size_t)nkeys, 1); /* present, but computed under another version */
     int misses = 0;
     for (int i = 0; i < nkeys; i++) {
         ksof[i] = plain ? -1 : route_str(keys[i]);
         if (ksof[i] < 0) continue;
-        if (!single && key_present(ctx, keys[i])) {
-            keyspaces[ksof[i]]->hits++;
-            ksof[i] = -1;
-            continue;
+        if (!single) {
+            RedisModuleKey *open = KM_OpenKey(ctx, keys[i], RM_READ);
+            int hit = open != NULL && KM_KeyType(open) != RM_KEYTYPE_EMPTY && version_ok(ctx, ksof[i], keys[i], 1);
+            if (hit) {
+                keyspaces[ksof[i]]->hits++;
+                on_served(ksof[i], open, keys[i]);
+            }
+            if (open) KM_CloseKey(open);
+            if (hit) {
+                ksof[i] = -1;
+                continue;
+            }
         }
+        hidden[i] = keyspaces[ksof[i]]->version != NULL && key_exists(ctx, keys[i]);
         keyspaces[ksof[i]]->misses++;
         misses++;
     }
     if (misses == 0) {
         KM_Free(ksof);
+        KM_Free(hidden);
         if (!single) KM_ReplyWithArray(ctx, nkeys);
         for (int i = 0; i < nkeys; i++) reply_value(ctx, keys[i], single);
         return RM_OK;
@@ -644,11 +934,13 @@ static int serve(RedisModuleCtx *ctx, RedisModuleString **keys, int nkeys, int s
         ents[i] = e;
         waits++;
     }
+    for (int i = 0; i < nkeys; i++) /* not computing: an old version's value still reads as nil */
+        if (hidden[i] && ents[i] == NULL && errs[i] == NULL) errs[i] = dup_bytes("", 0);
     if (waits == 0 || !can_block) {
         /* Nothing to wait for, or waiting is forbidden here: the computations stay queued. */
         if (!single) KM_ReplyWithArray(ctx, nkeys);
         for (int i = 0; i < nkeys; i++) {
-            if (errs[i] && single) KM_ReplyWithError(ctx, errs[i]);
+            if (errs[i] && errs[i][0] && single) KM_ReplyWithError(ctx, errs[i]);
             else if (errs[i] || ents[i]) KM_ReplyWithNull(ctx);
             else reply_value(ctx, keys[i], single);
         }
@@ -688,6 +980,7 @@ done:
     KM_Free(errs);
     KM_Free(ents);
     KM_Free(ksof);
+    KM_Free(hidden);
     return RM_OK;
 }
 
@@ -711,7 +1004,23 @@ static int parse_ms(RedisModuleString *s, long long *out, long long min) {
     return RM_OK;
 }
 
-/* KEYMISS.REGISTER name glob [TTL ms] [ERRTTL ms] [TIMEOUT ms] [QUEUE n]
+/* A version tag or label as given: 1 to MAX_VERSION bytes, no NUL; a copy (NULL if refused). */
+static char *version_arg(RedisModuleString *s, size_t *len) {
+    const char *p = KM_StringPtrLen(s, len);
+    if (*len == 0 || *len > MAX_VERSION || memchr(p, '\0', *len)) return NULL;
+    return dup_bytes(p, *len);
+}
+
+static void set_version(Keyspace *ks, char *tag, size_t taglen, char *label) {
+    KM_Free(ks->version);
+    KM_Free(ks->label);
+    ks->version = tag;
+    ks->versionlen = taglen;
+    ks->label = label;
+}
+
+/* KEYMISS.REGISTER name glob [TTL ms] [ERRTTL ms] [TIMEOUT ms] [QUEUE n] [STALE ms] [EARLY beta-thousandths]
+ *                  [VERSION tag] [LABEL name]
  * Declares (or updates) a keyspace and counts this connection among its workers. */
 static int cmd_register(RedisModuleCtx *ctx, RedisModuleString **argv, int argc) {
     if (argc < 3 || (argc - 3) % 2) return KM_WrongArity(ctx);
@@ -721,34 +1030,69 @@ static int cmd_register(RedisModuleCtx *ctx, RedisModuleString **argv, int argc)
     if (nlen == 0 || glen == 0 || nlen > MAX_GLOB || glen > MAX_GLOB || memchr(name, '\0', nlen) ||
         memchr(glob, '\0', glen))
         return KM_ReplyWithError(ctx, "ERR keymiss: a keyspace needs a name and a glob (1 to 512 bytes)");
-    long long ttl = 0, errttl = 0, timeout = DEFAULT_TIMEOUT_MS, queue = DEFAULT_QUEUE;
+    long long ttl = 0, errttl = 0, timeout = DEFAULT_TIMEOUT_MS, queue = DEFAULT_QUEUE, stale = 0, early = 0;
+    char *tag = NULL, *label = NULL;
+    size_t taglen = 0, labellen = 0;
     for (int i = 3; i < argc; i += 2) {
         size_t olen;
         const char *opt = KM_StringPtrLen(argv[i], &olen);
         int ok;
-        if (olen == 3 && strncasecmp(opt, "TTL", 3) == 0) ok = parse_ms(argv[i + 1], &ttl, 0);
+        if (olen == 7 && strncasecmp(opt, "VERSION", 7) == 0) {
+            KM_Free(tag);
+            tag = version_arg(argv[i + 1], &taglen);
+            ok = tag ? RM_OK : RM_ERR;
+        } else if (olen == 5 && strncasecmp(opt, "LABEL", 5) == 0) {
+            KM_Free(label);
+            label = version_arg(argv[i + 1], &labellen);
+            ok = label ? RM_OK : RM_ERR;
+        } else if (olen == 5 && strncasecmp(opt, "STALE", 5) == 0) ok = parse_ms(argv[i + 1], &stale, 0);
+        else if (olen == 5 && strncasecmp(opt, "EARLY", 5) == 0)
+            ok = parse_ms(argv[i + 1], &early, 0) == RM_OK && early <= 1000000 ? RM_OK : RM_ERR;
+        else if (olen == 3 && strncasecmp(opt, "TTL", 3) == 0) ok = parse_ms(argv[i + 1], &ttl, 0);
         else if (olen == 6 && strncasecmp(opt, "ERRTTL", 6) == 0) ok = parse_ms(argv[i + 1], &errttl, 0);
         else if (olen == 7 && strncasecmp(opt, "TIMEOUT", 7) == 0) ok = parse_ms(argv[i + 1], &timeout, 1);
         else if (olen == 5 && strncasecmp(opt, "QUEUE", 5) == 0)
             ok = parse_ms(argv[i + 1], &queue, 1) == RM_OK && queue <= MAX_QUEUE ? RM_OK : RM_ERR;
-        else return KM_ReplyWithError(ctx, "ERR keymiss: unknown option (TTL, ERRTTL, TIMEOUT, QUEUE)");
-        if (ok != RM_OK) return KM_ReplyWithError(ctx, "ERR keymiss: option value is not a valid number");
+        else {
+            KM_Free(tag);
+            KM_Free(label);
+            return KM_ReplyWithError(
+                ctx, "ERR keymiss: unknown option (TTL, ERRTTL, TIMEOUT, QUEUE, STALE, EARLY, VERSION, LABEL)");
+        }
+        if (ok != RM_OK) {
+            KM_Free(tag);
+            KM_Free(label);
+            return KM_ReplyWithError(ctx, "ERR keymiss: an option's value is not valid");
+        }
+    }
+    if (label != NULL && tag == NULL) {
+        KM_Free(label);
+        return KM_ReplyWithError(ctx, "ERR keymiss: LABEL names a VERSION");
     }
     int k;
     for (k = 0; k < nkeyspaces; k++)
         if (strlen(keyspaces[k]->name) == nlen && memcmp(keyspaces[k]->name, name, nlen) == 0) break;
     unsigned long long client = KM_GetClientId(ctx);
     int w = worker_index(client);
-    if (w < 0 && nworkers == MAX_WORKERS) return KM_ReplyWithError(ctx, "ERR keymiss: too many workers");
+    const char *refused = NULL;
+    if (w < 0 && nworkers == MAX_WORKERS) {
+        refused = "ERR keymiss: too many workers";
+        goto refuse;
+    }
     if (k == nkeyspaces) {
         if (nkeyspaces == MAX_KEYSPACES) {
             /* full: take the place of a keyspace no worker serves and nothing waits on */
             for (k = 0; k < nkeyspaces; k++)
                 if (keyspaces[k]->workers == 0 && keyspaces[k]->queued == 0 && keyspaces[k]->in_flight == 0)
                     break;
-            if (k == nkeyspaces) return KM_ReplyWithError(ctx, "ERR keymiss: too many keyspaces (64)");
+            if (k == nkeyspaces) {
+                refused = "ERR keymiss: too many keyspaces (64)";
+                goto refuse;
+            }
             KM_Free(keyspaces[k]->name);
             KM_Free(keyspaces[k]->glob);
+            KM_Free(keyspaces[k]->version);
+            KM_Free(keyspaces[k]->label);
             memset(keyspaces[k], 0, sizeof(Keyspace));
         } else {
             keyspaces[k] = KM_Calloc(1, sizeof(Keyspace));
@@ -758,8 +1102,10 @@ static int cmd_register(RedisModuleCtx *ctx, RedisModuleString **argv, int argc)
     }
     Keyspace *ks = keyspaces[k];
     int others = ks->workers - (w >= 0 && (workers[w].mask & ((uint64_t)1 << k)) ? 1 : 0);
-    if (ks->glob != NULL && (ks->globlen != glen || memcmp(ks->glob, glob, glen) != 0) && others > 0)
-        return KM_ReplyWithError(ctx, "ERR keymiss: the keyspace is served by live workers with another glob");
+    if (ks->glob != NULL && (ks->globlen != glen || memcmp(ks->glob, glob, glen) != 0) && others > 0) {
+        refused = "ERR keymiss: the keyspace is served by live workers with another glob";
+        goto refuse;
+    }
     if (ks->glob == NULL || ks->globlen != glen || memcmp(ks->glob, glob, glen) != 0) {
         KM_Free(ks->glob);
         ks->glob = dup_bytes(glob, glen);
@@ -770,14 +1116,43 @@ static int cmd_register(RedisModuleCtx *ctx, RedisModuleString **argv, int argc)
     ks->error_ttl_ms = errttl;
     ks->timeout_ms = timeout;
     ks->queue_max = queue;
+    ks->stale_ms = stale;
+    ks->early_milli = early;
+    set_version(ks, tag, taglen, label ? label : (tag ? dup_bytes(tag, taglen) : NULL));
     if (w < 0) {
-        if (nworkers == MAX_WORKERS) return KM_ReplyWithError(ctx, "ERR keymiss: too many workers");
         w = nworkers++;
         workers[w].client = client;
         workers[w].mask = 0;
     }
     workers[w].mask |= (uint64_t)1 << k;
     count_workers();
+    return KM_ReplyWithSimpleString(ctx, "OK");
+refuse:
+    KM_Free(tag);
+    KM_Free(label);
+    return KM_ReplyWithError(ctx, refused);
+}
+
+/* KEYMISS.VERSION name tag [label]: the version a registered keyspace's values are served under
+ * from now on (an application switched models). Every value computed under another is hidden at
+ * once; no key is deleted. Does not make this connection a worker. */
+static int cmd_version(RedisModuleCtx *ctx, RedisModuleString **argv, int argc) {
+    if (argc != 3 && argc != 4) return KM_WrongArity(ctx);
+    size_t nlen;
+    const char *name = KM_StringPtrLen(argv[1], &nlen);
+    int k;
+    for (k = 0; k < nkeyspaces; k++)
+        if (strlen(keyspaces[k]->name) == nlen && memcmp(keyspaces[k]->name, name, nlen) == 0) break;
+    if (k == nkeyspaces) return KM_ReplyWithError(ctx, "ERR keymiss: no such keyspace is registered");
+    size_t taglen, labellen;
+    char *tag = version_arg(argv[2], &taglen);
+    char *label = argc == 4 ? version_arg(argv[3], &labellen) : (tag ? dup_bytes(tag, taglen) : NULL);
+    if (tag == NULL || label == NULL) {
+        KM_Free(tag);
+        KM_Free(label);
+        return KM_ReplyWithError(ctx, "ERR keymiss: a version is 1 to 256 bytes");
+    }
+    set_version(keyspaces[k], tag, taglen, label);
     return KM_ReplyWithSimpleString(ctx, "OK");
 }
 
@@ -795,6 +1170,7 @@ static void reply_taken(RedisModuleCtx *ctx, uint64_t mask, long long count, lon
             e->state = TAKEN;
             e->taker = client;
             e->lease_deadline = now + lease_ms;
+            e->taken_at = now;
             e->attempts++;
             ks->in_flight++;
             KM_ReplyWithString(ctx, e->key);
@@ -897,18 +1273,25 @@ static int parse_token(RedisModuleString *s, long long *out) {
     return KM_StringToLongLong(s, out) == RM_OK && *out > 0 ? RM_OK : RM_ERR;
 }
 
-/* KEYMISS.FILL key token value [PX ms]: store the computed value (a plain SET, replicated as such)
- * and wake the key's waiters. 1 if stored; 0 if discarded (a client wrote the key meanwhile, or
- * the computation was given up). */
+/* KEYMISS.FILL key token value [PX ms] [VERSION tag]: store the computed value (a plain SET,
+ * replicated as such; a versioned keyspace's companion first) and wake the key's waiters. 1 if
+ * stored; 0 if discarded (a client wrote the key meanwhile, the computation was given up, or it
+ * ran under another version than the keyspace's now: then the key is computed again). */
 static int cmd_fill(RedisModuleCtx *ctx, RedisModuleString **argv, int argc) {
-    if (argc != 4 && argc != 6) return KM_WrongArity(ctx);
+    if (argc < 4 || argc % 2) return KM_WrongArity(ctx);
     long long token, px = 0;
+    const char *vtag = NULL;
+    size_t vlen = 0;
     if (parse_token(argv[2], &token) != RM_OK) return KM_ReplyWithError(ctx, "ERR keymiss: bad token");
-    if (argc == 6) {
+    for (int i = 4; i < argc; i += 2) {
         size_t olen;
-        const char *opt = KM_StringPtrLen(argv[4], &olen);
-        if (olen != 2 || strncasecmp(opt, "PX", 2) != 0 || parse_ms(argv[5], &px, 1) != RM_OK)
-            return KM_ReplyWithError(ctx, "ERR keymiss: FILL key token value [PX ms]");
+        const char *opt = KM_StringPtrLen(argv[i], &olen);
+        if (olen == 2 && strncasecmp(opt, "PX", 2) == 0 && parse_ms(argv[i + 1], &px, 1) == RM_OK) continue;
+        if (olen == 7 && strncasecmp(opt, "VERSION", 7) == 0) {
+            vtag = KM_StringPtrLen(argv[i + 1], &vlen);
+            continue;
+        }
+        return KM_ReplyWithError(ctx, "ERR keymiss: FILL key token value [PX ms] [VERSION tag]");
     }
     Entry *e = entry_find(argv[1]);
     if (e == NULL || e->token != token) {
@@ -917,13 +1300,36 @@ static int cmd_fill(RedisModuleCtx *ctx, RedisModuleString **argv, int argc) {
         return KM_ReplyWithLongLong(ctx, 0);
     }
     Keyspace *ks = keyspaces[e->ks];
+    if (ks->version != NULL && (vtag == NULL || vlen != ks->versionlen || memcmp(vtag, ks->version, vlen) != 0)) {
+        ks->version_discards++; /* computed under the version before a switch: computed again */
+        if (e->state == TAKEN) {
+            ks->in_flight--;
+            e->taker = 0;
+            e->token = new_token();
+            queue_push(e, 1);
+            wake_taker(e->ks);
+        }
+        return KM_ReplyWithLongLong(ctx, 0);
+    }
     if (px == 0) px = ks->ttl_ms;
     /* Keyspaces live in database 0, whichever database the worker's connection selected. */
     int db = KM_GetSelectedDb(ctx);
     if (db != 0 && KM_SelectDb(ctx, 0) != RM_OK) return KM_ReplyWithError(ctx, "ERR keymiss: cannot select db 0");
     filling = 1;
-    RedisModuleCallReply *r = px > 0 ? KM_Call(ctx, "SET", "!sscl", argv[1], argv[3], "PX", px)
-                                     : KM_Call(ctx, "SET", "!ss", argv[1], argv[3]);
+    RedisModuleCallReply *r = NULL;
+    if (ks->version != NULL) {
+        RedisModuleString *cname = companion_name(argv[1]);
+        r = px > 0 ? KM_Call(ctx, "SET", "!sbcl", cname, ks->version, ks->versionlen, "PX", px)
+                   : KM_Call(ctx, "SET", "!sb", cname, ks->version, ks->versionlen);
+        KM_FreeString(NULL, cname);
+        if (r != NULL && KM_CallReplyType(r) != RM_REPLY_ERROR) {
+            KM_FreeCallReply(r);
+            r = NULL;
+        }
+    }
+    if (r == NULL)
+        r = px > 0 ? KM_Call(ctx, "SET", "!sscl", argv[1], argv[3], "PX", px)
+                   : KM_Call(ctx, "SET", "!ss", argv[1], argv[3]);
     filling = 0;
     if (db != 0) KM_SelectDb(ctx, db);
     if (r == NULL || KM_CallReplyType(r) == RM_REPLY_ERROR) {
@@ -941,6 +1347,11 @@ static int cmd_fill(RedisModuleCtx *ctx, RedisModuleString **argv, int argc) {
     }
     KM_FreeCallReply(r);
     ks->fills++;
+    if (e->taken_at > 0) {
+        double took = (double)(now_ms() - e->taken_at);
+        ks->mean_ms = ks->mean_ms > 0 ? 0.8 * ks->mean_ms + 0.2 * took : (took > 0 ? took : 1);
+    }
+    if (KM_DictSize(backoffs)) backoff_clear(argv[1]);
     entry_resolve(e, NULL);
     return KM_ReplyWithLongLong(ctx, 1);
 }
@@ -962,7 +1373,13 @@ static int cmd_fail(RedisModuleCtx *ctx, RedisModuleString **argv, int argc) {
     int busy = strncmp(line, "BUSY", 4) == 0;
     if (busy) ks->busy++;
     else ks->failures++;
-    if (!busy && ks->error_ttl_ms > 0) error_remember(argv[1], line, ks->error_ttl_ms, now_ms());
+    if (e->refresh && e->nwaiters == 0) {
+        /* a refresh nobody waits on: the value stays served (stale, if it is); retried later */
+        ks->refresh_failures++;
+        backoff_note(argv[1], now_ms());
+    } else if (!busy && ks->error_ttl_ms > 0) {
+        error_remember(argv[1], line, ks->error_ttl_ms, now_ms());
+    }
     entry_resolve(e, line);
     KM_Free(line);
     return KM_ReplyWithLongLong(ctx, 1);
@@ -975,6 +1392,14 @@ static int on_keyspace_event(RedisModuleCtx *ctx, int type, const char *event, R
     (void)type;
     (void)event;
     if (filling || KM_GetSelectedDb(ctx) != 0) return RM_OK;
+    if (nkeyspaces > 0 && KM_DictSize(dirty) < MAX_DIRTY) {
+        int k = route_str(key);
+        if (k >= 0 && keyspaces[k]->version != NULL) { /* its companion is rewritten by the tick */
+            size_t len;
+            const char *p = KM_StringPtrLen(key, &len);
+            KM_DictSetC(dirty, (void *)p, len, NULL);
+        }
+    }
     if (KM_DictSize(errors)) {
         size_t len;
         const char *p = KM_StringPtrLen(key, &len);
@@ -1135,6 +1560,9 @@ static void on_tick(RedisModuleCtx *ctx, void *data) {
     /* A woken taker may have gone before taking: queued keys wake another. */
     for (int k = 0; k < nkeyspaces; k++)
         if (keyspaces[k]->qhead) wake_taker(k);
+    if (KM_DictSize(dirty)) rewrite_companions(ctx);
+    static int ticks;
+    if (++ticks % 20 == 0 && KM_DictSize(backoffs)) purge_backoffs(now);
     KM_CreateTimer(ctx, TICK_MS, on_tick, NULL);
 }
 
@@ -1165,19 +1593,30 @@ static void command_filter(RedisModuleCommandFilterCtx *f) {
      * the key's LRU/LFU, counts, notifies, nor (where the server can avoid it) expires: the GET that
      * follows does what a GET does. Database 0 is the keyspaces' database (a cluster has no other);
      * KEYMISS.GET answers clients of other databases as a plain GET. */
-    int rewrite = 0;
+    int rewrite = 0, fresh = 0;
     for (int i = 1; i < argc; i++) {
         RedisModuleString *key = (RedisModuleString *)KM_CommandFilterArgGet(f, i);
         int ks = route_str(key);
         if (ks < 0) continue;
         RedisModuleKey *k = KM_OpenKey(filter_ctx, key, RM_READ | lookup_modes);
-        int present = k != NULL && KM_KeyType(k) != RM_KEYTYPE_EMPTY;
+        int present = k != NULL && KM_KeyType(k) != RM_KEYTYPE_EMPTY && version_ok(filter_ctx, ks, key, 0);
         if (k) KM_CloseKey(k);
-        if (!present) {
+        if (!present) { /* missing, or computed under another version: KEYMISS.GET decides */
             rewrite = 1;
             break;
         }
         if (argc == 2) keyspaces[ks]->hits++;
+        fresh |= keyspaces[ks]->stale_ms > 0 || keyspaces[ks]->early_milli > 0;
+    }
+    if (fresh && !rewrite) { /* every key is served as it is: stale ones, or early ones, refresh */
+        for (int i = 1; i < argc; i++) {
+            RedisModuleString *key = (RedisModuleString *)KM_CommandFilterArgGet(f, i);
+            int ks = route_str(key);
+            if (ks < 0 || (keyspaces[ks]->stale_ms == 0 && keyspaces[ks]->early_milli == 0)) continue;
+            RedisModuleKey *k = KM_OpenKey(filter_ctx, key, RM_READ | lookup_modes);
+            on_served(ks, k, key);
+            if (k) KM_CloseKey(k);
+        }
     }
     if (rewrite) {
         KM_RetainString(NULL, to); /* the filter takes one reference */
@@ -1226,6 +1665,17 @@ static void on_info(RedisModuleInfoCtx *ctx, int for_crash_report) {
         KM_InfoAddFieldLongLong(ctx, "busy", ks->busy);
         KM_InfoAddFieldLongLong(ctx, "no_worker", ks->no_worker);
         KM_InfoAddFieldLongLong(ctx, "workers", ks->workers);
+        if (ks->version != NULL) {
+            char label[256];
+            info_name(label, sizeof(label), ks->label ? ks->label : ks->version);
+            KM_InfoAddFieldCString(ctx, "version", label);
+        }
+        KM_InfoAddFieldLongLong(ctx, "version_misses", ks->version_misses);
+        KM_InfoAddFieldLongLong(ctx, "version_discards", ks->version_discards);
+        KM_InfoAddFieldLongLong(ctx, "stale_hits", ks->stale_hits);
+        KM_InfoAddFieldLongLong(ctx, "early_refreshes", ks->early_refreshes);
+        KM_InfoAddFieldLongLong(ctx, "refresh_failures", ks->refresh_failures);
+        KM_InfoAddFieldLongLong(ctx, "mean_compute_ms", (long long)ks->mean_ms);
         KM_InfoEndDictField(ctx);
     }
 }
@@ -1248,9 +1698,15 @@ __attribute__((visibility("default"))) int RedisModule_OnLoad(RedisModuleCtx *ct
     FILE *rnd = fopen("/dev/urandom", "rb");
     if (rnd == NULL || fread(&token_key, sizeof(token_key), 1, rnd) != 1) token_key = (uint64_t)KM_Milliseconds();
     if (rnd) fclose(rnd);
+    rnd_state = token_key | 1;
+    crc16_init();
+    if (slot_tags_init() != RM_OK) return load_failed(ctx, __LINE__);
     pending = KM_CreateDict(NULL);
     errors = KM_CreateDict(NULL);
     requests = KM_CreateDict(NULL);
+    backoffs = KM_CreateDict(NULL);
+    dirty = KM_CreateDict(NULL);
+    if (!backoffs || !dirty) return load_failed(ctx, __LINE__);
     get_name = KM_CreateString(NULL, "keymiss.get", 11);
     mget_name = KM_CreateString(NULL, "keymiss.mget", 12);
     if (!pending || !errors || !requests || !get_name || !mget_name) return load_failed(ctx, __LINE__);
@@ -1259,7 +1715,8 @@ __attribute__((visibility("default"))) int RedisModule_OnLoad(RedisModuleCtx *ct
         KM_CreateCommand(ctx, "keymiss.register", cmd_register, "deny-script", 0, 0, 0) != RM_OK ||
         KM_CreateCommand(ctx, "keymiss.take", cmd_take, "deny-script", 0, 0, 0) != RM_OK ||
         KM_CreateCommand(ctx, "keymiss.fill", cmd_fill, "write deny-oom", 1, 1, 1) != RM_OK ||
-        KM_CreateCommand(ctx, "keymiss.fail", cmd_fail, "", 1, 1, 1) != RM_OK)
+        KM_CreateCommand(ctx, "keymiss.fail", cmd_fail, "", 1, 1, 1) != RM_OK ||
+        KM_CreateCommand(ctx, "keymiss.version", cmd_version, "deny-script", 0, 0, 0) != RM_OK)
         return load_failed(ctx, __LINE__);
     /* Where the server has ACL categories for module commands, a user allowed @read may read
      * keyspaces; elsewhere (Redis 7.0) a user listing commands needs +keymiss.get +keymiss.mget. */
