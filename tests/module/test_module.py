@@ -159,6 +159,17 @@ async def test_a_full_queue_answers_busy_at_once(server: RedisProcess) -> None:
         ["KEYMISS.FILL", "k", "1", "v", "EX", "5"],
         ["KEYMISS.FAIL", "k", "-1", "msg"],
         ["KEYMISS.FAIL", "k"],
+        ["KEYMISS.REGISTER", "n", "g:*", "VERSION", ""],
+        ["KEYMISS.REGISTER", "n", "g:*", "VERSION", "x" * 257],
+        ["KEYMISS.REGISTER", "n", "g:*", "LABEL", "no version"],
+        ["KEYMISS.REGISTER", "n", "g:*", "EARLY", "1000001"],
+        ["KEYMISS.REGISTER", "n", "g:*", "STALE", "-1"],
+        ["KEYMISS.REGISTER", "n", "g:*", "VERSION"],
+        ["KEYMISS.VERSION", "nobody", "v1"],
+        ["KEYMISS.VERSION", "nobody"],
+        ["KEYMISS.FILL", "k", "1", "v", "VERSION"],
+        ["KEYMISS.FILL", "k", "1", "v", "PX", "0"],
+        ["KEYMISS.FILL", "k", "1", "v", "NX", "1"],
     ],
 )
 async def test_malformed_module_commands_get_errors_and_the_server_lives(
@@ -336,6 +347,34 @@ async def test_the_module_runs_clean_under_valgrind(tmp_path: Path) -> None:
             assert await call(w, "KEYMISS.FAIL", key, token, "BUSY keymiss: all slots are held") == 1
             assert isinstance(await busy, RespError)
             w[1].close()
+            # versions, stale refreshes and their failure backoff, client writes' companions
+            v = await raw_worker(
+                server.port, ["v", "v:*", "TTL", "200", "STALE", "60000", "VERSION", "aa", "LABEL", "one"]
+            )
+            reading = asyncio.ensure_future(resp(server.port, "GET", "v:1", wait=30))
+            await asyncio.sleep(0.2)
+            key, token = await call(v, "KEYMISS.TAKE", "10", "1000", "10000")
+            assert await call(v, "KEYMISS.FILL", key, token, "old", "VERSION", "zz") == 0  # computed again
+            key, token = await call(v, "KEYMISS.TAKE", "10", "1000", "10000")
+            assert await call(v, "KEYMISS.FILL", key, token, "one", "PX", "60200", "VERSION", "aa") == 1
+            assert await reading == b"one"
+            await asyncio.sleep(0.3)  # stale now: served, and refreshed
+            assert await resp(server.port, "GET", "v:1", wait=30) == b"one"
+            key, token = await call(v, "KEYMISS.TAKE", "10", "1000", "10000")
+            assert await call(v, "KEYMISS.FAIL", key, token, "ERR the model is down") == 1  # backoff
+            assert await resp(server.port, "GET", "v:1", wait=30) == b"one"
+            assert await call(v, "KEYMISS.VERSION", "v", "bb", "two") == "OK"
+            hidden = asyncio.ensure_future(resp(server.port, "GET", "v:1", wait=30))
+            await asyncio.sleep(0.2)
+            key, token = await call(v, "KEYMISS.TAKE", "10", "1000", "10000")
+            assert await call(v, "KEYMISS.FILL", key, token, "two", "VERSION", "bb") == 1
+            assert await hidden == b"two"
+            await resp(server.port, "SET", "v:2", "client", wait=30)
+            await resp(server.port, "DEL", "v:1", wait=30)
+            await asyncio.sleep(0.3)  # the tick marks v:2's companion, drops v:1's
+            assert await resp(server.port, "GET", "v:2", wait=30) == b"client"
+            assert await call(v, "KEYMISS.REGISTER", "v", "v:*", "VERSION", "cc") == "OK"
+            v[1].close()
     finally:
         server.stop()
     text = vlog.read_text()
