@@ -104,7 +104,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--model", help="extractive-QA checkpoint directory for the bertqa keyspace")
     serve.add_argument(
         "--qa-dtype",
-        help="float32 (default), bf16-autocast (bfloat16 matrix products, close calls settled in float32) "
+        help="auto (default: bf16-autocast on a GPU or a CPU with avx512_bf16/amx_bf16, else float32), "
+        "float32, bf16-autocast (bfloat16 matrix products, close calls settled in float32) "
         "or bfloat16 (bfloat16 weights)",
     )
     serve.add_argument("--qa-batch-size", type=int, help="questions per forward pass (default 16)")
@@ -131,7 +132,7 @@ def build_parser() -> argparse.ArgumentParser:
         "maxmemory-policy volatile-lfu the server then evicts answers, never contexts",
     )
     worker.add_argument("--model", help="extractive-QA checkpoint directory for the bertqa keyspace")
-    worker.add_argument("--qa-dtype", help="float32 (default), bf16-autocast or bfloat16")
+    worker.add_argument("--qa-dtype", help="auto (default), float32, bf16-autocast or bfloat16")
     worker.add_argument("--qa-batch-size", type=int, help="questions per forward pass (default 16)")
     worker.add_argument("--qa-batch-wait-ms", type=float, help="how long a batch waits to fill (default 5)")
     worker.add_argument("--corpus", help="contexts to ingest into the server at start")

@@ -48,7 +48,7 @@ class Settings:
     grace_seconds: float = 10.0
     metrics_port: int | None = None
     model: str | None = None  # extractive-QA checkpoint directory for the bertqa keyspace
-    qa_dtype: str = "float32"  # float32 or bfloat16 weights
+    qa_dtype: str = "auto"  # auto, float32, bf16-autocast or bfloat16 (see qa.models.resolve_dtype)
     qa_batch_size: int = 16
     qa_batch_wait_ms: float = 5.0
     corpus: str | None = None  # contexts to ingest at start (JSON lines or text)

@@ -106,6 +106,8 @@ class QAService:
 
 
 SERVICE = "qa"
+#: the numeric path the QA reader runs and why it was chosen (INFO shows it)
+QA_PATH = "qa_path"
 
 
 def qa_service(km: Keymiss) -> QAService:
@@ -119,7 +121,7 @@ def qa_service(km: Keymiss) -> QAService:
 def reader_factory(
     model: str | None = None,
     *,
-    dtype: str = "float32",
+    dtype: str = "auto",
     device: str | None = None,
     params: QAParams | None = None,
 ) -> Callable[[], Reader]:
@@ -127,10 +129,10 @@ def reader_factory(
     the shipped all-MiniLM-L6-v2 encoder answering with the best-matching sentence."""
 
     def make_reader() -> Reader:
-        from .models import load_encoder, load_qa_model
+        from .models import load_encoder, load_qa_model, resolve_dtype
 
         if model:
-            main = load_qa_model(model, dtype=dtype, device=device)
+            main = load_qa_model(model, dtype=resolve_dtype(dtype, device)[0], device=device)
             # bfloat16 weights need a float32 copy to settle close calls; autocast reuses its weights
             reduced = main.dtype.lower() in ("bfloat16", "bf16")
             verify = load_qa_model(model, device=device) if reduced else None
@@ -140,11 +142,24 @@ def reader_factory(
     return make_reader
 
 
+def qa_version(model: str | None, dtype: str) -> str:
+    """What a cached answer depends on: the reader, its checkpoint's files and its numeric path."""
+    from ..errors import ConfigError
+    from .models import default_encoder_path, fingerprint
+
+    if model:
+        return f"span:{fingerprint(model)}:{dtype}"
+    try:
+        return f"sentence:{fingerprint(default_encoder_path())}"
+    except ConfigError:  # no shipped encoder: loading says so, clearly, when the app starts
+        return "sentence:unavailable"
+
+
 def build_qa_app(
     km: Keymiss | None = None,
     *,
     model: str | None = None,
-    dtype: str = "float32",
+    dtype: str = "auto",
     device: str | None = None,
     params: QAParams | None = None,
     batch_size: int = 16,
@@ -157,9 +172,17 @@ def build_qa_app(
     With ``model`` (a local extractive-QA checkpoint) answers are spans; without it the shipped
     all-MiniLM-L6-v2 encoder answers with the best-matching sentence, and the demo corpus is
     ingested at start. ``corpus`` names a file to ingest at start (JSON lines or plain text).
+    ``dtype="auto"`` picks the fastest faithful numeric path for this machine (``resolve_dtype``);
+    the keyspace's version names it with the checkpoint's fingerprint, so answers computed under
+    another model or path are never served (also from a shared server, in module mode).
     """
+    from .models import resolve_dtype
+
     km = km or Keymiss()
-    service = QAService(reader_factory(model, dtype=dtype, device=device, params=params))
+    chosen, why = resolve_dtype(dtype, device) if model else ("float32", "the sentence encoder runs float32")
+    log.info("QA reader: %s, %s (%s)", "span model " + model if model else "sentence encoder", chosen, why)
+    km.extensions[QA_PATH] = {"dtype": chosen, "why": why}
+    service = QAService(reader_factory(model, dtype=chosen, device=device, params=params))
     km.extensions[SERVICE] = service
 
     async def startup(km: Keymiss) -> None:
@@ -185,7 +208,12 @@ def build_qa_app(
     km.on_start(startup)
 
     @km.keyspace(
-        QA_PATTERN, batch_size=batch_size, batch_wait_ms=batch_wait_ms, timeout=timeout, codec="text"
+        QA_PATTERN,
+        batch_size=batch_size,
+        batch_wait_ms=batch_wait_ms,
+        timeout=timeout,
+        codec="text",
+        version=qa_version(model, chosen),
     )
     async def bertqa(items: list[Any]) -> list[Any]:
         reader = await service.load()

@@ -205,6 +205,10 @@ def info_sections(c: Connection) -> dict[str, dict[str, Any]]:
             "keymiss_busy_rejections": srv.busy_rejections,
         },
     }
+    qa = km.extensions.get("qa_path")
+    if isinstance(qa, dict):  # the numeric path the QA reader chose for this machine, and why
+        sections["keymiss"]["keymiss_qa_dtype"] = qa["dtype"]
+        sections["keymiss"]["keymiss_qa_dtype_reason"] = qa["why"]
     keys = store.keys
     if keys:
         sections["keyspace"]["db0"] = f"keys={keys},expires=0,avg_ttl=0"

@@ -284,3 +284,57 @@ def test_a_users_corpus_replaces_the_demo_corpus(tmp_path: Path) -> None:
         r.close()
     finally:
         srv.stop()
+
+
+def test_auto_picks_bf16_autocast_only_where_the_cpu_has_bf16_instructions(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from keymiss.errors import ConfigError
+    from keymiss.qa import models
+
+    monkeypatch.setattr(models, "pick_device", lambda device: "cpu")
+    monkeypatch.setattr(models, "cpu_flags", lambda: {"avx2", "avx512f", "amx_bf16", "avx512_bf16"})
+    dtype, why = models.resolve_dtype("auto")
+    assert dtype == "bf16-autocast" and "amx_bf16/avx512_bf16" in why
+    monkeypatch.setattr(models, "cpu_flags", lambda: {"avx2", "avx512f"})
+    assert models.resolve_dtype(None)[0] == "float32"  # emulated bf16 would be slower
+    monkeypatch.setattr(models, "pick_device", lambda device: "cuda")
+    assert models.resolve_dtype("auto")[0] == "bf16-autocast"
+    assert models.resolve_dtype("float32") == ("float32", "as asked (--qa-dtype)")
+    with pytest.raises(ConfigError, match="auto, float32"):
+        models.resolve_dtype("int4")
+
+
+def test_the_chosen_path_is_logged_shown_in_info_and_part_of_the_answers_version(
+    tmp_path: Path, tiny_model: str
+) -> None:
+    from keymiss.qa.models import resolve_dtype
+
+    corpus = write_corpus(tmp_path / "corpus.jsonl", {"PMC302072.xml:{8YG}:10": SHORT_CONTEXT})
+    store = f"lmdb:{tmp_path}/cache"
+    key = "bertqa{8YG}_PMC302072.xml:{8YG}:10_Who performs viral transmission among adults"
+    chosen = resolve_dtype("auto")[0]
+    srv = start_server(tmp_path, "--store", store, "--model", tiny_model, "--corpus", corpus, app=None)
+    try:
+        r = redis.Redis(port=srv.port)
+        first = r.get(key)
+        info = r.info("keymiss")
+        assert info["keymiss_qa_dtype"] == chosen and info["keymiss_qa_dtype_reason"], info
+        ks = next(v for k, v in info.items() if k.startswith("keyspace_") and "bertqa" in str(v["pattern"]))
+        assert str(ks["version"]).endswith(":" + chosen), ks
+        assert f"{chosen} (" in srv.log  # the startup log says which path, and why
+        r.close()
+    finally:
+        srv.stop()
+    other = "float32" if chosen != "float32" else "bf16-autocast"
+    srv = start_server(tmp_path, "--store", store, "--model", tiny_model, "--qa-dtype", other, app=None)
+    try:
+        r = redis.Redis(port=srv.port)
+        assert r.get(key) == first  # the same answer here, but computed again under the new path
+        info = r.info("keymiss")
+        ks = next(v for k, v in info.items() if k.startswith("keyspace_") and "bertqa" in str(v["pattern"]))
+        assert int(ks["computations"]) == 1 and int(ks["version_misses"]) == 1, ks
+        assert info["keymiss_qa_dtype"] == other
+        r.close()
+    finally:
+        srv.stop()
