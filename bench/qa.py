@@ -8,9 +8,13 @@ contexts four ways:
 (a) ``pipeline("question-answering")`` once per request (the naive baseline, float32);
 (b) keymiss misses through the engine, 32 requests in flight, dynamic batching, ``--dtype`` weights;
 (c) the raw batched forward pass of (b)'s model on the same windows (the limit);
-(d) keymiss hits for the same keys.
+(d) keymiss hits for the same keys;
+(e) keymiss's span reader on ONNX Runtime (the float32 checkpoint exported with ``torch.onnx``),
+    when ``onnxruntime`` is installed: the backend keymiss would add if it beat torch here.
 
-Prints answers/s, p50/p99 latency, (b)/(a), (b)/(c) and how many of (b)'s answers equal (a)'s.
+``--dtype auto`` is the default path (``keymiss.qa.models.resolve_dtype``): its row names what it
+chose on this machine. Prints answers/s, p50/p99 latency, (b)/(a), (b)/(c) and how many of (b)'s
+answers equal (a)'s.
 Run: ``python bench/qa.py`` (``--pairs 64`` for a shorter run).
 """
 
@@ -33,7 +37,7 @@ import numpy as np
 from keymiss import Keymiss
 from keymiss.qa import build_qa_app, qa_service
 from keymiss.qa.contexts import read_corpus
-from keymiss.qa.models import default_encoder_path, load_qa_model
+from keymiss.qa.models import default_encoder_path, load_qa_model, resolve_dtype
 from keymiss.qa.reader import SpanReader
 
 QUESTION_WORDS = ["What", "Who", "Which", "How", "Why", "When", "Where"]
@@ -152,6 +156,75 @@ def raw_forward(
     return time.perf_counter() - t0
 
 
+class OnnxQAModel:
+    """keymiss's ``QAModel`` face over an ONNX Runtime session of the same float32 checkpoint."""
+
+    def __init__(self, ref: Any, path: str) -> None:
+        import onnxruntime as ort
+        import torch
+
+        self.tokenizer = ref.tokenizer
+        self.max_positions = ref.max_positions
+        self.autocast = False
+        self.precise_model = None
+        self.dtype = "float32"
+        self.device = "cpu"
+        self.fingerprint = ref.fingerprint
+        self.tokenizer_fingerprint = ref.tokenizer_fingerprint
+        from transformers import AutoModelForQuestionAnswering
+
+        # eager attention, traced on a padded batch: the traced graph keeps the masking that the
+        # default attention decides in Python (an unpadded trace drops it, and padded rows go wrong)
+        model = AutoModelForQuestionAnswering.from_pretrained(ref.path, attn_implementation="eager").eval()
+        dummy = torch.ones((2, 16), dtype=torch.int64)
+        mask = dummy.clone()
+        mask[1, 10:] = 0
+        axes = {0: "batch", 1: "seq"}
+        torch.onnx.export(
+            model,
+            (dummy, mask, dummy * 0),  # forward's order: input_ids, attention_mask, token_type_ids
+            path,
+            input_names=["input_ids", "attention_mask", "token_type_ids"],
+            output_names=["start_logits", "end_logits"],
+            dynamic_axes={name: axes for name in ("input_ids", "token_type_ids", "attention_mask")},
+            opset_version=17,
+            dynamo=False,
+        )
+        opts = ort.SessionOptions()
+        opts.intra_op_num_threads = torch.get_num_threads()
+        self.session = ort.InferenceSession(path, opts, providers=["CPUExecutionProvider"])
+
+    def forward(
+        self, input_ids: Any, token_type_ids: Any, attention_mask: Any, *, precise: bool = False
+    ) -> tuple[Any, Any]:
+        start, end = self.session.run(
+            None,
+            {"input_ids": input_ids, "token_type_ids": token_type_ids, "attention_mask": attention_mask},
+        )
+        return start, end
+
+
+def run_onnx(
+    ref: Any, path: str, contexts: dict[str, str], pairs: list[tuple[str, str]], batch: int
+) -> dict[str, Any] | None:
+    """(e): every pair answered by keymiss's span reader with ONNX Runtime doing the forward passes."""
+    try:
+        import onnxruntime
+    except ImportError:
+        return None
+    from keymiss.qa.reader import QAParams
+
+    reader = SpanReader(OnnxQAModel(ref, path), QAParams())  # type: ignore[arg-type]
+    records = {k: reader.prepare(k, t) for k, t in contexts.items()}
+    items = [(q, records[ctx]) for ctx, q in pairs]
+    reader.answer(items[:4])  # warm up
+    t0 = time.perf_counter()
+    answers = []
+    for start in range(0, len(items), batch):
+        answers.extend(reader.answer(items[start : start + batch]))
+    return {"answers": answers, "time": time.perf_counter() - t0, "version": onnxruntime.__version__}
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     parser.add_argument("--pairs", type=int, default=200)
@@ -159,8 +232,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument(
         "--dtype",
-        default="float32,bf16-autocast,bfloat16",
-        help="comma list for (b) and (c): float32, bfloat16 (weights), bf16-autocast (bf16 products)",
+        default="auto,float32,bf16-autocast,bfloat16",
+        help="comma list for (b) and (c): auto (the default path), float32, bfloat16 (weights), "
+        "bf16-autocast (bf16 products)",
     )
     args = parser.parse_args(argv)
 
@@ -191,7 +265,10 @@ def main(argv: list[str] | None = None) -> int:
         for dtype in args.dtype.split(","):
             b = asyncio.run(run_keymiss(model, dtype, contexts, pairs, args.concurrency, args.batch_size))
             time_c = min(raw_forward(b["reader"], contexts, pairs, args.batch_size) for _ in range(2))
+            if dtype == "auto":
+                dtype = f"auto = {resolve_dtype('auto')[0]}"
             runs.append((dtype, b, time_c))
+        onnx = run_onnx(ref_model, os.path.join(tmp, "qa.onnx"), contexts, pairs, args.batch_size)
 
     n = len(pairs)
     rate_a = n / time_a
@@ -220,6 +297,15 @@ def main(argv: list[str] | None = None) -> int:
             f"| (d) keymiss hits | {rate_d:,.0f} | {pct(b['hit_lat'], 50):.3f} | "
             f"{pct(b['hit_lat'], 99):.3f} | "
             f"{rate_d / rate_a:,.0f} | | |"
+        )
+    if onnx is None:
+        print("| (e) ONNX Runtime | not run: pip install onnxruntime onnx | | | | | |")
+    else:
+        agree = sum(x == y for x, y in zip(onnx["answers"], ref_answers, strict=True))
+        rate_e = n / onnx["time"]
+        print(
+            f"| (e) span reader on ONNX Runtime {onnx['version']}, float32, batch {args.batch_size} | "
+            f"{rate_e:.1f} | | | {rate_e / rate_a:.2f} | | {agree}/{n} ({100 * agree / n:.1f}%) |"
         )
     return 0
 
