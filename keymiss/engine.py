@@ -311,7 +311,7 @@ class Keymiss:
                 if ks is not None:
                     ks.stats.hits += 1
                     if (ks.early_refresh is not None or ks.stale) and item.expires_at is not None:
-                        self._maybe_refresh(key, ks, item, store)  # type: ignore[arg-type]
+                        self._maybe_refresh(key, ks, item, store)
                 return item
             self.misses += 1
             if ks is None:
@@ -324,7 +324,9 @@ class Keymiss:
             near = store.get_cached(key)
             if near is not None:
                 ks = self.registry.route(key)
-                if ks is None or ks.version is None or near.version is None or self._serves(ks, near):
+                if ks is not None and (ks.stale or ks.early_refresh is not None):
+                    pass  # its freshness is decided on the store's own expiry, read below
+                elif ks is None or ks.version is None or near.version is None or self._serves(ks, near):
                     self._count_hit(key)
                     return near
         return self._read_shared(key)
@@ -340,14 +342,21 @@ class Keymiss:
         ks.stats.version_misses += 1
         return False
 
-    def _maybe_refresh(self, key: str, ks: Keyspace, item: Item, store: LocalStore) -> None:
+    def _serves_quietly(self, ks: Keyspace, item: Item) -> bool:
+        try:
+            return ks.serves(item.version)
+        except Exception:
+            return False
+
+    def _maybe_refresh(self, key: str, ks: Keyspace, item: Item, store: Store) -> None:
         """Stale-while-revalidate (RFC 5861): a value past its TTL but inside ``stale`` is served
         while one refresh runs. XFetch (Vattani, Chierichetti, Lowenstein, VLDB 2015): before the
         TTL, recompute early with a probability that grows as expiry nears, scaled by how long the
         keyspace takes to compute, so a hot key is refreshed once before it expires."""
         if not self._started or self._closed or item.expires_at is None:
             return
-        remaining = item.expires_at - store._now() - (ks.stale or 0.0)  # to the end of the TTL
+        now = store._now() if isinstance(store, LocalStore) else time.time()
+        remaining = item.expires_at - now - (ks.stale or 0.0)  # to the end of the TTL
         if ks.stale and remaining <= 0:  # past its TTL, in the stale window: served, and refreshed
             ks.stats.stale_hits += 1
             self.writeback.refresh(key, ks, stale=True)
@@ -406,12 +415,19 @@ class Keymiss:
             else:
                 self.misses += 1
             return item
-        item = await store.get(key)
+        fresh = (bool(ks.stale) or ks.early_refresh is not None) and isinstance(store, SharedStore)
+        # with the value's expiry where freshness is decided on it (a PTTL in the same round trip)
+        if fresh and isinstance(store, SharedStore):
+            item = (await store.get_expiring([key]))[0]
+        else:
+            item = await store.get(key)
         if item is not None and ks.version is not None and not self._serves(ks, item):
             await self._discard({key: item})
             item = None
         if item is not None:
             self._count_hit(key)
+            if fresh and item.expires_at is not None:
+                self._maybe_refresh(key, ks, item, store)
             return item
         self.misses += 1
         ks.stats.misses += 1
@@ -425,7 +441,21 @@ class Keymiss:
             await store.discard_unchanged(hidden)
 
     async def _read_many_shared(self, keys: Sequence[str]) -> Results:
-        found: Results = list(await self.store.get_many(keys))
+        store = self.store
+        fresh = [ks for ks in map(self.registry.route, keys) if ks and (ks.stale or ks.early_refresh)]
+        if fresh and isinstance(store, SharedStore):
+            found: Results = list(await store.get_expiring(keys))
+            for key, item in zip(keys, found, strict=True):
+                ks = self.registry.route(key)
+                if (
+                    ks in fresh
+                    and isinstance(item, Item)
+                    and item.expires_at is not None
+                    and (ks.version is None or self._serves_quietly(ks, item))
+                ):
+                    self._maybe_refresh(key, ks, item, store)
+        else:
+            found = list(await store.get_many(keys))
         hidden: dict[str, Item] = {}
         pending = self._tally(keys, found, hidden)
         if hidden:

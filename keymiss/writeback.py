@@ -74,9 +74,21 @@ class WriteBack:
         if not stale:
             ks.stats.early_refreshes += 1
         self.watch(key)
-        fut = self._fills.start(key, functools.partial(self._compute_here, key, ks, overwrite=True))
+        fut = self._fills.start(key, functools.partial(self._refresh, key, ks))
         fut.add_done_callback(functools.partial(self.unwatch, key))
         fut.add_done_callback(functools.partial(self._refreshed, key, ks))
+
+    async def _refresh(self, key: str, ks: Keyspace) -> Item:
+        """Recompute and overwrite; on a shared store only while this node holds the key's lease,
+        so one node of the cluster refreshes it. While another holds it, this is a plain fill
+        (readers who joined get the value the other node stores)."""
+        store = self._store()
+        if not isinstance(store, SharedStore):
+            return await self._compute_here(key, ks, overwrite=True)
+        async with store.lease(key) as held:
+            if held:
+                return await self._compute_here(key, ks, overwrite=True)
+        return await self._compute_and_store(key, ks)
 
     def _refreshed(self, key: str, ks: Keyspace, fut: asyncio.Future[Item]) -> None:
         if fut.cancelled() or fut.exception() is None:  # the failure itself was logged where it ran
@@ -178,7 +190,7 @@ class WriteBack:
         loop = asyncio.get_running_loop()
         fut: asyncio.Future[bool | None] = loop.create_future()
         write = computed.write(nx=nx)
-        if ks.stale and write.ttl is not None and isinstance(self._store(), LocalStore):
+        if ks.stale and write.ttl is not None:
             # kept past its TTL for the stale window: the engine serves it as stale, refreshing
             write = Write(write.key, write.value, write.codec, write.ttl + ks.stale, write.cost, write.nx)
         self._pending.append((write, fut))

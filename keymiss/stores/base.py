@@ -8,6 +8,7 @@ bytes. Methods are coroutines so that network stores fit the same seam; in-proce
 from __future__ import annotations
 
 import abc
+import contextlib
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -216,6 +217,15 @@ class SharedStore(Store):
     async def discard_unchanged(self, items: dict[str, Item]) -> None:
         """Delete each key while it still holds the value read (``Item.value``); a key written since
         is left alone. How a value computed under an old version makes way for its replacement."""
+
+    async def get_expiring(self, keys: Sequence[str], *, strict: bool = False) -> list[Item | None]:
+        """Like ``get_many``, with each item's ``expires_at`` (what freshness decisions need)."""
+        return await self.get_many(keys)
+
+    def lease(self, key: str) -> contextlib.AbstractAsyncContextManager[bool]:
+        """``async with store.lease(key) as held``: whether this node holds ``key``'s cluster-wide
+        lease for the block (a store without leases: always)."""
+        return contextlib.nullcontext(True)
 
     def get_cached(self, key: str) -> Item | None:
         """A copy held in process (a near cache), synchronously; ``None`` means "ask the store"."""

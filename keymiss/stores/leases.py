@@ -14,7 +14,7 @@ import contextlib
 import logging
 import time
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
 from redis.exceptions import RedisError
@@ -101,6 +101,22 @@ class Leases:
                 return item
             # the holder failed or died: take the lease ourselves on the next round
         raise ComputeTimeoutError(f"no node finished computing the key within {budget:.0f}s")
+
+    @contextlib.asynccontextmanager
+    async def holding(self, key: str) -> AsyncIterator[bool]:
+        """Hold ``key``'s lease for the block if no node holds it (True), else hold nothing (False):
+        a background refresh of a value that is still served runs on one node of the cluster."""
+        await self._ensure_listener()
+        token = await self._acquire(key)
+        if token is None:
+            yield False
+            return
+        renewer = asyncio.get_running_loop().create_task(self._renew(key, token))
+        try:
+            yield True
+        finally:
+            renewer.cancel()
+            await self._release(key, token)
 
     async def _renew(self, key: str, token: str) -> None:
         """Keep a long computation's lease alive."""

@@ -58,6 +58,12 @@ class NearCacheStore(SharedStore):
     async def flight(self, key: str, compute: Callable[[], Awaitable[Item]], compute_seconds: float) -> Item:
         return await self.shared.flight(key, compute, compute_seconds)
 
+    def lease(self, key: str) -> contextlib.AbstractAsyncContextManager[bool]:
+        return self.shared.lease(key)
+
+    async def get_expiring(self, keys: Sequence[str], *, strict: bool = False) -> list[Item | None]:
+        return await self.shared.get_expiring(keys, strict=strict)
+
     async def raw(self, args: Sequence[bytes], proto: int = 2) -> Any:
         try:
             return await self.shared.raw(args, proto)

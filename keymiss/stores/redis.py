@@ -323,6 +323,9 @@ class RedisStore(SharedStore):
             out.append(item)
         return out
 
+    def lease(self, key: str) -> contextlib.AbstractAsyncContextManager[bool]:
+        return self.leases.holding(key)
+
     async def get_strict(self, key: str) -> Item | None:
         """One key with a plain GET: WRONGTYPE for a key of another type (MGET would say nil)."""
         return (await self.get_expiring([key], strict=True))[0]
