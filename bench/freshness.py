@@ -144,6 +144,15 @@ async def _run_module(
             stdout=subprocess.DEVNULL,
         )
         clients = [aioredis.Redis(port=port) for _ in range(readers)]
+        up = time.monotonic() + 10
+        while True:  # the server listening before the worker attaches
+            try:
+                await clients[0].ping()
+                break
+            except (OSError, aioredis.ConnectionError):
+                if time.monotonic() > up:
+                    raise SystemExit("the server did not start") from None
+                await asyncio.sleep(0.05)
         worker = Worker(km, f"redis://127.0.0.1:{port}", block_ms=200)
         task = asyncio.get_running_loop().create_task(worker.run())
         try:
