@@ -180,12 +180,13 @@ def build_qa_app(
 
     km = km or Keymiss()
     chosen, why = resolve_dtype(dtype, device) if model else ("float32", "the sentence encoder runs float32")
-    log.info("QA reader: %s, %s (%s)", "span model " + model if model else "sentence encoder", chosen, why)
     km.extensions[QA_PATH] = {"dtype": chosen, "why": why}
     service = QAService(reader_factory(model, dtype=chosen, device=device, params=params))
     km.extensions[SERVICE] = service
 
     async def startup(km: Keymiss) -> None:
+        # said when serving starts, not when the app is built: a bad flag's error stays one line
+        log.info("QA reader: %s, %s (%s)", "span model " + model if model else "sentence encoder", chosen, why)
         reader = await service.load()
         current = f"{reader.kind}:{reader.fingerprint}".encode()
         stored = await km.store.get(MODEL_KEY)
