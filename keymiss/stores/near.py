@@ -54,6 +54,8 @@ class NearCacheStore(SharedStore):
         self.url = f"{shared.url} (near cache {max_bytes // 1024**2}MB, {ttl:g}s)"
         self.near_hits = 0
         self._listener: asyncio.Task[None] | None = None
+        self._pubsub: Any = None  # the listener's subscription, which close() ends
+        self._closing = False
 
     async def flight(self, key: str, compute: Callable[[], Awaitable[Item]], compute_seconds: float) -> Item:
         return await self.shared.flight(key, compute, compute_seconds)
@@ -105,9 +107,10 @@ class NearCacheStore(SharedStore):
             log.warning("invalidation channel unavailable (%s): dropping the near cache", exc)
             await self.near.flush()
             return
+        self._pubsub = pubsub
         try:
             await pubsub.subscribe(INVALIDATE_CHANNEL)
-            while True:
+            while not self._closing:
                 msg = await pubsub.get_message(ignore_subscribe_messages=True, timeout=1.0)
                 if msg and msg.get("type") == "message":
                     if msg["data"] == FLUSH_ALL:
@@ -115,9 +118,11 @@ class NearCacheStore(SharedStore):
                     else:
                         self.near.delete_now([msg["data"].decode("utf-8", "surrogateescape")])
         except (RedisError, OSError) as exc:
-            log.warning("invalidation channel lost (%s): dropping the near cache", exc)
+            if not self._closing:
+                log.warning("invalidation channel lost (%s): dropping the near cache", exc)
             await self.near.flush()
         finally:
+            self._pubsub = None
             # bounded: a pubsub whose connection is half gone must not keep a cancelled task (and
             # with it the event loop's shutdown) waiting for ever
             with contextlib.suppress(RedisError, OSError, AttributeError, TimeoutError):
@@ -217,9 +222,15 @@ class NearCacheStore(SharedStore):
         return await self.shared.sweep(limit)
 
     async def close(self) -> None:
+        self._closing = True
         if self._listener is not None:
             self._listener.cancel()
-            # the listener closes its pubsub before the shared client's pool goes away
+            # redis-py's get_message can swallow a cancellation and wait out its timeout: closing
+            # its connection ends the wait at once. The listener closes its pubsub before the
+            # shared client's pool goes away.
+            if self._pubsub is not None:
+                with contextlib.suppress(RedisError, OSError, AttributeError):
+                    await self._pubsub.connection.disconnect()
             await asyncio.wait({self._listener}, timeout=3.0)
             self._listener = None
         await self.near.close()
