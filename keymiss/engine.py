@@ -304,7 +304,12 @@ class Keymiss:
         if store.local:
             item: Item | None = store.get_now(key)  # type: ignore[attr-defined]
             ks = self.registry.route(key)
-            if item is not None and ks is not None and ks.version is not None and not self._serves(ks, item):
+            if (
+                item is not None
+                and ks is not None
+                and ks.version is not None
+                and not self._serves(ks, item, key)
+            ):
                 item = None  # computed under another version: a miss, and its fill replaces it
             if item is not None:
                 self.hits += 1
@@ -326,16 +331,22 @@ class Keymiss:
                 ks = self.registry.route(key)
                 if ks is not None and (ks.stale or ks.early_refresh is not None):
                     pass  # its freshness is decided on the store's own expiry, read below
-                elif ks is None or ks.version is None or near.version is None or self._serves(ks, near):
+                elif ks is None or ks.version is None or near.version is None or self._serves(ks, near, key):
                     self._count_hit(key)
                     return near
         return self._read_shared(key)
 
-    def _serves(self, ks: Keyspace, item: Item) -> bool:
+    def _serves(self, ks: Keyspace, item: Item, key: str) -> bool:
         """Whether ``item`` may be served under ``ks``'s current version (counted when not). A
-        version callable that fails serves nothing: the fill reports its error to the client."""
+        value of the version just replaced is served inside ``version_stale``, while one refresh
+        recomputes it. A version callable that fails serves nothing: the fill reports its error."""
         try:
             if ks.serves(item.version):
+                return True
+            if ks.serves_previous(item.version):
+                ks.stats.version_stale_hits += 1
+                if self._started and not self._closed:
+                    self.writeback.refresh(key, ks, stale=True, seen=item)
                 return True
         except Exception:
             log.exception("keyspace %r: its version callable failed", ks.pattern)
@@ -344,7 +355,7 @@ class Keymiss:
 
     def _serves_quietly(self, ks: Keyspace, item: Item) -> bool:
         try:
-            return ks.serves(item.version)
+            return ks.serves(item.version) or ks.serves_previous(item.version)
         except Exception:
             return False
 
@@ -359,7 +370,7 @@ class Keymiss:
         remaining = item.expires_at - now - (ks.stale or 0.0)  # to the end of the TTL
         if ks.stale and remaining <= 0:  # past its TTL, in the stale window: served, and refreshed
             ks.stats.stale_hits += 1
-            self.writeback.refresh(key, ks, stale=True)
+            self.writeback.refresh(key, ks, stale=True, seen=item)
             return
         delta = ks.stats.mean_call_seconds
         if ks.early_refresh is None or delta <= 0:
@@ -368,7 +379,7 @@ class Keymiss:
             return  # not in the first half of a value's life: at most two computations per TTL
         assert ks.early_refresh is not None
         if -delta * ks.early_refresh * math.log(1.0 - random.random()) >= remaining:
-            self.writeback.refresh(key, ks)
+            self.writeback.refresh(key, ks, seen=item)
 
     def read_many(self, keys: Sequence[str]) -> ReadMany:
         """``read`` for several keys, in order, with each key's error in its place. Ready when every
@@ -421,7 +432,7 @@ class Keymiss:
             item = (await store.get_expiring([key]))[0]
         else:
             item = await store.get(key)
-        if item is not None and ks.version is not None and not self._serves(ks, item):
+        if item is not None and ks.version is not None and not self._serves(ks, item, key):
             await self._discard({key: item})
             item = None
         if item is not None:
@@ -477,7 +488,7 @@ class Keymiss:
                 isinstance(item, Item)
                 and ks is not None
                 and ks.version is not None
-                and not self._serves(ks, item)
+                and not self._serves(ks, item, key)
             ):
                 if hidden is not None:
                     hidden[key] = item

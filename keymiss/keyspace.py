@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import inspect
 import re
+import time
 from collections import namedtuple
 from collections.abc import Callable
 from typing import Any
@@ -153,6 +154,9 @@ class Keyspace:
         self.stale = opts.stale
         self.version = opts.version
         self._version_seen: tuple[str, bytes] | None = None  # the last version asked, and its tag
+        self.version_stale = opts.version_stale
+        #: the tag of the version just replaced, and until when (monotonic) its values are served
+        self._previous: tuple[bytes, float] | None = None
         self.codec: Codec | None = codec_from_name(opts.codec) or _codec_from_annotation(
             handler, opts.batch_size is not None
         )
@@ -193,6 +197,8 @@ class Keyspace:
             return seen[1]
         assert v is not None
         tag = hashlib.blake2b(v.encode("utf-8", "surrogateescape"), digest_size=8).digest()
+        if seen is not None and self.version_stale:  # a switch: the window opens when it is seen
+            self._previous = (seen[1], time.monotonic() + self.version_stale)
         self._version_seen = (v, tag)
         return tag
 
@@ -200,6 +206,17 @@ class Keyspace:
         """Whether a stored value may be served: written by a client (no tag), or computed under
         the current version. An unversioned keyspace serves every value."""
         return item_version is None or self.version is None or item_version == self.version_tag()
+
+    def serves_previous(self, item_version: bytes | None) -> bool:
+        """Whether a value ``serves`` refused is of the version just replaced, inside the
+        ``version_stale`` window that opened when keymiss first saw the switch."""
+        previous = self._previous
+        if previous is None or item_version != previous[0]:
+            return False
+        if time.monotonic() < previous[1]:
+            return True
+        self._previous = None
+        return False
 
     def _claims_prefix(self, key: str) -> bool:
         return key.startswith(self.prefix)
@@ -251,6 +268,7 @@ class Keyspace:
             "early_refresh": self.early_refresh,
             "stale": self.stale,
             "version": self._describe_version(),
+            "version_stale": self.version_stale,
             **self.stats.as_dict(),
         }
 

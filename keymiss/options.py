@@ -58,6 +58,10 @@ class KeyspaceOptions:
     #: callable asked on every check, so an application can switch versions at run time. A value
     #: computed under another version is never served (None: unversioned)
     version: str | Callable[[], str] | None = None
+    #: seconds after a version switch that a value computed under the version just replaced is
+    #: still served, while one refresh per key recomputes it under the new one — a model rollout
+    #: without a latency cliff, asked for explicitly (None: an old version's value is never served)
+    version_stale: float | None = None
 
     def __post_init__(self) -> None:
         def number(value: object) -> bool:
@@ -78,6 +82,9 @@ class KeyspaceOptions:
         positive("stale", self.stale)
         if self.stale is not None and self.ttl is None:
             raise ConfigError("stale needs a ttl: a value without one never goes stale")
+        positive("version_stale", self.version_stale)
+        if self.version_stale is not None and self.version is None:
+            raise ConfigError("version_stale needs a version: an unversioned keyspace never switches")
         if self.batch_size is not None and not (integer(self.batch_size) and self.batch_size >= 1):
             raise ConfigError(f"batch_size must be an integer >= 1, got {self.batch_size!r}")
         if self.batch_wait_ms is not None:

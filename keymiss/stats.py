@@ -33,6 +33,8 @@ class KeyspaceStats:
     stale_hits: int = 0  # hits served past the TTL, inside the stale window, while a refresh ran
     refresh_failures: int = 0  # background refreshes that failed (the old value kept being served)
     version_misses: int = 0  # stored values not served: computed under another version
+    #: hits on a value of the version just replaced, inside version_stale, while a refresh ran
+    version_stale_hits: int = 0
     #: handler calls per COMPUTE_BUCKETS bound, plus one overflow slot (not cumulative)
     compute_histogram: list[int] = field(default_factory=lambda: [0] * (len(COMPUTE_BUCKETS) + 1))
     #: handler calls per BATCH_BUCKETS bound of their key count, plus one overflow slot

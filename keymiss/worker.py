@@ -174,6 +174,8 @@ class Worker:
                     )
             if ks.version is not None:  # the tag is compared; the label is what INFO shows
                 args += ["VERSION", ks.version_tag().hex(), "LABEL", _label(ks.current_version())]
+                if o.version_stale:
+                    args += ["VSTALE", max(1, min(MAX_MS, int(o.version_stale * 1000)))]
             out.append(args)
         if not out:
             raise ConfigError("the app has no keyspaces: a worker would have nothing to compute")

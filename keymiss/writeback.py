@@ -60,11 +60,12 @@ class WriteBack:
             ks.stats.coalesced += 1
         return asyncio.shield(fut)
 
-    def refresh(self, key: str, ks: Keyspace, *, stale: bool = False) -> None:
+    def refresh(self, key: str, ks: Keyspace, *, stale: bool = False, seen: Item | None = None) -> None:
         """Recompute ``key`` in the background and store the value over the current one (an early
         refresh, or a stale value's): nothing if a fill of it is running already, or if its last
         refresh failed too recently (the wait doubles, 1 s to 60 s). Readers who find the key gone
-        meanwhile join this computation; a client's write meanwhile still wins."""
+        meanwhile join this computation; a client's write meanwhile still wins. ``seen``: the value
+        the read found, so a node that gets the lease after another refreshed it computes nothing."""
         if self._fills.get(key) is not None:
             return
         now = time.monotonic()
@@ -74,19 +75,23 @@ class WriteBack:
         if not stale:
             ks.stats.early_refreshes += 1
         self.watch(key)
-        fut = self._fills.start(key, functools.partial(self._refresh, key, ks))
+        fut = self._fills.start(key, functools.partial(self._refresh, key, ks, seen))
         fut.add_done_callback(functools.partial(self.unwatch, key))
         fut.add_done_callback(functools.partial(self._refreshed, key, ks))
 
-    async def _refresh(self, key: str, ks: Keyspace) -> Item:
+    async def _refresh(self, key: str, ks: Keyspace, seen: Item | None = None) -> Item:
         """Recompute and overwrite; on a shared store only while this node holds the key's lease,
-        so one node of the cluster refreshes it. While another holds it, this is a plain fill
-        (readers who joined get the value the other node stores)."""
+        so one node of the cluster refreshes it — and only if no node refreshed it since ``seen``
+        was read. While another holds it, this is a plain fill (readers who joined get the value
+        the other node stores)."""
         store = self._store()
         if not isinstance(store, SharedStore):
             return await self._compute_here(key, ks, overwrite=True)
         async with store.lease(key) as held:
             if held:
+                now = (await store.get_expiring([key]))[0]
+                if seen is not None and now is not None and _refreshed_since(seen, now, ks):
+                    return now
                 return await self._compute_here(key, ks, overwrite=True)
         return await self._compute_and_store(key, ks)
 
@@ -230,3 +235,16 @@ class WriteBack:
         for (_, fut), ok in zip(batch, stored, strict=True):
             if not fut.done():
                 fut.set_result(ok)
+
+
+def _refreshed_since(seen: Item, now: Item, ks: Keyspace) -> bool:
+    """Whether the value stored ``now`` is another node's refresh of the one ``seen``: computed
+    under the current version where ``seen`` was not, or kept for a new lifetime (a refresh lands
+    at least half a TTL after the value it replaces was written)."""
+    if now.version is None or not ks.serves(now.version):
+        return now.version is None and seen.version is not None  # a client's write since
+    if seen.version != now.version:
+        return True
+    if ks.ttl is None or seen.expires_at is None or now.expires_at is None:
+        return False
+    return now.expires_at - seen.expires_at > ks.ttl / 4

@@ -210,3 +210,120 @@ async def test_a_version_switch_on_a_redis_cluster(redis_cluster: Any) -> None:
         assert await km.get("answer:0") == "answer:0 by v2"
         assert len(calls) == 12
         await km.store.flush()
+
+
+def _rollout_app(
+    store: Any, versions: Versions, calls: list[str], window: float, gate: Any = None
+) -> Keymiss:
+    km = Keymiss(store=store)
+
+    @km.keyspace("answer:*", version=versions, version_stale=window)
+    async def answer(key: str) -> str:
+        calls.append(key)
+        if gate is not None:
+            await gate.wait()
+        return f"{key} by {versions.current}"
+
+    return km
+
+
+@pytest.mark.parametrize("kind", LOCAL_KINDS)
+async def test_version_stale_serves_the_replaced_version_while_one_refresh_runs(
+    kind: str, tmp_path: Path
+) -> None:
+    versions, calls, gate = Versions(), [], asyncio.Event()
+    gate.set()
+    km = _rollout_app(make_store(kind, tmp_path), versions, calls, window=5.0, gate=gate)
+    async with km:
+        assert await km.get("answer:1") == "answer:1 by v1"
+        gate.clear()  # the refresh under v2 takes as long as the test says
+        versions.current = "v2"
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        reads = await asyncio.gather(*(km.get("answer:1") for _ in range(20)))
+        assert loop.time() - started < 0.05  # served at once, from the replaced version
+        assert reads == ["answer:1 by v1"] * 20
+        await asyncio.sleep(0.01)
+        assert calls == ["answer:1", "answer:1"]  # one refresh for the twenty reads
+        gate.set()
+        for _ in range(100):
+            if await km.get("answer:1") == "answer:1 by v2":
+                break
+            await asyncio.sleep(0.01)
+        assert await km.get("answer:1") == "answer:1 by v2"
+        st = km.stats()["keyspaces"]["answer:*"]
+        assert st["version_stale_hits"] >= 20 and st["version_stale"] == 5.0
+
+
+@pytest.mark.parametrize("kind", LOCAL_KINDS)
+async def test_past_version_stale_the_replaced_version_is_a_miss(kind: str, tmp_path: Path) -> None:
+    versions, calls = Versions(), []
+    km = _rollout_app(make_store(kind, tmp_path), versions, calls, window=0.2)
+    async with km:
+        await km.get_many(["answer:1", "answer:2"])
+        versions.current = "v2"
+        assert await km.get("answer:1") == "answer:1 by v1"  # inside the window: served, refreshed
+        await asyncio.sleep(0.3)
+        # answer:2 was never read in the window: past it, a normal miss under v2
+        assert await km.get("answer:2") == "answer:2 by v2"
+        assert await km.get("answer:1") == "answer:1 by v2"
+
+
+async def test_without_version_stale_no_replaced_value_is_ever_served() -> None:
+    versions, calls = Versions(), []
+    km = _app("memory", versions, calls)
+    async with km:
+        await km.get("answer:1")
+        versions.current = "v2"
+        assert await km.get("answer:1") == "answer:1 by v2"
+        assert km.stats()["keyspaces"]["answer:*"]["version_stale_hits"] == 0
+
+
+def test_version_stale_needs_a_version() -> None:
+    km = Keymiss()
+    with pytest.raises(ConfigError, match="version_stale needs a version"):
+        km.add_keyspace("x:*", lambda key: key, version_stale=5)
+    with pytest.raises(ConfigError, match="version_stale must be positive"):
+        km.add_keyspace("y:*", lambda key: key, version="v1", version_stale=-1)
+
+
+@pytest.mark.skipif(not HAVE_REDIS, reason="redis-server is not installed")
+async def test_version_stale_on_two_nodes_sharing_redis(redis_standalone: Any) -> None:
+    from keymiss.stores.redis import RedisStore
+
+    url = f"redis://127.0.0.1:{redis_standalone.port}/0"
+    plain = redis_sync.Redis(port=redis_standalone.port)
+    plain.flushall()
+    versions, calls_a, calls_b = Versions(), [], []
+    a = _rollout_app(RedisStore(url), versions, calls_a, window=5.0)
+    b = _rollout_app(RedisStore(url), versions, calls_b, window=5.0)
+    try:
+        async with a, b:
+            assert await a.get("answer:1") == "answer:1 by v1"
+            assert await b.get("answer:1") == "answer:1 by v1"
+            versions.current = "v2"
+            results = await asyncio.gather(a.get("answer:1"), b.get("answer:1"))
+            assert results == ["answer:1 by v1", "answer:1 by v1"]  # the rollout has no cliff
+            for _ in range(200):
+                if plain.get("answer:1") == b"answer:1 by v2":
+                    break
+                await asyncio.sleep(0.01)
+            assert plain.get("answer:1") == b"answer:1 by v2"
+            assert await a.get("answer:1") == "answer:1 by v2"
+            assert await b.get("answer:1") == "answer:1 by v2"
+            assert len(calls_a) + len(calls_b) == 2  # one refresh across the two nodes
+    finally:
+        plain.flushall()
+        plain.close()
+
+
+async def test_only_the_version_just_replaced_is_served_in_version_stale() -> None:
+    versions, calls = Versions(), []
+    km = _rollout_app("memory", versions, calls, window=5.0)
+    async with km:
+        await km.get("answer:1")
+        versions.current = "v2"
+        await km.get("answer:2")  # the switch is seen; answer:2 computed under v2
+        versions.current = "v3"  # a second switch before answer:1 was read again
+        assert await km.get("answer:1") == "answer:1 by v3"  # v1 is two versions back: a miss
+        assert await km.get("answer:2") == "answer:2 by v2"  # v2, just replaced: served, refreshed

@@ -62,6 +62,9 @@ typedef struct Keyspace {
     long long stale_ms, early_milli; /* STALE window; EARLY: XFetch's beta, in thousandths */
     char *version, *label;           /* the current version's tag and its name; NULL: unversioned */
     size_t versionlen;
+    char *prev_version; /* the tag just replaced, served until prev_until (VSTALE); else NULL */
+    size_t prev_versionlen;
+    long long vstale_ms, prev_until, version_stale_hits;
     double mean_ms; /* take-to-fill time, smoothed: XFetch's compute time */
     long long stale_hits, early_refreshes, refresh_failures, version_misses, version_discards;
     long long queued, in_flight;
@@ -527,8 +530,10 @@ static RedisModuleString *companion_name(const RedisModuleString *key) {
 }
 
 /* Whether the present value of `key` (of keyspace k) may be served: always in an unversioned
- * keyspace; in a versioned one when a client wrote it or its companion names the current version.
- * `count`: a refusal is counted (once per read, where the read is answered). */
+ * keyspace; in a versioned one when a client wrote it or its companion names the current version
+ * (1), or names the version just replaced inside its VSTALE window (PREVIOUS: served, and the
+ * caller starts its refresh). `count`: a refusal is counted (once per read, where it is answered). */
+enum { PREVIOUS = 2 };
 static int version_ok(RedisModuleCtx *ctx, int k, RedisModuleString *key, int count) {
     Keyspace *ks = keyspaces[k];
     if (ks->version == NULL) return 1;
@@ -547,6 +552,9 @@ static int version_ok(RedisModuleCtx *ctx, int k, RedisModuleString *key, int co
         const char *v = KM_StringDMA(c, &vlen, RM_READ);
         ok = v != NULL && ((vlen == ks->versionlen && memcmp(v, ks->version, vlen) == 0) ||
                            (vlen == CLIENT_MARK_LEN && memcmp(v, CLIENT_MARK, CLIENT_MARK_LEN) == 0));
+        if (!ok && v != NULL && ks->prev_version != NULL && vlen == ks->prev_versionlen &&
+            memcmp(v, ks->prev_version, vlen) == 0 && now_ms() < ks->prev_until)
+            ok = PREVIOUS;
     }
     if (c) KM_CloseKey(c);
     KM_FreeString(NULL, cname);
@@ -575,6 +583,12 @@ static void refresh(int k, RedisModuleString *key, long long now) {
     }
     Entry *e = entry_new(key, k, now);
     e->refresh = 1;
+}
+
+/* A value of the version just replaced was served inside VSTALE: it is recomputed under the new. */
+static void served_previous(int k, RedisModuleString *key, int count) {
+    if (count) keyspaces[k]->version_stale_hits++;
+    refresh(k, key, now_ms());
 }
 
 /* A hit of keyspace k, `open` its key: past the TTL inside the stale window it is served stale and
@@ -854,9 +868,11 @@ static int serve(RedisModuleCtx *ctx, RedisModuleString **keys, int nkeys, int s
     if (single) { /* the common case: one lookup for a hit */
         int k = plain ? -1 : route_str(keys[0]);
         RedisModuleKey *key = KM_OpenKey(ctx, keys[0], RM_READ);
-        if (k < 0 || (key != NULL && KM_KeyType(key) != RM_KEYTYPE_EMPTY && version_ok(ctx, k, keys[0], 1))) {
+        int ok = k < 0 ? 1 : key != NULL && KM_KeyType(key) != RM_KEYTYPE_EMPTY ? version_ok(ctx, k, keys[0], 1) : 0;
+        if (ok) {
             if (k >= 0) {
                 keyspaces[k]->hits++;
+                if (ok == PREVIOUS) served_previous(k, keys[0], 1);
                 on_served(k, key, keys[0]);
             }
             reply_key(ctx, key, keys[0], 1);
@@ -876,9 +892,10 @@ static int serve(RedisModuleCtx *ctx, RedisModuleString **keys, int nkeys, int s
         if (ksof[i] < 0) continue;
         if (!single) {
             RedisModuleKey *open = KM_OpenKey(ctx, keys[i], RM_READ);
-            int hit = open != NULL && KM_KeyType(open) != RM_KEYTYPE_EMPTY && version_ok(ctx, ksof[i], keys[i], 1);
+            int hit = open != NULL && KM_KeyType(open) != RM_KEYTYPE_EMPTY ? version_ok(ctx, ksof[i], keys[i], 1) : 0;
             if (hit) {
                 keyspaces[ksof[i]]->hits++;
+                if (hit == PREVIOUS) served_previous(ksof[i], keys[i], 1);
                 on_served(ksof[i], open, keys[i]);
             }
             if (open) KM_CloseKey(open);
@@ -1011,7 +1028,20 @@ static char *version_arg(RedisModuleString *s, size_t *len) {
     return dup_bytes(p, *len);
 }
 
+/* The keyspace's version from now on (NULL: unversioned). A switch keeps the replaced tag for the
+ * VSTALE window, when one is set; only the version just replaced is kept. */
 static void set_version(Keyspace *ks, char *tag, size_t taglen, char *label) {
+    int same = tag != NULL && ks->version != NULL && taglen == ks->versionlen && memcmp(tag, ks->version, taglen) == 0;
+    if (!same) {
+        KM_Free(ks->prev_version);
+        ks->prev_version = NULL;
+        if (tag != NULL && ks->version != NULL && ks->vstale_ms > 0) {
+            ks->prev_version = ks->version;
+            ks->prev_versionlen = ks->versionlen;
+            ks->prev_until = now_ms() + ks->vstale_ms;
+            ks->version = NULL;
+        }
+    }
     KM_Free(ks->version);
     KM_Free(ks->label);
     ks->version = tag;
@@ -1030,7 +1060,8 @@ static int cmd_register(RedisModuleCtx *ctx, RedisModuleString **argv, int argc)
     if (nlen == 0 || glen == 0 || nlen > MAX_GLOB || glen > MAX_GLOB || memchr(name, '\0', nlen) ||
         memchr(glob, '\0', glen))
         return KM_ReplyWithError(ctx, "ERR keymiss: a keyspace needs a name and a glob (1 to 512 bytes)");
-    long long ttl = 0, errttl = 0, timeout = DEFAULT_TIMEOUT_MS, queue = DEFAULT_QUEUE, stale = 0, early = 0;
+    long long ttl = 0, errttl = 0, timeout = DEFAULT_TIMEOUT_MS, queue = DEFAULT_QUEUE, stale = 0, early = 0,
+              vstale = 0;
     char *tag = NULL, *label = NULL;
     size_t taglen = 0, labellen = 0;
     for (int i = 3; i < argc; i += 2) {
@@ -1046,6 +1077,7 @@ static int cmd_register(RedisModuleCtx *ctx, RedisModuleString **argv, int argc)
             label = version_arg(argv[i + 1], &labellen);
             ok = label ? RM_OK : RM_ERR;
         } else if (olen == 5 && strncasecmp(opt, "STALE", 5) == 0) ok = parse_ms(argv[i + 1], &stale, 0);
+        else if (olen == 6 && strncasecmp(opt, "VSTALE", 6) == 0) ok = parse_ms(argv[i + 1], &vstale, 0);
         else if (olen == 5 && strncasecmp(opt, "EARLY", 5) == 0)
             ok = parse_ms(argv[i + 1], &early, 0) == RM_OK && early <= 1000000 ? RM_OK : RM_ERR;
         else if (olen == 3 && strncasecmp(opt, "TTL", 3) == 0) ok = parse_ms(argv[i + 1], &ttl, 0);
@@ -1057,7 +1089,7 @@ static int cmd_register(RedisModuleCtx *ctx, RedisModuleString **argv, int argc)
             KM_Free(tag);
             KM_Free(label);
             return KM_ReplyWithError(
-                ctx, "ERR keymiss: unknown option (TTL, ERRTTL, TIMEOUT, QUEUE, STALE, EARLY, VERSION, LABEL)");
+                ctx, "ERR keymiss: unknown option (TTL, ERRTTL, TIMEOUT, QUEUE, STALE, EARLY, VERSION, LABEL, VSTALE)");
         }
         if (ok != RM_OK) {
             KM_Free(tag);
@@ -1065,9 +1097,9 @@ static int cmd_register(RedisModuleCtx *ctx, RedisModuleString **argv, int argc)
             return KM_ReplyWithError(ctx, "ERR keymiss: an option's value is not valid");
         }
     }
-    if (label != NULL && tag == NULL) {
+    if ((label != NULL || vstale > 0) && tag == NULL) {
         KM_Free(label);
-        return KM_ReplyWithError(ctx, "ERR keymiss: LABEL names a VERSION");
+        return KM_ReplyWithError(ctx, "ERR keymiss: LABEL and VSTALE need a VERSION");
     }
     int k;
     for (k = 0; k < nkeyspaces; k++)
@@ -1093,6 +1125,7 @@ static int cmd_register(RedisModuleCtx *ctx, RedisModuleString **argv, int argc)
             KM_Free(keyspaces[k]->glob);
             KM_Free(keyspaces[k]->version);
             KM_Free(keyspaces[k]->label);
+            KM_Free(keyspaces[k]->prev_version);
             memset(keyspaces[k], 0, sizeof(Keyspace));
         } else {
             keyspaces[k] = KM_Calloc(1, sizeof(Keyspace));
@@ -1118,6 +1151,7 @@ static int cmd_register(RedisModuleCtx *ctx, RedisModuleString **argv, int argc)
     ks->queue_max = queue;
     ks->stale_ms = stale;
     ks->early_milli = early;
+    ks->vstale_ms = vstale;
     set_version(ks, tag, taglen, label ? label : (tag ? dup_bytes(tag, taglen) : NULL));
     if (w < 0) {
         w = nworkers++;
@@ -1599,8 +1633,9 @@ static void command_filter(RedisModuleCommandFilterCtx *f) {
         int ks = route_str(key);
         if (ks < 0) continue;
         RedisModuleKey *k = KM_OpenKey(filter_ctx, key, RM_READ | lookup_modes);
-        int present = k != NULL && KM_KeyType(k) != RM_KEYTYPE_EMPTY && version_ok(filter_ctx, ks, key, 0);
+        int present = k != NULL && KM_KeyType(k) != RM_KEYTYPE_EMPTY ? version_ok(filter_ctx, ks, key, 0) : 0;
         if (k) KM_CloseKey(k);
+        if (present == PREVIOUS) served_previous(ks, key, argc == 2);
         if (!present) { /* missing, or computed under another version: KEYMISS.GET decides */
             rewrite = 1;
             break;
@@ -1672,6 +1707,7 @@ static void on_info(RedisModuleInfoCtx *ctx, int for_crash_report) {
         }
         KM_InfoAddFieldLongLong(ctx, "version_misses", ks->version_misses);
         KM_InfoAddFieldLongLong(ctx, "version_discards", ks->version_discards);
+        KM_InfoAddFieldLongLong(ctx, "version_stale_hits", ks->version_stale_hits);
         KM_InfoAddFieldLongLong(ctx, "stale_hits", ks->stale_hits);
         KM_InfoAddFieldLongLong(ctx, "early_refreshes", ks->early_refreshes);
         KM_InfoAddFieldLongLong(ctx, "refresh_failures", ks->refresh_failures);

@@ -186,7 +186,9 @@ def build_qa_app(
 
     async def startup(km: Keymiss) -> None:
         # said when serving starts, not when the app is built: a bad flag's error stays one line
-        log.info("QA reader: %s, %s (%s)", "span model " + model if model else "sentence encoder", chosen, why)
+        log.info(
+            "QA reader: %s, %s (%s)", "span model " + model if model else "sentence encoder", chosen, why
+        )
         reader = await service.load()
         current = f"{reader.kind}:{reader.fingerprint}".encode()
         stored = await km.store.get(MODEL_KEY)

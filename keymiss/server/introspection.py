@@ -221,6 +221,7 @@ def info_sections(c: Connection) -> dict[str, dict[str, Any]]:
                 ("pattern", _escape(ks.pattern)),
                 ("version", "" if version is None else _escape(version)),
                 ("version_misses", st.version_misses),
+                ("version_stale_hits", st.version_stale_hits),
                 ("hits", st.hits),
                 ("misses", st.misses),
                 ("computations", st.computations),
