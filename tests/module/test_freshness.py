@@ -230,3 +230,58 @@ async def test_a_fill_computed_under_the_old_version_is_computed_again(server: R
         versions.current = "v2"  # switched while v1's computation runs
         assert await reader == b"by v2"
         assert calls[0] == "v1" and calls[-1] == "v2"
+
+
+async def _rollout(server: RedisProcess, versions: Versions, calls: list[str], window: float) -> Keymiss:
+    km = Keymiss(sweep_interval=0)
+
+    @km.keyspace("roll:*", ttl=60, version=versions, version_stale=window)
+    async def answer(key: str) -> str:
+        calls.append(versions.current)
+        await asyncio.sleep(0.01 if versions.current == "v1" else 1.5)  # the new model is slow
+        return f"{key} by {versions.current}"
+
+    return km
+
+
+async def _switched(server: RedisProcess, pattern: str, version: str) -> None:
+    deadline = time.monotonic() + 3
+    while _info(await resp(server.port, "INFO", "keymiss"), pattern).get("version") != version:
+        assert time.monotonic() < deadline
+        await asyncio.sleep(0.01)
+
+
+async def test_version_stale_serves_the_replaced_version_while_one_refresh_runs(server: RedisProcess) -> None:
+    versions, calls = Versions(), []
+    km = await _rollout(server, versions, calls, window=30)
+    async with running(km, url(server)):
+        assert await resp(server.port, "GET", "roll:1") == b"roll:1 by v1"
+        versions.current = "v2"
+        await _switched(server, "roll:*", "v2")
+        t0 = time.monotonic()
+        got = await asyncio.gather(*(resp(server.port, "GET", "roll:1") for _ in range(20)))
+        got += [await resp(server.port, "MGET", "roll:1", "nothing")]
+        assert time.monotonic() - t0 < 1.0  # not after the 1.5 s computation under v2
+        assert got[:20] == [b"roll:1 by v1"] * 20 and got[20] == [b"roll:1 by v1", None]
+        deadline = time.monotonic() + 5
+        while await resp(server.port, "GET", "roll:1") != b"roll:1 by v2":
+            assert time.monotonic() < deadline
+            await asyncio.sleep(0.02)
+        assert calls == ["v1", "v2"]  # twenty-one stale reads, one refresh
+        info = _info(await resp(server.port, "INFO", "keymiss"), "roll:*")
+        assert int(info["version_stale_hits"]) >= 21 and int(info["version_misses"]) == 0, info
+
+
+async def test_past_version_stale_the_replaced_version_is_a_miss(server: RedisProcess) -> None:
+    versions, calls = Versions(), []
+    km = await _rollout(server, versions, calls, window=0.2)
+    async with running(km, url(server)):
+        assert await resp(server.port, "GET", "roll:2") == b"roll:2 by v1"
+        versions.current = "v2"
+        await _switched(server, "roll:*", "v2")
+        await asyncio.sleep(0.3)  # the window is over
+        t0 = time.monotonic()
+        assert await resp(server.port, "GET", "roll:2") == b"roll:2 by v2"  # the reader waited
+        assert time.monotonic() - t0 >= 1.4
+        info = _info(await resp(server.port, "INFO", "keymiss"), "roll:*")
+        assert int(info["version_stale_hits"]) == 0 and int(info["version_misses"]) >= 1, info

@@ -165,6 +165,10 @@ async def test_a_full_queue_answers_busy_at_once(server: RedisProcess) -> None:
         ["KEYMISS.REGISTER", "n", "g:*", "EARLY", "1000001"],
         ["KEYMISS.REGISTER", "n", "g:*", "STALE", "-1"],
         ["KEYMISS.REGISTER", "n", "g:*", "VERSION"],
+        ["KEYMISS.REGISTER", "n", "g:*", "VSTALE", "5000"],  # no VERSION to switch from
+        ["KEYMISS.REGISTER", "n", "g:*", "VERSION", "v1", "VSTALE", "-1"],
+        ["KEYMISS.REGISTER", "n", "g:*", "VERSION", "v1", "VSTALE", "soon"],
+        ["KEYMISS.REGISTER", "n", "g:*", "VERSION", "v1", "VSTALE"],
         ["KEYMISS.VERSION", "nobody", "v1"],
         ["KEYMISS.VERSION", "nobody"],
         ["KEYMISS.FILL", "k", "1", "v", "VERSION"],
