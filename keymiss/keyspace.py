@@ -22,7 +22,7 @@ from typing import Any
 from .codecs import Codec, codec_from_name
 from .errors import ConfigError, KeyMismatchError
 from .glob import compile_glob, glob_prefix
-from .options import DEFAULT_TIMEOUT, KeyspaceOptions
+from .options import DEFAULT_TIMEOUT, KeyspaceOptions, utf8_text
 from .stats import KeyspaceStats
 from .stores.base import NO_VERSION
 
@@ -182,7 +182,7 @@ class Keyspace:
         if v is None or isinstance(v, str):
             return v
         current = v()
-        if not isinstance(current, str) or not current:
+        if not utf8_text(current):
             raise ConfigError(f"keyspace {self.pattern!r}: its version callable returned {current!r}")
         return current
 

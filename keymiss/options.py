@@ -65,7 +65,12 @@ class KeyspaceOptions:
 
     def __post_init__(self) -> None:
         def number(value: object) -> bool:
-            return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+            if not isinstance(value, int | float) or isinstance(value, bool):
+                return False
+            try:
+                return math.isfinite(value)
+            except OverflowError:  # an int too large for a float: no timer could hold it
+                return False
 
         def integer(value: object) -> bool:
             return isinstance(value, int) and not isinstance(value, bool)
@@ -102,13 +107,9 @@ class KeyspaceOptions:
             raise ConfigError(
                 f"error_detail must be one of {', '.join(ERROR_DETAILS)}, got {self.error_detail!r}"
             )
-        if (
-            self.version is not None
-            and not callable(self.version)
-            and not (isinstance(self.version, str) and self.version)
-        ):
+        if self.version is not None and not callable(self.version) and not utf8_text(self.version):
             raise ConfigError(
-                f"version must be a non-empty string or a zero-argument callable, got {self.version!r}"
+                f"version must be a non-empty UTF-8 string or a zero-argument callable, got {self.version!r}"
             )
         try:
             codec_from_name(self.codec)
@@ -142,3 +143,15 @@ class KeyspaceOptions:
 
     def as_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+
+def utf8_text(value: object) -> bool:
+    """A non-empty string that encodes as UTF-8: a version is stored and sent as its bytes, so a
+    lone surrogate must be refused where it is given, not fail every read later."""
+    if not isinstance(value, str) or not value:
+        return False
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True

@@ -156,11 +156,31 @@ async def test_a_failing_version_callable_fails_the_read_with_its_error() -> Non
         assert await km.get("answer:1") == "value"
 
 
-@pytest.mark.parametrize("bad", ["", 3, b"v1"])
+@pytest.mark.parametrize("bad", ["", 3, b"v1", "\ud800"])
 def test_a_version_is_a_string_or_a_callable(bad: Any) -> None:
     km = Keymiss()
     with pytest.raises(ConfigError, match="version"):
         km.add_keyspace("answer:*", lambda key: key, version=bad)
+
+
+async def test_a_callable_answering_a_lone_surrogate_is_blamed_not_the_handler() -> None:
+    versions = Versions()
+    km = _app("memory", versions, [])
+    async with km:
+        assert await km.get("answer:1") == "answer:1 by v1"
+        versions.current = "\ud800"  # not UTF-8: it could be neither stored nor sent
+        with pytest.raises(ConfigError, match="version callable returned"):
+            await km.get("answer:1")
+        versions.current = "v2"
+        assert await km.get("answer:1") == "answer:1 by v2"
+
+
+@pytest.mark.parametrize("bad", [10**400, -(10**400)])
+def test_a_window_too_large_for_a_float_is_a_config_error(bad: int) -> None:
+    with pytest.raises(ConfigError, match="version_stale must be positive"):
+        Keymiss().add_keyspace("x:*", lambda key: key, version="v1", version_stale=bad)
+    with pytest.raises(ConfigError, match="ttl must be positive"):
+        Keymiss().add_keyspace("y:*", lambda key: key, ttl=bad)
 
 
 # --- a shared Redis: two nodes ---------------------------------------------------------------------
