@@ -89,7 +89,7 @@ class WriteBack:
             return await self._compute_here(key, ks, overwrite=True)
         async with store.lease(key) as held:
             if held:
-                now = (await store.get_expiring([key]))[0]
+                now = (await store.get_expiring([key]))[0] if seen is not None else None
                 if seen is not None and now is not None and _refreshed_since(seen, now, ks):
                     return now
                 return await self._compute_here(key, ks, overwrite=True)

@@ -244,9 +244,11 @@ async def _rollout(server: RedisProcess, versions: Versions, calls: list[str], w
     return km
 
 
-async def _switched(server: RedisProcess, pattern: str, version: str) -> None:
+async def _switch(server: RedisProcess, versions: Versions, version: str) -> None:
+    """Switch the workers' version and wait until the server has it."""
+    versions.current = version
     deadline = time.monotonic() + 3
-    while _info(await resp(server.port, "INFO", "keymiss"), pattern).get("version") != version:
+    while _info(await resp(server.port, "INFO", "keymiss"), "roll:*").get("version") != version:
         assert time.monotonic() < deadline
         await asyncio.sleep(0.01)
 
@@ -256,8 +258,7 @@ async def test_version_stale_serves_the_replaced_version_while_one_refresh_runs(
     km = await _rollout(server, versions, calls, window=30)
     async with running(km, url(server)):
         assert await resp(server.port, "GET", "roll:1") == b"roll:1 by v1"
-        versions.current = "v2"
-        await _switched(server, "roll:*", "v2")
+        await _switch(server, versions, "v2")
         t0 = time.monotonic()
         got = await asyncio.gather(*(resp(server.port, "GET", "roll:1") for _ in range(20)))
         got += [await resp(server.port, "MGET", "roll:1", "nothing")]
@@ -277,8 +278,7 @@ async def test_past_version_stale_the_replaced_version_is_a_miss(server: RedisPr
     km = await _rollout(server, versions, calls, window=0.2)
     async with running(km, url(server)):
         assert await resp(server.port, "GET", "roll:2") == b"roll:2 by v1"
-        versions.current = "v2"
-        await _switched(server, "roll:*", "v2")
+        await _switch(server, versions, "v2")
         await asyncio.sleep(0.3)  # the window is over
         t0 = time.monotonic()
         assert await resp(server.port, "GET", "roll:2") == b"roll:2 by v2"  # the reader waited

@@ -379,6 +379,21 @@ async def test_the_module_runs_clean_under_valgrind(tmp_path: Path) -> None:
             assert await resp(server.port, "GET", "v:2", wait=30) == b"client"
             assert await call(v, "KEYMISS.REGISTER", "v", "v:*", "VERSION", "cc") == "OK"
             v[1].close()
+            # VSTALE: the replaced tag kept, served with one refresh, replaced, freed on re-register
+            p = await raw_worker(server.port, ["p", "p:*", "VERSION", "aa", "VSTALE", "60000"])
+            first = asyncio.ensure_future(resp(server.port, "GET", "p:1", wait=30))
+            await asyncio.sleep(0.2)
+            key, token = await call(p, "KEYMISS.TAKE", "10", "1000", "10000")
+            assert await call(p, "KEYMISS.FILL", key, token, "old", "VERSION", "aa") == 1
+            assert await first == b"old"
+            assert await call(p, "KEYMISS.VERSION", "p", "bb", "two") == "OK"
+            assert await resp(server.port, "GET", "p:1", wait=30) == b"old"  # the replaced version
+            key, token = await call(p, "KEYMISS.TAKE", "10", "1000", "10000")
+            assert await call(p, "KEYMISS.FILL", key, token, "new", "VERSION", "bb") == 1
+            assert await resp(server.port, "GET", "p:1", wait=30) == b"new"
+            assert await call(p, "KEYMISS.VERSION", "p", "cc", "three") == "OK"
+            assert await call(p, "KEYMISS.REGISTER", "p", "p:*", "VERSION", "dd", "VSTALE", "9") == "OK"
+            p[1].close()
     finally:
         server.stop()
     text = vlog.read_text()
