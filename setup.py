@@ -1,7 +1,7 @@
 """Builds the Valkey / Redis module (C) with the package: ``keymiss redis-module`` prints its path.
 
 The module is a plain shared object a server loads (``--loadmodule``), not a Python extension: it
-is named ``keymiss/module/keymiss.so`` and has no Python ABI tag.
+is named ``keymiss/valkey/module/keymiss.so`` and has no Python ABI tag.
 """
 
 from __future__ import annotations
@@ -25,9 +25,9 @@ class BuildServerModule(build_ext):
 setup(
     ext_modules=[
         Extension(
-            "keymiss.module.keymiss",
-            sources=["keymiss/module/keymiss.c", "keymiss/module/api.c"],
-            depends=["keymiss/module/api.h"],
+            "keymiss.valkey.module.keymiss",
+            sources=["keymiss/valkey/module/keymiss.c", "keymiss/valkey/module/api.c"],
+            depends=["keymiss/valkey/module/api.h"],
             extra_compile_args=FLAGS,
             libraries=["m"],
         )

@@ -117,8 +117,8 @@ async def _run_module(
 
     import redis.asyncio as aioredis
 
-    from keymiss.redis_module import module_path
-    from keymiss.worker import Worker
+    from keymiss.valkey.modulepath import module_path
+    from keymiss.valkey.worker import Worker
 
     binary = binary or _valkey_binary()
     if binary is None:

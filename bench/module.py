@@ -34,9 +34,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.resp_hits import bench, free_port, preload, running
 from keymiss import Keymiss
-from keymiss.redis_module import module_path
-from keymiss.worker import Worker
-from tests.module.conftest import valkey_binary
+from keymiss.valkey.modulepath import module_path
+from keymiss.valkey.worker import Worker
+from tests.valkey.conftest import valkey_binary
 
 # One client: GET a new key (a miss), then the same key (a hit); seconds of each, one line per key.
 CLIENT = """

@@ -1,8 +1,8 @@
 """keymiss: a compute-on-miss cache for expensive ML inference that speaks the Redis protocol."""
 
-from .codecs import Codec
-from .engine import Keymiss
-from .errors import (
+from keymiss.api import Keymiss
+from keymiss.codecs import Codec
+from keymiss.errors import (
     BatchResultError,
     BusyError,
     CodecError,
@@ -14,12 +14,11 @@ from .errors import (
     KeyspaceError,
     StoreError,
 )
-from .keyspace import Keyspace
-from .sizes import parse_size
-from .stores import Item, LocalStore, MemoryStore, Store, Write, open_store
-from .stores.eviction import LRUPolicy, Policy
-
-__version__ = "0.1.0"
+from keymiss.keyspace import Keyspace
+from keymiss.sizes import parse_size
+from keymiss.stores import Item, LocalStore, MemoryStore, Store, Write, open_store
+from keymiss.stores.eviction import LRUPolicy, Policy
+from keymiss.version import __version__
 
 __all__ = [
     "BatchResultError",

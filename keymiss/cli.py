@@ -9,11 +9,11 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
-from . import __version__
-from .logs import configure_logging
-from .options import ERROR_DETAILS
-from .stores import STORE_URLS
-from .stores.eviction import POLICY_NAMES
+from keymiss.logs import configure_logging
+from keymiss.options import ERROR_DETAILS
+from keymiss.stores import STORE_URLS
+from keymiss.stores.eviction import POLICY_NAMES
+from keymiss.version import __version__
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -146,12 +146,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _ingest(args: argparse.Namespace) -> int:
-    from .engine import Keymiss
-    from .errors import ConfigError, KeymissError
+    from keymiss.engine.cache import Keymiss
+    from keymiss.errors import ConfigError, KeymissError
 
     try:
-        from .qa.app import QAService, reader_factory
-        from .qa.contexts import read_corpus
+        from keymiss.qa.app import QAService, reader_factory
+        from keymiss.qa.contexts import read_corpus
     except ImportError as exc:
         print(f"keymiss: ingest needs the qa extra ({exc})", file=sys.stderr)
         return 2
@@ -202,10 +202,10 @@ def _ingest(args: argparse.Namespace) -> int:
 def _with_qa(km: Any, settings: Any) -> Any:
     """Add the bertqa keyspace (the default app): span answers with --model, else the MiniLM
     sentence reader over the demo corpus. Without the qa extra, a plain cache with a warning."""
-    from .engine import Keymiss
+    from keymiss.engine.cache import Keymiss
 
     try:
-        from .qa import build_qa_app
+        from keymiss.qa import build_qa_app
     except ImportError as exc:
         if settings.model:
             raise SystemExit(f"keymiss: --model needs the qa extra: {exc}") from None
@@ -226,12 +226,10 @@ def _with_qa(km: Any, settings: Any) -> Any:
 def _serve(args: argparse.Namespace) -> int:
     from dataclasses import fields
 
-    from .config import Settings, load_settings
-    from .errors import ConfigError
-    from .frontend import choose_front_end, run_module_front
-    from .server import load_app, run
-
-    log = logging.getLogger("keymiss.server")
+    from keymiss.config import Settings, load_settings
+    from keymiss.errors import ConfigError
+    from keymiss.launch import serve
+    from keymiss.runtime.apps import load_app
 
     # every serve flag is named after its setting, so flags map onto settings one to one
     overrides = {f.name: getattr(args, f.name) for f in fields(Settings) if hasattr(args, f.name)}
@@ -240,16 +238,7 @@ def _serve(args: argparse.Namespace) -> int:
         km = load_app(settings.app) if settings.app else None
         if km is None or settings.model:
             km = _with_qa(km, settings)
-        front = choose_front_end(km, settings)
-        if front.kind == "python":
-            if front.why != "--server python":
-                log.info("serving with the Python server: %s", front.why)
-            for name in ("data_dir", "redis_server", "valkey"):
-                if getattr(settings, name):
-                    log.warning("%s applies to the embedded server only: ignored", name.replace("_", "-"))
-            return run(km, settings, config_file=args.config)
-        log.info("front end: %s", front.why)
-        return run_module_front(km, settings, front)
+        return serve(km, settings, config_file=args.config)
     except ConfigError as exc:
         print(f"keymiss: {exc}", file=sys.stderr)
         return 2
@@ -259,8 +248,8 @@ def _serve(args: argparse.Namespace) -> int:
 
 
 def _redis_module() -> int:
-    from .errors import ConfigError
-    from .redis_module import module_path
+    from keymiss.errors import ConfigError
+    from keymiss.valkey.modulepath import module_path
 
     try:
         print(module_path())
@@ -271,10 +260,11 @@ def _redis_module() -> int:
 
 
 def _worker(args: argparse.Namespace) -> int:
-    from .config import Settings
-    from .errors import ConfigError
-    from .server import load_app
-    from .worker import parse_url, run_worker
+    from keymiss.config import Settings
+    from keymiss.errors import ConfigError
+    from keymiss.runtime.apps import load_app
+    from keymiss.runtime.loop import run_loop
+    from keymiss.valkey.worker import parse_url, run_worker
 
     qa = Settings(
         model=args.model,
@@ -291,21 +281,13 @@ def _worker(args: argparse.Namespace) -> int:
         if km is None or args.model:
             km = _with_qa(km, qa)
         km.configure(store=args.redis)  # contexts are read from the servers the worker serves
-        try:
-            import uvloop
-
-            runner: Any = uvloop.run
-        except ImportError:
-            runner = asyncio.run
-        return int(
-            runner(
-                run_worker(
-                    km,
-                    args.redis,
-                    batch=args.batch,
-                    max_in_flight=args.max_in_flight,
-                    default_ttl=args.default_ttl or None,
-                )
+        return run_loop(
+            lambda: run_worker(
+                km,
+                args.redis,
+                batch=args.batch,
+                max_in_flight=args.max_in_flight,
+                default_ttl=args.default_ttl or None,
             )
         )
     except ConfigError as exc:
@@ -318,7 +300,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     configure_logging(args.log_level, args.log_format)
     command = args.command or "demo"
     if command == "demo":
-        from .demo import run_demo
+        from keymiss.apps.demo import run_demo
 
         asyncio.run(
             run_demo(

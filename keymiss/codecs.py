@@ -14,7 +14,7 @@ import struct
 from enum import IntEnum
 from typing import Any
 
-from .errors import CodecError
+from keymiss.errors import CodecError
 
 try:  # numpy is a core dependency, but keep the import failure readable for slim installs
     import numpy as np

@@ -9,9 +9,9 @@ import tomllib
 from dataclasses import dataclass, field, fields
 from typing import Any
 
-from .errors import ConfigError
-from .options import KeyspaceOptions
-from .sizes import parse_size
+from keymiss.errors import ConfigError
+from keymiss.options import KeyspaceOptions
+from keymiss.sizes import parse_size
 
 
 @dataclass

@@ -57,3 +57,20 @@ class BusyError(KeymissError):
 class ReplyError(KeymissError):
     """The backing server answered a passed-through command with an error; ``str(self)`` is its
     whole error line (``CROSSSLOT Keys in request don't hash to the same slot``)."""
+
+
+def error_line(exc: BaseException) -> str:
+    """The error line a client sees for ``exc``, code first, on one line and without RESP
+    framing: the Python server frames it as ``-LINE\r\n``, a worker hands it to the module, which
+    does the same."""
+    if isinstance(exc, ReplyError):  # already a whole error line
+        line = str(exc)
+    elif isinstance(exc, BusyError):
+        line = f"BUSY {exc}"
+    elif isinstance(exc, StoreError):
+        line = f"ERR store error: {exc}"
+    elif isinstance(exc, KeymissError):
+        line = f"ERR {exc}"
+    else:
+        line = f"ERR internal error ({type(exc).__name__}); see the server log"
+    return line.replace("\r", " ").replace("\n", " ")

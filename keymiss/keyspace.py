@@ -19,12 +19,12 @@ from collections import namedtuple
 from collections.abc import Callable
 from typing import Any
 
-from .codecs import Codec, codec_from_name
-from .errors import ConfigError, KeyMismatchError
-from .glob import compile_glob, glob_prefix
-from .options import DEFAULT_TIMEOUT, KeyspaceOptions, utf8_text
-from .stats import KeyspaceStats
-from .stores.base import NO_VERSION
+from keymiss.codecs import Codec, codec_from_name
+from keymiss.errors import ConfigError, KeyMismatchError
+from keymiss.glob import compile_glob, glob_prefix
+from keymiss.options import DEFAULT_TIMEOUT, KeyspaceOptions, utf8_text
+from keymiss.stats import KeyspaceStats
+from keymiss.stores.base import NO_VERSION
 
 _FIELD = re.compile(r"<([A-Za-z_][A-Za-z0-9_]*)>")
 

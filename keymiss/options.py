@@ -13,8 +13,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from .codecs import codec_from_name
-from .errors import CodecError, ConfigError
+from keymiss.codecs import codec_from_name
+from keymiss.errors import CodecError, ConfigError
 
 DEFAULT_TIMEOUT = 60.0
 

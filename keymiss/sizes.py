@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import re
 
-from .errors import ConfigError
+from keymiss.errors import ConfigError
 
 _UNITS = {
     "": 1,

@@ -38,7 +38,7 @@ def test_demo_command_shows_miss_hit_and_one_computation(tmp_path: object) -> No
 def test_embedded_example_app_serves_its_keyspaces() -> None:
     import asyncio
 
-    from keymiss.examples import app
+    from keymiss.apps.examples import app
 
     async def main() -> list[object]:
         async with app:

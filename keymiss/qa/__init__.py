@@ -3,8 +3,8 @@
 Needs the ``qa`` extra (torch, transformers, tokenizers); nothing here downloads anything.
 """
 
-from .app import QA_PATTERN, QAService, build_qa_app, qa_service, reader_factory
-from .contexts import ContextRecord, UnknownContextError, context_store_key
+from keymiss.qa.app import QA_PATTERN, QAService, build_qa_app, qa_service, reader_factory
+from keymiss.qa.contexts import ContextRecord, UnknownContextError, context_store_key
 
 __all__ = [
     "QA_PATTERN",

@@ -10,11 +10,11 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
-from ..engine import Keymiss
-from ..errors import CodecError
-from ..slots import HandlerThreads
-from .contexts import ContextRecord, UnknownContextError, context_store_key, hash_tag, read_corpus
-from .reader import QAParams, Reader, SentenceReader, SpanReader
+from keymiss.engine.cache import Keymiss
+from keymiss.engine.handlers import HandlerThreads
+from keymiss.errors import CodecError
+from keymiss.qa.contexts import ContextRecord, UnknownContextError, context_store_key, hash_tag, read_corpus
+from keymiss.qa.reader import QAParams, Reader, SentenceReader, SpanReader
 
 log = logging.getLogger("keymiss.qa")
 
@@ -83,7 +83,7 @@ class QAService:
                     continue
                 todo.append((key, text, item is not None and (old is None or old.text != text)))
             records = await self.run(lambda: [reader.prepare(k, t) for k, t, _ in todo])
-            from ..stores.base import Write
+            from keymiss.stores.base import Write
 
             await store.set_many([Write(context_store_key(r.key), r.to_bytes()) for r in records])
             for key, _, changed in todo:
@@ -129,7 +129,7 @@ def reader_factory(
     the shipped all-MiniLM-L6-v2 encoder answering with the best-matching sentence."""
 
     def make_reader() -> Reader:
-        from .models import load_encoder, load_qa_model, resolve_dtype
+        from keymiss.qa.models import load_encoder, load_qa_model, resolve_dtype
 
         if model:
             main = load_qa_model(model, dtype=resolve_dtype(dtype, device)[0], device=device)
@@ -144,8 +144,8 @@ def reader_factory(
 
 def qa_version(model: str | None, dtype: str) -> str:
     """What a cached answer depends on: the reader, its checkpoint's files and its numeric path."""
-    from ..errors import ConfigError
-    from .models import default_encoder_path, fingerprint
+    from keymiss.errors import ConfigError
+    from keymiss.qa.models import default_encoder_path, fingerprint
 
     if model:
         return f"span:{fingerprint(model)}:{dtype}"
@@ -176,7 +176,7 @@ def build_qa_app(
     the keyspace's version names it with the checkpoint's fingerprint, so answers computed under
     another model or path are never served (also from a shared server, in module mode).
     """
-    from .models import resolve_dtype
+    from keymiss.qa.models import resolve_dtype
 
     km = km or Keymiss()
     chosen, why = resolve_dtype(dtype, device) if model else ("float32", "the sentence encoder runs float32")
@@ -250,7 +250,7 @@ def build_qa_app(
             pairs.append((it.question, rec))
             where.append(i)
         if stale:  # stored for another tokenizer or encoder: tokenise again and keep the new record
-            from ..stores.base import Write
+            from keymiss.stores.base import Write
 
             fresh = await service.run(
                 lambda: [reader.prepare(pairs[j][1].key, pairs[j][1].text) for j in stale]

@@ -25,7 +25,7 @@ from typing import Any
 
 import numpy as np
 
-from ..errors import CodecError, KeyspaceError
+from keymiss.errors import CodecError, KeyspaceError
 
 log = logging.getLogger("keymiss.qa")
 

@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from ..errors import ConfigError
+from keymiss.errors import ConfigError
 
 log = logging.getLogger("keymiss.qa")
 

@@ -18,8 +18,8 @@ from typing import Any
 
 import numpy as np
 
-from .contexts import ContextRecord, split_sentences, tokenize_context
-from .models import Encoder, QAModel
+from keymiss.qa.contexts import ContextRecord, split_sentences, tokenize_context
+from keymiss.qa.models import Encoder, QAModel
 
 log = logging.getLogger("keymiss.qa")
 

@@ -1,7 +1,8 @@
-"""The RESP front end: any Redis client GETs through keymiss."""
+"""The pure-Python RESP front end: any Redis client GETs through keymiss, over any store (the LMDB
+store's home: larger than RAM, no load step)."""
 
 # Importing the command modules fills the command table.
-from . import edits, introspection, keys, session, strings, transactions  # noqa: F401
-from .app import Server, load_app, run
+from keymiss.server import edits, introspection, keys, session, strings, transactions  # noqa: F401
+from keymiss.server.app import Server, run
 
-__all__ = ["Server", "load_app", "run"]
+__all__ = ["Server", "run"]

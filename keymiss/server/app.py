@@ -4,61 +4,23 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import importlib
-import ipaddress
 import itertools
 import logging
-import os
 import signal
-import socket
-import sys
 import time
 from typing import Any
 
-from ..config import Settings
-from ..engine import Keymiss
-from ..errors import ConfigError
-from .connection import Connection
-from .passthrough import Relay
-from .transactions import Watches
+from keymiss.config import Settings
+from keymiss.engine.cache import Keymiss
+from keymiss.errors import ConfigError
+from keymiss.runtime.exits import EXIT_ABANDONED
+from keymiss.runtime.loop import EXECUTOR_WAIT, run_loop
+from keymiss.runtime.net import is_loopback
+from keymiss.server.connection import Connection
+from keymiss.server.passthrough import Relay
+from keymiss.server.transactions import Watches
 
 log = logging.getLogger("keymiss.server")
-
-
-def load_app(spec: str | None) -> Keymiss:
-    """Import ``module:attr`` (uvicorn style, from the current directory); no spec: an empty app."""
-    if not spec:
-        return Keymiss()
-    module_name, _, attr = spec.partition(":")
-    attr = attr or "app"
-    if os.getcwd() not in sys.path:
-        sys.path.insert(0, os.getcwd())
-    try:
-        module = importlib.import_module(module_name)
-    except ImportError as exc:
-        raise ConfigError(f"cannot import app module {module_name!r}: {exc}") from exc
-    try:
-        obj: Any = getattr(module, attr)
-    except AttributeError:
-        raise ConfigError(f"module {module_name!r} has no attribute {attr!r}") from None
-    if not isinstance(obj, Keymiss) and callable(obj):
-        obj = obj()
-    if not isinstance(obj, Keymiss):
-        raise ConfigError(f"{spec} is a {type(obj).__name__}, not a keymiss.Keymiss")
-    return obj
-
-
-def is_loopback(host: str) -> bool:
-    """True if every address ``host`` resolves to is a loopback address."""
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        pass
-    try:
-        infos = socket.getaddrinfo(host, None)
-    except OSError:
-        return False
-    return bool(infos) and all(ipaddress.ip_address(info[4][0]).is_loopback for info in infos)
 
 
 class Server:
@@ -130,7 +92,7 @@ class Server:
         self.port = sock.getsockname()[1]
         self._watchdog = loop.create_task(self._watch())
         if self.settings.metrics_port is not None:
-            from .metrics import start_metrics_server
+            from keymiss.server.metrics import start_metrics_server
 
             self._metrics = start_metrics_server(self, self.settings.metrics_port)
             log.info(
@@ -222,52 +184,13 @@ class Server:
             log.info("keymiss stopped")
 
 
-#: Exit status of ``keymiss serve`` when shutdown had to abandon handlers stuck past their timeout.
-EXIT_ABANDONED = 3
-
-
 def run(km: Keymiss, settings: Settings, *, config_file: str | None = None) -> int:
-    """Run a server until a signal stops it, on uvloop when it is installed. Returns the exit
-    status: 0, or ``EXIT_ABANDONED`` when work stuck past its timeout was left behind.
-
-    The loop is closed by hand rather than by ``asyncio.Runner``: on Python 3.11 the runner waits
-    without limit for the default executor, where an async handler's ``asyncio.to_thread`` call may
-    be stuck for good. Here that wait is bounded, and what is still stuck after it is abandoned
-    with an immediate exit (logs flushed first)."""
+    """Run a server until a signal stops it. Returns the exit status: 0, or ``EXIT_ABANDONED``
+    when work stuck past its timeout was left behind."""
     server = Server(km, settings, config_file=config_file)
-    try:
-        import uvloop
 
-        loop: asyncio.AbstractEventLoop = uvloop.new_event_loop()
-    except ImportError:
-        loop = asyncio.new_event_loop()
-    asyncio.set_event_loop(loop)
-    stuck_executor = False
-    try:
-        loop.run_until_complete(server.serve_forever())
-        loop.run_until_complete(loop.shutdown_asyncgens())
-        stuck_executor = not loop.run_until_complete(_shutdown_executor(loop, EXECUTOR_WAIT))
-    finally:
-        if stuck_executor:
-            log.error(
-                "keymiss stopped, abandoning threads of the default executor still busy after %.0fs "
-                "(an async handler's blocking call)",
-                EXECUTOR_WAIT,
-            )
-            logging.shutdown()
-            os._exit(EXIT_ABANDONED)
-        asyncio.set_event_loop(None)
-        loop.close()
-    return EXIT_ABANDONED if server.abandoned_handlers else 0
+    async def main() -> int:
+        await server.serve_forever()
+        return EXIT_ABANDONED if server.abandoned_handlers else 0
 
-
-#: Seconds shutdown waits for the default executor's threads (``asyncio.to_thread``) to finish.
-EXECUTOR_WAIT = 2.0
-
-
-async def _shutdown_executor(loop: asyncio.AbstractEventLoop, seconds: float) -> bool:
-    try:
-        await asyncio.wait_for(asyncio.shield(loop.shutdown_default_executor()), seconds)
-    except TimeoutError:
-        return False
-    return True
+    return run_loop(main, executor_wait=EXECUTOR_WAIT)

@@ -14,19 +14,12 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from ..errors import (
-    BusyError,
-    CodecError,
-    KeymissError,
-    KeyspaceError,
-    ReplyError,
-    StoreError,
-)
-from ..stores.base import LocalStore
-from . import reply, resp
+from keymiss.errors import error_line
+from keymiss.server import reply, resp
+from keymiss.stores.base import LocalStore
 
 if TYPE_CHECKING:
-    from .connection import Connection
+    from keymiss.server.connection import Connection
 
 Reply = bytes | Awaitable[bytes]
 Handler = Callable[["Connection", list[bytes]], Reply]
@@ -112,17 +105,9 @@ def to_int(raw: bytes, message: str = NOT_INT) -> int:
 
 def error_reply(exc: BaseException) -> bytes:
     """The error line a client sees for an exception raised while serving a command."""
-    if isinstance(exc, CommandError | ReplyError):  # whole error lines, code first
+    if isinstance(exc, CommandError):  # a whole error line, code first
         return reply.error(str(exc))
-    if isinstance(exc, BusyError):
-        return reply.error(f"BUSY {exc}")
-    if isinstance(exc, KeyspaceError | CodecError):
-        return reply.error(f"ERR {exc}")
-    if isinstance(exc, StoreError):
-        return reply.error(f"ERR store error: {exc}")
-    if isinstance(exc, KeymissError):
-        return reply.error(f"ERR {exc}")
-    return reply.error(f"ERR internal error ({type(exc).__name__}); see the server log")
+    return reply.error(error_line(exc))
 
 
 def local_store_of(c: Connection) -> LocalStore | None:

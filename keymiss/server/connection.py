@@ -16,15 +16,15 @@ import time
 from collections.abc import Awaitable
 from typing import TYPE_CHECKING, cast
 
-from ..errors import BusyError, KeymissError, ReplyError
-from ..stores.base import PINNED_PREFIX, Item, LocalStore, SharedStore
-from . import reply, resp
-from .commands import TABLE, Command, error_reply
-from .passthrough import Relay
-from .transactions import IMMEDIATE, Transaction, queue, snapshot
+from keymiss.errors import BusyError, KeymissError, ReplyError
+from keymiss.server import reply, resp
+from keymiss.server.commands import TABLE, Command, error_reply
+from keymiss.server.passthrough import Relay
+from keymiss.server.transactions import IMMEDIATE, Transaction, queue, snapshot
+from keymiss.stores.base import PINNED_PREFIX, Item, LocalStore, SharedStore
 
 if TYPE_CHECKING:
-    from .app import Server
+    from keymiss.server.app import Server
 
 log = logging.getLogger("keymiss.server")
 access = logging.getLogger("keymiss.access")

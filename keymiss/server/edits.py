@@ -15,15 +15,25 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from ..errors import ReplyError, StoreError
-from ..glob import compile_glob
-from ..stores.base import PINNED_PREFIX, Item
-from . import reply, resp
-from .commands import NOT_INT, SYNTAX, CommandError, Reply, arg, command, key_of, local_store_of, to_int
-from .strings import LLONG_MAX, OOM
+from keymiss.errors import ReplyError, StoreError
+from keymiss.glob import compile_glob
+from keymiss.server import reply, resp
+from keymiss.server.commands import (
+    NOT_INT,
+    SYNTAX,
+    CommandError,
+    Reply,
+    arg,
+    command,
+    key_of,
+    local_store_of,
+    to_int,
+)
+from keymiss.server.strings import LLONG_MAX, OOM
+from keymiss.stores.base import PINNED_PREFIX, Item
 
 if TYPE_CHECKING:
-    from .connection import Connection
+    from keymiss.server.connection import Connection
 
 LLONG_MIN = -(2**63)
 #: Redis's largest string (proto-max-bulk-len's default), which SETRANGE and APPEND may not pass.

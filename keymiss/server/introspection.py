@@ -12,15 +12,15 @@ import sys
 import time
 from typing import TYPE_CHECKING, Any
 
-from .. import __version__
-from ..glob import compile_glob
-from ..sizes import format_size
-from . import reply
-from .commands import TABLE, CommandError, Reply, arg, command, key_of
-from .session import REDIS_COMPAT_VERSION
+from keymiss.glob import compile_glob
+from keymiss.server import reply
+from keymiss.server.commands import TABLE, CommandError, Reply, arg, command, key_of
+from keymiss.server.session import REDIS_COMPAT_VERSION
+from keymiss.sizes import format_size
+from keymiss.version import __version__
 
 if TYPE_CHECKING:
-    from .connection import Connection
+    from keymiss.server.connection import Connection
 
 
 # --- COMMAND ---------------------------------------------------------------------------------------------

@@ -9,9 +9,8 @@ from __future__ import annotations
 from collections.abc import Awaitable
 from typing import TYPE_CHECKING
 
-from ..stores.base import LocalStore
-from . import reply
-from .commands import (
+from keymiss.server import reply
+from keymiss.server.commands import (
     SYNTAX,
     TABLE,
     Command,
@@ -23,10 +22,11 @@ from .commands import (
     local_store_of,
     to_int,
 )
-from .strings import check_expire_range
+from keymiss.server.strings import check_expire_range
+from keymiss.stores.base import LocalStore
 
 if TYPE_CHECKING:
-    from .connection import Connection
+    from keymiss.server.connection import Connection
 
 
 # --- reads ---------------------------------------------------------------------------------------------

@@ -20,7 +20,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..stores.base import PINNED_PREFIX, SharedStore
+from keymiss.stores.base import PINNED_PREFIX, SharedStore
 
 log = logging.getLogger("keymiss.server")
 

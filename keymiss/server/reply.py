@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 from typing import Any
 
-from ..stores.base import NULL_ARRAY, StatusReply
+from keymiss.stores.base import NULL_ARRAY, StatusReply
 
 OK = b"+OK\r\n"
 PONG = b"+PONG\r\n"

@@ -9,11 +9,11 @@ from __future__ import annotations
 import hmac
 from typing import TYPE_CHECKING
 
-from . import reply, resp
-from .commands import SYNTAX, CommandError, Reply, arg, command, to_int
+from keymiss.server import reply, resp
+from keymiss.server.commands import SYNTAX, CommandError, Reply, arg, command, to_int
 
 if TYPE_CHECKING:
-    from .connection import Connection
+    from keymiss.server.connection import Connection
 
 #: The Redis release whose commands and replies keymiss follows; clients that gate features on
 #: the server version read it from HELLO and INFO.

@@ -10,13 +10,13 @@ import time
 from collections.abc import Awaitable
 from typing import TYPE_CHECKING
 
-from ..stores.base import Item
-from . import reply
-from .commands import SYNTAX, CommandError, Reply, arg, command, key_of, local_store_of, to_int
-from .transactions import background
+from keymiss.server import reply
+from keymiss.server.commands import SYNTAX, CommandError, Reply, arg, command, key_of, local_store_of, to_int
+from keymiss.server.transactions import background
+from keymiss.stores.base import Item
 
 if TYPE_CHECKING:
-    from .connection import Connection
+    from keymiss.server.connection import Connection
 
 
 OOM = "OOM command not allowed when used memory > 'maxmemory'."
@@ -325,7 +325,7 @@ def cmd_setnx(c: Connection, args: list[bytes]) -> Reply:
 def cmd_mset(c: Connection, args: list[bytes]) -> Reply:
     if len(args) % 2 == 0:
         raise CommandError("ERR wrong number of arguments for 'mset' command")
-    from ..stores.base import Write
+    from keymiss.stores.base import Write
 
     writes = [Write(key_of(args[i]), args[i + 1]) for i in range(1, len(args), 2)]
     store = local_store_of(c)

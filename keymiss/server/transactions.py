@@ -25,13 +25,13 @@ import asyncio
 from collections.abc import Awaitable
 from typing import TYPE_CHECKING, Any
 
-from ..stores.base import Item, LocalStore
-from . import reply
-from .commands import TABLE, CommandError, Reply, arg, command, key_of, local_store_of
+from keymiss.server import reply
+from keymiss.server.commands import TABLE, CommandError, Reply, arg, command, key_of, local_store_of
+from keymiss.stores.base import Item, LocalStore
 
 if TYPE_CHECKING:
-    from .app import Server
-    from .connection import Connection
+    from keymiss.server.app import Server
+    from keymiss.server.connection import Connection
 
 #: Commands answered at once inside MULTI instead of being queued (as in Redis).
 IMMEDIATE = frozenset((b"exec", b"discard", b"multi", b"watch", b"quit", b"reset"))

@@ -7,11 +7,11 @@ from __future__ import annotations
 
 from urllib.parse import parse_qsl, urlsplit
 
-from ..errors import ConfigError
-from ..sizes import parse_size
-from .base import EvictHook, Item, LocalStore, SharedStore, Store, StoreInfo, Write
-from .eviction import LRUPolicy, Policy
-from .memory import MemoryStore
+from keymiss.errors import ConfigError
+from keymiss.sizes import parse_size
+from keymiss.stores.base import EvictHook, Item, LocalStore, SharedStore, Store, StoreInfo, Write
+from keymiss.stores.eviction import LRUPolicy, Policy
+from keymiss.stores.memory import MemoryStore
 
 __all__ = [
     "STORE_URLS",
@@ -72,7 +72,7 @@ def _open(url: str, max_memory: int | str, eviction: str | Policy, on_evict: Evi
         size = parse_size(opts.get("max_memory", max_memory), what="max_memory")
         return MemoryStore(size, eviction=opts.get("eviction", eviction), on_evict=on_evict)
     if scheme == "lmdb" and sep:
-        from .lmdb import LMDBStore
+        from keymiss.stores.lmdb import LMDBStore
 
         path = rest[2:] if rest.startswith("//") else rest
         if not path:
@@ -89,7 +89,7 @@ def _open(url: str, max_memory: int | str, eviction: str | Policy, on_evict: Evi
         )
     if scheme in {"redis", "rediss", "redis+cluster", "rediss+cluster", "unix"}:
         try:
-            from .redis import RedisStore
+            from keymiss.stores.redis import RedisStore
         except ImportError as exc:
             raise ConfigError(f"store {url!r} needs redis-py: pip install 'keymiss[redis]' ({exc})") from None
         unknown = set(opts) - {"timeout", "lease_ms", "max_concurrency", "near_cache", "near_ttl"}
@@ -109,7 +109,7 @@ def _open(url: str, max_memory: int | str, eviction: str | Policy, on_evict: Evi
             max_concurrency=int(_number(opts.get("max_concurrency", "32"), "max_concurrency")),
         )
         if near:
-            from .near import NearCacheStore
+            from keymiss.stores.near import NearCacheStore
 
             return NearCacheStore(shared, max_bytes=parse_size(near, what="near_cache"), ttl=near_ttl)
         return shared

@@ -13,8 +13,8 @@ from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from ..errors import ReplyError
-from ..glob import compile_glob
+from keymiss.errors import ReplyError
+from keymiss.glob import compile_glob
 
 #: keymiss's own records (QA contexts, model fingerprints) live under this prefix. Stores never evict
 #: them to make room — losing a context would turn every question about it into an error — but they

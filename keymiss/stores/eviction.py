@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections import OrderedDict
 
-from ..errors import ConfigError
+from keymiss.errors import ConfigError
 
 
 class Policy:
@@ -90,7 +90,7 @@ def make_policy(name: str | Policy, max_bytes: int) -> Policy:
     """A policy instance from its name (``"tinylfu"``) or an instance supplied by the user."""
     if isinstance(name, Policy):
         return name
-    from .tinylfu import TinyLFUPolicy
+    from keymiss.stores.tinylfu import TinyLFUPolicy
 
     key = name.lower()
     if key == "lru":

@@ -19,11 +19,11 @@ from typing import TYPE_CHECKING, Any
 
 from redis.exceptions import RedisError
 
-from ..errors import ComputeTimeoutError, StoreError
-from .base import PTTL_MISSING, Item
+from keymiss.errors import ComputeTimeoutError, StoreError
+from keymiss.stores.base import PTTL_MISSING, Item
 
 if TYPE_CHECKING:
-    from .redis import RedisStore
+    from keymiss.stores.redis import RedisStore
 
 log = logging.getLogger("keymiss.redis")
 

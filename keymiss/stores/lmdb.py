@@ -27,9 +27,17 @@ from typing import Any
 
 import lmdb
 
-from ..errors import ReplyError, StoreError
-from ..sizes import format_size
-from .base import PINNED_PREFIX, EvictHook, Item, LocalStore, StoreInfo, Write, superseded_version
+from keymiss.errors import ReplyError, StoreError
+from keymiss.sizes import format_size
+from keymiss.stores.base import (
+    PINNED_PREFIX,
+    EvictHook,
+    Item,
+    LocalStore,
+    StoreInfo,
+    Write,
+    superseded_version,
+)
 
 log = logging.getLogger("keymiss.lmdb")
 

@@ -11,10 +11,18 @@ import time
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
-from ..sizes import format_size
-from .base import PINNED_PREFIX, EvictHook, Item, LocalStore, StoreInfo, Write, superseded_version
-from .eviction import Policy, make_policy
-from .scanindex import ScanIndex
+from keymiss.sizes import format_size
+from keymiss.stores.base import (
+    PINNED_PREFIX,
+    EvictHook,
+    Item,
+    LocalStore,
+    StoreInfo,
+    Write,
+    superseded_version,
+)
+from keymiss.stores.eviction import Policy, make_policy
+from keymiss.stores.scanindex import ScanIndex
 
 #: Bytes a stored entry costs beyond its key and value: the dict slot, the Item (3 slots), the key
 #: str and value bytes object headers, and the eviction policy's own node. Measured with

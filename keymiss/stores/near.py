@@ -18,10 +18,10 @@ from typing import Any
 
 from redis.exceptions import RedisError
 
-from ..errors import StoreError
-from .base import Item, SharedStore, StoreInfo, Write
-from .memory import MemoryStore
-from .redis import RedisStore
+from keymiss.errors import StoreError
+from keymiss.stores.base import Item, SharedStore, StoreInfo, Write
+from keymiss.stores.memory import MemoryStore
+from keymiss.stores.redis import RedisStore
 
 log = logging.getLogger("keymiss.near")
 

@@ -29,9 +29,9 @@ from redis.backoff import ExponentialBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import InvalidResponse, RedisClusterException, RedisError, ResponseError
 
-from ..errors import ConfigError, KeymissError, ReplyError, StoreError
-from .base import NULL_ARRAY, Item, SharedStore, StatusReply, StoreInfo, Write
-from .leases import Leases
+from keymiss.errors import ConfigError, KeymissError, ReplyError, StoreError
+from keymiss.stores.base import NULL_ARRAY, Item, SharedStore, StatusReply, StoreInfo, Write
+from keymiss.stores.leases import Leases
 
 log = logging.getLogger("keymiss.redis")
 

@@ -26,7 +26,7 @@ from __future__ import annotations
 import itertools
 from collections import OrderedDict, deque
 
-from .eviction import Policy
+from keymiss.stores.eviction import Policy
 
 _HALVE = bytes(i >> 1 for i in range(256))
 #: hits buffered between two writes before further ones are dropped

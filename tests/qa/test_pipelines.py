@@ -14,8 +14,8 @@ import numpy as np
 import pytest
 
 from keymiss import Keymiss
+from keymiss.apps.pipelines import plain
 from keymiss.errors import ConfigError
-from keymiss.pipelines import plain
 from keymiss.stores.memory import MemoryStore
 
 torch = pytest.importorskip("torch")

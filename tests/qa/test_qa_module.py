@@ -11,10 +11,10 @@ from typing import Any
 
 import pytest
 
-from keymiss.redis_module import module_path
+from keymiss.valkey.modulepath import module_path
 
-from ..module.conftest import binary
 from ..redis_servers import HAVE_REDIS, RedisCluster3
+from ..valkey.conftest import binary
 from .conftest import SHORT_CONTEXT, long_context, write_corpus
 from .test_qa import _keymiss, pipeline_answer
 

@@ -1,0 +1,250 @@
+"""Write-back: the one fill of a missing key — compute it, store it, then answer every waiter.
+
+The layer between the read path (``engine.Keymiss``) and the compute engine. A fill is single-flight
+per key, so a value is written once however many readers missed it; on a shared store it runs under
+the store's cross-node lease (``SharedStore.flight``), so it is computed once per cluster. Values
+that finish together (one batch) leave in one ``set_many``: one transaction, one fsync for a
+durable LMDB.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import time
+from collections.abc import Callable, Iterable
+
+from keymiss.engine.compute import Computed, ComputeEngine
+from keymiss.engine.singleflight import SingleFlight
+from keymiss.errors import ComputeTimeoutError, KeymissError, StoreError
+from keymiss.keyspace import DEFAULT_TIMEOUT, Keyspace
+from keymiss.stores import Item, LocalStore, SharedStore, Store, Write
+
+
+class WriteBack:
+    """Fills missing keys into a store with values from a ``ComputeEngine``."""
+
+    def __init__(self, engine: ComputeEngine, store: Callable[[], Store]) -> None:
+        self.engine = engine
+        self._store = store  # opened lazily by the owner
+        self._fills = SingleFlight()
+        #: keys a read or a fill is working on (a count each), and those of them a client wrote
+        #: meanwhile: their fill must not store over the client's write
+        self._watch: dict[str, int] = {}
+        self._superseded: set[str] = set()
+        self._pending: list[tuple[Write, asyncio.Future[bool | None]]] = []
+        self._writers: set[asyncio.Task[None]] = set()
+        self._retry: dict[str, tuple[float, float]] = {}  # key -> (next refresh allowed, backoff)
+
+    def watch(self, key: str) -> None:
+        """From now on, a client's write to ``key`` supersedes any fill of it until ``unwatch``."""
+        self._watch[key] = self._watch.get(key, 0) + 1
+
+    def unwatch(self, key: str, _: object = None) -> None:
+        n = self._watch.get(key, 0) - 1
+        if n > 0:
+            self._watch[key] = n
+        else:
+            self._watch.pop(key, None)
+            self._superseded.discard(key)
+
+    def begin(self, key: str, ks: Keyspace) -> asyncio.Future[Item]:
+        """Join or start the fill of ``key`` (owned by ``ks``), synchronously: it is watched from
+        this moment, so a client's write that lands before its task first runs still wins."""
+        fut = self._fills.get(key)
+        if fut is None:
+            self.watch(key)
+            fut = self._fills.start(key, functools.partial(self._compute_and_store, key, ks))
+            fut.add_done_callback(functools.partial(self.unwatch, key))
+        else:
+            ks.stats.coalesced += 1
+        return asyncio.shield(fut)
+
+    def refresh(self, key: str, ks: Keyspace, *, stale: bool = False, seen: Item | None = None) -> None:
+        """Recompute ``key`` in the background and store the value over the current one (an early
+        refresh, or a stale value's): nothing if a fill of it is running already, or if its last
+        refresh failed too recently (the wait doubles, 1 s to 60 s). Readers who find the key gone
+        meanwhile join this computation; a client's write meanwhile still wins. ``seen``: the value
+        the read found, so a node that gets the lease after another refreshed it computes nothing."""
+        if self._fills.get(key) is not None:
+            return
+        now = time.monotonic()
+        retry = self._retry.get(key)
+        if retry is not None and now < retry[0]:
+            return
+        if not stale:
+            ks.stats.early_refreshes += 1
+        self.watch(key)
+        fut = self._fills.start(key, functools.partial(self._refresh, key, ks, seen))
+        fut.add_done_callback(functools.partial(self.unwatch, key))
+        fut.add_done_callback(functools.partial(self._refreshed, key, ks))
+
+    async def _refresh(self, key: str, ks: Keyspace, seen: Item | None = None) -> Item:
+        """Recompute and overwrite; on a shared store only while this node holds the key's lease,
+        so one node of the cluster refreshes it — and only if no node refreshed it since ``seen``
+        was read. While another holds it, this is a plain fill (readers who joined get the value
+        the other node stores)."""
+        store = self._store()
+        if not isinstance(store, SharedStore):
+            return await self._compute_here(key, ks, overwrite=True)
+        async with store.lease(key) as held:
+            if held:
+                now = (await store.get_expiring([key]))[0] if seen is not None else None
+                if seen is not None and now is not None and _refreshed_since(seen, now, ks):
+                    return now
+                return await self._compute_here(key, ks, overwrite=True)
+        return await self._compute_and_store(key, ks)
+
+    def _refreshed(self, key: str, ks: Keyspace, fut: asyncio.Future[Item]) -> None:
+        if fut.cancelled() or fut.exception() is None:  # the failure itself was logged where it ran
+            self._retry.pop(key, None)
+            return
+        ks.stats.refresh_failures += 1
+        wait = min(60.0, 2 * self._retry[key][1]) if key in self._retry else 1.0
+        self._retry[key] = (time.monotonic() + wait, wait)
+        while len(self._retry) > 10_000:  # bounded: the oldest backoffs go first
+            self._retry.pop(next(iter(self._retry)))
+
+    async def fill(self, key: str, ks: Keyspace) -> Item:
+        """``begin``, then the item once it is stored."""
+        return await self.begin(key, ks)
+
+    def supersede(self, keys: Iterable[str] | None = None) -> None:
+        """A client is writing (or deleting) ``keys`` — every key when ``None`` (FLUSHDB): a fill
+        that started before must not store over what the client was told is there."""
+        if not self._watch:
+            return
+        if keys is None:
+            self._superseded |= self._watch.keys()
+            return
+        for key in keys:
+            if key in self._watch:
+                self._superseded.add(key)
+
+    def supersede_matching(self, matches: Callable[[str], bool]) -> None:
+        """``supersede`` every key being filled that ``matches`` (KEYMISS FORGET of a glob)."""
+        self._superseded |= {k for k in self._watch if matches(k)}
+
+    async def replace(self, key: str, ks: Keyspace) -> Item:
+        """Compute ``key`` and overwrite what is stored, whatever it is: for a stored value that
+        cannot be decoded (a shared store's lease would hand the bad value straight back)."""
+        self.watch(key)
+        try:
+            return await self._compute_here(key, ks, overwrite=True)
+        finally:
+            self.unwatch(key)
+
+    async def wait_all(self, grace: float) -> bool:
+        """Wait up to ``grace`` seconds for running fills; True if all ended."""
+        return await self._fills.wait_all(grace)
+
+    def cancel_all(self) -> None:
+        self._fills.cancel_all()
+
+    async def _compute_and_store(self, key: str, ks: Keyspace) -> Item:
+        store = self._store()
+        if not isinstance(store, SharedStore):
+            return await self._compute_here(key, ks)
+        computed_here = False
+
+        async def compute() -> Item:
+            nonlocal computed_here
+            computed_here = True
+            return await self._compute_here(key, ks)
+
+        try:
+            item = await store.flight(key, compute, ks.timeout or DEFAULT_TIMEOUT)
+        except ComputeTimeoutError as exc:
+            raise ComputeTimeoutError(f"keyspace {ks.pattern!r}: {exc}", keyspace=ks.pattern) from None
+        if not computed_here:
+            ks.stats.coalesced += 1  # another node computed it
+        return item
+
+    async def _compute_here(self, key: str, ks: Keyspace, *, overwrite: bool = False) -> Item:
+        computed = await self.engine.compute_one(key, ks)
+        assert computed is not None  # ks owns key
+        if ks.version is not None and computed.version != ks.version_tag():
+            # the version changed while it computed: its value is one no reader may be given
+            computed = await self.engine.compute_one(key, ks)
+            assert computed is not None
+            if computed.version != ks.version_tag():
+                raise KeymissError(
+                    f"keyspace {ks.pattern!r}: its version changed twice during one computation; retry"
+                )
+        # Written only if still absent: a client's write on any node (which this node's watch
+        # cannot see) wins over the computed value. ``overwrite`` replaces an undecodable value.
+        stored = await self._put(computed, ks, nx=not overwrite)
+        if stored is False and await self._present(key):
+            stored = None  # refused by NX: someone wrote the key meanwhile
+        if stored is None:
+            ks.stats.superseded += 1
+        elif not stored:
+            ks.stats.not_stored += 1
+        # the waiters asked before the client's write: the computed value is still their answer
+        return computed.item()
+
+    async def _present(self, key: str) -> bool:
+        store = self._store()
+        if isinstance(store, LocalStore):
+            return store.get_now(key) is not None
+        return bool(await store.exists([key]))
+
+    async def _put(self, computed: Computed, ks: Keyspace, *, nx: bool) -> bool | None:
+        """Queue one value for the next ``set_many``; True if the store kept it, False if it
+        declined it, ``None`` if a client's write superseded it."""
+        loop = asyncio.get_running_loop()
+        fut: asyncio.Future[bool | None] = loop.create_future()
+        write = computed.write(nx=nx)
+        if ks.stale and write.ttl is not None:
+            # kept past its TTL for the stale window: the engine serves it as stale, refreshing
+            write = Write(write.key, write.value, write.codec, write.ttl + ks.stale, write.cost, write.nx)
+        self._pending.append((write, fut))
+        if len(self._pending) == 1:  # the flush runs after this loop turn's other puts
+            task = loop.create_task(self._flush())
+            self._writers.add(task)
+            task.add_done_callback(self._writers.discard)
+        return await fut
+
+    async def _flush(self) -> None:
+        batch, self._pending = self._pending, []
+        if self._superseded:  # checked at the last moment before the write leaves
+            for w, fut in batch:
+                if w.key in self._superseded and not fut.done():
+                    fut.set_result(None)
+            batch = [(w, fut) for w, fut in batch if not fut.done()]
+        if batch:
+            await self._write(batch)
+
+    async def _write(self, batch: list[tuple[Write, asyncio.Future[bool | None]]]) -> None:
+        try:
+            stored = await self._store().set_many([w for w, _ in batch])
+        except Exception as exc:
+            if len(batch) > 1:  # one bad write must not fail the values that finished beside it
+                for one in batch:
+                    await self._write([one])
+                return
+            if isinstance(exc, KeymissError):  # StoreError, or the store's own reply (OOM)
+                err = exc
+            else:
+                err = StoreError(f"could not store computed values: {exc}")
+                err.__cause__ = exc
+            for _, fut in batch:
+                if not fut.done():
+                    fut.set_exception(err)
+            return
+        for (_, fut), ok in zip(batch, stored, strict=True):
+            if not fut.done():
+                fut.set_result(ok)
+
+
+def _refreshed_since(seen: Item, now: Item, ks: Keyspace) -> bool:
+    """Whether the value stored ``now`` is another node's refresh of the one ``seen``: computed
+    under the current version where ``seen`` was not, or kept for a new lifetime (a refresh lands
+    at least half a TTL after the value it replaces was written)."""
+    if now.version is None or not ks.serves(now.version):
+        return now.version is None and seen.version is not None  # a client's write since
+    if seen.version != now.version:
+        return True
+    if ks.ttl is None or seen.expires_at is None or now.expires_at is None:
+        return False
+    return now.expires_at - seen.expires_at > ks.ttl / 4

@@ -1,0 +1,1 @@
+"""The default front end: a real Valkey/Redis with keymiss's module, and the workers that fill its misses."""

@@ -1,0 +1,239 @@
+"""The KEYMISS.* protocol between keymiss's server module and its workers, defined once for Python.
+
+Its C twin is ``keymiss/valkey/module/protocol.h``: every ``KM_<NAME>`` constant there is
+``<NAME>`` here, and a test parses the header and compares the two, so a limit or a name changed
+on one side only fails the suite instead of drifting into a refused registration at run time.
+
+The conversation, per server:
+
+- ``KEYMISS.REGISTER name glob [TTL ms] [ERRTTL ms] [TIMEOUT ms] [QUEUE n] [STALE ms]
+  [EARLY beta-thousandths] [VERSION tag] [LABEL name] [VSTALE ms]`` declares a keyspace and makes
+  the connection one of its workers (``+OK``).
+- ``KEYMISS.TAKE count block-ms lease-ms`` blocks up to ``block-ms`` for queued keys of the
+  connection's keyspaces and answers a flat array ``[key, token, key, token, ...]`` (empty when
+  none came); each key is the worker's until ``lease-ms`` pass.
+- ``KEYMISS.FILL key token value [PX ms] [VERSION tag]`` stores the value and wakes the key's
+  readers: ``1`` stored, ``0`` discarded (a client wrote the key, the lease passed, or the value is
+  of another version).
+- ``KEYMISS.FAIL key token error-line``: every reader of the key gets the error line (``1``), or
+  nobody waited any more (``0``).
+- ``KEYMISS.VERSION name tag [label]`` switches a registered keyspace's version.
+- ``KEYMISS.GET key`` / ``KEYMISS.MGET key ...`` are what a client's GET / MGET of a registered
+  keyspace become inside the server; clients never need to send them.
+- ``INFO keymiss`` reports :data:`INFO_FIELDS` and, per keyspace, :data:`INFO_KEYSPACE_FIELDS`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+# --- command names ---------------------------------------------------------------------------------
+CMD_GET = "KEYMISS.GET"
+CMD_MGET = "KEYMISS.MGET"
+CMD_REGISTER = "KEYMISS.REGISTER"
+CMD_TAKE = "KEYMISS.TAKE"
+CMD_FILL = "KEYMISS.FILL"
+CMD_FAIL = "KEYMISS.FAIL"
+CMD_VERSION = "KEYMISS.VERSION"
+
+#: every command the module adds (the ACL category a client must not be granted: ``-keymiss.*``)
+COMMANDS = (CMD_GET, CMD_MGET, CMD_REGISTER, CMD_TAKE, CMD_FILL, CMD_FAIL, CMD_VERSION)
+
+# --- options -----------------------------------------------------------------------------------------
+OPT_TTL = "TTL"
+OPT_ERRTTL = "ERRTTL"
+OPT_TIMEOUT = "TIMEOUT"
+OPT_QUEUE = "QUEUE"
+OPT_STALE = "STALE"
+OPT_EARLY = "EARLY"
+OPT_VERSION = "VERSION"
+OPT_LABEL = "LABEL"
+OPT_VSTALE = "VSTALE"
+OPT_PX = "PX"
+
+# --- limits ------------------------------------------------------------------------------------------
+#: the longest time in milliseconds any option may say (a year)
+MAX_MS = 365 * 24 * 3600 * 1000
+#: EARLY is XFetch's beta in thousandths, at most this
+MAX_EARLY = 1_000_000
+#: a keyspace's QUEUE, at most this
+MAX_QUEUE = 1_000_000
+#: bytes of a version tag or label
+MAX_VERSION = 256
+#: bytes of a keyspace's name or glob
+MAX_GLOB = 512
+#: keys one TAKE may ask for
+MAX_TAKE = 10_000
+#: keyspaces one server holds
+MAX_KEYSPACES = 64
+#: bytes of an error line the module keeps (longer ones are cut)
+MAX_ERROR_LEN = 512
+#: a keyspace's TIMEOUT when REGISTER does not give one
+DEFAULT_TIMEOUT_MS = 65_000
+#: a keyspace's QUEUE when REGISTER does not give one
+DEFAULT_QUEUE = 10_000
+#: how often the module's timer runs (expired leases, deadlines, version switches)
+TICK_MS = 50
+#: what a versioned value's companion key holds once a client wrote the value
+CLIENT_MARK = "client"
+#: a versioned value's companion key: this, a short tag in the value's slot, ``}``, the key
+COMPANION_PREFIX = "keymiss:v:{"
+#: what every error line of the module starts with
+ERR_PREFIX = "ERR keymiss: "
+
+# --- INFO keymiss ------------------------------------------------------------------------------------
+INFO_SECTION = "keymiss"
+#: the section's own fields (``keymiss_<name>`` in INFO)
+INFO_FIELDS = ("keyspaces", "workers", "pending", "blocked_readers", "error_records")
+#: the fields of each ``keymiss_keyspace_<n>`` line, in order (``version`` only when versioned)
+INFO_KEYSPACE_FIELDS = (
+    "pattern",
+    "hits",
+    "misses",
+    "computations",
+    "queued",
+    "in_flight",
+    "fills",
+    "failures",
+    "timeouts",
+    "requeues",
+    "discarded_fills",
+    "superseded",
+    "busy",
+    "no_worker",
+    "workers",
+    "version",
+    "version_misses",
+    "version_discards",
+    "version_stale_hits",
+    "stale_hits",
+    "early_refreshes",
+    "refresh_failures",
+    "mean_compute_ms",
+)
+#: which per-keyspace fields only grow (counters), with what they count; the rest are gauges
+INFO_COUNTERS = {
+    "hits": "Reads the server answered from memory",
+    "misses": "Reads of a missing key",
+    "computations": "Keys queued for a worker",
+    "fills": "Values workers stored",
+    "failures": "Keys whose computation failed",
+    "timeouts": "Keys whose readers' deadline passed",
+    "requeues": "Keys handed to another worker (lease passed, worker gone)",
+    "discarded_fills": "Fills discarded (a client wrote the key meanwhile, or too late)",
+    "superseded": "Computations a client's write superseded",
+    "busy": "Reads refused with -BUSY (queue full)",
+    "no_worker": "Reads refused: no worker attached",
+}
+INFO_GAUGES = {"queued": "Keys waiting for a worker", "in_flight": "Keys a worker is computing"}
+
+
+# --- builders --------------------------------------------------------------------------------------
+def register(
+    name: str,
+    glob: str,
+    *,
+    ttl_ms: int | None = None,
+    error_ttl_ms: int | None = None,
+    timeout_ms: int | None = None,
+    queue: int | None = None,
+    stale_ms: int | None = None,
+    early: int | None = None,
+    version: str | None = None,
+    label: str | None = None,
+    version_stale_ms: int | None = None,
+) -> list[Any]:
+    """A ``KEYMISS.REGISTER`` command; options left ``None`` are not sent (the module's defaults)."""
+    args: list[Any] = [CMD_REGISTER, name, glob]
+    for opt, value in (
+        (OPT_TTL, ttl_ms),
+        (OPT_ERRTTL, error_ttl_ms),
+        (OPT_TIMEOUT, timeout_ms),
+        (OPT_QUEUE, queue),
+        (OPT_STALE, stale_ms),
+        (OPT_EARLY, early),
+        (OPT_VERSION, version),
+        (OPT_LABEL, label),
+        (OPT_VSTALE, version_stale_ms),
+    ):
+        if value is not None:
+            args += [opt, value]
+    return args
+
+
+def take(count: int, block_ms: int, lease_ms: int) -> list[Any]:
+    """A ``KEYMISS.TAKE``: up to ``count`` keys, waiting ``block_ms`` for one, each ours ``lease_ms``."""
+    return [CMD_TAKE, count, block_ms, lease_ms]
+
+
+def fill(
+    key: str | bytes, token: int, value: bytes | str, *, px: int | None = None, version: str | None = None
+) -> list[Any]:
+    """A ``KEYMISS.FILL`` of a taken key (its token from TAKE)."""
+    args: list[Any] = [CMD_FILL, key, token, value]
+    if px is not None:
+        args += [OPT_PX, px]
+    if version is not None:
+        args += [OPT_VERSION, version]
+    return args
+
+
+def fail(key: str | bytes, token: int, line: str) -> list[Any]:
+    """A ``KEYMISS.FAIL``: ``line`` is the whole error line the key's readers get, code first."""
+    return [CMD_FAIL, key, token, line]
+
+
+def switch_version(name: str, tag: str, label: str | None = None) -> list[Any]:
+    """A ``KEYMISS.VERSION``: the registered keyspace ``name`` serves ``tag`` from now on."""
+    return [CMD_VERSION, name, tag] if label is None else [CMD_VERSION, name, tag, label]
+
+
+def get(key: str | bytes) -> list[Any]:
+    """What a client's GET of a registered keyspace becomes inside the server."""
+    return [CMD_GET, key]
+
+
+def mget(*keys: str | bytes) -> list[Any]:
+    """What a client's MGET becomes inside the server."""
+    return [CMD_MGET, *keys]
+
+
+# --- replies ---------------------------------------------------------------------------------------
+def decode_take(reply: Sequence[Any] | None) -> list[tuple[str, int]]:
+    """TAKE's flat ``[key, token, ...]`` as ``(key, token)`` pairs; keys keep undecodable bytes as
+    surrogates, so a FILL sends back exactly the key that was taken."""
+    if not reply:
+        return []
+    out = []
+    for i in range(0, len(reply) - 1, 2):
+        key = reply[i]
+        out.append(
+            (
+                key.decode("utf-8", "surrogateescape") if isinstance(key, bytes) else str(key),
+                int(reply[i + 1]),
+            )
+        )
+    return out
+
+
+def label(version: str | None) -> str:
+    """A version's name as INFO shows it (the module keeps up to ``MAX_VERSION`` bytes of it)."""
+    raw = (version or "").encode("utf-8", "surrogateescape")[:MAX_VERSION]
+    return raw.decode("utf-8", "ignore") or "-"
+
+
+def parse_info_keyspace(line: str) -> dict[str, str]:
+    """One ``keymiss_keyspace_<n>`` INFO value (``pattern=...,hits=...``) as a dict. A pattern may
+    hold commas, so fields are found by their known names, not by splitting on every comma."""
+    out: dict[str, str] = {}
+    known = set(INFO_KEYSPACE_FIELDS)
+    name: str | None = None
+    for part in line.split(","):
+        head, eq, value = part.partition("=")
+        if eq and head in known and (name is None or head != "pattern"):
+            name = head
+            out[name] = value
+        elif name is not None:
+            out[name] += "," + part
+    return out

@@ -1,0 +1,290 @@
+"""The module front end's run: the embedded Valkey (or ``--redis-server PATH``) with the keymiss
+module, hits at the server's own speed, and workers in this process computing the misses; or, for
+an app whose store is a server URL (or ``--redis URL``), workers attached to that server.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+import time
+from typing import TYPE_CHECKING, Any
+
+from keymiss.config import Settings
+from keymiss.errors import ConfigError, ReplyError
+from keymiss.runtime.exits import EXIT_ABANDONED, EXIT_SERVER_FAILED
+from keymiss.runtime.loop import run_loop
+from keymiss.runtime.net import is_loopback, redact_url
+from keymiss.valkey.embedded import EmbeddedServer, ServerBinary, ServerFailed
+from keymiss.valkey.respclient import RespClient
+from keymiss.valkey.worker import Worker, parse_url
+
+if TYPE_CHECKING:
+    from keymiss.engine.cache import Keymiss
+
+log = logging.getLogger("keymiss.server")
+
+
+async def check_module(url: str, *, wait: float = 5.0) -> None:
+    """ConfigError unless the server at ``url`` answers and has the keymiss module loaded."""
+    _, plain = parse_url(url)
+    try:
+        client = await RespClient.connect(plain, wait=wait)
+    except (OSError, ConnectionError, ReplyError) as exc:
+        raise ConfigError(f"cannot reach {redact_url(plain)}: {exc}") from None
+    try:
+        info = await client.call(["COMMAND", "INFO", "keymiss.take"])
+    except (OSError, ConnectionError, ReplyError) as exc:
+        raise ConfigError(f"{redact_url(plain)}: {exc}") from None
+    finally:
+        await client.close()
+    if not info or info[0] is None:
+        raise ConfigError(
+            f"{redact_url(plain)} has no keymiss module: start it with "
+            '--loadmodule "$(keymiss redis-module)", or MODULE LOAD it'
+        )
+
+
+class ModuleFront:
+    """Workers (and, when embedded, their supervised server) serving one app until a signal."""
+
+    def __init__(
+        self,
+        km: Keymiss,
+        settings: Settings,
+        *,
+        binary: ServerBinary | None = None,
+        url: str | None = None,
+        why: str = "",
+    ) -> None:
+        """With ``binary``, start that server embedded; else attach workers to the server at ``url``."""
+        if (binary is None) == (url is None):
+            raise ValueError("a module front end embeds a binary or attaches to a url: one of them")
+        self.km = km
+        self.settings = settings
+        self.binary = binary
+        self.url = url
+        self.why = why
+        self.server: EmbeddedServer | None = None
+        self.worker: Worker | None = None
+        self.started_at = time.time()
+        self._stopping = asyncio.Event()
+        self._metrics: Any = None
+
+    def _embedded(self) -> EmbeddedServer:
+        from keymiss.valkey.modulepath import module_path
+
+        s = self.settings
+        assert self.binary is not None
+        if not is_loopback(s.host) and not s.requirepass and not s.unsafe_no_auth:
+            raise ConfigError(
+                f"refusing to listen on {s.host} without a password: anyone who can reach it "
+                "could read and fill the cache. Set --requirepass, or pass --unsafe-no-auth if the "
+                "network is trusted."
+            )
+        eviction = s.eviction or (self.km.eviction if isinstance(self.km.eviction, str) else None)
+        return EmbeddedServer(
+            self.binary,
+            str(module_path()),
+            host=s.host,
+            port=s.port,
+            data_dir=s.data_dir,
+            max_memory=s.max_memory or self.km.max_memory,
+            eviction=eviction,
+            requirepass=s.requirepass,
+            max_clients=s.max_clients,
+            max_bulk=s.size("max_bulk"),
+            query_buffer=s.size("query_buffer"),
+            output_buffer=s.size("output_buffer"),
+            output_stall_seconds=s.output_stall_seconds,
+            extra=s.valkey,
+            restarts=s.restarts,
+        )
+
+    def request_stop(self) -> None:
+        self._stopping.set()
+
+    async def run(self) -> int:
+        s = self.settings
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            with contextlib.suppress(NotImplementedError, RuntimeError):
+                loop.add_signal_handler(sig, self.request_stop)
+        with contextlib.suppress(NotImplementedError, RuntimeError):
+            loop.add_signal_handler(
+                signal.SIGHUP, lambda: log.info("SIGHUP ignored: keymiss logs to its standard output")
+            )
+        if self.binary is not None:
+            self.server = self._embedded()
+            url = self.server.url
+        else:
+            assert self.url is not None
+            url = self.url
+        try:  # what the module would refuse is refused before any server starts
+            for pattern, options in s.keyspaces.items():
+                self.km.tune(pattern, **options)
+            self.worker = Worker(
+                self.km, url, max_in_flight=min(s.max_in_flight, 1024), default_ttl=s.default_ttl or None
+            )
+        except ConfigError:
+            if self.server is not None:
+                await self.server.stop()  # removes its directory
+            raise
+        if self.server is not None:
+            # a SIGTERM while the server loads a large snapshot stops it, instead of waiting
+            starting = loop.create_task(self.server.start())
+            stop = loop.create_task(self._stopping.wait())
+            await asyncio.wait((starting, stop), return_when=asyncio.FIRST_COMPLETED)
+            stop.cancel()
+            if not starting.done():
+                starting.cancel()
+                with contextlib.suppress(asyncio.CancelledError, ServerFailed):
+                    await starting
+                log.info("stopped while the server was starting")
+                await self.server.stop()
+                return 0
+            try:
+                starting.result()
+            except ServerFailed as exc:
+                log.error("cannot start the server: %s", exc)
+                await self.server.stop()
+                return EXIT_SERVER_FAILED
+        else:
+            await check_module(url)
+        self.km.configure(store=url, error_detail=s.handler_errors)  # contexts live in that server
+        self.km.max_in_flight = s.max_in_flight
+        tasks: dict[str, asyncio.Task[Any]] = {"worker": loop.create_task(self.worker.run())}
+        if self.server is not None:
+            tasks["server"] = loop.create_task(self.server.supervise(self._restarted))
+        tasks["stop"] = loop.create_task(self._stopping.wait())
+        status = 0
+        try:
+            if await self._attached(tasks):
+                self._announce()
+                if s.metrics_port is not None:
+                    from keymiss.valkey.metrics import start_module_metrics
+
+                    self._metrics = start_module_metrics(self, s.metrics_port)
+                await asyncio.wait(tasks.values(), return_when=asyncio.FIRST_COMPLETED)
+            status = self._failure(tasks)
+        finally:
+            status = await self._shutdown(tasks, status)
+        return status
+
+    async def _attached(self, tasks: dict[str, asyncio.Task[Any]]) -> bool:
+        """Wait until the worker serves a server (model loaded, contexts ingested): only then is
+        keymiss ready. False if something ended first."""
+        assert self.worker is not None
+        while not self.worker.stats.nodes:
+            if any(t.done() for t in tasks.values()):
+                return False
+            await asyncio.sleep(0.02)
+        return True
+
+    def _announce(self) -> None:
+        s = self.settings
+        if self.server is not None:
+            log.info(
+                "keymiss listening on %s:%d, server=%s, keyspaces=[%s], auth=%s, maxmemory=%d, "
+                "persistence=%s",
+                s.host,
+                self.server.port,
+                self.binary,
+                ", ".join(ks.pattern for ks in self.km.registry),
+                "on" if s.requirepass else "off",
+                self.server.max_memory,
+                f"RDB in {self.server.data_dir}" if self.server.data_dir else "off (no --data-dir)",
+            )
+        else:
+            log.info("keymiss %s, keyspaces=[%s]", self.why, ", ".join(ks.pattern for ks in self.km.registry))
+
+    def _failure(self, tasks: dict[str, asyncio.Task[Any]]) -> int:
+        for name in ("server", "worker"):
+            task = tasks.get(name)
+            if task is None or not task.done() or task.cancelled():
+                continue
+            exc = task.exception()
+            if isinstance(exc, ServerFailed):
+                log.error("%s", exc)
+                return EXIT_SERVER_FAILED
+            if exc is not None:
+                log.error("the %s stopped: %r", name, exc, exc_info=exc)
+                return EXIT_SERVER_FAILED
+            if name == "worker" and not self._stopping.is_set():
+                log.error("the worker stopped on its own")
+                return EXIT_SERVER_FAILED
+        return 0
+
+    async def _restarted(self) -> None:
+        """After a restart: contexts again (idempotent; a no-op when the data came back)."""
+        for attempt in range(5):
+            try:
+                await self.km.run_start_hooks()
+                return
+            except Exception as exc:
+                log.warning("after the restart, start hooks failed (%s); try %d of 5", exc, attempt + 1)
+                await asyncio.sleep(0.5 * (attempt + 1))
+
+    async def _shutdown(self, tasks: dict[str, asyncio.Task[Any]], status: int) -> int:
+        grace = self.settings.grace_seconds
+        log.info("shutting down: workers drain (grace %.0fs), then the server stops", grace)
+        if self._metrics is not None:
+            self._metrics.shutdown()
+        if self.worker is not None:
+            self.worker.stop()
+        worker = tasks.get("worker")
+        if worker is not None and not worker.done():
+            try:
+                await asyncio.wait_for(asyncio.shield(worker), grace + 1)
+            except TimeoutError:
+                log.warning("workers still busy after %.0fs: leaving their keys to the server", grace)
+                worker.cancel()
+            except Exception:
+                pass
+        with contextlib.suppress(Exception):
+            await self.km.close(grace=1.0)
+        if self.server is not None:
+            code = await self.server.stop()
+            tasks["server"].cancel()
+            log.info("server stopped (status %s)", code)
+        for task in tasks.values():
+            task.cancel()
+        await asyncio.gather(*tasks.values(), return_exceptions=True)
+        abandoned = self.km.abandoned_handlers
+        if abandoned:
+            log.error("keymiss stopped, abandoning %d handler call(s) stuck past their timeout", abandoned)
+            return status or EXIT_ABANDONED
+        log.info("keymiss stopped")
+        return status
+
+    # --- what health and metrics read ------------------------------------------------------------
+    def healthy(self) -> bool:
+        """Up, a worker attached, and the server answering a PING within a second now (a stopped
+        or wedged server is unhealthy at once, not when a worker's TAKE times out)."""
+        up = self.server.up if self.server is not None else True
+        if not (up and self.worker is not None and self.worker.stats.nodes):
+            return False
+        import redis
+
+        client = redis.Redis.from_url(self.worker.url, socket_timeout=1, socket_connect_timeout=1)
+        try:
+            return bool(client.ping())
+        except (redis.RedisError, OSError):
+            return False
+        finally:
+            client.close()
+
+
+def run_module_front(
+    km: Keymiss,
+    settings: Settings,
+    *,
+    binary: ServerBinary | None = None,
+    url: str | None = None,
+    why: str = "",
+) -> int:
+    """Run the module front end until a signal; the exit status."""
+    runner = ModuleFront(km, settings, binary=binary, url=url, why=why)
+    return run_loop(runner.run)
