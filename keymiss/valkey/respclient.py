@@ -1,4 +1,5 @@
-"""A small pipelining RESP2 client for the worker's hot path (TAKE, FILL, FAIL).
+"""A small pipelining RESP client for the worker's hot path (TAKE, FILL, FAIL), and the RESP reply
+parser (``parse``) and framer (``frame``) the test tools share.
 
 redis-py spends about 190 µs of Python per command on this kind of machine, more than a whole
 miss should cost; the worker sends three commands per miss. Here callers write their commands and
@@ -34,17 +35,30 @@ def encode(args: Command) -> bytes:
     return b"".join(out)
 
 
-class _Incomplete(Exception):
-    pass
+class Incomplete(Exception):
+    """The buffer does not hold a whole reply yet: read more and try again from the same position."""
 
 
-def _parse(buf: bytes | bytearray, pos: int) -> tuple[Any, int]:
-    """One reply from ``buf[pos:]``: (value, next position); ``_Incomplete`` if it is not all here."""
+class Push(list[Any]):
+    """A RESP3 push message (``>``): out-of-band data such as a pub/sub message, not a reply."""
+
+
+def parse(buf: bytes | bytearray, pos: int = 0) -> tuple[Any, int]:
+    """One reply from ``buf[pos:]``: ``(value, position after it)``; ``Incomplete`` if it is not
+    all here yet.
+
+    RESP2: ``+`` str, ``-`` ``ReplyError`` (a value, not raised), ``:`` int, ``$`` bytes or None,
+    ``*`` list or None. RESP3 besides: ``_`` None, ``#`` bool, ``,`` float, ``(`` int, ``!``
+    ``ReplyError``, ``=`` bytes (the text after its ``txt:`` format), ``%`` dict (list keys as
+    tuples), ``~`` set (a list if an item is unhashable), ``>`` ``Push``, ``|`` attributes, which
+    are read and dropped: the value is the reply that follows them.
+    """
     end = buf.find(b"\r\n", pos)
     if end < 0:
-        raise _Incomplete
+        raise Incomplete
     kind, line = buf[pos : pos + 1], bytes(buf[pos + 1 : end])
     pos = end + 2
+    # RESP2 first, in the order the worker meets them: its replies are all of these
     if kind == b"+":
         return line.decode("utf-8", "replace"), pos
     if kind == b"-":
@@ -58,7 +72,7 @@ def _parse(buf: bytes | bytearray, pos: int) -> tuple[Any, int]:
         if n > MAX_REPLY:
             raise ConnectionError(f"reply of {n} bytes")
         if len(buf) < pos + n + 2:
-            raise _Incomplete
+            raise Incomplete
         return bytes(buf[pos : pos + n]), pos + n + 2
     if kind == b"*":
         n = int(line)
@@ -66,10 +80,98 @@ def _parse(buf: bytes | bytearray, pos: int) -> tuple[Any, int]:
             return None, pos
         items = []
         for _ in range(n):
-            item, pos = _parse(buf, pos)
+            item, pos = parse(buf, pos)
             items.append(item)
         return items, pos
-    raise ConnectionError(f"not a RESP2 reply: {bytes(buf[pos - len(line) - 3 : pos])!r}")
+    return _parse_resp3(buf, kind, line, pos)
+
+
+def _parse_resp3(buf: bytes | bytearray, kind: bytes, line: bytes, pos: int) -> tuple[Any, int]:
+    if kind == b"_":
+        return None, pos
+    if kind == b"#":
+        if line not in (b"t", b"f"):
+            raise ConnectionError(f"not a RESP3 boolean: {line!r}")
+        return line == b"t", pos
+    if kind == b",":
+        return float(line), pos
+    if kind == b"(":
+        return int(line), pos
+    if kind in (b"!", b"="):
+        n = int(line)
+        if n < 0 or n > MAX_REPLY:
+            raise ConnectionError(f"reply of {n} bytes")
+        if len(buf) < pos + n + 2:
+            raise Incomplete
+        data = bytes(buf[pos : pos + n])
+        pos += n + 2
+        if kind == b"!":
+            return ReplyError(data.decode("utf-8", "replace")), pos
+        return data[4:] if data[3:4] == b":" else data, pos
+    if kind in (b"~", b">"):
+        items = []
+        for _ in range(int(line)):
+            item, pos = parse(buf, pos)
+            items.append(item)
+        if kind == b">":
+            return Push(items), pos
+        try:
+            return set(items), pos
+        except TypeError:
+            return items, pos
+    if kind in (b"%", b"|"):
+        out: dict[Any, Any] = {}
+        for _ in range(int(line)):
+            key, pos = parse(buf, pos)
+            value, pos = parse(buf, pos)
+            out[tuple(key) if isinstance(key, list) else key] = value
+        if kind == b"|":
+            return parse(buf, pos)
+        return out, pos
+    raise ConnectionError(f"not a RESP reply: {kind + line!r}")
+
+
+_LINE = frozenset(b"+-:_#,(")
+_BLOB = frozenset(b"$!=")
+_AGGREGATE = frozenset(b"*~>")
+_PAIRS = frozenset(b"%|")
+
+
+def frame(buf: bytes | bytearray, pos: int = 0) -> int:
+    """Where the reply that starts at ``buf[pos]`` ends (the position after it), read from its
+    framing alone, nothing decoded; ``Incomplete`` if it is not all here yet. Knows the types
+    ``parse`` knows; an attribute (``|``) frames together with the reply it annotates."""
+    need = 1
+    size = len(buf)
+    while need:
+        end = buf.find(b"\r\n", pos)
+        if end < 0:
+            raise Incomplete
+        kind = buf[pos]
+        need -= 1
+        if kind in _LINE:
+            pos = end + 2
+            continue
+        if kind not in _BLOB and kind not in _AGGREGATE and kind not in _PAIRS:
+            raise ConnectionError(f"not a RESP reply: {bytes(buf[pos:end])!r}")
+        try:
+            n = int(buf[pos + 1 : end])
+        except ValueError:
+            raise ConnectionError(f"bad length: {bytes(buf[pos:end])!r}") from None
+        pos = end + 2
+        if kind in _BLOB:
+            if n < 0:
+                continue
+            if n > MAX_REPLY:
+                raise ConnectionError(f"reply of {n} bytes")
+            if size < pos + n + 2:
+                raise Incomplete
+            pos += n + 2
+        elif kind in _AGGREGATE:
+            need += max(n, 0)
+        else:
+            need += 2 * max(n, 0) + (kind == ord("|"))
+    return pos
 
 
 class RespClient:
@@ -150,8 +252,8 @@ class RespClient:
                 pos = 0
                 while pos < len(buf):
                     try:
-                        reply, pos2 = _parse(buf, pos)
-                    except _Incomplete:
+                        reply, pos2 = parse(buf, pos)
+                    except Incomplete:
                         break
                     pos = pos2
                     if not self._pending:
