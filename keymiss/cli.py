@@ -12,7 +12,7 @@ from typing import Any
 from keymiss.logs import configure_logging
 from keymiss.options import ERROR_DETAILS
 from keymiss.stores import STORE_URLS
-from keymiss.stores.eviction import POLICY_NAMES
+from keymiss.stores.policies import POLICY_NAMES
 from keymiss.version import __version__
 
 

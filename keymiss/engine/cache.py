@@ -346,7 +346,7 @@ class Keymiss:
         keyspace takes to compute, so a hot key is refreshed once before it expires."""
         if not self._started or self._closed or item.expires_at is None:
             return
-        now = store._now() if isinstance(store, LocalStore) else time.time()
+        now = store.now() if isinstance(store, LocalStore) else time.time()
         remaining = item.expires_at - now - (ks.stale or 0.0)  # to the end of the TTL
         if ks.stale and remaining <= 0:  # past its TTL, in the stale window: served, and refreshed
             ks.stats.stale_hits += 1

@@ -16,9 +16,9 @@ from keymiss.errors import ConfigError
 from keymiss.runtime.exits import EXIT_ABANDONED
 from keymiss.runtime.loop import EXECUTOR_WAIT, run_loop
 from keymiss.runtime.net import is_loopback
+from keymiss.server.client import Watches
 from keymiss.server.connection import Connection
 from keymiss.server.passthrough import Relay
-from keymiss.server.transactions import Watches
 
 log = logging.getLogger("keymiss.server")
 

@@ -19,10 +19,10 @@ from keymiss.server import reply, resp
 from keymiss.stores.base import LocalStore
 
 if TYPE_CHECKING:
-    from keymiss.server.connection import Connection
+    from keymiss.server.client import Client
 
 Reply = bytes | Awaitable[bytes]
-Handler = Callable[["Connection", list[bytes]], Reply]
+Handler = Callable[["Client", list[bytes]], Reply]
 
 
 class CommandError(Exception):
@@ -110,7 +110,7 @@ def error_reply(exc: BaseException) -> bytes:
     return reply.error(error_line(exc))
 
 
-def local_store_of(c: Connection) -> LocalStore | None:
+def local_store_of(c: Client) -> LocalStore | None:
     """The connection's store if it is in-process (answerable without awaiting), else ``None``."""
     store = c.km.store
     return store if isinstance(store, LocalStore) else None

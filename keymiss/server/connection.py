@@ -18,13 +18,14 @@ from typing import TYPE_CHECKING, cast
 
 from keymiss.errors import BusyError, KeymissError, ReplyError
 from keymiss.server import reply, resp
+from keymiss.server.client import Transaction
 from keymiss.server.commands import TABLE, Command, error_reply
 from keymiss.server.passthrough import Relay
-from keymiss.server.transactions import IMMEDIATE, Transaction, queue, snapshot
+from keymiss.server.transactions import IMMEDIATE, queue, snapshot
 from keymiss.stores.base import PINNED_PREFIX, Item, LocalStore, SharedStore
 
 if TYPE_CHECKING:
-    from keymiss.server.app import Server
+    from keymiss.server.client import Host
 
 log = logging.getLogger("keymiss.server")
 access = logging.getLogger("keymiss.access")
@@ -57,7 +58,7 @@ def _printable(raw: bytes) -> str:
 class Connection(asyncio.Protocol):
     """The asyncio protocol of one client."""
 
-    def __init__(self, server: Server) -> None:
+    def __init__(self, server: Host) -> None:
         self.server = server
         self.km = server.km
         s = server.settings

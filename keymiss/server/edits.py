@@ -33,7 +33,7 @@ from keymiss.server.strings import LLONG_MAX, OOM
 from keymiss.stores.base import PINNED_PREFIX, Item
 
 if TYPE_CHECKING:
-    from keymiss.server.connection import Connection
+    from keymiss.server.client import Client
 
 LLONG_MIN = -(2**63)
 #: Redis's largest string (proto-max-bulk-len's default), which SETRANGE and APPEND may not pass.
@@ -43,9 +43,7 @@ TOO_BIG = "ERR string exceeds maximum allowed size (proto-max-bulk-len)"
 Edit = Callable[[Item | None], tuple[bytes | None, Any]]
 
 
-def _relay_or(
-    c: Connection, args: list[bytes], key: str, edit: Edit, encode: Callable[[Any], bytes]
-) -> Reply:
+def _relay_or(c: Client, args: list[bytes], key: str, edit: Edit, encode: Callable[[Any], bytes]) -> Reply:
     """Run ``edit`` on the in-process store (inline where writes are synchronous), or relay the
     command to the shared Redis."""
     if c.shared is not None:
@@ -61,7 +59,7 @@ def _relay_or(
     return later()
 
 
-def _read_or(c: Connection, args: list[bytes], key: str, read: Callable[[Item | None], bytes]) -> Reply:
+def _read_or(c: Client, args: list[bytes], key: str, read: Callable[[Item | None], bytes]) -> Reply:
     """Answer a read from the in-process store, or relay it to the shared Redis."""
     if c.shared is not None:
         return c.relay(args)
@@ -83,7 +81,7 @@ def _as_int(item: Item | None) -> int:
     return value
 
 
-def _incr(c: Connection, args: list[bytes], by: int) -> Reply:
+def _incr(c: Client, args: list[bytes], by: int) -> Reply:
     def edit(item: Item | None) -> tuple[bytes, int]:
         new = _as_int(item) + by
         if not LLONG_MIN <= new <= LLONG_MAX:
@@ -107,7 +105,7 @@ def _counter(name: str, summary: str, with_amount: bool) -> None:
         summary=summary,
         arguments=arguments,
     )
-    def handler(c: Connection, args: list[bytes]) -> Reply:
+    def handler(c: Client, args: list[bytes]) -> Reply:
         if not with_amount:
             return _incr(c, args, 1 if name == "incr" else -1)
         amount = to_int(args[2])
@@ -157,7 +155,7 @@ def format_long_double(value: np.longdouble) -> str:
     summary="Add a floating-point number to the number a key holds.",
     arguments=[arg("key", "key"), arg("increment", "double")],
 )
-def cmd_incrbyfloat(c: Connection, args: list[bytes]) -> Reply:
+def cmd_incrbyfloat(c: Client, args: list[bytes]) -> Reply:
     by = _long_double(args[2], "ERR value is not a valid float")
 
     def edit(item: Item | None) -> tuple[bytes, bytes]:
@@ -184,7 +182,7 @@ def cmd_incrbyfloat(c: Connection, args: list[bytes]) -> Reply:
     summary="Append to a key's value (creating it); returns the new length.",
     arguments=[arg("key", "key"), arg("value")],
 )
-def cmd_append(c: Connection, args: list[bytes]) -> Reply:
+def cmd_append(c: Client, args: list[bytes]) -> Reply:
     tail = args[2]
     key = key_of(args[1])
     store = local_store_of(c)
@@ -210,7 +208,7 @@ def cmd_append(c: Connection, args: list[bytes]) -> Reply:
     summary="Overwrite part of a key's value at an offset, zero-padding as needed.",
     arguments=[arg("key", "key"), arg("offset", "integer"), arg("value")],
 )
-def cmd_setrange(c: Connection, args: list[bytes]) -> Reply:
+def cmd_setrange(c: Client, args: list[bytes]) -> Reply:
     offset = to_int(args[2])
     if offset < 0:
         raise CommandError("ERR offset is out of range")
@@ -243,7 +241,7 @@ def cmd_setrange(c: Connection, args: list[bytes]) -> Reply:
     summary="The length of a key's value (0 if missing; nothing is computed).",
     arguments=[arg("key", "key")],
 )
-def cmd_strlen(c: Connection, args: list[bytes]) -> Reply:
+def cmd_strlen(c: Client, args: list[bytes]) -> Reply:
     return _read_or(
         c, args, key_of(args[1]), lambda item: reply.integer(0 if item is None else len(item.value))
     )
@@ -273,7 +271,7 @@ def _substr(value: bytes, start: int, end: int) -> bytes:
     summary="Part of a key's value, by byte offsets (nothing is computed).",
     arguments=[arg("key", "key"), arg("start", "integer"), arg("end", "integer")],
 )
-def cmd_getrange(c: Connection, args: list[bytes]) -> Reply:
+def cmd_getrange(c: Client, args: list[bytes]) -> Reply:
     start, end = to_int(args[2]), to_int(args[3])
     return _read_or(
         c,
@@ -302,7 +300,7 @@ command(
     summary="Every key matching a pattern: O(N) in the number of keys, as in Redis (prefer SCAN).",
     arguments=[arg("pattern", "pattern")],
 )
-def cmd_keys(c: Connection, args: list[bytes]) -> Reply:
+def cmd_keys(c: Client, args: list[bytes]) -> Reply:
     shared = c.shared
     if shared is not None:
 
@@ -342,7 +340,7 @@ ENTRY_OVERHEAD = 64
     summary="MEMORY USAGE: the bytes a key takes (name, value and bookkeeping).",
     subcommands=("usage", "help"),
 )
-def cmd_memory(c: Connection, args: list[bytes]) -> Reply:
+def cmd_memory(c: Client, args: list[bytes]) -> Reply:
     if c.shared is not None:
         return c.relay(args)
     sub = args[1].lower()
@@ -389,7 +387,7 @@ _MEMORY_HELP = (
     summary="OBJECT ENCODING / REFCOUNT / IDLETIME of a key.",
     subcommands=("encoding", "refcount", "idletime", "help"),
 )
-def cmd_object(c: Connection, args: list[bytes]) -> Reply:
+def cmd_object(c: Client, args: list[bytes]) -> Reply:
     if c.shared is not None:
         return c.relay(args)
     sub = args[1].lower()

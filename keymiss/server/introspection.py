@@ -20,7 +20,7 @@ from keymiss.sizes import format_size
 from keymiss.version import __version__
 
 if TYPE_CHECKING:
-    from keymiss.server.connection import Connection
+    from keymiss.server.client import Client
 
 
 # --- COMMAND ---------------------------------------------------------------------------------------------
@@ -58,7 +58,7 @@ def _command_doc(name: bytes) -> dict[str, Any]:
     summary="Describe the commands keymiss understands.",
     subcommands=("count", "docs", "info", "list"),
 )
-def cmd_command(c: Connection, args: list[bytes]) -> Reply:
+def cmd_command(c: Client, args: list[bytes]) -> Reply:
     if len(args) == 1:
         return reply.encode([_command_info(n) for n in sorted(TABLE)], c.proto)
     sub = args[1].lower()
@@ -78,7 +78,7 @@ def cmd_command(c: Connection, args: list[bytes]) -> Reply:
 
 
 # --- CONFIG ----------------------------------------------------------------------------------------------
-def _config_values(c: Connection) -> dict[str, str]:
+def _config_values(c: Client) -> dict[str, str]:
     s = c.server.settings
     store = c.km.store.info()
     return {
@@ -106,7 +106,7 @@ def _config_values(c: Connection) -> dict[str, str]:
     summary="Read the server configuration (CONFIG GET).",
     subcommands=("get",),
 )
-def cmd_config(c: Connection, args: list[bytes]) -> Reply:
+def cmd_config(c: Client, args: list[bytes]) -> Reply:
     sub = args[1].lower()
     if sub == b"get":
         if len(args) < 3:
@@ -148,7 +148,7 @@ def _field(value: Any) -> str:
     return str(value).replace("\r", " ").replace("\n", " ")
 
 
-def info_sections(c: Connection) -> dict[str, dict[str, Any]]:
+def info_sections(c: Client) -> dict[str, dict[str, Any]]:
     srv = c.server
     km = c.km
     store = km.store.info()
@@ -249,10 +249,10 @@ DEFAULT_SECTIONS = ("server", "clients", "memory", "stats", "keyspace", "keymiss
     -1,
     flags=("loading", "stale"),
     group="server",
-    summary="Server, client, memory, stats, keyspace and per-keyspace keymiss counters.",
+    summary="Host, client, memory, stats, keyspace and per-keyspace keymiss counters.",
     arguments=[arg("section", optional=True, multiple=True)],
 )
-def cmd_info(c: Connection, args: list[bytes]) -> Reply:
+def cmd_info(c: Client, args: list[bytes]) -> Reply:
     sections = info_sections(c)
     wanted = [a.decode(errors="replace").lower() for a in args[1:]]
     if not wanted or any(w in ("default", "all", "everything") for w in wanted):
@@ -277,7 +277,7 @@ def cmd_info(c: Connection, args: list[bytes]) -> Reply:
     summary="Operator commands: KEYSPACES, STATS, FORGET.",
     subcommands=("keyspaces", "stats", "forget"),
 )
-def cmd_keymiss(c: Connection, args: list[bytes]) -> Reply:
+def cmd_keymiss(c: Client, args: list[bytes]) -> Reply:
     sub = args[1].lower()
     if sub == b"keyspaces" and len(args) == 2:
         return reply.encode([ks.describe() for ks in c.km.registry], c.proto)

@@ -26,7 +26,7 @@ from keymiss.server.strings import check_expire_range
 from keymiss.stores.base import LocalStore
 
 if TYPE_CHECKING:
-    from keymiss.server.connection import Connection
+    from keymiss.server.client import Client
 
 
 # --- reads ---------------------------------------------------------------------------------------------
@@ -38,7 +38,7 @@ if TYPE_CHECKING:
     summary="Count how many of the keys exist (nothing is computed).",
     arguments=[arg("key", "key", multiple=True)],
 )
-def cmd_exists(c: Connection, args: list[bytes]) -> Reply:
+def cmd_exists(c: Client, args: list[bytes]) -> Reply:
     keys = [key_of(a) for a in args[1:]]
     store = local_store_of(c)
     if store is not None:
@@ -58,7 +58,7 @@ async def _int_of(aw: Awaitable[int]) -> bytes:
     summary="Seconds to live of a key; -1 without expiry, -2 if missing.",
     arguments=[arg("key", "key")],
 )
-def cmd_ttl(c: Connection, args: list[bytes]) -> Reply:
+def cmd_ttl(c: Client, args: list[bytes]) -> Reply:
     return _ttl(c, key_of(args[1]), 1000)
 
 
@@ -70,11 +70,11 @@ def cmd_ttl(c: Connection, args: list[bytes]) -> Reply:
     summary="Milliseconds to live of a key; -1 without expiry, -2 if missing.",
     arguments=[arg("key", "key")],
 )
-def cmd_pttl(c: Connection, args: list[bytes]) -> Reply:
+def cmd_pttl(c: Client, args: list[bytes]) -> Reply:
     return _ttl(c, key_of(args[1]), 1)
 
 
-def _ttl(c: Connection, key: str, unit: int) -> Reply:
+def _ttl(c: Client, key: str, unit: int) -> Reply:
     def fmt(ms: int) -> bytes:
         return reply.integer(ms if ms < 0 else (ms + unit // 2) // unit)
 
@@ -96,7 +96,7 @@ def _ttl(c: Connection, key: str, unit: int) -> Reply:
     summary="The type of a key: string, or none.",
     arguments=[arg("key", "key")],
 )
-def cmd_type(c: Connection, args: list[bytes]) -> Reply:
+def cmd_type(c: Client, args: list[bytes]) -> Reply:
     store = local_store_of(c)
     key = key_of(args[1])
     if store is not None:
@@ -114,7 +114,7 @@ def cmd_type(c: Connection, args: list[bytes]) -> Reply:
 
 
 @command("dbsize", 1, flags=("readonly", "fast"), summary="The number of keys in the store.")
-def cmd_dbsize(c: Connection, args: list[bytes]) -> Reply:
+def cmd_dbsize(c: Client, args: list[bytes]) -> Reply:
     return _int_of(c.km.store.dbsize())
 
 
@@ -143,7 +143,7 @@ def parse_cursor(raw: bytes) -> int:
         arg("type", "string", optional=True, token="TYPE"),
     ],
 )
-def cmd_scan(c: Connection, args: list[bytes]) -> Reply:
+def cmd_scan(c: Client, args: list[bytes]) -> Reply:
     cursor = parse_cursor(args[1])
     match: str | None = None
     count = 10
@@ -179,7 +179,7 @@ def cmd_scan(c: Connection, args: list[bytes]) -> Reply:
 
 
 # --- writes --------------------------------------------------------------------------------------------
-def _delete(c: Connection, keys: list[str]) -> Reply:
+def _delete(c: Client, keys: list[str]) -> Reply:
     c.km.written(keys)
     store = local_store_of(c)
     if store is not None and store.sync_writes:
@@ -195,7 +195,7 @@ def _delete(c: Connection, keys: list[str]) -> Reply:
     summary="Delete keys; returns how many existed.",
     arguments=[arg("key", "key", multiple=True)],
 )
-def cmd_del(c: Connection, args: list[bytes]) -> Reply:
+def cmd_del(c: Client, args: list[bytes]) -> Reply:
     return _delete(c, [key_of(a) for a in args[1:]])
 
 
@@ -207,11 +207,11 @@ def cmd_del(c: Connection, args: list[bytes]) -> Reply:
     summary="Delete keys (same as DEL here).",
     arguments=[arg("key", "key", multiple=True)],
 )
-def cmd_unlink(c: Connection, args: list[bytes]) -> Reply:
+def cmd_unlink(c: Client, args: list[bytes]) -> Reply:
     return _delete(c, [key_of(a) for a in args[1:]])
 
 
-def _expire_cmd(c: Connection, args: list[bytes], unit: float, name: str) -> Reply:
+def _expire_cmd(c: Client, args: list[bytes], unit: float, name: str) -> Reply:
     key = key_of(args[1])
     amount = to_int(args[2])
     flags = {a.lower() for a in args[3:]}
@@ -251,7 +251,7 @@ def _expire_cmd(c: Connection, args: list[bytes], unit: float, name: str) -> Rep
     summary="Set a key's time to live in seconds.",
     arguments=[arg("key", "key"), arg("seconds", "integer"), arg("condition", "oneof", optional=True)],
 )
-def cmd_expire(c: Connection, args: list[bytes]) -> Reply:
+def cmd_expire(c: Client, args: list[bytes]) -> Reply:
     return _expire_cmd(c, args, 1.0, "expire")
 
 
@@ -263,7 +263,7 @@ def cmd_expire(c: Connection, args: list[bytes]) -> Reply:
     summary="Set a key's time to live in milliseconds.",
     arguments=[arg("key", "key"), arg("milliseconds", "integer"), arg("condition", "oneof", optional=True)],
 )
-def cmd_pexpire(c: Connection, args: list[bytes]) -> Reply:
+def cmd_pexpire(c: Client, args: list[bytes]) -> Reply:
     return _expire_cmd(c, args, 0.001, "pexpire")
 
 
@@ -275,7 +275,7 @@ def cmd_pexpire(c: Connection, args: list[bytes]) -> Reply:
     summary="Remove a key's expiry.",
     arguments=[arg("key", "key")],
 )
-def cmd_persist(c: Connection, args: list[bytes]) -> Reply:
+def cmd_persist(c: Client, args: list[bytes]) -> Reply:
     return _int_of(c.km.persist(key_of(args[1])))
 
 
@@ -286,7 +286,7 @@ def cmd_persist(c: Connection, args: list[bytes]) -> Reply:
     summary="Remove every key.",
     arguments=[arg("flush-type", "oneof", optional=True)],
 )
-def cmd_flushdb(c: Connection, args: list[bytes]) -> Reply:
+def cmd_flushdb(c: Client, args: list[bytes]) -> Reply:
     if len(args) > 2 or (len(args) == 2 and args[1].lower() not in (b"async", b"sync")):
         raise CommandError(SYNTAX)
 

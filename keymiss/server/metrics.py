@@ -9,13 +9,13 @@ from typing import TYPE_CHECKING, Any
 from keymiss.runtime.metrics import build_metrics, engine_metrics, http_server, new_registry
 
 if TYPE_CHECKING:
-    from keymiss.server.app import Server
+    from keymiss.server.client import Host
 
 
 class KeymissCollector:
     """A prometheus_client collector over the Python server's engine, store and connections."""
 
-    def __init__(self, server: Server) -> None:
+    def __init__(self, server: Host) -> None:
         self.server = server
 
     def collect(self) -> Iterator[Any]:
@@ -55,7 +55,7 @@ class KeymissCollector:
         )
 
 
-def start_metrics_server(server: Server, port: int) -> ThreadingHTTPServer:
+def start_metrics_server(server: Host, port: int) -> ThreadingHTTPServer:
     """Serve /metrics and /healthz on the Python server's host; shutdown() stops it."""
     from prometheus_client import ProcessCollector
 

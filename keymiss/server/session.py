@@ -1,4 +1,4 @@
-"""Connection commands: PING, ECHO, QUIT, SELECT, AUTH, HELLO, CLIENT.
+"""Client commands: PING, ECHO, QUIT, SELECT, AUTH, HELLO, CLIENT.
 
 Split from the operator commands (``introspection``): these set up and change the state of the calling
 connection itself (protocol version, authentication, name) and touch no keys.
@@ -13,7 +13,7 @@ from keymiss.server import reply, resp
 from keymiss.server.commands import SYNTAX, CommandError, Reply, arg, command, to_int
 
 if TYPE_CHECKING:
-    from keymiss.server.connection import Connection
+    from keymiss.server.client import Client
 
 #: The Redis release whose commands and replies keymiss follows; clients that gate features on
 #: the server version read it from HELLO and INFO.
@@ -28,7 +28,7 @@ REDIS_COMPAT_VERSION = "7.2.0"
     summary="Ping the server.",
     arguments=[arg("message", optional=True)],
 )
-def cmd_ping(c: Connection, args: list[bytes]) -> Reply:
+def cmd_ping(c: Client, args: list[bytes]) -> Reply:
     if len(args) > 2:
         raise CommandError("ERR wrong number of arguments for 'ping' command")
     return reply.PONG if len(args) == 1 else reply.bulk(args[1])
@@ -37,12 +37,12 @@ def cmd_ping(c: Connection, args: list[bytes]) -> Reply:
 @command(
     "echo", 2, flags=("fast",), group="connection", summary="Return the message.", arguments=[arg("message")]
 )
-def cmd_echo(c: Connection, args: list[bytes]) -> Reply:
+def cmd_echo(c: Client, args: list[bytes]) -> Reply:
     return reply.bulk(args[1])
 
 
 @command("quit", -1, flags=("noauth", "fast"), group="connection", summary="Close the connection.")
-def cmd_quit(c: Connection, args: list[bytes]) -> Reply:
+def cmd_quit(c: Client, args: list[bytes]) -> Reply:
     c.close_after_reply = True
     return reply.OK
 
@@ -55,13 +55,13 @@ def cmd_quit(c: Connection, args: list[bytes]) -> Reply:
     summary="Select database 0 (the only one).",
     arguments=[arg("index", "integer")],
 )
-def cmd_select(c: Connection, args: list[bytes]) -> Reply:
+def cmd_select(c: Client, args: list[bytes]) -> Reply:
     if to_int(args[1]) != 0:
         raise CommandError("ERR DB index is out of range")
     return reply.OK
 
 
-def _check_password(c: Connection, user: bytes, password: bytes) -> None:
+def _check_password(c: Client, user: bytes, password: bytes) -> None:
     expected = c.server.settings.requirepass
     if expected is None:
         if user.lower() == b"default":
@@ -82,7 +82,7 @@ def _check_password(c: Connection, user: bytes, password: bytes) -> None:
     summary="Authenticate the connection.",
     arguments=[arg("username", optional=True), arg("password")],
 )
-def cmd_auth(c: Connection, args: list[bytes]) -> Reply:
+def cmd_auth(c: Client, args: list[bytes]) -> Reply:
     if len(args) > 3:
         raise CommandError(SYNTAX)
     if len(args) == 2 and c.server.settings.requirepass is None:
@@ -103,7 +103,7 @@ def cmd_auth(c: Connection, args: list[bytes]) -> Reply:
     summary="Handshake: choose RESP2 or RESP3, optionally authenticate and name the connection.",
     arguments=[arg("protover", "integer", optional=True)],
 )
-def cmd_hello(c: Connection, args: list[bytes]) -> Reply:
+def cmd_hello(c: Client, args: list[bytes]) -> Reply:
     proto = c.proto
     if len(args) >= 2:
         ver = resp.parse_int(args[1])
@@ -145,7 +145,7 @@ def cmd_hello(c: Connection, args: list[bytes]) -> Reply:
     return reply.encode(info, proto)
 
 
-def _set_name(c: Connection, name: bytes) -> None:
+def _set_name(c: Client, name: bytes) -> None:
     if any(ch <= 32 or ch > 126 for ch in name):
         raise CommandError("ERR Client names cannot contain spaces, newlines or special characters.")
     c.name = name.decode()
@@ -159,7 +159,7 @@ def _set_name(c: Connection, name: bytes) -> None:
     summary="Inspect and name client connections.",
     subcommands=("id", "setname", "getname", "info", "list", "setinfo", "no-evict", "no-touch"),
 )
-def cmd_client(c: Connection, args: list[bytes]) -> Reply:
+def cmd_client(c: Client, args: list[bytes]) -> Reply:
     sub = args[1].lower()
     if sub == b"id" and len(args) == 2:
         return reply.integer(c.id)

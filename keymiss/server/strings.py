@@ -16,7 +16,7 @@ from keymiss.server.transactions import background
 from keymiss.stores.base import Item
 
 if TYPE_CHECKING:
-    from keymiss.server.connection import Connection
+    from keymiss.server.client import Client
 
 
 OOM = "OOM command not allowed when used memory > 'maxmemory'."
@@ -43,7 +43,7 @@ def _item_reply(item: Item | None, proto: int) -> bytes:
     summary="Get the value of a key; a miss in a registered keyspace is computed, stored and returned.",
     arguments=[arg("key", "key")],
 )
-def cmd_get(c: Connection, args: list[bytes]) -> Reply:
+def cmd_get(c: Client, args: list[bytes]) -> Reply:
     result = c.km.read(key_of(args[1]))  # one engine call: a hit or plain miss is ready
     if result is None:
         return reply.null(c.proto)
@@ -55,7 +55,7 @@ def cmd_get(c: Connection, args: list[bytes]) -> Reply:
     return _awaited(c, result)  # type: ignore[arg-type]
 
 
-async def _awaited(c: Connection, pending: Awaitable[Item | None]) -> bytes:
+async def _awaited(c: Client, pending: Awaitable[Item | None]) -> bytes:
     return _item_reply(await pending, c.proto)
 
 
@@ -68,7 +68,7 @@ async def _awaited(c: Connection, pending: Awaitable[Item | None]) -> bytes:
     summary="Get the values of several keys; misses are computed concurrently and batched.",
     arguments=[arg("key", "key", multiple=True)],
 )
-def cmd_mget(c: Connection, args: list[bytes]) -> Reply:
+def cmd_mget(c: Client, args: list[bytes]) -> Reply:
     if c.in_exec and c.shared is None:
         return reply.array(cmd_get(c, [b"get", a]) for a in args[1:])  # type: ignore[misc]
     result = c.km.read_many([key_of(a) for a in args[1:]])
@@ -77,7 +77,7 @@ def cmd_mget(c: Connection, args: list[bytes]) -> Reply:
     return _mget_later(c, result)
 
 
-def _mget_reply(c: Connection, results: list[Item | BaseException | None]) -> bytes:
+def _mget_reply(c: Client, results: list[Item | BaseException | None]) -> bytes:
     # Failed keys become error entries inside the array: the other answers are not thrown away.
     size = sum(len(r.value) for r in results if type(r) is Item)
     if size > c.output_limit:  # one value that large streams; an array of them would sit in memory
@@ -91,7 +91,7 @@ def _mget_reply(c: Connection, results: list[Item | BaseException | None]) -> by
     return reply.array(parts)
 
 
-async def _mget_later(c: Connection, pending: Awaitable[list[Item | BaseException | None]]) -> bytes:
+async def _mget_later(c: Client, pending: Awaitable[list[Item | BaseException | None]]) -> bytes:
     return _mget_reply(c, await pending)
 
 
@@ -104,7 +104,7 @@ async def _mget_later(c: Connection, pending: Awaitable[list[Item | BaseExceptio
     summary="Get the value of a key (computing it on a miss) and optionally set its expiration.",
     arguments=[arg("key", "key"), arg("expiration", "oneof", optional=True)],
 )
-def cmd_getex(c: Connection, args: list[bytes]) -> Reply:
+def cmd_getex(c: Client, args: list[bytes]) -> Reply:
     key = key_of(args[1])
     opts = [a.lower() for a in args[2:]]
     ttl: float | None = None
@@ -129,7 +129,7 @@ def cmd_getex(c: Connection, args: list[bytes]) -> Reply:
     return _getex(c, key, ttl, persist, bool(opts))
 
 
-async def _getex(c: Connection, key: str, ttl: float | None, persist: bool, change: bool) -> bytes:
+async def _getex(c: Client, key: str, ttl: float | None, persist: bool, change: bool) -> bytes:
     item = await c.km.get_item(key)
     if item is not None and change:
         # A miss was computed meanwhile: change the expiry only of the value this reply carries,
@@ -196,7 +196,7 @@ def _expiry(opt: bytes, raw: bytes, cmd: str) -> float:
         arg("expiration", "oneof", optional=True),
     ],
 )
-def cmd_set(c: Connection, args: list[bytes]) -> Reply:
+def cmd_set(c: Client, args: list[bytes]) -> Reply:
     key = key_of(args[1])
     value = args[2]
     nx = xx = get = keep = False
@@ -225,7 +225,7 @@ def cmd_set(c: Connection, args: list[bytes]) -> Reply:
 
 
 def _set(
-    c: Connection, key: str, value: bytes, ttl: float | None, nx: bool, xx: bool, keep: bool, get: bool
+    c: Client, key: str, value: bytes, ttl: float | None, nx: bool, xx: bool, keep: bool, get: bool
 ) -> Reply:
     if ttl is not None and ttl < 0:  # an absolute expiry already in the past: Redis deletes
         ttl = None
@@ -275,7 +275,7 @@ def _set(
     summary="Set a key with an expiry in seconds.",
     arguments=[arg("key", "key"), arg("seconds", "integer"), arg("value")],
 )
-def cmd_setex(c: Connection, args: list[bytes]) -> Reply:
+def cmd_setex(c: Client, args: list[bytes]) -> Reply:
     return _set(c, key_of(args[1]), args[3], _expiry(b"ex", args[2], "setex"), False, False, False, False)
 
 
@@ -288,7 +288,7 @@ def cmd_setex(c: Connection, args: list[bytes]) -> Reply:
     summary="Set a key with an expiry in milliseconds.",
     arguments=[arg("key", "key"), arg("milliseconds", "integer"), arg("value")],
 )
-def cmd_psetex(c: Connection, args: list[bytes]) -> Reply:
+def cmd_psetex(c: Client, args: list[bytes]) -> Reply:
     return _set(c, key_of(args[1]), args[3], _expiry(b"px", args[2], "psetex"), False, False, False, False)
 
 
@@ -301,7 +301,7 @@ def cmd_psetex(c: Connection, args: list[bytes]) -> Reply:
     summary="Set a key only if it does not exist; 1 if set.",
     arguments=[arg("key", "key"), arg("value")],
 )
-def cmd_setnx(c: Connection, args: list[bytes]) -> Reply:
+def cmd_setnx(c: Client, args: list[bytes]) -> Reply:
     store = local_store_of(c)
     if store is not None and not store.fits(key_of(args[1]), len(args[2])):
         raise CommandError(OOM)
@@ -322,7 +322,7 @@ def cmd_setnx(c: Connection, args: list[bytes]) -> Reply:
     summary="Set several keys at once.",
     arguments=[arg("data", "block", multiple=True)],
 )
-def cmd_mset(c: Connection, args: list[bytes]) -> Reply:
+def cmd_mset(c: Client, args: list[bytes]) -> Reply:
     if len(args) % 2 == 0:
         raise CommandError("ERR wrong number of arguments for 'mset' command")
     from keymiss.stores.base import Write
@@ -350,7 +350,7 @@ def cmd_mset(c: Connection, args: list[bytes]) -> Reply:
     summary="Get the value of a key and delete it (nothing is computed).",
     arguments=[arg("key", "key")],
 )
-def cmd_getdel(c: Connection, args: list[bytes]) -> Reply:
+def cmd_getdel(c: Client, args: list[bytes]) -> Reply:
     key = key_of(args[1])
 
     shared = c.shared

@@ -26,12 +26,12 @@ from collections.abc import Awaitable
 from typing import TYPE_CHECKING, Any
 
 from keymiss.server import reply
+from keymiss.server.client import Transaction, same
 from keymiss.server.commands import TABLE, CommandError, Reply, arg, command, key_of, local_store_of
-from keymiss.stores.base import Item, LocalStore
+from keymiss.stores.base import Item
 
 if TYPE_CHECKING:
-    from keymiss.server.app import Server
-    from keymiss.server.connection import Connection
+    from keymiss.server.client import Client, Host
 
 #: Commands answered at once inside MULTI instead of being queued (as in Redis).
 IMMEDIATE = frozenset((b"exec", b"discard", b"multi", b"watch", b"quit", b"reset"))
@@ -50,75 +50,20 @@ SHARED_TX = frozenset(
 )
 
 
-class Transaction:
-    """What one connection has queued since MULTI."""
-
-    __slots__ = ("aborted", "commands", "shared", "size")
-
-    def __init__(self, shared: bool) -> None:
-        self.commands: list[list[bytes]] = []
-        self.aborted = False
-        self.size = 0
-        self.shared = shared  # EXEC relays it to the shared Redis
-
-
-class Watches:
-    """The server's WATCHed keys: who watches which key, and the value each saw at WATCH."""
-
-    def __init__(self) -> None:
-        self.by_key: dict[str, set[Connection]] = {}
-
-    def __bool__(self) -> bool:
-        return bool(self.by_key)
-
-    def add(self, c: Connection, key: str, seen: Item | None) -> None:
-        if key not in c.watched:
-            c.watched[key] = seen
-            self.by_key.setdefault(key, set()).add(c)
-
-    def drop(self, c: Connection) -> None:
-        for key in c.watched:
-            watchers = self.by_key.get(key)
-            if watchers is not None:
-                watchers.discard(c)
-                if not watchers:
-                    del self.by_key[key]
-        c.watched.clear()
-        c.watch_dirty = False
-
-    def among(self, keys: list[str] | None) -> list[str]:
-        """Which of ``keys`` (``None``: any key, FLUSHDB) someone watches."""
-        if keys is None:
-            return list(self.by_key)
-        return [k for k in keys if k in self.by_key]
-
-    def touch_changed(self, store: LocalStore, before: dict[str, Item | None]) -> None:
-        for key, seen in before.items():
-            if not _same(seen, store.get_now(key)):
-                for c in self.by_key.get(key, ()):
-                    c.watch_dirty = True
-
-
 def snapshot(item: Item | None) -> Item | None:
     """A copy of what WATCH compares (an in-process item's expiry can change in place)."""
     return None if item is None else Item(item.value, item.codec, item.expires_at, item.version)
 
 
-def _same(a: Item | None, b: Item | None) -> bool:
-    if a is None or b is None:
-        return a is b
-    return a.value == b.value and a.codec == b.codec and a.expires_at == b.expires_at
-
-
-def changed(c: Connection) -> bool:
+def changed(c: Client) -> bool:
     """Whether a watched key was written, or holds another value than at WATCH."""
     if c.watch_dirty:
         return True
     store = local_store_of(c)
-    return store is not None and any(not _same(seen, store.get_now(k)) for k, seen in c.watched.items())
+    return store is not None and any(not same(seen, store.get_now(k)) for k, seen in c.watched.items())
 
 
-def queue(c: Connection, args: list[bytes], error: bytes | None) -> bytes:
+def queue(c: Client, args: list[bytes], error: bytes | None) -> bytes:
     """Queue a command inside MULTI (``error``: it was refused at queueing, which aborts EXEC)."""
     tx = c.multi
     assert tx is not None
@@ -139,7 +84,7 @@ def queue(c: Connection, args: list[bytes], error: bytes | None) -> bytes:
     return b"+QUEUED\r\n"
 
 
-def background(server: Server, pending: Awaitable[Any]) -> None:
+def background(server: Host, pending: Awaitable[Any]) -> None:
     """Let a computation started inside a transaction finish on its own."""
     task = asyncio.ensure_future(pending)
     server.background.add(task)
@@ -153,7 +98,7 @@ def background(server: Server, pending: Awaitable[Any]) -> None:
 
 
 @command("multi", 1, flags=("fast",), group="transactions", summary="Start a transaction.")
-def cmd_multi(c: Connection, args: list[bytes]) -> Reply:
+def cmd_multi(c: Client, args: list[bytes]) -> Reply:
     if c.multi is not None:
         raise CommandError("ERR MULTI calls can not be nested")
     c.multi = Transaction(c.shared is not None)
@@ -161,7 +106,7 @@ def cmd_multi(c: Connection, args: list[bytes]) -> Reply:
 
 
 @command("discard", 1, flags=("fast",), group="transactions", summary="Drop the queued commands.")
-def cmd_discard(c: Connection, args: list[bytes]) -> Reply:
+def cmd_discard(c: Client, args: list[bytes]) -> Reply:
     if c.multi is None:
         raise CommandError("ERR DISCARD without MULTI")
     c.multi = None
@@ -178,7 +123,7 @@ def cmd_discard(c: Connection, args: list[bytes]) -> Reply:
     summary="Make the next EXEC conditional on these keys staying unchanged.",
     arguments=[arg("key", "key", multiple=True)],
 )
-def cmd_watch(c: Connection, args: list[bytes]) -> Reply:
+def cmd_watch(c: Client, args: list[bytes]) -> Reply:
     if c.multi is not None:
         raise CommandError("ERR WATCH inside MULTI is not allowed")
     if c.shared is not None:
@@ -192,13 +137,13 @@ def cmd_watch(c: Connection, args: list[bytes]) -> Reply:
 
 
 @command("unwatch", 1, flags=("fast",), group="transactions", summary="Forget the watched keys.")
-def cmd_unwatch(c: Connection, args: list[bytes]) -> Reply:
+def cmd_unwatch(c: Client, args: list[bytes]) -> Reply:
     c.server.watches.drop(c)
     return reply.OK
 
 
 @command("exec", 1, flags=("slow",), group="transactions", summary="Run the queued commands as one.")
-def cmd_exec(c: Connection, args: list[bytes]) -> Reply:
+def cmd_exec(c: Client, args: list[bytes]) -> Reply:
     tx = c.multi
     if tx is None:
         raise CommandError("ERR EXEC without MULTI")
@@ -252,7 +197,7 @@ class Replies:
         return reply.array(self.parts)
 
 
-def _finish(c: Connection, parts: Replies, pending: Awaitable[bytes], rest: list[list[bytes]]) -> Reply:
+def _finish(c: Client, parts: Replies, pending: Awaitable[bytes], rest: list[list[bytes]]) -> Reply:
     """The rest of an EXEC whose command must wait: every other client is held meanwhile."""
     server = c.server
     server.exclusive = c
@@ -282,7 +227,7 @@ def _finish(c: Connection, parts: Replies, pending: Awaitable[bytes], rest: list
     return asyncio.shield(task)
 
 
-async def _exec_shared(c: Connection, commands: list[list[bytes]]) -> bytes:
+async def _exec_shared(c: Client, commands: list[list[bytes]]) -> bytes:
     """EXEC on a shared Redis: every command checked as the pass-through checks it, the keys it
     writes marked written (a computation started before does not overwrite them), then one
     MULTI/EXEC there. A miss of a keyspace key inside it starts the key's computation."""
@@ -315,7 +260,7 @@ async def _exec_shared(c: Connection, commands: list[list[bytes]]) -> bytes:
     return reply.array(reply.encode(r, c.proto) for r in replies)
 
 
-def _start(c: Connection, keys: list[bytes]) -> None:
+def _start(c: Client, keys: list[bytes]) -> None:
     """Start computing keys a relayed transaction found missing (those of a keyspace)."""
     for raw in keys:
         key = key_of(raw)

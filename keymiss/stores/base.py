@@ -278,6 +278,11 @@ class LocalStore(Store):
     @abc.abstractmethod
     def _now(self) -> float: ...
 
+    def now(self) -> float:
+        """The store's clock, the one its expiries are read against (injected in tests), so the
+        engine's freshness decisions agree with the store's own."""
+        return self._now()
+
     #: True where writes finish without blocking (memory; LMDB without fsync): the server then
     #: answers SET/DEL inline instead of through a task.
     sync_writes = True

@@ -9,8 +9,6 @@ from __future__ import annotations
 
 from collections import OrderedDict
 
-from keymiss.errors import ConfigError
-
 
 class Policy:
     """Hooks the memory store calls; the base keeps no order and must be subclassed."""
@@ -81,26 +79,3 @@ class FIFOPolicy(LRUPolicy):
 
     def touch(self, key: str) -> None:
         return None
-
-
-POLICY_NAMES = ("tinylfu", "tinylfu-cost", "tinylfu-iv", "lru", "fifo")
-
-
-def make_policy(name: str | Policy, max_bytes: int) -> Policy:
-    """A policy instance from its name (``"tinylfu"``) or an instance supplied by the user."""
-    if isinstance(name, Policy):
-        return name
-    from keymiss.stores.tinylfu import TinyLFUPolicy
-
-    key = name.lower()
-    if key == "lru":
-        return LRUPolicy()
-    if key == "fifo":
-        return FIFOPolicy()
-    if key in ("tinylfu", "w-tinylfu"):
-        return TinyLFUPolicy(max_bytes)
-    if key == "tinylfu-cost":
-        return TinyLFUPolicy(max_bytes, cost_aware=True)
-    if key == "tinylfu-iv":  # one victim at a time (the earlier admission), for comparison
-        return TinyLFUPolicy(max_bytes, admission="iv")
-    raise ConfigError(f"unknown eviction policy {name!r}; choose one of {', '.join(POLICY_NAMES)}")

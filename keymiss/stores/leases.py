@@ -15,15 +15,12 @@ import logging
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 from redis.exceptions import RedisError
 
 from keymiss.errors import ComputeTimeoutError, StoreError
 from keymiss.stores.base import PTTL_MISSING, Item
-
-if TYPE_CHECKING:
-    from keymiss.stores.redis import RedisStore
 
 log = logging.getLogger("keymiss.redis")
 
@@ -43,10 +40,23 @@ def _k(key: str) -> bytes:
     return key.encode("utf-8", "surrogateescape")
 
 
+class LeaseHost(Protocol):
+    """What the lease protocol needs of the Redis store it serves (``RedisStore``), and no more."""
+
+    lease_ms: int
+    client: Any
+
+    async def get(self, key: str) -> Item | None: ...
+    async def get_strict(self, key: str) -> Item | None: ...
+    async def call(self, fn: Any, *args: Any, **kwargs: Any) -> Any: ...
+    async def connect(self) -> None: ...
+    def subscriber(self) -> Any: ...
+
+
 class Leases:
     """The lease protocol of one ``RedisStore``: one completion listener, waiters per key."""
 
-    def __init__(self, store: RedisStore) -> None:
+    def __init__(self, store: LeaseHost) -> None:
         self.store = store
         self._pubsub: Any = None
         self._listener: asyncio.Task[None] | None = None

@@ -21,7 +21,8 @@ from keymiss.stores.base import (
     Write,
     superseded_version,
 )
-from keymiss.stores.eviction import Policy, make_policy
+from keymiss.stores.eviction import Policy
+from keymiss.stores.policies import make_policy
 from keymiss.stores.scanindex import ScanIndex
 
 #: Bytes a stored entry costs beyond its key and value: the dict slot, the Item (3 slots), the key

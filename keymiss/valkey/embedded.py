@@ -173,7 +173,7 @@ def server_policy(eviction: str | None) -> str:
             f"use the volatile- form, which evicts only computed values, or one of "
             f"{', '.join(SERVER_POLICIES)}"
         )
-    from keymiss.stores.eviction import POLICY_NAMES
+    from keymiss.stores.policies import POLICY_NAMES
 
     choices = (
         f"{', '.join([*SERVER_POLICIES, *NATIVE_POLICIES])}, or --server python for the in-process store"

@@ -5,13 +5,29 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from http.server import ThreadingHTTPServer
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from keymiss.runtime.metrics import build_metrics, engine_metrics, http_server, new_registry
 from keymiss.valkey import protocol
 
 if TYPE_CHECKING:
-    from keymiss.valkey.runner import ModuleFront
+    from keymiss.config import Settings
+    from keymiss.engine.cache import Keymiss
+    from keymiss.valkey.embedded import EmbeddedServer, ServerBinary
+    from keymiss.valkey.worker import Worker
+
+
+class ModuleFront(Protocol):
+    """What the metrics read of the running module front end (``runner.ModuleFront``)."""
+
+    km: Keymiss
+    settings: Settings
+    binary: ServerBinary | None
+    server: EmbeddedServer | None
+    worker: Worker | None
+    started_at: float
+
+    def healthy(self) -> bool: ...
 
 
 class ModuleCollector:
