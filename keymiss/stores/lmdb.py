@@ -14,13 +14,10 @@ miss, never interpreted.
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import logging
 import os
-import struct
 import threading
 import time
-import zlib
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -38,50 +35,21 @@ from keymiss.stores.base import (
     Write,
     superseded_version,
 )
+from keymiss.stores.lmdbrecord import (
+    DATA_DB,
+    HEADER,
+    LONG_KEY_PREFIX,
+    MAGIC,
+    ORDER_DB,
+    SEQ,
+    db_key,
+    encode_key,
+    explain,
+    pack,
+    unpack,
+)
 
 log = logging.getLogger("keymiss.lmdb")
-
-_HEADER = struct.Struct("<2sBBIqQ")  # magic, codec, flags, crc32, expires_ms (0 = never), seq
-_FIELDS = struct.Struct("<BBqQ")  # the header fields the checksum covers
-_KEYLEN = struct.Struct("<I")
-_SEQ = struct.Struct(">Q")  # big-endian so the order index sorts by insertion
-MAGIC = b"KM"
-FLAG_LONG_KEY = 1
-FLAG_VERSION = 2  # a computed value: its keyspace's 8-byte version tag follows the key
-_LONG_KEY_PREFIX = b"\x00km#"
-_DATA_DB = b"keymiss.data"
-_ORDER_DB = b"keymiss.order"
-
-
-def _explain(exc: BaseException, doing: str, path: str) -> str:
-    """What went wrong, in words a user can act on: LMDB reports a damaged meta page as "Cannot
-    allocate memory" and a full disk as "Input/output error"."""
-    import shutil
-
-    said = f"LMDB said: {exc}"
-    damaged = (lmdb.CorruptedError, lmdb.PageNotFoundError, lmdb.InvalidError, lmdb.VersionMismatchError)
-    if isinstance(exc, damaged) or (
-        "Cannot allocate memory" in str(exc) and os.path.exists(os.path.join(path, "data.mdb"))
-    ):
-        return (
-            f"{doing}: the store's file looks damaged ({said}); restore it from a copy, or move "
-            f"{path} aside to start with an empty cache"
-        )
-    try:
-        free = shutil.disk_usage(path).free
-    except OSError:
-        free = None
-    if isinstance(exc, lmdb.DiskError) or (free is not None and free < 16 * 1024**2):
-        room = f"{format_size(free)} free" if free is not None else "no space"
-        return (
-            f"{doing}: the disk holding {path} is full or failing ({room}; {said}); "
-            "free space or set ?max_disk="
-        )
-    return f"{doing}: {exc}"
-
-
-def _encode_key(key: str) -> bytes:
-    return key.encode("utf-8", "surrogateescape")
 
 
 class LMDBStore(LocalStore):
@@ -120,18 +88,18 @@ class LMDBStore(LocalStore):
                 lock=True,
             )
         except lmdb.Error as exc:
-            raise StoreError(_explain(exc, f"cannot open the LMDB store at {path!r}", path)) from exc
+            raise StoreError(explain(exc, f"cannot open the LMDB store at {path!r}", path)) from exc
         stale = self._env.reader_check()  # reader slots left by killed processes
         if stale:
             log.info("cleared %d stale LMDB reader slot(s) in %s", stale, path)
-        self._data = self._env.open_db(_DATA_DB)
-        self._order = self._env.open_db(_ORDER_DB)
+        self._data = self._env.open_db(DATA_DB)
+        self._order = self._env.open_db(ORDER_DB)
         self._max_key = self._env.max_key_size()
         self._resize_lock = threading.Lock()
         self._writer = ThreadPoolExecutor(1, thread_name_prefix="keymiss-lmdb-writer") if durable else None
         with self._env.begin(db=self._order) as txn:
             cur = txn.cursor()
-            self._seq = _SEQ.unpack(cur.key())[0] + 1 if cur.last() else 1
+            self._seq = SEQ.unpack(cur.key())[0] + 1 if cur.last() else 1
         self._sweep_after: bytes | None = None
         self._expired_seen: set[str] = set()
         self._closed = False
@@ -140,70 +108,8 @@ class LMDBStore(LocalStore):
         self._gone_logged = False
         self._batched = 0  # EXECs in progress whose writes share one fsync at their end
 
-    # --- record format -------------------------------------------------------------------------
-    def _db_key(self, kb: bytes) -> bytes:
-        if 0 < len(kb) <= self._max_key and not kb.startswith(_LONG_KEY_PREFIX):
-            return kb
-        return _LONG_KEY_PREFIX + hashlib.sha256(kb).digest()
-
-    def _pack(
-        self,
-        kb: bytes,
-        dbk: bytes,
-        value: bytes,
-        codec: int,
-        expires_at: float | None,
-        seq: int,
-        version: bytes | None = None,
-    ) -> bytes:
-        flags = (FLAG_LONG_KEY if dbk is not kb else 0) | (FLAG_VERSION if version is not None else 0)
-        exp = 0 if expires_at is None else max(1, int(expires_at * 1000))
-        crc = zlib.crc32(_FIELDS.pack(codec, flags, exp, seq), zlib.crc32(kb))
-        if version is not None:
-            crc = zlib.crc32(version, crc)
-        crc = zlib.crc32(value, crc)
-        head = _HEADER.pack(MAGIC, codec, flags, crc, exp, seq)
-        parts = [head]
-        if flags & FLAG_LONG_KEY:
-            parts += [_KEYLEN.pack(len(kb)), kb]
-        if version is not None:
-            parts.append(version)
-        parts.append(value)
-        return b"".join(parts)
-
-    def _unpack(self, kb: bytes | None, raw: bytes) -> tuple[bytes, Item, int] | None:
-        """(full key, item, seq) or None when the record is not a valid keymiss record for ``kb``."""
-        try:
-            magic, codec, flags, crc, exp, seq = _HEADER.unpack_from(raw)
-        except struct.error:
-            return None
-        if magic != MAGIC:
-            return None
-        pos = _HEADER.size
-        if flags & FLAG_LONG_KEY:
-            try:
-                (klen,) = _KEYLEN.unpack_from(raw, pos)
-            except struct.error:
-                return None
-            stored_key = raw[pos + 4 : pos + 4 + klen]
-            pos += 4 + klen
-            if kb is not None and stored_key != kb:
-                return None
-            kb = stored_key
-        if kb is None:
-            return None
-        check = zlib.crc32(_FIELDS.pack(codec, flags, exp, seq), zlib.crc32(kb))
-        version = None
-        if flags & FLAG_VERSION:
-            version = raw[pos : pos + 8]
-            if len(version) != 8:
-                return None
-            check = zlib.crc32(version, check)
-            pos += 8
-        value = raw[pos:]
-        if zlib.crc32(value, check) != crc:
-            return None
-        return kb, Item(value, codec, exp / 1000 if exp else None, version), seq
+    def db_key(self, kb: bytes) -> bytes:
+        return db_key(kb, self._max_key)
 
     def _bad_record(self, key: str) -> None:
         self.corrupt += 1
@@ -220,15 +126,15 @@ class LMDBStore(LocalStore):
                 with self._resize_lock:
                     self._env.set_mapsize(0)
             except lmdb.Error as exc:
-                raise StoreError(_explain(exc, "LMDB read failed", self.path)) from exc
+                raise StoreError(explain(exc, "LMDB read failed", self.path)) from exc
         raise StoreError("LMDB map keeps being resized by another process")
 
     def get_now(self, key: str) -> Item | None:
-        kb = _encode_key(key)
-        raw = self._read(lambda txn: txn.get(self._db_key(kb)))
+        kb = encode_key(key)
+        raw = self._read(lambda txn: txn.get(self.db_key(kb)))
         if raw is None:
             return None
-        parsed = self._unpack(kb, raw)
+        parsed = unpack(kb, raw)
         if parsed is None:
             self._bad_record(key)
             return None
@@ -243,10 +149,10 @@ class LMDBStore(LocalStore):
         out: list[Item | None] = []
         now = self._clock()
         raws = self._read(
-            lambda txn: [(k, kb, txn.get(self._db_key(kb))) for k in keys for kb in (_encode_key(k),)]
+            lambda txn: [(k, kb, txn.get(self.db_key(kb))) for k in keys for kb in (encode_key(k),)]
         )
         for key, kb, raw in raws:
-            parsed = None if raw is None else self._unpack(kb, raw)
+            parsed = None if raw is None else unpack(kb, raw)
             if raw is not None and parsed is None:
                 self._bad_record(key)
             item = None if parsed is None else parsed[1]
@@ -314,7 +220,7 @@ class LMDBStore(LocalStore):
                 with self._resize_lock:
                     self._env.set_mapsize(0)
             except lmdb.Error as exc:
-                raise StoreError(_explain(exc, "LMDB write failed", self.path)) from exc
+                raise StoreError(explain(exc, "LMDB write failed", self.path)) from exc
         raise StoreError("LMDB store is full and nothing more can be evicted")
 
     def _make_room(self) -> None:
@@ -344,7 +250,7 @@ class LMDBStore(LocalStore):
                 self.on_evict(raw.decode("utf-8", "surrogateescape"))
 
     def fits(self, key: str, size: int) -> bool:
-        return self.max_disk is None or len(_encode_key(key)) + size <= self.max_disk // 2
+        return self.max_disk is None or len(encode_key(key)) + size <= self.max_disk // 2
 
     def _set(self, writes: Sequence[Write], nx: bool, xx: bool, keep_ttl: bool) -> list[bool]:
         now = self._clock()
@@ -352,15 +258,15 @@ class LMDBStore(LocalStore):
         seq = self._seq
         with self._env.begin(write=True, db=self._data) as txn:
             for w in writes:
-                kb = _encode_key(w.key)
+                kb = encode_key(w.key)
                 if not self.fits(w.key, len(w.value)):
                     # it could never fit beside the B-tree's pages: decline it rather than evict
                     # the whole cache trying
                     results.append(False)
                     continue
-                dbk = self._db_key(kb)
+                dbk = self.db_key(kb)
                 raw = txn.get(dbk)
-                old = None if raw is None else self._unpack(kb, raw)
+                old = None if raw is None else unpack(kb, raw)
                 alive = old is not None and (old[1].expires_at is None or old[1].expires_at > now)
                 if ((nx or w.nx) and alive and not (old is not None and superseded_version(old[1], w))) or (
                     xx and not alive
@@ -372,10 +278,10 @@ class LMDBStore(LocalStore):
                 else:
                     expires_at = None if w.ttl is None else now + w.ttl
                 if old is not None:
-                    txn.delete(_SEQ.pack(old[2]), db=self._order)
-                txn.put(dbk, self._pack(kb, dbk, w.value, w.codec, expires_at, seq, w.version))
+                    txn.delete(SEQ.pack(old[2]), db=self._order)
+                txn.put(dbk, pack(kb, dbk, w.value, w.codec, expires_at, seq, w.version))
                 if not w.key.startswith(PINNED_PREFIX):  # keymiss's own records are never evicted
-                    txn.put(_SEQ.pack(seq), dbk, db=self._order)
+                    txn.put(SEQ.pack(seq), dbk, db=self._order)
                 seq += 1
                 results.append(True)
         self._seq = seq
@@ -386,14 +292,14 @@ class LMDBStore(LocalStore):
         now = self._clock()
         with self._env.begin(write=True, db=self._data) as txn:
             for key in keys:
-                kb = _encode_key(key)
-                dbk = self._db_key(kb)
+                kb = encode_key(key)
+                dbk = self.db_key(kb)
                 raw = txn.get(dbk)
                 if raw is None:
                     continue
-                old = self._unpack(kb, raw)
+                old = unpack(kb, raw)
                 if old is not None:
-                    txn.delete(_SEQ.pack(old[2]), db=self._order)
+                    txn.delete(SEQ.pack(old[2]), db=self._order)
                     if old[1].expires_at is None or old[1].expires_at > now:
                         n += 1
                 txn.delete(dbk)
@@ -402,14 +308,14 @@ class LMDBStore(LocalStore):
     def _set_expiry(self, key: str, expires_at: float | None) -> bool:
         now = self._clock()
         with self._env.begin(write=True, db=self._data) as txn:
-            kb = _encode_key(key)
-            dbk = self._db_key(kb)
+            kb = encode_key(key)
+            dbk = self.db_key(kb)
             raw = txn.get(dbk)
-            old = None if raw is None else self._unpack(kb, raw)
+            old = None if raw is None else unpack(kb, raw)
             if old is None or (old[1].expires_at is not None and old[1].expires_at <= now):
                 return False
             item = old[1]
-            txn.put(dbk, self._pack(kb, dbk, item.value, item.codec, expires_at, old[2], item.version))
+            txn.put(dbk, pack(kb, dbk, item.value, item.codec, expires_at, old[2], item.version))
         return True
 
     def _sweep(self, limit: int) -> int:
@@ -418,12 +324,12 @@ class LMDBStore(LocalStore):
         noted, self._expired_seen = self._expired_seen, set()
         with self._env.begin(write=True, db=self._data) as txn:
             for key in noted:  # keys a read found expired: purge exactly those first
-                kb = _encode_key(key)
-                dbk = self._db_key(kb)
+                kb = encode_key(key)
+                dbk = self.db_key(kb)
                 raw = txn.get(dbk)
-                old = None if raw is None else self._unpack(kb, raw)
+                old = None if raw is None else unpack(kb, raw)
                 if old is not None and old[1].expires_at is not None and old[1].expires_at * 1000 <= now_ms:
-                    txn.delete(_SEQ.pack(old[2]), db=self._order)
+                    txn.delete(SEQ.pack(old[2]), db=self._order)
                     txn.delete(dbk)
                     n += 1
             cur = txn.cursor()
@@ -432,10 +338,10 @@ class LMDBStore(LocalStore):
             while found and seen < limit:
                 raw = cur.value()
                 seen += 1
-                if len(raw) >= _HEADER.size:
-                    magic, _c, _f, _crc, exp, seq = _HEADER.unpack_from(raw)
+                if len(raw) >= HEADER.size:
+                    magic, _c, _f, _crc, exp, seq = HEADER.unpack_from(raw)
                     if magic == MAGIC and exp and exp <= now_ms:
-                        txn.delete(_SEQ.pack(seq), db=self._order)
+                        txn.delete(SEQ.pack(seq), db=self._order)
                         found = cur.delete()  # moves to the next record
                         n += 1
                         continue
@@ -479,15 +385,13 @@ class LMDBStore(LocalStore):
         nxt = 0
         with self._resize_lock, self._env.begin(db=self._order) as txn:
             cur = txn.cursor(db=self._order)
-            found = cur.set_range(_SEQ.pack(cursor))
+            found = cur.set_range(SEQ.pack(cursor))
             seen = 0
             while found and seen < count:
-                seq, dbk = _SEQ.unpack(cur.key())[0], cur.value()
+                seq, dbk = SEQ.unpack(cur.key())[0], cur.value()
                 raw = txn.get(dbk, db=self._data)
                 parsed = (
-                    None
-                    if raw is None
-                    else self._unpack(None if dbk.startswith(_LONG_KEY_PREFIX) else dbk, raw)
+                    None if raw is None else unpack(None if dbk.startswith(LONG_KEY_PREFIX) else dbk, raw)
                 )
                 if parsed is not None and (parsed[1].expires_at is None or parsed[1].expires_at > now):
                     keys.append(parsed[0].decode("utf-8", "surrogateescape"))
@@ -514,7 +418,7 @@ class LMDBStore(LocalStore):
             while found and len(keys) < count:
                 dbk, raw = cur.key(), cur.value()
                 last = dbk
-                parsed = self._unpack(None if dbk.startswith(_LONG_KEY_PREFIX) else dbk, raw)
+                parsed = unpack(None if dbk.startswith(LONG_KEY_PREFIX) else dbk, raw)
                 if parsed is not None and (parsed[1].expires_at is None or parsed[1].expires_at > now):
                     keys.append(parsed[0].decode("utf-8", "surrogateescape"))
                 found = cur.next()

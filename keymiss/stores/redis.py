@@ -16,158 +16,38 @@ import contextlib
 import hashlib
 import logging
 import time
-import zlib
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 import redis.asyncio as aioredis
-from redis._parsers import _AsyncRESP2Parser
 from redis.asyncio.cluster import RedisCluster
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialBackoff
-from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import InvalidResponse, RedisClusterException, RedisError, ResponseError
+from redis.exceptions import RedisClusterException, RedisError, ResponseError
 
-from keymiss.errors import ConfigError, KeymissError, ReplyError, StoreError
-from keymiss.stores.base import NULL_ARRAY, Item, SharedStore, StatusReply, StoreInfo, Write
+from keymiss.errors import ConfigError, KeymissError, StoreError
+from keymiss.stores.base import Item, SharedStore, StoreInfo, Write
 from keymiss.stores.leases import Leases
-
-log = logging.getLogger("keymiss.redis")
-
-CODEC_PREFIX = "keymiss:codec:"
-_TAGS = CODEC_PREFIX.encode()
-
-
-def _k(key: str) -> bytes:
-    """Keys are binary-safe: surrogate-escaped bytes go back to the bytes a client sent."""
-    return key.encode("utf-8", "surrogateescape")
-
-
-def _tag(key: str) -> bytes:
-    return _k(CODEC_PREFIX + key)
-
-
-def _px(ttl: float | None) -> int | None:
-    return None if ttl is None else max(1, int(ttl * 1000))
-
-
-# Delete a key only while it holds the value given (a tag this node wrote and no one replaced).
-_DROP_IF = "if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('del', KEYS[1]) end return 0"
-
-
-def _tag_value(codec: int, value: bytes, version: bytes | None = None) -> bytes:
-    """A codec tag names the codec and the CRC32 of the bytes it describes, so a tag that outlived
-    its value (the key was rewritten by a plain Redis client) is recognised and ignored. A computed
-    value's tag adds its keyspace's version tag: a client's rewrite, whose tag no longer matches,
-    reads as a client's write, which every version serves."""
-    if version is None:
-        return b"%d:%08x" % (codec, zlib.crc32(value))
-    return b"%d:%08x:%s" % (codec, zlib.crc32(value), version.hex().encode())
-
-
-def _tagged(w: Write) -> bool:
-    return bool(w.codec) or w.version is not None
-
-
-def _item(value: bytes | None, tag: bytes | None) -> Item | None:
-    if value is None:
-        return None
-    codec = 0
-    version = None
-    if tag:
-        head, _, rest = tag.partition(b":")
-        crc, _, ver = rest.partition(b":")
-        if head.isdigit() and crc == b"%08x" % zlib.crc32(value):
-            codec = int(head)
-            if len(ver) == 16:
-                try:
-                    version = bytes.fromhex(ver.decode("ascii"))
-                except ValueError:
-                    version = None
-    return Item(value, codec, None, version)
-
-
-# Delete a value only while it is the bytes read (compared by SHA1, as Lua has no CRC32).
-_DEL_IF_SHA = (
-    "local v = redis.call('get', KEYS[1]) "
-    "if v and redis.sha1hex(v) == ARGV[1] then return redis.call('del', KEYS[1]) end return 0"
+from keymiss.stores.redisrecord import (
+    DEL_IF_SHA,
+    DROP_IF,
+    NO_MAINT,
+    TAGS,
+    RelayParser,
+    item_of,
+    key_bytes,
+    px_of,
+    relay_error,
+    reply_error,
+    sum_nodes,
+    tag_key,
+    tag_value,
+    tagged,
+    wrap_error,
 )
 
-
-try:  # redis-py ≥ 7: maintenance notifications (a RESP3 feature) are off for the relay's parser
-    from redis.maint_notifications import MaintNotificationsConfig
-
-    _NO_MAINT: Any = MaintNotificationsConfig(enabled=False)
-except ImportError:  # pragma: no cover - older redis-py
-    _NO_MAINT = None
-
-
-class _RelayParser(_AsyncRESP2Parser):
-    """redis-py's RESP2 parser, except that a status reply comes back as ``StatusReply``: a relayed
-    ``+OK`` must reach the client as ``+OK``, not as the bulk string ``"OK"`` (redis-cli shows the
-    difference, and some clients check for it)."""
-
-    async def _read_response(self, disable_decoding: bool = False) -> Any:
-        raw = await self._readline()
-        byte, response = raw[:1], raw[1:]
-        if byte == b"-":
-            text = response.decode("utf-8", errors="replace")
-            error = self.parse_error(text)  # type: ignore[no-untyped-call]
-            if isinstance(error, RedisConnectionError):
-                self._clear()  # type: ignore[no-untyped-call]
-                raise error
-            # the special classes (MOVED, ASK, …) drive the cluster client; the rest keep their code
-            return ResponseError(text) if type(error) is ResponseError else error
-        if byte == b"+":
-            return StatusReply(response)
-        if byte == b":":
-            return int(response)
-        if byte == b"$" and response == b"-1":
-            return None
-        if byte == b"*" and response == b"-1":
-            return NULL_ARRAY  # LMPOP on an empty list: *-1, not $-1
-        if byte == b"$":
-            return await self._read(int(response))
-        if byte == b"*":
-            return [await self._read_response(disable_decoding) for _ in range(int(response))]
-        raise InvalidResponse(f"Protocol Error: {raw!r}")
-
-
-def _reply_error(exc: ResponseError) -> ReplyError:
-    """Redis's own error line, code included (redis-py strips the code of the errors it knows)."""
-    text = str(exc)
-    code = getattr(exc, "status_code", None)
-    if code and not text.startswith(code):
-        text = f"{code} {text}"
-    return ReplyError(text if text.split(" ", 1)[0].isupper() else f"ERR {text}")
-
-
-def _relay_error(exc: Exception) -> KeymissError:
-    """What a relayed command's failure is to the client: Redis's own error line, a cluster's
-    CROSSSLOT, or the store being unreachable."""
-    if isinstance(exc, ResponseError):
-        return _reply_error(exc)
-    if isinstance(exc, RedisClusterException):
-        if "slot" in str(exc).lower():
-            return ReplyError("CROSSSLOT Keys in request don't hash to the same slot")
-        return ReplyError(f"ERR {exc}")
-    return _wrap(exc)
-
-
-def _wrap(exc: Exception) -> StoreError:
-    return StoreError(f"redis unavailable: {type(exc).__name__}: {exc}")
-
-
-def _sum_nodes(per_node: Any) -> dict[str, Any]:
-    if not isinstance(per_node, dict) or not all(isinstance(v, dict) for v in per_node.values()):
-        return per_node if isinstance(per_node, dict) else {}
-    total: dict[str, Any] = {}
-    for values in per_node.values():
-        for k, v in values.items():
-            if isinstance(v, int | float):
-                total[k] = total.get(k, 0) + v
-    return total
+log = logging.getLogger("keymiss.redis")
 
 
 class RedisStore(SharedStore):
@@ -232,18 +112,18 @@ class RedisStore(SharedStore):
             try:
                 await self._connect()
             except (RedisError, OSError) as exc:
-                raise _wrap(exc) from exc
+                raise wrap_error(exc) from exc
         try:
             if self._gate is not None:
                 async with self._gate:
                     return await fn(*args, **kwargs)
             return await fn(*args, **kwargs)
         except ResponseError as exc:
-            raise _reply_error(exc) from None
+            raise reply_error(exc) from None
         except RedisError as exc:
-            raise _wrap(exc) from exc
+            raise wrap_error(exc) from exc
         except (OSError, RuntimeError) as exc:  # RuntimeError: a transport closed under a command
-            raise _wrap(exc) from exc
+            raise wrap_error(exc) from exc
 
     # --- values ---------------------------------------------------------------------------------------
     async def get(self, key: str) -> Item | None:
@@ -268,11 +148,11 @@ class RedisStore(SharedStore):
         """Values and their codec tags in one round trip."""
         raw: list[bytes] = []
         for k in keys:
-            raw.append(_k(k))
-            raw.append(_tag(k))
+            raw.append(key_bytes(k))
+            raw.append(tag_key(k))
         fn = self.client.mget_nonatomic if self.cluster else self.client.mget
         values = await self.call(fn, raw)
-        return [_item(values[i], values[i + 1]) for i in range(0, len(values), 2)]
+        return [item_of(values[i], values[i + 1]) for i in range(0, len(values), 2)]
 
     async def _fetch(self, batch: list[tuple[str, asyncio.Future[Item | None]]]) -> None:
         keys = list(dict.fromkeys(k for k, _ in batch))
@@ -303,9 +183,9 @@ class RedisStore(SharedStore):
             return []
         pipe = self.client.pipeline(transaction=False)
         for k in keys:
-            pipe.get(_k(k))
-            pipe.get(_tag(k))
-            pipe.pttl(_k(k))
+            pipe.get(key_bytes(k))
+            pipe.get(tag_key(k))
+            pipe.pttl(key_bytes(k))
         replies = await self.call(pipe.execute, raise_on_error=False)
         now = time.time()
         out: list[Item | None] = []
@@ -313,11 +193,11 @@ class RedisStore(SharedStore):
             value, tag, pttl = replies[i : i + 3]
             if isinstance(value, ResponseError):
                 if strict:
-                    raise _reply_error(value)
+                    raise reply_error(value)
                 value = None
             if isinstance(tag, Exception) or isinstance(pttl, Exception):
                 tag, pttl = None, -1
-            item = _item(value, tag)
+            item = item_of(value, tag)
             if item is not None and int(pttl) >= 0:
                 item.expires_at = now + int(pttl) / 1000
             out.append(item)
@@ -341,19 +221,19 @@ class RedisStore(SharedStore):
         xx: bool = False,
         keep_ttl: bool = False,
     ) -> bool:
-        px = _px(ttl)
+        px = px_of(ttl)
         if not (xx or keep_ttl):
             return (await self.set_many([Write(key, value, codec, ttl, nx=nx)]))[0]
         ok = await self.call(
-            self.client.set, _k(key), value, px=px, nx=nx, xx=xx, keepttl=keep_ttl and px is None
+            self.client.set, key_bytes(key), value, px=px, nx=nx, xx=xx, keepttl=keep_ttl and px is None
         )
         if ok:  # a write only-if-present: the tag follows once the value is known to be ours
             if codec:
                 await self.call(
-                    self.client.set, _tag(key), _tag_value(codec, value), px=px, keepttl=px is None
+                    self.client.set, tag_key(key), tag_value(codec, value), px=px, keepttl=px is None
                 )
             else:
-                await self.call(self.client.delete, _tag(key))
+                await self.call(self.client.delete, tag_key(key))
         return bool(ok)
 
     async def set_many(self, writes: Sequence[Write]) -> list[bool]:
@@ -363,43 +243,43 @@ class RedisStore(SharedStore):
         its own tag; the tag it took for nothing is removed while it is still the one it wrote."""
         if not writes:
             return []
-        typed = [w for w in writes if _tagged(w)]
+        typed = [w for w in writes if tagged(w)]
         took: dict[int, bool] = {}
         if typed:
             tags = self.client.pipeline(transaction=False)
             for w in typed:
-                tags.set(_tag(w.key), _tag_value(w.codec, w.value, w.version), px=_px(w.ttl), nx=w.nx)
+                tags.set(tag_key(w.key), tag_value(w.codec, w.value, w.version), px=px_of(w.ttl), nx=w.nx)
             for w, r in zip(typed, await self.call(tags.execute, raise_on_error=False), strict=True):
                 if isinstance(r, Exception):
                     await self._drop_tags([t for t in typed if took.get(id(t), True)])
-                    raise _reply_error(r) if isinstance(r, ResponseError) else _wrap(r)
+                    raise reply_error(r) if isinstance(r, ResponseError) else wrap_error(r)
                 took[id(w)] = bool(r)
         pipe = self.client.pipeline(transaction=False)
         for w in writes:
-            pipe.set(_k(w.key), w.value, px=_px(w.ttl), nx=w.nx)
-            if not _tagged(w) and not w.nx:  # an untagged value drops the old tag
-                pipe.delete(_tag(w.key))
+            pipe.set(key_bytes(w.key), w.value, px=px_of(w.ttl), nx=w.nx)
+            if not tagged(w) and not w.nx:  # an untagged value drops the old tag
+                pipe.delete(tag_key(w.key))
         replies = iter(await self.call(pipe.execute, raise_on_error=False))
         results: list[Any] = []
         for w in writes:
             results.append(next(replies))
-            if not _tagged(w) and not w.nx:
+            if not tagged(w) and not w.nx:
                 next(replies)
         failed = [w for w, r in zip(writes, results, strict=True) if isinstance(r, Exception)]
         if failed:  # a value Redis refused (OOM) must not leave its tag behind
             await self._drop_tags([w for w in failed if took.get(id(w), True)])
             first = next(r for r in results if isinstance(r, Exception))
-            raise _reply_error(first) if isinstance(first, ResponseError) else _wrap(first)
+            raise reply_error(first) if isinstance(first, ResponseError) else wrap_error(first)
         fix = self.client.pipeline(transaction=False)
         for w, r in zip(writes, results, strict=True):
             if not w.nx:
                 continue
-            if r and not _tagged(w):  # ours now: an old tag goes
-                fix.delete(_tag(w.key))
+            if r and not tagged(w):  # ours now: an old tag goes
+                fix.delete(tag_key(w.key))
             elif r and not took[id(w)]:  # ours, beside a tag left by a value deleted behind keymiss
-                fix.set(_tag(w.key), _tag_value(w.codec, w.value, w.version), px=_px(w.ttl))
-            elif not r and _tagged(w) and took[id(w)]:  # lost: our tag goes unless since replaced
-                fix.eval(_DROP_IF, 1, _tag(w.key), _tag_value(w.codec, w.value, w.version))
+                fix.set(tag_key(w.key), tag_value(w.codec, w.value, w.version), px=px_of(w.ttl))
+            elif not r and tagged(w) and took[id(w)]:  # lost: our tag goes unless since replaced
+                fix.eval(DROP_IF, 1, tag_key(w.key), tag_value(w.codec, w.value, w.version))
         if len(fix):
             with contextlib.suppress(KeymissError):
                 await self.call(fix.execute, raise_on_error=False)
@@ -408,44 +288,44 @@ class RedisStore(SharedStore):
     async def _drop_tags(self, writes: Sequence[Write]) -> None:
         if writes:
             with contextlib.suppress(KeymissError):
-                await self.call(self.client.delete, *(_tag(w.key) for w in writes))
+                await self.call(self.client.delete, *(tag_key(w.key) for w in writes))
 
     async def discard_unchanged(self, items: dict[str, Item]) -> None:
         """Each value, then its tag, deleted while still the one read: single-key scripts, as a key
         and its tag share a slot only when the key has a hash tag."""
         pipe = self.client.pipeline(transaction=False)
         for key, item in items.items():
-            pipe.eval(_DEL_IF_SHA, 1, _k(key), hashlib.sha1(item.value).hexdigest())
-            pipe.eval(_DROP_IF, 1, _tag(key), _tag_value(item.codec, item.value, item.version))
+            pipe.eval(DEL_IF_SHA, 1, key_bytes(key), hashlib.sha1(item.value).hexdigest())
+            pipe.eval(DROP_IF, 1, tag_key(key), tag_value(item.codec, item.value, item.version))
         replies = await self.call(pipe.execute, raise_on_error=False)
         for r in replies:
             if isinstance(r, Exception):
-                raise _reply_error(r) if isinstance(r, ResponseError) else _wrap(r)
+                raise reply_error(r) if isinstance(r, ResponseError) else wrap_error(r)
 
     async def delete(self, keys: Iterable[str]) -> int:
         keys = list(keys)
         if not keys:
             return 0
-        n = int(await self.call(self.client.delete, *(_k(k) for k in keys)))
-        await self.call(self.client.delete, *(_tag(k) for k in keys))
+        n = int(await self.call(self.client.delete, *(key_bytes(k) for k in keys)))
+        await self.call(self.client.delete, *(tag_key(k) for k in keys))
         return n
 
     async def exists(self, keys: Iterable[str]) -> int:
-        raw = [_k(k) for k in keys]
+        raw = [key_bytes(k) for k in keys]
         return int(await self.call(self.client.exists, *raw)) if raw else 0
 
     async def pttl(self, key: str) -> int:
-        return int(await self.call(self.client.pttl, _k(key)))
+        return int(await self.call(self.client.pttl, key_bytes(key)))
 
     async def expire(self, key: str, ttl: float | None) -> bool:
         if ttl is None:
-            ok = bool(await self.call(self.client.persist, _k(key)))
-            await self.call(self.client.persist, _tag(key))
+            ok = bool(await self.call(self.client.persist, key_bytes(key)))
+            await self.call(self.client.persist, tag_key(key))
             return ok
         if ttl <= 0:
             return bool(await self.delete([key]))
-        ok = bool(await self.call(self.client.pexpire, _k(key), _px(ttl)))
-        await self.call(self.client.pexpire, _tag(key), _px(ttl))
+        ok = bool(await self.call(self.client.pexpire, key_bytes(key), px_of(ttl)))
+        await self.call(self.client.pexpire, tag_key(key), px_of(ttl))
         return ok
 
     async def scan(
@@ -454,9 +334,9 @@ class RedisStore(SharedStore):
         """Redis SCAN, without the codec tags (they are part of their value, not keys of their own)."""
         if self.cluster:  # one pass over every primary: cluster cursors do not compose
             keys = [k async for k in self.client.scan_iter(match=match, count=max(count, 100), _type=kind)]
-            return 0, [k.decode("utf-8", "surrogateescape") for k in keys if not k.startswith(_TAGS)]
+            return 0, [k.decode("utf-8", "surrogateescape") for k in keys if not k.startswith(TAGS)]
         nxt, keys = await self.call(self.client.scan, cursor, match=match, count=count, _type=kind)
-        return int(nxt), [k.decode("utf-8", "surrogateescape") for k in keys if not k.startswith(_TAGS)]
+        return int(nxt), [k.decode("utf-8", "surrogateescape") for k in keys if not k.startswith(TAGS)]
 
     async def dbsize(self) -> int:
         if self.cluster:
@@ -478,8 +358,8 @@ class RedisStore(SharedStore):
         except StoreError:
             return 0
         if self.cluster:  # per-node dicts: add them up
-            info = _sum_nodes(info)
-            stats = _sum_nodes(stats)
+            info = sum_nodes(info)
+            stats = sum_nodes(stats)
         self._info = StoreInfo(
             store=self.url,
             used_bytes=int(info.get("used_memory", 0)),
@@ -513,9 +393,9 @@ class RedisStore(SharedStore):
             return client
         extra: dict[str, Any] = {"protocol": proto}
         if proto == 2:
-            extra["parser_class"] = _RelayParser
-            if _NO_MAINT is not None:  # redis-py ≥ 7 wants hiredis or RESP3 for these
-                extra["maint_notifications_config"] = _NO_MAINT
+            extra["parser_class"] = RelayParser
+            if NO_MAINT is not None:  # redis-py ≥ 7 wants hiredis or RESP3 for these
+                extra["maint_notifications_config"] = NO_MAINT
         if self.cluster:  # the cluster client takes no parser_class: its nodes' connections do
             client = RedisCluster.from_url(self._clean_url, **self._common)
             manager = client.nodes_manager
@@ -537,7 +417,7 @@ class RedisStore(SharedStore):
         try:
             return await client.execute_command(name, *args[1:])
         except (RedisError, RedisClusterException, OSError, RuntimeError) as exc:
-            raise _relay_error(exc) from None
+            raise relay_error(exc) from None
 
     async def transaction(self, commands: Sequence[Sequence[bytes]], proto: int = 2) -> list[Any] | None:
         """MULTI, the commands and EXEC on one connection of the relay (a cluster needs them all in
@@ -548,8 +428,8 @@ class RedisStore(SharedStore):
         try:
             replies = await pipe.execute(raise_on_error=False)
         except (RedisError, RedisClusterException, OSError, RuntimeError) as exc:
-            raise _relay_error(exc) from None
-        return [_reply_error(r) if isinstance(r, ResponseError) else r for r in replies]
+            raise relay_error(exc) from None
+        return [reply_error(r) if isinstance(r, ResponseError) else r for r in replies]
 
     # --- cluster-wide single-flight ---------------------------------------------------------------------
     async def flight(self, key: str, compute: Callable[[], Awaitable[Item]], compute_seconds: float) -> Item:
@@ -562,7 +442,7 @@ class RedisStore(SharedStore):
         try:
             await self._connect()
         except (RedisError, OSError) as exc:
-            raise _wrap(exc) from exc
+            raise wrap_error(exc) from exc
 
     def subscriber(self) -> Any:
         """A new pub/sub object on a connection that hears every node's PUBLISH (classic PUBLISH

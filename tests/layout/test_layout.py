@@ -38,10 +38,10 @@ SIBLINGS = ("keymiss.server", "keymiss.valkey")
 ALLOWED_PRIVATE = {
     # redis-py exposes no public RESP parser to subclass; the relay needs status replies kept as
     # such (+OK), so it extends redis-py's own parser and its reading primitives
-    ("keymiss/stores/redis.py", "redis._parsers._AsyncRESP2Parser"),
-    ("keymiss/stores/redis.py", "self._readline"),
-    ("keymiss/stores/redis.py", "self._clear"),
-    ("keymiss/stores/redis.py", "self._read"),
+    ("keymiss/stores/redisrecord.py", "redis._parsers._AsyncRESP2Parser"),
+    ("keymiss/stores/redisrecord.py", "self._readline"),
+    ("keymiss/stores/redisrecord.py", "self._clear"),
+    ("keymiss/stores/redisrecord.py", "self._read"),
     # documented public API with a leading underscore: namedtuple's _asdict, os._exit
     ("keymiss/engine/compute.py", "payload._asdict"),
     ("keymiss/runtime/loop.py", "os._exit"),

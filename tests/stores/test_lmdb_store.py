@@ -16,7 +16,8 @@ import lmdb
 import pytest
 
 from keymiss import Keymiss
-from keymiss.stores.lmdb import _DATA_DB, LMDBStore
+from keymiss.stores.lmdb import LMDBStore
+from keymiss.stores.lmdbrecord import DATA_DB
 
 WRITER = textwrap.dedent(
     """
@@ -65,7 +66,7 @@ async def test_every_acknowledged_write_survives_kill_9(tmp_path: Path, kill_aft
 
 def _raw_put(path: str, key: bytes, value: bytes) -> None:
     env = lmdb.open(path, max_dbs=4)
-    db = env.open_db(_DATA_DB)
+    db = env.open_db(DATA_DB)
     with env.begin(write=True, db=db) as txn:
         txn.put(key, value)
     env.close()
@@ -96,7 +97,7 @@ async def test_poisoned_records_are_misses_and_never_executed(tmp_path: Path) ->
     await app.close()
 
     env = lmdb.open(path, max_dbs=4)
-    with env.begin(db=env.open_db(_DATA_DB)) as txn:
+    with env.begin(db=env.open_db(DATA_DB)) as txn:
         good = txn.get(b"p:source")
     env.close()
     _raw_put(path, b"p:random", os.urandom(64))
@@ -241,7 +242,7 @@ async def test_sequence_continues_after_reopen(tmp_path: Path) -> None:
 
 
 async def test_expired_key_read_is_purged_by_next_sweep(tmp_path: Path) -> None:
-    from .conftest import FakeClock
+    from ..conftest import FakeClock
 
     clock = FakeClock()
     store = LMDBStore(str(tmp_path / "db"), clock=clock)
@@ -302,11 +303,11 @@ def test_a_damaged_store_file_is_named_as_such_at_open(tmp_path: Path) -> None:
 
 
 def test_lmdb_failures_say_what_to_do() -> None:
-    from keymiss.stores.lmdb import _explain
+    from keymiss.stores.lmdbrecord import explain
 
-    text = _explain(
+    text = explain(
         lmdb.CorruptedError("MDB_CORRUPTED: Located page was wrong type"), "LMDB read failed", "/x"
     )
     assert "looks damaged" in text and "restore it from a copy" in text
-    text = _explain(lmdb.DiskError("Input/output error"), "LMDB write failed", "/nonexistent-dir")
+    text = explain(lmdb.DiskError("Input/output error"), "LMDB write failed", "/nonexistent-dir")
     assert "full or failing" in text and "max_disk" in text

@@ -1,0 +1,250 @@
+"""The Python API: registering keyspaces, key commands (get, set, delete, expire, forget, ...) and
+stats, written over the read path, the registry and the store alone: a base of ``Keymiss``, so the
+cache module holds the read path and the lifecycle itself."""
+
+from __future__ import annotations
+
+import abc
+import logging
+from collections.abc import Awaitable, Callable, Iterable, Sequence
+from typing import Any, TypeVar
+
+from keymiss import codecs
+from keymiss.engine.compute import ComputeEngine
+from keymiss.engine.writeback import WriteBack
+from keymiss.errors import CodecError, ConfigError, KeymissError
+from keymiss.glob import compile_glob
+from keymiss.keyspace import Keyspace, Registry
+from keymiss.options import KeyspaceOptions
+from keymiss.stores import Item, LocalStore, Store
+from keymiss.stores.base import PINNED_PREFIX
+
+log = logging.getLogger("keymiss")
+
+_TEXT = int(codecs.Codec.TEXT)
+
+#: What ``read`` returns: a ready item, ``None`` (a miss no keyspace owns), or an awaitable of either.
+Read = Item | None | Awaitable[Item | None]
+#: What ``read_many`` returns: per key an item, ``None`` or that key's error; ready or awaitable.
+Results = list[Item | BaseException | None]
+ReadMany = Results | Awaitable[Results]
+
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+class KeyCommands(abc.ABC):
+    """Keyspaces, key commands and stats over ``read``/``read_many``, the store and the
+    write-back (see ``Keymiss``)."""
+
+    registry: Registry
+    engine: ComputeEngine
+    writeback: WriteBack
+    decode_failures: int
+    hits: int
+    misses: int
+
+    @property
+    @abc.abstractmethod
+    def store(self) -> Store: ...
+
+    @abc.abstractmethod
+    def read(self, key: str) -> Read: ...
+
+    @abc.abstractmethod
+    def read_many(self, keys: Sequence[str]) -> ReadMany: ...
+
+    @abc.abstractmethod
+    def written(self, keys: Iterable[str] | None = None) -> None: ...
+
+    def keyspace(self, pattern: str, **options: Any) -> Callable[[F], F]:
+        """Decorator registering a sync or async function as the source of a keyspace's values.
+
+        Glob patterns (``double:*``) pass the key; templates (``qa{<tag>}_<q>``) pass the fields as
+        keyword arguments. With ``batch_size``, the function takes a list (keys, or named tuples of
+        fields) and must return a list of the same length. The options are ``KeyspaceOptions``'
+        fields: ``ttl``, ``batch_size``, ``batch_wait_ms``, ``timeout``, ``codec``, ``error_ttl``
+        (remember a failure so a broken input does not rerun an expensive model on every request),
+        ``concurrency``, ``queue``, ``queue_timeout``, ``error_detail`` and ``early_refresh``
+        (XFetch's beta: hits of a key nearing its TTL start one background recomputation, so a hot
+        key is refreshed before it expires; with the in-process stores).
+        """
+        opts = KeyspaceOptions.of(**options)
+
+        def register(fn: F) -> F:
+            self.add_keyspace(pattern, fn, opts)
+            return fn
+
+        return register
+
+    def add_keyspace(
+        self,
+        pattern: str,
+        handler: Callable[..., Any],
+        options: KeyspaceOptions | None = None,
+        **overrides: Any,
+    ) -> Keyspace:
+        """Non-decorator form of ``keyspace``."""
+        ks = Keyspace(pattern, handler, options, **overrides)
+        self.registry.add(ks)
+        self.engine.add(ks)
+        return ks
+
+    def tune(self, pattern: str, **options: Any) -> Keyspace:
+        """Change a registered keyspace's options (what a config file's ``[keyspaces."…"]`` table
+        does), keeping its handler and counters. Meant for before the first request."""
+        old = self.registry.get(pattern)
+        if old is None:
+            known = ", ".join(ks.pattern for ks in self.registry) or "none"
+            raise ConfigError(f"no keyspace {pattern!r} to configure; registered: {known}")
+        ks = Keyspace(pattern, old.handler, KeyspaceOptions.of(old.options, **options))
+        ks.stats = old.stats
+        self.registry.replace(ks)
+        self.engine.add(ks)
+        return ks
+
+    # --- introspection -----------------------------------------------------------------------------
+    def stats(self) -> dict[str, Any]:
+        """Engine counters, per-keyspace counters and the store's own numbers."""
+        return {
+            "hits": self.hits,
+            "misses": self.misses,
+            "in_flight": self.engine.in_flight,
+            "stuck_handlers": self.engine.stuck_handlers(),
+            "decode_failures": self.decode_failures,
+            "keyspaces": {
+                ks.pattern: {**ks.describe(), "queued": self.engine.queued(ks.pattern)}
+                for ks in self.registry
+            },
+            "store": self.store.info().as_dict(),
+        }
+
+    def keyspaces(self) -> list[Keyspace]:
+        return list(self.registry)
+
+    async def get(self, key: str) -> Any:
+        """The value for ``key``, computed on a miss; ``None`` for a missing key no keyspace owns."""
+        item = self.read(key)
+        if item is None:
+            return None
+        if type(item) is not Item:
+            item = await item  # type: ignore[misc]
+            if item is None:
+                return None
+        if item.codec == _TEXT:  # the common case, inlined: text never fails to decode
+            return item.value.decode("utf-8", "surrogateescape")
+        try:
+            return codecs.decode(item.value, item.codec)
+        except CodecError as exc:
+            self.decode_failures += 1
+            log.warning("stored value of %r does not decode (%s); recomputing", key[:200], exc)
+            ks = self.registry.route(key)
+            if ks is None:
+                raise
+            fresh = await self.writeback.replace(key, ks)
+            return codecs.decode(fresh.value, fresh.codec)
+
+    async def get_item(self, key: str) -> Item | None:
+        """Like ``get`` but returns the stored bytes and codec tag (what the RESP server sends)."""
+        item = self.read(key)
+        if item is None or isinstance(item, Item):
+            return item
+        return await item
+
+    async def get_many(self, keys: Sequence[str], *, return_exceptions: bool = False) -> list[Any]:
+        """Values for ``keys`` in order: hits in one store round trip, misses computed concurrently."""
+        items = await self.get_many_items(keys, return_exceptions=return_exceptions)
+        out: list[Any] = []
+        for item in items:
+            if item is None or isinstance(item, BaseException):
+                out.append(item)
+                continue
+            try:
+                out.append(codecs.decode(item.value, item.codec))
+            except CodecError as exc:
+                if not return_exceptions:
+                    raise
+                out.append(exc)
+        return out
+
+    async def get_many_items(self, keys: Sequence[str], *, return_exceptions: bool = False) -> Results:
+        """``get_many`` returning stored items; failures are raised or, if asked, returned in place."""
+        result = self.read_many(keys)
+        items = result if isinstance(result, list) else await result
+        if not return_exceptions:
+            for item in items:
+                if isinstance(item, BaseException):
+                    raise item
+        return items
+
+    # --- writes and key commands -----------------------------------------------------------------
+    async def set(
+        self,
+        key: str,
+        value: Any,
+        *,
+        ttl: float | None = None,
+        nx: bool = False,
+        xx: bool = False,
+        keep_ttl: bool = False,
+    ) -> bool:
+        """Store ``value`` (encoded by type, like a handler's result); False if NX/XX refused it."""
+        data, tag = codecs.encode(value)
+        if ttl is not None and ttl <= 0:
+            raise KeymissError("invalid expire time in 'set' command")
+        self.written([key])
+        return await self.store.set(key, data, codec=tag, ttl=ttl, nx=nx, xx=xx, keep_ttl=keep_ttl)
+
+    async def delete(self, *keys: str) -> int:
+        """Remove keys; returns how many existed."""
+        self.written(keys)
+        return await self.store.delete(keys)
+
+    async def exists(self, *keys: str) -> int:
+        """How many of ``keys`` exist; a key named twice counts twice, as in Redis."""
+        return await self.store.exists(keys)
+
+    async def pttl(self, key: str) -> int:
+        """Milliseconds to live; ``-1`` no expiry, ``-2`` no such key."""
+        return await self.store.pttl(key)
+
+    async def ttl(self, key: str) -> int:
+        """Seconds to live, rounded as Redis does; ``-1`` no expiry, ``-2`` no such key."""
+        ms = await self.store.pttl(key)
+        return ms if ms < 0 else (ms + 500) // 1000
+
+    async def expire(self, key: str, seconds: float) -> bool:
+        """Give an existing key a time to live (zero or less deletes it)."""
+        if seconds <= 0:
+            self.written([key])
+        return await self.store.expire(key, seconds)
+
+    async def persist(self, key: str) -> bool:
+        """Remove a key's expiry; False if the key does not exist or had none."""
+        if await self.store.pttl(key) < 0:
+            return False
+        return await self.store.expire(key, None)
+
+    async def forget(self, pattern: str) -> int:
+        """Drop every cached value whose key matches a glob, e.g. after a model upgrade. A
+        registered template (as KEYMISS KEYSPACES prints it) means all of its keys. keymiss's own
+        records (``keymiss:…``, such as QA contexts) are kept unless the pattern names them."""
+        ks = self.registry.get(pattern)
+        if ks is not None and ks.template is not None:
+            pattern = ks.template.glob()
+        store = self.store
+        if isinstance(store, LocalStore):
+            keys = store.matching_keys(pattern)
+        else:
+            keys, cursor = [], 0
+            while True:
+                cursor, chunk = await store.scan(cursor, pattern, 1000)
+                keys.extend(chunk)
+                if cursor == 0:
+                    break
+        self.engine.forget_errors(set(keys))
+        if not pattern.startswith(PINNED_PREFIX):
+            keys = [k for k in keys if not k.startswith(PINNED_PREFIX)]
+        self.written(keys)
+        self.writeback.supersede_matching(compile_glob(pattern))  # values still being computed
+        return await store.delete(keys) if keys else 0
