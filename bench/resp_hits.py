@@ -120,7 +120,7 @@ def bench(port: int, requests: int, pipeline: int, clients: int, keys: int) -> d
 
 
 def _valkey_binary() -> str | None:
-    from keymiss.valkey.embedded import find_binary
+    from keymiss.valkey.serverconf import find_binary
 
     binary, _ = find_binary()
     return binary.path if binary else None

@@ -264,7 +264,8 @@ def _worker(args: argparse.Namespace) -> int:
     from keymiss.errors import ConfigError
     from keymiss.runtime.apps import load_app
     from keymiss.runtime.loop import run_loop
-    from keymiss.valkey.worker import parse_url, run_worker
+    from keymiss.valkey.topology import parse_url
+    from keymiss.valkey.worker import run_worker
 
     qa = Settings(
         model=args.model,

@@ -16,8 +16,8 @@ from keymiss.config import Settings
 from keymiss.engine.cache import Keymiss
 from keymiss.errors import ConfigError
 from keymiss.stores import Store, open_store
-from keymiss.valkey.embedded import ServerBinary, find_binary
-from keymiss.valkey.worker import parse_url
+from keymiss.valkey.serverconf import ServerBinary, find_binary
+from keymiss.valkey.topology import parse_url
 
 log = logging.getLogger("keymiss.server")
 

@@ -31,7 +31,6 @@ log = logging.getLogger("keymiss")
 _TEXT = int(codecs.Codec.TEXT)
 
 
-
 class Keymiss(KeyCommands):
     """A compute-on-miss cache: register functions on keyspaces, then ``get`` keys.
 

@@ -13,7 +13,8 @@ from keymiss.valkey import protocol
 if TYPE_CHECKING:
     from keymiss.config import Settings
     from keymiss.engine.cache import Keymiss
-    from keymiss.valkey.embedded import EmbeddedServer, ServerBinary
+    from keymiss.valkey.embedded import EmbeddedServer
+    from keymiss.valkey.serverconf import ServerBinary
     from keymiss.valkey.worker import Worker
 
 

@@ -37,8 +37,10 @@ CMD_FILL = "KEYMISS.FILL"
 CMD_FAIL = "KEYMISS.FAIL"
 CMD_VERSION = "KEYMISS.VERSION"
 
-#: every command the module adds (the ACL category a client must not be granted: ``-keymiss.*``)
+#: every command the module adds
 COMMANDS = (CMD_GET, CMD_MGET, CMD_REGISTER, CMD_TAKE, CMD_FILL, CMD_FAIL, CMD_VERSION)
+#: the commands only workers may send (clients are denied them by ACL)
+WORKER_COMMANDS = (CMD_REGISTER, CMD_TAKE, CMD_FILL, CMD_FAIL, CMD_VERSION)
 
 # --- options -----------------------------------------------------------------------------------------
 OPT_TTL = "TTL"

@@ -17,9 +17,11 @@ from keymiss.errors import ConfigError, ReplyError
 from keymiss.runtime.exits import EXIT_ABANDONED, EXIT_SERVER_FAILED
 from keymiss.runtime.loop import run_loop
 from keymiss.runtime.net import is_loopback, redact_url
-from keymiss.valkey.embedded import EmbeddedServer, ServerBinary, ServerFailed
+from keymiss.valkey.embedded import EmbeddedServer, ServerFailed
 from keymiss.valkey.respclient import RespClient
-from keymiss.valkey.worker import Worker, parse_url
+from keymiss.valkey.serverconf import ServerBinary
+from keymiss.valkey.topology import parse_url
+from keymiss.valkey.worker import Worker
 
 if TYPE_CHECKING:
     from keymiss.engine.cache import Keymiss

@@ -20,7 +20,6 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
-from urllib.parse import urlsplit, urlunsplit
 
 from keymiss.engine.compute import Computed
 from keymiss.errors import ConfigError, ReplyError, error_line
@@ -29,6 +28,7 @@ from keymiss.runtime.net import redact_url
 from keymiss.valkey import protocol
 from keymiss.valkey.protocol import MAX_MS
 from keymiss.valkey.respclient import RespClient
+from keymiss.valkey.topology import masters_of, parse_url, with_node
 
 #: Redis's and Valkey's default proto-max-bulk-len, where a server does not say its own.
 MAX_BULK = 512 * 1024 * 1024
@@ -56,46 +56,6 @@ class WorkerStats:
     failures: int = 0
     reconnects: int = 0
     nodes: set[str] = field(default_factory=set)
-
-
-def parse_url(url: str) -> tuple[bool, str]:
-    """``(cluster, plain_url)``: ``redis[s]+cluster://`` names a cluster by any of its nodes."""
-    parts = urlsplit(url)
-    scheme = parts.scheme.lower()
-    if scheme == "unix" and parts.path:  # the embedded server's own socket
-        return False, url
-    if scheme not in ("redis", "rediss", "redis+cluster", "rediss+cluster"):
-        raise ConfigError(f"bad --redis URL {url!r}: use redis://host:port or redis+cluster://host:port")
-    if not parts.hostname:
-        raise ConfigError(f"bad --redis URL {url!r}: no host")
-    if parts.path not in ("", "/", "/0"):
-        raise ConfigError(f"bad --redis URL {url!r}: keyspaces live in database 0 (no /{parts.path[1:]})")
-    clean = urlunsplit((scheme.replace("+cluster", ""), parts.netloc, parts.path, parts.query, ""))
-    return scheme.endswith("+cluster"), clean
-
-
-def _with_node(url: str, host: str, port: int) -> str:
-    parts = urlsplit(url)
-    auth = parts.netloc.rpartition("@")[0]
-    netloc = (auth + "@" if auth else "") + (f"[{host}]" if ":" in host else host) + f":{port}"
-    return urlunsplit((parts.scheme, netloc, parts.path, parts.query, ""))
-
-
-def _masters(nodes_text: str) -> list[tuple[str, int]]:
-    """Masters that serve slots and are not failed, from ``CLUSTER NODES``."""
-    out = []
-    for line in nodes_text.splitlines():
-        fields_ = line.split()
-        if len(fields_) < 8:
-            continue
-        flags = fields_[2].split(",")
-        if "master" not in flags or "fail" in flags or "noaddr" in flags or len(fields_) < 9:
-            continue
-        addr = fields_[1].split("@", 1)[0].split(",", 1)[0]
-        host, _, port = addr.rpartition(":")
-        if host and port.isdigit() and int(port):
-            out.append((host, int(port)))
-    return out
 
 
 class Worker:
@@ -273,7 +233,7 @@ class Worker:
                 )
                 try:
                     text = await client.execute_command("CLUSTER", "NODES")
-                    masters = _masters(text.decode() if isinstance(text, bytes) else str(text))
+                    masters = masters_of(text.decode() if isinstance(text, bytes) else str(text))
                     break
                 except (RedisError, OSError) as exc:
                     log.debug("cluster node %s: %s", seed, exc)
@@ -281,7 +241,7 @@ class Worker:
                     with contextlib.suppress(RedisError, OSError, RuntimeError):
                         await client.aclose()
             if masters is not None:
-                wanted = {_with_node(self.url, h, p) for h, p in masters}
+                wanted = {with_node(self.url, h, p) for h, p in masters}
                 for url in wanted:
                     self._attach(url)
                 for url in list(self._nodes):

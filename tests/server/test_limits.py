@@ -63,7 +63,7 @@ def test_max_clients(tmp_path: Path, front: str) -> None:
         extra: list[socket.socket] = []
         reply = b""
         if front == "valkey":  # keymiss's own connections (workers, context reads) come on top
-            from keymiss.valkey.embedded import OWN_CONNECTIONS
+            from keymiss.valkey.serverconf import OWN_CONNECTIONS
 
             assert a.config_get("maxclients") == {"maxclients": str(2 + OWN_CONNECTIONS)}
             while len(extra) <= OWN_CONNECTIONS:  # until the server is full
