@@ -12,6 +12,7 @@ from typing import Any
 from keymiss.errors import ConfigError
 from keymiss.options import KeyspaceOptions
 from keymiss.sizes import parse_size
+from keymiss.valkey import protocol
 
 
 @dataclass
@@ -75,16 +76,16 @@ class Settings:
             raise ConfigError("restarts cannot be negative")
         if not 0 < self.default_ttl <= MAX_TTL:
             raise ConfigError(
-                f"default-ttl must be between 1 second and 365 days, got {self.default_ttl:g}: a value "
-                "without a TTL would never be evicted by a server that evicts only keys with one "
-                "(volatile-lfu), and the module keeps times up to a year"
+                f"default-ttl must be between 1 second and {MAX_TTL / 86400:g} days, got "
+                f"{self.default_ttl:g}: a value without a TTL would never be evicted by a server that "
+                "evicts only keys with one (volatile-lfu), and the module keeps times up to a year"
             )
         if self.handler_errors is not None and self.handler_errors not in ("message", "type"):
             raise ConfigError(f"handler-errors must be message or type, got {self.handler_errors!r}")
 
 
-#: The longest TTL or timeout the module keeps (a year in milliseconds, as its option parser).
-MAX_TTL = 365 * 24 * 3600.0
+#: The longest TTL or timeout the module keeps (its option parser's limit), in seconds.
+MAX_TTL = protocol.MAX_MS / 1000
 
 _FIELDS = {f.name: f for f in fields(Settings) if f.name not in ("extra", "keyspaces", "valkey")}
 

@@ -1,4 +1,4 @@
-"""Introspection and operator commands: COMMAND, CONFIG, INFO, KEYMISS.
+"""Introspection and operator commands: COMMAND, CONFIG, INFO and KEYMISS KEYSPACES|STATS|FORGET.
 
 Split from the connection commands (``session``): these describe the server, its command table, its
 configuration and its keyspaces to clients and operators.

@@ -61,7 +61,7 @@ class ModuleCollector:
         if worker is not None:
             st = worker.stats
             for field, text in (
-                ("takes", "KEYMISS.TAKE calls"),
+                ("takes", f"{protocol.CMD_TAKE} calls"),
                 ("taken", "Keys taken to compute"),
                 ("fills", "Values filled"),
                 ("discarded", "Fills the server discarded"),
