@@ -19,6 +19,8 @@ import pytest
 from keymiss import BusyError, ComputeTimeoutError, HandlerError, Keymiss, KeymissError
 from keymiss.engine.compute import Computed
 
+from ..support import aeventually
+
 
 @pytest.fixture
 async def km() -> AsyncIterator[Keymiss]:
@@ -83,9 +85,7 @@ async def test_in_flight_counts_stay_honest_through_timeouts(km: Keymiss, releas
     assert time.perf_counter() - t0 < 0.05
     assert await km.get("ok:1") == "fine"  # other keyspaces are unaffected
     release.set()
-    deadline = time.monotonic() + 5
-    while km.stats()["in_flight"] and time.monotonic() < deadline:
-        await asyncio.sleep(0.01)
+    await aeventually(lambda: km.stats()["in_flight"] == 0, timeout=5)
     stats = km.stats()
     assert (stats["in_flight"], stats["stuck_handlers"], stats["keyspaces"]["hang:*"]["in_flight"]) == (
         0,
@@ -118,8 +118,7 @@ async def test_a_full_queue_is_busy_at_once(km: Keymiss, release: threading.Even
         return "v"
 
     tasks = [asyncio.ensure_future(km.get(f"one:{i}")) for i in range(3)]  # 1 runs, 2 wait
-    await asyncio.sleep(0.05)
-    assert km.stats()["keyspaces"]["one:*"]["queued"] == 2
+    await aeventually(lambda: km.stats()["keyspaces"]["one:*"]["queued"] == 2)
     t0 = time.perf_counter()
     with pytest.raises(BusyError, match="already wait"):
         await km.get("one:3")
@@ -133,9 +132,11 @@ async def test_failures_are_logged_once_per_window(km: Keymiss, caplog: pytest.L
     def fail(key: str) -> str:
         raise ValueError("model exploded")
 
+    never = asyncio.Event()
+
     @km.keyspace("late:*", timeout=0.05)
     async def late(key: str) -> str:
-        await asyncio.sleep(1)
+        await never.wait()  # never set: it hangs until its timeout
         return "never"
 
     caplog.set_level(logging.ERROR, logger="keymiss.handler")
@@ -147,8 +148,7 @@ async def test_failures_are_logged_once_per_window(km: Keymiss, caplog: pytest.L
     (first,) = records
     assert "fail:*" in first.getMessage() and "fail:0" in first.getMessage()
     assert first.exc_info is not None and "model exploded" in caplog.text  # with its traceback
-    km.engine._lanes["fail:*"].failures.window = 0.1  # a short window, for the test
-    await asyncio.sleep(0.15)
+    km.engine._lanes["fail:*"].failures.window = 0  # the window is over, for the test
     with pytest.raises(HandlerError):
         await km.get("fail:again")
     records = [r for r in caplog.records if r.name == "keymiss.handler"]
@@ -254,15 +254,20 @@ async def test_compute_stores_nothing(km: Keymiss) -> None:
 
 async def test_compute_and_reads_share_one_computation(km: Keymiss) -> None:
     calls = 0
+    started, release = asyncio.Event(), asyncio.Event()
 
     @km.keyspace("slow:*")
     async def slow(key: str) -> str:
         nonlocal calls
         calls += 1
-        await asyncio.sleep(0.1)
+        started.set()
+        await release.wait()
         return "v"
 
-    got = await asyncio.gather(km.get("slow:1"), km.compute(["slow:1"]), km.get("slow:1"))
+    gathered = asyncio.gather(km.get("slow:1"), km.compute(["slow:1"]), km.get("slow:1"))
+    await started.wait()  # all three have asked by the time the computation runs
+    release.set()
+    got = await gathered
     assert got[0] == got[2] == "v" and isinstance(got[1][0], Computed)
     assert calls == 1
 
@@ -355,21 +360,32 @@ async def test_remembered_errors_of_distinct_keys_are_bounded(km: Keymiss) -> No
 
 
 async def test_a_clients_write_wins_over_a_computation_that_started_before_it(km: Keymiss) -> None:
+    started, release = asyncio.Event(), asyncio.Event()
+
     @km.keyspace("slow:*")
     async def slow(key: str) -> str:
-        await asyncio.sleep(0.1)
+        started.set()
+        await release.wait()
         return "computed"
 
+    async def computing(key: str) -> asyncio.Future[str]:
+        """A reader's miss of ``key`` whose computation is running, held until ``release``."""
+        started.clear()
+        release.clear()
+        reader = asyncio.ensure_future(km.get(key))
+        await started.wait()
+        return reader
+
     # SET during the computation: the client's value stays; the reader that asked first gets its answer
-    reader = asyncio.ensure_future(km.get("slow:set"))
-    await asyncio.sleep(0.02)
+    reader = await computing("slow:set")
     assert await km.set("slow:set", "client")
+    release.set()
     assert await reader == "computed"
     assert await km.get("slow:set") == "client"
     # SET NX succeeds (nothing is stored yet) and is not clobbered afterwards
-    reader = asyncio.ensure_future(km.get("slow:nx"))
-    await asyncio.sleep(0.02)
+    reader = await computing("slow:nx")
     assert await km.set("slow:nx", "first", nx=True)
+    release.set()
     await reader
     assert await km.get("slow:nx") == "first"
     # DEL and FORGET during the computation: the computed value does not reappear
@@ -378,9 +394,9 @@ async def test_a_clients_write_wins_over_a_computation_that_started_before_it(km
         lambda: km.forget("slow:del"),
         lambda: km.expire("slow:del", 0),
     ):
-        reader = asyncio.ensure_future(km.get("slow:del"))
-        await asyncio.sleep(0.02)
+        reader = await computing("slow:del")
         await forget()
+        release.set()
         await reader
         assert km.store.get_now("slow:del") is None  # type: ignore[attr-defined]
     assert km.stats()["keyspaces"]["slow:*"]["superseded"] == 5
@@ -389,18 +405,23 @@ async def test_a_clients_write_wins_over_a_computation_that_started_before_it(km
 
 
 async def test_a_write_right_after_the_miss_still_wins(km: Keymiss) -> None:
+    release = asyncio.Event()
+
     @km.keyspace("slow:*")
     async def slow(key: str) -> str:
-        await asyncio.sleep(0.01)
+        await release.wait()
         return "computed"
 
     await km.start()
     pending = km.read("slow:w")  # the miss is begun here, before its task has run at all
     assert await km.set("slow:w", "client")
+    release.set()
     await pending  # type: ignore[misc]
     assert await km.get("slow:w") == "client"
+    release.clear()
     many = km.read_many(["slow:m1", "slow:m2"])
     await km.set("slow:m2", "client")
+    release.set()
     await many  # type: ignore[misc]
     assert await km.get_many(["slow:m1", "slow:m2"]) == ["computed", "client"]
 
