@@ -7,13 +7,26 @@ import time
 from typing import Any
 
 import pytest
+import redis as redis_sync
 
 from keymiss import Keymiss, StoreError
 from keymiss.stores import Write
+from keymiss.stores.near import INVALIDATE_CHANNEL
 from keymiss.stores.redis import RedisStore
 
+from ..support import aeventually
 
-def make_nodes(url: str, n: int, compute: float, calls: list[str]) -> list[Keymiss]:
+
+class Gate:
+    """A computation that says it started and runs until the test releases it."""
+
+    def __init__(self) -> None:
+        self.started = asyncio.Event()
+        self.release = asyncio.Event()
+
+
+def make_nodes(url: str, n: int, compute: float, calls: list[str], gate: Gate | None = None) -> list[Keymiss]:
+    """``n`` engines on one Redis; their handler takes ``compute`` seconds, or waits on ``gate``."""
     nodes = []
     for _ in range(n):
         km = Keymiss(store=RedisStore(url), sweep_interval=0)
@@ -21,7 +34,11 @@ def make_nodes(url: str, n: int, compute: float, calls: list[str]) -> list[Keymi
         @km.keyspace("slow:*")
         async def slow(key: str) -> str:
             calls.append(key)
-            await asyncio.sleep(compute)
+            if gate is not None:
+                gate.started.set()
+                await gate.release.wait()
+            elif compute:
+                await asyncio.sleep(compute)  # a computation that lasts: what waiters wait out
             return f"value of {key}"
 
         nodes.append(km)
@@ -37,11 +54,15 @@ def redis_url(request: pytest.FixtureRequest) -> str:
 
 async def test_200_gets_across_two_nodes_compute_once(redis_url: str) -> None:
     calls: list[str] = []
-    a, b = make_nodes(redis_url, 2, 0.3, calls)
+    gate = Gate()
+    a, b = make_nodes(redis_url, 2, 0, calls, gate)
     key = f"slow:{time.monotonic_ns()}"
     try:
         t0 = time.perf_counter()
-        results = await asyncio.gather(*((a if i % 2 else b).get(key) for i in range(200)))
+        gets = asyncio.gather(*((a if i % 2 else b).get(key) for i in range(200)))
+        await gate.started.wait()  # one node holds the lease and computes; the others wait
+        gate.release.set()
+        results = await gets
         assert time.perf_counter() - t0 < 5  # waiters are woken by the completion message
         assert results == [f"value of {key}"] * 200
         assert calls == [key]
@@ -54,7 +75,7 @@ async def test_200_gets_across_two_nodes_compute_once(redis_url: str) -> None:
 
 async def test_lease_of_a_dead_holder_expires_and_another_node_computes(redis_url: str) -> None:
     calls: list[str] = []
-    (b,) = make_nodes(redis_url + "?lease_ms=800" if "?" not in redis_url else redis_url, 1, 0.1, calls)
+    (b,) = make_nodes(redis_url + "?lease_ms=800" if "?" not in redis_url else redis_url, 1, 0, calls)
     store: Any = b.store
     key = f"slow:orphan{time.monotonic_ns()}"
     # a node took the lease, then died without a word
@@ -73,7 +94,7 @@ async def test_completion_message_wakes_waiters_before_lease_expiry(redis_url: s
     key = f"slow:wake{time.monotonic_ns()}"
     try:
         first = asyncio.create_task(a.get(key))
-        await asyncio.sleep(0.05)
+        await aeventually(lambda: calls == [key])  # a holds the lease and computes
         t0 = time.perf_counter()
         assert await b.get(key) == f"value of {key}"
         assert time.perf_counter() - t0 < 1.0  # woken by pub/sub, not by the 30 s lease
@@ -97,14 +118,14 @@ async def test_redis_down_fails_fast_then_recovers(redis_standalone: Any) -> Non
         assert time.perf_counter() - t0 < 5
     finally:
         redis_standalone.signal(signal.SIGCONT)
-    for _ in range(20):  # reconnects by itself
-        try:
-            assert await km.get("slow:after") == "value of slow:after"
-            break
-        except StoreError:
-            await asyncio.sleep(0.2)
-    else:
-        pytest.fail("did not recover after Redis came back")
+    got = await aeventually(  # reconnects by itself
+        lambda: km.get("slow:after"),
+        ignore=(StoreError,),
+        timeout=10,
+        interval=0.2,
+        message="recovery after Redis came back",
+    )
+    assert got == "value of slow:after"
     await km.close()
 
 
@@ -137,12 +158,16 @@ async def test_near_cache_serves_hot_hits_and_is_invalidated_by_other_nodes(redi
             assert await a.get(key) == "v1"
         assert a.store.near_hits >= 10  # type: ignore[attr-defined]
         await b.set(key, "v2")  # another node writes: a's copy must go
-        for _ in range(50):
-            if await a.get(key) == "v2":
-                break
-            await asyncio.sleep(0.02)
-        else:
-            pytest.fail("the near cache kept serving a value another node replaced")
+
+        async def replaced() -> bool:
+            return await a.get(key) == "v2"
+
+        await aeventually(
+            replaced,
+            timeout=1,
+            interval=0.02,
+            message="a near copy replaced by another node dropped",
+        )
     finally:
         await asyncio.gather(a.close(), b.close())
 
@@ -252,14 +277,17 @@ async def test_redis_out_of_memory_is_its_own_error_and_leaves_no_tags(redis_sta
 
 async def test_a_write_on_another_node_wins_over_this_nodes_computation(redis_url: str) -> None:
     calls: list[str] = []
-    a, b = make_nodes(redis_url, 2, 0.2, calls)
+    gate = Gate()
+    a, b = make_nodes(redis_url, 2, 0, calls, gate)
     tag = time.monotonic_ns()
     try:
         for i, value in enumerate(("client", {"from": "client"})):
             key = f"slow:cross{tag}:{i}"
-            reader = asyncio.ensure_future(a.get(key))  # node a computes (0.2 s)
-            await asyncio.sleep(0.1)
+            gate.started.clear(), gate.release.clear()
+            reader = asyncio.ensure_future(a.get(key))  # node a computes, until released
+            await gate.started.wait()
             assert await b.set(key, value)  # node b writes meanwhile: a's watch cannot see it
+            gate.release.set()
             assert await reader == f"value of {key}"
             assert await a.get(key) == value and await b.get(key) == value  # codec tag kept too
         assert a.stats()["keyspaces"]["slow:*"]["superseded"] == 2
@@ -274,22 +302,30 @@ async def test_a_pass_through_write_naming_many_keys_invalidates_every_near_copy
 
     url = f"redis://127.0.0.1:{redis_standalone.port}/0?near_cache=4MB&near_ttl=30"
     a, b = open_store(url), open_store(url)
+    plain = redis_sync.Redis(port=redis_standalone.port)
     tag = time.monotonic_ns()
     keys = [f"many{tag}:{i}" for i in range(70)]
+
+    def listeners() -> int:
+        return int(plain.pubsub_numsub(INVALIDATE_CHANNEL)[0][1])
+
     try:
+        before = listeners()
         await b.set_many([Write(k, b"old") for k in keys])
         assert all(i is not None and i.value == b"old" for i in await a.get_many(keys))  # held near
-        await asyncio.sleep(0.2)  # a's listener is subscribed
+        await aeventually(lambda: listeners() > before)  # a's listener is subscribed
         script = b"for i, k in ipairs(KEYS) do redis.call('set', k, 'new') end return 1"
         await b.raw([b"EVAL", script, b"70", *(k.encode() for k in keys)])  # type: ignore[attr-defined]
-        for _ in range(50):
-            if all(i is not None and i.value == b"new" for i in await a.get_many(keys)):
-                break
-            await asyncio.sleep(0.02)
-        else:
-            pytest.fail("a near copy outlived a pass-through write")
+
+        async def all_new() -> bool:
+            return all(i is not None and i.value == b"new" for i in await a.get_many(keys))
+
+        await aeventually(
+            all_new, timeout=1, interval=0.02, message="every near copy dropped after a pass-through write"
+        )
     finally:
         await asyncio.gather(a.close(), b.close())
+        plain.close()
 
 
 async def test_a_reader_never_sees_a_typed_value_before_its_codec_tag(redis_url: str) -> None:
@@ -297,22 +333,24 @@ async def test_a_reader_never_sees_a_typed_value_before_its_codec_tag(redis_url:
     a lease waiter does) got the handler's JSON back as raw bytes."""
     writer, reader = RedisStore(redis_url), RedisStore(redis_url)
     seen: list[tuple[str, int]] = []
-    done = asyncio.Event()
+    done, turn = asyncio.Event(), asyncio.Event()
     keys = [f"tagorder:{time.monotonic_ns()}:{i}" for i in range(150)]
     current = [keys[0]]
 
     async def read() -> None:
         while not done.is_set():
-            item = (await reader.get_many([current[0]]))[0]
+            key = current[0]
+            item = (await reader.get_many([key]))[0]
             if item is not None:
-                seen.append((current[0], item.codec))
+                seen.append((key, item.codec))
+            turn.set()
 
     try:
         task = asyncio.create_task(read())
         for key in keys:
             current[0] = key
-            for _ in range(3):  # give the reader a turn before the write
-                await asyncio.sleep(0)
+            turn.clear()
+            await turn.wait()  # the reader has had a turn before the write, and reads on during it
             assert await writer.set_many([Write(key, b'{"a": 1}', codec=2, ttl=30, nx=True)]) == [True]
         done.set()
         await task
