@@ -159,3 +159,16 @@ def test_the_private_name_reader_flags_a_foreign_private(tmp_path) -> None:  # t
         "    def f(self, other):\n        return self._mine, other._theirs, other.__class__\n"
     )
     assert [what for _, what in private_uses(probe)] == ["x._hidden", "other._theirs"]
+
+
+def test_the_worker_does_not_load_the_python_server() -> None:
+    """``keymiss worker`` needs an app and the module's protocol, not the RESP server's commands."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, keymiss.cli, keymiss.runtime.apps, keymiss.runtime.loop, keymiss.valkey.worker;"
+        "print(sorted(m for m in sys.modules if m.startswith('keymiss.server')))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=60)
+    assert out.stdout.strip() == "[]"
