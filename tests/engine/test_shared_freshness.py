@@ -12,6 +12,7 @@ import redis as redis_sync
 from keymiss import Keymiss
 
 from ..redis_servers import HAVE_REDIS
+from ..support import aeventually
 
 pytestmark = pytest.mark.skipif(not HAVE_REDIS, reason="redis-server is not installed")
 
@@ -24,7 +25,10 @@ def _node(url: str, calls: list[str], state: dict[str, Any], **options: Any) -> 
     @km.keyspace("ed:*", **options)
     async def edition(key: str) -> str:
         calls.append(key)
-        await asyncio.sleep(state.get("compute", 0.3))
+        if "gate" in state:
+            await state["gate"].wait()  # a refresh that runs until the test releases it
+        elif state.get("compute"):
+            await asyncio.sleep(state["compute"])  # the computation time XFetch weighs
         if state.get("fail"):
             raise RuntimeError("the model server is down")
         return f"edition {len(calls)}"
@@ -41,39 +45,51 @@ def url(redis_standalone: Any) -> Any:
     plain.close()
 
 
+async def past_ttl(km: Keymiss, key: str, stale: float) -> None:
+    """Until ``key``'s TTL has run out in Redis: what is left of its life is the stale window."""
+
+    async def past() -> bool:
+        return 0 < await km.pttl(key) <= stale * 1000
+
+    await aeventually(past, timeout=5)
+
+
 async def test_two_nodes_serve_the_stale_value_at_once_and_refresh_it_once(url: str) -> None:
     calls: list[str] = []
-    state: dict[str, Any] = {"compute": 0.01}
+    state: dict[str, Any] = {}
     a, b = _node(url, calls, state, ttl=0.3, stale=30), _node(url, calls, state, ttl=0.3, stale=30)
     async with a, b:
         assert await a.get("ed:1") == "edition 1"
         assert 30_000 < await a.pttl("ed:1") <= 30_300  # kept for the TTL and the window
-        state["compute"] = 1.5
-        await asyncio.sleep(0.4)
+        state["gate"] = release = asyncio.Event()  # the refresh runs until released
+        await past_ttl(a, "ed:1", 30)
         t0 = time.monotonic()
         got = await asyncio.gather(*(n.get("ed:1") for n in (a, b) for _ in range(10)))
-        assert time.monotonic() - t0 < 1.0  # served at once, not after the 1.5 s refresh
+        assert time.monotonic() - t0 < 1.0  # served at once, not after the refresh
         assert got == ["edition 1"] * 20
-        deadline = time.monotonic() + 5
-        while await b.get("ed:1") == "edition 1":
-            assert time.monotonic() < deadline
-            await asyncio.sleep(0.02)
-        await asyncio.sleep(0.1)
+        release.set()
+
+        async def refreshed() -> bool:
+            return await b.get("ed:1") != "edition 1"
+
+        await aeventually(refreshed, timeout=5)
+        await asyncio.gather(a.drain(5), b.drain(5))  # every refresh either node began has ended
         assert len(calls) == 2  # one refresh, on one of the two nodes
         assert await a.get("ed:1") == "edition 2"
 
 
 async def test_a_failed_refresh_keeps_the_stale_value_on_a_shared_store(url: str) -> None:
     calls: list[str] = []
-    state: dict[str, Any] = {"compute": 0.01}
+    state: dict[str, Any] = {}
     km = _node(url, calls, state, ttl=0.2, stale=30)
     async with km:
         assert await km.get("ed:2") == "edition 1"
         state["fail"] = True
-        await asyncio.sleep(0.3)
-        for _ in range(20):
+        await past_ttl(km, "ed:2", 30)
+        for i in range(20):
             assert await km.get("ed:2") == "edition 1"
-            await asyncio.sleep(0.02)
+            if i == 0:  # the refresh this read began fails behind it; the reads after meet its backoff
+                await aeventually(lambda: km.stats()["keyspaces"]["ed:*"]["refresh_failures"] == 1)
         st = km.stats()["keyspaces"]["ed:*"]
         assert st["refresh_failures"] == 1 and st["stale_hits"] >= 20, st
         assert len(calls) == 2  # the backoff held the retries
