@@ -21,6 +21,7 @@ from keymiss.stores.memory import MemoryStore
 
 from ..conftest import make_store
 from ..redis_servers import HAVE_REDIS
+from ..support import aeventually
 
 LOCAL_KINDS = ["memory", "lmdb"]
 
@@ -263,13 +264,14 @@ async def test_version_stale_serves_the_replaced_version_while_one_refresh_runs(
         reads = await asyncio.gather(*(km.get("answer:1") for _ in range(20)))
         assert loop.time() - started < 0.05  # served at once, from the replaced version
         assert reads == ["answer:1 by v1"] * 20
-        await asyncio.sleep(0.01)
+        await aeventually(lambda: len(calls) >= 2)  # the refresh has begun, held by the gate
         assert calls == ["answer:1", "answer:1"]  # one refresh for the twenty reads
         gate.set()
-        for _ in range(100):
-            if await km.get("answer:1") == "answer:1 by v2":
-                break
-            await asyncio.sleep(0.01)
+
+        async def refreshed() -> bool:
+            return await km.get("answer:1") == "answer:1 by v2"
+
+        await aeventually(refreshed, timeout=1)
         assert await km.get("answer:1") == "answer:1 by v2"
         st = km.stats()["keyspaces"]["answer:*"]
         assert st["version_stale_hits"] >= 20 and st["version_stale"] == 5.0
@@ -283,7 +285,7 @@ async def test_past_version_stale_the_replaced_version_is_a_miss(kind: str, tmp_
         await km.get_many(["answer:1", "answer:2"])
         versions.current = "v2"
         assert await km.get("answer:1") == "answer:1 by v1"  # inside the window: served, refreshed
-        await asyncio.sleep(0.3)
+        await asyncio.sleep(0.3)  # the 0.2 s window runs out (on the real clock versions are timed by)
         # answer:2 was never read in the window: past it, a normal miss under v2
         assert await km.get("answer:2") == "answer:2 by v2"
         assert await km.get("answer:1") == "answer:1 by v2"
@@ -324,10 +326,7 @@ async def test_version_stale_on_two_nodes_sharing_redis(redis_standalone: Any) -
             versions.current = "v2"
             results = await asyncio.gather(a.get("answer:1"), b.get("answer:1"))
             assert results == ["answer:1 by v1", "answer:1 by v1"]  # the rollout has no cliff
-            for _ in range(200):
-                if plain.get("answer:1") == b"answer:1 by v2":
-                    break
-                await asyncio.sleep(0.01)
+            await aeventually(lambda: plain.get("answer:1") == b"answer:1 by v2", timeout=2)
             assert plain.get("answer:1") == b"answer:1 by v2"
             assert await a.get("answer:1") == "answer:1 by v2"
             assert await b.get("answer:1") == "answer:1 by v2"
