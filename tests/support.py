@@ -7,6 +7,7 @@
   never raised, so ``isinstance(reply, ReplyError)`` is how a test checks for one.
 - ``RawClient`` (sync): exact bytes in, exact bytes out; each reply is cut at its own framing
   (``respclient.frame``), never by waiting for the socket to go quiet.
+- ``Gate``: a handler tells its test it started, then waits until the test lets it finish.
 - ``front_started`` / ``require_front``: which front end a ``keymiss serve`` log says started.
 """
 
@@ -28,6 +29,7 @@ from keymiss.errors import ReplyError
 from keymiss.valkey.respclient import Incomplete, RespClient, encode, frame, parse
 
 __all__ = [
+    "Gate",
     "RawClient",
     "ReplyError",
     "RespTestClient",
@@ -49,10 +51,20 @@ def _tries(timeout: float, interval: float) -> int:
     return max(1, int(timeout / max(interval, 1e-6)) + 2)
 
 
+#: ``expect``'s default: the predicate's value is enough when it is true
+TRUTHY: Any = object()
+
+
+def _holds(value: Any, expect: Any) -> bool:
+    return bool(value) if expect is TRUTHY else bool(value == expect)
+
+
 def _timed_out(
-    what: str, timeout: float, tries: int, last: Any, error: BaseException | None
+    what: str, timeout: float, tries: int, last: Any, error: BaseException | None, expect: Any
 ) -> AssertionError:
     got = f"raised {error!r}" if error is not None else f"last returned {last!r}"
+    if expect is not TRUTHY:
+        got += f", expected {expect!r}"
     return AssertionError(f"{what} did not hold within {timeout:g}s ({tries} tries): {got}")
 
 
@@ -66,11 +78,13 @@ def eventually(
     timeout: float = 10.0,
     interval: float = 0.01,
     ignore: tuple[type[BaseException], ...] = (),
+    expect: Any = TRUTHY,
     message: str | None = None,
 ) -> T:
-    """Call ``predicate`` every ``interval`` seconds until it returns something true, and return
-    that; after ``timeout`` seconds (or as many tries as fit in them) raise ``AssertionError``
-    with its last value. Exceptions of the ``ignore`` types count as "not yet"."""
+    """Call ``predicate`` every ``interval`` seconds until it returns something true (or equal to
+    ``expect``, where given), and return that; after ``timeout`` seconds (or as many tries as fit
+    in them) raise ``AssertionError`` with its last value. Exceptions of the ``ignore`` types
+    count as "not yet"."""
     deadline = time.monotonic() + timeout
     tries = _tries(timeout, interval)
     last: Any = None
@@ -80,10 +94,10 @@ def eventually(
             last, error = predicate(), None
         except ignore as exc:
             last, error = None, exc
-        if last:
+        if error is None and _holds(last, expect):
             return last
         if attempt == tries or time.monotonic() >= deadline:
-            raise _timed_out(_name(predicate, message), timeout, attempt, last, error)
+            raise _timed_out(_name(predicate, message), timeout, attempt, last, error, expect)
         time.sleep(interval)
     raise AssertionError("unreachable")  # pragma: no cover
 
@@ -94,10 +108,12 @@ async def aeventually(
     timeout: float = 10.0,  # noqa: ASYNC109 - a deadline for the whole poll, not one await
     interval: float = 0.01,
     ignore: tuple[type[BaseException], ...] = (),
+    expect: Any = TRUTHY,
     message: str | None = None,
 ) -> T:
-    """``eventually`` for a test's event loop: ``predicate`` may be sync or async, and the loop
-    keeps running between tries."""
+    """``eventually`` for a test's event loop: ``predicate`` may be sync or async (a coroutine
+    function, or a lambda returning an awaitable: ``lambda: info(port)`` with ``expect=3``), and
+    the loop keeps running between tries."""
     deadline = time.monotonic() + timeout
     tries = _tries(timeout, interval)
     last: Any = None
@@ -112,12 +128,34 @@ async def aeventually(
             last, error = None, exc
         except ignore as exc:
             last, error = None, exc
-        if last:
+        if error is None and _holds(last, expect):
             return last  # type: ignore[no-any-return]
         if attempt == tries or time.monotonic() >= deadline:
-            raise _timed_out(_name(predicate, message), timeout, attempt, last, error)
+            raise _timed_out(_name(predicate, message), timeout, attempt, last, error, expect)
         await asyncio.sleep(interval)
     raise AssertionError("unreachable")  # pragma: no cover
+
+
+class Gate:
+    """A computation's rendezvous with its test, in the test's event loop: the handler calls
+    ``await gate.hold(key)``, which records ``key`` and sets ``started``, then waits until the test
+    calls ``open()``. The test waits for ``started`` instead of sleeping while it computes."""
+
+    def __init__(self) -> None:
+        self.started = asyncio.Event()
+        self.released = asyncio.Event()
+        self.keys: list[Any] = []
+
+    async def hold(self, key: Any = None) -> None:
+        self.keys.append(key)
+        self.started.set()
+        await self.released.wait()
+
+    async def wait_started(self, wait: float = 10.0) -> None:
+        await asyncio.wait_for(self.started.wait(), wait)
+
+    def open(self) -> None:
+        self.released.set()
 
 
 # --- RESP --------------------------------------------------------------------------------------------
