@@ -8,7 +8,7 @@
 - ``RawClient`` (sync): exact bytes in, exact bytes out; each reply is cut at its own framing
   (``respclient.frame``), never by waiting for the socket to go quiet.
 - ``Gate``: a handler tells its test it started, then waits until the test lets it finish.
-- ``front_started`` / ``require_front``: which front end a ``keymiss serve`` log says started.
+- ``front_started``: which front end a ``keymiss serve`` log says started.
 """
 
 from __future__ import annotations
@@ -23,8 +23,6 @@ from collections.abc import Awaitable, Callable, Sequence
 from types import TracebackType
 from typing import Any, TypeVar
 
-import pytest
-
 from keymiss.errors import ReplyError
 from keymiss.valkey.respclient import Incomplete, RespClient, encode, frame, parse
 
@@ -38,7 +36,6 @@ __all__ = [
     "eventually",
     "front_started",
     "parse_reply",
-    "require_front",
     "resp",
 ]
 
@@ -328,11 +325,3 @@ def front_started(log: str) -> str | None:
     if m is None:
         return None
     return "valkey" if m.group(1) == "server" else "python"
-
-
-def require_front(log: str, front: str) -> None:
-    """Skip the test unless the log says ``front`` started: a test asking for the module front end
-    must never quietly run against the Python server (no binary to embed, say)."""
-    started = front_started(log)
-    if started != front:
-        pytest.skip(f"asked for the {front} front end, the log says {started or 'nothing'} started")

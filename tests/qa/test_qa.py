@@ -218,7 +218,6 @@ def test_default_serve_answers_demo_corpus(tmp_path: Path) -> None:
 def test_context_store_key_keeps_the_hash_tag() -> None:
     key = context_store_key("PMC302072.xml:{8YG}:10")
     assert key[key.index("{") : key.index("}") + 1] == "{8YG}"
-    asyncio.run(asyncio.sleep(0))
 
 
 def test_reduced_precision_close_calls_are_settled_in_float32(tiny_model: str, reference: Any) -> None:

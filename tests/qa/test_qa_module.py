@@ -5,15 +5,16 @@ from __future__ import annotations
 
 import subprocess
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from keymiss.valkey import protocol
 from keymiss.valkey.modulepath import module_path
 
 from ..redis_servers import HAVE_REDIS, RedisCluster3
+from ..support import eventually
 from ..valkey.conftest import binary
 from .conftest import SHORT_CONTEXT, long_context, write_corpus
 from .test_qa import _keymiss, pipeline_answer
@@ -53,11 +54,12 @@ def test_bertqa_on_a_cluster_with_contexts_in_their_shard(
             stdout=subprocess.DEVNULL,
             stderr=subprocess.PIPE,
         )
-        deadline = time.monotonic() + 120
-        while "workers=1" not in _cli(shard.port, "INFO", "keymiss", cluster=False):
+
+        def registered() -> bool:
             assert worker.poll() is None, worker.stderr.read().decode()[-3000:]  # type: ignore[union-attr]
-            assert time.monotonic() < deadline, "the worker did not register"
-            time.sleep(0.2)
+            return "workers=1" in _cli(shard.port, "INFO", protocol.INFO_SECTION, cluster=False)
+
+        eventually(registered, timeout=120, interval=0.2, message="the worker registers")
         seed = "bertqa{8YG}_PMC302072.xml:{8YG}:10_Who performs viral transmission among adults"
         want = pipeline_answer(reference, "Who performs viral transmission among adults", SHORT_CONTEXT)
         assert _cli(port, "GET", seed) == want

