@@ -1,15 +1,40 @@
-"""The app the server tests serve: keyspaces that compute, fail, hang, batch and parse templates."""
+"""The app the server tests serve: keyspaces that compute, fail, hang, batch and parse templates.
+
+Gated handlers (``gate:<name>``, ``block:<name>``, an ``edition`` refresh) run until the test lets
+them finish: each says it started by creating ``<name>.started`` in ``$KEYMISS_TEST_GATES`` and
+returns once ``<name>.release`` is there (``ServerProcess.wait_started`` and ``release``).
+"""
 
 from __future__ import annotations
 
 import asyncio
 import os
+import threading
 import time
 from pathlib import Path
 
 from keymiss import Keymiss
+from tests.support import aeventually, eventually
 
 app = Keymiss(store="memory", max_memory="64MB")
+
+
+def _gate(name: str) -> tuple[Path, Path]:
+    gates = Path(os.environ["KEYMISS_TEST_GATES"])
+    (gates / f"{name}.started").touch()
+    return gates / f"{name}.release", gates
+
+
+async def released(name: str) -> None:
+    """Say ``name`` started, then wait until the test releases it."""
+    release, _ = _gate(name)
+    await aeventually(release.exists, timeout=60, interval=0.005, message=f"release of {name!r}")
+
+
+def released_sync(name: str) -> None:
+    """``released`` for a sync handler, blocking its worker thread."""
+    release, _ = _gate(name)
+    eventually(release.exists, timeout=60, interval=0.005, message=f"release of {name!r}")
 
 
 @app.keyspace("double:*")
@@ -19,13 +44,20 @@ def double(key: str) -> str:
 
 @app.keyspace("slow:*")
 async def slow(key: str) -> str:
-    await asyncio.sleep(0.3)
+    await asyncio.sleep(0.3)  # long enough for many clients to ask while it runs
     return f"slow result for {key}"
+
+
+@app.keyspace("gate:*")
+async def gate(key: str) -> str:
+    """A computation that runs until the test releases it."""
+    await released(key.split(":", 1)[1])
+    return f"gated result for {key}"
 
 
 @app.keyspace("block:*")
 def block(key: str) -> str:
-    time.sleep(1.0)  # a CPU-bound model in a worker thread
+    released_sync(key.split(":", 1)[1])  # a CPU-bound model in a worker thread, until released
     return "blocked"
 
 
@@ -36,7 +68,7 @@ def fail(key: str) -> str:
 
 @app.keyspace("hang:*", timeout=0.2)
 async def hang(key: str) -> str:
-    await asyncio.sleep(30)
+    await asyncio.Event().wait()  # never set: it hangs until its timeout cancels it
     return "never"
 
 
@@ -55,12 +87,6 @@ def big(key: str) -> bytes:
     return b"x" * (100 * 1024)
 
 
-@app.keyspace("crawl:*")
-async def crawl(key: str) -> str:
-    await asyncio.sleep(1.5)  # a long model run
-    return f"crawled {key}"
-
-
 @app.keyspace("quick:*")
 async def quick(key: str) -> str:
     await asyncio.sleep(0.05)  # a small model: 50 ms
@@ -69,7 +95,7 @@ async def quick(key: str) -> str:
 
 @app.keyspace("stuck:*", timeout=0.2, concurrency=2)
 def stuck(key: str) -> str:
-    time.sleep(60)  # a sync handler that never comes back in time: its thread stays busy
+    threading.Event().wait(60)  # a sync handler that never comes back in time: its thread stays busy
     return "never"
 
 
@@ -90,14 +116,14 @@ async def cancelled(key: str) -> str:
 
 @app.keyspace("tothread:*", timeout=0.3)
 async def tothread(key: str) -> str:
-    await asyncio.to_thread(time.sleep, 60)  # a blocking call in the default executor, stuck
+    await asyncio.to_thread(threading.Event().wait, 60)  # a blocking call in the default executor, stuck
     return "never"
 
 
 @app.keyspace("fresh:*", ttl=0.6, early_refresh=1.0)
 async def fresh(key: str) -> str:
     """A hot answer refreshed before it expires (XFetch): its readers never wait at expiry."""
-    await asyncio.sleep(0.1)
+    await asyncio.sleep(0.1)  # the computation time XFetch weighs
     return f"fresh at {time.time():.3f}"
 
 
@@ -106,10 +132,11 @@ _editions = 0
 
 @app.keyspace("edition:*", ttl=0.3, stale=30)
 async def edition(key: str) -> str:
-    """Served stale for up to 30 s past its TTL while one refresh runs."""
+    """Served stale for up to 30 s past its TTL while one refresh runs (``edition<n>`` released)."""
     global _editions
     _editions += 1
-    await asyncio.sleep(0.01 if _editions == 1 else 1.5)  # the refresh is the slow one
+    if _editions > 1:
+        await released(f"edition{_editions}")  # the refresh runs until the test releases it
     return f"edition {_editions}"
 
 
