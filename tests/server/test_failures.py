@@ -15,7 +15,8 @@ from typing import Any
 import pytest
 import redis
 
-from .conftest import both_fronts, start_server
+from ..support import eventually
+from .conftest import both_fronts, fill_settled, start_server
 
 
 def serve_with_config(config: Path) -> subprocess.CompletedProcess[str]:
@@ -75,9 +76,7 @@ def test_handler_failures_are_logged_with_traceback_and_text_can_be_hidden(
         (entry,) = r.mget(["secret:2"])  # MGET entries are error replies with the same text
         assert entry is None or "s3cr3t" not in str(entry)
         assert r.ping()
-        deadline = time.monotonic() + 5
-        while "s3cr3t" not in srv.log and time.monotonic() < deadline:
-            time.sleep(0.05)
+        eventually(lambda: "s3cr3t" in srv.log, timeout=5)  # the one failure logged, traceback and all
         lines = [json.loads(line) for line in srv.log.splitlines() if line.startswith("{")]
         failures = [x for x in lines if x["logger"] == "keymiss.handler"]
         assert len(failures) == 1, failures  # once per window, not once per request
@@ -93,9 +92,7 @@ def test_access_log_names_each_command(tmp_path: Path) -> None:
         r = redis.Redis(port=srv.port, password="pw", socket_timeout=10)
         r.get("double:21")
         r.set("plain", "v")
-        deadline = time.monotonic() + 5
-        while "SET plain" not in srv.log and time.monotonic() < deadline:
-            time.sleep(0.05)
+        eventually(lambda: "SET plain" in srv.log, timeout=5)
         assert "keymiss.access" in srv.log and "GET double:21" in srv.log and "SET plain" in srv.log
         assert "pw" not in srv.log.split("keymiss.access", 1)[1].split("GET double:21")[0]  # no password
     finally:
@@ -177,9 +174,7 @@ def test_the_access_log_cannot_be_forged_by_a_key(tmp_path: Path) -> None:
         r = redis.Redis(port=srv.port, socket_timeout=10)
         r.get("x\n2026-01-01 00:00:00,000 ERROR keymiss.handler: FORGED")
         r.get("done")
-        deadline = time.monotonic() + 5
-        while "GET done" not in srv.log and time.monotonic() < deadline:
-            time.sleep(0.05)
+        eventually(lambda: "GET done" in srv.log, timeout=5)
         assert not any(line.startswith("2026-01-01") for line in srv.log.splitlines())
         assert "x\\n2026-01-01" in srv.log
     finally:
@@ -234,17 +229,18 @@ def test_a_set_during_a_computation_is_not_lost(tmp_path: Path, front: str) -> N
     try:
         r = redis.Redis(port=srv.port, socket_timeout=10)
         first: list[bytes | None] = []
-        t = threading.Thread(target=lambda: first.append(r.get("slow:race")))
+        t = threading.Thread(target=lambda: first.append(r.get("gate:race")))
         t.start()
-        time.sleep(0.1)  # the 0.3 s computation is running
+        srv.wait_started("race")  # the computation is running, until released
         other = redis.Redis(port=srv.port, socket_timeout=10)
-        assert other.set("slow:race", "mine") is True
+        assert other.set("gate:race", "mine") is True
+        srv.release("race")
         t.join(10)
         # asked before the write: the Python server answers with the computation; the module answers
         # its waiters with what the client wrote (the write resolves the pending key)
-        assert first == ([b"slow result for slow:race"] if front == "python" else [b"mine"])
-        time.sleep(0.05)
-        assert other.get("slow:race") == b"mine"  # the acknowledged write stays
+        assert first == ([b"gated result for gate:race"] if front == "python" else [b"mine"])
+        fill_settled(other, front)
+        assert other.get("gate:race") == b"mine"  # the acknowledged write stays
     finally:
         srv.stop()
 
@@ -390,9 +386,9 @@ def test_a_config_file_tunes_a_batched_keyspace_s_wait_alone(tmp_path: Path, fro
 @pytest.mark.parametrize(
     "write",
     [
-        lambda r: (r.set("slow:w", "client"), r.expire("slow:w", 0)),  # EXPIRE 0 deletes
-        lambda r: (r.set("slow:w", "client"), r.pexpire("slow:w", -1)),
-        lambda r: r.set("slow:w", "client", px=50),  # the client's value expires before the fill
+        lambda r: (r.set("gate:w", "client"), r.expire("gate:w", 0)),  # EXPIRE 0 deletes
+        lambda r: (r.set("gate:w", "client"), r.pexpire("gate:w", -1)),
+        lambda r: r.set("gate:w", "client", px=50),  # the client's value expires before the fill
     ],
     ids=["expire-0", "pexpire-negative", "set-px-short"],
 )
@@ -406,15 +402,17 @@ def test_a_computed_value_does_not_reappear_after_a_clients_write(
     try:
         r = redis.Redis(port=srv.port, socket_timeout=10)
         first: list[bytes | None] = []
-        t = threading.Thread(target=lambda: first.append(r.get("slow:w")))
+        t = threading.Thread(target=lambda: first.append(r.get("gate:w")))
         t.start()
-        time.sleep(0.1)  # the 0.3 s computation is running
+        srv.wait_started("w")  # the computation is running, until released
         other = redis.Redis(port=srv.port, socket_timeout=10)
         write(other)
+        srv.release("w")
         t.join(10)
-        assert first == ([b"slow result for slow:w"] if front == "python" else [b"client"])
-        time.sleep(0.3)
-        assert other.exists("slow:w") == 0  # deleted or expired: the stale computation stays out
+        assert first == ([b"gated result for gate:w"] if front == "python" else [b"client"])
+        fill_settled(other, front)  # the computation's value has been refused its place
+        eventually(lambda: other.pttl("gate:w") == -2, timeout=1)  # a short-lived write runs out
+        assert other.exists("gate:w") == 0  # deleted or expired: the stale computation stays out
     finally:
         srv.stop()
 
@@ -426,14 +424,15 @@ def test_getex_on_a_miss_leaves_another_clients_value_alone(tmp_path: Path) -> N
     try:
         r = redis.Redis(port=srv.port, socket_timeout=10)
         got: list[bytes | None] = []
-        t = threading.Thread(target=lambda: got.append(r.getex("slow:gx", ex=1000)))
+        t = threading.Thread(target=lambda: got.append(r.getex("gate:gx", ex=1000)))
         t.start()
-        time.sleep(0.1)
+        srv.wait_started("gx")  # the computation is running, until released
         other = redis.Redis(port=srv.port, socket_timeout=10)
-        assert other.set("slow:gx", "client")
+        assert other.set("gate:gx", "client")
+        srv.release("gx")
         t.join(10)
-        assert got == [b"slow result for slow:gx"]
-        assert other.get("slow:gx") == b"client" and other.ttl("slow:gx") == -1  # its TTL untouched
+        assert got == [b"gated result for gate:gx"]
+        assert other.get("gate:gx") == b"client" and other.ttl("gate:gx") == -1  # its TTL untouched
     finally:
         srv.stop()
 
