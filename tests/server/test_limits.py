@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import select
 import socket
 import time
 import urllib.request
@@ -11,14 +12,15 @@ from pathlib import Path
 import pytest
 import redis
 
-from .conftest import both_fronts, raw_connect, read_reply, start_server
+from ..support import RawClient, eventually
+from .conftest import both_fronts, start_server
 
 
 @pytest.mark.reliability
 def test_client_that_never_reads_is_disconnected_and_others_stay_fast(tmp_path: Path) -> None:
     srv = start_server(tmp_path, "--output-stall-seconds", "1", "--output-buffer", "8MB")
     try:
-        hog = raw_connect(srv.port)
+        hog = RawClient(srv.port).sock
         hog.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
         request = b"*2\r\n$3\r\nGET\r\n$6\r\nbig:01\r\n" * 2000  # 2000 × 100 KB replies, never read
         hog.setblocking(False)
@@ -27,8 +29,8 @@ def test_client_that_never_reads_is_disconnected_and_others_stay_fast(tmp_path: 
         while sent < len(request) and time.monotonic() < deadline:
             try:
                 sent += hog.send(request[sent:])
-            except BlockingIOError:
-                time.sleep(0.01)  # the server stopped reading us: flow control works
+            except BlockingIOError:  # the server stopped reading us: flow control works
+                select.select([], [hog], [], 0.05)  # until it reads again, or a while
         other = redis.Redis(port=srv.port, socket_timeout=5)
         other.set("hot", "v")
         latencies = []
@@ -38,13 +40,12 @@ def test_client_that_never_reads_is_disconnected_and_others_stay_fast(tmp_path: 
             latencies.append(time.perf_counter() - t0)
         latencies.sort()
         assert latencies[197] < 0.1  # p99 of the other client's hits stays low
-        closed = False
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline and not closed:
-            info = other.info("stats")
-            closed = info["client_output_buffer_disconnections"] >= 1
-            time.sleep(0.2)
-        assert closed, srv.log
+        eventually(
+            lambda: other.info("stats")["client_output_buffer_disconnections"] >= 1,
+            timeout=10,
+            interval=0.2,
+            message=f"the stalled client's disconnection; log:\n{srv.log}",
+        )
         assert "replies unread" in srv.log
         assert other.ping()
         other.close()
@@ -60,25 +61,24 @@ def test_max_clients(tmp_path: Path, front: str) -> None:
     try:
         a, b = redis.Redis(port=srv.port), redis.Redis(port=srv.port)
         assert a.ping() and b.ping()
-        extra: list[socket.socket] = []
+        extra: list[RawClient] = []
         reply = b""
         if front == "valkey":  # keymiss's own connections (workers, context reads) come on top
             from keymiss.valkey.serverconf import OWN_CONNECTIONS
 
             assert a.config_get("maxclients") == {"maxclients": str(2 + OWN_CONNECTIONS)}
             while len(extra) <= OWN_CONNECTIONS:  # until the server is full
-                extra.append(raw_connect(srv.port))
-                extra[-1].sendall(b"PING\r\n")
+                extra.append(RawClient(srv.port))
+                extra[-1].send_raw(b"PING\r\n")
                 with contextlib.suppress(ConnectionResetError):
-                    reply = read_reply(extra[-1])
+                    reply = extra[-1].reply_bytes()
                 if reply != b"+PONG\r\n":
                     break
             assert reply == b"-ERR max number of clients reached\r\n"
             assert a.ping() and b.ping()
         else:
-            s = raw_connect(srv.port)
-            assert read_reply(s) == b"-ERR max number of clients reached\r\n"
-            s.close()
+            with RawClient(srv.port) as s:
+                assert s.reply_bytes() == b"-ERR max number of clients reached\r\n"
         assert a.info("stats")["rejected_connections"] >= 1
         for c in extra:
             c.close()
@@ -94,10 +94,9 @@ def test_bulk_limit_from_config_file(tmp_path: Path) -> None:
     config.write_text('[keymiss]\nmax-bulk = "1KB"\nmax-in-flight = 7\n')
     srv = start_server(tmp_path, "--config", str(config))
     try:
-        s = raw_connect(srv.port)
-        s.sendall(b"*3\r\n$3\r\nSET\r\n$1\r\nk\r\n$2000\r\n")
-        assert read_reply(s) == b"-ERR Protocol error: invalid bulk length\r\n"
-        s.close()
+        with RawClient(srv.port) as s:
+            s.send_raw(b"*3\r\n$3\r\nSET\r\n$1\r\nk\r\n$2000\r\n")
+            assert s.reply_bytes() == b"-ERR Protocol error: invalid bulk length\r\n"
         r = redis.Redis(port=srv.port)
         assert r.config_get("keymiss-max-in-flight") == {"keymiss-max-in-flight": "7"}
         assert r.set("k", "x" * 1000)
@@ -180,12 +179,12 @@ def test_a_pipelining_client_that_never_reads_cannot_balloon_memory(tmp_path: Pa
         before = rss.memory_info().rss
         hogs = []
         for _ in range(20):  # each asks for 2 GB of replies in 54 KB, and reads none of them
-            hog = raw_connect(srv.port)
-            hog.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-            hog.sendall(b"*2\r\n$3\r\nGET\r\n$2\r\nmb\r\n" * 2000)
+            hog = RawClient(srv.port)
+            hog.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+            hog.send_raw(b"*2\r\n$3\r\nGET\r\n$2\r\nmb\r\n" * 2000)
             hogs.append(hog)
         grown = 0
-        for _ in range(6):
+        for _ in range(6):  # the server's memory, sampled while the 20 clients stay paused
             time.sleep(0.25)
             grown = max(grown, rss.memory_info().rss - before)
         # a paused client holds about one reply chunk and one value: 20 of them, far below 20 × 64 MB
@@ -217,7 +216,7 @@ def test_a_slow_but_steady_reader_is_never_cut_off(tmp_path: Path) -> None:
         r = redis.Redis(port=srv.port, socket_timeout=10)
         value = b"z" * (6 * 1024**2)
         assert r.set("slow6", value)
-        reader = raw_connect(srv.port)
+        reader = RawClient(srv.port).sock
         reader.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 65536)
         reader.sendall(b"*2\r\n$3\r\nGET\r\n$5\r\nslow6\r\n")
         got = b""
@@ -227,7 +226,7 @@ def test_a_slow_but_steady_reader_is_never_cut_off(tmp_path: Path) -> None:
             chunk = reader.recv(32768)  # at most 1.6 MB/s: 4 s or more for the whole reply
             assert chunk, f"disconnected after {len(got)} bytes"
             got += chunk
-            time.sleep(0.02)
+            time.sleep(0.02)  # the slow reader's pace: what the stall timer must tell from a stall
         assert got.endswith(value + b"\r\n"), len(got)
         assert r.info("stats")["client_output_buffer_disconnections"] == 0
         reader.close()
@@ -245,13 +244,15 @@ def test_an_mget_or_exec_reply_past_the_output_limit_is_an_error_not_a_memory_ho
         r.set("big", b"x" * 1024**2)
         rss = psutil.Process(srv.proc.pid)
         before = rss.memory_info().rss
+        errors = r.info("stats")["total_error_replies"]
         hogs = []
         for _ in range(4):  # each asks for 200 MB in one MGET, and reads nothing
-            hog = raw_connect(srv.port)
-            hog.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-            hog.sendall(b"*201\r\n$4\r\nMGET\r\n" + b"$3\r\nbig\r\n" * 200)
+            hog = RawClient(srv.port)
+            hog.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+            hog.send_raw(b"*201\r\n$4\r\nMGET\r\n" + b"$3\r\nbig\r\n" * 200)
             hogs.append(hog)
-        time.sleep(1.0)
+        # every MGET has been answered, unread (with an error: the reply would not fit)
+        eventually(lambda: r.info("stats")["total_error_replies"] >= errors + 4, timeout=10)
         assert rss.memory_info().rss - before < 60 * 1024**2
         with pytest.raises(redis.ResponseError, match="larger than the output buffer limit"):
             r.mget(["big"] * 10)
