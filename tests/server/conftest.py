@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 import redis
 
-from ..support import eventually, front_started
+from ..support import RawClient, eventually, front_started
 
 HERE = Path(__file__).parent
 LISTENING = re.compile(r"listening on 127\.0\.0\.1:(\d+)")
@@ -189,6 +189,12 @@ def read_reply(sock: socket.socket, timeout: float = 5) -> bytes:
     except TimeoutError:
         pass
     return data
+
+
+def call_bytes(c: RawClient, *args: str | bytes | int) -> bytes:
+    """Send one command on ``c``; its reply's exact bytes."""
+    c.send(*args)
+    return c.reply_bytes()
 
 
 #: a test of client-visible behaviour, run against both front ends

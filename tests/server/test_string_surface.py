@@ -6,7 +6,6 @@ The scripts follow Redis's own tests (tests/unit/type/string.tcl, type/incr.tcl,
 
 from __future__ import annotations
 
-import socket
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -15,65 +14,18 @@ from typing import Any
 import pytest
 import redis
 
-from .conftest import ServerProcess, start_server
-
-
-def encode(*args: str | bytes) -> bytes:
-    out = [b"*%d\r\n" % len(args)]
-    for a in args:
-        b = a if isinstance(a, bytes) else a.encode()
-        out.append(b"$%d\r\n%b\r\n" % (len(b), b))
-    return b"".join(out)
-
-
-class Wire:
-    """One connection that sends a command and reads exactly one reply's bytes."""
-
-    def __init__(self, port: int) -> None:
-        self.sock = socket.create_connection(("127.0.0.1", port), timeout=10)
-        self.buf = b""
-
-    def _line(self) -> bytes:
-        while b"\r\n" not in self.buf:
-            chunk = self.sock.recv(65536)
-            assert chunk, "connection closed"
-            self.buf += chunk
-        line, _, self.buf = self.buf.partition(b"\r\n")
-        return line
-
-    def _exact(self, n: int) -> bytes:
-        while len(self.buf) < n + 2:
-            chunk = self.sock.recv(65536)
-            assert chunk, "connection closed"
-            self.buf += chunk
-        data, self.buf = self.buf[:n], self.buf[n + 2 :]
-        return data
-
-    def reply(self) -> bytes:
-        line = self._line()
-        kind = line[:1]
-        if kind == b"$" and line != b"$-1":
-            return line + b"\r\n" + self._exact(int(line[1:])) + b"\r\n"
-        if kind == b"*" and line != b"*-1":
-            return line + b"\r\n" + b"".join(self.reply() for _ in range(int(line[1:])))
-        return line + b"\r\n"
-
-    def call(self, *args: str | bytes) -> bytes:
-        self.sock.sendall(encode(*args))
-        return self.reply()
-
-    def close(self) -> None:
-        self.sock.close()
+from ..support import RawClient
+from .conftest import ServerProcess, call_bytes, start_server
 
 
 def assert_same_replies(redis_port: int, port: int, commands: list[tuple[str, ...]], prefix: str) -> None:
     """Send ``commands`` to a real redis-server and to keymiss, one connection each, and compare
     every reply byte for byte; the keys under ``prefix`` are removed from redis-server after."""
-    want_wire, got_wire = Wire(redis_port), Wire(port)
+    want_wire, got_wire = RawClient(redis_port, timeout=10), RawClient(port, timeout=10)
     try:
         mismatches = []
         for c in commands:
-            want, got = want_wire.call(*c), got_wire.call(*c)
+            want, got = call_bytes(want_wire, *c), call_bytes(got_wire, *c)
             if want != got:
                 mismatches.append((c, want, got))
         assert not mismatches, mismatches

@@ -14,8 +14,9 @@ from typing import Any
 import pytest
 import redis
 
-from .conftest import ServerProcess, start_server
-from .test_string_surface import Wire, assert_same_replies
+from ..support import RawClient, eventually
+from .conftest import ServerProcess, call_bytes, start_server
+from .test_string_surface import assert_same_replies
 
 
 @pytest.fixture(scope="module", params=["memory", "lmdb"])
@@ -193,7 +194,7 @@ def test_watch_sees_a_value_changed_by_expiry_and_flush(node: ServerProcess) -> 
         r.set("we:k", "1", px=200)
         with r.pipeline() as p:
             p.watch("we:k")
-            time.sleep(0.4)  # it expires between WATCH and EXEC
+            time.sleep(0.4)  # it expires between WATCH and EXEC, unread: the clock is what is tested
             p.multi()
             p.set("we:other", "1")
             with pytest.raises(redis.WatchError):
@@ -261,14 +262,16 @@ def test_a_miss_inside_exec_does_not_wait_and_is_computed(tmp_path: Path) -> Non
 
 
 def test_a_client_gone_mid_transaction_leaves_nothing_behind(node: ServerProcess) -> None:
-    w = Wire(node.port)
-    w.call("WATCH", "gone:k")
-    w.call("MULTI")
-    w.call("SET", "gone:k", "1")
+    w = RawClient(node.port, timeout=10)
+    gone = call_bytes(w, "CLIENT", "ID")  # b":<id>\r\n"
+    call_bytes(w, "WATCH", "gone:k")
+    call_bytes(w, "MULTI")
+    call_bytes(w, "SET", "gone:k", "1")
     w.close()  # never EXECs
     r = redis.Redis(port=node.port)
     try:
-        time.sleep(0.2)
+        gone_id = gone[1:-2].decode()
+        eventually(lambda: all(c["id"] != gone_id for c in r.client_list()))  # the server let it go
         assert r.get("gone:k") is None
         assert r.set("gone:k", "2") and r.get("gone:k") == b"2"  # and the server goes on serving
         assert "multi=-1" in r.execute_command("CLIENT", "INFO").decode()
@@ -279,14 +282,14 @@ def test_a_client_gone_mid_transaction_leaves_nothing_behind(node: ServerProcess
 
 def test_a_transaction_cannot_queue_without_bound(tmp_path: Path) -> None:
     srv = start_server(tmp_path, "--query-buffer", "1MB", front="python")
-    w = Wire(srv.port)
+    w = RawClient(srv.port, timeout=10)
     try:
-        w.call("MULTI")
+        call_bytes(w, "MULTI")
         value = "x" * 100_000
-        replies = [w.call("SET", f"big:{i}", value) for i in range(20)]
+        replies = [call_bytes(w, "SET", f"big:{i}", value) for i in range(20)]
         assert replies[0] == b"+QUEUED\r\n" and replies[-1].startswith(b"-ERR transaction too large")
-        assert w.call("EXEC").startswith(b"-EXECABORT")
-        assert w.call("EXISTS", "big:0") == b":0\r\n"
+        assert call_bytes(w, "EXEC").startswith(b"-EXECABORT")
+        assert call_bytes(w, "EXISTS", "big:0") == b":0\r\n"
     finally:
         w.close()
         srv.stop()
@@ -313,13 +316,14 @@ def test_a_transaction_relayed_to_a_shared_redis_answers_as_redis_does(
             return (cmd[0], *(prefix + k for k in cmd[1:]))
         return (cmd[0], prefix + cmd[1], *cmd[2:]) if len(cmd) > 1 else cmd
 
-    want_wire, got_wire = Wire(redis_standalone.port), Wire(shared_node.port)
+    want_wire = RawClient(redis_standalone.port, timeout=10)
+    got_wire = RawClient(shared_node.port, timeout=10)
     direct = redis.Redis(port=redis_standalone.port)
     try:
-        want = [want_wire.call(*keyed(c)) for c in SCRIPTS[script]]
+        want = [call_bytes(want_wire, *keyed(c)) for c in SCRIPTS[script]]
         for k in direct.keys(prefix + "*"):
             direct.delete(k)
-        got = [got_wire.call(*keyed(c)) for c in SCRIPTS[script]]
+        got = [call_bytes(got_wire, *keyed(c)) for c in SCRIPTS[script]]
         assert got == want
     finally:
         for k in direct.keys(prefix + "*"):
@@ -341,10 +345,12 @@ def test_redis_py_default_pipeline_works_on_a_shared_redis(
         with r.pipeline() as p:  # a miss of a keyspace key: nil inside, computed after
             p.get("slow:txp").set("txp:b", "1")
             assert p.execute() == [None, True]
-        deadline = time.monotonic() + 10
-        while direct.get("slow:txp") is None:
-            assert time.monotonic() < deadline, "the miss inside EXEC was not computed"
-            time.sleep(0.05)
+        eventually(
+            lambda: direct.get("slow:txp") is not None,
+            timeout=10,
+            interval=0.05,
+            message="the miss inside EXEC to be computed",
+        )
     finally:
         direct.delete("txp:a", "txp:h", "txp:l", "txp:b", "slow:txp")
         r.close(), direct.close()
@@ -353,21 +359,21 @@ def test_redis_py_default_pipeline_works_on_a_shared_redis(
 def test_a_relayed_transaction_holding_a_refused_command_is_discarded_whole(
     shared_node: ServerProcess, redis_standalone: Any
 ) -> None:
-    w = Wire(shared_node.port)
+    w = RawClient(shared_node.port, timeout=10)
     direct = redis.Redis(port=redis_standalone.port)
     try:
-        assert w.call("MULTI") == b"+OK\r\n"
-        assert w.call("SET", "txr:a", "1") == b"+QUEUED\r\n"
-        assert w.call("EVAL", "return redis.call('flushall')", "0") == b"+QUEUED\r\n"
-        answer = w.call("EXEC")
+        assert call_bytes(w, "MULTI") == b"+OK\r\n"
+        assert call_bytes(w, "SET", "txr:a", "1") == b"+QUEUED\r\n"
+        assert call_bytes(w, "EVAL", "return redis.call('flushall')", "0") == b"+QUEUED\r\n"
+        answer = call_bytes(w, "EXEC")
         assert answer.startswith(b"-EXECABORT") and b"script" in answer, answer
         assert direct.exists("txr:a") == 0
-        assert w.call("MULTI") == b"+OK\r\n"
-        assert w.call("INFO").startswith(b"-ERR 'info' is keymiss's own command")
-        assert w.call("EXEC").startswith(b"-EXECABORT")
+        assert call_bytes(w, "MULTI") == b"+OK\r\n"
+        assert call_bytes(w, "INFO").startswith(b"-ERR 'info' is keymiss's own command")
+        assert call_bytes(w, "EXEC").startswith(b"-EXECABORT")
         with pytest.raises(redis.ResponseError, match="send WATCH and its transaction to Redis directly"):
             redis.Redis(port=shared_node.port).execute_command("WATCH", "txr:a")
-        assert w.call("SET", "txr:a", "2") == b"+OK\r\n"  # and it goes on serving
+        assert call_bytes(w, "SET", "txr:a", "2") == b"+OK\r\n"  # and it goes on serving
     finally:
         direct.delete("txr:a")
         w.close(), direct.close()
@@ -417,7 +423,7 @@ def test_an_exec_runs_whole_when_its_client_leaves_and_others_stay_atomic(durabl
             b = socket.create_connection(("127.0.0.1", durable.port), timeout=20)
             a.sendall(_tx(b"pa%d" % rnd, 30))
             b.sendall(_tx(b"pb%d" % rnd, 30))
-            time.sleep(0.005)
+            time.sleep(0.005)  # a moment into A's EXEC
             a.close()  # gone while its EXEC waits on the disk
             seen: list[int] = []
             buf = b""
@@ -429,10 +435,8 @@ def test_an_exec_runs_whole_when_its_client_leaves_and_others_stay_atomic(durabl
                     buf += b.recv(65536)
             b.close()
             assert all(n in (0, 30) for n in seen), seen  # B's transaction never seen half done
-            deadline = time.monotonic() + 10
-            while r.exists(*[f"pa{rnd}:{i}" for i in range(30)]) != 30:  # A's ran whole
-                assert time.monotonic() < deadline, r.exists(*[f"pa{rnd}:{i}" for i in range(30)])
-                time.sleep(0.05)
+            a_keys = [f"pa{rnd}:{i}" for i in range(30)]
+            eventually(lambda keys=a_keys: r.exists(*keys) == 30, timeout=10, interval=0.05)  # A's ran whole
     finally:
         r.close()
 
@@ -447,7 +451,7 @@ def test_a_large_exec_on_a_durable_store_shares_one_fsync_and_holds_others_brief
     b = socket.create_connection(("127.0.0.1", durable.port), timeout=60)
     try:
         a.sendall(_tx(b"fs", 20_000))
-        time.sleep(0.2)
+        time.sleep(0.2)  # B arrives while A's EXEC runs
         t0 = time.monotonic()
         b.sendall(b"PING\r\n")
         assert b.recv(100) == b"+PONG\r\n"
@@ -456,10 +460,7 @@ def test_a_large_exec_on_a_durable_store_shares_one_fsync_and_holds_others_brief
         a.close(), b.close()
     r = redis.Redis(port=durable.port)
     try:
-        deadline = time.monotonic() + 20
-        while r.exists("fs:19999") == 0:
-            assert time.monotonic() < deadline
-            time.sleep(0.05)
+        eventually(lambda: r.exists("fs:19999"), timeout=20, interval=0.05)
         assert r.dbsize() >= 20_000
     finally:
         r.close()
