@@ -1,0 +1,99 @@
+/* The KEYMISS.* protocol between keymiss's server module and its workers, defined once for C.
+ *
+ * Its Python twin is keymiss/valkey/protocol.py: every KM_<NAME> here is <NAME> there, with the
+ * same value (command names are lowercase here: the server shows them as registered; it matches
+ * them whatever their case), and KM_<NAME>(X) lists the tuple <NAME> in the same order.
+ * tests/valkey/test_protocol.py parses this file and compares the two, constant by constant.
+ * Only protocol constants belong here: the module's own limits are in keymiss.h. */
+#ifndef KEYMISS_PROTOCOL_H
+#define KEYMISS_PROTOCOL_H
+
+/* --- command names ------------------------------------------------------------------------ */
+#define KM_CMD_GET "keymiss.get"
+#define KM_CMD_MGET "keymiss.mget"
+#define KM_CMD_REGISTER "keymiss.register"
+#define KM_CMD_TAKE "keymiss.take"
+#define KM_CMD_FILL "keymiss.fill"
+#define KM_CMD_FAIL "keymiss.fail"
+#define KM_CMD_VERSION "keymiss.version"
+
+/* every command the module adds */
+#define KM_COMMANDS(X)                                                                                \
+    X(KM_CMD_GET) X(KM_CMD_MGET) X(KM_CMD_REGISTER) X(KM_CMD_TAKE) X(KM_CMD_FILL) X(KM_CMD_FAIL)      \
+    X(KM_CMD_VERSION)
+/* the commands only workers may send (clients are denied them by ACL) */
+#define KM_WORKER_COMMANDS(X) X(KM_CMD_REGISTER) X(KM_CMD_TAKE) X(KM_CMD_FILL) X(KM_CMD_FAIL) X(KM_CMD_VERSION)
+
+/* --- options (matched whatever their case) -------------------------------------------------- */
+#define KM_OPT_TTL "TTL"
+#define KM_OPT_ERRTTL "ERRTTL"
+#define KM_OPT_TIMEOUT "TIMEOUT"
+#define KM_OPT_QUEUE "QUEUE"
+#define KM_OPT_STALE "STALE"
+#define KM_OPT_EARLY "EARLY"
+#define KM_OPT_VERSION "VERSION"
+#define KM_OPT_LABEL "LABEL"
+#define KM_OPT_VSTALE "VSTALE"
+#define KM_OPT_PX "PX"
+
+/* --- limits (plain decimals where an error text quotes them) -------------------------------- */
+/* the longest time in milliseconds any option may say (a year) */
+#define KM_MAX_MS (365LL * 24 * 3600 * 1000)
+/* EARLY is XFetch's beta in thousandths, at most this */
+#define KM_MAX_EARLY 1000000
+/* a keyspace's QUEUE, at most this */
+#define KM_MAX_QUEUE 1000000
+/* bytes of a version tag or label */
+#define KM_MAX_VERSION 256
+/* bytes of a keyspace's name or glob */
+#define KM_MAX_GLOB 512
+/* keys one TAKE may ask for */
+#define KM_MAX_TAKE 10000
+/* keyspaces one server holds */
+#define KM_MAX_KEYSPACES 64
+/* bytes of an error line the module keeps (longer ones are cut) */
+#define KM_MAX_ERROR_LEN 512
+/* a keyspace's TIMEOUT when REGISTER does not give one */
+#define KM_DEFAULT_TIMEOUT_MS 65000
+/* a keyspace's QUEUE when REGISTER does not give one */
+#define KM_DEFAULT_QUEUE 10000
+/* how often the module's timer runs (expired leases, deadlines, version switches) */
+#define KM_TICK_MS 50
+/* what a versioned value's companion key holds once a client wrote the value */
+#define KM_CLIENT_MARK "client"
+/* a versioned value's companion key: this, a short tag in the value's slot, '}', the key */
+#define KM_COMPANION_PREFIX "keymiss:v:{"
+/* what every error line of the module starts with */
+#define KM_ERR_PREFIX "ERR keymiss: "
+
+/* --- INFO keymiss --------------------------------------------------------------------------- */
+#define KM_INFO_SECTION "keymiss"
+/* the section's own fields (keymiss_<name> in INFO) */
+#define KM_INFO_FIELDS(X) X(keyspaces) X(workers) X(pending) X(blocked_readers) X(error_records)
+/* the fields of each keymiss_keyspace_<n> line, in order (version only when versioned) */
+#define KM_INFO_KEYSPACE_FIELDS(X)                                                                    \
+    X(pattern)                                                                                        \
+    X(hits)                                                                                           \
+    X(misses)                                                                                         \
+    X(computations)                                                                                   \
+    X(queued)                                                                                         \
+    X(in_flight)                                                                                      \
+    X(fills)                                                                                          \
+    X(failures)                                                                                       \
+    X(timeouts)                                                                                       \
+    X(requeues)                                                                                       \
+    X(discarded_fills)                                                                                \
+    X(superseded)                                                                                     \
+    X(busy)                                                                                           \
+    X(no_worker)                                                                                      \
+    X(workers)                                                                                        \
+    X(version)                                                                                        \
+    X(version_misses)                                                                                 \
+    X(version_discards)                                                                               \
+    X(version_stale_hits)                                                                             \
+    X(stale_hits)                                                                                     \
+    X(early_refreshes)                                                                                \
+    X(refresh_failures)                                                                               \
+    X(mean_compute_ms)
+
+#endif
