@@ -8,7 +8,6 @@ import os
 import pickle
 import random
 import signal
-import socket
 import subprocess
 import sys
 import textwrap
@@ -21,7 +20,8 @@ import redis
 
 from keymiss.stores.lmdb import LMDBStore
 
-from ..server.conftest import both_fronts, raw_connect, read_reply, start_server
+from ..server.conftest import both_fronts, start_server
+from ..support import RawClient, eventually
 
 WRITER = textwrap.dedent(
     """
@@ -59,7 +59,7 @@ def test_lmdb_survives_50_kills_at_random_points(tmp_path: Path) -> None:
             line = proc.stdout.readline()
             assert line, "writer died on its own"
             acked.append(line.strip())
-        time.sleep(rng.random() * 0.01)  # land the kill anywhere, also inside a write
+        time.sleep(rng.random() * 0.01)  # land the kill anywhere, also inside a write: chance is the point
         os.kill(proc.pid, signal.SIGKILL)
         proc.wait(10)
     store = LMDBStore(path)
@@ -103,16 +103,18 @@ def test_poisoned_redis_values_are_never_unpickled(tmp_path: Path, redis_standal
 def test_leader_client_disconnect_does_not_cancel_the_computation(tmp_path: Path) -> None:
     node = start_server(tmp_path)
     try:
-        key = f"slow:leader{time.monotonic_ns()}"
-        leader = raw_connect(node.port)
-        leader.sendall(f"GET {key}\r\n".encode())
-        time.sleep(0.05)
-        leader.close()  # the client that started the computation goes away
+        name = f"leader{time.monotonic_ns()}"
+        key = f"gate:{name}"
+        leader = RawClient(node.port)
+        leader.send_raw(f"GET {key}\r\n".encode())
+        node.wait_started(name)
+        leader.close()  # the client that started the computation goes away, while it runs
+        node.release(name)
         r = redis.Redis(port=node.port, socket_timeout=5)
-        assert r.get(key) == f"slow result for {key}".encode()
-        assert r.get(key) == f"slow result for {key}".encode()
+        assert r.get(key) == f"gated result for {key}".encode()
+        assert r.get(key) == f"gated result for {key}".encode()
         stats = {v["pattern"]: v for k, v in r.info("keymiss").items() if k.startswith("keyspace_")}
-        assert stats["slow:*"]["computations"] == 1
+        assert stats["gate:*"]["computations"] == 1
         r.close()
         assert "Traceback" not in node.log
     finally:
@@ -121,23 +123,16 @@ def test_leader_client_disconnect_does_not_cancel_the_computation(tmp_path: Path
 
 def _flood(port: int, first: int, count: int, batch: int, tally: dict[str, int]) -> None:
     """Pipelines of GETs for distinct keys of a 50 ms keyspace, read back reply by reply."""
-    s = socket.create_connection(("127.0.0.1", port), timeout=30)
-    f = s.makefile("rb")
-    try:
+    with RawClient(port, timeout=30) as c:
         for start in range(first, first + count, batch):
-            s.sendall(b"".join(b"GET quick:flood%d\r\n" % n for n in range(start, start + batch)))
-            for _ in range(batch):
-                line = f.readline()
-                if line.startswith(b"-BUSY"):
+            c.send_raw(b"".join(b"GET quick:flood%d\r\n" % n for n in range(start, start + batch)))
+            for reply in c.replies_bytes(batch):
+                if reply.startswith(b"-BUSY"):
                     tally["busy"] += 1
-                elif line.startswith(b"$"):
-                    f.readline()
+                elif reply.startswith(b"$"):
                     tally["ok"] += 1
                 else:
                     tally["other"] += 1
-    finally:
-        f.close()
-        s.close()
 
 
 def test_unique_key_flood_gets_busy_fast_and_hot_keys_keep_hitting(tmp_path: Path) -> None:
@@ -203,15 +198,11 @@ def test_malformed_input_leaves_no_traceback_and_pings_still_answer(tmp_path: Pa
     ]
     try:
         for payload in corpus:
-            s = raw_connect(node.port)
-            try:
+            with RawClient(node.port) as c:
                 for i in range(0, len(payload), 4096):
-                    s.sendall(payload[i : i + 4096])
-                s.settimeout(1.0)
-                with contextlib.suppress(TimeoutError, ConnectionResetError):
-                    read_reply(s, timeout=1.0)  # an error line, or nothing for ignored input
-            finally:
-                s.close()
+                    c.send_raw(payload[i : i + 4096])
+                with contextlib.suppress(TimeoutError, ConnectionError):
+                    c.reply_bytes(timeout=1.0)  # an error line, or nothing for ignored input
             r = redis.Redis(port=node.port, socket_timeout=2)
             assert r.ping()
             r.close()
@@ -231,21 +222,26 @@ def test_slowloris_clients_are_closed_and_memory_stays_bounded(tmp_path: Path) -
         baseline = proc.memory_info().rss
         socks = []
         for _ in range(200):  # each declares a 1 MB bulk, then trickles
-            s = socket.create_connection(("127.0.0.1", node.port), timeout=5)
-            s.sendall(b"*3\r\n$3\r\nSET\r\n$4\r\nslow\r\n$1048576\r\n" + b"x" * 100)
+            s = RawClient(node.port)
+            s.send_raw(b"*3\r\n$3\r\nSET\r\n$4\r\nslow\r\n$1048576\r\n" + b"x" * 100)
             socks.append(s)
         t0 = time.monotonic()
-        closed = 0
-        hits = 0
-        while time.monotonic() - t0 < 8 and closed < len(socks):
+        hits = closed = 0
+
+        def all_closed() -> bool:
+            """One more byte from every slow client (a hot hit beside them): are all closed yet?"""
+            nonlocal hits, closed
             hits += hot.get("hot") == b"v"
             closed = 0
             for s in socks:
                 try:
-                    s.sendall(b"x")
+                    s.send_raw(b"x")
                 except OSError:
                     closed += 1
-            time.sleep(0.1)
+            return closed == len(socks)
+
+        with contextlib.suppress(AssertionError):  # the assertion below says how many were not
+            eventually(all_closed, timeout=8, interval=0.1)
         assert closed == len(socks), f"{closed} of {len(socks)} slow clients closed"
         assert time.monotonic() - t0 < 6  # within the 2 s request limit plus the watchdog's tick
         assert proc.memory_info().rss < baseline + 32 * 1024**2
