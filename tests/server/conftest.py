@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -168,27 +167,6 @@ def fill_settled(r: redis.Redis, front: str, pattern: str = "gate:*", fills: int
             timeout=10,
             message="the late fill to be discarded",
         )
-
-
-def raw_connect(port: int) -> socket.socket:
-    s = socket.create_connection(("127.0.0.1", port), timeout=5)
-    return s
-
-
-def read_reply(sock: socket.socket, timeout: float = 5) -> bytes:
-    """Read until the socket has been quiet briefly (enough for small test replies)."""
-    sock.settimeout(timeout)
-    data = sock.recv(65536)
-    sock.settimeout(0.05)
-    try:
-        while True:
-            more = sock.recv(65536)
-            if not more:
-                break
-            data += more
-    except TimeoutError:
-        pass
-    return data
 
 
 def call_bytes(c: RawClient, *args: str | bytes | int) -> bytes:
