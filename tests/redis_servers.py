@@ -7,8 +7,9 @@ import shutil
 import signal
 import socket
 import subprocess
-import time
 from pathlib import Path
+
+from .support import eventually
 
 HAVE_REDIS = shutil.which("redis-server") is not None and shutil.which("redis-cli") is not None
 
@@ -83,17 +84,17 @@ class RedisProcess:
         self.proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env)
         if self.log:
             out.close()  # type: ignore[union-attr]
-        deadline = time.monotonic() + 20
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"{self.binary} on {self.port} exited with {self.proc.returncode}")
-            try:
-                if _ping(self.port):
-                    return
-            except subprocess.SubprocessError:
-                pass
-            time.sleep(0.05)
-        raise RuntimeError(f"redis-server on {self.port} did not start")
+        proc = self.proc
+
+        def up() -> bool:
+            if proc.poll() is not None:
+                raise RuntimeError(f"{self.binary} on {self.port} exited with {proc.returncode}")
+            return _ping(self.port)
+
+        try:
+            eventually(up, timeout=20, interval=0.05, ignore=(subprocess.SubprocessError,))
+        except AssertionError:
+            raise RuntimeError(f"redis-server on {self.port} did not start") from None
 
     def signal(self, sig: int) -> None:
         assert self.proc is not None
@@ -150,21 +151,22 @@ class RedisCluster3:
             timeout=60,
             check=True,
         )
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline:
-            states = [
-                subprocess.run(
-                    ["redis-cli", "-p", str(n.port), "cluster", "info"],
-                    capture_output=True,
-                    text=True,
-                    timeout=5,
-                ).stdout
-                for n in self.nodes
-            ]
-            if all("cluster_state:ok" in s for s in states) and self._replicas_in_sync():
-                return
-            time.sleep(0.2)
-        raise RuntimeError("cluster never reached cluster_state:ok")
+        try:
+            eventually(self._ready, timeout=30, interval=0.2)
+        except AssertionError:
+            raise RuntimeError("cluster never reached cluster_state:ok") from None
+
+    def _ready(self) -> bool:
+        states = [
+            subprocess.run(
+                ["redis-cli", "-p", str(n.port), "cluster", "info"],
+                capture_output=True,
+                text=True,
+                timeout=5,
+            ).stdout
+            for n in self.nodes
+        ]
+        return all("cluster_state:ok" in s for s in states) and self._replicas_in_sync()
 
     def _replicas_in_sync(self) -> bool:
         """Every replica has synced with its master (one that never did cannot take over)."""

@@ -203,15 +203,19 @@ async def test_stale_reader_slot_is_cleared_on_open(tmp_path: Path, caplog: pyte
     await store.close()
     holder = textwrap.dedent(
         f"""
-        import lmdb, sys, time
+        import lmdb, sys
         env = lmdb.open({path!r}, max_dbs=4)
         txn = env.begin() if sys.argv[1] == "txn" else None
         print("ready", flush=True)
-        time.sleep(60)
+        sys.stdin.read()  # holds the environment (and the transaction) until the test is done
         """
     )
-    keeper = subprocess.Popen([sys.executable, "-c", holder, "keep"], stdout=subprocess.PIPE, text=True)
-    victim = subprocess.Popen([sys.executable, "-c", holder, "txn"], stdout=subprocess.PIPE, text=True)
+    keeper, victim = (
+        subprocess.Popen(
+            [sys.executable, "-c", holder, role], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+        )
+        for role in ("keep", "txn")
+    )
     try:
         for proc in (keeper, victim):
             assert proc.stdout is not None and proc.stdout.readline().strip() == "ready"
