@@ -14,15 +14,7 @@ from keymiss.stores import Write
 from keymiss.stores.near import INVALIDATE_CHANNEL
 from keymiss.stores.redis import RedisStore
 
-from ..support import aeventually
-
-
-class Gate:
-    """A computation that says it started and runs until the test releases it."""
-
-    def __init__(self) -> None:
-        self.started = asyncio.Event()
-        self.release = asyncio.Event()
+from ..support import Gate, aeventually
 
 
 def make_nodes(url: str, n: int, compute: float, calls: list[str], gate: Gate | None = None) -> list[Keymiss]:
@@ -35,8 +27,7 @@ def make_nodes(url: str, n: int, compute: float, calls: list[str], gate: Gate | 
         async def slow(key: str) -> str:
             calls.append(key)
             if gate is not None:
-                gate.started.set()
-                await gate.release.wait()
+                await gate.hold(key)
             elif compute:
                 await asyncio.sleep(compute)  # a computation that lasts: what waiters wait out
             return f"value of {key}"
@@ -60,8 +51,8 @@ async def test_200_gets_across_two_nodes_compute_once(redis_url: str) -> None:
     try:
         t0 = time.perf_counter()
         gets = asyncio.gather(*((a if i % 2 else b).get(key) for i in range(200)))
-        await gate.started.wait()  # one node holds the lease and computes; the others wait
-        gate.release.set()
+        await gate.wait_started()  # one node holds the lease and computes; the others wait
+        gate.open()
         results = await gets
         assert time.perf_counter() - t0 < 5  # waiters are woken by the completion message
         assert results == [f"value of {key}"] * 200
@@ -283,11 +274,11 @@ async def test_a_write_on_another_node_wins_over_this_nodes_computation(redis_ur
     try:
         for i, value in enumerate(("client", {"from": "client"})):
             key = f"slow:cross{tag}:{i}"
-            gate.started.clear(), gate.release.clear()
+            gate.started.clear(), gate.released.clear()
             reader = asyncio.ensure_future(a.get(key))  # node a computes, until released
-            await gate.started.wait()
+            await gate.wait_started()
             assert await b.set(key, value)  # node b writes meanwhile: a's watch cannot see it
-            gate.release.set()
+            gate.open()
             assert await reader == f"value of {key}"
             assert await a.get(key) == value and await b.get(key) == value  # codec tag kept too
         assert a.stats()["keyspaces"]["slow:*"]["superseded"] == 2
