@@ -217,7 +217,7 @@ async def test_a_write_acknowledged_after_a_shared_miss_is_never_overwritten(red
 
     @km.keyspace("slow:*")
     async def slow(key: str) -> str:
-        await asyncio.sleep(0.005)
+        await asyncio.sleep(0.005)  # short, so the writes below land before, during and after it
         return "computed"
 
     await km.start()
@@ -230,7 +230,7 @@ async def test_a_write_acknowledged_after_a_shared_miss_is_never_overwritten(red
             await asyncio.sleep((i % 8) * 0.0001)  # the write lands at different points of the miss
             await km.set(key, "client")
             await reader
-            await asyncio.sleep(0.02)
+            await km.drain(5)  # every fill this node began has ended: nothing can land later
             if await km.get(key) != "client":
                 lost.append(i)
         assert not lost
