@@ -62,9 +62,9 @@ def url(server: RedisProcess) -> str:
 
 
 def make_app(calls: list[str], compute: float = 0.2, *, gate: Gate | None = None) -> Keymiss:
-    """``slow:*`` takes ``compute`` seconds, or with a ``gate`` until the test opens it; ``fail:*``
-    raises after ``compute``; ``hang:*`` never finishes (a 0.5 s timeout); ``tiny:*`` has a queue of
-    two and one slot, each key held a second."""
+    """``slow:*`` takes ``compute`` seconds; ``fail:*`` raises after ``compute``; ``hang:*`` never
+    finishes (a 0.5 s timeout); ``tiny:*`` has a queue of two and one slot, each key held a second.
+    With a ``gate``, ``slow:*`` and ``tiny:*`` keys are held until the test opens it instead."""
     km = Keymiss(sweep_interval=0)
 
     @km.keyspace("slow:*", ttl=30)
@@ -91,7 +91,10 @@ def make_app(calls: list[str], compute: float = 0.2, *, gate: Gate | None = None
     @km.keyspace("tiny:*", queue=2, concurrency=1)
     async def tiny(key: str) -> str:
         calls.append(key)
-        await asyncio.sleep(1.0)
+        if gate is not None:
+            await gate.hold(key)
+        else:
+            await asyncio.sleep(1.0)
         return "done"
 
     return km

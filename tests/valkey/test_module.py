@@ -123,7 +123,8 @@ async def test_multi_exec_and_lua_never_block_and_queue_the_computation(server: 
 
 async def test_a_full_queue_answers_busy_at_once(server: RedisProcess) -> None:
     calls: list[str] = []
-    async with running(make_app(calls), url(server)):
+    held = Gate()  # the queue stays full until the test is done with it
+    async with running(make_app(calls, gate=held), url(server)):
         first = [asyncio.ensure_future(resp(server.port, "GET", f"tiny:{i}")) for i in range(2)]
 
         async def both_queued() -> bool:
@@ -144,6 +145,7 @@ async def test_a_full_queue_answers_busy_at_once(server: RedisProcess) -> None:
             "after:lua",
         )
         assert got is None and await resp(server.port, "GET", "after:lua") == b"1"
+        held.open()
         assert await asyncio.gather(*first) == [b"done", b"done"]
 
 
