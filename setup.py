@@ -26,8 +26,26 @@ setup(
     ext_modules=[
         Extension(
             "keymiss.valkey.module.keymiss",
-            sources=["keymiss/valkey/module/keymiss.c", "keymiss/valkey/module/api.c"],
-            depends=["keymiss/valkey/module/api.h"],
+            sources=[
+                "keymiss/valkey/module/load.c",
+                "keymiss/valkey/module/serve.c",
+                "keymiss/valkey/module/commands.c",
+                "keymiss/valkey/module/events.c",
+                "keymiss/valkey/module/entries.c",
+                "keymiss/valkey/module/fresh.c",
+                "keymiss/valkey/module/errors.c",
+                "keymiss/valkey/module/keyspace.c",
+                "keymiss/valkey/module/slottag.c",
+                "keymiss/valkey/module/glob.c",
+                "keymiss/valkey/module/info.c",
+                "keymiss/valkey/module/util.c",
+                "keymiss/valkey/module/api.c",
+            ],
+            depends=[
+                "keymiss/valkey/module/keymiss.h",
+                "keymiss/valkey/module/protocol.h",
+                "keymiss/valkey/module/api.h",
+            ],
             extra_compile_args=FLAGS,
             libraries=["m"],
         )

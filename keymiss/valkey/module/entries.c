@@ -1,0 +1,278 @@
+/* Pending entries (one computation of a key each), their queues, the blocked GET/MGET requests
+ * waiting on them, and waking a blocked TAKE when a key is queued. */
+#include "keymiss.h"
+
+#include <stdio.h>
+
+/* ---------------------------------------------------------------------------------------------- */
+/* Queues and takers                                                                              */
+
+static void km_queue_push(KmEntry *e, int front) {
+    KmKeyspace *ks = km.keyspaces[e->ksi];
+    e->state = KM_QUEUED;
+    e->prev = e->next = NULL;
+    if (ks->qhead == NULL) {
+        ks->qhead = ks->qtail = e;
+    } else if (front) {
+        e->next = ks->qhead;
+        ks->qhead->prev = e;
+        ks->qhead = e;
+    } else {
+        e->prev = ks->qtail;
+        ks->qtail->next = e;
+        ks->qtail = e;
+    }
+    ks->queued++;
+}
+
+static void km_queue_unlink(KmEntry *e) {
+    KmKeyspace *ks = km.keyspaces[e->ksi];
+    if (e->prev) e->prev->next = e->next;
+    else ks->qhead = e->next;
+    if (e->next) e->next->prev = e->prev;
+    else ks->qtail = e->prev;
+    e->prev = e->next = NULL;
+    ks->queued--;
+}
+
+/* The blocked TAKE at *link leaves km.takers and is answered: its reply takes what is queued then. */
+void km_taker_wake(KmTaker **link) {
+    KmTaker *t = *link;
+    *link = t->next;
+    t->next = NULL;
+    t->woken = 1;
+    KM_UnblockClient(t->bc, t);
+}
+
+/* Wake one blocked taker that serves keyspace ksi. */
+void km_wake_taker(int ksi) {
+    for (KmTaker **link = &km.takers; *link; link = &(*link)->next) {
+        KmTaker *t = *link;
+        if (!t->woken && (t->mask & ((uint64_t)1 << ksi))) {
+            km_taker_wake(link);
+            return;
+        }
+    }
+}
+
+/* ---------------------------------------------------------------------------------------------- */
+/* Entries                                                                                        */
+
+/* A fresh token: a counter mixed with a secret (splitmix64), never 0, positive. */
+static long long km_new_token(void) {
+    uint64_t z = (uint64_t)(km.next_token++) + km.token_key;
+    z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ULL;
+    z = (z ^ (z >> 27)) * 0x94d049bb133111ebULL;
+    z ^= z >> 31;
+    z &= 0x3fffffffffffffffULL;
+    return z ? (long long)z : 1;
+}
+
+/* A computation of `key` for keyspace ksi, queued (a blocked taker is woken for it). */
+KmEntry *km_entry_new(RedisModuleString *key, int ksi, long long now) {
+    KmKeyspace *ks = km.keyspaces[ksi];
+    KmEntry *e = KM_Calloc(1, sizeof(*e));
+    e->key = KM_CreateStringFromString(NULL, key);
+    e->ksi = ksi;
+    e->token = km_new_token();
+    e->deadline = now + ks->timeout_ms;
+    size_t klen;
+    const char *kp = KM_StringPtrLen(e->key, &klen);
+    KM_DictSetC(km.pending, (void *)kp, klen, e);
+    ks->computations++;
+    km_queue_push(e, 0);
+    km_wake_taker(ksi);
+    return e;
+}
+
+KmEntry *km_entry_find(const RedisModuleString *key) {
+    size_t klen;
+    const char *kp = KM_StringPtrLen(key, &klen);
+    return KM_DictGetC(km.pending, (void *)kp, klen, NULL);
+}
+
+/* A worker (`client`) takes a queued entry, for lease_ms. */
+void km_entry_take(KmEntry *e, unsigned long long client, long long now, long long lease_ms) {
+    km_queue_unlink(e);
+    e->state = KM_TAKEN;
+    e->taker = client;
+    e->lease_deadline = now + lease_ms;
+    e->taken_at = now;
+    e->attempts++;
+    km.keyspaces[e->ksi]->in_flight++;
+}
+
+/* A taken entry goes back to the front of its queue under a new token (one taker at a time: the
+ * one it was taken from can no longer fill it), and a blocked taker is woken for it. */
+void km_entry_requeue(KmEntry *e) {
+    km.keyspaces[e->ksi]->in_flight--;
+    e->taker = 0;
+    e->token = km_new_token();
+    km_queue_push(e, 1);
+    km_wake_taker(e->ksi);
+}
+
+/* The worker that took an entry lost it (its lease passed, or it went away): requeued, and failed
+ * once it has been lost KM_MAX_ATTEMPTS times (a key that keeps losing its workers, or killing them). */
+void km_entry_lost(KmEntry *e) {
+    KmKeyspace *ks = km.keyspaces[e->ksi];
+    if (e->state != KM_TAKEN) return;
+    if (e->attempts >= KM_MAX_ATTEMPTS) {
+        char msg[KM_MAX_ERROR_LEN];
+        ks->failures++;
+        snprintf(msg, sizeof(msg), KM_ERR_PREFIX "keyspace '%s' lost the key's computation %d times",
+                 ks->pattern, e->attempts);
+        km_entry_resolve(e, msg);
+        return;
+    }
+    ks->requeues++;
+    km_entry_requeue(e);
+}
+
+static void km_entry_add_waiter(KmEntry *e, KmRequest *req, int idx) {
+    if (e->nwaiters == e->capwaiters) {
+        e->capwaiters = e->capwaiters ? e->capwaiters * 2 : 4;
+        e->waiters = KM_Realloc(e->waiters, sizeof(KmWaiter) * (size_t)e->capwaiters);
+    }
+    e->waiters[e->nwaiters].req = req;
+    e->waiters[e->nwaiters].idx = idx;
+    e->nwaiters++;
+}
+
+/* Every slot of `req` leaves `e`, in one pass over e's waiters (an MGET may name a key many times:
+ * slot by slot this was quadratic). */
+static void km_entry_drop_request(KmEntry *e, KmRequest *req) {
+    int n = 0;
+    for (int i = 0; i < e->nwaiters; i++) {
+        if (e->waiters[i].req == req) req->entries[e->waiters[i].idx] = NULL;
+        else e->waiters[n++] = e->waiters[i];
+    }
+    e->nwaiters = n;
+}
+
+static void km_request_finish(KmRequest *req) {
+    km.waiting--;
+    KM_DictDelC(km.requests, &req->bc, sizeof(req->bc), NULL);
+    KM_UnblockClient(req->bc, req); /* the reply callback reads the keys now; km_free_request frees */
+}
+
+/* The computation of an entry is over: a value is in the keyspace (or a client wrote one), or it
+ * failed with `err` (copied). Every waiter's slot resolves; the entry is gone afterwards. */
+void km_entry_resolve(KmEntry *e, const char *err) {
+    KmKeyspace *ks = km.keyspaces[e->ksi];
+    size_t klen;
+    const char *kp = KM_StringPtrLen(e->key, &klen);
+    KM_DictDelC(km.pending, (void *)kp, klen, NULL);
+    if (e->state == KM_QUEUED) km_queue_unlink(e);
+    else ks->in_flight--;
+    for (int i = 0; i < e->nwaiters; i++) {
+        KmRequest *req = e->waiters[i].req;
+        int idx = e->waiters[i].idx;
+        req->entries[idx] = NULL;
+        if (err) req->errors[idx] = km_dup_bytes(err, strlen(err));
+        if (--req->pending == 0) km_request_finish(req);
+    }
+    KM_Free(e->waiters);
+    KM_FreeString(NULL, e->key);
+    KM_Free(e);
+}
+
+/* ---------------------------------------------------------------------------------------------- */
+/* Blocked requests                                                                               */
+
+static void km_free_request(RedisModuleCtx *ctx, void *privdata) {
+    (void)ctx;
+    KmRequest *req = privdata;
+    if (req == NULL) return;
+    for (int i = 0; i < req->nkeys; i++) {
+        KM_FreeString(NULL, req->keys[i]);
+        KM_Free(req->errors[i]);
+    }
+    KM_Free(req->keys);
+    KM_Free(req->entries);
+    KM_Free(req->errors);
+    KM_Free(req);
+}
+
+static int km_request_reply(RedisModuleCtx *ctx, RedisModuleString **argv, int argc) {
+    (void)argv;
+    (void)argc;
+    KmRequest *req = KM_GetBlockedClientPrivateData(ctx);
+    if (!req->single) KM_ReplyWithArray(ctx, req->nkeys);
+    for (int i = 0; i < req->nkeys; i++) {
+        /* an empty error: a value of another version, not to be read (nil) */
+        if (req->errors[i] && req->errors[i][0] && req->single) KM_ReplyWithError(ctx, req->errors[i]);
+        else if (req->errors[i]) KM_ReplyWithNull(ctx); /* MGET: a failed key reads as missing */
+        else km_reply_value(ctx, req->keys[i], req->single);
+    }
+    return RM_OK;
+}
+
+/* Stop waiting: the client timed out or went away. Its slots leave their entries, which go on. */
+static void km_request_abandon(KmRequest *req) {
+    for (int i = 0; i < req->nkeys; i++)
+        if (req->entries[i]) km_entry_drop_request(req->entries[i], req);
+    req->pending = 0;
+    km.waiting--;
+    KM_UnblockClient(req->bc, req); /* frees it: no reply is sent to a client no longer blocked */
+}
+
+static KmRequest *km_blocked_request(RedisModuleCtx *ctx) {
+    RedisModuleBlockedClient *bc = KM_GetBlockedClientHandle(ctx);
+    KmRequest *req = NULL;
+    if (bc && KM_DictDelC(km.requests, &bc, sizeof(bc), &req) != RM_OK) req = NULL;
+    return req;
+}
+
+static int km_request_timeout(RedisModuleCtx *ctx, RedisModuleString **argv, int argc) {
+    (void)argv;
+    (void)argc;
+    KmRequest *req = km_blocked_request(ctx);
+    const char *pattern = "?";
+    if (req) {
+        int ksi = km_route_str(req->keys[0]);
+        if (ksi >= 0) pattern = km.keyspaces[ksi]->pattern;
+        km_request_abandon(req);
+    }
+    char msg[KM_MAX_ERROR_LEN];
+    snprintf(msg, sizeof(msg), KM_ERR_PREFIX "timed out waiting for keyspace '%s'", pattern);
+    return KM_ReplyWithError(ctx, msg);
+}
+
+static void km_request_disconnected(RedisModuleCtx *ctx, RedisModuleBlockedClient *bc) {
+    (void)ctx;
+    KmRequest *req = NULL;
+    if (KM_DictDelC(km.requests, &bc, sizeof(bc), &req) == RM_OK && req) km_request_abandon(req);
+}
+
+/* Block the client on `waits` entries: ents[i] is the entry slot i waits on (NULL: answered from
+ * the keyspace, or by errs[i], when the request is), taken over with errs. */
+void km_request_block(RedisModuleCtx *ctx, RedisModuleString **keys, int nkeys, int single, KmEntry **ents,
+                      char **errs, int waits) {
+    KmRequest *req = KM_Calloc(1, sizeof(*req));
+    req->single = single;
+    req->nkeys = nkeys;
+    req->pending = waits;
+    req->keys = KM_Alloc(sizeof(RedisModuleString *) * (size_t)nkeys);
+    req->entries = ents;
+    req->errors = errs;
+    for (int i = 0; i < nkeys; i++) {
+        req->keys[i] = KM_CreateStringFromString(NULL, keys[i]);
+        if (req->entries[i]) km_entry_add_waiter(req->entries[i], req, i);
+    }
+    /* No server timeout: every entry has a deadline the tick enforces, which answers the request.
+     * (Redis 7.0 drops the reply of a client unblocked in the loop iteration its server timeout
+     * comes due.) The timeout callback still serves CLIENT UNBLOCK. */
+    req->bc = KM_BlockClient(ctx, km_request_reply, km_request_timeout, km_free_request, 0);
+    if (req->bc == NULL) { /* cannot happen where blocking is allowed; answer nil rather than hang */
+        for (int i = 0; i < nkeys; i++)
+            if (req->entries[i]) km_entry_drop_request(req->entries[i], req);
+        km_free_request(ctx, req);
+        if (!single) KM_ReplyWithArray(ctx, nkeys);
+        for (int i = 0; i < nkeys; i++) KM_ReplyWithNull(ctx);
+        return;
+    }
+    KM_SetDisconnectCallback(req->bc, km_request_disconnected);
+    KM_DictSetC(km.requests, &req->bc, sizeof(req->bc), req);
+    km.waiting++;
+}

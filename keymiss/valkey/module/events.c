@@ -1,0 +1,133 @@
+/* Events: client writes (keyspace events), workers going away, the keyspace changing wholesale
+ * (flush, swap, load), and the tick that enforces deadlines and leases. */
+#include "keymiss.h"
+
+#include <stdio.h>
+
+/* A write to a key: not ours (our own SET runs with km.filling set) and in database 0. */
+int km_on_keyspace_event(RedisModuleCtx *ctx, int type, const char *event, RedisModuleString *key) {
+    (void)type;
+    (void)event;
+    if (km.filling || KM_GetSelectedDb(ctx) != 0) return RM_OK;
+    if (km.nkeyspaces > 0 && KM_DictSize(km.dirty) < KM_MAX_DIRTY) {
+        int ksi = km_route_str(key);
+        if (ksi >= 0 && km.keyspaces[ksi]->version != NULL) { /* its companion is rewritten by the tick */
+            size_t klen;
+            const char *kp = KM_StringPtrLen(key, &klen);
+            KM_DictSetC(km.dirty, (void *)kp, klen, NULL);
+        }
+    }
+    if (KM_DictSize(km.errors)) {
+        size_t klen;
+        const char *kp = KM_StringPtrLen(key, &klen);
+        km_error_forget(kp, klen); /* a write replaces a remembered failure */
+    }
+    if (KM_DictSize(km.pending) == 0) return RM_OK;
+    KmEntry *e = km_entry_find(key);
+    if (e) {
+        km.keyspaces[e->ksi]->superseded++;
+        km_entry_resolve(e, NULL); /* the waiters read what the client wrote; the fill is discarded */
+    }
+    return RM_OK;
+}
+
+static int km_taken_by(const void *val, const void *client) {
+    const KmEntry *e = val;
+    return e->state == KM_TAKEN && e->taker == *(const unsigned long long *)client;
+}
+
+static int km_due_at(const void *val, const void *now) {
+    const KmEntry *e = val;
+    long long t = *(const long long *)now;
+    return t >= e->deadline || (e->state == KM_TAKEN && t >= e->lease_deadline);
+}
+
+void km_on_client_change(RedisModuleCtx *ctx, RedisModuleEvent eid, uint64_t subevent, void *data) {
+    (void)ctx;
+    (void)eid;
+    if (subevent != RM_SUBEVENT_CLIENT_CHANGE_DISCONNECTED || data == NULL) return;
+    unsigned long long client = ((RedisModuleClientInfo *)data)->id;
+    int w = km_worker_index(client);
+    if (w < 0) return;
+    km.workers[w] = km.workers[--km.nworkers];
+    km_count_workers();
+    /* its blocked take (if any) must not be the one woken for the keys it leaves behind */
+    for (KmTaker *t = km.takers; t; t = t->next)
+        if (t->client == client) t->mask = 0;
+    /* What it had taken goes back to the queue for another worker. */
+    size_t nback;
+    KmPicked *back = km_dict_pick(km.pending, km_taken_by, &client, 0, &nback);
+    for (size_t i = 0; i < nback; i++) km_entry_lost(back[i].val);
+    km_picked_free(back, nback);
+}
+
+/* The keyspace changed wholesale (FLUSHALL/FLUSHDB, SWAPDB, a reload): every pending key resolves
+ * as if a client had written it, and the late fills are discarded. */
+static void km_resolve_all(void) {
+    size_t n;
+    KmPicked *all = km_dict_pick(km.pending, NULL, NULL, 0, &n);
+    for (size_t i = 0; i < n; i++) {
+        KmEntry *e = all[i].val;
+        km.keyspaces[e->ksi]->superseded++;
+        km_entry_resolve(e, NULL);
+    }
+    km_picked_free(all, n);
+}
+
+void km_on_flush(RedisModuleCtx *ctx, RedisModuleEvent eid, uint64_t subevent, void *data) {
+    (void)ctx;
+    (void)eid;
+    RedisModuleFlushInfo *fi = data;
+    if (subevent == RM_SUBEVENT_FLUSHDB_END && (fi == NULL || fi->dbnum == -1 || fi->dbnum == 0)) km_resolve_all();
+}
+
+void km_on_swapdb(RedisModuleCtx *ctx, RedisModuleEvent eid, uint64_t subevent, void *data) {
+    (void)ctx;
+    (void)eid;
+    (void)subevent;
+    RedisModuleSwapDbInfo *si = data;
+    if (si == NULL || si->dbnum_first == 0 || si->dbnum_second == 0) km_resolve_all();
+}
+
+void km_on_loading(RedisModuleCtx *ctx, RedisModuleEvent eid, uint64_t subevent, void *data) {
+    (void)ctx;
+    (void)eid;
+    (void)data;
+    if (subevent == RM_SUBEVENT_LOADING_ENDED || subevent == RM_SUBEVENT_LOADING_FAILED) km_resolve_all();
+}
+
+/* Every KM_TICK_MS: deadlines and leases, error records, blocked TAKEs, companions, backoffs. */
+void km_on_tick(RedisModuleCtx *ctx, void *data) {
+    (void)data;
+    long long now = km_now_ms();
+    if (KM_DictSize(km.pending)) {
+        size_t ndue;
+        KmPicked *due = km_dict_pick(km.pending, km_due_at, &now, 0, &ndue);
+        for (size_t i = 0; i < ndue; i++) {
+            KmEntry *e = due[i].val;
+            KmKeyspace *ks = km.keyspaces[e->ksi];
+            char msg[KM_MAX_ERROR_LEN];
+            if (now >= e->deadline) {
+                ks->timeouts++;
+                snprintf(msg, sizeof(msg), KM_ERR_PREFIX "keyspace '%s' did not compute the key within %lld ms",
+                         ks->pattern, ks->timeout_ms);
+                km_entry_resolve(e, msg);
+            } else {
+                km_entry_lost(e); /* which fails it after KM_MAX_ATTEMPTS */
+            }
+        }
+        km_picked_free(due, ndue);
+    }
+    if (KM_DictSize(km.errors)) km_errors_purge(now);
+    /* Takes whose block time is over answer (with what is queued, if anything). */
+    for (KmTaker **link = &km.takers; *link;) {
+        if (now >= (*link)->deadline) km_taker_wake(link);
+        else link = &(*link)->next;
+    }
+    /* A woken taker may have gone before taking: queued keys wake another. */
+    for (int ksi = 0; ksi < km.nkeyspaces; ksi++)
+        if (km.keyspaces[ksi]->qhead) km_wake_taker(ksi);
+    if (KM_DictSize(km.dirty)) km_rewrite_companions(ctx);
+    if (++km.ticks % 20 == 0 && KM_DictSize(km.backoffs)) km_backoffs_purge(now);
+    KM_CreateTimer(ctx, KM_TICK_MS, km_on_tick, NULL);
+}

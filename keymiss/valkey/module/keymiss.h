@@ -1,0 +1,275 @@
+/* keymiss inside Valkey / Redis: GET and MGET of a registered keyspace compute on a miss.
+ *
+ * A command filter sends GET/MGET/GETEX(no options) naming a key of a registered keyspace to
+ * KEYMISS.GET / KEYMISS.MGET. A hit is answered from the keyspace like a plain GET. The first miss of
+ * a key queues one computation (an "entry"); every client asking meanwhile blocks on that entry.
+ * keymiss workers register keyspaces (KEYMISS.REGISTER), take queued keys in batches with a lease
+ * (KEYMISS.TAKE), and answer with KEYMISS.FILL (a plain SET, replicated as such) or KEYMISS.FAIL.
+ * A client write to a key being computed resolves its entry at once (waiters read what the client
+ * wrote) and the late fill is discarded. Where blocking is forbidden (MULTI, Lua, functions) a miss
+ * queues the computation and answers nil. Everything here runs on the server's main thread.
+ *
+ * Freshness: a keyspace with STALE keeps serving a value past its TTL (its PX covers both) while one
+ * refresh runs; one with EARLY (XFetch) may start one refresh of a hit before its TTL. A refresh is
+ * an entry nobody waits on. A versioned keyspace (VERSION) serves a value only while its companion
+ * key (keymiss:v:{<tag of the key's slot>}<key>, in the key's own slot) names the current version,
+ * or marks a client's write; KEYMISS.VERSION switches it at run time, hiding every older value.
+ *
+ * The sources, one concern each:
+ *   util.c      clock, copies, error lines, picking dictionary items
+ *   glob.c      Redis's glob syntax, and the keyspace a key belongs to
+ *   keyspace.c  the keyspace table: one by name, a new one, the workers serving them
+ *   slottag.c   hash slots, a tag per slot, companion key names
+ *   entries.c   pending entries, their queue, blocked GET/MGET requests, waking a blocked TAKE
+ *   errors.c    error records (a keyspace's error TTL)
+ *   fresh.c     versions, stale and early refreshes, refresh backoffs, companions of client writes
+ *   serve.c     the one serve path of GET / MGET, and the command filter's decision
+ *   commands.c  the workers' commands: REGISTER, VERSION, TAKE, FILL, FAIL
+ *   events.c    keyspace and server events, the tick
+ *   info.c      INFO keymiss
+ *   load.c      loading: the state, commands, filter, events, timer
+ *   api.c       the module API, looked up by name (api.h)
+ *
+ * Names: a KmKeyspace is always `ks`, its index in km.keyspaces always `ksi`; a KmEntry `e`; an
+ * opened server key `open`; a key's name `key` (RedisModuleString) or `kp`/`klen` (bytes).
+ */
+#ifndef KEYMISS_H
+#define KEYMISS_H
+
+#include "api.h"
+#include "protocol.h"
+
+#include <stddef.h>
+#include <stdint.h>
+#include <string.h>
+#include <strings.h>
+
+#pragma GCC visibility push(hidden)
+
+#define KM_STR(x) #x
+#define KM_XSTR(x) KM_STR(x)
+
+/* The module's own limits (the protocol's are in protocol.h). */
+#define KM_MODULE_NAME KM_INFO_SECTION /* INFO's section is the module's name */
+#define KM_MODULE_VERSION 1
+#define KM_MAX_WORKERS 4096
+#define KM_MAX_ERROR_RECORDS 10000
+#define KM_MAX_ATTEMPTS 3
+#define KM_MAX_ROUTED_KEY (4 * 1024)
+#define KM_MAX_BACKOFFS 10000
+#define KM_MAX_DIRTY 100000
+#define KM_SLOTS 16384
+#define KM_CLIENT_MARK_LEN (sizeof(KM_CLIENT_MARK) - 1)
+#define KM_COMPANION_PREFIX_LEN (sizeof(KM_COMPANION_PREFIX) - 1)
+
+/* ---------------------------------------------------------------------------------------------- */
+/* Types                                                                                          */
+
+typedef struct KmRequest KmRequest;
+typedef struct KmEntry KmEntry;
+
+typedef struct KmKeyspace {
+    char *pattern; /* its name, as the worker printed it */
+    char *glob;
+    size_t globlen;
+    size_t prefixlen; /* literal head of the glob: a cheap first test */
+    long long ttl_ms, error_ttl_ms, timeout_ms, queue_max;
+    long long stale_ms, early_milli; /* STALE window; EARLY: XFetch's beta, in thousandths */
+    char *version, *label;           /* the current version's tag and its name; NULL: unversioned */
+    size_t versionlen;
+    char *prev_version; /* the tag just replaced, served until prev_until (VSTALE); else NULL */
+    size_t prev_versionlen;
+    long long vstale_ms, prev_until;
+    /* INFO's fields (KM_INFO_KEYSPACE_FIELDS), each named as there */
+    long long hits, misses, computations, queued, in_flight, fills, failures, timeouts, requeues,
+        discarded_fills, superseded, busy, no_worker;
+    int workers;
+    long long version_misses, version_discards, version_stale_hits, stale_hits, early_refreshes,
+        refresh_failures;
+    double mean_compute_ms; /* take-to-fill time, smoothed: XFetch's compute time */
+    KmEntry *qhead, *qtail; /* entries waiting to be taken, oldest first */
+} KmKeyspace;
+
+typedef struct KmWaiter {
+    KmRequest *req;
+    int idx;
+} KmWaiter;
+
+enum { KM_QUEUED = 0, KM_TAKEN = 1 };
+
+/* One computation of a key: queued, then taken by a worker until filled, failed or given up. */
+struct KmEntry {
+    RedisModuleString *key; /* retained */
+    int ksi;
+    int state;
+    long long token;
+    unsigned long long taker;
+    long long lease_deadline, deadline;
+    int attempts;
+    int refresh; /* started by a hit (stale or early), not by a miss */
+    long long taken_at;
+    KmWaiter *waiters;
+    int nwaiters, capwaiters;
+    KmEntry *prev, *next; /* queue links while KM_QUEUED */
+};
+
+/* A blocked GET (nkeys 1, single) or MGET: answered when every slot it waits on resolves. */
+struct KmRequest {
+    RedisModuleBlockedClient *bc;
+    int single;
+    int nkeys;
+    int pending;
+    RedisModuleString **keys; /* retained */
+    KmEntry **entries;        /* the entry each slot waits on, NULL once resolved */
+    char **errors;            /* per slot, NULL unless its computation failed */
+};
+
+/* A blocked TAKE. */
+typedef struct KmTaker {
+    RedisModuleBlockedClient *bc;
+    unsigned long long client;
+    uint64_t mask;
+    long long count, lease_ms, deadline;
+    struct KmTaker *next;
+    int woken;
+} KmTaker;
+
+typedef struct KmWorker {
+    unsigned long long client;
+    uint64_t mask; /* bit ksi: serves km.keyspaces[ksi] */
+} KmWorker;
+
+typedef struct KmErrorRecord {
+    char *msg;
+    long long expires;
+} KmErrorRecord;
+
+typedef struct KmBackoff { /* a key whose refresh failed: the next waits until `until` */
+    long long until, wait;
+} KmBackoff;
+
+/* Everything the module keeps, in one place (defined in load.c). */
+typedef struct KmState {
+    KmKeyspace *keyspaces[KM_MAX_KEYSPACES];
+    int nkeyspaces;
+    KmWorker workers[KM_MAX_WORKERS];
+    int nworkers;
+    KmTaker *takers;           /* blocked TAKEs */
+    RedisModuleDict *pending;  /* key bytes -> KmEntry */
+    RedisModuleDict *requests; /* blocked requests by handle (timeout and disconnect get no privdata) */
+    RedisModuleDict *errors;   /* key bytes -> KmErrorRecord */
+    RedisModuleDict *backoffs; /* key bytes -> KmBackoff */
+    RedisModuleDict *dirty;    /* keys of versioned keyspaces a client wrote: companions to rewrite */
+    long long waiting;         /* blocked requests */
+    int filling;               /* our own SET is running: its keyspace event is not a client's write */
+    long long next_token;      /* see km_entry_new() */
+    uint64_t token_key;        /* random at load: tokens cannot be guessed from one's own */
+    uint64_t rnd_state;        /* xorshift64*: XFetch's draws */
+    unsigned long ticks;
+    RedisModuleString *get_name, *mget_name;
+    RedisModuleCtx *filter_ctx; /* database 0, for the filter's lookups */
+    int lookup_modes;           /* what the filter's lookups may skip, as the server allows */
+    uint16_t crc16tab[256];
+    char slot_tags[KM_SLOTS][4]; /* for each slot, a short hash tag that lands in it */
+    unsigned char slot_taglen[KM_SLOTS];
+} KmState;
+
+extern KmState km;
+
+/* ---------------------------------------------------------------------------------------------- */
+/* util.c                                                                                         */
+
+/* `word` (a C string), whatever its case, is the `len` bytes at `p`: commands and options. */
+static inline int km_word_is(const char *p, size_t len, const char *word) {
+    return strlen(word) == len && strncasecmp(p, word, len) == 0;
+}
+
+long long km_now_ms(void);
+char *km_dup_bytes(const char *p, size_t len);
+char *km_error_line(const char *msg, size_t len);
+
+/* Items of a dictionary, copied out: deleting or resolving one mutates the dictionary. */
+typedef int (*KmPick)(const void *val, const void *arg);
+typedef struct KmPicked {
+    char *key; /* a copy, when asked for */
+    size_t len;
+    void *val;
+} KmPicked;
+KmPicked *km_dict_pick(RedisModuleDict *d, KmPick pick, const void *arg, int copy_keys, size_t *n);
+void km_picked_free(KmPicked *items, size_t n);
+void km_dict_purge(RedisModuleDict *d, KmPick pick, const void *arg, void (*free_val)(void *));
+
+/* ---------------------------------------------------------------------------------------------- */
+/* glob.c, keyspace.c, slottag.c                                                                  */
+
+size_t km_glob_prefix_len(const char *glob, size_t len);
+
+int km_route_str(const RedisModuleString *key);
+int km_keyspace_find(const char *pattern, size_t len);
+int km_keyspace_add(const char *pattern, size_t len);
+int km_worker_index(unsigned long long client);
+void km_count_workers(void);
+
+int km_slot_tags_init(void);
+RedisModuleString *km_companion_name(const RedisModuleString *key);
+
+/* ---------------------------------------------------------------------------------------------- */
+/* entries.c                                                                                      */
+
+KmEntry *km_entry_new(RedisModuleString *key, int ksi, long long now);
+KmEntry *km_entry_find(const RedisModuleString *key);
+void km_entry_take(KmEntry *e, unsigned long long client, long long now, long long lease_ms);
+void km_entry_requeue(KmEntry *e);
+void km_entry_lost(KmEntry *e);
+void km_entry_resolve(KmEntry *e, const char *err);
+KmPicked *km_entries_pick(KmPick pick, const void *arg, size_t *n);
+void km_request_block(RedisModuleCtx *ctx, RedisModuleString **keys, int nkeys, int single, KmEntry **ents,
+                      char **errs, int waits);
+void km_wake_taker(int ksi);
+void km_taker_wake(KmTaker **link);
+
+/* ---------------------------------------------------------------------------------------------- */
+/* errors.c, fresh.c                                                                              */
+
+void km_error_forget(const char *kp, size_t klen);
+void km_error_remember(const RedisModuleString *key, const char *msg, long long ttl_ms, long long now);
+const char *km_error_fresh(const RedisModuleString *key, long long now);
+void km_errors_purge(long long now);
+
+enum { KM_PREVIOUS = 2 }; /* km_version_ok: a value of the version just replaced, inside VSTALE */
+int km_version_ok(RedisModuleCtx *ctx, int ksi, RedisModuleString *key, int count);
+void km_set_version(KmKeyspace *ks, char *tag, size_t taglen, char *label);
+void km_refresh(int ksi, RedisModuleString *key, long long now);
+void km_served_previous(int ksi, RedisModuleString *key, int count);
+void km_on_served(int ksi, RedisModuleKey *open, RedisModuleString *key);
+void km_backoff_note(const RedisModuleString *key, long long now);
+void km_backoff_clear(const RedisModuleString *key);
+void km_backoffs_purge(long long now);
+void km_rewrite_companions(RedisModuleCtx *ctx);
+
+/* ---------------------------------------------------------------------------------------------- */
+/* serve.c, commands.c, events.c, info.c                                                          */
+
+void km_reply_value(RedisModuleCtx *ctx, RedisModuleString *key, int single);
+int km_cmd_get(RedisModuleCtx *ctx, RedisModuleString **argv, int argc);
+int km_cmd_mget(RedisModuleCtx *ctx, RedisModuleString **argv, int argc);
+void km_command_filter(RedisModuleCommandFilterCtx *f);
+
+int km_cmd_register(RedisModuleCtx *ctx, RedisModuleString **argv, int argc);
+int km_cmd_version(RedisModuleCtx *ctx, RedisModuleString **argv, int argc);
+int km_cmd_take(RedisModuleCtx *ctx, RedisModuleString **argv, int argc);
+int km_cmd_fill(RedisModuleCtx *ctx, RedisModuleString **argv, int argc);
+int km_cmd_fail(RedisModuleCtx *ctx, RedisModuleString **argv, int argc);
+
+int km_on_keyspace_event(RedisModuleCtx *ctx, int type, const char *event, RedisModuleString *key);
+void km_on_client_change(RedisModuleCtx *ctx, RedisModuleEvent eid, uint64_t subevent, void *data);
+void km_on_flush(RedisModuleCtx *ctx, RedisModuleEvent eid, uint64_t subevent, void *data);
+void km_on_swapdb(RedisModuleCtx *ctx, RedisModuleEvent eid, uint64_t subevent, void *data);
+void km_on_loading(RedisModuleCtx *ctx, RedisModuleEvent eid, uint64_t subevent, void *data);
+void km_on_tick(RedisModuleCtx *ctx, void *data);
+
+void km_on_info(RedisModuleInfoCtx *ctx, int for_crash_report);
+
+#pragma GCC visibility pop
+
+#endif

@@ -1,0 +1,228 @@
+/* GET / MGET of a registered keyspace: the command filter decides which reads keymiss answers, and
+ * KEYMISS.GET / KEYMISS.MGET serve them, hits, misses and all, in one path. */
+#include "keymiss.h"
+
+#include <stdio.h>
+
+/* Reply with the key's current value, read by the server's own GET (the filter leaves the module's
+ * calls alone): bulk, nil, or for GET a WRONGTYPE error (an MGET reads another type as nil).
+ * Reading through the module key API instead would rewrite small values' encoding on every read. */
+void km_reply_value(RedisModuleCtx *ctx, RedisModuleString *key, int single) {
+    RedisModuleCallReply *r = KM_Call(ctx, "GET", "s", key);
+    if (r == NULL) KM_ReplyWithNull(ctx);
+    else if (KM_CallReplyType(r) == RM_REPLY_ERROR && !single) KM_ReplyWithNull(ctx);
+    else KM_ReplyWithCallReply(ctx, r);
+    if (r) KM_FreeCallReply(r);
+}
+
+/* 1 if the key holds a value (of any type), 0 if it is missing. */
+static int km_key_exists(RedisModuleCtx *ctx, RedisModuleString *key) {
+    RedisModuleKey *open = KM_OpenKey(ctx, key, RM_READ | km.lookup_modes);
+    int present = open != NULL && KM_KeyType(open) != RM_KEYTYPE_EMPTY;
+    if (open) KM_CloseKey(open);
+    return present;
+}
+
+/* Whether the key, open (NULL: missing), may be served: km_version_ok for a present key, else 0. */
+static int km_servable(RedisModuleCtx *ctx, int ksi, RedisModuleKey *open, RedisModuleString *key, int count) {
+    return open != NULL && KM_KeyType(open) != RM_KEYTYPE_EMPTY ? km_version_ok(ctx, ksi, key, count) : 0;
+}
+
+/* A hit of keyspace ksi (`ok` what km_version_ok said, `open` the key): counted where `count`, the
+ * replaced version's value recomputed, a stale or early one refreshed. */
+static void km_hit(int ksi, RedisModuleKey *open, RedisModuleString *key, int ok, int count) {
+    if (count) km.keyspaces[ksi]->hits++;
+    if (ok == KM_PREVIOUS) km_served_previous(ksi, key, count);
+    km_on_served(ksi, open, key);
+}
+
+static void km_no_worker_error(RedisModuleCtx *ctx, KmKeyspace *ks) {
+    char msg[KM_MAX_ERROR_LEN];
+    ks->no_worker++;
+    snprintf(msg, sizeof(msg), KM_ERR_PREFIX "no worker for keyspace '%s'", ks->pattern);
+    KM_ReplyWithError(ctx, msg);
+}
+
+static void km_busy_error(RedisModuleCtx *ctx, KmKeyspace *ks) {
+    char msg[KM_MAX_ERROR_LEN];
+    ks->busy++;
+    snprintf(msg, sizeof(msg), "BUSY keymiss: the queue of keyspace '%s' is full (%lld)", ks->pattern,
+             ks->queue_max);
+    KM_ReplyWithError(ctx, msg);
+}
+
+/* The shared body of KEYMISS.GET and KEYMISS.MGET. */
+static int km_serve(RedisModuleCtx *ctx, RedisModuleString **keys, int nkeys, int single) {
+    int flags = KM_GetContextFlags(ctx);
+    /* another database, a replica, or loading: answered as a plain GET / MGET */
+    int unrouted = KM_GetSelectedDb(ctx) != 0 || (flags & (RM_CTX_FLAGS_SLAVE | RM_CTX_FLAGS_LOADING));
+    int can_block = !(flags & (RM_CTX_FLAGS_DENY_BLOCKING | RM_CTX_FLAGS_MULTI | RM_CTX_FLAGS_LUA));
+    if (single) { /* the common case: one lookup for a hit */
+        int ksi = unrouted ? -1 : km_route_str(keys[0]);
+        RedisModuleKey *open = KM_OpenKey(ctx, keys[0], RM_READ);
+        int ok = ksi < 0 ? 1 : km_servable(ctx, ksi, open, keys[0], 1);
+        if (ok) {
+            if (ksi >= 0) km_hit(ksi, open, keys[0], ok, 1);
+            if (open) KM_CloseKey(open);
+            km_reply_value(ctx, keys[0], 1);
+            return RM_OK;
+        }
+        if (open) KM_CloseKey(open);
+    }
+    long long now = km_now_ms();
+    /* First pass: hits, errors, and what must be computed. Nothing is queued unless the whole
+     * command can be served (a no-worker or full-queue key refuses a GET; an MGET reads it as nil). */
+    int *ksof = KM_Alloc(sizeof(int) * (size_t)nkeys);
+    char *other_version = KM_Calloc((size_t)nkeys, 1); /* present, but computed under another version */
+    int misses = 0;
+    for (int i = 0; i < nkeys; i++) {
+        ksof[i] = unrouted ? -1 : km_route_str(keys[i]);
+        if (ksof[i] < 0) continue;
+        if (!single) {
+            RedisModuleKey *open = KM_OpenKey(ctx, keys[i], RM_READ);
+            int ok = km_servable(ctx, ksof[i], open, keys[i], 1);
+            if (ok) km_hit(ksof[i], open, keys[i], ok, 1);
+            if (open) KM_CloseKey(open);
+            if (ok) {
+                ksof[i] = -1;
+                continue;
+            }
+        }
+        KmKeyspace *ks = km.keyspaces[ksof[i]];
+        other_version[i] = ks->version != NULL && km_key_exists(ctx, keys[i]);
+        ks->misses++;
+        misses++;
+    }
+    if (misses == 0) {
+        KM_Free(ksof);
+        KM_Free(other_version);
+        if (!single) KM_ReplyWithArray(ctx, nkeys);
+        for (int i = 0; i < nkeys; i++) km_reply_value(ctx, keys[i], single);
+        return RM_OK;
+    }
+    char **errs = KM_Calloc((size_t)nkeys, sizeof(char *));
+    KmEntry **ents = KM_Calloc((size_t)nkeys, sizeof(KmEntry *));
+    int waits = 0;
+    for (int i = 0; i < nkeys; i++) {
+        if (ksof[i] < 0) continue;
+        KmKeyspace *ks = km.keyspaces[ksof[i]];
+        const char *rec = km_error_fresh(keys[i], now);
+        if (rec) {
+            errs[i] = km_dup_bytes(rec, strlen(rec));
+            continue;
+        }
+        KmEntry *e = km_entry_find(keys[i]);
+        if (e == NULL) {
+            if (ks->workers == 0) {
+                if (single) {
+                    km_no_worker_error(ctx, ks);
+                    goto done;
+                }
+                ks->no_worker++;
+                continue;
+            }
+            if (ks->queued + ks->in_flight >= ks->queue_max) {
+                /* where blocking is forbidden (MULTI, Lua) a miss reads as nil, a full queue too:
+                 * an error would abort a script part-way through its writes */
+                if (single && can_block) {
+                    km_busy_error(ctx, ks);
+                    goto done;
+                }
+                ks->busy++;
+                continue;
+            }
+            e = km_entry_new(keys[i], ksof[i], now);
+        }
+        ents[i] = e;
+        waits++;
+    }
+    for (int i = 0; i < nkeys; i++) /* not computing: an old version's value still reads as nil */
+        if (other_version[i] && ents[i] == NULL && errs[i] == NULL) errs[i] = km_dup_bytes("", 0);
+    if (waits == 0 || !can_block) {
+        /* Nothing to wait for, or waiting is forbidden here: the computations stay queued. */
+        if (!single) KM_ReplyWithArray(ctx, nkeys);
+        for (int i = 0; i < nkeys; i++) {
+            if (errs[i] && errs[i][0] && single) KM_ReplyWithError(ctx, errs[i]);
+            else if (errs[i] || ents[i]) KM_ReplyWithNull(ctx);
+            else km_reply_value(ctx, keys[i], single);
+        }
+        goto done;
+    }
+    km_request_block(ctx, keys, nkeys, single, ents, errs, waits); /* takes ents and errs over */
+    ents = NULL;
+    errs = NULL;
+done:
+    if (errs)
+        for (int i = 0; i < nkeys; i++) KM_Free(errs[i]);
+    KM_Free(errs);
+    KM_Free(ents);
+    KM_Free(ksof);
+    KM_Free(other_version);
+    return RM_OK;
+}
+
+int km_cmd_get(RedisModuleCtx *ctx, RedisModuleString **argv, int argc) {
+    if (argc != 2) return KM_WrongArity(ctx);
+    return km_serve(ctx, argv + 1, 1, 1);
+}
+
+int km_cmd_mget(RedisModuleCtx *ctx, RedisModuleString **argv, int argc) {
+    if (argc < 2) return KM_WrongArity(ctx);
+    return km_serve(ctx, argv + 1, argc - 1, 0);
+}
+
+/* The filter: GET / MGET / GETEX(key only) naming a missing key of a registered keyspace become
+ * KEYMISS.GET / KEYMISS.MGET. */
+void km_command_filter(RedisModuleCommandFilterCtx *f) {
+    if (km.nkeyspaces == 0) return;
+    int argc = KM_CommandFilterArgsCount(f);
+    if (argc < 2) return;
+    size_t len;
+    const char *cmd = KM_StringPtrLen(KM_CommandFilterArgGet(f, 0), &len);
+    RedisModuleString *to;
+    if (km_word_is(cmd, len, "get") || km_word_is(cmd, len, "getex")) {
+        if (argc != 2) return;
+        to = km.get_name;
+    } else if (km_word_is(cmd, len, "mget")) {
+        to = km.mget_name;
+    } else {
+        return;
+    }
+    /* A key that is present is the server's own: GET stays GET, at the server's speed. Only a
+     * command naming a missing key of a keyspace goes through keymiss. The lookup neither touches
+     * the key's LRU/LFU, counts, notifies, nor (where the server can avoid it) expires: the GET that
+     * follows does what a GET does. Database 0 is the keyspaces' database (a cluster has no other);
+     * KEYMISS.GET answers clients of other databases as a plain GET. A GET's hit is counted and
+     * refreshed here; an MGET's keys are refreshed once every one of them is known present (else
+     * KEYMISS.MGET serves them all, and does). */
+    int rewrite = 0, fresh = 0;
+    for (int i = 1; i < argc; i++) {
+        RedisModuleString *key = (RedisModuleString *)KM_CommandFilterArgGet(f, i);
+        int ksi = km_route_str(key);
+        if (ksi < 0) continue;
+        RedisModuleKey *open = KM_OpenKey(km.filter_ctx, key, RM_READ | km.lookup_modes);
+        int ok = km_servable(km.filter_ctx, ksi, open, key, 0);
+        if (ok && argc == 2) km_hit(ksi, open, key, ok, 1);
+        else if (ok == KM_PREVIOUS) km_served_previous(ksi, key, 0);
+        if (open) KM_CloseKey(open);
+        if (!ok) { /* missing, or computed under another version: KEYMISS.GET decides */
+            rewrite = 1;
+            break;
+        }
+        fresh |= km.keyspaces[ksi]->stale_ms > 0 || km.keyspaces[ksi]->early_milli > 0;
+    }
+    if (fresh && !rewrite && argc > 2) { /* every key is served as it is: stale or early ones refresh */
+        for (int i = 1; i < argc; i++) {
+            RedisModuleString *key = (RedisModuleString *)KM_CommandFilterArgGet(f, i);
+            int ksi = km_route_str(key);
+            if (ksi < 0 || (km.keyspaces[ksi]->stale_ms == 0 && km.keyspaces[ksi]->early_milli == 0)) continue;
+            RedisModuleKey *open = KM_OpenKey(km.filter_ctx, key, RM_READ | km.lookup_modes);
+            km_on_served(ksi, open, key);
+            if (open) KM_CloseKey(open);
+        }
+    }
+    if (rewrite) {
+        KM_RetainString(NULL, to); /* the filter takes one reference */
+        KM_CommandFilterArgReplace(f, 0, to);
+    }
+}
