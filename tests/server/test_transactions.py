@@ -394,45 +394,35 @@ def _tx(prefix: bytes, n: int) -> bytes:
 
 def test_every_client_held_by_an_exec_is_answered_when_it_ends(durable: ServerProcess) -> None:
     """Held behind A's EXEC: B's EXEC, which holds them again, and C's GET: C used to be forgotten."""
-    import socket
-
     for r in range(10):
-        a, b, c = (socket.create_connection(("127.0.0.1", durable.port), timeout=5) for _ in range(3))
+        a, b, c = (RawClient(durable.port) for _ in range(3))
         try:
-            a.sendall(_tx(b"ha%d" % r, 2))
-            b.sendall(_tx(b"hb%d" % r, 2))
-            c.sendall(b"GET nothing\r\n")
-            got = b""
-            while not got.endswith(b"\r\n"):
-                chunk = c.recv(100)
-                assert chunk, "closed"
-                got += chunk
-            assert got == b"$-1\r\n"
+            a.send_raw(_tx(b"ha%d" % r, 2))
+            b.send_raw(_tx(b"hb%d" % r, 2))
+            c.send_raw(b"GET nothing\r\n")
+            assert c.reply_bytes() == b"$-1\r\n"
         finally:
             for s in (a, b, c):
                 s.close()
 
 
 def test_an_exec_runs_whole_when_its_client_leaves_and_others_stay_atomic(durable: ServerProcess) -> None:
-    import socket
-
     r = redis.Redis(port=durable.port)
     try:
         for rnd in range(3):
-            a = socket.create_connection(("127.0.0.1", durable.port))
-            b = socket.create_connection(("127.0.0.1", durable.port), timeout=20)
-            a.sendall(_tx(b"pa%d" % rnd, 30))
-            b.sendall(_tx(b"pb%d" % rnd, 30))
+            a, b = RawClient(durable.port, timeout=20), RawClient(durable.port, timeout=20)
+            a.send_raw(_tx(b"pa%d" % rnd, 30))
+            b.send_raw(_tx(b"pb%d" % rnd, 30))
             time.sleep(0.005)  # a moment into A's EXEC
             a.close()  # gone while its EXEC waits on the disk
             seen: list[int] = []
-            buf = b""
+            replies = 0
             deadline = time.monotonic() + 20
-            while buf.count(b"\r\n") < 1 + 30 + 1 + 30 and time.monotonic() < deadline:
+            while replies < 1 + 30 + 1 and time.monotonic() < deadline:  # MULTI, 30 SETs queued, EXEC
                 seen.append(r.exists(*[f"pb{rnd}:{i}" for i in range(30)]))
-                b.setblocking(False)
-                with contextlib.suppress(BlockingIOError):
-                    buf += b.recv(65536)
+                with contextlib.suppress(TimeoutError):  # B's next reply, if it is there
+                    b.reply_bytes(timeout=0.0005)
+                    replies += 1
             b.close()
             assert all(n in (0, 30) for n in seen), seen  # B's transaction never seen half done
             a_keys = [f"pa{rnd}:{i}" for i in range(30)]
@@ -445,16 +435,13 @@ def test_a_large_exec_on_a_durable_store_shares_one_fsync_and_holds_others_brief
     durable: ServerProcess,
 ) -> None:
     """20,000 SETs in one EXEC used to fsync each one while every other client waited (9 s)."""
-    import socket
-
-    a = socket.create_connection(("127.0.0.1", durable.port))
-    b = socket.create_connection(("127.0.0.1", durable.port), timeout=60)
+    a, b = RawClient(durable.port, timeout=60), RawClient(durable.port, timeout=60)
     try:
-        a.sendall(_tx(b"fs", 20_000))
+        a.send_raw(_tx(b"fs", 20_000))
         time.sleep(0.2)  # B arrives while A's EXEC runs
         t0 = time.monotonic()
-        b.sendall(b"PING\r\n")
-        assert b.recv(100) == b"+PONG\r\n"
+        b.send_raw(b"PING\r\n")
+        assert b.reply_bytes() == b"+PONG\r\n"
         assert time.monotonic() - t0 < 3.0
     finally:
         a.close(), b.close()
