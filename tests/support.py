@@ -21,7 +21,7 @@ import socket
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from types import TracebackType
-from typing import Any, TypeVar
+from typing import Any, TypeVar, overload
 
 from keymiss.errors import ReplyError
 from keymiss.valkey.respclient import Incomplete, RespClient, encode, frame, parse
@@ -92,22 +92,46 @@ def eventually(
         except ignore as exc:
             last, error = None, exc
         if error is None and _holds(last, expect):
-            return last
+            return last  # type: ignore[no-any-return]
         if attempt == tries or time.monotonic() >= deadline:
             raise _timed_out(_name(predicate, message), timeout, attempt, last, error, expect)
         time.sleep(interval)
     raise AssertionError("unreachable")  # pragma: no cover
 
 
+@overload
 async def aeventually(
-    predicate: Callable[[], T | Awaitable[T]],
+    predicate: Callable[[], Awaitable[T]],
+    *,
+    timeout: float = ...,  # noqa: ASYNC109
+    interval: float = ...,
+    ignore: tuple[type[BaseException], ...] = ...,
+    expect: Any = ...,
+    message: str | None = ...,
+) -> T: ...
+
+
+@overload
+async def aeventually(
+    predicate: Callable[[], T],
+    *,
+    timeout: float = ...,  # noqa: ASYNC109
+    interval: float = ...,
+    ignore: tuple[type[BaseException], ...] = ...,
+    expect: Any = ...,
+    message: str | None = ...,
+) -> T: ...
+
+
+async def aeventually(
+    predicate: Callable[[], Any],
     *,
     timeout: float = 10.0,  # noqa: ASYNC109 - a deadline for the whole poll, not one await
     interval: float = 0.01,
     ignore: tuple[type[BaseException], ...] = (),
     expect: Any = TRUTHY,
     message: str | None = None,
-) -> T:
+) -> Any:
     """``eventually`` for a test's event loop: ``predicate`` may be sync or async (a coroutine
     function, or a lambda returning an awaitable: ``lambda: info(port)`` with ``expect=3``), and
     the loop keeps running between tries."""
@@ -126,7 +150,7 @@ async def aeventually(
         except ignore as exc:
             last, error = None, exc
         if error is None and _holds(last, expect):
-            return last  # type: ignore[no-any-return]
+            return last
         if attempt == tries or time.monotonic() >= deadline:
             raise _timed_out(_name(predicate, message), timeout, attempt, last, error, expect)
         await asyncio.sleep(interval)

@@ -56,7 +56,7 @@ def parse(buf: bytes | bytearray, pos: int = 0) -> tuple[Any, int]:
     end = buf.find(b"\r\n", pos)
     if end < 0:
         raise Incomplete
-    kind, line = buf[pos : pos + 1], bytes(buf[pos + 1 : end])
+    kind, line = bytes(buf[pos : pos + 1]), bytes(buf[pos + 1 : end])
     pos = end + 2
     # RESP2 first, in the order the worker meets them: its replies are all of these
     if kind == b"+":

@@ -28,7 +28,7 @@ async def past_ttl(port: int, key: str, stale_ms: int) -> None:
     the key without expiring it (the stale window keeps it alive) or counting as a read."""
 
     async def stale() -> bool:
-        return 0 < await resp(port, "PTTL", key) < stale_ms - 5
+        return bool(0 < await resp(port, "PTTL", key) < stale_ms - 5)
 
     await aeventually(stale)
 
@@ -189,7 +189,7 @@ async def _switch(server: RedisProcess, versions: Versions, pattern: str, versio
 
 
 async def test_a_version_switch_hides_old_values_at_once_for_two_workers(server: RedisProcess) -> None:
-    versions, calls_a, calls_b = Versions(), [], []
+    versions, calls_a, calls_b = Versions(), list[str](), list[str]()
     a, b = _versioned(versions, calls_a), _versioned(versions, calls_b)
     async with running(a, url(server)), running(b, url(server)):
         assert await resp(server.port, "GET", "ans:1") == b"ans:1 by v1"
@@ -205,7 +205,7 @@ async def test_a_version_switch_hides_old_values_at_once_for_two_workers(server:
 
 
 async def test_a_clients_write_is_served_under_every_version(server: RedisProcess) -> None:
-    versions, calls = Versions(), []
+    versions, calls = Versions(), list[str]()
     km = _versioned(versions, calls)
     async with running(km, url(server)):
         assert await resp(server.port, "GET", "ans:9") == b"ans:9 by v1"
@@ -224,7 +224,7 @@ async def test_a_clients_write_is_served_under_every_version(server: RedisProces
 async def test_a_value_of_another_version_reads_as_nil_where_nothing_computes_it(
     server: RedisProcess,
 ) -> None:
-    versions, calls = Versions(), []
+    versions, calls = Versions(), list[str]()
     km = _versioned(versions, calls)
     async with running(km, url(server)):
         assert await resp(server.port, "GET", "ans:5") == b"ans:5 by v1"
@@ -238,7 +238,7 @@ async def test_a_value_of_another_version_reads_as_nil_where_nothing_computes_it
 
 
 async def test_a_fill_computed_under_the_old_version_is_computed_again(server: RedisProcess) -> None:
-    versions, calls = Versions(), []
+    versions, calls = Versions(), list[str]()
     km = Keymiss(sweep_interval=0)
     computing = Gate()
 
@@ -275,7 +275,7 @@ def _rollout(versions: Versions, calls: list[str], window: float, gate: Gate | N
 
 
 async def test_version_stale_serves_the_replaced_version_while_one_refresh_runs(server: RedisProcess) -> None:
-    versions, calls = Versions(), []
+    versions, calls = Versions(), list[str]()
     refresh = Gate()
     km = _rollout(versions, calls, window=30, gate=refresh)
     async with running(km, url(server)):
@@ -296,7 +296,7 @@ async def test_version_stale_serves_the_replaced_version_while_one_refresh_runs(
 
 
 async def test_past_version_stale_the_replaced_version_is_a_miss(server: RedisProcess) -> None:
-    versions, calls = Versions(), []
+    versions, calls = Versions(), list[str]()
     km = _rollout(versions, calls, window=0.2)
     async with running(km, url(server)):
         assert await resp(server.port, "GET", "roll:2") == b"roll:2 by v1"

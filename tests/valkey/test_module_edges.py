@@ -22,7 +22,7 @@ SLOW = protocol.register("s", "slow:*")
 
 async def test_a_fill_from_a_worker_in_another_database_lands_in_database_0(server: RedisProcess) -> None:
     from keymiss.errors import ConfigError
-    from keymiss.valkey.worker import parse_url
+    from keymiss.valkey.topology import parse_url
 
     with pytest.raises(ConfigError, match="database 0"):
         parse_url(f"redis://127.0.0.1:{server.port}/1")

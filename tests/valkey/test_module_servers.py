@@ -90,7 +90,7 @@ async def test_the_module_runs_clean_under_valgrind(tmp_path: Path) -> None:
 
             # stale now (less than the stale window left): served, and refreshed
             async def stale() -> bool:
-                return await resp(port, "PTTL", "v:1", wait=30) < 59_990
+                return bool(await resp(port, "PTTL", "v:1", wait=30) < 59_990)
 
             await aeventually(stale, timeout=30)
             assert await resp(port, "GET", "v:1", wait=30) == b"one"

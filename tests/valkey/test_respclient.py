@@ -107,8 +107,12 @@ def test_eventually_returns_the_true_value_and_reports_the_last_false_one() -> N
     assert eventually(lambda: next(values), interval=0) == "yes"
     with pytest.raises(AssertionError, match=r"did not hold within 0.05s \(\d+ tries\): last returned \[\]"):
         eventually(lambda: [], timeout=0.05)
+    empty: dict[str, int] = {}
     with pytest.raises(AssertionError, match=r"raised KeyError"):
-        eventually(lambda: {}["k"], timeout=0.05, ignore=(KeyError,))
+        eventually(lambda: empty["k"], timeout=0.05, ignore=(KeyError,))
+    with pytest.raises(AssertionError, match=r"last returned 2, expected 3"):
+        eventually(lambda: 2, timeout=0.05, expect=3)
+    assert eventually(lambda: 0, expect=0) == 0
 
 
 async def test_aeventually_takes_sync_and_async_predicates() -> None:
