@@ -56,16 +56,16 @@ def parse(buf: bytes | bytearray, pos: int = 0) -> tuple[Any, int]:
     end = buf.find(b"\r\n", pos)
     if end < 0:
         raise Incomplete
-    kind, line = bytes(buf[pos : pos + 1]), bytes(buf[pos + 1 : end])
+    kind, line = buf[pos], bytes(buf[pos + 1 : end])
     pos = end + 2
     # RESP2 first, in the order the worker meets them: its replies are all of these
-    if kind == b"+":
+    if kind == 43:  # +
         return line.decode("utf-8", "replace"), pos
-    if kind == b"-":
+    if kind == 45:  # -
         return ReplyError(line.decode("utf-8", "replace")), pos
-    if kind == b":":
+    if kind == 58:  # :
         return int(line), pos
-    if kind == b"$":
+    if kind == 36:  # $
         n = int(line)
         if n < 0:
             return None, pos
@@ -74,7 +74,7 @@ def parse(buf: bytes | bytearray, pos: int = 0) -> tuple[Any, int]:
         if len(buf) < pos + n + 2:
             raise Incomplete
         return bytes(buf[pos : pos + n]), pos + n + 2
-    if kind == b"*":
+    if kind == 42:  # *
         n = int(line)
         if n < 0:
             return None, pos
@@ -86,7 +86,8 @@ def parse(buf: bytes | bytearray, pos: int = 0) -> tuple[Any, int]:
     return _parse_resp3(buf, kind, line, pos)
 
 
-def _parse_resp3(buf: bytes | bytearray, kind: bytes, line: bytes, pos: int) -> tuple[Any, int]:
+def _parse_resp3(buf: bytes | bytearray, code: int, line: bytes, pos: int) -> tuple[Any, int]:
+    kind = bytes((code,))
     if kind == b"_":
         return None, pos
     if kind == b"#":
