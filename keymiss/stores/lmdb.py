@@ -129,9 +129,9 @@ class LMDBStore(LocalStore):
                 raise StoreError(explain(exc, "LMDB read failed", self.path)) from exc
         raise StoreError("LMDB map keeps being resized by another process")
 
-    def get_now(self, key: str) -> Item | None:
-        kb = encode_key(key)
-        raw = self._read(lambda txn: txn.get(self.db_key(kb)))
+    def _live(self, key: str, kb: bytes, raw: bytes | None, now: float) -> Item | None:
+        """The item a read record holds, or None: absent, not a valid record (counted), or expired
+        (noted for the next sweep to purge, off the read path)."""
         if raw is None:
             return None
         parsed = unpack(kb, raw)
@@ -139,25 +139,22 @@ class LMDBStore(LocalStore):
             self._bad_record(key)
             return None
         item = parsed[1]
-        if item.expires_at is not None and item.expires_at <= self._clock():
+        if item.expires_at is not None and item.expires_at <= now:
             if len(self._expired_seen) < 10_000:
-                self._expired_seen.add(key)  # purged by the next sweep, off the read path
+                self._expired_seen.add(key)
             return None
         return item
 
+    def get_now(self, key: str) -> Item | None:
+        kb = encode_key(key)
+        return self._live(key, kb, self._read(lambda txn: txn.get(self.db_key(kb))), self._clock())
+
     async def get_many(self, keys: Sequence[str]) -> list[Item | None]:
-        out: list[Item | None] = []
         now = self._clock()
         raws = self._read(
             lambda txn: [(k, kb, txn.get(self.db_key(kb))) for k in keys for kb in (encode_key(k),)]
         )
-        for key, kb, raw in raws:
-            parsed = None if raw is None else unpack(kb, raw)
-            if raw is not None and parsed is None:
-                self._bad_record(key)
-            item = None if parsed is None else parsed[1]
-            out.append(None if item is None or (item.expires_at and item.expires_at <= now) else item)
-        return out
+        return [self._live(key, kb, raw, now) for key, kb, raw in raws]
 
     # --- writes --------------------------------------------------------------------------------
     @property
