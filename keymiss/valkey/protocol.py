@@ -191,16 +191,6 @@ def switch_version(name: str, tag: str, label: str | None = None) -> list[Any]:
     return [CMD_VERSION, name, tag] if label is None else [CMD_VERSION, name, tag, label]
 
 
-def get(key: str | bytes) -> list[Any]:
-    """What a client's GET of a registered keyspace becomes inside the server."""
-    return [CMD_GET, key]
-
-
-def mget(*keys: str | bytes) -> list[Any]:
-    """What a client's MGET becomes inside the server."""
-    return [CMD_MGET, *keys]
-
-
 # --- replies ---------------------------------------------------------------------------------------
 def decode_take(reply: Sequence[Any] | None) -> list[tuple[str, int]]:
     """TAKE's flat ``[key, token, ...]`` as ``(key, token)`` pairs; keys keep undecodable bytes as

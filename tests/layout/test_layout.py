@@ -21,7 +21,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
             "keymiss.codecs",
             "keymiss.options",
             "keymiss.config",
-            # the KEYMISS.* protocol: constants and builders that import nothing, the contract
+            # the KEYMISS protocol: constants and builders that import nothing, the contract
             # between the module front end and the settings that must fit its limits
             "keymiss.valkey.protocol",
         ),

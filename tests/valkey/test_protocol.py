@@ -179,7 +179,7 @@ def test_the_two_agree() -> None:
         lambda c, py: c.update(MAX_GLOB=c["MAX_GLOB"] + 1),
         lambda c, py: py.update(MAX_GLOB=py["MAX_GLOB"] + 1),
         lambda c, py: c.update(ERR_PREFIX="ERR other: "),
-        lambda c, py: py.update(CMD_FILL="KEYMISS.STORE"),
+        lambda c, py: py.update(CMD_FILL=py["CMD_FILL"] + "X"),
         lambda c, py: c.update(INFO_FIELDS=c["INFO_FIELDS"][::-1]),
         lambda c, py: py.update(INFO_KEYSPACE_FIELDS=py["INFO_KEYSPACE_FIELDS"][:-1]),
         lambda c, py: c.update(TICK_MS=str(c["TICK_MS"])),
