@@ -84,6 +84,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="allow a non-loopback address without a password",
     )
     serve.add_argument("--max-clients", type=int)
+    serve.add_argument(
+        "--admin-password", help="the embedded server's operator user 'admin' (clients cannot reconfigure it)"
+    )
+    serve.add_argument(
+        "--max-value-share",
+        type=float,
+        help="a computed value over this share of maxmemory is answered, not stored (default 0.1)",
+    )
     serve.add_argument("--max-in-flight", type=int, help="computations at once before -BUSY")
     serve.add_argument("--output-buffer", help="unread reply bytes before a client is disconnected")
     serve.add_argument(
@@ -124,6 +132,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     worker.add_argument("--batch", type=int, default=64, help="keys taken at once (default 64)")
     worker.add_argument("--max-in-flight", type=int, default=256, help="keys computing at once (default 256)")
+    worker.add_argument(
+        "--max-value-share",
+        type=float,
+        default=0.1,
+        help="a value over this share of the server's maxmemory is answered, not stored (default 0.1)",
+    )
     worker.add_argument(
         "--default-ttl",
         type=float,
@@ -289,6 +303,7 @@ def _worker(args: argparse.Namespace) -> int:
                 batch=args.batch,
                 max_in_flight=args.max_in_flight,
                 default_ttl=args.default_ttl or None,
+                max_value_share=args.max_value_share,
             )
         )
     except ConfigError as exc:

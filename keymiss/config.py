@@ -34,6 +34,8 @@ class Settings:
     max_memory: str | None = None
     eviction: str | None = None
     requirepass: str | None = None
+    #: the embedded server's operator user (``admin``): the one login that may reconfigure it
+    admin_password: str | None = None
     unsafe_no_auth: bool = False
     max_clients: int = 10_000
     max_bulk: int | str = "512MB"  # proto-max-bulk-len
@@ -44,6 +46,8 @@ class Settings:
     output_stall_seconds: float = 60.0  # ... or whose replies stay unread this long
     request_seconds: float = 30.0  # a request still incomplete after this long is a slowloris: closed
     max_in_flight: int = 10_000  # computations at once before -BUSY
+    #: a computed value larger than this share of the server's maxmemory is answered, not stored
+    max_value_share: float = 0.1
     handler_errors: str | None = None  # what clients see of a handler's exception: message or type
     access_log: bool = False  # log every command on the keymiss.access logger
     grace_seconds: float = 10.0

@@ -128,7 +128,11 @@ class ModuleFront:
             for pattern, options in s.keyspaces.items():
                 self.km.tune(pattern, **options)
             self.worker = Worker(
-                self.km, url, max_in_flight=min(s.max_in_flight, 1024), default_ttl=s.default_ttl or None
+                self.km,
+                url,
+                max_in_flight=min(s.max_in_flight, 1024),
+                default_ttl=s.default_ttl or None,
+                max_value_share=s.max_value_share,
             )
         except ConfigError:
             if self.server is not None:

@@ -55,6 +55,8 @@ class WorkerStats:
     discarded: int = 0
     failures: int = 0
     reconnects: int = 0
+    #: sessions the server refused for the worker's credentials (NOAUTH, WRONGPASS, NOPERM)
+    auth_refusals: int = 0
     nodes: set[str] = field(default_factory=set)
 
 
@@ -72,6 +74,7 @@ class Worker:
         refresh_seconds: float = 5.0,
         timeout: float = 5.0,
         default_ttl: float | None = None,
+        max_value_share: float = 0.1,
     ) -> None:
         self.km = km
         self.cluster, self.url = parse_url(url)
@@ -87,6 +90,10 @@ class Worker:
         # a TTL for values of keyspaces without one, so that a server evicting only keys with a TTL
         # (volatile-lfu) evicts answers, never the contexts they are computed from
         self.default_ttl = default_ttl
+        if not 0 < max_value_share <= 1:
+            raise ConfigError("max_value_share must be above 0 and at most 1 (a share of maxmemory)")
+        #: a value over this share of the server's maxmemory is answered to its readers, not stored
+        self.max_value_share = max_value_share
         self.registrations()  # a setting the module would refuse is a ConfigError now, not a retry loop
         self.stats = WorkerStats()
         self._stopping = asyncio.Event()
