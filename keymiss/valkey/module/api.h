@@ -64,6 +64,7 @@ typedef struct RedisModuleCommandFilterCtx RedisModuleCommandFilterCtx;
 typedef struct RedisModuleCommandFilter RedisModuleCommandFilter;
 typedef struct RedisModuleInfoCtx RedisModuleInfoCtx;
 typedef struct RedisModuleCommand RedisModuleCommand;
+typedef struct RedisModuleServerInfoData RedisModuleServerInfoData;
 typedef uint64_t RedisModuleTimerID;
 
 typedef struct RedisModuleEvent {
@@ -188,7 +189,12 @@ typedef void (*RedisModuleFreePrivdata)(RedisModuleCtx *ctx, void *privdata);
     X(int, CommandFilterArgsCount, (RedisModuleCommandFilterCtx * fctx))                             \
     X(const RedisModuleString *, CommandFilterArgGet, (RedisModuleCommandFilterCtx * fctx, int pos))\
     X(int, CommandFilterArgReplace, (RedisModuleCommandFilterCtx * fctx, int pos,                   \
-                                     RedisModuleString *arg))
+                                     RedisModuleString *arg))                                        \
+    X(void, GetRandomBytes, (unsigned char *dst, size_t len))                                        \
+    X(RedisModuleServerInfoData *, GetServerInfo, (RedisModuleCtx * ctx, const char *section))      \
+    X(void, FreeServerInfo, (RedisModuleCtx * ctx, RedisModuleServerInfoData * data))                \
+    X(unsigned long long, ServerInfoGetFieldUnsigned, (RedisModuleServerInfoData * data,             \
+                                                       const char *field, int *out_err))
 
 /* Hidden: a server built with exported symbols (-rdynamic) has functions named like these. */
 /* Calls only newer servers have (Redis >= 7.2, Valkey): NULL where absent. */

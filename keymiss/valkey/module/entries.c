@@ -58,14 +58,16 @@ void km_wake_taker(int ksi) {
 /* ---------------------------------------------------------------------------------------------- */
 /* Entries                                                                                        */
 
-/* A fresh token: a counter mixed with a secret (splitmix64), never 0, positive. */
+/* A fresh token: 62 bits from the server's CSPRNG (HMAC-SHA256 in counter mode over a seed read
+ * from /dev/urandom), never 0. One token tells nothing of another: a FILL must come from the
+ * connection that was handed the key, not from whoever can count. */
 static long long km_new_token(void) {
-    uint64_t z = (uint64_t)(km.next_token++) + km.token_key;
-    z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ULL;
-    z = (z ^ (z >> 27)) * 0x94d049bb133111ebULL;
-    z ^= z >> 31;
-    z &= 0x3fffffffffffffffULL;
-    return z ? (long long)z : 1;
+    uint64_t z = 0;
+    while (z == 0) {
+        KM_GetRandomBytes((unsigned char *)&z, sizeof(z));
+        z &= 0x3fffffffffffffffULL;
+    }
+    return (long long)z;
 }
 
 /* A computation of `key` for keyspace ksi, queued (a blocked taker is woken for it). */

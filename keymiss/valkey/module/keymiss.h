@@ -162,9 +162,7 @@ typedef struct KmState {
     RedisModuleDict *dirty;    /* keys of versioned keyspaces a client wrote: companions to rewrite */
     long long waiting;         /* blocked requests */
     int filling;               /* our own SET is running: its keyspace event is not a client's write */
-    long long next_token;      /* see km_entry_new() */
-    uint64_t token_key;        /* random at load: tokens cannot be guessed from one's own */
-    uint64_t rnd_state;        /* xorshift64*: XFetch's draws */
+    uint64_t rnd_state;        /* xorshift64*: XFetch's draws (seeded from the server's CSPRNG) */
     unsigned long ticks;
     RedisModuleString *get_name, *mget_name;
     RedisModuleCtx *filter_ctx; /* database 0, for the filter's lookups */

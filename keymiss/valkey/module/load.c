@@ -1,9 +1,7 @@
 /* Loading: the module's state, its commands, the command filter, the events it follows, the tick. */
 #include "keymiss.h"
 
-#include <stdio.h>
-
-KmState km = {.next_token = 1};
+KmState km;
 
 /* The commands, one for each of protocol.h's KM_COMMANDS. */
 static const struct {
@@ -37,10 +35,8 @@ __attribute__((visibility("default"))) int RedisModule_OnLoad(RedisModuleCtx *ct
         KM_Log(ctx, "warning", "keymiss: the module takes no arguments");
         return km_load_failed(ctx, __LINE__);
     }
-    FILE *rnd = fopen("/dev/urandom", "rb");
-    if (rnd == NULL || fread(&km.token_key, sizeof(km.token_key), 1, rnd) != 1) km.token_key = (uint64_t)KM_Milliseconds();
-    if (rnd) fclose(rnd);
-    km.rnd_state = km.token_key | 1;
+    KM_GetRandomBytes((unsigned char *)&km.rnd_state, sizeof(km.rnd_state));
+    km.rnd_state |= 1; /* xorshift's state is never 0 */
     if (km_slot_tags_init() != RM_OK) return km_load_failed(ctx, __LINE__);
     km.pending = KM_CreateDict(NULL);
     km.errors = KM_CreateDict(NULL);
