@@ -95,7 +95,7 @@ def hits(args: argparse.Namespace, tmp: str) -> list[str]:
             continue
         targets[name] = server_cmd(binary, 0, tmp, False)
         targets[f"{name} + module"] = server_cmd(binary, 0, tmp, True)
-    targets["keymiss serve (python)"] = None
+    targets["keymiss serve (default front end)"] = None
     ports: dict[str, int] = {}
     stack = []
     results: dict[tuple[str, int], list[dict[str, float]]] = {}

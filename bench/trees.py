@@ -3,8 +3,8 @@
 Runs ``python <tree>/<script> <args>`` in the old tree and in this one, old then new, for
 ``--rounds`` rounds (the machine is shared and noisy: alternating gives both trees the same
 weather), reads every markdown table row the script prints, and prints each numeric cell's median
-per tree and the ratio new / old. A script's own subprocesses run its own tree (the bench scripts
-put their tree first on ``PYTHONPATH``), so each tree is measured whole, its C module included.
+per tree and the ratio new / old. Each run has its tree first on ``PYTHONPATH`` (its subprocesses
+too), so each tree is measured whole, its C module included.
 
 Run, with the old tree checked out and built beside this one::
 
@@ -15,6 +15,7 @@ Run, with the old tree checked out and built beside this one::
 from __future__ import annotations
 
 import argparse
+import os
 import re
 import statistics
 import subprocess
@@ -28,9 +29,10 @@ NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?")
 Row = tuple[str, ...]
 
 
-def tables(text: str) -> dict[tuple[Row, Row], list[float | None]]:
+def tables(text: str, key_columns: int | None = None) -> dict[tuple[Row, Row], list[float | None]]:
     """Each table row by (its table's header, its label cells) -> its numeric cells (None where a
-    cell holds no number). The label is the leading cells that hold no number."""
+    cell holds no number). The label is the first ``key_columns`` cells, or by default the leading
+    cells that hold no number."""
     out: dict[tuple[Row, Row], list[float | None]] = {}
     header: Row = ()
     for line in text.splitlines():
@@ -43,7 +45,9 @@ def tables(text: str) -> dict[tuple[Row, Row], list[float | None]]:
         if not header:
             header = cells
             continue
-        label_end = next((i for i, c in enumerate(cells) if NUMBER.fullmatch(c.replace(" ", ""))), len(cells))
+        label_end = key_columns or next(
+            (i for i, c in enumerate(cells) if NUMBER.fullmatch(c.replace(" ", ""))), len(cells)
+        )
         label = cells[:label_end] if label_end else cells[:1]
         values: list[float | None] = []
         for c in cells[len(label) :]:
@@ -55,9 +59,13 @@ def tables(text: str) -> dict[tuple[Row, Row], list[float | None]]:
 
 def run(tree: Path, script: str, args: list[str], timeout: float) -> str:
     started = time.monotonic()
+    env = dict(
+        os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(tree), os.environ.get("PYTHONPATH")]))
+    )
     done = subprocess.run(
         [sys.executable, str(tree / script), *args],
         cwd=tree,
+        env=env,
         capture_output=True,
         text=True,
         timeout=timeout,
@@ -75,6 +83,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--new", type=Path, default=HERE, help="default: this tree")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--timeout", type=float, default=1800.0, help="seconds one run may take")
+    parser.add_argument(
+        "--key-columns", type=int, help="leading cells that name a row (default: those with no number)"
+    )
     parser.add_argument("script", help="the bench script, relative to each tree (bench/module.py)")
     parser.add_argument("args", nargs=argparse.REMAINDER, help="its arguments (after --)")
     a = parser.parse_args(argv)
@@ -83,7 +94,7 @@ def main(argv: list[str] | None = None) -> int:
     for r in range(a.rounds):
         print(f"round {r + 1} of {a.rounds}", file=sys.stderr)
         for name, tree in (("old", a.old), ("new", a.new)):
-            for key, values in tables(run(tree.resolve(), a.script, args, a.timeout)).items():
+            for key, values in tables(run(tree.resolve(), a.script, args, a.timeout), a.key_columns).items():
                 seen[name].setdefault(key, []).append(values)
     print(f"### {a.script} {' '.join(args)}: new tree / old tree, {a.rounds} alternated rounds (medians)\n")
     print(f"old: {a.old}  new: {a.new}; python {sys.version.split()[0]}\n")
