@@ -7,14 +7,19 @@ on one side only fails the suite instead of drifting into a refused registration
 The conversation, per server:
 
 - ``KEYMISS.REGISTER name glob [TTL ms] [ERRTTL ms] [TIMEOUT ms] [QUEUE n] [STALE ms]
-  [EARLY beta-thousandths] [VERSION tag] [LABEL name] [VSTALE ms]`` declares a keyspace and makes
-  the connection one of its workers (``+OK``).
-- ``KEYMISS.TAKE count block-ms lease-ms`` blocks up to ``block-ms`` for queued keys of the
-  connection's keyspaces and answers a flat array ``[key, token, key, token, ...]`` (empty when
-  none came); each key is the worker's until ``lease-ms`` pass.
-- ``KEYMISS.FILL key token value [PX ms] [VERSION tag]`` stores the value and wakes the key's
-  readers: ``1`` stored, ``0`` discarded (a client wrote the key, the lease passed, or the value is
-  of another version).
+  [EARLY beta-thousandths] [VERSION tag] [LABEL name] [VSTALE ms] [SHARE ppm]`` declares a keyspace
+  and makes the connection one of its workers (``+OK``). ``SHARE``: a value over this many
+  millionths of the server's maxmemory is answered to its readers and never stored.
+- ``KEYMISS.TAKE count block-ms lease-ms [LIMIT name n ...]`` blocks up to ``block-ms`` for queued
+  keys of the connection's keyspaces and answers a flat array ``[key, token, key, token, ...]``
+  (empty when none came); each key is the worker's until ``lease-ms`` pass. ``LIMIT``: at most
+  ``n`` keys of the keyspace ``name`` (0: none, and no waking for it), so that a worker whose slots
+  a hung keyspace holds still takes the others'. Keyspaces take turns at going first; a queued key
+  nobody waits for any more is dropped, not handed over, while its keyspace's queue is full.
+- ``KEYMISS.FILL key token value [PX ms] [VERSION tag] [NOSTORE]`` stores the value and wakes the
+  key's readers: :data:`FILL_STORED`, :data:`FILL_DISCARDED` (a client wrote the key, the lease
+  passed, or the value is of another version), or :data:`FILL_NOT_STORED`: the readers got the
+  value, nothing was stored (``NOSTORE``, or the value is over the keyspace's ``SHARE``).
 - ``KEYMISS.FAIL key token error-line``: every reader of the key gets the error line (``1``), or
   nobody waited any more (``0``).
 - ``KEYMISS.VERSION name tag [label]`` switches a registered keyspace's version.
@@ -25,7 +30,7 @@ The conversation, per server:
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 # --- command names ---------------------------------------------------------------------------------
@@ -53,6 +58,9 @@ OPT_VERSION = "VERSION"
 OPT_LABEL = "LABEL"
 OPT_VSTALE = "VSTALE"
 OPT_PX = "PX"
+OPT_SHARE = "SHARE"
+OPT_NOSTORE = "NOSTORE"
+OPT_LIMIT = "LIMIT"
 
 # --- limits ------------------------------------------------------------------------------------------
 #: the longest time in milliseconds any option may say (a year)
@@ -75,6 +83,14 @@ MAX_ERROR_LEN = 512
 DEFAULT_TIMEOUT_MS = 65_000
 #: a keyspace's QUEUE when REGISTER does not give one
 DEFAULT_QUEUE = 10_000
+#: SHARE is in millionths of maxmemory: at most this, the whole of it
+MAX_SHARE = 1_000_000
+#: a keyspace's SHARE when REGISTER does not give one (a tenth of maxmemory)
+DEFAULT_SHARE = 100_000
+#: FILL's replies: stored, discarded, answered to the key's readers but not stored
+FILL_STORED = 1
+FILL_DISCARDED = 0
+FILL_NOT_STORED = 2
 #: how often the module's timer runs (expired leases, deadlines, version switches)
 TICK_MS = 50
 #: what a versioned value's companion key holds once a client wrote the value
@@ -104,6 +120,8 @@ INFO_KEYSPACE_FIELDS = (
     "superseded",
     "busy",
     "no_worker",
+    "oversized",
+    "dropped",
     "workers",
     "version",
     "version_misses",
@@ -127,6 +145,8 @@ INFO_COUNTERS = {
     "superseded": "Computations a client's write superseded",
     "busy": "Reads refused with -BUSY (queue full)",
     "no_worker": "Reads refused: no worker attached",
+    "oversized": "Values answered to their readers but not stored: over the keyspace's share of maxmemory",
+    "dropped": "Queued computations dropped: nobody waited for them and the keyspace's queue was full",
 }
 INFO_GAUGES = {"queued": "Keys waiting for a worker", "in_flight": "Keys a worker is computing"}
 
@@ -145,6 +165,7 @@ def register(
     version: str | None = None,
     label: str | None = None,
     version_stale_ms: int | None = None,
+    share_ppm: int | None = None,
 ) -> list[Any]:
     """A ``KEYMISS.REGISTER`` command; options left ``None`` are not sent (the module's defaults)."""
     args: list[Any] = [CMD_REGISTER, name, glob]
@@ -158,26 +179,40 @@ def register(
         (OPT_VERSION, version),
         (OPT_LABEL, label),
         (OPT_VSTALE, version_stale_ms),
+        (OPT_SHARE, share_ppm),
     ):
         if value is not None:
             args += [opt, value]
     return args
 
 
-def take(count: int, block_ms: int, lease_ms: int) -> list[Any]:
-    """A ``KEYMISS.TAKE``: up to ``count`` keys, waiting ``block_ms`` for one, each ours ``lease_ms``."""
-    return [CMD_TAKE, count, block_ms, lease_ms]
+def take(count: int, block_ms: int, lease_ms: int, limits: Mapping[str, int] | None = None) -> list[Any]:
+    """A ``KEYMISS.TAKE``: up to ``count`` keys, waiting ``block_ms`` for one, each ours ``lease_ms``;
+    of each keyspace named in ``limits`` (by its registered name), at most that many."""
+    args: list[Any] = [CMD_TAKE, count, block_ms, lease_ms]
+    for name, n in (limits or {}).items():
+        args += [OPT_LIMIT, name, n]
+    return args
 
 
 def fill(
-    key: str | bytes, token: int, value: bytes | str, *, px: int | None = None, version: str | None = None
+    key: str | bytes,
+    token: int,
+    value: bytes | str,
+    *,
+    px: int | None = None,
+    version: str | None = None,
+    store: bool = True,
 ) -> list[Any]:
-    """A ``KEYMISS.FILL`` of a taken key (its token from TAKE)."""
+    """A ``KEYMISS.FILL`` of a taken key (its token from TAKE); ``store=False``: its readers get the
+    value, nothing is stored."""
     args: list[Any] = [CMD_FILL, key, token, value]
     if px is not None:
         args += [OPT_PX, px]
     if version is not None:
         args += [OPT_VERSION, version]
+    if not store:
+        args.append(OPT_NOSTORE)
     return args
 
 

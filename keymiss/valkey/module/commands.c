@@ -28,9 +28,21 @@ static char *km_version_arg(RedisModuleString *s, size_t *len) {
 
 /* What an option's value is: a number from min to max, a version tag or label (copied, as
  * km_version_arg takes it), or bytes as given. */
-enum { KM_KIND_NUMBER, KM_KIND_TAG, KM_KIND_BYTES };
-/* Where it goes: KmOptionValues.num[slot] for a number, else .tag / .bytes[slot]. */
-enum { KM_N_TTL, KM_N_ERRTTL, KM_N_TIMEOUT, KM_N_QUEUE, KM_N_STALE, KM_N_EARLY, KM_N_VSTALE, KM_N_PX, KM_NUMS };
+enum { KM_KIND_NUMBER, KM_KIND_TAG, KM_KIND_BYTES, KM_KIND_FLAG /* no value: num[slot] = 1 */ };
+/* Where it goes: KmOptionValues.num[slot] for a number or a flag, else .tag / .bytes[slot]. */
+enum {
+    KM_N_TTL,
+    KM_N_ERRTTL,
+    KM_N_TIMEOUT,
+    KM_N_QUEUE,
+    KM_N_STALE,
+    KM_N_EARLY,
+    KM_N_VSTALE,
+    KM_N_SHARE,
+    KM_N_PX,
+    KM_N_NOSTORE,
+    KM_NUMS
+};
 enum { KM_T_VERSION, KM_T_LABEL, KM_TEXTS };
 
 typedef struct KmOption {
@@ -56,18 +68,20 @@ static const KmOption km_register_options[] = {
     {KM_OPT_VERSION, KM_KIND_TAG, KM_T_VERSION, 0, 0},
     {KM_OPT_LABEL, KM_KIND_TAG, KM_T_LABEL, 0, 0},
     {KM_OPT_VSTALE, KM_KIND_NUMBER, KM_N_VSTALE, 0, KM_MAX_MS},
+    {KM_OPT_SHARE, KM_KIND_NUMBER, KM_N_SHARE, 1, KM_MAX_SHARE},
 };
 
 static const KmOption km_fill_options[] = {
     {KM_OPT_PX, KM_KIND_NUMBER, KM_N_PX, 1, KM_MAX_MS},
     {KM_OPT_VERSION, KM_KIND_BYTES, KM_T_VERSION, 0, 0},
+    {KM_OPT_NOSTORE, KM_KIND_FLAG, KM_N_NOSTORE, 0, 0},
 };
 
 #define KM_COUNT_OF(a) (sizeof(a) / sizeof((a)[0]))
 
-/* The name-value pairs from argv[first] on, each an option of `table` (names match whatever their
- * case; of one given twice, the last counts): RM_OK, or RM_ERR at the first that is not one
- * (*unknown set) or whose value is not valid. */
+/* The options from argv[first] on, each of `table` and followed by its value unless it is a flag
+ * (names match whatever their case; of one given twice, the last counts): RM_OK, or RM_ERR at the
+ * first that is not one (*unknown set), lacks its value or whose value is not valid. */
 static int km_parse_options(RedisModuleString **argv, int first, int argc, const KmOption *table, size_t n,
                             KmOptionValues *out, int *unknown) {
     *unknown = 0;
@@ -81,6 +95,12 @@ static int km_parse_options(RedisModuleString **argv, int first, int argc, const
             *unknown = 1;
             return RM_ERR;
         }
+        if (o->kind == KM_KIND_FLAG) {
+            out->num[o->slot] = 1;
+            i--; /* no value follows */
+            continue;
+        }
+        if (i + 1 >= argc) return RM_ERR;
         int ok = RM_OK;
         if (o->kind == KM_KIND_NUMBER) {
             ok = km_parse_number(argv[i + 1], o->min, o->max, &out->num[o->slot]);
@@ -104,7 +124,7 @@ static void km_options_free(KmOptionValues *v) {
 /* REGISTER, VERSION                                                                              */
 
 /* KEYMISS.REGISTER name glob [TTL ms] [ERRTTL ms] [TIMEOUT ms] [QUEUE n] [STALE ms]
- *                  [EARLY beta-thousandths] [VERSION tag] [LABEL name] [VSTALE ms]
+ *                  [EARLY beta-thousandths] [VERSION tag] [LABEL name] [VSTALE ms] [SHARE ppm]
  * Declares (or updates) a keyspace and counts this connection among its workers. */
 int km_cmd_register(RedisModuleCtx *ctx, RedisModuleString **argv, int argc) {
     if (argc < 3 || (argc - 3) % 2) return KM_WrongArity(ctx);
@@ -115,7 +135,8 @@ int km_cmd_register(RedisModuleCtx *ctx, RedisModuleString **argv, int argc) {
         memchr(glob, '\0', glen))
         return KM_ReplyWithError(ctx, KM_ERR_PREFIX "a keyspace needs a name and a glob (1 to " KM_XSTR(
                                           KM_MAX_GLOB) " bytes)");
-    KmOptionValues opt = {.num = {[KM_N_TIMEOUT] = KM_DEFAULT_TIMEOUT_MS, [KM_N_QUEUE] = KM_DEFAULT_QUEUE}};
+    KmOptionValues opt = {
+        .num = {[KM_N_TIMEOUT] = KM_DEFAULT_TIMEOUT_MS, [KM_N_QUEUE] = KM_DEFAULT_QUEUE, [KM_N_SHARE] = KM_DEFAULT_SHARE}};
     int unknown;
     if (km_parse_options(argv, 3, argc, km_register_options, KM_COUNT_OF(km_register_options), &opt, &unknown) !=
         RM_OK) {
@@ -124,7 +145,7 @@ int km_cmd_register(RedisModuleCtx *ctx, RedisModuleString **argv, int argc) {
             return KM_ReplyWithError(ctx, KM_ERR_PREFIX "unknown option (" KM_OPT_TTL ", " KM_OPT_ERRTTL
                                                         ", " KM_OPT_TIMEOUT ", " KM_OPT_QUEUE ", " KM_OPT_STALE
                                                         ", " KM_OPT_EARLY ", " KM_OPT_VERSION ", " KM_OPT_LABEL
-                                                        ", " KM_OPT_VSTALE ")");
+                                                        ", " KM_OPT_VSTALE ", " KM_OPT_SHARE ")");
         return KM_ReplyWithError(ctx, KM_ERR_PREFIX "an option's value is not valid");
     }
     char *tag = opt.tag[KM_T_VERSION], *label = opt.tag[KM_T_LABEL];
@@ -164,6 +185,7 @@ int km_cmd_register(RedisModuleCtx *ctx, RedisModuleString **argv, int argc) {
     ks->stale_ms = opt.num[KM_N_STALE];
     ks->early_milli = opt.num[KM_N_EARLY];
     ks->vstale_ms = opt.num[KM_N_VSTALE];
+    ks->share_ppm = opt.num[KM_N_SHARE];
     km_set_version(ks, tag, taglen, label ? label : (tag ? km_dup_bytes(tag, taglen) : NULL));
     if (w < 0) {
         w = km.nworkers++;
@@ -203,20 +225,31 @@ int km_cmd_version(RedisModuleCtx *ctx, RedisModuleString **argv, int argc) {
 /* ---------------------------------------------------------------------------------------------- */
 /* TAKE                                                                                           */
 
-/* Take up to `count` queued keys of the worker's keyspaces: a flat array of key, token pairs. */
-static void km_reply_taken(RedisModuleCtx *ctx, uint64_t mask, long long count, long long lease_ms,
-                           unsigned long long client) {
+/* Take up to `count` queued keys of the worker's keyspaces (`mask`), at most limit[ksi] of each: a
+ * flat array of key, token pairs. Keyspaces take turns at going first. A queued key nobody waits
+ * for is dropped instead of taken while its keyspace is full: a reader's miss needs the room. */
+static void km_reply_taken(RedisModuleCtx *ctx, uint64_t mask, const long long *limit, long long count,
+                           long long lease_ms, unsigned long long client) {
     long long now = km_now_ms(), n = 0;
+    int first = km.nkeyspaces ? km.take_next % km.nkeyspaces : 0;
+    km.take_next = first + 1;
     KM_ReplyWithArray(ctx, -1 /* postponed */);
-    for (int ksi = 0; ksi < km.nkeyspaces && n < count; ksi++) {
+    for (int i = 0; i < km.nkeyspaces && n < count; i++) {
+        int ksi = (first + i) % km.nkeyspaces;
         if (!(mask & ((uint64_t)1 << ksi))) continue;
         KmKeyspace *ks = km.keyspaces[ksi];
-        while (ks->qhead && n < count) {
+        long long mine = 0;
+        while (ks->qhead && n < count && mine < limit[ksi]) {
             KmEntry *e = ks->qhead;
+            if (e->nwaiters == 0 && ks->queued + ks->in_flight >= ks->queue_max) {
+                km_entry_drop(e);
+                continue;
+            }
             km_entry_take(e, client, now, lease_ms);
             KM_ReplyWithString(ctx, e->key);
             KM_ReplyWithLongLong(ctx, e->token);
             n++;
+            mine++;
         }
     }
     KM_ReplySetArrayLength(ctx, n * 2);
@@ -227,7 +260,7 @@ static int km_take_reply(RedisModuleCtx *ctx, RedisModuleString **argv, int argc
     (void)argc;
     KmTaker *t = KM_GetBlockedClientPrivateData(ctx);
     int w = km_worker_index(t->client);
-    km_reply_taken(ctx, w < 0 ? 0 : km.workers[w].mask, t->count, t->lease_ms, t->client);
+    km_reply_taken(ctx, w < 0 ? 0 : km.workers[w].mask & t->mask, t->limit, t->count, t->lease_ms, t->client);
     return RM_OK;
 }
 
@@ -257,30 +290,47 @@ static void km_free_taker(RedisModuleCtx *ctx, void *privdata) {
     KM_Free(privdata);
 }
 
-/* KEYMISS.TAKE count block-ms lease-ms: queued keys of this worker's keyspaces, waiting up to
- * block-ms for one. A key not filled or failed within lease-ms goes back to the queue. */
+/* KEYMISS.TAKE count block-ms lease-ms [LIMIT name n ...]: queued keys of this worker's keyspaces,
+ * waiting up to block-ms for one; of the keyspace `name`, at most n (0: none, and no waiting for
+ * it), so that a worker whose slots a hung keyspace holds still takes the others' keys. A key not
+ * filled or failed within lease-ms goes back to the queue. */
 int km_cmd_take(RedisModuleCtx *ctx, RedisModuleString **argv, int argc) {
-    if (argc != 4) return KM_WrongArity(ctx);
+    if (argc < 4 || (argc - 4) % 3) return KM_WrongArity(ctx);
     long long count, block_ms, lease_ms;
     if (km_parse_number(argv[1], 1, KM_MAX_TAKE, &count) != RM_OK ||
         km_parse_number(argv[2], 0, KM_MAX_MS, &block_ms) != RM_OK ||
         km_parse_number(argv[3], 1, KM_MAX_MS, &lease_ms) != RM_OK)
-        return KM_ReplyWithError(ctx, KM_ERR_PREFIX "TAKE count (1-" KM_XSTR(KM_MAX_TAKE) ") block-ms lease-ms");
+        return KM_ReplyWithError(ctx, KM_ERR_PREFIX "TAKE count (1-" KM_XSTR(KM_MAX_TAKE) ") block-ms lease-ms [" KM_OPT_LIMIT " name n ...]");
     unsigned long long client = KM_GetClientId(ctx);
     int w = km_worker_index(client);
     if (w < 0) return KM_ReplyWithError(ctx, KM_ERR_PREFIX "REGISTER a keyspace on this connection first");
     uint64_t mask = km.workers[w].mask;
+    long long limit[KM_MAX_KEYSPACES];
+    for (int ksi = 0; ksi < KM_MAX_KEYSPACES; ksi++) limit[ksi] = count;
+    for (int i = 4; i < argc; i += 3) {
+        size_t len, nlen;
+        const char *word = KM_StringPtrLen(argv[i], &len);
+        const char *name = KM_StringPtrLen(argv[i + 1], &nlen);
+        long long n;
+        if (!km_word_is(word, len, KM_OPT_LIMIT) || km_parse_number(argv[i + 2], 0, KM_MAX_TAKE, &n) != RM_OK)
+            return KM_ReplyWithError(ctx, KM_ERR_PREFIX "TAKE's " KM_OPT_LIMIT " is a keyspace's name and 0-" KM_XSTR(KM_MAX_TAKE));
+        int ksi = km_keyspace_find(name, nlen); /* one gone meanwhile is no error */
+        if (ksi < 0) continue;
+        limit[ksi] = n;
+        if (n == 0) mask &= ~((uint64_t)1 << ksi);
+    }
     int ready = 0;
     for (int ksi = 0; ksi < km.nkeyspaces; ksi++)
         if ((mask & ((uint64_t)1 << ksi)) && km.keyspaces[ksi]->qhead) ready = 1;
     int flags = KM_GetContextFlags(ctx);
     if (ready || block_ms == 0 || (flags & (RM_CTX_FLAGS_DENY_BLOCKING | RM_CTX_FLAGS_MULTI | RM_CTX_FLAGS_LUA))) {
-        km_reply_taken(ctx, mask, count, lease_ms, client);
+        km_reply_taken(ctx, mask, limit, count, lease_ms, client);
         return RM_OK;
     }
     KmTaker *t = KM_Calloc(1, sizeof(*t));
     t->client = client;
     t->mask = mask;
+    memcpy(t->limit, limit, sizeof(limit));
     t->count = count;
     t->lease_ms = lease_ms;
     t->deadline = km_now_ms() + block_ms; /* the tick answers it then (no server timeout) */
@@ -298,18 +348,49 @@ int km_cmd_take(RedisModuleCtx *ctx, RedisModuleString **argv, int argc) {
 /* ---------------------------------------------------------------------------------------------- */
 /* FILL, FAIL                                                                                     */
 
-/* KEYMISS.FILL key token value [PX ms] [VERSION tag]: store the computed value (a plain SET,
- * replicated as such; a versioned keyspace's companion first) and wake the key's waiters. 1 if
+/* Whether a value of `len` bytes is too large to store for keyspace ks: over its SHARE of the
+ * server's maxmemory (none is too large without one). Storing it would make the server evict other
+ * values first, perhaps every one. */
+static int km_oversized(RedisModuleCtx *ctx, const KmKeyspace *ks, size_t len, long long now) {
+    unsigned long long max = km_maxmemory(ctx, now);
+    return max > 0 && (long double)len > (long double)max * (long double)ks->share_ppm / KM_MAX_SHARE;
+}
+
+/* The value of a key is answered to its waiters and not stored (NOSTORE, or km_oversized): said in
+ * the log, once a second at most (INFO counts every one). */
+static int km_fill_unstored(RedisModuleCtx *ctx, KmEntry *e, RedisModuleString *value, int asked, long long now) {
+    KmKeyspace *ks = km.keyspaces[e->ksi];
+    size_t len;
+    KM_StringPtrLen(value, &len);
+    ks->oversized++;
+    if (now - km.oversized_logged_at >= 1000 || km.oversized_logged_at == 0) {
+        km.oversized_logged_at = now;
+        KM_Log(ctx, "warning",
+               "keymiss: keyspace '%s': a value of %zu bytes is answered to its %d reader(s) and not stored: "
+               "over %s share of maxmemory (%llu bytes; %s %.4g%%), storing it would evict other values "
+               "(INFO keymiss counts these as oversized)",
+               ks->pattern, len, e->nwaiters, asked ? "the worker's" : "the keyspace's", km.maxmemory,
+               KM_OPT_SHARE, (double)ks->share_ppm * 100.0 / KM_MAX_SHARE);
+    }
+    if (e->refresh && e->nwaiters == 0) km_backoff_note(e->key, now); /* the present value stays */
+    km_entry_answer(e, value);
+    return KM_ReplyWithLongLong(ctx, KM_FILL_NOT_STORED);
+}
+
+/* KEYMISS.FILL key token value [PX ms] [VERSION tag] [NOSTORE]: store the computed value (a plain
+ * SET, replicated as such; a versioned keyspace's companion first) and wake the key's waiters. 1 if
  * stored; 0 if discarded (a client wrote the key meanwhile, the computation was given up, or it
- * ran under another version than the keyspace's now: then the key is computed again). */
+ * ran under another version than the keyspace's now: then the key is computed again); 2 if the
+ * waiters got the value but it is not stored (NOSTORE, or over the keyspace's SHARE of maxmemory). */
 int km_cmd_fill(RedisModuleCtx *ctx, RedisModuleString **argv, int argc) {
-    if (argc < 4 || argc % 2) return KM_WrongArity(ctx);
+    if (argc < 4) return KM_WrongArity(ctx);
     long long token;
     if (km_parse_token(argv[2], &token) != RM_OK) return KM_ReplyWithError(ctx, KM_ERR_PREFIX "bad token");
     KmOptionValues opt = {0};
     int unknown;
     if (km_parse_options(argv, 4, argc, km_fill_options, KM_COUNT_OF(km_fill_options), &opt, &unknown) != RM_OK)
-        return KM_ReplyWithError(ctx, KM_ERR_PREFIX "FILL key token value [" KM_OPT_PX " ms] [" KM_OPT_VERSION " tag]");
+        return KM_ReplyWithError(ctx, KM_ERR_PREFIX "FILL key token value [" KM_OPT_PX " ms] [" KM_OPT_VERSION
+                                                    " tag] [" KM_OPT_NOSTORE "]");
     long long px = opt.num[KM_N_PX];
     const char *vtag = opt.bytes[KM_T_VERSION];
     size_t vlen = opt.len[KM_T_VERSION];
@@ -317,14 +398,19 @@ int km_cmd_fill(RedisModuleCtx *ctx, RedisModuleString **argv, int argc) {
     if (e == NULL || e->token != token) {
         int ksi = km_route_str(argv[1]);
         if (ksi >= 0) km.keyspaces[ksi]->discarded_fills++;
-        return KM_ReplyWithLongLong(ctx, 0);
+        return KM_ReplyWithLongLong(ctx, KM_FILL_DISCARDED);
     }
     KmKeyspace *ks = km.keyspaces[e->ksi];
     if (ks->version != NULL && (vtag == NULL || vlen != ks->versionlen || memcmp(vtag, ks->version, vlen) != 0)) {
         ks->version_discards++; /* computed under the version before a switch: computed again */
         if (e->state == KM_TAKEN) km_entry_requeue(e);
-        return KM_ReplyWithLongLong(ctx, 0);
+        return KM_ReplyWithLongLong(ctx, KM_FILL_DISCARDED);
     }
+    long long now = km_now_ms();
+    size_t vlen_bytes;
+    KM_StringPtrLen(argv[3], &vlen_bytes);
+    if (opt.num[KM_N_NOSTORE] || km_oversized(ctx, ks, vlen_bytes, now))
+        return km_fill_unstored(ctx, e, argv[3], opt.num[KM_N_NOSTORE] != 0, now);
     if (px == 0) px = ks->ttl_ms;
     /* Keyspaces live in database 0, whichever database the worker's connection selected. */
     int db = KM_GetSelectedDb(ctx);
@@ -367,7 +453,7 @@ int km_cmd_fill(RedisModuleCtx *ctx, RedisModuleString **argv, int argc) {
     }
     if (KM_DictSize(km.backoffs)) km_backoff_clear(argv[1]);
     km_entry_resolve(e, NULL);
-    return KM_ReplyWithLongLong(ctx, 1);
+    return KM_ReplyWithLongLong(ctx, KM_FILL_STORED);
 }
 
 /* KEYMISS.FAIL key token message: every waiter gets the error line; the keyspace's error TTL keeps

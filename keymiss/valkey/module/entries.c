@@ -23,6 +23,7 @@ static void km_queue_push(KmEntry *e, int front) {
         ks->qtail = e;
     }
     ks->queued++;
+    if (e->nwaiters == 0) ks->orphans++;
 }
 
 static void km_queue_unlink(KmEntry *e) {
@@ -33,6 +34,7 @@ static void km_queue_unlink(KmEntry *e) {
     else ks->qtail = e->prev;
     e->prev = e->next = NULL;
     ks->queued--;
+    if (e->nwaiters == 0) ks->orphans--;
 }
 
 /* The blocked TAKE at *link leaves km.takers and is answered: its reply takes what is queued then. */
@@ -132,6 +134,7 @@ void km_entry_lost(KmEntry *e) {
 }
 
 static void km_entry_add_waiter(KmEntry *e, KmRequest *req, int idx) {
+    if (e->nwaiters == 0 && e->state == KM_QUEUED) km.keyspaces[e->ksi]->orphans--;
     if (e->nwaiters == e->capwaiters) {
         e->capwaiters = e->capwaiters ? e->capwaiters * 2 : 4;
         e->waiters = KM_Realloc(e->waiters, sizeof(KmWaiter) * (size_t)e->capwaiters);
@@ -149,6 +152,7 @@ static void km_entry_drop_request(KmEntry *e, KmRequest *req) {
         if (e->waiters[i].req == req) req->entries[e->waiters[i].idx] = NULL;
         else e->waiters[n++] = e->waiters[i];
     }
+    if (n == 0 && e->nwaiters > 0 && e->state == KM_QUEUED) km.keyspaces[e->ksi]->orphans++;
     e->nwaiters = n;
 }
 
@@ -158,9 +162,10 @@ static void km_request_finish(KmRequest *req) {
     KM_UnblockClient(req->bc, req); /* the reply callback reads the keys now; km_free_request frees */
 }
 
-/* The computation of an entry is over: a value is in the keyspace (or a client wrote one), or it
- * failed with `err` (copied). Every waiter's slot resolves; the entry is gone afterwards. */
-void km_entry_resolve(KmEntry *e, const char *err) {
+/* The computation of an entry is over: a value is in the keyspace (or a client wrote one), it was
+ * computed but not stored (`value`, given to each waiter), or it failed with `err` (copied). Every
+ * waiter's slot resolves; the entry is gone afterwards. */
+static void km_entry_finish(KmEntry *e, const char *err, RedisModuleString *value) {
     KmKeyspace *ks = km.keyspaces[e->ksi];
     size_t klen;
     const char *kp = KM_StringPtrLen(e->key, &klen);
@@ -171,12 +176,46 @@ void km_entry_resolve(KmEntry *e, const char *err) {
         KmRequest *req = e->waiters[i].req;
         int idx = e->waiters[i].idx;
         req->entries[idx] = NULL;
-        if (err) req->errors[idx] = km_dup_bytes(err, strlen(err));
+        if (err) {
+            req->errors[idx] = km_dup_bytes(err, strlen(err));
+        } else if (value) {
+            if (req->values == NULL) req->values = KM_Calloc((size_t)req->nkeys, sizeof(RedisModuleString *));
+            KM_RetainString(NULL, value); /* one reference a slot: km_free_request frees each */
+            req->values[idx] = value;
+        }
         if (--req->pending == 0) km_request_finish(req);
     }
     KM_Free(e->waiters);
     KM_FreeString(NULL, e->key);
     KM_Free(e);
+}
+
+void km_entry_resolve(KmEntry *e, const char *err) {
+    km_entry_finish(e, err, NULL);
+}
+
+/* The value was computed but is not stored: each waiter gets it, later readers compute it again. */
+void km_entry_answer(KmEntry *e, RedisModuleString *value) {
+    km_entry_finish(e, NULL, value);
+}
+
+/* A queued computation nobody waits for is given up before it starts (its keyspace is full). */
+void km_entry_drop(KmEntry *e) {
+    km.keyspaces[e->ksi]->dropped++;
+    km_entry_finish(e, NULL, NULL);
+}
+
+/* Make room in a full keyspace: its oldest queued entry nobody waits on is dropped. 1 if one was. */
+int km_drop_orphan(int ksi) {
+    KmKeyspace *ks = km.keyspaces[ksi];
+    if (ks->orphans <= 0) return 0;
+    for (KmEntry *e = ks->qhead; e; e = e->next) {
+        if (e->nwaiters == 0 && !e->pinned) {
+            km_entry_drop(e);
+            return 1;
+        }
+    }
+    return 0;
 }
 
 /* ---------------------------------------------------------------------------------------------- */
@@ -189,7 +228,9 @@ static void km_free_request(RedisModuleCtx *ctx, void *privdata) {
     for (int i = 0; i < req->nkeys; i++) {
         KM_FreeString(NULL, req->keys[i]);
         KM_Free(req->errors[i]);
+        if (req->values && req->values[i]) KM_FreeString(NULL, req->values[i]);
     }
+    KM_Free(req->values);
     KM_Free(req->keys);
     KM_Free(req->entries);
     KM_Free(req->errors);
@@ -205,6 +246,7 @@ static int km_request_reply(RedisModuleCtx *ctx, RedisModuleString **argv, int a
         /* an empty error: a value of another version, not to be read (nil) */
         if (req->errors[i] && req->errors[i][0] && req->single) KM_ReplyWithError(ctx, req->errors[i]);
         else if (req->errors[i]) KM_ReplyWithNull(ctx); /* MGET: a failed key reads as missing */
+        else if (req->values && req->values[i]) KM_ReplyWithString(ctx, req->values[i]); /* not stored */
         else km_reply_value(ctx, req->keys[i], req->single);
     }
     return RM_OK;

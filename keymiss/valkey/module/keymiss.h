@@ -82,12 +82,14 @@ typedef struct KmKeyspace {
     long long vstale_ms, prev_until;
     /* INFO's fields (KM_INFO_KEYSPACE_FIELDS), each named as there */
     long long hits, misses, computations, queued, in_flight, fills, failures, timeouts, requeues,
-        discarded_fills, superseded, busy, no_worker;
+        discarded_fills, superseded, busy, no_worker, oversized, dropped;
     int workers;
     long long version_misses, version_discards, version_stale_hits, stale_hits, early_refreshes,
         refresh_failures;
     double mean_compute_ms; /* take-to-fill time, smoothed: XFetch's compute time */
     KmEntry *qhead, *qtail; /* entries waiting to be taken, oldest first */
+    long long orphans;      /* queued entries nobody waits on (their readers left, or a refresh) */
+    long long share_ppm;    /* SHARE: a value over this share of maxmemory is answered, not stored */
 } KmKeyspace;
 
 typedef struct KmWaiter {
@@ -107,6 +109,7 @@ struct KmEntry {
     long long lease_deadline, deadline;
     int attempts;
     int refresh; /* started by a hit (stale or early), not by a miss */
+    int pinned;  /* a request being served is about to wait on it: not an orphan to drop */
     long long taken_at;
     KmWaiter *waiters;
     int nwaiters, capwaiters;
@@ -122,13 +125,15 @@ struct KmRequest {
     RedisModuleString **keys; /* retained */
     KmEntry **entries;        /* the entry each slot waits on, NULL once resolved */
     char **errors;            /* per slot, NULL unless its computation failed */
+    RedisModuleString **values; /* per slot, a value answered but not stored (retained); NULL: none */
 };
 
 /* A blocked TAKE. */
 typedef struct KmTaker {
     RedisModuleBlockedClient *bc;
     unsigned long long client;
-    uint64_t mask;
+    uint64_t mask;                        /* the keyspaces it takes now (none of a LIMIT of 0) */
+    long long limit[KM_MAX_KEYSPACES];    /* keys of each keyspace it takes at most (LIMIT) */
     long long count, lease_ms, deadline;
     struct KmTaker *next;
     int woken;
@@ -164,6 +169,9 @@ typedef struct KmState {
     int filling;               /* our own SET is running: its keyspace event is not a client's write */
     uint64_t rnd_state;        /* xorshift64*: XFetch's draws (seeded from the server's CSPRNG) */
     unsigned long ticks;
+    int take_next;                 /* the keyspace the next TAKE starts from: each gets its turn */
+    unsigned long long maxmemory;  /* the server's, read at most once a second (km_maxmemory) */
+    long long maxmemory_at, oversized_logged_at;
     RedisModuleString *get_name, *mget_name;
     RedisModuleCtx *filter_ctx; /* database 0, for the filter's lookups */
     int lookup_modes;           /* what the filter's lookups may skip, as the server allows */
@@ -183,6 +191,7 @@ static inline int km_word_is(const char *p, size_t len, const char *word) {
 }
 
 long long km_now_ms(void);
+unsigned long long km_maxmemory(RedisModuleCtx *ctx, long long now);
 char *km_dup_bytes(const char *p, size_t len);
 char *km_error_line(const char *msg, size_t len);
 
@@ -220,6 +229,9 @@ void km_entry_take(KmEntry *e, unsigned long long client, long long now, long lo
 void km_entry_requeue(KmEntry *e);
 void km_entry_lost(KmEntry *e);
 void km_entry_resolve(KmEntry *e, const char *err);
+void km_entry_answer(KmEntry *e, RedisModuleString *value);
+void km_entry_drop(KmEntry *e);
+int km_drop_orphan(int ksi);
 KmPicked *km_entries_pick(KmPick pick, const void *arg, size_t *n);
 void km_request_block(RedisModuleCtx *ctx, RedisModuleString **keys, int nkeys, int single, KmEntry **ents,
                       char **errs, int waits);

@@ -35,6 +35,9 @@
 #define KM_OPT_LABEL "LABEL"
 #define KM_OPT_VSTALE "VSTALE"
 #define KM_OPT_PX "PX"
+#define KM_OPT_SHARE "SHARE"
+#define KM_OPT_NOSTORE "NOSTORE"
+#define KM_OPT_LIMIT "LIMIT"
 
 /* --- limits (plain decimals where an error text quotes them) -------------------------------- */
 /* the longest time in milliseconds any option may say (a year) */
@@ -57,6 +60,14 @@
 #define KM_DEFAULT_TIMEOUT_MS 65000
 /* a keyspace's QUEUE when REGISTER does not give one */
 #define KM_DEFAULT_QUEUE 10000
+/* SHARE is in millionths of maxmemory: at most this, the whole of it */
+#define KM_MAX_SHARE 1000000
+/* a keyspace's SHARE when REGISTER does not give one (a tenth of maxmemory) */
+#define KM_DEFAULT_SHARE 100000
+/* FILL's replies: stored, discarded, answered to the key's readers but not stored */
+#define KM_FILL_STORED 1
+#define KM_FILL_DISCARDED 0
+#define KM_FILL_NOT_STORED 2
 /* how often the module's timer runs (expired leases, deadlines, version switches) */
 #define KM_TICK_MS 50
 /* what a versioned value's companion key holds once a client wrote the value */
@@ -86,6 +97,8 @@
     X(superseded)                                                                                     \
     X(busy)                                                                                           \
     X(no_worker)                                                                                      \
+    X(oversized)                                                                                      \
+    X(dropped)                                                                                        \
     X(workers)                                                                                        \
     X(version)                                                                                        \
     X(version_misses)                                                                                 \

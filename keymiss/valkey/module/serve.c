@@ -121,7 +121,8 @@ static int km_serve(RedisModuleCtx *ctx, RedisModuleString **keys, int nkeys, in
                 ks->no_worker++;
                 continue;
             }
-            if (ks->queued + ks->in_flight >= ks->queue_max) {
+            /* a full queue first drops a computation nobody waits for (its readers left) */
+            if (ks->queued + ks->in_flight >= ks->queue_max && !km_drop_orphan(ksof[i])) {
                 /* where blocking is forbidden (MULTI, Lua) a miss reads as nil, a full queue too:
                  * an error would abort a script part-way through its writes */
                 if (single && can_block) {
@@ -134,8 +135,11 @@ static int km_serve(RedisModuleCtx *ctx, RedisModuleString **keys, int nkeys, in
             e = km_entry_new(keys[i], ksof[i], now);
         }
         ents[i] = e;
+        e->pinned = 1; /* this request waits on it: no other key of it may drop it as an orphan */
         waits++;
     }
+    for (int i = 0; i < nkeys; i++)
+        if (ents[i]) ents[i]->pinned = 0;
     for (int i = 0; i < nkeys; i++) /* not computing: an old version's value still reads as nil */
         if (other_version[i] && ents[i] == NULL && errs[i] == NULL) errs[i] = km_dup_bytes("", 0);
     if (waits == 0 || !can_block) {

@@ -9,6 +9,20 @@ long long km_now_ms(void) {
     return KM_MonotonicMicroseconds ? (long long)(KM_MonotonicMicroseconds() / 1000) : KM_Milliseconds();
 }
 
+/* The server's maxmemory (0: none), read from INFO memory at most once a second: CONFIG SET
+ * may change it at any time, and a fill must not read all of INFO each time. */
+unsigned long long km_maxmemory(RedisModuleCtx *ctx, long long now) {
+    if (km.maxmemory_at != 0 && now - km.maxmemory_at < 1000) return km.maxmemory;
+    km.maxmemory_at = now ? now : 1;
+    RedisModuleServerInfoData *info = KM_GetServerInfo(ctx, "memory");
+    if (info == NULL) return km.maxmemory; /* the last one read stands */
+    int err = RM_ERR;
+    unsigned long long max = KM_ServerInfoGetFieldUnsigned(info, "maxmemory", &err);
+    if (err == RM_OK) km.maxmemory = max;
+    KM_FreeServerInfo(ctx, info);
+    return km.maxmemory;
+}
+
 char *km_dup_bytes(const char *p, size_t len) {
     char *s = KM_Alloc(len + 1);
     memcpy(s, p, len);
