@@ -34,6 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.resp_hits import bench, free_port, preload, running
 from keymiss import Keymiss
+from keymiss.valkey import protocol
 from keymiss.valkey.modulepath import module_path
 from keymiss.valkey.worker import Worker
 from tests.valkey.conftest import valkey_binary
@@ -78,7 +79,7 @@ def server_cmd(binary: str, port: int, tmp: str, module: bool) -> list[str]:
 
 def register(port: int, glob: str) -> None:
     out = subprocess.run(
-        ["redis-cli", "-p", str(port), "KEYMISS.REGISTER", glob, glob],
+        ["redis-cli", "-p", str(port), *map(str, protocol.register(glob, glob))],
         capture_output=True,
         text=True,
         timeout=10,

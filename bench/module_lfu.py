@@ -31,11 +31,10 @@ import redis
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from tests.module.conftest import valkey_binary
-
 from bench.hit_ratio import make_trace
 from bench.resp_hits import free_port
 from keymiss.valkey.modulepath import module_path
+from tests.valkey.conftest import valkey_binary
 
 TRACES = ("zipf-0.9", "zipf+scan", "shift")
 BUDGET_MB = (4, 16)

@@ -160,7 +160,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _ingest(args: argparse.Namespace) -> int:
-    from keymiss.engine.cache import Keymiss
+    from keymiss.api import Keymiss
     from keymiss.errors import ConfigError, KeymissError
 
     try:
@@ -216,7 +216,7 @@ def _ingest(args: argparse.Namespace) -> int:
 def _with_qa(km: Any, settings: Any) -> Any:
     """Add the bertqa keyspace (the default app): span answers with --model, else the MiniLM
     sentence reader over the demo corpus. Without the qa extra, a plain cache with a warning."""
-    from keymiss.engine.cache import Keymiss
+    from keymiss.api import Keymiss
 
     try:
         from keymiss.qa import build_qa_app

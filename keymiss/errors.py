@@ -62,7 +62,9 @@ class ReplyError(KeymissError):
 def error_line(exc: BaseException) -> str:
     """The error line a client sees for ``exc``, code first, on one line and without RESP
     framing: the Python server frames it as ``-LINE\r\n``, a worker hands it to the module, which
-    does the same."""
+    does the same. What UTF-8 cannot carry (a lone surrogate in a message, the undecodable bytes of
+    a key quoted in it) becomes ``?``, so the line always encodes and both front ends say the
+    same."""
     if isinstance(exc, ReplyError):  # already a whole error line
         line = str(exc)
     elif isinstance(exc, BusyError):
@@ -73,4 +75,5 @@ def error_line(exc: BaseException) -> str:
         line = f"ERR {exc}"
     else:
         line = f"ERR internal error ({type(exc).__name__}); see the server log"
-    return line.replace("\r", " ").replace("\n", " ")
+    clean = line.replace("\r", " ").replace("\n", " ")
+    return clean.encode("utf-8", "replace").decode("utf-8")

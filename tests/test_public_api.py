@@ -48,3 +48,27 @@ def test_embedded_example_app_serves_its_keyspaces() -> None:
     assert square == "9" and greet == "hello ada (shard t)"
     assert isinstance(emb_a, list) and len(emb_a) == 8 and emb_a != emb_b
     assert app.registry.route("embed:a").stats.calls == 1  # type: ignore[union-attr]
+
+
+def test_every_keymiss_keymiss_makes_is_the_public_class() -> None:
+    """Apps keymiss builds itself (the empty app, the examples, the bertqa app) have the whole
+    public API, ``pipeline_keyspace`` included; the class keeps the plain metaclass."""
+    from keymiss.qa import build_qa_app
+    from keymiss.runtime.apps import load_app
+
+    made = [load_app(None), load_app("keymiss.apps.examples:app"), build_qa_app()]
+    for km in made:
+        assert isinstance(km, keymiss.Keymiss) and callable(km.pipeline_keyspace)
+    assert type(keymiss.Keymiss) is type
+
+
+def test_earlier_names_still_load() -> None:
+    """``--app keymiss.examples:app`` as earlier releases documented it, and
+    ``keymiss.server.load_app``."""
+    from keymiss.runtime.apps import load_app
+    from keymiss.server import load_app as server_load_app
+
+    assert server_load_app is load_app
+    app = load_app("keymiss.examples:app")
+    assert app is load_app("keymiss.apps.examples:app")
+    assert {"square:*", "embed:*"} <= {ks.pattern for ks in app.keyspaces()}

@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import time
 
-from keymiss.engine.cache import Keymiss
+from keymiss.api import Keymiss
 
 
 async def run_demo(

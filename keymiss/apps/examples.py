@@ -8,7 +8,7 @@ from __future__ import annotations
 import hashlib
 import time
 
-from keymiss.engine.cache import Keymiss
+from keymiss.api import Keymiss
 
 app = Keymiss(store="memory", max_memory="auto")
 

@@ -4,7 +4,6 @@ cache module holds the read path and the lifecycle itself."""
 
 from __future__ import annotations
 
-import abc
 import logging
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from typing import Any, TypeVar
@@ -33,7 +32,7 @@ ReadMany = Results | Awaitable[Results]
 F = TypeVar("F", bound=Callable[..., Any])
 
 
-class KeyCommands(abc.ABC):
+class KeyCommands:
     """Keyspaces, key commands and stats over ``read``/``read_many``, the store and the
     write-back (see ``Keymiss``)."""
 
@@ -44,18 +43,19 @@ class KeyCommands(abc.ABC):
     hits: int
     misses: int
 
+    # what ``Keymiss`` provides (a plain base, not an ABC: ``Keymiss`` keeps the plain metaclass)
     @property
-    @abc.abstractmethod
-    def store(self) -> Store: ...
+    def store(self) -> Store:
+        raise NotImplementedError
 
-    @abc.abstractmethod
-    def read(self, key: str) -> Read: ...
+    def read(self, key: str) -> Read:
+        raise NotImplementedError
 
-    @abc.abstractmethod
-    def read_many(self, keys: Sequence[str]) -> ReadMany: ...
+    def read_many(self, keys: Sequence[str]) -> ReadMany:
+        raise NotImplementedError
 
-    @abc.abstractmethod
-    def written(self, keys: Iterable[str] | None = None) -> None: ...
+    def written(self, keys: Iterable[str] | None = None) -> None:
+        raise NotImplementedError
 
     def keyspace(self, pattern: str, **options: Any) -> Callable[[F], F]:
         """Decorator registering a sync or async function as the source of a keyspace's values.

@@ -10,7 +10,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
-from keymiss.engine.cache import Keymiss
+from keymiss.api import Keymiss
 from keymiss.engine.handlers import HandlerThreads
 from keymiss.errors import CodecError
 from keymiss.qa.contexts import ContextRecord, UnknownContextError, context_store_key, hash_tag, read_corpus

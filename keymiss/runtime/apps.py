@@ -7,6 +7,7 @@ import os
 import sys
 from typing import Any
 
+from keymiss import api
 from keymiss.engine.cache import Keymiss
 from keymiss.errors import ConfigError
 
@@ -14,7 +15,7 @@ from keymiss.errors import ConfigError
 def load_app(spec: str | None) -> Keymiss:
     """Import ``module:attr`` (uvicorn style, from the current directory); no spec: an empty app."""
     if not spec:
-        return Keymiss()
+        return api.Keymiss()
     module_name, _, attr = spec.partition(":")
     attr = attr or "app"
     if os.getcwd() not in sys.path:

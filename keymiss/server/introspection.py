@@ -249,7 +249,7 @@ DEFAULT_SECTIONS = ("server", "clients", "memory", "stats", "keyspace", "keymiss
     -1,
     flags=("loading", "stale"),
     group="server",
-    summary="Host, client, memory, stats, keyspace and per-keyspace keymiss counters.",
+    summary="Server, client, memory, stats, keyspace and per-keyspace keymiss counters.",
     arguments=[arg("section", optional=True, multiple=True)],
 )
 def cmd_info(c: Client, args: list[bytes]) -> Reply:

@@ -95,8 +95,9 @@ def _private(name: str) -> bool:
 
 
 def private_uses(path: Path) -> list[tuple[int, str]]:
-    """Private names ``path`` takes from elsewhere: ``from m import _x``, and ``obj._x`` where no
-    ``_x`` is defined in this module (a def, a class, an assignment, an attribute it sets)."""
+    """Private names ``path`` takes from elsewhere: ``from m import _x``, ``obj._x`` and
+    ``getattr(obj, "_x")`` where no ``_x`` is defined in this module (a def, a class, an
+    assignment, an attribute it sets, a ``__slots__`` entry)."""
     tree = ast.parse(path.read_text())
     own: set[str] = set()
     for node in ast.walk(tree):
@@ -110,12 +111,27 @@ def private_uses(path: Path) -> list[tuple[int, str]]:
             own.add(node.arg)
         elif isinstance(node, ast.alias) and node.asname:
             own.add(node.asname)
-        elif isinstance(node, ast.Constant) and isinstance(node.value, str) and node.value.isidentifier():
-            own.add(node.value)  # __slots__ entries
+        elif isinstance(node, ast.Assign) and any(
+            isinstance(t, ast.Name) and t.id == "__slots__" for t in node.targets
+        ):
+            own |= {
+                c.value
+                for c in ast.walk(node.value)
+                if isinstance(c, ast.Constant) and isinstance(c.value, str)
+            }
     uses = []
     for node in ast.walk(tree):
         if isinstance(node, ast.ImportFrom):
             uses += [(node.lineno, f"{node.module}.{a.name}") for a in node.names if _private(a.name)]
-        elif isinstance(node, ast.Attribute) and _private(node.attr) and node.attr not in own:
+        elif (isinstance(node, ast.Attribute) and _private(node.attr) and node.attr not in own) or (
+            isinstance(node, ast.Call)
+            and isinstance(node.func, ast.Name)
+            and node.func.id in ("getattr", "setattr", "hasattr", "delattr")
+            and len(node.args) >= 2
+            and isinstance(node.args[1], ast.Constant)
+            and isinstance(node.args[1].value, str)
+            and _private(node.args[1].value)
+            and node.args[1].value not in own
+        ):
             uses.append((node.lineno, ast.unparse(node)))
     return uses

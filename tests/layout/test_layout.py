@@ -28,7 +28,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ),
     ("stores", ("keymiss.stores",)),
     ("engine", ("keymiss.keyspace", "keymiss.engine")),
-    ("apps", ("keymiss.apps", "keymiss.qa", "keymiss.api", "keymiss")),
+    ("apps", ("keymiss.apps", "keymiss.qa", "keymiss.api", "keymiss.examples", "keymiss")),
     ("runtime", ("keymiss.runtime",)),
     ("front ends", ("keymiss.server", "keymiss.valkey")),
     ("entry points", ("keymiss.launch", "keymiss.cli", "keymiss.__main__")),
@@ -155,10 +155,15 @@ def test_the_private_name_reader_flags_a_foreign_private(tmp_path) -> None:  # t
     probe = tmp_path / "probe.py"
     probe.write_text(
         "from x import _hidden\n"
-        "class A:\n    def __init__(self):\n        self._mine = 1\n"
-        "    def f(self, other):\n        return self._mine, other._theirs, other.__class__\n"
+        "class A:\n    __slots__ = ('_slot',)\n    def __init__(self):\n        self._mine = 1\n"
+        "    def f(self, other):\n        return self._mine, self._slot, other._theirs, other.__class__,"
+        " getattr(other, '_secret'), '_quoted'\n"
     )
-    assert [what for _, what in private_uses(probe)] == ["x._hidden", "other._theirs"]
+    assert sorted(what for _, what in private_uses(probe)) == [
+        "getattr(other, '_secret')",
+        "other._theirs",
+        "x._hidden",
+    ]
 
 
 def test_the_worker_does_not_load_the_python_server() -> None:
