@@ -8,7 +8,11 @@ queue), computes them with the engine (``Keymiss.compute``: batching, codecs, ti
 answers with FILL or FAIL. Several workers, on several machines, share the queues.
 
 On a cluster, the worker attaches to every master, follows the topology (failovers included) and
-reconnects with backoff. ``stop()`` drains: no new takes; what was taken is finished.
+reconnects with backoff. ``stop()`` drains: no new takes; what was taken is finished. A worker
+stopped before that (cancelled) says once how many keys it abandoned; their leases hand them on.
+
+Slots are shared fairly: each keyspace may hold only part of ``max_in_flight`` (TAKE's ``LIMIT``),
+so keyspaces whose handlers hang cannot hold every slot while the others' readers wait.
 """
 
 from __future__ import annotations
@@ -18,20 +22,19 @@ import contextlib
 import logging
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from keymiss.engine.compute import Computed
-from keymiss.errors import ConfigError, ReplyError, error_line
+from keymiss.errors import ConfigError, KeymissError, ReplyError
 from keymiss.options import DEFAULT_TIMEOUT
 from keymiss.runtime.net import redact_url
 from keymiss.valkey import protocol
+from keymiss.valkey.answers import MAX_BULK, RETRY_MAX, TRANSIENT, Answers, WorkerStats
 from keymiss.valkey.protocol import MAX_MS
 from keymiss.valkey.respclient import RespClient
 from keymiss.valkey.topology import masters_of, parse_url, with_node
 
-#: Redis's and Valkey's default proto-max-bulk-len, where a server does not say its own.
-MAX_BULK = 512 * 1024 * 1024
+__all__ = ["MAX_BULK", "Worker", "WorkerStats", "run_worker"]
 
 if TYPE_CHECKING:
     from keymiss.engine.cache import Keymiss
@@ -44,20 +47,14 @@ DEADLINE_MARGIN = 5.0
 #: how often a worker asks versioned keyspaces for their version (the callables should be cheap)
 VERSION_POLL = 0.05
 
+#: how long a TAKE blocks while some keyspace has no room (so it is taken from again soon after)
+SATURATED_BLOCK_MS = 100
 
-@dataclass
-class WorkerStats:
-    """What one worker did, over all the servers it serves."""
+#: the replies that refuse a session for its credentials
+AUTH_REFUSALS = ("NOAUTH", "WRONGPASS", "NOPERM")
 
-    takes: int = 0
-    taken: int = 0
-    fills: int = 0
-    discarded: int = 0
-    failures: int = 0
-    reconnects: int = 0
-    #: sessions the server refused for the worker's credentials (NOAUTH, WRONGPASS, NOPERM)
-    auth_refusals: int = 0
-    nodes: set[str] = field(default_factory=set)
+#: the keyspace a key no keyspace owns is counted under
+NO_KEYSPACE = ""
 
 
 class Worker:
@@ -75,6 +72,7 @@ class Worker:
         timeout: float = 5.0,
         default_ttl: float | None = None,
         max_value_share: float = 0.1,
+        max_in_flight_per_keyspace: int | None = None,
     ) -> None:
         self.km = km
         self.cluster, self.url = parse_url(url)
@@ -82,6 +80,9 @@ class Worker:
             raise ConfigError("batch, max_in_flight and block_ms must be at least 1")
         self.batch = batch
         self.max_in_flight = max_in_flight
+        if max_in_flight_per_keyspace is not None and max_in_flight_per_keyspace < 1:
+            raise ConfigError("max_in_flight_per_keyspace must be at least 1")
+        self.max_in_flight_per_keyspace = max_in_flight_per_keyspace
         self.block_ms = block_ms
         self.refresh_seconds = refresh_seconds
         self.timeout = timeout
@@ -96,16 +97,18 @@ class Worker:
         self.max_value_share = max_value_share
         self.registrations()  # a setting the module would refuse is a ConfigError now, not a retry loop
         self.stats = WorkerStats()
+        self.answers = Answers(
+            km, self.stats, timeout=timeout, default_ttl=default_ttl, max_value_share=max_value_share
+        )
         self._stopping = asyncio.Event()
         self._nodes: dict[str, asyncio.Task[None]] = {}
         self._in_flight = 0
+        self._by_keyspace: dict[str, int] = {}  # keys in flight by keyspace pattern
         self._room = asyncio.Event()
         self._room.set()
         self._tasks: set[asyncio.Task[None]] = set()
         self._idle = asyncio.Event()
         self._idle.set()
-        self._fills: dict[str, RespClient] = {}
-        self._max_bulk: dict[str, int] = {}  # each server's proto-max-bulk-len
 
     # --- what is registered --------------------------------------------------------------------------
     def registrations(self) -> list[list[Any]]:
@@ -147,6 +150,7 @@ class Worker:
                     if versioned and o.version_stale
                     else None
                 ),
+                share_ppm=max(1, min(protocol.MAX_SHARE, round(self.max_value_share * protocol.MAX_SHARE))),
             )
             out.append(args)
         if not out:
@@ -182,7 +186,7 @@ class Worker:
                 done = True
                 for url in list(self.stats.nodes):
                     try:
-                        reply = (await self._send(url, [command]))[0]
+                        reply = (await self.answers.send(url, [command]))[0]
                     except (OSError, ConnectionError, RuntimeError) as exc:
                         log.warning(
                             "could not switch %r's version on %s: %s", ks.pattern, redact_url(url), exc
@@ -210,13 +214,20 @@ class Worker:
             await asyncio.gather(*self._nodes.values(), return_exceptions=True)
             await self._idle.wait()
         finally:
+            # stopped before what was taken is answered (cancelled after a grace): said once, with
+            # the count; the server hands the keys on when this worker's connections close
+            abandoned = self._in_flight
             versions.cancel()
-            for task in self._nodes.values():
+            for task in [*self._nodes.values(), *self._tasks]:
                 task.cancel()
             self._nodes.clear()
-            for client in self._fills.values():
-                await client.close()
-            self._fills.clear()
+            await self.answers.close()
+            if abandoned:
+                log.warning(
+                    "worker stopped with %d key(s) still computing: abandoned, the servers hand them "
+                    "to other workers",
+                    abandoned,
+                )
 
     def stop(self) -> None:
         """Drain: take nothing more, finish what was taken."""
@@ -267,7 +278,18 @@ class Worker:
             except (ReplyError, OSError, ConnectionError, RuntimeError) as exc:
                 self.stats.reconnects += 1
                 self.stats.nodes.discard(url)
-                if isinstance(exc, ReplyError) and "unknown command" in str(exc).lower():
+                if (why := _credentials_refused(exc)) is not None:
+                    self.stats.auth_refusals += 1
+                    log.error(
+                        "%s refused the worker's credentials (%s; refusal %d): check the user and "
+                        "password of the URL and that its ACL allows %s; retrying in %.1fs",
+                        redact_url(url),
+                        why,
+                        self.stats.auth_refusals,
+                        ", ".join(protocol.WORKER_COMMANDS),
+                        backoff,
+                    )
+                elif isinstance(exc, ReplyError) and "unknown command" in str(exc).lower():
                     log.warning(
                         "%s has no keymiss module: start it with "
                         '--loadmodule "$(keymiss redis-module)" (or MODULE LOAD it); retrying in %.1fs',
@@ -280,11 +302,27 @@ class Worker:
                     await asyncio.wait_for(self._stopping.wait(), backoff)
                 backoff = min(backoff * 2, 2.0)
 
-    async def _fill_client(self, url: str) -> RespClient:
-        client = self._fills.get(url)
-        if client is None or client.closed:
-            client = self._fills[url] = await RespClient.connect(url, wait=self.timeout)
-        return client
+    def keyspace_cap(self) -> int:
+        """Keys one keyspace may have in flight: all of ``max_in_flight`` for an app of one
+        keyspace; else a share, a quarter at most, so that a hung keyspace (or three) leave room."""
+        if self.max_in_flight_per_keyspace is not None:
+            return min(self.max_in_flight_per_keyspace, self.max_in_flight)
+        n = len(self.km.registry)
+        return self.max_in_flight if n <= 1 else max(1, self.max_in_flight // min(n, 4))
+
+    def _limits(self, count: int) -> dict[str, int]:
+        """TAKE's LIMITs: each keyspace with less room than ``count`` left, by its name."""
+        cap = self.keyspace_cap()
+        limits = {}
+        for ks in self.km.registry:
+            left = cap - self._by_keyspace.get(ks.pattern, 0)
+            if left < count:
+                limits[ks.pattern] = max(0, left)
+        return limits
+
+    def _pattern(self, key: str) -> str:
+        ks = self.km.registry.route(key)
+        return NO_KEYSPACE if ks is None else ks.pattern
 
     async def _session(self, url: str) -> None:
         """One connection that registers and takes (the module counts it as a live worker while it
@@ -293,28 +331,41 @@ class Worker:
         try:
             for args in self.registrations():
                 await take.call(args)
-            await self._fill_client(url)
-            self._max_bulk[url] = await self._bulk_limit(take)
+            await self.answers.client(url)
+            await self.answers.learn(url, take)
             self.stats.nodes.add(url)
             log.info(
                 "worker serving %s: %s", redact_url(url), ", ".join(ks.pattern for ks in self.km.registry)
             )
             lease = self.lease_ms()
-            wait = self.block_ms / 1000 + self.timeout
             while not self._stopping.is_set():
-                room = self.max_in_flight - self._in_flight
-                if room <= 0:
-                    self._room.clear()
+                count = min(self.max_in_flight - self._in_flight, self.batch)
+                limits = self._limits(count)
+                if count <= 0 or (len(limits) == len(self.km.registry) and not any(limits.values())):
+                    self._room.clear()  # no room at all, or none in any keyspace
                     await self._room.wait()
                     continue
-                reply = await take.call(protocol.take(min(room, self.batch), self.block_ms, lease), wait=wait)
+                # a keyspace without room is not taken from, so wait briefly: it may have room soon
+                block = min(self.block_ms, SATURATED_BLOCK_MS) if 0 in limits.values() else self.block_ms
+                command = protocol.take(count, block, lease, limits)
+                try:
+                    reply = await take.call(command, wait=block / 1000 + self.timeout)
+                except ReplyError as exc:
+                    if str(exc).split(" ", 1)[0] not in TRANSIENT:
+                        raise
+                    # a cluster that went down answers a blocked TAKE so: the session, and what
+                    # it took, stay (a closed one would hand its keys to be computed again)
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(self._stopping.wait(), RETRY_MAX)
+                    continue
                 self.stats.takes += 1
                 pairs = protocol.decode_take(reply)
                 if not pairs:
                     continue
                 self.stats.taken += len(pairs)
-                self._begin(len(pairs))
-                task = asyncio.get_running_loop().create_task(self._compute(url, pairs))
+                patterns = [self._pattern(key) for key, _ in pairs]
+                self._begin(patterns)
+                task = asyncio.get_running_loop().create_task(self._compute(url, pairs, patterns))
                 self._tasks.add(task)
                 task.add_done_callback(self._tasks.discard)
             # draining: the module requeues what a closed connection took, so this one stays open
@@ -325,123 +376,77 @@ class Worker:
             self.stats.nodes.discard(url)
             await take.close()
 
-    async def _bulk_limit(self, conn: RespClient) -> int:
-        """The largest value the server takes in one argument (CONFIG may be renamed or denied:
-        then Redis's default)."""
-        try:
-            reply = await conn.call(["CONFIG", "GET", "proto-max-bulk-len"])
-            return int(reply[1]) if isinstance(reply, list) and len(reply) == 2 else MAX_BULK
-        except (ReplyError, ValueError, TypeError):
-            return MAX_BULK
-
-    def _begin(self, n: int) -> None:
-        self._in_flight += n
+    def _begin(self, patterns: Sequence[str]) -> None:
+        self._in_flight += len(patterns)
+        for p in patterns:
+            self._by_keyspace[p] = self._by_keyspace.get(p, 0) + 1
         self._idle.clear()
 
-    def _end(self, n: int) -> None:
-        self._in_flight -= n
+    def _end(self, patterns: Sequence[str]) -> None:
+        self._in_flight -= len(patterns)
+        for p in patterns:
+            self._by_keyspace[p] -= 1
         self._room.set()
         if self._in_flight == 0:
             self._idle.set()
 
-    async def _compute(self, url: str, pairs: Sequence[tuple[str, int]]) -> None:
+    async def _compute(self, url: str, pairs: Sequence[tuple[str, int]], patterns: Sequence[str]) -> None:
         """Compute what one TAKE handed over and answer each key as soon as it is done: a key of a
         fast keyspace taken with a slow one is not held back by it (the keys finished together
-        leave as one write)."""
-        left = len(pairs)
+        leave as one write). Cancelled (the worker stopped), it leaves its keys to their leases."""
+        left = dict(enumerate(patterns))  # the keys not yet answered, by their place in pairs
         try:
             started = await self.km.compute_each([k for k, _ in pairs])
-            ready: list[tuple[str, int, Any]] = []
-            waiting: dict[asyncio.Future[Computed], tuple[str, int]] = {}
-            for (key, token), fut in zip(pairs, started, strict=True):
+            ready: list[tuple[int, Any]] = []
+            waiting: dict[asyncio.Future[Computed], int] = {}
+            for i, fut in enumerate(started):
                 if isinstance(fut, asyncio.Future):
-                    waiting[asyncio.ensure_future(asyncio.shield(fut))] = (key, token)
+                    # waited on, never cancelled by this task; its outcome read even if it is
+                    # abandoned, so that a stopped worker leaves no "exception never retrieved"
+                    fut.add_done_callback(_retrieve)
+                    waiting[fut] = i
                 else:
-                    ready.append((key, token, fut))
+                    ready.append((i, fut))
             while True:
                 if ready:
-                    await self._answer(url, ready)
-                    left -= len(ready)
-                    self._end(len(ready))
+                    await self.answers.answer(url, [(*pairs[i], result) for i, result in ready])
+                    self._end([left.pop(i) for i, _ in ready])
                     ready = []
                 if not waiting:
                     return
                 done, _ = await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
-                for f in done:
-                    key, token = waiting.pop(f)
-                    try:
-                        ready.append((key, token, f.result()))
-                    except Exception as exc:  # the key's own error, sent to its readers
-                        ready.append((key, token, exc))
+                ready = [(waiting.pop(f), _outcome(f)) for f in done]
         except (OSError, ConnectionError, RuntimeError) as exc:
-            log.warning("could not answer %d key(s): %s (their leases will hand them on)", left, exc)
+            log.warning("could not answer %d key(s): %s (their leases will hand them on)", len(left), exc)
         finally:
             if left:
-                self._end(left)
+                self._end(list(left.values()))
 
-    def _answer_args(self, url: str, key: str, token: int, result: Any) -> list[Any]:
-        raw = key.encode("utf-8", "surrogateescape")
-        if isinstance(result, Computed):
-            limit = self._max_bulk.get(url, MAX_BULK)
-            if len(result.value) > limit:  # the server would drop the connection, not the value
-                return protocol.fail(
-                    raw,
-                    token,
-                    f"{protocol.ERR_PREFIX}the value ({len(result.value)} bytes) is larger than the server's "
-                    f"proto-max-bulk-len ({limit} bytes); it cannot be stored",
-                )
-            ttl = result.ttl or self.default_ttl
-            ks = self.km.registry.route(key)
-            stale = ks.stale if ks is not None and ks.stale else 0.0  # kept for the stale window
-            return protocol.fill(
-                raw,
-                token,
-                result.value,
-                px=max(1, int((ttl + stale) * 1000)) if ttl else None,
-                # the module discards another version's value
-                version=result.version.hex() if ks is not None and ks.version is not None else None,
-            )
-        text = (
-            f"{protocol.ERR_PREFIX}no keyspace of this worker owns the key"
-            if result is None
-            else error_line(result)
-        )
-        return protocol.fail(raw, token, text)
 
-    async def _send(self, url: str, commands: list[list[Any]]) -> list[Any]:
-        for attempt in range(3):  # a connection that outlived a server restart fails once
-            try:
-                return await (await self._fill_client(url)).call_many(commands)
-            except (OSError, ConnectionError):
-                if attempt == 2:
-                    raise
-                await asyncio.sleep(0.05 * (attempt + 1))
-        raise AssertionError("unreachable")
+def _credentials_refused(exc: BaseException) -> str | None:
+    """Why the server refused the session's credentials (NOAUTH, WRONGPASS, NOPERM), or None. A
+    server that wants a password answers a long command (a REGISTER) from a client that gave none
+    with a protocol error before it could say NOAUTH: that is a NOAUTH too."""
+    if not isinstance(exc, ReplyError):
+        return None
+    text = str(exc)
+    if text.split(" ", 1)[0] in AUTH_REFUSALS:
+        return text
+    if "Protocol error: unauthenticated" in text:
+        return f"NOAUTH: the server wants a password ({text})"
+    return None
 
-    async def _answer(self, url: str, results: list[tuple[str, int, Any]]) -> None:
-        """FILL or FAIL each key. A FILL the server refuses before the module sees it (MISCONF: its
-        disk is full; OOM: maxmemory) becomes a FAIL with the server's reason, so the readers get
-        that error now instead of a timeout later."""
-        commands = [self._answer_args(url, key, token, result) for key, token, result in results]
-        replies = await self._send(url, commands)
-        refused: list[list[Any]] = []
-        for args, reply in zip(commands, replies, strict=True):
-            if isinstance(reply, ReplyError):
-                log.warning("the server refused %s: %s", args[0], reply)
-                self.stats.failures += 1
-                if args[0] == protocol.CMD_FILL:
-                    why = f"{protocol.ERR_PREFIX}the server refused to store the value: {reply}"
-                    refused.append(protocol.fail(args[1], args[2], why))
-            elif args[0] == protocol.CMD_FILL and reply == 1:
-                self.stats.fills += 1
-            elif args[0] == protocol.CMD_FILL:
-                self.stats.discarded += 1
-            else:
-                self.stats.failures += 1
-        if refused:
-            for reply in await self._send(url, refused):
-                if isinstance(reply, ReplyError):
-                    log.warning("the server refused %s too: %s", protocol.CMD_FAIL, reply)
+
+def _retrieve(fut: asyncio.Future[Any]) -> None:
+    if not fut.cancelled():
+        fut.exception()
+
+
+def _outcome(fut: asyncio.Future[Computed]) -> Any:
+    """A finished computation's value, or its error (a cancelled one's too) for its readers."""
+    if fut.cancelled():
+        return KeymissError("the computation was cancelled")
+    return fut.exception() or fut.result()
 
 
 async def run_worker(km: Keymiss, url: str, **options: Any) -> int:

@@ -230,7 +230,8 @@ async def test_a_value_the_server_will_not_store_fails_its_readers_at_once(kind:
         return b"x" * int(key.split(":")[1])
 
     try:
-        async with running(km, url(server)):
+        # a share of all of maxmemory: the OOM path, not the one for values over the share
+        async with running(km, url(server), max_value_share=1.0):
             t0 = time.monotonic()
             got = await resp(server.port, "GET", "big:2000000")
             assert isinstance(got, ReplyError) and "larger than the server's proto-max-bulk-len" in str(
