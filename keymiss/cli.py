@@ -85,7 +85,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     serve.add_argument("--max-clients", type=int)
     serve.add_argument(
-        "--admin-password", help="the embedded server's operator user 'admin' (clients cannot reconfigure it)"
+        "--admin-password",
+        help="the embedded server's operator user 'admin': the one login that may reconfigure it "
+        "(clients cannot)",
     )
     serve.add_argument(
         "--max-value-share",
@@ -93,7 +95,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="a computed value over this share of maxmemory is answered, not stored (default 0.1)",
     )
     serve.add_argument("--max-in-flight", type=int, help="computations at once before -BUSY")
-    serve.add_argument("--output-buffer", help="unread reply bytes before a client is disconnected")
+    serve.add_argument(
+        "--output-buffer",
+        help="unread reply bytes before a client is disconnected (default 64MB; the embedded server "
+        "caps it at an eighth of --max-memory)",
+    )
     serve.add_argument(
         "--output-stall-seconds",
         type=float,

@@ -4,6 +4,7 @@ then command-line flags (each overriding the one before)."""
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import tomllib
 from dataclasses import dataclass, field, fields
@@ -68,16 +69,54 @@ class Settings:
         return parse_size(getattr(self, name), what=name.replace("_", "-"))
 
     def validate(self) -> None:
+        """ConfigError, one line naming the setting, for any value that means nothing: checked at
+        start, before anything is created."""
         for name in ("max_bulk", "max_inline", "query_buffer", "output_buffer"):
             self.size(name)
+        minimums = {"max_bulk": 1024, "max_inline": 1024, "query_buffer": 1024, "output_buffer": 64 * 1024}
+        for name, least in minimums.items():
+            if self.size(name) < least:
+                raise ConfigError(
+                    f"{_flag(name)} must be at least {least // 1024}KB, got {self.size(name)} bytes"
+                )
+        if self.max_memory is not None and self.size("max_memory") < MIN_MAX_MEMORY:
+            raise ConfigError(
+                f"max-memory must be at least 1MB (the server needs that much for itself), got "
+                f"{self.size('max_memory')} bytes"
+            )
         if not 0 <= self.port < 65536:
-            raise ConfigError(f"port {self.port} is out of range")
-        if self.max_clients < 1 or self.max_in_flight < 1:
-            raise ConfigError("max-clients and max-in-flight must be at least 1")
+            raise ConfigError(f"port must be between 0 and 65535 (0 picks a free one), got {self.port}")
+        if self.metrics_port is not None:
+            if not 0 < self.metrics_port < 65536:
+                raise ConfigError(f"metrics-port must be between 1 and 65535, got {self.metrics_port}")
+            if self.metrics_port == self.port:
+                raise ConfigError(f"metrics-port cannot be the server's own port ({self.port})")
+        for name in ("max_clients", "max_in_flight", "max_args", "qa_batch_size"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{_flag(name)} must be at least 1, got {getattr(self, name)}")
+        for name in ("output_stall_seconds", "request_seconds"):
+            value = getattr(self, name)
+            if not (math.isfinite(value) and value > 0):
+                raise ConfigError(f"{_flag(name)} must be above 0 seconds, got {value:g}")
+        for name in ("grace_seconds", "qa_batch_wait_ms"):
+            value = getattr(self, name)
+            if not (math.isfinite(value) and value >= 0):
+                raise ConfigError(f"{_flag(name)} must be 0 or more, got {value:g}")
+        if self.restarts < 0:
+            raise ConfigError(f"restarts must be 0 or more, got {self.restarts}")
+        if not 0 < self.max_value_share <= 1:
+            raise ConfigError(
+                "max-value-share must be above 0 and at most 1 (a share of maxmemory), got "
+                f"{self.max_value_share:g}"
+            )
+        for name in ("requirepass", "admin_password"):
+            secret = getattr(self, name)
+            if secret is not None and any(ch in secret for ch in "\r\n\0"):
+                raise ConfigError(f"the password (--{_flag(name)}) cannot contain line breaks or NUL bytes")
+        if self.admin_password == "":
+            raise ConfigError("admin-password cannot be empty")
         if self.server not in (None, "valkey", "python"):
             raise ConfigError(f"server must be valkey or python, got {self.server!r}")
-        if self.restarts < 0:
-            raise ConfigError("restarts cannot be negative")
         if not 0 < self.default_ttl <= MAX_TTL:
             raise ConfigError(
                 f"default-ttl must be between 1 second and {MAX_TTL / 86400:g} days, got "
@@ -87,6 +126,13 @@ class Settings:
         if self.handler_errors is not None and self.handler_errors not in ("message", "type"):
             raise ConfigError(f"handler-errors must be message or type, got {self.handler_errors!r}")
 
+
+def _flag(name: str) -> str:
+    return name.replace("_", "-")
+
+
+#: The smallest maxmemory keymiss accepts: the server's own structures take about that much.
+MIN_MAX_MEMORY = 1024**2
 
 #: The longest TTL or timeout the module keeps (its option parser's limit), in seconds.
 MAX_TTL = protocol.MAX_MS / 1000
