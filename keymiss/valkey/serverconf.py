@@ -1,10 +1,11 @@
-"""The embedded server's configuration: which binary runs (found and probed), and the config file
+"""The embedded server's configuration: which binary runs (found and probed), and the configuration
 rendered from keymiss's settings, with the directives keymiss owns refused in ``[keymiss.valkey]``
-and the ACL that keeps clients off the worker's commands."""
+and the ACL that keeps clients from reconfiguring the server or running the worker's commands."""
 
 from __future__ import annotations
 
 import logging
+import math
 import os
 import re
 import shutil
@@ -14,6 +15,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from keymiss.config import MIN_MAX_MEMORY
 from keymiss.errors import ConfigError
 from keymiss.valkey import protocol
 
@@ -25,23 +27,50 @@ SERVER_POLICIES = {"tinylfu": "volatile-lfu", "tinylfu-cost": "volatile-lfu", "l
 #: server policies accepted as they are
 NATIVE_POLICIES = ("volatile-lfu", "volatile-lru", "volatile-ttl", "volatile-random", "noeviction")
 
-#: directives keymiss sets from its own settings; a ``[keymiss.valkey]`` table may not override them
 SOCKET_NAME = "valkey.sock"
-#: The ACL user keymiss's own connections log in as; clients cannot run the worker's commands.
+#: The ACL user keymiss's own connections log in as, with a password made for each run.
 OWN_USER = "keymiss"
+#: The operator's user (``--admin-password``): the one login besides keymiss's that may reconfigure
+#: the server.
+ADMIN_USER = "admin"
 WORKER_COMMANDS = tuple(c.lower() for c in protocol.WORKER_COMMANDS)
 
+#: What clients (the default user) may run: every command but the server's ``@admin`` category
+#: (ACL beyond WHOAMI/CAT/GENPASS, CONFIG, MODULE, DEBUG, SHUTDOWN, REPLICAOF/SLAVEOF, FAILOVER,
+#: MONITOR, SAVE/BGSAVE, SYNC/PSYNC, CLIENT KILL/PAUSE/UNPAUSE/NO-EVICT/UNBLOCK, LATENCY, SLOWLOG,
+#: ...), with CLIENT LIST given back (it reads, it changes nothing); minus RESTORE and FUNCTION
+#: RESTORE (a crafted payload is read without deep checks) and MIGRATE (the server would connect
+#: wherever a client says); minus the workers' commands (a client registering ``*`` would shadow
+#: every plain miss, one filling would forge answers). Every name exists in Redis 7.0 and Valkey.
+CLIENT_RULES = (
+    "+@all",
+    "-@admin",
+    "+client|list",
+    "-restore",
+    "-restore-asking",
+    "-function|restore",
+    "-migrate",
+    *(f"-{c}" for c in WORKER_COMMANDS),
+)
+
+#: directives keymiss sets from its own settings: a ``[keymiss.valkey]`` table may not override
+#: them (the flag to use instead, where there is one)
 OWNED = {
     "unixsocket": None,
     "unixsocketperm": None,
+    "unixsocketgroup": None,
     "user": "requirepass",
     "aclfile": "requirepass",
     "rename-command": None,
     "port": "port",
     "bind": "host",
+    "protected-mode": None,
     "requirepass": "requirepass",
     "maxmemory": "max-memory",
     "maxmemory-policy": "eviction",
+    "maxclients": "max-clients",
+    "proto-max-bulk-len": "max-bulk",
+    "client-query-buffer-limit": "query-buffer",
     "dir": "data-dir",
     "loadmodule": None,
     "include": None,
@@ -50,6 +79,31 @@ OWNED = {
     "logfile": None,
     "pidfile": None,
 }
+
+#: directives that would undo what keymiss promises, refused whatever their value: replication (the
+#: embedded server is a cache of its own: a replica drops its data for another server's, and
+#: ``masterauth`` would hand keymiss's secrets to it), and the switches that open MODULE, DEBUG
+#: and the protected configs (``dir``, ...) to connections
+FORBIDDEN = {
+    "replicaof": "the embedded server is never a replica",
+    "slaveof": "the embedded server is never a replica",
+    "masterauth": "the embedded server is never a replica",
+    "masteruser": "the embedded server is never a replica",
+    "primaryauth": "the embedded server is never a replica",
+    "primaryuser": "the embedded server is never a replica",
+    "enable-protected-configs": "keymiss keeps it off",
+    "enable-module-command": "keymiss keeps it off",
+    "enable-debug-command": "keymiss keeps it off",
+}
+
+#: One client's unsent replies are capped at this share of ``maxmemory`` (and never above
+#: ``--output-buffer``): a client that never reads is disconnected before it could make the server
+#: evict more than that. It is above ``--max-value-share``'s default (0.1), so one computed value
+#: always fits.
+OUTPUT_SHARE = 1 / 8
+
+#: the smallest ``proto-max-bulk-len`` and ``client-query-buffer-limit`` the server takes
+SERVER_MIN_LIMIT = 1024**2
 
 #: connections keymiss itself may hold to its server, on top of ``--max-clients``
 OWN_CONNECTIONS = 48
@@ -121,19 +175,66 @@ def find_binary(explicit: str | None = None) -> tuple[ServerBinary | None, str]:
         return None, str(exc)
 
 
+def quoted(text: str) -> str:
+    """``text`` as one argument of the server's configuration parser: in double quotes, with
+    backslashes and quotes escaped (an empty string stays an argument)."""
+    return '"' + text.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
 def config_value(v: Any, name: str) -> str:
+    """A ``[keymiss.valkey]`` value as the server reads it: a string (or number) is one argument,
+    quoted; a list is one argument per item; a boolean is yes or no."""
     if isinstance(v, bool):
         return "yes" if v else "no"
     if isinstance(v, list):
-        return " ".join(config_value(x, name) for x in v)
+        return " ".join(config_value(x, name) for x in v) if v else '""'
+    if isinstance(v, dict):
+        raise ConfigError(f"[keymiss.valkey] {name}: a server setting is a value or a list, not a table")
     text = str(v)
     if any(c in text for c in "\r\n\0"):
         raise ConfigError(f"[keymiss.valkey] {name}: a value cannot span lines")
-    return text
+    return quoted(text)
 
 
-def quoted(text: str) -> str:
-    return '"' + text.replace("\\", "\\\\").replace('"', '\\"') + '"'
+def _words(v: Any) -> list[str]:
+    if isinstance(v, list):
+        return [w for x in v for w in _words(x)]
+    return str(v).lower().split()
+
+
+def directive_lines(extra: Mapping[str, Any]) -> list[str]:
+    """The ``[keymiss.valkey]`` table as configuration lines; ConfigError names the first directive
+    keymiss owns or refuses, and says which flag sets it instead."""
+    lines = []
+    for raw_name, value in extra.items():
+        name = raw_name.lower().replace("_", "-")
+        if name in OWNED:
+            flag = OWNED[name]
+            raise ConfigError(
+                f"[keymiss.valkey] cannot set {raw_name!r}: keymiss sets it"
+                + (f" (use {flag})" if flag else "")
+            )
+        if name in FORBIDDEN:
+            raise ConfigError(f"[keymiss.valkey] cannot set {raw_name!r}: {FORBIDDEN[name]}")
+        if name == "client-output-buffer-limit" and "normal" in _words(value)[0::4]:
+            # the other classes (pubsub, replica) pass through; the clients' class is keymiss's
+            raise ConfigError(
+                f"[keymiss.valkey] cannot set {raw_name!r} for the normal class: keymiss sets it "
+                "(use output-buffer)"
+            )
+        if not re.fullmatch(r"[a-z][a-z0-9-]*", name):
+            raise ConfigError(f"[keymiss.valkey] {raw_name!r} is not a server setting name")
+        lines.append(f"{name} {config_value(value, raw_name)}")
+    return lines
+
+
+def output_limits(max_memory: int, output_buffer: int, stall_seconds: float) -> tuple[int, int, int]:
+    """``client-output-buffer-limit normal``'s hard limit, soft limit and soft seconds. The hard
+    limit is the smaller of ``--output-buffer`` and ``OUTPUT_SHARE`` of maxmemory: a client whose
+    unsent replies reach it is disconnected at once. One whose replies stay above half of it for
+    ``--output-stall-seconds`` (whole seconds, rounded up) is disconnected then."""
+    hard = max(1, min(output_buffer, int(max_memory * OUTPUT_SHARE)))
+    return hard, hard // 2, max(1, math.ceil(stall_seconds))
 
 
 def server_policy(eviction: str | None) -> str:
@@ -187,6 +288,7 @@ def render_config(
     eviction: str | None,
     requirepass: str | None,
     own_password: str,
+    admin_password: str | None = None,
     max_clients: int,
     max_bulk: int,
     query_buffer: int,
@@ -194,11 +296,20 @@ def render_config(
     output_stall_seconds: float,
     extra: Mapping[str, Any],
 ) -> str:
-    """The child's configuration file. Secrets go here (mode 0600), never on its command line."""
+    """The child's configuration, secrets included: it is handed to the server on its standard
+    input, never written to a file or put on its command line."""
     try:
         bind = sorted({str(info[4][0]) for info in socket.getaddrinfo(host, None, type=socket.SOCK_STREAM)})
     except OSError as exc:
         raise ConfigError(f"cannot resolve host {host!r}: {exc}") from None
+    if max_memory < MIN_MAX_MEMORY:
+        raise ConfigError(f"max-memory must be at least 1MB, got {max_memory} bytes")
+    for flag, size in (("max-bulk", max_bulk), ("query-buffer", query_buffer)):
+        if size < SERVER_MIN_LIMIT:
+            raise ConfigError(
+                f"{flag} must be at least 1MB with the embedded server (its smallest limit), got {size} bytes"
+            )
+    hard, soft, seconds = output_limits(max_memory, output_buffer, output_stall_seconds)
     lines = [
         f"port {port}",
         "bind " + " ".join(bind),
@@ -216,34 +327,27 @@ def render_config(
         f"maxmemory-policy {server_policy(eviction)}",
         # keymiss's own connections (workers, context reads, metrics) come on top of the clients'
         f"maxclients {max_clients + OWN_CONNECTIONS}",
-        f"proto-max-bulk-len {max(1024**2, max_bulk)}",
-        f"client-query-buffer-limit {max(1024**2, query_buffer)}",
-        # a client whose unsent replies stay above the limit this long is disconnected: one large
-        # reply streams to a client that reads, as in the Python server
-        f"client-output-buffer-limit normal 0 {output_buffer} {max(1, int(output_stall_seconds))}",
+        f"proto-max-bulk-len {max_bulk}",
+        f"client-query-buffer-limit {query_buffer}",
+        # one client's unsent replies: disconnected at the hard limit (a share of maxmemory, so
+        # that a client that never reads cannot make the server evict), or above half of it for
+        # the stall seconds
+        f"client-output-buffer-limit normal {hard} {soft} {seconds}",
     ]
     if data_dir:
         lines += [f"save {DEFAULT_SAVE}", "dbfilename dump.rdb", "appendonly no"]
     else:
         lines += ['save ""', "appendonly no"]
-    if requirepass and any(ch in requirepass for ch in "\r\n\0"):
-        raise ConfigError("the password (--requirepass) cannot contain line breaks or NUL bytes")
-    # Clients are the default user, with every command but the worker's: only keymiss registers
-    # keyspaces and fills them (a client registering '*' would shadow every plain miss). keymiss's
-    # own connections log in as a user of their own, with a password made for this run.
+    for flag, secret in (("requirepass", requirepass), ("admin-password", admin_password)):
+        if secret is not None and any(ch in secret for ch in "\r\n\0"):
+            raise ConfigError(f"the password (--{flag}) cannot contain line breaks or NUL bytes")
+    # Clients are the default user: they read, write and script, and cannot reconfigure the server
+    # nor run the workers' commands. keymiss's own connections log in as a user of their own, with
+    # a password made for this run; the operator, with --admin-password, as ``admin``.
     password = quoted(">" + requirepass) if requirepass else "nopass"
-    worker_commands = " ".join(f"-{c}" for c in WORKER_COMMANDS)
-    lines.append(f"user default on {password} ~* &* +@all {worker_commands}")
+    lines.append(f"user default on {password} ~* &* " + " ".join(CLIENT_RULES))
     lines.append(f"user {OWN_USER} on {quoted('>' + own_password)} ~* &* +@all")
-    for raw_name, value in extra.items():
-        name = raw_name.lower().replace("_", "-")
-        if name in OWNED:
-            flag = OWNED[name]
-            raise ConfigError(
-                f"[keymiss.valkey] cannot set {raw_name!r}: keymiss sets it"
-                + (f" (use {flag})" if flag else "")
-            )
-        if not re.fullmatch(r"[a-z][a-z0-9-]*", name):
-            raise ConfigError(f"[keymiss.valkey] {raw_name!r} is not a server setting name")
-        lines.append(f"{name} {config_value(value, raw_name)}")
+    if admin_password:
+        lines.append(f"user {ADMIN_USER} on {quoted('>' + admin_password)} ~* &* +@all")
+    lines += directive_lines(extra)
     return "\n".join(lines) + "\n"
