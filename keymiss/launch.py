@@ -95,5 +95,5 @@ def serve(km: Keymiss, settings: Settings, *, config_file: str | None = None) ->
         return run(km, settings, config_file=config_file)
     from keymiss.valkey.runner import run_module_front
 
-    log.info("front end: %s", front.why)
+    # the run says which front end once its settings passed (a refusal is the only line said)
     return run_module_front(km, settings, binary=front.binary, url=front.url, why=front.why)

@@ -2,10 +2,13 @@
 
 A real server answers the hits (at its own speed, every command a Redis client knows) and the
 keymiss module queues the misses for the workers that run in keymiss's own process. keymiss owns
-the child's life: it writes the configuration from its settings, forwards the server's log into
-its own, restarts a server that dies (with backoff, and gives up loudly after repeated deaths rather
-than run half-alive), shuts it down cleanly, and ties it to the parent so that a ``kill -9`` of
-keymiss leaves no orphan server holding the port.
+the child's life: it renders the configuration from its settings and hands it over on the child's
+standard input (no password on disk or on a command line), forwards the server's log into its own,
+restarts a server that dies (with backoff, and gives up loudly after repeated deaths rather than
+run half-alive), shuts it down cleanly, and ties it to the parent so that a ``kill -9`` of keymiss
+leaves no orphan server holding the port. Its private folder (the server's unix socket, and the
+pid of the keymiss that made it) goes with it; one left by a keymiss killed outright is removed by
+the next start.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ import secrets
 import shutil
 import signal
 import socket
+import stat
 import sys
 import tempfile
 import time
@@ -28,7 +32,7 @@ from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 from urllib.parse import quote
 
-from keymiss.errors import ReplyError
+from keymiss.errors import ReplyError, error_line
 from keymiss.sizes import parse_size
 from keymiss.valkey.respclient import RespClient
 from keymiss.valkey.serverconf import (
@@ -48,6 +52,13 @@ _LEVELS = {"#": logging.WARNING, "*": logging.INFO, "-": logging.DEBUG, ".": log
 _QUIET = re.compile(
     r"^(Legacy Redis Module .*keymiss.* found|Module keymiss OnUnload failed|Failed to unload module keymiss)"
 )
+#: the server's refusals of a login or of a user's command
+_REFUSALS = ("NOAUTH", "WRONGPASS", "NOPERM")
+
+#: keymiss's private folders in the temporary directory: ``<prefix>XXXXXXXX``, made by mkdtemp
+WORKDIR_PREFIX = "keymiss-valkey-"
+#: in each, the pid of the keymiss that made it and that process's start time
+PID_FILE = "keymiss.pid"
 
 
 def _info_field(info: Any, name: str) -> str | None:
@@ -75,6 +86,78 @@ def _tie_to_parent(parent: int) -> Callable[[], None]:
     return tie
 
 
+def _process_start(pid: int) -> tuple[str, str] | None:
+    """``(state, start time)`` of process ``pid`` from ``/proc`` (Linux), or None where there is
+    no such process (or no ``/proc``). The start time tells a reused pid from the one recorded."""
+    try:
+        with open(f"/proc/{pid}/stat", encoding="ascii", errors="replace") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return None
+    return (fields[0], fields[19]) if len(fields) > 19 else None
+
+
+def _record() -> str:
+    started = _process_start(os.getpid())
+    return f"{os.getpid()} {started[1] if started else ''}".strip() + "\n"
+
+
+def _alive(record: str) -> bool:
+    """Whether the keymiss a folder's pid file names still runs (ValueError: not a record)."""
+    pid_text, _, start = record.strip().partition(" ")
+    pid = int(pid_text)
+    if pid <= 0:
+        raise ValueError(record)
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # a process of another user holds the pid now: not ours to judge
+    now = _process_start(pid)
+    if now is None:  # no /proc: the pid exists, which is all there is to know
+        return True
+    state, started = now
+    return state not in ("Z", "X") and (not start or started == start)
+
+
+def remove_stale_workdirs(base: str | None = None) -> list[str]:
+    """Remove the private folders of keymiss runs that ended without removing theirs (a ``kill
+    -9``): folders in the temporary directory named like keymiss's, owned by this user, holding a
+    pid file whose keymiss no longer runs. Anything else is left alone. The folders removed."""
+    removed: list[str] = []
+    base = base or tempfile.gettempdir()
+    try:
+        entries = list(os.scandir(base))
+    except OSError:
+        return removed
+    for entry in entries:
+        if not entry.name.startswith(WORKDIR_PREFIX):
+            continue
+        try:
+            st = entry.stat(follow_symlinks=False)
+            if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.getuid():
+                continue
+            with open(os.path.join(entry.path, PID_FILE), encoding="ascii") as f:
+                if _alive(f.read(100)):
+                    continue
+        except (OSError, ValueError, UnicodeDecodeError):
+            continue  # no pid file (being made, or not keymiss's), or not one keymiss wrote
+        shutil.rmtree(entry.path, ignore_errors=True)
+        removed.append(entry.path)
+    return removed
+
+
+def make_workdir() -> str:
+    """A new private folder (0700) with this process's pid file in it."""
+    path = tempfile.mkdtemp(prefix=WORKDIR_PREFIX)
+    partial = os.path.join(path, PID_FILE + ".new")
+    with open(partial, "w", encoding="ascii") as f:
+        f.write(_record())
+    os.replace(partial, os.path.join(path, PID_FILE))  # whole, or not there: never half a record
+    return path
+
+
 def free_port(host: str) -> int:
     with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
         s.bind((host, 0))
@@ -99,6 +182,7 @@ class EmbeddedServer:
         max_memory: int | str = "auto",
         eviction: str | None = None,
         requirepass: str | None = None,
+        admin_password: str | None = None,
         max_clients: int = 10_000,
         max_bulk: int = 512 * 1024**2,
         query_buffer: int = 1024**3,
@@ -127,6 +211,7 @@ class EmbeddedServer:
             eviction=eviction,
             requirepass=requirepass,
             own_password=self._own_password,
+            admin_password=admin_password,
             max_clients=max_clients,
             max_bulk=max_bulk,
             query_buffer=query_buffer,
@@ -135,8 +220,11 @@ class EmbeddedServer:
             extra=extra or {},
         )
         render(workdir="/nonexistent")  # refused settings raise here, before anything is created
-        self.workdir = tempfile.mkdtemp(prefix="keymiss-valkey-")
-        self.config_text = render(workdir=self.workdir)
+        self.workdir = make_workdir()
+        #: handed to the server on its standard input at each start, kept nowhere else
+        self._config_text = render(workdir=self.workdir)
+        self._tidied = False
+        self._restart_why = ""
         self.proc: asyncio.subprocess.Process | None = None
         self.started_at = 0.0
         self._up_since = 0.0
@@ -189,15 +277,16 @@ class EmbeddedServer:
         holder = port_in_use(self.host, self.port)
         if holder:
             raise ServerFailed(f"port {self.port} on {self.host} is in use by another process ({holder})")
-        path = os.path.join(self.workdir, "valkey.conf")
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "w") as f:
-            f.write(self.config_text)
+        if not self._tidied:  # once: folders left by keymiss runs killed outright
+            self._tidied = True
+            for path in remove_stale_workdirs(os.path.dirname(self.workdir)):
+                log.info("removed %s, left by a keymiss that is no longer running", path)
         self._recent.clear()
+        self._restart_why = ""
         self.proc = await asyncio.create_subprocess_exec(
             self.binary.path,
-            path,
-            stdin=asyncio.subprocess.DEVNULL,
+            "-",  # the configuration comes on standard input: secrets never touch the disk
+            stdin=asyncio.subprocess.PIPE,
             stdout=asyncio.subprocess.PIPE,
             stderr=asyncio.subprocess.STDOUT,
             cwd=self.workdir,
@@ -205,6 +294,14 @@ class EmbeddedServer:
             start_new_session=True,
             preexec_fn=_tie_to_parent(os.getpid()),
         )
+        assert self.proc.stdin is not None
+        try:
+            self.proc.stdin.write(self._config_text.encode())
+            await self.proc.stdin.drain()
+        except (BrokenPipeError, ConnectionResetError):
+            pass  # it exited at once: its last words say why (below)
+        finally:
+            self.proc.stdin.close()
         self._log_task = asyncio.get_running_loop().create_task(self._forward_log(self.proc))
         log.info("started %s, pid %d, on %s:%d", self.binary, self.proc.pid, self.host, self.port)
         await self._wait_ready()
@@ -285,6 +382,8 @@ class EmbeddedServer:
             while deaths and now - deaths[0] > 60:
                 deaths.popleft()
             how = f"killed by signal {-status}" if status < 0 else f"exited with status {status}"
+            if self._restart_why:
+                how = f"was stopped by keymiss ({self._restart_why})"
             if len(deaths) > self.restarts:
                 raise ServerFailed(f"the server {how}, its {len(deaths)}th death within a minute: giving up")
             log.error("the server %s; restarting it in %.1fs", how, backoff)
@@ -299,6 +398,37 @@ class EmbeddedServer:
                 continue  # counted as another death by the loop (its process has exited)
             if on_restart is not None:
                 await on_restart()
+
+    def restart(self, why: str) -> bool:
+        """Stop the running server (SIGTERM: it saves first when persistence is on) for
+        ``supervise`` to start it again from keymiss's configuration, its users and settings as
+        keymiss made them; the restart counts as a death. False when none is running."""
+        proc = self.proc
+        if proc is None or proc.returncode is not None or self._stopping:
+            return False
+        self._restart_why = why
+        with contextlib.suppress(ProcessLookupError):
+            proc.terminate()
+        return True
+
+    async def refused_login(self) -> str | None:
+        """The server's refusal of keymiss's own login (NOAUTH, WRONGPASS, NOPERM), or None when it
+        lets keymiss in, or does not answer (a dead server is supervision's business)."""
+        try:
+            client = await RespClient.connect(self.url, wait=2)
+        except ReplyError as exc:
+            return error_line(exc) if str(exc).startswith(_REFUSALS) else None
+        except (TimeoutError, OSError, ConnectionError):
+            return None
+        try:
+            await client.call(["PING"], wait=2)
+        except ReplyError as exc:
+            return error_line(exc) if str(exc).startswith(_REFUSALS) else None
+        except (TimeoutError, OSError, ConnectionError):
+            return None
+        finally:
+            await client.close()
+        return None
 
     async def stop(self, timeout: float = 30.0) -> int | None:  # noqa: ASYNC109
         """Shut the server down cleanly: a last snapshot when persistence is on. Returns its status."""
@@ -336,4 +466,6 @@ class EmbeddedServer:
         return status
 
     def _cleanup(self) -> None:
+        """Remove the private folder (the socket, the pid file; the server's files without a data
+        directory). Safe to call more than once."""
         shutil.rmtree(self.workdir, ignore_errors=True)

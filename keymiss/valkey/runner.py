@@ -28,6 +28,12 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("keymiss.server")
 
+#: how often the run looks at the workers' refused sessions
+LOGIN_WATCH = 0.25
+#: how long the workers may be without their (running) server before keymiss asks the server
+#: whether it still lets keymiss in
+LOGIN_PROBE = 2.0
+
 
 async def check_module(url: str, *, wait: float = 5.0) -> None:
     """ConfigError unless the server at ``url`` answers and has the keymiss module loaded."""
@@ -96,6 +102,7 @@ class ModuleFront:
             max_memory=s.max_memory or self.km.max_memory,
             eviction=eviction,
             requirepass=s.requirepass,
+            admin_password=s.admin_password,
             max_clients=s.max_clients,
             max_bulk=s.size("max_bulk"),
             query_buffer=s.size("query_buffer"),
@@ -109,7 +116,6 @@ class ModuleFront:
         self._stopping.set()
 
     async def run(self) -> int:
-        s = self.settings
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
             with contextlib.suppress(NotImplementedError, RuntimeError):
@@ -119,25 +125,52 @@ class ModuleFront:
                 signal.SIGHUP, lambda: log.info("SIGHUP ignored: keymiss logs to its standard output")
             )
         if self.binary is not None:
-            self.server = self._embedded()
-            url = self.server.url
-        else:
-            assert self.url is not None
-            url = self.url
-        try:  # what the module would refuse is refused before any server starts
-            for pattern, options in s.keyspaces.items():
-                self.km.tune(pattern, **options)
-            self.worker = Worker(
-                self.km,
-                url,
-                max_in_flight=min(s.max_in_flight, 1024),
-                default_ttl=s.default_ttl or None,
-                max_value_share=s.max_value_share,
-            )
-        except ConfigError:
+            self.server = self._embedded()  # refused settings raise here, before anything exists
+        try:
+            return await self._run()
+        finally:  # whatever ended the run: the metrics port is let go, the server's folder goes
+            self._close_metrics()
             if self.server is not None:
-                await self.server.stop()  # removes its directory
-            raise
+                await self.server.stop()
+
+    def _close_metrics(self) -> None:
+        if self._metrics is not None:
+            self._metrics.shutdown()
+            self._metrics.server_close()
+            self._metrics = None
+
+    def _prepare(self, url: str) -> None:
+        """What can be refused, refused before the server starts (ConfigError: one line, exit 2):
+        the keyspaces' options, the worker's settings, and the metrics port, bound now so that
+        "listening" is never said by a keymiss that cannot serve its metrics."""
+        s = self.settings
+        for pattern, options in s.keyspaces.items():
+            self.km.tune(pattern, **options)
+        self.worker = Worker(
+            self.km,
+            url,
+            max_in_flight=min(s.max_in_flight, 1024),
+            default_ttl=s.default_ttl or None,
+            max_value_share=s.max_value_share,
+        )
+        if s.metrics_port is not None:
+            from keymiss.valkey.metrics import start_module_metrics
+
+            try:
+                self._metrics = start_module_metrics(self, s.metrics_port)
+            except OSError as exc:
+                raise ConfigError(
+                    f"cannot serve metrics on {s.host}:{s.metrics_port}: {exc.strerror or exc}"
+                ) from None
+
+    async def _run(self) -> int:
+        s = self.settings
+        loop = asyncio.get_running_loop()
+        url = self.server.url if self.server is not None else self.url
+        assert url is not None
+        self._prepare(url)
+        assert self.worker is not None
+        log.info("front end: %s", self.why)
         if self.server is not None:
             # a SIGTERM while the server loads a large snapshot stops it, instead of waiting
             starting = loop.create_task(self.server.start())
@@ -149,13 +182,11 @@ class ModuleFront:
                 with contextlib.suppress(asyncio.CancelledError, ServerFailed):
                     await starting
                 log.info("stopped while the server was starting")
-                await self.server.stop()
                 return 0
             try:
                 starting.result()
             except ServerFailed as exc:
                 log.error("cannot start the server: %s", exc)
-                await self.server.stop()
                 return EXIT_SERVER_FAILED
         else:
             await check_module(url)
@@ -164,20 +195,61 @@ class ModuleFront:
         tasks: dict[str, asyncio.Task[Any]] = {"worker": loop.create_task(self.worker.run())}
         if self.server is not None:
             tasks["server"] = loop.create_task(self.server.supervise(self._restarted))
+        tasks["login"] = loop.create_task(self._watch_login())
         tasks["stop"] = loop.create_task(self._stopping.wait())
         status = 0
         try:
             if await self._attached(tasks):
                 self._announce()
-                if s.metrics_port is not None:
-                    from keymiss.valkey.metrics import start_module_metrics
-
-                    self._metrics = start_module_metrics(self, s.metrics_port)
                 await asyncio.wait(tasks.values(), return_when=asyncio.FIRST_COMPLETED)
             status = self._failure(tasks)
         finally:
             status = await self._shutdown(tasks, status)
         return status
+
+    async def _watch_login(self) -> int:
+        """Never run with workers the server locks out. When a worker's session is refused for its
+        credentials (an operator removed or changed keymiss's ACL user; the worker counts it), or
+        the workers have been without a running server for ``LOGIN_PROBE`` seconds and the server
+        refuses keymiss's own login: restart the embedded server, whose configuration brings
+        keymiss's user back; attached to a server keymiss did not start, end the run (status 1)."""
+        assert self.worker is not None
+        stats = self.worker.stats
+        seen = stats.auth_refusals
+        detached_since: float | None = None
+        restarted: int | None = None  # the server process already stopped for this
+        while True:
+            await asyncio.sleep(LOGIN_WATCH)
+            refused = ""
+            if stats.auth_refusals > seen:
+                seen = stats.auth_refusals
+                refused = "a worker's session was refused for its credentials"
+            elif self.server is not None and self.server.up and not stats.nodes:
+                now = time.monotonic()
+                detached_since = detached_since or now
+                if now - detached_since >= LOGIN_PROBE:
+                    detached_since = now
+                    refused = await self.server.refused_login() or ""
+            else:
+                detached_since = None
+            if not refused:
+                continue
+            if self.server is None:
+                log.error(
+                    "the server refused keymiss's own login (%s): its workers cannot serve it; stopping",
+                    refused,
+                )
+                return EXIT_SERVER_FAILED
+            pid = self.server.pid
+            if pid is None or pid == restarted:
+                continue  # stopped already, or being restarted
+            restarted = pid
+            log.error(
+                "the server refused keymiss's own login (%s): restarting it, which restores "
+                "keymiss's ACL user",
+                refused,
+            )
+            self.server.restart("keymiss's own login was refused")
 
     async def _attached(self, tasks: dict[str, asyncio.Task[Any]]) -> bool:
         """Wait until the worker serves a server (model loaded, contexts ingested): only then is
@@ -207,7 +279,10 @@ class ModuleFront:
             log.info("keymiss %s, keyspaces=[%s]", self.why, ", ".join(ks.pattern for ks in self.km.registry))
 
     def _failure(self, tasks: dict[str, asyncio.Task[Any]]) -> int:
-        for name in ("server", "worker"):
+        login = tasks.get("login")
+        if login is not None and login.done() and not login.cancelled() and login.exception() is None:
+            return int(login.result())  # locked out of a server keymiss cannot restart: said already
+        for name in ("server", "worker", "login"):
             task = tasks.get(name)
             if task is None or not task.done() or task.cancelled():
                 continue
@@ -236,8 +311,7 @@ class ModuleFront:
     async def _shutdown(self, tasks: dict[str, asyncio.Task[Any]], status: int) -> int:
         grace = self.settings.grace_seconds
         log.info("shutting down: workers drain (grace %.0fs), then the server stops", grace)
-        if self._metrics is not None:
-            self._metrics.shutdown()
+        self._close_metrics()
         if self.worker is not None:
             self.worker.stop()
         worker = tasks.get("worker")
