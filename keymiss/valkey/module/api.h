@@ -145,6 +145,7 @@ typedef void (*RedisModuleFreePrivdata)(RedisModuleCtx *ctx, void *privdata);
                                                     const RedisModuleString *str))                   \
     X(void, FreeString, (RedisModuleCtx * ctx, RedisModuleString * str))                             \
     X(void, RetainString, (RedisModuleCtx * ctx, RedisModuleString * str))                           \
+    X(RedisModuleString *, HoldString, (RedisModuleCtx * ctx, RedisModuleString * str))              \
     X(const char *, StringPtrLen, (const RedisModuleString *str, size_t *len))                       \
     X(int, StringToLongLong, (const RedisModuleString *str, long long *ll))                          \
     X(unsigned long long, GetClientId, (RedisModuleCtx * ctx))                                       \

@@ -179,9 +179,10 @@ static void km_entry_finish(KmEntry *e, const char *err, RedisModuleString *valu
         if (err) {
             req->errors[idx] = km_dup_bytes(err, strlen(err));
         } else if (value) {
+            /* one reference a slot (a copy only of a string the server cannot share), freed by
+             * km_free_request; none: the slot reads the keyspace, as a stored value would */
             if (req->values == NULL) req->values = KM_Calloc((size_t)req->nkeys, sizeof(RedisModuleString *));
-            KM_RetainString(NULL, value); /* one reference a slot: km_free_request frees each */
-            req->values[idx] = value;
+            req->values[idx] = KM_HoldString(NULL, value);
         }
         if (--req->pending == 0) km_request_finish(req);
     }
