@@ -23,6 +23,7 @@ import redis
 
 from keymiss.valkey import protocol
 
+from ..redis_servers import HAVE_REDIS, RedisProcess
 from ..server.conftest import ServerProcess, start_server
 from ..support import RawClient, eventually
 from .conftest import valkey_binary
@@ -201,6 +202,37 @@ def test_workers_locked_out_for_good_make_keymiss_exit_non_zero(tmp_path: Path) 
         assert "refused keymiss's own login" in srv.log and "giving up" in srv.log, srv.log
     finally:
         srv.stop()
+
+
+@pytest.mark.skipif(not HAVE_REDIS, reason="redis-server is not installed")
+def test_workers_attached_to_a_server_that_locks_them_out_end_the_run(tmp_path: Path) -> None:
+    """keymiss cannot restore a user on a server it did not start: it exits, never half-alive."""
+    from keymiss.valkey.modulepath import module_path
+
+    loaded = RedisProcess(tmp_path / "loaded", "--loadmodule", str(module_path()))
+    try:
+        with redis.Redis(port=loaded.port, socket_timeout=10) as owner:
+            assert owner.acl_setuser(
+                "kmw", enabled=True, passwords=["+kmw-pw"], commands=["+@all"], keys=["*"]
+            )
+        srv = start_server(
+            tmp_path,
+            "--redis",
+            f"redis://kmw:kmw-pw@127.0.0.1:{loaded.port}",
+            front="valkey",
+            ready=re.compile(r"keymiss workers attached to 127\.0\.0\.1:(\d+)"),
+        )
+        try:
+            owner = redis.Redis(port=loaded.port, socket_timeout=10)
+            eventually(lambda: owner.info("keymiss")["keymiss_workers"], expect=1, timeout=20)
+            assert owner.acl_deluser("kmw") == 1
+            assert srv.proc.wait(30) == 1
+            assert "refused keymiss's own login" in srv.log, srv.log
+            owner.close()
+        finally:
+            srv.stop()
+    finally:
+        loaded.stop()
 
 
 # --- 2. memory one client cannot take -----------------------------------------------------------------
