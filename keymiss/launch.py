@@ -89,7 +89,7 @@ def serve(km: Keymiss, settings: Settings, *, config_file: str | None = None) ->
 
         if front.why != "--server python":
             log.info("serving with the Python server: %s", front.why)
-        for name in ("data_dir", "redis_server", "valkey"):
+        for name in ("data_dir", "redis_server", "valkey", "admin_password"):
             if getattr(settings, name):
                 log.warning("%s applies to the embedded server only: ignored", name.replace("_", "-"))
         return run(km, settings, config_file=config_file)
