@@ -25,7 +25,7 @@ from keymiss.valkey.respclient import RespClient
 if TYPE_CHECKING:
     from keymiss.engine.cache import Keymiss
 
-log = logging.getLogger("keymiss.valkey.worker")
+log = logging.getLogger("keymiss.worker")
 
 #: Redis's and Valkey's default proto-max-bulk-len, where a server does not say its own.
 MAX_BULK = 512 * 1024 * 1024

@@ -17,6 +17,7 @@ from keymiss.errors import ConfigError, ReplyError
 from keymiss.runtime.exits import EXIT_ABANDONED, EXIT_SERVER_FAILED
 from keymiss.runtime.loop import run_loop
 from keymiss.runtime.net import is_loopback, redact_url
+from keymiss.valkey import protocol
 from keymiss.valkey.embedded import EmbeddedServer, ServerFailed
 from keymiss.valkey.respclient import RespClient
 from keymiss.valkey.serverconf import ServerBinary
@@ -43,7 +44,7 @@ async def check_module(url: str, *, wait: float = 5.0) -> None:
     except (OSError, ConnectionError, ReplyError) as exc:
         raise ConfigError(f"cannot reach {redact_url(plain)}: {exc}") from None
     try:
-        info = await client.call(["COMMAND", "INFO", "keymiss.take"])
+        info = await client.call(["COMMAND", "INFO", protocol.CMD_TAKE.lower()])
     except (OSError, ConnectionError, ReplyError) as exc:
         raise ConfigError(f"{redact_url(plain)}: {exc}") from None
     finally:

@@ -39,7 +39,7 @@ __all__ = ["MAX_BULK", "Worker", "WorkerStats", "run_worker"]
 if TYPE_CHECKING:
     from keymiss.engine.cache import Keymiss
 
-log = logging.getLogger("keymiss.valkey.worker")
+log = logging.getLogger("keymiss.worker")
 
 #: extra seconds a key's module deadline allows beyond the keyspace's own timeouts (queueing, transfer)
 DEADLINE_MARGIN = 5.0

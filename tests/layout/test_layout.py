@@ -3,6 +3,7 @@ files. Read from the source, so a new module is held to them the moment it exist
 
 from __future__ import annotations
 
+import ast
 import re
 
 from tests.layout.graph import PACKAGE, circles, graph, modules, private_uses
@@ -177,3 +178,26 @@ def test_the_worker_does_not_load_the_python_server() -> None:
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=60)
     assert out.stdout.strip() == "[]"
+
+
+def test_the_keymiss_commands_are_spelled_only_in_the_protocol_module() -> None:
+    """Command names live in ``keymiss/valkey/protocol.py``; everything else (code, tests, bench
+    scripts, docstrings; upper or lower case) builds them from it, so a renamed command is one edit."""
+    names = "get|mget|register|take|fill|fail|version"
+    command = re.compile(rf"\b(KEYMISS\.({names.upper()})|keymiss\.({names}))\b")  # not Keymiss.get
+    root = PACKAGE.parent
+    protocol_module = PACKAGE / "valkey" / "protocol.py"
+    found = []
+    for folder in ("keymiss", "tests", "bench"):
+        for path in sorted((root / folder).rglob("*.py")):
+            if path == protocol_module:
+                continue
+            for node in ast.walk(ast.parse(path.read_text())):
+                if not (isinstance(node, ast.Constant) and isinstance(node.value, str)):
+                    continue
+                text = node.value
+                for m in command.finditer(text):
+                    if m.group(0) == "keymiss.version" and text.strip() in ("keymiss.version",):
+                        continue  # the module of that name, in the layer table
+                    found.append(f"{path.relative_to(root)}:{node.lineno}: {m.group(0)}")
+    assert found == []

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from keymiss.valkey import protocol
 from keymiss.valkey.modulepath import module_path
 
 from ..redis_servers import HAVE_REDIS, RedisCluster3
@@ -45,7 +46,7 @@ async def rejected_fills(port: int) -> int:
     """FILLs the node refused before running them (CLUSTERDOWN counts here)."""
     text = (await resp(port, "INFO", "commandstats")).decode()
     for line in text.splitlines():
-        if line.startswith("cmdstat_keymiss.fill:"):
+        if line.startswith(f"cmdstat_{protocol.CMD_FILL.lower()}:"):
             return int(line.split("rejected_calls=", 1)[1].split(",", 1)[0])
     return 0
 

@@ -62,7 +62,7 @@ def answers(r: redis.Redis, key: str, value: bytes) -> bool:
 # --- 1. the clients' user -----------------------------------------------------------------------------
 #: what a client may not run: (command, what the refusal says)
 REFUSED: list[tuple[list[Any], str]] = [
-    (["ACL", "SETUSER", "default", "+keymiss.register", "+keymiss.take", "+keymiss.fill"], "NOPERM"),
+    (["ACL", "SETUSER", "default", *(f"+{c.lower()}" for c in protocol.WORKER_COMMANDS)], "NOPERM"),
     (["ACL", "SETUSER", "keymiss", "resetpass", "nopass"], "NOPERM"),
     (["ACL", "DELUSER", "keymiss"], "NOPERM"),
     (["ACL", "LIST"], "NOPERM"),

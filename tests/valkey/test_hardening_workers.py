@@ -295,7 +295,7 @@ async def refused(target: str, code: str, caplog: pytest.LogCaptureFixture) -> N
         said = [
             r.getMessage() for r in caplog.records if "refused the worker's credentials" in r.getMessage()
         ]
-        assert said and code in said[0] and "keymiss.register" in said[0].lower(), said
+        assert said and code in said[0] and protocol.CMD_REGISTER.lower() in said[0].lower(), said
     finally:
         worker.stop()
         await asyncio.wait_for(task, 10)
