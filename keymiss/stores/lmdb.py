@@ -122,12 +122,17 @@ class LMDBStore(LocalStore):
             try:
                 with self._resize_lock, self._env.begin(db=self._data) as txn:
                     return fn(txn)
-            except lmdb.MapResizedError:
-                with self._resize_lock:
-                    self._env.set_mapsize(0)
             except lmdb.Error as exc:
-                raise StoreError(explain(exc, "LMDB read failed", self.path)) from exc
+                self._adopt_resize(exc, "LMDB read failed")
         raise StoreError("LMDB map keeps being resized by another process")
+
+    def _adopt_resize(self, exc: lmdb.Error, doing: str) -> None:
+        """Another process grew the map: adopt its size and let the caller try again. Any other
+        LMDB error is a ``StoreError`` that says what to do."""
+        if not isinstance(exc, lmdb.MapResizedError):
+            raise StoreError(explain(exc, doing, self.path)) from exc
+        with self._resize_lock:
+            self._env.set_mapsize(0)
 
     def _live(self, key: str, kb: bytes, raw: bytes | None, now: float) -> Item | None:
         """The item a read record holds, or None: absent, not a valid record (counted), or expired
@@ -213,11 +218,8 @@ class LMDBStore(LocalStore):
                 return result
             except lmdb.MapFullError:
                 self._make_room()
-            except lmdb.MapResizedError:
-                with self._resize_lock:
-                    self._env.set_mapsize(0)
             except lmdb.Error as exc:
-                raise StoreError(explain(exc, "LMDB write failed", self.path)) from exc
+                self._adopt_resize(exc, "LMDB write failed")
         raise StoreError("LMDB store is full and nothing more can be evicted")
 
     def _make_room(self) -> None:
