@@ -5,8 +5,9 @@ will take is learnt once per session: a value over ``proto-max-bulk-len`` would 
 so its readers get an error instead; a value over the worker's share of ``maxmemory`` is answered
 to its readers with ``NOSTORE`` and never stored, since storing it would make the server evict
 other values first (perhaps every one); and one that could not even pass through without eviction
-is failed. A fill a cluster refuses for a moment (CLUSTERDOWN, TRYAGAIN) is sent again with
-backoff instead of being computed again.
+is failed (the values passing through at the same time count against the free memory). A fill a
+cluster refuses for a moment (CLUSTERDOWN, TRYAGAIN) is sent again with backoff instead of being
+computed again.
 """
 
 from __future__ import annotations
@@ -89,6 +90,9 @@ class Answers:
         self.max_value_share = max_value_share
         self._clients: dict[str, RespClient] = {}
         self._limits: dict[str, Limits] = {}
+        #: bytes per server that values passed through (not stored) may still take there: twice
+        #: each value (its FILL, then its readers' reply), from its check until its FILL's reply
+        self._committed: dict[str, int] = {}
 
     # --- connections and limits ------------------------------------------------------------------
     async def client(self, url: str) -> RespClient:
@@ -130,8 +134,10 @@ class Answers:
             return None
         return limits.maxmemory - used
 
-    async def args(self, url: str, key: str, token: int, result: Any) -> list[Any]:
-        """The FILL or FAIL that answers ``key`` with ``result`` (a Computed, an error, or None)."""
+    async def args(self, url: str, key: str, token: int, result: Any) -> tuple[list[Any], int]:
+        """The FILL or FAIL that answers ``key`` with ``result`` (a Computed, an error, or None),
+        and the bytes it commits on the server (added to ``_committed``: the caller releases them
+        once the command is answered)."""
         raw = key.encode("utf-8", "surrogateescape")
         if not isinstance(result, Computed):
             text = (
@@ -139,7 +145,7 @@ class Answers:
                 if result is None
                 else error_line(result)
             )
-            return protocol.fail(raw, token, text)
+            return protocol.fail(raw, token, text), 0
         size = len(result.value)
         limits = self._limits.get(url, Limits())
         if size > limits.max_bulk:  # the server would drop the connection, not the value
@@ -148,22 +154,28 @@ class Answers:
                 token,
                 f"{protocol.ERR_PREFIX}the value ({size} bytes) is larger than the server's "
                 f"proto-max-bulk-len ({limits.max_bulk} bytes); it cannot be stored",
-            )
+            ), 0
         store = True
+        committed = 0
         if limits.maxmemory and size > self.max_value_share * limits.maxmemory:
             # storing it would make the server evict others first: its readers get it, nothing is
             # kept; unless even passing it through (its FILL, then a reply) would push the server
-            # over maxmemory, which evicts just the same
+            # over maxmemory, which evicts just the same; the values of this batch and of others
+            # checked before it and not yet answered are not in the server's count yet: they are
+            # subtracted, so that many such values at once cannot pass on the same free memory
             headroom = await self._headroom(url)
-            room = limits.maxmemory if headroom is None else headroom
+            held = self._committed.get(url, 0)  # read after the await: no other check in between
+            room = (limits.maxmemory if headroom is None else headroom) - held
             if 2 * size > room:
                 log.warning(
-                    "a value of %r (%d bytes) is too large for %s (maxmemory %d bytes, %s free): failed",
+                    "a value of %r (%d bytes) is too large for %s (maxmemory %d bytes, %s free, "
+                    "%d committed to values being answered): failed",
                     key,
                     size,
                     redact_url(url),
                     limits.maxmemory,
                     "?" if headroom is None else headroom,
+                    held,
                 )
                 return protocol.fail(
                     raw,
@@ -171,7 +183,9 @@ class Answers:
                     f"{protocol.ERR_PREFIX}the value ({size} bytes) is too large for the server's "
                     f"maxmemory ({limits.maxmemory} bytes): passing it to its readers would evict "
                     "cached values",
-                )
+                ), 0
+            committed = 2 * size
+            self._committed[url] = held + committed
             log.warning(
                 "a value of %r (%d bytes) is over %g of %s's maxmemory (%d bytes): answered to its "
                 "readers, not stored",
@@ -193,7 +207,7 @@ class Answers:
             # the module discards another version's value
             version=result.version.hex() if ks is not None and ks.version is not None else None,
             store=store,
-        )
+        ), committed
 
     # --- sending -----------------------------------------------------------------------------------
     async def send(self, url: str, commands: list[list[Any]]) -> list[Any]:
@@ -235,8 +249,17 @@ class Answers:
         """FILL or FAIL each key. A FILL the server refuses before the module sees it (MISCONF: its
         disk is full; OOM: maxmemory) becomes a FAIL with the server's reason, so the readers get
         that error now instead of a timeout later."""
-        commands = [await self.args(url, key, token, result) for key, token, result in results]
-        replies = await self._send_through(url, commands)
+        commands: list[list[Any]] = []
+        committed = 0
+        try:
+            for key, token, result in results:
+                command, held = await self.args(url, key, token, result)
+                commands.append(command)
+                committed += held
+            replies = await self._send_through(url, commands)
+        finally:  # answered (or lost with the connection): now in the server's own count, or gone
+            if committed:
+                self._committed[url] -= committed
         refused: list[list[Any]] = []
         for args, reply in zip(commands, replies, strict=True):
             if isinstance(reply, ReplyError):

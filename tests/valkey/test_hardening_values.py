@@ -7,6 +7,8 @@ from __future__ import annotations
 import asyncio
 from pathlib import Path
 
+import pytest
+
 from keymiss import Keymiss
 from keymiss.valkey import protocol
 from keymiss.valkey.modulepath import module_path
@@ -135,5 +137,45 @@ async def test_a_value_larger_than_maxmemory_is_failed_before_it_evicts_anything
             assert isinstance(got, ReplyError) and "maxmemory" in str(got), got
         assert await resp(port, "DBSIZE") == before
         assert await stat(port, "stats", "evicted_keys") == 0
+    finally:
+        server.stop()
+
+
+def batched_big_app() -> Keymiss:
+    km = Keymiss(sweep_interval=0)
+
+    @km.keyspace("bigb:*", ttl=600, batch_size=64, batch_wait_ms=50, timeout=30)
+    async def bigb(keys: list[str]) -> list[bytes]:
+        return [b"x" * int(key.split(":")[1]) for key in keys]
+
+    return km
+
+
+@pytest.mark.parametrize("together", [True, False], ids=["one-mget", "separate-gets"])
+async def test_oversized_values_answered_together_do_not_wipe_the_cache(
+    kind: str, tmp_path: Path, together: bool
+) -> None:
+    """Twelve 7 MB values (over the share of a 64 MB maxmemory, each of which alone could pass
+    through) once all passed the headroom check at once, each seeing the same free memory, and
+    their pending replies evicted every cached value: what is committed counts against the room."""
+    server = limited_server(kind, tmp_path, "64mb")
+    port = server.port
+    keys = [f"bigb:7000000:{i}" for i in range(12)]
+    try:
+        await fill_cache(port, 3000)
+        before = await resp(port, "DBSIZE")
+        async with running(batched_big_app(), url(server)):
+            if together:
+                got = [await resp(port, "MGET", *keys, wait=60)]
+            else:
+                got = await asyncio.gather(*[resp(port, "GET", key, wait=60) for key in keys])
+        for reply in got:
+            if isinstance(reply, ReplyError):
+                assert "too large" in str(reply), reply
+        if not together:
+            assert b"x" * 7_000_000 in got  # what fits still reaches its reader
+        assert await stat(port, "stats", "evicted_keys") == 0
+        assert await resp(port, "DBSIZE") == before
+        assert [await resp(port, "EXISTS", f"ctx:{i}") for i in range(0, 3000, 97)] == [1] * 31
     finally:
         server.stop()
