@@ -218,6 +218,7 @@ class EmbeddedServer:
             output_buffer=output_buffer,
             output_stall_seconds=output_stall_seconds,
             extra=extra or {},
+            avoids_copies=binary.avoids_copies,
         )
         render(workdir="/nonexistent")  # refused settings raise here, before anything is created
         self.workdir = make_workdir()

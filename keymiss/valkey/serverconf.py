@@ -71,6 +71,8 @@ OWNED = {
     "maxclients": "max-clients",
     "proto-max-bulk-len": "max-bulk",
     "client-query-buffer-limit": "query-buffer",
+    "maxmemory-clients": None,
+    "min-string-size-avoid-copy-reply": None,
     "dir": "data-dir",
     "loadmodule": None,
     "include": None,
@@ -102,6 +104,19 @@ FORBIDDEN = {
 #: always fits.
 OUTPUT_SHARE = 1 / 8
 
+#: Every client together (their query buffers, including the space a request header reserves for
+#: the bulk it declares, and their unsent replies) may take at most this share of ``maxmemory``
+#: (``maxmemory-clients``): past it the server disconnects the clients that take the most, instead
+#: of evicting keys for them. keymiss's workers mark their connections ``CLIENT NO-EVICT``.
+CLIENTS_SHARE = 1 / 4
+
+#: Valkey (8.1 and later) sends a string reply of this size or more by reference to the value,
+#: without copying it into the client's output buffer, where the output-buffer limits never see
+#: it: a client that never reads would hold every value it asked for. keymiss sets the threshold
+#: beyond any string, so every reply is counted (``min-string-size-avoid-copy-reply``).
+AVOID_COPY_DIRECTIVE = "min-string-size-avoid-copy-reply"
+NEVER_AVOID_COPY = 2**31 - 1
+
 #: the smallest ``proto-max-bulk-len`` and ``client-query-buffer-limit`` the server takes
 SERVER_MIN_LIMIT = 1024**2
 
@@ -122,6 +137,8 @@ class ServerBinary:
     path: str
     name: str  # "Valkey" or "Redis"
     version: tuple[int, int, int]
+    #: whether the binary knows ``min-string-size-avoid-copy-reply`` (its name is in the binary)
+    avoids_copies: bool = False
 
     def __str__(self) -> str:
         return f"{self.name.lower()}-server {'.'.join(map(str, self.version))} ({self.path})"
@@ -143,7 +160,23 @@ def probe_binary(path: str) -> ServerBinary:
         raise ConfigError(
             f"{path}: {m.group(1)} {'.'.join(map(str, version))} is too old; the module needs 7.0+"
         )
-    return ServerBinary(path, m.group(1), version)
+    return ServerBinary(path, m.group(1), version, knows_directive(path, AVOID_COPY_DIRECTIVE))
+
+
+def knows_directive(path: str, directive: str) -> bool:
+    """Whether the server binary at ``path`` has ``directive`` among its configuration names (its
+    name is in the binary's table of configs)."""
+    needle = directive.encode() + b"\0"
+    tail = b""
+    try:
+        with open(path, "rb") as f:
+            while chunk := f.read(1 << 20):
+                if needle in tail + chunk:
+                    return True
+                tail = chunk[-len(needle) :]
+    except OSError:
+        return False
+    return False
 
 
 def find_binary(explicit: str | None = None) -> tuple[ServerBinary | None, str]:
@@ -295,6 +328,7 @@ def render_config(
     output_buffer: int,
     output_stall_seconds: float,
     extra: Mapping[str, Any],
+    avoids_copies: bool = False,
 ) -> str:
     """The child's configuration, secrets included: it is handed to the server on its standard
     input, never written to a file or put on its command line."""
@@ -333,7 +367,11 @@ def render_config(
         # that a client that never reads cannot make the server evict), or above half of it for
         # the stall seconds
         f"client-output-buffer-limit normal {hard} {soft} {seconds}",
+        # every client together: disconnected (the largest first) before keys are evicted for them
+        f"maxmemory-clients {max(1, int(max_memory * CLIENTS_SHARE))}",
     ]
+    if avoids_copies:  # replies are copied, so that the output-buffer limits count them
+        lines.append(f"{AVOID_COPY_DIRECTIVE} {NEVER_AVOID_COPY}")
     if data_dir:
         lines += [f"save {DEFAULT_SAVE}", "dbfilename dump.rdb", "appendonly no"]
     else:

@@ -108,6 +108,8 @@ def test_a_meaningless_number_is_refused_in_one_line(
         ("proto-max-bulk-len = 1", " (use max-bulk)"),
         ('client-query-buffer-limit = "1gb"', " (use query-buffer)"),
         ('client-output-buffer-limit = "normal 0 0 0"', " (use output-buffer)"),
+        ('maxmemory-clients = "0"', ""),
+        ("min-string-size-avoid-copy-reply = 16384", ""),
         ('unixsocketgroup = "users"', ""),
         ("protected-mode = true", ""),
         ('user = "default on nopass ~* +@all"', " (use requirepass)"),
