@@ -11,8 +11,9 @@ On a cluster, the worker attaches to every master, follows the topology (failove
 reconnects with backoff. ``stop()`` drains: no new takes; what was taken is finished. A worker
 stopped before that (cancelled) says once how many keys it abandoned; their leases hand them on.
 
-Slots are shared fairly: each keyspace may hold only part of ``max_in_flight`` (TAKE's ``LIMIT``),
-so keyspaces whose handlers hang cannot hold every slot while the others' readers wait.
+Slots are shared fairly: each keyspace keeps a few of ``max_in_flight`` that no other may take
+(TAKE's ``LIMIT``), so any number of keyspaces whose handlers hang cannot hold every slot while the
+others' readers wait; a single busy keyspace still has nearly every slot while the others are idle.
 """
 
 from __future__ import annotations
@@ -49,6 +50,9 @@ VERSION_POLL = 0.05
 
 #: how long a TAKE blocks while some keyspace has no room (so it is taken from again soon after)
 SATURATED_BLOCK_MS = 100
+
+#: slots each keyspace keeps for itself at most (fewer where ``max_in_flight`` is small)
+RESERVE = 8
 
 #: the replies that refuse a session for its credentials
 AUTH_REFUSALS = ("NOAUTH", "WRONGPASS", "NOPERM")
@@ -303,22 +307,33 @@ class Worker:
                 backoff = min(backoff * 2, 2.0)
 
     def keyspace_cap(self) -> int:
-        """Keys one keyspace may have in flight: all of ``max_in_flight`` for an app of one
-        keyspace; else a share, a quarter at most, so that a hung keyspace (or three) leave room."""
+        """Keys one keyspace may have in flight at most (``max_in_flight_per_keyspace``; by default
+        all of ``max_in_flight``: the others' reserves are what keep room for them)."""
         if self.max_in_flight_per_keyspace is not None:
             return min(self.max_in_flight_per_keyspace, self.max_in_flight)
-        n = len(self.km.registry)
-        return self.max_in_flight if n <= 1 else max(1, self.max_in_flight // min(n, 4))
+        return self.max_in_flight
 
-    def _limits(self, count: int) -> dict[str, int]:
-        """TAKE's LIMITs: each keyspace with less room than ``count`` left, by its name."""
-        cap = self.keyspace_cap()
-        limits = {}
-        for ks in self.km.registry:
-            left = cap - self._by_keyspace.get(ks.pattern, 0)
-            if left < count:
-                limits[ks.pattern] = max(0, left)
-        return limits
+    def reserve(self) -> int:
+        """Slots each keyspace keeps for itself: no other keyspace may take them, so however many
+        keyspaces hang, each of the others can still take keys (none for an app of one keyspace)."""
+        n = len(self.km.registry)
+        return 0 if n <= 1 else max(1, min(RESERVE, self.max_in_flight // (2 * n)))
+
+    def _plan(self) -> tuple[int, dict[str, int]]:
+        """How many keys the next TAKE may take, and its LIMITs (each keyspace with less room than
+        that, by its name). A keyspace may take into its own unused reserve, and beyond it only
+        into the slack (the free slots over every unused reserve); the count is held to what keeps
+        the slack from going negative when several keyspaces take beyond their reserves at once."""
+        free = self.max_in_flight - self._in_flight
+        reserve, cap = self.reserve(), self.keyspace_cap()
+        unused = {
+            ks.pattern: max(0, reserve - self._by_keyspace.get(ks.pattern, 0)) for ks in self.km.registry
+        }
+        slack = max(0, free - sum(unused.values()))
+        room = {p: max(0, min(u + slack, cap - self._by_keyspace.get(p, 0))) for p, u in unused.items()}
+        takers = [unused[p] for p, r in room.items() if r > 0]
+        count = min(free, self.batch, slack + min(takers)) if takers else 0
+        return count, {p: r for p, r in room.items() if r < count}
 
     def _pattern(self, key: str) -> str:
         ks = self.km.registry.route(key)
@@ -339,9 +354,8 @@ class Worker:
             )
             lease = self.lease_ms()
             while not self._stopping.is_set():
-                count = min(self.max_in_flight - self._in_flight, self.batch)
-                limits = self._limits(count)
-                if count <= 0 or (len(limits) == len(self.km.registry) and not any(limits.values())):
+                count, limits = self._plan()
+                if count <= 0:
                     self._room.clear()  # no room at all, or none in any keyspace
                     await self._room.wait()
                     continue

@@ -132,7 +132,7 @@ async def test_two_hung_keyspaces_leave_a_third_answering(server: RedisProcess) 
                 for n in (1, 2)
             ]
 
-            async def held() -> bool:  # a third of the 24 slots each, at least
+            async def held() -> bool:  # all but the third keyspace's reserve, nearly
                 found = await keyspaces(port)
                 return sum(int(found.get(p, {}).get("in_flight", 0)) for p in ("hung1:*", "hung2:*")) >= 16
 
@@ -142,9 +142,9 @@ async def test_two_hung_keyspaces_leave_a_third_answering(server: RedisProcess) 
             took = time.monotonic() - t0
             assert got == b"fast fast:1"
             assert took < 0.5, took
-            assert worker.keyspace_cap() == 8
-            for pattern in ("hung1:*", "hung2:*"):  # each held no more than its share
-                assert int((await keyspace_info(port, pattern))["in_flight"]) <= 8
+            assert worker.reserve() == 4
+            found = await keyspaces(port)  # the healthy keyspace's reserve was left to it
+            assert sum(int(found[p]["in_flight"]) for p in ("hung1:*", "hung2:*")) <= 24 - 4
         finally:
             gate.open()
         assert [len(r) for r in await asyncio.gather(*readers)] == [100, 100]
@@ -299,3 +299,69 @@ async def refused(target: str, code: str, caplog: pytest.LogCaptureFixture) -> N
     finally:
         worker.stop()
         await asyncio.wait_for(task, 10)
+
+
+# --- fair workers, however many keyspaces hang --------------------------------------------------------
+
+
+def many_hung_app(gate: Gate, n: int) -> Keymiss:
+    """``hung0:*`` … ``hung<n-1>:*`` hold every key until the gate opens; ``fast:*`` answers at once."""
+    km = Keymiss(sweep_interval=0)
+
+    async def hung(key: str) -> str:
+        await gate.hold(key)
+        return "late"
+
+    for i in range(n):
+        km.keyspace(f"hung{i}:*", timeout=60, queue=4096)(hung)
+
+    @km.keyspace("fast:*")
+    async def fast(key: str) -> str:
+        return f"fast {key}"
+
+    return km
+
+
+@pytest.mark.parametrize("hung", [4, 6])
+async def test_any_number_of_hung_keyspaces_leave_a_healthy_one_answering(
+    server: RedisProcess, hung: int
+) -> None:
+    """Four hung keyspaces once held every slot (a quarter each): each keyspace keeps a reserve
+    that the others cannot take, however many of them hang."""
+    gate = Gate()
+    port = server.port
+    async with running(many_hung_app(gate, hung), url(server), max_in_flight=1024, batch=64) as worker:
+        readers = [
+            asyncio.ensure_future(resp(port, "MGET", *[f"hung{n}:{s}:{i}" for i in range(300)], wait=120))
+            for n in range(hung)
+            for s in range(4)
+        ]
+        try:
+            await aeventually(lambda: worker._in_flight >= 1000, timeout=30)
+            t0 = time.monotonic()
+            got = await asyncio.wait_for(resp(port, "GET", "fast:1"), 3)
+            took = time.monotonic() - t0
+            assert got == b"fast fast:1"
+            assert took < 0.5, took
+        finally:
+            for reader in readers:
+                reader.cancel()
+            gate.open()
+            await asyncio.gather(*readers, return_exceptions=True)
+
+
+async def test_one_busy_keyspace_uses_nearly_every_slot_while_the_others_are_idle(
+    server: RedisProcess,
+) -> None:
+    gate = Gate()
+    port = server.port
+    async with running(many_hung_app(gate, 4), url(server), max_in_flight=256, batch=64) as worker:
+        reader = asyncio.ensure_future(resp(port, "MGET", *[f"hung0:{i}" for i in range(400)], wait=120))
+        try:
+            # the four idle keyspaces keep their reserves, no more
+            await aeventually(lambda: worker._in_flight >= 256 - 4 * worker.reserve(), timeout=15)
+            assert worker._in_flight <= 256 - 4 * worker.reserve()
+            assert worker.reserve() <= 8
+        finally:
+            gate.open()
+        assert len(await reader) == 400
