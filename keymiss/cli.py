@@ -60,6 +60,11 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument(
         "--restarts", type=int, help="deaths of the embedded server within a minute before giving up (5)"
     )
+    serve.add_argument(
+        "--busy-restart-seconds",
+        type=float,
+        help="restart the embedded server after it answered BUSY (a script that never ends) this long (30)",
+    )
     serve.add_argument("--host", help="address to bind (default 127.0.0.1)")
     serve.add_argument("--port", type=int, help="port (default 6380; 0 picks a free one)")
     serve.add_argument("--store", help=f"a store URL (overrides the app): {STORE_URLS}")

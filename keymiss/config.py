@@ -29,6 +29,8 @@ class Settings:
     data_dir: str | None = None  # the embedded server's snapshots; None: nothing persists
     default_ttl: float = 7 * 24 * 3600.0  # seconds a computed value lives when its keyspace sets no TTL
     restarts: int = 5  # deaths of the embedded server within a minute before keymiss gives up
+    #: how long the server may answer BUSY (a script that never ends) before keymiss restarts it
+    busy_restart_seconds: float = 30.0
     host: str = "127.0.0.1"
     port: int = 6380
     store: str | None = None  # None: what the app chose
@@ -94,7 +96,7 @@ class Settings:
         for name in ("max_clients", "max_in_flight", "max_args", "qa_batch_size"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{_flag(name)} must be at least 1, got {getattr(self, name)}")
-        for name in ("output_stall_seconds", "request_seconds"):
+        for name in ("output_stall_seconds", "request_seconds", "busy_restart_seconds"):
             value = getattr(self, name)
             if not (math.isfinite(value) and value > 0):
                 raise ConfigError(f"{_flag(name)} must be above 0 seconds, got {value:g}")

@@ -400,16 +400,17 @@ class EmbeddedServer:
             if on_restart is not None:
                 await on_restart()
 
-    def restart(self, why: str) -> bool:
+    def restart(self, why: str, *, kill: bool = False) -> bool:
         """Stop the running server (SIGTERM: it saves first when persistence is on) for
         ``supervise`` to start it again from keymiss's configuration, its users and settings as
-        keymiss made them; the restart counts as a death. False when none is running."""
+        keymiss made them; the restart counts as a death. ``kill``: SIGKILL, for a server that
+        cannot act on SIGTERM (wedged in a script). False when none is running."""
         proc = self.proc
         if proc is None or proc.returncode is not None or self._stopping:
             return False
         self._restart_why = why
         with contextlib.suppress(ProcessLookupError):
-            proc.terminate()
+            proc.kill() if kill else proc.terminate()
         return True
 
     async def refused_login(self) -> str | None:

@@ -34,6 +34,8 @@ LOGIN_WATCH = 0.25
 #: how long the workers may be without their (running) server before keymiss asks the server
 #: whether it still lets keymiss in
 LOGIN_PROBE = 2.0
+#: how often keymiss PINGs its server, on a connection of its own, for a BUSY answer
+BUSY_WATCH = 1.0
 
 
 async def check_module(url: str, *, wait: float = 5.0) -> None:
@@ -197,6 +199,7 @@ class ModuleFront:
         if self.server is not None:
             tasks["server"] = loop.create_task(self.server.supervise(self._restarted))
         tasks["login"] = loop.create_task(self._watch_login())
+        tasks["busy"] = loop.create_task(self._watch_busy(url))
         tasks["stop"] = loop.create_task(self._stopping.wait())
         status = 0
         try:
@@ -252,6 +255,62 @@ class ModuleFront:
             )
             self.server.restart("keymiss's own login was refused")
 
+    async def _watch_busy(self, url: str) -> int:
+        """Never run half-alive behind a script that never ends. A script or function that has
+        written and then loops for good makes the server answer BUSY to everyone, and SCRIPT KILL
+        cannot stop it (UNKILLABLE). When keymiss's own PING, on its private connection, has been
+        answered BUSY for ``--busy-restart-seconds`` without a break: the embedded server is killed
+        and started again (counted against ``--restarts``); attached to a server keymiss did not
+        start, the run ends (status 1)."""
+        limit = self.settings.busy_restart_seconds
+        _, plain = parse_url(url)
+        client: RespClient | None = None
+        busy_since: float | None = None
+        restarted: int | None = None  # the server process already killed for this
+        while True:
+            await asyncio.sleep(BUSY_WATCH)
+            busy = False
+            try:
+                if client is None or client.closed:
+                    client = await RespClient.connect(plain, wait=2)
+                await client.call(["PING"], wait=2)
+            except ReplyError as exc:
+                busy = str(exc).startswith("BUSY")
+            except (TimeoutError, OSError, ConnectionError):
+                if client is not None:
+                    with contextlib.suppress(Exception):
+                        await client.close()
+                client = None  # a dead server is supervision's business; a new connection next time
+            if not busy:
+                busy_since = None
+                continue
+            now = time.monotonic()
+            busy_since = busy_since or now
+            if now - busy_since < limit:
+                continue
+            if self.server is None:
+                log.error(
+                    "the server has answered BUSY for %.0fs (a script or function that never ends): "
+                    "keymiss cannot restart a server it did not start; stopping",
+                    now - busy_since,
+                )
+                return EXIT_SERVER_FAILED
+            pid = self.server.pid
+            if pid is None or pid == restarted:
+                continue
+            restarted = pid
+            log.error(
+                "the server has answered BUSY for %.0fs (a script or function that never ends, "
+                "which SCRIPT KILL cannot stop once it wrote): restarting it",
+                now - busy_since,
+            )
+            self.server.restart("it answered BUSY for too long", kill=True)
+            busy_since = None
+            if client is not None:
+                with contextlib.suppress(Exception):
+                    await client.close()
+            client = None
+
     async def _attached(self, tasks: dict[str, asyncio.Task[Any]]) -> bool:
         """Wait until the worker serves a server (model loaded, contexts ingested): only then is
         keymiss ready. False if something ended first."""
@@ -280,10 +339,11 @@ class ModuleFront:
             log.info("keymiss %s, keyspaces=[%s]", self.why, ", ".join(ks.pattern for ks in self.km.registry))
 
     def _failure(self, tasks: dict[str, asyncio.Task[Any]]) -> int:
-        login = tasks.get("login")
-        if login is not None and login.done() and not login.cancelled() and login.exception() is None:
-            return int(login.result())  # locked out of a server keymiss cannot restart: said already
-        for name in ("server", "worker", "login"):
+        for name in ("login", "busy"):
+            task = tasks.get(name)
+            if task is not None and task.done() and not task.cancelled() and task.exception() is None:
+                return int(task.result())  # a server keymiss cannot restart: said already
+        for name in ("server", "worker", "login", "busy"):
             task = tasks.get(name)
             if task is None or not task.done() or task.cancelled():
                 continue

@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 import redis
 
+from ..redis_servers import HAVE_REDIS, RedisProcess
 from ..server.conftest import start_server
 from ..support import RawClient, eventually
 from .conftest import valkey_binary
@@ -165,6 +166,36 @@ def test_a_script_that_never_ends_gets_the_server_restarted(tmp_path: Path) -> N
     finally:
         r.close()
         assert srv.stop() == 0
+
+
+@pytest.mark.skipif(not HAVE_REDIS, reason="redis-server is not installed")
+def test_a_script_that_never_ends_on_an_attached_server_ends_the_run(tmp_path: Path) -> None:
+    """keymiss cannot restart a server it did not start: it exits non-zero, never half-alive."""
+    from keymiss.valkey.modulepath import module_path
+
+    loaded = RedisProcess(
+        tmp_path / "loaded", "--loadmodule", str(module_path()), "--busy-reply-threshold", "500"
+    )
+    try:
+        srv = start_server(
+            tmp_path,
+            "--redis",
+            f"redis://127.0.0.1:{loaded.port}",
+            "--busy-restart-seconds",
+            "1",
+            front="valkey",
+            ready=re.compile(r"keymiss workers attached to redis://127\.0\.0\.1:(\d+)"),
+        )
+        try:
+            wedge = RawClient(loaded.port)
+            wedge.send(b"EVAL", b"redis.call('SET','evil','1') while true do end", b"0")
+            assert srv.proc.wait(40) == 1
+            assert "answered BUSY" in srv.log, srv.log
+            wedge.close()
+        finally:
+            srv.stop()
+    finally:
+        loaded.stop()
 
 
 # --- item 4: the private folders of runs elsewhere ----------------------------------------------------
