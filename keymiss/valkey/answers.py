@@ -34,6 +34,9 @@ MAX_BULK = 512 * 1024 * 1024
 #: replies that say a cluster cannot take a write for a moment: the answer is sent again
 TRANSIENT = ("CLUSTERDOWN", "TRYAGAIN")
 
+#: the replies that refuse the worker's ACL user (at a session's start, or at a FILL or FAIL)
+AUTH_REFUSALS = ("NOAUTH", "WRONGPASS", "NOPERM")
+
 #: how long answers refused with a TRANSIENT reply are retried, and the first and longest pause
 RETRY_SECONDS = 30.0
 RETRY_FIRST = 0.05
@@ -65,6 +68,16 @@ class Limits:
 
     max_bulk: int = MAX_BULK
     maxmemory: int = 0
+
+
+async def no_evict(conn: RespClient, url: str) -> None:
+    """Exempt one of the worker's connections from the server's client eviction
+    (``maxmemory-clients``): dropping it would drop the keys it took or the answers it carries. A
+    server without ``CLIENT NO-EVICT`` (or a user not allowed it) keeps it evictable."""
+    try:
+        await conn.call(["CLIENT", "NO-EVICT", "on"])
+    except ReplyError as exc:
+        log.debug("%s cannot exempt the worker's connection from client eviction: %s", redact_url(url), exc)
 
 
 def _code(reply: Any) -> str:
@@ -99,6 +112,7 @@ class Answers:
         client = self._clients.get(url)
         if client is None or client.closed:
             client = self._clients[url] = await RespClient.connect(url, wait=self.timeout)
+            await no_evict(client, url)
         return client
 
     async def learn(self, url: str, conn: RespClient) -> Limits:
@@ -265,6 +279,7 @@ class Answers:
             if isinstance(reply, ReplyError):
                 log.warning("the server refused %s: %s", args[0], reply)
                 self.stats.failures += 1
+                self._locked_out(url, args[0], reply)
                 if args[0] == protocol.CMD_FILL:
                     why = f"{protocol.ERR_PREFIX}the server refused to store the value: {reply}"
                     refused.append(protocol.fail(args[1], args[2], why))
@@ -280,3 +295,20 @@ class Answers:
             for reply in await self.send(url, refused):
                 if isinstance(reply, ReplyError):
                     log.warning("the server refused %s too: %s", protocol.CMD_FAIL, reply)
+                    self._locked_out(url, protocol.CMD_FAIL, reply)
+
+    def _locked_out(self, url: str, command: Any, reply: ReplyError) -> None:
+        """A refusal for the worker's ACL user (NOPERM: the command, or the key, no longer allowed
+        to it) counts as a refused session does: a supervisor reading ``auth_refusals`` acts on it."""
+        if _code(reply) not in AUTH_REFUSALS:
+            return
+        self.stats.auth_refusals += 1
+        log.error(
+            "%s refused the worker's %s for its credentials (%s; refusal %d): check that the ACL of "
+            "the URL's user allows %s on every key of its keyspaces",
+            redact_url(url),
+            command,
+            reply,
+            self.stats.auth_refusals,
+            ", ".join(protocol.WORKER_COMMANDS),
+        )

@@ -30,7 +30,15 @@ from keymiss.errors import ConfigError, KeymissError, ReplyError
 from keymiss.options import DEFAULT_TIMEOUT
 from keymiss.runtime.net import redact_url
 from keymiss.valkey import protocol
-from keymiss.valkey.answers import MAX_BULK, RETRY_MAX, TRANSIENT, Answers, WorkerStats
+from keymiss.valkey.answers import (
+    AUTH_REFUSALS,
+    MAX_BULK,
+    RETRY_MAX,
+    TRANSIENT,
+    Answers,
+    WorkerStats,
+    no_evict,
+)
 from keymiss.valkey.protocol import MAX_MS
 from keymiss.valkey.respclient import RespClient
 from keymiss.valkey.topology import masters_of, parse_url, with_node
@@ -53,9 +61,6 @@ SATURATED_BLOCK_MS = 100
 
 #: slots each keyspace keeps for itself at most (fewer where ``max_in_flight`` is small)
 RESERVE = 8
-
-#: the replies that refuse a session for its credentials
-AUTH_REFUSALS = ("NOAUTH", "WRONGPASS", "NOPERM")
 
 #: the keyspace a key no keyspace owns is counted under
 NO_KEYSPACE = ""
@@ -344,6 +349,7 @@ class Worker:
         is open); fills go over another, shared by the batches in flight."""
         take = await RespClient.connect(url, wait=self.timeout)
         try:
+            await no_evict(take, url)
             for args in self.registrations():
                 await take.call(args)
             await self.answers.client(url)
