@@ -7,6 +7,8 @@ import time
 
 import pytest
 
+from keymiss.valkey import protocol
+
 from ..redis_servers import RedisProcess
 from ..support import ReplyError, RespTestClient, resp
 from .conftest import make_app, running
@@ -17,11 +19,13 @@ async def worker_user(port: int) -> str:
     return f"redis://keymiss:pw@127.0.0.1:{port}"
 
 
-@pytest.mark.parametrize("change", [["-keymiss.fill"], ["resetkeys"]], ids=["no-fill", "resetkeys"])
+@pytest.mark.parametrize(
+    "change", [["-" + protocol.CMD_FILL.lower()], ["resetkeys"]], ids=["no-fill", "resetkeys"]
+)
 async def test_a_worker_locked_out_of_its_keys_counts_it_and_its_readers_get_the_error_at_once(
     server: RedisProcess, change: list[str]
 ) -> None:
-    """``-keymiss.fill`` once turned every miss into an error nobody counted; ``resetkeys`` made
+    """Taking FILL from the user once turned every miss into an error nobody counted; ``resetkeys`` made
     the FAIL that carries that error a refused key access too, so readers waited their deadline."""
     port = server.port
     async with running(make_app([], compute=0.05), await worker_user(port)) as worker:
