@@ -86,6 +86,19 @@ class Settings:
                 f"max-memory must be at least 1MB (the server needs that much for itself), got "
                 f"{self.size('max_memory')} bytes"
             )
+        for name, most in MAX_SIZES.items():
+            if getattr(self, name) is not None and self.size(name) > most:
+                raise ConfigError(
+                    f"{_flag(name)} must be at most {most // 1024**4}TB, got {self.size(name)} bytes"
+                )
+        if self.max_clients > MAX_CLIENTS:
+            raise ConfigError(f"max-clients must be at most {MAX_CLIENTS}, got {self.max_clients}")
+        for name in ("output_stall_seconds", "request_seconds", "busy_restart_seconds", "grace_seconds"):
+            value = getattr(self, name)
+            if math.isfinite(value) and value > MAX_TTL:
+                raise ConfigError(
+                    f"{_flag(name)} must be at most {MAX_TTL:.0f} seconds (a year), got {value:g}"
+                )
         if not 0 <= self.port < 65536:
             raise ConfigError(f"port must be between 0 and 65535 (0 picks a free one), got {self.port}")
         if self.metrics_port is not None:
@@ -136,6 +149,18 @@ def _flag(name: str) -> str:
 #: The smallest maxmemory keymiss accepts: the server's own structures take about that much.
 MIN_MAX_MEMORY = 1024**2
 
+#: The largest sizes keymiss accepts (the server's own parsers stop near 2**63; keymiss's bounds
+#: leave room for its arithmetic): maxmemory, and each client's buffers.
+MAX_SIZES = {
+    "max_memory": 1024**5,
+    "max_bulk": 1024**4,
+    "max_inline": 1024**4,
+    "query_buffer": 1024**4,
+    "output_buffer": 1024**4,
+}
+#: The most clients keymiss lets the server take (keymiss's own connections come on top).
+MAX_CLIENTS = 1_000_000
+
 #: The longest TTL or timeout the module keeps (its option parser's limit), in seconds.
 MAX_TTL = protocol.MAX_MS / 1000
 
@@ -143,23 +168,48 @@ _FIELDS = {f.name: f for f in fields(Settings) if f.name not in ("extra", "keysp
 
 
 def _coerce(name: str, value: Any) -> Any:
-    kind = _FIELDS[name].type
-    if isinstance(value, str) and ("bool" in str(kind)):
-        low = value.strip().lower()
+    """``value`` (from a TOML file, an environment variable or a flag) as the setting's type;
+    ConfigError, one line naming the setting, for a value of another type (a list, a float where
+    a whole number is meant, a size that is not finite)."""
+    kind = str(_FIELDS[name].type)
+    flag = _flag(name)
+    if value is None and "None" in kind:
+        return None
+    if kind == "bool":
+        if isinstance(value, bool):
+            return value
+        low = str(value).strip().lower() if isinstance(value, str) else ""
         if low not in {"1", "0", "true", "false", "yes", "no", "on", "off"}:
-            raise ConfigError(f"{name} must be a boolean, got {value!r}")
+            raise ConfigError(f"{flag} must be a boolean, got {value!r}")
         return low in {"1", "true", "yes", "on"}
-    if isinstance(value, str) and str(kind) in {"int", "int | None"}:
-        try:
-            return int(value)
-        except ValueError:
-            raise ConfigError(f"{name} must be an integer, got {value!r}") from None
-    if isinstance(value, str) and str(kind) in {"float", "float | None"}:
-        try:
+    if kind in {"int", "int | None"}:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, str):
+            try:
+                return int(value)
+            except ValueError:
+                pass
+        raise ConfigError(f"{flag} must be an integer, got {value!r}")
+    if kind in {"float", "float | None"}:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value)
-        except ValueError:
-            raise ConfigError(f"{name} must be a number, got {value!r}") from None
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        raise ConfigError(f"{flag} must be a number, got {value!r}")
+    if kind in {"int | str", "str | None"} and name in _SIZES:
+        if isinstance(value, str) or (isinstance(value, int) and not isinstance(value, bool)):
+            return value
+        raise ConfigError(f"{flag} must be a size (e.g. 64MB) or a whole number of bytes, got {value!r}")
+    if kind in {"str", "str | None"} and not isinstance(value, str):
+        raise ConfigError(f"{flag} must be a string, got {value!r}")
     return value
+
+
+_SIZES = ("max_memory", "max_bulk", "max_inline", "query_buffer", "output_buffer")
 
 
 def load_settings(

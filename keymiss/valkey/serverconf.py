@@ -230,9 +230,37 @@ def config_value(v: Any, name: str) -> str:
 
 
 def _words(v: Any) -> list[str]:
+    """The words the server's parser will read from a value: a list's items each one (an empty
+    item stays one, as ``""``), a string's words."""
     if isinstance(v, list):
-        return [w for x in v for w in _words(x)]
+        return [str(x).lower().strip() if str(x).strip() else "" for x in v]
     return str(v).lower().split()
+
+
+#: the classes of ``client-output-buffer-limit`` a ``[keymiss.valkey]`` table may set
+OTHER_OUTPUT_CLASSES = ("pubsub", "replica", "slave")
+
+
+def _check_output_limits(raw_name: str, value: Any) -> None:
+    """``client-output-buffer-limit``: groups of class, hard limit, soft limit and seconds, none
+    of them the normal (clients') class, which keymiss sets."""
+    words = _words(value)
+    groups = [words[i : i + 4] for i in range(0, len(words), 4)]
+    if "normal" in words:  # wherever it stands: a limit is never that word
+        raise ConfigError(
+            f"[keymiss.valkey] cannot set {raw_name!r} for the normal class: keymiss sets it "
+            "(use output-buffer)"
+        )
+    if not words or len(words) % 4 or any("" in g for g in groups):
+        raise ConfigError(
+            f"[keymiss.valkey] {raw_name!r} takes groups of class, hard limit, soft limit and seconds"
+        )
+    for group in groups:
+        if group[0] not in OTHER_OUTPUT_CLASSES:
+            raise ConfigError(
+                f"[keymiss.valkey] {raw_name!r}: the class {group[0]!r} is not one of "
+                f"{', '.join(OTHER_OUTPUT_CLASSES)}"
+            )
 
 
 def directive_lines(extra: Mapping[str, Any]) -> list[str]:
@@ -249,12 +277,9 @@ def directive_lines(extra: Mapping[str, Any]) -> list[str]:
             )
         if name in FORBIDDEN:
             raise ConfigError(f"[keymiss.valkey] cannot set {raw_name!r}: {FORBIDDEN[name]}")
-        if name == "client-output-buffer-limit" and "normal" in _words(value)[0::4]:
+        if name == "client-output-buffer-limit":
             # the other classes (pubsub, replica) pass through; the clients' class is keymiss's
-            raise ConfigError(
-                f"[keymiss.valkey] cannot set {raw_name!r} for the normal class: keymiss sets it "
-                "(use output-buffer)"
-            )
+            _check_output_limits(raw_name, value)
         if not re.fullmatch(r"[a-z][a-z0-9-]*", name):
             raise ConfigError(f"[keymiss.valkey] {raw_name!r} is not a server setting name")
         lines.append(f"{name} {config_value(value, raw_name)}")

@@ -167,3 +167,53 @@ def test_a_metrics_port_in_use_is_refused_before_listening(tmp_path: Path) -> No
         port = held.getsockname()[1]
         out = serve(tmp_path, "--metrics-port", str(port))
     assert_refused(out, f"cannot serve metrics on 127.0.0.1:{port}")
+
+
+def test_a_normal_class_hidden_among_other_classes_is_refused(tmp_path: Path) -> None:
+    """An empty item cannot shift the groups so that ``normal`` hides as a limit."""
+    config = tmp_path / "keymiss.toml"
+    config.write_text(
+        '[keymiss.valkey]\nclient-output-buffer-limit = ["pubsub", "", "0", "0", "normal", "0", "0", "0"]\n'
+    )
+    assert_refused(serve(tmp_path, "--config", str(config)), "cannot set 'client-output-buffer-limit'")
+
+
+@pytest.mark.parametrize(
+    ("setting", "message"),
+    [
+        ("max_clients = [1]", "max-clients must be an integer"),
+        ("max_clients = 1.5", "max-clients must be an integer"),
+        ("max_in_flight = 2.5", "max-in-flight must be an integer"),
+        ("metrics_port = 17307.0", "metrics-port must be an integer"),
+        ("max_memory = inf", "max-memory must be a size"),
+        ("max_memory = nan", "max-memory must be a size"),
+        ("output_stall_seconds = [1]", "output-stall-seconds must be a number"),
+        ('unsafe_no_auth = "maybe"', "unsafe-no-auth must be a boolean"),
+        ("requirepass = 5", "requirepass must be a string"),
+    ],
+)
+def test_a_toml_value_of_the_wrong_type_is_refused_in_one_line(
+    tmp_path: Path, setting: str, message: str
+) -> None:
+    config = tmp_path / "keymiss.toml"
+    config.write_text(f"[keymiss]\n{setting}\n")
+    assert_refused(serve(tmp_path, "--config", str(config)), message)
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (("--max-clients", "99999999999"), "max-clients must be at most"),
+        (("--max-memory", "99999999TB"), "max-memory must be at most"),
+        (("--max-bulk", "99999999TB"), "max-bulk must be at most"),
+        (("--query-buffer", "99999999TB"), "query-buffer must be at most"),
+        (("--output-buffer", "99999999TB"), "output-buffer must be at most"),
+        (("--output-stall-seconds", "1e300"), "output-stall-seconds must be at most"),
+        (("--busy-restart-seconds", "1e300"), "busy-restart-seconds must be at most"),
+        (("--busy-restart-seconds", "0"), "busy-restart-seconds must be above 0"),
+    ],
+)
+def test_a_value_the_server_would_reject_is_refused_by_keymiss(
+    tmp_path: Path, args: tuple[str, ...], message: str
+) -> None:
+    assert_refused(serve(tmp_path, *args), message)
