@@ -203,3 +203,23 @@ async def companions(port: int) -> dict[str, bytes]:
 async def has_workers(port: int, pattern: str = "slow:*", n: int = 1) -> bool:
     """Whether ``n`` workers serve the keyspace ``pattern`` now."""
     return (await keyspaces(port)).get(pattern, {}).get("workers") == str(n)
+
+
+def valgrind_valkey(tmp_path: Path, *args: str) -> tuple[RedisProcess, Path]:
+    """A module-loaded Valkey under valgrind (its binary uses libc malloc, so valgrind sees every
+    allocation the module makes), and the log whose summary the caller checks after stopping it."""
+    if shutil.which("valgrind") is None:
+        pytest.skip("valgrind is not installed")
+    if SERVERS["valkey"] is None:
+        pytest.skip("no valkey binary")
+    vlog = tmp_path / "valgrind.txt"
+    wrapper = tmp_path / "valkey-under-valgrind"
+    wrapper.write_text(
+        "#!/bin/sh\nexec valgrind --error-exitcode=99 --leak-check=full --show-leak-kinds=definite "
+        f'--errors-for-leak-kinds=definite --log-file={vlog} {SERVERS["valkey"]} "$@"\n'
+    )
+    wrapper.chmod(0o755)
+    server = RedisProcess(
+        tmp_path / "vg", "--loadmodule", str(module_path()), *args, binary=str(wrapper), log=True
+    )
+    return server, vlog

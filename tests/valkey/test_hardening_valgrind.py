@@ -6,42 +6,17 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import shutil
 from pathlib import Path
 
-import pytest
-
 from keymiss.valkey import protocol
-from keymiss.valkey.modulepath import module_path
 
-from ..redis_servers import RedisProcess
 from ..support import RespTestClient, aeventually, resp
-from .conftest import SERVERS, counter, info_field, raw_worker, take_one
+from .conftest import counter, info_field, raw_worker, take_one, valgrind_valkey
 
 
-@pytest.mark.skipif(shutil.which("valgrind") is None, reason="valgrind is not installed")
 async def test_the_hardening_paths_run_clean_under_valgrind(tmp_path: Path) -> None:
     """Valkey's binary uses libc malloc, so valgrind sees every allocation the module makes."""
-    if SERVERS["valkey"] is None:
-        pytest.skip("no valkey binary")
-    vlog = tmp_path / "valgrind.txt"
-    wrapper = tmp_path / "valkey-under-valgrind"
-    wrapper.write_text(
-        "#!/bin/sh\nexec valgrind --error-exitcode=99 --leak-check=full --show-leak-kinds=definite "
-        f'--errors-for-leak-kinds=definite --log-file={vlog} {SERVERS["valkey"]} "$@"\n'
-    )
-    wrapper.chmod(0o755)
-    server = RedisProcess(
-        tmp_path / "vg",
-        "--loadmodule",
-        str(module_path()),
-        "--maxmemory",
-        "64mb",
-        "--maxmemory-policy",
-        "allkeys-lru",
-        binary=str(wrapper),
-        log=True,
-    )
+    server, vlog = valgrind_valkey(tmp_path, "--maxmemory", "64mb", "--maxmemory-policy", "allkeys-lru")
     port = server.port
     wait = 60.0
     try:

@@ -5,11 +5,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import shutil
 import time
 from pathlib import Path
-
-import pytest
 
 from keymiss import Keymiss
 from keymiss.valkey import protocol
@@ -17,22 +14,22 @@ from keymiss.valkey.modulepath import module_path
 
 from ..redis_servers import RedisProcess
 from ..support import ReplyError, RespTestClient, aeventually, resp
-from .conftest import SERVERS, binary, companions, counter, make_app, raw_worker, running, take_one, url
+from .conftest import (
+    binary,
+    companions,
+    counter,
+    make_app,
+    raw_worker,
+    running,
+    take_one,
+    url,
+    valgrind_valkey,
+)
 
 
-@pytest.mark.skipif(shutil.which("valgrind") is None, reason="valgrind is not installed")
 async def test_the_module_runs_clean_under_valgrind(tmp_path: Path) -> None:
     """Valkey's binary uses libc malloc, so valgrind sees every allocation the module makes."""
-    if SERVERS["valkey"] is None:
-        pytest.skip("no valkey binary")
-    vlog = tmp_path / "valgrind.txt"
-    wrapper = tmp_path / "valkey-under-valgrind"
-    wrapper.write_text(
-        "#!/bin/sh\nexec valgrind --error-exitcode=99 --leak-check=full --show-leak-kinds=definite "
-        f'--errors-for-leak-kinds=definite --log-file={vlog} {SERVERS["valkey"]} "$@"\n'
-    )
-    wrapper.chmod(0o755)
-    server = RedisProcess(tmp_path / "vg", "--loadmodule", str(module_path()), binary=str(wrapper), log=True)
+    server, vlog = valgrind_valkey(tmp_path)
     port = server.port
 
     async def computations(pattern: str) -> int:
