@@ -65,6 +65,12 @@ def build_parser() -> argparse.ArgumentParser:
         type=float,
         help="restart the embedded server after it answered BUSY (a script that never ends) this long (30)",
     )
+    serve.add_argument(
+        "--worker-grace",
+        type=float,
+        help="seconds a reader of the embedded server's keyspace waits for its first worker (or "
+        "for another, once its last went) before it is told there is none (default 5)",
+    )
     serve.add_argument("--host", help="address to bind (default 127.0.0.1)")
     serve.add_argument("--port", type=int, help="port (default 6380; 0 picks a free one)")
     serve.add_argument("--store", help=f"a store URL (overrides the app): {STORE_URLS}")

@@ -31,6 +31,8 @@ class Settings:
     restarts: int = 5  # deaths of the embedded server within a minute before keymiss gives up
     #: how long the server may answer BUSY (a script that never ends) before keymiss restarts it
     busy_restart_seconds: float = 30.0
+    #: how long a reader of the embedded server's keyspace waits for a worker (the module's GRACE)
+    worker_grace: float = 5.0
     host: str = "127.0.0.1"
     port: int = 6380
     store: str | None = None  # None: what the app chose
@@ -93,7 +95,13 @@ class Settings:
                 )
         if self.max_clients > MAX_CLIENTS:
             raise ConfigError(f"max-clients must be at most {MAX_CLIENTS}, got {self.max_clients}")
-        for name in ("output_stall_seconds", "request_seconds", "busy_restart_seconds", "grace_seconds"):
+        for name in (
+            "output_stall_seconds",
+            "request_seconds",
+            "busy_restart_seconds",
+            "grace_seconds",
+            "worker_grace",
+        ):
             value = getattr(self, name)
             if math.isfinite(value) and value > MAX_TTL:
                 raise ConfigError(
@@ -113,7 +121,7 @@ class Settings:
             value = getattr(self, name)
             if not (math.isfinite(value) and value > 0):
                 raise ConfigError(f"{_flag(name)} must be above 0 seconds, got {value:g}")
-        for name in ("grace_seconds", "qa_batch_wait_ms"):
+        for name in ("grace_seconds", "worker_grace", "qa_batch_wait_ms"):
             value = getattr(self, name)
             if not (math.isfinite(value) and value >= 0):
                 raise ConfigError(f"{_flag(name)} must be 0 or more, got {value:g}")

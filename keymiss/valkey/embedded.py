@@ -26,12 +26,13 @@ import signal
 import socket
 import sys
 import time
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Any
 from urllib.parse import quote
 
 from keymiss.errors import ReplyError, error_line
 from keymiss.sizes import parse_size
+from keymiss.valkey import protocol
 from keymiss.valkey.respclient import RespClient
 from keymiss.valkey.serverconf import (
     OWN_USER,
@@ -51,6 +52,8 @@ _LEVELS = {"#": logging.WARNING, "*": logging.INFO, "-": logging.DEBUG, ".": log
 _QUIET = re.compile(
     r"^(Legacy Redis Module .*keymiss.* found|Module keymiss OnUnload failed|Failed to unload module keymiss)"
 )
+#: how often keymiss asks its server, before opening its port, whether the workers have registered
+READY_WATCH = 0.02
 #: the server's refusals of a login or of a user's command
 _REFUSALS = ("NOAUTH", "WRONGPASS", "NOPERM")
 
@@ -62,6 +65,18 @@ def _info_field(info: Any, name: str) -> str | None:
         if sep and key == name:
             return value.strip()
     return None
+
+
+def served_keyspaces(info: Any) -> int:
+    """How many keyspaces an ``INFO keymiss`` reply counts at least one worker for."""
+    text = info.decode(errors="replace") if isinstance(info, bytes) else str(info)
+    n = 0
+    for line in text.splitlines():
+        name, sep, value = line.partition(":")
+        if sep and name.startswith(protocol.INFO_SECTION + "_keyspace_"):
+            workers = protocol.parse_info_keyspace(value.strip()).get("workers", "0")
+            n += workers.isdigit() and int(workers) > 0
+    return n
 
 
 def _tie_to_parent(parent: int) -> Callable[[], None]:
@@ -113,6 +128,7 @@ class EmbeddedServer:
         extra: Mapping[str, Any] | None = None,
         restarts: int = 5,
         start_seconds: float = 60.0,
+        module_args: Sequence[str] = (),
     ) -> None:
         self.binary = binary
         self.host = host
@@ -125,9 +141,9 @@ class EmbeddedServer:
         self.start_seconds = start_seconds
         render = functools.partial(
             render_config,
-            port=self.port,
             host=host,
             module=module,
+            module_args=module_args,
             data_dir=self.data_dir,
             max_memory=self.max_memory,
             eviction=eviction,
@@ -153,6 +169,8 @@ class EmbeddedServer:
         self._up_since = 0.0
         self.deaths = 0
         self.up = False
+        #: whether the TCP port is open (``open_port``): each start begins with it closed
+        self.listening = False
         self._recent: collections.deque[str] = collections.deque(maxlen=30)
         self._stopping = False
         self._log_task: asyncio.Task[None] | None = None
@@ -206,6 +224,7 @@ class EmbeddedServer:
                 log.info("removed %s, left by a keymiss that is no longer running", path)
         self._recent.clear()
         self._restart_why = ""
+        self.listening = False
         self.proc = await asyncio.create_subprocess_exec(
             self.binary.path,
             "-",  # the configuration comes on standard input: secrets never touch the disk
@@ -226,7 +245,13 @@ class EmbeddedServer:
         finally:
             self.proc.stdin.close()
         self._log_task = asyncio.get_running_loop().create_task(self._forward_log(self.proc))
-        log.info("started %s, pid %d, on %s:%d", self.binary, self.proc.pid, self.host, self.port)
+        log.info(
+            "started %s, pid %d, on %s:%d (the port opens once the workers have registered)",
+            self.binary,
+            self.proc.pid,
+            self.host,
+            self.port,
+        )
         await self._wait_ready()
         self.started_at = time.time()
         self._up_since = time.monotonic()
@@ -263,6 +288,58 @@ class EmbeddedServer:
             await asyncio.sleep(0.05)
         raise ServerFailed(f"the server did not answer within {self.start_seconds:.0f}s ({last})")
 
+    async def registered(self, pid: int | None, keyspaces: int, stopping: asyncio.Event) -> bool:
+        """Wait until the server process ``pid`` counts a worker for ``keyspaces`` keyspaces (its
+        ``INFO keymiss``, asked on the private socket). False when that process is gone
+        (supervision starts another) or ``stopping`` is set."""
+        client: RespClient | None = None
+        try:
+            while pid is not None and self.pid == pid and not stopping.is_set():
+                try:
+                    if client is None or client.closed:
+                        client = await RespClient.connect(self.url, wait=2)
+                    if (
+                        served_keyspaces(await client.call(["INFO", protocol.INFO_SECTION], wait=2))
+                        >= keyspaces
+                    ):
+                        return True
+                except (TimeoutError, OSError, ConnectionError, ReplyError):
+                    if client is not None:
+                        with contextlib.suppress(Exception):
+                            await client.close()
+                    client = None
+                await asyncio.sleep(READY_WATCH)
+            return False
+        finally:
+            if client is not None:
+                with contextlib.suppress(Exception):
+                    await client.close()
+
+    async def open_port(self) -> None:
+        """Let clients in: the server starts on its private socket alone (``port 0``), and keymiss
+        opens the TCP port once its workers have registered their keyspaces, so that no client reads
+        a keyspace's key before the server knows it is one. ServerFailed when the server cannot
+        listen there (another process took the port since the start's check)."""
+        if self.listening:
+            return
+        try:
+            client = await RespClient.connect(self.url, wait=5)
+        except (OSError, ConnectionError, ReplyError) as exc:
+            raise ServerFailed(f"cannot reach the server to open its port: {exc}") from None
+        try:
+            await client.call(["CONFIG", "SET", "port", str(self.port)], wait=5)
+        except ReplyError as exc:
+            holder = port_in_use(self.host, self.port)
+            raise ServerFailed(
+                f"the server cannot listen on {self.host}:{self.port}: {exc}"
+                + (f" (in use by another process: {holder})" if holder else "")
+            ) from None
+        except (OSError, ConnectionError) as exc:
+            raise ServerFailed(f"the server went away while opening its port: {exc}") from None
+        finally:
+            await client.close()
+        self.listening = True
+
     async def _forward_log(self, proc: asyncio.subprocess.Process) -> None:
         assert proc.stdout is not None
         while True:
@@ -295,6 +372,7 @@ class EmbeddedServer:
                 with contextlib.suppress(asyncio.TimeoutError):
                     await asyncio.wait_for(asyncio.shield(self._log_task), 2)
             self.up = False
+            self.listening = False
             if self._stopping:
                 return
             self.deaths += 1
@@ -386,6 +464,7 @@ class EmbeddedServer:
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(self._log_task, 2)
         self.up = False
+        self.listening = False
         self._cleanup()
         return status
 

@@ -18,9 +18,9 @@ from keymiss.runtime.exits import EXIT_ABANDONED, EXIT_SERVER_FAILED
 from keymiss.runtime.loop import run_loop
 from keymiss.runtime.net import is_loopback, redact_url
 from keymiss.valkey import protocol
-from keymiss.valkey.embedded import EmbeddedServer, ServerFailed
+from keymiss.valkey.embedded import READY_WATCH, EmbeddedServer, ServerFailed
 from keymiss.valkey.respclient import RespClient
-from keymiss.valkey.serverconf import ServerBinary
+from keymiss.valkey.serverconf import ServerBinary, module_arguments
 from keymiss.valkey.topology import parse_url
 from keymiss.valkey.worker import Worker
 
@@ -83,6 +83,8 @@ class ModuleFront:
         self.started_at = time.time()
         self._stopping = asyncio.Event()
         self._metrics: Any = None
+        #: the server could not open its port at start (said already): the run ends with status 1
+        self._open_failed = False
 
     def _embedded(self) -> EmbeddedServer:
         from keymiss.valkey.modulepath import module_path
@@ -96,9 +98,12 @@ class ModuleFront:
                 "network is trusted."
             )
         eviction = s.eviction or (self.km.eviction if isinstance(self.km.eviction, str) else None)
+        module = str(module_path())
+        globs = [ks.template.glob() if ks.template is not None else ks.pattern for ks in self.km.registry]
         return EmbeddedServer(
             self.binary,
-            str(module_path()),
+            module,
+            module_args=module_arguments(module, grace_seconds=s.worker_grace, globs=globs),
             host=s.host,
             port=s.port,
             data_dir=s.data_dir,
@@ -203,7 +208,7 @@ class ModuleFront:
         tasks["stop"] = loop.create_task(self._stopping.wait())
         status = 0
         try:
-            if await self._attached(tasks):
+            if await self._attached(tasks) and await self._opened(tasks):
                 self._announce()
                 await asyncio.wait(tasks.values(), return_when=asyncio.FIRST_COMPLETED)
             status = self._failure(tasks)
@@ -321,6 +326,40 @@ class ModuleFront:
             await asyncio.sleep(0.02)
         return True
 
+    async def _let_clients_in(self) -> bool:
+        """Open the running server's TCP port once its workers have registered every keyspace: a
+        client that can connect finds each keyspace served. False when that server went away first
+        (its successor is let in after its restart); ServerFailed when it cannot listen."""
+        assert self.server is not None
+        pid = self.server.pid
+        if not await self.server.registered(pid, len(self.km.registry), self._stopping):
+            return False
+        try:
+            await self.server.open_port()
+        except ServerFailed:
+            if self.server.pid != pid:
+                return False  # it died meanwhile
+            raise
+        return True
+
+    async def _opened(self, tasks: dict[str, asyncio.Task[Any]]) -> bool:
+        """At start: the port opened (``_let_clients_in``) before keymiss says it listens. False if
+        something ended first, or the port cannot be opened (said; the run ends with status 1)."""
+        if self.server is None:
+            return True
+        while not self._stopping.is_set():
+            try:
+                if await self._let_clients_in() or self.server.listening:
+                    return True
+            except ServerFailed as exc:
+                log.error("%s", exc)
+                self._open_failed = True
+                return False
+            if any(t.done() for t in tasks.values()):
+                return False
+            await asyncio.sleep(READY_WATCH)
+        return False
+
     def _announce(self) -> None:
         s = self.settings
         if self.server is not None:
@@ -339,6 +378,8 @@ class ModuleFront:
             log.info("keymiss %s, keyspaces=[%s]", self.why, ", ".join(ks.pattern for ks in self.km.registry))
 
     def _failure(self, tasks: dict[str, asyncio.Task[Any]]) -> int:
+        if self._open_failed:
+            return EXIT_SERVER_FAILED
         for name in ("login", "busy"):
             task = tasks.get(name)
             if task is not None and task.done() and not task.cancelled() and task.exception() is None:
@@ -360,14 +401,23 @@ class ModuleFront:
         return 0
 
     async def _restarted(self) -> None:
-        """After a restart: contexts again (idempotent; a no-op when the data came back)."""
+        """After a restart: contexts again (idempotent; a no-op when the data came back), then the
+        port, once the workers have registered with the new server (ServerFailed, which ends the
+        run, when it cannot listen)."""
         for attempt in range(5):
             try:
                 await self.km.run_start_hooks()
-                return
+                break
             except Exception as exc:
                 log.warning("after the restart, start hooks failed (%s); try %d of 5", exc, attempt + 1)
                 await asyncio.sleep(0.5 * (attempt + 1))
+        if await self._let_clients_in():
+            assert self.server is not None
+            log.info(
+                "the server listens on %s:%d again: its workers registered",
+                self.settings.host,
+                self.server.port,
+            )
 
     async def _shutdown(self, tasks: dict[str, asyncio.Task[Any]], status: int) -> int:
         grace = self.settings.grace_seconds
@@ -404,7 +454,7 @@ class ModuleFront:
     def healthy(self) -> bool:
         """Up, a worker attached, and the server answering a PING within a second now (a stopped
         or wedged server is unhealthy at once, not when a worker's TAKE times out)."""
-        up = self.server.up if self.server is not None else True
+        up = self.server.up and self.server.listening if self.server is not None else True
         if not (up and self.worker is not None and self.worker.stats.nodes):
             return False
         import redis

@@ -11,7 +11,7 @@ import re
 import shutil
 import socket
 import subprocess
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -127,6 +127,12 @@ OWN_CONNECTIONS = 48
 #: 5 min if 100, 1 min if 10 000; and one more snapshot at a clean shutdown
 DEFAULT_SAVE = "3600 1 300 100 60 10000"
 
+#: The module's load arguments (``loadmodule PATH GRACE <ms> KEYSPACE <glob> ...``): how long a
+#: reader of a declared keyspace waits for its first worker, and the keyspaces declared at load, so
+#: that a read before the workers register waits instead of answering nil.
+LOAD_GRACE = "GRACE"
+LOAD_KEYSPACE = "KEYSPACE"
+
 VERSION_LINE = re.compile(r"\b(Redis|Valkey) server v=(\d+)\.(\d+)\.(\d+)")
 
 
@@ -206,6 +212,20 @@ def find_binary(explicit: str | None = None) -> tuple[ServerBinary | None, str]:
         return probe_binary(path), origin
     except ConfigError as exc:
         return None, str(exc)
+
+
+def module_arguments(module: str, *, grace_seconds: float, globs: Sequence[str]) -> list[str]:
+    """The module's load arguments: ``GRACE <ms>`` and a ``KEYSPACE <glob>`` per keyspace; none for a
+    module that does not know them (one that takes no arguments refuses to load with any), told
+    by their names among the module file's strings, as ``knows_directive`` tells a binary's."""
+    if not (knows_directive(module, LOAD_GRACE) and knows_directive(module, LOAD_KEYSPACE)):
+        return []
+    args = [LOAD_GRACE, str(max(0, round(grace_seconds * 1000)))]
+    for glob in globs:
+        if any(c in glob for c in "\r\n\0"):
+            raise ConfigError(f"keyspace {glob!r}: a pattern the server's configuration cannot carry")
+        args += [LOAD_KEYSPACE, glob]
+    return args
 
 
 def quoted(text: str) -> str:
@@ -337,9 +357,9 @@ def port_in_use(host: str, port: int) -> str:
 
 def render_config(
     *,
-    port: int,
     host: str,
     module: str,
+    module_args: Sequence[str] = (),
     workdir: str,
     data_dir: str | None,
     max_memory: int,
@@ -370,13 +390,15 @@ def render_config(
             )
     hard, soft, seconds = output_limits(max_memory, output_buffer, output_stall_seconds)
     lines = [
-        f"port {port}",
+        # the TCP port opens (CONFIG SET port, on keymiss's own socket) only once the workers have
+        # registered their keyspaces: no client ever reads a keyspace's key as nil for want of one
+        "port 0",
         "bind " + " ".join(bind),
         # keymiss itself refuses a public address without a password (or --unsafe-no-auth)
         "protected-mode no",
         "daemonize no",
         'logfile ""',
-        f"loadmodule {quoted(module)}",
+        " ".join(["loadmodule", *(quoted(a) for a in (module, *module_args))]),
         f"dir {quoted(data_dir or workdir)}",
         # keymiss's own connections: a socket in its private directory, which no other process can
         # take over (a TCP port can be held by anyone before the server binds it)
