@@ -1,4 +1,7 @@
-"""Counters per keyspace, read by INFO, KEYMISS STATS and the metrics endpoint."""
+"""Counters per keyspace, read by INFO, KEYMISS STATS and the metrics endpoint, and the words both
+servers report them by: the Python server's ``INFO keymiss`` and the module's, the Python front
+end's ``/metrics`` and the module front end's, name a counter both count the same way, in the
+same unit."""
 
 from __future__ import annotations
 
@@ -10,6 +13,37 @@ from typing import Any
 COMPUTE_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 #: Upper bounds of the keys-per-call histogram: whether batching gathers what a model wants.
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+
+#: ``INFO keymiss``: the section's name on both servers, as Valkey shows a module's section (``#
+#: keymiss``); each keyspace's line is ``keymiss_keyspace_<n>``
+INFO_SECTION = "keymiss"
+#: the per-keyspace line of ``INFO keymiss`` (``keymiss_keyspace_<n>``)
+INFO_KEYSPACE_LINE = INFO_SECTION + "_keyspace_"
+
+#: Per-keyspace counters both servers keep, by the name both report them under (``INFO keymiss``
+#: and, as ``keymiss_<name>_total``, ``/metrics``), with what they count.
+SHARED_COUNTERS = {
+    "hits": "Reads answered from a stored value",
+    "misses": "Reads of a key with no stored value (or one of another version)",
+    "computations": "Keys given to the keyspace's function",
+    "errors": "Keys whose computation failed",
+    "timeouts": "Keys whose computation passed its deadline",
+    "superseded": "Computed values not stored: a client wrote the key meanwhile",
+    "stale_hits": "Hits served past the TTL, inside the stale window, while a refresh ran",
+    "early_refreshes": "Refreshes a hit started before the TTL ran out",
+    "refresh_failures": "Background refreshes that failed (the old value kept being served)",
+    "version_misses": "Stored values not served: computed under another version",
+    "version_stale_hits": "Hits on the version just replaced, inside version_stale, while a refresh ran",
+}
+#: Per-keyspace gauges both servers keep (``keymiss_<name>`` in ``/metrics``).
+SHARED_GAUGES = {
+    "queued": "Keys waiting for a computation slot",
+    "in_flight": "Keys being computed",
+}
+#: Every per-keyspace field both servers' ``INFO keymiss`` show, in the same unit:
+#: ``mean_compute_seconds`` is seconds on both (the Python server's mean; the module's smoothed
+#: take-to-fill time).
+SHARED_KEYSPACE_FIELDS = ("pattern", *SHARED_COUNTERS, *SHARED_GAUGES, "mean_compute_seconds")
 
 
 @dataclass

@@ -15,23 +15,21 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import TYPE_CHECKING, Any
 
 from keymiss.errors import ConfigError
-from keymiss.stats import BATCH_BUCKETS, COMPUTE_BUCKETS
+from keymiss.stats import BATCH_BUCKETS, COMPUTE_BUCKETS, SHARED_COUNTERS, SHARED_GAUGES
 from keymiss.version import __version__
 
 if TYPE_CHECKING:
     from keymiss.engine.cache import Keymiss
 
 
-def engine_metrics(km: Keymiss) -> Iterator[Any]:
-    """The engine's counters per keyspace: what both front ends compute."""
+def engine_metrics(km: Keymiss, *, shared: bool = True) -> Iterator[Any]:
+    """The engine's counters per keyspace. ``shared``: with the counters both front ends report by
+    the same names (``keymiss.stats.SHARED_COUNTERS``, ``SHARED_GAUGES``); the module front end
+    leaves them out and reports them from its server's counts (its engine serves no reads)."""
     from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 
     counters = {
-        "hits": "Reads answered from the store",
-        "misses": "Reads that found no stored value",
-        "computations": "Keys computed by the keyspace's function",
-        "errors": "Computations that failed",
-        "timeouts": "Computations that passed their timeout",
+        **(SHARED_COUNTERS if shared else {}),
         "coalesced": "Reads that joined a computation already running",
         "evictions": "Values the memory store evicted to stay within its budget",
     }
@@ -39,9 +37,10 @@ def engine_metrics(km: Keymiss) -> Iterator[Any]:
         name: CounterMetricFamily(f"keymiss_{name}", text, labels=["keyspace"])
         for name, text in counters.items()
     }
-    in_flight = GaugeMetricFamily(
-        "keymiss_in_flight", "Keys being computed, with handlers past their timeout", labels=["keyspace"]
-    )
+    gauges = {
+        name: GaugeMetricFamily(f"keymiss_{name}", text, labels=["keyspace"])
+        for name, text in (SHARED_GAUGES if shared else {}).items()
+    }
     stuck = GaugeMetricFamily(
         "keymiss_stuck_handlers", "Handler calls past their timeout still running", labels=["keyspace"]
     )
@@ -55,7 +54,9 @@ def engine_metrics(km: Keymiss) -> Iterator[Any]:
         st = ks.stats
         for name, family in families.items():
             family.add_metric([ks.pattern], getattr(st, name))
-        in_flight.add_metric([ks.pattern], st.in_flight)
+        if shared:
+            gauges["queued"].add_metric([ks.pattern], km.engine.queued(ks.pattern))
+            gauges["in_flight"].add_metric([ks.pattern], st.in_flight)
         stuck.add_metric([ks.pattern], st.stuck)
         cumulative = list(itertools.accumulate(st.compute_histogram))
         buckets = [(repr(b), c) for b, c in zip(COMPUTE_BUCKETS, cumulative, strict=False)]
@@ -66,7 +67,7 @@ def engine_metrics(km: Keymiss) -> Iterator[Any]:
         sizes.append(("+Inf", cumulative[-1]))
         batches.add_metric([ks.pattern], sizes, float(st.computations))
     yield from families.values()
-    yield in_flight
+    yield from gauges.values()
     yield stuck
     yield compute
     yield batches

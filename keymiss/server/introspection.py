@@ -17,6 +17,7 @@ from keymiss.server import reply
 from keymiss.server.commands import TABLE, CommandError, Reply, arg, command, key_of
 from keymiss.server.session import REDIS_COMPAT_VERSION
 from keymiss.sizes import format_size
+from keymiss.stats import INFO_KEYSPACE_LINE, INFO_SECTION, SHARED_COUNTERS
 from keymiss.version import __version__
 
 if TYPE_CHECKING:
@@ -213,32 +214,34 @@ def info_sections(c: Client) -> dict[str, dict[str, Any]]:
     if keys:
         sections["keyspace"]["db0"] = f"keys={keys},expires=0,avg_ttl=0"
     for i, ks in enumerate(km.registry):
-        st = ks.stats
-        version = ks.describe()["version"]
-        sections["keymiss"][f"keyspace_{i}"] = ",".join(
-            f"{k}={_field(v)}"
-            for k, v in (
-                ("pattern", _escape(ks.pattern)),
-                ("version", "" if version is None else _escape(version)),
-                ("version_misses", st.version_misses),
-                ("version_stale_hits", st.version_stale_hits),
-                ("hits", st.hits),
-                ("misses", st.misses),
-                ("computations", st.computations),
-                ("calls", st.calls),
-                ("errors", st.errors),
-                ("timeouts", st.timeouts),
-                ("in_flight", st.in_flight),
-                ("queued", km.engine.queued(ks.pattern)),
-                ("stuck", st.stuck),
-                ("coalesced", st.coalesced),
-                ("superseded", st.superseded),
-                ("evictions", st.evictions),
-                ("mean_compute_seconds", st.mean_compute_seconds),
-                ("compute_seconds_saved", st.seconds_saved),
-            )
-        )
+        line = _keyspace_line(c, ks)
+        sections["keymiss"][f"{INFO_KEYSPACE_LINE}{i}"] = line
+        # an earlier release's name of the line, shown for one release beside the module's word
+        sections["keymiss"][f"keyspace_{i}"] = line
     return sections
+
+
+def _keyspace_line(c: Client, ks: Any) -> str:
+    """One keyspace's ``INFO keymiss`` value: first the fields both servers show
+    (``SHARED_KEYSPACE_FIELDS``, the module's words and units), then the Python server's own."""
+    st = ks.stats
+    version = ks.describe()["version"]
+    shared: dict[str, Any] = {
+        "pattern": _escape(ks.pattern),
+        **{name: getattr(st, name) for name in SHARED_COUNTERS},
+        "queued": c.km.engine.queued(ks.pattern),
+        "in_flight": st.in_flight,
+        "mean_compute_seconds": st.mean_compute_seconds,
+    }
+    own = {
+        "version": "" if version is None else _escape(version),
+        "calls": st.calls,
+        "stuck": st.stuck,
+        "coalesced": st.coalesced,
+        "evictions": st.evictions,
+        "compute_seconds_saved": st.seconds_saved,
+    }
+    return ",".join(f"{k}={_field(v)}" for k, v in {**shared, **own}.items())
 
 
 DEFAULT_SECTIONS = ("server", "clients", "memory", "stats", "keyspace", "keymiss")
@@ -263,7 +266,8 @@ def cmd_info(c: Client, args: list[bytes]) -> Reply:
     for name in names:
         if lines:
             lines.append("")
-        lines.append(f"# {name.capitalize()}")
+        # Redis's sections by Redis's names; keymiss's as Valkey shows the module's: ``# keymiss``
+        lines.append(f"# {name if name == INFO_SECTION else name.capitalize()}")
         lines.extend(f"{k}:{_field(v)}" for k, v in sections[name].items())
     return reply.verbatim("\r\n".join(lines) + "\r\n", c.proto)
 

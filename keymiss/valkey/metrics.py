@@ -8,6 +8,7 @@ from http.server import ThreadingHTTPServer
 from typing import TYPE_CHECKING, Any, Protocol
 
 from keymiss.runtime.metrics import build_metrics, engine_metrics, http_server, new_registry
+from keymiss.stats import SHARED_COUNTERS, SHARED_GAUGES
 from keymiss.valkey import protocol
 
 if TYPE_CHECKING:
@@ -29,6 +30,44 @@ class ModuleFront(Protocol):
     started_at: float
 
     def healthy(self) -> bool: ...
+
+
+#: the module's per-keyspace metrics by their names of a release ago (``keymiss_module_<name>``),
+#: still served, as aliases of ``keymiss_<name>``, for one release: INFO field → old metric name
+MODULE_ALIASES = {
+    **{k: k for k in ("hits", "misses", "computations", "fills", "timeouts", "requeues")},
+    **{k: k for k in ("discarded_fills", "superseded", "busy", "no_worker", "oversized", "dropped")},
+    "errors": "failures",
+    "queued": "queued",
+    "in_flight": "in_flight",
+}
+
+
+def keyspace_metrics(info: dict[str, Any]) -> Iterator[Any]:
+    """The module's per-keyspace counters and gauges (its ``INFO keymiss``) by the names the Python
+    front end reports its own under (``keymiss_hits_total``, ...), and by their earlier names."""
+    from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+    families: dict[str, Any] = {}
+    aliases: dict[str, Any] = {}
+    for fields, shared, kind in (
+        (protocol.INFO_COUNTERS, SHARED_COUNTERS, CounterMetricFamily),
+        (protocol.INFO_GAUGES, SHARED_GAUGES, GaugeMetricFamily),
+    ):
+        for k, text in fields.items():
+            families[k] = kind(f"keymiss_{k}", shared.get(k, text), labels=["keyspace"])
+            if k in MODULE_ALIASES:
+                name = f"keymiss_module_{MODULE_ALIASES[k]}"
+                aliases[k] = kind(name, f"{text} (keymiss_{k}'s earlier name)", labels=["keyspace"])
+    for value in info.values():
+        if isinstance(value, dict) and "pattern" in value:
+            pattern = str(value["pattern"])
+            for k, family in families.items():
+                family.add_metric([pattern], float(value.get(k, 0)))
+                if k in aliases:
+                    aliases[k].add_metric([pattern], float(value.get(k, 0)))
+    yield from families.values()
+    yield from aliases.values()
 
 
 class ModuleCollector:
@@ -54,7 +93,9 @@ class ModuleCollector:
         from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
         front = self.front
-        yield from engine_metrics(front.km)
+        # the engine's own (compute times, batch sizes, ...); the counters both front ends share come
+        # from the module, which serves the reads (keyspace_metrics, below)
+        yield from engine_metrics(front.km, shared=False)
         name = str(front.binary) if front.binary is not None else "attached"
         yield from build_metrics(name, front.started_at)
         worker = front.worker
@@ -85,22 +126,7 @@ class ModuleCollector:
             return
         up.add_metric([], 1.0)
         yield up
-        counters = {
-            k: CounterMetricFamily(f"keymiss_module_{k}", text, labels=["keyspace"])
-            for k, text in protocol.INFO_COUNTERS.items()
-        }
-        gauges = {
-            k: GaugeMetricFamily(f"keymiss_module_{k}", text, labels=["keyspace"])
-            for k, text in protocol.INFO_GAUGES.items()
-        }
-        for value in info.values():
-            if isinstance(value, dict) and "pattern" in value:
-                pattern = str(value["pattern"])
-                families: list[tuple[str, Any]] = [*counters.items(), *gauges.items()]
-                for k, family in families:
-                    family.add_metric([pattern], float(value.get(k, 0)))
-        yield from counters.values()
-        yield from gauges.values()
+        yield from keyspace_metrics(info)
         for key, metric, text in (
             ("keymiss_workers", "keymiss_module_workers", "Worker connections the module counts"),
             ("keymiss_blocked_readers", "keymiss_module_blocked_readers", "Clients waiting on a computation"),

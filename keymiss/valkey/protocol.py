@@ -104,7 +104,9 @@ ERR_PREFIX = "ERR keymiss: "
 INFO_SECTION = "keymiss"
 #: the section's own fields (``keymiss_<name>`` in INFO)
 INFO_FIELDS = ("keyspaces", "workers", "pending", "blocked_readers", "error_records")
-#: the fields of each ``keymiss_keyspace_<n>`` line, in order (``version`` only when versioned)
+#: the fields of each ``keymiss_keyspace_<n>`` line, in order (``version`` only when versioned): the
+#: words the Python server's ``INFO keymiss`` uses for the same counters, in the same units
+#: (``keymiss.stats.SHARED_KEYSPACE_FIELDS``); the last ones are :data:`INFO_KEYSPACE_ALIASES`
 INFO_KEYSPACE_FIELDS = (
     "pattern",
     "hits",
@@ -113,7 +115,7 @@ INFO_KEYSPACE_FIELDS = (
     "queued",
     "in_flight",
     "fills",
-    "failures",
+    "errors",
     "timeouts",
     "requeues",
     "discarded_fills",
@@ -130,15 +132,20 @@ INFO_KEYSPACE_FIELDS = (
     "stale_hits",
     "early_refreshes",
     "refresh_failures",
+    "mean_compute_seconds",
+    "failures",
     "mean_compute_ms",
 )
+#: an earlier release's names, still shown for one release: ``failures`` (now ``errors``) and
+#: ``mean_compute_ms`` (now ``mean_compute_seconds``)
+INFO_KEYSPACE_ALIASES = ("failures", "mean_compute_ms")
 #: which per-keyspace fields only grow (counters), with what they count; the rest are gauges
 INFO_COUNTERS = {
     "hits": "Reads the server answered from memory",
     "misses": "Reads of a missing key",
     "computations": "Keys queued for a worker",
     "fills": "Values workers stored",
-    "failures": "Keys whose computation failed",
+    "errors": "Keys whose computation failed",
     "timeouts": "Keys whose readers' deadline passed",
     "requeues": "Keys handed to another worker (lease passed, worker gone)",
     "discarded_fills": "Fills discarded (a client wrote the key meanwhile, or too late)",
@@ -147,6 +154,12 @@ INFO_COUNTERS = {
     "no_worker": "Reads refused: no worker attached",
     "oversized": "Values answered to their readers but not stored: over the keyspace's share of maxmemory",
     "dropped": "Queued computations dropped: nobody waited for them and the keyspace's queue was full",
+    "version_misses": "Stored values not served: computed under another version",
+    "version_discards": "Fills discarded: computed under a version no longer served",
+    "version_stale_hits": "Hits on the version just replaced, inside its window, while a refresh ran",
+    "stale_hits": "Hits served past the TTL, inside the stale window, while a refresh ran",
+    "early_refreshes": "Refreshes a hit started before the TTL ran out",
+    "refresh_failures": "Background refreshes that failed (the old value kept being served)",
 }
 INFO_GAUGES = {"queued": "Keys waiting for a worker", "in_flight": "Keys a worker is computing"}
 

@@ -307,9 +307,15 @@ def test_healthz_and_metrics_cover_module_and_workers(tmp_path: Path) -> None:
         assert missing.value.code == 404
         body = urllib.request.urlopen(base + "/metrics", timeout=5).read().decode()
         for line in (
-            'keymiss_module_hits_total{keyspace="double:*"} 1.0',
-            'keymiss_module_computations_total{keyspace="double:*"} 1.0',
+            # the module's counts, by the names the Python server reports its own under
+            'keymiss_hits_total{keyspace="double:*"} 1.0',
+            'keymiss_misses_total{keyspace="double:*"} 1.0',
             'keymiss_computations_total{keyspace="double:*"} 1.0',
+            'keymiss_errors_total{keyspace="double:*"} 0.0',
+            'keymiss_busy_total{keyspace="double:*"} 0.0',
+            # and by their earlier names, for one release
+            'keymiss_module_hits_total{keyspace="double:*"} 1.0',
+            'keymiss_module_failures_total{keyspace="double:*"} 0.0',
             "keymiss_worker_servers 1.0",
             "keymiss_server_up 1.0",
             'keymiss_module_busy_total{keyspace="double:*"} 0.0',

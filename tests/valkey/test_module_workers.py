@@ -157,7 +157,7 @@ async def test_a_busy_worker_is_counted_as_busy_and_not_remembered_as_a_failure(
     got = await reader
     assert isinstance(got, ReplyError) and str(got).startswith("BUSY")
     info = (await resp(server.port, "INFO", protocol.INFO_SECTION)).decode()
-    assert "busy=1" in info and "failures=0" in info, info
+    assert "busy=1" in info and "errors=0" in info, info
     again = asyncio.ensure_future(resp(server.port, "GET", "busy:1"))  # queued again, not the error
     key, token = await take_one(w)
     assert await w.call(*protocol.fill(key, token, "done")) == 1

@@ -12,6 +12,38 @@
 #define KM_SECTION_blocked_readers (km.waiting)
 #define KM_SECTION_error_records ((long long)KM_DictSize(km.errors))
 
+/* A keyspace's field by its INFO name (one protocol.h adds must be given here). Most are the
+ * keyspace's member of that name; INFO's words are the Python server's, so a member the module
+ * names otherwise is read under INFO's word (errors: failures; mean_compute_seconds: the smoothed
+ * take-to-fill time, kept in milliseconds), and under its earlier name as an alias for a release. */
+#define KM_FIELD_pattern(ks) ((ks)->pattern)
+#define KM_FIELD_hits(ks) ((ks)->hits)
+#define KM_FIELD_misses(ks) ((ks)->misses)
+#define KM_FIELD_computations(ks) ((ks)->computations)
+#define KM_FIELD_queued(ks) ((ks)->queued)
+#define KM_FIELD_in_flight(ks) ((ks)->in_flight)
+#define KM_FIELD_fills(ks) ((ks)->fills)
+#define KM_FIELD_errors(ks) ((ks)->failures)
+#define KM_FIELD_timeouts(ks) ((ks)->timeouts)
+#define KM_FIELD_requeues(ks) ((ks)->requeues)
+#define KM_FIELD_discarded_fills(ks) ((ks)->discarded_fills)
+#define KM_FIELD_superseded(ks) ((ks)->superseded)
+#define KM_FIELD_busy(ks) ((ks)->busy)
+#define KM_FIELD_no_worker(ks) ((ks)->no_worker)
+#define KM_FIELD_oversized(ks) ((ks)->oversized)
+#define KM_FIELD_dropped(ks) ((ks)->dropped)
+#define KM_FIELD_workers(ks) ((ks)->workers)
+#define KM_FIELD_version(ks) ((ks)->version)
+#define KM_FIELD_version_misses(ks) ((ks)->version_misses)
+#define KM_FIELD_version_discards(ks) ((ks)->version_discards)
+#define KM_FIELD_version_stale_hits(ks) ((ks)->version_stale_hits)
+#define KM_FIELD_stale_hits(ks) ((ks)->stale_hits)
+#define KM_FIELD_early_refreshes(ks) ((ks)->early_refreshes)
+#define KM_FIELD_refresh_failures(ks) ((ks)->refresh_failures)
+#define KM_FIELD_mean_compute_seconds(ks) ((ks)->mean_compute_ms / 1000.0)
+#define KM_FIELD_failures(ks) ((ks)->failures)
+#define KM_FIELD_mean_compute_ms(ks) ((long long)(ks)->mean_compute_ms)
+
 /* A name as an INFO value can carry it: no separators, spaces or control bytes. */
 static void km_info_name(char *out, size_t size, const char *name) {
     size_t n = 0;
@@ -39,6 +71,14 @@ static void km_info_number(RedisModuleInfoCtx *ctx, const KmKeyspace *ks, const 
     KM_InfoAddFieldLongLong(ctx, field, n);
 }
 
+/* A keyspace's measure in seconds, to the microsecond (as the Python server shows its own). */
+static void km_info_seconds(RedisModuleInfoCtx *ctx, const KmKeyspace *ks, const char *field, double seconds) {
+    char shown[32];
+    (void)ks;
+    snprintf(shown, sizeof(shown), "%.6f", seconds);
+    KM_InfoAddFieldCString(ctx, field, shown);
+}
+
 void km_on_info(RedisModuleInfoCtx *ctx, int for_crash_report) {
     (void)for_crash_report;
     KM_InfoAddSection(ctx, ""); /* the module's name: INFO keymiss */
@@ -50,9 +90,10 @@ void km_on_info(RedisModuleInfoCtx *ctx, int for_crash_report) {
         char field[32];
         snprintf(field, sizeof(field), "keyspace_%d", ksi);
         KM_InfoBeginDictField(ctx, field);
-        /* each field is the keyspace's member of that name: a text (char *) or a number */
+        /* each field is a text (char *), a measure in seconds (double) or a number */
 #define KM_INFO_KEYSPACE_FIELD(name)                                                                  \
-    _Generic(ks->name, char *: km_info_text, default: km_info_number)(ctx, ks, #name, ks->name);
+    _Generic(KM_FIELD_##name(ks), char *: km_info_text, double: km_info_seconds, default: km_info_number)( \
+        ctx, ks, #name, KM_FIELD_##name(ks));
         KM_INFO_KEYSPACE_FIELDS(KM_INFO_KEYSPACE_FIELD)
 #undef KM_INFO_KEYSPACE_FIELD
         KM_InfoEndDictField(ctx);

