@@ -99,11 +99,11 @@ class ModuleFront:
             )
         eviction = s.eviction or (self.km.eviction if isinstance(self.km.eviction, str) else None)
         module = str(module_path())
-        globs = [ks.template.glob() if ks.template is not None else ks.pattern for ks in self.km.registry]
+        patterns = [ks.pattern for ks in self.km.registry]  # the names REGISTER gives them
         return EmbeddedServer(
             self.binary,
             module,
-            module_args=module_arguments(module, grace_seconds=s.worker_grace, globs=globs),
+            module_args=module_arguments(module, grace_seconds=s.worker_grace, patterns=patterns),
             host=s.host,
             port=s.port,
             data_dir=s.data_dir,

@@ -110,8 +110,8 @@ def test_the_module_gets_the_grace_and_the_keyspaces_when_it_knows_them(tmp_path
     old, new = tmp_path / "old.so", tmp_path / "new.so"
     old.write_bytes(b"\0the module takes no arguments\0")
     new.write_bytes(b"\0GRACE\0KEYSPACE\0")
-    assert module_arguments(str(old), grace_seconds=5, globs=["quick:*"]) == []
-    args = module_arguments(str(new), grace_seconds=2.5, globs=["quick:*", "a b"])
+    assert module_arguments(str(old), grace_seconds=5, patterns=["quick:*"]) == []
+    args = module_arguments(str(new), grace_seconds=2.5, patterns=["quick:*", "a b"])
     assert args == ["GRACE", "2500", "KEYSPACE", "quick:*", "KEYSPACE", "a b"]
     text = render_config(
         host="127.0.0.1",
