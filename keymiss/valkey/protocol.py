@@ -61,6 +61,9 @@ OPT_PX = "PX"
 OPT_SHARE = "SHARE"
 OPT_NOSTORE = "NOSTORE"
 OPT_LIMIT = "LIMIT"
+#: the module's load arguments: ``GRACE ms``, ``KEYSPACE pattern`` (repeatable), in any order
+OPT_GRACE = "GRACE"
+OPT_KEYSPACE = "KEYSPACE"
 
 # --- limits ------------------------------------------------------------------------------------------
 #: the longest time in milliseconds any option may say (a year)
@@ -87,6 +90,8 @@ DEFAULT_QUEUE = 10_000
 MAX_SHARE = 1_000_000
 #: a keyspace's SHARE when REGISTER does not give one (a tenth of maxmemory)
 DEFAULT_SHARE = 100_000
+#: how long a miss of a keyspace without a worker waits for one when ``GRACE`` does not say
+DEFAULT_GRACE_MS = 5000
 #: FILL's replies: stored, discarded, answered to the key's readers but not stored
 FILL_STORED = 1
 FILL_DISCARDED = 0

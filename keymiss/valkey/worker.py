@@ -39,7 +39,6 @@ from keymiss.valkey.answers import (
     WorkerStats,
     no_evict,
 )
-from keymiss.valkey.protocol import MAX_MS
 from keymiss.valkey.respclient import RespClient
 from keymiss.valkey.topology import masters_of, parse_url, with_node
 
@@ -64,6 +63,12 @@ RESERVE = 8
 
 #: the keyspace a key no keyspace owns is counted under
 NO_KEYSPACE = ""
+
+
+def claim_glob(prefix: str) -> str:
+    """Every key starting with a template's literal prefix, as the engine routes them: one there
+    that does not fit the template is failed with the engine's error, not left a silent nil."""
+    return "".join("\\" + ch if ch in "*?[]\\" else ch for ch in prefix) + "*"
 
 
 class Worker:
@@ -125,7 +130,7 @@ class Worker:
         out = []
         for ks in self.km.registry:
             o = ks.options
-            glob = ks.template.glob() if ks.template is not None else ks.pattern
+            glob = ks.pattern if ks.template is None else claim_glob(ks.template.prefix)
             timeout = (o.timeout or DEFAULT_TIMEOUT) + (o.queue_timeout or o.timeout or DEFAULT_TIMEOUT)
             ttl = o.ttl or self.default_ttl
             limited = {
@@ -135,10 +140,10 @@ class Worker:
                 "stale": max(1, int(o.stale * 1000)) if o.stale else None,
             }
             for name, value in limited.items():
-                if value is not None and value > MAX_MS:
+                if value is not None and value > protocol.MAX_MS:
                     raise ConfigError(
                         f"keyspace {ks.pattern!r}: its {name} ({value / 1000:g} s, timeouts and queue wait "
-                        f"together) is over the module's limit of {MAX_MS // 86_400_000} days"
+                        f"together) is over the module's limit of {protocol.MAX_MS // 86_400_000} days"
                     )
             versioned = ks.version is not None  # the tag is compared; the label is what INFO shows
             args = protocol.register(
@@ -155,7 +160,7 @@ class Worker:
                 version=ks.version_tag().hex() if versioned else None,
                 label=protocol.label(ks.current_version()) if versioned else None,
                 version_stale_ms=(
-                    max(1, min(MAX_MS, int(o.version_stale * 1000)))
+                    max(1, min(protocol.MAX_MS, int(o.version_stale * 1000)))
                     if versioned and o.version_stale
                     else None
                 ),

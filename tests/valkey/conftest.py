@@ -50,8 +50,15 @@ def kind(request: pytest.FixtureRequest) -> str:
 
 @pytest.fixture
 def server(kind: str, tmp_path: Path) -> Iterator[RedisProcess]:
+    # a keyspace without a worker refuses its misses after 200 ms (GRACE), not the default 5 s
     proc = RedisProcess(
-        tmp_path / "server", "--loadmodule", str(module_path()), binary=binary(kind), log=True
+        tmp_path / "server",
+        "--loadmodule",
+        str(module_path()),
+        protocol.OPT_GRACE,
+        "200",
+        binary=binary(kind),
+        log=True,
     )
     yield proc
     proc.stop()

@@ -379,8 +379,9 @@ static int km_fill_unstored(RedisModuleCtx *ctx, KmEntry *e, RedisModuleString *
 
 /* KEYMISS.FILL key token value [PX ms] [VERSION tag] [NOSTORE]: store the computed value (a plain
  * SET, replicated as such; a versioned keyspace's companion first) and wake the key's waiters. 1 if
- * stored; 0 if discarded (a client wrote the key meanwhile, the computation was given up, or it
- * ran under another version than the keyspace's now: then the key is computed again); 2 if the
+ * stored; 0 if discarded (a client wrote the key meanwhile: the waiters get the value, the client's
+ * write stays; the computation was given up; or it ran under another version than the keyspace's
+ * now: then the key is computed again); 2 if the
  * waiters got the value but it is not stored (NOSTORE, or over the keyspace's SHARE of maxmemory). */
 int km_cmd_fill(RedisModuleCtx *ctx, RedisModuleString **argv, int argc) {
     if (argc < 4) return KM_WrongArity(ctx);
@@ -404,6 +405,11 @@ int km_cmd_fill(RedisModuleCtx *ctx, RedisModuleString **argv, int argc) {
     if (ks->version != NULL && (vtag == NULL || vlen != ks->versionlen || memcmp(vtag, ks->version, vlen) != 0)) {
         ks->version_discards++; /* computed under the version before a switch: computed again */
         if (e->state == KM_TAKEN) km_entry_requeue(e);
+        return KM_ReplyWithLongLong(ctx, KM_FILL_DISCARDED);
+    }
+    if (e->superseded) { /* a client wrote the key meanwhile: its write stays, the waiters get this */
+        ks->discarded_fills++;
+        km_entry_answer(e, argv[3]);
         return KM_ReplyWithLongLong(ctx, KM_FILL_DISCARDED);
     }
     long long now = km_now_ms();
@@ -477,7 +483,7 @@ int km_cmd_fail(RedisModuleCtx *ctx, RedisModuleString **argv, int argc) {
         /* a refresh nobody waits on: the value stays served (stale, if it is); retried later */
         ks->refresh_failures++;
         km_backoff_note(argv[1], km_now_ms());
-    } else if (!busy && ks->error_ttl_ms > 0) {
+    } else if (!busy && ks->error_ttl_ms > 0 && !e->superseded) { /* a client's write replaced it */
         km_error_remember(argv[1], line, ks->error_ttl_ms, km_now_ms());
     }
     km_entry_resolve(e, line);

@@ -80,6 +80,7 @@ KmEntry *km_entry_new(RedisModuleString *key, int ksi, long long now) {
     e->ksi = ksi;
     e->token = km_new_token();
     e->deadline = now + ks->timeout_ms;
+    e->born = now;
     size_t klen;
     const char *kp = KM_StringPtrLen(e->key, &klen);
     KM_DictSetC(km.pending, (void *)kp, klen, e);
@@ -121,6 +122,10 @@ void km_entry_requeue(KmEntry *e) {
 void km_entry_lost(KmEntry *e) {
     KmKeyspace *ks = km.keyspaces[e->ksi];
     if (e->state != KM_TAKEN) return;
+    if (e->superseded && e->nwaiters == 0) { /* nobody needs its value any more */
+        km_entry_resolve(e, NULL);
+        return;
+    }
     if (e->attempts >= KM_MAX_ATTEMPTS) {
         char msg[KM_MAX_ERROR_LEN];
         ks->failures++;
@@ -193,6 +198,34 @@ static void km_entry_finish(KmEntry *e, const char *err, RedisModuleString *valu
 
 void km_entry_resolve(KmEntry *e, const char *err) {
     km_entry_finish(e, err, NULL);
+}
+
+/* A client wrote the key (SET, DEL, RENAME onto it, a flush ...) while it computes: the client's
+ * write stays, and the computation goes on for the readers already waiting, who get its value when
+ * the fill comes (not stored: km_entry_answer). One nobody waits on is given up now. */
+void km_entry_supersede(KmEntry *e) {
+    if (e->superseded) return;
+    km.keyspaces[e->ksi]->superseded++;
+    if (e->nwaiters == 0) km_entry_resolve(e, NULL); /* its late fill is discarded */
+    else e->superseded = 1;
+}
+
+/* Whether e waits on a keyspace that has had no worker for GRACE (counted from when its last
+ * worker went, or from when e was queued, whichever is later). A taken entry has a live worker. */
+int km_entry_workerless(const KmEntry *e, long long now) {
+    const KmKeyspace *ks = km.keyspaces[e->ksi];
+    if (ks->workers > 0 || e->state != KM_QUEUED) return 0;
+    long long since = ks->workerless_since > e->born ? ks->workerless_since : e->born;
+    return now - since >= km.grace_ms;
+}
+
+/* No worker came for the keyspace within GRACE: every waiter gets the no-worker error. */
+void km_entry_no_worker(KmEntry *e) {
+    KmKeyspace *ks = km.keyspaces[e->ksi];
+    char msg[KM_MAX_ERROR_LEN];
+    ks->no_worker += e->nwaiters;
+    snprintf(msg, sizeof(msg), KM_ERR_PREFIX "no worker for keyspace '%s'", ks->pattern);
+    km_entry_resolve(e, msg);
 }
 
 /* The value was computed but is not stored: each waiter gets it, later readers compute it again. */

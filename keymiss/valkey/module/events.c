@@ -4,11 +4,29 @@
 
 #include <stdio.h>
 
-/* A write to a key: not ours (our own SET runs with km.filling set) and in database 0. */
+/* What a keyspace event did to its key. Only a write changes the value: a TTL change (EXPIRE,
+ * PERSIST, GETEX with options: "expire", "persist") keeps the value and its version mark, and the
+ * server expiring or evicting it ("expired", "evicted") is no client's doing. Every other event of
+ * a key (set, del, rename_from/rename_to, move_from/move_to, copy_to, restore, incrby, append,
+ * setrange, the other types' writes ...) is a write. */
+enum { KM_EVENT_WRITE, KM_EVENT_TTL, KM_EVENT_GONE };
+
+static int km_event_kind(int type, const char *event) {
+    if ((type & (RM_NOTIFY_EXPIRED | RM_NOTIFY_EVICTED)) || strcmp(event, "expired") == 0 ||
+        strcmp(event, "evicted") == 0)
+        return KM_EVENT_GONE;
+    if (strcmp(event, "expire") == 0 || strcmp(event, "persist") == 0) return KM_EVENT_TTL;
+    return KM_EVENT_WRITE;
+}
+
+/* A client's write to a key (not ours: our own SET runs with km.filling set) in database 0: a
+ * versioned keyspace's value becomes the client's, a remembered failure is forgotten, and a
+ * computation of the key is superseded (its waiters still get its value; it is not stored). A TTL
+ * change, an expiry or an eviction does none of these: a hidden value of an old version that
+ * expires while its key recomputes leaves the recomputation to be stored. */
 int km_on_keyspace_event(RedisModuleCtx *ctx, int type, const char *event, RedisModuleString *key) {
-    (void)type;
-    (void)event;
-    if (km.filling || KM_GetSelectedDb(ctx) != 0) return RM_OK;
+    if (km.filling || KM_GetSelectedDb(ctx) != 0 || event == NULL) return RM_OK;
+    if (km_event_kind(type, event) != KM_EVENT_WRITE) return RM_OK;
     if (km.nkeyspaces > 0 && KM_DictSize(km.dirty) < KM_MAX_DIRTY) {
         int ksi = km_route_str(key);
         if (ksi >= 0 && km.keyspaces[ksi]->version != NULL) { /* its companion is rewritten by the tick */
@@ -24,10 +42,7 @@ int km_on_keyspace_event(RedisModuleCtx *ctx, int type, const char *event, Redis
     }
     if (KM_DictSize(km.pending) == 0) return RM_OK;
     KmEntry *e = km_entry_find(key);
-    if (e) {
-        km.keyspaces[e->ksi]->superseded++;
-        km_entry_resolve(e, NULL); /* the waiters read what the client wrote; the fill is discarded */
-    }
+    if (e) km_entry_supersede(e);
     return RM_OK;
 }
 
@@ -39,7 +54,7 @@ static int km_taken_by(const void *val, const void *client) {
 static int km_due_at(const void *val, const void *now) {
     const KmEntry *e = val;
     long long t = *(const long long *)now;
-    return t >= e->deadline || (e->state == KM_TAKEN && t >= e->lease_deadline);
+    return t >= e->deadline || (e->state == KM_TAKEN && t >= e->lease_deadline) || km_entry_workerless(e, t);
 }
 
 void km_on_client_change(RedisModuleCtx *ctx, RedisModuleEvent eid, uint64_t subevent, void *data) {
@@ -61,16 +76,12 @@ void km_on_client_change(RedisModuleCtx *ctx, RedisModuleEvent eid, uint64_t sub
     km_picked_free(back, nback);
 }
 
-/* The keyspace changed wholesale (FLUSHALL/FLUSHDB, SWAPDB, a reload): every pending key resolves
- * as if a client had written it, and the late fills are discarded. */
-static void km_resolve_all(void) {
+/* The keyspace changed wholesale (FLUSHALL/FLUSHDB, SWAPDB, a reload): every pending key is
+ * superseded as if a client had written it (its waiters get the value; nothing is stored). */
+static void km_supersede_all(void) {
     size_t n;
     KmPicked *all = km_dict_pick(km.pending, NULL, NULL, 0, &n);
-    for (size_t i = 0; i < n; i++) {
-        KmEntry *e = all[i].val;
-        km.keyspaces[e->ksi]->superseded++;
-        km_entry_resolve(e, NULL);
-    }
+    for (size_t i = 0; i < n; i++) km_entry_supersede(all[i].val);
     km_picked_free(all, n);
 }
 
@@ -78,7 +89,7 @@ void km_on_flush(RedisModuleCtx *ctx, RedisModuleEvent eid, uint64_t subevent, v
     (void)ctx;
     (void)eid;
     RedisModuleFlushInfo *fi = data;
-    if (subevent == RM_SUBEVENT_FLUSHDB_END && (fi == NULL || fi->dbnum == -1 || fi->dbnum == 0)) km_resolve_all();
+    if (subevent == RM_SUBEVENT_FLUSHDB_END && (fi == NULL || fi->dbnum == -1 || fi->dbnum == 0)) km_supersede_all();
 }
 
 void km_on_swapdb(RedisModuleCtx *ctx, RedisModuleEvent eid, uint64_t subevent, void *data) {
@@ -86,14 +97,14 @@ void km_on_swapdb(RedisModuleCtx *ctx, RedisModuleEvent eid, uint64_t subevent, 
     (void)eid;
     (void)subevent;
     RedisModuleSwapDbInfo *si = data;
-    if (si == NULL || si->dbnum_first == 0 || si->dbnum_second == 0) km_resolve_all();
+    if (si == NULL || si->dbnum_first == 0 || si->dbnum_second == 0) km_supersede_all();
 }
 
 void km_on_loading(RedisModuleCtx *ctx, RedisModuleEvent eid, uint64_t subevent, void *data) {
     (void)ctx;
     (void)eid;
     (void)data;
-    if (subevent == RM_SUBEVENT_LOADING_ENDED || subevent == RM_SUBEVENT_LOADING_FAILED) km_resolve_all();
+    if (subevent == RM_SUBEVENT_LOADING_ENDED || subevent == RM_SUBEVENT_LOADING_FAILED) km_supersede_all();
 }
 
 /* Every KM_TICK_MS: deadlines and leases, error records, blocked TAKEs, companions, backoffs. */
@@ -107,7 +118,9 @@ void km_on_tick(RedisModuleCtx *ctx, void *data) {
             KmEntry *e = due[i].val;
             KmKeyspace *ks = km.keyspaces[e->ksi];
             char msg[KM_MAX_ERROR_LEN];
-            if (now >= e->deadline) {
+            if (km_entry_workerless(e, now)) {
+                km_entry_no_worker(e);
+            } else if (now >= e->deadline) {
                 ks->timeouts++;
                 snprintf(msg, sizeof(msg), KM_ERR_PREFIX "keyspace '%s' did not compute the key within %lld ms",
                          ks->pattern, ks->timeout_ms);

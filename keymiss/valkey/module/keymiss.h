@@ -5,9 +5,12 @@
  * a key queues one computation (an "entry"); every client asking meanwhile blocks on that entry.
  * keymiss workers register keyspaces (KEYMISS.REGISTER), take queued keys in batches with a lease
  * (KEYMISS.TAKE), and answer with KEYMISS.FILL (a plain SET, replicated as such) or KEYMISS.FAIL.
- * A client write to a key being computed resolves its entry at once (waiters read what the client
- * wrote) and the late fill is discarded. Where blocking is forbidden (MULTI, Lua, functions) a miss
- * queues the computation and answers nil. Everything here runs on the server's main thread.
+ * A client's write to a key being computed (not a TTL change, nor the server expiring or evicting
+ * it) supersedes its entry: the waiters get the computed value when it comes, and it is not stored
+ * (the client's write stays). A miss of a keyspace without a worker waits up to GRACE for one (the
+ * module's load arguments: GRACE ms, KEYSPACE pattern ... declaring keyspaces before any worker).
+ * Where blocking is forbidden (MULTI, Lua, functions) a miss queues the computation and answers nil.
+ * Everything here runs on the server's main thread.
  *
  * Freshness: a keyspace with STALE keeps serving a value past its TTL (its PX covers both) while one
  * refresh runs; one with EARLY (XFetch) may start one refresh of a hit before its TTL. A refresh is
@@ -90,6 +93,8 @@ typedef struct KmKeyspace {
     KmEntry *qhead, *qtail; /* entries waiting to be taken, oldest first */
     long long orphans;      /* queued entries nobody waits on (their readers left, or a refresh) */
     long long share_ppm;    /* SHARE: a value over this share of maxmemory is answered, not stored */
+    int declared;              /* named by the module's KEYSPACE argument: never gives way to another */
+    long long workerless_since; /* when its last worker went (or it was declared): GRACE runs from then */
 } KmKeyspace;
 
 typedef struct KmWaiter {
@@ -110,6 +115,8 @@ struct KmEntry {
     int attempts;
     int refresh; /* started by a hit (stale or early), not by a miss */
     int pinned;  /* a request being served is about to wait on it: not an orphan to drop */
+    int superseded; /* a client wrote the key meanwhile: its waiters get the value, nothing is stored */
+    long long born; /* when it was queued first */
     long long taken_at;
     KmWaiter *waiters;
     int nwaiters, capwaiters;
@@ -167,6 +174,7 @@ typedef struct KmState {
     RedisModuleDict *dirty;    /* keys of versioned keyspaces a client wrote: companions to rewrite */
     long long waiting;         /* blocked requests */
     int filling;               /* our own SET is running: its keyspace event is not a client's write */
+    long long grace_ms;        /* GRACE: how long a miss waits for a keyspace without a worker */
     uint64_t rnd_state;        /* xorshift64*: XFetch's draws (seeded from the server's CSPRNG) */
     unsigned long ticks;
     int take_next;                 /* the keyspace the next TAKE starts from: each gets its turn */
@@ -214,6 +222,7 @@ size_t km_glob_prefix_len(const char *glob, size_t len);
 int km_route_str(const RedisModuleString *key);
 int km_keyspace_find(const char *pattern, size_t len);
 int km_keyspace_add(const char *pattern, size_t len);
+int km_keyspace_declare(const char *pattern, size_t len);
 int km_worker_index(unsigned long long client);
 void km_count_workers(void);
 
@@ -229,6 +238,9 @@ void km_entry_take(KmEntry *e, unsigned long long client, long long now, long lo
 void km_entry_requeue(KmEntry *e);
 void km_entry_lost(KmEntry *e);
 void km_entry_resolve(KmEntry *e, const char *err);
+void km_entry_supersede(KmEntry *e);
+int km_entry_workerless(const KmEntry *e, long long now);
+void km_entry_no_worker(KmEntry *e);
 void km_entry_answer(KmEntry *e, RedisModuleString *value);
 void km_entry_drop(KmEntry *e);
 int km_drop_orphan(int ksi);

@@ -31,13 +31,39 @@ static int km_load_failed(RedisModuleCtx *ctx, int line) {
     return RM_ERR;
 }
 
-__attribute__((visibility("default"))) int RedisModule_OnLoad(RedisModuleCtx *ctx, RedisModuleString **argv, int argc) {
-    (void)argv;
-    if (keymiss_api_init(ctx, KM_MODULE_NAME, KM_MODULE_VERSION) != RM_OK) return RM_ERR; /* no API: nothing to log with */
-    if (argc != 0) {
-        KM_Log(ctx, "warning", "keymiss: the module takes no arguments");
-        return km_load_failed(ctx, __LINE__);
+/* The load arguments, in any order: GRACE ms (how long a miss of a keyspace without a worker
+ * waits for one; default KM_DEFAULT_GRACE_MS) and KEYSPACE pattern, repeatable (a keyspace that
+ * exists before any worker registers it). RM_OK, or RM_ERR having said why in the log. */
+static int km_load_arguments(RedisModuleCtx *ctx, RedisModuleString **argv, int argc) {
+    km.grace_ms = KM_DEFAULT_GRACE_MS;
+    for (int i = 0; i < argc; i += 2) {
+        size_t len, vlen;
+        const char *word = KM_StringPtrLen(argv[i], &len);
+        const char *value = i + 1 < argc ? KM_StringPtrLen(argv[i + 1], &vlen) : NULL;
+        long long ms;
+        if (value != NULL && km_word_is(word, len, KM_OPT_GRACE) && KM_StringToLongLong(argv[i + 1], &ms) == RM_OK &&
+            ms >= 0 && ms <= KM_MAX_MS) {
+            km.grace_ms = ms;
+        } else if (value != NULL && km_word_is(word, len, KM_OPT_KEYSPACE) && vlen > 0 && vlen <= KM_MAX_GLOB &&
+                   memchr(value, '\0', vlen) == NULL) {
+            if (km_keyspace_declare(value, vlen) < 0) {
+                KM_Log(ctx, "warning", "keymiss: too many keyspaces (" KM_XSTR(KM_MAX_KEYSPACES) ")");
+                return RM_ERR;
+            }
+        } else {
+            KM_Log(ctx, "warning",
+                   "keymiss: the module's arguments are %s ms (0 to %lld) and %s pattern (1 to %d bytes, "
+                   "repeatable), in any order",
+                   KM_OPT_GRACE, KM_MAX_MS, KM_OPT_KEYSPACE, KM_MAX_GLOB);
+            return RM_ERR;
+        }
     }
+    return RM_OK;
+}
+
+__attribute__((visibility("default"))) int RedisModule_OnLoad(RedisModuleCtx *ctx, RedisModuleString **argv, int argc) {
+    if (keymiss_api_init(ctx, KM_MODULE_NAME, KM_MODULE_VERSION) != RM_OK) return RM_ERR; /* no API: nothing to log with */
+    if (km_load_arguments(ctx, argv, argc) != RM_OK) return km_load_failed(ctx, __LINE__);
     KM_GetRandomBytes((unsigned char *)&km.rnd_state, sizeof(km.rnd_state));
     km.rnd_state |= 1; /* xorshift's state is never 0 */
     if (km_slot_tags_init() != RM_OK) return km_load_failed(ctx, __LINE__);

@@ -38,6 +38,9 @@
 #define KM_OPT_SHARE "SHARE"
 #define KM_OPT_NOSTORE "NOSTORE"
 #define KM_OPT_LIMIT "LIMIT"
+/* the module's load arguments: GRACE ms, KEYSPACE pattern (repeatable), in any order */
+#define KM_OPT_GRACE "GRACE"
+#define KM_OPT_KEYSPACE "KEYSPACE"
 
 /* --- limits (plain decimals where an error text quotes them) -------------------------------- */
 /* the longest time in milliseconds any option may say (a year) */
@@ -64,6 +67,8 @@
 #define KM_MAX_SHARE 1000000
 /* a keyspace's SHARE when REGISTER does not give one (a tenth of maxmemory) */
 #define KM_DEFAULT_SHARE 100000
+/* how long a miss of a keyspace without a worker waits for one when GRACE does not say */
+#define KM_DEFAULT_GRACE_MS 5000
 /* FILL's replies: stored, discarded, answered to the key's readers but not stored */
 #define KM_FILL_STORED 1
 #define KM_FILL_DISCARDED 0

@@ -1,5 +1,6 @@
-/* GET / MGET of a registered keyspace: the command filter decides which reads keymiss answers, and
- * KEYMISS.GET / KEYMISS.MGET serve them, hits, misses and all, in one path. */
+/* GET / MGET of a registered keyspace: the command filter and KEYMISS.GET / KEYMISS.MGET decide every
+ * read of a key in one function (km_decide: served, stale or early and refreshed, of the replaced
+ * version and recomputed, hidden, missing); a miss is queued, waited on or refused by km_serve. */
 #include "keymiss.h"
 
 #include <stdio.h>
@@ -15,25 +16,31 @@ void km_reply_value(RedisModuleCtx *ctx, RedisModuleString *key, int single) {
     if (r) KM_FreeCallReply(r);
 }
 
-/* 1 if the key holds a value (of any type), 0 if it is missing. */
-static int km_key_exists(RedisModuleCtx *ctx, RedisModuleString *key) {
-    RedisModuleKey *open = KM_OpenKey(ctx, key, RM_READ | km.lookup_modes);
+/* What a read does with a key of keyspace ksi, decided here alone for the command filter's GET and
+ * MGET and for KEYMISS.GET / KEYMISS.MGET: */
+enum {
+    KM_HIDDEN = -1, /* present but computed under another version: hidden, recomputed (a miss) */
+    KM_MISSING = 0, /* absent: a miss (queued, waited on, or refused: km_serve) */
+    KM_SERVE = 1,   /* served as it is; a stale or early one also starts its refresh */
+    /* KM_PREVIOUS (2): of the version just replaced, inside VSTALE: served, and recomputed */
+};
+enum { KM_COUNT_HIT = 1, KM_COUNT_MISS = 2, KM_START_REFRESH = 4 };
+
+/* The decision for `key` (of keyspace ksi), read with the server's lookup `modes`: a served hit is
+ * counted with KM_COUNT_HIT, a hidden value with KM_COUNT_MISS; a value of the replaced version
+ * always starts its recomputation, a stale or early one with KM_START_REFRESH. */
+static int km_decide(RedisModuleCtx *ctx, int ksi, RedisModuleString *key, int modes, int act) {
+    RedisModuleKey *open = KM_OpenKey(ctx, key, RM_READ | modes);
     int present = open != NULL && KM_KeyType(open) != RM_KEYTYPE_EMPTY;
+    int ok = present ? km_version_ok(ctx, ksi, key, (act & KM_COUNT_MISS) != 0) : KM_MISSING;
+    if (ok == KM_MISSING && present) ok = KM_HIDDEN;
+    if (ok > 0) {
+        if (act & KM_COUNT_HIT) km.keyspaces[ksi]->hits++;
+        if (ok == KM_PREVIOUS) km_served_previous(ksi, key, (act & KM_COUNT_HIT) != 0);
+        if (act & KM_START_REFRESH) km_on_served(ksi, open, key);
+    }
     if (open) KM_CloseKey(open);
-    return present;
-}
-
-/* Whether the key, open (NULL: missing), may be served: km_version_ok for a present key, else 0. */
-static int km_servable(RedisModuleCtx *ctx, int ksi, RedisModuleKey *open, RedisModuleString *key, int count) {
-    return open != NULL && KM_KeyType(open) != RM_KEYTYPE_EMPTY ? km_version_ok(ctx, ksi, key, count) : 0;
-}
-
-/* A hit of keyspace ksi (`ok` what km_version_ok said, `open` the key): counted where `count`, the
- * replaced version's value recomputed, a stale or early one refreshed. */
-static void km_hit(int ksi, RedisModuleKey *open, RedisModuleString *key, int ok, int count) {
-    if (count) km.keyspaces[ksi]->hits++;
-    if (ok == KM_PREVIOUS) km_served_previous(ksi, key, count);
-    km_on_served(ksi, open, key);
+    return ok;
 }
 
 static void km_no_worker_error(RedisModuleCtx *ctx, KmKeyspace *ks) {
@@ -57,18 +64,7 @@ static int km_serve(RedisModuleCtx *ctx, RedisModuleString **keys, int nkeys, in
     /* another database, a replica, or loading: answered as a plain GET / MGET */
     int unrouted = KM_GetSelectedDb(ctx) != 0 || (flags & (RM_CTX_FLAGS_SLAVE | RM_CTX_FLAGS_LOADING));
     int can_block = !(flags & (RM_CTX_FLAGS_DENY_BLOCKING | RM_CTX_FLAGS_MULTI | RM_CTX_FLAGS_LUA));
-    if (single) { /* the common case: one lookup for a hit */
-        int ksi = unrouted ? -1 : km_route_str(keys[0]);
-        RedisModuleKey *open = KM_OpenKey(ctx, keys[0], RM_READ);
-        int ok = ksi < 0 ? 1 : km_servable(ctx, ksi, open, keys[0], 1);
-        if (ok) {
-            if (ksi >= 0) km_hit(ksi, open, keys[0], ok, 1);
-            if (open) KM_CloseKey(open);
-            km_reply_value(ctx, keys[0], 1);
-            return RM_OK;
-        }
-        if (open) KM_CloseKey(open);
-    }
+    int act = KM_COUNT_HIT | KM_COUNT_MISS | KM_START_REFRESH;
     long long now = km_now_ms();
     /* First pass: hits, errors, and what must be computed. Nothing is queued unless the whole
      * command can be served (a no-worker or full-queue key refuses a GET; an MGET reads it as nil). */
@@ -78,19 +74,13 @@ static int km_serve(RedisModuleCtx *ctx, RedisModuleString **keys, int nkeys, in
     for (int i = 0; i < nkeys; i++) {
         ksof[i] = unrouted ? -1 : km_route_str(keys[i]);
         if (ksof[i] < 0) continue;
-        if (!single) {
-            RedisModuleKey *open = KM_OpenKey(ctx, keys[i], RM_READ);
-            int ok = km_servable(ctx, ksof[i], open, keys[i], 1);
-            if (ok) km_hit(ksof[i], open, keys[i], ok, 1);
-            if (open) KM_CloseKey(open);
-            if (ok) {
-                ksof[i] = -1;
-                continue;
-            }
+        int ok = km_decide(ctx, ksof[i], keys[i], 0, act);
+        if (ok > 0) {
+            ksof[i] = -1;
+            continue;
         }
-        KmKeyspace *ks = km.keyspaces[ksof[i]];
-        other_version[i] = ks->version != NULL && km_key_exists(ctx, keys[i]);
-        ks->misses++;
+        other_version[i] = ok == KM_HIDDEN;
+        km.keyspaces[ksof[i]]->misses++;
         misses++;
     }
     if (misses == 0) {
@@ -113,7 +103,9 @@ static int km_serve(RedisModuleCtx *ctx, RedisModuleString **keys, int nkeys, in
         }
         KmEntry *e = km_entry_find(keys[i]);
         if (e == NULL) {
-            if (ks->workers == 0) {
+            /* no worker: the reader waits up to GRACE for one (the tick answers the no-worker
+             * error then); where it cannot wait, it is refused at once (an MGET reads it as nil) */
+            if (ks->workers == 0 && (!can_block || km.grace_ms == 0)) {
                 if (single) {
                     km_no_worker_error(ctx, ks);
                     goto done;
@@ -200,29 +192,20 @@ void km_command_filter(RedisModuleCommandFilterCtx *f) {
      * refreshed here; an MGET's keys are refreshed once every one of them is known present (else
      * KEYMISS.MGET serves them all, and does). */
     int rewrite = 0, fresh = 0;
-    for (int i = 1; i < argc; i++) {
+    for (int i = 1; i < argc && !rewrite; i++) {
         RedisModuleString *key = (RedisModuleString *)KM_CommandFilterArgGet(f, i);
         int ksi = km_route_str(key);
         if (ksi < 0) continue;
-        RedisModuleKey *open = KM_OpenKey(km.filter_ctx, key, RM_READ | km.lookup_modes);
-        int ok = km_servable(km.filter_ctx, ksi, open, key, 0);
-        if (ok && argc == 2) km_hit(ksi, open, key, ok, 1);
-        else if (ok == KM_PREVIOUS) km_served_previous(ksi, key, 0);
-        if (open) KM_CloseKey(open);
-        if (!ok) { /* missing, or computed under another version: KEYMISS.GET decides */
-            rewrite = 1;
-            break;
-        }
+        /* missing, or computed under another version: KEYMISS.GET decides (and counts) */
+        rewrite = km_decide(km.filter_ctx, ksi, key, km.lookup_modes, argc == 2 ? KM_COUNT_HIT | KM_START_REFRESH : 0) <= 0;
         fresh |= km.keyspaces[ksi]->stale_ms > 0 || km.keyspaces[ksi]->early_milli > 0;
     }
     if (fresh && !rewrite && argc > 2) { /* every key is served as it is: stale or early ones refresh */
         for (int i = 1; i < argc; i++) {
             RedisModuleString *key = (RedisModuleString *)KM_CommandFilterArgGet(f, i);
             int ksi = km_route_str(key);
-            if (ksi < 0 || (km.keyspaces[ksi]->stale_ms == 0 && km.keyspaces[ksi]->early_milli == 0)) continue;
-            RedisModuleKey *open = KM_OpenKey(km.filter_ctx, key, RM_READ | km.lookup_modes);
-            km_on_served(ksi, open, key);
-            if (open) KM_CloseKey(open);
+            if (ksi >= 0 && (km.keyspaces[ksi]->stale_ms > 0 || km.keyspaces[ksi]->early_milli > 0))
+                km_decide(km.filter_ctx, ksi, key, km.lookup_modes, KM_START_REFRESH);
         }
     }
     if (rewrite) {

@@ -1,0 +1,297 @@
+"""Rows of the read contract (docs/architecture.md) the module front end holds, in Redis 7.0 and
+Valkey 9: a key event counts by what it does (a TTL change, an expiry or an eviction is no
+client's write), a client's write during a computation leaves the computed value to its readers
+unstored, a key that does not fit its template is an error naming it, and a keyspace without a
+worker (declared at load, or whose last worker went) makes its readers wait ``GRACE`` for one."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from keymiss import Keymiss
+from keymiss.errors import KeyMismatchError, error_line
+from keymiss.valkey import protocol
+from keymiss.valkey.modulepath import module_path
+
+from ..redis_servers import RedisProcess
+from ..support import Gate, ReplyError, RespTestClient, aeventually, resp
+from .conftest import (
+    binary,
+    counter,
+    has_workers,
+    keyspace_info,
+    make_app,
+    running,
+    start_worker_process,
+    url,
+)
+
+NO_WORKER = "ERR keymiss: no worker for keyspace 'slow:*'"
+
+
+class Versions:
+    """A keyspace's version source the test switches."""
+
+    def __init__(self) -> None:
+        self.current = "v1"
+
+    def __call__(self) -> str:
+        return self.current
+
+
+def versioned(versions: Versions, calls: list[str], *, ttl: float = 60, gate: Gate | None = None) -> Keymiss:
+    """``ans:*``, versioned by ``versions``; with a ``gate``, computations under v2 are held."""
+    km = Keymiss(sweep_interval=0)
+
+    @km.keyspace("ans:*", ttl=ttl, version=versions)
+    async def answer(key: str) -> str:
+        version = versions.current
+        calls.append(key)
+        if gate is not None and version != "v1":
+            await gate.hold(key)
+        return f"{key} by {version}"
+
+    return km
+
+
+async def switch(server: RedisProcess, versions: Versions, version: str) -> None:
+    """Switch the workers' version and wait until the server has it."""
+    versions.current = version
+
+    async def server_version() -> str | None:
+        return (await keyspace_info(server.port, "ans:*")).get("version")
+
+    await aeventually(server_version, expect=version, timeout=3)
+
+
+def loaded(kind: str, tmp_path: Path, *args: str) -> RedisProcess:
+    """A server whose module is loaded with ``args`` (GRACE, KEYSPACE)."""
+    return RedisProcess(
+        tmp_path / "server", "--loadmodule", str(module_path()), *args, binary=binary(kind), log=True
+    )
+
+
+@pytest.fixture
+def graced(kind: str, tmp_path: Path) -> Iterator[RedisProcess]:
+    """``slow:*`` declared at load, misses waiting half a second for a worker."""
+    proc = loaded(kind, tmp_path, protocol.OPT_GRACE, "500", protocol.OPT_KEYSPACE, "slow:*")
+    yield proc
+    proc.stop()
+
+
+async def blocked(port: int) -> int:
+    """Clients blocked now (CLIENT LIST's flag ``b``)."""
+    text = (await resp(port, "CLIENT", "LIST")).decode()
+    return sum("b" in line.split(" flags=", 1)[1].split(" ", 1)[0] for line in text.splitlines())
+
+
+# --- key events by what they do ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        ["EXPIRE", "ans:t", "100"],
+        ["PEXPIRE", "ans:t", "100000"],
+        ["PERSIST", "ans:t"],
+        ["GETEX", "ans:t", "EX", "100"],
+    ],
+)
+async def test_a_ttl_change_keeps_the_version_mark(server: RedisProcess, change: list[str]) -> None:
+    versions, calls = Versions(), list[str]()
+    async with running(versioned(versions, calls), url(server)):
+        assert await resp(server.port, "GET", "ans:t") == b"ans:t by v1"
+        assert not isinstance(await resp(server.port, *change), ReplyError)
+        await switch(server, versions, "v2")
+        assert await resp(server.port, "GET", "ans:t") == b"ans:t by v2"  # not served as a client's
+        assert calls == ["ans:t", "ans:t"]
+
+
+@pytest.mark.parametrize("change", [["EXPIRE", "ans:d", "100"], ["PERSIST", "ans:d"]])
+async def test_a_ttl_change_during_a_recomputation_supersedes_nothing(
+    server: RedisProcess, change: list[str]
+) -> None:
+    versions, calls, gate = Versions(), list[str](), Gate()
+    async with running(versioned(versions, calls, gate=gate), url(server)) as worker:
+        assert await resp(server.port, "GET", "ans:d") == b"ans:d by v1"
+        await switch(server, versions, "v2")
+        reader = asyncio.ensure_future(resp(server.port, "GET", "ans:d"))  # the v1 value is hidden
+        await gate.wait_started()
+        assert await resp(server.port, *change) == 1  # of the hidden v1 value
+        gate.open()
+        assert await reader == b"ans:d by v2"
+        await aeventually(lambda: worker.stats.fills, expect=2)
+        assert await resp(server.port, "GET", "ans:d") == b"ans:d by v2"  # stored
+        assert calls == ["ans:d", "ans:d"]
+        assert await counter(server.port, "ans:*", "superseded") == 0
+
+
+async def test_an_expiry_during_a_recomputation_is_no_clients_write(server: RedisProcess) -> None:
+    versions, calls, gate = Versions(), list[str](), Gate()
+    async with running(versioned(versions, calls, ttl=1, gate=gate), url(server)) as worker:
+        assert await resp(server.port, "GET", "ans:e") == b"ans:e by v1"
+        await switch(server, versions, "v2")
+        reader = asyncio.ensure_future(resp(server.port, "GET", "ans:e", wait=20))
+        await gate.wait_started()
+
+        async def expired() -> bool:  # EXISTS expires it (the "expired" event), as the server's cycle would
+            return await resp(server.port, "EXISTS", "ans:e") == 0
+
+        await aeventually(expired, timeout=5)
+        gate.open()
+        assert await reader == b"ans:e by v2"  # not nil
+        await aeventually(lambda: worker.stats.fills, expect=2)
+        assert await resp(server.port, "GET", "ans:e") == b"ans:e by v2"  # stored: not computed again
+        assert calls == ["ans:e", "ans:e"]
+
+
+# --- a client's write during a computation -------------------------------------------------------
+
+WRITES: dict[str, tuple[list[list[Any]], bytes | None]] = {
+    # the commands, and what the key holds afterwards
+    "set": ([["SET", "slow:w", "client"]], b"client"),
+    "del": ([["SET", "slow:w", "x"], ["DEL", "slow:w"]], None),
+    "unlink": ([["SET", "slow:w", "x"], ["UNLINK", "slow:w"]], None),
+    "getdel": ([["SET", "slow:w", "x"], ["GETDEL", "slow:w"]], None),
+    "rename": ([["SET", "other", "renamed"], ["RENAME", "other", "slow:w"]], b"renamed"),
+    "flushall": ([["FLUSHALL"]], None),
+    "flushdb": ([["FLUSHDB"]], None),
+    "swapdb": ([["SWAPDB", "0", "1"]], None),
+}
+
+
+@pytest.mark.parametrize("write", sorted(WRITES))
+async def test_a_clients_write_during_the_computation_leaves_its_value_unstored(
+    server: RedisProcess, write: str
+) -> None:
+    commands, after = WRITES[write]
+    calls: list[str] = []
+    gate = Gate()
+    async with running(make_app(calls, gate=gate), url(server)) as worker:
+        readers = [asyncio.ensure_future(resp(server.port, "GET", "slow:w")) for _ in range(3)]
+        await gate.wait_started()
+        async with RespTestClient(server.port) as c:
+            for command in commands:
+                assert not isinstance(await c.call(*command), ReplyError), command
+        gate.open()
+        assert await asyncio.gather(*readers) == [b"value of slow:w"] * 3  # the computed value
+        await aeventually(lambda: worker.stats.discarded, expect=1)
+        assert await resp(server.port, "GET", "slow:w") == (after or b"value of slow:w")
+        # the client's write stays; after a delete nothing was stored, and the next read computes
+        assert calls == (["slow:w"] if after else ["slow:w", "slow:w"])
+        assert await counter(server.port, "slow:*", "superseded") == 1
+
+
+# --- a key that does not fit its template --------------------------------------------------------
+
+
+async def test_a_key_that_does_not_fit_its_template_is_an_error_naming_it(server: RedisProcess) -> None:
+    calls: list[str] = []
+    km = Keymiss(sweep_interval=0)
+
+    @km.keyspace("tpl:<a>_<b>", ttl=30)
+    async def tpl(a: str, b: str) -> str:
+        calls.append(f"{a}/{b}")
+        return f"{a}+{b}"
+
+    ks = km.registry.get("tpl:<a>_<b>")
+    assert ks is not None
+    with pytest.raises(KeyMismatchError) as mismatch:
+        ks.argument("tpl:nofields")
+    async with running(km, url(server)):
+        assert await resp(server.port, "GET", "tpl:x_y") == b"x+y"
+        got = await resp(server.port, "GET", "tpl:nofields")
+        assert isinstance(got, ReplyError) and str(got) == error_line(mismatch.value), (
+            got
+        )  # as the engine says
+        assert "tpl:<a>_<b>" in str(got)
+        assert await resp(server.port, "GET", "tpx:other") is None  # not the template's: a plain nil
+        assert calls == ["x/y"]
+
+
+# --- keyspaces without a worker ------------------------------------------------------------------
+
+
+async def test_a_declared_keyspace_waits_grace_for_a_worker_then_says_none(graced: RedisProcess) -> None:
+    assert "slow:*" in (await resp(graced.port, "INFO", protocol.INFO_SECTION)).decode()  # before any worker
+    t0 = time.monotonic()
+    got = await resp(graced.port, "GET", "slow:early")
+    waited = time.monotonic() - t0
+    assert isinstance(got, ReplyError) and str(got) == NO_WORKER, got  # never nil
+    assert 0.4 <= waited < 3, waited
+    assert await resp(graced.port, "MGET", "slow:early", "plain") == [None, None]  # an MGET's failed key
+    async with RespTestClient(graced.port) as c:  # where blocking is forbidden: refused at once
+        got = await c.call_many([["MULTI"], ["GET", "slow:tx"], ["EXEC"]], wait=2)
+        assert got[:2] == ["OK", "QUEUED"] and str(got[2][0]) == NO_WORKER, got
+    assert await resp(graced.port, "GET", "other:key") is None  # no keyspace: a plain GET
+
+
+async def test_a_miss_before_any_worker_gets_the_value_when_one_registers(kind: str, tmp_path: Path) -> None:
+    server = loaded(kind, tmp_path, protocol.OPT_KEYSPACE, "slow:*", protocol.OPT_GRACE, "10000")
+    try:
+        reader = asyncio.ensure_future(resp(server.port, "GET", "slow:first", wait=20))
+        await aeventually(lambda: blocked(server.port), expect=1)
+        calls: list[str] = []
+        async with running(make_app(calls, compute=0.05), url(server)):
+            assert await reader == b"value of slow:first"
+            assert calls == ["slow:first"]
+            info = await keyspace_info(server.port, "slow:*")
+            assert info["workers"] == "1" and info["computations"] == "1", info
+    finally:
+        server.stop()
+
+
+async def test_the_modules_arguments_are_checked(kind: str, tmp_path: Path) -> None:
+    for i, args in enumerate([("GRACE",), ("GRACE", "-1"), ("KEYSPACE",), ("FAST", "1")]):
+        with pytest.raises(RuntimeError, match="exited"):  # the module refuses to load
+            loaded(kind, tmp_path / str(i), *args)
+
+
+async def test_a_dead_worker_is_seen_within_grace(graced: RedisProcess, tmp_path: Path) -> None:
+    log = tmp_path / "calls.txt"
+    log.touch()
+    proc = start_worker_process(graced.port, log, compute=60)
+    try:
+        await aeventually(lambda: has_workers(graced.port), timeout=15)
+        reader = asyncio.ensure_future(resp(graced.port, "GET", "slow:dying", wait=30))
+        await aeventually(lambda: log.read_text().split(), expect=["slow:dying"], timeout=15)
+        os.kill(proc.pid, signal.SIGKILL)
+        t0 = time.monotonic()
+        got = await reader
+        assert isinstance(got, ReplyError) and str(got) == NO_WORKER, got  # not the keyspace's deadline
+        assert time.monotonic() - t0 < 3
+        t0 = time.monotonic()
+        got = await resp(graced.port, "GET", "slow:after")
+        assert isinstance(got, ReplyError) and str(got) == NO_WORKER, got  # new misses too
+        assert time.monotonic() - t0 < 3
+    finally:
+        proc.kill()
+        proc.wait(10)
+
+
+async def test_readers_of_a_dead_worker_get_the_value_when_another_takes_over(
+    graced: RedisProcess, tmp_path: Path
+) -> None:
+    log = tmp_path / "calls.txt"
+    log.touch()
+    proc = start_worker_process(graced.port, log, compute=60)
+    try:
+        await aeventually(lambda: has_workers(graced.port), timeout=15)
+        reader = asyncio.ensure_future(resp(graced.port, "GET", "slow:handover", wait=30))
+        await aeventually(lambda: log.read_text().split(), expect=["slow:handover"], timeout=15)
+        calls: list[str] = []
+        async with running(make_app(calls, compute=0.05), url(graced)):
+            os.kill(proc.pid, signal.SIGKILL)  # the other worker takes the key it held
+            assert await reader == b"value of slow:handover"
+            assert calls == ["slow:handover"]
+    finally:
+        proc.kill()
+        proc.wait(10)
