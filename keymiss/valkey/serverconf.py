@@ -127,13 +127,6 @@ OWN_CONNECTIONS = 48
 #: 5 min if 100, 1 min if 10 000; and one more snapshot at a clean shutdown
 DEFAULT_SAVE = "3600 1 300 100 60 10000"
 
-#: The module's load arguments (``loadmodule PATH GRACE <ms> KEYSPACE <pattern> ...``): how long a
-#: reader of a keyspace without a worker waits for one, and the keyspaces declared at load (by the
-#: name their workers register, a template's included), so that a read before the workers
-#: register waits instead of answering nil.
-LOAD_GRACE = "GRACE"
-LOAD_KEYSPACE = "KEYSPACE"
-
 VERSION_LINE = re.compile(r"\b(Redis|Valkey) server v=(\d+)\.(\d+)\.(\d+)")
 
 
@@ -216,16 +209,19 @@ def find_binary(explicit: str | None = None) -> tuple[ServerBinary | None, str]:
 
 
 def module_arguments(module: str, *, grace_seconds: float, patterns: Sequence[str]) -> list[str]:
-    """The module's load arguments: ``GRACE <ms>`` and a ``KEYSPACE <pattern>`` per keyspace; none for a
-    module that does not know them (one that takes no arguments refuses to load with any), told
-    by their names among the module file's strings, as ``knows_directive`` tells a binary's."""
-    if not (knows_directive(module, LOAD_GRACE) and knows_directive(module, LOAD_KEYSPACE)):
+    """The module's load arguments (``loadmodule PATH GRACE <ms> KEYSPACE <pattern> ...``): how long a
+    reader of a keyspace without a worker waits for one, and a ``KEYSPACE`` per keyspace, by the
+    name its workers register (a template's included), so that a read before the workers register
+    waits instead of answering nil. None for a module built before it knew them (it refuses to
+    load with any argument), told by their names among the module file's strings, as
+    ``knows_directive`` tells a binary's."""
+    if not (knows_directive(module, protocol.OPT_GRACE) and knows_directive(module, protocol.OPT_KEYSPACE)):
         return []
-    args = [LOAD_GRACE, str(max(0, round(grace_seconds * 1000)))]
+    args = [protocol.OPT_GRACE, str(max(0, round(grace_seconds * 1000)))]
     for pattern in patterns:
         if any(c in pattern for c in "\r\n\0"):
             raise ConfigError(f"keyspace {pattern!r}: a pattern the server's configuration cannot carry")
-        args += [LOAD_KEYSPACE, pattern]
+        args += [protocol.OPT_KEYSPACE, pattern]
     return args
 
 
