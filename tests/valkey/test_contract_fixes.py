@@ -27,11 +27,15 @@ from .conftest import (
     binary,
     counter,
     has_workers,
+    info_field,
     keyspace_info,
     make_app,
+    raw_worker,
     running,
     start_worker_process,
+    take_one,
     url,
+    valgrind_valkey,
 )
 
 NO_WORKER = "ERR keymiss: no worker for keyspace 'slow:*'"
@@ -295,3 +299,52 @@ async def test_readers_of_a_dead_worker_get_the_value_when_another_takes_over(
     finally:
         proc.kill()
         proc.wait(10)
+
+
+# --- the same paths under valgrind ----------------------------------------------------------------
+
+
+async def test_the_contract_paths_run_clean_under_valgrind(tmp_path: Path) -> None:
+    """Declared keyspaces, misses waiting GRACE and failing, a worker gone while it holds a key, and
+    client writes during computations (waiters answered, nothing stored), with every allocation seen."""
+    server, vlog = valgrind_valkey(
+        tmp_path, protocol.OPT_GRACE, "300", protocol.OPT_KEYSPACE, "w:*", protocol.OPT_KEYSPACE, "t:<a>_<b>"
+    )
+    port, wait = server.port, 60.0
+    try:
+        # before any worker: a GET and an MGET wait GRACE, then the no-worker error (MGET: nil)
+        got = await asyncio.gather(
+            resp(port, "GET", "w:1", wait=wait), resp(port, "MGET", "w:1", "t:x", wait=wait)
+        )
+        assert str(got[0]) == "ERR keymiss: no worker for keyspace 'w:*'" and got[1] == [None, None], got
+        # a worker registers while a reader waits; then goes away holding the key: the reader's
+        # key is requeued, and fails GRACE later
+        reader = asyncio.ensure_future(resp(port, "GET", "w:2", wait=wait))
+        w = await raw_worker(port, protocol.register("w:*", "w:*"), wait=wait)
+        key, _ = await take_one(w, block_ms=10_000)
+        assert key == b"w:2"
+        await w.close()
+        assert "no worker" in str(await reader)
+        # client writes during computations: the waiters get the value, nothing is stored
+        w = await raw_worker(port, protocol.register("w:*", "w:*"), wait=wait)
+        writes = [[["SET", "w:3", "client"]], [["SET", "w:3", "x"], ["DEL", "w:3"]], [["FLUSHALL"]]]
+        for commands in writes:
+            readers = [asyncio.ensure_future(resp(port, "GET", "w:3", wait=wait)) for _ in range(2)]
+            key, token = await take_one(w, block_ms=10_000)
+            await aeventually(lambda: info_field(port, "blocked_readers"), expect=2, timeout=wait)
+            for command in commands:
+                await resp(port, *command, wait=wait)
+            assert await w.call(*protocol.fill(key, token, "computed")) == protocol.FILL_DISCARDED
+            assert await asyncio.gather(*readers) == [b"computed"] * 2
+            await resp(port, "DEL", "w:3", wait=wait)
+        # a computation nobody waits for (queued from Lua) is given up by a client's write
+        assert await resp(port, "EVAL", "return redis.call('GET', KEYS[1])", 1, "w:4", wait=wait) is None
+        key, token = await take_one(w, block_ms=10_000)
+        assert await resp(port, "SET", "w:4", "mine", wait=wait) == "OK"
+        assert await w.call(*protocol.fill(key, token, "late")) == protocol.FILL_DISCARDED
+        assert await resp(port, "GET", "w:4", wait=wait) == b"mine"
+        await w.close()
+    finally:
+        server.stop()
+    text = vlog.read_text()
+    assert "ERROR SUMMARY: 0 errors" in text, text[-3000:]
