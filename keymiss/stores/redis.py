@@ -37,6 +37,7 @@ from keymiss.stores.redisrecord import (
     RelayParser,
     item_of,
     key_bytes,
+    legacy_key,
     px_of,
     relay_error,
     reply_error,
@@ -53,10 +54,13 @@ log = logging.getLogger("keymiss.redis")
 class RedisStore(SharedStore):
     """A ``SharedStore`` over redis-py's asyncio client (standalone) or cluster client.
 
-    A value's codec tag lives beside it under ``keymiss:codec:<key>`` (same TTL; same slot only
-    when the key has a hash tag, so tag and value are two writes, the tag first), written only for
-    values that are not plain bytes, so the value a client GETs stays exactly the
-    bytes the codec wrote and ``Keymiss.get`` still returns the type the handler returned.
+    A value's record (codec, CRC32, version) lives beside it in its companion key
+    ``keymiss:v:{<slot tag>}<key>`` (same TTL, same slot; written first, then the value), for values
+    that are not plain bytes or that have a version, in the format the module's workers write: so
+    the value a client GETs stays exactly the bytes the codec wrote, ``Keymiss.get`` returns the
+    type the handler returned, and a value a worker filled reads typed and version-checked here.
+    An earlier release's ``keymiss:codec:<key>`` tag is read where a value has no companion, and
+    removed by the next write of the value.
     """
 
     def __init__(
@@ -145,14 +149,13 @@ class RedisStore(SharedStore):
         task.add_done_callback(self._tasks.discard)
 
     async def _mget(self, keys: Sequence[str]) -> list[Item | None]:
-        """Values and their codec tags in one round trip."""
+        """Values, their companions and earlier releases' tags in one round trip."""
         raw: list[bytes] = []
         for k in keys:
-            raw.append(key_bytes(k))
-            raw.append(tag_key(k))
+            raw += (key_bytes(k), tag_key(k), legacy_key(k))
         fn = self.client.mget_nonatomic if self.cluster else self.client.mget
         values = await self.call(fn, raw)
-        return [item_of(values[i], values[i + 1]) for i in range(0, len(values), 2)]
+        return [item_of(*values[i : i + 3]) for i in range(0, len(values), 3)]
 
     async def _fetch(self, batch: list[tuple[str, asyncio.Future[Item | None]]]) -> None:
         keys = list(dict.fromkeys(k for k, _ in batch))
@@ -176,7 +179,7 @@ class RedisStore(SharedStore):
         return await self._mget(keys)
 
     async def get_expiring(self, keys: Sequence[str], *, strict: bool = False) -> list[Item | None]:
-        """Values with their codec tags and their expiry times (``expires_at``), in one round trip:
+        """Values with their records and their expiry times (``expires_at``), in one round trip:
         what a copy held elsewhere (the near cache) needs so that it never outlives the value. A key
         holding another type reads as missing, as in MGET, or with ``strict`` raises WRONGTYPE."""
         if not keys:
@@ -185,19 +188,20 @@ class RedisStore(SharedStore):
         for k in keys:
             pipe.get(key_bytes(k))
             pipe.get(tag_key(k))
+            pipe.get(legacy_key(k))
             pipe.pttl(key_bytes(k))
         replies = await self.call(pipe.execute, raise_on_error=False)
         now = time.time()
         out: list[Item | None] = []
-        for i in range(0, len(replies), 3):
-            value, tag, pttl = replies[i : i + 3]
+        for i in range(0, len(replies), 4):
+            value, tag, legacy, pttl = replies[i : i + 4]
             if isinstance(value, ResponseError):
                 if strict:
                     raise reply_error(value)
                 value = None
-            if isinstance(tag, Exception) or isinstance(pttl, Exception):
-                tag, pttl = None, -1
-            item = item_of(value, tag)
+            if any(isinstance(r, Exception) for r in (tag, legacy, pttl)):
+                tag, legacy, pttl = None, None, -1
+            item = item_of(value, tag, legacy)
             if item is not None and int(pttl) >= 0:
                 item.expires_at = now + int(pttl) / 1000
             out.append(item)
@@ -227,13 +231,14 @@ class RedisStore(SharedStore):
         ok = await self.call(
             self.client.set, key_bytes(key), value, px=px, nx=nx, xx=xx, keepttl=keep_ttl and px is None
         )
-        if ok:  # a write only-if-present: the tag follows once the value is known to be ours
+        if ok:  # a write only-if-present: the record follows once the value is known to be ours
             if codec:
                 await self.call(
                     self.client.set, tag_key(key), tag_value(codec, value), px=px, keepttl=px is None
                 )
             else:
                 await self.call(self.client.delete, tag_key(key))
+            await self.call(self.client.delete, legacy_key(key))
         return bool(ok)
 
     async def set_many(self, writes: Sequence[Write]) -> list[bool]:
@@ -255,15 +260,18 @@ class RedisStore(SharedStore):
                     raise reply_error(r) if isinstance(r, ResponseError) else wrap_error(r)
                 took[id(w)] = bool(r)
         pipe = self.client.pipeline(transaction=False)
+        extra: list[int] = []  # the DELs after each write: an old record and an earlier tag go
         for w in writes:
             pipe.set(key_bytes(w.key), w.value, px=px_of(w.ttl), nx=w.nx)
-            if not tagged(w) and not w.nx:  # an untagged value drops the old tag
-                pipe.delete(tag_key(w.key))
+            drop = [] if w.nx else [legacy_key(w.key)] if tagged(w) else [tag_key(w.key), legacy_key(w.key)]
+            for k in drop:  # one key each: on a cluster the two live in different slots
+                pipe.delete(k)
+            extra.append(len(drop))
         replies = iter(await self.call(pipe.execute, raise_on_error=False))
         results: list[Any] = []
-        for w in writes:
+        for n in extra:
             results.append(next(replies))
-            if not tagged(w) and not w.nx:
+            for _ in range(n):
                 next(replies)
         failed = [w for w, r in zip(writes, results, strict=True) if isinstance(r, Exception)]
         if failed:  # a value Redis refused (OOM) must not leave its tag behind
@@ -274,6 +282,8 @@ class RedisStore(SharedStore):
         for w, r in zip(writes, results, strict=True):
             if not w.nx:
                 continue
+            if r:  # ours now: an earlier release's tag goes
+                fix.delete(legacy_key(w.key))
             if r and not tagged(w):  # ours now: an old tag goes
                 fix.delete(tag_key(w.key))
             elif r and not took[id(w)]:  # ours, beside a tag left by a value deleted behind keymiss
@@ -308,6 +318,7 @@ class RedisStore(SharedStore):
             return 0
         n = int(await self.call(self.client.delete, *(key_bytes(k) for k in keys)))
         await self.call(self.client.delete, *(tag_key(k) for k in keys))
+        await self.call(self.client.delete, *(legacy_key(k) for k in keys))
         return n
 
     async def exists(self, keys: Iterable[str]) -> int:
@@ -320,18 +331,20 @@ class RedisStore(SharedStore):
     async def expire(self, key: str, ttl: float | None) -> bool:
         if ttl is None:
             ok = bool(await self.call(self.client.persist, key_bytes(key)))
-            await self.call(self.client.persist, tag_key(key))
+            for tag in (tag_key(key), legacy_key(key)):
+                await self.call(self.client.persist, tag)
             return ok
         if ttl <= 0:
             return bool(await self.delete([key]))
         ok = bool(await self.call(self.client.pexpire, key_bytes(key), px_of(ttl)))
-        await self.call(self.client.pexpire, tag_key(key), px_of(ttl))
+        for tag in (tag_key(key), legacy_key(key)):
+            await self.call(self.client.pexpire, tag, px_of(ttl))
         return ok
 
     async def scan(
         self, cursor: int, match: str | None = None, count: int = 10, kind: str | None = None
     ) -> tuple[int, list[str]]:
-        """Redis SCAN, without the codec tags (they are part of their value, not keys of their own)."""
+        """Redis SCAN, without the companions and earlier tags (part of their value, not keys)."""
         if self.cluster:  # one pass over every primary: cluster cursors do not compose
             keys = [k async for k in self.client.scan_iter(match=match, count=max(count, 100), _type=kind)]
             return 0, [k.decode("utf-8", "surrogateescape") for k in keys if not k.startswith(TAGS)]

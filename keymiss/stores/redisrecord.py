@@ -1,6 +1,8 @@
-"""The Redis store's record format and its wire details: a value beside its codec tag
-(``keymiss:codec:<key>``, naming codec, CRC32 and version), the Lua guards that delete only what
-this node wrote, the relay's reply parser, and how redis-py's errors read to a client."""
+"""The Redis store's record format and its wire details: a value beside its companion key
+(``keymiss:v:{<slot tag>}<key>`` = ``<codec>:<crc32>:<version>``, the format the module's workers
+write too; see ``keymiss.valkey.protocol``), earlier releases' ``keymiss:codec:<key>`` tags, the Lua
+guards that delete only what this node wrote, the relay's reply parser, and how redis-py's errors
+read to a client."""
 
 from __future__ import annotations
 
@@ -13,9 +15,12 @@ from redis.exceptions import InvalidResponse, RedisClusterException, ResponseErr
 
 from keymiss.errors import KeymissError, ReplyError, StoreError
 from keymiss.stores.base import NULL_ARRAY, Item, StatusReply, Write
+from keymiss.valkey import protocol
 
+#: an earlier release's tag of a value: read where a value has no companion, never written
 CODEC_PREFIX = "keymiss:codec:"
-TAGS = CODEC_PREFIX.encode()
+#: what SCAN through keymiss hides: companions and earlier releases' tags
+TAGS = (CODEC_PREFIX.encode(), protocol.COMPANION_PREFIX.encode())
 
 
 def key_bytes(key: str) -> bytes:
@@ -24,6 +29,12 @@ def key_bytes(key: str) -> bytes:
 
 
 def tag_key(key: str) -> bytes:
+    """The companion of ``key``'s value, in its slot (the module's name for it)."""
+    return protocol.companion_key(key_bytes(key))
+
+
+def legacy_key(key: str) -> bytes:
+    """Where an earlier release kept ``key``'s codec tag (another slot than the value's)."""
     return key_bytes(CODEC_PREFIX + key)
 
 
@@ -36,22 +47,46 @@ DROP_IF = "if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('del'
 
 
 def tag_value(codec: int, value: bytes, version: bytes | None = None) -> bytes:
-    """A codec tag names the codec and the CRC32 of the bytes it describes, so a tag that outlived
+    """A companion names the codec and the CRC32 of the bytes it describes, so one that outlived
     its value (the key was rewritten by a plain Redis client) is recognised and ignored. A computed
-    value's tag adds its keyspace's version tag: a client's rewrite, whose tag no longer matches,
-    reads as a client's write, which every version serves."""
-    if version is None:
-        return b"%d:%08x" % (codec, zlib.crc32(value))
-    return b"%d:%08x:%s" % (codec, zlib.crc32(value), version.hex().encode())
+    value's adds its keyspace's version tag (hex): a client's rewrite, whose companion no longer
+    matches, reads as a client's write, which every version serves."""
+    return protocol.companion(codec, zlib.crc32(value), None if version is None else version.hex())
 
 
 def tagged(w: Write) -> bool:
+    """Whether a write needs a companion: a codec other than plain bytes, or a version."""
     return bool(w.codec) or w.version is not None
 
 
-def item_of(value: bytes | None, tag: bytes | None) -> Item | None:
+def _version(raw: bytes) -> bytes | None:
+    """A record's version as ``Item.version``: None for a client's (empty); the 8-byte tag its
+    16 hex digits name; another tag as it is (it matches no version keymiss computes)."""
+    if not raw:
+        return None
+    if len(raw) == 16:
+        try:
+            return bytes.fromhex(raw.decode("ascii"))
+        except ValueError:
+            pass
+    return raw
+
+
+def item_of(value: bytes | None, record: bytes | None, legacy: bytes | None = None) -> Item | None:
+    """The item a value reads as, given its companion and an earlier release's tag (read only
+    where no companion is). A record whose CRC is not the value's is a client's plain bytes."""
     if value is None:
         return None
+    if record is None:
+        return _legacy_item(value, legacy)
+    rec = protocol.parse_companion(record)
+    if rec is None or (rec.crc is not None and rec.crc != zlib.crc32(value)):
+        return Item(value)
+    return Item(value, rec.codec, None, _version(rec.version))
+
+
+def _legacy_item(value: bytes, tag: bytes | None) -> Item:
+    """An earlier release's ``keymiss:codec:`` tag, read as that release read it."""
     codec = 0
     version = None
     if tag:

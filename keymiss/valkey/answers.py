@@ -213,13 +213,16 @@ class Answers:
         ttl = result.ttl or self.default_ttl
         ks = self.km.registry.route(key)
         stale = ks.stale if ks is not None and ks.stale else 0.0  # kept for the stale window
+        versioned = ks is not None and ks.version is not None
         return protocol.fill(
             raw,
             token,
             result.value,
             px=max(1, int((ttl + stale) * 1000)) if ttl else None,
-            # the module discards another version's value
-            version=result.version.hex() if ks is not None and ks.version is not None else None,
+            # the module discards another version's value; the companion records codec and
+            # version (a typed value of an unversioned keyspace: computed, under no version)
+            version=result.version.hex() if versioned or result.codec else None,
+            codec=int(result.codec),
             store=store,
         ), committed
 

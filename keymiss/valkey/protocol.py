@@ -16,22 +16,47 @@ The conversation, per server:
   ``n`` keys of the keyspace ``name`` (0: none, and no waking for it), so that a worker whose slots
   a hung keyspace holds still takes the others'. Keyspaces take turns at going first; a queued key
   nobody waits for any more is dropped, not handed over, while its keyspace's queue is full.
-- ``KEYMISS.FILL key token value [PX ms] [VERSION tag] [NOSTORE]`` stores the value and wakes the
-  key's readers: :data:`FILL_STORED`, :data:`FILL_DISCARDED` (a client wrote the key, the lease
-  passed, or the value is of another version), or :data:`FILL_NOT_STORED`: the readers got the
-  value, nothing was stored (``NOSTORE``, or the value is over the keyspace's ``SHARE``).
+- ``KEYMISS.FILL key token value [PX ms] [VERSION tag] [CODEC n] [NOSTORE]`` stores the value and
+  wakes the key's readers: :data:`FILL_STORED`, :data:`FILL_DISCARDED` (a client wrote the key,
+  the lease passed, or the value is of another version), or :data:`FILL_NOT_STORED`: the readers
+  got the value, nothing was stored (``NOSTORE``, or the value is over the keyspace's ``SHARE``).
+  ``CODEC``: the codec that wrote the bytes (``keymiss.codecs.Codec``; 0, plain bytes, if absent).
 - ``KEYMISS.FAIL key token error-line``: every reader of the key gets the error line (``1``), or
   nobody waited any more (``0``).
 - ``KEYMISS.VERSION name tag [label]`` switches a registered keyspace's version.
 - ``KEYMISS.GET key`` / ``KEYMISS.MGET key ...`` are what a client's GET / MGET of a registered
   keyspace become inside the server; clients never need to send them.
 - ``INFO keymiss`` reports :data:`INFO_FIELDS` and, per keyspace, :data:`INFO_KEYSPACE_FIELDS`.
+
+The record format in Redis, one for every writer (the module's FILL, the Python Redis store) and
+every reader (the module's version check, the Python Redis store): a value lives under its own key
+as the exact bytes a client reads; beside it, in the same hash slot, its companion key
+``keymiss:v:{<slot tag>}<key>`` (:func:`companion_key`; the slot tag is the first short base-36
+string whose CRC16 lands in the key's slot, so a cluster keeps both in one slot) holds
+
+    ``<codec>:<crc32>:<version>``   e.g. ``2:8d3c1a0f:9f86d081884c7d65``, or ``0:1b2c3d4e:``
+
+``codec`` in decimal; ``crc32`` the value's CRC-32 (zlib's), 8 lowercase hex digits; ``version``
+the keyspace's version tag the value was computed under (16 hex digits from keymiss workers and
+stores; ``0000000000000000`` for a computed value of an unversioned keyspace), empty for a client's
+value (served under every version). It is written, with the value's ``PX``, before the value, for
+every value whose codec is not plain bytes or that has a version; a value without one is a client's
+plain bytes (in a versioned keyspace the module serves it only once it has marked it ``0:<crc>:``).
+The CRC lets a reader that does not see keyspace events recognise a companion that outlived its
+value (a plain client rewrote the key): the value then reads as a client's plain bytes. The module
+sees client writes as events and never computes the CRC on a hit; its timer rewrites the companion
+of a client's write in a versioned keyspace to ``0:<crc>:``, keeping one whose CRC matches (the
+Python store wrote both). Earlier releases' records still read as they did: the module's
+version-only companion (the version, or ``client``) and the Python store's
+``keymiss:codec:<key>`` tag (same fields, another slot), consulted only where no companion is.
 """
 
 from __future__ import annotations
 
+import binascii
+import functools
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 # --- command names ---------------------------------------------------------------------------------
 CMD_GET = "KEYMISS.GET"
@@ -61,6 +86,7 @@ OPT_PX = "PX"
 OPT_SHARE = "SHARE"
 OPT_NOSTORE = "NOSTORE"
 OPT_LIMIT = "LIMIT"
+OPT_CODEC = "CODEC"
 #: the module's load arguments: ``GRACE ms``, ``KEYSPACE pattern`` (repeatable), in any order
 OPT_GRACE = "GRACE"
 OPT_KEYSPACE = "KEYSPACE"
@@ -98,10 +124,14 @@ FILL_DISCARDED = 0
 FILL_NOT_STORED = 2
 #: how often the module's timer runs (expired leases, deadlines, version switches)
 TICK_MS = 50
-#: what a versioned value's companion key holds once a client wrote the value
+#: FILL's CODEC, at most this
+MAX_CODEC = 255
+#: what an earlier release's companion held for a client's write (read, no longer written)
 CLIENT_MARK = "client"
-#: a versioned value's companion key: this, a short tag in the value's slot, ``}``, the key
+#: a value's companion key: this, a short tag in the value's slot, ``}``, the key
 COMPANION_PREFIX = "keymiss:v:{"
+#: between a companion's fields: ``<codec>:<crc32>:<version>``
+RECORD_SEP = ":"
 #: what every error line of the module starts with
 ERR_PREFIX = "ERR keymiss: "
 
@@ -220,15 +250,18 @@ def fill(
     *,
     px: int | None = None,
     version: str | None = None,
+    codec: int = 0,
     store: bool = True,
 ) -> list[Any]:
     """A ``KEYMISS.FILL`` of a taken key (its token from TAKE); ``store=False``: its readers get the
-    value, nothing is stored."""
+    value, nothing is stored. ``codec`` (not sent when 0) and ``version`` go to the companion."""
     args: list[Any] = [CMD_FILL, key, token, value]
     if px is not None:
         args += [OPT_PX, px]
     if version is not None:
         args += [OPT_VERSION, version]
+    if codec:
+        args += [OPT_CODEC, codec]
     if not store:
         args.append(OPT_NOSTORE)
     return args
@@ -242,6 +275,77 @@ def fail(key: str | bytes, token: int, line: str) -> list[Any]:
 def switch_version(name: str, tag: str, label: str | None = None) -> list[Any]:
     """A ``KEYMISS.VERSION``: the registered keyspace ``name`` serves ``tag`` from now on."""
     return [CMD_VERSION, name, tag] if label is None else [CMD_VERSION, name, tag, label]
+
+
+# --- the record format in Redis ---------------------------------------------------------------------
+_SLOTS = 16384
+_BASE36 = "0123456789abcdefghijklmnopqrstuvwxyz"
+
+
+def key_slot(key: bytes) -> int:
+    """Redis Cluster's slot of ``key``: the CRC16 of its ``{hash tag}``, else of the whole key."""
+    start = key.find(b"{")
+    if start >= 0:
+        end = key.find(b"}", start + 1)
+        if end > start + 1:
+            key = key[start + 1 : end]
+    return binascii.crc_hqx(key, 0) & (_SLOTS - 1)
+
+
+@functools.cache
+def _slot_tags() -> tuple[bytes, ...]:
+    """For every slot, the first short base-36 string (least significant digit first, as the
+    module counts) whose CRC16 lands in it: the module's table, built the same way (once, ~0.1 s)."""
+    tags: list[bytes | None] = [None] * _SLOTS
+    left, n = _SLOTS, 0
+    while left:
+        v, digits = n, []
+        while True:
+            digits.append(_BASE36[v % 36])
+            v //= 36
+            if not v or len(digits) == 4:
+                break
+        tag = "".join(digits).encode()
+        slot = binascii.crc_hqx(tag, 0) & (_SLOTS - 1)
+        if tags[slot] is None:
+            tags[slot] = tag
+            left -= 1
+        n += 1
+    return tuple(t or b"" for t in tags)
+
+
+def companion_key(key: bytes) -> bytes:
+    """``keymiss:v:{<slot tag>}<key>``: where the record of ``key``'s value lives, in its slot."""
+    return b"%s%s}%s" % (COMPANION_PREFIX.encode(), _slot_tags()[key_slot(key)], key)
+
+
+def companion(codec: int, crc: int, version: str | bytes | None) -> bytes:
+    """A companion's bytes: ``<codec>:<crc32, 8 hex>:<version>`` (no version: a client's value)."""
+    ver = version.encode() if isinstance(version, str) else (version or b"")
+    return b"%d:%08x:%s" % (codec, crc & 0xFFFFFFFF, ver)
+
+
+class Record(NamedTuple):
+    """A companion, read: ``crc`` is None for an earlier release's (version-only, no CRC);
+    ``version`` is empty for a client's value."""
+
+    codec: int
+    crc: int | None
+    version: bytes
+
+
+def parse_companion(raw: bytes) -> Record | None:
+    """A companion's fields, or None for bytes that are no companion (read as a client's value)."""
+    if RECORD_SEP.encode() not in raw:  # an earlier release's module: the version, or "client"
+        return Record(0, None, b"" if raw == CLIENT_MARK.encode() else raw)
+    codec, _, rest = raw.partition(b":")
+    crc, sep, version = rest.partition(b":")
+    if not (sep and codec.isdigit() and len(crc) == 8):
+        return None
+    try:
+        return Record(int(codec), int(crc, 16), version)
+    except ValueError:
+        return None
 
 
 # --- replies ---------------------------------------------------------------------------------------

@@ -258,7 +258,7 @@ async def test_redis_out_of_memory_is_its_own_error_and_leaves_no_tags(redis_sta
         errors = [r for r in results if isinstance(r, BaseException)]
         assert errors and all(isinstance(e, KeymissError) and str(e).startswith("OOM ") for e in errors)
         values = [k async for k in store.client.scan_iter(match=f"oom:{tag}:*")]
-        tags = [k async for k in store.client.scan_iter(match=f"keymiss:codec:oom:{tag}:*")]
+        tags = [k async for k in store.client.scan_iter(match=f"keymiss:v:{{*}}oom:{tag}:*")]
         assert len(tags) == len(values) == 20 - len(errors)  # every tag has its value
     finally:
         await store.call(store.client.config_set, "maxmemory", 0)

@@ -22,6 +22,7 @@
 #define RM_KEYTYPE_STRING 1
 #define RM_NO_EXPIRE -1
 
+#define RM_REPLY_STRING 0
 #define RM_REPLY_ERROR 1
 
 #define RM_CTX_FLAGS_LUA (1 << 0)
@@ -140,6 +141,7 @@ typedef void (*RedisModuleFreePrivdata)(RedisModuleCtx *ctx, void *privdata);
     X(RedisModuleCallReply *, Call, (RedisModuleCtx * ctx, const char *cmd, const char *fmt, ...))  \
     X(int, CallReplyType, (RedisModuleCallReply * reply))                                            \
     X(void, FreeCallReply, (RedisModuleCallReply * reply))                                           \
+    X(const char *, CallReplyStringPtr, (RedisModuleCallReply * reply, size_t *len))               \
     X(RedisModuleString *, CreateString, (RedisModuleCtx * ctx, const char *ptr, size_t len))       \
     X(RedisModuleString *, CreateStringFromString, (RedisModuleCtx * ctx,                           \
                                                     const RedisModuleString *str))                   \

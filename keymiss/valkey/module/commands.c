@@ -41,6 +41,7 @@ enum {
     KM_N_SHARE,
     KM_N_PX,
     KM_N_NOSTORE,
+    KM_N_CODEC,
     KM_NUMS
 };
 enum { KM_T_VERSION, KM_T_LABEL, KM_TEXTS };
@@ -75,6 +76,7 @@ static const KmOption km_fill_options[] = {
     {KM_OPT_PX, KM_KIND_NUMBER, KM_N_PX, 1, KM_MAX_MS},
     {KM_OPT_VERSION, KM_KIND_BYTES, KM_T_VERSION, 0, 0},
     {KM_OPT_NOSTORE, KM_KIND_FLAG, KM_N_NOSTORE, 0, 0},
+    {KM_OPT_CODEC, KM_KIND_NUMBER, KM_N_CODEC, 0, KM_MAX_CODEC},
 };
 
 #define KM_COUNT_OF(a) (sizeof(a) / sizeof((a)[0]))
@@ -377,8 +379,9 @@ static int km_fill_unstored(RedisModuleCtx *ctx, KmEntry *e, RedisModuleString *
     return KM_ReplyWithLongLong(ctx, KM_FILL_NOT_STORED);
 }
 
-/* KEYMISS.FILL key token value [PX ms] [VERSION tag] [NOSTORE]: store the computed value (a plain
- * SET, replicated as such; a versioned keyspace's companion first) and wake the key's waiters. 1 if
+/* KEYMISS.FILL key token value [PX ms] [VERSION tag] [CODEC n] [NOSTORE]: store the computed value
+ * (a plain SET, replicated as such; its companion first, naming CODEC and VERSION, where it has a
+ * codec or a version: km_companion_fill) and wake the key's waiters. 1 if
  * stored; 0 if discarded (a client wrote the key meanwhile: the waiters get the value, the client's
  * write stays; the computation was given up; or it ran under another version than the keyspace's
  * now: then the key is computed again); 2 if the
@@ -391,10 +394,12 @@ int km_cmd_fill(RedisModuleCtx *ctx, RedisModuleString **argv, int argc) {
     int unknown;
     if (km_parse_options(argv, 4, argc, km_fill_options, KM_COUNT_OF(km_fill_options), &opt, &unknown) != RM_OK)
         return KM_ReplyWithError(ctx, KM_ERR_PREFIX "FILL key token value [" KM_OPT_PX " ms] [" KM_OPT_VERSION
-                                                    " tag] [" KM_OPT_NOSTORE "]");
+                                                    " tag] [" KM_OPT_CODEC " n] [" KM_OPT_NOSTORE "]");
     long long px = opt.num[KM_N_PX];
     const char *vtag = opt.bytes[KM_T_VERSION];
     size_t vlen = opt.len[KM_T_VERSION];
+    if (vlen > KM_MAX_VERSION)
+        return KM_ReplyWithError(ctx, KM_ERR_PREFIX "a version is 1 to " KM_XSTR(KM_MAX_VERSION) " bytes");
     KmEntry *e = km_entry_find(argv[1]);
     if (e == NULL || e->token != token) {
         int ksi = km_route_str(argv[1]);
@@ -422,17 +427,7 @@ int km_cmd_fill(RedisModuleCtx *ctx, RedisModuleString **argv, int argc) {
     int db = KM_GetSelectedDb(ctx);
     if (db != 0 && KM_SelectDb(ctx, 0) != RM_OK) return KM_ReplyWithError(ctx, KM_ERR_PREFIX "cannot select db 0");
     km.filling = 1;
-    RedisModuleCallReply *r = NULL;
-    if (ks->version != NULL) {
-        RedisModuleString *cname = km_companion_name(argv[1]);
-        r = px > 0 ? KM_Call(ctx, "SET", "!sbcl", cname, ks->version, ks->versionlen, "PX", px)
-                   : KM_Call(ctx, "SET", "!sb", cname, ks->version, ks->versionlen);
-        KM_FreeString(NULL, cname);
-        if (r != NULL && KM_CallReplyType(r) != RM_REPLY_ERROR) {
-            KM_FreeCallReply(r);
-            r = NULL;
-        }
-    }
+    RedisModuleCallReply *r = km_companion_fill(ctx, argv[1], argv[3], opt.num[KM_N_CODEC], vtag, vlen, px);
     if (r == NULL)
         r = px > 0 ? KM_Call(ctx, "SET", "!sscl", argv[1], argv[3], "PX", px)
                    : KM_Call(ctx, "SET", "!ss", argv[1], argv[3]);

@@ -1,17 +1,103 @@
 /* Freshness: versions (which present values may be served), stale and early (XFetch) refreshes,
- * the backoff of a failed refresh, and the companions of values a client wrote. */
+ * the backoff of a failed refresh, and the companions that record each value's codec and version. */
 #include "keymiss.h"
 
 #include <math.h>
+#include <stdio.h>
 
 #define KM_BACKOFF_FIRST_MS 1000
 #define KM_BACKOFF_MAX_MS 60000
+/* the longest companion: codec, CRC, two separators, a version */
+#define KM_RECORD_MAX (24 + KM_MAX_VERSION)
+
+/* ---------------------------------------------------------------------------------------------- */
+/* Companions: <codec>:<crc32>:<version> beside a value (protocol.py says why, for every writer)  */
+
+/* CRC-32 as zlib computes it (reflected 0xEDB88320): of a FILL's value and of a client's write,
+ * never on a hit (the module learns of client writes from keyspace events, not from the CRC). */
+static uint32_t km_crc32(const char *p, size_t len) {
+    static uint32_t table[256];
+    static int ready;
+    if (!ready) {
+        for (uint32_t i = 0; i < 256; i++) {
+            uint32_t c = i;
+            for (int j = 0; j < 8; j++) c = (c & 1) ? 0xEDB88320u ^ (c >> 1) : c >> 1;
+            table[i] = c;
+        }
+        ready = 1;
+    }
+    uint32_t crc = 0xFFFFFFFFu;
+    for (size_t i = 0; i < len; i++) crc = table[(crc ^ (unsigned char)p[i]) & 0xff] ^ (crc >> 8);
+    return crc ^ 0xFFFFFFFFu;
+}
+
+/* The version a companion names (*ver, *verlen; empty for a client's value): 1, or 0 for bytes that
+ * are no companion. An earlier release's companion held the version alone, or KM_CLIENT_MARK. */
+static int km_record_version(const char *v, size_t vlen, const char **ver, size_t *verlen) {
+    const char *a = memchr(v, KM_RECORD_SEP[0], vlen);
+    if (a == NULL) {
+        *ver = v;
+        *verlen = vlen == KM_CLIENT_MARK_LEN && memcmp(v, KM_CLIENT_MARK, vlen) == 0 ? 0 : vlen;
+        return 1;
+    }
+    const char *b = memchr(a + 1, KM_RECORD_SEP[0], vlen - (size_t)(a + 1 - v));
+    if (b == NULL) return 0;
+    *ver = b + 1;
+    *verlen = vlen - (size_t)(b + 1 - v);
+    return 1;
+}
+
+/* Whether a companion records the CRC `crc` (an earlier release's recorded none). */
+static int km_record_has_crc(const char *v, size_t vlen, uint32_t crc) {
+    const char *a = memchr(v, KM_RECORD_SEP[0], vlen);
+    if (a == NULL || (size_t)(v + vlen - a) < 10 || a[9] != KM_RECORD_SEP[0]) return 0;
+    char want[9];
+    snprintf(want, sizeof(want), "%08x", (unsigned)crc);
+    return memcmp(a + 1, want, 8) == 0;
+}
+
+/* A companion's bytes, into buf (KM_RECORD_MAX bytes; verlen at most KM_MAX_VERSION): its length. */
+static size_t km_record_format(char *buf, long long codec, uint32_t crc, const char *ver, size_t verlen) {
+    int n = snprintf(buf, KM_RECORD_MAX, "%lld" KM_RECORD_SEP "%08x" KM_RECORD_SEP, codec, (unsigned)crc);
+    if (n < 0 || (size_t)n + verlen > KM_RECORD_MAX) return 0;
+    memcpy(buf + n, ver, verlen);
+    return (size_t)n + verlen;
+}
+
+/* A FILL's companion, written before its value and with the same PX: <codec>:<crc32>:<version>
+ * where the value has a codec other than plain bytes (0) or a version (ver not NULL); otherwise
+ * a companion an earlier value left goes. NULL when done, else the server's error reply (the
+ * value must then not be written). Runs with km.filling set, in database 0. */
+RedisModuleCallReply *km_companion_fill(RedisModuleCtx *ctx, RedisModuleString *key, RedisModuleString *value,
+                                        long long codec, const char *ver, size_t verlen, long long px) {
+    RedisModuleString *cname = km_companion_name(key);
+    RedisModuleCallReply *r = NULL;
+    if (codec != 0 || ver != NULL) {
+        size_t len;
+        const char *p = KM_StringPtrLen(value, &len);
+        char buf[KM_RECORD_MAX];
+        size_t n = km_record_format(buf, codec, km_crc32(p, len), ver ? ver : "", ver ? verlen : 0);
+        r = px > 0 ? KM_Call(ctx, "SET", "!sbcl", cname, buf, n, "PX", px) : KM_Call(ctx, "SET", "!sb", cname, buf, n);
+    } else {
+        RedisModuleKey *open = KM_OpenKey(ctx, cname, RM_READ | km.lookup_modes);
+        int present = open != NULL && KM_KeyType(open) != RM_KEYTYPE_EMPTY;
+        if (open) KM_CloseKey(open);
+        if (present) r = KM_Call(ctx, "DEL", "!s", cname);
+    }
+    KM_FreeString(NULL, cname);
+    if (r != NULL && KM_CallReplyType(r) != RM_REPLY_ERROR) {
+        KM_FreeCallReply(r);
+        r = NULL;
+    }
+    return r;
+}
 
 /* ---------------------------------------------------------------------------------------------- */
 /* Versions                                                                                       */
 
 /* Whether the present value of `key` (of keyspace ksi) may be served: always in an unversioned
- * keyspace; in a versioned one when a client wrote it or its companion names the current version
+ * keyspace; in a versioned one when a client wrote it (its companion's version is empty, or the
+ * write is noted and its companion not yet rewritten) or its companion names the current version
  * (1), or names the version just replaced inside its VSTALE window (KM_PREVIOUS: served, and the
  * caller starts its refresh). `count`: a refusal is counted (once per read, where it is answered). */
 int km_version_ok(RedisModuleCtx *ctx, int ksi, RedisModuleString *key, int count) {
@@ -28,13 +114,14 @@ int km_version_ok(RedisModuleCtx *ctx, int ksi, RedisModuleString *key, int coun
     RedisModuleKey *open = KM_OpenKey(ctx, cname, RM_READ | km.lookup_modes);
     int ok = 0;
     if (open != NULL && KM_KeyType(open) == RM_KEYTYPE_STRING) {
-        size_t vlen;
-        const char *v = KM_StringDMA(open, &vlen, RM_READ);
-        ok = v != NULL && ((vlen == ks->versionlen && memcmp(v, ks->version, vlen) == 0) ||
-                           (vlen == KM_CLIENT_MARK_LEN && memcmp(v, KM_CLIENT_MARK, KM_CLIENT_MARK_LEN) == 0));
-        if (!ok && v != NULL && ks->prev_version != NULL && vlen == ks->prev_versionlen &&
-            memcmp(v, ks->prev_version, vlen) == 0 && km_now_ms() < ks->prev_until)
-            ok = KM_PREVIOUS;
+        size_t vlen, verlen;
+        const char *v = KM_StringDMA(open, &vlen, RM_READ), *ver;
+        if (v != NULL && km_record_version(v, vlen, &ver, &verlen)) { /* no CRC here: see km_crc32 */
+            ok = verlen == 0 || (verlen == ks->versionlen && memcmp(ver, ks->version, verlen) == 0);
+            if (!ok && ks->prev_version != NULL && verlen == ks->prev_versionlen &&
+                memcmp(ver, ks->prev_version, verlen) == 0 && km_now_ms() < ks->prev_until)
+                ok = KM_PREVIOUS;
+        }
     }
     if (open) KM_CloseKey(open);
     KM_FreeString(NULL, cname);
@@ -156,9 +243,33 @@ void km_backoffs_purge(long long now) {
 /* ---------------------------------------------------------------------------------------------- */
 /* Client writes in versioned keyspaces                                                           */
 
+/* The companion of a key a client wrote, present with `pttl`: kept where it records the value's
+ * CRC (the Python Redis store wrote value and companion, a client to the module), else rewritten
+ * to 0:<crc32>:, a client's write, with the value's TTL. The value is read by GET, not the key API
+ * (which would rewrite a small value's encoding); one of another type is a client's too. */
+static int km_mark_client(RedisModuleCtx *ctx, RedisModuleString *key, RedisModuleString *cname, long long pttl) {
+    RedisModuleCallReply *got = KM_Call(ctx, "GET", "s", key), *mark = KM_Call(ctx, "GET", "s", cname);
+    size_t len = 0, mlen = 0;
+    const char *p = got && KM_CallReplyType(got) == RM_REPLY_STRING ? KM_CallReplyStringPtr(got, &len) : NULL;
+    const char *m = mark && KM_CallReplyType(mark) == RM_REPLY_STRING ? KM_CallReplyStringPtr(mark, &mlen) : NULL;
+    uint32_t crc = km_crc32(p ? p : "", p ? len : 0);
+    int kept = p != NULL && m != NULL && km_record_has_crc(m, mlen, crc);
+    if (got) KM_FreeCallReply(got);
+    if (mark) KM_FreeCallReply(mark);
+    if (kept) return RM_OK;
+    char buf[KM_RECORD_MAX];
+    size_t blen = km_record_format(buf, 0, crc, "", 0);
+    RedisModuleCallReply *r = pttl > 0 ? KM_Call(ctx, "SET", "!sbcl", cname, buf, blen, "PX", pttl)
+                                       : KM_Call(ctx, "SET", "!sb", cname, buf, blen);
+    int ok = r != NULL && KM_CallReplyType(r) != RM_REPLY_ERROR;
+    if (r) KM_FreeCallReply(r);
+    return ok ? RM_OK : RM_ERR;
+}
+
 /* Keys a client wrote in a versioned keyspace: their companion now marks a client's write (which
- * every version serves), with the value's TTL; a deleted or expired key's companion goes. Run from
- * the timer, where writes are allowed (not from the keyspace event that noted the key). */
+ * every version serves; km_mark_client), a deleted key's companion goes. Run from the timer, where
+ * writes are allowed (not from the keyspace event that noted the key); the CRC is computed here,
+ * once per write, never on a hit. */
 void km_rewrite_companions(RedisModuleCtx *ctx) {
     size_t n;
     KmPicked *keys = km_dict_pick(km.dirty, NULL, NULL, 1, &n);
@@ -174,14 +285,17 @@ void km_rewrite_companions(RedisModuleCtx *ctx) {
         long long pttl = present ? KM_GetExpire(open) : RM_NO_EXPIRE;
         if (open) KM_CloseKey(open);
         km.filling = 1;
-        RedisModuleCallReply *r;
-        if (!present) r = KM_Call(ctx, "DEL", "!s", cname);
-        else if (pttl > 0) r = KM_Call(ctx, "SET", "!sccl", cname, KM_CLIENT_MARK, "PX", pttl);
-        else r = KM_Call(ctx, "SET", "!sc", cname, KM_CLIENT_MARK);
+        int ok = RM_OK;
+        if (present) {
+            ok = km_mark_client(ctx, key, cname, pttl);
+        } else {
+            RedisModuleCallReply *r = KM_Call(ctx, "DEL", "!s", cname);
+            ok = r != NULL && KM_CallReplyType(r) != RM_REPLY_ERROR ? RM_OK : RM_ERR;
+            if (r) KM_FreeCallReply(r);
+        }
         km.filling = 0;
-        if (r == NULL || KM_CallReplyType(r) == RM_REPLY_ERROR) /* the value then reads as a miss */
+        if (ok != RM_OK) /* the value then reads as a miss */
             KM_Log(ctx, "warning", "keymiss: could not mark a client's write to a versioned key");
-        if (r) KM_FreeCallReply(r);
         KM_FreeString(NULL, cname);
         KM_FreeString(NULL, key);
     }

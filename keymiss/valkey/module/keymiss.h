@@ -268,6 +268,8 @@ void km_backoff_note(const RedisModuleString *key, long long now);
 void km_backoff_clear(const RedisModuleString *key);
 void km_backoffs_purge(long long now);
 void km_rewrite_companions(RedisModuleCtx *ctx);
+RedisModuleCallReply *km_companion_fill(RedisModuleCtx *ctx, RedisModuleString *key, RedisModuleString *value,
+                                        long long codec, const char *ver, size_t verlen, long long px);
 
 /* ---------------------------------------------------------------------------------------------- */
 /* serve.c, commands.c, events.c, info.c                                                          */

@@ -38,6 +38,7 @@
 #define KM_OPT_SHARE "SHARE"
 #define KM_OPT_NOSTORE "NOSTORE"
 #define KM_OPT_LIMIT "LIMIT"
+#define KM_OPT_CODEC "CODEC"
 /* the module's load arguments: GRACE ms, KEYSPACE pattern (repeatable), in any order */
 #define KM_OPT_GRACE "GRACE"
 #define KM_OPT_KEYSPACE "KEYSPACE"
@@ -75,10 +76,14 @@
 #define KM_FILL_NOT_STORED 2
 /* how often the module's timer runs (expired leases, deadlines, version switches) */
 #define KM_TICK_MS 50
-/* what a versioned value's companion key holds once a client wrote the value */
+/* FILL's CODEC, at most this */
+#define KM_MAX_CODEC 255
+/* what an earlier release's companion held for a client's write (read, no longer written) */
 #define KM_CLIENT_MARK "client"
-/* a versioned value's companion key: this, a short tag in the value's slot, '}', the key */
+/* a value's companion key: this, a short tag in the value's slot, '}', the key */
 #define KM_COMPANION_PREFIX "keymiss:v:{"
+/* between a companion's fields: <codec>:<crc32, 8 hex>:<version> (empty version: a client's) */
+#define KM_RECORD_SEP ":"
 /* what every error line of the module starts with */
 #define KM_ERR_PREFIX "ERR keymiss: "
 
