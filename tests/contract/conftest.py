@@ -1,6 +1,6 @@
 """Servers for the read contract, one of each per session: the shared Redis and the Redis
 Cluster come from ``tests/conftest.py``; here, one module-loaded server per binary, loaded with a
-declared keyspace and a worker grace where the module takes them (``before-worker``)."""
+declared keyspace and a worker grace (``before-worker``, ``dead-worker``)."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ import pytest
 
 pytest.register_assert_rewrite("tests.contract.scenarios", "tests.contract.frontends")
 
+from keymiss.valkey import protocol  # noqa: E402
 from keymiss.valkey.modulepath import module_path  # noqa: E402
 
 from ..redis_servers import RedisProcess  # noqa: E402
@@ -25,28 +26,21 @@ GRACE_MS = 500
 
 
 class ModuleServer:
-    """A module-loaded server; ``declared`` is the declared keyspace, or None where the module
-    refused the load arguments (then it runs loaded without them)."""
+    """A module-loaded server with one declared keyspace (``DECLARED``) and a worker grace."""
 
     def __init__(self, workdir: Path, binary: str) -> None:
         self.declared: str | None = DECLARED
-        try:
-            self.proc = RedisProcess(
-                workdir / "declared",
-                "--loadmodule",
-                str(module_path()),
-                "GRACE",
-                str(GRACE_MS),
-                "KEYSPACE",
-                DECLARED,
-                binary=binary,
-                log=True,
-            )
-        except RuntimeError:
-            self.declared = None
-            self.proc = RedisProcess(
-                workdir / "plain", "--loadmodule", str(module_path()), binary=binary, log=True
-            )
+        self.proc = RedisProcess(
+            workdir,
+            "--loadmodule",
+            str(module_path()),
+            protocol.OPT_GRACE,
+            str(GRACE_MS),
+            protocol.OPT_KEYSPACE,
+            DECLARED,
+            binary=binary,
+            log=True,
+        )
 
     @property
     def port(self) -> int:

@@ -2,7 +2,7 @@
 
 A scenario registers keyspaces on ``fe.km`` (``fe.keyspace``), calls ``await fe.start()``, then
 reads and writes as a client would: ``get``, ``mget``, ``set``, ``delete`` (DEL / UNLINK /
-GETDEL), ``expire``, ``persist``, ``getex``, ``rename``, ``flushall``, ``in_multi``, ``in_eval``.
+GETDEL), ``expire``, ``persist``, ``getex``, ``rename``, ``flush``, ``in_multi``, ``in_eval``.
 Replies are normalised: a value as ``str``, a missing key as ``None``, an error as ``Err``. An
 operation a front end has no command for is absent from ``fe.ops``; a scenario runs only the
 variants a front end can express.
@@ -33,7 +33,7 @@ from ..support import RespTestClient, aeventually
 OP_WAIT = 10.0
 
 LIBRARY_OPS = frozenset({"GET", "MGET", "SET", "DEL", "EXPIRE", "PERSIST"})
-PYTHON_OPS = LIBRARY_OPS | {"UNLINK", "GETDEL", "GETEX", "FLUSHALL", "MULTI"}
+PYTHON_OPS = LIBRARY_OPS | {"UNLINK", "GETDEL", "GETEX", "FLUSHALL", "FLUSHDB", "MULTI"}
 MODULE_OPS = PYTHON_OPS | {"RENAME", "EVAL"}
 
 EVAL_GET = "return redis.call('GET', KEYS[1])"
@@ -192,8 +192,9 @@ class Resp(Frontend):
     async def rename(self, src: str, dst: str) -> None:
         assert await self.call("RENAME", src, dst) == "OK"
 
-    async def flushall(self) -> None:
-        assert await self.call("FLUSHALL") == "OK"
+    async def flush(self, how: str = "FLUSHALL") -> None:
+        """FLUSHALL or FLUSHDB."""
+        assert await self.call(how) == "OK"
 
     async def exists(self, key: str) -> int:
         return int(await self.call("EXISTS", key))

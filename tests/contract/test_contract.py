@@ -36,8 +36,6 @@ FRONTENDS = {
 MODULES = ("redis-module", "valkey-module")
 
 NEAR_VERSIONS = "the near cache serves a value of the version just replaced"
-KEY_EVENTS = "module key events: EXPIRE / PERSIST / GETEX mark a computed value as a client's"
-WAITERS = "the module answers waiters with the client's write (or nil), not the computed value"
 MGET_STALE = "MGET does not refresh stale keys on the in-process stores (memory, LMDB)"
 
 #: cells failing today because their fix is pending: (row, front end) -> the fix. Remove an entry
@@ -50,14 +48,6 @@ PENDING: dict[tuple[str, str], str] = {
     ("mget", "memory"): MGET_STALE,
     ("mget", "lmdb"): MGET_STALE,
     ("mget", "python"): MGET_STALE + " (the Python server reads the memory store)",
-    **{(r, m): KEY_EVENTS for r in ("ttl-change", "ttl-during") for m in MODULES},
-    **{(r, m): WAITERS for r in ("write-during", "del-during", "flush-during") for m in MODULES},
-    **{("expiry-during", m): "the hidden value's expiry during its recomputation" for m in MODULES},
-    **{("no-template", m): "a key that fits no template is nil in module mode" for m in MODULES},
-    **{
-        ("before-worker", m): "module load arguments KEYSPACE and GRACE (declared keyspaces)" for m in MODULES
-    },
-    **{("dead-worker", m): "a no-worker error within the worker grace" for m in MODULES},
 }
 
 _ids = itertools.count()
