@@ -119,6 +119,26 @@ async def test_a_ttl_change_keeps_the_version_mark(server: RedisProcess, change:
         assert calls == ["ans:t", "ans:t"]
 
 
+@pytest.mark.parametrize(
+    ("change", "expect"), [(["PERSIST", "ans:r"], -1), (["EXPIRE", "ans:r", "500"], 500)]
+)
+async def test_a_ttl_change_gives_the_companion_the_values_ttl(
+    server: RedisProcess, change: list[str], expect: int
+) -> None:
+    versions, calls = Versions(), list[str]()
+    async with running(versioned(versions, calls), url(server)):
+        assert await resp(server.port, "GET", "ans:r") == b"ans:r by v1"
+        (companion,) = await resp(server.port, "KEYS", f"{protocol.COMPANION_PREFIX}*}}ans:r")
+        assert 0 < await resp(server.port, "TTL", companion) <= 60
+        assert await resp(server.port, *change) == 1
+
+        async def companion_ttl() -> int:  # the tick's work: the version mark lives as the value does
+            return int(await resp(server.port, "TTL", companion))
+
+        await aeventually(companion_ttl, expect=expect)
+        assert await resp(server.port, "GET", "ans:r") == b"ans:r by v1" and calls == ["ans:r"]
+
+
 @pytest.mark.parametrize("change", [["EXPIRE", "ans:d", "100"], ["PERSIST", "ans:d"]])
 async def test_a_ttl_change_during_a_recomputation_supersedes_nothing(
     server: RedisProcess, change: list[str]

@@ -26,7 +26,15 @@ static int km_event_kind(int type, const char *event) {
  * expires while its key recomputes leaves the recomputation to be stored. */
 int km_on_keyspace_event(RedisModuleCtx *ctx, int type, const char *event, RedisModuleString *key) {
     if (km.filling || KM_GetSelectedDb(ctx) != 0 || event == NULL) return RM_OK;
-    if (km_event_kind(type, event) != KM_EVENT_WRITE) return RM_OK;
+    int kind = km_event_kind(type, event);
+    if (kind == KM_EVENT_TTL && km.nkeyspaces > 0 && KM_DictSize(km.retimed) < KM_MAX_DIRTY) {
+        if (km_route_str(key) >= 0) { /* its companion (codec, version) follows its TTL, at the tick */
+            size_t klen;
+            const char *kp = KM_StringPtrLen(key, &klen);
+            KM_DictSetC(km.retimed, (void *)kp, klen, NULL);
+        }
+    }
+    if (kind != KM_EVENT_WRITE) return RM_OK;
     if (km.nkeyspaces > 0 && KM_DictSize(km.dirty) < KM_MAX_DIRTY) {
         int ksi = km_route_str(key);
         if (ksi >= 0 && km.keyspaces[ksi]->version != NULL) { /* its companion is rewritten by the tick */
@@ -44,6 +52,38 @@ int km_on_keyspace_event(RedisModuleCtx *ctx, int type, const char *event, Redis
     KmEntry *e = km_entry_find(key);
     if (e) km_entry_supersede(e);
     return RM_OK;
+}
+
+/* Keys of keyspaces whose TTL a client changed (EXPIRE, PERSIST, GETEX EX ...): each companion (if
+ * any) gets its value's TTL, so that the value keeps its record (codec, version mark) as long as it
+ * lives and no longer. Run from the timer, where writing is allowed; a replica's master does it. */
+static void km_retime_companions(RedisModuleCtx *ctx) {
+    size_t n;
+    KmPicked *keys = km_dict_pick(km.retimed, NULL, NULL, 1, &n);
+    int replica = (KM_GetContextFlags(ctx) & RM_CTX_FLAGS_SLAVE) != 0;
+    if (!replica && KM_SelectDb(ctx, 0) != RM_OK) replica = 1;
+    for (size_t i = 0; i < n; i++) {
+        KM_DictDelC(km.retimed, keys[i].key, keys[i].len, NULL);
+        if (replica) continue;
+        RedisModuleString *key = KM_CreateString(NULL, keys[i].key, keys[i].len);
+        RedisModuleKey *open = KM_OpenKey(ctx, key, RM_READ | km.lookup_modes);
+        int present = open != NULL && KM_KeyType(open) != RM_KEYTYPE_EMPTY;
+        long long pttl = present ? KM_GetExpire(open) : RM_NO_EXPIRE;
+        if (open) KM_CloseKey(open);
+        if (present) {
+            RedisModuleString *cname = km_companion_name(key);
+            km.filling = 1;
+            RedisModuleCallReply *r = pttl == RM_NO_EXPIRE || pttl < 0 ? KM_Call(ctx, "PERSIST", "!s", cname)
+                                                                        : KM_Call(ctx, "PEXPIRE", "!sl", cname, pttl);
+            km.filling = 0;
+            if (r == NULL || KM_CallReplyType(r) == RM_REPLY_ERROR) /* it then expires at the old time */
+                KM_Log(ctx, "warning", "keymiss: could not give a value's companion its new TTL");
+            if (r) KM_FreeCallReply(r);
+            KM_FreeString(NULL, cname);
+        }
+        KM_FreeString(NULL, key);
+    }
+    km_picked_free(keys, n);
 }
 
 static int km_taken_by(const void *val, const void *client) {
@@ -141,6 +181,7 @@ void km_on_tick(RedisModuleCtx *ctx, void *data) {
     for (int ksi = 0; ksi < km.nkeyspaces; ksi++)
         if (km.keyspaces[ksi]->qhead) km_wake_taker(ksi);
     if (KM_DictSize(km.dirty)) km_rewrite_companions(ctx);
+    if (KM_DictSize(km.retimed)) km_retime_companions(ctx);
     if (++km.ticks % 20 == 0 && KM_DictSize(km.backoffs)) km_backoffs_purge(now);
     KM_CreateTimer(ctx, KM_TICK_MS, km_on_tick, NULL);
 }

@@ -172,6 +172,7 @@ typedef struct KmState {
     RedisModuleDict *errors;   /* key bytes -> KmErrorRecord */
     RedisModuleDict *backoffs; /* key bytes -> KmBackoff */
     RedisModuleDict *dirty;    /* keys of versioned keyspaces a client wrote: companions to rewrite */
+    RedisModuleDict *retimed;  /* keys of keyspaces whose TTL a client changed: their companions' too */
     long long waiting;         /* blocked requests */
     int filling;               /* our own SET is running: its keyspace event is not a client's write */
     long long grace_ms;        /* GRACE: how long a miss waits for a keyspace without a worker */

@@ -72,9 +72,11 @@ __attribute__((visibility("default"))) int RedisModule_OnLoad(RedisModuleCtx *ct
     km.requests = KM_CreateDict(NULL);
     km.backoffs = KM_CreateDict(NULL);
     km.dirty = KM_CreateDict(NULL);
+    km.retimed = KM_CreateDict(NULL);
     km.get_name = KM_CreateString(NULL, KM_CMD_GET, sizeof(KM_CMD_GET) - 1);
     km.mget_name = KM_CreateString(NULL, KM_CMD_MGET, sizeof(KM_CMD_MGET) - 1);
-    if (!km.pending || !km.errors || !km.requests || !km.backoffs || !km.dirty || !km.get_name || !km.mget_name)
+    if (!km.pending || !km.errors || !km.requests || !km.backoffs || !km.dirty || !km.retimed || !km.get_name ||
+        !km.mget_name)
         return km_load_failed(ctx, __LINE__);
     for (size_t i = 0; i < sizeof(km_commands) / sizeof(km_commands[0]); i++)
         if (KM_CreateCommand(ctx, km_commands[i].name, km_commands[i].fn, km_commands[i].flags, km_commands[i].firstkey,
