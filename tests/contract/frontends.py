@@ -103,6 +103,11 @@ class Frontend:
         """Switch ``pattern``'s version and return once the front end serves by it."""
         versions.current = version
 
+    async def misses(self, pattern: str) -> int:
+        """Reads of ``pattern``'s keys that found no value to serve, so far: how a scenario knows
+        its readers are waiting for a computation (the in-process engine counts them)."""
+        return int(self.km.stats()["keyspaces"][pattern]["misses"])
+
     async def get(self, key: str, wait: float = OP_WAIT) -> Any:
         raise NotImplementedError
 
@@ -285,6 +290,10 @@ class Module(Resp):
                 if fields["pattern"] == pattern:
                     return fields
         return {}
+
+    async def misses(self, pattern: str) -> int:
+        """The module counts the misses (the worker's engine sees only the computations)."""
+        return int((await self.keyspace_fields(pattern)).get("misses", 0))
 
     async def switched(self, pattern: str, versions: Versions, version: str) -> None:
         versions.current = version

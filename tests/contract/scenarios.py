@@ -117,7 +117,7 @@ async def miss(fe: Frontend, p: str) -> None:
     gate = fn.hold()
     readers = [asyncio.ensure_future(fe.get(key)) for _ in range(5)]
     await started(gate)
-    await asyncio.sleep(0.05)  # the other readers' requests arrive while it computes
+    await aeventually(lambda: fe.misses(f"{p}:*"), expect=5, timeout=5, message="5 readers wait")
     gate.open()
     assert await asyncio.gather(*readers) == [f"{key}#1"] * 5
     assert fn.calls[key] == 1
@@ -292,7 +292,12 @@ async def full_queue(fe: Frontend, p: str) -> None:
     busy: Err | None = None
     for i in range(1, 5):  # more readers of other keys, until the bound refuses one
         reader = asyncio.ensure_future(fe.get(f"{p}:{i}"))
-        done, _ = await asyncio.wait([reader], timeout=0.3)
+
+        async def decided(n: int = i + 1) -> bool:  # the reader's miss reached the bound's check
+            return await fe.misses(f"{p}:*") >= n
+
+        await aeventually(decided, timeout=5, message=f"reader {i} is counted")
+        done, _ = await asyncio.wait([reader], timeout=0.1)  # a refusal comes at once
         if done:
             busy = reader.result()
             assert isinstance(busy, Err) and busy.says("busy"), busy
@@ -303,7 +308,12 @@ async def full_queue(fe: Frontend, p: str) -> None:
     assert await fe.get(f"{p}-free:k") == f"{p}-free:k#1"  # the server keeps serving
     gate.open()
     got = await asyncio.gather(*waiting)
-    assert all(not isinstance(g, Err) for g in got), got
+    assert got[0] == f"{p}:0#1", got  # the one that ran
+    # the queued ones computed (one whose refusal came later than the 0.1 s window may be busy too)
+    assert all(
+        g == f"{k}#1" or (isinstance(g, Err) and g.says("busy"))
+        for k, g in zip([f"{p}:{i}" for i in range(len(got))], got, strict=True)
+    ), got
 
 
 @row("deadline")
