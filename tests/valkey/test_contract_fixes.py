@@ -185,6 +185,9 @@ WRITES: dict[str, tuple[list[list[Any]], bytes | None]] = {
     "del": ([["SET", "slow:w", "x"], ["DEL", "slow:w"]], None),
     "unlink": ([["SET", "slow:w", "x"], ["UNLINK", "slow:w"]], None),
     "getdel": ([["SET", "slow:w", "x"], ["GETDEL", "slow:w"]], None),
+    "del-absent": ([["DEL", "slow:w"]], None),  # a delete of the missing key: no keyspace event
+    "unlink-absent": ([["UNLINK", "slow:w"]], None),
+    "getdel-absent": ([["GETDEL", "slow:w"]], None),
     "rename": ([["SET", "other", "renamed"], ["RENAME", "other", "slow:w"]], b"renamed"),
     "flushall": ([["FLUSHALL"]], None),
     "flushdb": ([["FLUSHDB"]], None),
@@ -212,6 +215,43 @@ async def test_a_clients_write_during_the_computation_leaves_its_value_unstored(
         # the client's write stays; after a delete nothing was stored, and the next read computes
         assert calls == (["slow:w"] if after else ["slow:w", "slow:w"])
         assert await counter(server.port, "slow:*", "superseded") == 1
+
+
+# --- an MGET that waits answers its other keys as they were -------------------------------------
+
+
+async def test_an_mget_that_waits_answers_a_stale_key_as_it_was_read(server: RedisProcess) -> None:
+    calls: dict[str, int] = {}
+    gate = Gate()
+    km = Keymiss(sweep_interval=0)
+
+    @km.keyspace("st:*", ttl=0.2, stale=30)
+    async def stale(key: str) -> str:
+        calls[key] = calls.get(key, 0) + 1
+        return f"{key}#{calls[key]}"
+
+    @km.keyspace("held:*", ttl=30)
+    async def held(key: str) -> str:
+        await gate.hold(key)
+        return f"value of {key}"
+
+    async with running(km, url(server)):
+        assert await resp(server.port, "GET", "st:a") == b"st:a#1"
+
+        async def past_ttl() -> bool:  # inside the stale window: served, and refreshed
+            return bool(0 < await resp(server.port, "PTTL", "st:a") < 30_000 - 5)
+
+        await aeventually(past_ttl)
+        mget = asyncio.ensure_future(resp(server.port, "MGET", "st:a", "held:m"))
+        await gate.wait_started()
+        await aeventually(lambda: calls["st:a"], expect=2)  # the MGET's refresh ran ...
+
+        async def refreshed() -> bytes:
+            return bytes(await resp(server.port, "GET", "st:a"))
+
+        await aeventually(refreshed, expect=b"st:a#2")  # ... and is stored while the MGET waits
+        gate.open()
+        assert await mget == [b"st:a#1", b"value of held:m"]  # as a GET at the MGET's time answered
 
 
 # --- a key that does not fit its template --------------------------------------------------------

@@ -324,9 +324,10 @@ static void km_request_disconnected(RedisModuleCtx *ctx, RedisModuleBlockedClien
 }
 
 /* Block the client on `waits` entries: ents[i] is the entry slot i waits on (NULL: answered from
- * the keyspace, or by errs[i], when the request is), taken over with errs. */
+ * the keyspace, or by errs[i], or by vals[i] (a value read when the request was decided), when the
+ * request is), taken over with errs and vals (which may be NULL). */
 void km_request_block(RedisModuleCtx *ctx, RedisModuleString **keys, int nkeys, int single, KmEntry **ents,
-                      char **errs, int waits) {
+                      char **errs, RedisModuleString **vals, int waits) {
     KmRequest *req = KM_Calloc(1, sizeof(*req));
     req->single = single;
     req->nkeys = nkeys;
@@ -334,6 +335,7 @@ void km_request_block(RedisModuleCtx *ctx, RedisModuleString **keys, int nkeys, 
     req->keys = KM_Alloc(sizeof(RedisModuleString *) * (size_t)nkeys);
     req->entries = ents;
     req->errors = errs;
+    req->values = vals;
     for (int i = 0; i < nkeys; i++) {
         req->keys[i] = KM_CreateStringFromString(NULL, keys[i]);
         if (req->entries[i]) km_entry_add_waiter(req->entries[i], req, i);

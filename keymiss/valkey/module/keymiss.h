@@ -247,7 +247,7 @@ void km_entry_drop(KmEntry *e);
 int km_drop_orphan(int ksi);
 KmPicked *km_entries_pick(KmPick pick, const void *arg, size_t *n);
 void km_request_block(RedisModuleCtx *ctx, RedisModuleString **keys, int nkeys, int single, KmEntry **ents,
-                      char **errs, int waits);
+                      char **errs, RedisModuleString **vals, int waits);
 void km_wake_taker(int ksi);
 void km_taker_wake(KmTaker **link);
 

@@ -58,6 +58,24 @@ static void km_busy_error(RedisModuleCtx *ctx, KmKeyspace *ks) {
     KM_ReplyWithError(ctx, msg);
 }
 
+/* The values of the keys no entry or error answers (NULL where the key holds no string: it is read
+ * again when the request is answered), each its own copy. */
+static RedisModuleString **km_read_now(RedisModuleCtx *ctx, RedisModuleString **keys, int nkeys, KmEntry **ents,
+                                       char **errs) {
+    RedisModuleString **vals = KM_Calloc((size_t)nkeys, sizeof(RedisModuleString *));
+    for (int i = 0; i < nkeys; i++) {
+        if (ents[i] || errs[i]) continue;
+        RedisModuleCallReply *r = KM_Call(ctx, "GET", "s", keys[i]);
+        if (r != NULL && KM_CallReplyType(r) == RM_REPLY_STRING) {
+            size_t len;
+            const char *p = KM_CallReplyStringPtr(r, &len);
+            if (p) vals[i] = KM_CreateString(NULL, p, len);
+        }
+        if (r) KM_FreeCallReply(r);
+    }
+    return vals;
+}
+
 /* The shared body of KEYMISS.GET and KEYMISS.MGET. */
 static int km_serve(RedisModuleCtx *ctx, RedisModuleString **keys, int nkeys, int single) {
     int flags = KM_GetContextFlags(ctx);
@@ -144,7 +162,10 @@ static int km_serve(RedisModuleCtx *ctx, RedisModuleString **keys, int nkeys, in
         }
         goto done;
     }
-    km_request_block(ctx, keys, nkeys, single, ents, errs, waits); /* takes ents and errs over */
+    /* An MGET's keys served as they are read now, not when the last computation comes: a stale
+     * one's refresh may be stored before then (each key as a GET now would answer it). */
+    RedisModuleString **vals = single ? NULL : km_read_now(ctx, keys, nkeys, ents, errs);
+    km_request_block(ctx, keys, nkeys, single, ents, errs, vals, waits); /* takes ents, errs, vals over */
     ents = NULL;
     errs = NULL;
 done:
@@ -175,6 +196,16 @@ void km_command_filter(RedisModuleCommandFilterCtx *f) {
     if (argc < 2) return;
     size_t len;
     const char *cmd = KM_StringPtrLen(KM_CommandFilterArgGet(f, 0), &len);
+    if (km_word_is(cmd, len, "del") || km_word_is(cmd, len, "unlink") || km_word_is(cmd, len, "getdel")) {
+        /* a delete while the key computes is a client's write even where the key is absent (no
+         * keyspace event then): its waiters get the computed value, and it is not stored (the
+         * filter sees no database: a delete of the same name in another one counts too) */
+        for (int i = 1; i < argc && KM_DictSize(km.pending); i++) {
+            KmEntry *e = km_entry_find(KM_CommandFilterArgGet(f, i));
+            if (e) km_entry_supersede(e);
+        }
+        return;
+    }
     RedisModuleString *to;
     if (km_word_is(cmd, len, "get") || km_word_is(cmd, len, "getex")) {
         if (argc != 2) return;
