@@ -387,7 +387,12 @@ async def test_the_contract_paths_run_clean_under_valgrind(tmp_path: Path) -> No
         assert "no worker" in str(await reader)
         # client writes during computations: the waiters get the value, nothing is stored
         w = await raw_worker(port, protocol.register("w:*", "w:*"), wait=wait)
-        writes = [[["SET", "w:3", "client"]], [["SET", "w:3", "x"], ["DEL", "w:3"]], [["FLUSHALL"]]]
+        writes = [
+            [["SET", "w:3", "client"]],
+            [["SET", "w:3", "x"], ["DEL", "w:3"]],
+            [["DEL", "w:3"]],
+            [["FLUSHALL"]],
+        ]
         for commands in writes:
             readers = [asyncio.ensure_future(resp(port, "GET", "w:3", wait=wait)) for _ in range(2)]
             key, token = await take_one(w, block_ms=10_000)
@@ -397,6 +402,12 @@ async def test_the_contract_paths_run_clean_under_valgrind(tmp_path: Path) -> No
             assert await w.call(*protocol.fill(key, token, "computed")) == protocol.FILL_DISCARDED
             assert await asyncio.gather(*readers) == [b"computed"] * 2
             await resp(port, "DEL", "w:3", wait=wait)
+        # an MGET that waits: its hit is read when it is decided
+        assert await resp(port, "SET", "w:h", "h", wait=wait) == "OK"
+        mget = asyncio.ensure_future(resp(port, "MGET", "w:h", "w:5", "none", wait=wait))
+        key, token = await take_one(w, block_ms=10_000)
+        assert await w.call(*protocol.fill(key, token, "five")) == protocol.FILL_STORED
+        assert await mget == [b"h", b"five", None]
         # a computation nobody waits for (queued from Lua) is given up by a client's write
         assert await resp(port, "EVAL", "return redis.call('GET', KEYS[1])", 1, "w:4", wait=wait) is None
         key, token = await take_one(w, block_ms=10_000)
