@@ -108,14 +108,49 @@ class Frontend:
         its readers are waiting for a computation (the in-process engine counts them)."""
         return int(self.km.stats()["keyspaces"][pattern]["misses"])
 
+    # --- what a client does: each front end implements those in its ``ops`` ---------------------
+    def _lacks(self, op: str) -> NotImplementedError:
+        return NotImplementedError(f"{op} is not in {self.name}'s operations ({sorted(self.ops)})")
+
     async def get(self, key: str, wait: float = OP_WAIT) -> Any:
-        raise NotImplementedError
+        raise self._lacks("GET")
 
     async def mget(self, keys: list[str]) -> list[Any]:
-        raise NotImplementedError
+        raise self._lacks("MGET")
 
     async def exists(self, key: str) -> int:
-        raise NotImplementedError
+        raise self._lacks("EXISTS")
+
+    async def set(self, key: str, value: str) -> None:
+        raise self._lacks("SET")
+
+    async def delete(self, key: str, how: str = "DEL") -> None:
+        """DEL, UNLINK or GETDEL."""
+        raise self._lacks(how)
+
+    async def expire(self, key: str, seconds: int) -> bool:
+        raise self._lacks("EXPIRE")
+
+    async def persist(self, key: str) -> bool:
+        raise self._lacks("PERSIST")
+
+    async def getex(self, key: str, seconds: int) -> bool:
+        raise self._lacks("GETEX")
+
+    async def rename(self, src: str, dst: str) -> None:
+        raise self._lacks("RENAME")
+
+    async def flush(self, how: str = "FLUSHALL") -> None:
+        """FLUSHALL or FLUSHDB."""
+        raise self._lacks(how)
+
+    async def in_multi(self, key: str) -> Any:
+        """GET inside MULTI/EXEC: EXEC's reply."""
+        raise self._lacks("MULTI")
+
+    async def in_eval(self, key: str) -> Any:
+        """GET inside a Lua script: the script's reply."""
+        raise self._lacks("EVAL")
 
 
 class Library(Frontend):
@@ -149,10 +184,10 @@ class Library(Frontend):
         await self.km.delete(key)
 
     async def expire(self, key: str, seconds: int) -> bool:
-        return await self.km.expire(key, seconds)
+        return bool(await self.km.expire(key, seconds))
 
     async def persist(self, key: str) -> bool:
-        return await self.km.persist(key)
+        return bool(await self.km.persist(key))
 
     async def exists(self, key: str) -> int:
         return await self.km.exists(key)
@@ -183,10 +218,10 @@ class Resp(Frontend):
         assert not isinstance(got, Err), got
 
     async def expire(self, key: str, seconds: int) -> bool:
-        return await self.call("EXPIRE", key, seconds) == 1
+        return bool(await self.call("EXPIRE", key, seconds) == 1)
 
     async def persist(self, key: str) -> bool:
-        return await self.call("PERSIST", key) == 1
+        return bool(await self.call("PERSIST", key) == 1)
 
     async def getex(self, key: str, seconds: int) -> bool:
         """GETEX EX: whether it found the key (its value)."""

@@ -13,6 +13,7 @@ import asyncio
 import time
 from collections import Counter
 from collections.abc import Awaitable, Callable
+from functools import partial
 
 from ..support import Gate, aeventually
 from .frontends import Err, Frontend, Module, Versions
@@ -223,7 +224,7 @@ async def ttl_change(fe: Frontend, p: str) -> None:
     fn, versions = Fn(), Versions()
     fe.keyspace(f"{p}:*", handler(fn), ttl=60, version=versions)
     await fe.start()
-    changes = {
+    changes: dict[str, Callable[[str], Awaitable[bool]]] = {
         "EXPIRE": lambda k: fe.expire(k, 100),
         "PERSIST": fe.persist,
         "GETEX": lambda k: fe.getex(k, 100),
@@ -356,7 +357,7 @@ async def write_during(fe: Frontend, p: str) -> None:
         ways["RENAME"] = rename
     for way, act in ways.items():
         key = f"{p}:{way.lower()}"
-        assert await _during(fe, fn, key, lambda k=key, a=act: a(k)) == f"{key}#1"  # type: ignore[misc]
+        assert await _during(fe, fn, key, partial(act, key)) == f"{key}#1"
         assert await fe.get(key) == "written"  # the client's value stays stored
         assert fn.calls[key] == 1
 
@@ -368,7 +369,7 @@ async def del_during(fe: Frontend, p: str) -> None:
     await fe.start()
     for how in [h for h in ("DEL", "UNLINK", "GETDEL") if h in fe.ops]:
         key = f"{p}:{how.lower()}"
-        got = await _during(fe, fn, key, lambda k=key, h=how: fe.delete(k, h))  # type: ignore[misc]
+        got = await _during(fe, fn, key, partial(fe.delete, key, how))
         assert got == f"{key}#1", (how, got)
         assert await fe.exists(key) == 0, how  # nothing stored
         assert await fe.get(key) == f"{key}#2", how  # the next read computes again
@@ -380,13 +381,16 @@ async def ttl_during(fe: Frontend, p: str) -> None:
     fn, versions = Fn(), Versions()
     fe.keyspace(f"{p}:*", handler(fn), ttl=60, version=versions)
     await fe.start()
-    changes = {"EXPIRE": lambda k: fe.expire(k, 100), "PERSIST": fe.persist}
+    changes: dict[str, Callable[[str], Awaitable[bool]]] = {
+        "EXPIRE": lambda k: fe.expire(k, 100),
+        "PERSIST": fe.persist,
+    }
     keys = {op: f"{p}:{op.lower()}" for op in changes}
     for key in keys.values():
         assert await fe.get(key) == f"{key}#1"
     await fe.switched(f"{p}:*", versions, "v2")
     for op, key in keys.items():
-        got = await _during(fe, fn, key, lambda k=key, o=op: changes[o](k))  # type: ignore[misc]
+        got = await _during(fe, fn, key, partial(changes[op], key))
         assert got == f"{key}#2", (op, got)
         assert await fe.get(key) == f"{key}#2", op  # stored
         assert fn.calls[key] == 2, op
@@ -428,7 +432,7 @@ async def flush_during(fe: Frontend, p: str) -> None:
     await fe.start()
     for how in [h for h in ("FLUSHALL", "FLUSHDB") if h in fe.ops]:
         key = f"{p}:{how.lower()}"
-        got = await _during(fe, fn, key, lambda h=how: fe.flush(h))  # type: ignore[attr-defined,misc]
+        got = await _during(fe, fn, key, partial(fe.flush, how))
         assert got == f"{key}#1", (how, got)
         assert await fe.exists(key) == 0, how  # nothing stored
         assert fn.calls[key] == 1, how
@@ -439,11 +443,11 @@ async def multi(fe: Frontend, p: str) -> None:
     fn = Fn()
     fe.keyspace(f"{p}:*", handler(fn), ttl=60)
     await fe.start()
-    ways = {"MULTI": fe.in_multi, "EVAL": fe.in_eval}  # type: ignore[attr-defined]
+    ways = {"MULTI": fe.in_multi, "EVAL": fe.in_eval}
     for way in [w for w in ways if w in fe.ops]:
         key = f"{p}:{way.lower()}"
         assert await ways[way](key) == ([None] if way == "MULTI" else None), way
-        await aeventually(lambda k=key: fn.calls[k], expect=1, timeout=5, message=f"{way} computes")  # type: ignore[misc]
+        await aeventually(partial(fn.calls.get, key, 0), expect=1, timeout=5, message=f"{way} computes")
         await stored(fe, key)
         assert await fe.get(key) == f"{key}#1"
         assert fn.calls[key] == 1

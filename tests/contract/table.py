@@ -64,7 +64,9 @@ def read_table(doc: Path = DOC) -> tuple[list[str], list[Row]]:
         cells = _cells(line)
         if len(cells) != len(header):
             raise ValueError(f"row has {len(cells)} cells, the header {len(header)}: {line!r}")
-        rows.append(Row(*cells[: len(SHARED)], cells=dict(zip(columns, cells[len(SHARED) :], strict=True))))
+        row_id, situation, gets, computed = cells[: len(SHARED)]
+        own = dict(zip(columns, cells[len(SHARED) :], strict=True))
+        rows.append(Row(row_id, situation, gets, computed, cells=own))
     ids = [r.id for r in rows]
     if len(set(ids)) != len(ids):
         raise ValueError(f"row ids repeat: {ids}")

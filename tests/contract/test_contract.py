@@ -14,6 +14,7 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
+from _pytest.mark.structures import ParameterSet
 
 from .frontends import Frontend, Library, Module, PythonServer
 from .scenarios import SCENARIOS
@@ -53,7 +54,7 @@ PENDING: dict[tuple[str, str], str] = {
 _ids = itertools.count()
 
 
-def _params() -> list[object]:
+def _params() -> list[ParameterSet]:
     out = []
     for r in ROWS:
         for fe in FRONTENDS:
