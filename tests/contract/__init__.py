@@ -7,9 +7,10 @@ How to add a row:
    only where that front end differs by design (``n/a: why`` where the situation cannot arise).
 2. Write its scenario in ``scenarios.py``: ``@row("<id>")`` over an ``async def (fe, prefix)``
    that registers its keyspaces under ``prefix`` (no other test uses it), ``await fe.start()``,
-   then reads and writes through the adapter (``frontends.py``) and asserts the cells. Hold a
-   computation with ``fn.hold()`` (a ``Gate``), wait on events or ``aeventually``, never sleep
-   except for a real TTL (``elapse``).
+   then reads and writes through the adapter (``frontends.py``) and asserts the cells. Its
+   keyspace function is a ``handlers.Fn`` (runs counted per key); hold a computation with
+   ``fn.hold()`` (a ``Gate``), wait on events or ``aeventually``, never sleep except for a real
+   TTL (``elapse``).
 3. A new client operation is a method on each adapter and a name in its ``ops``.
 4. A cell that fails until a pending fix lands goes in ``test_contract.PENDING`` (strict xfail);
    any other failure is a defect to fix, not to mark.

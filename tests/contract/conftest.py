@@ -10,7 +10,9 @@ from pathlib import Path
 
 import pytest
 
-pytest.register_assert_rewrite("tests.contract.scenarios", "tests.contract.frontends")
+pytest.register_assert_rewrite(
+    "tests.contract.scenarios", "tests.contract.frontends", "tests.contract.handlers"
+)
 
 from keymiss.valkey import protocol  # noqa: E402
 from keymiss.valkey.modulepath import module_path  # noqa: E402

@@ -11,12 +11,12 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections import Counter
 from collections.abc import Awaitable, Callable
 from functools import partial
 
 from ..support import Gate, aeventually
 from .frontends import Err, Frontend, Module, Versions
+from .handlers import Fn, handler
 
 Scenario = Callable[[Frontend, str], Awaitable[None]]
 SCENARIOS: dict[str, Scenario] = {}
@@ -31,53 +31,6 @@ def row(row_id: str) -> Callable[[Scenario], Scenario]:
         return fn
 
     return register
-
-
-class Fn:
-    """A keyspace's function: counts its calls per key and answers ``<key>#<n>`` (its n-th run
-    for that key). ``hold()`` makes the following runs wait on a fresh ``Gate`` until the
-    scenario opens it; ``fail`` makes them raise; ``delay`` makes them take that long."""
-
-    def __init__(self, *, delay: float = 0.0) -> None:
-        self.calls: Counter[str] = Counter()
-        self.gate: Gate | None = None
-        self.fail = False
-        self.delay = delay
-        self.gates: list[Gate] = []
-
-    def hold(self) -> Gate:
-        self.gate = Gate()
-        self.gates.append(self.gate)
-        return self.gate
-
-    def release(self) -> None:
-        """Open every gate and hold nothing more (a scenario's end: no handler is left waiting)."""
-        self.gate = None
-        for g in self.gates:
-            g.open()
-
-    @property
-    def total(self) -> int:
-        return sum(self.calls.values())
-
-    async def __call__(self, key: str) -> str:
-        self.calls[key] += 1
-        n = self.calls[key]
-        if self.delay:
-            await asyncio.sleep(self.delay)
-        if self.gate is not None:
-            await self.gate.hold(key)
-        if self.fail:
-            raise ValueError(f"no value for {key} (run {n})")
-        return f"{key}#{n}"
-
-
-def handler(fn: Fn) -> Callable[[str], Awaitable[str]]:
-    async def compute(key: str) -> str:
-        return await fn(key)
-
-    compute.fn = fn  # type: ignore[attr-defined]
-    return compute
 
 
 async def elapse(seconds: float) -> None:
