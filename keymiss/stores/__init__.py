@@ -5,6 +5,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Any
 from urllib.parse import parse_qsl, urlsplit
 
 from keymiss.errors import ConfigError
@@ -48,19 +50,23 @@ def open_store(
     max_memory: int | str = "auto",
     eviction: str | Policy = "tinylfu",
     on_evict: EvictHook | None = None,
+    clock: Callable[[], float] | None = None,
 ) -> Store:
-    """Build a store from its URL; ``max_memory`` and ``eviction`` apply to the memory store.
+    """Build a store from its URL; ``max_memory`` and ``eviction`` apply to the memory store,
+    ``clock`` (unix seconds, for expiries) to the in-process stores.
 
     Every malformed URL is a ``ConfigError`` with one readable line, never a traceback."""
     try:
-        return _open(url, max_memory, eviction, on_evict)
+        return _open(url, max_memory, eviction, on_evict, {} if clock is None else {"clock": clock})
     except ConfigError:
         raise
     except (ValueError, TypeError) as exc:
         raise ConfigError(f"bad store URL {url!r}: {exc}") from None
 
 
-def _open(url: str, max_memory: int | str, eviction: str | Policy, on_evict: EvictHook | None) -> Store:
+def _open(
+    url: str, max_memory: int | str, eviction: str | Policy, on_evict: EvictHook | None, local: dict[str, Any]
+) -> Store:
     base, _, query = url.partition("?")
     opts = dict(parse_qsl(query, keep_blank_values=True, strict_parsing=False))
     scheme, sep, rest = base.partition(":")
@@ -70,7 +76,7 @@ def _open(url: str, max_memory: int | str, eviction: str | Policy, on_evict: Evi
         if unknown:
             raise ConfigError(f"unknown memory store option(s): {', '.join(sorted(unknown))}")
         size = parse_size(opts.get("max_memory", max_memory), what="max_memory")
-        return MemoryStore(size, eviction=opts.get("eviction", eviction), on_evict=on_evict)
+        return MemoryStore(size, eviction=opts.get("eviction", eviction), on_evict=on_evict, **local)
     if scheme == "lmdb" and sep:
         from keymiss.stores.lmdb import LMDBStore
 
@@ -86,6 +92,7 @@ def _open(url: str, max_memory: int | str, eviction: str | Policy, on_evict: Evi
             durable=_flag(opts.get("durable", "1"), "durable"),
             map_size=parse_size(opts.get("map_size", "256mb"), what="map_size"),
             on_evict=on_evict,
+            **local,
         )
     if scheme in {"redis", "rediss", "redis+cluster", "rediss+cluster", "unix"}:
         try:

@@ -241,6 +241,9 @@ class LocalStore(Store):
     """Shared code of in-process stores: synchronous primitives, async face, SCAN cursors."""
 
     local = True
+    #: the wall clock (unix seconds) expiries are set and read against; injected in tests, and
+    #: what the engine's freshness decisions read unless it was given a clock of its own
+    clock: Callable[[], float]
 
     def __init__(self, on_evict: EvictHook | None = None) -> None:
         self.on_evict = on_evict
@@ -275,13 +278,10 @@ class LocalStore(Store):
     @abc.abstractmethod
     def _len(self) -> int: ...
 
-    @abc.abstractmethod
-    def _now(self) -> float: ...
-
     def now(self) -> float:
         """The store's clock, the one its expiries are read against (injected in tests), so the
         engine's freshness decisions agree with the store's own."""
-        return self._now()
+        return self.clock()
 
     #: True where writes finish without blocking (memory; LMDB without fsync): the server then
     #: answers SET/DEL inline instead of through a task.
@@ -317,8 +317,12 @@ class LocalStore(Store):
         nx: bool = False,
         xx: bool = False,
         keep_ttl: bool = False,
+        version: bytes | None = None,
     ) -> bool:
-        result: list[bool] = self._write_now(self._set, [Write(key, value, codec, ttl)], nx, xx, keep_ttl)
+        """``set`` on this thread; ``version``: the tag of the keyspace version that computed the
+        value, kept beside it (a copy of a computed value, as the near cache holds)."""
+        write = Write(key, value, codec, ttl, version=version)
+        result: list[bool] = self._write_now(self._set, [write], nx, xx, keep_ttl)
         return result[0]
 
     def delete_now(self, keys: Iterable[str]) -> int:
@@ -352,7 +356,7 @@ class LocalStore(Store):
             return PTTL_MISSING
         if item.expires_at is None:
             return PTTL_PERSISTENT
-        return max(0, round((item.expires_at - self._now()) * 1000))
+        return max(0, round((item.expires_at - self.clock()) * 1000))
 
     # --- the async contract ---------------------------------------------------------------------
     async def get(self, key: str) -> Item | None:
@@ -395,7 +399,7 @@ class LocalStore(Store):
     async def expire(self, key: str, ttl: float | None) -> bool:
         if ttl is not None and ttl <= 0:
             return bool(await self.delete([key]))
-        expires_at = None if ttl is None else self._now() + ttl
+        expires_at = None if ttl is None else self.clock() + ttl
         result: bool = await self._write(self._set_expiry, key, expires_at)
         return result
 

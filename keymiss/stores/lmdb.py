@@ -71,7 +71,7 @@ class LMDBStore(LocalStore):
         self.max_disk = max_disk
         self.durable = durable
         self.corrupt = 0
-        self._clock = clock
+        self.clock = clock
         os.makedirs(path, exist_ok=True)
         if max_disk is not None:
             map_size = min(map_size, max_disk)
@@ -152,10 +152,10 @@ class LMDBStore(LocalStore):
 
     def get_now(self, key: str) -> Item | None:
         kb = encode_key(key)
-        return self._live(key, kb, self._read(lambda txn: txn.get(self.db_key(kb))), self._clock())
+        return self._live(key, kb, self._read(lambda txn: txn.get(self.db_key(kb))), self.clock())
 
     async def get_many(self, keys: Sequence[str]) -> list[Item | None]:
-        now = self._clock()
+        now = self.clock()
         raws = self._read(
             lambda txn: [(k, kb, txn.get(self.db_key(kb))) for k in keys for kb in (encode_key(k),)]
         )
@@ -252,7 +252,7 @@ class LMDBStore(LocalStore):
         return self.max_disk is None or len(encode_key(key)) + size <= self.max_disk // 2
 
     def _set(self, writes: Sequence[Write], nx: bool, xx: bool, keep_ttl: bool) -> list[bool]:
-        now = self._clock()
+        now = self.clock()
         results: list[bool] = []
         seq = self._seq
         with self._env.begin(write=True, db=self._data) as txn:
@@ -288,7 +288,7 @@ class LMDBStore(LocalStore):
 
     def _delete(self, keys: Iterable[str]) -> int:
         n = 0
-        now = self._clock()
+        now = self.clock()
         with self._env.begin(write=True, db=self._data) as txn:
             for key in keys:
                 kb = encode_key(key)
@@ -305,7 +305,7 @@ class LMDBStore(LocalStore):
         return n
 
     def _set_expiry(self, key: str, expires_at: float | None) -> bool:
-        now = self._clock()
+        now = self.clock()
         with self._env.begin(write=True, db=self._data) as txn:
             kb = encode_key(key)
             dbk = self.db_key(kb)
@@ -318,7 +318,7 @@ class LMDBStore(LocalStore):
         return True
 
     def _sweep(self, limit: int) -> int:
-        now_ms = self._clock() * 1000
+        now_ms = self.clock() * 1000
         n = 0
         noted, self._expired_seen = self._expired_seen, set()
         with self._env.begin(write=True, db=self._data) as txn:
@@ -380,7 +380,7 @@ class LMDBStore(LocalStore):
         """By insertion order (the order index): a rewritten key gets a later sequence number, so a
         key present for the whole scan is met at least once; the cursor is the next number."""
         keys: list[str] = []
-        now = self._clock()
+        now = self.clock()
         nxt = 0
         with self._resize_lock, self._env.begin(db=self._order) as txn:
             cur = txn.cursor(db=self._order)
@@ -399,15 +399,12 @@ class LMDBStore(LocalStore):
                 found = cur.next()
         return keys, (nxt if found else 0)
 
-    def _now(self) -> float:
-        return self._clock()
-
     def _scan_start(self) -> Any:
         return b""
 
     def _scan_step(self, state: Any, count: int) -> tuple[list[str], Any, bool]:
         keys: list[str] = []
-        now = self._clock()
+        now = self.clock()
         last = state
         with self._resize_lock, self._env.begin(db=self._data) as txn:
             cur = txn.cursor()

@@ -58,7 +58,7 @@ class MemoryStore(LocalStore):
         self._bytes = 0
         self._pinned_bytes = 0
         self._pinned_keys = 0
-        self._clock = clock
+        self.clock = clock
         self._expiry: list[tuple[float, str]] = []  # heap; stale rows are skipped
         self._index = ScanIndex()  # SCAN's stateless cursors, over every key but keymiss's records
 
@@ -68,7 +68,7 @@ class MemoryStore(LocalStore):
         if item is None:
             self._miss(key)
             return None
-        if item.expires_at is not None and item.expires_at <= self._clock():
+        if item.expires_at is not None and item.expires_at <= self.clock():
             self._remove(key)
             self.expired += 1
             return None
@@ -80,7 +80,7 @@ class MemoryStore(LocalStore):
 
     # --- writes -----------------------------------------------------------------------------------
     def _set(self, writes: Sequence[Write], nx: bool, xx: bool, keep_ttl: bool) -> list[bool]:
-        now = self._clock()
+        now = self.clock()
         return [self._set_one(w, nx or w.nx, xx, keep_ttl, now) for w in writes]
 
     def _set_one(self, w: Write, nx: bool, xx: bool, keep_ttl: bool, now: float) -> bool:
@@ -158,7 +158,7 @@ class MemoryStore(LocalStore):
         return True
 
     async def sweep(self, limit: int = 1000) -> int:
-        now = self._clock()
+        now = self.clock()
         heap, n = self._expiry, 0
         while heap and heap[0][0] <= now and n < limit:
             _, key = heapq.heappop(heap)
@@ -193,11 +193,8 @@ class MemoryStore(LocalStore):
     def _len(self) -> int:
         return len(self._data) - self._pinned_keys
 
-    def _now(self) -> float:
-        return self._clock()
-
     def _scan_from(self, cursor: int, count: int) -> tuple[list[str], int]:
-        data, now = self._data, self._clock()
+        data, now = self._data, self.clock()
 
         def alive(key: str) -> bool:  # no policy touch: a SCAN is not a use of the key
             item = data.get(key)
