@@ -10,14 +10,23 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import math
-import random
+import random as _random
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from typing import Any
 
-from keymiss import codecs
 from keymiss.engine.compute import Computed, ComputeEngine
+from keymiss.engine.freshness import (
+    EARLY,
+    FILL,
+    HIDE,
+    SERVE,
+    STALE,
+    VERSION_STALE,
+    Decision,
+    decide,
+    needs_expiry,
+)
 from keymiss.engine.keyapi import KeyCommands, Read, ReadMany, Results
 from keymiss.engine.writeback import WriteBack
 from keymiss.errors import KeymissError, StoreError
@@ -27,8 +36,6 @@ from keymiss.stores import Item, LocalStore, SharedStore, Store, open_store
 from keymiss.stores.eviction import Policy
 
 log = logging.getLogger("keymiss")
-
-_TEXT = int(codecs.Codec.TEXT)
 
 
 class Keymiss(KeyCommands):
@@ -40,6 +47,12 @@ class Keymiss(KeyCommands):
     keyspace may use (``KeyspaceOptions.concurrency`` overrides it per keyspace); ``error_detail``
     chooses what clients see of a handler's exception: ``"message"`` (type and message) or
     ``"type"``.
+
+    ``clock`` (a callable returning unix seconds) is what freshness is decided on — the stale
+    window, XFetch — and what the in-process stores keymiss opens keep expiries by; refresh
+    backoff runs on it too. Left out, a store given as an instance lends its own clock (the
+    monotonic clock times backoff), and an opened one runs on ``time.time``. ``random`` draws
+    XFetch's uniform number in [0, 1). Both are there so tests run freshness in virtual time.
     """
 
     def __init__(
@@ -52,6 +65,8 @@ class Keymiss(KeyCommands):
         workers: int | None = None,
         sweep_interval: float = 1.0,
         error_detail: str = "message",
+        clock: Callable[[], float] | None = None,
+        random: Callable[[], float] = _random.random,
     ) -> None:
         KeyspaceOptions(error_detail=error_detail)  # validates it
         self.registry = Registry()
@@ -61,8 +76,15 @@ class Keymiss(KeyCommands):
         self._store_spec: str | Store = store
         self._max_memory = max_memory
         self._eviction = eviction
-        self._store: Store | None = store if isinstance(store, Store) else None
-        self.writeback = WriteBack(self.engine, lambda: self.store)
+        self._given_clock = clock
+        self._clock: Callable[[], float] = clock or time.time  # settled when the store opens
+        self._draw = random
+        self._begun = 0  # fills begun by reads, ever
+        self._store: Store | None = None
+        self._local: LocalStore | None = None  # the store, when it is an in-process one
+        if isinstance(store, Store):
+            self._adopt(store)
+        self.writeback = WriteBack(self.engine, lambda: self.store, clock or time.monotonic)
         self._sweep_interval = sweep_interval
         self._sweeper: asyncio.Task[None] | None = None
         self._closed = False
@@ -70,8 +92,8 @@ class Keymiss(KeyCommands):
         self._started = False
         #: services an app attaches to the engine (the QA keyspace keeps its reader here)
         self.extensions: dict[str, Any] = {}
-        self.hits = 0
-        self.misses = 0
+        self.unowned_hits = 0
+        self.unowned_misses = 0
         self.decode_failures = 0
         #: handler threads left running when the engine closed (shutdown reports them)
         self.abandoned_handlers = 0
@@ -99,7 +121,8 @@ class Keymiss(KeyCommands):
             raise KeymissError("the store is already open; configure it before the first request")
         if store is not None:
             self._store_spec = store
-            self._store = store if isinstance(store, Store) else None
+            if isinstance(store, Store):
+                self._adopt(store)
         if max_memory is not None:
             self._max_memory = max_memory
         if eviction is not None:
@@ -133,12 +156,27 @@ class Keymiss(KeyCommands):
                 raise StoreError("keymiss is closed")
             spec = self._store_spec
             if isinstance(spec, Store):
-                self._store = spec
+                self._adopt(spec)
             else:
-                self._store = open_store(
-                    spec, max_memory=self._max_memory, eviction=self._eviction, on_evict=self._evicted
+                self._adopt(
+                    open_store(
+                        spec,
+                        max_memory=self._max_memory,
+                        eviction=self._eviction,
+                        on_evict=self._evicted,
+                        clock=self._given_clock,
+                    )
                 )
+        assert self._store is not None
         return self._store
+
+    def _adopt(self, store: Store) -> None:
+        """Take ``store`` as the store: reads of an in-process one take its synchronous path, and
+        freshness is decided on its clock unless keymiss was given one."""
+        self._store = store
+        self._local = store if isinstance(store, LocalStore) else None
+        if self._given_clock is None:
+            self._clock = store.clock if isinstance(store, LocalStore) else time.time
 
     def on_start(self, hook: Callable[[Keymiss], Any]) -> None:
         """Run ``await hook(km)`` once when the engine starts (after a server applied its store
@@ -220,228 +258,145 @@ class Keymiss(KeyCommands):
                 failing = ""
 
     # --- the read path -----------------------------------------------------------------------------
+    # Every read, of one key or many, over any store, takes the same steps: route each key once,
+    # look it up once, ``decide`` (keymiss.engine.freshness: the read contract) and ``_settle``
+    # the decision — where reads are counted and refreshes and fills begin. ``read_many`` over an
+    # in-process store is ``read`` for each key; over a shared one, one round trip for every key,
+    # then each key decided and settled as ``read`` would.
     def read(self, key: str) -> Read:
         """The one read entry point: the stored item (a hit, ready), ``None`` (a miss no keyspace
         owns, ready), or an awaitable that computes, stores and returns the item. Errors — a key
         that does not fit its template among them — are raised by the awaitable. A miss is begun
         here, synchronously, so a client's write from this moment on wins over its value."""
-        store = self._store or self.store
-        if store.local:
-            item: Item | None = store.get_now(key)  # type: ignore[attr-defined]
-            ks = self.registry.route(key)
-            if (
-                item is not None
-                and ks is not None
-                and ks.version is not None
-                and not self._serves(ks, item, key)
-            ):
-                item = None  # computed under another version: a miss, and its fill replaces it
-            if item is not None:
-                self.hits += 1
-                if ks is not None:
-                    ks.stats.hits += 1
-                    if (ks.early_refresh is not None or ks.stale) and item.expires_at is not None:
-                        self._maybe_refresh(key, ks, item, store)
-                return item
-            self.misses += 1
-            if ks is None:
-                return None
-            ks.stats.misses += 1
-            if self._started and not self._closed:
-                return self.writeback.begin(key, ks)  # watched from now: a client's write wins
-            return self._fill(key, ks)
-        if isinstance(store, SharedStore):
-            near = store.get_cached(key)
-            if near is not None:
-                ks = self.registry.route(key)
-                if ks is not None and (ks.stale or ks.early_refresh is not None):
-                    pass  # its freshness is decided on the store's own expiry, read below
-                elif ks is None or ks.version is None or near.version is None or self._serves(ks, near, key):
-                    self._count_hit(key)
-                    return near
-        return self._read_shared(key)
-
-    def _serves(self, ks: Keyspace, item: Item, key: str) -> bool:
-        """Whether ``item`` may be served under ``ks``'s current version (counted when not). A
-        value of the version just replaced is served inside ``version_stale``, while one refresh
-        recomputes it. A version callable that fails serves nothing: the fill reports its error."""
-        try:
-            if ks.serves(item.version):
-                return True
-            if ks.serves_previous(item.version):
-                ks.stats.version_stale_hits += 1
-                if self._started and not self._closed:
-                    self.writeback.refresh(key, ks, stale=True, seen=item)
-                return True
-        except Exception:
-            log.exception("keyspace %r: its version callable failed", ks.pattern)
-        ks.stats.version_misses += 1
-        return False
-
-    def _serves_quietly(self, ks: Keyspace, item: Item) -> bool:
-        try:
-            return ks.serves(item.version) or ks.serves_previous(item.version)
-        except Exception:
-            return False
-
-    def _maybe_refresh(self, key: str, ks: Keyspace, item: Item, store: Store) -> None:
-        """Stale-while-revalidate (RFC 5861): a value past its TTL but inside ``stale`` is served
-        while one refresh runs. XFetch (Vattani, Chierichetti, Lowenstein, VLDB 2015): before the
-        TTL, recompute early with a probability that grows as expiry nears, scaled by how long the
-        keyspace takes to compute, so a hot key is refreshed once before it expires."""
-        if not self._started or self._closed or item.expires_at is None:
-            return
-        now = store.now() if isinstance(store, LocalStore) else time.time()
-        remaining = item.expires_at - now - (ks.stale or 0.0)  # to the end of the TTL
-        if ks.stale and remaining <= 0:  # past its TTL, in the stale window: served, and refreshed
-            ks.stats.stale_hits += 1
-            self.writeback.refresh(key, ks, stale=True, seen=item)
-            return
-        delta = ks.stats.mean_call_seconds
-        if ks.early_refresh is None or delta <= 0:
-            return
-        if ks.ttl is not None and remaining > ks.ttl / 2:
-            return  # not in the first half of a value's life: at most two computations per TTL
-        assert ks.early_refresh is not None
-        if -delta * ks.early_refresh * math.log(1.0 - random.random()) >= remaining:
-            self.writeback.refresh(key, ks, seen=item)
+        ks = self.registry.route(key)
+        local = self._local or self._open_local()
+        if local is not None:
+            item = local.get_now(key)
+        else:
+            item = self._near(key, ks)
+            if item is None:
+                return self._read_shared(key, ks)
+        decision = decide(ks, item, self._clock, self._draw)
+        if decision is SERVE and ks is not None:  # the hit path, kept to one call: ``_settle``'s
+            ks.stats.hits += 1  # first case, inlined
+            return item
+        return self._settle(key, ks, item, decision)
 
     def read_many(self, keys: Sequence[str]) -> ReadMany:
         """``read`` for several keys, in order, with each key's error in its place. Ready when every
-        key is a hit or owned by no keyspace; otherwise one awaitable for all of them."""
-        store = self._store or self.store
-        if not store.local:
-            return self._read_many_shared(keys)
-        get_now = store.get_now  # type: ignore[attr-defined]
-        found: Results = [get_now(k) for k in keys]
-        pending = self._tally(keys, found)
-        if not pending:
-            return found
-        if self._started and not self._closed:  # begun now, so client writes from now on win
-            return self._gather(found, [(i, self.writeback.begin(keys[i], ks)) for i, ks in pending])
-        return self._fill_many(keys, found, pending)
-
-    async def _gather(self, found: Results, fills: list[tuple[int, asyncio.Future[Item]]]) -> Results:
-        results = await asyncio.gather(*(f for _, f in fills), return_exceptions=True)
-        for (i, _), result in zip(fills, results, strict=True):
-            found[i] = result
-        return found
-
-    async def _fill_many(
-        self, keys: Sequence[str], found: Results, pending: list[tuple[int, Keyspace]]
-    ) -> Results:
-        if not self._started and not self._closed:
-            await self.start()
-        results = await asyncio.gather(
-            *(self._fill(keys[i], ks) for i, ks in pending), return_exceptions=True
-        )
-        for (i, _), result in zip(pending, results, strict=True):
-            found[i] = result
-        return found
-
-    async def _read_shared(self, key: str) -> Item | None:
-        store = self.store
-        ks = self.registry.route(key)
-        if ks is None:
-            item = await store.get(key)
-            if item is None and isinstance(store, SharedStore):
-                item = await store.get_strict(key)  # nil, or WRONGTYPE for a key of another type
-            if item is not None:
-                self._count_hit(key)
-            else:
-                self.misses += 1
-            return item
-        fresh = (bool(ks.stale) or ks.early_refresh is not None) and isinstance(store, SharedStore)
-        # with the value's expiry where freshness is decided on it (a PTTL in the same round trip)
-        if fresh and isinstance(store, SharedStore):
-            item = (await store.get_expiring([key]))[0]
-        else:
-            item = await store.get(key)
-        if item is not None and ks.version is not None and not self._serves(ks, item, key):
-            await self._discard({key: item})
-            item = None
-        if item is not None:
-            self._count_hit(key)
-            if fresh and item.expires_at is not None:
-                self._maybe_refresh(key, ks, item, store)
-            return item
-        self.misses += 1
-        ks.stats.misses += 1
-        return await self._fill(key, ks)
-
-    async def _discard(self, hidden: dict[str, Item]) -> None:
-        """Delete values computed under another version from a shared store, each only while it is
-        still the value read (a client's write since stays), so the fill's NX write can land."""
-        store = self.store
-        if isinstance(store, SharedStore):
-            await store.discard_unchanged(hidden)
-
-    async def _read_many_shared(self, keys: Sequence[str]) -> Results:
-        store = self.store
-        fresh = [ks for ks in map(self.registry.route, keys) if ks and (ks.stale or ks.early_refresh)]
-        if fresh and isinstance(store, SharedStore):
-            found: Results = list(await store.get_expiring(keys))
-            for key, item in zip(keys, found, strict=True):
-                ks = self.registry.route(key)
-                if (
-                    ks in fresh
-                    and isinstance(item, Item)
-                    and item.expires_at is not None
-                    and (ks.version is None or self._serves_quietly(ks, item))
-                ):
-                    self._maybe_refresh(key, ks, item, store)
-        else:
-            found = list(await store.get_many(keys))
-        hidden: dict[str, Item] = {}
-        pending = self._tally(keys, found, hidden)
-        if hidden:
-            await self._discard(hidden)
-        if pending:
-            await self._fill_many(keys, found, pending)
-        return found
-
-    def _tally(
-        self, keys: Sequence[str], found: Results, hidden: dict[str, Item] | None = None
-    ) -> list[tuple[int, Keyspace]]:
-        """Count the hits and misses of a multi-key lookup; the misses a keyspace must fill. Values
-        computed under another version become misses (kept in ``hidden``, when given)."""
+        key is served or owned by no keyspace; otherwise one awaitable for all of them."""
+        if (self._local or self._open_local()) is not None:
+            read, begun = self.read, self._begun
+            results: list[Any] = [read(k) for k in keys]
+            return results if self._begun == begun else self._ready(results)
         route = self.registry.route
-        pending: list[tuple[int, Keyspace]] = []
-        for i, (key, item) in enumerate(zip(keys, found, strict=True)):
-            ks = route(key)
-            if (
-                isinstance(item, Item)
-                and ks is not None
-                and ks.version is not None
-                and not self._serves(ks, item, key)
-            ):
-                if hidden is not None:
-                    hidden[key] = item
-                item = found[i] = None  # computed under another version: a miss
-            if item is not None:
-                self.hits += 1
-                if ks is not None:
-                    ks.stats.hits += 1
-                continue
-            self.misses += 1
-            if ks is not None:
-                ks.stats.misses += 1
-                pending.append((i, ks))
-        return pending
+        spaces = [route(k) for k in keys]
+        found = [self._near(k, ks) for k, ks in zip(keys, spaces, strict=True)]
+        if None in found:  # one round trip for the keys not held near
+            return self._read_many_shared(keys, spaces, found)
+        decided = self._decided
+        return self._ready([decided(k, ks, item) for k, ks, item in zip(keys, spaces, found, strict=True)])
 
-    def _count_hit(self, key: str) -> None:
-        self.hits += 1
-        ks = self.registry.route(key)
-        if ks is not None:
-            ks.stats.hits += 1
+    def _open_local(self) -> LocalStore | None:
+        """The in-process store, opening the store on the first read; ``None`` for a shared one."""
+        if self._store is None:
+            _ = self.store  # opens it, and with it ``_local``
+        return self._local
+
+    def _near(self, key: str, ks: Keyspace | None) -> Item | None:
+        """A shared store's copy held in process (the near cache), where the decision does not
+        need the value's own expiry."""
+        return None if needs_expiry(ks) else self.store.get_cached(key)  # type: ignore[attr-defined]
+
+    async def _read_shared(self, key: str, ks: Keyspace | None) -> Item | None:
+        (item,) = await self._fetch([key], [ks], strict=ks is None)
+        result = self._decided(key, ks, item)
+        return result if result is None or type(result) is Item else await result  # type: ignore[misc]
+
+    async def _read_many_shared(
+        self, keys: Sequence[str], spaces: list[Keyspace | None], found: list[Item | None]
+    ) -> Results:
+        missing = [i for i, item in enumerate(found) if item is None]
+        fetched = await self._fetch([keys[i] for i in missing], [spaces[i] for i in missing])
+        for i, item in zip(missing, fetched, strict=True):
+            found[i] = item
+        decided = self._decided
+        result = self._ready([decided(k, ks, item) for k, ks, item in zip(keys, spaces, found, strict=True)])
+        return result if isinstance(result, list) else await result
+
+    async def _fetch(
+        self, keys: Sequence[str], spaces: Sequence[Keyspace | None], strict: bool = False
+    ) -> list[Item | None]:
+        """Look keys up in a shared store in one round trip: with their expiry where a decision
+        reads it. ``strict`` (one key, as GET): a key of another type is WRONGTYPE, not nil."""
+        store = self.store
+        if not isinstance(store, SharedStore):  # a Store that is neither: its plain contract
+            return list(await store.get_many(keys))
+        if any(map(needs_expiry, spaces)):
+            return await store.get_expiring(keys, strict=strict)
+        found = await store.get_many(keys)
+        if strict and found[0] is None:
+            return [await store.get_strict(keys[0])]  # nil, or WRONGTYPE for a key of another type
+        return list(found)
+
+    def _ready(self, results: list[Any]) -> ReadMany:
+        """Per-key results as one answer: ready if no key waits for a fill, else one awaitable."""
+        pending = [i for i, r in enumerate(results) if r is not None and type(r) is not Item]
+        return self._gather(results, pending) if pending else results
+
+    async def _gather(self, results: list[Any], pending: list[int]) -> Results:
+        done = await asyncio.gather(*(results[i] for i in pending), return_exceptions=True)
+        for i, result in zip(pending, done, strict=True):
+            results[i] = result
+        return results
+
+    def _decided(self, key: str, ks: Keyspace | None, item: Item | None) -> Item | Awaitable[Item] | None:
+        return self._settle(key, ks, item, decide(ks, item, self._clock, self._draw))
+
+    def _settle(
+        self, key: str, ks: Keyspace | None, item: Item | None, decision: Decision
+    ) -> Item | Awaitable[Item] | None:
+        """Carry out ``decision`` for one key: count it (the one place reads are counted; ``read``
+        inlines the first case), start the refresh or the fill it calls for, and return what the
+        reader gets — the item, ``None`` (nil), or an awaitable of the filled item."""
+        if decision is SERVE:
+            if ks is not None:
+                ks.stats.hits += 1
+            else:
+                self.unowned_hits += 1
+            return item
+        if ks is None:  # NIL: no keyspace owns the key
+            self.unowned_misses += 1
+            return None
+        stats = ks.stats
+        if decision is FILL or decision is HIDE:
+            stats.misses += 1
+            if decision is HIDE:
+                stats.version_misses += 1
+                return self._begin(key, ks, item)
+            return self._begin(key, ks, None)
+        stats.hits += 1  # served while one refresh recomputes it
+        if decision is STALE:
+            stats.stale_hits += 1
+        elif decision is VERSION_STALE:
+            stats.version_stale_hits += 1
+        if self._started and not self._closed:
+            self.writeback.refresh(key, ks, stale=decision is not EARLY, seen=item)
+        return item
+
+    def _begin(self, key: str, ks: Keyspace, hidden: Item | None) -> Awaitable[Item]:
+        self._begun += 1  # (``read_many`` looks for awaitables only where fills began)
+        if self._started and not self._closed:
+            return self.writeback.begin(key, ks, hidden)  # watched from now: a client's write wins
+        return self._fill(key, ks, hidden)
 
     # --- write-back --------------------------------------------------------------------------------
-    async def _fill(self, key: str, ks: Keyspace) -> Item:
+    async def _fill(self, key: str, ks: Keyspace, hidden: Item | None = None) -> Item:
         if self._closed:
             raise StoreError("keymiss is closed")
         if not self._started:
             await self.start()
-        return await self.writeback.fill(key, ks)
+        return await self.writeback.fill(key, ks, hidden)
 
     def written(self, keys: Iterable[str] | None = None) -> None:
         """Tell the write-back that a client is writing or deleting ``keys`` (all keys: ``None``):

@@ -40,8 +40,9 @@ class KeyCommands:
     engine: ComputeEngine
     writeback: WriteBack
     decode_failures: int
-    hits: int
-    misses: int
+    #: reads of keys no keyspace owns: found (hits) and not (misses); a keyspace counts its own
+    unowned_hits: int
+    unowned_misses: int
 
     # what ``Keymiss`` provides (a plain base, not an ABC: ``Keymiss`` keeps the plain metaclass)
     @property
@@ -104,6 +105,17 @@ class KeyCommands:
         return ks
 
     # --- introspection -----------------------------------------------------------------------------
+    @property
+    def hits(self) -> int:
+        """Reads answered from a stored value: each keyspace's (``stats.hits``, counted once, where
+        the read is decided) and those of keys no keyspace owns."""
+        return self.unowned_hits + sum(ks.stats.hits for ks in self.registry.keyspaces)
+
+    @property
+    def misses(self) -> int:
+        """Reads that found no value to serve (absent, or of another version)."""
+        return self.unowned_misses + sum(ks.stats.misses for ks in self.registry.keyspaces)
+
     def stats(self) -> dict[str, Any]:
         """Engine counters, per-keyspace counters and the store's own numbers."""
         return {

@@ -10,11 +10,13 @@ durable LMDB.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import functools
 import time
 from collections.abc import Callable, Iterable
 
 from keymiss.engine.compute import Computed, ComputeEngine
+from keymiss.engine.freshness import RefreshBackoff, outdated, refreshed_since, stored_ttl
 from keymiss.engine.singleflight import SingleFlight
 from keymiss.errors import ComputeTimeoutError, KeymissError, StoreError
 from keymiss.keyspace import DEFAULT_TIMEOUT, Keyspace
@@ -24,7 +26,9 @@ from keymiss.stores import Item, LocalStore, SharedStore, Store, Write
 class WriteBack:
     """Fills missing keys into a store with values from a ``ComputeEngine``."""
 
-    def __init__(self, engine: ComputeEngine, store: Callable[[], Store]) -> None:
+    def __init__(
+        self, engine: ComputeEngine, store: Callable[[], Store], clock: Callable[[], float] = time.monotonic
+    ) -> None:
         self.engine = engine
         self._store = store  # opened lazily by the owner
         self._fills = SingleFlight()
@@ -34,7 +38,8 @@ class WriteBack:
         self._superseded: set[str] = set()
         self._pending: list[tuple[Write, asyncio.Future[bool | None]]] = []
         self._writers: set[asyncio.Task[None]] = set()
-        self._retry: dict[str, tuple[float, float]] = {}  # key -> (next refresh allowed, backoff)
+        #: when a key whose refresh failed may be refreshed again
+        self.backoff = RefreshBackoff(clock)
 
     def watch(self, key: str) -> None:
         """From now on, a client's write to ``key`` supersedes any fill of it until ``unwatch``."""
@@ -48,13 +53,15 @@ class WriteBack:
             self._watch.pop(key, None)
             self._superseded.discard(key)
 
-    def begin(self, key: str, ks: Keyspace) -> asyncio.Future[Item]:
+    def begin(self, key: str, ks: Keyspace, hidden: Item | None = None) -> asyncio.Future[Item]:
         """Join or start the fill of ``key`` (owned by ``ks``), synchronously: it is watched from
-        this moment, so a client's write that lands before its task first runs still wins."""
+        this moment, so a client's write that lands before its task first runs still wins.
+        ``hidden``: the value of another version the read found, which a shared store drops (while
+        it is still the one stored) so that the fill's only-if-absent write can land."""
         fut = self._fills.get(key)
         if fut is None:
             self.watch(key)
-            fut = self._fills.start(key, functools.partial(self._compute_and_store, key, ks))
+            fut = self._fills.start(key, functools.partial(self._compute_and_store, key, ks, hidden))
             fut.add_done_callback(functools.partial(self.unwatch, key))
         else:
             ks.stats.coalesced += 1
@@ -66,11 +73,7 @@ class WriteBack:
         refresh failed too recently (the wait doubles, 1 s to 60 s). Readers who find the key gone
         meanwhile join this computation; a client's write meanwhile still wins. ``seen``: the value
         the read found, so a node that gets the lease after another refreshed it computes nothing."""
-        if self._fills.get(key) is not None:
-            return
-        now = time.monotonic()
-        retry = self._retry.get(key)
-        if retry is not None and now < retry[0]:
+        if self._fills.get(key) is not None or not self.backoff.allows(key):
             return
         if not stale:
             ks.stats.early_refreshes += 1
@@ -90,24 +93,21 @@ class WriteBack:
         async with store.lease(key) as held:
             if held:
                 now = (await store.get_expiring([key]))[0] if seen is not None else None
-                if seen is not None and now is not None and _refreshed_since(seen, now, ks):
+                if seen is not None and now is not None and refreshed_since(seen, now, ks):
                     return now
                 return await self._compute_here(key, ks, overwrite=True)
         return await self._compute_and_store(key, ks)
 
     def _refreshed(self, key: str, ks: Keyspace, fut: asyncio.Future[Item]) -> None:
         if fut.cancelled() or fut.exception() is None:  # the failure itself was logged where it ran
-            self._retry.pop(key, None)
+            self.backoff.succeeded(key)
             return
         ks.stats.refresh_failures += 1
-        wait = min(60.0, 2 * self._retry[key][1]) if key in self._retry else 1.0
-        self._retry[key] = (time.monotonic() + wait, wait)
-        while len(self._retry) > 10_000:  # bounded: the oldest backoffs go first
-            self._retry.pop(next(iter(self._retry)))
+        self.backoff.failed(key)
 
-    async def fill(self, key: str, ks: Keyspace) -> Item:
+    async def fill(self, key: str, ks: Keyspace, hidden: Item | None = None) -> Item:
         """``begin``, then the item once it is stored."""
-        return await self.begin(key, ks)
+        return await self.begin(key, ks, hidden)
 
     def supersede(self, keys: Iterable[str] | None = None) -> None:
         """A client is writing (or deleting) ``keys`` — every key when ``None`` (FLUSHDB): a fill
@@ -141,10 +141,10 @@ class WriteBack:
     def cancel_all(self) -> None:
         self._fills.cancel_all()
 
-    async def _compute_and_store(self, key: str, ks: Keyspace) -> Item:
+    async def _compute_and_store(self, key: str, ks: Keyspace, hidden: Item | None = None) -> Item:
         store = self._store()
         if not isinstance(store, SharedStore):
-            return await self._compute_here(key, ks)
+            return await self._compute_here(key, ks)  # an NX write replaces another version's value
         computed_here = False
 
         async def compute() -> Item:
@@ -152,10 +152,20 @@ class WriteBack:
             computed_here = True
             return await self._compute_here(key, ks)
 
-        try:
-            item = await store.flight(key, compute, ks.timeout or DEFAULT_TIMEOUT)
-        except ComputeTimeoutError as exc:
-            raise ComputeTimeoutError(f"keyspace {ks.pattern!r}: {exc}", keyspace=ks.pattern) from None
+        for _ in range(2):
+            if hidden is not None:
+                await store.discard_unchanged({key: hidden})
+            try:
+                item = await store.flight(key, compute, ks.timeout or DEFAULT_TIMEOUT)
+            except ComputeTimeoutError as exc:
+                raise ComputeTimeoutError(f"keyspace {ks.pattern!r}: {exc}", keyspace=ks.pattern) from None
+            if computed_here or not outdated(ks, item):
+                break
+            # what the lease's holder found stored is of another version (dropped meanwhile
+            # elsewhere, or never): not another node's result, so drop it and fill once more
+            hidden = item
+        else:
+            return await self._compute_here(key, ks, overwrite=True)
         if not computed_here:
             ks.stats.coalesced += 1  # another node computed it
         return item
@@ -195,9 +205,8 @@ class WriteBack:
         loop = asyncio.get_running_loop()
         fut: asyncio.Future[bool | None] = loop.create_future()
         write = computed.write(nx=nx)
-        if ks.stale and write.ttl is not None:
-            # kept past its TTL for the stale window: the engine serves it as stale, refreshing
-            write = Write(write.key, write.value, write.codec, write.ttl + ks.stale, write.cost, write.nx)
+        if ks.stale:  # kept past its TTL for the stale window: served as stale, refreshing
+            write = dataclasses.replace(write, ttl=stored_ttl(ks, write.ttl))
         self._pending.append((write, fut))
         if len(self._pending) == 1:  # the flush runs after this loop turn's other puts
             task = loop.create_task(self._flush())
@@ -235,16 +244,3 @@ class WriteBack:
         for (_, fut), ok in zip(batch, stored, strict=True):
             if not fut.done():
                 fut.set_result(ok)
-
-
-def _refreshed_since(seen: Item, now: Item, ks: Keyspace) -> bool:
-    """Whether the value stored ``now`` is another node's refresh of the one ``seen``: computed
-    under the current version where ``seen`` was not, or kept for a new lifetime (a refresh lands
-    at least half a TTL after the value it replaces was written)."""
-    if now.version is None or not ks.serves(now.version):
-        return now.version is None and seen.version is not None  # a client's write since
-    if seen.version != now.version:
-        return True
-    if ks.ttl is None or seen.expires_at is None or now.expires_at is None:
-        return False
-    return now.expires_at - seen.expires_at > ks.ttl / 4
