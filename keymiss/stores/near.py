@@ -144,7 +144,9 @@ class NearCacheStore(SharedStore):
             log.warning("could not announce %d changed key(s): %s", len(keys), exc)
 
     def get_cached(self, key: str) -> Item | None:
-        """The near copy alone, synchronously: lets the server answer hot hits without a task."""
+        """The near copy alone, synchronously: lets the server answer hot hits without a task. Its
+        ``expires_at`` is the copy's own (at most ``ttl`` away), not the value's: freshness that
+        reads a value's expiry is decided on ``get_expiring``."""
         item = self.near.get_now(key)
         if item is not None:
             self.near_hits += 1
@@ -167,12 +169,22 @@ class NearCacheStore(SharedStore):
         return out
 
     def _keep(self, key: str, item: Item) -> None:
-        """Hold a copy for at most ``ttl`` seconds, and never past the value's own expiry."""
+        """Hold a copy for at most ``ttl`` seconds, and never past the value's own expiry. The copy
+        keeps the value's version tag: without it, a value computed under a replaced version would
+        read as a client's write, served under every version."""
         ttl = self.ttl
         if item.expires_at is not None:
             ttl = min(ttl, item.expires_at - time.time())
         if ttl > 0:
-            self.near.set_now(key, item.value, codec=item.codec, ttl=ttl)
+            self.near.set_now(key, item.value, codec=item.codec, ttl=ttl, version=item.version)
+
+    async def discard_unchanged(self, items: dict[str, Item]) -> None:
+        """The shared store's, then every node's copies go: a value hidden for its version must
+        not come back from a near copy once its replacement is being computed."""
+        try:
+            await self.shared.discard_unchanged(items)
+        finally:
+            await self._announce(items)
 
     async def set(self, key: str, value: bytes, **kwargs: Any) -> bool:
         ok = await self.shared.set(key, value, **kwargs)

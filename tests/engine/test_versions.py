@@ -346,3 +346,54 @@ async def test_only_the_version_just_replaced_is_served_in_version_stale() -> No
         versions.current = "v3"  # a second switch before answer:1 was read again
         assert await km.get("answer:1") == "answer:1 by v3"  # v1 is two versions back: a miss
         assert await km.get("answer:2") == "answer:2 by v2"  # v2, just replaced: served, refreshed
+
+
+@pytest.mark.skipif(not HAVE_REDIS, reason="redis-server is not installed")
+@pytest.mark.parametrize("many", [False, True], ids=["get", "get_many"])
+async def test_a_version_switch_takes_effect_through_the_near_cache(
+    redis_standalone: Any, many: bool
+) -> None:
+    """The near cache's copies used to drop the version tag (read as a client's write, served under
+    every version), and the hidden value stayed in Redis, where the lease handed it back as if
+    another node had computed it: the handler never ran again."""
+    plain = redis_sync.Redis(port=redis_standalone.port)
+    plain.flushall()
+    versions, calls = Versions(), []
+    km = _app(f"redis://127.0.0.1:{redis_standalone.port}/0?near_cache=4mb", versions, calls)
+
+    async def read(key: str) -> Any:
+        return (await km.get_many([key]))[0] if many else await km.get(key)
+
+    try:
+        async with km:
+            for _ in range(3):  # computed; read from Redis (and copied near); a near hit
+                assert await read("answer:1") == "answer:1 by v1"
+            assert calls == ["answer:1"] and km.store.info().extra["near_hits"] >= 1
+            versions.current = "v2"
+            for _ in range(3):
+                assert await read("answer:1") == "answer:1 by v2"
+            assert calls == ["answer:1", "answer:1"]
+            assert plain.get("answer:1") == b"answer:1 by v2"
+            assert km.stats()["keyspaces"]["answer:*"]["version_misses"] == 1
+    finally:
+        plain.flushall()
+        plain.close()
+
+
+@pytest.mark.parametrize("kind", LOCAL_KINDS)
+async def test_a_keyspace_with_a_stale_window_keeps_its_values_versions(kind: str, tmp_path: Path) -> None:
+    """Values kept for a stale window were once stored without their version tag, so they read as
+    a client's writes: served under every version, never recomputed after a switch."""
+    versions, calls = Versions(), []
+    km = Keymiss(store=make_store(kind, tmp_path))
+
+    @km.keyspace("answer:*", version=versions, ttl=60, stale=60)
+    def answer(key: str) -> str:
+        calls.append(key)
+        return f"{key} by {versions.current}"
+
+    async with km:
+        assert await km.get("answer:1") == "answer:1 by v1"
+        versions.current = "v2"
+        assert await km.get("answer:1") == "answer:1 by v2"
+        assert calls == ["answer:1", "answer:1"]
