@@ -352,13 +352,14 @@ def cmd_mset(c: Client, args: list[bytes]) -> Reply:
 )
 def cmd_getdel(c: Client, args: list[bytes]) -> Reply:
     key = key_of(args[1])
-
     shared = c.shared
+    # a delete whether or not there is a value yet: a computation of the key running now (its
+    # value not stored yet) must not store it afterwards, as after DEL
+    c.km.written([key])
 
     async def later() -> bytes:
         item = await (shared.get_strict(key) if shared is not None else c.km.store.get(key))
         if item is not None:
-            c.km.written([key])
             await c.km.store.delete([key])
         return _item_reply(item, c.proto)
 
