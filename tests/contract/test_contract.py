@@ -36,20 +36,9 @@ FRONTENDS = {
 
 MODULES = ("redis-module", "valkey-module")
 
-NEAR_VERSIONS = "the near cache serves a value of the version just replaced"
-MGET_STALE = "MGET does not refresh stale keys on the in-process stores (memory, LMDB)"
-
 #: cells failing today because their fix is pending: (row, front end) -> the fix. Remove an entry
 #: when its fix lands (strict: the cell then passes, and the XPASS fails the run until it goes).
-PENDING: dict[tuple[str, str], str] = {
-    ("other-version", "redis-near"): NEAR_VERSIONS,
-    ("ttl-change", "redis-near"): NEAR_VERSIONS,
-    ("ttl-during", "redis-near"): NEAR_VERSIONS,
-    ("expiry-during", "redis-near"): NEAR_VERSIONS,
-    ("mget", "memory"): MGET_STALE,
-    ("mget", "lmdb"): MGET_STALE,
-    ("mget", "python"): MGET_STALE + " (the Python server reads the memory store)",
-}
+PENDING: dict[tuple[str, str], str] = {}
 
 _ids = itertools.count()
 
