@@ -78,7 +78,9 @@ def decode(data: bytes, codec: Codec | int) -> Any:
             return _decode_array(data)
     except CodecError:
         raise
-    except (ValueError, TypeError, UnicodeError) as exc:
+    except (ValueError, TypeError, UnicodeError, KeyError, IndexError, RecursionError, MemoryError) as exc:
+        # stored bytes come from anyone who can write the store: a forged header or JSON nested
+        # past Python's recursion limit is a value that does not decode, never a crash of the reader
         raise CodecError(f"stored value does not decode as {Codec(codec).name.lower()}: {exc}") from exc
     raise CodecError(f"unknown codec tag {codec!r}")
 

@@ -90,3 +90,18 @@ def test_pickle_payload_is_never_executed(
 def test_invalid_json_is_a_codec_error() -> None:
     with pytest.raises(CodecError):
         decode(b"\xff{not json", Codec.JSON)
+
+
+@pytest.mark.parametrize(
+    "data, codec",
+    [
+        (b"[" * 100_000 + b"]" * 100_000, Codec.JSON),  # nested past the recursion limit
+        (b"KMNDARR1" + b"\x02\x00" + b"{}", Codec.NUMPY),  # a header without dtype
+        (b"KMNDARR1" + b"\x02\x00" + b"[]", Codec.NUMPY),  # a header that is not an object
+        (b"KMNDARR1" + b"\x0f\x00" + b'{"dtype":"<f4"}', Codec.NUMPY),  # no shape
+    ],
+)
+def test_forged_bytes_are_a_codec_error_not_a_crash(data: bytes, codec: Codec) -> None:
+    # whoever can write the store writes these bytes: a reader gets CodecError (and recomputes)
+    with pytest.raises(CodecError):
+        decode(data, codec)

@@ -348,3 +348,27 @@ async def test_a_reader_never_sees_a_typed_value_before_its_codec_tag(redis_url:
         assert seen and all(codec == 2 for _, codec in seen), [s for s in seen if s[1] != 2][:3]
     finally:
         await asyncio.gather(writer.close(), reader.close())
+
+
+async def test_a_forged_record_that_does_not_decode_is_recomputed(redis_url: str) -> None:
+    from keymiss.stores.redisrecord import tag_key, tag_value
+
+    km = Keymiss(store=RedisStore(redis_url), sweep_interval=0)
+    calls: list[str] = []
+
+    @km.keyspace("forged:*")
+    def doc(key: str) -> dict[str, str]:
+        calls.append(key)
+        return {"key": key}
+
+    store: Any = km.store
+    key = f"forged:{time.monotonic_ns()}"
+    hostile = b"[" * 100_000 + b"]" * 100_000  # JSON nested past Python's recursion limit
+    try:
+        # a client with write access forges a value and a record whose CRC matches it
+        await store.client.set(key.encode(), hostile)
+        await store.client.set(tag_key(key), tag_value(2, hostile))
+        assert await km.get(key) == {"key": key}  # recomputed, not a RecursionError
+        assert calls == [key] and km.decode_failures == 1
+    finally:
+        await km.close()
