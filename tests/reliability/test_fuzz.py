@@ -11,7 +11,7 @@ from keymiss.server.resp import ProtocolError, RequestParser
 
 from ..server.test_resp import FRAGMENTS, multibulk, run_parser
 
-SECONDS = float(os.environ.get("KEYMISS_FUZZ_SECONDS", "20"))
+SECONDS = float(os.environ.get("KEYMISS_FUZZ_SECONDS", "8"))
 
 
 def mutate(rng: random.Random, data: bytes) -> bytes:
