@@ -155,8 +155,11 @@ class Keyspace:
         self.version = opts.version
         self._version_seen: tuple[str, bytes] | None = None  # the last version asked, and its tag
         self.version_stale = opts.version_stale
-        #: the tag of the version just replaced, and until when (monotonic) its values are served
+        #: the tag of the version just replaced, and until when (on ``clock``) its values are served
         self._previous: tuple[bytes, float] | None = None
+        #: the clock the ``version_stale`` window runs on: the engine that registers the keyspace
+        #: gives it its own (``Keymiss(clock=...)``), so the window is testable in virtual time
+        self.clock: Callable[[], float] = time.monotonic
         self.codec: Codec | None = codec_from_name(opts.codec) or _codec_from_annotation(
             handler, opts.batch_size is not None
         )
@@ -198,7 +201,7 @@ class Keyspace:
         assert v is not None
         tag = hashlib.blake2b(v.encode("utf-8", "surrogateescape"), digest_size=8).digest()
         if seen is not None and self.version_stale:  # a switch: the window opens when it is seen
-            self._previous = (seen[1], time.monotonic() + self.version_stale)
+            self._previous = (seen[1], self.clock() + self.version_stale)
         self._version_seen = (v, tag)
         return tag
 
@@ -213,7 +216,7 @@ class Keyspace:
         previous = self._previous
         if previous is None or item_version != previous[0]:
             return False
-        if time.monotonic() < previous[1]:
+        if self.clock() < previous[1]:
             return True
         self._previous = None
         return False

@@ -170,6 +170,10 @@ class Keymiss(KeyCommands):
         assert self._store is not None
         return self._store
 
+    def now(self) -> float:
+        """The time freshness is decided on: the injected clock, the store's, or ``time.time``."""
+        return self._clock()
+
     def _adopt(self, store: Store) -> None:
         """Take ``store`` as the store: reads of an in-process one take its synchronous path, and
         freshness is decided on its clock unless keymiss was given one."""

@@ -52,6 +52,10 @@ class KeyCommands:
     def read(self, key: str) -> Read:
         raise NotImplementedError
 
+    def now(self) -> float:
+        """The time freshness is decided on (unix seconds; injected with ``Keymiss(clock=...)``)."""
+        raise NotImplementedError
+
     def read_many(self, keys: Sequence[str]) -> ReadMany:
         raise NotImplementedError
 
@@ -87,6 +91,7 @@ class KeyCommands:
     ) -> Keyspace:
         """Non-decorator form of ``keyspace``."""
         ks = Keyspace(pattern, handler, options, **overrides)
+        ks.clock = self.now  # its version_stale window runs on the engine's clock
         self.registry.add(ks)
         self.engine.add(ks)
         return ks
