@@ -48,6 +48,20 @@ from keymiss.stores.redisrecord import (
     wrap_error,
 )
 
+# A typed value, then its record: SET key value [PX ms] [NX]; where it was written, SET companion
+# record [PX ms]. One script, so that the two are one write to readers and to the keymiss module
+# (which keeps the record of a value whose companion is written right after it).
+WRITE_WITH_TAG = (
+    "local px, nx = ARGV[3], ARGV[4] == '1' "
+    "local value = {'set', KEYS[1], ARGV[1]} "
+    "local tag = {'set', KEYS[2], ARGV[2]} "
+    "if px ~= '' then table.insert(value, 'px') table.insert(value, px) "
+    "table.insert(tag, 'px') table.insert(tag, px) end "
+    "if nx then table.insert(value, 'nx') end "
+    "if not redis.call(unpack(value)) then return 0 end "
+    "redis.call(unpack(tag)) return 1"
+)
+
 log = logging.getLogger("keymiss.redis")
 
 
@@ -242,27 +256,23 @@ class RedisStore(SharedStore):
         return bool(ok)
 
     async def set_many(self, writes: Sequence[Write]) -> list[bool]:
-        """Typed values' tags first, then the values: a reader between the two round trips (another
-        node waiting on the key's lease) sees a miss, or the value with its tag, never the value
-        alone. A write only-if-absent takes its tag only-if-absent too, so a value it loses to keeps
-        its own tag; the tag it took for nothing is removed while it is still the one it wrote."""
+        """A typed value and then its companion in one script (WRITE_WITH_TAG): a reader never sees
+        the value without its record, and a server with the keymiss module sees the companion's
+        write right after the value's, so it keeps this record instead of marking the value a
+        client's. A write only-if-absent that loses writes neither. A plain value is a plain SET,
+        and the record an earlier value left goes."""
         if not writes:
             return []
-        typed = [w for w in writes if tagged(w)]
-        took: dict[int, bool] = {}
-        if typed:
-            tags = self.client.pipeline(transaction=False)
-            for w in typed:
-                tags.set(tag_key(w.key), tag_value(w.codec, w.value, w.version), px=px_of(w.ttl), nx=w.nx)
-            for w, r in zip(typed, await self.call(tags.execute, raise_on_error=False), strict=True):
-                if isinstance(r, Exception):
-                    await self._drop_tags([t for t in typed if took.get(id(t), True)])
-                    raise reply_error(r) if isinstance(r, ResponseError) else wrap_error(r)
-                took[id(w)] = bool(r)
         pipe = self.client.pipeline(transaction=False)
         extra: list[int] = []  # the DELs after each write: an old record and an earlier tag go
         for w in writes:
-            pipe.set(key_bytes(w.key), w.value, px=px_of(w.ttl), nx=w.nx)
+            if tagged(w):
+                px = px_of(w.ttl)
+                tag = tag_value(w.codec, w.value, w.version)
+                nx = b"1" if w.nx else b""
+                pipe.eval(WRITE_WITH_TAG, 2, key_bytes(w.key), tag_key(w.key), w.value, tag, px or b"", nx)
+            else:
+                pipe.set(key_bytes(w.key), w.value, px=px_of(w.ttl), nx=w.nx)
             drop = [] if w.nx else [legacy_key(w.key)] if tagged(w) else [tag_key(w.key), legacy_key(w.key)]
             for k in drop:  # one key each: on a cluster the two live in different slots
                 pipe.delete(k)
@@ -273,32 +283,20 @@ class RedisStore(SharedStore):
             results.append(next(replies))
             for _ in range(n):
                 next(replies)
-        failed = [w for w, r in zip(writes, results, strict=True) if isinstance(r, Exception)]
-        if failed:  # a value Redis refused (OOM) must not leave its tag behind
-            await self._drop_tags([w for w in failed if took.get(id(w), True)])
-            first = next(r for r in results if isinstance(r, Exception))
+        failed = [r for r in results if isinstance(r, Exception)]
+        if failed:
+            first = failed[0]
             raise reply_error(first) if isinstance(first, ResponseError) else wrap_error(first)
         fix = self.client.pipeline(transaction=False)
         for w, r in zip(writes, results, strict=True):
-            if not w.nx:
-                continue
-            if r:  # ours now: an earlier release's tag goes
+            if w.nx and r:  # ours now: an earlier release's tag goes, and an old record of a plain one
                 fix.delete(legacy_key(w.key))
-            if r and not tagged(w):  # ours now: an old tag goes
-                fix.delete(tag_key(w.key))
-            elif r and not took[id(w)]:  # ours, beside a tag left by a value deleted behind keymiss
-                fix.set(tag_key(w.key), tag_value(w.codec, w.value, w.version), px=px_of(w.ttl))
-            elif not r and tagged(w) and took[id(w)]:  # lost: our tag goes unless since replaced
-                fix.eval(DROP_IF, 1, tag_key(w.key), tag_value(w.codec, w.value, w.version))
+                if not tagged(w):
+                    fix.delete(tag_key(w.key))
         if len(fix):
             with contextlib.suppress(KeymissError):
                 await self.call(fix.execute, raise_on_error=False)
         return [bool(r) for r in results]
-
-    async def _drop_tags(self, writes: Sequence[Write]) -> None:
-        if writes:
-            with contextlib.suppress(KeymissError):
-                await self.call(self.client.delete, *(tag_key(w.key) for w in writes))
 
     async def discard_unchanged(self, items: dict[str, Item]) -> None:
         """Each value, then its tag, deleted while still the one read: single-key scripts, as a key

@@ -19,15 +19,39 @@ static int km_event_kind(int type, const char *event) {
     return KM_EVENT_WRITE;
 }
 
+/* A companion written by a client (not by us): the Python Redis store writes a value and then its
+ * companion in one script, so this event follows its value's at once; that value's note goes, the
+ * record its writer wrote being the one to keep. A plain SET has no such event: it stays noted. */
+static void km_companion_written(const char *event, RedisModuleString *cname) {
+    size_t clen;
+    const char *cp = KM_StringPtrLen(cname, &clen);
+    if (KM_DictSize(km.dirty) == 0 || strcmp(event, "set") != 0) return;
+    const char *close = memchr(cp + KM_COMPANION_PREFIX_LEN, '}', clen - KM_COMPANION_PREFIX_LEN);
+    if (close == NULL) return;
+    const char *kp = close + 1;
+    size_t klen = clen - (size_t)(kp - cp);
+    int nokey = 1;
+    KM_DictGetC(km.dirty, (void *)kp, klen, &nokey);
+    if (nokey) return;
+    RedisModuleString *key = KM_CreateString(NULL, kp, klen), *mine = km_companion_name(key);
+    size_t mlen;
+    const char *mp = KM_StringPtrLen(mine, &mlen);
+    if (mlen == clen && memcmp(mp, cp, clen) == 0) KM_DictDelC(km.dirty, (void *)kp, klen, NULL);
+    KM_FreeString(NULL, mine);
+    KM_FreeString(NULL, key);
+}
+
 /* A client's write to a key (not ours: our own SET runs with km.filling set) in database 0: a
  * versioned keyspace's value becomes the client's, a remembered failure is forgotten, and a
  * computation of the key is superseded (its waiters still get its value; it is not stored). A TTL
  * change, an expiry or an eviction does none of these: a hidden value of an old version that
- * expires while its key recomputes leaves the recomputation to be stored. */
+ * expires while its key recomputes leaves the recomputation to be stored. Every write is noted,
+ * however many (the tick works through them; a noted key is served meanwhile), except while the
+ * server loads its data: what it replays holds the companions written then. */
 int km_on_keyspace_event(RedisModuleCtx *ctx, int type, const char *event, RedisModuleString *key) {
     if (km.filling || KM_GetSelectedDb(ctx) != 0 || event == NULL) return RM_OK;
     int kind = km_event_kind(type, event);
-    if (kind == KM_EVENT_TTL && km.nkeyspaces > 0 && KM_DictSize(km.retimed) < KM_MAX_DIRTY) {
+    if (kind == KM_EVENT_TTL && km.nkeyspaces > 0) {
         if (km_route_str(key) >= 0) { /* its companion (codec, version) follows its TTL, at the tick */
             size_t klen;
             const char *kp = KM_StringPtrLen(key, &klen);
@@ -35,13 +59,16 @@ int km_on_keyspace_event(RedisModuleCtx *ctx, int type, const char *event, Redis
         }
     }
     if (kind != KM_EVENT_WRITE) return RM_OK;
-    if (km.nkeyspaces > 0 && KM_DictSize(km.dirty) < KM_MAX_DIRTY) {
-        int ksi = km_route_str(key);
-        if (ksi >= 0 && km.keyspaces[ksi]->version != NULL) { /* its companion is rewritten by the tick */
-            size_t klen;
-            const char *kp = KM_StringPtrLen(key, &klen);
-            KM_DictSetC(km.dirty, (void *)kp, klen, NULL);
-        }
+    if (km.nkeyspaces > 0) {
+        size_t klen;
+        const char *kp = KM_StringPtrLen(key, &klen);
+        int ksi = -1;
+        if (klen > KM_COMPANION_PREFIX_LEN && memcmp(kp, KM_COMPANION_PREFIX, KM_COMPANION_PREFIX_LEN) == 0)
+            km_companion_written(event, key);
+        else
+            ksi = km_route_str(key);
+        if (ksi >= 0 && km.keyspaces[ksi]->version != NULL && !(KM_GetContextFlags(ctx) & RM_CTX_FLAGS_LOADING))
+            KM_DictSetC(km.dirty, (void *)kp, klen, NULL); /* its companion is rewritten by the tick */
     }
     if (KM_DictSize(km.errors)) {
         size_t klen;
@@ -59,7 +86,7 @@ int km_on_keyspace_event(RedisModuleCtx *ctx, int type, const char *event, Redis
  * lives and no longer. Run from the timer, where writing is allowed; a replica's master does it. */
 static void km_retime_companions(RedisModuleCtx *ctx) {
     size_t n;
-    KmPicked *keys = km_dict_pick(km.retimed, NULL, NULL, 1, &n);
+    KmPicked *keys = km_dict_first(km.retimed, KM_NOTES_PER_TICK, &n);
     int replica = (KM_GetContextFlags(ctx) & RM_CTX_FLAGS_SLAVE) != 0;
     if (!replica && KM_SelectDb(ctx, 0) != RM_OK) replica = 1;
     for (size_t i = 0; i < n; i++) {

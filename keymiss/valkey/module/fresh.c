@@ -47,15 +47,6 @@ static int km_record_version(const char *v, size_t vlen, const char **ver, size_
     return 1;
 }
 
-/* Whether a companion records the CRC `crc` (an earlier release's recorded none). */
-static int km_record_has_crc(const char *v, size_t vlen, uint32_t crc) {
-    const char *a = memchr(v, KM_RECORD_SEP[0], vlen);
-    if (a == NULL || (size_t)(v + vlen - a) < 10 || a[9] != KM_RECORD_SEP[0]) return 0;
-    char want[9];
-    snprintf(want, sizeof(want), "%08x", (unsigned)crc);
-    return memcmp(a + 1, want, 8) == 0;
-}
-
 /* A companion's bytes, into buf (KM_RECORD_MAX bytes; verlen at most KM_MAX_VERSION): its length. */
 static size_t km_record_format(char *buf, long long codec, uint32_t crc, const char *ver, size_t verlen) {
     int n = snprintf(buf, KM_RECORD_MAX, "%lld" KM_RECORD_SEP "%08x" KM_RECORD_SEP, codec, (unsigned)crc);
@@ -243,20 +234,16 @@ void km_backoffs_purge(long long now) {
 /* ---------------------------------------------------------------------------------------------- */
 /* Client writes in versioned keyspaces                                                           */
 
-/* The companion of a key a client wrote, present with `pttl`: kept where it records the value's
- * CRC (the Python Redis store wrote value and companion, a client to the module), else rewritten
- * to 0:<crc32>:, a client's write, with the value's TTL. The value is read by GET, not the key API
- * (which would rewrite a small value's encoding); one of another type is a client's too. */
+/* The companion of a key a client wrote, present with `pttl`: rewritten to 0:<crc32>:, a client's
+ * write, with the value's TTL (none if the value has none). A writer that wrote the value's record
+ * too (the Python Redis store) is not noted (km_companion_written). The value is read by GET, not
+ * the key API (which would rewrite a small value's encoding); one of another type is a client's too. */
 static int km_mark_client(RedisModuleCtx *ctx, RedisModuleString *key, RedisModuleString *cname, long long pttl) {
-    RedisModuleCallReply *got = KM_Call(ctx, "GET", "s", key), *mark = KM_Call(ctx, "GET", "s", cname);
-    size_t len = 0, mlen = 0;
+    RedisModuleCallReply *got = KM_Call(ctx, "GET", "s", key);
+    size_t len = 0;
     const char *p = got && KM_CallReplyType(got) == RM_REPLY_STRING ? KM_CallReplyStringPtr(got, &len) : NULL;
-    const char *m = mark && KM_CallReplyType(mark) == RM_REPLY_STRING ? KM_CallReplyStringPtr(mark, &mlen) : NULL;
     uint32_t crc = km_crc32(p ? p : "", p ? len : 0);
-    int kept = p != NULL && m != NULL && km_record_has_crc(m, mlen, crc);
     if (got) KM_FreeCallReply(got);
-    if (mark) KM_FreeCallReply(mark);
-    if (kept) return RM_OK;
     char buf[KM_RECORD_MAX];
     size_t blen = km_record_format(buf, 0, crc, "", 0);
     RedisModuleCallReply *r = pttl > 0 ? KM_Call(ctx, "SET", "!sbcl", cname, buf, blen, "PX", pttl)
@@ -268,11 +255,12 @@ static int km_mark_client(RedisModuleCtx *ctx, RedisModuleString *key, RedisModu
 
 /* Keys a client wrote in a versioned keyspace: their companion now marks a client's write (which
  * every version serves; km_mark_client), a deleted key's companion goes. Run from the timer, where
- * writes are allowed (not from the keyspace event that noted the key); the CRC is computed here,
- * once per write, never on a hit. */
+ * writes are allowed (not from the keyspace event that noted the key), KM_NOTES_PER_TICK keys a
+ * tick (the rest stay noted, and served, until their turn); the CRC is computed here, once per
+ * write, never on a hit. */
 void km_rewrite_companions(RedisModuleCtx *ctx) {
     size_t n;
-    KmPicked *keys = km_dict_pick(km.dirty, NULL, NULL, 1, &n);
+    KmPicked *keys = km_dict_first(km.dirty, KM_NOTES_PER_TICK, &n);
     int replica = (KM_GetContextFlags(ctx) & RM_CTX_FLAGS_SLAVE) != 0; /* its master does this */
     if (!replica && KM_SelectDb(ctx, 0) != RM_OK) replica = 1;
     for (size_t i = 0; i < n; i++) {

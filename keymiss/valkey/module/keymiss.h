@@ -60,7 +60,9 @@
 #define KM_MAX_ATTEMPTS 3
 #define KM_MAX_ROUTED_KEY (4 * 1024)
 #define KM_MAX_BACKOFFS 10000
-#define KM_MAX_DIRTY 100000
+/* Notes of client writes (km.dirty, km.retimed) are unbounded (one per key a client wrote: no
+ * write is ever forgotten); the tick works through this many of each per tick. */
+#define KM_NOTES_PER_TICK 2000
 #define KM_SLOTS 16384
 #define KM_CLIENT_MARK_LEN (sizeof(KM_CLIENT_MARK) - 1)
 #define KM_COMPANION_PREFIX_LEN (sizeof(KM_COMPANION_PREFIX) - 1)
@@ -171,7 +173,8 @@ typedef struct KmState {
     RedisModuleDict *requests; /* blocked requests by handle (timeout and disconnect get no privdata) */
     RedisModuleDict *errors;   /* key bytes -> KmErrorRecord */
     RedisModuleDict *backoffs; /* key bytes -> KmBackoff */
-    RedisModuleDict *dirty;    /* keys of versioned keyspaces a client wrote: companions to rewrite */
+    RedisModuleDict *dirty;    /* keys of versioned keyspaces a client wrote: companions to rewrite
+                                * (a noted key is served as a client's value until then) */
     RedisModuleDict *retimed;  /* keys of keyspaces whose TTL a client changed: their companions' too */
     long long waiting;         /* blocked requests */
     int filling;               /* our own SET is running: its keyspace event is not a client's write */
@@ -212,6 +215,7 @@ typedef struct KmPicked {
     void *val;
 } KmPicked;
 KmPicked *km_dict_pick(RedisModuleDict *d, KmPick pick, const void *arg, int copy_keys, size_t *n);
+KmPicked *km_dict_first(RedisModuleDict *d, size_t max, size_t *n);
 void km_picked_free(KmPicked *items, size_t n);
 void km_dict_purge(RedisModuleDict *d, KmPick pick, const void *arg, void (*free_val)(void *));
 

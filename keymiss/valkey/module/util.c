@@ -2,6 +2,7 @@
 #include "keymiss.h"
 
 #include <ctype.h>
+#include <stdint.h>
 
 /* Milliseconds on a clock that never steps back or jumps with the wall clock (deadlines, leases),
  * where the server offers one (Redis >= 7.0, Valkey); else wall-clock milliseconds. */
@@ -53,9 +54,10 @@ char *km_error_line(const char *msg, size_t len) {
     return out;
 }
 
-/* The items of `d` that `pick` chooses (every item if NULL), in key order, with a copy of each
- * key if `copy_keys`; *n is the count. Free with km_picked_free. */
-KmPicked *km_dict_pick(RedisModuleDict *d, KmPick pick, const void *arg, int copy_keys, size_t *n) {
+/* At most `max` items of `d` that `pick` chooses (every item if NULL), in key order, with a copy of
+ * each key if `copy_keys`; *n is the count. Free with km_picked_free. */
+static KmPicked *km_dict_pick_max(RedisModuleDict *d, KmPick pick, const void *arg, int copy_keys, size_t max,
+                                  size_t *n) {
     KmPicked *out = NULL;
     size_t cap = 0;
     *n = 0;
@@ -63,7 +65,7 @@ KmPicked *km_dict_pick(RedisModuleDict *d, KmPick pick, const void *arg, int cop
     char *kp;
     size_t klen;
     void *val;
-    while ((kp = KM_DictNextC(it, &klen, &val)) != NULL) {
+    while (*n < max && (kp = KM_DictNextC(it, &klen, &val)) != NULL) {
         if (pick && !pick(val, arg)) continue;
         if (*n == cap) {
             cap = cap ? cap * 2 : 16;
@@ -76,6 +78,15 @@ KmPicked *km_dict_pick(RedisModuleDict *d, KmPick pick, const void *arg, int cop
     }
     KM_DictIteratorStop(it);
     return out;
+}
+
+KmPicked *km_dict_pick(RedisModuleDict *d, KmPick pick, const void *arg, int copy_keys, size_t *n) {
+    return km_dict_pick_max(d, pick, arg, copy_keys, SIZE_MAX, n);
+}
+
+/* The first `max` keys of `d` (copies), in key order: a bounded share of a long list. */
+KmPicked *km_dict_first(RedisModuleDict *d, size_t max, size_t *n) {
+    return km_dict_pick_max(d, NULL, NULL, 1, max, n);
 }
 
 void km_picked_free(KmPicked *items, size_t n) {
