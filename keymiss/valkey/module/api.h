@@ -44,6 +44,8 @@
 #define RM_NOTIFY_NEW (1 << 14)
 
 #define RM_CMDFILTER_NOSELF (1 << 0)
+#define RM_CLIENTINFO_FLAG_MULTI (1 << 5)
+#define RM_CLIENTINFO_VERSION 1
 
 #define RM_EVENT_FLUSHDB 2
 #define RM_EVENT_LOADING 3
@@ -66,6 +68,7 @@ typedef struct RedisModuleCommandFilter RedisModuleCommandFilter;
 typedef struct RedisModuleInfoCtx RedisModuleInfoCtx;
 typedef struct RedisModuleCommand RedisModuleCommand;
 typedef struct RedisModuleServerInfoData RedisModuleServerInfoData;
+typedef struct RedisModuleUser RedisModuleUser;
 typedef uint64_t RedisModuleTimerID;
 
 typedef struct RedisModuleEvent {
@@ -200,12 +203,19 @@ typedef void (*RedisModuleFreePrivdata)(RedisModuleCtx *ctx, void *privdata);
                                                        const char *field, int *out_err))
 
 /* Hidden: a server built with exported symbols (-rdynamic) has functions named like these. */
-/* Calls only newer servers have (Redis >= 7.2, Valkey): NULL where absent. */
+/* Calls only newer servers have (Redis >= 7.2, Valkey; CommandFilterGetClientId: Redis >= 7.2,
+ * Valkey >= 8): NULL where absent. */
 #define KEYMISS_API_OPTIONAL(X)                                                                       \
     X(RedisModuleCommand *, GetCommand, (RedisModuleCtx * ctx, const char *name))                   \
     X(int, SetCommandACLCategories, (RedisModuleCommand * command, const char *categories))         \
     X(int, GetOpenKeyModesAll, (void))                                                               \
-    X(uint64_t, MonotonicMicroseconds, (void))
+    X(uint64_t, MonotonicMicroseconds, (void))                                                      \
+    X(unsigned long long, CommandFilterGetClientId, (RedisModuleCommandFilterCtx * fctx))            \
+    X(int, GetClientInfoById, (void *ci, uint64_t id))                                               \
+    X(RedisModuleString *, GetClientUserNameById, (RedisModuleCtx * ctx, uint64_t id))              \
+    X(RedisModuleUser *, GetModuleUserFromUserName, (RedisModuleString * name))                      \
+    X(void, FreeModuleUser, (RedisModuleUser * user))                                                \
+    X(int, ACLCheckCommandPermissions, (RedisModuleUser * user, RedisModuleString **argv, int argc))
 
 #define KEYMISS_DECLARE(ret, name, params) KM_API __attribute__((visibility("hidden"))) ret(*KM_##name) params;
 KEYMISS_API_CALLS(KEYMISS_DECLARE)

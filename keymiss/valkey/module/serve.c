@@ -188,8 +188,61 @@ int km_cmd_mget(RedisModuleCtx *ctx, RedisModuleString **argv, int argc) {
     return km_serve(ctx, argv + 1, argc - 1, 0);
 }
 
+/* What the filter knows of the client that sent the command: 1 with *ci filled in, 0 where the
+ * server cannot say. Redis 7.0 has no CommandFilterGetClientId: there the filter cannot tell the
+ * client's database, MULTI state or user (a delete is taken as the client's write as it arrives);
+ * a script's or module's own client has no info either. */
+static int km_filter_client(RedisModuleCommandFilterCtx *f, RedisModuleClientInfo *ci, unsigned long long *id) {
+    if (KM_CommandFilterGetClientId == NULL || KM_GetClientInfoById == NULL) return 0;
+    *id = KM_CommandFilterGetClientId(f);
+    memset(ci, 0, sizeof(*ci));
+    ci->version = RM_CLIENTINFO_VERSION;
+    return KM_GetClientInfoById(ci, *id) == RM_OK;
+}
+
+/* Whether the client `id`'s user may run the filter's command (the command and its keys, by its
+ * ACL): 1 where the server lacks these calls or the client runs as no user (the server's own). */
+static int km_filter_permitted(RedisModuleCommandFilterCtx *f, unsigned long long id, int argc) {
+    if (!KM_GetClientUserNameById || !KM_GetModuleUserFromUserName || !KM_ACLCheckCommandPermissions ||
+        !KM_FreeModuleUser)
+        return 1;
+    RedisModuleString *name = KM_GetClientUserNameById(km.filter_ctx, id);
+    if (name == NULL) return 1;
+    RedisModuleUser *user = KM_GetModuleUserFromUserName(name);
+    KM_FreeString(NULL, name);
+    if (user == NULL) return 0; /* its user was deleted: the server refuses it */
+    RedisModuleString **argv = KM_Alloc(sizeof(*argv) * (size_t)argc);
+    for (int i = 0; i < argc; i++) argv[i] = (RedisModuleString *)KM_CommandFilterArgGet(f, i);
+    int ok = KM_ACLCheckCommandPermissions(user, argv, argc) == RM_OK;
+    KM_Free(argv);
+    KM_FreeModuleUser(user);
+    return ok;
+}
+
+/* A DEL / UNLINK / GETDEL while the key computes is a client's write even where the key is absent
+ * (no keyspace event then): its waiters get the computed value, and it is not stored. Only one
+ * that will run: right arity and, where the server tells the filter who sent it, a client of
+ * database 0, not queueing it in MULTI (EXEC runs no filter: a delete of an absent key inside a
+ * transaction does not supersede), whose user may run it. Without that API (Redis 7.0) a delete
+ * that is then refused, discarded or sent in another database supersedes all the same. */
+static void km_filter_delete(RedisModuleCommandFilterCtx *f, int argc, int getdel) {
+    if (KM_DictSize(km.pending) == 0 || (getdel && argc != 2)) return;
+    int any = 0;
+    for (int i = 1; i < argc && !any; i++) any = km_entry_find(KM_CommandFilterArgGet(f, i)) != NULL;
+    if (!any) return;
+    RedisModuleClientInfo ci;
+    unsigned long long id = 0;
+    if (km_filter_client(f, &ci, &id) &&
+        (ci.db != 0 || (ci.flags & RM_CLIENTINFO_FLAG_MULTI) || !km_filter_permitted(f, id, argc)))
+        return;
+    for (int i = 1; i < argc && KM_DictSize(km.pending); i++) {
+        KmEntry *e = km_entry_find(KM_CommandFilterArgGet(f, i));
+        if (e) km_entry_supersede(e);
+    }
+}
+
 /* The filter: GET / MGET / GETEX(key only) naming a missing key of a registered keyspace become
- * KEYMISS.GET / KEYMISS.MGET. */
+ * KEYMISS.GET / KEYMISS.MGET; a delete of a key being computed supersedes it (km_filter_delete). */
 void km_command_filter(RedisModuleCommandFilterCtx *f) {
     if (km.nkeyspaces == 0) return;
     int argc = KM_CommandFilterArgsCount(f);
@@ -197,13 +250,7 @@ void km_command_filter(RedisModuleCommandFilterCtx *f) {
     size_t len;
     const char *cmd = KM_StringPtrLen(KM_CommandFilterArgGet(f, 0), &len);
     if (km_word_is(cmd, len, "del") || km_word_is(cmd, len, "unlink") || km_word_is(cmd, len, "getdel")) {
-        /* a delete while the key computes is a client's write even where the key is absent (no
-         * keyspace event then): its waiters get the computed value, and it is not stored (the
-         * filter sees no database: a delete of the same name in another one counts too) */
-        for (int i = 1; i < argc && KM_DictSize(km.pending); i++) {
-            KmEntry *e = km_entry_find(KM_CommandFilterArgGet(f, i));
-            if (e) km_entry_supersede(e);
-        }
+        km_filter_delete(f, argc, km_word_is(cmd, len, "getdel"));
         return;
     }
     RedisModuleString *to;
@@ -222,11 +269,20 @@ void km_command_filter(RedisModuleCommandFilterCtx *f) {
      * KEYMISS.GET answers clients of other databases as a plain GET. A GET's hit is counted and
      * refreshed here; an MGET's keys are refreshed once every one of them is known present (else
      * KEYMISS.MGET serves them all, and does). */
-    int rewrite = 0, fresh = 0;
+    int rewrite = 0, fresh = 0, asked = 0;
     for (int i = 1; i < argc && !rewrite; i++) {
         RedisModuleString *key = (RedisModuleString *)KM_CommandFilterArgGet(f, i);
         int ksi = km_route_str(key);
         if (ksi < 0) continue;
+        if (!asked) {
+            /* another database's read is a plain one: neither counted nor refreshed, where the
+             * server says which database the client is in (Redis 7.0 does not: there it counts
+             * as a read of database 0's key, and may refresh it) */
+            RedisModuleClientInfo ci;
+            unsigned long long id = 0;
+            asked = 1;
+            if (km_filter_client(f, &ci, &id) && ci.db != 0) return;
+        }
         /* missing, or computed under another version: KEYMISS.GET decides (and counts) */
         rewrite = km_decide(km.filter_ctx, ksi, key, km.lookup_modes, argc == 2 ? KM_COUNT_HIT | KM_START_REFRESH : 0) <= 0;
         fresh |= km.keyspaces[ksi]->stale_ms > 0 || km.keyspaces[ksi]->early_milli > 0;
