@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from keymiss.engine.compute import Computed
-from keymiss.errors import ReplyError, error_line
+from keymiss.errors import ComputeTimeoutError, KeyMismatchError, ReplyError, error_line
 from keymiss.runtime.net import redact_url
 from keymiss.valkey import protocol
 from keymiss.valkey.respclient import RespClient
@@ -41,6 +41,16 @@ AUTH_REFUSALS = ("NOAUTH", "WRONGPASS", "NOPERM")
 RETRY_SECONDS = 30.0
 RETRY_FIRST = 0.05
 RETRY_MAX = 1.0
+
+
+def fail_flag(result: BaseException | None) -> str | None:
+    """FAIL's flag for a key's error, so that the module counts it as the Python server does: a
+    key that does not fit its template computed nothing, a timeout is a timeout, not an error."""
+    if isinstance(result, KeyMismatchError):
+        return protocol.OPT_MISMATCH
+    if isinstance(result, ComputeTimeoutError):
+        return protocol.OPT_TIMEOUT
+    return None
 
 
 @dataclass
@@ -159,7 +169,7 @@ class Answers:
                 if result is None
                 else error_line(result)
             )
-            return protocol.fail(raw, token, text), 0
+            return protocol.fail(raw, token, text, fail_flag(result)), 0
         size = len(result.value)
         limits = self._limits.get(url, Limits())
         if size > limits.max_bulk:  # the server would drop the connection, not the value

@@ -21,8 +21,11 @@ The conversation, per server:
   the lease passed, or the value is of another version), or :data:`FILL_NOT_STORED`: the readers
   got the value, nothing was stored (``NOSTORE``, or the value is over the keyspace's ``SHARE``).
   ``CODEC``: the codec that wrote the bytes (``keymiss.codecs.Codec``; 0, plain bytes, if absent).
-- ``KEYMISS.FAIL key token error-line``: every reader of the key gets the error line (``1``), or
-  nobody waited any more (``0``).
+- ``KEYMISS.FAIL key token error-line [MISMATCH | TIMEOUT]``: every reader of the key gets the
+  error line (``1``), or nobody waited any more (``0``). The flag says why, for the counters (as
+  the Python server counts): a key that does not fit its template (no ``errors``), the function's
+  timeout (``timeouts``); without one, the function failed (``errors``). ``computations`` counts
+  FILLs: keys the function computed a value for.
 - ``KEYMISS.VERSION name tag [label]`` switches a registered keyspace's version.
 - ``KEYMISS.GET key`` / ``KEYMISS.MGET key ...`` are what a client's GET / MGET of a registered
   keyspace become inside the server; clients never need to send them.
@@ -87,6 +90,9 @@ OPT_SHARE = "SHARE"
 OPT_NOSTORE = "NOSTORE"
 OPT_LIMIT = "LIMIT"
 OPT_CODEC = "CODEC"
+#: FAIL's flag for a key that does not fit its keyspace's template: nothing ran, so it counts in
+#: neither ``computations`` nor ``errors`` (a timeout, flagged ``TIMEOUT``, counts in ``timeouts``)
+OPT_MISMATCH = "MISMATCH"
 #: the module's load arguments: ``GRACE ms``, ``KEYSPACE pattern`` (repeatable), in any order
 OPT_GRACE = "GRACE"
 OPT_KEYSPACE = "KEYSPACE"
@@ -267,9 +273,10 @@ def fill(
     return args
 
 
-def fail(key: str | bytes, token: int, line: str) -> list[Any]:
-    """A ``KEYMISS.FAIL``: ``line`` is the whole error line the key's readers get, code first."""
-    return [CMD_FAIL, key, token, line]
+def fail(key: str | bytes, token: int, line: str, flag: str | None = None) -> list[Any]:
+    """A ``KEYMISS.FAIL``: ``line`` is the whole error line the key's readers get, code first;
+    ``flag`` (``OPT_MISMATCH`` or ``OPT_TIMEOUT``) says why, for the keyspace's counters."""
+    return [CMD_FAIL, key, token, line] if flag is None else [CMD_FAIL, key, token, line, flag]
 
 
 def switch_version(name: str, tag: str, label: str | None = None) -> list[Any]:

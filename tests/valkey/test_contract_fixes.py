@@ -414,6 +414,42 @@ async def test_the_contract_paths_run_clean_under_valgrind(tmp_path: Path) -> No
         assert await resp(port, "SET", "w:4", "mine", wait=wait) == "OK"
         assert await w.call(*protocol.fill(key, token, "late")) == protocol.FILL_DISCARDED
         assert await resp(port, "GET", "w:4", wait=wait) == b"mine"
+        # deletes that never run (refused by the user's ACL, queued and discarded) supersede nothing
+        assert (
+            await resp(port, "ACL", "SETUSER", "narrow", "on", ">pw", "~other*", "+@all", wait=wait) == "OK"
+        )
+        reader = asyncio.ensure_future(resp(port, "GET", "w:6", wait=wait))
+        key, token = await take_one(w, block_ms=10_000)
+        async with RespTestClient(port, timeout=wait) as c:
+            assert await c.call("AUTH", "narrow", "pw") == "OK"
+            assert isinstance(await c.call("DEL", "w:6"), ReplyError)
+            await c.call_many([["MULTI"], ["DEL", "w:6"], ["DISCARD"]])
+        assert await w.call(*protocol.fill(key, token, "six")) == protocol.FILL_STORED
+        assert await reader == b"six"
+        # a key its template refuses: FAIL says so
+        reader = asyncio.ensure_future(resp(port, "GET", "w:7", wait=wait))
+        key, token = await take_one(w, block_ms=10_000)
+        assert await w.call(*protocol.fail(key, token, "ERR misfit", protocol.OPT_MISMATCH)) == 1
+        assert str(await reader) == "ERR misfit"
+        # a versioned keyspace: a client's SET is noted; one written with its companion is not
+        v = await raw_worker(port, protocol.register("v:*", "v:*", version="v1"), wait=wait)
+        record = protocol.companion(0, 0, "v1")
+        await resp(port, "SET", "v:client", "mine", wait=wait)
+        await resp(
+            port,
+            "EVAL",
+            "redis.call('SET', KEYS[1], 'x') redis.call('SET', KEYS[2], ARGV[1])",
+            2,
+            "v:store",
+            protocol.companion_key(b"v:store"),
+            record,
+            wait=wait,
+        )
+        await aeventually(
+            lambda: resp(port, "EXISTS", protocol.companion_key(b"v:client")), expect=1, timeout=wait
+        )
+        assert await resp(port, "GET", protocol.companion_key(b"v:store"), wait=wait) == record
+        await v.close()
         await w.close()
     finally:
         server.stop()

@@ -407,6 +407,7 @@ int km_cmd_fill(RedisModuleCtx *ctx, RedisModuleString **argv, int argc) {
         return KM_ReplyWithLongLong(ctx, KM_FILL_DISCARDED);
     }
     KmKeyspace *ks = km.keyspaces[e->ksi];
+    ks->computations++; /* the function computed it (whatever becomes of the value): as the Python server counts */
     if (ks->version != NULL && (vtag == NULL || vlen != ks->versionlen || memcmp(vtag, ks->version, vlen) != 0)) {
         ks->version_discards++; /* computed under the version before a switch: computed again */
         if (e->state == KM_TAKEN) km_entry_requeue(e);
@@ -448,6 +449,11 @@ int km_cmd_fill(RedisModuleCtx *ctx, RedisModuleString **argv, int argc) {
     }
     KM_FreeCallReply(r);
     ks->fills++;
+    if (KM_DictSize(km.dirty)) { /* a client's earlier write, not yet marked: this value replaced it */
+        size_t klen;
+        const char *kp = KM_StringPtrLen(argv[1], &klen);
+        KM_DictDelC(km.dirty, (void *)kp, klen, NULL);
+    }
     if (e->taken_at > 0) {
         double took = (double)(km_now_ms() - e->taken_at);
         ks->mean_compute_ms = ks->mean_compute_ms > 0 ? 0.8 * ks->mean_compute_ms + 0.2 * took : (took > 0 ? took : 1);
@@ -457,12 +463,24 @@ int km_cmd_fill(RedisModuleCtx *ctx, RedisModuleString **argv, int argc) {
     return KM_ReplyWithLongLong(ctx, KM_FILL_STORED);
 }
 
-/* KEYMISS.FAIL key token message: every waiter gets the error line; the keyspace's error TTL keeps
- * it for later readers. 1 if the key was waiting, 0 if not. */
+/* KEYMISS.FAIL key token message [MISMATCH | TIMEOUT]: every waiter gets the error line; the
+ * keyspace's error TTL keeps it for later readers. 1 if the key was waiting, 0 if not. The flag
+ * says why, for the counters, which mean what the Python server's do: a key that does not fit its
+ * template (nothing ran: no error), the function's timeout (timeouts); without one, the function
+ * (or storing its value) failed (errors). A BUSY line is busy. Only a FILL is a computation. */
 int km_cmd_fail(RedisModuleCtx *ctx, RedisModuleString **argv, int argc) {
-    if (argc != 4) return KM_WrongArity(ctx);
+    if (argc != 4 && argc != 5) return KM_WrongArity(ctx);
     long long token;
     if (km_parse_token(argv[2], &token) != RM_OK) return KM_ReplyWithError(ctx, KM_ERR_PREFIX "bad token");
+    int mismatch = 0, timeout = 0;
+    if (argc == 5) {
+        size_t flen;
+        const char *flag = KM_StringPtrLen(argv[4], &flen);
+        mismatch = km_word_is(flag, flen, KM_OPT_MISMATCH);
+        timeout = km_word_is(flag, flen, KM_OPT_TIMEOUT);
+        if (!mismatch && !timeout)
+            return KM_ReplyWithError(ctx, KM_ERR_PREFIX "FAIL key token message [" KM_OPT_MISMATCH " | " KM_OPT_TIMEOUT "]");
+    }
     KmEntry *e = km_entry_find(argv[1]);
     if (e == NULL || e->token != token) return KM_ReplyWithLongLong(ctx, 0);
     KmKeyspace *ks = km.keyspaces[e->ksi];
@@ -472,8 +490,13 @@ int km_cmd_fail(RedisModuleCtx *ctx, RedisModuleString **argv, int argc) {
     /* a worker out of handler slots is busy, not a failure of the key: counted as such in INFO,
      * and not remembered (the next read may well be computed) */
     int busy = strncmp(line, "BUSY", 4) == 0;
-    if (busy) ks->busy++;
-    else ks->failures++;
+    if (busy) {
+        ks->busy++;
+    } else if (timeout) {
+        ks->timeouts++;
+    } else if (!mismatch) {
+        ks->failures++;
+    }
     if (e->refresh && e->nwaiters == 0) {
         /* a refresh nobody waits on: the value stays served (stale, if it is); retried later */
         ks->refresh_failures++;

@@ -84,7 +84,6 @@ KmEntry *km_entry_new(RedisModuleString *key, int ksi, long long now) {
     size_t klen;
     const char *kp = KM_StringPtrLen(e->key, &klen);
     KM_DictSetC(km.pending, (void *)kp, klen, e);
-    ks->computations++;
     km_queue_push(e, 0);
     km_wake_taker(ksi);
     return e;

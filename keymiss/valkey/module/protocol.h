@@ -39,6 +39,9 @@
 #define KM_OPT_NOSTORE "NOSTORE"
 #define KM_OPT_LIMIT "LIMIT"
 #define KM_OPT_CODEC "CODEC"
+/* FAIL's flag for a key that does not fit its keyspace's template: nothing ran, so it counts in
+ * neither computations nor errors (a timeout, flagged TIMEOUT, counts in timeouts) */
+#define KM_OPT_MISMATCH "MISMATCH"
 /* the module's load arguments: GRACE ms, KEYSPACE pattern (repeatable), in any order */
 #define KM_OPT_GRACE "GRACE"
 #define KM_OPT_KEYSPACE "KEYSPACE"
