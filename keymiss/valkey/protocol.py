@@ -184,9 +184,9 @@ INFO_KEYSPACE_ALIASES = ("failures", "mean_compute_ms")
 INFO_COUNTERS = {
     "hits": "Reads the server answered from memory",
     "misses": "Reads of a missing key",
-    "computations": "Keys queued for a worker",
+    "computations": "Keys the keyspace's function computed a value for",
     "fills": "Values workers stored",
-    "errors": "Keys whose computation failed",
+    "errors": "Keys whose computation failed (not a timeout, nor a key its template refuses)",
     "timeouts": "Keys whose readers' deadline passed",
     "requeues": "Keys handed to another worker (lease passed, worker gone)",
     "discarded_fills": "Fills discarded (a client wrote the key meanwhile, or too late)",
