@@ -25,7 +25,7 @@ INFO_KEYSPACE_LINE = INFO_SECTION + "_keyspace_"
 SHARED_COUNTERS = {
     "hits": "Reads answered from a stored value",
     "misses": "Reads of a key with no stored value (or one of another version)",
-    "computations": "Keys given to the keyspace's function",
+    "computations": "Keys the keyspace's function computed to a value",
     "errors": "Keys whose computation failed",
     "timeouts": "Keys whose computation passed its deadline",
     "superseded": "Computed values not stored: a client wrote the key meanwhile",
