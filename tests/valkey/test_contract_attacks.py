@@ -177,16 +177,28 @@ async def test_a_delete_that_runs_still_supersedes(server: RedisProcess) -> None
         assert await counter(server.port, "slow:*", "superseded") == 1
 
 
-async def test_a_read_in_another_database_is_no_hit_of_database_0(server: RedisProcess, kind: str) -> None:
+async def test_a_read_in_another_database_refreshes_nothing_of_database_0(
+    server: RedisProcess, kind: str
+) -> None:
     needs_client_id(kind)
     calls: list[str] = []
-    async with running(make_app(calls), url(server)):
-        assert await resp(server.port, "GET", "slow:h") == b"value of slow:h"
-        hits = await counter(server.port, "slow:*", "hits")
+    km = Keymiss(sweep_interval=0)
+
+    @km.keyspace("sdb:*", ttl=0.3, stale=60)
+    async def sdb(key: str) -> str:
+        calls.append(key)
+        return f"{key} #{len(calls)}"
+
+    async with running(km, url(server)):
+        assert await resp(server.port, "GET", "sdb:h") == b"sdb:h #1"
+        await asyncio.sleep(0.4)  # past the TTL, inside the stale window (real server time)
         async with RespTestClient(server.port) as c:
             assert await c.call("SELECT", "1") == "OK"
-            assert await c.call("GET", "slow:h") is None
-        assert await counter(server.port, "slow:*", "hits") == hits
+            assert await c.call("GET", "sdb:h") is None  # database 1 has no such key
+        assert await counter(server.port, "sdb:*", "stale_hits") == 0  # and refreshed nothing
+        assert calls == ["sdb:h"]
+        assert await resp(server.port, "GET", "sdb:h") == b"sdb:h #1"  # database 0: served stale
+        await aeventually(lambda: len(calls), expect=2)  # while one refresh runs
         assert not isinstance(await resp(server.port, "PING"), ReplyError)
 
 

@@ -274,10 +274,11 @@ void km_command_filter(RedisModuleCommandFilterCtx *f) {
         RedisModuleString *key = (RedisModuleString *)KM_CommandFilterArgGet(f, i);
         int ksi = km_route_str(key);
         if (ksi < 0) continue;
-        if (!asked) {
-            /* another database's read is a plain one: neither counted nor refreshed, where the
-             * server says which database the client is in (Redis 7.0 does not: there it counts
-             * as a read of database 0's key, and may refresh it) */
+        if (!asked && (km.keyspaces[ksi]->stale_ms > 0 || km.keyspaces[ksi]->early_milli > 0)) {
+            /* another database's read is a plain one: it refreshes nothing, where the server says
+             * which database the client is in (Redis 7.0 does not: there it may refresh database
+             * 0's key). Asked only where a hit may start a refresh, so a plain hit makes no
+             * client lookup; such a hit of another database counts as a hit of the keyspace. */
             RedisModuleClientInfo ci;
             unsigned long long id = 0;
             asked = 1;
