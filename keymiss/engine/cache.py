@@ -13,7 +13,7 @@ import logging
 import random as _random
 import time
 from collections.abc import Awaitable, Callable, Iterable, Sequence
-from typing import Any
+from typing import Any, Self
 
 from keymiss.engine.compute import Computed, ComputeEngine
 from keymiss.engine.freshness import (
@@ -88,7 +88,7 @@ class Keymiss(KeyCommands):
         self._sweep_interval = sweep_interval
         self._sweeper: asyncio.Task[None] | None = None
         self._closed = False
-        self._startup: list[Callable[[Keymiss], Any]] = []
+        self._startup: list[Callable[[Any], Any]] = []  # each takes this cache (on_start)
         self._started = False
         #: services an app attaches to the engine (the QA keyspace keeps its reader here)
         self.extensions: dict[str, Any] = {}
@@ -182,7 +182,7 @@ class Keymiss(KeyCommands):
         if self._given_clock is None:
             self._clock = store.clock if isinstance(store, LocalStore) else time.time
 
-    def on_start(self, hook: Callable[[Keymiss], Any]) -> None:
+    def on_start(self, hook: Callable[[Self], Any]) -> None:
         """Run ``await hook(km)`` once when the engine starts (after a server applied its store
         settings): loading a model, ingesting a default corpus, checking stored fingerprints."""
         self._startup.append(hook)
