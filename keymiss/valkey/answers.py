@@ -247,6 +247,17 @@ class Answers:
                 await asyncio.sleep(0.05 * (attempt + 1))
         raise AssertionError("unreachable")
 
+    async def switch(self, url: str, register: list[Any], command: list[Any]) -> Any:
+        """The reply of a version switch (``protocol.switch_version``), sent on a connection of its
+        own that registered the keyspace first: the module takes a switch only from one of the
+        keyspace's workers (a version no worker computes under leaves its readers nothing)."""
+        conn = await RespClient.connect(url, wait=self.timeout)
+        try:
+            replies = await conn.call_many([register, command])
+        finally:
+            await conn.close()
+        return replies[0] if isinstance(replies[0], ReplyError) else replies[1]
+
     async def _send_through(self, url: str, commands: list[list[Any]]) -> list[Any]:
         """The replies of ``commands``; those a cluster refused for a moment (CLUSTERDOWN,
         TRYAGAIN: a node failed and the cluster has not settled) are sent again, with backoff,

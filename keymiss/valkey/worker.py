@@ -187,7 +187,7 @@ class Worker:
         while not self._stopping.is_set() and sent:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._stopping.wait(), VERSION_POLL)
-            for ks in self.km.registry:
+            for i, ks in enumerate(self.km.registry):
                 if ks.version is None:
                     continue
                 try:
@@ -200,7 +200,7 @@ class Worker:
                 done = True
                 for url in list(self.stats.nodes):
                     try:
-                        reply = (await self.answers.send(url, [command]))[0]
+                        reply = await self.answers.switch(url, self.registrations()[i], command)
                     except (OSError, ConnectionError, RuntimeError) as exc:
                         log.warning(
                             "could not switch %r's version on %s: %s", ks.pattern, redact_url(url), exc

@@ -205,13 +205,18 @@ refuse:
 
 /* KEYMISS.VERSION name tag [label]: the version a registered keyspace's values are served under
  * from now on (an application switched models). Every value computed under another is hidden at
- * once; no key is deleted. Does not make this connection a worker. */
+ * once; no key is deleted. Only a connection that registered the keyspace (one of its workers) may
+ * switch it: a version no worker computes under would leave its readers nothing to be served. Does
+ * not make this connection a worker. */
 int km_cmd_version(RedisModuleCtx *ctx, RedisModuleString **argv, int argc) {
     if (argc != 3 && argc != 4) return KM_WrongArity(ctx);
     size_t nlen;
     const char *pattern = KM_StringPtrLen(argv[1], &nlen);
     int ksi = km_keyspace_find(pattern, nlen);
     if (ksi < 0) return KM_ReplyWithError(ctx, KM_ERR_PREFIX "no such keyspace is registered");
+    int w = km_worker_index(KM_GetClientId(ctx));
+    if (w < 0 || !(km.workers[w].mask & ((uint64_t)1 << ksi)))
+        return KM_ReplyWithError(ctx, KM_ERR_PREFIX "REGISTER the keyspace on this connection first");
     size_t taglen, labellen;
     char *tag = km_version_arg(argv[2], &taglen);
     char *label = argc == 4 ? km_version_arg(argv[3], &labellen) : (tag ? km_dup_bytes(tag, taglen) : NULL);
@@ -409,8 +414,16 @@ int km_cmd_fill(RedisModuleCtx *ctx, RedisModuleString **argv, int argc) {
     KmKeyspace *ks = km.keyspaces[e->ksi];
     ks->computations++; /* the function computed it (whatever becomes of the value): as the Python server counts */
     if (ks->version != NULL && (vtag == NULL || vlen != ks->versionlen || memcmp(vtag, ks->version, vlen) != 0)) {
-        ks->version_discards++; /* computed under the version before a switch: computed again */
-        if (e->state == KM_TAKEN) km_entry_requeue(e);
+        ks->version_discards++; /* computed under the version before a switch: computed again, once */
+        if (++e->version_discards >= 2) { /* no worker computes under this version: readers must not wait on */
+            char msg[KM_MAX_ERROR_LEN];
+            snprintf(msg, sizeof(msg), KM_ERR_PREFIX "keyspace '%s': its version changed during the computation twice; retry",
+                     ks->pattern);
+            ks->failures++;
+            km_entry_resolve(e, msg);
+        } else if (e->state == KM_TAKEN) {
+            km_entry_requeue(e);
+        }
         return KM_ReplyWithLongLong(ctx, KM_FILL_DISCARDED);
     }
     if (e->superseded) { /* a client wrote the key meanwhile: its write stays, the waiters get this */

@@ -118,6 +118,7 @@ struct KmEntry {
     int refresh; /* started by a hit (stale or early), not by a miss */
     int pinned;  /* a request being served is about to wait on it: not an orphan to drop */
     int superseded; /* a client wrote the key meanwhile: its waiters get the value, nothing is stored */
+    int version_discards; /* fills discarded for their version, in a row: the second fails it */
     long long born; /* when it was queued first */
     long long taken_at;
     KmWaiter *waiters;
@@ -178,6 +179,7 @@ typedef struct KmState {
     RedisModuleDict *retimed;  /* keys of keyspaces whose TTL a client changed: their companions' too */
     long long waiting;         /* blocked requests */
     int filling;               /* our own SET is running: its keyspace event is not a client's write */
+    uintptr_t script_epoch;    /* scripts (EVAL*, FCALL*) the filter saw: tells one script's writes from the next's */
     long long grace_ms;        /* GRACE: how long a miss waits for a keyspace without a worker */
     uint64_t rnd_state;        /* xorshift64*: XFetch's draws (seeded from the server's CSPRNG) */
     unsigned long ticks;
@@ -209,6 +211,11 @@ char *km_error_line(const char *msg, size_t len);
 
 /* Items of a dictionary, copied out: deleting or resolving one mutates the dictionary. */
 typedef int (*KmPick)(const void *val, const void *arg);
+/* A km.dirty note's value: the script epoch of the value's write (0: not in a script), shifted;
+ * KM_NOTE_RECORD: its companion was written by the same script (the writer's record, kept at the
+ * tick if its CRC is the value's). */
+#define KM_NOTE_RECORD ((uintptr_t)1)
+
 typedef struct KmPicked {
     char *key; /* a copy, when asked for */
     size_t len;
