@@ -17,7 +17,7 @@ from keymiss.valkey import protocol
 
 from ..redis_servers import RedisProcess
 from ..support import Gate, ReplyError, RespTestClient, aeventually, resp
-from .conftest import counter, keyspace_info, make_app, running, url
+from .conftest import counter, keyspace_info, make_app, raw_worker, running, take_one, url
 from .test_contract_fixes import Versions, loaded, switch, versioned
 
 OLD_NOTE_CAP = 100_000  # the client writes an earlier module noted per tick at most
@@ -100,6 +100,31 @@ async def test_a_value_computed_after_a_clients_delete_keeps_its_version(server:
         await switch(server, versions, "v2")
         assert await resp(server.port, "GET", "ans:zz") == b"ans:zz by v2"
         assert calls == ["ans:zz", "ans:zz", "ans:zz"]
+
+
+async def test_another_connections_companion_write_keeps_the_clients_value(server: RedisProcess) -> None:
+    """Only the writer of a value, in the same script, may leave its own record beside it: a later
+    write of the companion from another connection (garbage here) is no record of the value."""
+    versions, calls = Versions(), list[str]()
+    async with running(versioned(versions, calls), url(server)):
+        n = 20_000  # notes ahead of ans:zz's: the tick reaches it after the garbage is written
+        args: list[bytes] = []
+        for i in range(n):
+            args += [b"ans:m%06d" % i, b"client"]
+        async with RespTestClient(server.port, timeout=30) as c:
+            assert await c.call("MSET", *args) == "OK"
+            assert await c.call("SET", "ans:zz", "client's") == "OK"
+        name = protocol.companion_key(b"ans:zz")
+        assert await resp(server.port, "SET", name, "garbage") == "OK"  # another connection
+
+        async def rewritten() -> bool:  # the tick wrote the client's record over the garbage
+            record = await record_of(server.port, "ans:zz")
+            return record is not None and record.endswith(b":")
+
+        await aeventually(rewritten, message="the companion marks a client's write", timeout=10)
+        await switch(server, versions, "v2")
+        assert await resp(server.port, "GET", "ans:zz") == b"client's"
+        assert calls == []
 
 
 # --- a delete that never runs supersedes nothing ------------------------------------------------
@@ -234,3 +259,35 @@ async def test_a_key_without_a_worker_is_no_computation(kind: str, tmp_path: Pat
         assert info["computations"] == "0" and int(info["no_worker"]) >= 1, info
     finally:
         proc.stop()
+
+
+# --- a version is switched by a worker, and a computation chases it at most twice ----------------
+
+
+async def test_only_a_worker_of_the_keyspace_switches_its_version(server: RedisProcess) -> None:
+    w = await raw_worker(server.port, protocol.register("v", "v:*", version="aa"))
+    try:
+        refused = await resp(server.port, *protocol.switch_version("v", "bb", "two"))
+        assert isinstance(refused, ReplyError) and "REGISTER" in str(refused), refused
+        assert (await keyspace_info(server.port, "v"))["version"] == "aa"
+        assert await w.call(*protocol.switch_version("v", "bb", "two")) == "OK"
+        assert (await keyspace_info(server.port, "v"))["version"] == "two"
+    finally:
+        await w.close()
+
+
+async def test_a_fill_discarded_twice_for_its_version_fails_its_reader(server: RedisProcess) -> None:
+    """A worker that computes under another version than the server's: its first fill is computed
+    again, its second fails the reader (who would otherwise wait while the key is recomputed)."""
+    w = await raw_worker(server.port, protocol.register("v", "v:*", version="aa"))
+    try:
+        reading = asyncio.ensure_future(resp(server.port, "GET", "v:1", wait=30))
+        for _ in range(2):
+            key, token = await take_one(w, block_ms=10_000)
+            assert await w.call(*protocol.fill(key, token, "stale", version="zz")) == 0
+        answer = await reading
+        assert isinstance(answer, ReplyError) and "version changed" in str(answer), answer
+        assert await w.call(*protocol.take(10, 100, 10_000)) in ([], None)  # not queued again
+        assert int((await keyspace_info(server.port, "v"))["version_discards"]) == 2
+    finally:
+        await w.close()

@@ -10,6 +10,7 @@ import asyncio
 import os
 import signal
 import time
+import zlib
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -431,9 +432,10 @@ async def test_the_contract_paths_run_clean_under_valgrind(tmp_path: Path) -> No
         key, token = await take_one(w, block_ms=10_000)
         assert await w.call(*protocol.fail(key, token, "ERR misfit", protocol.OPT_MISMATCH)) == 1
         assert str(await reader) == "ERR misfit"
-        # a versioned keyspace: a client's SET is noted; one written with its companion is not
+        # a versioned keyspace: a client's SET is noted; one written with its companion (in the same
+        # script, naming the value's CRC) keeps that record
         v = await raw_worker(port, protocol.register("v:*", "v:*", version="v1"), wait=wait)
-        record = protocol.companion(0, 0, "v1")
+        record = protocol.companion(0, zlib.crc32(b"x"), "v1")
         await resp(port, "SET", "v:client", "mine", wait=wait)
         await resp(
             port,

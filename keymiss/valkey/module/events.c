@@ -19,24 +19,37 @@ static int km_event_kind(int type, const char *event) {
     return KM_EVENT_WRITE;
 }
 
-/* A companion written by a client (not by us): the Python Redis store writes a value and then its
- * companion in one script, so this event follows its value's at once; that value's note goes, the
- * record its writer wrote being the one to keep. A plain SET has no such event: it stays noted. */
-static void km_companion_written(const char *event, RedisModuleString *cname) {
+/* The note of `kp` (a key noted in km.dirty) becomes `note`. */
+static void km_note_set(const char *kp, size_t klen, uintptr_t note) {
+    KM_DictDelC(km.dirty, (void *)kp, klen, NULL);
+    KM_DictSetC(km.dirty, (void *)kp, klen, (void *)note);
+}
+
+/* A companion written by a client (not by us) while its value is noted. The Python Redis store
+ * writes a value and then its companion in one script: a companion written by the same script
+ * execution as the value (`in_script`, same epoch) marks the note KM_NOTE_RECORD, the tick then
+ * keeping that record if its CRC is the value's. Any other write of it (another connection, a later
+ * command or script) is no record of the value: the note is a client's write again. */
+static void km_companion_written(const char *event, RedisModuleString *cname, int in_script) {
     size_t clen;
     const char *cp = KM_StringPtrLen(cname, &clen);
-    if (KM_DictSize(km.dirty) == 0 || strcmp(event, "set") != 0) return;
+    if (KM_DictSize(km.dirty) == 0) return;
     const char *close = memchr(cp + KM_COMPANION_PREFIX_LEN, '}', clen - KM_COMPANION_PREFIX_LEN);
     if (close == NULL) return;
     const char *kp = close + 1;
     size_t klen = clen - (size_t)(kp - cp);
     int nokey = 1;
-    KM_DictGetC(km.dirty, (void *)kp, klen, &nokey);
+    uintptr_t note = (uintptr_t)KM_DictGetC(km.dirty, (void *)kp, klen, &nokey);
     if (nokey) return;
     RedisModuleString *key = KM_CreateString(NULL, kp, klen), *mine = km_companion_name(key);
     size_t mlen;
     const char *mp = KM_StringPtrLen(mine, &mlen);
-    if (mlen == clen && memcmp(mp, cp, clen) == 0) KM_DictDelC(km.dirty, (void *)kp, klen, NULL);
+    if (mlen == clen && memcmp(mp, cp, clen) == 0) {
+        uintptr_t value_epoch = note >> 1;
+        int same = in_script && strcmp(event, "set") == 0 && value_epoch != 0 && value_epoch == km.script_epoch;
+        uintptr_t now = same ? note | KM_NOTE_RECORD : note & ~KM_NOTE_RECORD;
+        if (now != note) km_note_set(kp, klen, now);
+    }
     KM_FreeString(NULL, mine);
     KM_FreeString(NULL, key);
 }
@@ -62,13 +75,13 @@ int km_on_keyspace_event(RedisModuleCtx *ctx, int type, const char *event, Redis
     if (km.nkeyspaces > 0) {
         size_t klen;
         const char *kp = KM_StringPtrLen(key, &klen);
-        int ksi = -1;
+        int ksi = -1, flags = KM_GetContextFlags(ctx), in_script = (flags & RM_CTX_FLAGS_LUA) != 0;
         if (klen > KM_COMPANION_PREFIX_LEN && memcmp(kp, KM_COMPANION_PREFIX, KM_COMPANION_PREFIX_LEN) == 0)
-            km_companion_written(event, key);
+            km_companion_written(event, key, in_script);
         else
             ksi = km_route_str(key);
-        if (ksi >= 0 && km.keyspaces[ksi]->version != NULL && !(KM_GetContextFlags(ctx) & RM_CTX_FLAGS_LOADING))
-            KM_DictSetC(km.dirty, (void *)kp, klen, NULL); /* its companion is rewritten by the tick */
+        if (ksi >= 0 && km.keyspaces[ksi]->version != NULL && !(flags & RM_CTX_FLAGS_LOADING)) /* rewritten by the tick */
+            km_note_set(kp, klen, in_script ? km.script_epoch << 1 : 0);
     }
     if (KM_DictSize(km.errors)) {
         size_t klen;

@@ -98,8 +98,8 @@ int km_version_ok(RedisModuleCtx *ctx, int ksi, RedisModuleString *key, int coun
         size_t klen;
         const char *kp = KM_StringPtrLen(key, &klen);
         int nokey = 1;
-        KM_DictGetC(km.dirty, (void *)kp, klen, &nokey);
-        if (!nokey) return 1; /* a client's write, its companion not yet rewritten */
+        uintptr_t note = (uintptr_t)KM_DictGetC(km.dirty, (void *)kp, klen, &nokey);
+        if (!nokey && !(note & KM_NOTE_RECORD)) return 1; /* a client's write, its companion not yet rewritten */
     }
     RedisModuleString *cname = km_companion_name(key);
     RedisModuleKey *open = KM_OpenKey(ctx, cname, RM_READ | km.lookup_modes);
@@ -234,16 +234,41 @@ void km_backoffs_purge(long long now) {
 /* ---------------------------------------------------------------------------------------------- */
 /* Client writes in versioned keyspaces                                                           */
 
+/* Whether the companion `cname` holds a record (<codec>:<crc32>:<version>) whose CRC is `crc`. */
+static int km_record_matches(RedisModuleCtx *ctx, RedisModuleString *cname, uint32_t crc) {
+    RedisModuleCallReply *got = KM_Call(ctx, "GET", "s", cname);
+    size_t len = 0;
+    const char *p = got && KM_CallReplyType(got) == RM_REPLY_STRING ? KM_CallReplyStringPtr(got, &len) : NULL;
+    int ok = 0;
+    const char *a = p ? memchr(p, KM_RECORD_SEP[0], len) : NULL;
+    const char *b = a ? memchr(a + 1, KM_RECORD_SEP[0], len - (size_t)(a + 1 - p)) : NULL;
+    if (b != NULL && b - a - 1 >= 1 && b - a - 1 <= 8) {
+        uint32_t have = 0;
+        ok = 1;
+        for (const char *c = a + 1; c < b && ok; c++) {
+            int d = *c >= '0' && *c <= '9' ? *c - '0' : (*c | 0x20) >= 'a' && (*c | 0x20) <= 'f' ? (*c | 0x20) - 'a' + 10 : -1;
+            if (d < 0) ok = 0;
+            else have = have << 4 | (uint32_t)d;
+        }
+        ok = ok && have == crc;
+    }
+    if (got) KM_FreeCallReply(got);
+    return ok;
+}
+
 /* The companion of a key a client wrote, present with `pttl`: rewritten to 0:<crc32>:, a client's
  * write, with the value's TTL (none if the value has none). A writer that wrote the value's record
- * too (the Python Redis store) is not noted (km_companion_written). The value is read by GET, not
- * the key API (which would rewrite a small value's encoding); one of another type is a client's too. */
-static int km_mark_client(RedisModuleCtx *ctx, RedisModuleString *key, RedisModuleString *cname, long long pttl) {
+ * in the same script (the Python Redis store; `record`: km_companion_written) keeps it when its
+ * CRC is the value's. The value is read by GET, not the key API (which would rewrite a small
+ * value's encoding); one of another type is a client's too. */
+static int km_mark_client(RedisModuleCtx *ctx, RedisModuleString *key, RedisModuleString *cname, long long pttl,
+                          int record) {
     RedisModuleCallReply *got = KM_Call(ctx, "GET", "s", key);
     size_t len = 0;
     const char *p = got && KM_CallReplyType(got) == RM_REPLY_STRING ? KM_CallReplyStringPtr(got, &len) : NULL;
     uint32_t crc = km_crc32(p ? p : "", p ? len : 0);
     if (got) KM_FreeCallReply(got);
+    if (record && p != NULL && km_record_matches(ctx, cname, crc)) return RM_OK;
     char buf[KM_RECORD_MAX];
     size_t blen = km_record_format(buf, 0, crc, "", 0);
     RedisModuleCallReply *r = pttl > 0 ? KM_Call(ctx, "SET", "!sbcl", cname, buf, blen, "PX", pttl)
@@ -275,7 +300,7 @@ void km_rewrite_companions(RedisModuleCtx *ctx) {
         km.filling = 1;
         int ok = RM_OK;
         if (present) {
-            ok = km_mark_client(ctx, key, cname, pttl);
+            ok = km_mark_client(ctx, key, cname, pttl, ((uintptr_t)keys[i].val & KM_NOTE_RECORD) != 0);
         } else {
             RedisModuleCallReply *r = KM_Call(ctx, "DEL", "!s", cname);
             ok = r != NULL && KM_CallReplyType(r) != RM_REPLY_ERROR ? RM_OK : RM_ERR;

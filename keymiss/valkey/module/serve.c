@@ -241,6 +241,14 @@ static void km_filter_delete(RedisModuleCommandFilterCtx *f, int argc, int getde
     }
 }
 
+/* Whether a command runs a script (EVAL, EVALSHA, their _RO forms, FCALL, FCALL_RO). */
+static int km_is_script(const char *cmd, size_t len) {
+    static const char *const scripts[] = {"eval", "evalsha", "eval_ro", "evalsha_ro", "fcall", "fcall_ro"};
+    for (size_t i = 0; i < sizeof(scripts) / sizeof(scripts[0]); i++)
+        if (km_word_is(cmd, len, scripts[i])) return 1;
+    return 0;
+}
+
 /* The filter: GET / MGET / GETEX(key only) naming a missing key of a registered keyspace become
  * KEYMISS.GET / KEYMISS.MGET; a delete of a key being computed supersedes it (km_filter_delete). */
 void km_command_filter(RedisModuleCommandFilterCtx *f) {
@@ -249,6 +257,10 @@ void km_command_filter(RedisModuleCommandFilterCtx *f) {
     if (argc < 2) return;
     size_t len;
     const char *cmd = KM_StringPtrLen(KM_CommandFilterArgGet(f, 0), &len);
+    if (len >= 4 && (cmd[0] | 0x20) != 'g' && (cmd[0] | 0x20) != 'm' && km_is_script(cmd, len)) {
+        km.script_epoch++; /* a script starts: km_on_keyspace_event tells its writes from others' */
+        return;
+    }
     if (km_word_is(cmd, len, "del") || km_word_is(cmd, len, "unlink") || km_word_is(cmd, len, "getdel")) {
         km_filter_delete(f, argc, km_word_is(cmd, len, "getdel"));
         return;
