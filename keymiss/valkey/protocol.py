@@ -26,7 +26,9 @@ The conversation, per server:
   the Python server counts): a key that does not fit its template (no ``errors``), the function's
   timeout (``timeouts``); without one, the function failed (``errors``). ``computations`` counts
   FILLs: keys the function computed a value for.
-- ``KEYMISS.VERSION name tag [label]`` switches a registered keyspace's version.
+- ``KEYMISS.VERSION name tag [label]`` switches a registered keyspace's version; only a connection
+  that registered the keyspace may send it. A FILL discarded twice in a row for its version fails
+  its readers ("its version changed during the computation twice; retry").
 - ``KEYMISS.GET key`` / ``KEYMISS.MGET key ...`` are what a client's GET / MGET of a registered
   keyspace become inside the server; clients never need to send them.
 - ``INFO keymiss`` reports :data:`INFO_FIELDS` and, per keyspace, :data:`INFO_KEYSPACE_FIELDS`.
