@@ -99,3 +99,18 @@ async def store(request: pytest.FixtureRequest, tmp_path: Path, clock: FakeClock
     s = make_store(request.param, tmp_path, clock)
     yield s
     await s.close()
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Iterator[None]:
+    """Make captured output valid UTF-8 (a lone surrogate becomes an escape).
+
+    Some tests log handler messages that carry lone surrogates on purpose; the parallel runner
+    sends reports between processes as UTF-8 and would otherwise crash on them.
+    """
+    outcome = yield
+    report = outcome.get_result()
+    report.sections = [
+        (title, text.encode("utf-8", "backslashreplace").decode("utf-8"))
+        for title, text in report.sections
+    ]
