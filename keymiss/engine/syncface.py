@@ -29,7 +29,9 @@ T = TypeVar("T")
 #: where a ``Keymiss`` keeps the loop thread this module started for it
 EXTENSION = "keymiss.sync"
 
-_starting = threading.Lock()  # one loop per Keymiss, however many threads call at once
+#: where a ``Keymiss`` keeps the lock that gives it one loop however many threads call at once
+#: (one lock per ``Keymiss``: a start hook may use another ``Keymiss`` synchronously)
+STARTING = "keymiss.sync.starting"
 
 
 class LoopThread:
@@ -66,7 +68,7 @@ def home_loop(km: Any) -> asyncio.AbstractEventLoop:
     loop: asyncio.AbstractEventLoop | None = km.loop
     if loop is not None:
         return loop
-    with _starting:
+    with km.extensions.setdefault(STARTING, threading.Lock()):  # setdefault is atomic
         if km.loop is None:
             runner = LoopThread()
             km.extensions[EXTENSION] = runner
