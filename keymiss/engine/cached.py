@@ -258,6 +258,11 @@ class CachedKeyspace(Keyspace):
 def cached(km: Any, template: str, **options: Any) -> Callable[[Callable[..., Any]], Any]:
     """The decorator ``Keymiss.cached`` returns (see there)."""
     opts = KeyspaceOptions.of(**options)
+    if opts.batch_size is not None:
+        raise ConfigError(
+            f"cached key {template!r}: batch_size is for a keyspace function taking a list "
+            "(@km.keyspace); a cached function computes one call"
+        )
 
     def decorate(fn: Callable[..., Any]) -> Any:
         keys = KeyTemplate(template, fn)

@@ -174,23 +174,29 @@ class SyncKeymiss:
         return wait(self.km, put)
 
     def delete(self, *keys: str) -> int:
-        return wait(self.km, self.km.delete, *keys)
+        done: int = wait(self.km, self.km.delete, *keys)
+        return done
 
     def exists(self, *keys: str) -> int:
-        return wait(self.km, self.km.exists, *keys)
+        done: int = wait(self.km, self.km.exists, *keys)
+        return done
 
     def ttl(self, key: str) -> int:
-        return wait(self.km, self.km.ttl, key)
+        done: int = wait(self.km, self.km.ttl, key)
+        return done
 
     def pttl(self, key: str) -> int:
-        return wait(self.km, self.km.pttl, key)
+        done: int = wait(self.km, self.km.pttl, key)
+        return done
 
     def expire(self, key: str, seconds: float) -> bool:
-        return wait(self.km, self.km.expire, key, seconds)
+        done: bool = wait(self.km, self.km.expire, key, seconds)
+        return done
 
     def forget(self, pattern: str) -> int:
         """Drop every cached value whose key matches a glob (``Keymiss.forget``)."""
-        return wait(self.km, self.km.forget, pattern)
+        done: int = wait(self.km, self.km.forget, pattern)
+        return done
 
     def stats(self) -> dict[str, Any]:
         """``Keymiss.stats``, read on the engine's loop (a consistent snapshot)."""

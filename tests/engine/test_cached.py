@@ -172,6 +172,8 @@ def test_templates_refused_when_decorated() -> None:
         km.cached("t:{a}")(typed)
     with pytest.raises(ConfigError, match="unknown keyspace option"):
         km.cached("x:{a}", tll=3)(f)
+    with pytest.raises(ConfigError, match="computes one call"):
+        km.cached("x:{a}", batch_size=4)(f)
     assert len(km.registry) == 0
 
 
