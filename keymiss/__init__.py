@@ -1,7 +1,8 @@
 """keymiss: a compute-on-miss cache for expensive ML inference that speaks the Redis protocol."""
 
 from keymiss.api import Keymiss
-from keymiss.codecs import Codec
+from keymiss.codecs import Codec, Value
+from keymiss.engine.syncface import SyncKeymiss
 from keymiss.errors import (
     BatchResultError,
     BusyError,
@@ -40,6 +41,8 @@ __all__ = [
     "Policy",
     "Store",
     "StoreError",
+    "SyncKeymiss",
+    "Value",
     "Write",
     "__version__",
     "open_store",

@@ -10,7 +10,9 @@ reader in any language can decode them; object arrays are refused because they w
 from __future__ import annotations
 
 import json
+import math
 import struct
+from dataclasses import dataclass
 from enum import IntEnum
 from typing import Any
 
@@ -29,6 +31,35 @@ class Codec(IntEnum):
     TEXT = 1
     JSON = 2
     NUMPY = 3
+
+
+#: the longest time to live a value may ask for (a year: the module front end's limit on any time)
+MAX_VALUE_TTL = 365 * 24 * 3600.0
+
+
+@dataclass(frozen=True, slots=True)
+class Value:
+    """What a handler returns to give one value its own time to live: ``Value(v, ttl=30)`` stores
+    ``v`` (encoded like any handler result) for 30 seconds instead of the keyspace's ``ttl`` — a
+    price quoted for a minute, a failed lookup kept briefly, a page whose ``max-age`` says how long.
+    ``ttl=None`` keeps the keyspace's. Every front end honours it (library, Python server, module
+    mode, where the worker's FILL carries it as ``PX``); a keyspace's ``stale`` window is added to
+    it as to the keyspace's own TTL. The time is checked here, where the handler builds it, so a
+    bad one fails that key's computation with a clear error on every front end alike."""
+
+    value: Any
+    ttl: float | None = None
+
+    def __post_init__(self) -> None:
+        ttl = self.ttl
+        if ttl is None:
+            return
+        ok = isinstance(ttl, int | float) and not isinstance(ttl, bool)
+        if not (ok and math.isfinite(ttl) and 0 < ttl <= MAX_VALUE_TTL):
+            raise ValueError(
+                f"Value ttl must be seconds above 0 and at most {MAX_VALUE_TTL:.0f} (a year), "
+                f"or None, got {ttl!r}"
+            )
 
 
 NUMPY_MAGIC = b"KMNDARR1"

@@ -72,8 +72,11 @@ def _glob_escape(text: str) -> str:
 class Template:
     """A compiled ``<field>`` template: literal pieces alternating with field names."""
 
-    def __init__(self, pattern: str) -> None:
+    def __init__(self, pattern: str, *, empty_fields: bool = False) -> None:
         self.pattern = pattern
+        #: whether a field may be empty (a cached function's ``""`` argument); a hand-written
+        #: template refuses it, so a key missing a field reads as a typo
+        self.empty_fields = empty_fields
         self.names: list[str] = []
         self.literals: list[str] = []  # literals[i] precedes names[i]; literals[-1] trails
         pos = 0
@@ -121,13 +124,16 @@ class Template:
                     values.append(key[pos : len(key) - len(trailer)])
                 else:
                     values.append(key[pos:])
-        if any(not v for v in values):
+        if not self.empty_fields and any(not v for v in values):
             return None
         return self.fields_type(*values)
 
 
 class Keyspace:
     """One registered function and the settings that govern its computations."""
+
+    #: whether the template's fields may be empty (see ``Template.empty_fields``)
+    empty_fields = False
 
     def __init__(
         self,
@@ -167,7 +173,9 @@ class Keyspace:
         self.is_async = inspect.iscoroutinefunction(handler) or inspect.iscoroutinefunction(
             getattr(handler, "__call__", None)  # noqa: B004 - async callable objects
         )
-        self.template: Template | None = Template(pattern) if _FIELD.search(pattern) else None
+        self.template: Template | None = (
+            Template(pattern, empty_fields=self.empty_fields) if _FIELD.search(pattern) else None
+        )
         self.claims: Callable[[str], bool]
         """Whether this keyspace is responsible for a key (a template claims its whole prefix)."""
         if self.template is not None:
@@ -178,6 +186,13 @@ class Keyspace:
         else:
             self.prefix = glob_prefix(pattern)
             self.claims = compile_glob(pattern)
+
+    def tuned(self, options: KeyspaceOptions) -> Keyspace:
+        """The same keyspace (pattern, handler, counters) under other options: what ``tune`` and
+        a config file's ``[keyspaces."…"]`` table make of it."""
+        ks = type(self)(self.pattern, self.handler, options)
+        ks.stats = self.stats
+        return ks
 
     def current_version(self) -> str | None:
         """The version values are computed under now (a callable version is asked each time)."""

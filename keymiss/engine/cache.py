@@ -92,6 +92,9 @@ class Keymiss(KeyCommands):
         self._started = False
         #: services an app attaches to the engine (the QA keyspace keeps its reader here)
         self.extensions: dict[str, Any] = {}
+        #: the event loop this cache runs on: the one that started it (its single-flight, batches
+        #: and slots belong to it); ``SyncKeymiss`` and cached functions hand calls to it
+        self.loop: asyncio.AbstractEventLoop | None = None
         self.unowned_hits = 0
         self.unowned_misses = 0
         self.decode_failures = 0
@@ -195,6 +198,8 @@ class Keymiss(KeyCommands):
     async def start(self) -> None:
         """Open the store, run start hooks and start the expiry sweep (``get`` does this on first use)."""
         _ = self.store
+        if self.loop is None:
+            self.loop = asyncio.get_running_loop()
         if not self._started:
             self._started = True
             for hook in self._startup:

@@ -45,8 +45,9 @@ MAX_REMEMBERED = 100_000
 
 @dataclass(frozen=True, slots=True)
 class Computed:
-    """A computed value, encoded: the bytes a client will read, the codec tag, the keyspace's TTL,
-    and the handler seconds it cost (cost-aware eviction weighs it)."""
+    """A computed value, encoded: the bytes a client will read, the codec tag, its TTL (the
+    keyspace's, or the one the handler chose with ``keymiss.Value``), and the handler seconds it
+    cost (cost-aware eviction weighs it)."""
 
     key: str
     value: bytes
@@ -376,6 +377,10 @@ class ComputeEngine:
             if isinstance(value, BaseException):
                 results.append(self._failed(ks, lane, [key], value, one=True))
                 continue
+            ttl = ks.ttl
+            if type(value) is codecs.Value:  # the handler chose this value's own time to live
+                ttl = ks.ttl if value.ttl is None else value.ttl
+                value = value.value
             try:
                 data, tag = codecs.encode(value, ks.codec)
             except CodecError as exc:
@@ -383,7 +388,7 @@ class ComputeEngine:
                 lane.failures.failed("the handler's value cannot be encoded", [key], exc)
                 results.append(CodecError(f"keyspace {ks.pattern!r}: {exc}"))
                 continue
-            results.append(Computed(key, data, tag, ks.ttl, elapsed / n, version))
+            results.append(Computed(key, data, tag, ttl, elapsed / n, version))
             computed += 1
         ks.stats.observe(elapsed, computed)
         return results

@@ -9,7 +9,9 @@ from collections.abc import Awaitable, Callable, Iterable, Sequence
 from typing import Any, TypeVar
 
 from keymiss import codecs
+from keymiss.engine.cached import cached
 from keymiss.engine.compute import ComputeEngine
+from keymiss.engine.syncface import SyncKeymiss
 from keymiss.engine.writeback import WriteBack
 from keymiss.errors import CodecError, ConfigError, KeymissError
 from keymiss.glob import compile_glob
@@ -31,6 +33,8 @@ ReadMany = Results | Awaitable[Results]
 
 F = TypeVar("F", bound=Callable[..., Any])
 
+_SYNC_FACE = "keymiss.sync_face"
+
 
 class KeyCommands:
     """Keyspaces, key commands and stats over ``read``/``read_many``, the store and the
@@ -38,6 +42,7 @@ class KeyCommands:
 
     registry: Registry
     engine: ComputeEngine
+    extensions: dict[str, Any]
     writeback: WriteBack
     decode_failures: int
     #: reads of keys no keyspace owns: found (hits) and not (misses); a keyspace counts its own
@@ -82,6 +87,32 @@ class KeyCommands:
 
         return register
 
+    def cached(self, template: str, **options: Any) -> Callable[[Callable[..., Any]], Any]:
+        """Decorator making a function's calls go through the cache: ``@km.cached("sq:{n}",
+        ttl=60)`` turns ``sq(12)`` into a read of the key ``sq:12``, computed by ``sq`` on a miss,
+        and registers the keyspace ``sq:<n>`` so that a Redis client's ``GET sq:12`` (Python
+        server, module mode) is the same read. The key's fields are the function's parameters, in
+        ``str.format`` syntax (``{{``/``}}`` for literal braces); annotated ``str``, ``int``,
+        ``float`` or ``bool``; text escaped so no argument can read another call's key (see
+        ``keymiss.engine.cached``). The options are ``keyspace``'s.
+
+        A sync function stays sync (its calls run on this cache's event loop: ``SyncKeymiss``),
+        an async one async. The decorated function also has ``.key(*args, **kw)`` (the key a
+        Redis client reads), ``.forget(*args, **kw)`` (drop that call's value and any remembered
+        failure; awaitable for an async function), ``.acall``/``.aforget`` (the awaitable forms, for
+        a sync function used from async code), ``.keyspace`` and ``.__wrapped__`` (the function).
+        """
+        return cached(self, template, **options)
+
+    @property
+    def sync(self) -> SyncKeymiss:
+        """This cache's synchronous face (``SyncKeymiss``): blocking methods for scripts,
+        notebooks and threads, on this cache's own event loop."""
+        face = self.extensions.get(_SYNC_FACE)
+        if face is None:
+            face = self.extensions.setdefault(_SYNC_FACE, SyncKeymiss(self))
+        return face  # type: ignore[no-any-return]
+
     def add_keyspace(
         self,
         pattern: str,
@@ -90,7 +121,10 @@ class KeyCommands:
         **overrides: Any,
     ) -> Keyspace:
         """Non-decorator form of ``keyspace``."""
-        ks = Keyspace(pattern, handler, options, **overrides)
+        return self.register(Keyspace(pattern, handler, options, **overrides))
+
+    def register(self, ks: Keyspace) -> Keyspace:
+        """Register a built keyspace (``add_keyspace`` and ``cached`` build theirs)."""
         ks.clock = self.now  # its version_stale window runs on the engine's clock
         self.registry.add(ks)
         self.engine.add(ks)
@@ -103,8 +137,8 @@ class KeyCommands:
         if old is None:
             known = ", ".join(ks.pattern for ks in self.registry) or "none"
             raise ConfigError(f"no keyspace {pattern!r} to configure; registered: {known}")
-        ks = Keyspace(pattern, old.handler, KeyspaceOptions.of(old.options, **options))
-        ks.stats = old.stats
+        ks = old.tuned(KeyspaceOptions.of(old.options, **options))
+        ks.clock = self.now
         self.registry.replace(ks)
         self.engine.add(ks)
         return ks

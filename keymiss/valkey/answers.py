@@ -228,7 +228,8 @@ class Answers:
             raw,
             token,
             result.value,
-            px=max(1, int((ttl + stale) * 1000)) if ttl else None,
+            # the value's own TTL (``keymiss.Value``) or the keyspace's, within the module's limit
+            px=min(protocol.MAX_MS, max(1, int((ttl + stale) * 1000))) if ttl else None,
             # the module discards another version's value; the companion records codec and
             # version (a typed value of an unversioned keyspace: computed, under no version)
             version=result.version.hex() if versioned or result.codec else None,

@@ -6,13 +6,16 @@ import asyncio
 from collections import Counter
 from collections.abc import Awaitable, Callable
 
+from keymiss import Value
+
 from ..support import Gate
 
 
 class Fn:
     """A keyspace's function: counts its calls per key and answers ``<key>#<n>`` (its n-th run
     for that key). ``hold()`` makes the following runs wait on a fresh ``Gate`` until the
-    scenario opens it; ``fail`` makes them raise; ``delay`` makes them take that long."""
+    scenario opens it; ``fail`` makes them raise; ``delay`` makes them take that long; a key in
+    ``ttls`` is answered as ``Value(answer, ttl=ttls[key])``, its own time to live."""
 
     def __init__(self, *, delay: float = 0.0) -> None:
         self.calls: Counter[str] = Counter()
@@ -20,6 +23,7 @@ class Fn:
         self.fail = False
         self.delay = delay
         self.gates: list[Gate] = []
+        self.ttls: dict[str, float] = {}
 
     def hold(self) -> Gate:
         self.gate = Gate()
@@ -36,7 +40,7 @@ class Fn:
     def total(self) -> int:
         return sum(self.calls.values())
 
-    async def __call__(self, key: str) -> str:
+    async def __call__(self, key: str) -> str | Value:
         self.calls[key] += 1
         n = self.calls[key]
         if self.delay:
@@ -45,14 +49,16 @@ class Fn:
             await self.gate.hold(key)
         if self.fail:
             raise ValueError(f"no value for {key} (run {n})")
+        if key in self.ttls:
+            return Value(f"{key}#{n}", ttl=self.ttls[key])
         return f"{key}#{n}"
 
 
-def handler(fn: Fn) -> Callable[[str], Awaitable[str]]:
+def handler(fn: Fn) -> Callable[[str], Awaitable[str | Value]]:
     """``fn`` as a plain coroutine function (how a keyspace knows a handler is async), naming
     ``fn`` so the front end can release its gates before closing."""
 
-    async def compute(key: str) -> str:
+    async def compute(key: str) -> str | Value:
         return await fn(key)
 
     compute.fn = fn  # type: ignore[attr-defined]

@@ -130,6 +130,22 @@ async def early(fe: Frontend, p: str) -> None:
     assert fn.calls[key] == 2
 
 
+@row("value-ttl")
+async def value_ttl(fe: Frontend, p: str) -> None:
+    fn = Fn()
+    short, plain = f"{p}:short", f"{p}:plain"
+    fn.ttls[short] = 0.3  # the handler returns Value(..., ttl=0.3) for this key only
+    fe.keyspace(f"{p}:*", handler(fn), ttl=60)
+    await fe.start()
+    assert await fe.get(short) == f"{short}#1"  # the value itself, not a wrapper
+    assert await fe.get(plain) == f"{plain}#1"
+    assert await fe.get(short) == f"{short}#1"  # a hit inside its own TTL
+    await stored(fe, short, expect=0)  # gone at its own TTL, well inside the keyspace's
+    assert await fe.get(short) == f"{short}#2"
+    assert await fe.get(plain) == f"{plain}#1"  # the keyspace's TTL holds the other
+    assert (fn.calls[short], fn.calls[plain]) == (2, 1)
+
+
 @row("other-version")
 async def other_version(fe: Frontend, p: str) -> None:
     fn, versions = Fn(), Versions()
