@@ -63,16 +63,47 @@ def command(
     summary: str = "",
     arguments: list[dict[str, Any]] | None = None,
     subcommands: tuple[str, ...] = (),
+    ttl: bool = False,
 ) -> Callable[[Handler], Handler]:
-    """Register a handler in the table."""
+    """Register a handler in the table. A ``write`` command supersedes what is being computed of
+    the keys it names (``superseding``); ``ttl`` marks one that only changes a key's expiry (it
+    supersedes a computation only where it deletes the key, and says so itself)."""
 
     def register(fn: Handler) -> Handler:
+        handler = fn if "write" not in flags or ttl else superseding(fn, keys)
         TABLE[name.lower().encode()] = Command(
-            name.lower(), fn, arity, flags, *keys, group, summary, arguments or [], subcommands
+            name.lower(), handler, arity, flags, *keys, group, summary, arguments or [], subcommands
         )
         return fn
 
     return register
+
+
+def superseding(fn: Handler, keys: tuple[int, int, int]) -> Handler:
+    """The one rule of client writes during a computation (docs/architecture.md, the read
+    contract's write-during and del-during rows): a command that writes or deletes a key
+    supersedes a computation of that key already running, as DEL does. Its readers still get the
+    computed value, but it is not stored over the client's write, nor after the client's delete.
+
+    Applied here, to every ``write`` command of the table by its key positions (a write naming no
+    key, FLUSHDB, supersedes every key), so a new write command cannot forget it. The keys are
+    marked once the handler has accepted its arguments (a refused command supersedes nothing) and
+    before any of its store writes can land: a synchronous handler has written already with no
+    fill in between, an asynchronous one has not started yet. Relayed commands follow the same
+    rule by the flags the backing Redis gives them (``Connection._passthrough``)."""
+    first, last, step = keys
+
+    def handler(c: Client, args: list[bytes]) -> Reply:
+        answer = fn(c, args)
+        if first <= 0:
+            c.km.written(None)
+        else:
+            end = last if last >= 0 else len(args) + last
+            c.km.written(key_of(k) for k in args[first : end + 1 : step])
+        return answer
+
+    handler.__doc__ = fn.__doc__
+    return handler
 
 
 def arg(

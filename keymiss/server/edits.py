@@ -43,12 +43,13 @@ TOO_BIG = "ERR string exceeds maximum allowed size (proto-max-bulk-len)"
 Edit = Callable[[Item | None], tuple[bytes | None, Any]]
 
 
-def _relay_or(c: Client, args: list[bytes], key: str, edit: Edit, encode: Callable[[Any], bytes]) -> Reply:
+def edit_or_relay(
+    c: Client, args: list[bytes], key: str, edit: Edit, encode: Callable[[Any], bytes]
+) -> Reply:
     """Run ``edit`` on the in-process store (inline where writes are synchronous), or relay the
     command to the shared Redis."""
     if c.shared is not None:
         return c.relay(args)
-    c.km.written([key])  # a computation that started before this edit must not be stored after it
     store = local_store_of(c)
     if store is not None and store.sync_writes:
         return encode(store.update_now(key, edit))
@@ -59,7 +60,7 @@ def _relay_or(c: Client, args: list[bytes], key: str, edit: Edit, encode: Callab
     return later()
 
 
-def _read_or(c: Client, args: list[bytes], key: str, read: Callable[[Item | None], bytes]) -> Reply:
+def read_or_relay(c: Client, args: list[bytes], key: str, read: Callable[[Item | None], bytes]) -> Reply:
     """Answer a read from the in-process store, or relay it to the shared Redis."""
     if c.shared is not None:
         return c.relay(args)
@@ -88,7 +89,7 @@ def _incr(c: Client, args: list[bytes], by: int) -> Reply:
             raise CommandError("ERR increment or decrement would overflow")
         return b"%d" % new, new
 
-    return _relay_or(c, args, key_of(args[1]), edit, reply.integer)
+    return edit_or_relay(c, args, key_of(args[1]), edit, reply.integer)
 
 
 def _counter(name: str, summary: str, with_amount: bool) -> None:
@@ -126,7 +127,7 @@ def _long_double(raw: bytes, message: str) -> np.longdouble:
     """A number as Redis's string2ld reads it (strtold: decimal, exponent, hex; no spaces, no
     underscores, no NaN), as a long double, which is what Redis adds in."""
     text = raw.decode("ascii", "replace")
-    if not text or len(text) > 5000 or text != text.strip() or "_" in text:
+    if not text or len(text) > 5000 or text != text.strip() or "_" in text or "\0" in text:
         raise CommandError(message)
     try:
         with warnings.catch_warnings():
@@ -169,7 +170,7 @@ def cmd_incrbyfloat(c: Client, args: list[bytes]) -> Reply:
         text = format_long_double(new).encode()
         return text, text
 
-    return _relay_or(c, args, key_of(args[1]), edit, reply.bulk)
+    return edit_or_relay(c, args, key_of(args[1]), edit, reply.bulk)
 
 
 # --- APPEND, SETRANGE ----------------------------------------------------------------------------------
@@ -196,7 +197,7 @@ def cmd_append(c: Client, args: list[bytes]) -> Reply:
         new = old + tail
         return new, len(new)
 
-    return _relay_or(c, args, key, edit, reply.integer)
+    return edit_or_relay(c, args, key, edit, reply.integer)
 
 
 @command(
@@ -228,7 +229,7 @@ def cmd_setrange(c: Client, args: list[bytes]) -> Reply:
         new = padded[:offset] + part + padded[offset + len(part) :]
         return new, len(new)
 
-    return _relay_or(c, args, key, edit, reply.integer)
+    return edit_or_relay(c, args, key, edit, reply.integer)
 
 
 # --- reads ---------------------------------------------------------------------------------------------
@@ -242,7 +243,7 @@ def cmd_setrange(c: Client, args: list[bytes]) -> Reply:
     arguments=[arg("key", "key")],
 )
 def cmd_strlen(c: Client, args: list[bytes]) -> Reply:
-    return _read_or(
+    return read_or_relay(
         c, args, key_of(args[1]), lambda item: reply.integer(0 if item is None else len(item.value))
     )
 
@@ -273,7 +274,7 @@ def _substr(value: bytes, start: int, end: int) -> bytes:
 )
 def cmd_getrange(c: Client, args: list[bytes]) -> Reply:
     start, end = to_int(args[2]), to_int(args[3])
-    return _read_or(
+    return read_or_relay(
         c,
         args,
         key_of(args[1]),
@@ -358,7 +359,7 @@ def cmd_memory(c: Client, args: list[bytes]) -> Reply:
             raise CommandError(SYNTAX)
         i += 2
     key = key_of(args[2])
-    return _read_or(
+    return read_or_relay(
         c,
         args,
         key,
@@ -384,8 +385,8 @@ _MEMORY_HELP = (
     -2,
     flags=("readonly",),
     group="generic",
-    summary="OBJECT ENCODING / REFCOUNT / IDLETIME of a key.",
-    subcommands=("encoding", "refcount", "idletime", "help"),
+    summary="OBJECT ENCODING / REFCOUNT / IDLETIME / FREQ of a key.",
+    subcommands=("encoding", "refcount", "idletime", "freq", "help"),
 )
 def cmd_object(c: Client, args: list[bytes]) -> Reply:
     if c.shared is not None:
@@ -395,7 +396,7 @@ def cmd_object(c: Client, args: list[bytes]) -> Reply:
         if len(args) != 2:
             raise CommandError("ERR wrong number of arguments for 'object|help' command")
         return reply.array(reply.simple(line) for line in _OBJECT_HELP)
-    if sub not in (b"encoding", b"refcount", b"idletime"):
+    if sub not in (b"encoding", b"refcount", b"idletime", b"freq"):
         raise CommandError(f"ERR unknown subcommand '{args[1].decode(errors='replace')}'. Try OBJECT HELP.")
     if len(args) != 3:
         raise CommandError(f"ERR wrong number of arguments for 'object|{sub.decode()}' command")
@@ -405,16 +406,26 @@ def cmd_object(c: Client, args: list[bytes]) -> Reply:
             return reply.null(c.proto)
         if sub == b"encoding":
             return reply.bulk(_encoding(item.value).encode())
+        if sub == b"freq":  # Redis's answer where maxmemory-policy is not an LFU one
+            raise CommandError(NO_LFU)
         return reply.integer(1 if sub == b"refcount" else 0)
 
-    return _read_or(c, args, key_of(args[2]), read)
+    return read_or_relay(c, args, key_of(args[2]), read)
 
+
+NO_LFU = (
+    "ERR An LFU maxmemory policy is not selected, access frequency not tracked. Please note that when "
+    "switching between policies at runtime LRU and LFU data will take some time to adjust."
+)
 
 _OBJECT_HELP = (
     "OBJECT <subcommand> [<arg> [value] [opt] ...]. Subcommands are:",
     "ENCODING <key>",
     "    Return the kind of internal representation used in order to store the value",
     "    associated with a <key>.",
+    "FREQ <key>",
+    "    Return the access frequency index of the <key> (not tracked here: an error, as Redis",
+    "    answers without an LFU maxmemory policy).",
     "IDLETIME <key>",
     "    Return the idle time of the <key> (0: not tracked here).",
     "REFCOUNT <key>",

@@ -65,6 +65,8 @@ def cmd_command(c: Client, args: list[bytes]) -> Reply:
     sub = args[1].lower()
     names = [a.lower() for a in args[2:]]
     if sub == b"count":
+        if len(args) != 2:
+            raise CommandError("ERR wrong number of arguments for 'command|count' command")
         return reply.integer(len(TABLE))
     if sub == b"list":
         return reply.encode(sorted(cmd.name for cmd in TABLE.values()), c.proto)

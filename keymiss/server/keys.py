@@ -6,14 +6,13 @@ expiry, deletion, iteration) and never compute a value.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Awaitable
 from typing import TYPE_CHECKING
 
 from keymiss.server import reply
 from keymiss.server.commands import (
     SYNTAX,
-    TABLE,
-    Command,
     CommandError,
     Reply,
     arg,
@@ -22,7 +21,7 @@ from keymiss.server.commands import (
     local_store_of,
     to_int,
 )
-from keymiss.server.strings import check_expire_range
+from keymiss.server.strings import LLONG_MAX
 from keymiss.stores.base import LocalStore
 
 if TYPE_CHECKING:
@@ -180,7 +179,6 @@ def cmd_scan(c: Client, args: list[bytes]) -> Reply:
 
 # --- writes --------------------------------------------------------------------------------------------
 def _delete(c: Client, keys: list[str]) -> Reply:
-    c.km.written(keys)
     store = local_store_of(c)
     if store is not None and store.sync_writes:
         return reply.integer(store.delete_now(keys))
@@ -211,60 +209,116 @@ def cmd_unlink(c: Client, args: list[bytes]) -> Reply:
     return _delete(c, [key_of(a) for a in args[1:]])
 
 
-def _expire_cmd(c: Client, args: list[bytes], unit: float, name: str) -> Reply:
+def _expire_cmd(c: Client, args: list[bytes], unit_ms: int, absolute: bool, name: str) -> Reply:
+    """EXPIRE, PEXPIRE, EXPIREAT and PEXPIREAT, as Redis's expireGenericCommand: the options
+    first, then the time, made absolute in milliseconds (an overflow is an error), then the key.
+    A time already past deletes the key, which supersedes a computation of it (a delete); any other
+    expiry change does not (the read contract's ttl-during row)."""
     key = key_of(args[1])
-    amount = to_int(args[2])
-    flags = {a.lower() for a in args[3:]}
-    if not flags <= {b"nx", b"xx", b"gt", b"lt"} or len(flags) != len(args) - 3:
-        raise CommandError(f"ERR Unsupported option {args[3].decode(errors='replace')}")
+    flags = set()
+    for raw in args[3:]:
+        opt = raw.lower()
+        if opt not in (b"nx", b"xx", b"gt", b"lt"):
+            raise CommandError(f"ERR Unsupported option {raw.decode(errors='replace')}")
+        flags.add(opt)
     if b"nx" in flags and flags & {b"xx", b"gt", b"lt"}:
         raise CommandError("ERR NX and XX, GT or LT options at the same time are not compatible")
     if {b"gt", b"lt"} <= flags:
         raise CommandError("ERR GT and LT options at the same time are not compatible")
-    check_expire_range(amount, 1000 if unit == 1.0 else 1, False, name)
-    ttl = amount * unit
+    when = to_int(args[2])
+    if unit_ms == 1000:
+        if when > LLONG_MAX // 1000 or when < -(LLONG_MAX // 1000):
+            raise CommandError(f"ERR invalid expire time in '{name}' command")
+        when *= 1000
+    base = 0 if absolute else int(time.time() * 1000)
+    if when > LLONG_MAX - base:
+        raise CommandError(f"ERR invalid expire time in '{name}' command")
+    when += base
 
     async def later() -> bytes:
         store = c.km.store
         current = await store.pttl(key)
         if current == -2:
             return reply.integer(0)
-        has = current >= 0
-        if (b"nx" in flags and has) or (b"xx" in flags and not has):
+        now = int(time.time() * 1000)
+        expire = -1 if current < 0 else now + current
+        if (b"nx" in flags and expire != -1) or (b"xx" in flags and expire == -1):
             return reply.integer(0)
-        if b"gt" in flags and (not has or ttl * 1000 <= current):
+        if b"gt" in flags and (expire == -1 or when <= expire):
             return reply.integer(0)
-        if b"lt" in flags and has and ttl * 1000 >= current:
+        if b"lt" in flags and expire != -1 and when >= expire:
             return reply.integer(0)
-        if ttl <= 0:  # a delete: a computation that started before must not reappear
+        if when <= now:  # a delete: a computation that started before must not reappear
             c.km.written([key])
-        return reply.integer(int(await store.expire(key, ttl)))
+            return reply.integer(int(await store.delete([key]) > 0))
+        return reply.integer(int(await store.expire(key, (when - now) / 1000)))
 
     return later()
 
 
-@command(
-    "expire",
-    -3,
-    flags=("write", "fast"),
-    keys=(1, 1, 1),
-    summary="Set a key's time to live in seconds.",
-    arguments=[arg("key", "key"), arg("seconds", "integer"), arg("condition", "oneof", optional=True)],
-)
-def cmd_expire(c: Client, args: list[bytes]) -> Reply:
-    return _expire_cmd(c, args, 1.0, "expire")
+def _expire_command(name: str, unit_ms: int, absolute: bool, what: str) -> None:
+    @command(
+        name,
+        -3,
+        flags=("write", "fast"),
+        keys=(1, 1, 1),
+        summary=f"Set a key's {what}.",
+        arguments=[
+            arg("key", "key"),
+            arg(
+                ("unix-time-" if absolute else "") + ("seconds" if unit_ms == 1000 else "milliseconds"),
+                "integer",
+            ),
+            arg("condition", "oneof", optional=True),
+        ],
+        ttl=True,
+    )
+    def handler(c: Client, args: list[bytes]) -> Reply:
+        return _expire_cmd(c, args, unit_ms, absolute, name)
+
+
+_expire_command("expire", 1000, False, "time to live in seconds")
+_expire_command("pexpire", 1, False, "time to live in milliseconds")
+_expire_command("expireat", 1000, True, "expiry as a unix time in seconds")
+_expire_command("pexpireat", 1, True, "expiry as a unix time in milliseconds")
+
+
+def _expiretime(c: Client, args: list[bytes], unit: int) -> Reply:
+    if c.shared is not None:
+        return c.relay(args)
+    store = local_store_of(c)
+    assert store is not None
+    item = store.get_now(key_of(args[1]))
+    if item is None:
+        return reply.integer(-2)
+    if item.expires_at is None:
+        return reply.integer(-1)
+    ms = max(0, round(item.expires_at * 1000))
+    return reply.integer(ms if unit == 1 else (ms + 500) // 1000)
 
 
 @command(
-    "pexpire",
-    -3,
-    flags=("write", "fast"),
+    "expiretime",
+    2,
+    flags=("readonly", "fast"),
     keys=(1, 1, 1),
-    summary="Set a key's time to live in milliseconds.",
-    arguments=[arg("key", "key"), arg("milliseconds", "integer"), arg("condition", "oneof", optional=True)],
+    summary="A key's expiry as a unix time in seconds; -1 without expiry, -2 if missing.",
+    arguments=[arg("key", "key")],
 )
-def cmd_pexpire(c: Client, args: list[bytes]) -> Reply:
-    return _expire_cmd(c, args, 0.001, "pexpire")
+def cmd_expiretime(c: Client, args: list[bytes]) -> Reply:
+    return _expiretime(c, args, 1000)
+
+
+@command(
+    "pexpiretime",
+    2,
+    flags=("readonly", "fast"),
+    keys=(1, 1, 1),
+    summary="A key's expiry as a unix time in milliseconds; -1 without expiry, -2 if missing.",
+    arguments=[arg("key", "key")],
+)
+def cmd_pexpiretime(c: Client, args: list[bytes]) -> Reply:
+    return _expiretime(c, args, 1)
 
 
 @command(
@@ -273,6 +327,7 @@ def cmd_pexpire(c: Client, args: list[bytes]) -> Reply:
     flags=("write", "fast"),
     keys=(1, 1, 1),
     summary="Remove a key's expiry.",
+    ttl=True,
     arguments=[arg("key", "key")],
 )
 def cmd_persist(c: Client, args: list[bytes]) -> Reply:
@@ -298,11 +353,16 @@ def cmd_flushdb(c: Client, args: list[bytes]) -> Reply:
         )
 
     async def later() -> bytes:
-        c.km.written(None)
         await store.flush_data()  # keymiss's own records (contexts) stay
         return reply.OK
 
     return later()
 
 
-TABLE[b"flushall"] = Command("flushall", cmd_flushdb, -1, ("write",), summary="Remove every key.")
+command(
+    "flushall",
+    -1,
+    flags=("write",),
+    summary="Remove every key.",
+    arguments=[arg("flush-type", "oneof", optional=True)],
+)(cmd_flushdb)

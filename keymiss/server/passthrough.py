@@ -54,8 +54,11 @@ _BY_CATEGORY = {
 #: Commands of a refused category that are safe after all (stateless), with the condition.
 _PUBLISH = (b"publish", b"spublish")
 _UNBLOCKED = (b"xread", b"xreadgroup")  # blocking only with a BLOCK argument
-_KEYS_OK = (b"keys",)  # @dangerous for its O(N), which Redis's own users accept
-_DESPITE = {b"@pubsub": _PUBLISH, b"@blocking": _UNBLOCKED, b"@dangerous": _KEYS_OK}
+#: @dangerous, yet neither admin nor stateful: KEYS for its O(N), which Redis's own users accept;
+#: SORT and SORT_RO because BY/GET patterns reach keys they do not declare (no harm on one server;
+#: a pattern or STORE under keymiss's own prefix is refused like any write to it)
+_DANGEROUS_OK = (b"keys", b"sort", b"sort_ro")
+_DESPITE = {b"@pubsub": _PUBLISH, b"@blocking": _UNBLOCKED, b"@dangerous": _DANGEROUS_OK}
 
 
 @dataclass(frozen=True)

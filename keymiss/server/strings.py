@@ -102,6 +102,7 @@ async def _mget_later(c: Client, pending: Awaitable[list[Item | BaseException | 
     keys=(1, 1, 1),
     group="string",
     summary="Get the value of a key (computing it on a miss) and optionally set its expiration.",
+    ttl=True,
     arguments=[arg("key", "key"), arg("expiration", "oneof", optional=True)],
 )
 def cmd_getex(c: Client, args: list[bytes]) -> Reply:
@@ -246,7 +247,6 @@ def _set(
             return _item_reply(old, c.proto)
         return reply.OK if ok else reply.null(c.proto)
 
-    c.km.written([key])  # a computation that started before this write must not be stored after it
     if store is not None and store.sync_writes:
         ok = store.set_now(key, value, ttl=ttl, nx=nx, xx=xx, keep_ttl=keep)
         if ok and expired:
@@ -307,7 +307,6 @@ def cmd_setnx(c: Client, args: list[bytes]) -> Reply:
         raise CommandError(OOM)
 
     async def later() -> bytes:
-        c.km.written([key_of(args[1])])
         return reply.integer(int(await c.km.store.set(key_of(args[1]), args[2], nx=True)))
 
     return later()
@@ -333,7 +332,6 @@ def cmd_mset(c: Client, args: list[bytes]) -> Reply:
         raise CommandError(OOM)  # refused whole, as Redis's MSET is: nothing is written
 
     async def later() -> bytes:
-        c.km.written(w.key for w in writes)
         if not all(await c.km.store.set_many(writes)):
             raise CommandError(OOM)
         return reply.OK
@@ -353,9 +351,6 @@ def cmd_mset(c: Client, args: list[bytes]) -> Reply:
 def cmd_getdel(c: Client, args: list[bytes]) -> Reply:
     key = key_of(args[1])
     shared = c.shared
-    # a delete whether or not there is a value yet: a computation of the key running now (its
-    # value not stored yet) must not store it afterwards, as after DEL
-    c.km.written([key])
 
     async def later() -> bytes:
         item = await (shared.get_strict(key) if shared is not None else c.km.store.get(key))

@@ -347,6 +347,26 @@ class LocalStore(Store):
         """A read-modify-write of one key (INCR, APPEND, SETRANGE); the TTL is kept, as Redis does."""
         return await self._write(self._update, key, edit)
 
+    def step_now(self, step: Callable[[], Any]) -> Any:
+        """Run ``step`` as one step of the store's single writer, on this thread (valid where
+        ``sync_writes``): a command touching several keys (RENAME, MSETNX) reads and writes them
+        with no other write in between. Inside it, write with ``put`` and ``remove``."""
+        return self._write_now(step)
+
+    async def step(self, step: Callable[[], Any]) -> Any:
+        """``step_now`` on the writer (LMDB's writer thread when durable)."""
+        return await self._write(step)
+
+    def put(
+        self, key: str, value: bytes, *, codec: int = 0, ttl: float | None = None, nx: bool = False
+    ) -> bool:
+        """Inside a ``step``: write one key (False if ``nx`` and it exists, or it does not fit)."""
+        return self._set([Write(key, value, codec, ttl)], nx, False, False)[0]
+
+    def remove(self, keys: Iterable[str]) -> int:
+        """Inside a ``step``: delete keys; how many existed."""
+        return self._delete(list(keys))
+
     def exists_now(self, keys: Iterable[str]) -> int:
         return sum(1 for k in keys if self.get_now(k) is not None)
 
