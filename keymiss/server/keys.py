@@ -251,7 +251,13 @@ def _expire_cmd(c: Client, args: list[bytes], unit_ms: int, absolute: bool, name
         if when <= now:  # a delete: a computation that started before must not reappear
             c.km.written([key])
             return reply.integer(int(await store.delete([key]) > 0))
-        return reply.integer(int(await store.expire(key, (when - now) / 1000)))
+        if isinstance(store, LocalStore):  # the time as given (EXPIRETIME reads it back)
+            return reply.integer(int(await store.expire_at(key, when / 1000)))
+        done = await store.expire(key, (when - now) / 1000)  # the value and its records
+        shared = c.shared
+        if done and shared is not None and absolute:  # then the value's exact time, as given
+            await shared.raw([b"PEXPIREAT", args[1], b"%d" % when])
+        return reply.integer(int(done))
 
     return later()
 

@@ -64,11 +64,11 @@ def cmd_select(c: Client, args: list[bytes]) -> Reply:
 def _check_password(c: Client, user: bytes, password: bytes) -> None:
     expected = c.server.settings.requirepass
     if expected is None:
-        if user.lower() == b"default":
+        if user == b"default":  # user names are case-sensitive, as Redis's ACL users are
             c.authenticated = True
             return
         raise CommandError("WRONGPASS invalid username-password pair or user is disabled.")
-    if user.lower() != b"default" or not hmac.compare_digest(password, expected.encode()):
+    if user != b"default" or not hmac.compare_digest(password, expected.encode()):
         c.server.auth_failures += 1
         raise CommandError("WRONGPASS invalid username-password pair or user is disabled.")
     c.authenticated = True
@@ -176,6 +176,10 @@ def cmd_client(c: Client, args: list[bytes]) -> Reply:
         attr = args[2].lower()
         if attr not in (b"lib-name", b"lib-ver"):
             raise CommandError(f"ERR Unrecognized option '{args[2].decode(errors='replace')}'")
+        # as Redis checks it (up to a NUL, C-string style): a space or newline would forge CLIENT LIST
+        if any(ch < 33 or ch > 126 for ch in args[3].partition(b"\0")[0]):
+            name = args[2].decode(errors="replace")
+            raise CommandError(f"ERR {name} cannot contain spaces, newlines or special characters.")
         c.lib[attr.decode()] = args[3].decode(errors="replace")
         return reply.OK
     if sub in (b"no-evict", b"no-touch") and len(args) == 3:

@@ -116,10 +116,14 @@ def cmd_getex(c: Client, args: list[bytes]) -> Reply:
         elif len(opts) == 2 and opts[0] in (b"ex", b"px", b"exat", b"pxat"):
             try:
                 ttl = _expiry(opts[0], args[3], "getex")
-            except CommandError:
+            except CommandError as exc:
                 # as Redis: a missing key is nil before its expiry is looked at
+                if c.km.registry.route(key) is not None:
+                    raise
                 store = local_store_of(c)
-                if store is not None and store.get_now(key) is None and c.km.registry.route(key) is None:
+                if store is None:
+                    return _nil_or(c, key, exc)
+                if store.get_now(key) is None:
                     return reply.null(c.proto)
                 raise
         else:
@@ -128,6 +132,13 @@ def cmd_getex(c: Client, args: list[bytes]) -> Reply:
     if c.in_exec and store is not None and store.get_now(key) is None:
         return cmd_get(c, [b"get", args[1]])  # a miss inside EXEC: started, nil, no expiry to set
     return _getex(c, key, ttl, persist, bool(opts))
+
+
+async def _nil_or(c: Client, key: str, exc: CommandError) -> bytes:
+    """Nil for a missing key of a shared store, else the error its arguments earned."""
+    if not await c.km.store.exists([key]):
+        return reply.null(c.proto)
+    raise exc
 
 
 async def _getex(c: Client, key: str, ttl: float | None, persist: bool, change: bool) -> bytes:

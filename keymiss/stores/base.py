@@ -423,6 +423,12 @@ class LocalStore(Store):
         result: bool = await self._write(self._set_expiry, key, expires_at)
         return result
 
+    async def expire_at(self, key: str, expires_at: float) -> bool:
+        """Give an existing key an absolute expiry (unix seconds, in the future): EXPIREAT's
+        time is kept as given, not recomputed from a relative one."""
+        result: bool = await self._write(self._set_expiry, key, expires_at)
+        return result
+
     async def scan(
         self, cursor: int, match: str | None = None, count: int = 10, kind: str | None = None
     ) -> tuple[int, list[str]]:

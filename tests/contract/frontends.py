@@ -33,8 +33,10 @@ from ..support import RespTestClient, aeventually
 OP_WAIT = 10.0
 
 LIBRARY_OPS = frozenset({"GET", "MGET", "SET", "DEL", "EXPIRE", "PERSIST"})
-PYTHON_OPS = LIBRARY_OPS | {"UNLINK", "GETDEL", "GETEX", "FLUSHALL", "FLUSHDB", "MULTI"}
-MODULE_OPS = PYTHON_OPS | {"RENAME", "EVAL"}
+#: writes other than SET that give a key a value ("written"), each a case of the write-during row
+WRITE_OPS = frozenset({"SET GET", "GETSET", "APPEND", "SETRANGE", "MSETNX"})
+PYTHON_OPS = LIBRARY_OPS | WRITE_OPS | {"UNLINK", "GETDEL", "GETEX", "FLUSHALL", "FLUSHDB", "MULTI", "RENAME"}
+MODULE_OPS = PYTHON_OPS | {"EVAL"}
 
 EVAL_GET = "return redis.call('GET', KEYS[1])"
 
@@ -140,6 +142,10 @@ class Frontend:
     async def rename(self, src: str, dst: str) -> None:
         raise self._lacks("RENAME")
 
+    async def write(self, key: str, how: str) -> None:
+        """One of ``WRITE_OPS``, leaving ``key`` holding "written"."""
+        raise self._lacks(how)
+
     async def flush(self, how: str = "FLUSHALL") -> None:
         """FLUSHALL or FLUSHDB."""
         raise self._lacks(how)
@@ -231,6 +237,17 @@ class Resp(Frontend):
 
     async def rename(self, src: str, dst: str) -> None:
         assert await self.call("RENAME", src, dst) == "OK"
+
+    async def write(self, key: str, how: str) -> None:
+        args = {
+            "SET GET": ("SET", key, "written", "GET"),
+            "GETSET": ("GETSET", key, "written"),
+            "APPEND": ("APPEND", key, "written"),
+            "SETRANGE": ("SETRANGE", key, 0, "written"),
+            "MSETNX": ("MSETNX", key, "written"),
+        }[how]
+        got = await self.call(*args)
+        assert not isinstance(got, Err), (how, got)
 
     async def flush(self, how: str = "FLUSHALL") -> None:
         """FLUSHALL or FLUSHDB."""

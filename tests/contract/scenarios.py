@@ -15,7 +15,7 @@ from collections.abc import Awaitable, Callable
 from functools import partial
 
 from ..support import Gate, aeventually
-from .frontends import Err, Frontend, Module, Versions
+from .frontends import WRITE_OPS, Err, Frontend, Module, Versions
 from .handlers import Fn, handler
 
 Scenario = Callable[[Frontend, str], Awaitable[None]]
@@ -324,8 +324,10 @@ async def write_during(fe: Frontend, p: str) -> None:
             await fe.rename(f"{p}-src", k)
 
         ways["RENAME"] = rename
+    for how in sorted(WRITE_OPS & fe.ops):
+        ways[how] = partial(fe.write, how=how)
     for way, act in ways.items():
-        key = f"{p}:{way.lower()}"
+        key = f"{p}:{way.lower().replace(' ', '-')}"
         assert await _during(fe, fn, key, partial(act, key)) == f"{key}#1"
         assert await fe.get(key) == "written"  # the client's value stays stored
         assert fn.calls[key] == 1

@@ -14,6 +14,7 @@ from typing import Any
 import pytest
 import redis
 
+from ..redis_servers import HAVE_REDIS, RedisProcess
 from ..support import RawClient
 from .conftest import ServerProcess, call_bytes, start_server
 
@@ -37,13 +38,25 @@ def assert_same_replies(redis_port: int, port: int, commands: list[tuple[str, ..
         want_wire.close(), got_wire.close()
 
 
-@pytest.fixture(scope="module", params=["memory", "lmdb"])
+@pytest.fixture(scope="module", params=["memory", "lmdb", "redis"])
 def keymiss_node(request: Any, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
     tmp = tmp_path_factory.mktemp("strings")
-    extra = ("--store", f"lmdb:{tmp}/db") if request.param == "lmdb" else ()
+    backing: RedisProcess | None = None
+    if request.param == "lmdb":
+        extra: tuple[str, ...] = ("--store", f"lmdb:{tmp}/db")
+    elif request.param == "redis":  # a shared Redis of its own (the compared one is another)
+        if not HAVE_REDIS:
+            pytest.skip("redis-server is not installed")
+        backing = RedisProcess(tmp / "backing")
+        extra = ("--store", f"redis://127.0.0.1:{backing.port}/0")
+    else:
+        extra = ()
     node = start_server(tmp, *extra, front="python")
+    node.store = request.param  # type: ignore[attr-defined]
     yield node
     node.stop()
+    if backing is not None:
+        backing.stop()
 
 
 SCRIPTS: dict[str, list[tuple[str, ...]]] = {
@@ -198,6 +211,133 @@ SCRIPTS: dict[str, list[tuple[str, ...]]] = {
         ("GETEX", "y", "EX", "0"),
         ("GETEX", "missing", "PERSIST"),
     ],
+    "getset msetnx": [
+        ("GETSET", "g", "v"),
+        ("GETSET", "g", "w"),
+        ("SET", "g", "x", "EX", "100"),
+        ("GETSET", "g", "y"),
+        ("TTL", "g"),
+        ("GETSET", "g"),
+        ("MSETNX", "a", "1", "@b", "2"),
+        ("MSETNX", "a", "3", "@c", "4"),
+        ("MGET", "a", "@b", "@c"),
+        ("MSETNX", "d", "1", "@d", "2"),
+        ("GET", "d"),
+        ("GET", "@d"),
+        ("MSETNX", "e"),
+        ("MSETNX", "e", "1", "@f"),
+    ],
+    "rename": [
+        ("SET", "r", "1", "EX", "100"),
+        ("RENAME", "r", "@r2"),
+        ("TTL", "@r2"),
+        ("GET", "@r2"),
+        ("EXISTS", "r"),
+        ("RENAME", "missing", "@x"),
+        ("RENAMENX", "missing", "@x"),
+        ("RENAMENX", "@r2", "@r2"),
+        ("RENAME", "@r2", "@r2"),
+        ("SET", "@r3", "v"),
+        ("RENAMENX", "@r2", "@r3"),
+        ("RENAME", "@r2", "@r3"),
+        ("GET", "@r3"),
+        ("TTL", "@r3"),
+        ("EXISTS", "@r2"),
+    ],
+    "bits": [
+        ("SETBIT", "b", "7", "1"),
+        ("SETBIT", "b", "7", "0"),
+        ("GET", "b"),
+        ("SETBIT", "b", "100", "1"),
+        ("STRLEN", "b"),
+        ("GETBIT", "b", "100"),
+        ("GETBIT", "b", "10000"),
+        ("GETBIT", "nothing", "0"),
+        ("SETBIT", "b", "-1", "1"),
+        ("SETBIT", "b", "4294967296", "1"),
+        ("SETBIT", "b", "0", "2"),
+        ("SETBIT", "b", "0", "x"),
+        ("GETBIT", "b", "x"),
+        ("SET", "c", "foobar"),
+        ("BITCOUNT", "c"),
+        ("BITCOUNT", "c", "0", "0"),
+        ("BITCOUNT", "c", "1", "1", "byte"),
+        ("BITCOUNT", "c", "5", "30", "BIT"),
+        ("BITCOUNT", "c", "-1", "-2"),
+        ("BITCOUNT", "c", "-1", "-2", "junk"),
+        ("BITCOUNT", "c", "0", "1", "junk"),
+        ("BITCOUNT", "c", "0"),
+        ("BITCOUNT", "c", "x", "1"),
+        ("BITCOUNT", "nothing", "x", "y"),
+        ("BITCOUNT", "c", "-100", "100", "BIT"),
+        ("BITPOS", "c", "1"),
+        ("BITPOS", "c", "0"),
+        ("BITPOS", "c", "1", "2"),
+        ("BITPOS", "c", "0", "1", "-1"),
+        ("BITPOS", "c", "1", "7", "15", "BIT"),
+        ("BITPOS", "c", "0", "7", "15", "BIT"),
+        ("BITPOS", "c", "1", "7", "-3", "BIT"),
+        ("BITPOS", "c", "0", "9", "BIT"),
+        ("BITPOS", "c", "1", "0", "-1", "BYTE"),
+        ("BITPOS", "c", "1", "0", "-1", "junk"),
+        ("BITPOS", "c", "2"),
+        ("BITPOS", "c", "1", "a"),
+        ("BITPOS", "nothing", "1"),
+        ("BITPOS", "nothing", "0"),
+        ("SET", "z", "\x00\x00"),
+        ("BITPOS", "z", "1"),
+        ("BITPOS", "z", "0", "0", "-1"),
+        ("SET", "o", "~~"),
+        ("BITPOS", "o", "0", "0", "-1"),
+        ("BITPOS", "o", "0", "0"),
+    ],
+    "lcs": [
+        ("SET", "l1", "ohmytext"),
+        ("SET", "@l2", "mynewtext"),
+        ("LCS", "l1", "@l2"),
+        ("LCS", "l1", "@l2", "LEN"),
+        ("LCS", "l1", "@l2", "IDX"),
+        ("LCS", "l1", "@l2", "IDX", "MINMATCHLEN", "4"),
+        ("LCS", "l1", "@l2", "IDX", "WITHMATCHLEN", "MINMATCHLEN", "-1"),
+        ("LCS", "l1", "@l2", "LEN", "IDX"),
+        ("LCS", "l1", "@l2", "BOGUS"),
+        ("LCS", "l1", "@l2", "MINMATCHLEN", "x"),
+        ("LCS", "l1", "@missing"),
+        ("LCS", "missing", "@missing2", "IDX"),
+    ],
+    "expireat": [
+        ("SET", "x", "1"),
+        ("EXPIREAT", "x", "4000000000"),
+        ("EXPIRETIME", "x"),
+        ("PEXPIRETIME", "x"),
+        ("PEXPIREAT", "x", "4000000000123"),
+        ("PEXPIRETIME", "x"),
+        ("EXPIRETIME", "x"),
+        ("EXPIRETIME", "missing"),
+        ("SET", "p", "1"),
+        ("EXPIRETIME", "p"),
+        ("PEXPIRETIME", "p"),
+        ("EXPIREAT", "x", "1"),
+        ("EXISTS", "x"),
+        ("PEXPIREAT", "p", "-9223372036854775808"),
+        ("EXISTS", "p"),
+        ("SET", "q", "1"),
+        ("EXPIREAT", "q", "9223372036854775807"),
+        ("EXPIRE", "q", "10", "AB"),
+        ("EXPIRE", "q", "10", "nx", "ab"),
+        ("EXPIRE", "q", "10", "NX", "NX"),
+        ("EXPIRE", "q", "x", "ab"),
+        ("EXPIREAT", "q", "10", "GT", "LT"),
+    ],
+    "misc": [
+        ("COMMAND", "COUNT", "x"),
+        ("SET", "m", "1"),
+        ("OBJECT", "FREQ", "m"),
+        ("OBJECT", "FREQ", "nothing"),
+        ("AUTH", "DEFAULT", "x"),
+        ("AUTH", "default", "x"),
+        ("TIME", "x"),
+    ],
     "object encoding": [
         ("SET", "e1", "12345"),
         ("OBJECT", "ENCODING", "e1"),
@@ -225,11 +365,15 @@ def test_replies_match_redis_byte_for_byte(
     prefix = f"surf:{script.replace(' ', '_')}:"
 
     def keyed(cmd: tuple[str, ...]) -> tuple[str, ...]:
-        # every key of these scripts is the first argument, except OBJECT/MEMORY's second
+        # the first argument is a key, except OBJECT/MEMORY's second; an argument "@name" is a key
+        # elsewhere; commands naming no key are left as they are
+        rest = tuple(prefix + a[1:] if a.startswith("@") else a for a in cmd[1:])
+        if cmd[0] in ("COMMAND", "AUTH", "TIME"):
+            return cmd
         if cmd[0] in ("OBJECT", "MEMORY") and len(cmd) > 2:
-            return (cmd[0], cmd[1], prefix + cmd[2], *cmd[3:])
-        if len(cmd) > 1:
-            return (cmd[0], prefix + cmd[1], *cmd[2:])
+            return (cmd[0], rest[0], prefix + rest[1], *rest[2:])
+        if rest:
+            return (cmd[0], prefix + rest[0], *rest[1:])
         return cmd
 
     assert_same_replies(redis_standalone.port, keymiss_node.port, [keyed(c) for c in SCRIPTS[script]], prefix)
@@ -306,6 +450,8 @@ def test_incr_over_the_budget_is_refused_and_keeps_the_value(tmp_path: Path) -> 
 
 
 def test_a_data_type_the_python_server_does_not_hold_gets_a_clear_error(keymiss_node: ServerProcess) -> None:
+    if keymiss_node.store == "redis":  # type: ignore[attr-defined]
+        pytest.skip("a shared Redis holds every type: they are passed through")
     r = redis.Redis(port=keymiss_node.port, protocol=2)
     try:
         for call in (
@@ -422,6 +568,8 @@ GLOB_PATTERNS = [
 
 def test_glob_patterns_match_bytes_as_redis_does(keymiss_node: ServerProcess, tmp_path: Path) -> None:
     """KEYS and SCAN MATCH (and KEYMISS FORGET, which shares the matcher): "?" is one byte."""
+    if keymiss_node.store == "redis":  # type: ignore[attr-defined]
+        pytest.skip("the in-process stores' matcher (a shared Redis matches for itself)")
     from ..redis_servers import RedisProcess
 
     ref_server = RedisProcess(tmp_path / "ref")
@@ -442,3 +590,46 @@ def test_glob_patterns_match_bytes_as_redis_does(keymiss_node: ServerProcess, tm
         km.delete(*GLOB_KEYS)
         ref.close(), km.close()
         ref_server.stop()
+
+
+def test_other_types_on_a_shared_redis_answer_as_redis(
+    keymiss_node: ServerProcess, redis_standalone: Any
+) -> None:
+    """MGET of a key of another type is nil in its place; SORT is passed through (not refused as
+    an admin command); GETSET of a hash is WRONGTYPE."""
+    if keymiss_node.store != "redis":  # type: ignore[attr-defined]
+        pytest.skip("the in-process stores hold strings only")
+    p = "surf:types:"
+    script = [
+        ("HSET", p + "h", "f", "v"),
+        ("RPUSH", p + "l", "3", "1", "2"),
+        ("SET", p + "s", "x"),
+        ("MGET", p + "s", p + "h", p + "missing", p + "l"),
+        ("SORT", p + "l"),
+        ("SORT", p + "l", "DESC", "LIMIT", "0", "2"),
+        ("SORT_RO", p + "l", "ALPHA"),
+        ("SORT", p + "s"),
+        ("GETSET", p + "h", "x"),
+        ("LCS", p + "s", p + "h"),
+        ("SETBIT", p + "h", "1", "1"),
+        ("BITCOUNT", p + "l"),
+        ("RENAME", p + "l", p + "l2"),
+        ("LRANGE", p + "l2", "0", "-1"),
+    ]
+    assert_same_replies(redis_standalone.port, keymiss_node.port, script, p)
+
+
+def test_client_setinfo_refuses_what_would_forge_a_client_list_line(keymiss_node: ServerProcess) -> None:
+    r = redis.Redis(port=keymiss_node.port, protocol=2)
+    try:
+        for bad in ("a b", "x\nid=1", "tab\there"):
+            with pytest.raises(
+                redis.ResponseError, match=r"^lib-name cannot contain spaces, newlines or special"
+            ):
+                r.execute_command("CLIENT", "SETINFO", "lib-name", bad)
+        assert r.execute_command("CLIENT", "SETINFO", "lib-ver", "1.2.3")
+        listing = r.execute_command("CLIENT", "LIST")
+        text = listing.decode() if isinstance(listing, bytes) else str(listing)
+        assert all(line.count("lib-name=") == 1 for line in text.splitlines())
+    finally:
+        r.close()
