@@ -114,15 +114,26 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument(
         "--output-stall-seconds",
         type=float,
-        help="seconds a client may go without reading any of its pending replies before it is disconnected",
+        help="seconds a client may go without taking any of its pending replies (bytes acknowledged "
+        "at its socket) before it is disconnected (default 60)",
     )
     serve.add_argument("--max-bulk", help="largest bulk argument accepted (default 512MB)")
     serve.add_argument(
         "--request-seconds",
         type=float,
-        help="close a client whose request is still incomplete after this long (default 30)",
+        help="close a client whose request is still incomplete this long after its first byte (default 30)",
     )
-    serve.add_argument("--query-buffer", help="largest unprocessed input per client (default 1GB)")
+    serve.add_argument(
+        "--query-buffer",
+        help="largest request input per client, the arguments of an unfinished command included "
+        "(default 1GB): past it the client is closed with an error",
+    )
+    serve.add_argument(
+        "--max-args",
+        type=int,
+        help="most arguments in one command on the Python server (default 1048576, as Redis): a larger "
+        "multibulk count is refused with 'invalid multibulk length'",
+    )
     serve.add_argument("--grace-seconds", type=float, help="how long shutdown waits for computations")
     serve.add_argument("--metrics-port", type=int, help="serve Prometheus metrics on this port")
     serve.add_argument("--config", help="a keymiss.toml file")

@@ -115,7 +115,7 @@ class Server:
         stall = self.settings.output_stall_seconds
         slow = self.settings.request_seconds
         while True:
-            await asyncio.sleep(min(1.0, stall / 2, slow / 4))
+            await asyncio.sleep(min(1.0, stall / 4, slow / 8))  # a limit is kept within an eighth
             now = time.monotonic()
             for conn in list(self.connections.values()):
                 if conn.write_paused and conn.reading_replies(now):

@@ -11,12 +11,14 @@ disconnected so it cannot hold memory hostage.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import Awaitable
 from typing import TYPE_CHECKING, cast
 
 from keymiss.errors import BusyError, KeymissError, ReplyError
+from keymiss.runtime.net import unacknowledged
 from keymiss.server import reply, resp
 from keymiss.server.client import Transaction
 from keymiss.server.commands import TABLE, Command, error_reply
@@ -82,7 +84,9 @@ class Connection(asyncio.Protocol):
         self.closed = False
         self.write_paused = False
         self.write_paused_since = 0.0
-        self.write_paused_bytes = 0
+        self.sent = 0  # reply bytes handed to the transport
+        self.taken = 0  # of which the client had acknowledged at the stall timer's last look
+        self.fd = -1  # the socket's descriptor, where the transport has one (for unacknowledged)
         self.read_paused = False
         self.created = time.monotonic()
         self.last_active = self.created
@@ -122,6 +126,9 @@ class Connection(asyncio.Protocol):
             self.closed = True
             return
         t.set_write_buffer_limits(high=256 * 1024)
+        raw = t.get_extra_info("socket")
+        with contextlib.suppress(AttributeError, OSError, ValueError):
+            self.fd = int(raw.fileno()) if raw is not None else -1
         srv.connections[self.id] = self
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -135,37 +142,66 @@ class Connection(asyncio.Protocol):
         if self.closed:
             return
         self.last_active = time.monotonic()
-        self.parser.feed(data)
-        if self.parser.pending > self.query_limit:
-            log.warning("closing client %s: query buffer over %d bytes", self.addr, self.query_limit)
-            self.abort()
+        parser = self.parser
+        parser.feed(data)
+        if self._over_query_limit():
             return
         if not self.waiting:
             self._process()
+            if self._over_query_limit():  # arguments read from an unfinished command count too
+                return
         self._flow()
-        if self.parser.pending and not self.waiting:
+        # The request timer runs from a request's first byte to its last, whatever the parser
+        # holds: a complete argument of an unfinished command is no progress towards its end.
+        if parser.partial and not self.waiting:
             if not self.partial_since or self._progressed:
                 self.partial_since = self.last_active  # timed from the start of *this* request
         else:
             self.partial_since = 0.0
 
+    def _over_query_limit(self) -> bool:
+        """Close a client whose query buffer (pending bytes and the arguments of its unfinished
+        command) passed ``--query-buffer``, with an error line; True if it was closed."""
+        held = self.parser.held
+        if held <= self.query_limit:
+            return False
+        log.warning("closing client %s: query buffer over %d bytes", self.addr, self.query_limit)
+        self.parser.reset()
+        self.closed = True
+        self.server.connections.pop(self.id, None)
+        self._forget_state()
+        t = self.transport
+        if t is not None:
+            t.write(
+                b"-ERR Protocol error: query buffer of %d bytes is over the limit of %d bytes "
+                b"(--query-buffer)\r\n" % (held, self.query_limit)
+            )
+            t.close()
+        return True
+
     def pause_writing(self) -> None:
         self.write_paused = True
         self.write_paused_since = time.monotonic()
-        self.write_paused_bytes = self.unsent()
+        self.taken = self.acknowledged()
         self._flow()
 
     def unsent(self) -> int:
-        """Reply bytes the client has not taken yet."""
+        """Reply bytes still in the transport's buffer."""
         t = self.transport
         return t.get_write_buffer_size() if t is not None and not self.closed else 0
 
+    def acknowledged(self) -> int:
+        """Reply bytes the client has taken: all handed to the transport, less what it buffers and
+        what the kernel holds unacknowledged (where the kernel says; else what it accepted)."""
+        queued = unacknowledged(self.fd) if not self.closed else None
+        return self.sent - self.unsent() - (queued or 0)
+
     def reading_replies(self, now: float) -> bool:
-        """Whether the client took some of its replies since the last look: a slow but steady reader
-        is never stalled (the stall timer restarts)."""
-        left = self.unsent()
-        if left < self.write_paused_bytes:
-            self.write_paused_bytes = left
+        """Whether the client took some of its replies since the last look, counted at the socket:
+        a slow but steady reader is never stalled (the stall timer restarts)."""
+        taken = self.acknowledged()
+        if taken > self.taken:
+            self.taken = taken
             self.write_paused_since = now
             return True
         return False
@@ -405,6 +441,7 @@ class Connection(asyncio.Protocol):
         transport = self.transport
         if transport is None or self.closed:
             return
+        self.sent += len(data)
         transport.write(data)
         # The limit is on what stays unsent *behind* this reply: one reply larger than the limit
         # still streams to a client that reads (as in Redis); one that does not read is paused,

@@ -142,6 +142,7 @@ class RequestParser:
         self._args: list[bytes] | None = None
         self._remaining = 0
         self._bulklen = -1
+        self._held = 0  # bytes of the unfinished multibulk command already read into ``_args``
 
     def feed(self, data: bytes) -> None:
         if self._pos and self._pos == len(self._buf):
@@ -156,6 +157,26 @@ class RequestParser:
     def pending(self) -> int:
         """Bytes received and not yet consumed (the query buffer)."""
         return len(self._buf) - self._pos
+
+    @property
+    def held(self) -> int:
+        """The query buffer as memory sees it: bytes not yet consumed, plus those of an unfinished
+        command already read into arguments (a ``*1048576`` request trickled in 64 KB arguments
+        holds them all, though none is pending)."""
+        return len(self._buf) - self._pos + self._held
+
+    @property
+    def partial(self) -> bool:
+        """A request has started and is not finished: bytes are pending, or arguments are held."""
+        return self._args is not None or self._pos < len(self._buf)
+
+    def reset(self) -> None:
+        """Drop everything buffered and held (the connection is being closed)."""
+        self._buf = bytearray()
+        self._pos = 0
+        self._args = None
+        self._held = 0
+        self._ready.clear()
 
     @property
     def in_command(self) -> bool:
@@ -285,9 +306,11 @@ class RequestParser:
                     raise ProtocolError("unauthenticated multibulk length")
                 if count > self.max_args:
                     raise ProtocolError("invalid multibulk length")
+                header = cr + 2 - self._pos
                 self._pos = cr + 2
                 if count <= 0:
                     continue  # Redis ignores empty and negative multibulk counts
+                self._held = header
                 self._args = []
                 self._remaining = count
                 self._bulklen = -1
@@ -310,16 +333,19 @@ class RequestParser:
                         raise ProtocolError("invalid bulk length")
                     if not self.authenticated and size > UNAUTH_MAX_BULK:
                         raise ProtocolError("unauthenticated bulk length")
+                    self._held += cr + 2 - self._pos
                     self._pos = cr + 2
                     self._bulklen = size
                 end = self._pos + self._bulklen
                 if end + 2 > len(buf):
                     return None
                 args.append(bytes(buf[self._pos : end]))
+                self._held += self._bulklen + 2
                 self._pos = end + 2  # like Redis, the two bytes after the bulk are not checked
                 self._bulklen = -1
                 self._remaining -= 1
             self._args = None
+            self._held = 0
             return args
 
     def _inline(self) -> list[bytes] | None:
