@@ -76,6 +76,16 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--store", help=f"a store URL (overrides the app): {STORE_URLS}")
     serve.add_argument("--max-memory", help="memory store budget, e.g. 256MB or auto (overrides the app)")
     serve.add_argument(
+        "--store-connections",
+        type=int,
+        help="a Redis store's commands on the wire at once (default 32); more queue for a connection",
+    )
+    serve.add_argument(
+        "--store-wait-seconds",
+        type=float,
+        help="how long a command queues for a Redis store connection before it fails as busy (default 10)",
+    )
+    serve.add_argument(
         "--eviction", help=f"memory store eviction policy: {', '.join(POLICY_NAMES)} (default tinylfu)"
     )
     serve.add_argument(
@@ -106,6 +116,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="a computed value over this share of maxmemory is answered, not stored (default 0.1)",
     )
     serve.add_argument("--max-in-flight", type=int, help="computations at once before -BUSY")
+    serve.add_argument(
+        "--error-memory",
+        help="bytes the failures remembered for a keyspace's error_ttl may hold (default 16MB); past "
+        "it the oldest are forgotten. Messages are kept to 512 characters, long keys by their digest",
+    )
     serve.add_argument(
         "--output-buffer",
         help="unread reply bytes before a client is disconnected (default 64MB; the embedded server "

@@ -36,6 +36,10 @@ class Settings:
     host: str = "127.0.0.1"
     port: int = 6380
     store: str | None = None  # None: what the app chose
+    #: a Redis store's commands on the wire at once, the rest queue (None: 32, or its URL's max_concurrency)
+    store_connections: int | None = None
+    #: seconds a command may queue for one of them before it fails as busy (None: 10, or pool_wait)
+    store_wait_seconds: float | None = None
     max_memory: str | None = None
     eviction: str | None = None
     requirepass: str | None = None
@@ -51,6 +55,8 @@ class Settings:
     output_stall_seconds: float = 60.0  # ... or whose replies stay unread this long
     request_seconds: float = 30.0  # a request still incomplete after this long is a slowloris: closed
     max_in_flight: int = 10_000  # computations at once before -BUSY
+    #: bytes remembered errors (a keyspace's error_ttl) may hold; past it the oldest are forgotten
+    error_memory: int | str = "16MB"
     #: a computed value larger than this share of the server's maxmemory is answered, not stored
     max_value_share: float = 0.1
     handler_errors: str | None = None  # what clients see of a handler's exception: message or type
@@ -75,9 +81,15 @@ class Settings:
     def validate(self) -> None:
         """ConfigError, one line naming the setting, for any value that means nothing: checked at
         start, before anything is created."""
-        for name in ("max_bulk", "max_inline", "query_buffer", "output_buffer"):
+        for name in ("max_bulk", "max_inline", "query_buffer", "output_buffer", "error_memory"):
             self.size(name)
-        minimums = {"max_bulk": 1024, "max_inline": 1024, "query_buffer": 1024, "output_buffer": 64 * 1024}
+        minimums = {
+            "max_bulk": 1024,
+            "max_inline": 1024,
+            "query_buffer": 1024,
+            "output_buffer": 64 * 1024,
+            "error_memory": 64 * 1024,
+        }
         for name, least in minimums.items():
             if self.size(name) < least:
                 raise ConfigError(
@@ -114,11 +126,13 @@ class Settings:
                 raise ConfigError(f"metrics-port must be between 1 and 65535, got {self.metrics_port}")
             if self.metrics_port == self.port:
                 raise ConfigError(f"metrics-port cannot be the server's own port ({self.port})")
-        for name in ("max_clients", "max_in_flight", "max_args", "qa_batch_size"):
-            if getattr(self, name) < 1:
+        for name in ("max_clients", "max_in_flight", "max_args", "qa_batch_size", "store_connections"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ConfigError(f"{_flag(name)} must be at least 1, got {getattr(self, name)}")
-        for name in ("output_stall_seconds", "request_seconds", "busy_restart_seconds"):
+        for name in ("output_stall_seconds", "request_seconds", "busy_restart_seconds", "store_wait_seconds"):
             value = getattr(self, name)
+            if value is None:
+                continue
             if not (math.isfinite(value) and value > 0):
                 raise ConfigError(f"{_flag(name)} must be above 0 seconds, got {value:g}")
         for name in ("grace_seconds", "worker_grace", "qa_batch_wait_ms"):
@@ -165,6 +179,7 @@ MAX_SIZES = {
     "max_inline": 1024**4,
     "query_buffer": 1024**4,
     "output_buffer": 1024**4,
+    "error_memory": 1024**4,
 }
 #: The most clients keymiss lets the server take (keymiss's own connections come on top).
 MAX_CLIENTS = 1_000_000
@@ -217,7 +232,7 @@ def _coerce(name: str, value: Any) -> Any:
     return value
 
 
-_SIZES = ("max_memory", "max_bulk", "max_inline", "query_buffer", "output_buffer")
+_SIZES = ("max_memory", "max_bulk", "max_inline", "query_buffer", "output_buffer", "error_memory")
 
 
 def load_settings(

@@ -76,6 +76,7 @@ class Keymiss(KeyCommands):
         self._store_spec: str | Store = store
         self._max_memory = max_memory
         self._eviction = eviction
+        self._pool: dict[str, Any] = {}  # a Redis store's connections and wait (configure)
         self._given_clock = clock
         self._clock: Callable[[], float] = clock or time.time  # settled when the store opens
         self._draw = random
@@ -117,9 +118,15 @@ class Keymiss(KeyCommands):
         max_memory: int | str | None = None,
         eviction: str | Policy | None = None,
         error_detail: str | None = None,
+        store_connections: int | None = None,
+        store_wait: float | None = None,
+        error_memory: int | None = None,
     ) -> None:
-        """Override settings (what ``--store``/``--max-memory`` do) before the store opens."""
+        """Override settings (what ``--store``/``--max-memory`` do) before the store opens.
+        ``store_connections`` and ``store_wait`` size a Redis store's queue for its connections
+        (where its URL does not); ``error_memory`` bounds the bytes remembered errors hold."""
         changing = store is not None or max_memory is not None or eviction is not None
+        changing |= store_connections is not None or store_wait is not None
         if self._store is not None and changing:
             raise KeymissError("the store is already open; configure it before the first request")
         if store is not None:
@@ -130,6 +137,12 @@ class Keymiss(KeyCommands):
             self._max_memory = max_memory
         if eviction is not None:
             self._eviction = eviction
+        if store_connections is not None:
+            self._pool["connections"] = store_connections
+        if store_wait is not None:
+            self._pool["connection_wait"] = store_wait
+        if error_memory is not None:
+            self.engine.errors.max_bytes = error_memory
         if error_detail is not None:
             KeyspaceOptions(error_detail=error_detail)
             self.engine.error_detail = error_detail
@@ -168,6 +181,7 @@ class Keymiss(KeyCommands):
                         eviction=self._eviction,
                         on_evict=self._evicted,
                         clock=self._given_clock,
+                        **self._pool,
                     )
                 )
         assert self._store is not None

@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
-import itertools
 import logging
 import time
 from collections.abc import Sequence
@@ -21,7 +20,7 @@ from typing import Any
 
 from keymiss import codecs
 from keymiss.engine.batching import Batcher
-from keymiss.engine.failures import ErrorRecord, FailureLog, client_text
+from keymiss.engine.failures import ErrorRecord, FailureLog, RememberedErrors, client_text
 from keymiss.engine.handlers import Gate, HandlerThreads
 from keymiss.engine.singleflight import SingleFlight
 from keymiss.errors import (
@@ -38,9 +37,6 @@ from keymiss.options import default_concurrency
 from keymiss.stores.base import NO_VERSION, Item, Write
 
 log = logging.getLogger("keymiss")
-
-#: Remembered failures (``error_ttl``) kept at most, over all keyspaces.
-MAX_REMEMBERED = 100_000
 
 
 @dataclass(frozen=True, slots=True)
@@ -107,7 +103,8 @@ class ComputeEngine:
         self.error_detail = error_detail
         self._flights = SingleFlight()
         self._lanes: dict[str, _Lane] = {}
-        self._errors: dict[str, ErrorRecord] = {}
+        #: failures kept for ``error_ttl``, bounded in number and bytes (``error_memory``)
+        self.errors = RememberedErrors()
         self._in_flight = 0
 
     def add(self, ks: Keyspace) -> None:
@@ -135,12 +132,10 @@ class ComputeEngine:
             ks.stats.coalesced += 1
             return fut
         arg = ks.argument(key)
-        if self._errors:
-            record = self._errors.get(key)
+        if self.errors:
+            record = self.errors.get(key, time.monotonic())
             if record is not None:
-                if record.expires_at > time.monotonic():
-                    raise record.fresh()
-                del self._errors[key]
+                raise record.fresh()
         if self._in_flight >= self.max_in_flight:
             raise BusyError(f"too many computations in flight ({self.max_in_flight}); retry later")
         lane = self._lanes[ks.pattern]
@@ -199,30 +194,18 @@ class ComputeEngine:
         return out
 
     def _remember(self, key: str, record: ErrorRecord) -> None:
-        """Keep a failure for ``error_ttl``; expired records go as new ones arrive, and there are
-        never more than ``MAX_REMEMBERED``, so a flood of distinct failing keys is bounded."""
-        errors = self._errors
-        errors.pop(key, None)
-        errors[key] = record  # dicts keep insertion order: the oldest record comes first
-        now = time.monotonic()
-        for old in list(itertools.islice(errors, 64)):
-            if errors[old].expires_at <= now or len(errors) > MAX_REMEMBERED:
-                del errors[old]
-            else:
-                break
+        """Keep a failure for ``error_ttl``; expired records go as new ones arrive, and the oldest
+        go past the bounds in number and bytes, so a flood of distinct failing keys is bounded."""
+        self.errors.put(key, record)
 
     def sweep(self) -> int:
         """Drop expired remembered failures (the engine's periodic sweep calls this)."""
-        now = time.monotonic()
-        expired = [k for k, r in self._errors.items() if r.expires_at <= now]
-        for key in expired:
-            del self._errors[key]
-        return len(expired)
+        return self.errors.sweep(time.monotonic())
 
     def forget_errors(self, keys: set[str]) -> None:
         """Drop remembered errors of these keys (their values were forgotten)."""
-        if self._errors:
-            self._errors = {k: v for k, v in self._errors.items() if k not in keys}
+        if self.errors:
+            self.errors.forget(keys)
 
     # --- lifecycle ------------------------------------------------------------------------------------
     async def drain(self, grace: float) -> bool:

@@ -6,10 +6,14 @@ window per keyspace, so a broken model does not flood the log at request rate.
 
 A failure remembered for ``error_ttl`` is kept as a small record and raised as a fresh exception on
 every read: re-raising one exception object would grow its traceback on each raise, without bound.
+Records are bounded in bytes, not only in number: a flood of failing 64 KB keys whose messages quote
+them would otherwise hold gigabytes outside any memory budget. A record keeps its message cut to
+``MESSAGE_KEPT`` characters and a long key only by its digest.
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import time
 from dataclasses import dataclass
@@ -21,6 +25,15 @@ log = logging.getLogger("keymiss.handler")
 #: Seconds between two logged failures of one keyspace; failures in between are counted.
 LOG_WINDOW = 10.0
 KEY_SHOWN = 200
+#: A remembered error's message is kept to this many characters; a key longer than ``KEY_KEPT``
+#: is remembered by its SHA-256 digest.
+MESSAGE_KEPT = 512
+KEY_KEPT = 128
+#: What one record costs beyond its key and message: the dict slot, the record and its strings.
+RECORD_OVERHEAD = 240
+#: Remembered errors kept at most, over all keyspaces, by number and by bytes.
+MAX_REMEMBERED = 100_000
+DEFAULT_ERROR_MEMORY = 16 * 1024**2
 
 
 @dataclass(frozen=True, slots=True)
@@ -35,7 +48,15 @@ class ErrorRecord:
     @classmethod
     def of(cls, exc: KeymissError, ttl: float) -> ErrorRecord:
         keyspace = exc.keyspace if isinstance(exc, KeyspaceError) else None
-        return cls(type(exc), str(exc), keyspace, time.monotonic() + ttl)
+        message = str(exc)
+        if len(message) > MESSAGE_KEPT:
+            message = message[: MESSAGE_KEPT - 1] + "…"
+        return cls(type(exc), message, keyspace, time.monotonic() + ttl)
+
+    @property
+    def size(self) -> int:
+        """Bytes this record holds, roughly: its message and its fixed overhead."""
+        return len(self.message) + RECORD_OVERHEAD
 
     def fresh(self) -> KeymissError:
         """A new exception equal to the remembered one."""
@@ -91,3 +112,70 @@ class FailureLog:
             since,
             exc_info=exc if exc is not None and exc.__traceback__ is not None else None,
         )
+
+
+def _slot(key: str) -> str | bytes:
+    """Where ``key``'s record is filed: the key itself, or the digest of a long one (bytes, so it
+    can never be mistaken for a short key's name)."""
+    if len(key) <= KEY_KEPT:
+        return key
+    return hashlib.sha256(key.encode("utf-8", "surrogateescape")).digest()
+
+
+class RememberedErrors:
+    """Failures kept for their keyspace's ``error_ttl``, oldest first, within ``max_bytes`` and
+    ``max_count``: past either, the oldest records go (a flood of failing keys only shortens how
+    long each is remembered)."""
+
+    def __init__(self, max_bytes: int = DEFAULT_ERROR_MEMORY, max_count: int = MAX_REMEMBERED) -> None:
+        self.max_bytes = max_bytes
+        self.max_count = max_count
+        self.bytes = 0
+        self._records: dict[str | bytes, ErrorRecord] = {}  # insertion order: the oldest first
+
+    def __len__(self) -> int:
+        return len(self._records)
+
+    @staticmethod
+    def _cost(slot: str | bytes, record: ErrorRecord) -> int:
+        return len(slot) + record.size
+
+    def get(self, key: str, now: float) -> ErrorRecord | None:
+        """``key``'s record while it lasts; an expired one is dropped."""
+        slot = _slot(key)
+        record = self._records.get(slot)
+        if record is not None and record.expires_at <= now:
+            self._drop(slot)
+            return None
+        return record
+
+    def put(self, key: str, record: ErrorRecord) -> None:
+        slot = _slot(key)
+        self._drop(slot)
+        self._records[slot] = record
+        self.bytes += self._cost(slot, record)
+        now = time.monotonic()
+        records = self._records
+        while records:  # expired or over a bound, oldest first
+            oldest = next(iter(records))
+            over = self.bytes > self.max_bytes or len(records) > self.max_count
+            if not over and records[oldest].expires_at > now:
+                break
+            self._drop(oldest)
+
+    def _drop(self, slot: str | bytes) -> None:
+        record = self._records.pop(slot, None)
+        if record is not None:
+            self.bytes -= self._cost(slot, record)
+
+    def sweep(self, now: float) -> int:
+        """Drop expired records; how many went."""
+        expired = [s for s, r in self._records.items() if r.expires_at <= now]
+        for slot in expired:
+            self._drop(slot)
+        return len(expired)
+
+    def forget(self, keys: set[str]) -> None:
+        """Drop the records of these keys (their values were forgotten)."""
+        for slot in {_slot(k) for k in keys}:
+            self._drop(slot)

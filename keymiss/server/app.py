@@ -42,6 +42,9 @@ class Server:
             max_memory=settings.max_memory,
             eviction=settings.eviction,
             error_detail=settings.handler_errors,
+            store_connections=settings.store_connections,
+            store_wait=settings.store_wait_seconds,
+            error_memory=settings.size("error_memory"),
         )
         km.max_in_flight = settings.max_in_flight
         for pattern, options in settings.keyspaces.items():

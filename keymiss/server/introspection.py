@@ -206,6 +206,9 @@ def info_sections(c: Client) -> dict[str, dict[str, Any]]:
             "keymiss_stuck_handlers": km.engine.stuck_handlers(),
             "keymiss_max_in_flight": km.max_in_flight,
             "keymiss_busy_rejections": srv.busy_rejections,
+            "keymiss_remembered_errors": len(km.engine.errors),
+            "keymiss_remembered_error_bytes": km.engine.errors.bytes,
+            "keymiss_remembered_error_limit": km.engine.errors.max_bytes,
         },
     }
     qa = km.extensions.get("qa_path")

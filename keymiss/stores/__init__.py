@@ -51,13 +51,19 @@ def open_store(
     eviction: str | Policy = "tinylfu",
     on_evict: EvictHook | None = None,
     clock: Callable[[], float] | None = None,
+    connections: int | None = None,
+    connection_wait: float | None = None,
 ) -> Store:
     """Build a store from its URL; ``max_memory`` and ``eviction`` apply to the memory store,
-    ``clock`` (unix seconds, for expiries) to the in-process stores.
+    ``clock`` (unix seconds, for expiries) to the in-process stores, ``connections`` (commands on
+    the wire at once; more queue) and ``connection_wait`` (seconds one may queue) to a Redis store
+    whose URL does not set them (``max_concurrency``, ``pool_wait``).
 
     Every malformed URL is a ``ConfigError`` with one readable line, never a traceback."""
     try:
-        return _open(url, max_memory, eviction, on_evict, {} if clock is None else {"clock": clock})
+        pool = {"max_concurrency": connections, "pool_wait": connection_wait}
+        local = {} if clock is None else {"clock": clock}
+        return _open(url, max_memory, eviction, on_evict, local, {k: v for k, v in pool.items() if v})
     except ConfigError:
         raise
     except (ValueError, TypeError) as exc:
@@ -65,7 +71,12 @@ def open_store(
 
 
 def _open(
-    url: str, max_memory: int | str, eviction: str | Policy, on_evict: EvictHook | None, local: dict[str, Any]
+    url: str,
+    max_memory: int | str,
+    eviction: str | Policy,
+    on_evict: EvictHook | None,
+    local: dict[str, Any],
+    pool: dict[str, Any],
 ) -> Store:
     base, _, query = url.partition("?")
     opts = dict(parse_qsl(query, keep_blank_values=True, strict_parsing=False))
@@ -99,7 +110,14 @@ def _open(
             from keymiss.stores.redis import RedisStore
         except ImportError as exc:
             raise ConfigError(f"store {url!r} needs redis-py: pip install 'keymiss[redis]' ({exc})") from None
-        unknown = set(opts) - {"timeout", "lease_ms", "max_concurrency", "near_cache", "near_ttl"}
+        unknown = set(opts) - {
+            "timeout",
+            "lease_ms",
+            "max_concurrency",
+            "pool_wait",
+            "near_cache",
+            "near_ttl",
+        }
         if unknown:
             raise ConfigError(f"unknown redis store option(s): {', '.join(sorted(unknown))}")
         db = "" if scheme == "unix" else urlsplit(base).path.strip("/")
@@ -113,7 +131,10 @@ def _open(
             base,
             timeout=_number(opts.get("timeout", "2"), "timeout"),
             lease_ms=int(_number(opts.get("lease_ms", "30000"), "lease_ms")),
-            max_concurrency=int(_number(opts.get("max_concurrency", "32"), "max_concurrency")),
+            max_concurrency=int(
+                _number(opts.get("max_concurrency", pool.get("max_concurrency", 32)), "max_concurrency")
+            ),
+            wait=_number(opts.get("pool_wait", pool.get("pool_wait", 10)), "pool_wait"),
         )
         if near:
             from keymiss.stores.near import NearCacheStore
@@ -123,7 +144,7 @@ def _open(
     raise ConfigError(f"unknown store {url!r}; use {STORE_URLS}")
 
 
-def _number(value: str, name: str) -> float:
+def _number(value: str | float, name: str) -> float:
     try:
         n = float(value)
     except ValueError:

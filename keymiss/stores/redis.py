@@ -29,6 +29,7 @@ from redis.exceptions import RedisClusterException, RedisError, ResponseError
 from keymiss.errors import ConfigError, KeymissError, StoreError
 from keymiss.stores.base import Item, SharedStore, StoreInfo, Write
 from keymiss.stores.leases import Leases
+from keymiss.stores.redisgate import DEFAULT_CONNECTIONS, DEFAULT_WAIT, StoreGate, blocking_client
 from keymiss.stores.redisrecord import (
     DEL_IF_SHA,
     DROP_IF,
@@ -78,7 +79,13 @@ class RedisStore(SharedStore):
     """
 
     def __init__(
-        self, url: str, *, timeout: float = 2.0, lease_ms: int = 30_000, max_concurrency: int = 32
+        self,
+        url: str,
+        *,
+        timeout: float = 2.0,
+        lease_ms: int = 30_000,
+        max_concurrency: int = DEFAULT_CONNECTIONS,
+        wait: float = DEFAULT_WAIT,
     ) -> None:
         parts = urlsplit(url)
         scheme = parts.scheme.lower()
@@ -101,14 +108,15 @@ class RedisStore(SharedStore):
         self._gets: list[tuple[str, asyncio.Future[Item | None]]] = []
         self._gets_scheduled = False
         self._tasks: set[asyncio.Task[None]] = set()
-        # redis-py's asyncio cluster client mishandles bursts of concurrent commands while it opens
-        # connections ("handler is closed"); a gate keeps its pools within what it handles.
-        self._gate = asyncio.Semaphore(max_concurrency) if self.cluster else None
+        # Commands queue for one of ``max_concurrency`` places instead of failing when every
+        # connection is busy (see ``redisgate``); on a cluster it also keeps redis-py's client from
+        # bursts of connections it mishandles while it opens them ("handler is closed").
+        self._gate = StoreGate(max_concurrency, wait)
         try:
             if self.cluster:
                 self.client: Any = RedisCluster.from_url(clean, **common)
             else:
-                self.client = aioredis.Redis.from_url(clean, health_check_interval=10, **common)
+                self.client = blocking_client(clean, self._gate, health_check_interval=10, **common)
         except (ValueError, RedisError) as exc:
             raise ConfigError(f"bad redis store URL {self.url!r}: {exc}") from exc
         self.leases = Leases(self)
@@ -132,10 +140,8 @@ class RedisStore(SharedStore):
             except (RedisError, OSError) as exc:
                 raise wrap_error(exc) from exc
         try:
-            if self._gate is not None:
-                async with self._gate:
-                    return await fn(*args, **kwargs)
-            return await fn(*args, **kwargs)
+            async with self._gate.held():
+                return await fn(*args, **kwargs)
         except ResponseError as exc:
             raise reply_error(exc) from None
         except RedisError as exc:
@@ -414,7 +420,7 @@ class RedisStore(SharedStore):
             for node in manager.startup_nodes.values():
                 node.connection_kwargs.update(extra)
         else:
-            client = aioredis.Redis.from_url(self._clean_url, **extra, **self._common)
+            client = blocking_client(self._clean_url, self._gate, **extra, **self._common)
         client.response_callbacks = {}
         self._raw_clients[proto] = client
         return client
@@ -426,7 +432,8 @@ class RedisStore(SharedStore):
         client = self._relay_client(proto)
         name = args[0].decode("ascii", "replace")  # the cluster client routes by a str command name
         try:
-            return await client.execute_command(name, *args[1:])
+            async with self._gate.held():
+                return await client.execute_command(name, *args[1:])
         except (RedisError, RedisClusterException, OSError, RuntimeError) as exc:
             raise relay_error(exc) from None
 
@@ -437,7 +444,8 @@ class RedisStore(SharedStore):
         for args in commands:
             pipe.execute_command(args[0].decode("ascii", "replace"), *args[1:])
         try:
-            replies = await pipe.execute(raise_on_error=False)
+            async with self._gate.held():
+                replies = await pipe.execute(raise_on_error=False)
         except (RedisError, RedisClusterException, OSError, RuntimeError) as exc:
             raise relay_error(exc) from None
         return [reply_error(r) if isinstance(r, ResponseError) else r for r in replies]

@@ -198,7 +198,13 @@ class ModuleFront:
                 return EXIT_SERVER_FAILED
         else:
             await check_module(url)
-        self.km.configure(store=url, error_detail=s.handler_errors)  # contexts live in that server
+        self.km.configure(  # contexts live in that server
+            store=url,
+            error_detail=s.handler_errors,
+            store_connections=s.store_connections,
+            store_wait=s.store_wait_seconds,
+            error_memory=s.size("error_memory"),
+        )
         self.km.max_in_flight = s.max_in_flight
         tasks: dict[str, asyncio.Task[Any]] = {"worker": loop.create_task(self.worker.run())}
         if self.server is not None:

@@ -171,7 +171,7 @@ async def test_remembered_errors_of_distinct_keys_are_bounded(km: Keymiss) -> No
     for i in range(3000, 3100):  # new failures push out the expired ones
         with pytest.raises(HandlerError):
             await km.get(f"bad:{i}")
-    remembered = len(km.engine._errors)
+    remembered = len(km.engine.errors)
     assert remembered < 3000 - 64 * 10, remembered
     await asyncio.sleep(0.06)
-    assert km.engine.sweep() > 0 and not km.engine._errors  # the periodic sweep takes the rest
+    assert km.engine.sweep() > 0 and not km.engine.errors  # the periodic sweep takes the rest

@@ -3,11 +3,13 @@ multibulks, slow readers and floods of failing keys each stay within the limit t
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import select
 import socket
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 import redis
@@ -165,6 +167,106 @@ def test_a_20kb_per_second_reader_of_a_10mb_reply_is_never_cut(tmp_path: Path) -
             message="the stopped reader's disconnection",
         )
         reader.close()
+        r.close()
+    finally:
+        srv.stop()
+
+
+def test_2000_concurrent_gets_across_two_nodes_on_one_redis_never_fail(
+    tmp_path: Path, redis_standalone: Any
+) -> None:
+    """A burst larger than the store's connections queues for one instead of failing: GETs that
+    compute, GETs that wait on another node's lease, and pass-through writes, all answered."""
+    import redis.asyncio as aioredis
+
+    url = f"redis://127.0.0.1:{redis_standalone.port}/0"
+    a = start_server(tmp_path, "--store", url, "--store-connections", "16")
+    b = start_server(tmp_path, "--store", url)
+    run = time.monotonic_ns()
+
+    async def burst() -> tuple[list[Any], list[Any]]:
+        clients = [aioredis.Redis(port=(a if i % 2 else b).port, socket_timeout=30) for i in range(2000)]
+        relay = [aioredis.Redis(port=(a if i % 2 else b).port, socket_timeout=30) for i in range(300)]
+        try:
+            await asyncio.gather(*(c.ping() for c in clients + relay))
+
+            def write(i: int, c: aioredis.Redis) -> Any:
+                kind = i % 3
+                if kind == 0:
+                    return c.set(f"plain:{run}:{i}", i)
+                if kind == 1:
+                    return c.hset(f"hash:{run}", f"f{i}", i)
+                return c.incr(f"counter:{run}")
+
+            gets = [c.get(f"double:{i % 700}{run}") for i, c in enumerate(clients)]
+            writes = [write(i, c) for i, c in enumerate(relay)]
+            got = await asyncio.gather(*gets, *writes, return_exceptions=True)
+            return got[:2000], got[2000:]
+        finally:
+            await asyncio.gather(*(c.aclose() for c in clients + relay))
+
+    try:
+        values, written = asyncio.run(burst())
+        errors = [v for v in values + written if isinstance(v, BaseException)]
+        assert not errors, f"{len(errors)} of 2300 failed, e.g. {errors[:3]}"
+        assert values == [str(2 * int(f"{i % 700}{run}")).encode() for i in range(2000)]
+        direct = redis.Redis(port=redis_standalone.port)
+        assert int(direct.get(f"counter:{run}") or 0) == 100
+        assert direct.hlen(f"hash:{run}") == 100
+        assert direct.get(f"plain:{run}:3") == b"3"
+        direct.close()
+    finally:
+        a.stop()
+        b.stop()
+
+
+def test_a_command_queued_past_the_store_wait_fails_as_busy_saying_which_setting() -> None:
+    from keymiss.errors import BusyError
+    from keymiss.stores.redisgate import StoreGate
+
+    async def main() -> str:
+        gate = StoreGate(1, 0.05)
+        async with gate.held():
+            with pytest.raises(BusyError) as caught:
+                async with gate.held():
+                    pass
+        async with gate.held():  # the place came back
+            assert gate.queued == 0
+        return str(caught.value)
+
+    assert "--store-connections" in asyncio.run(main())
+
+
+def test_an_error_flood_of_64kb_keys_stays_within_the_error_memory(tmp_path: Path) -> None:
+    """Remembered errors (error_ttl) are bounded in bytes: each keeps a cut message and a long key's
+    digest, and past --error-memory the oldest go. Unbounded, 1,000 failing 64 KB keys whose
+    messages quote them held 128 MB."""
+    import psutil
+
+    config = tmp_path / "keymiss.toml"
+    config.write_text('[keymiss.keyspaces."fail:*"]\nerror_ttl = 600\n')
+    srv = start_server(tmp_path, "--config", str(config), "--error-memory", "256KB")
+    try:
+        r = redis.Redis(port=srv.port, socket_timeout=30)
+        rss = psutil.Process(srv.proc.pid)
+        before = rss.memory_info().rss
+        run = time.monotonic_ns()
+        keys = [f"fail:{run}:{i}:".ljust(64 * 1024, "k") for i in range(1000)]
+        for start in range(0, len(keys), 50):
+            with r.pipeline(transaction=False) as p:
+                for key in keys[start : start + 50]:
+                    p.get(key)
+                replies = p.execute(raise_on_error=False)
+            assert all(isinstance(e, redis.ResponseError) and "cannot compute" in str(e) for e in replies)
+        grown = rss.memory_info().rss - before
+        info = r.info("keymiss")
+        held, limit = info["keymiss_remembered_error_bytes"], info["keymiss_remembered_error_limit"]
+        assert limit == 256 * 1024 and 0 < held <= limit
+        assert 0 < info["keymiss_remembered_errors"] < 1000  # the oldest went
+        assert held / info["keymiss_remembered_errors"] < 1024  # a digest and a cut message each
+        assert grown < 40 * 1024**2, f"RSS grew {grown / 1024**2:.0f} MB"
+        with pytest.raises(redis.ResponseError, match="cannot compute"):  # the newest is remembered
+            r.get(keys[-1])
         r.close()
     finally:
         srv.stop()
