@@ -43,7 +43,36 @@ SHARED_GAUGES = {
 #: Every per-keyspace field both servers' ``INFO keymiss`` show, in the same unit:
 #: ``mean_compute_seconds`` is seconds on both (the Python server's mean; the module's smoothed
 #: take-to-fill time).
-SHARED_KEYSPACE_FIELDS = ("pattern", *SHARED_COUNTERS, *SHARED_GAUGES, "mean_compute_seconds")
+SHARED_KEYSPACE_FIELDS = (
+    "pattern",
+    *SHARED_COUNTERS,
+    *SHARED_GAUGES,
+    "mean_compute_seconds",
+    "p50_compute_seconds",
+    "p99_compute_seconds",
+)
+
+
+def histogram_quantile(q: float, counts: list[int], bounds: tuple[float, ...] = COMPUTE_BUCKETS) -> float:
+    """The ``q`` quantile (0..1) of what a histogram counted: ``counts`` per bucket of ``bounds``
+    (upper bounds, one overflow slot last), interpolated linearly inside the bucket the rank falls
+    in, as Prometheus's ``histogram_quantile`` does; past the last bound, the last bound. Both
+    servers estimate ``p50_compute_seconds`` and ``p99_compute_seconds`` this way over the same
+    bounds (the module in C, ``info.c``), so the two front ends report the same number for the
+    same compute times. 0.0 before anything was counted."""
+    total = sum(counts)
+    if total == 0:
+        return 0.0
+    rank = q * total
+    below = 0
+    for i, n in enumerate(counts):
+        if n and below + n >= rank:
+            if i >= len(bounds):
+                return float(bounds[-1])
+            lower = bounds[i - 1] if i else 0.0
+            return float(lower + (bounds[i] - lower) * (rank - below) / n)
+        below += n
+    return float(bounds[-1])
 
 
 @dataclass
@@ -71,12 +100,17 @@ class KeyspaceStats:
     version_stale_hits: int = 0
     #: handler calls per COMPUTE_BUCKETS bound, plus one overflow slot (not cumulative)
     compute_histogram: list[int] = field(default_factory=lambda: [0] * (len(COMPUTE_BUCKETS) + 1))
+    #: keys computed per COMPUTE_BUCKETS bound of their handler call's seconds (a batch of 8
+    #: counts 8): what the p50/p99 compute times are read from, per key as the module's are
+    key_compute_histogram: list[int] = field(default_factory=lambda: [0] * (len(COMPUTE_BUCKETS) + 1))
     #: handler calls per BATCH_BUCKETS bound of their key count, plus one overflow slot
     batch_histogram: list[int] = field(default_factory=lambda: [0] * (len(BATCH_BUCKETS) + 1))
 
     def observe(self, seconds: float, keys: int = 1) -> None:
         """Record one handler call that computed ``keys`` keys in ``seconds``."""
-        self.compute_histogram[bisect.bisect_left(COMPUTE_BUCKETS, seconds)] += 1
+        bucket = bisect.bisect_left(COMPUTE_BUCKETS, seconds)
+        self.compute_histogram[bucket] += 1
+        self.key_compute_histogram[bucket] += keys
         self.batch_histogram[bisect.bisect_left(BATCH_BUCKETS, keys)] += 1
         self.compute_seconds += seconds
         self.calls += 1
@@ -85,6 +119,16 @@ class KeyspaceStats:
     @property
     def mean_compute_seconds(self) -> float:
         return self.compute_seconds / self.computations if self.computations else 0.0
+
+    @property
+    def p50_compute_seconds(self) -> float:
+        """Half the keys computed took at most this long (estimated from the histogram)."""
+        return histogram_quantile(0.5, self.key_compute_histogram)
+
+    @property
+    def p99_compute_seconds(self) -> float:
+        """99 % of the keys computed took at most this long (estimated from the histogram)."""
+        return histogram_quantile(0.99, self.key_compute_histogram)
 
     @property
     def mean_call_seconds(self) -> float:
@@ -100,6 +144,9 @@ class KeyspaceStats:
         d = asdict(self)
         del d["compute_histogram"]
         del d["batch_histogram"]
+        del d["key_compute_histogram"]
         d["mean_compute_seconds"] = self.mean_compute_seconds
+        d["p50_compute_seconds"] = self.p50_compute_seconds
+        d["p99_compute_seconds"] = self.p99_compute_seconds
         d["seconds_saved"] = self.seconds_saved
         return d

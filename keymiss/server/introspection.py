@@ -237,6 +237,8 @@ def _keyspace_line(c: Client, ks: Any) -> str:
         "queued": c.km.engine.queued(ks.pattern),
         "in_flight": st.in_flight,
         "mean_compute_seconds": st.mean_compute_seconds,
+        "p50_compute_seconds": st.p50_compute_seconds,
+        "p99_compute_seconds": st.p99_compute_seconds,
     }
     own = {
         "version": "" if version is None else _escape(version),

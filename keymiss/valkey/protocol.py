@@ -176,6 +176,8 @@ INFO_KEYSPACE_FIELDS = (
     "early_refreshes",
     "refresh_failures",
     "mean_compute_seconds",
+    "p50_compute_seconds",
+    "p99_compute_seconds",
     "failures",
     "mean_compute_ms",
 )

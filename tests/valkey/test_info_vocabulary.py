@@ -14,7 +14,14 @@ from pathlib import Path
 import pytest
 import redis
 
-from keymiss.stats import INFO_KEYSPACE_LINE, SHARED_COUNTERS, SHARED_GAUGES, SHARED_KEYSPACE_FIELDS
+from keymiss.stats import (
+    COMPUTE_BUCKETS,
+    INFO_KEYSPACE_LINE,
+    SHARED_COUNTERS,
+    SHARED_GAUGES,
+    SHARED_KEYSPACE_FIELDS,
+    histogram_quantile,
+)
 from keymiss.valkey import protocol
 
 from ..server.conftest import FRONTS, start_server
@@ -71,6 +78,9 @@ def test_info_keymiss_and_metrics_use_one_vocabulary(tmp_path: Path) -> None:
         counts = (ks["hits"], ks["misses"], ks["computations"], ks["errors"])
         assert counts == ("1", "1", "1", "0"), (front, ks)
         assert 0.25 <= float(ks["mean_compute_seconds"]) < 5, (front, ks)  # seconds on both
+        # one 0.3 s computation: in the (0.25, 0.5] bucket on both, estimated the same way
+        assert float(ks["p50_compute_seconds"]) == pytest.approx(0.375), (front, ks)
+        assert float(ks["p99_compute_seconds"]) == pytest.approx(0.4975), (front, ks)
         body = bodies[front]
         for name in SHARED_COUNTERS:
             assert len(metric(body, f"keymiss_{name}_total", "slow:*")) == 1, (front, name)
@@ -87,6 +97,26 @@ def test_info_keymiss_and_metrics_use_one_vocabulary(tmp_path: Path) -> None:
     assert re.search(r"^keyspace_\d+:pattern=slow:\*,", texts["python"], re.M)
     assert metric(bodies["valkey"], "keymiss_module_hits_total", "slow:*") == [1.0]
     assert metric(bodies["valkey"], "keymiss_module_failures_total", "slow:*") == [0.0]
+
+
+def test_both_servers_bucket_compute_times_alike() -> None:
+    """The module's compute-time buckets (keymiss.h) are the Python server's, so the p50/p99 both
+    report are one estimate."""
+    header = (Path(protocol.__file__).parent / "module" / "keymiss.h").read_text()
+    bounds = re.search(r"#define KM_COMPUTE_BOUNDS \{([^}]*)\}", header)
+    count = re.search(r"#define KM_COMPUTE_BUCKETS (\d+)", header)
+    assert bounds and count
+    assert tuple(float(b) for b in bounds.group(1).split(",")) == COMPUTE_BUCKETS
+    assert int(count.group(1)) == len(COMPUTE_BUCKETS)
+
+
+def test_histogram_quantile() -> None:
+    counts = [0] * (len(COMPUTE_BUCKETS) + 1)
+    assert histogram_quantile(0.5, counts) == 0.0
+    counts[1] = 4  # four in (0.001, 0.005]
+    assert histogram_quantile(0.5, counts) == pytest.approx(0.003)
+    counts[-1] = 100  # most past the last bound: the last bound
+    assert histogram_quantile(0.99, counts) == COMPUTE_BUCKETS[-1]
 
 
 def test_the_module_reports_every_shared_field() -> None:

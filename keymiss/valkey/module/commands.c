@@ -470,6 +470,7 @@ int km_cmd_fill(RedisModuleCtx *ctx, RedisModuleString **argv, int argc) {
     if (e->taken_at > 0) {
         double took = (double)(km_now_ms() - e->taken_at);
         ks->mean_compute_ms = ks->mean_compute_ms > 0 ? 0.8 * ks->mean_compute_ms + 0.2 * took : (took > 0 ? took : 1);
+        km_observe_compute(ks, took / 1000.0);
     }
     if (KM_DictSize(km.backoffs)) km_backoff_clear(argv[1]);
     km_entry_resolve(e, NULL);

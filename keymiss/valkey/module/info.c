@@ -41,8 +41,38 @@
 #define KM_FIELD_early_refreshes(ks) ((ks)->early_refreshes)
 #define KM_FIELD_refresh_failures(ks) ((ks)->refresh_failures)
 #define KM_FIELD_mean_compute_seconds(ks) ((ks)->mean_compute_ms / 1000.0)
+#define KM_FIELD_p50_compute_seconds(ks) km_compute_quantile((ks), 0.5)
+#define KM_FIELD_p99_compute_seconds(ks) km_compute_quantile((ks), 0.99)
 #define KM_FIELD_failures(ks) ((ks)->failures)
 #define KM_FIELD_mean_compute_ms(ks) ((long long)(ks)->mean_compute_ms)
+
+static const double km_compute_bounds[KM_COMPUTE_BUCKETS] = KM_COMPUTE_BOUNDS;
+
+void km_observe_compute(KmKeyspace *ks, double seconds) {
+    int i = 0;
+    while (i < KM_COMPUTE_BUCKETS && seconds > km_compute_bounds[i]) i++;
+    ks->compute_hist[i]++;
+}
+
+/* The q quantile of the keyspace's compute times, interpolated inside its bucket as Prometheus's
+ * histogram_quantile does (keymiss.stats.histogram_quantile, the Python server's, is the same
+ * estimate); past the last bound, the last bound; 0 before any fill. */
+static double km_compute_quantile(const KmKeyspace *ks, double q) {
+    long long total = 0, below = 0;
+    for (int i = 0; i <= KM_COMPUTE_BUCKETS; i++) total += ks->compute_hist[i];
+    if (total == 0) return 0.0;
+    double rank = q * (double)total;
+    for (int i = 0; i <= KM_COMPUTE_BUCKETS; i++) {
+        long long n = ks->compute_hist[i];
+        if (n > 0 && (double)(below + n) >= rank) {
+            if (i == KM_COMPUTE_BUCKETS) break;
+            double lower = i > 0 ? km_compute_bounds[i - 1] : 0.0;
+            return lower + (km_compute_bounds[i] - lower) * (rank - (double)below) / (double)n;
+        }
+        below += n;
+    }
+    return km_compute_bounds[KM_COMPUTE_BUCKETS - 1];
+}
 
 /* A name as an INFO value can carry it: no separators, spaces or control bytes. */
 static void km_info_name(char *out, size_t size, const char *name) {

@@ -64,6 +64,10 @@
  * write is ever forgotten); the tick works through this many of each per tick. */
 #define KM_NOTES_PER_TICK 2000
 #define KM_SLOTS 16384
+/* the compute-time histogram's upper bounds in seconds: keymiss.stats.COMPUTE_BUCKETS, so both
+ * servers estimate INFO's p50/p99_compute_seconds over the same buckets the same way */
+#define KM_COMPUTE_BOUNDS {0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0}
+#define KM_COMPUTE_BUCKETS 14
 #define KM_CLIENT_MARK_LEN (sizeof(KM_CLIENT_MARK) - 1)
 #define KM_COMPANION_PREFIX_LEN (sizeof(KM_COMPANION_PREFIX) - 1)
 
@@ -92,6 +96,8 @@ typedef struct KmKeyspace {
     long long version_misses, version_discards, version_stale_hits, stale_hits, early_refreshes,
         refresh_failures;
     double mean_compute_ms; /* take-to-fill time, smoothed: XFetch's compute time */
+    /* take-to-fill times per KM_COMPUTE_BOUNDS bucket, one overflow slot last: p50/p99 in INFO */
+    long long compute_hist[KM_COMPUTE_BUCKETS + 1];
     KmEntry *qhead, *qtail; /* entries waiting to be taken, oldest first */
     long long orphans;      /* queued entries nobody waits on (their readers left, or a refresh) */
     long long share_ppm;    /* SHARE: a value over this share of maxmemory is answered, not stored */
@@ -304,6 +310,8 @@ void km_on_swapdb(RedisModuleCtx *ctx, RedisModuleEvent eid, uint64_t subevent, 
 void km_on_loading(RedisModuleCtx *ctx, RedisModuleEvent eid, uint64_t subevent, void *data);
 void km_on_tick(RedisModuleCtx *ctx, void *data);
 
+/* one key's take-to-fill time, counted in its keyspace's compute-time histogram */
+void km_observe_compute(KmKeyspace *ks, double seconds);
 void km_on_info(RedisModuleInfoCtx *ctx, int for_crash_report);
 
 #pragma GCC visibility pop

@@ -123,6 +123,8 @@
     X(early_refreshes)                                                                                \
     X(refresh_failures)                                                                               \
     X(mean_compute_seconds)                                                                           \
+    X(p50_compute_seconds)                                                                            \
+    X(p99_compute_seconds)                                                                            \
     X(failures)                                                                                       \
     X(mean_compute_ms)
 /* an earlier release's names, still shown for one release: failures (now errors) and
