@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import os
 import sys
 from collections.abc import Sequence
 from typing import Any
@@ -194,6 +195,22 @@ def build_parser() -> argparse.ArgumentParser:
     worker.add_argument("--qa-batch-wait-ms", type=float, help="how long a batch waits to fill (default 5)")
     worker.add_argument("--corpus", help="contexts to ingest into the server at start")
 
+    top = sub.add_parser("top", help="a live view of a keymiss server's keyspaces (q or Ctrl-C quits)")
+    top.add_argument("--host", default="127.0.0.1", help="the server's address (default 127.0.0.1)")
+    top.add_argument("--port", type=int, default=6380, help="its port (default 6380)")
+    top.add_argument(
+        "--user",
+        default=os.environ.get("KEYMISS_USER"),
+        help="ACL user (default $KEYMISS_USER, else default)",
+    )
+    top.add_argument(
+        "--password",
+        default=os.environ.get("KEYMISS_PASSWORD"),
+        help="the password (default $KEYMISS_PASSWORD; prefer it: a flag shows in ps)",
+    )
+    top.add_argument("--interval", type=float, default=1.0, help="seconds between refreshes (default 1)")
+    top.add_argument("--once", action="store_true", help="print one frame and exit")
+
     ingest = sub.add_parser("ingest", help="tokenise contexts once and store them for the bertqa keyspace")
     ingest.add_argument("file", help='JSON lines {"key": ..., "text": ...} or text, one paragraph per line')
     ingest.add_argument("--store", required=True, help="lmdb:PATH (a memory store would vanish on exit)")
@@ -377,6 +394,25 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _redis_module()
     if command == "worker":
         return _worker(args)
+    if command == "top":
+        from keymiss.runtime.top import run_top
+
+        try:
+            import redis  # noqa: F401
+            import rich  # noqa: F401
+        except ImportError as exc:  # rich and redis-py come with the server extra
+            print(
+                f"keymiss top needs the server extra: pip install 'keymiss[server]' ({exc})", file=sys.stderr
+            )
+            return 2
+        return run_top(
+            args.host,
+            args.port,
+            password=args.password,
+            user=args.user,
+            interval=args.interval,
+            once=args.once,
+        )
     return 2  # pragma: no cover - argparse rejects unknown commands first
 
 

@@ -1,0 +1,130 @@
+"""``keymiss top`` in a pseudo-terminal against a real server of each front end, over a password:
+its screen shows each keyspace's numbers, they change after GETs, and q or Ctrl-C ends it with
+status 0 and the terminal as it was."""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import re
+import select
+import struct
+import subprocess
+import sys
+import termios
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import redis
+
+from ..support import eventually
+from .conftest import FRONTS, ServerProcess, start_server
+
+PASSWORD = "top-secret-pw"
+ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]|\x1b[()][A-Z0-9]|\r")
+ROW = re.compile(r"double:\*\s*│" + r"\s*(\S+)\s*│" * 7)
+
+
+class Screen:
+    """``keymiss top`` on the slave side of a pty (its controlling terminal, 200 columns); what it
+    drew, read from the master side."""
+
+    def __init__(self, port: int, *args: str) -> None:
+        self.master, slave = os.openpty()
+        fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 40, 200, 0, 0))
+        self.echo_before = termios.tcgetattr(slave)[3] & termios.ECHO
+        env = dict(os.environ, TERM="xterm", KEYMISS_PASSWORD=PASSWORD)
+        env.pop("COLUMNS", None)
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "keymiss", "top", "--port", str(port), "--interval", "0.2", *args],
+            stdin=slave,
+            stdout=slave,
+            stderr=slave,
+            env=env,
+            start_new_session=True,
+            preexec_fn=lambda: fcntl.ioctl(0, termios.TIOCSCTTY, 0),
+        )
+        os.close(slave)
+        self.text = ""
+
+    def read(self) -> str:
+        while select.select([self.master], [], [], 0)[0]:
+            try:
+                chunk = os.read(self.master, 65536)
+            except OSError:  # the slave side closed: the process is gone
+                break
+            if not chunk:
+                break
+            self.text += ANSI.sub("", chunk.decode(errors="replace"))
+        return self.text
+
+    def row(self) -> tuple[str, ...] | None:
+        """The last drawn row of ``double:*``: hits, misses, hit ratio, comp/s, queued, in flight, p50."""
+        rows = ROW.findall(self.read())
+        return rows[-1] if rows else None
+
+    def press(self, data: bytes) -> int:
+        os.write(self.master, data)
+        try:
+            return self.proc.wait(10)
+        finally:
+            self.read()
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(5)
+        os.close(self.master)
+
+
+@pytest.fixture(scope="module", params=FRONTS)
+def served(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[ServerProcess]:
+    srv = start_server(tmp_path_factory.mktemp("top"), "--requirepass", PASSWORD, front=request.param)
+    yield srv
+    srv.stop()
+
+
+@pytest.fixture
+def screen(served: ServerProcess) -> Iterator[Screen]:
+    s = Screen(served.port)
+    yield s
+    s.close()
+
+
+def test_top_shows_numbers_that_change_after_gets(served: ServerProcess, screen: Screen) -> None:
+    r = redis.Redis(port=served.port, password=PASSWORD, socket_timeout=10)
+    before = eventually(screen.row, timeout=15, message=f"a double:* row on the screen:\n{screen.text}")
+    hits, misses = int(before[0]), int(before[1])
+    assert r.get("double:21") == b"42" and r.get("double:21") == b"42"  # a miss, then a hit
+    after = eventually(
+        lambda: (row := screen.row()) and int(row[0]) == hits + 1 and int(row[1]) == misses + 1 and row,
+        timeout=10,
+        message=f"the GETs on the screen:\n{screen.text[-3000:]}",
+    )
+    assert after[2].endswith("%") and after[6].endswith(("ms", "s"))  # a hit ratio, and a p50 time
+    assert "q: quit" in screen.text
+    assert screen.press(b"q") == 0
+    assert screen.proc.returncode == 0
+    r.close()
+
+
+def test_ctrl_c_ends_top_cleanly(screen: Screen) -> None:
+    eventually(screen.row, timeout=15, message=f"a frame:\n{screen.text}")
+    assert screen.press(b"\x03") == 0  # the terminal's interrupt: SIGINT to top
+    assert "Traceback" not in screen.text
+    assert termios.tcgetattr(screen.master)[3] & termios.ECHO == screen.echo_before  # echo restored
+
+
+def test_top_without_the_password_says_why(served: ServerProcess, tmp_path: Path) -> None:
+    env = dict(os.environ, KEYMISS_PASSWORD="wrong")
+    out = subprocess.run(
+        [sys.executable, "-m", "keymiss", "top", "--port", str(served.port), "--once"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=30,
+    )
+    assert out.returncode == 1 and "keymiss top:" in out.stderr and "Traceback" not in out.stderr
