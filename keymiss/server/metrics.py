@@ -53,6 +53,18 @@ class KeymissCollector:
         yield GaugeMetricFamily(
             "keymiss_connected_clients", "Open client connections", value=float(len(self.server.connections))
         )
+        # the module front end's names for the server's own figures, so one dashboard reads both
+        for gauge, text, value in (
+            ("used_memory_bytes", "Bytes the server's data take (the store's)", info.used_bytes),
+            ("maxmemory_bytes", "The server's byte budget (the store's)", info.max_bytes),
+            ("connected_clients", "The server's clients", len(self.server.connections)),
+        ):
+            yield GaugeMetricFamily(f"keymiss_server_{gauge}", text, value=float(value))
+        for counter, text, value in (
+            ("evicted_keys", "Keys the server evicted under its budget", info.evictions),
+            ("rejected_connections", "Connections refused at max-clients", srv.rejected_connections),
+        ):
+            yield CounterMetricFamily(f"keymiss_server_{counter}", text, value=float(value))
 
 
 def start_metrics_server(server: Host, port: int) -> ThreadingHTTPServer:

@@ -6,6 +6,7 @@ names, so a dashboard or a script reads either front end unchanged."""
 from __future__ import annotations
 
 import asyncio
+import json
 import re
 import socket
 import urllib.request
@@ -53,6 +54,28 @@ def metric(body: str, name: str, pattern: str) -> list[float]:
     return [float(v) for v in sample.findall(body)]
 
 
+DASHBOARD = Path(__file__).parents[2] / "docs" / "grafana-keymiss.json"
+
+
+def dashboard_metrics() -> set[str]:
+    """Every metric name the Grafana dashboard's queries (panels and variables) name."""
+    dash = json.loads(DASHBOARD.read_text())
+    exprs = [t["expr"] for p in dash["panels"] for t in p["targets"]]
+    exprs += [v["definition"] for v in dash["templating"]["list"] if v["type"] == "query"]
+    return {m for e in exprs for m in re.findall(r"\b(?:keymiss|process)_[a-z_]+\b", e)}
+
+
+def test_the_dashboard_is_a_grafana_dashboard() -> None:
+    dash = json.loads(DASHBOARD.read_text())
+    assert dash["uid"] and dash["title"] and dash["schemaVersion"] >= 30
+    assert len({p["id"] for p in dash["panels"]}) == len(dash["panels"])
+    assert all(p["targets"] and all(t["expr"] for t in p["targets"]) for p in dash["panels"])
+    names = dashboard_metrics()
+    for shown in ("keymiss_hits_total", "keymiss_queued", "keymiss_compute_seconds_bucket"):
+        assert shown in names
+    assert "keymiss_server_evicted_keys_total" in names and "keymiss_server_used_memory_bytes" in names
+
+
 def test_info_keymiss_and_metrics_use_one_vocabulary(tmp_path: Path) -> None:
     texts: dict[str, str] = {}
     bodies: dict[str, str] = {}
@@ -92,6 +115,10 @@ def test_info_keymiss_and_metrics_use_one_vocabulary(tmp_path: Path) -> None:
     assert set(fields["python"]) & set(SHARED_KEYSPACE_FIELDS) == set(fields["valkey"]) & set(
         SHARED_KEYSPACE_FIELDS
     )
+    for front, body in bodies.items():  # docs/grafana-keymiss.json reads either front end
+        exposed = set(re.findall(r"^([a-zA-Z_:][\w:]*)[{ ]", body, re.M))
+        missing = sorted(dashboard_metrics() - exposed)
+        assert not missing, f"the dashboard names metrics {front}'s /metrics lacks: {missing}"
     # the earlier names, still there for one release
     assert fields["valkey"]["failures"] == "0" and "mean_compute_ms" in fields["valkey"]
     assert re.search(r"^keyspace_\d+:pattern=slow:\*,", texts["python"], re.M)
