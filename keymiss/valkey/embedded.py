@@ -48,9 +48,13 @@ log = logging.getLogger("keymiss.valkey")
 #: Valkey's log line: ``pid:role day month year time level message``
 _LOG_LINE = re.compile(r"^\d+:[A-Za-z] \d+ \w+ \d+ [\d:.]+ ([.\-*#]) (.*)$")
 _LEVELS = {"#": logging.WARNING, "*": logging.INFO, "-": logging.DEBUG, ".": logging.DEBUG}
-#: expected lines said at the wrong level: the module refuses to be unloaded (at exit, harmlessly)
+#: expected lines said at the wrong level: the module refuses to be unloaded (at exit, harmlessly);
+#: the server looks its TLS connection type up once, when the module first asks about a client
+#: (``GetClientInfoById``), and warns that a binary built without TLS has none — the embedded server
+#: never listens with TLS
 _QUIET = re.compile(
-    r"^(Legacy Redis Module .*keymiss.* found|Module keymiss OnUnload failed|Failed to unload module keymiss)"
+    r"^(Legacy Redis Module .*keymiss.* found|Module keymiss OnUnload failed|Failed to unload module keymiss"
+    r"|Missing implement of connection type tls$)"
 )
 #: how often keymiss asks its server, before opening its port, whether the workers have registered
 READY_WATCH = 0.02
