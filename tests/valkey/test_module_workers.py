@@ -163,3 +163,43 @@ async def test_a_busy_worker_is_counted_as_busy_and_not_remembered_as_a_failure(
     assert await w.call(*protocol.fill(key, token, "done")) == 1
     assert await again == b"done"
     await w.close()
+
+
+def readme_worker_acl() -> list[str]:
+    """The README's worker ACL recipe (its ``ACL SETUSER kmworker`` line), as the arguments it gives."""
+    import re
+    import shlex
+
+    text = (Path(__file__).parents[2] / "README.md").read_text()
+    line = re.search(r"redis-cli ACL SETUSER kmworker (.*?)\n\s*keymiss worker", text, re.S)
+    assert line, "the README's worker ACL recipe"
+    return shlex.split(line.group(1).replace("\\\n", " "))
+
+
+async def test_the_readme_worker_acl_recipe_serves_without_noperm_noise(
+    server: RedisProcess, caplog: pytest.LogCaptureFixture
+) -> None:
+    assert await resp(server.port, "ACL", "SETUSER", "kmworker", *readme_worker_acl()) == "OK"
+    km = Keymiss(sweep_interval=0.02)  # the store's sweep (INFO, DBSIZE), as `keymiss worker` runs it
+
+    @km.keyspace("sq:*")
+    def sq(key: str) -> str:
+        return str(int(key[3:]) ** 2)
+
+    worker_url = f"redis://kmworker:worker-password@127.0.0.1:{server.port}"
+    km.configure(store=worker_url)
+
+    async def swept() -> bool:  # the worker's sweep has read the server's numbers (its DBSIZE ran)
+        stats = await resp(server.port, "INFO", "commandstats")
+        return b"cmdstat_dbsize:calls=" in stats and b"cmdstat_dbsize:calls=0," not in stats
+
+    async with running(km, worker_url):
+        assert await resp(server.port, "GET", "sq:12") == b"144"
+        await aeventually(swept, timeout=10)
+        assert await resp(server.port, "GET", "sq:12") == b"144"
+    # refused: only what the README says the worker asks once and does without
+    refused = {
+        dict(zip(e[::2], e[1::2], strict=True))[b"object"] for e in await resp(server.port, "ACL", "LOG")
+    }
+    assert refused <= {b"config|get", b"client|no-evict", b"client|setinfo"}, refused
+    assert "NOPERM" not in caplog.text
