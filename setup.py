@@ -38,6 +38,7 @@ setup(
                 "keymiss/valkey/module/slottag.c",
                 "keymiss/valkey/module/glob.c",
                 "keymiss/valkey/module/info.c",
+                "keymiss/valkey/module/clients.c",
                 "keymiss/valkey/module/util.c",
                 "keymiss/valkey/module/api.c",
             ],

@@ -105,7 +105,13 @@ def build_parser() -> argparse.ArgumentParser:
         const=True,
         help="allow a non-loopback address without a password",
     )
-    serve.add_argument("--max-clients", type=int)
+    serve.add_argument(
+        "--max-clients",
+        type=int,
+        help="client connections admitted at once (default 10000); the next one is told 'max number "
+        "of clients reached' and closed. keymiss's own connections to its embedded server (workers, "
+        "health checks: up to 48, over its private unix socket) are apart and never take a client's place",
+    )
     serve.add_argument(
         "--admin-password",
         help="the embedded server's operator user 'admin': the one login that may reconfigure it "

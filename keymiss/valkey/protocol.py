@@ -71,9 +71,11 @@ CMD_TAKE = "KEYMISS.TAKE"
 CMD_FILL = "KEYMISS.FILL"
 CMD_FAIL = "KEYMISS.FAIL"
 CMD_VERSION = "KEYMISS.VERSION"
+#: what a client connection past ``MAXCLIENTS`` runs instead of each command it sends (the refusal)
+CMD_REFUSED = "KEYMISS.REFUSED"
 
 #: every command the module adds
-COMMANDS = (CMD_GET, CMD_MGET, CMD_REGISTER, CMD_TAKE, CMD_FILL, CMD_FAIL, CMD_VERSION)
+COMMANDS = (CMD_GET, CMD_MGET, CMD_REGISTER, CMD_TAKE, CMD_FILL, CMD_FAIL, CMD_VERSION, CMD_REFUSED)
 #: the commands only workers may send (clients are denied them by ACL)
 WORKER_COMMANDS = (CMD_REGISTER, CMD_TAKE, CMD_FILL, CMD_FAIL, CMD_VERSION)
 
@@ -95,9 +97,11 @@ OPT_CODEC = "CODEC"
 #: FAIL's flag for a key that does not fit its keyspace's template: nothing ran, so it counts in
 #: neither ``computations`` nor ``errors`` (a timeout, flagged ``TIMEOUT``, counts in ``timeouts``)
 OPT_MISMATCH = "MISMATCH"
-#: the module's load arguments: ``GRACE ms``, ``KEYSPACE pattern`` (repeatable), in any order
+#: the module's load arguments: ``GRACE ms``, ``KEYSPACE pattern`` (repeatable), ``MAXCLIENTS n``
+#: (TCP client connections admitted; keymiss's own come through the unix socket), in any order
 OPT_GRACE = "GRACE"
 OPT_KEYSPACE = "KEYSPACE"
+OPT_MAXCLIENTS = "MAXCLIENTS"
 
 # --- limits ------------------------------------------------------------------------------------------
 #: the longest time in milliseconds any option may say (a year)
@@ -146,7 +150,7 @@ ERR_PREFIX = "ERR keymiss: "
 # --- INFO keymiss ------------------------------------------------------------------------------------
 INFO_SECTION = "keymiss"
 #: the section's own fields (``keymiss_<name>`` in INFO)
-INFO_FIELDS = ("keyspaces", "workers", "pending", "blocked_readers", "error_records")
+INFO_FIELDS = ("keyspaces", "workers", "pending", "blocked_readers", "error_records", "refused_clients")
 #: the fields of each ``keymiss_keyspace_<n>`` line, in order (``version`` only when versioned): the
 #: words the Python server's ``INFO keymiss`` uses for the same counters, in the same units
 #: (``keymiss.stats.SHARED_KEYSPACE_FIELDS``); the last ones are :data:`INFO_KEYSPACE_ALIASES`

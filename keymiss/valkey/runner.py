@@ -103,7 +103,9 @@ class ModuleFront:
         return EmbeddedServer(
             self.binary,
             module,
-            module_args=module_arguments(module, grace_seconds=s.worker_grace, patterns=patterns),
+            module_args=module_arguments(
+                module, grace_seconds=s.worker_grace, patterns=patterns, max_clients=s.max_clients
+            ),
             host=s.host,
             port=s.port,
             data_dir=s.data_dir,

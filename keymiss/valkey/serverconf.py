@@ -208,7 +208,9 @@ def find_binary(explicit: str | None = None) -> tuple[ServerBinary | None, str]:
         return None, str(exc)
 
 
-def module_arguments(module: str, *, grace_seconds: float, patterns: Sequence[str]) -> list[str]:
+def module_arguments(
+    module: str, *, grace_seconds: float, patterns: Sequence[str], max_clients: int | None = None
+) -> list[str]:
     """The module's load arguments (``loadmodule PATH GRACE <ms> KEYSPACE <pattern> ...``): how long a
     reader of a keyspace without a worker waits for one, and a ``KEYSPACE`` per keyspace, by the
     name its workers register (a template's included), so that a read before the workers register
@@ -218,6 +220,10 @@ def module_arguments(module: str, *, grace_seconds: float, patterns: Sequence[st
     if not (knows_directive(module, protocol.OPT_GRACE) and knows_directive(module, protocol.OPT_KEYSPACE)):
         return []
     args = [protocol.OPT_GRACE, str(max(0, round(grace_seconds * 1000)))]
+    if max_clients is not None and knows_directive(module, protocol.OPT_MAXCLIENTS):
+        # the clients' TCP connections, held to --max-clients by the module: the server's
+        # maxclients also counts keymiss's own (unix-socket) connections, so it has room for them
+        args += [protocol.OPT_MAXCLIENTS, str(max_clients)]
     for pattern in patterns:
         if any(c in pattern for c in "\r\n\0"):
             raise ConfigError(f"keyspace {pattern!r}: a pattern the server's configuration cannot carry")

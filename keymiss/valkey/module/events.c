@@ -140,7 +140,10 @@ static int km_due_at(const void *val, const void *now) {
 void km_on_client_change(RedisModuleCtx *ctx, RedisModuleEvent eid, uint64_t subevent, void *data) {
     (void)ctx;
     (void)eid;
-    if (subevent != RM_SUBEVENT_CLIENT_CHANGE_DISCONNECTED || data == NULL) return;
+    if (data == NULL) return;
+    if (subevent == RM_SUBEVENT_CLIENT_CHANGE_CONNECTED) km_clients_connected(data);
+    if (subevent != RM_SUBEVENT_CLIENT_CHANGE_DISCONNECTED) return;
+    km_clients_disconnected(data);
     unsigned long long client = ((RedisModuleClientInfo *)data)->id;
     int w = km_worker_index(client);
     if (w < 0) return;
@@ -222,6 +225,7 @@ void km_on_tick(RedisModuleCtx *ctx, void *data) {
         if (km.keyspaces[ksi]->qhead) km_wake_taker(ksi);
     if (KM_DictSize(km.dirty)) km_rewrite_companions(ctx);
     if (KM_DictSize(km.retimed)) km_retime_companions(ctx);
+    if (KM_DictSize(km.refused)) km_clients_tick(ctx, now);
     if (++km.ticks % 20 == 0 && KM_DictSize(km.backoffs)) km_backoffs_purge(now);
     KM_CreateTimer(ctx, KM_TICK_MS, km_on_tick, NULL);
 }

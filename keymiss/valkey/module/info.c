@@ -11,6 +11,7 @@
 #define KM_SECTION_pending ((long long)KM_DictSize(km.pending))
 #define KM_SECTION_blocked_readers (km.waiting)
 #define KM_SECTION_error_records ((long long)KM_DictSize(km.errors))
+#define KM_SECTION_refused_clients (km.refused_clients) /* client connections refused past MAXCLIENTS */
 
 /* A keyspace's field by its INFO name (one protocol.h adds must be given here). Most are the
  * keyspace's member of that name; INFO's words are the Python server's, so a member the module

@@ -64,6 +64,8 @@
  * write is ever forgotten); the tick works through this many of each per tick. */
 #define KM_NOTES_PER_TICK 2000
 #define KM_SLOTS 16384
+/* a TCP connection past MAXCLIENTS that sends nothing is closed after this long */
+#define KM_REFUSED_GRACE_MS 1000
 /* the compute-time histogram's upper bounds in seconds: keymiss.stats.COMPUTE_BUCKETS, so both
  * servers estimate INFO's p50/p99_compute_seconds over the same buckets the same way */
 #define KM_COMPUTE_BOUNDS {0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0}
@@ -187,6 +189,11 @@ typedef struct KmState {
     int filling;               /* our own SET is running: its keyspace event is not a client's write */
     uintptr_t script_epoch;    /* scripts (EVAL*, FCALL*) the filter saw: tells one script's writes from the next's */
     long long grace_ms;        /* GRACE: how long a miss waits for a keyspace without a worker */
+    long long max_clients;     /* MAXCLIENTS: TCP client connections admitted (0: the server's limit) */
+    long long tcp_clients;     /* TCP client connections admitted now */
+    long long refused_clients; /* TCP client connections refused past MAXCLIENTS, ever */
+    RedisModuleDict *refused;  /* client id -> KmRefused: TCP connections past MAXCLIENTS */
+    RedisModuleString *refused_name;
     uint64_t rnd_state;        /* xorshift64*: XFetch's draws (seeded from the server's CSPRNG) */
     unsigned long ticks;
     int take_next;                 /* the keyspace the next TAKE starts from: each gets its turn */
@@ -310,6 +317,12 @@ void km_on_swapdb(RedisModuleCtx *ctx, RedisModuleEvent eid, uint64_t subevent, 
 void km_on_loading(RedisModuleCtx *ctx, RedisModuleEvent eid, uint64_t subevent, void *data);
 void km_on_tick(RedisModuleCtx *ctx, void *data);
 
+/* clients.c: MAXCLIENTS */
+void km_clients_connected(const RedisModuleClientInfo *ci);
+void km_clients_disconnected(const RedisModuleClientInfo *ci);
+int km_filter_refused(RedisModuleCommandFilterCtx *f);
+int km_cmd_refused(RedisModuleCtx *ctx, RedisModuleString **argv, int argc);
+void km_clients_tick(RedisModuleCtx *ctx, long long now);
 /* one key's take-to-fill time, counted in its keyspace's compute-time histogram */
 void km_observe_compute(KmKeyspace *ks, double seconds);
 void km_on_info(RedisModuleInfoCtx *ctx, int for_crash_report);

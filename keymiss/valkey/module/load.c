@@ -20,6 +20,8 @@ static const struct {
      * or their readers wait their deadline instead of getting the refusal at once. */
     {KM_CMD_FAIL, km_cmd_fail, "", 0, 0, 0},
     {KM_CMD_VERSION, km_cmd_version, "deny-script", 0, 0, 0},
+    /* the refusal of a connection past MAXCLIENTS: answered before AUTH, as the server's own is */
+    {KM_CMD_REFUSED, km_cmd_refused, "no-auth fast allow-loading allow-stale", 0, 0, 0},
 };
 #define KM_ONE(name) +1
 _Static_assert(sizeof(km_commands) / sizeof(km_commands[0]) == 0 KM_COMMANDS(KM_ONE),
@@ -44,6 +46,9 @@ static int km_load_arguments(RedisModuleCtx *ctx, RedisModuleString **argv, int 
         if (value != NULL && km_word_is(word, len, KM_OPT_GRACE) && KM_StringToLongLong(argv[i + 1], &ms) == RM_OK &&
             ms >= 0 && ms <= KM_MAX_MS) {
             km.grace_ms = ms;
+        } else if (value != NULL && km_word_is(word, len, KM_OPT_MAXCLIENTS) &&
+                   KM_StringToLongLong(argv[i + 1], &ms) == RM_OK && ms >= 0) {
+            km.max_clients = ms;
         } else if (value != NULL && km_word_is(word, len, KM_OPT_KEYSPACE) && vlen > 0 && vlen <= KM_MAX_GLOB &&
                    memchr(value, '\0', vlen) == NULL) {
             if (km_keyspace_declare(value, vlen) < 0) {
@@ -52,9 +57,9 @@ static int km_load_arguments(RedisModuleCtx *ctx, RedisModuleString **argv, int 
             }
         } else {
             KM_Log(ctx, "warning",
-                   "keymiss: the module's arguments are %s ms (0 to %lld) and %s pattern (1 to %d bytes, "
-                   "repeatable), in any order",
-                   KM_OPT_GRACE, KM_MAX_MS, KM_OPT_KEYSPACE, KM_MAX_GLOB);
+                   "keymiss: the module's arguments are %s ms (0 to %lld), %s pattern (1 to %d bytes, "
+                   "repeatable) and %s n (0 or more), in any order",
+                   KM_OPT_GRACE, KM_MAX_MS, KM_OPT_KEYSPACE, KM_MAX_GLOB, KM_OPT_MAXCLIENTS);
             return RM_ERR;
         }
     }
@@ -73,10 +78,12 @@ __attribute__((visibility("default"))) int RedisModule_OnLoad(RedisModuleCtx *ct
     km.backoffs = KM_CreateDict(NULL);
     km.dirty = KM_CreateDict(NULL);
     km.retimed = KM_CreateDict(NULL);
+    km.refused = KM_CreateDict(NULL);
+    km.refused_name = KM_CreateString(NULL, KM_CMD_REFUSED, sizeof(KM_CMD_REFUSED) - 1);
     km.get_name = KM_CreateString(NULL, KM_CMD_GET, sizeof(KM_CMD_GET) - 1);
     km.mget_name = KM_CreateString(NULL, KM_CMD_MGET, sizeof(KM_CMD_MGET) - 1);
     if (!km.pending || !km.errors || !km.requests || !km.backoffs || !km.dirty || !km.retimed || !km.get_name ||
-        !km.mget_name)
+        !km.mget_name || !km.refused || !km.refused_name)
         return km_load_failed(ctx, __LINE__);
     for (size_t i = 0; i < sizeof(km_commands) / sizeof(km_commands[0]); i++)
         if (KM_CreateCommand(ctx, km_commands[i].name, km_commands[i].fn, km_commands[i].flags, km_commands[i].firstkey,

@@ -16,11 +16,13 @@
 #define KM_CMD_FILL "keymiss.fill"
 #define KM_CMD_FAIL "keymiss.fail"
 #define KM_CMD_VERSION "keymiss.version"
+/* what a client connection past MAXCLIENTS runs instead of each command it sends (the refusal) */
+#define KM_CMD_REFUSED "keymiss.refused"
 
 /* every command the module adds */
 #define KM_COMMANDS(X)                                                                                \
     X(KM_CMD_GET) X(KM_CMD_MGET) X(KM_CMD_REGISTER) X(KM_CMD_TAKE) X(KM_CMD_FILL) X(KM_CMD_FAIL)      \
-    X(KM_CMD_VERSION)
+    X(KM_CMD_VERSION) X(KM_CMD_REFUSED)
 /* the commands only workers may send (clients are denied them by ACL) */
 #define KM_WORKER_COMMANDS(X) X(KM_CMD_REGISTER) X(KM_CMD_TAKE) X(KM_CMD_FILL) X(KM_CMD_FAIL) X(KM_CMD_VERSION)
 
@@ -42,9 +44,11 @@
 /* FAIL's flag for a key that does not fit its keyspace's template: nothing ran, so it counts in
  * neither computations nor errors (a timeout, flagged TIMEOUT, counts in timeouts) */
 #define KM_OPT_MISMATCH "MISMATCH"
-/* the module's load arguments: GRACE ms, KEYSPACE pattern (repeatable), in any order */
+/* the module's load arguments: GRACE ms, KEYSPACE pattern (repeatable), MAXCLIENTS n (TCP client
+ * connections admitted; keymiss's own come through the unix socket), in any order */
 #define KM_OPT_GRACE "GRACE"
 #define KM_OPT_KEYSPACE "KEYSPACE"
+#define KM_OPT_MAXCLIENTS "MAXCLIENTS"
 
 /* --- limits (plain decimals where an error text quotes them) -------------------------------- */
 /* the longest time in milliseconds any option may say (a year) */
@@ -93,7 +97,7 @@
 /* --- INFO keymiss --------------------------------------------------------------------------- */
 #define KM_INFO_SECTION "keymiss"
 /* the section's own fields (keymiss_<name> in INFO) */
-#define KM_INFO_FIELDS(X) X(keyspaces) X(workers) X(pending) X(blocked_readers) X(error_records)
+#define KM_INFO_FIELDS(X) X(keyspaces) X(workers) X(pending) X(blocked_readers) X(error_records) X(refused_clients)
 /* the fields of each keymiss_keyspace_<n> line, in order (version only when versioned): the words
  * the Python server's INFO keymiss uses for the same counters, in the same units; the last ones are
  * KM_INFO_KEYSPACE_ALIASES */

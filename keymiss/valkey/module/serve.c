@@ -252,6 +252,7 @@ static int km_is_script(const char *cmd, size_t len) {
 /* The filter: GET / MGET / GETEX(key only) naming a missing key of a registered keyspace become
  * KEYMISS.GET / KEYMISS.MGET; a delete of a key being computed supersedes it (km_filter_delete). */
 void km_command_filter(RedisModuleCommandFilterCtx *f) {
+    if (KM_DictSize(km.refused) && km_filter_refused(f)) return; /* a connection past MAXCLIENTS */
     if (km.nkeyspaces == 0) return;
     int argc = KM_CommandFilterArgsCount(f);
     if (argc < 2) return;
