@@ -60,9 +60,14 @@ class QAService:
         return await asyncio.wrap_future(self._model_thread.submit(functools.partial(fn, *args)))
 
     async def ingest(
-        self, km: Keymiss, pairs: Iterable[tuple[str, str]], progress: Callable[[int], None] | None = None
+        self,
+        km: Keymiss,
+        pairs: Iterable[tuple[str, str]],
+        progress: Callable[[int], None] | None = None,
+        batch_size: int = 64,
     ) -> IngestReport:
-        """Store each context's tokens (idempotent); a changed context forgets its cached answers."""
+        """Store each context's tokens (idempotent); a changed context forgets its cached answers.
+        Contexts go ``batch_size`` at a time (``progress`` hears of each batch)."""
         reader = await self.load()
         report = IngestReport()
         store = km.store
@@ -99,7 +104,7 @@ class QAService:
 
         for pair in pairs:
             batch.append(pair)
-            if len(batch) >= 64:
+            if len(batch) >= batch_size:
                 await flush()
         if batch:
             await flush()
@@ -216,7 +221,8 @@ def build_qa_app(
         for source in sources:
             pairs = list(read_corpus(source))
             async with progress.step(f"ingesting {os.path.basename(source)}", len(pairs)) as advance:
-                report = await service.ingest(km, pairs, advance)
+                # batches of at most 64, and at least ten of them: the progress moves as it goes
+                report = await service.ingest(km, pairs, advance, max(1, min(64, -(-len(pairs) // 10))))
             log.info("ingested %s: %s", source, report)
 
     km.on_start(startup)
