@@ -210,7 +210,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--demo", action="store_true", help="ingest the built-in demo corpus into the server (not by default)"
     )
 
-    top = sub.add_parser("top", help="a live view of a keymiss server's keyspaces (q or Ctrl-C quits)")
+    top = sub.add_parser(
+        "top",
+        help="a live view of a keymiss server's keyspaces (q or Ctrl-C quits)",
+        description="A live view of any keymiss server (the default front end or the Python server), "
+        "read from INFO every second: per keyspace hits, misses, hit ratio, computations/s, queued and "
+        "in-flight keys, p50/p99 compute time, errors, stale hits and evictions. q or Ctrl-C quits.",
+    )
     top.add_argument("--host", default="127.0.0.1", help="the server's address (default 127.0.0.1)")
     top.add_argument("--port", type=int, default=6380, help="its port (default 6380)")
     top.add_argument(

@@ -85,6 +85,9 @@ class ModuleCollector:
             info: dict[str, Any] = dict(client.info(protocol.INFO_SECTION))
             for section in ("memory", "stats", "clients", "persistence", "server"):
                 info.update(client.info(section))
+            # the clients refused: by the server (its maxclients) and by the module (--max-clients)
+            refused = int(info.get("keymiss_refused_clients", 0))
+            info["rejected_connections"] = int(info.get("rejected_connections", 0)) + refused
             return info
         finally:
             client.close()
@@ -142,7 +145,7 @@ class ModuleCollector:
             (
                 "rejected_connections",
                 "keymiss_server_rejected_connections",
-                "Connections refused (maxclients)",
+                "Connections refused (--max-clients, or the server's maxclients)",
             ),
             (
                 "client_output_buffer_limit_disconnections",

@@ -152,3 +152,19 @@ def test_the_readme_info_sample_is_the_modules() -> None:
     keyspace = next(line for line in lines if line.startswith("keymiss_keyspace_0:"))
     fields = tuple(protocol.parse_info_keyspace(keyspace.split(":", 1)[1]))
     assert fields == protocol.INFO_KEYSPACE_FIELDS
+
+
+@pytest.mark.parametrize(
+    ("command", "said"),
+    [
+        (["ingest", "--help"], ("lmdb:PATH", "redis://", "redis+cluster://")),
+        (["serve", "--help"], ("--max-clients", "keymiss's own connections", "--demo")),
+        (["top", "--help"], ("--password", "--user", "q or Ctrl-C")),
+    ],
+)
+def test_the_help_says_it(command: list[str], said: tuple[str, ...]) -> None:
+    out = subprocess.run(
+        [sys.executable, "-m", "keymiss", *command], capture_output=True, text=True, env=env(), timeout=30
+    )
+    text = " ".join(out.stdout.split())  # argparse wraps lines
+    assert out.returncode == 0 and all(s in text for s in said), out.stdout

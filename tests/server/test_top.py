@@ -22,6 +22,7 @@ from ..support import eventually
 from .conftest import FRONTS, ServerProcess, start_server
 
 PASSWORD = "top-secret-pw"
+ADMIN_PASSWORD = "top-admin-pw"
 ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]|\x1b[()][A-Z0-9]|\r")
 ROW = re.compile(r"double:\*\s*│" + r"\s*(\S+)\s*│" * 7)
 
@@ -82,7 +83,8 @@ class Screen:
 def served(
     request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[ServerProcess]:
-    srv = start_server(tmp_path_factory.mktemp("top"), "--requirepass", PASSWORD, front=request.param)
+    admin = ["--admin-password", ADMIN_PASSWORD] if request.param == "valkey" else []
+    srv = start_server(tmp_path_factory.mktemp("top"), "--requirepass", PASSWORD, *admin, front=request.param)
     yield srv
     srv.stop()
 
@@ -128,3 +130,18 @@ def test_top_without_the_password_says_why(served: ServerProcess, tmp_path: Path
         timeout=30,
     )
     assert out.returncode == 1 and "keymiss top:" in out.stderr and "Traceback" not in out.stderr
+
+
+def test_top_logs_in_as_a_user(served: ServerProcess) -> None:
+    if served.front != "valkey":
+        pytest.skip("ACL users are the default front end's (the Python server has one password)")
+    env = dict(os.environ, KEYMISS_USER="admin", KEYMISS_PASSWORD=ADMIN_PASSWORD)
+    out = subprocess.run(
+        [sys.executable, "-m", "keymiss", "top", "--port", str(served.port), "--once"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=30,
+    )
+    assert out.returncode == 0, out.stderr
+    assert "double:*" in out.stdout and "hit ratio" in out.stdout
