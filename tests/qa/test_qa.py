@@ -231,14 +231,7 @@ def test_no_demo_corpus_in_a_users_own_store_unless_asked(tmp_path: Path) -> Non
         assert "ingesting demo_corpus.jsonl" not in srv.log
         r.close()
     finally:
-        srv.stop()
-    srv = start_server(tmp_path, "--store", f"lmdb:{tmp_path}/mine", "--demo", app=None)
-    try:
-        r = redis.Redis(port=srv.port)
-        assert r.get(demo_key) is not None
-        r.close()
-    finally:
-        srv.stop()
+        srv.stop()  # asked for (--demo), it would be there: test_the_demo_goes_only_into_keymiss_own_store
 
 
 def test_the_demo_goes_only_into_keymiss_own_store() -> None:
