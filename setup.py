@@ -39,6 +39,8 @@ setup(
                 "keymiss/valkey/module/glob.c",
                 "keymiss/valkey/module/info.c",
                 "keymiss/valkey/module/clients.c",
+                "keymiss/valkey/module/tags.c",
+                "keymiss/valkey/module/forget.c",
                 "keymiss/valkey/module/util.c",
                 "keymiss/valkey/module/api.c",
             ],

@@ -73,9 +73,21 @@ CMD_FAIL = "KEYMISS.FAIL"
 CMD_VERSION = "KEYMISS.VERSION"
 #: what a client connection past ``MAXCLIENTS`` runs instead of each command it sends (the refusal)
 CMD_REFUSED = "KEYMISS.REFUSED"
+#: ``FORGET pattern`` | ``FORGET TAG tag``: a client's (or operator's) invalidation, run in steps
+CMD_FORGET = "KEYMISS.FORGET"
 
 #: every command the module adds
-COMMANDS = (CMD_GET, CMD_MGET, CMD_REGISTER, CMD_TAKE, CMD_FILL, CMD_FAIL, CMD_VERSION, CMD_REFUSED)
+COMMANDS = (
+    CMD_GET,
+    CMD_MGET,
+    CMD_REGISTER,
+    CMD_TAKE,
+    CMD_FILL,
+    CMD_FAIL,
+    CMD_VERSION,
+    CMD_REFUSED,
+    CMD_FORGET,
+)
 #: the commands only workers may send (clients are denied them by ACL)
 WORKER_COMMANDS = (CMD_REGISTER, CMD_TAKE, CMD_FILL, CMD_FAIL, CMD_VERSION)
 
@@ -94,6 +106,9 @@ OPT_SHARE = "SHARE"
 OPT_NOSTORE = "NOSTORE"
 OPT_LIMIT = "LIMIT"
 OPT_CODEC = "CODEC"
+#: REGISTER's tag of a keyspace (repeatable): a template over its key's ``<field>``s, or a fixed
+#: label; ``FORGET TAG tag`` forgets the keys carrying it
+OPT_TAG = "TAG"
 #: FAIL's flag for a key that does not fit its keyspace's template: nothing ran, so it counts in
 #: neither ``computations`` nor ``errors`` (a timeout, flagged ``TIMEOUT``, counts in ``timeouts``)
 OPT_MISMATCH = "MISMATCH"
@@ -114,6 +129,10 @@ MAX_QUEUE = 1_000_000
 MAX_VERSION = 256
 #: bytes of a keyspace's name or glob
 MAX_GLOB = 512
+#: tags one keyspace may declare
+MAX_TAGS = 32
+#: ``<field>``s of a keyspace's template that its tags may use
+MAX_FIELDS = 32
 #: keys one TAKE may ask for
 MAX_TAKE = 10_000
 #: keyspaces one server holds
@@ -140,6 +159,8 @@ TICK_MS = 50
 MAX_CODEC = 255
 #: what an earlier release's companion held for a client's write (read, no longer written)
 CLIENT_MARK = "client"
+#: keymiss's own records (contexts, companions, markers) are named under this
+OWN_PREFIX = "keymiss:"
 #: a value's companion key: this, a short tag in the value's slot, ``}``, the key
 COMPANION_PREFIX = "keymiss:v:{"
 #: between a companion's fields: ``<codec>:<crc32>:<version>``
@@ -228,6 +249,7 @@ def register(
     label: str | None = None,
     version_stale_ms: int | None = None,
     share_ppm: int | None = None,
+    tags: Sequence[str] = (),
 ) -> list[Any]:
     """A ``KEYMISS.REGISTER`` command; options left ``None`` are not sent (the module's defaults)."""
     args: list[Any] = [CMD_REGISTER, name, glob]
@@ -245,7 +267,16 @@ def register(
     ):
         if value is not None:
             args += [opt, value]
+    for tag in tags:
+        args += [OPT_TAG, tag]
     return args
+
+
+def forget(pattern: str | None = None, *, tag: str | None = None) -> list[Any]:
+    """A ``KEYMISS.FORGET`` command: by glob, or by tag."""
+    if (pattern is None) == (tag is None):
+        raise ValueError("forget takes a pattern or a tag")
+    return [CMD_FORGET, pattern] if tag is None else [CMD_FORGET, OPT_TAG, tag]
 
 
 def take(count: int, block_ms: int, lease_ms: int, limits: Mapping[str, int] | None = None) -> list[Any]:

@@ -146,6 +146,7 @@ class Worker:
                         f"together) is over the module's limit of {protocol.MAX_MS // 86_400_000} days"
                     )
             versioned = ks.version is not None  # the tag is compared; the label is what INFO shows
+            early = max(1, min(protocol.MAX_EARLY, int(o.early_refresh * 1000))) if o.early_refresh else None
             args = protocol.register(
                 ks.pattern,
                 glob,
@@ -154,9 +155,7 @@ class Worker:
                 timeout_ms=limited["timeout"],
                 queue=max(1, o.queue),
                 stale_ms=limited["stale"],
-                early=max(1, min(protocol.MAX_EARLY, int(o.early_refresh * 1000)))
-                if o.early_refresh
-                else None,
+                early=early,
                 version=ks.version_tag().hex() if versioned else None,
                 label=protocol.label(ks.current_version()) if versioned else None,
                 version_stale_ms=(
@@ -165,6 +164,7 @@ class Worker:
                     else None
                 ),
                 share_ppm=max(1, min(protocol.MAX_SHARE, round(self.max_value_share * protocol.MAX_SHARE))),
+                tags=ks.tags,
             )
             out.append(args)
         if not out:

@@ -24,6 +24,11 @@
 
 #define RM_REPLY_STRING 0
 #define RM_REPLY_ERROR 1
+#define RM_REPLY_INTEGER 2
+
+/* a key-spec flag, as ACLCheckKeyPermissions takes it (it accepts only ACCESS, INSERT, DELETE,
+ * UPDATE): deleting a key needs write permission to it */
+#define RM_CMD_KEY_DELETE (1ULL << 7)
 
 #define RM_CTX_FLAGS_LUA (1 << 0)
 #define RM_CTX_FLAGS_MULTI (1 << 1)
@@ -71,6 +76,7 @@ typedef struct RedisModuleInfoCtx RedisModuleInfoCtx;
 typedef struct RedisModuleCommand RedisModuleCommand;
 typedef struct RedisModuleServerInfoData RedisModuleServerInfoData;
 typedef struct RedisModuleUser RedisModuleUser;
+typedef struct RedisModuleScanCursor RedisModuleScanCursor;
 typedef uint64_t RedisModuleTimerID;
 
 typedef struct RedisModuleEvent {
@@ -109,6 +115,8 @@ typedef void (*RedisModuleInfoFunc)(RedisModuleInfoCtx *ctx, int for_crash_repor
 typedef void (*RedisModuleEventCallback)(RedisModuleCtx *ctx, RedisModuleEvent eid, uint64_t subevent,
                                          void *data);
 typedef void (*RedisModuleFreePrivdata)(RedisModuleCtx *ctx, void *privdata);
+typedef void (*RedisModuleScanCB)(RedisModuleCtx *ctx, RedisModuleString *keyname, RedisModuleKey *key,
+                                  void *privdata);
 
 #ifdef KEYMISS_API_DEFINE
 #define KM_API
@@ -147,6 +155,11 @@ typedef void (*RedisModuleFreePrivdata)(RedisModuleCtx *ctx, void *privdata);
     X(int, CallReplyType, (RedisModuleCallReply * reply))                                            \
     X(void, FreeCallReply, (RedisModuleCallReply * reply))                                           \
     X(const char *, CallReplyStringPtr, (RedisModuleCallReply * reply, size_t *len))               \
+    X(long long, CallReplyInteger, (RedisModuleCallReply * reply))                                   \
+    X(RedisModuleScanCursor *, ScanCursorCreate, (void))                                             \
+    X(void, ScanCursorDestroy, (RedisModuleScanCursor * cursor))                                     \
+    X(int, Scan, (RedisModuleCtx * ctx, RedisModuleScanCursor * cursor, RedisModuleScanCB fn,        \
+                  void *privdata))                                                                   \
     X(RedisModuleString *, CreateString, (RedisModuleCtx * ctx, const char *ptr, size_t len))       \
     X(RedisModuleString *, CreateStringFromString, (RedisModuleCtx * ctx,                           \
                                                     const RedisModuleString *str))                   \
@@ -160,6 +173,7 @@ typedef void (*RedisModuleFreePrivdata)(RedisModuleCtx *ctx, void *privdata);
     X(void, Log, (RedisModuleCtx * ctx, const char *level, const char *fmt, ...))                   \
     X(long long, Milliseconds, (void))                                                               \
     X(RedisModuleDict *, CreateDict, (RedisModuleCtx * ctx))                                         \
+    X(void, FreeDict, (RedisModuleCtx * ctx, RedisModuleDict * d))                                   \
     X(uint64_t, DictSize, (RedisModuleDict * d))                                                     \
     X(int, DictSetC, (RedisModuleDict * d, void *key, size_t keylen, void *ptr))                     \
     X(void *, DictGetC, (RedisModuleDict * d, void *key, size_t keylen, int *nokey))                 \
@@ -217,7 +231,9 @@ typedef void (*RedisModuleFreePrivdata)(RedisModuleCtx *ctx, void *privdata);
     X(RedisModuleString *, GetClientUserNameById, (RedisModuleCtx * ctx, uint64_t id))              \
     X(RedisModuleUser *, GetModuleUserFromUserName, (RedisModuleString * name))                      \
     X(void, FreeModuleUser, (RedisModuleUser * user))                                                \
-    X(int, ACLCheckCommandPermissions, (RedisModuleUser * user, RedisModuleString **argv, int argc))
+    X(int, ACLCheckCommandPermissions, (RedisModuleUser * user, RedisModuleString **argv, int argc))   \
+    X(RedisModuleString *, GetCurrentUserName, (RedisModuleCtx * ctx))                               \
+    X(int, ACLCheckKeyPermissions, (RedisModuleUser * user, RedisModuleString * key, int flags))
 
 #define KEYMISS_DECLARE(ret, name, params) KM_API __attribute__((visibility("hidden"))) ret(*KM_##name) params;
 KEYMISS_API_CALLS(KEYMISS_DECLARE)

@@ -28,7 +28,13 @@ static char *km_version_arg(RedisModuleString *s, size_t *len) {
 
 /* What an option's value is: a number from min to max, a version tag or label (copied, as
  * km_version_arg takes it), or bytes as given. */
-enum { KM_KIND_NUMBER, KM_KIND_TAG, KM_KIND_BYTES, KM_KIND_FLAG /* no value: num[slot] = 1 */ };
+enum {
+    KM_KIND_NUMBER,
+    KM_KIND_TAG,
+    KM_KIND_BYTES,
+    KM_KIND_FLAG, /* no value: num[slot] = 1 */
+    KM_KIND_LIST  /* repeatable, read apart (REGISTER's TAG: km_tags_parse) */
+};
 /* Where it goes: KmOptionValues.num[slot] for a number or a flag, else .tag / .bytes[slot]. */
 enum {
     KM_N_TTL,
@@ -70,6 +76,7 @@ static const KmOption km_register_options[] = {
     {KM_OPT_LABEL, KM_KIND_TAG, KM_T_LABEL, 0, 0},
     {KM_OPT_VSTALE, KM_KIND_NUMBER, KM_N_VSTALE, 0, KM_MAX_MS},
     {KM_OPT_SHARE, KM_KIND_NUMBER, KM_N_SHARE, 1, KM_MAX_SHARE},
+    {KM_OPT_TAG, KM_KIND_LIST, 0, 0, 0},
 };
 
 static const KmOption km_fill_options[] = {
@@ -104,7 +111,9 @@ static int km_parse_options(RedisModuleString **argv, int first, int argc, const
         }
         if (i + 1 >= argc) return RM_ERR;
         int ok = RM_OK;
-        if (o->kind == KM_KIND_NUMBER) {
+        if (o->kind == KM_KIND_LIST) {
+            continue;
+        } else if (o->kind == KM_KIND_NUMBER) {
             ok = km_parse_number(argv[i + 1], o->min, o->max, &out->num[o->slot]);
         } else if (o->kind == KM_KIND_TAG) {
             KM_Free(out->tag[o->slot]);
@@ -127,6 +136,7 @@ static void km_options_free(KmOptionValues *v) {
 
 /* KEYMISS.REGISTER name glob [TTL ms] [ERRTTL ms] [TIMEOUT ms] [QUEUE n] [STALE ms]
  *                  [EARLY beta-thousandths] [VERSION tag] [LABEL name] [VSTALE ms] [SHARE ppm]
+ *                  [TAG tag ...]
  * Declares (or updates) a keyspace and counts this connection among its workers. */
 int km_cmd_register(RedisModuleCtx *ctx, RedisModuleString **argv, int argc) {
     if (argc < 3 || (argc - 3) % 2) return KM_WrongArity(ctx);
@@ -147,7 +157,7 @@ int km_cmd_register(RedisModuleCtx *ctx, RedisModuleString **argv, int argc) {
             return KM_ReplyWithError(ctx, KM_ERR_PREFIX "unknown option (" KM_OPT_TTL ", " KM_OPT_ERRTTL
                                                         ", " KM_OPT_TIMEOUT ", " KM_OPT_QUEUE ", " KM_OPT_STALE
                                                         ", " KM_OPT_EARLY ", " KM_OPT_VERSION ", " KM_OPT_LABEL
-                                                        ", " KM_OPT_VSTALE ", " KM_OPT_SHARE ")");
+                                                        ", " KM_OPT_VSTALE ", " KM_OPT_SHARE ", " KM_OPT_TAG ")");
         return KM_ReplyWithError(ctx, KM_ERR_PREFIX "an option's value is not valid");
     }
     char *tag = opt.tag[KM_T_VERSION], *label = opt.tag[KM_T_LABEL];
@@ -155,6 +165,15 @@ int km_cmd_register(RedisModuleCtx *ctx, RedisModuleString **argv, int argc) {
     if ((label != NULL || opt.num[KM_N_VSTALE] > 0) && tag == NULL) {
         KM_Free(label);
         return KM_ReplyWithError(ctx, KM_ERR_PREFIX KM_OPT_LABEL " and " KM_OPT_VSTALE " need a " KM_OPT_VERSION);
+    }
+    char **tags;
+    size_t *taglens;
+    int ntags;
+    const char *bad_tag = km_tags_parse(argv, 3, argc, pattern, nlen, &tags, &taglens, &ntags);
+    if (bad_tag != NULL) {
+        KM_Free(tag);
+        KM_Free(label);
+        return KM_ReplyWithError(ctx, bad_tag);
     }
     int ksi = km_keyspace_find(pattern, nlen);
     unsigned long long client = KM_GetClientId(ctx);
@@ -188,6 +207,10 @@ int km_cmd_register(RedisModuleCtx *ctx, RedisModuleString **argv, int argc) {
     ks->early_milli = opt.num[KM_N_EARLY];
     ks->vstale_ms = opt.num[KM_N_VSTALE];
     ks->share_ppm = opt.num[KM_N_SHARE];
+    km_tags_free(ks->tags, ks->taglens, ks->ntags);
+    ks->tags = tags;
+    ks->taglens = taglens;
+    ks->ntags = ntags;
     km_set_version(ks, tag, taglen, label ? label : (tag ? km_dup_bytes(tag, taglen) : NULL));
     if (w < 0) {
         w = km.nworkers++;
@@ -200,6 +223,7 @@ int km_cmd_register(RedisModuleCtx *ctx, RedisModuleString **argv, int argc) {
 refuse:
     KM_Free(tag);
     KM_Free(label);
+    km_tags_free(tags, taglens, ntags);
     return KM_ReplyWithError(ctx, refused);
 }
 

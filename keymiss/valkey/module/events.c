@@ -62,8 +62,10 @@ static void km_companion_written(const char *event, RedisModuleString *cname, in
  * however many (the tick works through them; a noted key is served meanwhile), except while the
  * server loads its data: what it replays holds the companions written then. */
 int km_on_keyspace_event(RedisModuleCtx *ctx, int type, const char *event, RedisModuleString *key) {
-    if (km.filling || KM_GetSelectedDb(ctx) != 0 || event == NULL) return RM_OK;
+    if (KM_GetSelectedDb(ctx) != 0 || event == NULL) return RM_OK;
     int kind = km_event_kind(type, event);
+    if (kind == KM_EVENT_WRITE && strcmp(event, "del") != 0) km_forget_spare(key); /* newer than a running FORGET */
+    if (km.filling) return RM_OK;
     if (kind == KM_EVENT_TTL && km.nkeyspaces > 0) {
         if (km_route_str(key) >= 0) { /* its companion (codec, version) follows its TTL, at the tick */
             size_t klen;

@@ -39,7 +39,7 @@ static int km_class_match(const char **pp, const char *end, unsigned char c) {
     return neg ? !hit : hit;
 }
 
-static int km_glob_match(const char *glob, size_t glen, const char *s, size_t slen) {
+int km_glob_match(const char *glob, size_t glen, const char *s, size_t slen) {
     const char *p = glob, *pend = glob + glen, *kp = s, *kend = s + slen;
     const char *star_p = NULL, *star_k = NULL;
     while (kp < kend) {
@@ -90,7 +90,7 @@ size_t km_glob_prefix_len(const char *glob, size_t len) {
 /* The keyspace owning a key, or -1: the first registered that matches and has a worker, else the
  * first that matches (so a keyspace whose workers are gone never shadows a live one). Keys longer
  * than KM_MAX_ROUTED_KEY are no keyspace's: matching costs glob length x key length on every GET. */
-static int km_route(const char *key, size_t len) {
+int km_route(const char *key, size_t len) {
     int idle = -1;
     if (len > KM_MAX_ROUTED_KEY) return -1;
     for (int ksi = 0; ksi < km.nkeyspaces; ksi++) {

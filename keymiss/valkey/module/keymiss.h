@@ -28,6 +28,8 @@
  *   fresh.c     versions, stale and early refreshes, refresh backoffs, companions of client writes
  *   serve.c     the one serve path of GET / MGET, and the command filter's decision
  *   commands.c  the workers' commands: REGISTER, VERSION, TAKE, FILL, FAIL
+ *   tags.c      templates (<field>s) and a keyspace's tags: which keys carry a tag
+ *   forget.c    KEYMISS.FORGET: forgetting keys by pattern or tag in timer steps
  *   events.c    keyspace and server events, the tick
  *   info.c      INFO keymiss
  *   load.c      loading: the state, commands, filter, events, timer
@@ -70,6 +72,9 @@
  * servers estimate INFO's p50/p99_compute_seconds over the same buckets the same way */
 #define KM_COMPUTE_BOUNDS {0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0}
 #define KM_COMPUTE_BUCKETS 14
+/* FORGET's steps: keys one step looks at (and deletes at most), and the pause between steps (ms) */
+#define KM_FORGET_STEP 1000
+#define KM_FORGET_PAUSE_MS 1
 #define KM_CLIENT_MARK_LEN (sizeof(KM_CLIENT_MARK) - 1)
 #define KM_COMPANION_PREFIX_LEN (sizeof(KM_COMPANION_PREFIX) - 1)
 
@@ -105,6 +110,9 @@ typedef struct KmKeyspace {
     long long share_ppm;    /* SHARE: a value over this share of maxmemory is answered, not stored */
     int declared;              /* named by the module's KEYSPACE argument: never gives way to another */
     long long workerless_since; /* when its last worker went (or it was declared): GRACE runs from then */
+    char **tags;                /* REGISTER's TAGs: templates over the pattern's <field>s, or labels */
+    size_t *taglens;
+    int ntags;
 } KmKeyspace;
 
 typedef struct KmWaiter {
@@ -243,7 +251,9 @@ void km_dict_purge(RedisModuleDict *d, KmPick pick, const void *arg, void (*free
 /* glob.c, keyspace.c, slottag.c                                                                  */
 
 size_t km_glob_prefix_len(const char *glob, size_t len);
+int km_glob_match(const char *glob, size_t glen, const char *s, size_t slen);
 
+int km_route(const char *key, size_t len);
 int km_route_str(const RedisModuleString *key);
 int km_keyspace_find(const char *pattern, size_t len);
 int km_keyspace_add(const char *pattern, size_t len);
@@ -253,6 +263,39 @@ void km_count_workers(void);
 
 int km_slot_tags_init(void);
 RedisModuleString *km_companion_name(const RedisModuleString *key);
+
+/* tags.c, forget.c */
+
+/* A template split at its <field>s: lit[0] name[0] lit[1] ... name[n-1] lit[n] (as keymiss/keyspace.py). */
+typedef struct KmSpan {
+    const char *p;
+    size_t len;
+} KmSpan;
+typedef struct KmTemplate {
+    int nfields; /* -1: more than KM_MAX_FIELDS */
+    KmSpan lit[KM_MAX_FIELDS + 1], name[KM_MAX_FIELDS];
+} KmTemplate;
+/* Which keys carry a tag: a keyspace's (by its pattern, a copy) whose fields name[i] are value[i]. */
+typedef struct KmTagMatch {
+    char *pattern;
+    size_t patlen;
+    int nbound;
+    int field[KM_MAX_FIELDS]; /* an index into the pattern's fields */
+    char *value[KM_MAX_FIELDS];
+    size_t vlen[KM_MAX_FIELDS];
+} KmTagMatch;
+
+void km_template_split(const char *p, size_t len, KmTemplate *t);
+int km_template_parse(const KmTemplate *t, const char *key, size_t klen, KmSpan *values);
+const char *km_tags_parse(RedisModuleString **argv, int first, int argc, const char *pattern, size_t plen,
+                          char ***tags, size_t **lens, int *n);
+void km_tags_free(char **tags, size_t *lens, int n);
+KmTagMatch *km_tag_matches(const char *tag, size_t len, int *n);
+int km_tag_match_key(const KmTagMatch *m, int ksi, const char *kp, size_t klen);
+void km_tag_matches_free(KmTagMatch *m, int n);
+
+int km_cmd_forget(RedisModuleCtx *ctx, RedisModuleString **argv, int argc);
+void km_forget_spare(RedisModuleString *key);
 
 /* ---------------------------------------------------------------------------------------------- */
 /* entries.c                                                                                      */

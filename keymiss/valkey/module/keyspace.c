@@ -26,6 +26,7 @@ int km_keyspace_add(const char *pattern, size_t len) {
         KM_Free(ks->version);
         KM_Free(ks->label);
         KM_Free(ks->prev_version);
+        km_tags_free(ks->tags, ks->taglens, ks->ntags);
         memset(ks, 0, sizeof(*ks));
     } else {
         ksi = km.nkeyspaces++;

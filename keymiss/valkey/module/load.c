@@ -22,6 +22,9 @@ static const struct {
     {KM_CMD_VERSION, km_cmd_version, "deny-script", 0, 0, 0},
     /* the refusal of a connection past MAXCLIENTS: answered before AUTH, as the server's own is */
     {KM_CMD_REFUSED, km_cmd_refused, "no-auth fast allow-loading allow-stale", 0, 0, 0},
+    /* FORGET names no key (a pattern or a tag): each key it deletes is checked against its caller's
+     * ACL key patterns as it goes (forget.c) */
+    {KM_CMD_FORGET, km_cmd_forget, "write deny-script", 0, 0, 0},
 };
 #define KM_ONE(name) +1
 _Static_assert(sizeof(km_commands) / sizeof(km_commands[0]) == 0 KM_COMMANDS(KM_ONE),
@@ -97,6 +100,9 @@ __attribute__((visibility("default"))) int RedisModule_OnLoad(RedisModuleCtx *ct
             RedisModuleCommand *c = KM_GetCommand(ctx, reads[i]);
             if (c == NULL || KM_SetCommandACLCategories(c, "read") != RM_OK) return km_load_failed(ctx, __LINE__);
         }
+        RedisModuleCommand *forget = KM_GetCommand(ctx, KM_CMD_FORGET);
+        if (forget == NULL || KM_SetCommandACLCategories(forget, "write keyspace") != RM_OK)
+            return km_load_failed(ctx, __LINE__);
     }
     km.filter_ctx = KM_GetDetachedThreadSafeContext(ctx);
     if (km.filter_ctx == NULL) return km_load_failed(ctx, __LINE__);

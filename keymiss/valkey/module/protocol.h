@@ -18,11 +18,13 @@
 #define KM_CMD_VERSION "keymiss.version"
 /* what a client connection past MAXCLIENTS runs instead of each command it sends (the refusal) */
 #define KM_CMD_REFUSED "keymiss.refused"
+/* FORGET pattern | FORGET TAG tag: a client's (or operator's) invalidation, run in steps */
+#define KM_CMD_FORGET "keymiss.forget"
 
 /* every command the module adds */
 #define KM_COMMANDS(X)                                                                                \
     X(KM_CMD_GET) X(KM_CMD_MGET) X(KM_CMD_REGISTER) X(KM_CMD_TAKE) X(KM_CMD_FILL) X(KM_CMD_FAIL)      \
-    X(KM_CMD_VERSION) X(KM_CMD_REFUSED)
+    X(KM_CMD_VERSION) X(KM_CMD_REFUSED) X(KM_CMD_FORGET)
 /* the commands only workers may send (clients are denied them by ACL) */
 #define KM_WORKER_COMMANDS(X) X(KM_CMD_REGISTER) X(KM_CMD_TAKE) X(KM_CMD_FILL) X(KM_CMD_FAIL) X(KM_CMD_VERSION)
 
@@ -41,6 +43,9 @@
 #define KM_OPT_NOSTORE "NOSTORE"
 #define KM_OPT_LIMIT "LIMIT"
 #define KM_OPT_CODEC "CODEC"
+/* REGISTER's tag of a keyspace (repeatable): a template over its key's <field>s, or a fixed label;
+ * FORGET TAG tag forgets the keys carrying it */
+#define KM_OPT_TAG "TAG"
 /* FAIL's flag for a key that does not fit its keyspace's template: nothing ran, so it counts in
  * neither computations nor errors (a timeout, flagged TIMEOUT, counts in timeouts) */
 #define KM_OPT_MISMATCH "MISMATCH"
@@ -61,6 +66,10 @@
 #define KM_MAX_VERSION 256
 /* bytes of a keyspace's name or glob */
 #define KM_MAX_GLOB 512
+/* tags one keyspace may declare */
+#define KM_MAX_TAGS 32
+/* <field>s of a keyspace's template that its tags may use */
+#define KM_MAX_FIELDS 32
 /* keys one TAKE may ask for */
 #define KM_MAX_TAKE 10000
 /* keyspaces one server holds */
@@ -87,6 +96,8 @@
 #define KM_MAX_CODEC 255
 /* what an earlier release's companion held for a client's write (read, no longer written) */
 #define KM_CLIENT_MARK "client"
+/* keymiss's own records (contexts, companions, markers) are named under this */
+#define KM_OWN_PREFIX "keymiss:"
 /* a value's companion key: this, a short tag in the value's slot, '}', the key */
 #define KM_COMPANION_PREFIX "keymiss:v:{"
 /* between a companion's fields: <codec>:<crc32, 8 hex>:<version> (empty version: a client's) */

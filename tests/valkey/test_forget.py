@@ -1,0 +1,148 @@
+"""KEYMISS.FORGET in the module: by glob, by a keyspace's name and by tag; its refusals; a running
+computation superseded; ACL key patterns; and a big keyspace forgotten in steps while the server
+keeps answering other clients."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import pytest
+
+from keymiss import Keymiss
+from keymiss.valkey import protocol
+
+from ..redis_servers import RedisProcess
+from ..support import Gate, ReplyError, RespTestClient, resp
+from .conftest import running, url
+
+
+def tag_app(calls: list[str], gate: Gate | None = None) -> Keymiss:
+    km = Keymiss(sweep_interval=0)
+
+    @km.keyspace("feed:<user>:<page>", tags=["user:<user>", "feeds"])
+    async def feed(user: str, page: str) -> str:
+        calls.append(f"feed:{user}:{page}")
+        if gate is not None:
+            await gate.hold(f"feed:{user}:{page}")
+        return f"{user}/{page}"
+
+    @km.keyspace("sq:*")
+    async def sq(key: str) -> str:
+        calls.append(key)
+        return key.upper()
+
+    return km
+
+
+async def keys(port: int, pattern: str = "*") -> set[str]:
+    return {k.decode() for k in await resp(port, "KEYS", pattern)}
+
+
+async def test_forget_by_tag_by_glob_and_by_name(server: RedisProcess) -> None:
+    calls: list[str] = []
+    port = server.port
+    async with running(tag_app(calls), url(server)):
+        wanted = ["feed:1:a", "feed:1:b", "feed:12:a", "feed:2:a", "sq:1", "sq:2"]
+        for key in wanted:
+            assert await resp(port, "GET", key) is not None
+        assert await resp(port, "SET", "sq-not-ours", "x") == "OK"
+        assert await resp(port, "SET", "other:1", "x") == "OK"
+        # exactly the keys whose <user> is 1: not feed:12:*, not feed:2:*
+        assert await resp(port, protocol.CMD_FORGET, protocol.OPT_TAG, "user:1") == 2
+        assert {k for k in await keys(port, "feed:*")} == {"feed:12:a", "feed:2:a"}
+        # their companions (text values have one) went with them
+        assert not any(k.endswith("}feed:1:a") for k in await keys(port, protocol.COMPANION_PREFIX + "*"))
+        assert await resp(port, "GET", "feed:1:a") == b"1/a"  # computed again
+        assert calls.count("feed:1:a") == 2
+        # a glob: only keys a keyspace owns
+        assert await resp(port, protocol.CMD_FORGET, "sq*") == 2
+        assert await keys(port, "sq*") == {"sq-not-ours"}
+        # a keyspace's name: all its keys; a fixed label: the same
+        assert await resp(port, protocol.CMD_FORGET, "feed:<user>:<page>") == 3
+        assert await resp(port, "GET", "feed:3:x") == b"3/x"
+        assert await resp(port, protocol.CMD_FORGET, protocol.OPT_TAG, "feeds") == 1
+        assert await keys(port, "feed:*") == set()
+        # keymiss's own records by name; other keys never
+        assert await resp(port, "SET", "keymiss:ctx:x", "c") == "OK"
+        assert await resp(port, protocol.CMD_FORGET, "keymiss:ctx:*") == 1
+        assert await keys(port, "other:*") == {"other:1"}
+
+
+async def test_forget_refuses_what_no_keyspace_owns(server: RedisProcess) -> None:
+    port = server.port
+    async with running(tag_app([]), url(server)):
+        refused = await resp(port, protocol.CMD_FORGET, "other:*")
+        assert isinstance(refused, ReplyError) and "no keyspace's keys match" in str(refused)
+        refused = await resp(port, protocol.CMD_FORGET, protocol.OPT_TAG, "nobody:1")
+        assert isinstance(refused, ReplyError) and "no keyspace declares that tag" in str(refused)
+        refused = await resp(port, protocol.CMD_FORGET, "BAD", "x")
+        assert isinstance(refused, ReplyError) and "FORGET takes a pattern" in str(refused)
+        async with RespTestClient(port) as c:
+            assert await c.call("MULTI") == "OK"
+            await c.call(protocol.CMD_FORGET, "sq:*")
+            (inside,) = await c.call("EXEC")
+            assert isinstance(inside, ReplyError) and "inside MULTI" in str(inside)
+        assert await resp(port, "PING") == "PONG"
+
+
+async def test_forget_supersedes_a_running_computation(server: RedisProcess) -> None:
+    calls: list[str] = []
+    gate = Gate()
+    port = server.port
+    async with running(tag_app(calls, gate), url(server)):
+        reader = asyncio.ensure_future(resp(port, "GET", "feed:7:a"))
+        await asyncio.wait_for(gate.started.wait(), 10)
+        assert await resp(port, protocol.CMD_FORGET, protocol.OPT_TAG, "user:7") == 0
+        gate.open()
+        assert await reader == b"7/a"  # its reader gets the value ...
+        assert await resp(port, "EXISTS", "feed:7:a") == 0  # ... and it is not stored, as after DEL
+
+
+async def test_forget_deletes_only_keys_the_callers_user_may_delete(server: RedisProcess) -> None:
+    port = server.port
+    async with running(tag_app([]), url(server)):
+        for key in ("sq:a1", "sq:a2", "sq:b1"):
+            assert await resp(port, "GET", key) is not None
+        rules = ["on", ">pw", "~sq:a*", "%R~*", "+@all"]
+        assert await resp(port, "ACL", "SETUSER", "narrow", *rules) == "OK"
+        async with RespTestClient(port) as c:
+            assert await c.call("AUTH", "narrow", "pw") == "OK"
+            refused = await c.call(protocol.CMD_FORGET, "sq:*")
+        assert isinstance(refused, ReplyError) and str(refused).startswith("NOPERM")
+        assert "2 keys forgotten; 1 more kept" in str(refused)
+        assert await keys(port, "sq:*") == {"sq:b1"}
+        rules = ["on", ">pw", "~*", "+@all", "-" + protocol.CMD_FORGET]
+        assert await resp(port, "ACL", "SETUSER", "noforget", *rules) == "OK"
+        async with RespTestClient(port) as c:
+            assert await c.call("AUTH", "noforget", "pw") == "OK"
+            denied = await c.call(protocol.CMD_FORGET, "sq:*")
+        assert isinstance(denied, ReplyError) and str(denied).startswith("NOPERM")
+        assert await keys(port, "sq:*") == {"sq:b1"}
+
+
+@pytest.mark.parametrize("kind", ["valkey"])
+async def test_forgetting_a_big_keyspace_never_blocks_the_server(server: RedisProcess) -> None:
+    port = server.port
+    n = 200_000
+    async with running(tag_app([]), url(server)):
+        async with RespTestClient(port, timeout=60) as c:
+            for start in range(0, n, 10_000):
+                pairs = [x for i in range(start, start + 10_000) for x in (f"sq:{i}", "v")]
+                assert await c.call("MSET", *pairs) == "OK"
+            forget = asyncio.ensure_future(c.call(protocol.CMD_FORGET, "sq:*", wait=60))
+            took: list[float] = []
+            async with RespTestClient(port) as p:
+                while not forget.done():
+                    t = time.perf_counter()
+                    assert await p.call("PING") == "PONG"
+                    took.append(time.perf_counter() - t)
+            assert await forget == n
+        assert await resp(port, "DBSIZE") == 0
+        # the server answered all along: many pings while it ran, none waiting on the whole forget
+        took.sort()
+        pings, median, worst = len(took), took[len(took) // 2], took[-1]
+        print(f"{n} forgotten: {pings} pings, median {median * 1e3:.2f} ms, slowest {worst * 1e3:.1f} ms")
+        assert pings >= 20, pings
+        assert median < 0.02, median
+        assert worst < 0.25, worst
