@@ -25,6 +25,7 @@ from keymiss.glob import compile_glob, glob_prefix
 from keymiss.options import DEFAULT_TIMEOUT, KeyspaceOptions, utf8_text
 from keymiss.stats import KeyspaceStats
 from keymiss.stores.base import NO_VERSION
+from keymiss.valkey.protocol import MAX_FIELDS, MAX_GLOB, MAX_TAGS
 
 _FIELD = re.compile(r"<([A-Za-z_][A-Za-z0-9_]*)>")
 
@@ -186,6 +187,68 @@ class Keyspace:
         else:
             self.prefix = glob_prefix(pattern)
             self.claims = compile_glob(pattern)
+        self.tags = opts.tags
+        self._tags = [self._tag_template(t) for t in opts.tags]
+        if len(self._tags) > MAX_TAGS:
+            raise ConfigError(f"keyspace {pattern!r}: at most {MAX_TAGS} tags")
+
+    def _tag_template(self, tag: str) -> Template | None:
+        """A declared tag: a template over the key's fields, or ``None`` for a fixed label."""
+        if len(tag.encode("utf-8")) > MAX_GLOB:
+            raise ConfigError(f"keyspace {self.pattern!r}: tag {tag[:40]!r}... is over {MAX_GLOB} bytes")
+        if not _FIELD.search(tag):
+            return None
+        try:
+            tt = Template(tag)
+        except ConfigError as exc:
+            raise ConfigError(f"keyspace {self.pattern!r}: {exc}") from None
+        names = self.template.names if self.template is not None else []
+        missing = [n for n in tt.names if n not in names]
+        if missing:
+            raise ConfigError(
+                f"keyspace {self.pattern!r}: tag {tag!r} names <{missing[0]}>, which its pattern "
+                f"does not have (its fields: {', '.join(names) or 'none, it is a glob'})"
+            )
+        if len(names) > MAX_FIELDS:
+            raise ConfigError(f"keyspace {self.pattern!r}: a tagged template has at most {MAX_FIELDS} fields")
+        return tt
+
+    def tag_bindings(self, tag: str) -> list[dict[str, str]]:
+        """For each declared tag that ``tag`` fits, the key fields it fixes (``{}`` for a label, which
+        every key carries). A key carries ``tag`` when it ``carries`` one of them."""
+        out: list[dict[str, str]] = []
+        for declared, tt in zip(self.tags, self._tags, strict=True):
+            if tt is None:
+                if declared == tag:
+                    out.append({})
+                continue
+            fields = tt.parse(tag)
+            if fields is not None:
+                out.append(dict(zip(tt.names, fields, strict=True)))
+        return out
+
+    def carries(self, key: str, binding: dict[str, str]) -> bool:
+        """Whether ``key`` (routed to this keyspace) has the fields ``binding`` fixes."""
+        if not binding:
+            return True
+        assert self.template is not None
+        fields = self.template.parse(key)
+        return fields is not None and all(getattr(fields, k) == v for k, v in binding.items())
+
+    def tag_glob(self, binding: dict[str, str]) -> str:
+        """A glob over every key that may carry ``binding`` (``carries`` decides)."""
+        if self.template is None:
+            return self.pattern
+        t = self.template
+        parts = [_glob_escape(t.literals[0])]
+        for name, lit in zip(t.names, t.literals[1:], strict=True):
+            parts.append(_glob_escape(binding[name]) if name in binding else "*")
+            parts.append(_glob_escape(lit))
+        return "".join(parts)
+
+    def own_glob(self) -> str:
+        """A glob over every key this keyspace claims."""
+        return self.pattern if self.template is None else _glob_escape(self.prefix) + "*"
 
     def tuned(self, options: KeyspaceOptions) -> Keyspace:
         """The same keyspace (pattern, handler, counters) under other options: what ``tune`` and
@@ -287,6 +350,7 @@ class Keyspace:
             "stale": self.stale,
             "version": self._describe_version(),
             "version_stale": self.version_stale,
+            "tags": list(self.tags),
             **self.stats.as_dict(),
         }
 

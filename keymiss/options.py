@@ -62,6 +62,10 @@ class KeyspaceOptions:
     #: still served, while one refresh per key recomputes it under the new one — a model rollout
     #: without a latency cliff, asked for explicitly (None: an old version's value is never served)
     version_stale: float | None = None
+    #: labels for invalidation (``km.forget_tag``, ``KEYMISS.FORGET TAG``): each a template over the
+    #: key's ``<field>``s (``"user:<user>"``: a key carries ``user:42`` when its ``<user>`` is 42)
+    #: or a fixed label every key of the keyspace carries
+    tags: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         def number(value: object) -> bool:
@@ -115,6 +119,9 @@ class KeyspaceOptions:
             codec_from_name(self.codec)
         except CodecError as exc:
             raise ConfigError(str(exc)) from None
+        if not isinstance(self.tags, list | tuple) or not all(utf8_text(t) for t in self.tags):
+            raise ConfigError(f"tags must be a list of non-empty strings, got {self.tags!r}")
+        object.__setattr__(self, "tags", tuple(self.tags))  # frozen: a list given becomes a tuple
 
     @classmethod
     def of(cls, options: KeyspaceOptions | None = None, **overrides: Any) -> KeyspaceOptions:

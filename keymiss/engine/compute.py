@@ -14,7 +14,7 @@ import contextlib
 import functools
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -206,6 +206,11 @@ class ComputeEngine:
         """Drop remembered errors of these keys (their values were forgotten)."""
         if self.errors:
             self.errors.forget(keys)
+
+    def forget_errors_matching(self, matches: Callable[[str], bool]) -> None:
+        """Drop remembered errors of the keys that ``matches`` (a forget: the next read computes)."""
+        if self.errors:
+            self.errors.forget_matching(matches)
 
     # --- lifecycle ------------------------------------------------------------------------------------
     async def drain(self, grace: float) -> bool:

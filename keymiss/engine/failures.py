@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from keymiss.errors import KeymissError, KeyspaceError
@@ -178,4 +179,10 @@ class RememberedErrors:
     def forget(self, keys: set[str]) -> None:
         """Drop the records of these keys (their values were forgotten)."""
         for slot in {_slot(k) for k in keys}:
+            self._drop(slot)
+
+    def forget_matching(self, matches: Callable[[str], bool]) -> None:
+        """Drop the records of the keys that ``matches`` (a forget by glob or tag). A key kept by
+        its digest (longer than ``KEY_KEPT``) cannot be matched: its record lasts its error_ttl."""
+        for slot in [s for s in self._records if isinstance(s, str) and matches(s)]:
             self._drop(slot)

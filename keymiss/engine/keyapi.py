@@ -14,11 +14,25 @@ from keymiss.engine.compute import ComputeEngine
 from keymiss.engine.syncface import SyncKeymiss
 from keymiss.engine.writeback import WriteBack
 from keymiss.errors import CodecError, ConfigError, KeymissError
-from keymiss.glob import compile_glob
+from keymiss.glob import compile_glob, glob_prefix
 from keymiss.keyspace import Keyspace, Registry
 from keymiss.options import KeyspaceOptions
 from keymiss.stores import Item, LocalStore, Store
 from keymiss.stores.base import PINNED_PREFIX
+from keymiss.valkey.protocol import CMD_FORGET, COMPANION_PREFIX, ERR_PREFIX, OPT_TAG
+
+#: the command that forgets, spelled as the module spells it (the Python server answers it too)
+FORGET_COMMAND = CMD_FORGET
+#: its keyword before a tag: ``FORGET TAG tag``
+TAG_WORD = OPT_TAG
+FORGET_USAGE = f"{ERR_PREFIX}FORGET takes a pattern, or {OPT_TAG} and a tag"
+
+#: what a forget that reaches no keyspace is told, on every front end (the module's words)
+FORGET_NO_KEYSPACE = (
+    ERR_PREFIX.removeprefix("ERR ")
+    + "no keyspace's keys match that pattern (FORGET forgets computed values; DEL removes other keys)"
+)
+FORGET_NO_TAG = ERR_PREFIX.removeprefix("ERR ") + "no keyspace declares that tag"
 
 log = logging.getLogger("keymiss")
 
@@ -277,25 +291,63 @@ class KeyCommands:
         return await self.store.expire(key, None)
 
     async def forget(self, pattern: str) -> int:
-        """Drop every cached value whose key matches a glob, e.g. after a model upgrade. A
-        registered template (as KEYMISS KEYSPACES prints it) means all of its keys. keymiss's own
-        records (``keymiss:…``, such as QA contexts) are kept unless the pattern names them."""
+        """Drop every computed value whose key matches a glob, e.g. after a model upgrade; returns
+        how many. Only keys a keyspace owns are dropped (a registered keyspace's name, as KEYMISS
+        KEYSPACES prints it, means all of its keys); a glob no keyspace's keys can match is refused
+        (``KeymissError``): forgetting invalidates a cache, ``delete`` removes other keys. A glob
+        under ``keymiss:`` names keymiss's own records instead (QA contexts; never the companions,
+        which go with their values). Computations of matching keys running now are superseded (their
+        callers get the value; it is not stored), and their remembered errors forgotten. The same
+        rules as ``KEYMISS.FORGET`` in the module and on the Python server."""
         ks = self.registry.get(pattern)
-        if ks is not None and ks.template is not None:
-            pattern = ks.template.glob()
+        if ks is not None:
+            return await self._forget([ks.own_glob()], lambda k: self.registry.route(k) is ks)
+        matches = compile_glob(pattern)
+        if pattern.startswith(PINNED_PREFIX):
+            return await self._forget(
+                [pattern],
+                lambda k: k.startswith(PINNED_PREFIX) and not k.startswith(COMPANION_PREFIX) and matches(k),
+            )
+        head = glob_prefix(pattern)
+        if not any(head.startswith(k.prefix) or k.prefix.startswith(head) for k in self.registry):
+            raise KeymissError(FORGET_NO_KEYSPACE)
+
+        def wants(key: str) -> bool:
+            return not key.startswith(PINNED_PREFIX) and matches(key) and self.registry.route(key) is not None
+
+        return await self._forget([pattern], wants)
+
+    async def forget_tag(self, tag: str) -> int:
+        """Drop every value whose key carries ``tag`` (a keyspace's ``tags=["user:<user>"]``: the
+        keys whose ``<user>`` is what ``tag`` names; a fixed label: all of its keyspace's keys);
+        returns how many. A tag no keyspace declares is refused (``KeymissError``). Keys computed
+        after it returns are unaffected."""
+        found = [(ks, b) for ks in self.registry for b in ks.tag_bindings(tag)]
+        if not found:
+            raise KeymissError(FORGET_NO_TAG)
+
+        def wants(key: str) -> bool:
+            owner = self.registry.route(key)
+            if owner is None or key.startswith(PINNED_PREFIX):
+                return False
+            return any(owner is ks and ks.carries(key, b) for ks, b in found)
+
+        return await self._forget(sorted({ks.tag_glob(b) for ks, b in found}), wants)
+
+    async def _forget(self, globs: Sequence[str], wants: Callable[[str], bool]) -> int:
+        self.writeback.supersede_matching(wants)  # values still being computed are not stored
+        self.engine.forget_errors_matching(wants)
         store = self.store
-        if isinstance(store, LocalStore):
-            keys = store.matching_keys(pattern)
-        else:
-            keys, cursor = [], 0
+        keys: set[str] = set()
+        for glob in globs:
+            if isinstance(store, LocalStore):
+                keys.update(k for k in store.matching_keys(glob) if wants(k))
+                continue
+            cursor = 0
             while True:
-                cursor, chunk = await store.scan(cursor, pattern, 1000)
-                keys.extend(chunk)
+                cursor, chunk = await store.scan(cursor, glob, 1000)
+                keys.update(k for k in chunk if wants(k))
                 if cursor == 0:
                     break
-        self.engine.forget_errors(set(keys))
-        if not pattern.startswith(PINNED_PREFIX):
-            keys = [k for k in keys if not k.startswith(PINNED_PREFIX)]
         self.written(keys)
-        self.writeback.supersede_matching(compile_glob(pattern))  # values still being computed
-        return await store.delete(keys) if keys else 0
+        return await store.delete(sorted(keys)) if keys else 0

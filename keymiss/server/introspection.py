@@ -12,6 +12,7 @@ import sys
 import time
 from typing import TYPE_CHECKING, Any
 
+from keymiss.engine.keyapi import FORGET_COMMAND, FORGET_USAGE, TAG_WORD
 from keymiss.glob import compile_glob
 from keymiss.server import reply
 from keymiss.server.commands import TABLE, CommandError, Reply, arg, command, key_of
@@ -300,16 +301,37 @@ def cmd_keymiss(c: Client, args: list[bytes]) -> Reply:
             "busy_rejections": c.server.busy_rejections,
         }
         return reply.encode(stats, c.proto)
-    if sub == b"forget" and len(args) == 3:
-        pattern = key_of(args[2])
-
-        async def later() -> bytes:
-            return reply.integer(await c.km.forget(pattern))
-
-        return later()
+    if sub == b"forget" and len(args) in (3, 4):
+        return _forget(c, args[2:])
     if sub in (b"keyspaces", b"stats", b"forget"):
         raise CommandError(f"ERR wrong number of arguments for 'keymiss|{sub.decode()}' command")
     raise CommandError(
         f"ERR unknown subcommand '{args[1].decode(errors='replace')}'. "
         "Try KEYMISS KEYSPACES, STATS or FORGET."
     )
+
+
+@command(
+    FORGET_COMMAND.lower(),
+    -2,
+    flags=("write",),
+    group="keymiss",
+    summary="Forget computed values by glob, or by tag (TAG tag); the module's spelling.",
+)
+def cmd_forget(c: Client, args: list[bytes]) -> Reply:
+    if len(args) not in (2, 3):
+        raise CommandError(f"ERR wrong number of arguments for '{FORGET_COMMAND.lower()}' command")
+    return _forget(c, args[1:])
+
+
+def _forget(c: Client, args: list[bytes]) -> Reply:
+    """``FORGET pattern`` or ``FORGET TAG tag``: as ``km.forget`` / ``km.forget_tag``."""
+    if len(args) == 2 and args[0].upper() != TAG_WORD.encode():
+        raise CommandError(FORGET_USAGE)
+    what = key_of(args[-1])
+
+    async def later() -> bytes:
+        n = await (c.km.forget_tag(what) if len(args) == 2 else c.km.forget(what))
+        return reply.integer(n)
+
+    return later()
