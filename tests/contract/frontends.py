@@ -32,7 +32,7 @@ from ..support import RespTestClient, aeventually
 #: how long any one client operation may take before the scenario fails (never a hang)
 OP_WAIT = 10.0
 
-LIBRARY_OPS = frozenset({"GET", "MGET", "SET", "DEL", "EXPIRE", "PERSIST"})
+LIBRARY_OPS = frozenset({"GET", "MGET", "SET", "DEL", "EXPIRE", "PERSIST", "FORGET"})
 #: writes other than SET that give a key a value ("written"), each a case of the write-during row
 WRITE_OPS = frozenset({"SET GET", "GETSET", "APPEND", "SETRANGE", "MSETNX"})
 PYTHON_OPS = LIBRARY_OPS | WRITE_OPS | {"UNLINK", "GETDEL", "GETEX", "FLUSHALL", "FLUSHDB", "MULTI", "RENAME"}
@@ -158,6 +158,10 @@ class Frontend:
         """GET inside a Lua script: the script's reply."""
         raise self._lacks("EVAL")
 
+    async def forget(self, pattern: str | None = None, *, tag: str | None = None) -> Any:
+        """``KEYMISS.FORGET pattern`` / ``TAG tag`` (``km.forget`` / ``km.forget_tag``): the count."""
+        raise self._lacks("FORGET")
+
 
 class Library(Frontend):
     """``Keymiss`` over a store URL: the API itself is the client."""
@@ -197,6 +201,12 @@ class Library(Frontend):
 
     async def exists(self, key: str) -> int:
         return await self.km.exists(key)
+
+    async def forget(self, pattern: str | None = None, *, tag: str | None = None) -> Any:
+        try:
+            return await (self.km.forget_tag(tag) if tag is not None else self.km.forget(str(pattern)))
+        except Exception as exc:
+            return Err(str(exc), type(exc).__name__)
 
 
 class Resp(Frontend):
@@ -264,6 +274,9 @@ class Resp(Frontend):
 
     async def in_eval(self, key: str) -> Any:
         return await self.call("EVAL", EVAL_GET, 1, key)
+
+    async def forget(self, pattern: str | None = None, *, tag: str | None = None) -> Any:
+        return await self.call(*protocol.forget(pattern, tag=tag))
 
 
 class PythonServer(Resp):

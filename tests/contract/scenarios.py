@@ -347,6 +347,41 @@ async def del_during(fe: Frontend, p: str) -> None:
         assert fn.calls[key] == 2, how
 
 
+@row("forget")
+async def forget(fe: Frontend, p: str) -> None:
+    fn = Fn()
+
+    async def by_fields(user: str, n: str) -> str:
+        return await fn(f"{p}:{user}:{n}")
+
+    by_fields.fn = fn  # type: ignore[attr-defined]
+    fe.keyspace(f"{p}:<user>:<n>", by_fields, ttl=60, tags=[f"{p}-user:<user>", f"{p}-all"])
+    await fe.start()
+    keys = [f"{p}:1:a", f"{p}:1:b", f"{p}:12:a", f"{p}:2:a"]
+    for key in keys:
+        assert await fe.get(key) == f"{key}#1"
+    await fe.set(f"{p}-other", "kept")
+    # a tag: exactly the keys that carry it (<user> 1, not 12), which compute again when read
+    assert await fe.forget(tag=f"{p}-user:1") == 2
+    assert [await fe.exists(k) for k in keys] == [0, 0, 1, 1]
+    assert await fe.get(f"{p}:1:a") == f"{p}:1:a#2"
+    # a key being computed: its reader gets the value, which is not stored (as after DEL)
+    key = f"{p}:3:a"
+    assert await _during(fe, fn, key, partial(fe.forget, f"{p}:3:*")) == f"{key}#1"
+    assert await fe.exists(key) == 0
+    # a glob forgets the keys a keyspace owns, never the others; a fixed label, its keyspace's keys
+    assert await fe.forget(f"{p}*") == 3
+    assert await fe.get(f"{p}-other") == "kept"
+    assert await fe.get(f"{p}:2:a") == f"{p}:2:a#2"
+    assert await fe.forget(tag=f"{p}-all") == 1
+    # refused: a glob no keyspace's keys can match, a tag no keyspace declares
+    refused = await fe.forget(f"{p}-other*")
+    assert isinstance(refused, Err) and refused.says("no keyspace's keys match"), refused
+    refused = await fe.forget(tag=f"{p}-nobody")
+    assert isinstance(refused, Err) and refused.says("no keyspace declares that tag"), refused
+    assert await fe.get(f"{p}-other") == "kept"
+
+
 @row("ttl-during")
 async def ttl_during(fe: Frontend, p: str) -> None:
     fn, versions = Fn(), Versions()
