@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from pathlib import Path
 
 import pytest
 
@@ -13,8 +14,8 @@ from keymiss import Keymiss
 from keymiss.valkey import protocol
 
 from ..redis_servers import RedisProcess
-from ..support import Gate, ReplyError, RespTestClient, resp
-from .conftest import running, url
+from ..support import Gate, ReplyError, RespTestClient, aeventually, resp
+from .conftest import raw_worker, running, url, valgrind_valkey
 
 
 def tag_app(calls: list[str], gate: Gate | None = None) -> Keymiss:
@@ -146,3 +147,40 @@ async def test_forgetting_a_big_keyspace_never_blocks_the_server(server: RedisPr
         assert pings >= 20, pings
         assert median < 0.02, median
         assert worst < 0.25, worst
+
+
+async def test_forget_runs_clean_under_valgrind(tmp_path: Path) -> None:
+    """Every path of FORGET and REGISTER's tags, under valgrind (Valkey's binary uses libc malloc)."""
+    server, vlog = valgrind_valkey(tmp_path)
+    port, wait = server.port, 60.0
+    try:
+        tags = [protocol.OPT_TAG, "user:<user>", protocol.OPT_TAG, "feeds"]
+        feed = protocol.register("feed:<user>:<page>", "feed:*") + tags
+        w = await raw_worker(port, feed, feed, protocol.register("sq:*", "sq:*"), wait=wait)  # tags replaced
+        bad = await w.call(*protocol.register("feed:<user>:<page>", "feed:*"), protocol.OPT_TAG, "x:<nope>")
+        assert isinstance(bad, ReplyError) and "does not have" in str(bad)
+        async with RespTestClient(port, timeout=wait) as c:
+            pairs = [x for i in range(1500) for x in (f"feed:{i % 3}:{i}", "v", f"sq:{i}", "v")]
+            assert await c.call("MSET", *pairs) == "OK"
+            # a computation queued (from Lua: nobody waits), then superseded by the forget
+            assert await c.call("EVAL", "return redis.call('GET', KEYS[1])", 1, "sq:new") is None
+            assert await c.call(*protocol.forget("sq:*")) == 1500
+            assert await c.call(*protocol.forget(tag="user:1")) == 500
+            assert await c.call(*protocol.forget("feed:<user>:<page>")) == 1000
+            assert await c.call(*protocol.forget(tag="feeds")) == 0
+            assert isinstance(await c.call(*protocol.forget("x*")), ReplyError)
+            assert isinstance(await c.call(*protocol.forget(tag="none")), ReplyError)
+            assert await c.call("MSET", *pairs) == "OK"
+        # a caller that leaves mid-way: the command and the connection's end arrive together
+        _, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(
+            b"*2\r\n$%d\r\n%s\r\n$4\r\nsq:*\r\n" % (len(protocol.CMD_FORGET), protocol.CMD_FORGET.encode())
+        )
+        await writer.drain()
+        writer.close()
+        await aeventually(lambda: resp(port, "EXISTS", "sq:1499"), expect=0, timeout=wait)
+        await w.close()
+    finally:
+        server.stop()
+    text = vlog.read_text()
+    assert "ERROR SUMMARY: 0 errors" in text, text[-3000:]
