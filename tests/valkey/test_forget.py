@@ -36,6 +36,11 @@ def tag_app(calls: list[str], gate: Gate | None = None) -> Keymiss:
     return km
 
 
+async def blocked_clients(port: int) -> int:
+    text = (await resp(port, "INFO", "clients")).decode()
+    return int(text.split("blocked_clients:")[1].split()[0])
+
+
 async def keys(port: int, pattern: str = "*") -> set[str]:
     return {k.decode() for k in await resp(port, "KEYS", pattern)}
 
@@ -131,22 +136,32 @@ async def test_forgetting_a_big_keyspace_never_blocks_the_server(server: RedisPr
             for start in range(0, n, 10_000):
                 pairs = [x for i in range(start, start + 10_000) for x in (f"sq:{i}", "v")]
                 assert await c.call("MSET", *pairs) == "OK"
+            began = time.perf_counter()
             forget = asyncio.ensure_future(c.call(protocol.CMD_FORGET, "sq:*", wait=60))
             took: list[float] = []
             async with RespTestClient(port) as p:
+                await aeventually(lambda: blocked_clients(port), timeout=10)  # it runs
+                # keys written while it runs are newer than it: a client's SET and a fill stay
+                newer = [f"sq:{i}" for i in range(0, n, 997)]
+                assert await p.call("MSET", *[x for k in newer for x in (k, "newer")]) == "OK"
+                assert await p.call("GET", "sq:computed") == b"SQ:COMPUTED"
                 while not forget.done():
                     t = time.perf_counter()
                     assert await p.call("PING") == "PONG"
                     took.append(time.perf_counter() - t)
-            assert await forget == n
-        assert await resp(port, "DBSIZE") == 0
+            forgotten = await forget
+            lasted = time.perf_counter() - began
+        assert await keys(port, "sq:*") == {*newer, "sq:computed"}
+        assert n - len(newer) <= forgotten <= n  # a newer key scanned before its write was forgotten first
         # the server answered all along: many pings while it ran, none waiting on the whole forget
         took.sort()
         pings, median, worst = len(took), took[len(took) // 2], took[-1]
-        print(f"{n} forgotten: {pings} pings, median {median * 1e3:.2f} ms, slowest {worst * 1e3:.1f} ms")
+        print(f"{n} forgotten in {lasted:.2f} s: {pings} pings, median {median * 1e3:.2f} ms, ", end="")
+        print(f"slowest {worst * 1e3:.1f} ms")
+        # the server answered all along: many pings while it ran, the slowest a small part of it
+        # (the latencies themselves are measured by bench/forget_latency.py, not asserted here)
         assert pings >= 20, pings
-        assert median < 0.02, median
-        assert worst < 0.25, worst
+        assert worst < lasted / 3, (worst, lasted)
 
 
 async def test_forget_runs_clean_under_valgrind(tmp_path: Path) -> None:

@@ -7,7 +7,7 @@
  * refused: FORGET invalidates a cache, DEL removes other keys.
  *
  * How: the caller blocks (the server does not) while a timer walks the database with a SCAN cursor,
- * KM_FORGET_STEP keys a step, KM_FORGET_PAUSE_MS between steps, and UNLINKs what it takes (replicated
+ * KM_FORGET_STEP keys a step, each step its own turn of the event loop, and UNLINKs what it takes (replicated
  * as UNLINK); the reply is how many values were forgotten. What it must not touch:
  *  - a computation of a matching key running when it starts is superseded at once, as DEL does (its
  *    readers get the value; it is not stored), and remembered failures of matching keys are forgotten;
@@ -137,8 +137,10 @@ static void km_forget_one(RedisModuleCtx *ctx, KmForget *job, RedisModuleUser *u
     job->deleted++;
     if (km_is_own(kp, klen)) return;
     RedisModuleString *cname = km_companion_name(key);
-    r = KM_Call(ctx, "UNLINK", "!s", cname);
-    if (r) KM_FreeCallReply(r);
+    RedisModuleKey *open = KM_OpenKey(ctx, cname, RM_READ | km.lookup_modes);
+    int has = open != NULL && KM_KeyType(open) != RM_KEYTYPE_EMPTY; /* most values have none */
+    if (open) KM_CloseKey(open);
+    if (has && (r = KM_Call(ctx, "UNLINK", "!s", cname)) != NULL) KM_FreeCallReply(r);
     KM_FreeString(NULL, cname);
 }
 

@@ -72,9 +72,10 @@
  * servers estimate INFO's p50/p99_compute_seconds over the same buckets the same way */
 #define KM_COMPUTE_BOUNDS {0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0}
 #define KM_COMPUTE_BUCKETS 14
-/* FORGET's steps: keys one step looks at (and deletes at most), and the pause between steps (ms) */
-#define KM_FORGET_STEP 1000
-#define KM_FORGET_PAUSE_MS 1
+/* FORGET's steps: keys one step looks at (and deletes at most), and the pause between steps in ms
+ * (0: the next turn of the event loop, after the clients that are waiting) */
+#define KM_FORGET_STEP 500
+#define KM_FORGET_PAUSE_MS 0
 #define KM_CLIENT_MARK_LEN (sizeof(KM_CLIENT_MARK) - 1)
 #define KM_COMPANION_PREFIX_LEN (sizeof(KM_COMPANION_PREFIX) - 1)
 
