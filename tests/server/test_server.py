@@ -11,6 +11,7 @@ import pytest
 import redis
 
 from keymiss.stats import SHARED_KEYSPACE_FIELDS
+from keymiss.valkey import protocol
 
 from ..support import eventually
 from .conftest import ServerProcess, keyspace_info
@@ -187,6 +188,21 @@ def test_connection_and_server_commands(client: redis.Redis, front: str) -> None
         client.execute_command("GET")
 
 
+def test_keymiss_forget_on_both_front_ends(client: redis.Redis, front: str) -> None:
+    """``KEYMISS.FORGET`` through ``keymiss serve``: the embedded server's clients may send it."""
+    for i in range(3):
+        client.get(f"double:{2000 + i}")
+    client.set("plain:2000", "mine")
+    assert client.execute_command(protocol.CMD_FORGET, "double:200*") == 3
+    assert client.exists("double:2000", "double:2001", "double:2002") == 0
+    assert client.get("double:2000") == b"4000"  # computed again
+    with pytest.raises(redis.ResponseError, match="no keyspace's keys match"):
+        client.execute_command(protocol.CMD_FORGET, "plain:*")
+    with pytest.raises(redis.ResponseError, match="no keyspace declares that tag"):
+        client.execute_command(protocol.CMD_FORGET, protocol.OPT_TAG, "nobody")
+    assert client.get("plain:2000") == b"mine"
+
+
 def test_keymiss_operator_commands(client: redis.Redis, front: str) -> None:
     if front != "python":
         pytest.skip("KEYMISS KEYSPACES/FORGET/STATS are the Python server's; the module has INFO keymiss")
@@ -195,6 +211,10 @@ def test_keymiss_operator_commands(client: redis.Redis, front: str) -> None:
     for i in range(3):
         client.get(f"double:{1000 + i}")
     assert client.execute_command("KEYMISS", "FORGET", "double:100*") == 3
+    with pytest.raises(redis.ResponseError, match="no keyspace declares that tag"):
+        client.execute_command("KEYMISS", "FORGET", "TAG", "nobody")
+    with pytest.raises(redis.ResponseError, match="FORGET takes a pattern, or TAG and a tag"):
+        client.execute_command("KEYMISS", "FORGET", "NOTTAG", "x")
     assert client.exists("double:1000") == 0
     stats = client.execute_command("KEYMISS", "STATS")
     assert stats
