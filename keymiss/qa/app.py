@@ -33,6 +33,20 @@ def answers_pattern(context_key: str) -> str:
     return f"bertqa{{*}}_{_glob_escape(context_key)}_*"
 
 
+async def forget_answers(km: Keymiss, pattern: str) -> int:
+    """Forget the cached answers matching ``pattern``. ``keymiss ingest`` runs without the
+    ``bertqa`` keyspace (the serving app's), which ``km.forget`` needs to know the keys are
+    answers: there they are found through the store itself."""
+    if km.registry.get(QA_PATTERN) is not None:
+        return await km.forget(pattern)
+    keys, cursor = [], 0
+    while True:
+        cursor, chunk = await km.store.scan(cursor, pattern, 1000)
+        keys.extend(chunk)
+        if cursor == 0:
+            return await km.store.delete(keys) if keys else 0
+
+
 @dataclass
 class IngestReport:
     added: int = 0
@@ -95,7 +109,7 @@ class QAService:
             for key, _, changed in todo:
                 if changed:
                     report.replaced += 1
-                    report.forgotten_answers += await km.forget(answers_pattern(key))
+                    report.forgotten_answers += await forget_answers(km, answers_pattern(key))
                 else:
                     report.added += 1
             if progress:
