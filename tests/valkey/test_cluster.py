@@ -127,3 +127,29 @@ async def test_cluster_gets_compute_once_per_key_across_a_failover(cluster: Redi
             assert calls.count(after2) == 1 and calls.count(after) == 1 and calls.count(key) == 1
         finally:
             await rc.aclose()
+
+
+@pytest.mark.parametrize("cluster", ["valkey"], indirect=True)
+async def test_forget_by_tag_on_every_master_of_a_cluster(cluster: RedisCluster3) -> None:
+    """Each master forgets its own keys: FORGET goes to every primary, and the counts add up."""
+    from redis.asyncio.cluster import RedisCluster
+
+    from keymiss.valkey import protocol
+
+    from .test_forget import tag_app
+
+    keys = [f"feed:{user}:{page}" for user in (1, 2, 3) for page in range(12)]
+    async with running(tag_app([]), cluster.url) as worker:
+        await aeventually(lambda: len(worker.stats.nodes), expect=3)
+        rc = RedisCluster(host="127.0.0.1", port=cluster.nodes[0].port)
+        try:
+            for key in keys:
+                assert await rc.get(key) is not None
+            assert len({owner(cluster, k).port for k in keys}) > 1  # spread over masters
+            counts = await rc.execute_command(
+                protocol.CMD_FORGET, protocol.OPT_TAG, "user:2", target_nodes=RedisCluster.PRIMARIES
+            )
+            assert sum(counts.values()) == 12, counts
+            assert [await rc.exists(k) for k in keys] == [1] * 12 + [0] * 12 + [1] * 12
+        finally:
+            await rc.aclose()
