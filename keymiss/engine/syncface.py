@@ -198,6 +198,11 @@ class SyncKeymiss:
         done: int = wait(self.km, self.km.forget, pattern)
         return done
 
+    def forget_tag(self, tag: str) -> int:
+        """Drop every cached value whose key carries a keyspace's tag (``Keymiss.forget_tag``)."""
+        done: int = wait(self.km, self.km.forget_tag, tag)
+        return done
+
     def stats(self) -> dict[str, Any]:
         """``Keymiss.stats``, read on the engine's loop (a consistent snapshot)."""
 

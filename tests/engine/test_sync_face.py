@@ -49,7 +49,7 @@ def test_the_sync_face_methods(km: Keymiss) -> None:
     sync = km.sync
     assert km.sync is sync and isinstance(sync, SyncKeymiss)
 
-    @sync.keyspace("d:*", ttl=60)
+    @sync.keyspace("d:*", ttl=60, tags=["doubles"])
     def double(key: str) -> Value:
         n = int(key[2:])
         return Value(2 * n, ttl=5) if n == 1 else 2 * n
@@ -64,7 +64,9 @@ def test_the_sync_face_methods(km: Keymiss) -> None:
         assert sync.expire("plain", 100) is True
         assert sync.delete("plain") == 1
         assert sync.forget("d:*") == 3
-        assert sync.stats()["keyspaces"]["d:*"]["computations"] == 3
+        assert sync.get("d:5") == 10
+        assert sync.forget_tag("doubles") == 1
+        assert sync.stats()["keyspaces"]["d:*"]["computations"] == 4
         assert sync.call(km.get, "d:3") == 6
     assert not any(t.name == "keymiss-loop" and t.is_alive() for t in threading.enumerate())
     with pytest.raises(StoreError):
