@@ -32,6 +32,8 @@ FORGET_NO_KEYSPACE = (
     ERR_PREFIX.removeprefix("ERR ")
     + "no keyspace's keys match that pattern (FORGET forgets computed values; DEL removes other keys)"
 )
+#: keys one store deletion of a forget removes at most
+FORGET_BATCH = 1000
 FORGET_NO_TAG = ERR_PREFIX.removeprefix("ERR ") + "no keyspace declares that tag"
 
 log = logging.getLogger("keymiss")
@@ -350,4 +352,7 @@ class KeyCommands:
                 if cursor == 0:
                     break
         self.written(keys)
-        return await store.delete(sorted(keys)) if keys else 0
+        ordered, n = sorted(keys), 0
+        for i in range(0, len(ordered), FORGET_BATCH):  # a shared Redis is never held by one huge DEL
+            n += await store.delete(ordered[i : i + FORGET_BATCH])
+        return n
