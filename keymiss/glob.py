@@ -82,3 +82,45 @@ def glob_prefix(pattern: str) -> str:
         if ch in "*?[\\":
             return pattern[:i]
     return pattern
+
+
+def _tokens(pattern: str) -> list[re.Pattern[str] | None]:
+    """The glob as a list of one-character matchers, ``None`` standing for ``*``."""
+    out: list[re.Pattern[str] | None] = []
+    for piece in re.findall(r"\.\*|\[(?:\\.|[^\]\\])*\]|\\.|\.|[^.]", glob_to_regex(pattern)[4:-3], re.S):
+        out.append(None if piece == ".*" else re.compile(piece, re.S))
+    return out
+
+
+def can_start_with(pattern: str, prefix: str) -> bool:
+    """Whether some key that starts with ``prefix`` matches the glob ``pattern``: two keyspaces
+    whose keys may meet are told apart at registration, not by the order they were added in."""
+    if not pattern.isascii() or not prefix.isascii():
+        pattern, prefix = _bytes_view(pattern), _bytes_view(prefix)
+    tokens = _tokens(pattern)
+
+    def closure(states: set[int]) -> set[int]:
+        todo = list(states)
+        while todo:
+            i = todo.pop()
+            if i < len(tokens) and tokens[i] is None and i + 1 not in states:
+                states.add(i + 1)
+                todo.append(i + 1)
+        return states
+
+    states = closure({0})
+    for ch in prefix:
+        nxt: set[int] = set()
+        for i in states:
+            if i < len(tokens):
+                tok = tokens[i]
+                if tok is None:
+                    nxt.add(i)
+                elif tok.fullmatch(ch):
+                    nxt.add(i + 1)
+        states = closure(nxt)
+        if not states:
+            return False
+    # a class matching nothing ([]) left in the rest would make the glob match no key: still
+    # counted as a meeting, the safe side for a refusal
+    return bool(states)

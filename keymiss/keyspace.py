@@ -21,12 +21,13 @@ from typing import Any
 
 from keymiss.codecs import Codec, codec_from_name
 from keymiss.errors import ConfigError, KeyMismatchError
-from keymiss.glob import compile_glob, glob_prefix
+from keymiss.glob import can_start_with, compile_glob, glob_prefix
 from keymiss.options import DEFAULT_TIMEOUT, KeyspaceOptions, utf8_text
 from keymiss.stats import KeyspaceStats
 from keymiss.stores.base import NO_VERSION
 from keymiss.valkey.protocol import MAX_FIELDS, MAX_GLOB, MAX_TAGS
 
+_HEX = frozenset("0123456789ABCDEFabcdef")
 _FIELD = re.compile(r"<([A-Za-z_][A-Za-z0-9_]*)>")
 
 __all__ = ["DEFAULT_TIMEOUT", "Keyspace", "Registry", "Template"]
@@ -73,11 +74,14 @@ def _glob_escape(text: str) -> str:
 class Template:
     """A compiled ``<field>`` template: literal pieces alternating with field names."""
 
-    def __init__(self, pattern: str, *, empty_fields: bool = False) -> None:
+    def __init__(self, pattern: str, *, empty_fields: bool = False, escaped: bool = False) -> None:
         self.pattern = pattern
         #: whether a field may be empty (a cached function's ``""`` argument); a hand-written
         #: template refuses it, so a key missing a field reads as a typo
         self.empty_fields = empty_fields
+        #: whether each ``%`` in a field starts a ``%XX`` escape (a cached function's keys): the
+        #: literal after a field is never looked for inside one (``%32`` holds a ``2``)
+        self.escaped = escaped
         self.names: list[str] = []
         self.literals: list[str] = []  # literals[i] precedes names[i]; literals[-1] trails
         pos = 0
@@ -97,11 +101,27 @@ class Template:
                     "literal text between them, or the split is ambiguous"
                 )
         self.prefix = self.literals[0]
+        if not self.prefix:
+            raise ConfigError(
+                f"template {pattern!r} must begin with literal text: a template claims every key "
+                "that starts with its text before the first field, and one with none would claim "
+                "every key of every other keyspace"
+            )
         self.fields_type = namedtuple("Fields", self.names)  # type: ignore[misc]
 
     def glob(self) -> str:
         """The Redis glob matching every key of this template (each field a ``*``)."""
         return "*".join(_glob_escape(lit) for lit in self.literals)
+
+    def _find(self, key: str, literal: str, pos: int) -> int:
+        if not self.escaped or "%" not in key:
+            return key.find(literal, pos)
+        while pos < len(key):
+            if key.startswith(literal, pos):
+                return pos
+            escape = key[pos] == "%" and all(c in _HEX for c in key[pos + 1 : pos + 3]) and pos + 3 <= len(key)
+            pos += 3 if escape else 1
+        return -1
 
     def parse(self, key: str) -> Any:
         """The key's fields as a named tuple, or ``None`` when the key does not fit the template."""
@@ -113,7 +133,7 @@ class Template:
         trailer = self.literals[-1]
         for i in range(len(self.names)):
             if i < last:
-                end = key.find(self.literals[i + 1], pos)
+                end = self._find(key, self.literals[i + 1], pos)
                 if end < 0:
                     return None
                 values.append(key[pos:end])
@@ -135,6 +155,8 @@ class Keyspace:
 
     #: whether the template's fields may be empty (see ``Template.empty_fields``)
     empty_fields = False
+    #: whether the template's fields are ``%XX``-escaped text (see ``Template.escaped``)
+    escaped_fields = False
 
     def __init__(
         self,
@@ -175,7 +197,7 @@ class Keyspace:
             getattr(handler, "__call__", None)  # noqa: B004 - async callable objects
         )
         self.template: Template | None = (
-            Template(pattern, empty_fields=self.empty_fields) if _FIELD.search(pattern) else None
+            Template(pattern, empty_fields=self.empty_fields, escaped=self.escaped_fields) if _FIELD.search(pattern) else None
         )
         self.claims: Callable[[str], bool]
         """Whether this keyspace is responsible for a key (a template claims its whole prefix)."""
@@ -361,8 +383,20 @@ class Keyspace:
             return f"<version callable failed: {type(exc).__name__}>"
 
 
+def _meet(a: Keyspace, b: Keyspace) -> bool:
+    """Whether a key could be claimed by both: a template claims every key that starts with its
+    literal prefix (one that does not parse is reported as a typo), a glob the keys it matches."""
+    if a.template is None and b.template is None:
+        return False  # globs may nest: the first registered that matches owns a key
+    if a.template is not None and b.template is not None:
+        return a.prefix.startswith(b.prefix) or b.prefix.startswith(a.prefix)
+    glob, template = (a, b) if a.template is None else (b, a)
+    return can_start_with(glob.pattern, template.prefix)
+
+
 class Registry:
-    """The keyspaces of one app, in registration order (the first that claims a key owns it)."""
+    """The keyspaces of one app, in registration order (of globs that both match a key, the first
+    registered owns it; a template shares its prefix with no other keyspace)."""
 
     def __init__(self) -> None:
         self.keyspaces: list[Keyspace] = []
@@ -373,6 +407,15 @@ class Registry:
     def add(self, ks: Keyspace) -> None:
         if any(k.pattern == ks.pattern for k in self.keyspaces):
             raise ConfigError(f"keyspace {ks.pattern!r} is already registered")
+        for other in self.keyspaces:
+            if _meet(ks, other):
+                prefix = (ks if ks.template is not None else other).prefix
+                raise ConfigError(
+                    f"keyspace {ks.pattern!r} overlaps keyspace {other.pattern!r}: a template "
+                    f"claims every key that starts with its literal prefix ({prefix!r}), "
+                    "so one key could belong to both; give each a prefix of its own "
+                    "(user:<uid> and user_posts:<uid>, not user:<uid> and user:<uid>:posts)"
+                )
         self.keyspaces.append(ks)
         exact = ks.template is not None or ks.pattern == ks.prefix + "*"
         self._routes.append((ks.prefix, None if exact else ks.claims, ks))

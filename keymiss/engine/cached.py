@@ -224,6 +224,7 @@ class CachedKeyspace(Keyspace):
     the function gets them, and a key no call would build does not fit (``KeyMismatchError``)."""
 
     empty_fields = True
+    escaped_fields = True
 
     def __init__(
         self,
