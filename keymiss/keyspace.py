@@ -119,8 +119,8 @@ class Template:
         while pos < len(key):
             if key.startswith(literal, pos):
                 return pos
-            escape = key[pos] == "%" and all(c in _HEX for c in key[pos + 1 : pos + 3]) and pos + 3 <= len(key)
-            pos += 3 if escape else 1
+            hexes = key[pos + 1 : pos + 3]
+            pos += 3 if key[pos] == "%" and len(hexes) == 2 and set(hexes) <= _HEX else 1
         return -1
 
     def parse(self, key: str) -> Any:
@@ -196,9 +196,9 @@ class Keyspace:
         self.is_async = inspect.iscoroutinefunction(handler) or inspect.iscoroutinefunction(
             getattr(handler, "__call__", None)  # noqa: B004 - async callable objects
         )
-        self.template: Template | None = (
-            Template(pattern, empty_fields=self.empty_fields, escaped=self.escaped_fields) if _FIELD.search(pattern) else None
-        )
+        self.template: Template | None = None
+        if _FIELD.search(pattern):
+            self.template = Template(pattern, empty_fields=self.empty_fields, escaped=self.escaped_fields)
         self.claims: Callable[[str], bool]
         """Whether this keyspace is responsible for a key (a template claims its whole prefix)."""
         if self.template is not None:
