@@ -34,6 +34,7 @@ from keymiss.keyspace import Keyspace, Registry
 from keymiss.options import KeyspaceOptions
 from keymiss.stores import Item, LocalStore, SharedStore, Store, open_store
 from keymiss.stores.eviction import Policy
+from keymiss.stores.memory import MemoryStore
 
 log = logging.getLogger("keymiss")
 
@@ -91,6 +92,8 @@ class Keymiss(KeyCommands):
         self._closed = False
         self._startup: list[Callable[[Any], Any]] = []  # each takes this cache (on_start)
         self._started = False
+        self._forked: list[Store] = []  # stores of the parent process, after a fork (kept, not used)
+        self._fork_refusal = ""
         #: services an app attaches to the engine (the QA keyspace keeps its reader here)
         self.extensions: dict[str, Any] = {}
         #: the event loop this cache runs on: the one that started it (its single-flight, batches
@@ -169,7 +172,7 @@ class Keymiss(KeyCommands):
         """The store, opened on first use."""
         if self._store is None:
             if self._closed:
-                raise StoreError("keymiss is closed")
+                raise StoreError(self._fork_refusal or "keymiss is closed")
             spec = self._store_spec
             if isinstance(spec, Store):
                 self._adopt(spec)
@@ -212,14 +215,54 @@ class Keymiss(KeyCommands):
     async def start(self) -> None:
         """Open the store, run start hooks and start the expiry sweep (``get`` does this on first use)."""
         _ = self.store
-        if self.loop is None:
+        claimed = self.loop is None
+        if claimed:
             self.loop = asyncio.get_running_loop()
         if not self._started:
             self._started = True
-            for hook in self._startup:
-                await hook(self)
+            try:
+                for hook in self._startup:
+                    await hook(self)
+            except BaseException:  # not started: the next start (a later call) runs them again
+                self._started = False
+                if claimed:
+                    self.loop = None
+                raise
         if self._sweeper is None and self._sweep_interval > 0:
             self._sweeper = asyncio.get_running_loop().create_task(self._sweep_loop())
+
+    def after_fork(self) -> None:
+        """In a child process forked while this cache ran on a thread's loop: that thread and its
+        loop do not exist here, and nor do the computations in flight in the parent. Forget them
+        (the child starts again on first use) and reopen the store: a memory store is the parent's
+        copy; a Redis store given by URL opens connections of the child's own (the parent's
+        sockets are not shared). An LMDB store, or a store object the app built, cannot be
+        reopened safely in the child: using it is refused with ``StoreError``."""
+        self.loop = None
+        self._sweeper = None  # a task of the parent's loop
+        old = self.engine
+        self.engine = ComputeEngine(
+            self.registry,
+            max_in_flight=old.max_in_flight,
+            concurrency=old.concurrency,
+            error_detail=old.error_detail,
+        )
+        self.engine.errors.max_bytes = old.errors.max_bytes
+        for ks in self.registry:
+            self.engine.add(ks)
+        self.writeback = WriteBack(self.engine, lambda: self.store, self._given_clock or time.monotonic)
+        store = self._store
+        if store is None or isinstance(store, MemoryStore):
+            return
+        self._forked.append(store)  # never closed here: its sockets or map belong to the parent
+        self._store = self._local = None
+        if isinstance(self._store_spec, Store) or isinstance(store, LocalStore):
+            self._closed = True
+            self._fork_refusal = (
+                f"this process was forked after keymiss opened its store ({store.url}), which a "
+                "child cannot share or reopen safely: start keymiss in each child (gunicorn: no "
+                "--preload, or open it in a post_fork hook), or use a memory or Redis store"
+            )
 
     async def run_start_hooks(self) -> None:
         """Run the start hooks again: a server that restarted without its data needs its

@@ -17,9 +17,12 @@ running loop — waits in that loop's thread while the ``Keymiss``'s thread does
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import os
 import threading
+import weakref
 from collections.abc import Awaitable, Callable, Sequence
-from concurrent.futures import Future
+from concurrent.futures import CancelledError, Future, InvalidStateError
 from typing import Any, TypeVar
 
 from keymiss.errors import KeymissError, StoreError
@@ -32,6 +35,9 @@ EXTENSION = "keymiss.sync"
 #: where a ``Keymiss`` keeps the lock that gives it one loop however many threads call at once
 #: (one lock per ``Keymiss``: a start hook may use another ``Keymiss`` synchronously)
 STARTING = "keymiss.sync.starting"
+
+#: where a ``Keymiss`` keeps the calls its synchronous face is waiting for (``Calls``)
+CALLS = "keymiss.sync.calls"
 
 
 class LoopThread:
@@ -50,6 +56,12 @@ class LoopThread:
         self.loop.call_soon(self._ready.set)
         try:
             self.loop.run_forever()
+            # calls handed over as the loop stopped: cancelled, so their callers hear of it
+            tasks = asyncio.all_tasks(self.loop)
+            for task in tasks:
+                task.cancel()
+            if tasks:
+                self.loop.run_until_complete(asyncio.wait(tasks, timeout=1.0))
         finally:
             self.loop.close()
 
@@ -62,22 +74,86 @@ class LoopThread:
             self.thread.join()
 
 
+class Calls:
+    """The synchronous calls a ``Keymiss``'s face has handed to its loop and not seen answered:
+    when ``close`` ends the loop thread, each still waiting gets a clear error instead of waiting
+    for a loop that will never run again, and calls made after that are refused."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.waiting: set[Future[Any]] = set()
+        self.closed = False
+
+    def add(self, submit: Callable[[], Future[T]]) -> Future[T]:
+        with self.lock:
+            if self.closed:
+                raise StoreError("keymiss is closed")
+            fut = submit()
+            self.waiting.add(fut)
+        fut.add_done_callback(self._done)
+        return fut
+
+    def _done(self, fut: Future[Any]) -> None:
+        with self.lock:
+            self.waiting.discard(fut)
+
+    def close(self, loop_ended: bool) -> None:
+        """No more calls; those still waiting fail, if the loop that would answer them ended."""
+        with self.lock:
+            self.closed = True
+            waiting, self.waiting = (self.waiting, set()) if loop_ended else (set(), self.waiting)
+        for fut in waiting:
+            with contextlib.suppress(InvalidStateError):  # answered meanwhile
+                fut.set_exception(StoreError("keymiss was closed before this call was answered"))
+
+
+#: the ``Keymiss`` objects whose loop is a ``LoopThread`` of this module: a forked child has no
+#: such thread, and starts its own on first use (``os.register_at_fork`` below)
+_THREADED: weakref.WeakSet[Any] = weakref.WeakSet()
+
+
+def _after_fork_in_child() -> None:
+    for km in list(_THREADED):
+        if not isinstance(km.extensions.get(EXTENSION), LoopThread):
+            continue
+        km.extensions.pop(EXTENSION, None)
+        km.extensions[STARTING] = threading.Lock()  # another thread may have held it at the fork
+        calls = km.extensions.get(CALLS)
+        km.extensions[CALLS] = Calls()
+        if calls is not None and calls.closed:
+            km.extensions[CALLS].closed = True
+        km.after_fork()
+    _THREADED.clear()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
+def _calls(km: Any) -> Calls:
+    calls = km.extensions.get(CALLS)
+    if calls is None:
+        calls = km.extensions.setdefault(CALLS, Calls())  # setdefault is atomic
+    return calls  # type: ignore[no-any-return]
+
+
 def home_loop(km: Any) -> asyncio.AbstractEventLoop:
     """The loop ``km`` runs on; when none does yet, a ``LoopThread`` started for it, on which
-    ``km`` is started (its store opened, its start hooks run) before this returns."""
+    ``km`` is started (its store opened, its start hooks run) before this returns. A start that
+    fails (a start hook raising) leaves the thread for the next call, which starts again."""
     loop: asyncio.AbstractEventLoop | None = km.loop
     if loop is not None:
         return loop
     with km.extensions.setdefault(STARTING, threading.Lock()):  # setdefault is atomic
         if km.loop is None:
-            runner = LoopThread()
-            km.extensions[EXTENSION] = runner
-            try:
-                asyncio.run_coroutine_threadsafe(km.start(), runner.loop).result()
-            except BaseException:
-                km.extensions.pop(EXTENSION, None)
-                runner.stop()
-                raise
+            if _calls(km).closed:
+                raise StoreError("keymiss is closed")
+            runner = km.extensions.get(EXTENSION)
+            if not isinstance(runner, LoopThread) or runner.loop.is_closed():
+                runner = LoopThread()
+                km.extensions[EXTENSION] = runner
+                _THREADED.add(km)
+            asyncio.run_coroutine_threadsafe(km.start(), runner.loop).result()
         return km.loop  # type: ignore[no-any-return]
 
 
@@ -88,34 +164,52 @@ def _running() -> asyncio.AbstractEventLoop | None:
         return None
 
 
+_ON_ITS_LOOP = (
+    "a synchronous keymiss call was made on the event loop keymiss runs on, which it would "
+    "block while waiting for it: await the async API there (`await km.get(key)`, or "
+    "`await fn.acall(...)` for a cached function)"
+)
+
+
 def submit(km: Any, call: Callable[..., Awaitable[T]], *args: Any) -> Future[T]:
     """Run ``await call(*args)`` on ``km``'s loop from another thread (or another loop): its
     concurrent future. Refused, never a hang, from ``km``'s own loop or once that loop is gone."""
     loop = home_loop(km)
     if _running() is loop:
-        raise KeymissError(
-            "a synchronous keymiss call was made on the event loop keymiss runs on, which it would "
-            "block while waiting for it: await the async API there (`await km.get(key)`, or "
-            "`await fn.acall(...)` for a cached function)"
-        )
-    if loop.is_closed() or not loop.is_running():
-        raise StoreError(
-            "keymiss runs on an event loop that is no longer running (the loop that started it has "
-            "ended): keep using it from that loop, or use one Keymiss per loop"
-        )
-    return asyncio.run_coroutine_threadsafe(call(*args), loop)  # type: ignore[arg-type]
+        raise KeymissError(_ON_ITS_LOOP)
+
+    def hand_over() -> Future[T]:
+        if loop.is_closed() or not loop.is_running():
+            raise StoreError(
+                "keymiss runs on an event loop that is no longer running (the loop that started it "
+                "has ended): keep using it from that loop, or use one Keymiss per loop"
+            )
+        return asyncio.run_coroutine_threadsafe(call(*args), loop)  # type: ignore[arg-type]
+
+    return _calls(km).add(hand_over)
 
 
 def wait(km: Any, call: Callable[..., Awaitable[T]], *args: Any) -> T:
     """``await call(*args)`` on ``km``'s loop, waited for in this thread; its error raised here."""
-    return submit(km, call, *args).result()
+    try:
+        return submit(km, call, *args).result()
+    except CancelledError:
+        raise StoreError(
+            "keymiss was closed while this call was being answered (its computation was "
+            "cancelled when the close's grace period ended)"
+        ) from None
 
 
 async def on_home(km: Any, call: Callable[..., Awaitable[T]], *args: Any) -> T:
     """``await call(*args)`` from any loop: directly on ``km``'s own loop (or when it runs on none
-    yet: this loop becomes its loop), else handed over to ``km``'s loop and awaited here."""
-    home = km.loop
-    if home is None or home is asyncio.get_running_loop():
+    yet: this loop becomes its loop, one loop only however many call at once), else handed over
+    to ``km``'s loop and awaited here."""
+    here = asyncio.get_running_loop()
+    if km.loop is None:
+        with km.extensions.setdefault(STARTING, threading.Lock()):
+            if km.loop is None:
+                km.loop = here
+    if km.loop is here:
         return await call(*args)
     return await asyncio.wrap_future(submit(km, call, *args))
 
@@ -213,14 +307,22 @@ class SyncKeymiss:
 
     def close(self, grace: float = 10.0) -> None:
         """Close the ``Keymiss`` (running computations get ``grace`` seconds) and end the loop
-        thread this face started, if any."""
-        runner = self.km.extensions.get(EXTENSION)
+        thread this face started, if any. Calls still waiting then get ``StoreError``, as do
+        calls made afterwards. Refused on the ``Keymiss``'s own loop (``await km.close()`` there)."""
         loop = self.km.loop
-        if loop is not None and loop.is_running() and _running() is not loop:
-            wait(self.km, self.km.close, grace)
+        if loop is not None and _running() is loop:
+            raise KeymissError(_ON_ITS_LOOP.replace("call was made", "close was made"))
+        calls = _calls(self.km)
+        runner = self.km.extensions.get(EXTENSION)
+        try:
+            if loop is not None and loop.is_running() and not calls.closed:
+                wait(self.km, self.km.close, grace)
+        finally:
+            calls.close(loop_ended=False)  # no call from now on
         if isinstance(runner, LoopThread):
             self.km.extensions.pop(EXTENSION, None)
             runner.stop()
+            calls.close(loop_ended=True)
 
     def __enter__(self) -> SyncKeymiss:
         return self.start()
