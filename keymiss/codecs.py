@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import math
+import numbers
 import struct
 from dataclasses import dataclass
 from enum import IntEnum
@@ -35,6 +36,9 @@ class Codec(IntEnum):
 
 #: the longest time to live a value may ask for (a year: the module front end's limit on any time)
 MAX_VALUE_TTL = 365 * 24 * 3600.0
+#: the shortest: stores keep times to the millisecond, so a shorter one would mean "gone" on one
+#: front end and "one millisecond" on another
+MIN_VALUE_TTL = 0.001
 
 
 @dataclass(frozen=True, slots=True)
@@ -54,12 +58,14 @@ class Value:
         ttl = self.ttl
         if ttl is None:
             return
-        ok = isinstance(ttl, int | float) and not isinstance(ttl, bool)
-        if not (ok and math.isfinite(ttl) and 0 < ttl <= MAX_VALUE_TTL):
+        ok = isinstance(ttl, numbers.Real) and not isinstance(ttl, bool)
+        seconds = float(ttl) if ok else math.nan
+        if not (math.isfinite(seconds) and MIN_VALUE_TTL <= seconds <= MAX_VALUE_TTL):
             raise ValueError(
-                f"Value ttl must be seconds above 0 and at most {MAX_VALUE_TTL:.0f} (a year), "
-                f"or None, got {ttl!r}"
+                f"Value ttl must be seconds from {MIN_VALUE_TTL:g} (a millisecond, the finest time "
+                f"a store keeps) to {MAX_VALUE_TTL:.0f} (a year), or None, got {ttl!r}"
             )
+        object.__setattr__(self, "ttl", seconds)  # a numpy or Decimal number: a plain float
 
 
 NUMPY_MAGIC = b"KMNDARR1"

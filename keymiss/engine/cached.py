@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import json
 import re
 import string
 from collections.abc import Callable
@@ -41,7 +42,7 @@ from typing import Any
 from urllib.parse import unquote
 
 from keymiss.engine import syncface
-from keymiss.errors import ConfigError, KeyMismatchError
+from keymiss.errors import CodecError, ConfigError, KeyMismatchError
 from keymiss.keyspace import Keyspace
 from keymiss.options import KeyspaceOptions
 
@@ -98,13 +99,30 @@ def _parse(kind: str, text: str) -> Any:
     return value
 
 
+#: types whose equal values are interchangeable, so an argument equal to the default (and of its
+#: very type: ``True == 1 == 1.0``) is the default
+_PLAIN = (int, float, complex, str, bytes, type(None))
+
+
 def _same(value: Any, default: Any) -> bool:
+    """Whether an argument outside the key is its parameter's default: the same object, or a
+    plain value of the default's own type equal to it (tuples and frozensets element by element).
+    Anything else (``mock.ANY``, an array, an object whose ``==`` says yes) is another argument."""
     if value is default:
         return True
-    try:
-        return bool(value == default)
-    except Exception:  # an array's ==, or an __eq__ that raises: not provably the default
+    if type(value) is not type(default):
         return False
+    if isinstance(default, tuple):
+        return len(value) == len(default) and all(map(_same, value, default))
+    if isinstance(default, frozenset):
+        return bool(value == default) and all(type(v) in _PLAIN for v in value)
+    return type(default) in _PLAIN and bool(value == default)
+
+
+#: the longest key a cached function builds, in UTF-8 bytes: the longest key a module-mode
+#: server routes to a keyspace (``KM_MAX_ROUTED_KEY``), so one call has one key on every front end
+MAX_KEY_BYTES = 4096
+_MAX_INT_BITS = 4 * MAX_KEY_BYTES  # more than 4096 decimal digits: too long for any key
 
 
 class KeyTemplate:
@@ -188,7 +206,13 @@ class KeyTemplate:
                 )
         texts = {}
         for name in self.fields:
-            text = _text(self.kinds[name], values[name])
+            value = values[name]
+            if type(value) is int and value.bit_length() > _MAX_INT_BITS:
+                raise ValueError(
+                    f"argument {name!r} is an int of more digits than a key holds (a cached "
+                    f"function's key is at most {MAX_KEY_BYTES} bytes)"
+                )
+            text = _text(self.kinds[name], value)
             if text is None:
                 raise TypeError(
                     f"argument {name!r} is {type(values[name]).__name__} {values[name]!r}; keys of "
@@ -199,7 +223,13 @@ class KeyTemplate:
             except UnicodeEncodeError:
                 raise ValueError(f"argument {name!r} is not UTF-8 text and cannot be part of a key") from None
             texts[name] = self.escape(text)
-        return self.template.format(**texts)
+        key = self.template.format(**texts)
+        if len(key) > MAX_KEY_BYTES // 4 and len(key.encode("utf-8", "surrogateescape")) > MAX_KEY_BYTES:
+            raise ValueError(
+                f"the key of this call of {self.template!r} is longer than {MAX_KEY_BYTES} bytes, the "
+                "longest key a cached function builds (the longest a module-mode server routes)"
+            )
+        return key
 
     def arguments(self, raw: dict[str, str]) -> dict[str, Any]:
         """The function's arguments from a key's fields (as ``Template.parse`` cut them);
@@ -244,6 +274,12 @@ class CachedKeyspace(Keyspace):
         return ks
 
     def argument(self, key: str) -> Any:
+        if len(key) > MAX_KEY_BYTES // 4 and len(key.encode("utf-8", "surrogateescape")) > MAX_KEY_BYTES:
+            raise KeyMismatchError(
+                f"key {key[:200]!r}... is longer than {MAX_KEY_BYTES} bytes: no call of cached "
+                f"keyspace {self.key_template.template!r} builds it",
+                keyspace=self.pattern,
+            )
         fields = super().argument(key)
         assert self.template is not None
         try:
@@ -254,6 +290,54 @@ class CachedKeyspace(Keyspace):
                 f"key {key[:200]!r} does not fit cached keyspace {self.key_template.template!r}: {exc}",
                 keyspace=self.pattern,
             ) from None
+
+
+def _utf8(data: bytes) -> str:
+    return data.decode("utf-8", "surrogateescape")
+
+
+#: a return annotation's name: how a client's bytes are read, and the type they must give
+_READS: dict[str, tuple[Callable[[bytes], Any], Any]] = {
+    "str": (_utf8, str),
+    "int": (json.loads, int),
+    "float": (json.loads, (int, float)),
+    "bool": (json.loads, bool),
+    "dict": (json.loads, dict),
+    "list": (json.loads, list),
+}
+
+
+def _client_value_reader(fn: Callable[..., Any]) -> Callable[[Any, str], Any]:
+    """What a call returns for what it read: the value itself, except bytes under a function
+    annotated ``-> str``/``int``/``float``/``bool``/``dict``/``list``. Such a function's own values are
+    stored as text or JSON and read back as such, so bytes are a value a Redis client wrote (``SET
+    sq:12 144``): read as the annotation says (``144``), or ``CodecError`` when they do not parse."""
+    try:
+        ann = inspect.signature(fn).return_annotation
+    except (TypeError, ValueError):
+        ann = inspect.Signature.empty
+    name = ann if isinstance(ann, str) else getattr(ann, "__name__", "")
+    if name not in _READS:
+        return lambda value, key: value
+    read, want = _READS[name]
+
+    def typed(value: Any, key: str) -> Any:
+        if not isinstance(value, bytes):
+            return value
+        try:
+            out = read(value)
+        except ValueError:
+            out = None
+        if name == "float" and type(out) is int:
+            out = float(out)
+        if not isinstance(out, want) or (name == "int" and isinstance(out, bool)):
+            raise CodecError(
+                f"the value of {key[:200]!r} is {value[:80]!r}, written by a client, not {name} as the "
+                f"function's return annotation says"
+            )
+        return out
+
+    return typed
 
 
 def cached(km: Any, template: str, **options: Any) -> Callable[[Callable[..., Any]], Any]:
@@ -281,22 +365,27 @@ def cached(km: Any, template: str, **options: Any) -> Callable[[Callable[..., An
 
             return await syncface.on_home(km, drop)
 
+        typed = _client_value_reader(fn)
+
         async def acall(*args: Any, **kwargs: Any) -> Any:
-            return await syncface.on_home(km, km.get, keys.key(args, kwargs))
+            k = keys.key(args, kwargs)
+            return typed(await syncface.on_home(km, km.get, k), k)
 
         wrapper: Any
         if ks.is_async:
 
             @functools.wraps(fn)
             async def wrapper(*args: Any, **kwargs: Any) -> Any:
-                return await syncface.on_home(km, km.get, keys.key(args, kwargs))
+                k = keys.key(args, kwargs)
+                return typed(await syncface.on_home(km, km.get, k), k)
 
             forget: Callable[..., Any] = aforget
         else:
 
             @functools.wraps(fn)
             def wrapper(*args: Any, **kwargs: Any) -> Any:
-                return syncface.wait(km, km.get, keys.key(args, kwargs))
+                k = keys.key(args, kwargs)
+                return typed(syncface.wait(km, km.get, k), k)
 
             def forget(*args: Any, **kwargs: Any) -> int:
                 k = keys.key(args, kwargs)

@@ -366,7 +366,7 @@ class ComputeEngine:
                 results.append(self._failed(ks, lane, [key], value, one=True))
                 continue
             ttl = ks.ttl
-            if type(value) is codecs.Value:  # the handler chose this value's own time to live
+            if isinstance(value, codecs.Value):  # the handler chose this value's own time to live
                 ttl = ks.ttl if value.ttl is None else value.ttl
                 value = value.value
             try:
