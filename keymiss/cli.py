@@ -10,6 +10,7 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
+from keymiss.engine import syncface
 from keymiss.logs import configure_logging
 from keymiss.options import ERROR_DETAILS
 from keymiss.stores import STORE_URLS
@@ -390,6 +391,7 @@ def _worker(args: argparse.Namespace) -> int:
         km = load_app(args.app) if args.app else None
         if km is None or args.model:
             km = _with_qa(km, qa, demo=args.demo)  # the servers are the user's: no demo unasked
+        syncface.hand_over(km)  # an app that warmed its cache at import: the worker's loop takes it
         km.configure(store=args.redis)  # contexts are read from the servers the worker serves
         return run_loop(
             lambda: run_worker(

@@ -36,6 +36,7 @@ from keymiss.stores import Item, LocalStore, SharedStore, Store, open_store
 from keymiss.stores.eviction import Policy
 from keymiss.stores.memory import MemoryStore
 
+_POOL = ("connections", "connection_wait")  # a Redis store's pool settings (configure)
 log = logging.getLogger("keymiss")
 
 
@@ -93,7 +94,7 @@ class Keymiss(KeyCommands):
         self._startup: list[Callable[[Any], Any]] = []  # each takes this cache (on_start)
         self._started = False
         self._forked: list[Store] = []  # stores of the parent process, after a fork (kept, not used)
-        self._fork_refusal = ""
+        self._fork_refusal, self._parked = "", False  # see after_fork and park
         #: services an app attaches to the engine (the QA keyspace keeps its reader here)
         self.extensions: dict[str, Any] = {}
         #: the event loop this cache runs on: the one that started it (its single-flight, batches
@@ -128,9 +129,12 @@ class Keymiss(KeyCommands):
         """Override settings (what ``--store``/``--max-memory`` do) before the store opens.
         ``store_connections`` and ``store_wait`` size a Redis store's queue for its connections
         (where its URL does not); ``error_memory`` bounds the bytes remembered errors hold."""
-        changing = store is not None or max_memory is not None or eviction is not None
-        changing |= store_connections is not None or store_wait is not None
-        if self._store is not None and changing:
+        asked = (store, max_memory, eviction, store_connections, store_wait)
+        have = (self._store_spec, self._max_memory, self._eviction, *map(self._pool.get, _POOL))
+        if self._parked and any(a is not None and a != h for a, h in zip(asked, have, strict=True)):
+            self._store = self._local = None  # another store: its values go, the hooks run again
+            self._started = False
+        if self._store is not None and asked != (None,) * 5 and not self._parked:
             raise KeymissError("the store is already open; configure it before the first request")
         if store is not None:
             self._store_spec = store
@@ -140,10 +144,9 @@ class Keymiss(KeyCommands):
             self._max_memory = max_memory
         if eviction is not None:
             self._eviction = eviction
-        if store_connections is not None:
-            self._pool["connections"] = store_connections
-        if store_wait is not None:
-            self._pool["connection_wait"] = store_wait
+        for name, value in zip(_POOL, (store_connections, store_wait), strict=True):
+            if value is not None:
+                self._pool[name] = value
         if error_memory is not None:
             self.engine.errors.max_bytes = error_memory
         if error_detail is not None:
@@ -214,9 +217,11 @@ class Keymiss(KeyCommands):
 
     async def start(self) -> None:
         """Open the store, run start hooks and start the expiry sweep (``get`` does this on first use)."""
+        if self.loop is not None and self.loop is not asyncio.get_running_loop():
+            self.sync.hand_over()  # started by a sync call on a thread of its own: this loop takes it
         _ = self.store
-        claimed = self.loop is None
-        if claimed:
+        self._parked = False
+        if claimed := self.loop is None:
             self.loop = asyncio.get_running_loop()
         if not self._started:
             self._started = True
@@ -231,22 +236,14 @@ class Keymiss(KeyCommands):
         if self._sweeper is None and self._sweep_interval > 0:
             self._sweeper = asyncio.get_running_loop().create_task(self._sweep_loop())
 
-    def after_fork(self) -> None:
-        """In a child process forked while this cache ran on a thread's loop: that thread and its
-        loop do not exist here, and nor do the computations in flight in the parent. Forget them
-        (the child starts again on first use) and reopen the store: a memory store is the parent's
-        copy; a Redis store given by URL opens connections of the child's own (the parent's
-        sockets are not shared). An LMDB store, or a store object the app built, cannot be
-        reopened safely in the child: using it is refused with ``StoreError``."""
-        self.loop = None
-        self._sweeper = None  # a task of the parent's loop
-        old = self.engine
-        self.engine = ComputeEngine(
-            self.registry,
-            max_in_flight=old.max_in_flight,
-            concurrency=old.concurrency,
-            error_detail=old.error_detail,
-        )
+    def after_fork(self, refusal: str) -> None:
+        """In a child forked while this cache ran on a thread's loop (gone here, with the parent's
+        computations): start afresh on first use. A memory store is the parent's copy, a Redis URL
+        opens connections of the child's own; LMDB or an app-built store is refused (StoreError
+        with ``refusal``, formatted with the store's URL)."""
+        self.loop, self._sweeper, old = None, None, self.engine  # the sweeper: the parent's task
+        sizes = {"max_in_flight": old.max_in_flight, "concurrency": old.concurrency}
+        self.engine = ComputeEngine(self.registry, error_detail=old.error_detail, **sizes)
         self.engine.errors.max_bytes = old.errors.max_bytes
         for ks in self.registry:
             self.engine.add(ks)
@@ -258,11 +255,20 @@ class Keymiss(KeyCommands):
         self._store = self._local = None
         if isinstance(self._store_spec, Store) or isinstance(store, LocalStore):
             self._closed = True
-            self._fork_refusal = (
-                f"this process was forked after keymiss opened its store ({store.url}), which a "
-                "child cannot share or reopen safely: start keymiss in each child (gunicorn: no "
-                "--preload, or open it in a post_fork hook), or use a memory or Redis store"
-            )
+            self._fork_refusal = refusal.format(store.url)
+
+    async def park(self, grace: float = 10.0) -> None:
+        """Stop running on this loop, for another to start it (a server taking over a cache a sync
+        call started at import): computations get ``grace`` s; a memory store keeps its values
+        (unless the server's settings replace it), another store closes, to open on the next loop."""
+        if not await self.drain(grace):
+            self.writeback.cancel_all()
+        _ = self._sweeper is not None and self._sweeper.cancel()
+        self._sweeper = self.loop = None
+        if self._store is not None and not isinstance(self._store, MemoryStore):
+            await self._store.close()
+            self._store = self._local = None
+        self._parked = True
 
     async def run_start_hooks(self) -> None:
         """Run the start hooks again: a server that restarted without its data needs its

@@ -112,6 +112,13 @@ class Calls:
 _THREADED: weakref.WeakSet[Any] = weakref.WeakSet()
 
 
+_FORKED = (
+    "this process was forked after keymiss opened its store ({}), which a child cannot share or "
+    "reopen safely: start keymiss in each child (gunicorn: no --preload, or open it in a post_fork "
+    "hook), or use a memory or Redis store"
+)
+
+
 def _after_fork_in_child() -> None:
     for km in list(_THREADED):
         if not isinstance(km.extensions.get(EXTENSION), LoopThread):
@@ -122,7 +129,7 @@ def _after_fork_in_child() -> None:
         km.extensions[CALLS] = Calls()
         if calls is not None and calls.closed:
             km.extensions[CALLS].closed = True
-        km.after_fork()
+        km.after_fork(_FORKED)
     _THREADED.clear()
 
 
@@ -155,6 +162,23 @@ def home_loop(km: Any) -> asyncio.AbstractEventLoop:
                 _THREADED.add(km)
             asyncio.run_coroutine_threadsafe(km.start(), runner.loop).result()
         return km.loop  # type: ignore[no-any-return]
+
+
+def hand_over(km: Any, grace: float = 10.0) -> None:
+    """Give a ``Keymiss`` this module started on a ``LoopThread`` (a synchronous call before a
+    server ran: an app warming its cache at import) back to whoever starts it next, on their own
+    loop: its computations finish (up to ``grace`` seconds), its loop thread ends, and the next
+    ``start`` (the server's, the module worker's) makes that loop its home. Synchronous calls from
+    other threads go to that loop from then on. Does nothing for a ``Keymiss`` started otherwise."""
+    runner = km.extensions.get(EXTENSION)
+    if not isinstance(runner, LoopThread) or km.loop is not runner.loop:
+        return
+    with km.extensions.setdefault(STARTING, threading.Lock()):
+        if runner.loop.is_running():
+            asyncio.run_coroutine_threadsafe(km.park(grace), runner.loop).result()
+        km.extensions.pop(EXTENSION, None)
+        _THREADED.discard(km)
+        runner.stop()
 
 
 def _running() -> asyncio.AbstractEventLoop | None:
@@ -323,6 +347,11 @@ class SyncKeymiss:
             self.km.extensions.pop(EXTENSION, None)
             runner.stop()
             calls.close(loop_ended=True)
+
+    def hand_over(self, grace: float = 10.0) -> None:
+        """Give the ``Keymiss`` this face started on a thread of its own to the next loop that
+        starts it (a server's): see ``hand_over``."""
+        hand_over(self.km, grace)
 
     def __enter__(self) -> SyncKeymiss:
         return self.start()

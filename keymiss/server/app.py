@@ -11,6 +11,7 @@ import time
 from typing import Any
 
 from keymiss.config import Settings
+from keymiss.engine import syncface
 from keymiss.engine.cache import Keymiss
 from keymiss.errors import ConfigError
 from keymiss.runtime.exits import EXIT_ABANDONED
@@ -37,6 +38,7 @@ class Server:
         self.km = km
         self.settings = settings
         self.config_file = config_file
+        syncface.hand_over(km, settings.grace_seconds)  # an app that warmed its cache at import
         km.configure(
             store=settings.store,
             max_memory=settings.max_memory,

@@ -13,6 +13,7 @@ import time
 from typing import TYPE_CHECKING, Any
 
 from keymiss.config import Settings
+from keymiss.engine import syncface
 from keymiss.errors import ConfigError, ReplyError
 from keymiss.runtime.exits import EXIT_ABANDONED, EXIT_SERVER_FAILED
 from keymiss.runtime.loop import run_loop
@@ -200,6 +201,7 @@ class ModuleFront:
                 return EXIT_SERVER_FAILED
         else:
             await check_module(url)
+        syncface.hand_over(self.km)  # an app that warmed its cache at import: this loop takes it
         self.km.configure(  # contexts live in that server
             store=url,
             error_detail=s.handler_errors,

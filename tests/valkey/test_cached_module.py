@@ -47,3 +47,28 @@ async def test_a_cached_function_served_by_the_module(server: RedisProcess) -> N
         assert await c.call("GET", key) == b"1:2|3"  # computed again
         assert calls["1:2", "3"] == 2
         assert calls[12] == 1
+
+
+async def test_a_worker_takes_over_a_cache_warmed_at_import(server: RedisProcess) -> None:
+    import asyncio
+
+    km = Keymiss(store=url(server), sweep_interval=0)
+    calls: Counter[int] = Counter()
+
+    @km.cached("inner:{n}", ttl=60)
+    def inner(n: int) -> int:
+        calls[n] += 1
+        return n + 1
+
+    @km.cached("outer:{n}", ttl=60)
+    def outer(n: int) -> int:
+        return int(inner(n)) * 10
+
+    assert await asyncio.to_thread(inner, 0) == 1  # warmed at import, on the sync face's thread
+    async with running(km, url(server)), RespTestClient(server.port) as c:
+        assert km.loop is asyncio.get_running_loop()
+        assert await c.call("GET", "outer:5") == b"60"
+        assert await c.call("GET", "inner:5") == b"6"
+        assert await c.call("GET", "inner:0") == b"1"  # stored by the warming, in the server
+        assert calls == {0: 1, 5: 1}
+    # running() closed the worker and km on this loop: no connection of another loop was left
