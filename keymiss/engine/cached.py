@@ -23,8 +23,10 @@ single-flight, and two calls that build one key are the same call. For that:
   with ``x="1:2"``), widen a ``forget`` pattern, or move its key into another hash slot. A key a
   client sends with an escape written another way (``%3a``, ``%41``) does not fit either;
 - parameters outside the template must have defaults, and a call must leave them at their
-  defaults (a ``TypeError`` otherwise: the cached value would be another call's); ``*args`` and
-  ``**kwargs`` are refused when the function is decorated.
+  defaults: the very object, or a plain value of the default's own type equal to it (``True`` or
+  ``1.0`` for a default ``1`` is another argument: a ``TypeError``, the cached value would be
+  another call's); ``*args`` and ``**kwargs`` are refused when the function is decorated;
+- a key is at most ``MAX_KEY_BYTES`` (the longest a module-mode server routes), on every front end.
 
 An empty string is an empty field (``sq:``): cached keyspaces accept empty fields, where a
 hand-written template refuses them as a typo.
