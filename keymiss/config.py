@@ -40,6 +40,9 @@ class Settings:
     store_connections: int | None = None
     #: seconds a command may queue for one of them before it fails as busy (None: 10, or pool_wait)
     store_wait_seconds: float | None = None
+    #: seconds a command sent to a Redis store waits for its answer before it fails as BUSY (it is
+    #: never sent twice); None: 30, or the store URL's reply_timeout
+    store_timeout_seconds: float | None = None
     max_memory: str | None = None
     eviction: str | None = None
     requirepass: str | None = None
@@ -129,7 +132,13 @@ class Settings:
         for name in ("max_clients", "max_in_flight", "max_args", "qa_batch_size", "store_connections"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ConfigError(f"{_flag(name)} must be at least 1, got {getattr(self, name)}")
-        for name in ("output_stall_seconds", "request_seconds", "busy_restart_seconds", "store_wait_seconds"):
+        for name in (
+            "output_stall_seconds",
+            "request_seconds",
+            "busy_restart_seconds",
+            "store_wait_seconds",
+            "store_timeout_seconds",
+        ):
             value = getattr(self, name)
             if value is None:
                 continue

@@ -121,12 +121,14 @@ class Keymiss(KeyCommands):
         store_connections: int | None = None,
         store_wait: float | None = None,
         error_memory: int | None = None,
+        store_timeout: float | None = None,
     ) -> None:
         """Override settings (what ``--store``/``--max-memory`` do) before the store opens.
         ``store_connections`` and ``store_wait`` size a Redis store's queue for its connections
-        (where its URL does not); ``error_memory`` bounds the bytes remembered errors hold."""
+        (where its URL does not), ``store_timeout`` how long a sent command waits for its answer;
+        ``error_memory`` bounds the bytes remembered errors hold."""
         changing = store is not None or max_memory is not None or eviction is not None
-        changing |= store_connections is not None or store_wait is not None
+        changing |= store_connections is not None or store_wait is not None or store_timeout is not None
         if self._store is not None and changing:
             raise KeymissError("the store is already open; configure it before the first request")
         if store is not None:
@@ -141,6 +143,8 @@ class Keymiss(KeyCommands):
             self._pool["connections"] = store_connections
         if store_wait is not None:
             self._pool["connection_wait"] = store_wait
+        if store_timeout is not None:
+            self._pool["reply_timeout"] = store_timeout
         if error_memory is not None:
             self.engine.errors.max_bytes = error_memory
         if error_detail is not None:
