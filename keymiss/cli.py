@@ -145,7 +145,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="seconds a client may go without taking any of its pending replies (bytes acknowledged "
         "at its socket) before it is disconnected (default 60)",
     )
-    serve.add_argument("--max-bulk", help="largest bulk argument accepted (default 512MB)")
+    serve.add_argument(
+        "--max-bulk",
+        help="largest bulk argument accepted (default 512MB, or --query-buffer where smaller; never "
+        "more than --query-buffer)",
+    )
     serve.add_argument(
         "--request-seconds",
         type=float,

@@ -50,7 +50,9 @@ class Settings:
     admin_password: str | None = None
     unsafe_no_auth: bool = False
     max_clients: int = 10_000
-    max_bulk: int | str = "512MB"  # proto-max-bulk-len
+    #: proto-max-bulk-len; None: 512MB, or --query-buffer where that is smaller (a larger value
+    #: could never be sent: its bytes would pass the query buffer first)
+    max_bulk: int | str | None = None
     max_inline: int | str = "64KB"
     max_args: int = 1024 * 1024
     query_buffer: int | str = "1GB"  # client-query-buffer-limit
@@ -79,6 +81,8 @@ class Settings:
     extra: dict[str, Any] = field(default_factory=dict)
 
     def size(self, name: str) -> int:
+        if name == "max_bulk" and self.max_bulk is None:
+            return min(DEFAULT_MAX_BULK, self.size("query_buffer"))
         return parse_size(getattr(self, name), what=name.replace("_", "-"))
 
     def validate(self) -> None:
@@ -98,6 +102,11 @@ class Settings:
                 raise ConfigError(
                     f"{_flag(name)} must be at least {least // 1024}KB, got {self.size(name)} bytes"
                 )
+        if self.size("max_bulk") > self.size("query_buffer"):
+            raise ConfigError(
+                f"max-bulk ({self.size('max_bulk')} bytes) cannot be over query-buffer "
+                f"({self.size('query_buffer')} bytes): a value that large could never be sent"
+            )
         if self.max_memory is not None and self.size("max_memory") < MIN_MAX_MEMORY:
             raise ConfigError(
                 f"max-memory must be at least 1MB (the server needs that much for itself), got "
@@ -177,6 +186,9 @@ def _flag(name: str) -> str:
     return name.replace("_", "-")
 
 
+#: proto-max-bulk-len's default, as Redis's
+DEFAULT_MAX_BULK = 512 * 1024**2
+
 #: The smallest maxmemory keymiss accepts: the server's own structures take about that much.
 MIN_MAX_MEMORY = 1024**2
 
@@ -232,7 +244,7 @@ def _coerce(name: str, value: Any) -> Any:
             except ValueError:
                 pass
         raise ConfigError(f"{flag} must be a number, got {value!r}")
-    if kind in {"int | str", "str | None"} and name in _SIZES:
+    if kind in {"int | str", "str | None", "int | str | None"} and name in _SIZES:
         if isinstance(value, str) or (isinstance(value, int) and not isinstance(value, bool)):
             return value
         raise ConfigError(f"{flag} must be a size (e.g. 64MB) or a whole number of bytes, got {value!r}")
