@@ -361,6 +361,14 @@ class RedisStore(SharedStore):
             await self.call(self.client.pexpire, tag, px_of(ttl))
         return ok
 
+    async def expire_at_ms(self, key: str, when_ms: int) -> bool:
+        """PEXPIREAT itself, exact for any time Redis takes, on the value and then its records."""
+        ok = bool(await self.call(self.client.pexpireat, key_bytes(key), when_ms))
+        if ok:
+            for tag in (tag_key(key), legacy_key(key)):
+                await self.call(self.client.pexpireat, tag, when_ms)
+        return ok
+
     async def scan(
         self, cursor: int, match: str | None = None, count: int = 10, kind: str | None = None
     ) -> tuple[int, list[str]]:
