@@ -15,7 +15,9 @@ HUGE = 2**63 - 1
 
 
 @pytest.mark.parametrize("kind", ["memory", "lmdb", "redis"])
-def test_pexpireat_at_the_edge_of_a_long_long(tmp_path: Path, kind: str, request: pytest.FixtureRequest) -> None:
+def test_pexpireat_at_the_edge_of_a_long_long(
+    tmp_path: Path, kind: str, request: pytest.FixtureRequest
+) -> None:
     store = {"memory": "memory", "lmdb": f"lmdb:{tmp_path}/db"}.get(kind)
     if store is None:
         port: Any = request.getfixturevalue("redis_standalone").port
