@@ -432,6 +432,11 @@ class Keymiss(KeyCommands):
         shared Redis are covered by fills being stored only if the key is still absent.)"""
         self.writeback.supersede(keys)
 
+    def expiry_set(self, key: str, expires_at: float | None) -> None:
+        """Tell the write-back that a client gave ``key`` an expiry (unix seconds; ``None``: none):
+        a value being computed of it is stored with that expiry, not its keyspace's TTL."""
+        self.writeback.expiry_set(key, expires_at)
+
     async def compute(self, keys: Sequence[str]) -> list[Computed | BaseException | None]:
         """Compute ``keys`` and store nothing (the worker's call): see ``ComputeEngine.compute``."""
         if not self._started and not self._closed:

@@ -254,10 +254,14 @@ def _expire_cmd(c: Client, args: list[bytes], unit_ms: int, absolute: bool, name
         if isinstance(store, LocalStore):  # the time as given (EXPIRETIME reads it back)
             if when > STORE_MAX_MS:  # later than the store holds exactly
                 raise CommandError(f"ERR invalid expire time in '{name}' command")
-            return reply.integer(int(await store.expire_at(key, when / 1000)))
-        if isinstance(store, SharedStore):  # PEXPIREAT itself, on the value and its records
-            return reply.integer(int(await store.expire_at_ms(key, when)))
-        return reply.integer(int(await store.expire(key, (when - now) / 1000)))
+            done = await store.expire_at(key, when / 1000)
+        elif isinstance(store, SharedStore):  # PEXPIREAT itself, on the value and its records
+            done = await store.expire_at_ms(key, when)
+        else:
+            done = await store.expire(key, (when - now) / 1000)
+        if done:  # a value being computed of it keeps this expiry (the ttl-during row)
+            c.km.expiry_set(key, when / 1000)
+        return reply.integer(int(done))
 
     return later()
 

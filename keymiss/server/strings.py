@@ -149,11 +149,13 @@ async def _getex(c: Client, key: str, ttl: float | None, persist: bool, change: 
         current = await c.km.store.get(key)
         if current is not None and current.value == item.value:
             if persist:
-                await c.km.store.expire(key, None)
+                if await c.km.store.expire(key, None):
+                    c.km.expiry_set(key, None)
             elif ttl is not None:
                 if ttl <= 0:
                     c.km.written([key])
-                await c.km.store.expire(key, ttl)
+                if await c.km.store.expire(key, ttl) and ttl > 0:
+                    c.km.expiry_set(key, time.time() + ttl)
     return _item_reply(item, c.proto)
 
 
