@@ -98,15 +98,10 @@ class Settings:
             "error_memory": 64 * 1024,
         }
         for name, least in minimums.items():
-            if self.size(name) < least:
+            if getattr(self, name) is not None and self.size(name) < least:  # max-bulk left out follows
                 raise ConfigError(
                     f"{_flag(name)} must be at least {least // 1024}KB, got {self.size(name)} bytes"
                 )
-        if self.size("max_bulk") > self.size("query_buffer"):
-            raise ConfigError(
-                f"max-bulk ({self.size('max_bulk')} bytes) cannot be over query-buffer "
-                f"({self.size('query_buffer')} bytes): a value that large could never be sent"
-            )
         if self.max_memory is not None and self.size("max_memory") < MIN_MAX_MEMORY:
             raise ConfigError(
                 f"max-memory must be at least 1MB (the server needs that much for itself), got "
@@ -117,6 +112,11 @@ class Settings:
                 raise ConfigError(
                     f"{_flag(name)} must be at most {most // 1024**4}TB, got {self.size(name)} bytes"
                 )
+        if self.size("max_bulk") > self.size("query_buffer"):
+            raise ConfigError(
+                f"max-bulk ({self.size('max_bulk')} bytes) cannot be over query-buffer "
+                f"({self.size('query_buffer')} bytes): a value that large could never be sent"
+            )
         if self.max_clients > MAX_CLIENTS:
             raise ConfigError(f"max-clients must be at most {MAX_CLIENTS}, got {self.max_clients}")
         for name in (
