@@ -88,6 +88,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="how long a command queues for a Redis store connection before it fails as busy (default 10)",
     )
     serve.add_argument(
+        "--store-timeout-seconds",
+        type=float,
+        help="how long a command sent to a Redis store waits for its answer (default 30): then it "
+        "fails as BUSY, and is not sent again (a write in it may or may not have been applied)",
+    )
+    serve.add_argument(
         "--eviction", help=f"memory store eviction policy: {', '.join(POLICY_NAMES)} (default tinylfu)"
     )
     serve.add_argument(
@@ -140,7 +146,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="seconds a client may go without taking any of its pending replies (bytes acknowledged "
         "at its socket) before it is disconnected (default 60)",
     )
-    serve.add_argument("--max-bulk", help="largest bulk argument accepted (default 512MB)")
+    serve.add_argument(
+        "--max-bulk",
+        help="largest bulk argument accepted (default 512MB, or --query-buffer where smaller; never "
+        "more than --query-buffer)",
+    )
     serve.add_argument(
         "--request-seconds",
         type=float,

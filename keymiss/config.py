@@ -40,6 +40,9 @@ class Settings:
     store_connections: int | None = None
     #: seconds a command may queue for one of them before it fails as busy (None: 10, or pool_wait)
     store_wait_seconds: float | None = None
+    #: seconds a command sent to a Redis store waits for its answer before it fails as BUSY (it is
+    #: never sent twice); None: 30, or the store URL's reply_timeout
+    store_timeout_seconds: float | None = None
     max_memory: str | None = None
     eviction: str | None = None
     requirepass: str | None = None
@@ -47,7 +50,9 @@ class Settings:
     admin_password: str | None = None
     unsafe_no_auth: bool = False
     max_clients: int = 10_000
-    max_bulk: int | str = "512MB"  # proto-max-bulk-len
+    #: proto-max-bulk-len; None: 512MB, or --query-buffer where that is smaller (a larger value
+    #: could never be sent: its bytes would pass the query buffer first)
+    max_bulk: int | str | None = None
     max_inline: int | str = "64KB"
     max_args: int = 1024 * 1024
     query_buffer: int | str = "1GB"  # client-query-buffer-limit
@@ -76,6 +81,8 @@ class Settings:
     extra: dict[str, Any] = field(default_factory=dict)
 
     def size(self, name: str) -> int:
+        if name == "max_bulk" and self.max_bulk is None:
+            return min(DEFAULT_MAX_BULK, self.size("query_buffer"))
         return parse_size(getattr(self, name), what=name.replace("_", "-"))
 
     def validate(self) -> None:
@@ -91,7 +98,7 @@ class Settings:
             "error_memory": 64 * 1024,
         }
         for name, least in minimums.items():
-            if self.size(name) < least:
+            if getattr(self, name) is not None and self.size(name) < least:  # max-bulk left out follows
                 raise ConfigError(
                     f"{_flag(name)} must be at least {least // 1024}KB, got {self.size(name)} bytes"
                 )
@@ -105,6 +112,11 @@ class Settings:
                 raise ConfigError(
                     f"{_flag(name)} must be at most {most // 1024**4}TB, got {self.size(name)} bytes"
                 )
+        if self.size("max_bulk") > self.size("query_buffer"):
+            raise ConfigError(
+                f"max-bulk ({self.size('max_bulk')} bytes) cannot be over query-buffer "
+                f"({self.size('query_buffer')} bytes): a value that large could never be sent"
+            )
         if self.max_clients > MAX_CLIENTS:
             raise ConfigError(f"max-clients must be at most {MAX_CLIENTS}, got {self.max_clients}")
         for name in (
@@ -129,7 +141,13 @@ class Settings:
         for name in ("max_clients", "max_in_flight", "max_args", "qa_batch_size", "store_connections"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ConfigError(f"{_flag(name)} must be at least 1, got {getattr(self, name)}")
-        for name in ("output_stall_seconds", "request_seconds", "busy_restart_seconds", "store_wait_seconds"):
+        for name in (
+            "output_stall_seconds",
+            "request_seconds",
+            "busy_restart_seconds",
+            "store_wait_seconds",
+            "store_timeout_seconds",
+        ):
             value = getattr(self, name)
             if value is None:
                 continue
@@ -167,6 +185,9 @@ class Settings:
 def _flag(name: str) -> str:
     return name.replace("_", "-")
 
+
+#: proto-max-bulk-len's default, as Redis's
+DEFAULT_MAX_BULK = 512 * 1024**2
 
 #: The smallest maxmemory keymiss accepts: the server's own structures take about that much.
 MIN_MAX_MEMORY = 1024**2
@@ -223,7 +244,7 @@ def _coerce(name: str, value: Any) -> Any:
             except ValueError:
                 pass
         raise ConfigError(f"{flag} must be a number, got {value!r}")
-    if kind in {"int | str", "str | None"} and name in _SIZES:
+    if kind in {"int | str", "str | None", "int | str | None"} and name in _SIZES:
         if isinstance(value, str) or (isinstance(value, int) and not isinstance(value, bool)):
             return value
         raise ConfigError(f"{flag} must be a size (e.g. 64MB) or a whole number of bytes, got {value!r}")

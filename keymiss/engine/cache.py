@@ -36,7 +36,7 @@ from keymiss.stores import Item, LocalStore, SharedStore, Store, open_store
 from keymiss.stores.eviction import Policy
 from keymiss.stores.memory import MemoryStore
 
-_POOL = ("connections", "connection_wait")  # a Redis store's pool settings (configure)
+_POOL = ("connections", "connection_wait", "reply_timeout")  # a Redis store's pool settings (configure)
 log = logging.getLogger("keymiss")
 
 
@@ -95,8 +95,7 @@ class Keymiss(KeyCommands):
         self._started = False
         self._forked: list[Store] = []  # stores of the parent process, after a fork (kept, not used)
         self._fork_refusal, self._parked = "", False  # see after_fork and park
-        #: services an app attaches to the engine (the QA keyspace keeps its reader here)
-        self.extensions: dict[str, Any] = {}
+        self.extensions: dict[str, Any] = {}  #: an app's services (the QA keyspace's reader)
         #: the event loop this cache runs on: the one that started it (its single-flight, batches
         #: and slots belong to it); ``SyncKeymiss`` and cached functions hand calls to it
         self.loop: asyncio.AbstractEventLoop | None = None
@@ -125,16 +124,17 @@ class Keymiss(KeyCommands):
         store_connections: int | None = None,
         store_wait: float | None = None,
         error_memory: int | None = None,
+        store_timeout: float | None = None,
     ) -> None:
-        """Override settings (what ``--store``/``--max-memory`` do) before the store opens.
-        ``store_connections`` and ``store_wait`` size a Redis store's queue for its connections
-        (where its URL does not); ``error_memory`` bounds the bytes remembered errors hold."""
-        asked = (store, max_memory, eviction, store_connections, store_wait)
+        """Override settings (what ``--store``/``--max-memory`` do) before the store opens: a Redis
+        store's queue for connections (``store_connections``, ``store_wait``) and reply wait
+        (``store_timeout``) where its URL does not say; ``error_memory`` for remembered errors."""
+        asked = (store, max_memory, eviction, store_connections, store_wait, store_timeout)
         have = (self._store_spec, self._max_memory, self._eviction, *map(self._pool.get, _POOL))
         if self._parked and any(a is not None and a != h for a, h in zip(asked, have, strict=True)):
             self._store = self._local = None  # another store: its values go, the hooks run again
             self._started = False
-        if self._store is not None and asked != (None,) * 5 and not self._parked:
+        if self._store is not None and asked != (None,) * 6 and not self._parked:
             raise KeymissError("the store is already open; configure it before the first request")
         if store is not None:
             self._store_spec = store
@@ -144,7 +144,7 @@ class Keymiss(KeyCommands):
             self._max_memory = max_memory
         if eviction is not None:
             self._eviction = eviction
-        for name, value in zip(_POOL, (store_connections, store_wait), strict=True):
+        for name, value in zip(_POOL, (store_connections, store_wait, store_timeout), strict=True):
             if value is not None:
                 self._pool[name] = value
         if error_memory is not None:
@@ -471,11 +471,14 @@ class Keymiss(KeyCommands):
         return await self.writeback.fill(key, ks, hidden)
 
     def written(self, keys: Iterable[str] | None = None) -> None:
-        """Tell the write-back that a client is writing or deleting ``keys`` (all keys: ``None``):
-        a value being computed since before must not be stored afterwards — not over the write,
-        and not once a written value has expired or been deleted. (Writes on other nodes of a
-        shared Redis are covered by fills being stored only if the key is still absent.)"""
+        """Tell the write-back that a client writes or deletes ``keys`` (all: ``None``): a value
+        computed since before is not stored over it (other nodes: fills store only if absent)."""
         self.writeback.supersede(keys)
+
+    def expiry_set(self, key: str, expires_at: float | None) -> None:
+        """Tell the write-back that a client gave ``key`` an expiry (unix seconds; ``None``: none):
+        a value being computed of it is stored with that expiry, not its keyspace's TTL."""
+        self.writeback.expiry_set(key, expires_at)
 
     async def compute(self, keys: Sequence[str]) -> list[Computed | BaseException | None]:
         """Compute ``keys`` and store nothing (the worker's call): see ``ComputeEngine.compute``."""

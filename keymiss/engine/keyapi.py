@@ -5,6 +5,7 @@ cache module holds the read path and the lifecycle itself."""
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from typing import Any, TypeVar
 
@@ -284,13 +285,19 @@ class KeyCommands:
         """Give an existing key a time to live (zero or less deletes it)."""
         if seconds <= 0:
             self.written([key])
-        return await self.store.expire(key, seconds)
+        done = await self.store.expire(key, seconds)
+        if done and seconds > 0:
+            self.writeback.expiry_set(key, time.time() + seconds)
+        return done
 
     async def persist(self, key: str) -> bool:
         """Remove a key's expiry; False if the key does not exist or had none."""
         if await self.store.pttl(key) < 0:
             return False
-        return await self.store.expire(key, None)
+        done = await self.store.expire(key, None)
+        if done:
+            self.writeback.expiry_set(key, None)
+        return done
 
     async def forget(self, pattern: str) -> int:
         """Drop every computed value whose key matches a glob, e.g. after a model upgrade; returns

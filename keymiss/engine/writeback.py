@@ -36,6 +36,9 @@ class WriteBack:
         #: meanwhile: their fill must not store over the client's write
         self._watch: dict[str, int] = {}
         self._superseded: set[str] = set()
+        #: expiries (unix seconds; None: persist) a client gave keys being filled: the value
+        #: computed keeps the client's, not its keyspace's (the read contract's ttl-during row)
+        self._expiries: dict[str, float | None] = {}
         self._pending: list[tuple[Write, asyncio.Future[bool | None]]] = []
         self._writers: set[asyncio.Task[None]] = set()
         #: when a key whose refresh failed may be refreshed again
@@ -52,6 +55,7 @@ class WriteBack:
         else:
             self._watch.pop(key, None)
             self._superseded.discard(key)
+            self._expiries.pop(key, None)
 
     def begin(self, key: str, ks: Keyspace, hidden: Item | None = None) -> asyncio.Future[Item]:
         """Join or start the fill of ``key`` (owned by ``ks``), synchronously: it is watched from
@@ -120,6 +124,12 @@ class WriteBack:
         for key in keys:
             if key in self._watch:
                 self._superseded.add(key)
+
+    def expiry_set(self, key: str, expires_at: float | None) -> None:
+        """A client changed the expiry of ``key`` (unix seconds; ``None``: PERSIST): a fill of it
+        running now stores its value with that expiry, as the client was told the key has."""
+        if key in self._watch:
+            self._expiries[key] = expires_at
 
     def supersede_matching(self, matches: Callable[[str], bool]) -> None:
         """``supersede`` every key being filled that ``matches`` (KEYMISS FORGET of a glob)."""
@@ -221,8 +231,23 @@ class WriteBack:
                 if w.key in self._superseded and not fut.done():
                     fut.set_result(None)
             batch = [(w, fut) for w, fut in batch if not fut.done()]
+        if self._expiries:  # a client's TTL change meanwhile: the value keeps it
+            now = time.time()
+            batch = [
+                (
+                    w
+                    if w.key not in self._expiries
+                    else dataclasses.replace(w, ttl=self._ttl_of(w.key, now)),
+                    fut,
+                )
+                for w, fut in batch
+            ]
         if batch:
             await self._write(batch)
+
+    def _ttl_of(self, key: str, now: float) -> float | None:
+        expires_at = self._expiries[key]
+        return None if expires_at is None else max(expires_at - now, 0.001)
 
     async def _write(self, batch: list[tuple[Write, asyncio.Future[bool | None]]]) -> None:
         try:

@@ -46,6 +46,7 @@ class Server:
             error_detail=settings.handler_errors,
             store_connections=settings.store_connections,
             store_wait=settings.store_wait_seconds,
+            store_timeout=settings.store_timeout_seconds,
             error_memory=settings.size("error_memory"),
         )
         km.max_in_flight = settings.max_in_flight

@@ -144,11 +144,12 @@ class Connection(asyncio.Protocol):
         self.last_active = time.monotonic()
         parser = self.parser
         parser.feed(data)
-        if self._over_query_limit():
-            return
+        # Complete commands are processed as they come, as Redis does, and never count against
+        # --query-buffer: ``_process`` checks it once only an unfinished command is left. While a
+        # command waits (or replies go unread), reading pauses past READ_PAUSE_BYTES instead.
         if not self.waiting:
             self._process()
-            if self._over_query_limit():  # arguments read from an unfinished command count too
+            if self.closed:
                 return
         self._flow()
         # The request timer runs from a request's first byte to its last, whatever the parser
@@ -160,8 +161,9 @@ class Connection(asyncio.Protocol):
             self.partial_since = 0.0
 
     def _over_query_limit(self) -> bool:
-        """Close a client whose query buffer (pending bytes and the arguments of its unfinished
-        command) passed ``--query-buffer``, with an error line; True if it was closed."""
+        """Close a client whose query buffer (the bytes and arguments of its one unfinished
+        command; complete commands were processed before) passed ``--query-buffer``, with an
+        error line; True if it was closed."""
         held = self.parser.held
         if held <= self.query_limit:
             return False
@@ -240,6 +242,7 @@ class Connection(asyncio.Protocol):
         out_bytes = 0
         parser = self.parser
         self._progressed = False
+        starved = False  # stopped for want of bytes: what is left is one unfinished command
         while not self.write_paused and not self.close_after_reply and not self.closed:
             try:
                 args = parser.next()
@@ -249,6 +252,7 @@ class Connection(asyncio.Protocol):
                 self.close_after_reply = True
                 break
             if args is None:
+                starved = True
                 break
             self._progressed = True
             answer = self._dispatch(args)
@@ -270,6 +274,8 @@ class Connection(asyncio.Protocol):
                 out_bytes = 0
         if out and not self.closed:
             self._write(b"".join(out))
+        if starved and self._over_query_limit():  # its arguments read so far count too
+            return
         if self.close_after_reply and self.transport is not None:
             self.transport.close()
 

@@ -21,8 +21,8 @@ from keymiss.server.commands import (
     local_store_of,
     to_int,
 )
-from keymiss.server.strings import LLONG_MAX
-from keymiss.stores.base import LocalStore
+from keymiss.server.strings import LLONG_MAX, STORE_MAX_MS
+from keymiss.stores.base import LocalStore, SharedStore
 
 if TYPE_CHECKING:
     from keymiss.server.client import Client
@@ -252,11 +252,15 @@ def _expire_cmd(c: Client, args: list[bytes], unit_ms: int, absolute: bool, name
             c.km.written([key])
             return reply.integer(int(await store.delete([key]) > 0))
         if isinstance(store, LocalStore):  # the time as given (EXPIRETIME reads it back)
-            return reply.integer(int(await store.expire_at(key, when / 1000)))
-        done = await store.expire(key, (when - now) / 1000)  # the value and its records
-        shared = c.shared
-        if done and shared is not None and absolute:  # then the value's exact time, as given
-            await shared.raw([b"PEXPIREAT", args[1], b"%d" % when])
+            if when > STORE_MAX_MS:  # later than the store holds exactly
+                raise CommandError(f"ERR invalid expire time in '{name}' command")
+            done = await store.expire_at(key, when / 1000)
+        elif isinstance(store, SharedStore):  # PEXPIREAT itself, on the value and its records
+            done = await store.expire_at_ms(key, when)
+        else:
+            done = await store.expire(key, (when - now) / 1000)
+        if done:  # a value being computed of it keeps this expiry (the ttl-during row)
+            c.km.expiry_set(key, when / 1000)
         return reply.integer(int(done))
 
     return later()

@@ -149,23 +149,31 @@ async def _getex(c: Client, key: str, ttl: float | None, persist: bool, change: 
         current = await c.km.store.get(key)
         if current is not None and current.value == item.value:
             if persist:
-                await c.km.store.expire(key, None)
+                if await c.km.store.expire(key, None):
+                    c.km.expiry_set(key, None)
             elif ttl is not None:
                 if ttl <= 0:
                     c.km.written([key])
-                await c.km.store.expire(key, ttl)
+                if await c.km.store.expire(key, ttl) and ttl > 0:
+                    c.km.expiry_set(key, time.time() + ttl)
     return _item_reply(item, c.proto)
 
 
 # --- writes --------------------------------------------------------------------------------------------
 LLONG_MAX = 2**63 - 1
+#: The latest expiry (unix milliseconds, the year 73 000 or so) keymiss's own stores hold exactly:
+#: they keep it as seconds in a double, which rounds the milliseconds of later times. A later one is
+#: refused with Redis's error for an out-of-range time rather than kept as another time.
+STORE_MAX_MS = 2**51
 
 
 def check_expire_range(n: int, unit_ms: int, absolute: bool, cmd: str) -> None:
-    """Redis's overflow rule: the expiry in milliseconds, made absolute, must fit a long long."""
+    """Redis's overflow rule: the expiry in milliseconds, made absolute, must fit a long long;
+    and, for the expiry a store is given as seconds, be one it holds (``STORE_MAX_MS``)."""
     if n > LLONG_MAX // unit_ms or n < -(LLONG_MAX // unit_ms):
         raise CommandError(f"ERR invalid expire time in '{cmd}' command")
-    if not absolute and n * unit_ms > LLONG_MAX - int(time.time() * 1000):
+    when = n * unit_ms + (0 if absolute else int(time.time() * 1000))
+    if when > STORE_MAX_MS:
         raise CommandError(f"ERR invalid expire time in '{cmd}' command")
 
 

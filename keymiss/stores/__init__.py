@@ -53,15 +53,17 @@ def open_store(
     clock: Callable[[], float] | None = None,
     connections: int | None = None,
     connection_wait: float | None = None,
+    reply_timeout: float | None = None,
 ) -> Store:
     """Build a store from its URL; ``max_memory`` and ``eviction`` apply to the memory store,
     ``clock`` (unix seconds, for expiries) to the in-process stores, ``connections`` (commands on
     the wire at once; more queue) and ``connection_wait`` (seconds one may queue) to a Redis store
-    whose URL does not set them (``max_concurrency``, ``pool_wait``).
+    whose URL does not set them (``max_concurrency``, ``pool_wait``), and ``reply_timeout``
+    (seconds a sent command waits for Redis's answer) where it does not set ``reply_timeout``.
 
     Every malformed URL is a ``ConfigError`` with one readable line, never a traceback."""
     try:
-        pool = {"max_concurrency": connections, "pool_wait": connection_wait}
+        pool = {"max_concurrency": connections, "pool_wait": connection_wait, "reply_timeout": reply_timeout}
         local = {} if clock is None else {"clock": clock}
         return _open(url, max_memory, eviction, on_evict, local, {k: v for k, v in pool.items() if v})
     except ConfigError:
@@ -108,10 +110,12 @@ def _open(
     if scheme in {"redis", "rediss", "redis+cluster", "rediss+cluster", "unix"}:
         try:
             from keymiss.stores.redis import RedisStore
+            from keymiss.stores.redisgate import DEFAULT_REPLY_TIMEOUT
         except ImportError as exc:
             raise ConfigError(f"store {url!r} needs redis-py: pip install 'keymiss[redis]' ({exc})") from None
         unknown = set(opts) - {
             "timeout",
+            "reply_timeout",
             "lease_ms",
             "max_concurrency",
             "pool_wait",
@@ -130,6 +134,9 @@ def _open(
         shared = RedisStore(
             base,
             timeout=_number(opts.get("timeout", "2"), "timeout"),
+            reply_timeout=_number(
+                opts.get("reply_timeout", pool.get("reply_timeout", DEFAULT_REPLY_TIMEOUT)), "reply_timeout"
+            ),
             lease_ms=int(_number(opts.get("lease_ms", "30000"), "lease_ms")),
             max_concurrency=int(
                 _number(opts.get("max_concurrency", pool.get("max_concurrency", 32)), "max_concurrency")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import abc
 import contextlib
+import time
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -235,6 +236,11 @@ class SharedStore(Store):
         """Like ``get``, but a key holding another data type raises ``ReplyError`` (WRONGTYPE)
         instead of reading as missing: checked before a miss is computed over it."""
         return await self.get(key)
+
+    async def expire_at_ms(self, key: str, when_ms: int) -> bool:
+        """Give an existing key (and its records) the absolute expiry ``when_ms`` (unix ms, in the
+        future) exactly as given, as PEXPIREAT does; False if there is no key."""
+        return await self.expire(key, (when_ms - time.time() * 1000) / 1000)
 
 
 class LocalStore(Store):

@@ -81,7 +81,7 @@ def pack(
     version: bytes | None = None,
 ) -> bytes:
     flags = (FLAG_LONG_KEY if dbk is not kb else 0) | (FLAG_VERSION if version is not None else 0)
-    exp = 0 if expires_at is None else max(1, int(expires_at * 1000))
+    exp = 0 if expires_at is None else max(1, round(expires_at * 1000))  # the ms given
     crc = zlib.crc32(FIELDS.pack(codec, flags, exp, seq), zlib.crc32(kb))
     if version is not None:
         crc = zlib.crc32(version, crc)

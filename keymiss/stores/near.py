@@ -213,6 +213,11 @@ class NearCacheStore(SharedStore):
         await self._announce([key])
         return ok
 
+    async def expire_at_ms(self, key: str, when_ms: int) -> bool:
+        ok = await self.shared.expire_at_ms(key, when_ms)
+        await self._announce([key])
+        return ok
+
     async def scan(
         self, cursor: int, match: str | None = None, count: int = 10, kind: str | None = None
     ) -> tuple[int, list[str]]:

@@ -5,8 +5,12 @@ any Redis client can read cached answers straight from Redis. keymiss's own keys
 fingerprints) start with ``keymiss:`` and contain the value key's ``{hash tag}``, so a context, its
 answers and their leases share one slot.
 
-Network failures surface as ``StoreError`` quickly (short socket timeouts, one retry with back-off)
-so a request fails cleanly instead of hanging; redis-py reconnects on the next command.
+A Redis that cannot be reached surfaces as ``StoreError`` quickly (a short connect timeout); redis-py
+reconnects on the next command. A command, once sent, is never sent again: a Redis that is slow
+(a long script, a big SORT ahead in its queue) still runs the first copy, so a resent INCR would
+count twice. A reply is waited for up to ``reply_timeout`` seconds, then the command fails as BUSY
+(it may or may not have been applied) and its connection is closed, never reused for another
+command (the late reply would be read as that command's).
 """
 
 from __future__ import annotations
@@ -23,13 +27,19 @@ from urllib.parse import urlsplit, urlunsplit
 import redis.asyncio as aioredis
 from redis.asyncio.cluster import RedisCluster
 from redis.asyncio.retry import Retry
-from redis.backoff import ExponentialBackoff
+from redis.backoff import NoBackoff
 from redis.exceptions import RedisClusterException, RedisError, ResponseError
 
 from keymiss.errors import ConfigError, KeymissError, StoreError
 from keymiss.stores.base import Item, SharedStore, StoreInfo, Write
 from keymiss.stores.leases import Leases
-from keymiss.stores.redisgate import DEFAULT_CONNECTIONS, DEFAULT_WAIT, StoreGate, blocking_client
+from keymiss.stores.redisgate import (
+    DEFAULT_CONNECTIONS,
+    DEFAULT_REPLY_TIMEOUT,
+    DEFAULT_WAIT,
+    StoreGate,
+    blocking_client,
+)
 from keymiss.stores.redisrecord import (
     DEL_IF_SHA,
     DROP_IF,
@@ -83,6 +93,7 @@ class RedisStore(SharedStore):
         url: str,
         *,
         timeout: float = 2.0,
+        reply_timeout: float = DEFAULT_REPLY_TIMEOUT,
         lease_ms: int = 30_000,
         max_concurrency: int = DEFAULT_CONNECTIONS,
         wait: float = DEFAULT_WAIT,
@@ -93,11 +104,14 @@ class RedisStore(SharedStore):
         self.lease_ms = lease_ms
         clean = urlunsplit((scheme.replace("+cluster", ""), parts.netloc, parts.path, "", ""))
         self.url = url if not parts.password else url.replace(parts.password, "***")
-        retry = Retry(ExponentialBackoff(cap=0.5, base=0.05), retries=1)
+        self.reply_timeout = reply_timeout
+        # No retry of a command: one that timed out or lost its connection after it was written
+        # may have run. A pooled connection Redis closed while idle is found (and replaced) by the
+        # pool before a command is written on it.
         common: dict[str, Any] = {
-            "socket_timeout": timeout,
+            "socket_timeout": reply_timeout,
             "socket_connect_timeout": timeout,
-            "retry": retry,
+            "retry": Retry(NoBackoff(), retries=0),
             "decode_responses": False,
         }
         self._common = common
@@ -138,16 +152,16 @@ class RedisStore(SharedStore):
             try:
                 await self._connect()
             except (RedisError, OSError) as exc:
-                raise wrap_error(exc) from exc
+                raise wrap_error(exc, self.reply_timeout) from exc
         try:
             async with self._gate.held():
                 return await fn(*args, **kwargs)
         except ResponseError as exc:
             raise reply_error(exc) from None
         except RedisError as exc:
-            raise wrap_error(exc) from exc
+            raise wrap_error(exc, self.reply_timeout) from exc
         except (OSError, RuntimeError) as exc:  # RuntimeError: a transport closed under a command
-            raise wrap_error(exc) from exc
+            raise wrap_error(exc, self.reply_timeout) from exc
 
     # --- values ---------------------------------------------------------------------------------------
     async def get(self, key: str) -> Item | None:
@@ -292,7 +306,9 @@ class RedisStore(SharedStore):
         failed = [r for r in results if isinstance(r, Exception)]
         if failed:
             first = failed[0]
-            raise reply_error(first) if isinstance(first, ResponseError) else wrap_error(first)
+            if isinstance(first, ResponseError):
+                raise reply_error(first)
+            raise wrap_error(first, self.reply_timeout)
         fix = self.client.pipeline(transaction=False)
         for w, r in zip(writes, results, strict=True):
             if w.nx and r:  # ours now: an earlier release's tag goes, and an old record of a plain one
@@ -314,7 +330,7 @@ class RedisStore(SharedStore):
         replies = await self.call(pipe.execute, raise_on_error=False)
         for r in replies:
             if isinstance(r, Exception):
-                raise reply_error(r) if isinstance(r, ResponseError) else wrap_error(r)
+                raise reply_error(r) if isinstance(r, ResponseError) else wrap_error(r, self.reply_timeout)
 
     async def delete(self, keys: Iterable[str]) -> int:
         keys = list(keys)
@@ -343,6 +359,14 @@ class RedisStore(SharedStore):
         ok = bool(await self.call(self.client.pexpire, key_bytes(key), px_of(ttl)))
         for tag in (tag_key(key), legacy_key(key)):
             await self.call(self.client.pexpire, tag, px_of(ttl))
+        return ok
+
+    async def expire_at_ms(self, key: str, when_ms: int) -> bool:
+        """PEXPIREAT itself, exact for any time Redis takes, on the value and then its records."""
+        ok = bool(await self.call(self.client.pexpireat, key_bytes(key), when_ms))
+        if ok:
+            for tag in (tag_key(key), legacy_key(key)):
+                await self.call(self.client.pexpireat, tag, when_ms)
         return ok
 
     async def scan(
@@ -435,7 +459,7 @@ class RedisStore(SharedStore):
             async with self._gate.held():
                 return await client.execute_command(name, *args[1:])
         except (RedisError, RedisClusterException, OSError, RuntimeError) as exc:
-            raise relay_error(exc) from None
+            raise relay_error(exc, self.reply_timeout) from None
 
     async def transaction(self, commands: Sequence[Sequence[bytes]], proto: int = 2) -> list[Any] | None:
         """MULTI, the commands and EXEC on one connection of the relay (a cluster needs them all in
@@ -447,7 +471,7 @@ class RedisStore(SharedStore):
             async with self._gate.held():
                 replies = await pipe.execute(raise_on_error=False)
         except (RedisError, RedisClusterException, OSError, RuntimeError) as exc:
-            raise relay_error(exc) from None
+            raise relay_error(exc, self.reply_timeout) from None
         return [reply_error(r) if isinstance(r, ResponseError) else r for r in replies]
 
     # --- cluster-wide single-flight ---------------------------------------------------------------------
@@ -461,7 +485,7 @@ class RedisStore(SharedStore):
         try:
             await self._connect()
         except (RedisError, OSError) as exc:
-            raise wrap_error(exc) from exc
+            raise wrap_error(exc, self.reply_timeout) from exc
 
     def subscriber(self) -> Any:
         """A new pub/sub object on a connection that hears every node's PUBLISH (classic PUBLISH

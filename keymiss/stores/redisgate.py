@@ -25,6 +25,8 @@ from keymiss.errors import BusyError
 LISTENERS = 4
 DEFAULT_CONNECTIONS = 32
 DEFAULT_WAIT = 10.0
+#: seconds a sent command waits for Redis's reply: generous, as a busy Redis is slow, not gone
+DEFAULT_REPLY_TIMEOUT = 30.0
 
 
 class StoreGate:

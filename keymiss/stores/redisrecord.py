@@ -12,8 +12,9 @@ from typing import Any
 from redis._parsers import _AsyncRESP2Parser
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import InvalidResponse, RedisClusterException, ResponseError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from keymiss.errors import KeymissError, ReplyError, StoreError
+from keymiss.errors import BusyError, KeymissError, ReplyError, StoreError
 from keymiss.stores.base import NULL_ARRAY, Item, StatusReply, Write
 from keymiss.valkey import protocol
 
@@ -157,19 +158,28 @@ def reply_error(exc: ResponseError) -> ReplyError:
     return ReplyError(text if text.split(" ", 1)[0].isupper() else f"ERR {text}")
 
 
-def relay_error(exc: Exception) -> KeymissError:
+def relay_error(exc: Exception, reply_timeout: float | None = None) -> KeymissError:
     """What a relayed command's failure is to the client: Redis's own error line, a cluster's
-    CROSSSLOT, or the store being unreachable."""
+    CROSSSLOT, Redis being slow, or the store being unreachable."""
     if isinstance(exc, ResponseError):
         return reply_error(exc)
     if isinstance(exc, RedisClusterException):
         if "slot" in str(exc).lower():
             return ReplyError("CROSSSLOT Keys in request don't hash to the same slot")
         return ReplyError(f"ERR {exc}")
-    return wrap_error(exc)
+    return wrap_error(exc, reply_timeout)
 
 
-def wrap_error(exc: Exception) -> StoreError:
+def wrap_error(exc: Exception, reply_timeout: float | None = None) -> KeymissError:
+    """A failure that is not Redis's own error line. A reply that took longer than the store's
+    reply timeout is a slow Redis, not a missing one: BUSY, saying that the command was sent once
+    and not again, so a write in it may or may not have been applied."""
+    if isinstance(exc, RedisTimeoutError) and reply_timeout is not None:
+        return BusyError(
+            f"the redis store did not answer within {reply_timeout:g}s (--store-timeout-seconds, "
+            "or the store URL's reply_timeout); the command was sent once and not repeated: a write "
+            "in it may or may not have been applied"
+        )
     return StoreError(f"redis unavailable: {type(exc).__name__}: {exc}")
 
 

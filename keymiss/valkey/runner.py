@@ -207,6 +207,7 @@ class ModuleFront:
             error_detail=s.handler_errors,
             store_connections=s.store_connections,
             store_wait=s.store_wait_seconds,
+            store_timeout=s.store_timeout_seconds,
             error_memory=s.size("error_memory"),
         )
         self.km.max_in_flight = s.max_in_flight

@@ -386,7 +386,8 @@ def render_config(
         raise ConfigError(f"cannot resolve host {host!r}: {exc}") from None
     if max_memory < MIN_MAX_MEMORY:
         raise ConfigError(f"max-memory must be at least 1MB, got {max_memory} bytes")
-    for flag, size in (("max-bulk", max_bulk), ("query-buffer", query_buffer)):
+    # the query buffer first: a max-bulk left out follows it, so the flag to name is its
+    for flag, size in (("query-buffer", query_buffer), ("max-bulk", max_bulk)):
         if size < SERVER_MIN_LIMIT:
             raise ConfigError(
                 f"{flag} must be at least 1MB with the embedded server (its smallest limit), got {size} bytes"

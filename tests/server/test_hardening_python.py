@@ -270,3 +270,39 @@ def test_an_error_flood_of_64kb_keys_stays_within_the_error_memory(tmp_path: Pat
         r.close()
     finally:
         srv.stop()
+
+
+def test_pipelined_complete_commands_never_count_against_the_query_buffer(tmp_path: Path) -> None:
+    """6000 PINGs in one write (84 000 bytes, each complete) under a 64KB --query-buffer: processed
+    as they are read, as Redis does, not counted as one request over the limit."""
+    srv = start_server(tmp_path, "--query-buffer", "64KB", front="python")
+    try:
+        c = RawClient(srv.port)
+        c.send_raw(b"*1\r\n$4\r\nPING\r\n" * 6000)
+        want = b"+PONG\r\n" * 6000
+        got = b""
+        c.sock.settimeout(5)
+        while len(got) < len(want):
+            chunk = c.sock.recv(65536)
+            assert chunk, f"closed after {len(got)} bytes: {got[-200:]!r}"
+            got += chunk
+        assert got == want
+        # an unfinished command's own bytes still count: a 100KB bulk argument is over 64KB
+        big = RawClient(srv.port)
+        big.send_raw(b"*3\r\n$3\r\nSET\r\n$1\r\nk\r\n$200000\r\n" + b"x" * 100_000)
+        eventually(lambda: _closed(big.sock), timeout=5, message="the client to be closed")
+        assert redis.Redis(port=srv.port, socket_timeout=5).ping()
+    finally:
+        srv.stop()
+
+
+def test_max_bulk_over_the_query_buffer_is_refused_and_its_default_follows_it() -> None:
+    from keymiss.config import Settings
+    from keymiss.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=r"max-bulk \(2097152 bytes\) cannot be over query-buffer"):
+        Settings(max_bulk="2MB", query_buffer="1MB").validate()
+    settings = Settings(query_buffer="1MB")
+    settings.validate()
+    assert settings.size("max_bulk") == 1024**2
+    assert Settings().size("max_bulk") == 512 * 1024**2

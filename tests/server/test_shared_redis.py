@@ -162,7 +162,8 @@ class Load:
 
 @pytest.mark.reliability
 def test_redis_outage_gives_clean_errors_and_service_resumes(tmp_path: Path, redis_standalone: Any) -> None:
-    node = start_server(tmp_path, "--store", f"redis://127.0.0.1:{redis_standalone.port}/0?timeout=0.5")
+    url = f"redis://127.0.0.1:{redis_standalone.port}/0?timeout=0.5&reply_timeout=1"
+    node = start_server(tmp_path, "--store", url)
     r = redis.Redis(port=node.port, socket_timeout=10)
     load = Load(node.port)
     try:
@@ -170,7 +171,8 @@ def test_redis_outage_gives_clean_errors_and_service_resumes(tmp_path: Path, red
         redis_standalone.signal(signal.SIGSTOP)
         try:
             t0 = time.monotonic()
-            with pytest.raises(redis.ResponseError, match="store error: redis unavailable"):
+            # stopped, Redis still accepts connections (its kernel does): it is slow, not gone
+            with pytest.raises(redis.ResponseError, match="did not answer within 1s"):
                 r.get("double:5")
             assert time.monotonic() - t0 < 5
             assert r.ping()  # keymiss itself keeps serving

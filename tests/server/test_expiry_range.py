@@ -1,0 +1,46 @@
+"""Expiry times at the edge of a long long, on the Python server over each store: as Redis 7.0 where
+the store holds the time (a shared Redis: PEXPIREAT itself), else Redis's own out-of-range error."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+import redis
+
+from .conftest import start_server
+
+HUGE = 2**63 - 1
+
+
+@pytest.mark.parametrize("kind", ["memory", "lmdb", "redis"])
+def test_pexpireat_at_the_edge_of_a_long_long(
+    tmp_path: Path, kind: str, request: pytest.FixtureRequest
+) -> None:
+    store = {"memory": "memory", "lmdb": f"lmdb:{tmp_path}/db"}.get(kind)
+    if store is None:
+        port: Any = request.getfixturevalue("redis_standalone").port
+        store = f"redis://127.0.0.1:{port}/0"
+    srv = start_server(tmp_path, "--store", store, front="python")
+    r = redis.Redis(port=srv.port, socket_timeout=5)
+    key = f"edge:{kind}:{tmp_path.name}"
+    try:
+        r.set(key, "v")
+        if kind == "redis":  # Redis holds any time: exactly as Redis answers
+            assert r.execute_command("PEXPIREAT", key, HUGE) == 1
+            assert r.execute_command("PEXPIRETIME", key) == HUGE
+            assert r.get(key) == b"v"
+        else:  # past what the store holds exactly: Redis's error for an out-of-range time
+            with pytest.raises(redis.ResponseError, match=r"^invalid expire time in 'pexpireat' command$"):
+                r.execute_command("PEXPIREAT", key, HUGE)
+            with pytest.raises(redis.ResponseError, match=r"^invalid expire time in 'set' command$"):
+                r.execute_command("SET", key, "v", "PXAT", HUGE)
+            assert r.execute_command("PEXPIRETIME", key) == -1  # unchanged
+        far = 2**50 + 1  # a far time the store holds: read back exactly
+        assert r.execute_command("PEXPIREAT", key, far) == 1
+        assert r.execute_command("PEXPIRETIME", key) == far
+        assert r.ping()
+    finally:
+        r.close()
+        srv.stop()
