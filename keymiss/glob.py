@@ -68,8 +68,32 @@ def compile_glob(pattern: str) -> Callable[[str], bool]:
         return lambda key, p=pattern[:-1]: key.startswith(p)  # type: ignore[misc]
     # Redis matches bytes: "?" is one byte of a UTF-8 key, not one character. Keys and patterns
     # that are not ASCII are matched in a one-character-per-byte view of their bytes.
-    rx = re.compile(glob_to_regex(pattern if pattern.isascii() else _bytes_view(pattern)))
+    rx = re.compile(_linear_regex(pattern if pattern.isascii() else _bytes_view(pattern)))
     return lambda key: rx.match(key if key.isascii() else _bytes_view(key)) is not None
+
+
+def _linear_regex(pattern: str) -> str:
+    """The glob as a regex that never backtracks across a ``*``: ``*a*a*b`` translated as
+    ``.*a.*a.*b`` takes time exponential in its stars on a key of ``a``s. Between two stars the
+    glob is a run of one-character matchers, and the leftmost place that run fits is always a
+    right choice (a later one leaves fewer characters to the rest), so each middle run is an atomic
+    ``(?>.*?run)`` and matching costs at most pattern length x key length."""
+    runs: list[list[str]] = [[]]
+    for piece in _pieces(pattern):
+        if piece == ".*":  # glob_to_regex made each run of stars one
+            runs.append([])
+        else:
+            runs[-1].append(piece)
+    if len(runs) == 1:
+        return "(?s:" + "".join(runs[0]) + r")\Z"
+    head, middle, tail = runs[0], runs[1:-1], runs[-1]
+    out = "".join(head) + "".join("(?>.*?" + "".join(run) + ")" for run in middle)
+    return "(?s:" + out + ".*" + "".join(tail) + r")\Z"
+
+
+def _pieces(pattern: str) -> list[str]:
+    """The glob's regex as pieces: ``.*`` for a star, else one piece per character it matches."""
+    return re.findall(r"\.\*|\[(?:\\.|[^\]\\])*\]|\\.|\.|[^.]", glob_to_regex(pattern)[4:-3], re.S)
 
 
 def _bytes_view(text: str) -> str:
@@ -87,7 +111,7 @@ def glob_prefix(pattern: str) -> str:
 def _tokens(pattern: str) -> list[re.Pattern[str] | None]:
     """The glob as a list of one-character matchers, ``None`` standing for ``*``."""
     out: list[re.Pattern[str] | None] = []
-    for piece in re.findall(r"\.\*|\[(?:\\.|[^\]\\])*\]|\\.|\.|[^.]", glob_to_regex(pattern)[4:-3], re.S):
+    for piece in _pieces(pattern):
         out.append(None if piece == ".*" else re.compile(piece, re.S))
     return out
 

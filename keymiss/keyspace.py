@@ -25,7 +25,7 @@ from keymiss.glob import can_start_with, compile_glob, glob_prefix
 from keymiss.options import DEFAULT_TIMEOUT, KeyspaceOptions, utf8_text
 from keymiss.stats import KeyspaceStats
 from keymiss.stores.base import NO_VERSION
-from keymiss.valkey.protocol import MAX_FIELDS, MAX_GLOB, MAX_TAGS
+from keymiss.valkey.protocol import MAX_FIELDS, MAX_GLOB, MAX_TAGS, TAG_AMBIGUOUS
 
 _HEX = frozenset("0123456789ABCDEFabcdef")
 _FIELD = re.compile(r"<([A-Za-z_][A-Za-z0-9_]*)>")
@@ -233,6 +233,20 @@ class Keyspace:
             )
         if len(names) > MAX_FIELDS:
             raise ConfigError(f"keyspace {self.pattern!r}: a tagged template has at most {MAX_FIELDS} fields")
+        assert self.template is not None
+        kt = self.template
+        # The tag is read back as the key is: a field runs up to the first occurrence of the text
+        # after it. Unless that text starts with the text after the same field in the key (which a
+        # value never holds), one tag would name several keys' values (u<a>-<b>: a=4-2,b=3 and
+        # a=4,b=2-3 both render u4-2-3) and forgetting it would miss some of them.
+        for name, after in zip(tt.names[:-1], tt.literals[1:-1], strict=True):
+            k = kt.names.index(name)
+            in_key = kt.literals[k + 1] if k + 1 < len(kt.names) else None
+            if in_key is None or not after.startswith(in_key):
+                raise ConfigError(
+                    f"keyspace {self.pattern!r}: tag {tag!r}: {TAG_AMBIGUOUS} (<{name}> is followed by "
+                    f"{after!r} in the tag, by {in_key or 'the end of the key'!r} in the key)"
+                )
         return tt
 
     def tag_bindings(self, tag: str) -> list[dict[str, str]]:

@@ -10,7 +10,7 @@ from collections.abc import Awaitable, Callable, Iterable, Sequence
 from typing import Any, TypeVar
 
 from keymiss import codecs
-from keymiss.engine.cached import cached
+from keymiss.engine.cached import MAX_KEY_BYTES, cached
 from keymiss.engine.compute import ComputeEngine
 from keymiss.engine.syncface import SyncKeymiss
 from keymiss.engine.writeback import WriteBack
@@ -20,7 +20,7 @@ from keymiss.keyspace import Keyspace, Registry
 from keymiss.options import KeyspaceOptions
 from keymiss.stores import Item, LocalStore, Store
 from keymiss.stores.base import PINNED_PREFIX
-from keymiss.valkey.protocol import CMD_FORGET, COMPANION_PREFIX, ERR_PREFIX, OPT_TAG
+from keymiss.valkey.protocol import CMD_FORGET, COMPANION_PREFIX, ERR_PREFIX, MAX_GLOB, OPT_TAG
 
 #: the command that forgets, spelled as the module spells it (the Python server answers it too)
 FORGET_COMMAND = CMD_FORGET
@@ -36,6 +36,20 @@ FORGET_NO_KEYSPACE = (
 #: keys one store deletion of a forget removes at most
 FORGET_BATCH = 1000
 FORGET_NO_TAG = ERR_PREFIX.removeprefix("ERR ") + "no keyspace declares that tag"
+#: what a pattern or tag of 0 or over MAX_GLOB bytes is told, on every front end (the module's words)
+FORGET_BAD_LENGTH = ERR_PREFIX.removeprefix("ERR ") + f"a pattern or tag is 1 to {MAX_GLOB} bytes"
+
+
+def _check_length(what: str) -> None:
+    if not what or (len(what) > MAX_GLOB // 4 and len(what.encode("utf-8", "surrogateescape")) > MAX_GLOB):
+        raise KeymissError(FORGET_BAD_LENGTH)
+
+
+def _forgettable(key: str) -> bool:
+    """A key over MAX_KEY_BYTES is no keyspace's on any front end (the module never routes one to a
+    worker), so a forget leaves it as it leaves other keys no keyspace owns."""
+    return len(key) <= MAX_KEY_BYTES // 4 or len(key.encode("utf-8", "surrogateescape")) <= MAX_KEY_BYTES
+
 
 log = logging.getLogger("keymiss")
 
@@ -308,6 +322,7 @@ class KeyCommands:
         which go with their values). Computations of matching keys running now are superseded (their
         callers get the value; it is not stored), and their remembered errors forgotten. The same
         rules as ``KEYMISS.FORGET`` in the module and on the Python server."""
+        _check_length(pattern)
         ks = self.registry.get(pattern)
         if ks is not None:
             return await self._forget([ks.own_glob()], lambda k: self.registry.route(k) is ks)
@@ -331,6 +346,7 @@ class KeyCommands:
         keys whose ``<user>`` is what ``tag`` names; a fixed label: all of its keyspace's keys);
         returns how many. A tag no keyspace declares is refused (``KeymissError``). Keys computed
         after it returns are unaffected."""
+        _check_length(tag)
         found = [(ks, b) for ks in self.registry for b in ks.tag_bindings(tag)]
         if not found:
             raise KeymissError(FORGET_NO_TAG)
@@ -343,7 +359,10 @@ class KeyCommands:
 
         return await self._forget(sorted({ks.tag_glob(b) for ks, b in found}), wants)
 
-    async def _forget(self, globs: Sequence[str], wants: Callable[[str], bool]) -> int:
+    async def _forget(self, globs: Sequence[str], matches: Callable[[str], bool]) -> int:
+        def wants(key: str) -> bool:
+            return _forgettable(key) and matches(key)
+
         self.writeback.supersede_matching(wants)  # values still being computed are not stored
         self.engine.forget_errors_matching(wants)
         store = self.store

@@ -167,6 +167,9 @@ COMPANION_PREFIX = "keymiss:v:{"
 RECORD_SEP = ":"
 #: what every error line of the module starts with
 ERR_PREFIX = "ERR keymiss: "
+#: why a tag is refused whose text after a <field> does not start with the text after it in the key
+#: (a field's value may hold it, so one tag would name several keys' values)
+TAG_AMBIGUOUS = "a tag's <field> must end the tag or be followed by the text that follows it in the key"
 
 # --- INFO keymiss ------------------------------------------------------------------------------------
 INFO_SECTION = "keymiss"

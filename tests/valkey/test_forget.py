@@ -114,9 +114,11 @@ async def test_forget_deletes_only_keys_the_callers_user_may_delete(server: Redi
         assert await resp(port, "ACL", "SETUSER", "narrow", *rules) == "OK"
         async with RespTestClient(port) as c:
             assert await c.call("AUTH", "narrow", "pw") == "OK"
+            # a glob its key patterns do not cover: refused before any key is touched
             refused = await c.call(protocol.CMD_FORGET, "sq:*")
-        assert isinstance(refused, ReplyError) and str(refused).startswith("NOPERM")
-        assert "2 keys forgotten; 1 more kept" in str(refused)
+            assert isinstance(refused, ReplyError) and str(refused).startswith("NOPERM")
+            assert await keys(port, "sq:*") == {"sq:a1", "sq:a2", "sq:b1"}
+            assert await c.call(protocol.CMD_FORGET, "sq:a*") == 2
         assert await keys(port, "sq:*") == {"sq:b1"}
         rules = ["on", ">pw", "~*", "+@all", "-" + protocol.CMD_FORGET]
         assert await resp(port, "ACL", "SETUSER", "noforget", *rules) == "OK"
@@ -125,6 +127,68 @@ async def test_forget_deletes_only_keys_the_callers_user_may_delete(server: Redi
             denied = await c.call(protocol.CMD_FORGET, "sq:*")
         assert isinstance(denied, ReplyError) and str(denied).startswith("NOPERM")
         assert await keys(port, "sq:*") == {"sq:b1"}
+
+
+async def test_a_user_without_key_access_learns_nothing_about_keys(server: RedisProcess) -> None:
+    port = server.port
+    async with running(tag_app([]), url(server)):
+        assert await resp(port, "SET", "sq:secret-alpha", "v") == "OK"
+        rules = ["on", ">pw", "resetkeys", "-@all", "+" + protocol.CMD_FORGET.lower()]
+        assert await resp(port, "ACL", "SETUSER", "nokeys", *rules) == "OK"
+        async with RespTestClient(port) as c:
+            assert await c.call("AUTH", "nokeys", "pw") == "OK"
+            # the same reply whether matching keys exist or not, and no count
+            there = await c.call(protocol.CMD_FORGET, "sq:secret-a*")
+            absent = await c.call(protocol.CMD_FORGET, "sq:secret-z*")
+            by_tag = await c.call(protocol.CMD_FORGET, protocol.OPT_TAG, "user:1")
+        assert isinstance(there, ReplyError) and str(there).startswith("NOPERM")
+        assert str(there) == str(absent) == str(by_tag)
+        assert await resp(port, "EXISTS", "sq:secret-alpha") == 1
+
+
+async def test_forget_keeps_a_computation_its_user_may_not_delete(server: RedisProcess) -> None:
+    gate = Gate()
+    port = server.port
+    async with running(tag_app([], gate), url(server)):
+        # "feed:*" taken as a key name fits ~feed:? (so the forget runs), feed:7:a does not
+        rules = ["on", ">pw", "~feed:?", "+@all"]
+        assert await resp(port, "ACL", "SETUSER", "oddkeys", *rules) == "OK"
+        reader = asyncio.ensure_future(resp(port, "GET", "feed:7:a"))
+        await asyncio.wait_for(gate.started.wait(), 10)
+        async with RespTestClient(port) as c:
+            assert await c.call("AUTH", "oddkeys", "pw") == "OK"
+            refused = await c.call(protocol.CMD_FORGET, "feed:*")
+        assert isinstance(refused, ReplyError) and str(refused).startswith("NOPERM")
+        gate.open()
+        assert await reader == b"7/a"
+        # the other client's computation was not superseded: its value is stored
+        await aeventually(lambda: resp(port, "EXISTS", "feed:7:a"), expect=1, timeout=10)
+
+
+async def test_swapdb_stops_a_forget_with_what_it_forgot(server: RedisProcess) -> None:
+    port = server.port
+    n = 100_000
+    async with running(tag_app([]), url(server)):
+        async with RespTestClient(port, timeout=60) as c, RespTestClient(port, timeout=60) as d:
+            assert await d.call("SELECT", "1") == "OK"
+            assert await d.call("MSET", *[x for i in range(50) for x in (f"sq:other{i}", "db1")]) == "OK"
+            for start in range(0, n, 10_000):
+                pairs = [x for i in range(start, start + 10_000) for x in (f"sq:{i}", "v")]
+                assert await c.call("MSET", *pairs) == "OK"
+            forget = asyncio.ensure_future(c.call(protocol.CMD_FORGET, "sq:*", wait=60))
+            assert await d.call("SELECT", "0") == "OK"
+            for _ in range(100_000):  # until its first steps ran
+                if await d.call("DBSIZE") < n:
+                    break
+            assert await d.call("SWAPDB", "0", "1") == "OK"
+            stopped = await forget
+            kept_in_db0 = await d.call("DBSIZE")
+            assert await d.call("SELECT", "1") == "OK"
+            left_in_db1 = await d.call("DBSIZE")
+        assert isinstance(stopped, ReplyError) and "SWAPDB" in str(stopped), stopped
+        # the swapped-in dataset is untouched; the reply says how much of the other went
+        assert kept_in_db0 == 50
+        assert f"({n - left_in_db1} values were forgotten before)" in str(stopped)
 
 
 @pytest.mark.parametrize("kind", ["valkey"])
@@ -174,6 +238,9 @@ async def test_forget_runs_clean_under_valgrind(tmp_path: Path) -> None:
         w = await raw_worker(port, feed, feed, protocol.register("sq:*", "sq:*"), wait=wait)  # tags replaced
         bad = await w.call(*protocol.register("feed:<user>:<page>", "feed:*"), protocol.OPT_TAG, "x:<nope>")
         assert isinstance(bad, ReplyError) and "does not have" in str(bad)
+        ambiguous = [protocol.OPT_TAG, "u<user>-<page>"]  # <user> may hold "-"
+        bad = await w.call(*protocol.register("feed:<user>:<page>", "feed:*"), *ambiguous)
+        assert isinstance(bad, ReplyError) and protocol.TAG_AMBIGUOUS in str(bad)
         async with RespTestClient(port, timeout=wait) as c:
             pairs = [x for i in range(1500) for x in (f"feed:{i % 3}:{i}", "v", f"sq:{i}", "v")]
             assert await c.call("MSET", *pairs) == "OK"
@@ -185,6 +252,21 @@ async def test_forget_runs_clean_under_valgrind(tmp_path: Path) -> None:
             assert await c.call(*protocol.forget(tag="feeds")) == 0
             assert isinstance(await c.call(*protocol.forget("x*")), ReplyError)
             assert isinstance(await c.call(*protocol.forget(tag="none")), ReplyError)
+            # refused by ACL before the walk, and stopped by SWAPDB during it
+            assert await c.call("ACL", "SETUSER", "nokeys", "on", ">pw", "resetkeys", "+@all") == "OK"
+            async with RespTestClient(port, timeout=wait) as n:
+                assert await n.call("AUTH", "nokeys", "pw") == "OK"
+                assert isinstance(await n.call(*protocol.forget(tag="user:1")), ReplyError)
+            assert await c.call("MSET", *pairs) == "OK"
+            swapped = asyncio.ensure_future(c.call(*protocol.forget("sq:*")))
+            async with RespTestClient(port, timeout=wait) as d:
+                for _ in range(10_000):  # until its first step ran
+                    if await d.call("DBSIZE") < len(pairs) // 2:
+                        break
+                assert await d.call("SWAPDB", "0", "1") == "OK"
+                assert await d.call("SWAPDB", "0", "1") == "OK"
+            stopped = await swapped
+            assert isinstance(stopped, ReplyError) or stopped == 1500, stopped  # unless it ended first
             assert await c.call("MSET", *pairs) == "OK"
         # a caller that leaves mid-way: the command and the connection's end arrive together
         _, writer = await asyncio.open_connection("127.0.0.1", port)

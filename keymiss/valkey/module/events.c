@@ -182,7 +182,10 @@ void km_on_swapdb(RedisModuleCtx *ctx, RedisModuleEvent eid, uint64_t subevent, 
     (void)eid;
     (void)subevent;
     RedisModuleSwapDbInfo *si = data;
-    if (si == NULL || si->dbnum_first == 0 || si->dbnum_second == 0) km_supersede_all();
+    if (si == NULL || si->dbnum_first == 0 || si->dbnum_second == 0) {
+        km_supersede_all();
+        km_forget_abort(KM_ERR_PREFIX "SWAPDB replaced database 0 while FORGET ran; it stopped there");
+    }
 }
 
 void km_on_loading(RedisModuleCtx *ctx, RedisModuleEvent eid, uint64_t subevent, void *data) {

@@ -12,7 +12,12 @@
  *  - a computation of a matching key running when it starts is superseded at once, as DEL does (its
  *    readers get the value; it is not stored), and remembered failures of matching keys are forgotten;
  *  - a key written after it started (a fill, a client's SET) is spared: it is newer than the forget;
- *  - a key its caller's user may not delete (ACL key patterns) is kept and counted in the error.
+ *  - a key its caller's user may not delete (ACL key patterns) is kept, its computation and
+ *    remembered failure too, and the reply is NOPERM. A user whose key patterns do not cover the
+ *    glob itself (or the tag's keys: their template, bound fields filled in) is refused at once,
+ *    before any key is looked at, so the reply never depends on keys it may not touch.
+ *  - a key over KM_MAX_ROUTED_KEY bytes is no keyspace's (never computed), as on every front end.
+ * SWAPDB of database 0 stops it: its reply is an error saying how many it forgot before.
  * Several may run at once, each with its own cursor; a caller that leaves does not stop one. */
 #include "keymiss.h"
 
@@ -52,6 +57,7 @@ static int km_is_own(const char *kp, size_t klen) {
 
 /* Whether the job takes this key. */
 static int km_forget_wants(const KmForget *job, const char *kp, size_t klen) {
+    if (klen > KM_MAX_ROUTED_KEY) return 0;
     if (km_is_own(kp, klen)) {
         return job->own && !km_is_companion(kp, klen) && km_glob_match(job->glob, job->globlen, kp, klen);
     }
@@ -82,12 +88,14 @@ static int km_forget_reply(RedisModuleCtx *ctx, RedisModuleString **argv, int ar
     (void)argv;
     (void)argc;
     KmForgotten *r = KM_GetBlockedClientPrivateData(ctx);
-    if (r->error) return KM_ReplyWithError(ctx, r->error);
+    char line[300];
+    if (r->error) {
+        snprintf(line, sizeof(line), "%s (%lld values were forgotten before)", r->error, r->deleted);
+        return KM_ReplyWithError(ctx, line);
+    }
     if (r->refused > 0) {
-        char line[200];
-        snprintf(line, sizeof(line),
-                 "NOPERM keymiss: %lld keys forgotten; %lld more kept: this user may not delete them", r->deleted,
-                 r->refused);
+        snprintf(line, sizeof(line), "NOPERM keymiss: %lld keys forgotten; others kept: this user may not delete them",
+                 r->deleted);
         return KM_ReplyWithError(ctx, line);
     }
     return KM_ReplyWithLongLong(ctx, r->deleted);
@@ -96,6 +104,17 @@ static int km_forget_reply(RedisModuleCtx *ctx, RedisModuleString **argv, int ar
 static void km_forget_free_reply(RedisModuleCtx *ctx, void *privdata) {
     (void)ctx;
     KM_Free(privdata);
+}
+
+static void km_forget_free(KmForget *job) {
+    for (size_t i = 0; i < job->nbatch; i++) KM_FreeString(NULL, job->batch[i]);
+    KM_Free(job->batch);
+    if (job->cursor) KM_ScanCursorDestroy(job->cursor);
+    if (job->user) KM_FreeString(NULL, job->user);
+    KM_Free(job->glob);
+    km_tag_matches_free(job->matches, job->nmatches);
+    if (job->spared) KM_FreeDict(NULL, job->spared);
+    KM_Free(job);
 }
 
 static void km_forget_end(KmForget *job) {
@@ -107,14 +126,38 @@ static void km_forget_end(KmForget *job) {
     if (job->prev) job->prev->next = job->next;
     else km_forgets = job->next;
     if (job->next) job->next->prev = job->prev;
-    for (size_t i = 0; i < job->nbatch; i++) KM_FreeString(NULL, job->batch[i]);
-    KM_Free(job->batch);
-    KM_ScanCursorDestroy(job->cursor);
-    if (job->user) KM_FreeString(NULL, job->user);
-    KM_Free(job->glob);
-    km_tag_matches_free(job->matches, job->nmatches);
-    KM_FreeDict(NULL, job->spared);
-    KM_Free(job);
+    km_forget_free(job);
+}
+
+/* Database 0 was swapped with another: the rest of the walk would take keys of the other dataset
+ * (and its cursor means nothing there), so each job stops at its next step with `why`. */
+void km_forget_abort(const char *why) {
+    for (KmForget *job = km_forgets; job; job = job->next)
+        if (job->error == NULL) job->error = why;
+}
+
+/* Whether the user may delete `key` (every user may where the server has no ACL calls). */
+static int km_forget_may(RedisModuleUser *user, const char *kp, size_t klen) {
+    if (user == NULL) return 1;
+    RedisModuleString *s = KM_CreateString(NULL, kp, klen);
+    int ok = KM_ACLCheckKeyPermissions(user, s, (int)RM_CMD_KEY_DELETE) == RM_OK;
+    KM_FreeString(NULL, s);
+    return ok;
+}
+
+/* Whether the user's key patterns cover what the job names, taken as a key name: the glob, or each
+ * tag match's scope. A user who may not is refused before any key is looked at. */
+static int km_forget_covered(const KmForget *job, RedisModuleUser *user) {
+    if (user == NULL) return 1;
+    if (job->glob != NULL) return km_forget_may(user, job->glob, job->globlen);
+    for (int i = 0; i < job->nmatches; i++) {
+        size_t len = 0;
+        char *scope = km_tag_match_scope(&job->matches[i], &len);
+        int ok = scope == NULL || km_forget_may(user, scope, len);
+        KM_Free(scope);
+        if (!ok) return 0;
+    }
+    return 1;
 }
 
 /* One key: UNLINKed with its companion unless it was written since the job began or its caller
@@ -147,7 +190,8 @@ static void km_forget_one(RedisModuleCtx *ctx, KmForget *job, RedisModuleUser *u
 static void km_forget_step(RedisModuleCtx *ctx, void *data) {
     KmForget *job = data;
     RedisModuleUser *user = NULL;
-    if (KM_GetContextFlags(ctx) & RM_CTX_FLAGS_SLAVE) job->error = KM_ERR_PREFIX "the server became a replica";
+    if (job->error) { /* stopped by an event since its last step */
+    } else if (KM_GetContextFlags(ctx) & RM_CTX_FLAGS_SLAVE) job->error = KM_ERR_PREFIX "the server became a replica";
     else if (KM_SelectDb(ctx, 0) != RM_OK) job->error = KM_ERR_PREFIX "database 0 cannot be selected";
     else if (job->user && (user = KM_GetModuleUserFromUserName(job->user)) == NULL)
         job->error = KM_ERR_PREFIX "the user that asked was deleted";
@@ -175,20 +219,26 @@ void km_forget_spare(RedisModuleString *key) {
     for (KmForget *job = km_forgets; job; job = job->next) KM_DictSetC(job->spared, (void *)kp, klen, NULL);
 }
 
-/* At the start: computations of the job's keys are superseded, their remembered failures forgotten. */
-static void km_forget_pending(KmForget *job) {
+/* At the start: computations of the job's keys that its user may delete are superseded, their
+ * remembered failures forgotten (another user's fill of a key this one may not delete is kept). */
+static void km_forget_pending(KmForget *job, RedisModuleUser *user) {
     size_t n;
     KmPicked *all = km_dict_pick(km.pending, NULL, NULL, 0, &n);
     for (size_t i = 0; i < n; i++) {
         KmEntry *e = all[i].val;
         size_t klen;
         const char *kp = KM_StringPtrLen(e->key, &klen);
-        if (km_forget_wants(job, kp, klen)) km_entry_supersede(e);
+        if (!km_forget_wants(job, kp, klen)) continue;
+        if (user != NULL && KM_ACLCheckKeyPermissions(user, e->key, (int)RM_CMD_KEY_DELETE) != RM_OK) job->refused++;
+        else km_entry_supersede(e);
     }
     km_picked_free(all, n);
     KmPicked *errs = km_dict_pick(km.errors, NULL, NULL, 1, &n);
-    for (size_t i = 0; i < n; i++)
-        if (km_forget_wants(job, errs[i].key, errs[i].len)) km_error_forget(errs[i].key, errs[i].len);
+    for (size_t i = 0; i < n; i++) {
+        if (!km_forget_wants(job, errs[i].key, errs[i].len)) continue;
+        if (km_forget_may(user, errs[i].key, errs[i].len)) km_error_forget(errs[i].key, errs[i].len);
+        else job->refused++;
+    }
     km_picked_free(errs, n);
 }
 
@@ -240,11 +290,21 @@ int km_cmd_forget(RedisModuleCtx *ctx, RedisModuleString **argv, int argc) {
             job->globlen = len;
         }
     }
-    if (KM_GetCurrentUserName && KM_GetModuleUserFromUserName && KM_FreeModuleUser && KM_ACLCheckKeyPermissions)
-        job->user = KM_GetCurrentUserName(ctx);
+    RedisModuleUser *user = NULL;
+    if (KM_GetCurrentUserName && KM_GetModuleUserFromUserName && KM_FreeModuleUser && KM_ACLCheckKeyPermissions) {
+        job->user = KM_GetCurrentUserName(ctx); /* NULL: no user to check (as for the steps) */
+        if (job->user != NULL && ((user = KM_GetModuleUserFromUserName(job->user)) == NULL ||
+                                  !km_forget_covered(job, user))) {
+            if (user) KM_FreeModuleUser(user);
+            km_forget_free(job);
+            return KM_ReplyWithError(ctx, "NOPERM keymiss: this user may not delete every key that pattern or tag "
+                                          "can name (its ACL key patterns must cover it)");
+        }
+    }
     job->cursor = KM_ScanCursorCreate();
     job->spared = KM_CreateDict(NULL);
-    km_forget_pending(job);
+    km_forget_pending(job, user);
+    if (user) KM_FreeModuleUser(user);
     job->next = km_forgets;
     if (km_forgets) km_forgets->prev = job;
     km_forgets = job;

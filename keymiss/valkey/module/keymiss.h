@@ -294,9 +294,11 @@ void km_tags_free(char **tags, size_t *lens, int n);
 KmTagMatch *km_tag_matches(const char *tag, size_t len, int *n);
 int km_tag_match_key(const KmTagMatch *m, int ksi, const char *kp, size_t klen);
 void km_tag_matches_free(KmTagMatch *m, int n);
+char *km_tag_match_scope(const KmTagMatch *m, size_t *len);
 
 int km_cmd_forget(RedisModuleCtx *ctx, RedisModuleString **argv, int argc);
 void km_forget_spare(RedisModuleString *key);
+void km_forget_abort(const char *why);
 
 /* ---------------------------------------------------------------------------------------------- */
 /* entries.c                                                                                      */

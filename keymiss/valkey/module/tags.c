@@ -75,6 +75,17 @@ void km_tags_free(char **tags, size_t *lens, int n) {
     KM_Free(lens);
 }
 
+/* Whether the tag's text after its field f starts with the text after that field in the key. A tag
+ * is read back as a key is (a field runs up to the first occurrence of the text after it), and a
+ * value never holds the key's text after it: otherwise one tag names several keys' values (u<a>-<b>
+ * on k:<a>:<b>: a=4-2,b=3 and a=4,b=2-3 both render u4-2-3) and FORGET TAG would miss some. */
+static int km_tag_follows_key(const KmTemplate *kt, const KmTemplate *tt, int f) {
+    int k = km_field_index(kt, &tt->name[f]);
+    if (k < 0 || k + 1 >= kt->nfields) return 0; /* the key's last field may hold anything */
+    const KmSpan *in_tag = &tt->lit[f + 1], *in_key = &kt->lit[k + 1];
+    return in_tag->len >= in_key->len && memcmp(in_tag->p, in_key->p, in_key->len) == 0;
+}
+
 /* REGISTER's TAG options (argv[first..] in option/value pairs) of the keyspace `pattern`: copies
  * in *tags, NULL; or the error line (nothing kept). A tag's fields must be the template's, with
  * literal text between any two of them. */
@@ -101,6 +112,8 @@ const char *km_tags_parse(RedisModuleString **argv, int first, int argc, const c
                     err = KM_ERR_PREFIX "a tag names a <field> its keyspace's template does not have";
                 else if (f > 0 && tt.lit[f].len == 0)
                     err = KM_ERR_PREFIX "a tag's <field>s need literal text between them";
+                else if (f + 1 < tt.nfields && !km_tag_follows_key(&kt, &tt, f))
+                    err = KM_ERR_PREFIX KM_TAG_AMBIGUOUS;
             }
         }
         if (err != NULL) {
@@ -174,3 +187,39 @@ void km_tag_matches_free(KmTagMatch *m, int n) {
     }
     KM_Free(m);
 }
+
+/* A name covering every key m takes, for an ACL check of the caller's key patterns (KM_Alloc'd, or
+ * NULL when its keyspace is gone): the keyspace's glob when no field is bound, else its template
+ * with each bound field's value and a `*` for each other field. */
+char *km_tag_match_scope(const KmTagMatch *m, size_t *len) {
+    int ksi = km_keyspace_find(m->pattern, m->patlen);
+    if (ksi < 0) return NULL;
+    const KmKeyspace *ks = km.keyspaces[ksi];
+    if (m->nbound == 0 || ks->glob == NULL) {
+        *len = ks->glob ? ks->globlen : m->patlen;
+        return km_dup_bytes(ks->glob ? ks->glob : m->pattern, *len);
+    }
+    KmTemplate kt;
+    km_template_split(m->pattern, m->patlen, &kt);
+    size_t cap = m->patlen + (size_t)kt.nfields + 1, n = 0;
+    for (int f = 0; f < m->nbound; f++) cap += m->vlen[f];
+    char *out = KM_Alloc(cap);
+    for (int i = 0; i <= kt.nfields; i++) {
+        memcpy(out + n, kt.lit[i].p, kt.lit[i].len);
+        n += kt.lit[i].len;
+        if (i == kt.nfields) break;
+        int bound = -1;
+        for (int f = 0; f < m->nbound; f++)
+            if (m->field[f] == i) bound = f;
+        if (bound < 0) {
+            out[n++] = '*';
+        } else {
+            memcpy(out + n, m->value[bound], m->vlen[bound]);
+            n += m->vlen[bound];
+        }
+    }
+    out[n] = '\0';
+    *len = n;
+    return out;
+}
+
