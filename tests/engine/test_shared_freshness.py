@@ -107,6 +107,9 @@ async def test_early_refresh_on_a_shared_store_keeps_readers_from_waiting(url: s
             await km.get("ed:3")
             slowest = max(slowest, time.monotonic() - t0)
             await asyncio.sleep(0.005)
-        assert slowest < 0.08, slowest
+        # no read waited on a computation: all but the first were hits (not a wall-clock bound,
+        # which a loaded machine breaks; a read that waited is counted as a miss)
+        assert km.stats()["keyspaces"]["ed:*"]["misses"] == 1, km.stats()["keyspaces"]["ed:*"]
+        assert slowest < 1.0, slowest
         assert 3 <= len(calls) <= 2 * (4 / 0.6) + 2, calls
         assert km.stats()["keyspaces"]["ed:*"]["early_refreshes"] >= 2

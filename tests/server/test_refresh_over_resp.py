@@ -26,9 +26,12 @@ def test_early_refresh_over_resp_keeps_readers_from_waiting(tmp_path: Path, fron
             seen.add(r.get("fresh:1"))
             slowest = max(slowest, time.monotonic() - t0)
             time.sleep(0.003)  # a reader's pace, on the real clock XFetch works by
-        assert slowest < 0.08, slowest  # a wait on the 0.1 s computation would show
-        assert len(seen) >= 3  # refreshed values were served
         ks = keyspace_info(r, "fresh:*")
+        # no reader waited on a computation: every read after the first was a hit (a wall-clock
+        # bound would flake on a loaded machine; a reader that waited is counted as a miss)
+        assert int(ks["misses"]) == 1, ks
+        assert slowest < 1.0, slowest
+        assert len(seen) >= 3  # refreshed values were served
         assert int(ks["computations"]) <= 2 * (4.0 / 0.6) + 2, ks
     finally:
         r.close()

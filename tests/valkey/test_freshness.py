@@ -161,7 +161,13 @@ async def test_xfetch_keeps_a_hot_key_fresh_with_no_reader_waiting(server: Redis
             assert await resp(server.port, "GET", "hot:1") is not None
             slowest = max(slowest, time.monotonic() - t0)
             await asyncio.sleep(0.005)  # a steady reader, not a flood
-        assert slowest < 0.25, slowest  # no reader ever waited on the 0.3 s computation
+        # no reader ever waited on the computation: every read after the first was a hit (a
+        # wall-clock bound flakes on a loaded machine; a read that waited is counted as a miss)
+        info = (await resp(server.port, "INFO", "keymiss")).decode()
+        line = next(x for x in info.splitlines() if "pattern=hot:*" in x)
+        fields = dict(kv.split("=", 1) for kv in line.partition(":")[2].split(","))
+        assert fields["misses"] == "1", line
+        assert slowest < 2.0, slowest
         periods = 8 / 2.0
         assert 2 <= len(calls) - 1 <= 2 * periods + 1, calls
         info = await keyspace_info(server.port, "hot:*")
