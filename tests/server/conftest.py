@@ -112,7 +112,8 @@ def start_server(
         return m
 
     try:
-        m = eventually(listening, timeout=20, interval=0.02, message="keymiss serve to start")
+        # a QA server loads its reader first: under a parallel run on two cores that can take 30 s
+        m = eventually(listening, timeout=90, interval=0.02, message="keymiss serve to start")
     except AssertionError:
         proc.kill()
         raise RuntimeError(f"keymiss serve did not start:\n{log_path.read_text()}") from None
