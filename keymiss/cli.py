@@ -116,7 +116,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--max-clients",
         type=int,
         help="client connections admitted at once (default 10000); the next one is told 'max number "
-        "of clients reached' and closed. keymiss's own connections to its embedded server (workers, "
+        "of clients reached' and closed (on Redis 7.0, --redis-server, closed as it connects, "
+        "untold; none of its commands runs). keymiss's own connections to its embedded server (workers, "
         "health checks: up to 48, over its private unix socket) are apart and never take a client's place",
     )
     serve.add_argument(
