@@ -6,6 +6,7 @@ same unit."""
 from __future__ import annotations
 
 import bisect
+import urllib.parse
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -54,6 +55,35 @@ SHARED_KEYSPACE_FIELDS = (
     "p50_compute_seconds",
     "p99_compute_seconds",
 )
+
+
+def info_name(text: str) -> str:
+    """A name (a keyspace's pattern, a version's label) as a value inside an INFO ``k=v,k=v`` line:
+    ``%``, ``,``, ``=``, space, and every control character below it or DEL, percent-encoded
+    (``a,b=c`` is ``a%2Cb%3Dc``), the rest as it is. Both front ends write it so (the module in C,
+    ``info.c``), and :func:`from_info_name` gives the name back exactly."""
+    return "".join(f"%{ord(c):02X}" if c in "%,=" or ord(c) <= 0x20 or ord(c) == 0x7F else c for c in text)
+
+
+def from_info_name(text: str) -> str:
+    """The name :func:`info_name` encoded."""
+    return urllib.parse.unquote(text, errors="surrogateescape")
+
+
+def printable(text: str) -> str:
+    """``text`` safe for a terminal or a log line: control characters (C0, DEL, C1) and lone
+    surrogates written as ``\\xNN`` / ``\\uNNNN``, so a name cannot move the cursor, restyle the
+    screen or hide itself; everything else as it is."""
+    out = []
+    for c in text:
+        o = ord(c)
+        if o < 0x20 or 0x7F <= o < 0xA0:
+            out.append(f"\\x{o:02x}")
+        elif 0xD800 <= o < 0xE000:
+            out.append(f"\\u{o:04x}")
+        else:
+            out.append(c)
+    return "".join(out)
 
 
 def histogram_quantile(q: float, counts: list[int], bounds: tuple[float, ...] = COMPUTE_BUCKETS) -> float:

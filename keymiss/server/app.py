@@ -20,6 +20,7 @@ from keymiss.runtime.net import is_loopback
 from keymiss.server.client import Watches
 from keymiss.server.connection import Connection
 from keymiss.server.passthrough import Relay
+from keymiss.stats import printable
 
 log = logging.getLogger("keymiss.server")
 
@@ -111,7 +112,7 @@ class Server:
             self.settings.host,
             self.port,
             self.km.store.url,
-            ", ".join(ks.pattern for ks in self.km.registry),
+            ", ".join(printable(ks.pattern) for ks in self.km.registry),
             "on" if self.settings.requirepass else "off",
             self.loop_name,
         )

@@ -18,6 +18,7 @@ from keymiss.errors import ConfigError, ReplyError
 from keymiss.runtime.exits import EXIT_ABANDONED, EXIT_SERVER_FAILED
 from keymiss.runtime.loop import run_loop
 from keymiss.runtime.net import is_loopback, redact_url
+from keymiss.stats import printable
 from keymiss.valkey import protocol
 from keymiss.valkey.embedded import READY_WATCH, EmbeddedServer, ServerFailed
 from keymiss.valkey.respclient import RespClient
@@ -380,13 +381,17 @@ class ModuleFront:
                 s.host,
                 self.server.port,
                 self.binary,
-                ", ".join(ks.pattern for ks in self.km.registry),
+                ", ".join(printable(ks.pattern) for ks in self.km.registry),
                 "on" if s.requirepass else "off",
                 self.server.max_memory,
                 f"RDB in {self.server.data_dir}" if self.server.data_dir else "off (no --data-dir)",
             )
         else:
-            log.info("keymiss %s, keyspaces=[%s]", self.why, ", ".join(ks.pattern for ks in self.km.registry))
+            log.info(
+                "keymiss %s, keyspaces=[%s]",
+                self.why,
+                ", ".join(printable(ks.pattern) for ks in self.km.registry),
+            )
 
     def _failure(self, tasks: dict[str, asyncio.Task[Any]]) -> int:
         if self._open_failed:

@@ -84,12 +84,23 @@ static double km_compute_quantile(const KmKeyspace *ks, double q) {
     return km_compute_bounds[KM_COMPUTE_BUCKETS - 1];
 }
 
-/* A name as an INFO value can carry it: no separators, spaces or control bytes. */
+/* A name as an INFO value can carry it, as the Python server writes it (keymiss.stats.info_name):
+ * '%', ',', '=', space, the control bytes below it and DEL percent-encoded (%2C), the rest as it is
+ * (UTF-8 passes); cut where the next whole character would not fit. */
 static void km_info_name(char *out, size_t size, const char *name) {
+    static const char hex[] = "0123456789ABCDEF";
     size_t n = 0;
-    for (; *name && n + 1 < size; name++) {
+    for (; *name; name++) {
         unsigned char c = (unsigned char)*name;
-        out[n++] = (c == ',' || c == '=' || c <= ' ' || c >= 127) ? '_' : (char)c;
+        int encode = c == '%' || c == ',' || c == '=' || c <= ' ' || c == 127;
+        if (n + (encode ? 3 : 1) >= size) break;
+        if (encode) {
+            out[n++] = '%';
+            out[n++] = hex[c >> 4];
+            out[n++] = hex[c & 15];
+        } else {
+            out[n++] = (char)c;
+        }
     }
     out[n] = '\0';
 }
