@@ -20,7 +20,6 @@ from keymiss.runtime.net import is_loopback
 from keymiss.server.client import Watches
 from keymiss.server.connection import Connection
 from keymiss.server.passthrough import Relay
-from keymiss.stats import printable
 
 log = logging.getLogger("keymiss.server")
 
@@ -112,7 +111,7 @@ class Server:
             self.settings.host,
             self.port,
             self.km.store.url,
-            ", ".join(printable(ks.pattern) for ks in self.km.registry),
+            self.km.registry.shown(),
             "on" if self.settings.requirepass else "off",
             self.loop_name,
         )

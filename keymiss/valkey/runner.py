@@ -18,7 +18,6 @@ from keymiss.errors import ConfigError, ReplyError
 from keymiss.runtime.exits import EXIT_ABANDONED, EXIT_SERVER_FAILED
 from keymiss.runtime.loop import run_loop
 from keymiss.runtime.net import is_loopback, redact_url
-from keymiss.stats import printable
 from keymiss.valkey import protocol
 from keymiss.valkey.embedded import READY_WATCH, EmbeddedServer, ServerFailed
 from keymiss.valkey.respclient import RespClient
@@ -381,7 +380,7 @@ class ModuleFront:
                 s.host,
                 self.server.port,
                 self.binary,
-                ", ".join(printable(ks.pattern) for ks in self.km.registry),
+                self.km.registry.shown(),
                 "on" if s.requirepass else "off",
                 self.server.max_memory,
                 f"RDB in {self.server.data_dir}" if self.server.data_dir else "off (no --data-dir)",
@@ -390,7 +389,7 @@ class ModuleFront:
             log.info(
                 "keymiss %s, keyspaces=[%s]",
                 self.why,
-                ", ".join(printable(ks.pattern) for ks in self.km.registry),
+                self.km.registry.shown(),
             )
 
     def _failure(self, tasks: dict[str, asyncio.Task[Any]]) -> int:

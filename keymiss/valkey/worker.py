@@ -29,7 +29,6 @@ from keymiss.engine.compute import Computed
 from keymiss.errors import ConfigError, KeymissError, ReplyError
 from keymiss.options import DEFAULT_TIMEOUT
 from keymiss.runtime.net import redact_url
-from keymiss.stats import printable
 from keymiss.valkey import protocol
 from keymiss.valkey.answers import (
     AUTH_REFUSALS,
@@ -361,11 +360,7 @@ class Worker:
             await self.answers.client(url)
             await self.answers.learn(url, take)
             self.stats.nodes.add(url)
-            log.info(
-                "worker serving %s: %s",
-                redact_url(url),
-                ", ".join(printable(ks.pattern) for ks in self.km.registry),
-            )
+            log.info("worker serving %s: %s", redact_url(url), self.km.registry.shown())
             lease = self.lease_ms()
             while not self._stopping.is_set():
                 count, limits = self._plan()
