@@ -116,7 +116,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--max-clients",
         type=int,
         help="client connections admitted at once (default 10000); the next one is told 'max number "
-        "of clients reached' and closed. keymiss's own connections to its embedded server (workers, "
+        "of clients reached' and closed (on Redis 7.0, --redis-server, closed as it connects, "
+        "untold; none of its commands runs). keymiss's own connections to its embedded server (workers, "
         "health checks: up to 48, over its private unix socket) are apart and never take a client's place",
     )
     serve.add_argument(
@@ -183,7 +184,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument(
         "--demo",
         action="store_true",
-        help="ingest the built-in demo corpus even into a store of yours (lmdb:, redis://, --redis); "
+        help="ingest the built-in demo corpus even into a store of yours (lmdb:, redis://, --redis, "
+        "or the one your app declares); "
         "without it only keymiss's own memory store or embedded server gets it",
     )
 
@@ -310,12 +312,13 @@ def _ingest(args: argparse.Namespace) -> int:
     return 0
 
 
-def _demo_wanted(asked: bool, settings: Any) -> bool:
+def _demo_wanted(asked: bool, settings: Any, km: Any = None) -> bool:
     """Whether the demo corpus goes into the store: asked for (``--demo``), or the store is
     keymiss's own (the in-process memory store, or the embedded server it starts). A store that is
-    the user's (``--store lmdb:…``, ``redis://…``, ``--redis``) gets only what they ingest."""
-    store = settings.store or "memory"
-    return asked or (settings.redis is None and store.startswith("memory"))
+    the user's (``--store lmdb:…``, ``redis://…``, ``--redis``, or the one the app itself declares,
+    ``Keymiss(store="lmdb:…")``, a Store object included) gets only what they ingest."""
+    store = settings.store if settings.store is not None else (km.store_spec if km is not None else "memory")
+    return asked or (settings.redis is None and isinstance(store, str) and store.startswith("memory"))
 
 
 def _with_qa(km: Any, settings: Any, demo: bool | None = None) -> Any:
@@ -357,7 +360,7 @@ def _serve(args: argparse.Namespace) -> int:
         settings = load_settings(args.config, overrides)
         km = load_app(settings.app) if settings.app else None
         if km is None or settings.model:
-            km = _with_qa(km, settings, _demo_wanted(args.demo, settings))
+            km = _with_qa(km, settings, _demo_wanted(args.demo, settings, km))
         return serve(km, settings, config_file=args.config)
     except ConfigError as exc:
         print(f"keymiss: {exc}", file=sys.stderr)

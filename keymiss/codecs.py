@@ -152,8 +152,9 @@ def _encode_array(arr: Any) -> bytes:
     arr = np.asarray(arr)
     if arr.dtype.hasobject:
         raise CodecError("numpy arrays of Python objects cannot be stored (they would need pickle)")
+    shape = list(arr.shape)  # before ascontiguousarray, which makes a 0-d array 1-d: a scalar is []
     arr = np.ascontiguousarray(arr)
-    header = json.dumps({"dtype": arr.dtype.str, "shape": list(arr.shape)}, separators=(",", ":")).encode()
+    header = json.dumps({"dtype": arr.dtype.str, "shape": shape}, separators=(",", ":")).encode()
     body: bytes = arr.tobytes()
     return NUMPY_MAGIC + _HLEN.pack(len(header)) + header + body
 

@@ -23,7 +23,7 @@ from keymiss.codecs import Codec, codec_from_name
 from keymiss.errors import ConfigError, KeyMismatchError
 from keymiss.glob import can_start_with, compile_glob, glob_prefix
 from keymiss.options import DEFAULT_TIMEOUT, KeyspaceOptions, utf8_text
-from keymiss.stats import KeyspaceStats
+from keymiss.stats import KeyspaceStats, printable
 from keymiss.stores.base import NO_VERSION
 from keymiss.valkey.protocol import MAX_FIELDS, MAX_GLOB, MAX_TAGS, TAG_AMBIGUOUS
 
@@ -442,6 +442,11 @@ class Registry:
                 self._routes[i] = (self._routes[i][0], self._routes[i][1], ks)
                 return
         raise ConfigError(f"no keyspace {ks.pattern!r} is registered")
+
+    def shown(self) -> str:
+        """The patterns, comma-separated, for a log line: a control character in one is written
+        ``\\xNN`` (``stats.printable``), so a name cannot send a terminal an escape sequence."""
+        return ", ".join(printable(k.pattern) for k in self.keyspaces)
 
     def get(self, pattern: str) -> Keyspace | None:
         return next((k for k in self.keyspaces if k.pattern == pattern), None)

@@ -6,6 +6,7 @@ same unit."""
 from __future__ import annotations
 
 import bisect
+import urllib.parse
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -41,8 +42,11 @@ SHARED_GAUGES = {
     "in_flight": "Keys being computed",
 }
 #: Every per-keyspace field both servers' ``INFO keymiss`` show, in the same unit:
-#: ``mean_compute_seconds`` is seconds on both (the Python server's mean; the module's smoothed
-#: take-to-fill time).
+#: ``mean_compute_seconds``, ``p50_compute_seconds`` and ``p99_compute_seconds`` mean the same on
+#: both: the handler seconds each key computed cost (a batch's call divided among its keys), over
+#: every key since the server started, the mean exact, the quantiles estimated from the
+#: ``COMPUTE_BUCKETS`` histogram. The module learns them from the worker's FILL (``COST``); neither
+#: counts the wait for a concurrency slot or a worker.
 SHARED_KEYSPACE_FIELDS = (
     "pattern",
     *SHARED_COUNTERS,
@@ -51,6 +55,35 @@ SHARED_KEYSPACE_FIELDS = (
     "p50_compute_seconds",
     "p99_compute_seconds",
 )
+
+
+def info_name(text: str) -> str:
+    """A name (a keyspace's pattern, a version's label) as a value inside an INFO ``k=v,k=v`` line:
+    ``%``, ``,``, ``=``, space, and every control character below it or DEL, percent-encoded
+    (``a,b=c`` is ``a%2Cb%3Dc``), the rest as it is. Both front ends write it so (the module in C,
+    ``info.c``), and :func:`from_info_name` gives the name back exactly."""
+    return "".join(f"%{ord(c):02X}" if c in "%,=" or ord(c) <= 0x20 or ord(c) == 0x7F else c for c in text)
+
+
+def from_info_name(text: str) -> str:
+    """The name :func:`info_name` encoded."""
+    return urllib.parse.unquote(text, errors="surrogateescape")
+
+
+def printable(text: str) -> str:
+    """``text`` safe for a terminal or a log line: control characters (C0, DEL, C1) and lone
+    surrogates written as ``\\xNN`` / ``\\uNNNN``, so a name cannot move the cursor, restyle the
+    screen or hide itself; everything else as it is."""
+    out = []
+    for c in text:
+        o = ord(c)
+        if o < 0x20 or 0x7F <= o < 0xA0:
+            out.append(f"\\x{o:02x}")
+        elif 0xD800 <= o < 0xE000:
+            out.append(f"\\u{o:04x}")
+        else:
+            out.append(c)
+    return "".join(out)
 
 
 def histogram_quantile(q: float, counts: list[int], bounds: tuple[float, ...] = COMPUTE_BUCKETS) -> float:
@@ -100,17 +133,18 @@ class KeyspaceStats:
     version_stale_hits: int = 0
     #: handler calls per COMPUTE_BUCKETS bound, plus one overflow slot (not cumulative)
     compute_histogram: list[int] = field(default_factory=lambda: [0] * (len(COMPUTE_BUCKETS) + 1))
-    #: keys computed per COMPUTE_BUCKETS bound of their handler call's seconds (a batch of 8
-    #: counts 8): what the p50/p99 compute times are read from, per key as the module's are
+    #: keys computed per COMPUTE_BUCKETS bound of the handler seconds each cost (a batch of 8 in
+    #: 0.8 s counts 8 at 0.1 s): what the p50/p99 compute times are read from, per key as the
+    #: module's are (from FILL's COST, the same share)
     key_compute_histogram: list[int] = field(default_factory=lambda: [0] * (len(COMPUTE_BUCKETS) + 1))
     #: handler calls per BATCH_BUCKETS bound of their key count, plus one overflow slot
     batch_histogram: list[int] = field(default_factory=lambda: [0] * (len(BATCH_BUCKETS) + 1))
 
     def observe(self, seconds: float, keys: int = 1) -> None:
         """Record one handler call that computed ``keys`` keys in ``seconds``."""
-        bucket = bisect.bisect_left(COMPUTE_BUCKETS, seconds)
-        self.compute_histogram[bucket] += 1
-        self.key_compute_histogram[bucket] += keys
+        self.compute_histogram[bisect.bisect_left(COMPUTE_BUCKETS, seconds)] += 1
+        if keys:  # each key's share of the call, as Computed.cost and the module's COST say
+            self.key_compute_histogram[bisect.bisect_left(COMPUTE_BUCKETS, seconds / keys)] += keys
         self.batch_histogram[bisect.bisect_left(BATCH_BUCKETS, keys)] += 1
         self.compute_seconds += seconds
         self.calls += 1

@@ -44,6 +44,16 @@ def test_numpy_round_trip(dtype: str) -> None:
     assert out.dtype == arr.dtype and out.shape == arr.shape and np.array_equal(out, arr)
 
 
+def test_a_0_d_array_is_stored_with_shape_empty_and_an_older_1_value_still_reads() -> None:
+    data, codec = encode(np.array(3.25))
+    assert b'"shape":[]' in data  # docs/values.md: [] for a scalar
+    out = decode(data, codec)
+    assert out.shape == () and out == 3.25
+    header = b'{"dtype":"<f8","shape":[1]}'  # what an earlier release stored stays readable
+    older = b"KMNDARR1" + len(header).to_bytes(2, "little") + header + np.float64(3.25).tobytes()
+    assert decode(older, codec).shape == (1,)
+
+
 def test_numpy_object_arrays_refused() -> None:
     with pytest.raises(CodecError, match="pickle"):
         encode(np.array([object()], dtype=object))

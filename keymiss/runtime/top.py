@@ -18,7 +18,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from keymiss.stats import INFO_KEYSPACE_LINE
+from keymiss.stats import INFO_KEYSPACE_LINE, from_info_name, printable
 
 #: the per-keyspace columns: (title, INFO field or a derived name)
 COLUMNS = (
@@ -52,9 +52,9 @@ class Snapshot:
 
 
 def _keyspace_fields(value: str) -> dict[str, str]:
-    """``pattern=…,hits=…,…`` as a dict. Neither server writes a bare comma inside a field (the
-    module shows one in a pattern as ``_``, the Python server as ``%2C``); a part without ``=`` is
-    still kept with the field before it."""
+    """``pattern=…,hits=…,…`` as a dict, the pattern decoded (both servers percent-encode a comma,
+    an equals sign or a control character in it: ``keymiss.stats.info_name``); a part without
+    ``=`` is still kept with the field before it."""
     out: dict[str, str] = {}
     last = None
     for part in value.split(","):
@@ -63,6 +63,8 @@ def _keyspace_fields(value: str) -> dict[str, str]:
             out[name], last = v, name
         elif last is not None:
             out[last] += "," + part
+    if "pattern" in out:
+        out["pattern"] = from_info_name(out["pattern"])
     return out
 
 
@@ -136,9 +138,9 @@ def render(now: Snapshot, before: Snapshot | None, address: str) -> Any:
     table = Table(expand=False, header_style="bold")
     for title, _ in COLUMNS:
         table.add_column(title, justify="left" if title == "keyspace" else "right", no_wrap=True)
-    for row in rows(now, before):
-        table.add_row(*row)
-    head = Text(f"keymiss top — {address}  {summary(now)}", style="bold")
+    for row in rows(now, before):  # Text, never markup: a keyspace named "[bold]x:*" shows as that
+        table.add_row(*(Text(printable(cell)) for cell in row))
+    head = Text(printable(f"keymiss top — {address}  {summary(now)}"), style="bold")
     foot = Text(f"{time.strftime('%H:%M:%S')}  q: quit", style="dim")
     return Group(head, table, foot)
 
@@ -182,6 +184,20 @@ def connect(host: str, port: int, password: str | None, user: str | None) -> Any
     return client
 
 
+def _login_hint(exc: Exception, password: str | None) -> str:
+    """What to do when the server wants a login the view did not give (its own words, a HELLO's
+    or a NOAUTH, do not say how keymiss top takes one)."""
+    import redis
+
+    text = str(exc)
+    wanted = isinstance(exc, redis.AuthenticationError) or any(
+        word in text for word in ("NOAUTH", "HELLO must be called", "Authentication required")
+    )
+    if not wanted or password is not None:
+        return ""
+    return " (the server wants a password: pass --password, or KEYMISS_PASSWORD, and --user for an ACL user)"
+
+
 def run_top(
     host: str, port: int, *, password: str | None, user: str | None, interval: float, once: bool
 ) -> int:
@@ -214,7 +230,7 @@ def run_top(
     except KeyboardInterrupt:
         return 0
     except redis.RedisError as exc:
-        print(f"keymiss top: {address}: {exc}", file=sys.stderr)
+        print(f"keymiss top: {address}: {exc}{_login_hint(exc, password)}", file=sys.stderr)
         return 1
     finally:
         client.close()

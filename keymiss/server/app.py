@@ -111,7 +111,7 @@ class Server:
             self.settings.host,
             self.port,
             self.km.store.url,
-            ", ".join(ks.pattern for ks in self.km.registry),
+            self.km.registry.shown(),
             "on" if self.settings.requirepass else "off",
             self.loop_name,
         )

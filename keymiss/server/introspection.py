@@ -18,7 +18,7 @@ from keymiss.server import reply
 from keymiss.server.commands import TABLE, CommandError, Reply, arg, command, key_of
 from keymiss.server.session import REDIS_COMPAT_VERSION
 from keymiss.sizes import format_size
-from keymiss.stats import INFO_KEYSPACE_LINE, INFO_SECTION, SHARED_COUNTERS
+from keymiss.stats import INFO_KEYSPACE_LINE, INFO_SECTION, SHARED_COUNTERS, info_name
 from keymiss.version import __version__
 
 if TYPE_CHECKING:
@@ -135,17 +135,6 @@ def _rss() -> int:
         return 0
 
 
-def _escape(text: str) -> str:
-    """A name inside an INFO ``k=v,k=v`` line: the separators, and line breaks, percent-encoded."""
-    return (
-        text.replace("%", "%25")
-        .replace(",", "%2C")
-        .replace("=", "%3D")
-        .replace("\r", "%0D")
-        .replace("\n", "%0A")
-    )
-
-
 def _field(value: Any) -> str:
     if isinstance(value, float):
         return f"{value:.6f}"
@@ -233,7 +222,7 @@ def _keyspace_line(c: Client, ks: Any) -> str:
     st = ks.stats
     version = ks.describe()["version"]
     shared: dict[str, Any] = {
-        "pattern": _escape(ks.pattern),
+        "pattern": info_name(ks.pattern),
         **{name: getattr(st, name) for name in SHARED_COUNTERS},
         "queued": c.km.engine.queued(ks.pattern),
         "in_flight": st.in_flight,
@@ -242,7 +231,7 @@ def _keyspace_line(c: Client, ks: Any) -> str:
         "p99_compute_seconds": st.p99_compute_seconds,
     }
     own = {
-        "version": "" if version is None else _escape(version),
+        "version": "" if version is None else info_name(version),
         "calls": st.calls,
         "stuck": st.stuck,
         "coalesced": st.coalesced,

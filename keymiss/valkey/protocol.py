@@ -16,7 +16,7 @@ The conversation, per server:
   ``n`` keys of the keyspace ``name`` (0: none, and no waking for it), so that a worker whose slots
   a hung keyspace holds still takes the others'. Keyspaces take turns at going first; a queued key
   nobody waits for any more is dropped, not handed over, while its keyspace's queue is full.
-- ``KEYMISS.FILL key token value [PX ms] [VERSION tag] [CODEC n] [NOSTORE]`` stores the value and
+- ``KEYMISS.FILL key token value [PX ms] [VERSION tag] [CODEC n] [COST us] [NOSTORE]`` stores the value and
   wakes the key's readers: :data:`FILL_STORED`, :data:`FILL_DISCARDED` (a client wrote the key,
   the lease passed, or the value is of another version), or :data:`FILL_NOT_STORED`: the readers
   got the value, nothing was stored (``NOSTORE``, or the value is over the keyspace's ``SHARE``).
@@ -109,6 +109,9 @@ OPT_CODEC = "CODEC"
 #: REGISTER's tag of a keyspace (repeatable): a template over its key's ``<field>``s, or a fixed
 #: label; ``FORGET TAG tag`` forgets the keys carrying it
 OPT_TAG = "TAG"
+#: FILL's COST us: the microseconds of handler time the value cost (a batch's call divided among
+#: its keys), what INFO's mean/p50/p99_compute_seconds are made of on both front ends
+OPT_COST = "COST"
 #: FAIL's flag for a key that does not fit its keyspace's template: nothing ran, so it counts in
 #: neither ``computations`` nor ``errors`` (a timeout, flagged ``TIMEOUT``, counts in ``timeouts``)
 OPT_MISMATCH = "MISMATCH"
@@ -121,6 +124,8 @@ OPT_MAXCLIENTS = "MAXCLIENTS"
 # --- limits ------------------------------------------------------------------------------------------
 #: the longest time in milliseconds any option may say (a year)
 MAX_MS = 365 * 24 * 3600 * 1000
+#: FILL's COST, at most this many microseconds (a day)
+MAX_COST_US = 24 * 3600 * 1000000
 #: EARLY is XFetch's beta in thousandths, at most this
 MAX_EARLY = 1_000_000
 #: a keyspace's QUEUE, at most this
@@ -300,9 +305,11 @@ def fill(
     version: str | None = None,
     codec: int = 0,
     store: bool = True,
+    cost: float | None = None,
 ) -> list[Any]:
     """A ``KEYMISS.FILL`` of a taken key (its token from TAKE); ``store=False``: its readers get the
-    value, nothing is stored. ``codec`` (not sent when 0) and ``version`` go to the companion."""
+    value, nothing is stored. ``codec`` (not sent when 0) and ``version`` go to the companion;
+    ``cost``: the handler seconds the value cost (``Computed.cost``), sent as ``COST`` microseconds."""
     args: list[Any] = [CMD_FILL, key, token, value]
     if px is not None:
         args += [OPT_PX, px]
@@ -310,6 +317,8 @@ def fill(
         args += [OPT_VERSION, version]
     if codec:
         args += [OPT_CODEC, codec]
+    if cost is not None:  # the handler's seconds, for INFO's compute times
+        args += [OPT_COST, min(MAX_COST_US, max(0, round(cost * 1_000_000)))]
     if not store:
         args.append(OPT_NOSTORE)
     return args

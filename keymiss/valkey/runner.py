@@ -380,13 +380,17 @@ class ModuleFront:
                 s.host,
                 self.server.port,
                 self.binary,
-                ", ".join(ks.pattern for ks in self.km.registry),
+                self.km.registry.shown(),
                 "on" if s.requirepass else "off",
                 self.server.max_memory,
                 f"RDB in {self.server.data_dir}" if self.server.data_dir else "off (no --data-dir)",
             )
         else:
-            log.info("keymiss %s, keyspaces=[%s]", self.why, ", ".join(ks.pattern for ks in self.km.registry))
+            log.info(
+                "keymiss %s, keyspaces=[%s]",
+                self.why,
+                self.km.registry.shown(),
+            )
 
     def _failure(self, tasks: dict[str, asyncio.Task[Any]]) -> int:
         if self._open_failed:

@@ -360,9 +360,7 @@ class Worker:
             await self.answers.client(url)
             await self.answers.learn(url, take)
             self.stats.nodes.add(url)
-            log.info(
-                "worker serving %s: %s", redact_url(url), ", ".join(ks.pattern for ks in self.km.registry)
-            )
+            log.info("worker serving %s: %s", redact_url(url), self.km.registry.shown())
             lease = self.lease_ms()
             while not self._stopping.is_set():
                 count, limits = self._plan()

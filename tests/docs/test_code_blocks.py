@@ -158,7 +158,15 @@ def test_the_readme_info_sample_is_the_modules() -> None:
     ("command", "said"),
     [
         (["ingest", "--help"], ("lmdb:PATH", "redis://", "redis+cluster://")),
-        (["serve", "--help"], ("--max-clients", "keymiss's own connections", "--demo")),
+        (
+            ["serve", "--help"],
+            (
+                "--max-clients",
+                "keymiss's own connections",
+                "--demo",
+                "on Redis 7.0, --redis-server, closed as it connects",
+            ),
+        ),
         (["top", "--help"], ("--password", "--user", "q or Ctrl-C")),
     ],
 )

@@ -243,6 +243,14 @@ def test_the_demo_goes_only_into_keymiss_own_store() -> None:
     assert not _demo_wanted(False, Settings(store="redis://h:1"))
     assert not _demo_wanted(False, Settings(redis="redis://h:1"))
     assert _demo_wanted(True, Settings(store="lmdb:/x"))
+    from keymiss import Keymiss
+
+    # the app's own store counts as the user's too; --store over it decides
+    assert not _demo_wanted(False, Settings(), Keymiss(store="lmdb:/x"))
+    assert not _demo_wanted(False, Settings(), Keymiss(store="redis://h:1"))
+    assert _demo_wanted(False, Settings(), Keymiss())
+    assert _demo_wanted(False, Settings(store="memory"), Keymiss(store="lmdb:/x"))
+    assert _demo_wanted(True, Settings(), Keymiss(store="lmdb:/x"))
     assert build_parser().parse_args(["worker", "--redis", "redis://h:1"]).demo is False
 
 

@@ -93,6 +93,12 @@ async def quick(key: str) -> str:
     return f"quick {key}"
 
 
+@app.keyspace("queue:*", concurrency=1)
+async def queue(key: str) -> str:
+    await asyncio.sleep(0.06)  # one at a time: readers of several keys wait their turn
+    return f"queued {key}"
+
+
 @app.keyspace("stuck:*", timeout=0.2, concurrency=2)
 def stuck(key: str) -> str:
     threading.Event().wait(60)  # a sync handler that never comes back in time: its thread stays busy

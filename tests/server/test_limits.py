@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import select
+import shutil
 import socket
 import time
 import urllib.request
@@ -89,6 +90,32 @@ def test_max_clients(tmp_path: Path, front: str) -> None:
                 return bool(c.ping())
 
         eventually(admitted, timeout=10, ignore=(redis.RedisError,))
+        a.close()
+    finally:
+        srv.stop()
+
+
+@pytest.mark.reliability
+def test_on_redis_7_0_a_refused_connection_runs_no_command(tmp_path: Path) -> None:
+    """Redis 7.0 cannot tell the module's filter who sent a command, so the module closes a
+    connection past --max-clients as it connects: nothing it pipelined at once runs (not a
+    write, not MULTI/EXEC, not HELLO), and the admitted client keeps its place."""
+    binary = shutil.which("redis-server")
+    if binary is None:
+        pytest.skip("redis-server is not installed")
+    srv = start_server(tmp_path, "--max-clients", "1", "--redis-server", binary, front="valkey")
+    try:
+        a = redis.Redis(port=srv.port)
+        assert a.ping()
+        for _ in range(3):
+            with RawClient(srv.port) as s:
+                with contextlib.suppress(OSError):  # the server may have closed it already
+                    s.send_raw(b"SET pwned 1\r\nMULTI\r\nSET pwned2 1\r\nEXEC\r\nHELLO 3\r\n")
+                    s.send_raw(b"INCR over\r\n" * 2000)
+                assert s.wait_closed()
+        assert a.exists("pwned", "pwned2", "over") == 0
+        eventually(lambda: a.info("keymiss")["keymiss_refused_clients"] == 3, timeout=5)
+        assert a.ping()
         a.close()
     finally:
         srv.stop()

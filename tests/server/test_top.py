@@ -4,6 +4,7 @@ status 0 and the terminal as it was."""
 
 from __future__ import annotations
 
+import asyncio
 import fcntl
 import os
 import re
@@ -18,7 +19,7 @@ from pathlib import Path
 import pytest
 import redis
 
-from ..support import eventually
+from ..support import eventually, resp
 from .conftest import FRONTS, ServerProcess, start_server
 
 PASSWORD = "top-secret-pw"
@@ -145,3 +146,46 @@ def test_top_logs_in_as_a_user(served: ServerProcess) -> None:
     )
     assert out.returncode == 0, out.stderr
     assert "double:*" in out.stdout and "hit ratio" in out.stdout
+
+
+def test_odd_keyspace_names_show_as_they_are(tmp_path: Path) -> None:
+    """Names that look like Rich markup, hold INFO's separators or a terminal escape: INFO names
+    each the same way on both front ends (percent-encoded), ``keymiss top`` shows each literally
+    (an escape byte as ``\\x1b``), and the start-up log line writes no escape byte."""
+    from keymiss.stats import info_name, printable
+
+    from .odd_names_app import NAMES
+
+    patterns = {}
+    for front in FRONTS:
+        srv = start_server(tmp_path, front=front, app="tests.server.odd_names_app:app")
+        try:
+            info = asyncio.run(resp(srv.port, "INFO", "keymiss")).decode()
+            patterns[front] = re.findall(r"^keymiss_keyspace_\d+:pattern=([^,]*),", info, re.M)
+            out = subprocess.run(
+                [sys.executable, "-m", "keymiss", "top", "--port", str(srv.port), "--once"],
+                capture_output=True,
+                text=True,
+                timeout=30,
+            )
+            log = srv.log
+        finally:
+            srv.stop()
+        assert out.returncode == 0, out.stderr
+        assert "\x1b" not in out.stdout and "\x1b" not in log
+        for name in NAMES:
+            assert printable(name) in out.stdout, (front, name, out.stdout)
+        assert "keyspaces=[" + ", ".join(map(printable, NAMES)) + "]" in log, log
+    assert patterns["python"] == patterns["valkey"] == [info_name(n) for n in NAMES], patterns
+
+
+def test_top_without_any_password_says_how_to_give_one(served: ServerProcess) -> None:
+    env = {k: v for k, v in os.environ.items() if k not in ("KEYMISS_PASSWORD", "KEYMISS_USER")}
+    out = subprocess.run(
+        [sys.executable, "-m", "keymiss", "top", "--port", str(served.port), "--once"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=30,
+    )
+    assert out.returncode == 1 and "pass --password" in out.stderr and "--user" in out.stderr, out.stderr

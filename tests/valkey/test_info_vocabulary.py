@@ -126,6 +126,35 @@ def test_info_keymiss_and_metrics_use_one_vocabulary(tmp_path: Path) -> None:
     assert metric(bodies["valkey"], "keymiss_module_failures_total", "slow:*") == [0.0]
 
 
+@pytest.mark.parametrize("front", FRONTS)
+def test_compute_seconds_are_the_handlers_on_both_fronts(tmp_path: Path, front: str) -> None:
+    """INFO's mean/p50/p99_compute_seconds are the handler's seconds per key on both front ends,
+    as /metrics' histogram: six keys of a 60 ms, one-at-a-time keyspace asked at once wait up to
+    0.36 s for their turn, and that wait is counted in none of them."""
+    port = free_port()
+    srv = start_server(tmp_path, "--metrics-port", str(port), front=front)
+    try:
+
+        async def ask() -> None:
+            got = await asyncio.gather(*(resp(srv.port, "GET", f"queue:{i}") for i in range(6)))
+            assert got == [f"queued queue:{i}".encode() for i in range(6)]
+
+        asyncio.run(ask())
+        ks = keyspace_fields(asyncio.run(resp(srv.port, "INFO", "keymiss")).decode(), "queue:*")
+        body = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+    finally:
+        assert srv.stop() == 0
+    assert ks["computations"] == "6", ks
+    # each call took a little over 60 ms: in the (0.05, 0.1] bucket, every key
+    assert float(ks["p50_compute_seconds"]) == pytest.approx(0.075), ks
+    assert float(ks["p99_compute_seconds"]) == pytest.approx(0.0995), ks
+    mean = float(ks["mean_compute_seconds"])
+    assert 0.06 <= mean < 0.1, ks
+    (total,) = metric(body, "keymiss_compute_seconds_sum", "queue:*")
+    (calls,) = metric(body, "keymiss_compute_seconds_count", "queue:*")
+    assert calls == 6 and total / calls == pytest.approx(mean, abs=0.001), (ks, total, calls)
+
+
 def test_both_servers_bucket_compute_times_alike() -> None:
     """The module's compute-time buckets (keymiss.h) are the Python server's, so the p50/p99 both
     report are one estimate."""

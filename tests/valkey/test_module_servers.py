@@ -75,6 +75,12 @@ async def test_the_module_runs_clean_under_valgrind(tmp_path: Path) -> None:
             assert await w.call(*protocol.fail(key, token, "BUSY keymiss: all slots are held")) == 1
             assert isinstance(await busy, ReplyError)
             await w.close()
+            # INFO's percent-encoded names, one cut short at INFO's text size
+            name = "o,d=d %\x1b:" + "," * 120 + "*"
+            odd = await raw_worker(port, protocol.register(name, name), wait=30)
+            info = (await resp(port, "INFO", "keymiss", wait=30)).decode()
+            assert "pattern=o%2Cd%3Dd%20%25%1B:%2C%2C" in info
+            await odd.close()
             # versions, stale refreshes and their failure backoff, client writes' companions
             v = await raw_worker(
                 port,

@@ -98,6 +98,9 @@ async def test_a_workers_typed_and_versioned_values_read_typed_through_the_redis
         value = await resp(server.port, "GET", "json:1")
         # the module named the companion as Python does: in the value's slot, the same tag
         assert await record(server.port, b"json:1") == (2, zlib.crc32(value), NO_VERSION.hex().encode())
+        # byte for byte what docs/values.md shows (tests/test_values_doc.py holds the doc to it)
+        raw = await resp(server.port, "GET", protocol.companion_key(b"json:1"))
+        assert raw == protocol.companion(2, zlib.crc32(value), NO_VERSION.hex())
         versioned = await record(server.port, b"ver:{u1}1")
         assert versioned is not None and versioned.codec == 2
         assert versioned.version == tag("v1").hex().encode()

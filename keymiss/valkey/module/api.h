@@ -169,6 +169,7 @@ typedef void (*RedisModuleScanCB)(RedisModuleCtx *ctx, RedisModuleString *keynam
     X(const char *, StringPtrLen, (const RedisModuleString *str, size_t *len))                       \
     X(int, StringToLongLong, (const RedisModuleString *str, long long *ll))                          \
     X(unsigned long long, GetClientId, (RedisModuleCtx * ctx))                                       \
+    X(int, DeauthenticateAndCloseClient, (RedisModuleCtx * ctx, uint64_t client_id))                \
     X(int, GetContextFlags, (RedisModuleCtx * ctx))                                                  \
     X(void, Log, (RedisModuleCtx * ctx, const char *level, const char *fmt, ...))                   \
     X(long long, Milliseconds, (void))                                                               \

@@ -5,8 +5,13 @@
  * to --max-clients plus room for its own, and the module holds the clients to --max-clients
  * exactly: a TCP connection past the limit is refused — each command it sends is answered
  * "ERR max number of clients reached" (the server's own words), and the tick closes it once it
- * was told, or after KM_REFUSED_GRACE_MS if it sends nothing. A server that cannot tell the filter
- * which client sent a command (Redis 7.0) closes such a connection at the next tick, untold. */
+ * was told, or after KM_REFUSED_GRACE_MS if it sends nothing.
+ *
+ * A server that cannot tell the filter which client sent a command (Redis 7.0) would run the
+ * refused connection's commands until a tick closed it, so there the connection is closed as it
+ * connects, untold: DeauthenticateAndCloseClient frees it asynchronously (the server's own
+ * freeClientAsync, safe inside its accept handler, unlike CLIENT KILL's synchronous free), and the
+ * server reads no command from a client marked to close — what it pipelined never runs. */
 #include "keymiss.h"
 
 #include <stdio.h>
@@ -28,6 +33,9 @@ void km_clients_connected(const RedisModuleClientInfo *ci) {
     r->since = km_now_ms();
     uint64_t id = ci->id;
     if (KM_DictSetC(km.refused, &id, sizeof(id), r) != RM_OK) KM_Free(r);
+    /* nothing will tell the filter it is refused: close it now (the tick kills it if still there) */
+    if (KM_CommandFilterGetClientId == NULL && KM_DeauthenticateAndCloseClient(NULL, ci->id) != RM_OK)
+        KM_Log(NULL, "warning", "keymiss: could not close refused client %llu", (unsigned long long)ci->id);
 }
 
 void km_clients_disconnected(const RedisModuleClientInfo *ci) {

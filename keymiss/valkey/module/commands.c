@@ -48,6 +48,7 @@ enum {
     KM_N_PX,
     KM_N_NOSTORE,
     KM_N_CODEC,
+    KM_N_COST,
     KM_NUMS
 };
 enum { KM_T_VERSION, KM_T_LABEL, KM_TEXTS };
@@ -84,6 +85,7 @@ static const KmOption km_fill_options[] = {
     {KM_OPT_VERSION, KM_KIND_BYTES, KM_T_VERSION, 0, 0},
     {KM_OPT_NOSTORE, KM_KIND_FLAG, KM_N_NOSTORE, 0, 0},
     {KM_OPT_CODEC, KM_KIND_NUMBER, KM_N_CODEC, 0, KM_MAX_CODEC},
+    {KM_OPT_COST, KM_KIND_NUMBER, KM_N_COST, 0, KM_MAX_COST_US},
 };
 
 #define KM_COUNT_OF(a) (sizeof(a) / sizeof((a)[0]))
@@ -408,7 +410,7 @@ static int km_fill_unstored(RedisModuleCtx *ctx, KmEntry *e, RedisModuleString *
     return KM_ReplyWithLongLong(ctx, KM_FILL_NOT_STORED);
 }
 
-/* KEYMISS.FILL key token value [PX ms] [VERSION tag] [CODEC n] [NOSTORE]: store the computed value
+/* KEYMISS.FILL key token value [PX ms] [VERSION tag] [CODEC n] [COST us] [NOSTORE]: store the computed value
  * (a plain SET, replicated as such; its companion first, naming CODEC and VERSION, where it has a
  * codec or a version: km_companion_fill) and wake the key's waiters. 1 if
  * stored; 0 if discarded (a client wrote the key meanwhile: the waiters get the value, the client's
@@ -419,11 +421,11 @@ int km_cmd_fill(RedisModuleCtx *ctx, RedisModuleString **argv, int argc) {
     if (argc < 4) return KM_WrongArity(ctx);
     long long token;
     if (km_parse_token(argv[2], &token) != RM_OK) return KM_ReplyWithError(ctx, KM_ERR_PREFIX "bad token");
-    KmOptionValues opt = {0};
+    KmOptionValues opt = {.num = {[KM_N_COST] = -1}};
     int unknown;
     if (km_parse_options(argv, 4, argc, km_fill_options, KM_COUNT_OF(km_fill_options), &opt, &unknown) != RM_OK)
         return KM_ReplyWithError(ctx, KM_ERR_PREFIX "FILL key token value [" KM_OPT_PX " ms] [" KM_OPT_VERSION
-                                                    " tag] [" KM_OPT_CODEC " n] [" KM_OPT_NOSTORE "]");
+                                                    " tag] [" KM_OPT_CODEC " n] [" KM_OPT_COST " us] [" KM_OPT_NOSTORE "]");
     long long px = opt.num[KM_N_PX];
     const char *vtag = opt.bytes[KM_T_VERSION];
     size_t vlen = opt.len[KM_T_VERSION];
@@ -437,6 +439,7 @@ int km_cmd_fill(RedisModuleCtx *ctx, RedisModuleString **argv, int argc) {
     }
     KmKeyspace *ks = km.keyspaces[e->ksi];
     ks->computations++; /* the function computed it (whatever becomes of the value): as the Python server counts */
+    if (opt.num[KM_N_COST] >= 0) km_observe_compute(ks, (double)opt.num[KM_N_COST] / 1e6); /* its handler time */
     if (ks->version != NULL && (vtag == NULL || vlen != ks->versionlen || memcmp(vtag, ks->version, vlen) != 0)) {
         ks->version_discards++; /* computed under the version before a switch: computed again, once */
         if (++e->version_discards >= 2) { /* no worker computes under this version: readers must not wait on */
@@ -494,7 +497,6 @@ int km_cmd_fill(RedisModuleCtx *ctx, RedisModuleString **argv, int argc) {
     if (e->taken_at > 0) {
         double took = (double)(km_now_ms() - e->taken_at);
         ks->mean_compute_ms = ks->mean_compute_ms > 0 ? 0.8 * ks->mean_compute_ms + 0.2 * took : (took > 0 ? took : 1);
-        km_observe_compute(ks, took / 1000.0);
     }
     if (KM_DictSize(km.backoffs)) km_backoff_clear(argv[1]);
     km_entry_resolve(e, NULL);

@@ -15,8 +15,9 @@
 
 /* A keyspace's field by its INFO name (one protocol.h adds must be given here). Most are the
  * keyspace's member of that name; INFO's words are the Python server's, so a member the module
- * names otherwise is read under INFO's word (errors: failures; mean_compute_seconds: the smoothed
- * take-to-fill time, kept in milliseconds), and under its earlier name as an alias for a release. */
+ * names otherwise is read under INFO's word (errors: failures), and under its earlier name as an
+ * alias for a release. The compute seconds (mean, p50, p99) are the handler's, as the workers'
+ * FILLs said them (COST): the Python server's and /metrics' meaning, not the wait for a worker. */
 #define KM_FIELD_pattern(ks) ((ks)->pattern)
 #define KM_FIELD_hits(ks) ((ks)->hits)
 #define KM_FIELD_misses(ks) ((ks)->misses)
@@ -41,11 +42,11 @@
 #define KM_FIELD_stale_hits(ks) ((ks)->stale_hits)
 #define KM_FIELD_early_refreshes(ks) ((ks)->early_refreshes)
 #define KM_FIELD_refresh_failures(ks) ((ks)->refresh_failures)
-#define KM_FIELD_mean_compute_seconds(ks) ((ks)->mean_compute_ms / 1000.0)
+#define KM_FIELD_mean_compute_seconds(ks) km_compute_mean(ks)
 #define KM_FIELD_p50_compute_seconds(ks) km_compute_quantile((ks), 0.5)
 #define KM_FIELD_p99_compute_seconds(ks) km_compute_quantile((ks), 0.99)
 #define KM_FIELD_failures(ks) ((ks)->failures)
-#define KM_FIELD_mean_compute_ms(ks) ((long long)(ks)->mean_compute_ms)
+#define KM_FIELD_mean_compute_ms(ks) ((long long)(km_compute_mean(ks) * 1000.0))
 
 static const double km_compute_bounds[KM_COMPUTE_BUCKETS] = KM_COMPUTE_BOUNDS;
 
@@ -53,6 +54,14 @@ void km_observe_compute(KmKeyspace *ks, double seconds) {
     int i = 0;
     while (i < KM_COMPUTE_BUCKETS && seconds > km_compute_bounds[i]) i++;
     ks->compute_hist[i]++;
+    ks->compute_seconds += seconds;
+}
+
+/* The mean handler seconds per key computed, over every key since the module loaded. */
+static double km_compute_mean(const KmKeyspace *ks) {
+    long long total = 0;
+    for (int i = 0; i <= KM_COMPUTE_BUCKETS; i++) total += ks->compute_hist[i];
+    return total ? ks->compute_seconds / (double)total : 0.0;
 }
 
 /* The q quantile of the keyspace's compute times, interpolated inside its bucket as Prometheus's
@@ -75,12 +84,23 @@ static double km_compute_quantile(const KmKeyspace *ks, double q) {
     return km_compute_bounds[KM_COMPUTE_BUCKETS - 1];
 }
 
-/* A name as an INFO value can carry it: no separators, spaces or control bytes. */
+/* A name as an INFO value can carry it, as the Python server writes it (keymiss.stats.info_name):
+ * '%', ',', '=', space, the control bytes below it and DEL percent-encoded (%2C), the rest as it is
+ * (UTF-8 passes); cut where the next whole character would not fit. */
 static void km_info_name(char *out, size_t size, const char *name) {
+    static const char hex[] = "0123456789ABCDEF";
     size_t n = 0;
-    for (; *name && n + 1 < size; name++) {
+    for (; *name; name++) {
         unsigned char c = (unsigned char)*name;
-        out[n++] = (c == ',' || c == '=' || c <= ' ' || c >= 127) ? '_' : (char)c;
+        int encode = c == '%' || c == ',' || c == '=' || c <= ' ' || c == 127;
+        if (n + (encode ? 3 : 1) >= size) break;
+        if (encode) {
+            out[n++] = '%';
+            out[n++] = hex[c >> 4];
+            out[n++] = hex[c & 15];
+        } else {
+            out[n++] = (char)c;
+        }
     }
     out[n] = '\0';
 }

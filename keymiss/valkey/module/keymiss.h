@@ -103,9 +103,11 @@ typedef struct KmKeyspace {
     int workers;
     long long version_misses, version_discards, version_stale_hits, stale_hits, early_refreshes,
         refresh_failures;
-    double mean_compute_ms; /* take-to-fill time, smoothed: XFetch's compute time */
-    /* take-to-fill times per KM_COMPUTE_BOUNDS bucket, one overflow slot last: p50/p99 in INFO */
+    double mean_compute_ms; /* take-to-fill time, smoothed: XFetch's compute time (not in INFO) */
+    /* the handler seconds FILL's COST said, per KM_COMPUTE_BOUNDS bucket, one overflow slot last,
+     * and their sum: INFO's p50/p99 and mean compute seconds, as the Python server's */
     long long compute_hist[KM_COMPUTE_BUCKETS + 1];
+    double compute_seconds;
     KmEntry *qhead, *qtail; /* entries waiting to be taken, oldest first */
     long long orphans;      /* queued entries nobody waits on (their readers left, or a refresh) */
     long long share_ppm;    /* SHARE: a value over this share of maxmemory is answered, not stored */
@@ -369,7 +371,7 @@ void km_clients_disconnected(const RedisModuleClientInfo *ci);
 int km_filter_refused(RedisModuleCommandFilterCtx *f);
 int km_cmd_refused(RedisModuleCtx *ctx, RedisModuleString **argv, int argc);
 void km_clients_tick(RedisModuleCtx *ctx, long long now);
-/* one key's take-to-fill time, counted in its keyspace's compute-time histogram */
+/* one key's handler time (FILL's COST), counted in its keyspace's compute-time histogram */
 void km_observe_compute(KmKeyspace *ks, double seconds);
 void km_on_info(RedisModuleInfoCtx *ctx, int for_crash_report);
 

@@ -46,6 +46,9 @@
 /* REGISTER's tag of a keyspace (repeatable): a template over its key's <field>s, or a fixed label;
  * FORGET TAG tag forgets the keys carrying it */
 #define KM_OPT_TAG "TAG"
+/* FILL's COST us: the microseconds of handler time the value cost (a batch's call divided among
+ * its keys), what INFO's mean/p50/p99_compute_seconds are made of */
+#define KM_OPT_COST "COST"
 /* FAIL's flag for a key that does not fit its keyspace's template: nothing ran, so it counts in
  * neither computations nor errors (a timeout, flagged TIMEOUT, counts in timeouts) */
 #define KM_OPT_MISMATCH "MISMATCH"
@@ -58,6 +61,8 @@
 /* --- limits (plain decimals where an error text quotes them) -------------------------------- */
 /* the longest time in milliseconds any option may say (a year) */
 #define KM_MAX_MS (365LL * 24 * 3600 * 1000)
+/* FILL's COST, at most this many microseconds (a day) */
+#define KM_MAX_COST_US (24LL * 3600 * 1000000)
 /* EARLY is XFetch's beta in thousandths, at most this */
 #define KM_MAX_EARLY 1000000
 /* a keyspace's QUEUE, at most this */
