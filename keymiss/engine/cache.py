@@ -198,10 +198,12 @@ class Keymiss(KeyCommands):
         return self._clock()
 
     def _adopt(self, store: Store) -> None:
-        """Take ``store`` as the store: reads of an in-process one take its synchronous path, and
-        freshness is decided on its clock unless keymiss was given one."""
+        """Take ``store`` as the store: reads of an in-process one take its synchronous path, its
+        ``on_change`` supersedes fills, and freshness is decided on its clock (unless given one)."""
         self._store = store
         self._local = store if isinstance(store, LocalStore) else None
+        if self._local is not None:
+            self._local.on_change = self.writeback.supersede
         if self._given_clock is None:
             self._clock = store.clock if isinstance(store, LocalStore) else time.time
 
@@ -471,13 +473,11 @@ class Keymiss(KeyCommands):
         return await self.writeback.fill(key, ks, hidden)
 
     def written(self, keys: Iterable[str] | None = None) -> None:
-        """Tell the write-back that a client writes or deletes ``keys`` (all: ``None``): a value
-        computed since before is not stored over it (other nodes: fills store only if absent)."""
+        """A client wrote or deleted ``keys`` (all: ``None``): a fill started before is not stored."""
         self.writeback.supersede(keys)
 
     def expiry_set(self, key: str, expires_at: float | None) -> None:
-        """Tell the write-back that a client gave ``key`` an expiry (unix seconds; ``None``: none):
-        a value being computed of it is stored with that expiry, not its keyspace's TTL."""
+        """A client gave ``key`` an expiry (unix s; ``None``: none): a fill of it keeps that one."""
         self.writeback.expiry_set(key, expires_at)
 
     async def compute(self, keys: Sequence[str]) -> list[Computed | BaseException | None]:

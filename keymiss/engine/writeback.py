@@ -36,6 +36,13 @@ class WriteBack:
         #: meanwhile: their fill must not store over the client's write
         self._watch: dict[str, int] = {}
         self._superseded: set[str] = set()
+        #: keys a client's write is in flight on (a count each; ``_writing_all`` for a FLUSHDB):
+        #: until it lands no fill may store over them, whether or not it turns out to change them
+        self._writing: dict[str, int] = {}
+        self._writing_all = 0
+        #: computed values that finished while a client's write of their key was in flight: they
+        #: wait for it to land, then go (or are superseded, if it changed the key)
+        self._held: list[tuple[Write, asyncio.Future[bool | None]]] = []
         #: expiries (unix seconds; None: persist) a client gave keys being filled: the value
         #: computed keeps the client's, not its keyspace's (the read contract's ttl-during row)
         self._expiries: dict[str, float | None] = {}
@@ -124,6 +131,36 @@ class WriteBack:
         for key in keys:
             if key in self._watch:
                 self._superseded.add(key)
+
+    def writing(self, keys: Iterable[str] | None) -> None:
+        """A client's write of ``keys`` (all: ``None``) has been accepted and not landed yet: no
+        fill stores over them until ``landed``. Whether it supersedes the fill is decided when it
+        lands (``supersede``, by the store or the relay, only if it changed a key)."""
+        if keys is None:
+            self._writing_all += 1
+            return
+        for key in keys:
+            self._writing[key] = self._writing.get(key, 0) + 1
+
+    def landed(self, keys: Iterable[str] | None) -> None:
+        """The write ``writing`` announced has landed (or failed)."""
+        if keys is None:
+            self._writing_all -= 1
+            return
+        for key in keys:
+            n = self._writing.get(key, 0) - 1
+            if n > 0:
+                self._writing[key] = n
+            else:
+                self._writing.pop(key, None)
+        if self._held:
+            free = [(w, f) for w, f in self._held if not self._is_held(w.key)]
+            if free:
+                self._held = [(w, f) for w, f in self._held if self._is_held(w.key)]
+                self._queue(free)
+
+    def _is_held(self, key: str) -> bool:
+        return bool(self._writing_all) or key in self._writing
 
     def expiry_set(self, key: str, expires_at: float | None) -> None:
         """A client changed the expiry of ``key`` (unix seconds; ``None``: PERSIST): a fill of it
@@ -217,15 +254,22 @@ class WriteBack:
         write = computed.write(nx=nx)
         if ks.stale:  # kept past its TTL for the stale window: served as stale, refreshing
             write = dataclasses.replace(write, ttl=stored_ttl(ks, write.ttl))
-        self._pending.append((write, fut))
-        if len(self._pending) == 1:  # the flush runs after this loop turn's other puts
-            task = loop.create_task(self._flush())
+        self._queue([(write, fut)])
+        return await fut
+
+    def _queue(self, items: list[tuple[Write, asyncio.Future[bool | None]]]) -> None:
+        first = not self._pending
+        self._pending.extend(items)
+        if first:  # the flush runs after this loop turn's other puts
+            task = asyncio.get_running_loop().create_task(self._flush())
             self._writers.add(task)
             task.add_done_callback(self._writers.discard)
-        return await fut
 
     async def _flush(self) -> None:
         batch, self._pending = self._pending, []
+        if self._writing or self._writing_all:  # a client's write in flight: wait for it to land
+            self._held.extend((w, f) for w, f in batch if self._is_held(w.key))
+            batch = [(w, f) for w, f in batch if not self._is_held(w.key)]
         if self._superseded:  # checked at the last moment before the write leaves
             for w, fut in batch:
                 if w.key in self._superseded and not fut.done():

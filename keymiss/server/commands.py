@@ -10,12 +10,14 @@ The commands themselves live beside this module, one module per group (``strings
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from keymiss.errors import error_line
 from keymiss.server import reply, resp
+from keymiss.server.passthrough import changed_by
 from keymiss.stores.base import LocalStore
 
 if TYPE_CHECKING:
@@ -81,29 +83,64 @@ def command(
 
 def superseding(fn: Handler, keys: tuple[int, int, int]) -> Handler:
     """The one rule of client writes during a computation (docs/architecture.md, the read
-    contract's write-during and del-during rows): a command that writes or deletes a key
-    supersedes a computation of that key already running, as DEL does. Its readers still get the
-    computed value, but it is not stored over the client's write, nor after the client's delete.
+    contract's write-during and del-during rows): a write that changes or deletes a key supersedes
+    a computation of that key already running, as DEL does. Its readers still get the computed
+    value, but it is not stored over the client's write, nor after the client's delete. A write
+    that changes nothing (SET XX of a missing key, SETNX of a present one, a rename onto itself)
+    supersedes nothing.
 
-    Applied here, to every ``write`` command of the table by its key positions (a write naming no
-    key, FLUSHDB, supersedes every key), so a new write command cannot forget it. The keys are
-    marked once the handler has accepted its arguments (a refused command supersedes nothing) and
-    before any of its store writes can land: a synchronous handler has written already with no
-    fill in between, an asynchronous one has not started yet. Relayed commands follow the same
-    rule by the flags the backing Redis gives them (``Connection._passthrough``)."""
+    Whether it changed a key is decided where it reaches the store: an in-process store tells the
+    engine of each key a client's write changed (``LocalStore.on_change``); on a shared Redis the
+    reply says (``passthrough.changed_by``). Here, for every ``write`` command of the table by its
+    key positions, its keys are announced as being written from when the handler accepted its
+    arguments until it lands: a fill that finishes meanwhile waits for it, so it neither lands
+    over the client's write nor is dropped for a write that changes nothing. A write naming no
+    key (FLUSHDB) supersedes every key. Relayed commands follow the same rule by the flags the
+    backing Redis gives them (``Connection._passthrough``)."""
     first, last, step = keys
 
     def handler(c: Client, args: list[bytes]) -> Reply:
-        answer = fn(c, args)
         if first <= 0:
-            c.km.written(None)
+            named: list[str] | None = None
         else:
             end = last if last >= 0 else len(args) + last
-            c.km.written(key_of(k) for k in args[first : end + 1 : step])
-        return answer
+            named = [key_of(k) for k in args[first : end + 1 : step]]
+        km = c.km
+        km.writeback.writing(named)
+        try:
+            answer = fn(c, args)
+        except BaseException:
+            km.writeback.landed(named)
+            raise
+        if isinstance(answer, bytes):
+            _landed(c, args, named, answer)
+            return answer
+        return _landing(c, args, named, answer)
 
     handler.__doc__ = fn.__doc__
     return handler
+
+
+def _landing(c: Client, args: list[bytes], named: list[str] | None, pending: Awaitable[bytes]) -> Reply:
+    """A task of the write (started now), whose end, however it ends, lands the write: a fill
+    held for it must not wait for ever on a client that went away."""
+    task = asyncio.ensure_future(pending)
+
+    def done(t: asyncio.Future[bytes]) -> None:
+        ok = not t.cancelled() and t.exception() is None
+        _landed(c, args, named, t.result() if ok else b"-")
+
+    task.add_done_callback(done)
+    return task
+
+
+def _landed(c: Client, args: list[bytes], named: list[str] | None, answer: bytes) -> None:
+    """A write command finished with ``answer``: what it changed supersedes (an in-process store
+    said so already as it wrote), then fills held for it go."""
+    km = c.km
+    if not answer.startswith(b"-") and (named is None or (c.shared is not None and changed_by(args, answer))):
+        km.written(named)
+    km.writeback.landed(named)
 
 
 def arg(

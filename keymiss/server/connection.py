@@ -22,7 +22,7 @@ from keymiss.runtime.net import unacknowledged
 from keymiss.server import reply, resp
 from keymiss.server.client import Transaction
 from keymiss.server.commands import TABLE, Command, error_reply
-from keymiss.server.passthrough import Relay
+from keymiss.server.passthrough import Relay, changed_by
 from keymiss.server.transactions import IMMEDIATE, queue, snapshot
 from keymiss.stores.base import PINNED_PREFIX, Item, LocalStore, SharedStore
 
@@ -405,14 +405,22 @@ class Connection(asyncio.Protocol):
             rule, refusal = await self.relay_rules(store).check(args)
             if refusal is not None:
                 raise ReplyError(refusal)
-            if rule.write:  # a key it writes is not overwritten by a computation started before
-                self.km.written(k.decode("utf-8", "surrogateescape") for k in rule.keys(args))
-            result = await store.raw(args, self.proto)
+            keys = [k.decode("utf-8", "surrogateescape") for k in rule.keys(args)] if rule.write else []
         except ReplyError as exc:
             return reply.error(str(exc))
         except KeymissError as exc:
             return self.error(exc)
-        return reply.encode(result, self.proto)
+        self.km.writeback.writing(keys)  # a computation ending meanwhile waits (``superseding``)
+        answer = b"-"
+        try:
+            answer = reply.encode(await store.raw(args, self.proto), self.proto)
+        except (ReplyError, KeymissError) as exc:
+            answer = reply.error(str(exc)) if isinstance(exc, ReplyError) else self.error(exc)
+        finally:
+            if keys and changed_by(args, answer):  # it changed them: the computation is not stored
+                self.km.written(keys)
+            self.km.writeback.landed(keys)
+        return answer
 
     def error(self, exc: BaseException) -> bytes:
         """The error reply for ``exc``, counted; unexpected exceptions are logged with traceback."""

@@ -168,3 +168,31 @@ class Relay:
     @staticmethod
     def refused(name: str, why: str) -> str:
         return f"ERR '{name}' is not passed through to the shared Redis ({why}); send it to Redis directly"
+
+
+#: Write commands whose reply ``:0`` says they wrote nothing (a count of what they changed).
+_ZERO_IS_NOTHING = frozenset(
+    b"setnx msetnx renamenx copy hsetnx hdel sadd srem smove zrem lrem pfadd".split()
+)
+_NILS = (b"$-1\r\n", b"_\r\n", b"*-1\r\n")
+
+
+def changed_by(args: Sequence[bytes], answer: bytes) -> bool:
+    """Whether a write command relayed to the shared Redis (or run on it) changed its keys, read
+    from its encoded reply: an error, a nil (SET XX of a missing key) or a ``:0`` of a command that
+    counts what it set says not; so do a rename onto itself and a SETRANGE of
+    nothing, which Redis leaves alone. Anything else may have written; a delete always counts (the
+    del-during row: a key deleted while it computes is computed again). Only a write that changed a
+    key supersedes its computation, as only those raise the keyspace events the module acts on."""
+    name = args[0].lower()
+    if answer.startswith((b"-", b"!")):
+        return False
+    if answer in _NILS:  # GETSET, SET ... GET: nil for a key they created; GETDEL: a delete
+        return name in (b"getset", b"getdel") or (
+            name == b"set" and any(a.lower() == b"get" for a in args[3:])
+        )
+    if answer == b":0\r\n" and name in _ZERO_IS_NOTHING:
+        return False
+    if name in (b"rename", b"renamenx") and len(args) > 2 and args[1] == args[2]:
+        return False
+    return not (name == b"setrange" and len(args) > 3 and args[3] == b"")

@@ -373,7 +373,7 @@ def cmd_getdel(c: Client, args: list[bytes]) -> Reply:
 
     async def later() -> bytes:
         item = await (shared.get_strict(key) if shared is not None else c.km.store.get(key))
-        if item is not None:
+        if item is not None or shared is None:  # a delete even of nothing supersedes (del-during)
             await c.km.store.delete([key])
         return _item_reply(item, c.proto)
 

@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING, Any
 from keymiss.server import reply
 from keymiss.server.client import Transaction, same
 from keymiss.server.commands import TABLE, CommandError, Reply, arg, command, key_of, local_store_of
+from keymiss.server.passthrough import changed_by
 from keymiss.stores.base import Item
 
 if TYPE_CHECKING:
@@ -234,21 +235,27 @@ async def _exec_shared(c: Client, commands: list[list[bytes]]) -> bytes:
     shared = c.shared
     assert shared is not None
     relay = c.relay_rules(shared)
-    written: list[str] = []
+    each: list[list[str]] = []  # the keys each command writes
     for args in commands:
         cmd = TABLE.get(args[0].lower())
         if cmd is not None:
-            if "write" in cmd.flags:
-                written.extend(c.keys_of(cmd, args) or [])
+            each.append((c.keys_of(cmd, args) or []) if "write" in cmd.flags else [])
             continue
         rule, refusal = await relay.check(args)
         if refusal is not None:
             raise CommandError(f"EXECABORT Transaction discarded: {refusal.removeprefix('ERR ')}")
-        if rule.write:
-            written.extend(k.decode("utf-8", "surrogateescape") for k in rule.keys(args))
-    if written:
-        c.km.written(written)
-    replies = await shared.transaction(commands, c.proto)
+        each.append([k.decode("utf-8", "surrogateescape") for k in rule.keys(args)] if rule.write else [])
+    written = [k for keys in each for k in keys]
+    c.km.writeback.writing(
+        written
+    )  # what a command changed supersedes, once its reply says so (``superseding``)
+    try:
+        replies = await shared.transaction(commands, c.proto)
+        for args, keys, answer in zip(commands, each, replies or [], strict=False):
+            if keys and not isinstance(answer, Exception) and changed_by(args, reply.encode(answer, 2)):
+                c.km.written(keys)
+    finally:
+        c.km.writeback.landed(written)
     if replies is None:
         return reply.NULL3 if c.proto == 3 else reply.NULL_ARRAY2
     for args, answer in zip(commands, replies, strict=False):

@@ -253,6 +253,9 @@ class LocalStore(Store):
 
     def __init__(self, on_evict: EvictHook | None = None) -> None:
         self.on_evict = on_evict
+        #: called with the keys a client's write set or deleted (not a computed value's write, nor
+        #: one that set nothing, as SET XX of a missing key): their computations are superseded
+        self.on_change: Callable[[list[str]], None] | None = None
         self.evictions = 0
         self.expired = 0
 
@@ -312,6 +315,28 @@ class LocalStore(Store):
         write that could not is refused up front, as Redis refuses one over maxmemory."""
         return True
 
+    def _noted_set(self, writes: Sequence[Write], nx: bool, xx: bool, keep_ttl: bool) -> list[bool]:
+        """``_set``, telling ``on_change`` which clients' writes landed."""
+        results = self._set(writes, nx, xx, keep_ttl)
+        if self.on_change is not None:
+            changed = [w.key for w, ok in zip(writes, results, strict=True) if ok and w.version is None]
+            if changed:
+                self._notify(changed)
+        return results
+
+    def _noted_delete(self, keys: Sequence[str]) -> int:
+        """``_delete``, telling ``on_change`` of every key named: a delete supersedes a computation
+        of its key even if it found none stored yet (the read contract's del-during row)."""
+        n = self._delete(keys)
+        if self.on_change is not None and keys:
+            self._notify(list(keys))
+        return n
+
+    def _notify(self, keys: list[str]) -> None:
+        """Call ``on_change`` (on the event loop's thread; LMDB's writer thread hands it over)."""
+        assert self.on_change is not None
+        self.on_change(keys)
+
     # --- synchronous face (valid for reads always, for writes where ``sync_writes``) -------------
     def set_now(
         self,
@@ -328,11 +353,11 @@ class LocalStore(Store):
         """``set`` on this thread; ``version``: the tag of the keyspace version that computed the
         value, kept beside it (a copy of a computed value, as the near cache holds)."""
         write = Write(key, value, codec, ttl, version=version)
-        result: list[bool] = self._write_now(self._set, [write], nx, xx, keep_ttl)
+        result: list[bool] = self._write_now(self._noted_set, [write], nx, xx, keep_ttl)
         return result[0]
 
     def delete_now(self, keys: Iterable[str]) -> int:
-        result: int = self._write_now(self._delete, list(keys))
+        result: int = self._write_now(self._noted_delete, list(keys))
         return result
 
     def _update(self, key: str, edit: Callable[[Item | None], tuple[bytes | None, Any]]) -> Any:
@@ -341,7 +366,7 @@ class LocalStore(Store):
         store goes through one writer (the event loop, or LMDB's writer thread), so no other write
         lands between the read and the write: INCR from two clients never loses an increment."""
         new, result = edit(self.get_now(key))
-        if new is not None and not self._set([Write(key, new, 0, None)], False, False, True)[0]:
+        if new is not None and not self._noted_set([Write(key, new, 0, None)], False, False, True)[0]:
             raise ReplyError("OOM command not allowed when used memory > 'maxmemory'.")  # unchanged
         return result
 
@@ -367,11 +392,11 @@ class LocalStore(Store):
         self, key: str, value: bytes, *, codec: int = 0, ttl: float | None = None, nx: bool = False
     ) -> bool:
         """Inside a ``step``: write one key (False if ``nx`` and it exists, or it does not fit)."""
-        return self._set([Write(key, value, codec, ttl)], nx, False, False)[0]
+        return self._noted_set([Write(key, value, codec, ttl)], nx, False, False)[0]
 
     def remove(self, keys: Iterable[str]) -> int:
         """Inside a ``step``: delete keys; how many existed."""
-        return self._delete(list(keys))
+        return self._noted_delete(list(keys))
 
     def exists_now(self, keys: Iterable[str]) -> int:
         return sum(1 for k in keys if self.get_now(k) is not None)
@@ -403,17 +428,18 @@ class LocalStore(Store):
         xx: bool = False,
         keep_ttl: bool = False,
     ) -> bool:
-        result: list[bool] = await self._write(self._set, [Write(key, value, codec, ttl)], nx, xx, keep_ttl)
+        write = Write(key, value, codec, ttl)
+        result: list[bool] = await self._write(self._noted_set, [write], nx, xx, keep_ttl)
         return result[0]
 
     async def set_many(self, writes: Sequence[Write]) -> list[bool]:
         if not writes:
             return []
-        result: list[bool] = await self._write(self._set, list(writes), False, False, False)
+        result: list[bool] = await self._write(self._noted_set, list(writes), False, False, False)
         return result
 
     async def delete(self, keys: Iterable[str]) -> int:
-        result: int = await self._write(self._delete, list(keys))
+        result: int = await self._write(self._noted_delete, list(keys))
         return result
 
     async def exists(self, keys: Iterable[str]) -> int:

@@ -107,6 +107,8 @@ class LMDBStore(LocalStore):
         self._identity = self._file_identity()
         self._gone_logged = False
         self._batched = 0  # EXECs in progress whose writes share one fsync at their end
+        self._loop: asyncio.AbstractEventLoop | None = None  # the writer's callers' (``_notify``)
+        self._loop_thread = threading.get_ident()
 
     def db_key(self, kb: bytes) -> bytes:
         return db_key(kb, self._max_key)
@@ -172,7 +174,17 @@ class LMDBStore(LocalStore):
             return self._write_now(fn, *args)
         if self._closed:
             raise StoreError("the LMDB store is closed")
-        return await asyncio.get_running_loop().run_in_executor(self._writer, self._write_now, fn, *args)
+        loop = self._loop = asyncio.get_running_loop()
+        self._loop_thread = threading.get_ident()
+        return await loop.run_in_executor(self._writer, self._write_now, fn, *args)
+
+    def _notify(self, keys: list[str]) -> None:
+        """On the writer thread, ``on_change`` is handed to the loop: it runs there before this
+        write's own result (queued after it), so before the client's command sees it landed."""
+        if self._loop is not None and threading.get_ident() != self._loop_thread:
+            self._loop.call_soon_threadsafe(super()._notify, keys)
+        else:
+            super()._notify(keys)
 
     def begin_batch(self) -> None:
         """Writes from now until ``end_batch`` are not synced one by one (an EXEC's commands)."""

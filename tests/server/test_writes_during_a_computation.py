@@ -159,3 +159,20 @@ def test_a_ttl_change_of_a_key_still_computing_changes_nothing(node: ServerProce
     with r:
         assert done == 0  # no key yet
         assert r.get(key) == f"gated result for {key}".encode()  # the computation is stored
+
+
+#: command -> what it does while the key computes; none of them changes the key (absent still)
+NO_OPS: dict[str, Callable[[redis.Redis, str], Any]] = {
+    "SET XX": lambda r, k: r.set(k, "w", xx=True),
+    "MSETNX with another key present": lambda r, k: (r.set(k + "-o", "o"), r.msetnx({k + "-o": "x", k: "w"})),
+    "SETRANGE of nothing": lambda r, k: r.setrange(k, 0, ""),
+}
+
+
+@pytest.mark.parametrize("how", list(NO_OPS))
+def test_a_write_that_changes_nothing_supersedes_nothing(node: ServerProcess, how: str) -> None:
+    """Only a write that changes or deletes the key supersedes: the computed value is stored."""
+    key, _, r = during(node, NO_OPS[how])
+    with r:
+        assert r.exists(key) == 1  # stored (a GET would compute it again, with the same result)
+        assert r.get(key) == f"gated result for {key}".encode()
