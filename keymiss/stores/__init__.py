@@ -1,6 +1,6 @@
 """Stores, chosen by URL-like strings so a flag or a config file can name them.
 
-``memory`` · ``lmdb:PATH`` · ``lmdb:PATH?max_disk=10GB&durable=0&map_size=1GB``
+``memory`` · ``lmdb:PATH`` · ``lmdb:PATH?max_disk=10GB&durable=0&map_size=1GB&max_value=64MB``
 """
 
 from __future__ import annotations
@@ -96,7 +96,7 @@ def _open(
         path = rest[2:] if rest.startswith("//") else rest
         if not path:
             raise ConfigError("lmdb store needs a directory: lmdb:PATH")
-        unknown = set(opts) - {"max_disk", "durable", "map_size"}
+        unknown = set(opts) - {"max_disk", "durable", "map_size", "max_value"}
         if unknown:
             raise ConfigError(f"unknown lmdb store option(s): {', '.join(sorted(unknown))}")
         return LMDBStore(
@@ -104,6 +104,7 @@ def _open(
             max_disk=parse_size(opts["max_disk"], what="max_disk") if "max_disk" in opts else None,
             durable=_flag(opts.get("durable", "1"), "durable"),
             map_size=parse_size(opts.get("map_size", "256mb"), what="map_size"),
+            max_value=parse_size(opts.get("max_value", "64mb"), what="max_value"),
             on_evict=on_evict,
             **local,
         )

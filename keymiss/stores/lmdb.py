@@ -64,11 +64,15 @@ class LMDBStore(LocalStore):
         durable: bool = True,
         clock: Callable[[], float] = time.time,
         on_evict: EvictHook | None = None,
+        max_value: int = 64 * 1024**2,
     ) -> None:
         super().__init__(on_evict)
         self.path = path
         self.url = f"lmdb:{path}"
         self.max_disk = max_disk
+        #: the largest value one key may hold: a value is read, checked and rewritten whole (SETBIT
+        #: or APPEND on it copies it), so one client's 512 MB string must not hold every reader
+        self.max_value = max_value
         self.durable = durable
         self.corrupt = 0
         self.clock = clock
@@ -261,6 +265,8 @@ class LMDBStore(LocalStore):
                 self.on_evict(raw.decode("utf-8", "surrogateescape"))
 
     def fits(self, key: str, size: int) -> bool:
+        if size > self.max_value:
+            return False
         return self.max_disk is None or len(encode_key(key)) + size <= self.max_disk // 2
 
     def _set(self, writes: Sequence[Write], nx: bool, xx: bool, keep_ttl: bool) -> list[bool]:
