@@ -33,6 +33,7 @@ setup(
                 "keymiss/valkey/module/events.c",
                 "keymiss/valkey/module/entries.c",
                 "keymiss/valkey/module/fresh.c",
+                "keymiss/valkey/module/admission.c",
                 "keymiss/valkey/module/errors.c",
                 "keymiss/valkey/module/keyspace.c",
                 "keymiss/valkey/module/slottag.c",

@@ -19,7 +19,9 @@ The conversation, per server:
 - ``KEYMISS.FILL key token value [PX ms] [VERSION tag] [CODEC n] [COST us] [NOSTORE]`` stores the value and
   wakes the key's readers: :data:`FILL_STORED`, :data:`FILL_DISCARDED` (a client wrote the key,
   the lease passed, or the value is of another version), or :data:`FILL_NOT_STORED`: the readers
-  got the value, nothing was stored (``NOSTORE``, or the value is over the keyspace's ``SHARE``).
+  got the value, nothing was stored (``NOSTORE``, the value is over the keyspace's ``SHARE``, or
+  near ``maxmemory`` it is worth less per byte than what it would displace: INFO's
+  ``admission_rejects``, weighing ``COST``, else the time from TAKE).
   ``CODEC``: the codec that wrote the bytes (``keymiss.codecs.Codec``; 0, plain bytes, if absent).
 - ``KEYMISS.FAIL key token error-line [MISMATCH | TIMEOUT]``: every reader of the key gets the
   error line (``1``), or nobody waited any more (``0``). The flag says why, for the counters (as
@@ -179,7 +181,16 @@ TAG_AMBIGUOUS = "a tag's <field> must end the tag or be followed by the text tha
 # --- INFO keymiss ------------------------------------------------------------------------------------
 INFO_SECTION = "keymiss"
 #: the section's own fields (``keymiss_<name>`` in INFO)
-INFO_FIELDS = ("keyspaces", "workers", "pending", "blocked_readers", "error_records", "refused_clients")
+INFO_FIELDS = (
+    "keyspaces",
+    "workers",
+    "pending",
+    "blocked_readers",
+    "error_records",
+    "refused_clients",
+    "admission_rejects",
+    "admission_evictions",
+)
 #: the fields of each ``keymiss_keyspace_<n>`` line, in order (``version`` only when versioned): the
 #: words the Python server's ``INFO keymiss`` uses for the same counters, in the same units
 #: (``keymiss.stats.SHARED_KEYSPACE_FIELDS``); the last ones are :data:`INFO_KEYSPACE_ALIASES`

@@ -214,6 +214,10 @@ typedef void (*RedisModuleScanCB)(RedisModuleCtx *ctx, RedisModuleString *keynam
     X(int, CommandFilterArgReplace, (RedisModuleCommandFilterCtx * fctx, int pos,                   \
                                      RedisModuleString *arg))                                        \
     X(void, GetRandomBytes, (unsigned char *dst, size_t len))                                        \
+    X(RedisModuleString *, RandomKey, (RedisModuleCtx * ctx))                                        \
+    X(unsigned long long, DbSize, (RedisModuleCtx * ctx))                                            \
+    X(size_t, ValueLength, (RedisModuleKey * key))                                                   \
+    X(float, GetUsedMemoryRatio, (void))                                                             \
     X(RedisModuleServerInfoData *, GetServerInfo, (RedisModuleCtx * ctx, const char *section))      \
     X(void, FreeServerInfo, (RedisModuleCtx * ctx, RedisModuleServerInfoData * data))                \
     X(unsigned long long, ServerInfoGetFieldUnsigned, (RedisModuleServerInfoData * data,             \

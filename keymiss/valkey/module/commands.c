@@ -416,7 +416,8 @@ static int km_fill_unstored(RedisModuleCtx *ctx, KmEntry *e, RedisModuleString *
  * stored; 0 if discarded (a client wrote the key meanwhile: the waiters get the value, the client's
  * write stays; the computation was given up; or it ran under another version than the keyspace's
  * now: then the key is computed again); 2 if the
- * waiters got the value but it is not stored (NOSTORE, or over the keyspace's SHARE of maxmemory). */
+ * waiters got the value but it is not stored (NOSTORE, over the keyspace's SHARE of maxmemory, or
+ * worth less than what it would displace near maxmemory: km_admit). */
 int km_cmd_fill(RedisModuleCtx *ctx, RedisModuleString **argv, int argc) {
     if (argc < 4) return KM_WrongArity(ctx);
     long long token;
@@ -467,6 +468,16 @@ int km_cmd_fill(RedisModuleCtx *ctx, RedisModuleString **argv, int argc) {
     /* Keyspaces live in database 0, whichever database the worker's connection selected. */
     int db = KM_GetSelectedDb(ctx);
     if (db != 0 && KM_SelectDb(ctx, 0) != RM_OK) return KM_ReplyWithError(ctx, KM_ERR_PREFIX "cannot select db 0");
+    /* near maxmemory, a value worth less per byte than what it would displace is answered only */
+    double cost_ms = opt.num[KM_N_COST] >= 0 ? (double)opt.num[KM_N_COST] / 1000.0 /* COST is in us */
+                     : e->taken_at > 0         ? (double)(now - e->taken_at)
+                                               : 0.0;
+    if (!km_admit(ctx, ks, argv[1], vlen_bytes, cost_ms)) {
+        if (db != 0) KM_SelectDb(ctx, db);
+        if (e->refresh && e->nwaiters == 0) km_backoff_note(e->key, now); /* the present value stays */
+        km_entry_answer(e, argv[3]);
+        return KM_ReplyWithLongLong(ctx, KM_FILL_NOT_STORED);
+    }
     km.filling = 1;
     RedisModuleCallReply *r = km_companion_fill(ctx, argv[1], argv[3], opt.num[KM_N_CODEC], vtag, vlen, px);
     if (r == NULL)

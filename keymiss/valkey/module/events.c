@@ -199,6 +199,7 @@ void km_on_loading(RedisModuleCtx *ctx, RedisModuleEvent eid, uint64_t subevent,
 void km_on_tick(RedisModuleCtx *ctx, void *data) {
     (void)data;
     long long now = km_now_ms();
+    if (km.nkeyspaces) km_maxmemory(ctx, now); /* read once a second: the filter's sketch counts under one */
     if (KM_DictSize(km.pending)) {
         size_t ndue;
         KmPicked *due = km_dict_pick(km.pending, km_due_at, &now, 0, &ndue);

@@ -12,6 +12,8 @@
 #define KM_SECTION_blocked_readers (km.waiting)
 #define KM_SECTION_error_records ((long long)KM_DictSize(km.errors))
 #define KM_SECTION_refused_clients (km.refused_clients) /* client connections refused past MAXCLIENTS */
+#define KM_SECTION_admission_rejects (km.admission_rejects)
+#define KM_SECTION_admission_evictions (km.admission_evictions)
 
 /* A keyspace's field by its INFO name (one protocol.h adds must be given here). Most are the
  * keyspace's member of that name; INFO's words are the Python server's, so a member the module

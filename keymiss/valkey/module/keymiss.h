@@ -31,6 +31,7 @@
  *   tags.c      templates (<field>s) and a keyspace's tags: which keys carry a tag
  *   forget.c    KEYMISS.FORGET: forgetting keys by pattern or tag in timer steps
  *   events.c    keyspace and server events, the tick
+ *   admission.c the frequency sketch and FILL's size- and cost-aware admission near maxmemory
  *   info.c      INFO keymiss
  *   load.c      loading: the state, commands, filter, events, timer
  *   api.c       the module API, looked up by name (api.h)
@@ -213,6 +214,8 @@ typedef struct KmState {
     RedisModuleString *get_name, *mget_name;
     RedisModuleCtx *filter_ctx; /* database 0, for the filter's lookups */
     int lookup_modes;           /* what the filter's lookups may skip, as the server allows */
+    long long admission_rejects;   /* FILLs answered but not stored: worth less than what they displace */
+    long long admission_evictions; /* keyspace values the module deleted to make room for worthier ones */
     uint16_t crc16tab[256];
     char slot_tags[KM_SLOTS][4]; /* for each slot, a short hash tag that lands in it */
     unsigned char slot_taglen[KM_SLOTS];
@@ -374,6 +377,9 @@ void km_clients_tick(RedisModuleCtx *ctx, long long now);
 /* one key's handler time (FILL's COST), counted in its keyspace's compute-time histogram */
 void km_observe_compute(KmKeyspace *ks, double seconds);
 void km_on_info(RedisModuleInfoCtx *ctx, int for_crash_report);
+
+void km_sketch_add(const RedisModuleString *key);
+int km_admit(RedisModuleCtx *ctx, KmKeyspace *ks, RedisModuleString *key, size_t vlen, double cost_ms);
 
 #pragma GCC visibility pop
 

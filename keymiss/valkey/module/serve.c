@@ -287,6 +287,7 @@ void km_command_filter(RedisModuleCommandFilterCtx *f) {
         RedisModuleString *key = (RedisModuleString *)KM_CommandFilterArgGet(f, i);
         int ksi = km_route_str(key);
         if (ksi < 0) continue;
+        if (km.maxmemory) km_sketch_add(key); /* admission's frequency: bytes only, no lookup */
         if (!asked && (km.keyspaces[ksi]->stale_ms > 0 || km.keyspaces[ksi]->early_milli > 0)) {
             /* another database's read is a plain one: it refreshes nothing, where the server says
              * which database the client is in (Redis 7.0 does not: there it may refresh database

@@ -1,0 +1,235 @@
+/* Size- and cost-aware admission: which computed values are worth the bytes they would take.
+ *
+ * The server evicts by its own policy (LRU or LFU, sampled), blind to how big a value is and what it
+ * cost to compute. Near maxmemory every value stored pushes others out, so a FILL is stored only if
+ * the new value is worth more than what it displaces. Worth is frequency x compute cost / bytes:
+ *
+ * - frequency: a count-min sketch of keyspace keys (4 rows of 8-bit counters, TinyLFU's), counted
+ *   by the command filter on every GET / MGET of a keyspace key from the key's bytes alone (no
+ *   lookup), halved every 10 reads per key held so that it describes recent use;
+ * - cost: the milliseconds the worker says the computation took (FILL's COST), else the take-to-fill
+ *   time; kept per sketch slot, log-scaled in one byte, so a value sampled later has its own cost
+ *   (a slot nobody filled reads as its keyspace's mean);
+ * - bytes: the value's length plus its key's and a fixed per-key overhead.
+ *
+ * What it displaces is sampled as the server's eviction samples (RandomKey): of KM_ADMIT_SAMPLE
+ * keyspace keys, the one of least worth. If the newcomer is worth no more, it is answered to its
+ * readers and not stored (admission_rejects); else the sampled one is deleted (admission_evictions)
+ * and sampling goes on until as many bytes as the new value's are freed, or memory is back under
+ * KM_ADMIT_HIGH of maxmemory: the module makes its own room, GDSF-like, before the server's policy
+ * has to. Everything runs on the main thread,
+ * at FILL time only; a hit costs the filter one hash and four byte increments.
+ */
+#include "keymiss.h"
+
+#include <math.h>
+
+#define KM_SKETCH_MIN_WIDTH 4096u      /* counters per row at first (16 KB in all) */
+#define KM_SKETCH_MAX_WIDTH (1u << 22) /* at most (16 MB in all) */
+#define KM_ADMIT_HIGH 0.95             /* used / maxmemory above which a FILL must earn its room */
+#ifndef KM_ADMIT_SAMPLE
+#define KM_ADMIT_SAMPLE 16 /* keys sampled per victim (5 lost 1 point of hits to 16 in bench/hit_ratio.py) */
+#endif
+#ifndef KM_COST_WEIGHT
+#define KM_COST_WEIGHT 0.5 /* worth grows as cost to this power */
+#endif
+#ifndef KM_SKETCH_PER_KEY
+#define KM_SKETCH_PER_KEY 8 /* counters a row per key held: the sketch is charged to maxmemory too */
+#endif
+#define KM_ADMIT_ROUNDS 16             /* victims one FILL may delete at most */
+#define KM_KEY_OVERHEAD 64             /* bytes a string key costs the server beyond key and value */
+
+typedef struct KmSketch {
+    unsigned char *rows; /* 4 x width counters */
+    unsigned char *cost; /* width log-scaled costs (0: unknown) */
+    uint32_t width, mask;
+    uint64_t additions, period, seed; /* halved every `period` additions: 10 per key held */
+} KmSketch;
+
+static KmSketch sk;
+
+/* 64 bits of the key's bytes (FNV-1a, then a murmur finaliser to spread them over the rows). */
+static uint64_t km_hash(const char *p, size_t len) {
+    uint64_t h = 1469598103934665603ULL ^ sk.seed;
+    for (size_t i = 0; i < len; i++) h = (h ^ (unsigned char)p[i]) * 1099511628211ULL;
+    h ^= h >> 33;
+    h *= 0xff51afd7ed558ccdULL;
+    h ^= h >> 33;
+    h *= 0xc4ceb9fe1a85ec53ULL;
+    return h ^ (h >> 33);
+}
+
+static inline uint32_t km_row_index(uint64_t h, int row) {
+    return (uint32_t)((h >> (16 * row)) ^ (h >> (16 * row + 40))) & sk.mask;
+}
+
+/* A table `width` wide, every count kept: old row i's counters are tiled across the new row (a
+ * key's new index reduces to its old one under the old mask), as the memory store's sketch grows. */
+static int km_sketch_grow(uint32_t width) {
+    unsigned char *rows = KM_Calloc((size_t)width * 4, 1);
+    unsigned char *cost = KM_Calloc(width, 1);
+    if (rows == NULL || cost == NULL) {
+        KM_Free(rows);
+        KM_Free(cost);
+        return RM_ERR;
+    }
+    if (sk.rows) {
+        for (int r = 0; r < 4; r++)
+            for (uint32_t i = 0; i < width; i++) rows[(size_t)r * width + i] = sk.rows[(size_t)r * sk.width + (i & sk.mask)];
+        for (uint32_t i = 0; i < width; i++) cost[i] = sk.cost[i & sk.mask];
+        KM_Free(sk.rows);
+        KM_Free(sk.cost);
+    } else {
+        KM_GetRandomBytes((unsigned char *)&sk.seed, sizeof(sk.seed));
+    }
+    sk.rows = rows;
+    sk.cost = cost;
+    sk.width = width;
+    sk.mask = width - 1;
+    if (sk.period == 0) sk.period = 10ULL * KM_SKETCH_MIN_WIDTH / 16;
+    return RM_OK;
+}
+
+/* One read of a keyspace key (the filter's): its four counters, capped at 255; aging by halving. */
+void km_sketch_add(const RedisModuleString *key) {
+    if (sk.rows == NULL && km_sketch_grow(KM_SKETCH_MIN_WIDTH) != RM_OK) return;
+    size_t len;
+    const char *p = KM_StringPtrLen(key, &len);
+    uint64_t h = km_hash(p, len);
+    int added = 0;
+    for (int r = 0; r < 4; r++) {
+        unsigned char *c = &sk.rows[(size_t)r * sk.width + km_row_index(h, r)];
+        if (*c < 255) {
+            (*c)++;
+            added = 1;
+        }
+    }
+    if (added && ++sk.additions >= sk.period) {
+        for (size_t i = 0; i < (size_t)sk.width * 4; i++) sk.rows[i] >>= 1;
+        sk.additions /= 2;
+    }
+}
+
+static unsigned km_sketch_freq(uint64_t h) {
+    unsigned f = 255;
+    for (int r = 0; r < 4; r++) {
+        unsigned c = sk.rows[(size_t)r * sk.width + km_row_index(h, r)];
+        if (c < f) f = c;
+    }
+    return f;
+}
+
+/* Milliseconds as one byte: 16 steps per doubling, 0 kept for "unknown". */
+static unsigned char km_cost_code(double ms) {
+    double q = 1.0 + 16.0 * log2(1.0 + (ms > 0 ? ms : 0));
+    return (unsigned char)(q > 255 ? 255 : q);
+}
+
+static double km_cost_ms(unsigned char code) {
+    return exp2((code - 1) / 16.0) - 1.0;
+}
+
+/* What keeping `bytes` of key hash `h` (of keyspace ks) is worth: frequency x sqrt(1 + cost ms) per
+ * byte. The square root balances hits against compute seconds: on bench/hit_ratio.py's traces the
+ * full cost weight saved the most seconds but lost hits to GDSF, no weight the reverse. */
+static double km_worth(uint64_t h, const KmKeyspace *ks, size_t bytes) {
+    unsigned char code = sk.cost[h & sk.mask];
+    double ms = code ? km_cost_ms(code) : ks->mean_compute_ms;
+    return (double)km_sketch_freq(h) * pow(1.0 + ms, KM_COST_WEIGHT) / (double)(bytes ? bytes : 1);
+}
+
+/* Remember what computing `key` cost, for when it is sampled later. */
+static void km_note_cost(uint64_t h, double ms) {
+    sk.cost[h & sk.mask] = km_cost_code(ms);
+}
+
+/* The sampled key of least worth (*worth and *bytes set; a new string the caller frees), or NULL if
+ * no keyspace key came up. The newcomer itself and keys being computed are no victims. */
+static RedisModuleString *km_sample_victim(RedisModuleCtx *ctx, const RedisModuleString *self, double *worth,
+                                           size_t *bytes) {
+    RedisModuleString *best = NULL;
+    size_t slen;
+    const char *sp = KM_StringPtrLen(self, &slen);
+    for (int i = 0; i < KM_ADMIT_SAMPLE; i++) {
+        RedisModuleString *key = KM_RandomKey(ctx);
+        if (key == NULL) break;
+        size_t klen;
+        const char *kp = KM_StringPtrLen(key, &klen);
+        int ksi = km_route_str(key);
+        /* a versioned keyspace's value has a companion key: left to the server's eviction */
+        if (ksi < 0 || km.keyspaces[ksi]->version != NULL || (klen == slen && memcmp(kp, sp, klen) == 0) ||
+            km_entry_find(key) != NULL) {
+            KM_FreeString(ctx, key);
+            continue;
+        }
+        RedisModuleKey *open = KM_OpenKey(ctx, key, RM_READ | km.lookup_modes);
+        size_t vlen = 0;
+        int is_string = open != NULL && KM_KeyType(open) == RM_KEYTYPE_STRING;
+        if (is_string) vlen = KM_ValueLength(open);
+        if (open) KM_CloseKey(open);
+        if (!is_string) {
+            KM_FreeString(ctx, key);
+            continue;
+        }
+        double w = km_worth(km_hash(kp, klen), km.keyspaces[ksi], vlen + klen + KM_KEY_OVERHEAD);
+        if (best == NULL || w < *worth) {
+            if (best) KM_FreeString(ctx, best);
+            best = key;
+            *worth = w;
+            *bytes = vlen + klen + KM_KEY_OVERHEAD;
+        } else {
+            KM_FreeString(ctx, key);
+        }
+    }
+    return best;
+}
+
+/* Whether the FILL of `key` (keyspace ks, a value of vlen bytes that took cost_ms) may be stored:
+ * 1 if memory is not tight or it outweighs each value it displaces (those are deleted here first),
+ * 0 if it loses to one (counted in km.admission_rejects). */
+int km_admit(RedisModuleCtx *ctx, KmKeyspace *ks, RedisModuleString *key, size_t vlen, double cost_ms) {
+    if (sk.rows == NULL && km_sketch_grow(KM_SKETCH_MIN_WIDTH) != RM_OK) return 1;
+    size_t klen;
+    const char *kp = KM_StringPtrLen(key, &klen);
+    uint64_t h = km_hash(kp, klen);
+    km_note_cost(h, cost_ms);
+    unsigned long long max = km_maxmemory(ctx, km_now_ms());
+    if (max == 0) return 1;
+    size_t bytes = vlen + klen + KM_KEY_OVERHEAD;
+    double need = (double)bytes / (double)max;
+    if ((double)KM_GetUsedMemoryRatio() + need <= KM_ADMIT_HIGH) return 1;
+    /* The sketch follows the keys the server holds: 16 counters a row per key held (it also counts
+     * the keys that were not admitted, or were evicted: a scan's one-off keys), and it ages every 10
+     * reads per key held (TinyLFU's sample), so that yesterday's favourites make room. */
+    unsigned long long held = KM_DbSize(ctx);
+    sk.period = 10ULL * (held > KM_SKETCH_MIN_WIDTH / 16 ? held : KM_SKETCH_MIN_WIDTH / 16);
+    if (KM_SKETCH_PER_KEY * held > sk.width && sk.width < KM_SKETCH_MAX_WIDTH) {
+        uint32_t w = sk.width;
+        while (w < KM_SKETCH_PER_KEY * held && w < KM_SKETCH_MAX_WIDTH) w <<= 1;
+        if (km_sketch_grow(w) != RM_OK) return 1;
+    }
+    double mine = km_worth(h, ks, bytes);
+    size_t freed = 0;
+    for (int round = 0; round < KM_ADMIT_ROUNDS; round++) {
+        double theirs = 0;
+        size_t their_bytes = 0;
+        RedisModuleString *victim = km_sample_victim(ctx, key, &theirs, &their_bytes);
+        if (victim == NULL) return 1; /* nothing of ours to weigh: the server's eviction decides */
+        if (theirs >= mine) {
+            KM_FreeString(ctx, victim);
+            km.admission_rejects++;
+            return 0;
+        }
+        km.filling = 1; /* our own delete: not a client's write */
+        RedisModuleCallReply *r = KM_Call(ctx, "DEL", "!s", victim);
+        km.filling = 0;
+        if (r) KM_FreeCallReply(r);
+        KM_FreeString(ctx, victim);
+        if (r == NULL) return 1;
+        km.admission_evictions++;
+        freed += their_bytes;
+        /* room made: as many bytes as it takes, or memory back under the mark */
+        if (freed >= bytes || (double)KM_GetUsedMemoryRatio() + need <= KM_ADMIT_HIGH) break;
+    }
+    return 1;
+}
