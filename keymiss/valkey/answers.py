@@ -235,7 +235,7 @@ class Answers:
             version=result.version.hex() if versioned or result.codec else None,
             codec=int(result.codec),
             store=store,
-            cost=result.cost,  # INFO's compute seconds are the handler's, as the Python server's
+            cost=result.cost,  # INFO's compute seconds; the module's admission weighs it
         ), committed
 
     # --- sending -----------------------------------------------------------------------------------

@@ -20,7 +20,7 @@ from keymiss.valkey.modulepath import module_path
 
 from ..redis_servers import RedisProcess
 from ..support import RespTestClient, aeventually, resp
-from .conftest import binary, raw_worker, take_one
+from .conftest import binary, raw_worker, take_one, valgrind_valkey
 
 MAXMEMORY = 8 * 1024 * 1024
 HOT = 8 * 1024  # bytes of each value already held
@@ -43,14 +43,14 @@ def tight(kind: str, tmp_path: Path) -> Iterator[RedisProcess]:
     proc.stop()
 
 
-async def memory_ratio(port: int) -> float:
-    info = (await resp(port, "INFO", "memory")).decode()
+async def memory_ratio(port: int, wait: float = 10.0) -> float:
+    info = (await resp(port, "INFO", "memory", wait=wait)).decode()
     fields = dict(line.split(":", 1) for line in info.splitlines() if ":" in line)
     return int(fields["used_memory"]) / MAXMEMORY
 
 
-async def counters(port: int) -> dict[str, int]:
-    info = (await resp(port, "INFO", protocol.INFO_SECTION)).decode()
+async def counters(port: int, wait: float = 10.0) -> dict[str, int]:
+    info = (await resp(port, "INFO", protocol.INFO_SECTION, wait=wait)).decode()
     out = {}
     for name in ("admission_rejects", "admission_evictions"):
         prefix = f"{protocol.INFO_SECTION}_{name}:"
@@ -59,64 +59,82 @@ async def counters(port: int) -> dict[str, int]:
     return out
 
 
-async def compute(port: int, w: RespTestClient, key: str, value: bytes, readers: int = 1) -> tuple[int, list]:
+async def compute(
+    port: int, w: RespTestClient, key: str, value: bytes, readers: int = 1, wait: float = 10.0
+) -> tuple[int, list]:
     """``readers`` GETs of ``key`` (a miss: they wait on one computation), the worker's FILL of
     ``value``: (FILL's reply, what each reader got)."""
-    waiting = [asyncio.ensure_future(resp(port, "GET", key)) for _ in range(readers)]
-    taken, token = await take_one(w)
+    waiting = [asyncio.ensure_future(resp(port, "GET", key, wait=wait)) for _ in range(readers)]
+    taken, token = await take_one(w, block_ms=int(wait * 1000))
     assert taken in (key, key.encode())
     # every reader is waiting before the fill (each reader's GET is counted by the sketch)
     blocked = f"{protocol.INFO_SECTION}_blocked_readers:{readers}\r"
 
     async def all_waiting() -> bool:
-        return blocked in (await resp(port, "INFO", protocol.INFO_SECTION)).decode()
+        return blocked in (await resp(port, "INFO", protocol.INFO_SECTION, wait=wait)).decode()
 
-    await aeventually(all_waiting, message=f"{readers} readers wait")
+    await aeventually(all_waiting, timeout=wait, message=f"{readers} readers wait")
     reply = await w.call(*protocol.fill(key, token, value, cost=0.005))
     return reply, await asyncio.gather(*waiting)
 
 
-async def test_a_low_worth_fill_is_answered_not_stored_and_a_high_worth_one_displaces(
-    tight: RedisProcess,
-) -> None:
-    port = tight.port
-    w = await raw_worker(port, protocol.register("a", "a:*"))
+async def scenario(port: int, wait: float = 10.0) -> None:
+    """Fill memory with values read five times, then compute a cold 32 KB value (rejected) and a
+    1 KB one four readers wait on (stored, one held value deleted for it)."""
+    w = await raw_worker(port, protocol.register("a", "a:*"), wait=wait)
     try:
         # a first computation: the module has read maxmemory (the filter's sketch counts from then)
-        assert (await compute(port, w, "a:warm", b"w"))[0] == protocol.FILL_STORED
-        assert await resp(port, "DEL", "a:warm") == 1  # read once: a value of no worth, gone
-        async with RespTestClient(port) as c:
+        assert (await compute(port, w, "a:warm", b"w", wait=wait))[0] == protocol.FILL_STORED
+        assert await resp(port, "DEL", "a:warm", wait=wait) == 1  # read once: of no worth, gone
+        async with RespTestClient(port, timeout=wait) as c:
             n = 0
-            while await memory_ratio(port) < 0.955 and n < 1000:  # bounded: 8 MB of 8 KB values
-                reply = await c.call("SET", f"a:hot:{n}", b"h" * HOT)
-                if reply != "OK":  # over maxmemory: the server refuses (nothing it may evict)
+            while await memory_ratio(port, wait) < 0.955 and n < 1000:  # bounded: 8 MB of 8 KB values
+                replies = await c.call_many([("SET", f"a:hot:{n + i}", b"h" * HOT) for i in range(8)])
+                n += sum(r == "OK" for r in replies)
+                if any(r != "OK" for r in replies):  # over maxmemory: refused (nothing evictable)
                     break
-                n += 1
-            assert await memory_ratio(port) >= 0.95, "memory did not fill"
+            assert await memory_ratio(port, wait) >= 0.95, "memory did not fill"
             for _ in range(5):  # every held value is read a few times
                 await c.call_many([("GET", f"a:hot:{i}") for i in range(n)])
             held = await c.call("DBSIZE")
 
         # read once, 32 KB: worth less per byte than anything it would displace
-        reply, got = await compute(port, w, "a:cold", b"c" * 32 * 1024)
+        reply, got = await compute(port, w, "a:cold", b"c" * 32 * 1024, wait=wait)
         assert reply == protocol.FILL_NOT_STORED
         assert got == [b"c" * 32 * 1024]  # its reader has it all the same
-        assert await resp(port, "EXISTS", "a:cold") == 0
-        assert await counters(port) == {"admission_rejects": 1, "admission_evictions": 0}
-        assert await resp(port, "DBSIZE") == held
+        assert await resp(port, "EXISTS", "a:cold", wait=wait) == 0
+        assert await counters(port, wait) == {"admission_rejects": 1, "admission_evictions": 0}
+        assert await resp(port, "DBSIZE", wait=wait) == held
 
         # 4 readers wait on 1 KB: worth more than a sampled 8 KB value read 5 times (few readers:
         # each connection's buffers count in used_memory, and the server refuses FILL over it)
-        reply, got = await compute(port, w, "a:star", b"s" * 1024, readers=4)
+        reply, got = await compute(port, w, "a:star", b"s" * 1024, readers=4, wait=wait)
         assert reply == protocol.FILL_STORED
         assert got == [b"s" * 1024] * 4
-        assert await resp(port, "GET", "a:star") == b"s" * 1024
-        after = await counters(port)
-        assert after["admission_rejects"] == 1 and after["admission_evictions"] >= 1
-        assert after["admission_evictions"] == 1  # one 8 KB value makes room for 1 KB
-        assert await resp(port, "DBSIZE") == held
+        assert await resp(port, "GET", "a:star", wait=wait) == b"s" * 1024
+        # one 8 KB value made room for 1 KB
+        assert await counters(port, wait) == {"admission_rejects": 1, "admission_evictions": 1}
+        assert await resp(port, "DBSIZE", wait=wait) == held
     finally:
         await w.close()
+
+
+async def test_a_low_worth_fill_is_answered_not_stored_and_a_high_worth_one_displaces(
+    tight: RedisProcess,
+) -> None:
+    await scenario(tight.port)
+
+
+async def test_the_admission_path_runs_clean_under_valgrind(tmp_path: Path) -> None:
+    server, vlog = valgrind_valkey(
+        tmp_path, "--maxmemory", str(MAXMEMORY), "--maxmemory-policy", "volatile-lfu"
+    )
+    try:
+        await scenario(server.port, wait=60.0)
+    finally:
+        server.stop()
+    text = vlog.read_text()
+    assert "ERROR SUMMARY: 0 errors" in text, text[-3000:]
 
 
 async def test_without_maxmemory_every_fill_is_stored(kind: str, tmp_path: Path) -> None:
