@@ -60,7 +60,11 @@ for i in range(n + 100):
 """
 
 
-def server_cmd(binary: str, port: int, tmp: str, module: bool) -> list[str]:
+def server_cmd(
+    binary: str, port: int, tmp: str, module: bool | str, maxmemory: str | None = None
+) -> list[str]:
+    """The server's command line; ``module``: this build's, or the path of another build;
+    ``maxmemory``: set where given (the module's admission sketch counts reads only under one)."""
     cmd = [
         binary,
         "--port",
@@ -74,7 +78,11 @@ def server_cmd(binary: str, port: int, tmp: str, module: bool) -> list[str]:
         "--dir",
         tmp,
     ]
-    return cmd + (["--loadmodule", str(module_path())] if module else [])
+    if maxmemory:
+        cmd += ["--maxmemory", maxmemory, "--maxmemory-policy", "volatile-lfu"]
+    if module:
+        cmd += ["--loadmodule", module if isinstance(module, str) else str(module_path())]
+    return cmd
 
 
 def register(port: int, glob: str) -> None:
@@ -92,11 +100,14 @@ def hits(args: argparse.Namespace, tmp: str) -> list[str]:
     targets: dict[str, list[str] | None] = {}
     vk = valkey_binary()
     for name, binary in (("redis-server", "redis-server"), ("valkey-server", vk)):
-        if binary is None:
+        if binary is None or name not in args.servers.split(","):
             continue
-        targets[name] = server_cmd(binary, 0, tmp, False)
-        targets[f"{name} + module"] = server_cmd(binary, 0, tmp, True)
-    targets["keymiss serve (default front end)"] = None
+        targets[name] = server_cmd(binary, 0, tmp, False, args.maxmemory)
+        targets[f"{name} + module"] = server_cmd(binary, 0, tmp, True, args.maxmemory)
+        if args.old_module:  # the same hits through another build (e.g. main's), same rounds
+            targets[f"{name} + old module"] = server_cmd(binary, 0, tmp, args.old_module, args.maxmemory)
+    if "redis-server" in targets:
+        targets["keymiss serve (default front end)"] = None
     ports: dict[str, int] = {}
     stack = []
     results: dict[tuple[str, int], list[dict[str, float]]] = {}
@@ -144,7 +155,9 @@ def hits(args: argparse.Namespace, tmp: str) -> list[str]:
         for name in ports:
             rs = results[(name, p)]
             rps = statistics.median(r["rps"] for r in rs)
-            base_name = name.replace(" + module", "") if "module" in name else "redis-server"
+            base_name = name.replace(" + old module", "").replace(" + module", "")
+            if name.startswith("keymiss"):
+                base_name = "redis-server"
             base = statistics.median(r["rps"] for r in results[(base_name, p)])
             p50 = statistics.median(r["p50"] for r in rs)
             p99 = statistics.median(r["p99"] for r in rs)
@@ -275,6 +288,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--zipf-requests", type=int, default=20000)
     parser.add_argument("--zipf-s", type=float, default=1.1)
     parser.add_argument("--only", choices=("hits", "misses", "zipf"))
+    parser.add_argument(
+        "--old-module", default=None, help="another module build: its hits in the same rounds"
+    )
+    parser.add_argument("--maxmemory", default=None, help="e.g. 1gb: servers run under it (hits never evict)")
+    parser.add_argument("--servers", default="redis-server,valkey-server", help="comma-separated subset")
     args = parser.parse_args(argv)
     for tool in ("redis-server", "redis-benchmark", "redis-cli"):
         if shutil.which(tool) is None:

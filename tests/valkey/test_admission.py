@@ -1,10 +1,11 @@
 """Size- and cost-aware admission near maxmemory, on a real Valkey and redis-server 7.0.
 
-Memory is filled with keyspace values a client wrote and reads often (no TTL: under volatile-lfu
-the server cannot evict them, so only the module's admission may). Then a big value read once is
-computed: it is worth less per byte than any of them, so its FILL is answered to its reader and not
-stored (``admission_rejects``). A small value several readers wait on is worth more: its FILL deletes a
-sampled lower-worth value to make room and is stored (``admission_evictions``).
+Memory is filled with keyspace values (with a TTL, as computed ones have) read a few times, up to
+just under maxmemory, so that the server has nothing to evict and only the module's admission
+acts. Then a big value read once is computed: it is worth less per byte than any of them, so its
+FILL is answered to its reader and not stored (``admission_rejects``). A small value several
+readers wait on is worth more: its FILL deletes a sampled lower-worth value to make room and is
+stored (``admission_evictions``).
 """
 
 from __future__ import annotations
@@ -89,13 +90,16 @@ async def scenario(port: int, wait: float = 10.0) -> None:
         async with RespTestClient(port, timeout=wait) as c:
             n = 0
             while await memory_ratio(port, wait) < 0.955 and n < 1000:  # bounded: 8 MB of 8 KB values
-                replies = await c.call_many([("SET", f"a:hot:{n + i}", b"h" * HOT) for i in range(8)])
+                replies = await c.call_many(
+                    [("SET", f"a:hot:{n + i}", b"h" * HOT, "PX", 3_600_000) for i in range(8)]
+                )
                 n += sum(r == "OK" for r in replies)
                 if any(r != "OK" for r in replies):  # over maxmemory: refused (nothing evictable)
                     break
             assert await memory_ratio(port, wait) >= 0.95, "memory did not fill"
-            for _ in range(5):  # every held value is read a few times
-                await c.call_many([("GET", f"a:hot:{i}") for i in range(n)])
+            for _ in range(5):  # every held value is read a few times (16 at once: replies count
+                for i in range(0, n, 16):  # in used_memory too, and the server must not evict)
+                    await c.call_many([("GET", f"a:hot:{j}") for j in range(i, min(n, i + 16))])
             held = await c.call("DBSIZE")
 
         # read once, 32 KB: worth less per byte than anything it would displace

@@ -13,7 +13,7 @@
  * - bytes: the value's length plus its key's and a fixed per-key overhead.
  *
  * What it displaces is sampled as the server's eviction samples (RandomKey): of KM_ADMIT_SAMPLE
- * keyspace keys, the one of least worth. If the newcomer is worth no more, it is answered to its
+ * keyspace keys (string values with a TTL, as volatile-* evicts), the one of least worth. If the newcomer is worth no more, it is answered to its
  * readers and not stored (admission_rejects); else the sampled one is deleted (admission_evictions)
  * and sampling goes on until as many bytes as the new value's are freed, or memory is back under
  * KM_ADMIT_HIGH of maxmemory: the module makes its own room, GDSF-like, before the server's policy
@@ -162,12 +162,14 @@ static RedisModuleString *km_sample_victim(RedisModuleCtx *ctx, const RedisModul
             KM_FreeString(ctx, key);
             continue;
         }
+        /* only a string with a TTL: what volatile-* would evict (a value without one, a client's
+         * or a context, is never ours to delete) */
         RedisModuleKey *open = KM_OpenKey(ctx, key, RM_READ | km.lookup_modes);
         size_t vlen = 0;
-        int is_string = open != NULL && KM_KeyType(open) == RM_KEYTYPE_STRING;
-        if (is_string) vlen = KM_ValueLength(open);
+        int evictable = open != NULL && KM_KeyType(open) == RM_KEYTYPE_STRING && KM_GetExpire(open) != RM_NO_EXPIRE;
+        if (evictable) vlen = KM_ValueLength(open);
         if (open) KM_CloseKey(open);
-        if (!is_string) {
+        if (!evictable) {
             KM_FreeString(ctx, key);
             continue;
         }
