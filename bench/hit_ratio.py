@@ -51,6 +51,7 @@ SIM_POLICIES = (
     "tinylfu-iv",
     "tinylfu",
     "tinylfu-cost",
+    "worth",
     "static-best",
     "belady",
 )
@@ -333,7 +334,7 @@ def print_tables(
             cells = " | ".join(fmt.format(scale * row[p][idx]) for p in shown)
             print(f"| {trace} | {share:.0%} | {cells} |")
         print()
-    defaults = [p for p in ("tinylfu", "frontend", "frontend-old") if p in policies]
+    defaults = [p for p in ("tinylfu", "worth", "frontend", "frontend-old") if p in policies]
     if not defaults:
         return
     print("Against GDSF: hit-ratio points above `gdsf`, seconds saved above `gdsf-cost`:\n")

@@ -94,7 +94,7 @@ def build_parser() -> argparse.ArgumentParser:
         "fails as BUSY, and is not sent again (a write in it may or may not have been applied)",
     )
     serve.add_argument(
-        "--eviction", help=f"memory store eviction policy: {', '.join(POLICY_NAMES)} (default tinylfu)"
+        "--eviction", help=f"memory store eviction policy: {', '.join(POLICY_NAMES)} (default worth)"
     )
     serve.add_argument(
         "--handler-errors",

@@ -62,7 +62,7 @@ class Keymiss(KeyCommands):
         store: str | Store = "memory",
         *,
         max_memory: int | str = "auto",
-        eviction: str | Policy = "tinylfu",
+        eviction: str | Policy = "worth",
         max_in_flight: int = 10_000,
         workers: int | None = None,
         sweep_interval: float = 1.0,

@@ -48,7 +48,7 @@ def open_store(
     url: str,
     *,
     max_memory: int | str = "auto",
-    eviction: str | Policy = "tinylfu",
+    eviction: str | Policy = "worth",
     on_evict: EvictHook | None = None,
     clock: Callable[[], float] | None = None,
     connections: int | None = None,

@@ -43,7 +43,7 @@ class MemoryStore(LocalStore):
         self,
         max_memory: int,
         *,
-        eviction: str | Policy = "tinylfu",
+        eviction: str | Policy = "worth",
         clock: Callable[[], float] = time.time,
         on_evict: EvictHook | None = None,
     ) -> None:

@@ -49,7 +49,7 @@ class NearCacheStore(SharedStore):
 
     def __init__(self, shared: RedisStore, *, max_bytes: int = 32 * 1024**2, ttl: float = 5.0) -> None:
         self.shared = shared
-        self.near = MemoryStore(max_bytes, eviction="tinylfu")
+        self.near = MemoryStore(max_bytes, eviction="worth")
         self.ttl = ttl
         self.url = f"{shared.url} (near cache {max_bytes // 1024**2}MB, {ttl:g}s)"
         self.near_hits = 0

@@ -7,13 +7,16 @@ from collections.abc import Callable
 from keymiss.errors import ConfigError
 from keymiss.stores.eviction import FIFOPolicy, LRUPolicy, Policy
 from keymiss.stores.tinylfu import TinyLFUPolicy
+from keymiss.stores.worth import WorthPolicy
 
-#: name -> a policy for a byte budget; "tinylfu-iv" (one victim at a time, the earlier admission)
-#: is kept for comparison
+#: name -> a policy for a byte budget. "worth" is the default (frequency x sqrt(cost) per byte,
+#: sampled, as the module's admission); "tinylfu" the earlier default; "tinylfu-iv" (one victim at
+#: a time, the admission before that) is kept for comparison
 POLICIES: dict[str, Callable[[int], Policy]] = {
     "tinylfu": TinyLFUPolicy,
     "tinylfu-cost": lambda max_bytes: TinyLFUPolicy(max_bytes, cost_aware=True),
     "tinylfu-iv": lambda max_bytes: TinyLFUPolicy(max_bytes, admission="iv"),
+    "worth": WorthPolicy,
     "lru": lambda _max_bytes: LRUPolicy(),
     "fifo": lambda _max_bytes: FIFOPolicy(),
 }

@@ -23,7 +23,12 @@ log = logging.getLogger("keymiss.valkey")
 
 #: keymiss eviction policy names → the closest server policy. Only ``volatile-*`` policies: they
 #: evict keys with a TTL (every computed value gets one), never the contexts answers are made from.
-SERVER_POLICIES = {"tinylfu": "volatile-lfu", "tinylfu-cost": "volatile-lfu", "lru": "volatile-lru"}
+SERVER_POLICIES = {
+    "worth": "volatile-lfu",
+    "tinylfu": "volatile-lfu",
+    "tinylfu-cost": "volatile-lfu",
+    "lru": "volatile-lru",
+}
 #: server policies accepted as they are
 NATIVE_POLICIES = ("volatile-lfu", "volatile-lru", "volatile-ttl", "volatile-random", "noeviction")
 
@@ -320,7 +325,7 @@ def output_limits(max_memory: int, output_buffer: int, stall_seconds: float) -> 
 
 def server_policy(eviction: str | None) -> str:
     """The server's ``maxmemory-policy`` for a keymiss eviction policy name (or a native one)."""
-    name = (eviction or "tinylfu").lower()
+    name = (eviction or "worth").lower()
     if name in SERVER_POLICIES:
         return SERVER_POLICIES[name]
     if name in NATIVE_POLICIES:

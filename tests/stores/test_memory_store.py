@@ -143,7 +143,7 @@ async def test_default_keymiss_uses_auto_budget() -> None:
 
 async def test_keymiss_records_are_never_evicted() -> None:
     """QA contexts and fingerprints (``keymiss:*``) count against the budget but are never victims."""
-    for policy in ("lru", "tinylfu", "tinylfu-cost"):
+    for policy in ("lru", "tinylfu", "tinylfu-cost", "worth"):
         budget = 20 * (ENTRY_OVERHEAD + 110)
         store = MemoryStore(budget, eviction=policy)
         assert await store.set("keymiss:ctx:doc:{t}:1", b"c" * 100)
@@ -160,7 +160,7 @@ async def test_keymiss_records_are_never_evicted() -> None:
         assert tiny.get_now("keymiss:a") is not None and tiny.get_now("keymiss:b") is not None
 
 
-@pytest.mark.parametrize("policy", ["tinylfu", "tinylfu-cost", "tinylfu-iv", "lru"])
+@pytest.mark.parametrize("policy", ["worth", "tinylfu", "tinylfu-cost", "tinylfu-iv", "lru"])
 def test_a_refused_write_leaves_the_old_value_where_it_was(policy: str) -> None:
     """The store used to drop the old value before finding no room for the new one."""
     s = MemoryStore(10_000, eviction=policy)

@@ -212,7 +212,7 @@ async def test_hot_keys_survive_a_flood_while_the_cache_is_still_growing() -> No
 
 
 def test_hits_are_buffered_and_replayed_at_the_next_write() -> None:
-    store = MemoryStore(10_000_000)
+    store = MemoryStore(10_000_000, eviction="tinylfu")
     policy = store.policy
     assert isinstance(policy, TinyLFUPolicy)
     store.set_now("hot", b"v")
@@ -225,7 +225,7 @@ def test_hits_are_buffered_and_replayed_at_the_next_write() -> None:
 
 def test_a_full_read_buffer_drops_samples_never_hits_or_expiry() -> None:
     now = [1000.0]
-    store = MemoryStore(10_000_000, clock=lambda: now[0])
+    store = MemoryStore(10_000_000, eviction="tinylfu", clock=lambda: now[0])
     policy = store.policy
     assert isinstance(policy, TinyLFUPolicy)
     store.set_now("k", b"v", ttl=5)
