@@ -26,7 +26,9 @@
 
 #define KM_SKETCH_MIN_WIDTH 4096u      /* counters per row at first (16 KB in all) */
 #define KM_SKETCH_MAX_WIDTH (1u << 22) /* at most (16 MB in all) */
-#define KM_ADMIT_HIGH 0.95             /* used / maxmemory above which a FILL must earn its room */
+#ifndef KM_ADMIT_HIGH
+#define KM_ADMIT_HIGH 0.95 /* used / maxmemory above which a FILL must earn its room */
+#endif
 #ifndef KM_ADMIT_SAMPLE
 #define KM_ADMIT_SAMPLE 16 /* keys sampled per victim (5 lost 1 point of hits to 16 in bench/hit_ratio.py) */
 #endif
