@@ -2,9 +2,11 @@
  *
  * The server evicts by its own policy (LRU or LFU, sampled), blind to how big a value is and what it
  * cost to compute. Near maxmemory every value stored pushes others out, so a FILL is stored only if
- * the new value is worth more than what it displaces. Worth is frequency x compute cost / bytes:
+ * the new value is worth more than what it displaces. Worth is frequency x sqrt(1 + compute ms) per
+ * byte:
  *
- * - frequency: a count-min sketch of keyspace keys (4 rows of 8-bit counters, TinyLFU's), counted
+ * - frequency: a count-min sketch of keyspace keys (4 rows of 8-bit counters, TinyLFU's, a key's
+ *   four in one cache line), counted
  *   by the command filter on every GET / MGET of a keyspace key from the key's bytes alone (no
  *   lookup), halved every 10 reads per key held so that it describes recent use;
  * - cost: the milliseconds the worker says the computation took (FILL's COST), else the take-to-fill
@@ -61,12 +63,16 @@ static uint64_t km_hash(const char *p, size_t len) {
     return h ^ (h >> 33);
 }
 
-static inline uint32_t km_row_index(uint64_t h, int row) {
-    return (uint32_t)((h >> (16 * row)) ^ (h >> (16 * row + 40))) & sk.mask;
+/* Row r's counter of hash h. The four counters of a key lie in one 64-byte block (a blocked
+ * count-min sketch): a read costs the filter one cache line, not four. The block is h's low bits,
+ * each row a 16-byte part of it, the counter there from h's high bits. */
+static inline size_t km_slot(uint64_t h, int r) {
+    size_t block = (size_t)(h & (sk.width / 16 - 1));
+    return block * 64 + 16 * (size_t)r + (size_t)((h >> (40 + 4 * r)) & 15);
 }
 
-/* A table `width` wide, every count kept: old row i's counters are tiled across the new row (a
- * key's new index reduces to its old one under the old mask), as the memory store's sketch grows. */
+/* A table `width` wide, every count kept: the old table is tiled across the new one (a key's new
+ * block reduces to its old one under the old mask), as the memory store's sketch grows. */
 static int km_sketch_grow(uint32_t width) {
     unsigned char *rows = KM_Calloc((size_t)width * 4, 1);
     unsigned char *cost = KM_Calloc(width, 1);
@@ -76,8 +82,7 @@ static int km_sketch_grow(uint32_t width) {
         return RM_ERR;
     }
     if (sk.rows) {
-        for (int r = 0; r < 4; r++)
-            for (uint32_t i = 0; i < width; i++) rows[(size_t)r * width + i] = sk.rows[(size_t)r * sk.width + (i & sk.mask)];
+        for (size_t i = 0; i < (size_t)width * 4; i++) rows[i] = sk.rows[i & ((size_t)sk.width * 4 - 1)];
         for (uint32_t i = 0; i < width; i++) cost[i] = sk.cost[i & sk.mask];
         KM_Free(sk.rows);
         KM_Free(sk.cost);
@@ -100,7 +105,7 @@ void km_sketch_add(const RedisModuleString *key) {
     uint64_t h = km_hash(p, len);
     int added = 0;
     for (int r = 0; r < 4; r++) {
-        unsigned char *c = &sk.rows[(size_t)r * sk.width + km_row_index(h, r)];
+        unsigned char *c = &sk.rows[km_slot(h, r)];
         if (*c < 255) {
             (*c)++;
             added = 1;
@@ -115,7 +120,7 @@ void km_sketch_add(const RedisModuleString *key) {
 static unsigned km_sketch_freq(uint64_t h) {
     unsigned f = 255;
     for (int r = 0; r < 4; r++) {
-        unsigned c = sk.rows[(size_t)r * sk.width + km_row_index(h, r)];
+        unsigned c = sk.rows[km_slot(h, r)];
         if (c < f) f = c;
     }
     return f;
