@@ -15,12 +15,12 @@
  * - bytes: the value's length plus its key's and a fixed per-key overhead.
  *
  * What it displaces is sampled as the server's eviction samples (RandomKey): of KM_ADMIT_SAMPLE
- * keyspace keys (string values with a TTL, as volatile-* evicts), the one of least worth. If the newcomer is worth no more, it is answered to its
- * readers and not stored (admission_rejects); else the sampled one is deleted (admission_evictions)
- * and sampling goes on until as many bytes as the new value's are freed, or memory is back under
- * KM_ADMIT_HIGH of maxmemory: the module makes its own room, GDSF-like, before the server's policy
- * has to. Everything runs on the main thread,
- * at FILL time only; a hit costs the filter one hash and four byte increments.
+ * keyspace keys (string values with a TTL, as volatile-* evicts), the one of least worth. If the
+ * newcomer is worth no more, it is answered to its readers and not stored (admission_rejects); else
+ * the sampled one is deleted (admission_evictions) and sampling goes on until as many bytes as the
+ * new value's are freed, or memory is back under KM_ADMIT_HIGH of maxmemory: the module makes its
+ * own room, GDSF-like, before the server's policy has to. Everything runs on the main thread, at
+ * FILL time only; a hit costs the filter one hash and four byte increments in one cache line.
  */
 #include "keymiss.h"
 
