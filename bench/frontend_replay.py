@@ -87,7 +87,7 @@ def replay(
             worker.execute_command(*protocol.register("k", "k*", ttl_ms=3_600_000, queue=1_000_000))
             names = [f"k{k:07d}" for k in range(len(sizes))]
             values: dict[int, bytes] = {}
-            cost_ms = (costs * 1000).astype(np.int64).tolist()
+            cost_s = costs.tolist()
             hits = 0
             saved = 0.0
             klist = keys.tolist()
@@ -112,7 +112,7 @@ def replay(
                         if value is None:
                             value = values[size] = b"x" * size
                         p.execute_command(
-                            *protocol.fill(key, token, value, cost_ms=cost_ms[k] if send_cost else None)
+                            *protocol.fill(key, token, value, cost=cost_s[k] if send_cost else None)
                         )
                     # a FILL the server refuses over maxmemory (its connections' buffers count too)
                     # leaves the key to its lease, as a worker's refused FILL would: not stored
