@@ -252,9 +252,7 @@ def _expire_cmd(c: Client, args: list[bytes], unit_ms: int, absolute: bool, name
             c.km.written([key])
             return reply.integer(int(await store.delete([key]) > 0))
         if isinstance(store, LocalStore):  # the time as given (EXPIRETIME reads it back)
-            if when > STORE_MAX_MS:  # later than the store holds exactly
-                raise CommandError(f"ERR invalid expire time in '{name}' command")
-            done = await store.expire_at(key, when / 1000)
+            done = await store.expire_at(key, min(when, STORE_MAX_MS) / 1000)  # see STORE_MAX_MS
         elif isinstance(store, SharedStore):  # PEXPIREAT itself, on the value and its records
             done = await store.expire_at_ms(key, when)
         else:

@@ -163,23 +163,29 @@ async def _getex(c: Client, key: str, ttl: float | None, persist: bool, change: 
 LLONG_MAX = 2**63 - 1
 #: The latest expiry (unix milliseconds, the year 73 000 or so) keymiss's own stores hold exactly:
 #: they keep it as seconds in a double, which rounds the milliseconds of later times. A later one is
-#: refused with Redis's error for an out-of-range time rather than kept as another time.
+#: accepted (as Redis accepts it, and Redis's own tests expect) and kept as this one: PEXPIRETIME
+#: reads back this time, never one past a long long.
 STORE_MAX_MS = 2**51
 
 
 def check_expire_range(n: int, unit_ms: int, absolute: bool, cmd: str) -> None:
-    """Redis's overflow rule: the expiry in milliseconds, made absolute, must fit a long long;
-    and, for the expiry a store is given as seconds, be one it holds (``STORE_MAX_MS``)."""
+    """Redis's overflow rule: the expiry in milliseconds, made absolute, must fit a long long."""
     if n > LLONG_MAX // unit_ms or n < -(LLONG_MAX // unit_ms):
         raise CommandError(f"ERR invalid expire time in '{cmd}' command")
     when = n * unit_ms + (0 if absolute else int(time.time() * 1000))
-    if when > STORE_MAX_MS:
+    if when > LLONG_MAX:
         raise CommandError(f"ERR invalid expire time in '{cmd}' command")
 
 
 def _expiry(opt: bytes, raw: bytes, cmd: str) -> float:
-    """Seconds from now for EX/PX/EXAT/PXAT; Redis's errors for bad values (including an expiry
-    whose absolute time in milliseconds would overflow a signed 64-bit integer, as Redis checks)."""
+    """Seconds from now for EX/PX/EXAT/PXAT, no later than ``STORE_MAX_MS``; Redis's errors for bad
+    values (including an expiry whose absolute time in milliseconds would overflow a signed 64-bit
+    integer, as Redis checks)."""
+    ttl = _expiry_as_given(opt, raw, cmd)
+    return min(ttl, STORE_MAX_MS / 1000 - time.time())
+
+
+def _expiry_as_given(opt: bytes, raw: bytes, cmd: str) -> float:
     n = to_int(raw)
     check_expire_range(n, 1000 if opt in (b"ex", b"exat") else 1, opt in (b"exat", b"pxat"), cmd)
     if opt == b"ex":
