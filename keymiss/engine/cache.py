@@ -85,9 +85,9 @@ class Keymiss(KeyCommands):
         self._begun = 0  # fills begun by reads, ever
         self._store: Store | None = None
         self._local: LocalStore | None = None  # the store, when it is an in-process one
-        if isinstance(store, Store):
-            self._adopt(store)
         self.writeback = WriteBack(self.engine, lambda: self.store, clock or time.monotonic)
+        if isinstance(store, Store):  # after the write-back: the store reports changes to it
+            self._adopt(store)
         self._sweep_interval = sweep_interval
         self._sweeper: asyncio.Task[None] | None = None
         self._closed = False
