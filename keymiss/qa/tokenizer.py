@@ -37,6 +37,32 @@ def _token(value: Any, default: str) -> str:
     return str(value) if value else default
 
 
+def _wordpiece(vocab: str, config: dict[str, Any]) -> Any:
+    """BERT's WordPiece tokenizer from ``vocab.txt``, as transformers' ``BertTokenizer`` builds it."""
+    from tokenizers import Tokenizer as Backend
+    from tokenizers import normalizers, pre_tokenizers, processors
+    from tokenizers.models import WordPiece
+
+    words = WordPiece.read_file(vocab)
+    unk = _token(config.get("unk_token"), "[UNK]")
+    backend = Backend(WordPiece(words, unk_token=unk))
+    backend.normalizer = normalizers.BertNormalizer(
+        clean_text=True,
+        handle_chinese_chars=bool(config.get("tokenize_chinese_chars", True)),
+        strip_accents=config.get("strip_accents"),
+        lowercase=bool(config.get("do_lower_case", True)),
+    )
+    backend.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    special = [
+        _token(config.get(f"{n}_token"), f"[{n.upper()}]") for n in ("unk", "sep", "cls", "pad", "mask")
+    ]
+    backend.add_special_tokens([t for t in special if t in words])
+    sep, cls = special[1], special[2]
+    if sep in words and cls in words:
+        backend.post_processor = processors.BertProcessing((sep, words[sep]), (cls, words[cls]))
+    return backend
+
+
 class Tokenizer:
     """A checkpoint directory's fast tokenizer, loaded without transformers."""
 
@@ -55,20 +81,7 @@ class Tokenizer:
         if os.path.isfile(file):
             self.backend = Backend.from_file(file)
         elif os.path.isfile(vocab):
-            from tokenizers.implementations import BertWordPieceTokenizer
-
-            self.backend = BertWordPieceTokenizer(
-                vocab,
-                unk_token=_token(config.get("unk_token"), "[UNK]"),
-                sep_token=_token(config.get("sep_token"), "[SEP]"),
-                cls_token=_token(config.get("cls_token"), "[CLS]"),
-                pad_token=_token(config.get("pad_token"), "[PAD]"),
-                mask_token=_token(config.get("mask_token"), "[MASK]"),
-                clean_text=True,
-                handle_chinese_chars=bool(config.get("tokenize_chinese_chars", True)),
-                strip_accents=config.get("strip_accents"),
-                lowercase=bool(config.get("do_lower_case", True)),
-            )._tokenizer
+            self.backend = _wordpiece(vocab, config)
         else:
             raise ConfigError(f"{path!r} has no tokenizer (tokenizer.json or vocab.txt)")
         # a saved tokenizer.json may carry the training run's truncation and padding: calls decide
