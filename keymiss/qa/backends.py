@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from keymiss.errors import ConfigError
-from keymiss.qa.graph import Compiled, UnsupportedCheckpoint, bert_config, load_graph
+from keymiss.qa.graph import Compiled, UnsupportedCheckpoint, WordEmbeddings, bert_config, load_graph
 from keymiss.qa.models import BF16_CPU_FLAGS, cpu_flags, fingerprint, tokenizer_fingerprint
 from keymiss.qa.tokenizer import Tokenizer
 
@@ -102,6 +102,8 @@ class OpenVinoQAModel:
     tokenizer_fingerprint: str
     max_positions: int
     fast: Compiled
+    #: the word-embedding table, outside the graph (see ``graph.WordEmbeddings``)
+    embeddings: WordEmbeddings
     #: the float32 twin that settles close calls (``dtype="bf16"``)
     precise_model: Compiled | None = None
     device: str = "cpu"
@@ -123,7 +125,11 @@ class OpenVinoQAModel:
         """Start and end logits, float32, shape ``(batch, seq)``; ``precise`` runs float32."""
         model = self.precise_model if precise and self.precise_model is not None else self.fast
         start, end = model.run(
-            {"input_ids": input_ids, "token_type_ids": token_type_ids, "attention_mask": attention_mask}
+            {
+                "inputs_embeds": self.embeddings.lookup(input_ids),
+                "token_type_ids": token_type_ids,
+                "attention_mask": attention_mask,
+            }
         )
         return start, end
 
@@ -143,10 +149,11 @@ def load_openvino_qa_model(path: str, *, dtype: str = "auto", cache: str | None 
     precision = resolve_precision(dtype)[0]
     tokenizer = Tokenizer(path)
     print_ = fingerprint(path)
-    graph, _ = load_graph(path, print_, "span", cache)
-    fast = Compiled(graph, "bf16" if precision == "bf16" else "f32")
-    precise = Compiled(graph, "f32") if precision == "bf16" else None
+    graph, mapped = load_graph(path, print_, "span", cache)
+    fast = Compiled(graph, "bf16" if precision == "bf16" else "f32", mapped)
+    precise = Compiled(graph, "f32", mapped) if precision == "bf16" else None
     del graph
+    mapped.page_out()
     log.info("loaded QA model %s (openvino, %s)", path, precision)
     return OpenVinoQAModel(
         path,
@@ -156,6 +163,7 @@ def load_openvino_qa_model(path: str, *, dtype: str = "auto", cache: str | None 
         tokenizer_fingerprint(path),
         _max_positions(path),
         fast,
+        WordEmbeddings(path),
         precise,
     )
 
@@ -167,16 +175,22 @@ class OpenVinoEncoder:
     path: str
     tokenizer: Tokenizer
     model: Compiled
+    embeddings: WordEmbeddings
     fingerprint: str
     tokenizer_fingerprint: str
     device: str = "cpu"
     backend: str = "openvino"
 
-    def embed(self, texts: list[str], batch_size: int = 64) -> np.ndarray:
+    def embed(self, texts: list[str], batch_size: int = 16) -> np.ndarray:
         out = []
         for i in range(0, len(texts), batch_size):
             ids, types, mask = self.tokenizer.batch(texts[i : i + batch_size], 256)
-            (hidden,) = self.model.run({"input_ids": ids, "token_type_ids": types, "attention_mask": mask})
+            feed = {
+                "inputs_embeds": self.embeddings.lookup(ids),
+                "token_type_ids": types,
+                "attention_mask": mask,
+            }
+            (hidden,) = self.model.run(feed)
             weights = mask[..., None].astype(np.float32)
             pooled = (hidden * weights).sum(1) / np.maximum(weights.sum(1), np.float32(1e-9))
             norm = np.maximum(np.linalg.norm(pooled, axis=-1, keepdims=True), np.float32(1e-12))
@@ -188,7 +202,10 @@ class OpenVinoEncoder:
 
 def load_openvino_encoder(path: str, *, cache: str | None = None) -> OpenVinoEncoder:
     print_ = fingerprint(path)
-    graph, _ = load_graph(path, print_, "encoder", cache)
-    model = Compiled(graph, "f32")
+    graph, mapped = load_graph(path, print_, "encoder", cache)
+    model = Compiled(graph, "f32", mapped)
     del graph
-    return OpenVinoEncoder(path, Tokenizer(path), model, print_, tokenizer_fingerprint(path))
+    mapped.page_out()
+    return OpenVinoEncoder(
+        path, Tokenizer(path), model, WordEmbeddings(path), print_, tokenizer_fingerprint(path)
+    )

@@ -149,7 +149,7 @@ def test_the_graph_is_built_once_and_kept_under_the_checkpoints_fingerprint(
     from keymiss.qa.models import fingerprint
 
     first = load_openvino_qa_model(tiny_model, dtype="float32", cache=str(tmp_path))
-    assert (tmp_path / f"{fingerprint(tiny_model)}-span" / "model.xml").is_file()
+    assert (tmp_path / f"{fingerprint(tiny_model)}-span-v{graph.GRAPH_VERSION}" / "model.xml").is_file()
 
     def refuse(*args: Any) -> None:
         raise AssertionError("built again although cached")
