@@ -132,7 +132,7 @@ def main(argv: list[str] | None = None) -> int:
             what = (
                 "'.[server,qa]' (OpenVINO)"
                 if name == "openvino"
-                else "torch==2.13.0 + '.[server,qa,qa-torch]'"
+                else "torch==2.13.0 + '.[server,qa-torch]' + tokenizers, rich (the torch main job)"
             )
             print(f"| {what} | {took:.0f} | {size:.0f} |")
     return 0
