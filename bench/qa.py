@@ -10,12 +10,15 @@ contexts four ways:
 (c) the raw batched forward pass of (b)'s model on the same windows (the limit);
 (d) keymiss hits for the same keys;
 (e) keymiss's span reader on ONNX Runtime (the float32 checkpoint exported with ``torch.onnx``),
-    when ``onnxruntime`` is installed: the backend keymiss would add if it beat torch here.
+    when ``onnxruntime`` is installed, for comparison;
+(f) served misses: ``keymiss serve --model`` (the default front end, embedded Valkey and its
+    worker) with 32 clients, one server per backend, in rounds that alternate with (a) on fresh
+    questions; the median round is reported.
 
-``--dtype auto`` is the default path (``keymiss.qa.models.resolve_dtype``): its row names what it
-chose on this machine. Prints answers/s, p50/p99 latency, (b)/(a), (b)/(c) and how many of (b)'s
-answers equal (a)'s.
-Run: ``python bench/qa.py`` (``--pairs 64`` for a shorter run).
+(b) and (c) run once per ``--paths`` entry, ``backend:dtype`` (``openvino:auto`` is the default
+path: OpenVINO, bfloat16 on a CPU with bf16 instructions, close calls settled in float32).
+Prints answers/s, p50/p99 latency, × (a), (b)/(c) and how many answers equal (a)'s.
+Run: ``python bench/qa.py`` (``--pairs 64 --rounds 1`` for a shorter run).
 """
 
 from __future__ import annotations
@@ -37,7 +40,7 @@ import numpy as np
 from keymiss import Keymiss
 from keymiss.qa import build_qa_app, qa_service
 from keymiss.qa.contexts import read_corpus
-from keymiss.qa.models import default_encoder_path, load_qa_model, resolve_dtype
+from keymiss.qa.models import default_encoder_path, load_qa_model
 from keymiss.qa.reader import SpanReader
 
 QUESTION_WORDS = ["What", "Who", "Which", "How", "Why", "When", "Where"]
@@ -96,6 +99,7 @@ def pct(values: list[float], q: float) -> float:
 
 async def run_keymiss(
     model: str,
+    backend: str,
     dtype: str,
     contexts: dict[str, str],
     pairs: list[tuple[str, str]],
@@ -103,7 +107,12 @@ async def run_keymiss(
     batch_size: int,
 ) -> dict[str, Any]:
     km = build_qa_app(
-        Keymiss(sweep_interval=0), model=model, dtype=dtype, batch_size=batch_size, batch_wait_ms=5
+        Keymiss(sweep_interval=0),
+        model=model,
+        dtype=dtype,
+        backend=backend,
+        batch_size=batch_size,
+        batch_wait_ms=5,
     )
     async with km:
         await qa_service(km).ingest(km, list(contexts.items()))
@@ -128,6 +137,7 @@ async def run_keymiss(
         hit_time = time.perf_counter() - t0
         reader: SpanReader = qa_service(km).reader
         stats = km.stats()["keyspaces"]["bertqa{<tag>}_<context>_<question>"]
+        path = km.extensions["qa_path"]
     return {
         "answers": answers,
         "miss_time": miss_time,
@@ -136,6 +146,7 @@ async def run_keymiss(
         "hit_lat": list(latencies),
         "reader": reader,
         "calls": stats["calls"],
+        "path": f"{path['backend']} {path['dtype']}",
     }
 
 
@@ -225,20 +236,39 @@ def run_onnx(
     return {"answers": answers, "time": time.perf_counter() - t0, "version": onnxruntime.__version__}
 
 
+def pipeline_round(pipe: Any, contexts: dict[str, str], pairs: list[tuple[str, str]]) -> dict[str, Any]:
+    """(a): the pipeline called once per request, in order."""
+    latencies: list[float] = []
+    answers = []
+    t0 = time.perf_counter()
+    for ctx, q in pairs:
+        t1 = time.perf_counter()
+        answers.append(pipe(question=q, context=contexts[ctx])["answer"])
+        latencies.append(time.perf_counter() - t1)
+    return {"answers": answers, "time": time.perf_counter() - t0, "lat": latencies}
+
+
+def same(a: list[str], b: list[str]) -> str:
+    agree = sum(x == y for x, y in zip(a, b, strict=True))
+    return f"{agree}/{len(a)} ({100 * agree / len(a):.1f}%)"
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     parser.add_argument("--pairs", type=int, default=200)
     parser.add_argument("--concurrency", type=int, default=32)
     parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--rounds", type=int, default=3, help="alternating rounds of (a) and (f)")
     parser.add_argument(
-        "--dtype",
-        default="auto,float32,bf16-autocast,bfloat16",
-        help="comma list for (b) and (c): auto (the default path), float32, bfloat16 (weights), "
-        "bf16-autocast (bf16 products)",
+        "--paths",
+        default="openvino:auto,torch:auto,openvino:float32,torch:float32",
+        help="comma list of backend:dtype for (b) and (c); dtype auto, float32, bf16-autocast or bfloat16",
     )
+    parser.add_argument("--served", default="openvino,torch", help="backends for (f); empty: none")
     args = parser.parse_args(argv)
 
     import torch
+    from qa_served import Served, qa_key  # noqa: F401 (bench/ is the script's directory)
     from transformers import pipeline
     from transformers.utils import logging as hf_logging
 
@@ -249,33 +279,48 @@ def main(argv: list[str] | None = None) -> int:
         ref_model = load_qa_model(model)
         contexts, pairs = make_pairs(args.pairs, ref_model.tokenizer)
         tokens = [len(ref_model.tokenizer(c)["input_ids"]) for c in contexts.values()]
-
-        pipe = pipeline("question-answering", model=model, tokenizer=model, device="cpu")
-        pipe(question="warm up?", context=next(iter(contexts.values())))
-        lat_a: list[float] = []
-        ref_answers = []
-        t0 = time.perf_counter()
-        for ctx, q in pairs:
-            t1 = time.perf_counter()
-            ref_answers.append(pipe(question=q, context=contexts[ctx])["answer"])
-            lat_a.append(time.perf_counter() - t1)
-        time_a = time.perf_counter() - t0
+        servers = [Served(model, b, contexts, tmp) for b in args.served.split(",") if b]
+        try:
+            for srv in servers:
+                srv.wait_ready()
+            pipe = pipeline("question-answering", model=model, tokenizer=model, device="cpu")
+            pipe(question="warm up?", context=next(iter(contexts.values())))
+            rounds: list[dict[str, Any]] = []
+            for r in range(args.rounds):  # fresh questions each round: every served key is a miss
+                these = [(ctx, q if r == 0 else f"{q} {r}") for ctx, q in pairs]
+                a = pipeline_round(pipe, contexts, these)
+                rounds.append(
+                    {"a": a, "f": {srv.backend: srv.round(these, args.concurrency) for srv in servers}}
+                )
+            served_paths = {srv.backend: srv.path() for srv in servers}
+        finally:
+            for srv in servers:
+                srv.stop()
+        ref_answers = (
+            rounds[0]["a"]["answers"] if rounds else pipeline_round(pipe, contexts, pairs)["answers"]
+        )
 
         runs = []
-        for dtype in args.dtype.split(","):
-            b = asyncio.run(run_keymiss(model, dtype, contexts, pairs, args.concurrency, args.batch_size))
+        for entry in args.paths.split(","):
+            backend, _, dtype = entry.partition(":")
+            b = asyncio.run(
+                run_keymiss(
+                    model, backend, dtype or "auto", contexts, pairs, args.concurrency, args.batch_size
+                )
+            )
             time_c = min(raw_forward(b["reader"], contexts, pairs, args.batch_size) for _ in range(2))
-            if dtype == "auto":
-                dtype = f"auto = {resolve_dtype('auto')[0]}"
-            runs.append((dtype, b, time_c))
+            runs.append((f"{entry} = {b['path']}", b, time_c))
         onnx = run_onnx(ref_model, os.path.join(tmp, "qa.onnx"), contexts, pairs, args.batch_size)
 
     n = len(pairs)
-    rate_a = n / time_a
+    rates_a = [n / r["a"]["time"] for r in rounds]
+    rate_a = float(np.median(rates_a))
+    lat_a = rounds[len(rounds) // 2]["a"]["lat"]
     print(f"# QA on misses: {n} (context, question) pairs, contexts {min(tokens)}-{max(tokens)} tokens\n")
     print(
         f"checkpoint: MiniLM-L6 encoder + seeded span head; torch {torch.__version__}, "
-        f"{torch.get_num_threads()} threads; concurrency {args.concurrency}, batch {args.batch_size}\n"
+        f"{torch.get_num_threads()} threads; concurrency {args.concurrency}, batch {args.batch_size}; "
+        f"(a) and (f): median of {len(rounds)} alternating rounds\n"
     )
     print("| path | answers/s | p50 ms | p99 ms | × (a) | (b)/(c) | same answer as (a) |")
     print("| --- | ---: | ---: | ---: | ---: | ---: | ---: |")
@@ -283,16 +328,27 @@ def main(argv: list[str] | None = None) -> int:
         f"| (a) pipeline, one request at a time, float32 | {rate_a:.1f} | {pct(lat_a, 50):.1f} | "
         f"{pct(lat_a, 99):.1f} | 1.00 | | |"
     )
-    for dtype, b, time_c in runs:
-        agree = sum(x == y for x, y in zip(b["answers"], ref_answers, strict=True))
+    for backend, desc in served_paths.items():
+        rates = [n / r["f"][backend]["time"] for r in rounds]
+        ratios = [x / y for x, y in zip(rates, rates_a, strict=True)]
+        mid = int(np.argsort(ratios)[len(ratios) // 2])
+        got = [a for r in rounds for a in r["f"][backend]["answers"]]
+        want = [a for r in rounds for a in r["a"]["answers"]]
+        lat = rounds[mid]["f"][backend]["lat"]
+        print(
+            f"| (f) keymiss serve --model, {args.concurrency} clients: {desc} | {rates[mid]:.1f} | "
+            f"{pct(lat, 50):.1f} | {pct(lat, 99):.1f} | {ratios[mid]:.2f} "
+            f"(rounds: {', '.join(f'{x:.2f}' for x in ratios)}) | | {same(got, want)} |"
+        )
+    for name, b, time_c in runs:
         rate_b, rate_c, rate_d = n / b["miss_time"], n / time_c, n / b["hit_time"]
         print(
-            f"| (b) keymiss misses, {dtype} ({b['calls']} batches, {b['reader'].verified} close calls "
-            f"redone in float32) | {rate_b:.1f} | {pct(b['miss_lat'], 50):.1f} | "
+            f"| (b) keymiss misses in process, {name} ({b['calls']} batches, {b['reader'].verified} close "
+            f"calls redone in float32) | {rate_b:.1f} | {pct(b['miss_lat'], 50):.1f} | "
             f"{pct(b['miss_lat'], 99):.1f} | "
-            f"{rate_b / rate_a:.2f} | {rate_b / rate_c:.2f} | {agree}/{n} ({100 * agree / n:.1f}%) |"
+            f"{rate_b / rate_a:.2f} | {rate_b / rate_c:.2f} | {same(b['answers'], ref_answers)} |"
         )
-        print(f"| (c) raw batched forward, {dtype} | {rate_c:.1f} | | | {rate_c / rate_a:.2f} | | |")
+        print(f"| (c) raw batched forward, {name} | {rate_c:.1f} | | | {rate_c / rate_a:.2f} | | |")
         print(
             f"| (d) keymiss hits | {rate_d:,.0f} | {pct(b['hit_lat'], 50):.3f} | "
             f"{pct(b['hit_lat'], 99):.3f} | "
@@ -301,11 +357,10 @@ def main(argv: list[str] | None = None) -> int:
     if onnx is None:
         print("| (e) ONNX Runtime | not run: pip install onnxruntime onnx | | | | | |")
     else:
-        agree = sum(x == y for x, y in zip(onnx["answers"], ref_answers, strict=True))
         rate_e = n / onnx["time"]
         print(
             f"| (e) span reader on ONNX Runtime {onnx['version']}, float32, batch {args.batch_size} | "
-            f"{rate_e:.1f} | | | {rate_e / rate_a:.2f} | | {agree}/{n} ({100 * agree / n:.1f}%) |"
+            f"{rate_e:.1f} | | | {rate_e / rate_a:.2f} | | {same(onnx['answers'], ref_answers)} |"
         )
     return 0
 

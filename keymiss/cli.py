@@ -178,6 +178,11 @@ def build_parser() -> argparse.ArgumentParser:
         "float32, bf16-autocast (bfloat16 matrix products, close calls settled in float32) "
         "or bfloat16 (bfloat16 weights)",
     )
+    serve.add_argument(
+        "--qa-backend",
+        help="auto (default: openvino for a BERT checkpoint with safetensors weights when installed, "
+        "else torch), openvino or torch",
+    )
     serve.add_argument("--qa-batch-size", type=int, help="questions per forward pass (default 16)")
     serve.add_argument("--qa-batch-wait-ms", type=float, help="how long a batch waits to fill (default 5)")
     serve.add_argument("--corpus", help="contexts to ingest at start (JSON lines or text, one per line)")
@@ -216,6 +221,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     worker.add_argument("--model", help="extractive-QA checkpoint directory for the bertqa keyspace")
     worker.add_argument("--qa-dtype", help="auto (default), float32, bf16-autocast or bfloat16")
+    worker.add_argument("--qa-backend", help="auto (default), openvino or torch")
     worker.add_argument("--qa-batch-size", type=int, help="questions per forward pass (default 16)")
     worker.add_argument("--qa-batch-wait-ms", type=float, help="how long a batch waits to fill (default 5)")
     worker.add_argument("--corpus", help="contexts to ingest into the server at start")
@@ -321,29 +327,45 @@ def _demo_wanted(asked: bool, settings: Any, km: Any = None) -> bool:
     return asked or (settings.redis is None and isinstance(store, str) and store.startswith("memory"))
 
 
+def _graph_cache(settings: Any) -> str | None:
+    """Where OpenVINO graphs built from checkpoints are kept: beside the store when it lives on disk
+    (``--data-dir``, an LMDB store), else in the user's cache directory (None)."""
+    import os
+
+    if getattr(settings, "data_dir", None):
+        return os.path.join(settings.data_dir, "qa-graphs")
+    store = getattr(settings, "store", None) or ""
+    if store.startswith("lmdb:"):
+        return os.path.join(store[len("lmdb:") :], "qa-graphs")
+    return None
+
+
 def _with_qa(km: Any, settings: Any, demo: bool | None = None) -> Any:
     """Add the bertqa keyspace (the default app): span answers with --model, else the MiniLM
     sentence reader over the demo corpus. Without the qa extra, a plain cache with a warning."""
     from keymiss.api import Keymiss
+    from keymiss.qa import build_qa_app
+    from keymiss.qa.backends import NoBackendError
 
     try:
-        from keymiss.qa import build_qa_app
-    except ImportError as exc:
+        return build_qa_app(
+            km,
+            model=settings.model,
+            dtype=settings.qa_dtype,
+            backend=settings.qa_backend,
+            graph_cache=_graph_cache(settings),
+            batch_size=settings.qa_batch_size,
+            batch_wait_ms=settings.qa_batch_wait_ms,
+            corpus=settings.corpus,
+            demo=demo,
+        )
+    except NoBackendError as exc:
         if settings.model:
-            raise SystemExit(f"keymiss: --model needs the qa extra: {exc}") from None
+            raise
         logging.getLogger("keymiss").warning(
             "serving a plain cache: the built-in bertqa keyspace needs the qa extra (%s)", exc
         )
         return km or Keymiss()
-    return build_qa_app(
-        km,
-        model=settings.model,
-        dtype=settings.qa_dtype,
-        batch_size=settings.qa_batch_size,
-        batch_wait_ms=settings.qa_batch_wait_ms,
-        corpus=settings.corpus,
-        demo=demo,
-    )
 
 
 def _serve(args: argparse.Namespace) -> int:
@@ -393,6 +415,7 @@ def _worker(args: argparse.Namespace) -> int:
     qa = Settings(
         model=args.model,
         qa_dtype=args.qa_dtype or Settings.qa_dtype,
+        qa_backend=args.qa_backend or Settings.qa_backend,
         qa_batch_size=args.qa_batch_size or Settings.qa_batch_size,
         qa_batch_wait_ms=args.qa_batch_wait_ms
         if args.qa_batch_wait_ms is not None

@@ -70,6 +70,7 @@ class Settings:
     metrics_port: int | None = None
     model: str | None = None  # extractive-QA checkpoint directory for the bertqa keyspace
     qa_dtype: str = "auto"  # auto, float32, bf16-autocast or bfloat16 (see qa.models.resolve_dtype)
+    qa_backend: str = "auto"  # auto, openvino or torch (see qa.backends.resolve_backend)
     qa_batch_size: int = 16
     qa_batch_wait_ms: float = 5.0
     corpus: str | None = None  # contexts to ingest at start (JSON lines or text)

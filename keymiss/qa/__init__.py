@@ -1,6 +1,7 @@
 """Extractive question answering over contexts tokenised once: the built-in ``bertqa`` keyspace.
 
-Needs the ``qa`` extra (torch, transformers, tokenizers); nothing here downloads anything.
+Needs the ``qa`` extra (openvino, tokenizers: no torch) or, for ``--qa-backend torch``, torch and
+transformers (``qa-torch``); nothing here downloads anything.
 """
 
 from keymiss.qa.app import QA_PATTERN, QAService, build_qa_app, qa_service, reader_factory

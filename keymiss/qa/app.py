@@ -144,11 +144,24 @@ def reader_factory(
     dtype: str = "auto",
     device: str | None = None,
     params: QAParams | None = None,
+    backend: str = "auto",
+    graph_cache: str | None = None,
 ) -> Callable[[], Reader]:
     """What loads the reader: span answers from a local extractive-QA checkpoint, or, without one,
-    the shipped all-MiniLM-L6-v2 encoder answering with the best-matching sentence."""
+    the shipped all-MiniLM-L6-v2 encoder answering with the best-matching sentence. ``backend``
+    (``auto``, ``openvino``, ``torch``: see ``keymiss.qa.backends``) says what runs the forward
+    passes; ``graph_cache`` is where OpenVINO graphs built from checkpoints are kept."""
 
     def make_reader() -> Reader:
+        from keymiss.qa.backends import load_openvino_encoder, load_openvino_qa_model, resolve_backend
+        from keymiss.qa.models import default_encoder_path
+
+        path = model or default_encoder_path()
+        chosen = resolve_backend(backend, path)[0]
+        if chosen == "openvino":
+            if model:
+                return SpanReader(load_openvino_qa_model(model, dtype=dtype, cache=graph_cache), params)
+            return SentenceReader(load_openvino_encoder(path, cache=graph_cache))  # type: ignore[arg-type]
         from keymiss.qa.models import load_encoder, load_qa_model, resolve_dtype
 
         if model:
@@ -162,17 +175,39 @@ def reader_factory(
     return make_reader
 
 
-def qa_version(model: str | None, dtype: str) -> str:
-    """What a cached answer depends on: the reader, its checkpoint's files and its numeric path."""
+def qa_version(model: str | None, dtype: str, backend: str = "torch") -> str:
+    """What a cached answer depends on: the reader, its checkpoint's files and its numeric path
+    (OpenVINO's paths are named apart from torch's: their reduced-precision answers differ)."""
     from keymiss.errors import ConfigError
     from keymiss.qa.models import default_encoder_path, fingerprint
 
     if model:
-        return f"span:{fingerprint(model)}:{dtype}"
+        path = dtype if backend == "torch" else f"{backend}-{dtype}"
+        return f"span:{fingerprint(model)}:{path}"
     try:
         return f"sentence:{fingerprint(default_encoder_path())}"
     except ConfigError:  # no shipped encoder: loading says so, clearly, when the app starts
         return "sentence:unavailable"
+
+
+def qa_path(model: str | None, dtype: str, device: str | None, backend: str) -> dict[str, str]:
+    """The backend and numeric path the reader will run, each with why (the log and INFO say them)."""
+    from keymiss.errors import ConfigError
+    from keymiss.qa.backends import resolve_backend, resolve_precision
+    from keymiss.qa.models import default_encoder_path, resolve_dtype
+
+    try:
+        path = model or default_encoder_path()
+    except ConfigError:  # no shipped encoder: loading says so when the app starts
+        path = ""
+    chosen, because = resolve_backend(backend, path)
+    if not model:
+        chosen_dtype, why = "float32", "the sentence encoder runs float32"
+    elif chosen == "openvino":
+        chosen_dtype, why = resolve_precision(dtype)
+    else:
+        chosen_dtype, why = resolve_dtype(dtype, device)
+    return {"dtype": chosen_dtype, "why": why, "backend": chosen, "backend_why": because}
 
 
 def build_qa_app(
@@ -187,6 +222,8 @@ def build_qa_app(
     timeout: float = 120.0,
     corpus: str | None = None,
     demo: bool | None = None,
+    backend: str = "auto",
+    graph_cache: str | None = None,
 ) -> Keymiss:
     """Register the ``bertqa`` keyspace on ``km`` (a new ``Keymiss`` by default).
 
@@ -200,19 +237,33 @@ def build_qa_app(
     ``dtype="auto"`` picks the fastest faithful numeric path for this machine (``resolve_dtype``);
     the keyspace's version names it with the checkpoint's fingerprint, so answers computed under
     another model or path are never served (also from a shared server, in module mode).
+    ``backend`` picks what runs the forward passes (``keymiss.qa.backends.resolve_backend``).
     """
-    from keymiss.qa.models import resolve_dtype
-
     km = km or Keymiss()
-    chosen, why = resolve_dtype(dtype, device) if model else ("float32", "the sentence encoder runs float32")
-    km.extensions[QA_PATH] = {"dtype": chosen, "why": why}
-    service = QAService(reader_factory(model, dtype=chosen, device=device, params=params))
+    path = qa_path(model, dtype, device, backend)
+    chosen, why = path["dtype"], path["why"]
+    km.extensions[QA_PATH] = path
+    service = QAService(
+        reader_factory(
+            model,
+            dtype=chosen,
+            device=device,
+            params=params,
+            backend=path["backend"],
+            graph_cache=graph_cache,
+        )
+    )
     km.extensions[SERVICE] = service
 
     async def startup(km: Keymiss) -> None:
         # said when serving starts, not when the app is built: a bad flag's error stays one line
         log.info(
-            "QA reader: %s, %s (%s)", "span model " + model if model else "sentence encoder", chosen, why
+            "QA reader: %s on %s (%s), %s (%s)",
+            "span model " + model if model else "sentence encoder",
+            path["backend"],
+            path["backend_why"],
+            chosen,
+            why,
         )
         progress = StartProgress(log)
         async with progress.step("loading the QA reader"):
@@ -247,7 +298,7 @@ def build_qa_app(
         batch_wait_ms=batch_wait_ms,
         timeout=timeout,
         codec="text",
-        version=qa_version(model, chosen),
+        version=qa_version(model, chosen, path["backend"]),
     )
     async def bertqa(items: list[Any]) -> list[Any]:
         reader = await service.load()

@@ -24,6 +24,10 @@ from keymiss.qa.models import Encoder, QAModel
 log = logging.getLogger("keymiss.qa")
 
 
+#: torch's bf16 autocast keeps a float32 residual stream: a 4 % lead is enough to trust its answer
+DEFAULT_SETTLE_MARGIN = 0.04
+
+
 @dataclass(frozen=True)
 class QAParams:
     """The pipeline's defaults, so one checkpoint gives one answer either way."""
@@ -37,8 +41,9 @@ class QAParams:
     #: tokens per forward pass: ~12 windows of 384, where bf16 matrix products peak on 2 cores
     max_batch_tokens: int = 384 * 12
     #: with reduced precision, answers whose best and runner-up scores are closer than this
-    #: (relative) are recomputed in float32: reduced-precision speed, full-precision decisions
-    verify_margin: float = 0.04
+    #: (relative) are recomputed in float32: reduced-precision speed, full-precision decisions.
+    #: None: the model's own (``settle_margin``; 0.04 for torch's bf16 autocast)
+    verify_margin: float | None = None
 
 
 @dataclass
@@ -116,6 +121,8 @@ class SpanReader:
             )
             p = QAParams(**{**p.__dict__, "max_seq_len": limit})
         self.params = p
+        own = getattr(model, "settle_margin", DEFAULT_SETTLE_MARGIN)
+        self.margin = p.verify_margin if p.verify_margin is not None else own
         tok = model.tokenizer
         self.cls_id, self.sep_id, self.pad_id = tok.cls_token_id, tok.sep_token_id, tok.pad_token_id or 0
         self.fingerprint = model.fingerprint
@@ -163,7 +170,7 @@ class SpanReader:
         logits = self._forward(windows, items, self.model)
         best = [self._best(i, rec, windows, logits) for i, (_, rec) in enumerate(items)]
         if self.verify is not None:
-            close = [i for i, (_, margin) in enumerate(best) if margin < self.params.verify_margin]
+            close = [i for i, (_, margin) in enumerate(best) if margin < self.margin]
             if close:
                 again = [w for w in windows if w.item in set(close)]
                 logits_again = self._forward(again, items, self.verify, precise=True)

@@ -205,6 +205,9 @@ def info_sections(c: Client) -> dict[str, dict[str, Any]]:
     if isinstance(qa, dict):  # the numeric path the QA reader chose for this machine, and why
         sections["keymiss"]["keymiss_qa_dtype"] = qa["dtype"]
         sections["keymiss"]["keymiss_qa_dtype_reason"] = qa["why"]
+        if "backend" in qa:
+            sections["keymiss"]["keymiss_qa_backend"] = qa["backend"]
+            sections["keymiss"]["keymiss_qa_backend_reason"] = qa["backend_why"]
     keys = store.keys
     if keys:
         sections["keyspace"]["db0"] = f"keys={keys},expires=0,avg_ttl=0"

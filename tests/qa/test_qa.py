@@ -276,7 +276,7 @@ def test_reduced_precision_close_calls_are_settled_in_float32(tiny_model: str, r
 
 
 def test_bfloat16_weights_load_with_a_float32_verifier(tiny_model: str) -> None:
-    km = build_qa_app(Keymiss(sweep_interval=0), model=tiny_model, dtype="bfloat16")
+    km = build_qa_app(Keymiss(sweep_interval=0), model=tiny_model, dtype="bfloat16", backend="torch")
     asyncio.run(km.start())
     reader = qa_service(km).reader
     assert reader.model.dtype == "bfloat16" and reader.verify is not None and reader.verify.dtype == "float32"
@@ -346,25 +346,28 @@ def test_auto_picks_bf16_autocast_only_where_the_cpu_has_bf16_instructions(
 def test_the_chosen_path_is_logged_shown_in_info_and_part_of_the_answers_version(
     tmp_path: Path, tiny_model: str
 ) -> None:
-    from keymiss.qa.models import resolve_dtype
+    from keymiss.qa.app import qa_path
 
     corpus = write_corpus(tmp_path / "corpus.jsonl", {"PMC302072.xml:{8YG}:10": SHORT_CONTEXT})
     store = f"lmdb:{tmp_path}/cache"
     key = "bertqa{8YG}_PMC302072.xml:{8YG}:10_Who performs viral transmission among adults"
-    chosen = resolve_dtype("auto")[0]
+    path = qa_path(tiny_model, "auto", None, "auto")
+    chosen, backend = path["dtype"], path["backend"]
     srv = start_server(tmp_path, "--store", store, "--model", tiny_model, "--corpus", corpus, app=None)
     try:
         r = redis.Redis(port=srv.port)
         first = r.get(key)
         info = r.info("keymiss")
         assert info["keymiss_qa_dtype"] == chosen and info["keymiss_qa_dtype_reason"], info
+        assert info["keymiss_qa_backend"] == backend and info["keymiss_qa_backend_reason"], info
         ks = next(v for k, v in info.items() if k.startswith("keyspace_") and "bertqa" in str(v["pattern"]))
-        assert str(ks["version"]).endswith(":" + chosen), ks
-        assert f"{chosen} (" in srv.log  # the startup log says which path, and why
+        named = chosen if backend == "torch" else f"{backend}-{chosen}"
+        assert str(ks["version"]).endswith(":" + named), ks
+        assert f"on {backend} (" in srv.log and f"{chosen} (" in srv.log  # which path, and why
         r.close()
     finally:
         srv.stop()
-    other = "float32" if chosen != "float32" else "bf16-autocast"
+    other = "float32" if chosen != "float32" else ("bf16-autocast" if backend == "torch" else "bf16")
     srv = start_server(tmp_path, "--store", store, "--model", tiny_model, "--qa-dtype", other, app=None)
     try:
         r = redis.Redis(port=srv.port)

