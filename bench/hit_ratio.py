@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import heapq
+import importlib.util
 import multiprocessing
 import os
 import sys
@@ -281,6 +282,9 @@ def main(argv: list[str] | None = None) -> int:
             FRONTEND["frontend-old"] = args.old_module
     chosen = set(args.policies.split(",")) | {"gdsf", "gdsf-cost"} if args.policies else set(POLICIES)
     policies = [p for p in POLICIES if p in chosen and (not p.startswith("frontend") or FRONTEND.get(p))]
+    if "lfucache" in policies and importlib.util.find_spec("cachetools") is None:
+        print("lfucache left out: cachetools is not installed (pip install -e '.[bench]')", file=sys.stderr)
+        policies.remove("lfucache")
     tasks = []
     for trace in traces:
         for share in budgets if trace != "loop" else (0.9,):

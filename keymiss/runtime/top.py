@@ -129,8 +129,10 @@ def summary(now: Snapshot) -> str:
     return "  ".join(parts)
 
 
-def render(now: Snapshot, before: Snapshot | None, address: str) -> Any:
-    """The screen: a summary line and the per-keyspace table (a rich renderable)."""
+def render(now: Snapshot, before: Snapshot | None, address: str, height: int | None = None) -> Any:
+    """The screen: a summary line and the per-keyspace table (a rich renderable). With ``height``
+    (the terminal's lines) the table keeps to it, so the footer always shows: the busiest keyspaces
+    first, and a last row counting the ones left out."""
     from rich.console import Group
     from rich.table import Table
     from rich.text import Text
@@ -138,7 +140,13 @@ def render(now: Snapshot, before: Snapshot | None, address: str) -> Any:
     table = Table(expand=False, header_style="bold")
     for title, _ in COLUMNS:
         table.add_column(title, justify="left" if title == "keyspace" else "right", no_wrap=True)
-    for row in rows(now, before):  # Text, never markup: a keyspace named "[bold]x:*" shows as that
+    shown = rows(now, before)
+    room = None if height is None else max(1, height - 7)  # summary, borders, header, footer
+    if room is not None and len(shown) > room:
+        busiest = sorted(shown, key=lambda r: -sum(int(c) for c in r[1:3] if c.isdigit()))
+        left = len(shown) - (room - 1)
+        shown = [*busiest[: room - 1], [f"… {left} more keyspaces", *[""] * (len(COLUMNS) - 1)]]
+    for row in shown:  # Text, never markup: a keyspace named "[bold]x:*" shows as that
         table.add_row(*(Text(printable(cell)) for cell in row))
     head = Text(printable(f"keymiss top — {address}  {summary(now)}"), style="bold")
     foot = Text(f"{time.strftime('%H:%M:%S')}  q: quit", style="dim")
@@ -222,10 +230,14 @@ def run_top(
             console.print(render(now, None, address))
             return 0
         before: Snapshot | None = None
-        with _keys() as fd, Live(render(now, before, address), console=console, auto_refresh=False) as live:
+
+        def frame() -> Any:  # kept to the terminal's height, read each time (it may be resized)
+            return render(now, before, address, console.size.height)
+
+        with _keys() as fd, Live(frame(), console=console, auto_refresh=False) as live:
             while not _quit_pressed(fd, interval):
                 before, now = now, read()
-                live.update(render(now, before, address), refresh=True)
+                live.update(frame(), refresh=True)
         return 0
     except KeyboardInterrupt:
         return 0

@@ -32,12 +32,13 @@ class Screen:
     """``keymiss top`` on the slave side of a pty (its controlling terminal, 200 columns); what it
     drew, read from the master side."""
 
-    def __init__(self, port: int, *args: str) -> None:
+    def __init__(self, port: int, *args: str, lines: int = 40) -> None:
         self.master, slave = os.openpty()
-        fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 40, 200, 0, 0))
+        fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", lines, 200, 0, 0))
         self.echo_before = termios.tcgetattr(slave)[3] & termios.ECHO
         env = dict(os.environ, TERM="xterm", KEYMISS_PASSWORD=PASSWORD)
-        env.pop("COLUMNS", None)
+        env.pop("COLUMNS", None)  # the pty's size, not the test runner's (xdist sets 80x24)
+        env.pop("LINES", None)
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "keymiss", "top", "--port", str(port), "--interval", "0.2", *args],
             stdin=slave,
@@ -190,3 +191,16 @@ def test_top_without_any_password_says_how_to_give_one(served: ServerProcess) ->
         timeout=30,
     )
     assert out.returncode == 1 and "pass --password" in out.stderr and "--user" in out.stderr, out.stderr
+
+
+def test_a_short_terminal_keeps_the_footer_and_counts_the_keyspaces_left_out(served: ServerProcess) -> None:
+    """15 lines for 19 keyspaces: the busiest rows, a row counting the rest, and the footer."""
+    r = redis.Redis(port=served.port, password=PASSWORD, socket_timeout=10)
+    assert r.get("double:4") == b"8"
+    s = Screen(served.port, lines=15)
+    try:
+        eventually(lambda: "q: quit" in s.read() and "more keyspaces" in s.text, timeout=15, message=s.text)
+        assert s.row() is not None  # the busiest keyspace made the cut
+    finally:
+        s.close()
+        r.close()

@@ -149,7 +149,7 @@ def test_compute_seconds_are_the_handlers_on_both_fronts(tmp_path: Path, front: 
     assert float(ks["p50_compute_seconds"]) == pytest.approx(0.075), ks
     assert float(ks["p99_compute_seconds"]) == pytest.approx(0.0995), ks
     mean = float(ks["mean_compute_seconds"])
-    assert 0.06 <= mean < 0.1, ks
+    assert 0.055 <= mean < 0.1, ks  # a 60 ms sleep, as the loop's timer measures it
     (total,) = metric(body, "keymiss_compute_seconds_sum", "queue:*")
     (calls,) = metric(body, "keymiss_compute_seconds_count", "queue:*")
     assert calls == 6 and total / calls == pytest.approx(mean, abs=0.001), (ks, total, calls)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import re
 import time
 import zlib
 from pathlib import Path
@@ -169,11 +170,19 @@ async def test_under_maxmemory_volatile_lfu_evicts_answers_never_contexts(kind: 
             for i in range(400):  # 8 MB of answers through a 4 MB server
                 got = await resp(server.port, "GET", f"big:{i}")
                 assert got == b"x" * 20_000, got
-            assert 0 < await resp(server.port, "TTL", "big:399") <= 3600
+            # the answers kept carry the default TTL (what lets either eviction take them); the
+            # newest may have lost the module's admission contest (answered, not stored)
+            kept = [i for i in range(400) if await resp(server.port, "EXISTS", f"big:{i}") == 1]
+            ttls = [await resp(server.port, "TTL", f"big:{i}") for i in kept[-5:]]
+            assert kept and all(0 < t <= 3600 for t in ttls), ttls
         for c in contexts:
             assert await resp(server.port, "EXISTS", c) == 1
-        info = await resp(server.port, "INFO", "stats")
-        assert int(info.split(b"evicted_keys:")[1].split(b"\r\n")[0]) > 0
+        stats = (await resp(server.port, "INFO", "stats")) + (await resp(server.port, "INFO", "keymiss"))
+        made_room = sum(
+            int(m)
+            for m in re.findall(rb"(?:evicted_keys|admission_evictions|admission_rejects):(\d+)", stats)
+        )
+        assert made_room > 0, stats
     finally:
         server.stop()
 
