@@ -157,7 +157,7 @@ def reader_factory(
         from keymiss.qa.models import default_encoder_path
 
         path = model or default_encoder_path()
-        chosen = resolve_backend(backend, path)[0]
+        chosen = resolve_backend(backend, path, "span" if model else "encoder")[0]
         if chosen == "openvino":
             if model:
                 return SpanReader(load_openvino_qa_model(model, dtype=dtype, cache=graph_cache), params)
@@ -200,7 +200,7 @@ def qa_path(model: str | None, dtype: str, device: str | None, backend: str) -> 
         path = model or default_encoder_path()
     except ConfigError:  # no shipped encoder: loading says so when the app starts
         path = ""
-    chosen, because = resolve_backend(backend, path)
+    chosen, because = resolve_backend(backend, path, "span" if model else "encoder")
     if not model:
         chosen_dtype, why = "float32", "the sentence encoder runs float32"
     elif chosen == "openvino":

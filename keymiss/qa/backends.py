@@ -18,7 +18,14 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from keymiss.errors import ConfigError
-from keymiss.qa.graph import Compiled, UnsupportedCheckpoint, WordEmbeddings, bert_config, load_graph
+from keymiss.qa.graph import (
+    BrokenCheckpoint,
+    Compiled,
+    UnsupportedCheckpoint,
+    WordEmbeddings,
+    check_checkpoint,
+    load_graph,
+)
 from keymiss.qa.models import BF16_CPU_FLAGS, cpu_flags, fingerprint, tokenizer_fingerprint
 from keymiss.qa.tokenizer import Tokenizer
 
@@ -35,19 +42,22 @@ def _installed(module: str) -> bool:
     return importlib.util.find_spec(module) is not None
 
 
-def _buildable(path: str) -> str | None:
-    """Why the OpenVINO builder cannot write this checkpoint (None: it can)."""
+def _buildable(path: str, head: str) -> str | None:
+    """Why the OpenVINO builder cannot write this checkpoint (None: it can), from its config and
+    its weights' header only (cheap). A malformed checkpoint raises ``BrokenCheckpoint``: no
+    backend could run it."""
     try:
-        bert_config(path)
+        check_checkpoint(path, head)
+    except BrokenCheckpoint:
+        raise
     except UnsupportedCheckpoint as exc:
         return str(exc)
-    if not os.path.isfile(os.path.join(path, "model.safetensors")):
-        return f"{path!r} has no model.safetensors"
     return None
 
 
-def resolve_backend(requested: str | None, path: str) -> tuple[str, str]:
-    """The backend for the checkpoint at ``path`` and why it was chosen."""
+def resolve_backend(requested: str | None, path: str, head: str = "span") -> tuple[str, str]:
+    """The backend for the checkpoint at ``path`` (a span checkpoint, or ``head="encoder"``: a
+    sentence encoder) and why it was chosen."""
     name = (requested or "auto").lower()
     if name not in BACKENDS:
         raise ConfigError(f"unknown QA backend {requested!r}; use {', '.join(BACKENDS)}")
@@ -57,7 +67,10 @@ def resolve_backend(requested: str | None, path: str) -> tuple[str, str]:
                 "--qa-backend torch needs torch and transformers (pip install 'keymiss[qa-torch]')"
             )
         return "torch", "as asked (--qa-backend)"
-    problem = _buildable(path) if os.path.isdir(path) else None
+    try:
+        problem = _buildable(path, head) if os.path.isdir(path) else None
+    except BrokenCheckpoint as exc:
+        raise ConfigError(f"the QA checkpoint cannot be run: {exc}") from None
     if name == "openvino":
         if not _installed("openvino"):
             raise ConfigError("--qa-backend openvino needs openvino (pip install 'keymiss[qa]')")

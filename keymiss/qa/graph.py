@@ -13,8 +13,10 @@ here; compiling takes well under a second.)
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
+import math
 import mmap
 import os
 import struct
@@ -40,11 +42,16 @@ class UnsupportedCheckpoint(ConfigError):
     """The checkpoint is not a plain BERT this builder can write (the torch backend can still run it)."""
 
 
+class BrokenCheckpoint(UnsupportedCheckpoint):
+    """The checkpoint's files are malformed (a torn weights file, a configuration value of the wrong
+    type): no backend can run it, so ``auto`` refuses instead of handing it to torch."""
+
+
 class Mapped:
     """A file mapped copy-on-write (never written): weights read from it cost no copy, and once
     OpenVINO has compiled its own layout of them, ``page_out`` hands the file's pages back, so
     they stop counting in the process's resident memory (a page read again is read back from the
-    file, never lost)."""
+    file as it is then: the file must not be changed in place while it is mapped, see README)."""
 
     def __init__(self, file: str) -> None:
         with open(file, "rb") as f:
@@ -61,24 +68,89 @@ class Mapped:
                 log.debug("madvise(MADV_PAGEOUT) refused: %s", exc)
 
 
+def _tensor_name(name: str) -> str:
+    """Older checkpoints name a LayerNorm's scale and shift gamma and beta: read as weight and bias,
+    as transformers renames them on load."""
+    if name.endswith("LayerNorm.gamma"):
+        return name[: -len("gamma")] + "weight"
+    if name.endswith("LayerNorm.beta"):
+        return name[: -len("beta")] + "bias"
+    return name
+
+
+def _is_size(x: Any) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool) and x >= 0
+
+
+def read_header(file: str) -> tuple[dict[str, dict[str, Any]], int]:
+    """The tensor entries of a ``.safetensors`` file (LayerNorm names made current) and the file
+    size they were checked against: the header must fit the file, every tensor's bytes lie inside
+    it and hold exactly its shape of its dtype. Reads only the header, so ``auto`` can ask it."""
+
+    def broken(what: str) -> BrokenCheckpoint:
+        return BrokenCheckpoint(f"{file} is not a valid safetensors file: {what}")
+
+    try:
+        size = os.path.getsize(file)
+        with open(file, "rb") as f:
+            prefix = f.read(8)
+            if len(prefix) < 8:
+                raise broken(f"{size} bytes, shorter than the 8-byte header length")
+            (length,) = struct.unpack("<Q", prefix)
+            if length > size - 8:
+                raise broken(f"a header of {length} bytes in a file of {size}")
+            raw = f.read(length)
+    except OSError as exc:
+        raise BrokenCheckpoint(f"cannot read {file}: {exc}") from exc
+    try:
+        header = json.loads(raw)
+    except ValueError as exc:  # UnicodeDecodeError included
+        raise broken(f"the header is not JSON ({exc})") from None
+    if not isinstance(header, dict):
+        raise broken("the header is not a JSON object")
+    data = size - 8 - length
+    tensors: dict[str, dict[str, Any]] = {}
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        if not isinstance(info, dict):
+            raise broken(f"tensor {name}: entry {info!r} is not an object")
+        dtype, shape, offsets = info.get("dtype"), info.get("shape"), info.get("data_offsets")
+        if dtype not in _DTYPES:
+            raise UnsupportedCheckpoint(f"{file}: tensor {name} has dtype {dtype}")
+        if not isinstance(shape, list) or not all(_is_size(d) for d in shape):
+            raise broken(f"tensor {name}: shape {shape!r}")
+        if (
+            not isinstance(offsets, list)
+            or len(offsets) != 2
+            or not all(_is_size(o) for o in offsets)
+            or not offsets[0] <= offsets[1] <= data
+        ):
+            raise broken(f"tensor {name}: data offsets {offsets!r} outside the {data} data bytes")
+        want = math.prod(shape) * np.dtype(_DTYPES[dtype]).itemsize
+        if want != offsets[1] - offsets[0]:
+            held = offsets[1] - offsets[0]
+            raise broken(
+                f"tensor {name}: shape {shape} of {dtype} needs {want} bytes, its offsets hold {held}"
+            )
+        entry = {"dtype": dtype, "shape": shape, "data_offsets": offsets, "base": 8 + length}
+        tensors[_tensor_name(name)] = entry
+    return tensors, size
+
+
 def read_safetensors(file: str, mapped: Mapped | None = None) -> dict[str, np.ndarray]:
     """Every tensor of a ``.safetensors`` file as a float32 (or integer) numpy array. Float32
     tensors are read-only maps of the file, not copies: only the pages a forward pass touches
     (the embedding rows of the tokens it sees, say) become resident."""
-    with open(file, "rb") as f:
-        (size,) = struct.unpack("<Q", f.read(8))
-        header = json.loads(f.read(size))
+    header, size = read_header(file)
     whole = (mapped or Mapped(file)).bytes
-    base = 8 + size
+    if len(whole) != size:
+        raise BrokenCheckpoint(f"{file} changed size while it was read ({size} then {len(whole)} bytes)")
     out: dict[str, np.ndarray] = {}
     for name, info in header.items():
-        if name == "__metadata__":
-            continue
-        kind = _DTYPES.get(info["dtype"])
-        if kind is None:
-            raise UnsupportedCheckpoint(f"{file}: tensor {name} has dtype {info['dtype']}")
         a, b = info["data_offsets"]
-        arr = whole[base + a : base + b].view(kind).reshape(info["shape"])
+        base = info["base"]
+        arr = whole[base + a : base + b].view(_DTYPES[info["dtype"]]).reshape(info["shape"])
         if info["dtype"] == "BF16":
             arr = (arr.astype(np.uint32) << 16).view(np.float32)
         elif arr.dtype.kind == "f" and arr.dtype != np.float32:
@@ -92,12 +164,16 @@ class WordEmbeddings:
 
     It stays out of the compiled graph, where it would be half of a MiniLM's resident weights:
     ``lookup`` gathers the rows of a batch's token ids (an exact copy, as the graph's gather would
-    be) and then drops the file's pages from this process (they stay in the page cache; an
-    unmodified page of a private mapping is read back, never lost), so an idle reader holds none."""
+    be) and then drops the file's pages from this process (they stay in the page cache), so an
+    idle reader holds none. A dropped page is read back from the file as it is at the next lookup:
+    overwriting the checkpoint in place while it is served mixes two models' rows, and truncating
+    it kills the process (SIGBUS); a new checkpoint goes in a new directory (README)."""
 
     def __init__(self, path: str) -> None:
-        self.mapped = Mapped(os.path.join(path, "model.safetensors"))
-        weights = read_safetensors(os.path.join(path, "model.safetensors"), self.mapped)
+        file = os.path.join(path, "model.safetensors")
+        read_header(file)  # a malformed file is refused before it is mapped
+        self.mapped = Mapped(file)
+        weights = read_safetensors(file, self.mapped)
         for name in ("bert.embeddings.word_embeddings.weight", "embeddings.word_embeddings.weight"):
             if name in weights:
                 self.table = weights[name]
@@ -123,6 +199,89 @@ def bert_config(path: str) -> dict[str, Any]:
         raise UnsupportedCheckpoint(f"{path!r}: {config['position_embedding_type']} position embeddings")
     if config.get("hidden_act", "gelu") != "gelu":
         raise UnsupportedCheckpoint(f"{path!r}: activation {config['hidden_act']!r}, not gelu")
+    # BertConfig's defaults for what config.json may leave out; a value that is there must fit
+    for key, default in _SIZES.items():
+        value = config.setdefault(key, default)
+        if not _is_size(value) or (value == 0 and key != "type_vocab_size"):
+            raise BrokenCheckpoint(f"{path}/config.json: {key} is {value!r}, not a positive integer")
+    if config["hidden_size"] % config["num_attention_heads"]:
+        raise BrokenCheckpoint(f"{path}/config.json: hidden_size is not a multiple of num_attention_heads")
+    eps = config.setdefault("layer_norm_eps", 1e-12)
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not 0 < eps < 1:
+        raise BrokenCheckpoint(f"{path}/config.json: layer_norm_eps is {eps!r}, not a small positive number")
+    return config
+
+
+#: BertConfig's defaults for the sizes the graph is built from
+_SIZES = {
+    "hidden_size": 768,
+    "num_hidden_layers": 12,
+    "num_attention_heads": 12,
+    "intermediate_size": 3072,
+    "max_position_embeddings": 512,
+    "type_vocab_size": 2,
+    "vocab_size": 30522,
+}
+
+
+def tensor_shapes(config: dict[str, Any], head: str) -> dict[str, list[int]]:
+    """The tensors ``build_bert`` reads (names without the span checkpoint's ``bert.`` prefix) and
+    the shape each must have: the ones transformers would load into the same model."""
+    hidden, inner = config["hidden_size"], config["intermediate_size"]
+    shapes = {
+        "embeddings.word_embeddings.weight": [config["vocab_size"], hidden],
+        "embeddings.position_embeddings.weight": [config["max_position_embeddings"], hidden],
+        "embeddings.token_type_embeddings.weight": [config["type_vocab_size"], hidden],
+    }
+
+    def linear(name: str, out: int, into: int) -> None:
+        shapes[name + ".weight"], shapes[name + ".bias"] = [out, into], [out]
+
+    def norm(name: str) -> None:
+        shapes[name + ".weight"], shapes[name + ".bias"] = [hidden], [hidden]
+
+    norm("embeddings.LayerNorm")
+    for i in range(config["num_hidden_layers"]):
+        layer = f"encoder.layer.{i}."
+        for part in ("query", "key", "value"):
+            linear(layer + "attention.self." + part, hidden, hidden)
+        linear(layer + "attention.output.dense", hidden, hidden)
+        norm(layer + "attention.output.LayerNorm")
+        linear(layer + "intermediate.dense", inner, hidden)
+        linear(layer + "output.dense", hidden, inner)
+        norm(layer + "output.LayerNorm")
+    if head == "span":
+        linear("qa_outputs", 2, hidden)
+    return shapes
+
+
+def _prefix(names: Any) -> str:
+    # the encoder's tensors carry ``bert.`` in a span checkpoint; its head's do not
+    return "bert." if any(k.startswith("bert.") for k in names) else ""
+
+
+def _full(prefix: str, name: str) -> str:
+    return name if name.startswith("qa_outputs") else prefix + name
+
+
+def check_checkpoint(path: str, head: str) -> dict[str, Any]:
+    """The checkpoint's configuration, once its config and its weights' header (not the weights)
+    show that ``build_bert`` can write it: every tensor there, of a supported dtype and its shape.
+    Raises ``UnsupportedCheckpoint`` (the torch backend may still run it) or ``BrokenCheckpoint``."""
+    config = bert_config(path)
+    file = os.path.join(path, "model.safetensors")
+    if not os.path.isfile(file):
+        raise UnsupportedCheckpoint(f"{path!r} has no model.safetensors")
+    header = read_header(file)[0]
+    prefix = _prefix(header)
+    for name, shape in tensor_shapes(config, head).items():
+        info = header.get(_full(prefix, name))
+        if info is None:
+            raise UnsupportedCheckpoint(f"{file}: no tensor {_full(prefix, name)}")
+        if info["shape"] != shape:
+            raise BrokenCheckpoint(
+                f"{file}: tensor {_full(prefix, name)} has shape {info['shape']}, config.json gives {shape}"
+            )
     return config
 
 
@@ -134,23 +293,15 @@ def build_bert(path: str, head: str, mapped: Mapped | None = None) -> Any:
     import openvino as ov
     import openvino.opset15 as op
 
-    config = bert_config(path)
-    file = os.path.join(path, "model.safetensors")
-    if not os.path.isfile(file):
-        raise UnsupportedCheckpoint(f"{path!r} has no model.safetensors")
-    weights = read_safetensors(file, mapped)
-    prefix = "bert." if any(k.startswith("bert.") for k in weights) else ""
+    config = check_checkpoint(path, head)
+    weights = read_safetensors(os.path.join(path, "model.safetensors"), mapped)
+    prefix = _prefix(weights)
 
     def w(name: str) -> Any:
-        # the encoder's tensors carry ``bert.`` in a span checkpoint; its head's do not
-        full = name if name.startswith("qa_outputs") else prefix + name
-        try:
-            # shared: the graph refers to the mapped file instead of holding a copy
-            return op.constant(weights[full], shared_memory=True)
-        except KeyError:
-            raise UnsupportedCheckpoint(f"{path!r}: no tensor {full}") from None
+        # shared: the graph refers to the mapped file instead of holding a copy
+        return op.constant(weights[_full(prefix, name)], shared_memory=True)
 
-    eps = float(config.get("layer_norm_eps", 1e-12))
+    eps = float(config["layer_norm_eps"])
     heads = int(config["num_attention_heads"])
     hidden = int(config["hidden_size"])
     size = hidden // heads
@@ -215,35 +366,75 @@ def cache_root(base: str | None = None) -> str:
     return os.path.join(home, "keymiss", "qa-graphs")
 
 
-def load_graph(path: str, fingerprint: str, head: str, cache: str | None = None) -> tuple[Any, Mapped]:
-    """The OpenVINO model for a checkpoint (read back from the cache when built before) and the
-    mapped file its weights live in (``Mapped.page_out`` once it is compiled)."""
+#: beside a cached graph: the SHA-256 of its model.xml and model.bin, written last, checked at load
+DIGEST = "model.sha256"
+
+
+def _digest(xml: bytes, weights: Any) -> str:
+    return f"{hashlib.sha256(xml).hexdigest()} {hashlib.sha256(weights).hexdigest()}\n"
+
+
+def _read_cached(where: str) -> tuple[Any, Mapped]:
+    """The graph cached in ``where``, if its files still hash to the digest written with them (a
+    torn, truncated or altered entry raises ValueError; one never written, FileNotFoundError).
+    What is hashed is what is used: the text read and the very mapping handed to OpenVINO."""
     import openvino as ov
 
-    where = os.path.join(cache_root(cache), f"{fingerprint}-{head}-v{GRAPH_VERSION}")
-    xml = os.path.join(where, "model.xml")
-    if not os.path.isfile(xml):
-        mapped = Mapped(os.path.join(path, "model.safetensors"))
-        model = build_bert(path, head, mapped)
-        try:
-            os.makedirs(where, exist_ok=True)
-            tmp = os.path.join(where, f"model.{os.getpid()}.xml")
-            ov.save_model(model, tmp, compress_to_fp16=False)
-            os.replace(tmp[:-4] + ".bin", xml[:-4] + ".bin")
-            os.replace(tmp, xml)
-        except (OSError, RuntimeError) as exc:  # a read-only cache costs a build per start, not the reader
-            log.warning("cannot cache the QA graph in %s: %s", where, exc)
-            return model, mapped
-        del model, mapped  # read back below: the first start runs what every later one will
+    with open(os.path.join(where, DIGEST), encoding="ascii") as f:
+        want = f.read()
+    with open(os.path.join(where, "model.xml"), "rb") as f:
+        xml = f.read()
+    weights = Mapped(os.path.join(where, "model.bin"))
+    if _digest(xml, weights.map) != want:
+        raise ValueError("its files do not match their digest")
+    return ov.Core().read_model(xml.decode(), ov.Tensor(weights.bytes, shared_memory=True)), weights
+
+
+def _write_cached(model: Any, where: str) -> None:
+    """Save the graph into ``where``: each file under a temporary name, renamed into place, the
+    digest last, so a reader meets a whole entry or one it rebuilds."""
+    import openvino as ov
+
+    os.makedirs(where, exist_ok=True)
+    tmp = os.path.join(where, f"model.{os.getpid()}.xml")
     try:
-        weights = Mapped(xml[:-4] + ".bin")
-        with open(xml, encoding="utf-8") as f:
-            text = f.read()
-        return ov.Core().read_model(text, ov.Tensor(weights.bytes, shared_memory=True)), weights
-    except (OSError, ValueError, RuntimeError) as exc:  # a torn or foreign file: build it again
-        log.warning("rebuilding the cached QA graph %s: %s", xml, exc)
-        mapped = Mapped(os.path.join(path, "model.safetensors"))
-        return build_bert(path, head, mapped), mapped
+        ov.save_model(model, tmp, compress_to_fp16=False)
+        with open(tmp, "rb") as f:
+            xml = f.read()
+        with open(tmp[:-4] + ".bin", "rb") as f:
+            digest = _digest(xml, f.read())
+        with open(tmp[:-4] + ".sha256", "w", encoding="ascii") as f:
+            f.write(digest)
+        os.replace(tmp[:-4] + ".bin", os.path.join(where, "model.bin"))
+        os.replace(tmp, os.path.join(where, "model.xml"))
+        os.replace(tmp[:-4] + ".sha256", os.path.join(where, DIGEST))
+    finally:
+        for leftover in (tmp, tmp[:-4] + ".bin", tmp[:-4] + ".sha256"):
+            if os.path.exists(leftover):
+                os.unlink(leftover)
+
+
+def load_graph(path: str, fingerprint: str, head: str, cache: str | None = None) -> tuple[Any, Mapped]:
+    """The OpenVINO model for a checkpoint (read back from the cache when built before and still
+    whole) and the mapped file its weights live in (``Mapped.page_out`` once it is compiled). A
+    missing or bad cache entry is built again and written back."""
+    check_checkpoint(path, head)  # a clear error before anything is mapped or built
+    where = os.path.join(cache_root(cache), f"{fingerprint}-{head}-v{GRAPH_VERSION}")
+    try:
+        return _read_cached(where)
+    except FileNotFoundError:
+        pass
+    except (OSError, ValueError, RuntimeError) as exc:  # a torn, altered or foreign entry
+        log.warning("rebuilding the cached QA graph in %s: %s", where, exc)
+    mapped = Mapped(os.path.join(path, "model.safetensors"))
+    model = build_bert(path, head, mapped)
+    try:
+        _write_cached(model, where)
+        # read back: the first start runs what every later one will
+        return _read_cached(where)
+    except (OSError, ValueError, RuntimeError) as exc:  # a read-only cache costs a build per start
+        log.warning("cannot cache the QA graph in %s: %s", where, exc)
+        return model, mapped
 
 
 class Compiled:

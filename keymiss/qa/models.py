@@ -69,7 +69,11 @@ def _fingerprint(path: str, stamp: tuple[tuple[str, int, int], ...]) -> str:
 
 
 def tokenizer_fingerprint(path: str) -> str:
-    """Hash of the tokenizer files alone: stored context tokens stay valid while this is unchanged."""
+    """Hash of the tokenizer files alone: stored context tokens stay valid while this is unchanged.
+
+    The same under both backends on purpose: transformers' tokenizer and the torch-free one
+    (``keymiss.qa.tokenizer``) read the same files with the same defaults and give the same tokens
+    (tests/qa/test_backends.py holds them to it), so a context tokenised by one serves the other."""
     h = hashlib.sha256()
     for name in ("tokenizer.json", "vocab.txt", "tokenizer_config.json", "special_tokens_map.json"):
         file = os.path.join(path, name)

@@ -50,7 +50,8 @@ def _wordpiece(vocab: str, config: dict[str, Any]) -> Any:
         clean_text=True,
         handle_chinese_chars=bool(config.get("tokenize_chinese_chars", True)),
         strip_accents=config.get("strip_accents"),
-        lowercase=bool(config.get("do_lower_case", True)),
+        # transformers 5's BertTokenizer keeps case unless tokenizer_config.json says otherwise
+        lowercase=bool(config.get("do_lower_case", False)),
     )
     backend.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
     special = [
@@ -63,6 +64,30 @@ def _wordpiece(vocab: str, config: dict[str, Any]) -> Any:
     return backend
 
 
+def _json(path: str, name: str) -> dict[str, Any]:
+    file = os.path.join(path, name)
+    if not os.path.isfile(file):
+        return {}
+    try:
+        with open(file, encoding="utf-8") as f:
+            value = json.load(f)
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"{file} is not readable JSON: {exc}") from None
+    if not isinstance(value, dict):
+        raise ConfigError(f"{file} is not a JSON object")
+    return value
+
+
+def _config(path: str) -> dict[str, Any]:
+    """``tokenizer_config.json`` with ``special_tokens_map.json`` over it, as transformers 5 merges
+    them: the map's tokens win, unless the config lists its ``added_tokens_decoder`` (then the
+    map is legacy and ignored)."""
+    config = _json(path, "tokenizer_config.json")
+    if "added_tokens_decoder" not in config:
+        config.update(_json(path, "special_tokens_map.json"))
+    return config
+
+
 class Tokenizer:
     """A checkpoint directory's fast tokenizer, loaded without transformers."""
 
@@ -71,11 +96,7 @@ class Tokenizer:
     def __init__(self, path: str) -> None:
         from tokenizers import Tokenizer as Backend
 
-        config: dict[str, Any] = {}
-        config_file = os.path.join(path, "tokenizer_config.json")
-        if os.path.isfile(config_file):
-            with open(config_file, encoding="utf-8") as f:
-                config = json.load(f)
+        config = _config(path)
         file = os.path.join(path, "tokenizer.json")
         vocab = os.path.join(path, "vocab.txt")
         if os.path.isfile(file):

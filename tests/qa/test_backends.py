@@ -223,3 +223,156 @@ def test_the_main_job_serves_the_default_reader_without_torch(tmp_path: Path) ->
     text = log_path.read_text()
     assert "IMPORTED" not in text, text
     assert "sentence encoder on openvino" in text, text
+
+
+def _with_header(src: str, dst: Path, edit: Any) -> str:
+    """A copy of checkpoint ``src`` whose model.safetensors header is ``edit(header)``."""
+    import struct
+
+    shutil.copytree(src, dst)
+    raw = (dst / "model.safetensors").read_bytes()
+    (size,) = struct.unpack("<Q", raw[:8])
+    header = json.dumps(edit(json.loads(raw[8 : 8 + size]))).encode()
+    (dst / "model.safetensors").write_bytes(struct.pack("<Q", len(header)) + header + raw[8 + size :])
+    return str(dst)
+
+
+def test_older_layernorm_names_are_read_and_auto_checks_the_tensors(tiny_model: str, tmp_path: Path) -> None:
+    """gamma/beta LayerNorm names load as transformers loads them; a tensor the builder needs and
+    cannot find sends ``auto`` to torch, with the reason, before anything is built."""
+    from keymiss.qa.backends import load_openvino_qa_model, resolve_backend
+
+    def old_names(header: dict[str, Any]) -> dict[str, Any]:
+        rename = {".LayerNorm.weight": ".LayerNorm.gamma", ".LayerNorm.bias": ".LayerNorm.beta"}
+        out = {}
+        for name, info in header.items():
+            for new, old in rename.items():
+                if name.endswith(new):
+                    name = name[: -len(new)] + old
+            out[name] = info
+        return out
+
+    older = _with_header(tiny_model, tmp_path / "older", old_names)
+    assert resolve_backend("auto", older)[0] == "openvino"
+    ours = load_openvino_qa_model(older, dtype="float32", cache=str(tmp_path / "cache"))
+    same = load_openvino_qa_model(tiny_model, dtype="float32", cache=str(tmp_path / "cache"))
+    assert _answers(SpanReader(ours), SHORT_CONTEXT) == _answers(SpanReader(same), SHORT_CONTEXT)  # type: ignore[arg-type]
+
+    headless = _with_header(
+        tiny_model,
+        tmp_path / "headless",
+        lambda h: {k.replace("qa_outputs.bias", "head.bias"): v for k, v in h.items()},
+    )
+    backend, why = resolve_backend("auto", headless)
+    assert backend == "torch" and "no tensor qa_outputs.bias" in why
+
+
+def test_a_malformed_checkpoint_is_refused_naming_the_file_and_the_fault(
+    tiny_model: str, tmp_path: Path
+) -> None:
+    import struct
+
+    from keymiss.qa.backends import load_openvino_qa_model, resolve_backend
+    from keymiss.qa.graph import BrokenCheckpoint
+
+    good = (Path(tiny_model) / "model.safetensors").read_bytes()
+    (size,) = struct.unpack("<Q", good[:8])
+    wrong_shape = json.loads(good[8 : 8 + size])
+    wrong_shape["qa_outputs.weight"]["shape"] = [3, 32]
+    header = json.dumps(wrong_shape).encode()
+    bodies = {
+        "empty": (b"", "shorter than the 8-byte header"),
+        "two bytes": (b"\x01\x02", "shorter than the 8-byte header"),
+        "garbage": (b"\xff" * 64, "a header of"),
+        "huge header": (struct.pack("<Q", 10**12) + b"{}", "a header of 1000000000000 bytes"),
+        "truncated": (good[: len(good) // 2], "outside the"),
+        "shape": (struct.pack("<Q", len(header)) + header + good[8 + size :], "needs 384 bytes"),
+    }
+    for name, (body, fault) in bodies.items():
+        broken = tmp_path / name.replace(" ", "-")
+        shutil.copytree(tiny_model, broken)
+        (broken / "model.safetensors").write_bytes(body)
+        for backend in ("auto", "openvino"):
+            with pytest.raises(
+                ConfigError, match=re.escape(f"{broken}/model.safetensors") + ".*" + re.escape(fault)
+            ):
+                resolve_backend(backend, str(broken))
+        with pytest.raises(BrokenCheckpoint, match=re.escape(fault)):
+            load_openvino_qa_model(str(broken), cache=str(tmp_path / "cache"))
+    eps = tmp_path / "eps"
+    shutil.copytree(tiny_model, eps)
+    config = json.loads((eps / "config.json").read_text())
+    (eps / "config.json").write_text(json.dumps({**config, "layer_norm_eps": None}))
+    with pytest.raises(ConfigError, match=r"config\.json: layer_norm_eps is None"):
+        resolve_backend("auto", str(eps))
+    with pytest.raises(BrokenCheckpoint, match="layer_norm_eps"):
+        load_openvino_qa_model(str(eps), cache=str(tmp_path / "cache"))
+
+
+def _vocab_variant(tiny_model: str, where: Path, extra: list[str], files: dict[str, Any]) -> str:
+    where.mkdir()
+    vocab = (Path(tiny_model) / "vocab.txt").read_text().split()
+    (where / "vocab.txt").write_text("\n".join(vocab + extra) + "\n")
+    shutil.copy(Path(tiny_model) / "config.json", where / "config.json")
+    for name, content in files.items():
+        (where / name).write_text(json.dumps(content))
+    return str(where)
+
+
+def test_vocabulary_only_tokenizers_take_transformers_defaults_and_special_tokens_map(
+    tiny_model: str, tmp_path: Path
+) -> None:
+    """No tokenizer_config.json: case is kept (BertTokenizer's default); special_tokens_map.json
+    names the special tokens, over tokenizer_config.json, as transformers reads them."""
+    from transformers import AutoTokenizer
+
+    from keymiss.qa.tokenizer import Tokenizer
+
+    texts = ["Virus Café CAFÉ naïve 中文 [CLS] <s> virus </s>", "THE virus binds cells"]
+    variants = [
+        _vocab_variant(tiny_model, tmp_path / "bare", ["Virus", "Café", "THE"], {}),
+        _vocab_variant(
+            tiny_model,
+            tmp_path / "map",
+            ["<s>", "</s>"],
+            {
+                "special_tokens_map.json": {"cls_token": "<s>", "sep_token": "</s>"},
+                "tokenizer_config.json": {"tokenizer_class": "BertTokenizer", "do_lower_case": True},
+            },
+        ),
+    ]
+    for path in variants:
+        theirs, ours = AutoTokenizer.from_pretrained(path), Tokenizer(path)
+        assert (ours.cls_token_id, ours.sep_token_id) == (theirs.cls_token_id, theirs.sep_token_id)
+        for text in texts:
+            assert theirs(text)["input_ids"] == ours(text)["input_ids"], (path, text)
+
+
+def test_a_bad_graph_cache_entry_is_rebuilt_and_written_back(tiny_model: str, tmp_path: Path) -> None:
+    """An altered model.bin of the same size (negated span head) or a truncated one is caught by
+    the entry's digest: the reader answers from the checkpoint and the entry is rewritten."""
+    import struct
+
+    import numpy as np
+
+    from keymiss.qa import graph
+    from keymiss.qa.backends import load_openvino_qa_model
+    from keymiss.qa.models import fingerprint
+
+    model = load_openvino_qa_model(tiny_model, dtype="float32", cache=str(tmp_path))
+    first = _answers(SpanReader(model), SHORT_CONTEXT)  # type: ignore[arg-type]
+    entry = tmp_path / f"{fingerprint(tiny_model)}-span-v{graph.GRAPH_VERSION}"
+    clean = (entry / "model.bin").read_bytes()
+    raw = (Path(tiny_model) / "model.safetensors").read_bytes()
+    (size,) = struct.unpack("<Q", raw[:8])
+    a, b = json.loads(raw[8 : 8 + size])["qa_outputs.weight"]["data_offsets"]
+    head = raw[8 + size + a : 8 + size + b]
+    at = clean.find(head)
+    assert at >= 0
+    negated = (-np.frombuffer(head, dtype="<f4")).astype("<f4").tobytes()
+    for bad in (clean[:at] + negated + clean[at + len(head) :], clean[:1000]):
+        (entry / "model.bin").write_bytes(bad)
+        again = load_openvino_qa_model(tiny_model, dtype="float32", cache=str(tmp_path))
+        assert _answers(SpanReader(again), SHORT_CONTEXT) == first  # type: ignore[arg-type]
+        assert (entry / "model.bin").read_bytes() == clean
+        assert sorted(p.name for p in entry.iterdir()) == ["model.bin", "model.sha256", "model.xml"]
