@@ -6,6 +6,9 @@ acts. Then a big value read once is computed: it is worth less per byte than any
 FILL is answered to its reader and not stored (``admission_rejects``). A small value several
 readers wait on is worth more: its FILL deletes a sampled lower-worth value to make room and is
 stored (``admission_evictions``).
+
+The other tests hold a few small computed values (with their companions) and fill the rest of
+memory with one big list (no victim: not a string with a TTL), so that every sample meets them.
 """
 
 from __future__ import annotations
@@ -27,27 +30,33 @@ MAXMEMORY = 8 * 1024 * 1024
 HOT = 8 * 1024  # bytes of each value already held
 
 
-@pytest.fixture
-def tight(kind: str, tmp_path: Path) -> Iterator[RedisProcess]:
-    proc = RedisProcess(
+def start(
+    kind: str, tmp_path: Path, policy: str = "volatile-lfu", maxmemory: int = MAXMEMORY
+) -> RedisProcess:
+    return RedisProcess(
         tmp_path / "server",
         "--loadmodule",
         str(module_path()),
         "--maxmemory",
-        str(MAXMEMORY),
+        str(maxmemory),
         "--maxmemory-policy",
-        "volatile-lfu",
+        policy,
         binary=binary(kind),
         log=True,
     )
+
+
+@pytest.fixture
+def tight(kind: str, tmp_path: Path) -> Iterator[RedisProcess]:
+    proc = start(kind, tmp_path)
     yield proc
     proc.stop()
 
 
-async def memory_ratio(port: int, wait: float = 10.0) -> float:
+async def memory_ratio(port: int, wait: float = 10.0, maxmemory: int = MAXMEMORY) -> float:
     info = (await resp(port, "INFO", "memory", wait=wait)).decode()
     fields = dict(line.split(":", 1) for line in info.splitlines() if ":" in line)
-    return int(fields["used_memory"]) / MAXMEMORY
+    return int(fields["used_memory"]) / maxmemory
 
 
 async def counters(port: int, wait: float = 10.0) -> dict[str, int]:
@@ -61,7 +70,7 @@ async def counters(port: int, wait: float = 10.0) -> dict[str, int]:
 
 
 async def compute(
-    port: int, w: RespTestClient, key: str, value: bytes, readers: int = 1, wait: float = 10.0
+    port: int, w: RespTestClient, key: str, value: bytes, readers: int = 1, wait: float = 10.0, codec: int = 0
 ) -> tuple[int, list]:
     """``readers`` GETs of ``key`` (a miss: they wait on one computation), the worker's FILL of
     ``value``: (FILL's reply, what each reader got)."""
@@ -75,7 +84,7 @@ async def compute(
         return blocked in (await resp(port, "INFO", protocol.INFO_SECTION, wait=wait)).decode()
 
     await aeventually(all_waiting, timeout=wait, message=f"{readers} readers wait")
-    reply = await w.call(*protocol.fill(key, token, value, cost=0.005))
+    reply = await w.call(*protocol.fill(key, token, value, cost=0.005, codec=codec))
     return reply, await asyncio.gather(*waiting)
 
 
@@ -146,10 +155,125 @@ async def test_without_maxmemory_every_fill_is_stored(kind: str, tmp_path: Path)
         tmp_path / "server", "--loadmodule", str(module_path()), binary=binary(kind), log=True
     )
     try:
-        w = await raw_worker(proc.port, protocol.register("a", "a:*"))
+        w = await raw_worker(proc.port, protocol.register("a", "a:*", ttl_ms=3_600_000))
         reply, got = await compute(proc.port, w, "a:big", b"b" * 256 * 1024)
         assert reply == protocol.FILL_STORED and got == [b"b" * 256 * 1024]
         assert await counters(proc.port) == {"admission_rejects": 0, "admission_evictions": 0}
+        await w.close()
+    finally:
+        proc.stop()
+
+
+HELD = [f"a:c:{i}" for i in range(8)]
+
+
+async def hold_computed(port: int, w: RespTestClient) -> None:
+    """A first fill (the module reads maxmemory), then HELD: 8 KB values read once, each stored
+    with its companion (CODEC 1)."""
+    assert (await compute(port, w, "a:warm", b"w"))[0] == protocol.FILL_STORED
+    assert await resp(port, "DEL", "a:warm") == 1
+    for key in HELD:
+        assert (await compute(port, w, key, b"c" * HOT, codec=1))[0] == protocol.FILL_STORED
+
+
+async def ballast(port: int, upto: float, maxmemory: int = MAXMEMORY) -> None:
+    """One list (no victim) grown in 64 KB steps until memory is at ``upto`` of maxmemory."""
+    for _ in range(2000):  # bounded: 128 MB at most
+        if await memory_ratio(port, maxmemory=maxmemory) >= upto:
+            return
+        assert await resp(port, "RPUSH", "a:ballast", b"b" * 65536) > 0
+    raise AssertionError("memory did not fill")
+
+
+async def held_pairs(port: int) -> list[tuple[int, int]]:
+    """(value exists, companion exists) of each HELD key."""
+    out = []
+    for key in HELD:
+        companion = protocol.companion_key(key.encode())
+        out.append((await resp(port, "EXISTS", key), await resp(port, "EXISTS", companion)))
+    return out
+
+
+@pytest.mark.parametrize(
+    "glob,policy",
+    [("*", "volatile-lfu"), ("a:*", "volatile-lfu"), ("a:*", "noeviction"), ("a:*", "allkeys-lru")],
+)
+async def test_admission_deletes_a_value_with_its_companion_never_a_record_and_nothing_under_noeviction(
+    kind: str, tmp_path: Path, glob: str, policy: str
+) -> None:
+    """A glob matching ``keymiss:`` keys leaves keymiss's records alone; a value goes with its
+    companion; under noeviction nothing is deleted (the newcomer is stored if the server lets it)."""
+    proc = start(kind, tmp_path, policy)
+    try:
+        w = await raw_worker(proc.port, protocol.register("a", glob, ttl_ms=3_600_000))
+        await hold_computed(proc.port, w)
+        assert await held_pairs(proc.port) == [(1, 1)] * len(HELD)
+        await ballast(proc.port, 0.955)
+        # 4 readers wait on 1 KB: worth more than any 8 KB value read once
+        reply, got = await compute(proc.port, w, "a:star", b"s" * 1024, readers=4)
+        assert reply == protocol.FILL_STORED and got == [b"s" * 1024] * 4
+        pairs = await held_pairs(proc.port)
+        evicted = 0 if policy == "noeviction" else 1
+        assert await counters(proc.port) == {"admission_rejects": 0, "admission_evictions": evicted}
+        assert sorted(pairs) == [(0, 0)] * evicted + [(1, 1)] * (len(HELD) - evicted)
+        await w.close()
+    finally:
+        proc.stop()
+
+
+async def test_reads_in_another_database_do_not_count_for_admission(tmp_path: Path) -> None:
+    """GETs of a keyspace key by a client of database 1 (plain reads there) do not make database
+    0's computation of it worth keeping: read once, 32 KB, it is not stored. Valkey only: Redis 7.0
+    does not tell the command filter which database its client is in."""
+    proc = start("valkey", tmp_path)
+    try:
+        w = await raw_worker(proc.port, protocol.register("a", "a:*", ttl_ms=3_600_000))
+        await hold_computed(proc.port, w)
+        await ballast(proc.port, 0.955)
+        async with RespTestClient(proc.port) as other:
+            assert await other.call("SELECT", 1) == "OK"
+            assert await other.call_many([("GET", "a:cold")] * 200) == [None] * 200
+        reply, got = await compute(proc.port, w, "a:cold", b"c" * 32 * 1024)
+        assert reply == protocol.FILL_NOT_STORED and got == [b"c" * 32 * 1024]
+        assert await counters(proc.port) == {"admission_rejects": 1, "admission_evictions": 0}
+        await w.close()
+    finally:
+        proc.stop()
+
+
+async def test_after_maxmemory_is_set_at_runtime_a_fill_ties_and_is_stored(kind: str, tmp_path: Path) -> None:
+    """Nothing was counted before ``CONFIG SET maxmemory`` (its reader's GET neither): every value
+    weighs 0, and a tie admits the newcomer (as the server would store it), deleting one held
+    value for it."""
+    proc = start(kind, tmp_path, maxmemory=0)
+    port = proc.port
+    try:
+        w = await raw_worker(
+            port,
+            protocol.register("a", "a:*", ttl_ms=3_600_000),
+            protocol.register("p", "p:*", share_ppm=1),  # a probe: oversized once maxmemory is seen
+        )
+        await hold_computed(port, w)
+        await ballast(port, 1.0, maxmemory=2 * 1024 * 1024)
+        reader = asyncio.ensure_future(resp(port, "GET", "a:new"))
+        taken, token = await take_one(w)
+        assert taken in ("a:new", b"a:new")
+        info = (await resp(port, "INFO", "memory")).decode()
+        used = int(next(line for line in info.splitlines() if line.startswith("used_memory:")).split(":")[1])
+        assert await resp(port, "CONFIG", "SET", "maxmemory", str(int(used / 0.97))) == "OK"
+
+        async def module_sees_maxmemory() -> bool:
+            probe = asyncio.ensure_future(resp(port, "GET", "p:probe"))
+            _, probe_token = await take_one(w)
+            reply = await w.call(*protocol.fill("p:probe", probe_token, b"p" * 64))
+            assert await probe == b"p" * 64
+            await resp(port, "DEL", "p:probe")
+            return reply == protocol.FILL_NOT_STORED
+
+        await aeventually(module_sees_maxmemory, timeout=5.0, message="the module reads maxmemory")
+        reply = await w.call(*protocol.fill("a:new", token, b"n" * 1024, cost=0.005))
+        assert reply == protocol.FILL_STORED and await reader == b"n" * 1024
+        assert await counters(port) == {"admission_rejects": 0, "admission_evictions": 1}
         await w.close()
     finally:
         proc.stop()

@@ -19,8 +19,13 @@
  * newcomer is worth no more, it is answered to its readers and not stored (admission_rejects); else
  * the sampled one is deleted (admission_evictions) and sampling goes on until as many bytes as the
  * new value's are freed, or memory is back under KM_ADMIT_HIGH of maxmemory: the module makes its
- * own room, GDSF-like, before the server's policy has to. Everything runs on the main thread, at
- * FILL time only; a hit costs the filter one hash and four byte increments in one cache line.
+ * own room, GDSF-like, before the server's policy has to. A tie admits the newcomer. A victim goes
+ * with its companion (UNLINKed together, replicated); keymiss's own records (`keymiss:`) are never
+ * victims, whatever a keyspace's glob matches. Under maxmemory-policy noeviction the module deletes
+ * nothing (a loser is still answered, not stored); under the volatile-* and allkeys-* policies the
+ * server would evict such a key itself, so the module may. Everything runs on the main thread, at
+ * FILL time only; a hit costs the filter one hash and four byte increments in one cache line (and,
+ * with maxmemory set, one client lookup: only database 0's reads count, where the server says).
  */
 #include "keymiss.h"
 
@@ -150,8 +155,31 @@ static void km_note_cost(uint64_t h, double ms) {
     sk.cost[h & sk.mask] = km_cost_code(ms);
 }
 
-/* The sampled key of least worth (*worth and *bytes set; a new string the caller frees), or NULL if
- * no keyspace key came up. The newcomer itself and keys being computed are no victims. */
+/* Whether keymiss's own record (a companion, a context: the `keymiss:` prefix) is named: a glob
+ * such as `*` routes them too, but they are never victims (a companion is never read, so it would
+ * weigh nothing and go first, leaving its value without its codec). */
+static int km_is_own_record(const char *kp, size_t klen) {
+    return klen >= sizeof(KM_OWN_PREFIX) - 1 && memcmp(kp, KM_OWN_PREFIX, sizeof(KM_OWN_PREFIX) - 1) == 0;
+}
+
+/* The bytes of key's companion (its name, record and per-key overhead), 0 if it has none. */
+static size_t km_companion_bytes(RedisModuleCtx *ctx, const RedisModuleString *key) {
+    RedisModuleString *cname = km_companion_name(key);
+    RedisModuleKey *open = KM_OpenKey(ctx, cname, RM_READ | km.lookup_modes);
+    size_t bytes = 0;
+    if (open != NULL && KM_KeyType(open) == RM_KEYTYPE_STRING) {
+        size_t clen;
+        KM_StringPtrLen(cname, &clen);
+        bytes = KM_ValueLength(open) + clen + KM_KEY_OVERHEAD;
+    }
+    if (open) KM_CloseKey(open);
+    KM_FreeString(NULL, cname);
+    return bytes;
+}
+
+/* The sampled key of least worth (*worth and *bytes set, its companion's bytes included; a new
+ * string the caller frees), or NULL if no keyspace key came up. The newcomer itself, keys being
+ * computed and keymiss's own records are no victims. */
 static RedisModuleString *km_sample_victim(RedisModuleCtx *ctx, const RedisModuleString *self, double *worth,
                                            size_t *bytes) {
     RedisModuleString *best = NULL;
@@ -164,8 +192,8 @@ static RedisModuleString *km_sample_victim(RedisModuleCtx *ctx, const RedisModul
         const char *kp = KM_StringPtrLen(key, &klen);
         int ksi = km_route_str(key);
         /* a versioned keyspace's value has a companion key: left to the server's eviction */
-        if (ksi < 0 || km.keyspaces[ksi]->version != NULL || (klen == slen && memcmp(kp, sp, klen) == 0) ||
-            km_entry_find(key) != NULL) {
+        if (ksi < 0 || km.keyspaces[ksi]->version != NULL || km_is_own_record(kp, klen) ||
+            (klen == slen && memcmp(kp, sp, klen) == 0) || km_entry_find(key) != NULL) {
             KM_FreeString(ctx, key);
             continue;
         }
@@ -180,12 +208,13 @@ static RedisModuleString *km_sample_victim(RedisModuleCtx *ctx, const RedisModul
             KM_FreeString(ctx, key);
             continue;
         }
-        double w = km_worth(km_hash(kp, klen), km.keyspaces[ksi], vlen + klen + KM_KEY_OVERHEAD);
+        size_t held = vlen + klen + KM_KEY_OVERHEAD + km_companion_bytes(ctx, key);
+        double w = km_worth(km_hash(kp, klen), km.keyspaces[ksi], held);
         if (best == NULL || w < *worth) {
             if (best) KM_FreeString(ctx, best);
             best = key;
             *worth = w;
-            *bytes = vlen + klen + KM_KEY_OVERHEAD;
+            *bytes = held;
         } else {
             KM_FreeString(ctx, key);
         }
@@ -224,15 +253,25 @@ int km_admit(RedisModuleCtx *ctx, KmKeyspace *ks, RedisModuleString *key, size_t
         size_t their_bytes = 0;
         RedisModuleString *victim = km_sample_victim(ctx, key, &theirs, &their_bytes);
         if (victim == NULL) return 1; /* nothing of ours to weigh: the server's eviction decides */
-        if (theirs >= mine) {
+        /* a tie admits the newcomer: nothing says the held value is worth more (after CONFIG SET
+         * maxmemory every count is 0), and the server's own policy would keep the newer one */
+        if (theirs > mine) {
             KM_FreeString(ctx, victim);
             km.admission_rejects++;
             return 0;
         }
-        km.filling = 1; /* our own delete: not a client's write */
-        RedisModuleCallReply *r = KM_Call(ctx, "DEL", "!s", victim);
+        if (km.noeviction) { /* the server deletes nothing for room: neither do we */
+            KM_FreeString(ctx, victim);
+            return 1;
+        }
+        /* our own delete (km.filling: not a client's write), the value's companion with it (in
+         * its slot), replicated, as FORGET deletes */
+        RedisModuleString *cname = km_companion_name(victim);
+        km.filling = 1;
+        RedisModuleCallReply *r = KM_Call(ctx, "UNLINK", "!ss", victim, cname);
         km.filling = 0;
         if (r) KM_FreeCallReply(r);
+        KM_FreeString(NULL, cname);
         KM_FreeString(ctx, victim);
         if (r == NULL) return 1;
         km.admission_evictions++;

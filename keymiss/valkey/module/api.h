@@ -221,7 +221,8 @@ typedef void (*RedisModuleScanCB)(RedisModuleCtx *ctx, RedisModuleString *keynam
     X(RedisModuleServerInfoData *, GetServerInfo, (RedisModuleCtx * ctx, const char *section))      \
     X(void, FreeServerInfo, (RedisModuleCtx * ctx, RedisModuleServerInfoData * data))                \
     X(unsigned long long, ServerInfoGetFieldUnsigned, (RedisModuleServerInfoData * data,             \
-                                                       const char *field, int *out_err))
+                                                       const char *field, int *out_err))             \
+    X(const char *, ServerInfoGetFieldC, (RedisModuleServerInfoData * data, const char *field))
 
 /* Hidden: a server built with exported symbols (-rdynamic) has functions named like these. */
 /* Calls only newer servers have (Redis >= 7.2, Valkey; CommandFilterGetClientId: Redis >= 7.2,

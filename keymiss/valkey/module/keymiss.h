@@ -210,6 +210,7 @@ typedef struct KmState {
     unsigned long ticks;
     int take_next;                 /* the keyspace the next TAKE starts from: each gets its turn */
     unsigned long long maxmemory;  /* the server's, read at most once a second (km_maxmemory) */
+    int noeviction;                /* its maxmemory-policy is noeviction (read with maxmemory) */
     long long maxmemory_at, oversized_logged_at;
     RedisModuleString *get_name, *mget_name;
     RedisModuleCtx *filter_ctx; /* database 0, for the filter's lookups */

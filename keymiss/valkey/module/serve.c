@@ -287,17 +287,20 @@ void km_command_filter(RedisModuleCommandFilterCtx *f) {
         RedisModuleString *key = (RedisModuleString *)KM_CommandFilterArgGet(f, i);
         int ksi = km_route_str(key);
         if (ksi < 0) continue;
-        if (km.maxmemory) km_sketch_add(key); /* admission's frequency: bytes only, no lookup */
-        if (!asked && (km.keyspaces[ksi]->stale_ms > 0 || km.keyspaces[ksi]->early_milli > 0)) {
-            /* another database's read is a plain one: it refreshes nothing, where the server says
-             * which database the client is in (Redis 7.0 does not: there it may refresh database
-             * 0's key). Asked only where a hit may start a refresh, so a plain hit makes no
-             * client lookup; such a hit of another database counts as a hit of the keyspace. */
+        if (!asked && (km.maxmemory || km.keyspaces[ksi]->stale_ms > 0 || km.keyspaces[ksi]->early_milli > 0)) {
+            /* another database's read is a plain one: it counts and refreshes nothing, where the
+             * server says which database the client is in (Redis 7.0 does not: there it may count
+             * or refresh database 0's key). Asked only where a hit may count for admission or
+             * start a refresh, so a plain hit makes no client lookup; a hit of another database
+             * in a keyspace without either counts as a hit of the keyspace. */
             RedisModuleClientInfo ci;
             unsigned long long id = 0;
             asked = 1;
             if (km_filter_client(f, &ci, &id) && ci.db != 0) return;
         }
+        /* admission's frequency: bytes only, no lookup. An MGET naming a key n times counts n
+         * reads, as n GETs do: a cap would cost a comparison with every other key named */
+        if (km.maxmemory) km_sketch_add(key);
         /* missing, or computed under another version: KEYMISS.GET decides (and counts) */
         rewrite = km_decide(km.filter_ctx, ksi, key, km.lookup_modes, argc == 2 ? KM_COUNT_HIT | KM_START_REFRESH : 0) <= 0;
         fresh |= km.keyspaces[ksi]->stale_ms > 0 || km.keyspaces[ksi]->early_milli > 0;

@@ -10,8 +10,9 @@ long long km_now_ms(void) {
     return KM_MonotonicMicroseconds ? (long long)(KM_MonotonicMicroseconds() / 1000) : KM_Milliseconds();
 }
 
-/* The server's maxmemory (0: none), read from INFO memory at most once a second: CONFIG SET
- * may change it at any time, and a fill must not read all of INFO each time. */
+/* The server's maxmemory (0: none) and whether its maxmemory-policy is noeviction
+ * (km.noeviction), read from INFO memory at most once a second: CONFIG SET may change them at any
+ * time, and a fill must not read all of INFO each time. */
 unsigned long long km_maxmemory(RedisModuleCtx *ctx, long long now) {
     if (km.maxmemory_at != 0 && now - km.maxmemory_at < 1000) return km.maxmemory;
     km.maxmemory_at = now ? now : 1;
@@ -20,6 +21,8 @@ unsigned long long km_maxmemory(RedisModuleCtx *ctx, long long now) {
     int err = RM_ERR;
     unsigned long long max = KM_ServerInfoGetFieldUnsigned(info, "maxmemory", &err);
     if (err == RM_OK) km.maxmemory = max;
+    const char *policy = KM_ServerInfoGetFieldC(info, "maxmemory_policy");
+    if (policy != NULL) km.noeviction = strcmp(policy, "noeviction") == 0;
     KM_FreeServerInfo(ctx, info);
     return km.maxmemory;
 }
