@@ -221,26 +221,6 @@ async def test_admission_deletes_a_value_with_its_companion_never_a_record_and_n
         proc.stop()
 
 
-async def test_reads_in_another_database_do_not_count_for_admission(tmp_path: Path) -> None:
-    """GETs of a keyspace key by a client of database 1 (plain reads there) do not make database
-    0's computation of it worth keeping: read once, 32 KB, it is not stored. Valkey only: Redis 7.0
-    does not tell the command filter which database its client is in."""
-    proc = start("valkey", tmp_path)
-    try:
-        w = await raw_worker(proc.port, protocol.register("a", "a:*", ttl_ms=3_600_000))
-        await hold_computed(proc.port, w)
-        await ballast(proc.port, 0.955)
-        async with RespTestClient(proc.port) as other:
-            assert await other.call("SELECT", 1) == "OK"
-            assert await other.call_many([("GET", "a:cold")] * 200) == [None] * 200
-        reply, got = await compute(proc.port, w, "a:cold", b"c" * 32 * 1024)
-        assert reply == protocol.FILL_NOT_STORED and got == [b"c" * 32 * 1024]
-        assert await counters(proc.port) == {"admission_rejects": 1, "admission_evictions": 0}
-        await w.close()
-    finally:
-        proc.stop()
-
-
 async def test_after_maxmemory_is_set_at_runtime_a_fill_ties_and_is_stored(kind: str, tmp_path: Path) -> None:
     """Nothing was counted before ``CONFIG SET maxmemory`` (its reader's GET neither): every value
     weighs 0, and a tie admits the newcomer (as the server would store it), deleting one held

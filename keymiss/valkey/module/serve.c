@@ -287,12 +287,12 @@ void km_command_filter(RedisModuleCommandFilterCtx *f) {
         RedisModuleString *key = (RedisModuleString *)KM_CommandFilterArgGet(f, i);
         int ksi = km_route_str(key);
         if (ksi < 0) continue;
-        if (!asked && (km.maxmemory || km.keyspaces[ksi]->stale_ms > 0 || km.keyspaces[ksi]->early_milli > 0)) {
-            /* another database's read is a plain one: it counts and refreshes nothing, where the
-             * server says which database the client is in (Redis 7.0 does not: there it may count
-             * or refresh database 0's key). Asked only where a hit may count for admission or
-             * start a refresh, so a plain hit makes no client lookup; a hit of another database
-             * in a keyspace without either counts as a hit of the keyspace. */
+        if (!asked && (km.keyspaces[ksi]->stale_ms > 0 || km.keyspaces[ksi]->early_milli > 0)) {
+            /* another database's read is a plain one: it refreshes nothing, where the server says
+             * which database the client is in (Redis 7.0 does not: there it may refresh database
+             * 0's key). Asked only where a hit may start a refresh, so a plain hit makes no client
+             * lookup: a read of another database's key of the same name counts for admission's
+             * frequency as a read of database 0's (it can raise a key's worth, never lose one). */
             RedisModuleClientInfo ci;
             unsigned long long id = 0;
             asked = 1;
