@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 from keymiss.errors import error_line
 from keymiss.server import reply, resp
-from keymiss.server.passthrough import changed_by
+from keymiss.server.passthrough import changed_by, unsure
 from keymiss.stores.base import LocalStore
 
 if TYPE_CHECKING:
@@ -138,7 +138,10 @@ def _landed(c: Client, args: list[bytes], named: list[str] | None, answer: bytes
     """A write command finished with ``answer``: what it changed supersedes (an in-process store
     said so already as it wrote), then fills held for it go."""
     km = c.km
-    if not answer.startswith(b"-") and (named is None or (c.shared is not None and changed_by(args, answer))):
+    if named is None:  # FLUSHDB and kin: every key, unless it failed for sure
+        if not answer.startswith(b"-") or unsure(answer):
+            km.written(None)
+    elif c.shared is not None and changed_by(args, answer):
         km.written(named)
     km.writeback.landed(named)
 

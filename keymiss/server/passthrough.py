@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from keymiss.stores.base import PINNED_PREFIX, SharedStore
+from keymiss.stores.redisrecord import UNSURE
 
 log = logging.getLogger("keymiss.server")
 
@@ -177,20 +178,28 @@ _ZERO_IS_NOTHING = frozenset(
 _NILS = (b"$-1\r\n", b"_\r\n", b"*-1\r\n")
 
 
+def unsure(answer: bytes) -> bool:
+    """An error reply saying the command may or may not have been applied (its reply timed out)."""
+    return UNSURE.encode() in answer
+
+
 def changed_by(args: Sequence[bytes], answer: bytes) -> bool:
     """Whether a write command relayed to the shared Redis (or run on it) changed its keys, read
-    from its encoded reply: an error, a nil (SET XX of a missing key) or a ``:0`` of a command that
-    counts what it set says not; so do a rename onto itself and a SETRANGE of
-    nothing, which Redis leaves alone. Anything else may have written; a delete always counts (the
-    del-during row: a key deleted while it computes is computed again). Only a write that changed a
-    key supersedes its computation, as only those raise the keyspace events the module acts on."""
+    from its encoded reply: an error (unless its reply timed out: then it may have), a nil (SET XX
+    of a missing key), SET NX GET's old value or a ``:0`` of a command that counts what it set says
+    not; so do a rename onto itself and a SETRANGE of nothing, which Redis leaves alone. Anything
+    else may have written; a delete always counts (the del-during row: a key deleted while it
+    computes is computed again). Only a write that changed a key supersedes its computation, as
+    only those raise the keyspace events the module acts on."""
     name = args[0].lower()
-    if answer.startswith((b"-", b"!")):
-        return False
-    if answer in _NILS:  # GETSET, SET ... GET: nil for a key they created; GETDEL: a delete
-        return name in (b"getset", b"getdel") or (
-            name == b"set" and any(a.lower() == b"get" for a in args[3:])
-        )
+    if answer.startswith((b"-", b"!")):  # a reply that timed out may hide a write that landed
+        return unsure(answer)
+    opts = {a.lower() for a in args[3:]} if name == b"set" else set()
+    if b"get" in opts:  # SET ... GET answers the old value: NX set only if there was none, XX only
+        nil = answer in _NILS  # if there was one
+        return nil if b"nx" in opts else (not nil if b"xx" in opts else True)
+    if answer in _NILS:  # GETSET: nil for a key it created; GETDEL: a delete
+        return name in (b"getset", b"getdel")
     if answer == b":0\r\n" and name in _ZERO_IS_NOTHING:
         return False
     if name in (b"rename", b"renamenx") and len(args) > 2 and args[1] == args[2]:

@@ -25,10 +25,11 @@ import asyncio
 from collections.abc import Awaitable
 from typing import TYPE_CHECKING, Any
 
+from keymiss.errors import KeymissError
 from keymiss.server import reply
 from keymiss.server.client import Transaction, same
 from keymiss.server.commands import TABLE, CommandError, Reply, arg, command, key_of, local_store_of
-from keymiss.server.passthrough import changed_by
+from keymiss.server.passthrough import changed_by, unsure
 from keymiss.stores.base import Item
 
 if TYPE_CHECKING:
@@ -250,9 +251,18 @@ async def _exec_shared(c: Client, commands: list[list[bytes]]) -> bytes:
         written
     )  # what a command changed supersedes, once its reply says so (``superseding``)
     try:
-        replies = await shared.transaction(commands, c.proto)
+        try:
+            replies = await shared.transaction(commands, c.proto)
+        except KeymissError as exc:  # its reply timed out: what it wrote may have landed
+            if unsure(str(exc).encode()):
+                c.km.written(written)
+            raise
         for args, keys, answer in zip(commands, each, replies or [], strict=False):
-            if keys and not isinstance(answer, Exception) and changed_by(args, reply.encode(answer, 2)):
+            if not keys or isinstance(answer, Exception):
+                continue
+            if _ttl_change(args, answer):  # as outside MULTI: the computed value takes its expiry
+                await _expiry_of(c, shared, keys[0])
+            elif changed_by(args, reply.encode(answer, 2)):
                 c.km.written(keys)
     finally:
         c.km.writeback.landed(written)
@@ -265,6 +275,28 @@ async def _exec_shared(c: Client, commands: list[list[bytes]]) -> bytes:
         elif name == b"mget" and isinstance(answer, list):
             _start(c, [k for k, v in zip(args[1:], answer, strict=False) if v is None])
     return reply.array(reply.encode(r, c.proto) for r in replies)
+
+
+_TTL_OPTS = {b"ex", b"px", b"exat", b"pxat", b"persist"}
+
+
+def _ttl_change(args: list[bytes], answer: Any) -> bool:
+    """Whether EXPIRE/PEXPIRE/…/PERSIST, or GETEX with an expiry option, acted on an existing key
+    (``:1``, or GETEX's value): a TTL change, not a write (the ttl-during row)."""
+    name = args[0].lower()
+    if name == b"getex":
+        return answer is not None and any(a.lower() in _TTL_OPTS for a in args[2:])
+    return name in (b"expire", b"pexpire", b"expireat", b"pexpireat", b"persist") and answer == 1
+
+
+async def _expiry_of(c: Client, shared: Any, key: str) -> None:
+    """Tell the write-back the expiry a TTL change in EXEC gave ``key`` (read back from Redis): a
+    value being computed of it is stored with it; gone (an expiry in the past) is a delete."""
+    when = await shared.raw([b"PEXPIRETIME", key.encode("utf-8", "surrogateescape")], 2)
+    if when == -2:
+        c.km.written([key])
+    else:
+        c.km.expiry_set(key, None if when == -1 else when / 1000)
 
 
 def _start(c: Client, keys: list[bytes]) -> None:

@@ -170,6 +170,11 @@ def relay_error(exc: Exception, reply_timeout: float | None = None) -> KeymissEr
     return wrap_error(exc, reply_timeout)
 
 
+#: What a reply that timed out says of a write in it: keymiss's server reads this as "it may have
+#: changed its keys" (a computation of them is then not stored over what may be the client's write).
+UNSURE = "a write in it may or may not have been applied"
+
+
 def wrap_error(exc: Exception, reply_timeout: float | None = None) -> KeymissError:
     """A failure that is not Redis's own error line. A reply that took longer than the store's
     reply timeout is a slow Redis, not a missing one: BUSY, saying that the command was sent once
@@ -177,8 +182,7 @@ def wrap_error(exc: Exception, reply_timeout: float | None = None) -> KeymissErr
     if isinstance(exc, RedisTimeoutError) and reply_timeout is not None:
         return BusyError(
             f"the redis store did not answer within {reply_timeout:g}s (--store-timeout-seconds, "
-            "or the store URL's reply_timeout); the command was sent once and not repeated: a write "
-            "in it may or may not have been applied"
+            f"or the store URL's reply_timeout); the command was sent once and not repeated: {UNSURE}"
         )
     return StoreError(f"redis unavailable: {type(exc).__name__}: {exc}")
 

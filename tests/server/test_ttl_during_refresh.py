@@ -31,6 +31,9 @@ def test_a_ttl_change_during_a_refresh_is_kept(
         "persist": (lambda k: r.persist(k), (-1, -2)),
         "pexpireat": (lambda k: r.execute_command("PEXPIREAT", k, far), (900_000_000, 890_000_000)),
         "getex": (lambda k: r.execute_command("GETEX", k, "EX", 700), (700_000, 690_000)),
+        # the same inside MULTI/EXEC (on a shared Redis, one transaction there)
+        "multi-expire": (lambda k: r.pipeline().expire(k, 400).execute() == [True], (400_000, 390_000)),
+        "multi-persist": (lambda k: r.pipeline().persist(k).execute() == [True], (-1, -2)),
     }
     stamp = time.monotonic_ns()
     keys = {how: f"edition:{how}{stamp}" for how in changes}
