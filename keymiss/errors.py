@@ -77,3 +77,8 @@ def error_line(exc: BaseException) -> str:
         line = f"ERR internal error ({type(exc).__name__}); see the server log"
     clean = line.replace("\r", " ").replace("\n", " ")
     return clean.encode("utf-8", "replace").decode("utf-8")
+
+
+#: What a store's reply that timed out says of a write in it: keymiss's server reads this as "it
+#: may have changed its keys" (a computation of them is then not stored over the client's write).
+UNSURE = "a write in it may or may not have been applied"

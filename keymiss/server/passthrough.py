@@ -20,8 +20,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from keymiss.errors import UNSURE
 from keymiss.stores.base import PINNED_PREFIX, SharedStore
-from keymiss.stores.redisrecord import UNSURE
 
 log = logging.getLogger("keymiss.server")
 

@@ -14,7 +14,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import InvalidResponse, RedisClusterException, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from keymiss.errors import BusyError, KeymissError, ReplyError, StoreError
+from keymiss.errors import UNSURE, BusyError, KeymissError, ReplyError, StoreError
 from keymiss.stores.base import NULL_ARRAY, Item, StatusReply, Write
 from keymiss.valkey import protocol
 
@@ -168,11 +168,6 @@ def relay_error(exc: Exception, reply_timeout: float | None = None) -> KeymissEr
             return ReplyError("CROSSSLOT Keys in request don't hash to the same slot")
         return ReplyError(f"ERR {exc}")
     return wrap_error(exc, reply_timeout)
-
-
-#: What a reply that timed out says of a write in it: keymiss's server reads this as "it may have
-#: changed its keys" (a computation of them is then not stored over what may be the client's write).
-UNSURE = "a write in it may or may not have been applied"
 
 
 def wrap_error(exc: Exception, reply_timeout: float | None = None) -> KeymissError:
