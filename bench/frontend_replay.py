@@ -14,7 +14,6 @@ from __future__ import annotations
 import shutil
 import subprocess
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
@@ -27,39 +26,20 @@ KEY_OVERHEAD = 90  # Valkey 9: used_memory per string key with a TTL beyond key 
 
 
 def start(binary: str, module: str, maxmemory: int, tmp: str, port: int) -> subprocess.Popen[bytes]:
-    proc = subprocess.Popen(
-        [
-            binary,
-            "--port",
-            str(port),
-            "--bind",
-            "127.0.0.1",
-            "--save",
-            "",
-            "--appendonly",
-            "no",
-            "--dir",
-            tmp,
-            "--loadmodule",
-            module,
-            "--maxmemory",
-            str(maxmemory),
-            "--maxmemory-policy",
-            "volatile-lfu",
-        ],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    deadline = time.monotonic() + 10
-    while True:
-        try:
-            redis.Redis(port=port).ping()
-            return proc
-        except redis.ConnectionError:
-            if time.monotonic() > deadline:
-                proc.kill()
-                raise RuntimeError("the server did not start") from None
-            time.sleep(0.05)
+    """A server with ``module`` loaded under ``maxmemory`` (volatile-lfu), listening on ``port``."""
+    from bench.module import server_cmd
+    from bench.resp_hits import wait_port
+
+    cmd = server_cmd(binary, port, tmp, module, str(maxmemory) if maxmemory else None)
+    if maxmemory == 0:  # the replay sets its budget once the server is up
+        cmd += ["--maxmemory-policy", "volatile-lfu"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_port(port, proc, timeout=10)
+    except RuntimeError:
+        proc.kill()
+        raise
+    return proc
 
 
 def replay(
