@@ -178,3 +178,11 @@ def call_bytes(c: RawClient, *args: str | bytes | int) -> bytes:
 
 #: a test of client-visible behaviour, run against both front ends
 both_fronts = pytest.mark.parametrize("front", FRONTS)
+
+
+def store_url(kind: str, tmp_path: Path, request: pytest.FixtureRequest) -> str:
+    """The ``--store`` of a Python server over ``kind`` (memory, lmdb, or redis: the session's
+    redis-server)."""
+    if kind == "redis":
+        return f"redis://127.0.0.1:{request.getfixturevalue('redis_standalone').port}/0"
+    return {"memory": "memory", "lmdb": f"lmdb:{tmp_path}/db"}[kind]

@@ -5,12 +5,11 @@ time than they hold exactly and keep the latest they do (never one past a long l
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
 
 import pytest
 import redis
 
-from .conftest import start_server
+from .conftest import start_server, store_url
 
 HUGE = 2**63 - 1
 
@@ -19,11 +18,7 @@ HUGE = 2**63 - 1
 def test_pexpireat_at_the_edge_of_a_long_long(
     tmp_path: Path, kind: str, request: pytest.FixtureRequest
 ) -> None:
-    store = {"memory": "memory", "lmdb": f"lmdb:{tmp_path}/db"}.get(kind)
-    if store is None:
-        port: Any = request.getfixturevalue("redis_standalone").port
-        store = f"redis://127.0.0.1:{port}/0"
-    srv = start_server(tmp_path, "--store", store, front="python")
+    srv = start_server(tmp_path, "--store", store_url(kind, tmp_path, request), front="python")
     r = redis.Redis(port=srv.port, socket_timeout=5)
     key = f"edge:{kind}:{tmp_path.name}"
     try:

@@ -6,24 +6,19 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import Any
 
 import pytest
 import redis
 
 from ..support import eventually
-from .conftest import start_server
+from .conftest import start_server, store_url
 
 
 @pytest.mark.parametrize("kind", ["memory", "lmdb", "redis"])
 def test_a_ttl_change_during_a_refresh_is_kept(
     tmp_path: Path, kind: str, request: pytest.FixtureRequest
 ) -> None:
-    store = {"memory": "memory", "lmdb": f"lmdb:{tmp_path}/db"}.get(kind)
-    if store is None:
-        port: Any = request.getfixturevalue("redis_standalone").port
-        store = f"redis://127.0.0.1:{port}/0"
-    srv = start_server(tmp_path, "--store", store, front="python")
+    srv = start_server(tmp_path, "--store", store_url(kind, tmp_path, request), front="python")
     r = redis.Redis(port=srv.port, socket_timeout=5)
     far = int(time.time() * 1000) + 900_000_000
     changes = {  # how, and the PTTL the refreshed value must read back (at most, and over)
