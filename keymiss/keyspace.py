@@ -408,6 +408,16 @@ def _meet(a: Keyspace, b: Keyspace) -> bool:
     return can_start_with(glob.pattern, template.prefix)
 
 
+#: The longest key a keyspace owns (UTF-8 bytes): what a module-mode server routes to a worker
+#: (``KM_MAX_ROUTED_KEY``); a longer one is no keyspace's on every front end.
+MAX_KEY_BYTES = 4096
+
+
+def routable(key: str) -> bool:
+    """Whether ``key`` is short enough for a keyspace to own (cheap for every ordinary key)."""
+    return len(key) <= MAX_KEY_BYTES // 4 or len(key.encode("utf-8", "surrogateescape")) <= MAX_KEY_BYTES
+
+
 class Registry:
     """The keyspaces of one app, in registration order (of globs that both match a key, the first
     registered owns it; a template shares its prefix with no other keyspace)."""
@@ -452,6 +462,11 @@ class Registry:
         return next((k for k in self.keyspaces if k.pattern == pattern), None)
 
     def route(self, key: str) -> Keyspace | None:
+        """The keyspace that owns ``key``: none for a key over ``MAX_KEY_BYTES`` (the module
+        routes no longer key to a worker, so no front end computes one: the read-contract row
+        long-key)."""
+        if not routable(key):
+            return None
         for prefix, matcher, ks in self._routes:
             if key.startswith(prefix) and (matcher is None or matcher(key)):
                 return ks

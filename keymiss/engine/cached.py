@@ -45,7 +45,7 @@ from urllib.parse import unquote
 
 from keymiss.engine import syncface
 from keymiss.errors import CodecError, ConfigError, KeyMismatchError
-from keymiss.keyspace import Keyspace
+from keymiss.keyspace import MAX_KEY_BYTES, Keyspace, routable
 from keymiss.options import KeyspaceOptions
 
 __all__ = ["CachedKeyspace", "KeyTemplate", "cached"]
@@ -121,9 +121,6 @@ def _same(value: Any, default: Any) -> bool:
     return type(default) in _PLAIN and bool(value == default)
 
 
-#: the longest key a cached function builds, in UTF-8 bytes: the longest key a module-mode
-#: server routes to a keyspace (``KM_MAX_ROUTED_KEY``), so one call has one key on every front end
-MAX_KEY_BYTES = 4096
 _MAX_INT_BITS = 4 * MAX_KEY_BYTES  # more than 4096 decimal digits: too long for any key
 
 
@@ -226,7 +223,7 @@ class KeyTemplate:
                 raise ValueError(f"argument {name!r} is not UTF-8 text and cannot be part of a key") from None
             texts[name] = self.escape(text)
         key = self.template.format(**texts)
-        if len(key) > MAX_KEY_BYTES // 4 and len(key.encode("utf-8", "surrogateescape")) > MAX_KEY_BYTES:
+        if not routable(key):
             raise ValueError(
                 f"the key of this call of {self.template!r} is longer than {MAX_KEY_BYTES} bytes, the "
                 "longest key a cached function builds (the longest a module-mode server routes)"
@@ -276,13 +273,7 @@ class CachedKeyspace(Keyspace):
         return ks
 
     def argument(self, key: str) -> Any:
-        if len(key) > MAX_KEY_BYTES // 4 and len(key.encode("utf-8", "surrogateescape")) > MAX_KEY_BYTES:
-            raise KeyMismatchError(
-                f"key {key[:200]!r}... is longer than {MAX_KEY_BYTES} bytes: no call of cached "
-                f"keyspace {self.key_template.template!r} builds it",
-                keyspace=self.pattern,
-            )
-        fields = super().argument(key)
+        fields = super().argument(key)  # a key over MAX_KEY_BYTES never gets here: no keyspace's
         assert self.template is not None
         try:
             raw = dict(zip(self.template.names, fields, strict=True))

@@ -10,13 +10,13 @@ from collections.abc import Awaitable, Callable, Iterable, Sequence
 from typing import Any, TypeVar
 
 from keymiss import codecs
-from keymiss.engine.cached import MAX_KEY_BYTES, cached
+from keymiss.engine.cached import cached
 from keymiss.engine.compute import ComputeEngine
 from keymiss.engine.syncface import SyncKeymiss
 from keymiss.engine.writeback import WriteBack
 from keymiss.errors import CodecError, ConfigError, KeymissError
 from keymiss.glob import compile_glob, glob_prefix
-from keymiss.keyspace import Keyspace, Registry
+from keymiss.keyspace import Keyspace, Registry, routable
 from keymiss.options import KeyspaceOptions
 from keymiss.stores import Item, LocalStore, Store
 from keymiss.stores.base import PINNED_PREFIX
@@ -43,12 +43,6 @@ FORGET_BAD_LENGTH = ERR_PREFIX.removeprefix("ERR ") + f"a pattern or tag is 1 to
 def _check_length(what: str) -> None:
     if not what or (len(what) > MAX_GLOB // 4 and len(what.encode("utf-8", "surrogateescape")) > MAX_GLOB):
         raise KeymissError(FORGET_BAD_LENGTH)
-
-
-def _forgettable(key: str) -> bool:
-    """A key over MAX_KEY_BYTES is no keyspace's on any front end (the module never routes one to a
-    worker), so a forget leaves it as it leaves other keys no keyspace owns."""
-    return len(key) <= MAX_KEY_BYTES // 4 or len(key.encode("utf-8", "surrogateescape")) <= MAX_KEY_BYTES
 
 
 log = logging.getLogger("keymiss")
@@ -361,7 +355,7 @@ class KeyCommands:
 
     async def _forget(self, globs: Sequence[str], matches: Callable[[str], bool]) -> int:
         def wants(key: str) -> bool:
-            return _forgettable(key) and matches(key)
+            return routable(key) and matches(key)  # a longer key is no keyspace's: it stays
 
         self.writeback.supersede_matching(wants)  # values still being computed are not stored
         self.engine.forget_errors_matching(wants)

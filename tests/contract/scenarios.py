@@ -250,6 +250,17 @@ async def not_ours(fe: Frontend, p: str) -> None:
     assert fn.total == 0
 
 
+@row("long-key")
+async def long_key(fe: Frontend, p: str) -> None:
+    fn = Fn()
+    fe.keyspace(f"{p}:*", handler(fn), ttl=60)
+    await fe.start()
+    key = f"{p}:" + "x" * 4096  # over the 4096 bytes a keyspace key may have
+    assert await fe.get(key) is None  # no keyspace's, on every front end: nothing computed
+    assert fn.total == 0
+    assert await fe.get(f"{p}:short") == f"{p}:short#1"  # the keyspace keeps serving
+
+
 @row("full-queue")
 async def full_queue(fe: Frontend, p: str) -> None:
     fn, other = Fn(), Fn()
