@@ -237,10 +237,11 @@ def test_a_command_queued_past_the_store_wait_fails_as_busy_saying_which_setting
     assert "--store-connections" in asyncio.run(main())
 
 
-def test_an_error_flood_of_64kb_keys_stays_within_the_error_memory(tmp_path: Path) -> None:
+def test_an_error_flood_of_long_keys_stays_within_the_error_memory(tmp_path: Path) -> None:
     """Remembered errors (error_ttl) are bounded in bytes: each keeps a cut message and a long key's
     digest, and past --error-memory the oldest go. Unbounded, 1,000 failing 64 KB keys whose
-    messages quote them held 128 MB."""
+    messages quote them held 128 MB; keys are now at most 4096 bytes (longer ones are no
+    keyspace's), so the flood is of 4,000-byte keys."""
     import psutil
 
     config = tmp_path / "keymiss.toml"
@@ -251,7 +252,7 @@ def test_an_error_flood_of_64kb_keys_stays_within_the_error_memory(tmp_path: Pat
         rss = psutil.Process(srv.proc.pid)
         before = rss.memory_info().rss
         run = time.monotonic_ns()
-        keys = [f"fail:{run}:{i}:".ljust(64 * 1024, "k") for i in range(1000)]
+        keys = [f"fail:{run}:{i}:".ljust(4000, "k") for i in range(1000)]
         for start in range(0, len(keys), 50):
             with r.pipeline(transaction=False) as p:
                 for key in keys[start : start + 50]:
