@@ -33,6 +33,14 @@ log = logging.getLogger("keymiss.qa")
 
 BACKENDS = ("auto", "openvino", "torch")
 
+#: The settle margins of OpenVINO's bf16 span reader, measured with ``bench/qa_margins.py`` (six
+#: sets of 600 answers): with the residual stream, layer norms and span head in float32 (the graph
+#: as built), redoing answers led by less than 6 % (about 4 % of them) left 99.5-99.8 % of each
+#: set identical to float32; with everything in bfloat16 (an OpenVINO that ignores the graph's
+#: marks) bf16 answers that differed from float32 led by up to 16 %, so 20 % (about 15 %).
+STREAM_MARGIN = 0.06
+BF16_MARGIN = 0.20
+
 
 class NoBackendError(ConfigError):
     """Neither openvino nor torch is installed: there is nothing to run a reader with."""
@@ -121,9 +129,8 @@ class OpenVinoQAModel:
     precise_model: Compiled | None = None
     device: str = "cpu"
     backend: str = "openvino"
-    #: OpenVINO's bf16 inference keeps activations in bfloat16 too, so it moves scores more than
-    #: torch's autocast: answers led by less than 20 % are settled in float32 (``bench/qa.py``:
-    #: bf16 answers that differed from float32 led by up to 16 %; about a fifth are redone)
+    #: answers led by less than this are settled in float32 (``load_openvino_qa_model`` sets it
+    #: from the compiled graph: ``STREAM_MARGIN`` or ``BF16_MARGIN``)
     settle_margin: float = 0.2
     #: SpanReader re-runs close calls with ``precise=True`` when the fast path is reduced precision
     autocast: bool = field(init=False)
@@ -171,7 +178,8 @@ def load_openvino_qa_model(path: str, *, dtype: str = "auto", cache: str | None 
     precise = Compiled(graph, "f32", mapped) if precision == "bf16" else None
     del graph
     mapped.page_out()
-    log.info("loaded QA model %s (openvino, %s)", path, precision)
+    margin = STREAM_MARGIN if fast.float32_stream() else BF16_MARGIN
+    log.info("loaded QA model %s (openvino, %s, settle margin %.0f%%)", path, precision, margin * 100)
     return OpenVinoQAModel(
         path,
         tokenizer,
@@ -182,6 +190,7 @@ def load_openvino_qa_model(path: str, *, dtype: str = "auto", cache: str | None 
         fast,
         WordEmbeddings(path),
         precise,
+        settle_margin=margin,
     )
 
 

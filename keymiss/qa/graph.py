@@ -21,6 +21,7 @@ import mmap
 import os
 import struct
 import sys
+import tempfile
 from typing import Any
 
 import numpy as np
@@ -35,7 +36,12 @@ _DTYPES = {"F32": "<f4", "F16": "<f2", "F64": "<f8", "I64": "<i8", "I32": "<i4",
 
 #: bumped whenever ``build_bert`` writes a different graph, so a cached one of an older layout is
 #: never read back
-GRAPH_VERSION = 2
+GRAPH_VERSION = 3
+
+#: the run-time attribute that keeps a node out of OpenVINO's reduced-precision enforcement (its
+#: ``ov::disable_fp16_compression``; the CPU plugin keeps such nodes in float32 under bf16 too). It
+#: takes effect when the model is read from IR, which every graph handed to ``Compiled`` is.
+PRECISE = "precise_0"
 
 
 class UnsupportedCheckpoint(ConfigError):
@@ -306,12 +312,23 @@ def build_bert(path: str, head: str, mapped: Mapped | None = None) -> Any:
     hidden = int(config["hidden_size"])
     size = hidden // heads
 
+    def precise(*nodes: Any) -> Any:
+        for node in nodes:
+            node.get_rt_info()[PRECISE] = ""
+        return nodes[-1]
+
     def linear(x: Any, name: str) -> Any:
         return op.add(op.matmul(x, w(name + ".weight"), False, True), w(name + ".bias"))
 
+    # Under bf16 only the matrix products run in bfloat16: the residual stream, the layer norms and
+    # the span head stay float32 (as torch's autocast keeps them), which moves scores far less, so
+    # fewer close calls need the float32 settle (``OpenVinoQAModel.settle_margin``)
     def norm(x: Any, name: str) -> Any:
-        x = op.mvn(x, op.constant(np.array([-1], dtype=np.int64)), True, eps, "inside_sqrt")
-        return op.add(op.multiply(x, w(name + ".weight")), w(name + ".bias"))
+        x = precise(op.mvn(x, op.constant(np.array([-1], dtype=np.int64)), True, eps, "inside_sqrt"))
+        return precise(op.add(precise(op.multiply(x, w(name + ".weight"))), w(name + ".bias")))
+
+    def residual(x: Any, into: Any) -> Any:
+        return precise(op.add(x, into))
 
     def split_heads(x: Any) -> Any:
         x = op.reshape(x, op.constant(np.array([0, 0, heads, size], dtype=np.int64)), True)
@@ -323,8 +340,8 @@ def build_bert(path: str, head: str, mapped: Mapped | None = None) -> Any:
     zero = op.constant(np.int64(0))
     seq = op.gather(op.shape_of(mask), op.constant(np.int64(1)), zero)
     positions = op.range(zero, seq, op.constant(np.int64(1)), ov.Type.i64)
-    x = op.add(words, op.gather(w("embeddings.position_embeddings.weight"), positions, zero))
-    x = op.add(x, op.gather(w("embeddings.token_type_embeddings.weight"), types, zero))
+    x = residual(words, op.gather(w("embeddings.position_embeddings.weight"), positions, zero))
+    x = residual(x, op.gather(w("embeddings.token_type_embeddings.weight"), types, zero))
     x = norm(x, "embeddings.LayerNorm")
     # padding keys get -10000 added to their scores: after softmax exactly 0, as transformers' float32
     # minimum gives, and still finite in bfloat16 (where that minimum would round to -inf)
@@ -340,12 +357,13 @@ def build_bert(path: str, head: str, mapped: Mapped | None = None) -> Any:
         ctx = op.transpose(ctx, op.constant(np.array([0, 2, 1, 3], dtype=np.int64)))
         ctx = op.reshape(ctx, op.constant(np.array([0, 0, hidden], dtype=np.int64)), True)
         x = norm(
-            op.add(linear(ctx, layer + "attention.output.dense"), x), layer + "attention.output.LayerNorm"
+            residual(linear(ctx, layer + "attention.output.dense"), x), layer + "attention.output.LayerNorm"
         )
         inner = op.gelu(linear(x, layer + "intermediate.dense"), "erf")
-        x = norm(op.add(linear(inner, layer + "output.dense"), x), layer + "output.LayerNorm")
+        x = norm(residual(linear(inner, layer + "output.dense"), x), layer + "output.LayerNorm")
     if head == "span":
-        logits = linear(x, "qa_outputs")
+        head_product = precise(op.matmul(x, w("qa_outputs.weight"), False, True))
+        logits = precise(op.add(head_product, w("qa_outputs.bias")))
         axis = op.constant(np.int64(2))
         start = op.gather(logits, op.constant(np.int64(0)), axis, name="start_logits")
         end = op.gather(logits, op.constant(np.int64(1)), axis, name="end_logits")
@@ -434,6 +452,12 @@ def load_graph(path: str, fingerprint: str, head: str, cache: str | None = None)
         return _read_cached(where)
     except (OSError, ValueError, RuntimeError) as exc:  # a read-only cache costs a build per start
         log.warning("cannot cache the QA graph in %s: %s", where, exc)
+    try:  # read back from IR all the same, so its float32 marks hold as they do when cached
+        with tempfile.TemporaryDirectory(prefix="keymiss-qa-graph-") as tmp:
+            _write_cached(model, tmp)
+            return _read_cached(tmp)  # the weights stay mapped after the directory goes
+    except (OSError, ValueError, RuntimeError) as exc:
+        log.warning("QA graph not read back (all of it runs in bfloat16 under bf16): %s", exc)
         return model, mapped
 
 
@@ -455,6 +479,16 @@ class Compiled:
         self.compiled = core.compile_model(model, "CPU", config)
         self.request = self.compiled.create_infer_request()
         self.precision = precision
+
+    def float32_stream(self) -> bool:
+        """Whether the compiled graph keeps its layer norms (and so the residual stream) in float32,
+        as the graph's marks ask: read from what OpenVINO runs, not assumed."""
+        norms = [
+            node.get_rt_info()["runtimePrecision"].value
+            for node in self.compiled.get_runtime_model().get_ordered_ops()
+            if node.get_rt_info()["layerType"].value == "MVN"
+        ]
+        return bool(norms) and all(p == "f32" for p in norms)
 
     def run(self, inputs: dict[str, np.ndarray]) -> list[np.ndarray]:
         result = self.request.infer(inputs)

@@ -38,8 +38,11 @@ class QAParams:
     max_question_len: int = 64
     handle_impossible_answer: bool = False
     align_to_words: bool = True
-    #: tokens per forward pass: ~12 windows of 384, where bf16 matrix products peak on 2 cores
-    max_batch_tokens: int = 384 * 12
+    #: tokens per forward pass: a batch of 16 ~330-token windows in one pass (fewer, fuller passes)
+    max_batch_tokens: int = 384 * 16
+    #: a pass's width is padded up to a multiple of this (padding is masked, answers do not move):
+    #: a graph runtime prepares kernels per input shape, and fewer shapes are met again sooner
+    pad_to: int = 16
     #: with reduced precision, answers whose best and runner-up scores are closer than this
     #: (relative) are recomputed in float32: reduced-precision speed, full-precision decisions.
     #: None: the model's own (``settle_margin``; 0.04 for torch's bf16 autocast)
@@ -194,6 +197,8 @@ class SpanReader:
 
         def run(chunk: list[int]) -> None:
             width = windows[chunk[-1]].length
+            pad = max(1, self.params.pad_to)
+            width = min(-(-width // pad) * pad, max(width, self.params.max_seq_len))
             ids = np.full((len(chunk), width), self.pad_id, dtype=np.int64)
             types = np.zeros((len(chunk), width), dtype=np.int64)
             mask = np.zeros((len(chunk), width), dtype=np.int64)
