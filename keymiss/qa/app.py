@@ -14,6 +14,7 @@ from keymiss.api import Keymiss
 from keymiss.engine.handlers import HandlerThreads
 from keymiss.errors import CodecError
 from keymiss.qa.contexts import ContextRecord, UnknownContextError, context_store_key, hash_tag, read_corpus
+from keymiss.qa.footprint import trim_heap
 from keymiss.qa.progress import StartProgress
 from keymiss.qa.reader import QAParams, Reader, SentenceReader, SpanReader
 
@@ -64,6 +65,8 @@ class QAService:
         # One forward pass at a time: batches that wait here grow instead of fighting for 2 cores.
         # A daemon thread: a model stuck in a forward pass cannot keep the process from exiting.
         self._model_thread = HandlerThreads("model", 1)
+        #: how many times ``settle`` handed memory back (after start-up, after each ingest)
+        self.settled = 0
 
     async def load(self) -> Reader:
         if self.reader is None:
@@ -72,6 +75,22 @@ class QAService:
 
     async def run(self, fn: Callable[..., Any], *args: Any) -> Any:
         return await asyncio.wrap_future(self._model_thread.submit(functools.partial(fn, *args)))
+
+    async def settle(self) -> None:
+        """Once start-up work is done (the reader loaded, contexts ingested): the reader hands
+        back the graph file's pages its first forward passes read, and the C heap what loading,
+        compiling and ingesting freed (``keymiss.qa.footprint``). On the model thread, between
+        forward passes; the reader keeps serving as before."""
+        if self.reader is None:
+            return
+        reader = self.reader
+
+        def settle() -> None:
+            reader.release()
+            trim_heap()
+
+        await self.run(settle)
+        self.settled += 1
 
     async def ingest(
         self,
@@ -122,6 +141,7 @@ class QAService:
                 await flush()
         if batch:
             await flush()
+        await self.settle()
         return report
 
 
@@ -289,6 +309,8 @@ def build_qa_app(
                 # batches of at most 64, and at least ten of them: the progress moves as it goes
                 report = await service.ingest(km, pairs, advance, max(1, min(64, -(-len(pairs) // 10))))
             log.info("ingested %s: %s", source, report)
+        if not sources:  # ingesting settles; a reader with nothing to ingest settles here
+            await service.settle()
 
     km.on_start(startup)
 

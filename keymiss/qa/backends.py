@@ -157,6 +157,13 @@ class OpenVinoQAModel:
         )
         return start, end
 
+    def release(self) -> None:
+        """Hand back the graph file's pages that forward passes read in: OpenVINO repacks most
+        weights at a shape's first pass (not at compile), reading them from the mapped file,
+        and those pages would stay resident beside the repacked copy. Called once start-up work
+        (loading, ingesting) is done; a weight read again later is read back from the file."""
+        self.fast.mapped.page_out()
+
 
 def _max_positions(path: str) -> int:
     import json
@@ -224,6 +231,13 @@ class OpenVinoEncoder:
         if not out:
             return np.zeros((0, 0), dtype=np.float32)
         return np.concatenate(out).astype(np.float32)
+
+    def release(self) -> None:
+        """Hand back the graph file's pages that forward passes read in: OpenVINO repacks most
+        weights at a shape's first pass (not at compile), reading them from the mapped file,
+        and those pages would stay resident beside the repacked copy. Called once start-up work
+        (loading, ingesting) is done; a weight read again later is read back from the file."""
+        self.model.mapped.page_out()
 
 
 def load_openvino_encoder(path: str, *, cache: str | None = None) -> OpenVinoEncoder:

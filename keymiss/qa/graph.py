@@ -27,6 +27,7 @@ from typing import Any
 import numpy as np
 
 from keymiss.errors import ConfigError
+from keymiss.qa.footprint import import_openvino
 
 log = logging.getLogger("keymiss.qa")
 
@@ -296,7 +297,7 @@ def build_bert(path: str, head: str, mapped: Mapped | None = None) -> Any:
     ``head="encoder"`` the last hidden state. Inputs: inputs_embeds (float32, the word embeddings
     of the ids: see ``WordEmbeddings``), token_type_ids and attention_mask (int64); batch and
     sequence are dynamic."""
-    import openvino as ov
+    ov = import_openvino()
     import openvino.opset15 as op
 
     config = check_checkpoint(path, head)
@@ -396,7 +397,7 @@ def _read_cached(where: str) -> tuple[Any, Mapped]:
     """The graph cached in ``where``, if its files still hash to the digest written with them (a
     torn, truncated or altered entry raises ValueError; one never written, FileNotFoundError).
     What is hashed is what is used: the text read and the very mapping handed to OpenVINO."""
-    import openvino as ov
+    ov = import_openvino()
 
     with open(os.path.join(where, DIGEST), encoding="ascii") as f:
         want = f.read()
@@ -411,7 +412,7 @@ def _read_cached(where: str) -> tuple[Any, Mapped]:
 def _write_cached(model: Any, where: str) -> None:
     """Save the graph into ``where``: each file under a temporary name, renamed into place, the
     digest last, so a reader meets a whole entry or one it rebuilds."""
-    import openvino as ov
+    ov = import_openvino()
 
     os.makedirs(where, exist_ok=True)
     tmp = os.path.join(where, f"model.{os.getpid()}.xml")
@@ -465,7 +466,7 @@ class Compiled:
     """One compiled OpenVINO model and its request: ``run`` feeds numpy arrays, returns numpy arrays."""
 
     def __init__(self, model: Any, precision: str, mapped: Mapped, threads: int | None = None) -> None:
-        import openvino as ov
+        ov = import_openvino()
 
         # the compiled model still reads some constants where the graph left them: keep them mapped
         self.mapped = mapped

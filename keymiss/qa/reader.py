@@ -103,6 +103,14 @@ def _decode_spans(
     return starts[keep], ends[keep], scores[order][keep]
 
 
+def _release(*models: Any) -> None:
+    # OpenVINO models hand back the graph file's pages (``release``); torch models have nothing to
+    for model in {id(m): m for m in models if m is not None}.values():
+        release = getattr(model, "release", None)
+        if release is not None:
+            release()
+
+
 class SpanReader:
     """Extractive QA over pre-tokenised contexts."""
 
@@ -137,6 +145,10 @@ class SpanReader:
     def current(self, rec: ContextRecord) -> bool:
         """Whether a stored record was made for this reader's tokenizer."""
         return rec.tokenizer == self.tokenizer_fingerprint
+
+    def release(self) -> None:
+        """Hand back memory that start-up work left resident (see ``QAService.settle``)."""
+        _release(self.model, self.verify)
 
     def _windows(self, item: int, question: list[int], n: int) -> list[_Window]:
         p = self.params
@@ -314,6 +326,10 @@ class SentenceReader:
 
     def current(self, rec: ContextRecord) -> bool:
         return rec.encoder == self.encoder.fingerprint and rec.embeddings is not None
+
+    def release(self) -> None:
+        """Hand back memory that start-up work left resident (see ``QAService.settle``)."""
+        _release(self.encoder)
 
     def answer(self, items: list[tuple[str, ContextRecord]]) -> list[str]:
         if not items:

@@ -91,7 +91,9 @@ def test_sentence_splitting() -> None:
 async def test_engine_batches_and_reports_unknown_contexts(tiny_model: str, reference: Any) -> None:
     km = build_qa_app(Keymiss(sweep_interval=0), model=tiny_model, batch_size=8, batch_wait_ms=20)
     async with km:
+        assert qa_service(km).settled == 1  # start-up (nothing to ingest) handed memory back
         await qa_service(km).ingest(km, [("doc:{8YG}:1", SHORT_CONTEXT)])
+        assert qa_service(km).settled == 2  # and so does each ingest; the reader answers on
         keys = [f"bertqa{{8YG}}_doc:{{8YG}}:1_{q}" for q in QUESTIONS]
         answers = await km.get_many(keys)
         assert answers == [pipeline_answer(reference, q, SHORT_CONTEXT) for q in QUESTIONS]
@@ -113,6 +115,7 @@ async def test_default_sentence_reader_answers_the_demo_questions() -> None:
     rows = [json.loads(line) for line in lines]
     km = build_qa_app(Keymiss(sweep_interval=0))
     async with km:
+        assert qa_service(km).settled == 1  # once the demo corpus is in, before any question
         answers = await km.get_many([f"bertqa{{demo}}_{r['context']}_{r['question']}" for r in rows])
     assert answers == [r["sentence"] for r in rows]
 
