@@ -1,0 +1,89 @@
+"""OpenVINO's bf16 span reader: what runs in float32, the settle margin that follows, padded widths."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from keymiss.qa.reader import QAParams, SpanReader
+
+from .conftest import SHORT_CONTEXT, long_context
+
+pytest.importorskip("openvino")
+
+QUESTIONS = [
+    "Who performs viral transmission among adults?",
+    "What does the receptor bind?",
+    "How does the virus spread?",
+    "Which response do children show?",
+]
+
+
+def _bf16_cpu() -> bool:
+    from keymiss.qa.models import BF16_CPU_FLAGS, cpu_flags
+
+    return bool(cpu_flags() & set(BF16_CPU_FLAGS))
+
+
+needs_bf16 = pytest.mark.skipif(not _bf16_cpu(), reason="this CPU has no bf16 instructions")
+
+
+@needs_bf16
+def test_the_bf16_graph_keeps_its_residual_stream_in_float32_and_settles_fewer_calls(
+    tiny_model: str, tmp_path: Path
+) -> None:
+    """The graph's float32 marks hold only in a graph read from IR: the reader's graph (cached or
+    not) is one, and its narrower settle margin is chosen from what OpenVINO compiled."""
+    from keymiss.qa import graph
+    from keymiss.qa.backends import BF16_MARGIN, STREAM_MARGIN, load_openvino_qa_model
+    from keymiss.qa.models import fingerprint
+
+    read, mapped = graph.load_graph(tiny_model, fingerprint(tiny_model), "span", str(tmp_path))
+    assert graph.Compiled(read, "bf16", mapped).float32_stream()
+    assert graph.Compiled(read, "f32", mapped).float32_stream()  # float32 throughout
+    built = graph.build_bert(tiny_model, "span")  # never read back: every node in bfloat16
+    assert not graph.Compiled(built, "bf16", mapped).float32_stream()
+    model = load_openvino_qa_model(tiny_model, dtype="bf16", cache=str(tmp_path))
+    assert model.settle_margin == STREAM_MARGIN < BF16_MARGIN
+
+
+@needs_bf16
+def test_an_unwritable_graph_cache_still_reads_the_graph_back(tiny_model: str, tmp_path: Path) -> None:
+    """A cache that cannot be written (here a file where its directory should be) costs a build per
+    start, and the graph built is still read back from IR, so its float32 marks hold."""
+    from keymiss.qa.backends import STREAM_MARGIN, load_openvino_qa_model
+
+    blocked = tmp_path / "not-a-directory"
+    blocked.write_text("")
+    model = load_openvino_qa_model(tiny_model, dtype="bf16", cache=str(blocked))
+    assert model.settle_margin == STREAM_MARGIN
+    reader = SpanReader(model)  # type: ignore[arg-type]
+    rec = reader.prepare("k:{t}:1", SHORT_CONTEXT)
+    assert all(reader.answer([(q, rec) for q in QUESTIONS]))
+
+
+def test_pass_widths_are_padded_and_answers_do_not_move(tiny_model: str, tmp_path: Path) -> None:
+    from keymiss.qa.backends import load_openvino_qa_model
+
+    model = load_openvino_qa_model(tiny_model, dtype="float32", cache=str(tmp_path))
+    widths: list[int] = []
+    forward = model.forward
+
+    def recording(ids: np.ndarray, *args: Any, **kwargs: Any) -> Any:
+        widths.append(ids.shape[1])
+        return forward(ids, *args, **kwargs)
+
+    model.forward = recording  # type: ignore[method-assign]
+    context = long_context(30)
+    answers = {}
+    for pad in (1, 16, 0):  # 0 is taken as no padding, not a division by zero
+        widths.clear()
+        reader = SpanReader(model, QAParams(pad_to=pad))  # type: ignore[arg-type]
+        rec = reader.prepare("k:{t}:1", context)
+        answers[pad] = reader.answer([(q, rec) for q in QUESTIONS])
+        if pad == 16:
+            assert widths and all(w % 16 == 0 or w == reader.params.max_seq_len for w in widths)
+    assert answers[16] == answers[1] == answers[0]
