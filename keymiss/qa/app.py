@@ -14,7 +14,7 @@ from keymiss.api import Keymiss
 from keymiss.engine.handlers import HandlerThreads
 from keymiss.errors import CodecError
 from keymiss.qa.contexts import ContextRecord, UnknownContextError, context_store_key, hash_tag, read_corpus
-from keymiss.qa.footprint import trim_heap
+from keymiss.qa.footprint import page_out_libraries, trim_heap
 from keymiss.qa.progress import StartProgress
 from keymiss.qa.reader import QAParams, Reader, SentenceReader, SpanReader
 
@@ -67,6 +67,8 @@ class QAService:
         self._model_thread = HandlerThreads("model", 1)
         #: how many times ``settle`` handed memory back (after start-up, after each ingest)
         self.settled = 0
+        #: bytes of library mappings the last ``settle`` advised the kernel to page out
+        self.paged_out = 0
 
     async def load(self) -> Reader:
         if self.reader is None:
@@ -78,18 +80,20 @@ class QAService:
 
     async def settle(self) -> None:
         """Once start-up work is done (the reader loaded, contexts ingested): the reader hands
-        back the graph file's pages its first forward passes read, and the C heap what loading,
-        compiling and ingesting freed (``keymiss.qa.footprint``). On the model thread, between
-        forward passes; the reader keeps serving as before."""
+        back the graph file's pages its first forward passes read, the C heap what loading,
+        compiling and ingesting freed, and OpenVINO's libraries the clean pages of code that only
+        reading and compiling ran (``keymiss.qa.footprint``). On the model thread, between
+        forward passes; the reader keeps serving as before (code a pass needs faults back in)."""
         if self.reader is None:
             return
         reader = self.reader
 
-        def settle() -> None:
+        def settle() -> int:
             reader.release()
             trim_heap()
+            return page_out_libraries()
 
-        await self.run(settle)
+        self.paged_out = await self.run(settle)
         self.settled += 1
 
     async def ingest(
