@@ -12,6 +12,11 @@ final ``keymiss serve`` — with the ``qa`` extra as it is (OpenVINO, no torch),
 was with torch (``torch==2.13.0`` first, then ``server``, ``qa-torch``, tokenizers and rich: the
 ``qa`` extra of before) — from whatever pip is configured with (its local wheel directories and
 cache); then the size of each venv's site-packages.
+``--private-libs``: the serve imports copies of OpenVINO's, numpy's and tokenizers' packages made
+under /tmp for the run (prepended to PYTHONPATH), as on a machine where ``keymiss serve`` is the
+only process with those libraries loaded: the kernel keeps resident the library pages another
+process maps, so ``settle``'s page-out hands back nothing of a library other processes use too.
+The table says how many other processes mapped OpenVINO's runtime when the run began.
 Run: ``python bench/qa_footprint.py`` (``--install`` adds the install rows; run it from the repo).
 """
 
@@ -44,11 +49,42 @@ def children(pid: int) -> list[int]:
     return [int(x) for x in out.split()]
 
 
-def serve_rss(backend: str, settle: float, workdir: str) -> dict[str, float]:
+#: packages copied by ``--private-libs`` (the libraries ``keymiss.qa.footprint`` pages out)
+PRIVATE = ("openvino", "numpy", "numpy.libs", "tokenizers")
+
+
+def others_mapping(library: str = "libopenvino.so") -> int:
+    """How many processes besides this one map ``library`` (those readable here)."""
+    count = 0
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{pid}/maps") as f:
+                count += int(pid) != os.getpid() and library in f.read()
+        except OSError:
+            continue
+    return count
+
+
+def private_libs(workdir: str) -> str:
+    """A directory holding copies of the ``PRIVATE`` packages, synced to disk (a dirty page cache
+    page cannot be paged out)."""
+    import openvino
+
+    site = Path(openvino.__file__).resolve().parent.parent
+    where = os.path.join(workdir, "private")
+    for name in PRIVATE:
+        shutil.copytree(site / name, os.path.join(where, name), symlinks=True)
+    os.sync()
+    return where
+
+
+def serve_rss(backend: str, settle: float, workdir: str, path: str | None = None) -> dict[str, float]:
     import redis
 
     log_path = os.path.join(workdir, f"serve-{backend}.log")
     env = dict(os.environ, XDG_CACHE_HOME=os.path.join(workdir, "cache"))
+    if path:
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [path, str(ROOT), env.get("PYTHONPATH")]))
     cmd = [sys.executable, "-m", "keymiss", "serve", "--port", "0", "--qa-backend", backend]
     with open(log_path, "w") as log:
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=str(ROOT))
@@ -104,19 +140,26 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--settle", type=float, default=5.0, help="seconds idle before RSS is read")
     parser.add_argument("--install", action="store_true", help="also time fresh installs (minutes)")
+    parser.add_argument(
+        "--private-libs", action="store_true", help="serve with private copies of OpenVINO, numpy, tokenizers"
+    )
     args = parser.parse_args(argv)
+    others = others_mapping()
     backends = ["openvino", "torch"]
     results: dict[str, list[dict[str, float]]] = {b: [] for b in backends}
     with tempfile.TemporaryDirectory() as tmp:
+        path = private_libs(tmp) if args.private_libs else None
         for _ in range(args.rounds):
             for b in backends:
-                results[b].append(serve_rss(b, args.settle, tmp))
+                results[b].append(serve_rss(b, args.settle, tmp, path))
         installs = {}
         if args.install:
             for torch in (False, True):
                 installs["torch" if torch else "openvino"] = install(torch, tmp)
                 shutil.rmtree(os.path.join(tmp, "torch" if torch else "openvino"), ignore_errors=True)
+    libs = "private copies of OpenVINO, numpy, tokenizers" if args.private_libs else "libraries as installed"
     print(f"# Default keymiss serve, idle (median of {args.rounds} alternating rounds)\n")
+    print(f"{libs}; {others} other processes mapped OpenVINO's runtime at the start\n")
     print("| reader backend | keymiss process (workers inside) MB | valkey-server MB | answered |")
     print("| --- | ---: | ---: | --- |")
     for b in backends:
