@@ -11,8 +11,8 @@ measures it; docs/benchmarks.md, "The default serve's footprint", has the breakd
   transformations and kernel generators) runs only while a model is read and compiled; its pages
   are clean copies of the library files, and ``madvise(MADV_PAGEOUT)`` over the libraries'
   read-only mappings that hold no copied-on-write page hands them back. Pages a forward pass
-  needs fault back in at the next question (about 20 MB of the ~60 MB, once: the first question
-  takes ~50 ms longer). The kernel leaves pages that another process also maps, so the saving is
+  needs fault back in at the next question (about 26 MB of the ~50 MB, once: the first question
+  takes ~40 ms longer). The kernel leaves pages that another process also maps, so the saving is
   there only where no other process has the same library files loaded.
 """
 
