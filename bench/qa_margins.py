@@ -21,7 +21,7 @@ import tempfile
 from typing import Any
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from qa import build_checkpoint, make_pairs  # noqa: E402 (bench/ is the script's directory)
+from qa import build_checkpoint, make_pairs
 
 MARGINS = (0.0, 0.02, 0.04, 0.06, 0.08, 0.10, 0.15, 0.20)
 
@@ -83,7 +83,8 @@ def main(argv: list[str] | None = None) -> int:
             f"{', '.join(f'{x:.2%}' for x in same)} | {min(same):.2%} |"
         )
     leads = sorted(lead for rows in sets.values() for ok, lead in rows if not ok)
-    print(f"\nbf16 leads of the answers float32 changes ({len(leads)}): {', '.join(f'{x:.3f}' for x in leads)}")
+    listed = ", ".join(f"{x:.3f}" for x in leads)
+    print(f"\nbf16 leads of the answers float32 changes ({len(leads)}): {listed}")
     return 0
 
 
