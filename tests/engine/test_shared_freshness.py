@@ -98,7 +98,9 @@ async def test_a_failed_refresh_keeps_the_stale_value_on_a_shared_store(url: str
 async def test_early_refresh_on_a_shared_store_keeps_readers_from_waiting(url: str) -> None:
     calls: list[str] = []
     state: dict[str, Any] = {"compute": 0.1}
-    km = _node(url, calls, state, ttl=0.6, early_refresh=1.0)
+    # a TTL ten computations long: the refresh a read starts early has room to finish before the
+    # value expires also when a loaded machine stretches the computation several times over
+    km = _node(url, calls, state, ttl=1.0, early_refresh=1.0)
     async with km:
         await km.get("ed:3")
         slowest, end = 0.0, time.monotonic() + 4
@@ -111,5 +113,5 @@ async def test_early_refresh_on_a_shared_store_keeps_readers_from_waiting(url: s
         # which a loaded machine breaks; a read that waited is counted as a miss)
         assert km.stats()["keyspaces"]["ed:*"]["misses"] == 1, km.stats()["keyspaces"]["ed:*"]
         assert slowest < 1.0, slowest
-        assert 3 <= len(calls) <= 2 * (4 / 0.6) + 2, calls
+        assert 3 <= len(calls) <= 2 * (4 / 1.0) + 2, calls
         assert km.stats()["keyspaces"]["ed:*"]["early_refreshes"] >= 2
