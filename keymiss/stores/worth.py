@@ -1,13 +1,22 @@
 """Worth-sampled eviction and admission: frequency x sqrt(compute cost) per byte, as the module does.
 
 Under a byte budget a cache is worth the computations its bytes save. Each entry's worth is its
-frequency (a TinyLFU count-min sketch of 8-bit counters that also counts misses, halved every 10
-accesses per entry so that it follows recent use) times the square root of its compute seconds,
+frequency (a TinyLFU count-min sketch of 8-bit counters that also counts misses, halved every
+``AGING`` accesses per entry, or sooner: see below) times the square root of its compute seconds,
 divided by its bytes. When the store must make room, the policy samples ``SAMPLE`` resident entries
 (as Redis samples for its eviction) and offers the one of least worth; if the newcomer is worth no
 more than that one, the newcomer itself is evicted instead (admission). GDSF ranks the same ratio
 over every entry with a heap; sampling gives nearly its choices at O(1) per eviction, and the
 sketch remembers keys that were evicted or never admitted, which GDSF forgets.
+
+The halving period is a compromise between two needs (``bench/hit_ratio.py``, docs/benchmarks.md):
+a small cache wants a long memory (the entries at its margin are read a few times per period, and
+halving every 10 accesses per entry, TinyLFU's period, leaves their counts in the sketch's noise),
+while favourites that stop being read must lose their counts before the new ones can displace them
+(a popularity shift). So the sketch halves every ``AGING`` accesses per entry, but at least every
+``AGING_MAX`` accesses, unless that is under ``AGING_MIN`` accesses per entry (a large cache, whose
+counts would then say too little). Measured: halving every 10 accesses per entry lost compute
+seconds to GDSF-with-cost on every steady zipf run, every 40 lost 3 points of hits after a shift.
 
 The square root balances the two things a cache can maximise: with the full cost weight the
 policy saved the most compute seconds but lost hits, with none the reverse (``bench/hit_ratio.py``).
@@ -33,6 +42,18 @@ SAMPLE = 16
 SKETCH_PER_ENTRY = 8
 #: compute seconds assumed for entries nobody measured (values a client SET)
 COST_FLOOR = 1e-3
+#: accesses per resident entry between two halvings of the sketch (TinyLFU's is 10)
+AGING = 40
+#: ...but a halving at least every this many accesses, so stale favourites lose their counts
+AGING_MAX = 80_000
+#: ...unless that is fewer than this many accesses per resident entry
+AGING_MIN = 12
+
+
+def aging_period(entries: int) -> int:
+    """Accesses between two halvings of the sketch for ``entries`` resident entries (256 at least)."""
+    n = max(entries, 256)
+    return min(AGING * n, max(AGING_MAX, AGING_MIN * n))
 
 
 class WorthPolicy(Policy):
@@ -45,7 +66,7 @@ class WorthPolicy(Policy):
         self.reads: deque[str] = deque(maxlen=READ_BUFFER)
         self.touch = self.reads.append  # type: ignore[method-assign,assignment]
         self.sketch = FrequencySketch(1024, cap=255)
-        self.sketch.sample = 10 * 256
+        self.sketch.sample = aging_period(0)
         self.keys: list[str] = []  # resident keys, in no order: sampled by index
         self.weights = array("d")  # sqrt(cost) / bytes of keys[i] (8 bytes each, no float objects)
         self.index: dict[str, int] = {}
@@ -64,7 +85,7 @@ class WorthPolicy(Policy):
         n = len(self.keys)
         if SKETCH_PER_ENTRY * n > self.sketch.width:
             self.sketch.resize(SKETCH_PER_ENTRY * n)
-        self.sketch.sample = 10 * max(n, 256)  # TinyLFU's sample: 10 accesses per entry
+        self.sketch.sample = aging_period(n)
 
     def touch(self, key: str) -> None:  # replaced per instance by ``self.reads.append``
         """A hit: recorded in the read buffer, replayed before the next decision."""
