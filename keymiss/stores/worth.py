@@ -11,7 +11,8 @@ sketch remembers keys that were evicted or never admitted, which GDSF forgets.
 
 The halving period is a compromise between two needs (``bench/hit_ratio.py``, docs/benchmarks.md):
 a small cache wants a long memory (the entries at its margin are read a few times per period, and
-halving every 10 accesses per entry, TinyLFU's period, leaves their counts in the sketch's noise),
+halving every 10 accesses per entry, TinyLFU's period, left their counts little above those of
+keys read once or twice),
 while favourites that stop being read must lose their counts before the new ones can displace them
 (a popularity shift). So the sketch halves every ``AGING`` accesses per entry, but at least every
 ``AGING_MAX`` accesses, unless that is under ``AGING_MIN`` accesses per entry (a large cache, whose
