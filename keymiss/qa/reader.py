@@ -12,6 +12,7 @@ context sentence whose embedding is closest to the question's.
 
 from __future__ import annotations
 
+import functools
 import logging
 from dataclasses import dataclass
 from typing import Any
@@ -74,6 +75,30 @@ def _word_spans(rec: ContextRecord) -> dict[int, tuple[int, int]]:
     return spans
 
 
+@functools.lru_cache(maxsize=64)
+def _band(n: int, width: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Rows, columns and flat positions of the band's cells, diagonal by diagonal: the same for
+    every window of ``n`` tokens, so built once per length (read-only: they are shared)."""
+    rows = np.concatenate([np.arange(n - d) for d in range(width)])
+    cols = np.concatenate([np.arange(d, n) for d in range(width)])
+    flat = rows * n + cols
+    for a in (rows, cols, flat):
+        a.setflags(write=False)
+    return rows, cols, flat
+
+
+def _top(scores: np.ndarray, flat_index: np.ndarray, topk: int) -> np.ndarray:
+    """The first ``topk`` positions by (score descending, flat position): the same as sorting them
+    all, but only the cells scoring at least the k-th largest score are sorted."""
+    if scores.size > topk:
+        cut = scores.size - topk
+        kth = np.partition(scores, cut)[cut]
+        chosen = np.flatnonzero(scores >= kth)
+        if chosen.size >= topk:  # not when NaN scores make the comparison fail: sort them all
+            return chosen[np.lexsort((flat_index[chosen], -scores[chosen]))][:topk]
+    return np.lexsort((flat_index, -scores))[:topk]
+
+
 def _decode_spans(
     start: np.ndarray, end: np.ndarray, topk: int, max_answer_len: int, undesired: np.ndarray
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -87,16 +112,13 @@ def _decode_spans(
     """
     s, e = start[0], end[0]
     n = s.shape[0]
-    width = min(max_answer_len, n)
-    rows = np.concatenate([np.arange(n - d) for d in range(width)])
-    cols = np.concatenate([np.arange(d, n) for d in range(width)])
+    rows, cols, flat_index = _band(n, min(max_answer_len, n))
     scores = s[rows] * e[cols]
     if topk == 1:
         best = int(np.argmax(scores))
         order = np.array([best]) if scores[best] > 0 else np.array([0])
     else:
-        flat_index = rows * n + cols
-        order = np.lexsort((flat_index, -scores))[:topk]
+        order = _top(scores, flat_index, topk)
     starts, ends = rows[order], cols[order]
     allowed = undesired.nonzero()  # a (rows, cols) pair, as the pipeline passes it to np.isin
     keep = np.isin(starts, allowed) & np.isin(ends, allowed)

@@ -87,3 +87,26 @@ def test_pass_widths_are_padded_and_answers_do_not_move(tiny_model: str, tmp_pat
         if pad == 16:
             assert widths and all(w % 16 == 0 or w == reader.params.max_seq_len for w in widths)
     assert answers[16] == answers[1] == answers[0]
+
+
+def test_the_span_ranking_is_the_full_sorts_on_ties_zeros_and_nan() -> None:
+    """Only cells scoring at least the k-th largest are sorted: the first k must still be exactly
+    the full (score descending, flat position) sort's, ties and score-0 fill-ins included."""
+    from keymiss.qa import reader
+
+    rng = np.random.default_rng(1)
+    for trial in range(600):
+        n, k = int(rng.integers(1, 400)), int(rng.integers(1, 20))
+        scores = [
+            rng.random(n),
+            rng.integers(0, 4, n),  # many ties
+            np.zeros(n),  # mostly zeros: the zero cells fill in
+            rng.random(n),
+        ][trial % 4].astype(np.float32)
+        if trial % 4 == 2:
+            scores[rng.integers(0, n, 3)] = rng.random(3)
+        if trial % 4 == 3:
+            scores[rng.integers(0, n, 2)] = np.nan
+        flat = rng.permutation(n * 3)[:n]
+        want = np.lexsort((flat, -scores))[:k]
+        assert np.array_equal(reader._top(scores, flat, k), want), (trial, want)
