@@ -158,11 +158,8 @@ class OpenVinoQAModel:
         return start, end
 
     def release(self) -> None:
-        """Hand back the graph file's pages that forward passes read in: OpenVINO repacks most
-        weights at a shape's first pass (not at compile), reading them from the mapped file,
-        and those pages would stay resident beside the repacked copy. Called once start-up work
-        (loading, ingesting) is done; a weight read again later is read back from the file."""
-        self.fast.mapped.page_out()
+        """See ``Compiled.release`` (the float32 twin shares the same mapped graph)."""
+        self.fast.release()
 
 
 def _max_positions(path: str) -> int:
@@ -233,11 +230,8 @@ class OpenVinoEncoder:
         return np.concatenate(out).astype(np.float32)
 
     def release(self) -> None:
-        """Hand back the graph file's pages that forward passes read in: OpenVINO repacks most
-        weights at a shape's first pass (not at compile), reading them from the mapped file,
-        and those pages would stay resident beside the repacked copy. Called once start-up work
-        (loading, ingesting) is done; a weight read again later is read back from the file."""
-        self.model.mapped.page_out()
+        """See ``Compiled.release``."""
+        self.model.release()
 
 
 def load_openvino_encoder(path: str, *, cache: str | None = None) -> OpenVinoEncoder:

@@ -481,6 +481,10 @@ class Compiled:
         self.request = self.compiled.create_infer_request()
         self.precision = precision
 
+    def release(self) -> None:
+        """Hand back the graph file's pages first passes read (OpenVINO repacks weights then)."""
+        self.mapped.page_out()
+
     def float32_stream(self) -> bool:
         """Whether the compiled graph keeps its layer norms (and so the residual stream) in float32,
         as the graph's marks ask: read from what OpenVINO runs, not assumed."""
