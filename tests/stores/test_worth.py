@@ -99,15 +99,17 @@ async def test_a_small_cache_keeps_favourites_read_once_in_six_hundred_accesses(
     store = MemoryStore(20 * ENTRY, eviction="worth")
     favourites = [f"fav{i:02d}" for i in range(20)]
     hits = 0
-    for r in range(12):  # each round: every favourite once, then 300 keys read twice, never again
+    for r in range(28):  # each round: every favourite once, then 300 keys read twice, never again
         for k in favourites:
             hits += r >= 4 and await read_or_fill(store, k)
         for i in range(300):
             await read_or_fill(store, f"n{r:02d}.{i:03d}")
             await read_or_fill(store, f"n{r:02d}.{i:03d}")
-    # halving every 10 accesses per entry left the favourites' counts at the pairs' level: 4-7 %
-    # of their reads hit (five hash seeds); with the longer memory 19-26 %
-    assert hits >= 0.12 * 8 * 20
+    # The sketch hashes with Python's per-process str hash, so the count varies run to run. Over 30
+    # hash seeds: 298-338 of the 480 favourite reads hit; halving every 10 accesses per entry (the
+    # old period) left the favourites' counts at the pairs' level: 102-149. (Twelve rounds, as this
+    # test first had, spread 19-40 against 2-14: too close to any fixed line.)
+    assert hits >= 0.5 * 24 * 20
 
 
 def test_the_sketch_halves_at_least_every_aging_max_accesses_unless_the_cache_is_large() -> None:
