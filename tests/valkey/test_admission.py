@@ -257,3 +257,42 @@ async def test_after_maxmemory_is_set_at_runtime_a_fill_ties_and_is_stored(kind:
         await w.close()
     finally:
         proc.stop()
+
+
+async def test_favourites_keep_their_counts_through_a_few_thousand_reads_of_other_keys(
+    kind: str, tmp_path: Path
+) -> None:
+    """32 values read 9 times, then 6,400 reads of 40 other keys (a few hundred reads per key the
+    server holds): the sketch still counts the favourites above a newcomer 2 readers wait on, of
+    the same size and cost, so that one is answered, not stored. Halving every 10 reads per key
+    held (as the module once did) had them at 1 by then, and the newcomer displaced one."""
+    proc = start(kind, tmp_path)
+    port = proc.port
+    try:
+        w = await raw_worker(
+            port,
+            protocol.register("a", "a:*", ttl_ms=3_600_000),
+            protocol.register("p", "p:*"),
+        )
+        assert (await compute(port, w, "a:warm", b"w"))[0] == protocol.FILL_STORED
+        assert await resp(port, "DEL", "a:warm") == 1
+        favourites = [f"a:f:{i}" for i in range(32)]
+        for key in favourites:  # each read once by its computation's reader
+            assert (await compute(port, w, key, b"f" * 2048))[0] == protocol.FILL_STORED
+        async with RespTestClient(port) as c:
+            for _ in range(8):
+                assert await c.call_many([("GET", k) for k in favourites]) == [b"f" * 2048] * 32
+            # other keys, no TTL (never victims), read 160 times each
+            pumps = [f"p:{i}" for i in range(40)]
+            assert await c.call_many([("SET", k, b"p") for k in pumps]) == ["OK"] * 40
+            for _ in range(160):
+                assert await c.call_many([("GET", k) for k in pumps]) == [b"p"] * 40
+        await ballast(port, 0.955)
+        reply, got = await compute(port, w, "a:new", b"n" * 2048, readers=2)
+        assert got == [b"n" * 2048] * 2
+        assert await counters(port) == {"admission_rejects": 1, "admission_evictions": 0}
+        assert reply == protocol.FILL_NOT_STORED
+        assert [await resp(port, "EXISTS", k) for k in favourites] == [1] * 32
+        await w.close()
+    finally:
+        proc.stop()

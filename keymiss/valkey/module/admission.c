@@ -8,7 +8,8 @@
  * - frequency: a count-min sketch of keyspace keys (4 rows of 8-bit counters, TinyLFU's, a key's
  *   four in one cache line), counted
  *   by the command filter on every GET / MGET of a keyspace key from the key's bytes alone (no
- *   lookup), halved every 10 reads per key held so that it describes recent use;
+ *   lookup), halved every 40 reads per key held (at least every 80,000 reads, unless that is under
+ *   12 per key held: km_aging_period) so that it describes recent use;
  * - cost: the milliseconds the worker says the computation took (FILL's COST), else the take-to-fill
  *   time; kept per sketch slot, log-scaled in one byte, so a value sampled later has its own cost
  *   (a slot nobody filled reads as its keyspace's mean);
@@ -46,16 +47,30 @@
 #define KM_SKETCH_PER_KEY 8 /* counters a row per key held: the sketch is charged to maxmemory too */
 #endif
 #define KM_ADMIT_ROUNDS 16             /* victims one FILL may delete at most */
+/* The sketch's memory, as the in-process policy's (keymiss/stores/worth.py, where the numbers were
+ * measured): halved every KM_AGING reads per key held (TinyLFU's is 10, which forgot favourites read
+ * once in a few hundred reads), but at least every KM_AGING_MAX reads so stale favourites lose
+ * their counts, unless that is fewer than KM_AGING_MIN reads per key held (a large cache). */
+#define KM_AGING 40ULL
+#define KM_AGING_MAX 80000ULL
+#define KM_AGING_MIN 12ULL
 #define KM_KEY_OVERHEAD 64             /* bytes a string key costs the server beyond key and value */
 
 typedef struct KmSketch {
     unsigned char *rows; /* 4 x width counters */
     unsigned char *cost; /* width log-scaled costs (0: unknown) */
     uint32_t width, mask;
-    uint64_t additions, period, seed; /* halved every `period` additions: 10 per key held */
+    uint64_t additions, period, seed; /* halved every `period` additions: km_aging_period */
 } KmSketch;
 
 static KmSketch sk;
+
+/* Reads between two halvings for `held` keys (256 at least, as the first table's width). */
+static uint64_t km_aging_period(unsigned long long held) {
+    uint64_t n = held > KM_SKETCH_MIN_WIDTH / 16 ? held : KM_SKETCH_MIN_WIDTH / 16;
+    uint64_t floor = KM_AGING_MIN * n > KM_AGING_MAX ? KM_AGING_MIN * n : KM_AGING_MAX;
+    return KM_AGING * n < floor ? KM_AGING * n : floor;
+}
 
 /* 64 bits of the key's bytes (FNV-1a, then a murmur finaliser to spread them over the rows). */
 static uint64_t km_hash(const char *p, size_t len) {
@@ -98,7 +113,7 @@ static int km_sketch_grow(uint32_t width) {
     sk.cost = cost;
     sk.width = width;
     sk.mask = width - 1;
-    if (sk.period == 0) sk.period = 10ULL * KM_SKETCH_MIN_WIDTH / 16;
+    if (sk.period == 0) sk.period = km_aging_period(0);
     return RM_OK;
 }
 
@@ -236,11 +251,11 @@ int km_admit(RedisModuleCtx *ctx, KmKeyspace *ks, RedisModuleString *key, size_t
     size_t bytes = vlen + klen + KM_KEY_OVERHEAD;
     double need = (double)bytes / (double)max;
     if ((double)KM_GetUsedMemoryRatio() + need <= KM_ADMIT_HIGH) return 1;
-    /* The sketch follows the keys the server holds: 16 counters a row per key held (it also counts
-     * the keys that were not admitted, or were evicted: a scan's one-off keys), and it ages every 10
-     * reads per key held (TinyLFU's sample), so that yesterday's favourites make room. */
+    /* The sketch follows the keys the server holds: KM_SKETCH_PER_KEY counters a row per key held
+     * (it also counts the keys that were not admitted, or were evicted: a scan's one-off keys), and
+     * it ages by km_aging_period, so that yesterday's favourites make room. */
     unsigned long long held = KM_DbSize(ctx);
-    sk.period = 10ULL * (held > KM_SKETCH_MIN_WIDTH / 16 ? held : KM_SKETCH_MIN_WIDTH / 16);
+    sk.period = km_aging_period(held);
     if (KM_SKETCH_PER_KEY * held > sk.width && sk.width < KM_SKETCH_MAX_WIDTH) {
         uint32_t w = sk.width;
         while (w < KM_SKETCH_PER_KEY * held && w < KM_SKETCH_MAX_WIDTH) w <<= 1;
