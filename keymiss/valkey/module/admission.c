@@ -11,8 +11,9 @@
  *   lookup), halved every 40 reads per key held (at least every 80,000 reads, unless that is under
  *   12 per key held: km_aging_period) so that it describes recent use;
  * - cost: the milliseconds the worker says the computation took (FILL's COST), else the take-to-fill
- *   time; kept per sketch slot, log-scaled in one byte, so a value sampled later has its own cost
- *   (a slot nobody filled reads as its keyspace's mean);
+ *   time; kept per sketch slot for values stored (a rejected one's would only overwrite a held
+ *   value's), log-scaled in one byte, so a value sampled later has its own cost, unless another
+ *   stored key shared its slot since (a slot nobody filled reads as its keyspace's mean);
  * - bytes: the value's length plus its key's and a fixed per-key overhead.
  *
  * What it displaces is sampled as the server's eviction samples (RandomKey): of KM_ADMIT_SAMPLE
@@ -159,10 +160,14 @@ static double km_cost_ms(unsigned char code) {
 /* What keeping `bytes` of key hash `h` (of keyspace ks) is worth: frequency x sqrt(1 + cost ms) per
  * byte. The square root balances hits against compute seconds: on bench/hit_ratio.py's traces the
  * full cost weight saved the most seconds but lost hits to GDSF, no weight the reverse. */
+static double km_worth_ms(uint64_t h, double ms, size_t bytes) {
+    return (double)km_sketch_freq(h) * pow(1.0 + ms, KM_COST_WEIGHT) / (double)(bytes ? bytes : 1);
+}
+
+/* The same for a value held: its cost from its slot (its keyspace's mean if nobody noted one). */
 static double km_worth(uint64_t h, const KmKeyspace *ks, size_t bytes) {
     unsigned char code = sk.cost[h & sk.mask];
-    double ms = code ? km_cost_ms(code) : ks->mean_compute_ms;
-    return (double)km_sketch_freq(h) * pow(1.0 + ms, KM_COST_WEIGHT) / (double)(bytes ? bytes : 1);
+    return km_worth_ms(h, code ? km_cost_ms(code) : ks->mean_compute_ms, bytes);
 }
 
 /* Remember what computing `key` cost, for when it is sampled later. */
@@ -237,15 +242,11 @@ static RedisModuleString *km_sample_victim(RedisModuleCtx *ctx, const RedisModul
     return best;
 }
 
-/* Whether the FILL of `key` (keyspace ks, a value of vlen bytes that took cost_ms) may be stored:
+/* Whether the FILL of `key` (a value of vlen bytes that took cost_ms) may be stored:
  * 1 if memory is not tight or it outweighs each value it displaces (those are deleted here first),
  * 0 if it loses to one (counted in km.admission_rejects). */
-int km_admit(RedisModuleCtx *ctx, KmKeyspace *ks, RedisModuleString *key, size_t vlen, double cost_ms) {
-    if (sk.rows == NULL && km_sketch_grow(KM_SKETCH_MIN_WIDTH) != RM_OK) return 1;
-    size_t klen;
-    const char *kp = KM_StringPtrLen(key, &klen);
-    uint64_t h = km_hash(kp, klen);
-    km_note_cost(h, cost_ms);
+static int km_admit_decide(RedisModuleCtx *ctx, RedisModuleString *key, uint64_t h, size_t klen, size_t vlen,
+                           double cost_ms) {
     unsigned long long max = km_maxmemory(ctx, km_now_ms());
     if (max == 0) return 1;
     size_t bytes = vlen + klen + KM_KEY_OVERHEAD;
@@ -261,7 +262,7 @@ int km_admit(RedisModuleCtx *ctx, KmKeyspace *ks, RedisModuleString *key, size_t
         while (w < KM_SKETCH_PER_KEY * held && w < KM_SKETCH_MAX_WIDTH) w <<= 1;
         if (km_sketch_grow(w) != RM_OK) return 1;
     }
-    double mine = km_worth(h, ks, bytes);
+    double mine = km_worth_ms(h, cost_ms, bytes);
     size_t freed = 0;
     for (int round = 0; round < KM_ADMIT_ROUNDS; round++) {
         double theirs = 0;
@@ -295,4 +296,16 @@ int km_admit(RedisModuleCtx *ctx, KmKeyspace *ks, RedisModuleString *key, size_t
         if (freed >= bytes || (double)KM_GetUsedMemoryRatio() + need <= KM_ADMIT_HIGH) break;
     }
     return 1;
+}
+
+int km_admit(RedisModuleCtx *ctx, RedisModuleString *key, size_t vlen, double cost_ms) {
+    if (sk.rows == NULL && km_sketch_grow(KM_SKETCH_MIN_WIDTH) != RM_OK) return 1;
+    size_t klen;
+    const char *kp = KM_StringPtrLen(key, &klen);
+    uint64_t h = km_hash(kp, klen);
+    int stored = km_admit_decide(ctx, key, h, klen, vlen, cost_ms);
+    /* only a stored value's cost is kept: a slot is shared, and a value answered but not stored is
+     * never sampled, so noting its cost would only overwrite a held value's */
+    if (stored) km_note_cost(h, cost_ms);
+    return stored;
 }

@@ -472,7 +472,7 @@ int km_cmd_fill(RedisModuleCtx *ctx, RedisModuleString **argv, int argc) {
     double cost_ms = opt.num[KM_N_COST] >= 0 ? (double)opt.num[KM_N_COST] / 1000.0 /* COST is in us */
                      : e->taken_at > 0         ? (double)(now - e->taken_at)
                                                : 0.0;
-    if (!km_admit(ctx, ks, argv[1], vlen_bytes, cost_ms)) {
+    if (!km_admit(ctx, argv[1], vlen_bytes, cost_ms)) {
         if (db != 0) KM_SelectDb(ctx, db);
         if (e->refresh && e->nwaiters == 0) km_backoff_note(e->key, now); /* the present value stays */
         km_entry_answer(e, argv[3]);

@@ -380,7 +380,7 @@ void km_observe_compute(KmKeyspace *ks, double seconds);
 void km_on_info(RedisModuleInfoCtx *ctx, int for_crash_report);
 
 void km_sketch_add(const RedisModuleString *key);
-int km_admit(RedisModuleCtx *ctx, KmKeyspace *ks, RedisModuleString *key, size_t vlen, double cost_ms);
+int km_admit(RedisModuleCtx *ctx, RedisModuleString *key, size_t vlen, double cost_ms);
 
 #pragma GCC visibility pop
 
