@@ -20,14 +20,14 @@
  * keyspace keys (string values with a TTL, as volatile-* evicts), the one of least worth. If the
  * newcomer is worth no more, it is answered to its readers and not stored (admission_rejects); else
  * the sampled one is deleted (admission_evictions) and sampling goes on until as many bytes as the
- * new value's are freed, or memory is back under KM_ADMIT_HIGH of maxmemory: the module makes its
+ * new value's are freed, or memory is back under km_admit_high of maxmemory: the module makes its
  * own room, GDSF-like, before the server's policy has to. A tie admits the newcomer. A victim goes
  * with its companion (UNLINKed together, replicated); keymiss's own records (`keymiss:`) are never
  * victims, whatever a keyspace's glob matches. Under maxmemory-policy noeviction the module deletes
  * nothing (a loser is still answered, not stored); under the volatile-* and allkeys-* policies the
  * server would evict such a key itself, so the module may. Everything runs on the main thread, at
- * FILL time only; a hit costs the filter one hash and four byte increments in one cache line (and,
- * with maxmemory set, one client lookup: only database 0's reads count, where the server says).
+ * FILL time only; a hit costs the filter one hash and four byte increments in one cache line, no
+ * lookup (a read of another database's key of the same name counts as database 0's).
  */
 #include "keymiss.h"
 
@@ -36,7 +36,17 @@
 #define KM_SKETCH_MIN_WIDTH 4096u      /* counters per row at first (16 KB in all) */
 #define KM_SKETCH_MAX_WIDTH (1u << 22) /* at most (16 MB in all) */
 #ifndef KM_ADMIT_HIGH
-#define KM_ADMIT_HIGH 0.95 /* used / maxmemory above which a FILL must earn its room */
+#define KM_ADMIT_HIGH 0.95 /* used / maxmemory above which a FILL must earn its room, at least */
+#endif
+/* What a FILL may use without a contest: all but KM_ADMIT_ROOM bytes, kept free for what comes and
+ * goes (client buffers) so the server's own blind eviction rarely acts, but no more than 1 -
+ * KM_ADMIT_HIGH of maxmemory and no less than KM_ADMIT_ROOM_MIN of it (km_admit_high). A fixed 5 %
+ * cost a 20 % budget 0.2-0.4 points of hits and a 90 % loop 1.1 (bench/hit_ratio.py). */
+#ifndef KM_ADMIT_ROOM
+#define KM_ADMIT_ROOM (512.0 * 1024)
+#endif
+#ifndef KM_ADMIT_ROOM_MIN
+#define KM_ADMIT_ROOM_MIN 0.01
 #endif
 #ifndef KM_ADMIT_SAMPLE
 #define KM_ADMIT_SAMPLE 16 /* keys sampled per victim (5 lost 1 point of hits to 16 in bench/hit_ratio.py) */
@@ -160,6 +170,13 @@ static double km_cost_ms(unsigned char code) {
 /* What keeping `bytes` of key hash `h` (of keyspace ks) is worth: frequency x sqrt(1 + cost ms) per
  * byte. The square root balances hits against compute seconds: on bench/hit_ratio.py's traces the
  * full cost weight saved the most seconds but lost hits to GDSF, no weight the reverse. */
+static double km_admit_high(unsigned long long max) {
+    double room = (double)KM_ADMIT_ROOM / (double)max;
+    if (room > 1.0 - KM_ADMIT_HIGH) room = 1.0 - KM_ADMIT_HIGH;
+    if (room < KM_ADMIT_ROOM_MIN) room = KM_ADMIT_ROOM_MIN;
+    return 1.0 - room;
+}
+
 static double km_worth_ms(uint64_t h, double ms, size_t bytes) {
     return (double)km_sketch_freq(h) * pow(1.0 + ms, KM_COST_WEIGHT) / (double)(bytes ? bytes : 1);
 }
@@ -251,7 +268,8 @@ static int km_admit_decide(RedisModuleCtx *ctx, RedisModuleString *key, uint64_t
     if (max == 0) return 1;
     size_t bytes = vlen + klen + KM_KEY_OVERHEAD;
     double need = (double)bytes / (double)max;
-    if ((double)KM_GetUsedMemoryRatio() + need <= KM_ADMIT_HIGH) return 1;
+    double high = km_admit_high(max);
+    if ((double)KM_GetUsedMemoryRatio() + need <= high) return 1;
     /* The sketch follows the keys the server holds: KM_SKETCH_PER_KEY counters a row per key held
      * (it also counts the keys that were not admitted, or were evicted: a scan's one-off keys), and
      * it ages by km_aging_period, so that yesterday's favourites make room. */
@@ -293,7 +311,7 @@ static int km_admit_decide(RedisModuleCtx *ctx, RedisModuleString *key, uint64_t
         km.admission_evictions++;
         freed += their_bytes;
         /* room made: as many bytes as it takes, or memory back under the mark */
-        if (freed >= bytes || (double)KM_GetUsedMemoryRatio() + need <= KM_ADMIT_HIGH) break;
+        if (freed >= bytes || (double)KM_GetUsedMemoryRatio() + need <= high) break;
     }
     return 1;
 }
