@@ -20,8 +20,9 @@
  * keyspace keys (string values with a TTL, as volatile-* evicts), the one of least worth. If the
  * newcomer is worth no more, it is answered to its readers and not stored (admission_rejects); else
  * the sampled one is deleted (admission_evictions) and sampling goes on until as many bytes as the
- * new value's are freed, or memory is back under km_admit_high of maxmemory: the module makes its
- * own room, GDSF-like, before the server's policy has to. A tie admits the newcomer. A victim goes
+ * new value's are freed, or memory is back under km_admit_high of maxmemory, or a later sample
+ * outweighs it (then it is stored all the same: it won its contest, and a value was deleted for
+ * it): the module makes its own room, GDSF-like, before the server's policy has to. A tie admits the newcomer. A victim goes
  * with its companion (UNLINKed together, replicated); keymiss's own records (`keymiss:`) are never
  * victims, whatever a keyspace's glob matches. Under maxmemory-policy noeviction the module deletes
  * nothing (a loser is still answered, not stored); under the volatile-* and allkeys-* policies the
@@ -291,6 +292,9 @@ static int km_admit_decide(RedisModuleCtx *ctx, RedisModuleString *key, uint64_t
          * maxmemory every count is 0), and the server's own policy would keep the newer one */
         if (theirs > mine) {
             KM_FreeString(ctx, victim);
+            /* it already outweighed a value deleted for it: stored, the server's eviction makes
+             * the rest of its room (refused now, it would cost that value for nothing) */
+            if (freed > 0) break;
             km.admission_rejects++;
             return 0;
         }
