@@ -43,7 +43,8 @@ SAMPLE = 16
 SKETCH_PER_ENTRY = 8
 #: compute seconds assumed for entries nobody measured (values a client SET)
 COST_FLOOR = 1e-3
-#: accesses per resident entry between two halvings of the sketch (TinyLFU's is 10)
+#: accesses per resident entry before the sketch's first halving (TinyLFU's is 10); the count of
+#: additions halves with the counters, as TinyLFU's, so each later one comes half as many later
 AGING = 40
 #: ...but a halving at least every this many accesses, so stale favourites lose their counts
 AGING_MAX = 80_000

@@ -22,11 +22,12 @@
  * the sampled one is deleted (admission_evictions) and sampling goes on until as many bytes as the
  * new value's are freed, or memory is back under km_admit_high of maxmemory, or a later sample
  * outweighs it (then it is stored all the same: it won its contest, and a value was deleted for
- * it): the module makes its own room, GDSF-like, before the server's policy has to. A tie admits the newcomer. A victim goes
- * with its companion (UNLINKed together, replicated); keymiss's own records (`keymiss:`) are never
- * victims, whatever a keyspace's glob matches. Under maxmemory-policy noeviction the module deletes
- * nothing (a loser is still answered, not stored); under the volatile-* and allkeys-* policies the
- * server would evict such a key itself, so the module may. Everything runs on the main thread, at
+ * it): the module makes its own room, GDSF-like, before the server's policy has to. A tie admits
+ * the newcomer. A victim goes with its companion (UNLINKed together, replicated); keymiss's own
+ * records (`keymiss:`) are never victims, whatever a keyspace's glob matches. Under
+ * maxmemory-policy noeviction the module deletes nothing (a loser is still answered, not stored);
+ * under the volatile-* and allkeys-* policies the server would evict such a key itself, so the
+ * module may. Everything runs on the main thread, at
  * FILL time only; a hit costs the filter one hash and four byte increments in one cache line, no
  * lookup (a read of another database's key of the same name counts as database 0's).
  */
@@ -60,9 +61,11 @@
 #endif
 #define KM_ADMIT_ROUNDS 16             /* victims one FILL may delete at most */
 /* The sketch's memory, as the in-process policy's (keymiss/stores/worth.py, where the numbers were
- * measured): halved every KM_AGING reads per key held (TinyLFU's is 10, which forgot favourites read
- * once in a few hundred reads), but at least every KM_AGING_MAX reads so stale favourites lose
- * their counts, unless that is fewer than KM_AGING_MIN reads per key held (a large cache). */
+ * measured): halved after KM_AGING additions per key held (TinyLFU's is 10, which forgot
+ * favourites read once in a few hundred reads), but at least every KM_AGING_MAX additions so stale
+ * favourites lose their counts, unless that is fewer than KM_AGING_MIN per key held (a large
+ * cache). The count of additions halves with the counters, as TinyLFU's does, so after the first
+ * halving the next comes half as many reads later. */
 #define KM_AGING 40ULL
 #define KM_AGING_MAX 80000ULL
 #define KM_AGING_MIN 12ULL
