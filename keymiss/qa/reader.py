@@ -19,6 +19,7 @@ from typing import Any
 
 import numpy as np
 
+from keymiss.errors import ConfigError
 from keymiss.qa.contexts import ContextRecord, split_sentences, tokenize_context
 from keymiss.qa.models import Encoder, QAModel
 
@@ -153,7 +154,12 @@ class SpanReader:
                 "max_seq_len %d exceeds the model's %d positions; using %d", p.max_seq_len, limit, limit
             )
             p = QAParams(**{**p.__dict__, "max_seq_len": limit})
+        if p.max_seq_len < 4:  # [CLS] question [SEP] context [SEP]: not one context token fits
+            raise ConfigError(f"max_seq_len {p.max_seq_len} leaves no room for the context")
         self.params = p
+        # a question takes at most half of a window (a short window, not the default 384, makes
+        # this bite): a longer one would leave the context too little room, or none at all
+        self.max_question_len = min(p.max_question_len, (p.max_seq_len - 3) // 2)
         own = getattr(model, "settle_margin", DEFAULT_SETTLE_MARGIN)
         self.margin = p.verify_margin if p.verify_margin is not None else own
         tok = model.tokenizer
@@ -190,19 +196,18 @@ class SpanReader:
         """Answers for (question, context) pairs, in order."""
         if not items:
             return []
-        p = self.params
         tok = self.model.tokenizer
         encoded = tok([q for q, _ in items], add_special_tokens=False)["input_ids"]
         windows: list[_Window] = []
         for i, ids in enumerate(encoded):
-            if len(ids) > p.max_question_len:
+            if len(ids) > self.max_question_len:
                 log.warning(
                     "question of %d tokens truncated to %d: %r",
                     len(ids),
-                    p.max_question_len,
+                    self.max_question_len,
                     items[i][0][:80],
                 )
-                ids = ids[: p.max_question_len]
+                ids = ids[: self.max_question_len]
             windows.extend(self._windows(i, list(ids), len(items[i][1].ids)))
         logits = self._forward(windows, items, self.model)
         best = [self._best(i, rec, windows, logits) for i, (_, rec) in enumerate(items)]

@@ -14,10 +14,11 @@ import pytest
 import redis
 
 from keymiss import Keymiss
+from keymiss.errors import ConfigError
 from keymiss.qa import UnknownContextError, build_qa_app, qa_service
 from keymiss.qa.contexts import ContextRecord, context_store_key, read_corpus, split_sentences
 from keymiss.qa.models import load_qa_model
-from keymiss.qa.reader import SpanReader
+from keymiss.qa.reader import QAParams, SpanReader
 
 from ..server.conftest import start_server
 from .conftest import SHORT_CONTEXT, long_context, write_corpus
@@ -76,6 +77,19 @@ def test_long_question_is_truncated_not_fatal(
     [answer] = span_reader.answer([(question, rec)])
     assert isinstance(answer, str)
     assert "truncated" in caplog.text
+
+
+def test_a_question_too_long_for_a_short_window_is_cut_to_leave_the_context_room(
+    span_reader: SpanReader,
+) -> None:
+    """A checkpoint with few positions (here a 48-token window) and a 64-token question left no
+    room for the context: the windowing looped for ever. The question is cut to half the window."""
+    reader = SpanReader(span_reader.model, QAParams(max_seq_len=48))
+    rec = reader.prepare("doc:{t}:1", long_context(3))
+    [answer] = reader.answer([(" ".join(["virus"] * 100) + "?", rec)])
+    assert answer and answer in rec.text
+    with pytest.raises(ConfigError, match="max_seq_len"):
+        SpanReader(span_reader.model, QAParams(max_seq_len=3))
 
 
 def test_sentence_splitting() -> None:
