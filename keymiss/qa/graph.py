@@ -35,7 +35,7 @@ log = logging.getLogger("keymiss.qa")
 _DTYPES = {"F32": "<f4", "F16": "<f2", "F64": "<f8", "I64": "<i8", "I32": "<i4", "BF16": "<u2"}
 
 #: bumped whenever ``build_bert`` writes a different graph: a cached older layout is never read back
-GRAPH_VERSION = 4
+GRAPH_VERSION = 5
 
 #: the run-time attribute that keeps a node out of OpenVINO's reduced-precision enforcement (its
 #: ``ov::disable_fp16_compression``; the CPU plugin keeps such nodes in float32 under bf16 too). It
@@ -342,10 +342,10 @@ def build_bert(path: str, head: str, mapped: Mapped | None = None) -> Any:
     x = residual(words, op.gather(w("embeddings.position_embeddings.weight"), positions, zero))
     x = residual(x, op.gather(w("embeddings.token_type_embeddings.weight"), types, zero))
     x = norm(x, "embeddings.LayerNorm")
-    # padding keys get -10000 added to their scores: after softmax exactly 0, as transformers' float32
-    # minimum gives, and still finite in bfloat16 (where that minimum would round to -inf)
-    keep = op.unsqueeze(op.convert(mask, ov.Type.f32), op.constant(np.array([1, 2], dtype=np.int64)))
-    bias = op.multiply(op.subtract(op.constant(np.float32(1.0)), keep), op.constant(np.float32(-10000.0)))
+    # padding keys get -1e30 (selected: a kept key gets exactly 0): after softmax 0 however far scores
+    # spread, as with transformers' float32 minimum (-10000 let padding through), and finite in bf16
+    padding = op.unsqueeze(op.equal(mask, zero), op.constant(np.array([1, 2], dtype=np.int64)))
+    bias = op.select(padding, op.constant(np.float32(-1e30)), op.constant(np.float32(0.0)))
     scale = op.constant(np.float32(1.0 / np.sqrt(size)))
     for i in range(int(config["num_hidden_layers"])):
         layer = f"encoder.layer.{i}."

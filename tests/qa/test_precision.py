@@ -110,3 +110,38 @@ def test_the_span_ranking_is_the_full_sorts_on_ties_zeros_and_nan() -> None:
         flat = rng.permutation(n * 3)[:n]
         want = np.lexsort((flat, -scores))[:k]
         assert np.array_equal(reader._top(scores, flat, k), want), (trial, want)
+
+
+def test_padding_keys_stay_masked_however_far_attention_scores_spread(tmp_path: Path) -> None:
+    """A checkpoint whose attention scores span more than 10000 (query and key weights scaled up
+    here): a -10000 bias let padding keys through, so float32 logits depended on the batch's
+    padding and left torch's. Masked as transformers masks, a padded row scores as it does alone."""
+    torch = pytest.importorskip("torch")
+    from transformers import BertForQuestionAnswering
+
+    from keymiss.qa.backends import load_openvino_qa_model
+    from keymiss.qa.models import load_qa_model
+
+    from .conftest import build_checkpoint
+
+    path = build_checkpoint(tmp_path / "model", seed=0)
+    spread = BertForQuestionAnswering.from_pretrained(path)
+    with torch.no_grad():
+        for name, weight in spread.named_parameters():
+            if ".query." in name or ".key." in name:
+                weight.mul_(1000.0)
+    spread.save_pretrained(path)
+    ours = load_openvino_qa_model(path, dtype="float32", cache=str(tmp_path / "cache"))
+    theirs = load_qa_model(path)
+    rng = np.random.default_rng(0)
+    ids = rng.integers(5, 100, (2, 40))
+    mask = np.ones((2, 40), dtype=np.int64)
+    mask[0, 9:] = ids[0, 9:] = 0  # row 0: 9 tokens, then padding
+    types = np.zeros((2, 40), dtype=np.int64)
+    types[:, 4:] = mask[:, 4:]
+    alone = ours.forward(ids[:1, :9], types[:1, :9], mask[:1, :9])
+    batched = ours.forward(ids, types, mask)
+    reference = theirs.forward(ids, types, mask)
+    for a, b, want in zip(alone, batched, reference, strict=True):
+        np.testing.assert_allclose(b[0, :9], a[0], atol=1e-4)
+        np.testing.assert_allclose(b[mask == 1], want[mask == 1], atol=1e-4)
