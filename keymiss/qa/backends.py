@@ -26,7 +26,13 @@ from keymiss.qa.graph import (
     check_checkpoint,
     load_graph,
 )
-from keymiss.qa.models import BF16_CPU_FLAGS, cpu_flags, fingerprint, tokenizer_fingerprint
+from keymiss.qa.models import (
+    BF16_CPU_FLAGS,
+    ENCODER_MAX_TOKENS,
+    cpu_flags,
+    fingerprint,
+    tokenizer_fingerprint,
+)
 from keymiss.qa.tokenizer import Tokenizer
 
 log = logging.getLogger("keymiss.qa")
@@ -210,11 +216,13 @@ class OpenVinoEncoder:
     tokenizer_fingerprint: str
     device: str = "cpu"
     backend: str = "openvino"
+    #: tokens a sentence is cut to: ``ENCODER_MAX_TOKENS``, or the checkpoint's positions if fewer
+    max_length: int = ENCODER_MAX_TOKENS
 
     def embed(self, texts: list[str], batch_size: int = 16) -> np.ndarray:
         out = []
         for i in range(0, len(texts), batch_size):
-            ids, types, mask = self.tokenizer.batch(texts[i : i + batch_size], 256)
+            ids, types, mask = self.tokenizer.batch(texts[i : i + batch_size], self.max_length)
             feed = {
                 "inputs_embeds": self.embeddings.lookup(ids),
                 "token_type_ids": types,
@@ -241,5 +249,11 @@ def load_openvino_encoder(path: str, *, cache: str | None = None) -> OpenVinoEnc
     del graph
     mapped.page_out()
     return OpenVinoEncoder(
-        path, Tokenizer(path), model, WordEmbeddings(path), print_, tokenizer_fingerprint(path)
+        path,
+        Tokenizer(path),
+        model,
+        WordEmbeddings(path),
+        print_,
+        tokenizer_fingerprint(path),
+        max_length=min(ENCODER_MAX_TOKENS, _max_positions(path)),
     )

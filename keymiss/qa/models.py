@@ -240,6 +240,10 @@ def load_qa_model(path: str, *, dtype: str = "float32", device: str | None = Non
     )
 
 
+#: a sentence is cut to this many tokens, or to the encoder's positions where it has fewer
+ENCODER_MAX_TOKENS = 256
+
+
 @dataclass
 class Encoder:
     """A sentence encoder: mean-pooled, L2-normalised token embeddings (sentence-transformers style)."""
@@ -255,9 +259,10 @@ class Encoder:
         import torch
 
         out = []
+        cut = min(ENCODER_MAX_TOKENS, int(getattr(self.model.config, "max_position_embeddings", 512)))
         for i in range(0, len(texts), batch_size):
             enc = self.tokenizer(
-                texts[i : i + batch_size], padding=True, truncation=True, max_length=256, return_tensors="pt"
+                texts[i : i + batch_size], padding=True, truncation=True, max_length=cut, return_tensors="pt"
             ).to(self.device)
             with torch.inference_mode():
                 hidden = self.model(**enc).last_hidden_state.float()

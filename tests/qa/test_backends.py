@@ -401,3 +401,26 @@ def test_a_bad_graph_cache_entry_is_rebuilt_and_written_back(tiny_model: str, tm
         assert _answers(SpanReader(again), SHORT_CONTEXT) == first  # type: ignore[arg-type]
         assert (entry / "model.bin").read_bytes() == clean
         assert sorted(p.name for p in entry.iterdir()) == ["model.bin", "model.sha256", "model.xml"]
+
+
+def test_an_encoder_with_fewer_positions_than_its_cut_embeds_long_texts_as_torch_does(
+    tiny_model: str, tmp_path: Path
+) -> None:
+    """Sentences were cut at 256 tokens whatever the checkpoint: with 32 positions torch raised
+    IndexError and OpenVINO's gather silently read zeros past the table. Both cut at 32 now."""
+    import numpy as np
+    from transformers import BertConfig, BertModel
+
+    from keymiss.qa.backends import load_openvino_encoder
+    from keymiss.qa.models import load_encoder
+
+    path = tmp_path / "short"
+    shutil.copytree(tiny_model, path)
+    (path / "model.safetensors").unlink()
+    config = BertConfig.from_pretrained(tiny_model)
+    config.max_position_embeddings = 32
+    BertModel(config).save_pretrained(str(path))
+    texts = [long_context(3), "cells"]  # the first well over 32 tokens
+    ours = load_openvino_encoder(str(path), cache=str(tmp_path / "cache")).embed(texts)
+    theirs = load_encoder(str(path)).embed(texts)
+    np.testing.assert_allclose(ours, theirs, atol=1e-5)
