@@ -207,7 +207,7 @@ def bert_config(path: str) -> dict[str, Any]:
     # BertConfig's defaults for what config.json may leave out; a value that is there must fit
     for key, default in _SIZES.items():
         value = config.setdefault(key, default)
-        if not _is_size(value) or (value == 0 and key != "type_vocab_size"):
+        if not _is_size(value) or value == 0:  # a reader gives token type 0 at least
             raise BrokenCheckpoint(f"{path}/config.json: {key} is {value!r}, not a positive integer")
     if config["hidden_size"] % config["num_attention_heads"]:
         raise BrokenCheckpoint(f"{path}/config.json: hidden_size is not a multiple of num_attention_heads")
@@ -274,6 +274,8 @@ def check_checkpoint(path: str, head: str) -> dict[str, Any]:
     show that ``build_bert`` can write it: every tensor there, of a supported dtype and its shape.
     Raises ``UnsupportedCheckpoint`` (the torch backend may still run it) or ``BrokenCheckpoint``."""
     config = bert_config(path)
+    if head == "span" and config["type_vocab_size"] < 2:  # its context's tokens are of type 1
+        raise BrokenCheckpoint(f"{path}/config.json: type_vocab_size is 1, the span reader needs 2")
     file = os.path.join(path, "model.safetensors")
     if not os.path.isfile(file):
         raise UnsupportedCheckpoint(f"{path!r} has no model.safetensors")
@@ -471,10 +473,7 @@ class Compiled:
         # the compiled model still reads some constants where the graph left them: keep them mapped
         self.mapped = mapped
         core = ov.Core()
-        config: dict[str, Any] = {
-            "INFERENCE_PRECISION_HINT": precision,
-            "PERFORMANCE_HINT": "LATENCY",
-        }
+        config: dict[str, Any] = {"INFERENCE_PRECISION_HINT": precision, "PERFORMANCE_HINT": "LATENCY"}
         if threads:
             config["INFERENCE_NUM_THREADS"] = threads
         self.compiled = core.compile_model(model, "CPU", config)

@@ -424,3 +424,23 @@ def test_an_encoder_with_fewer_positions_than_its_cut_embeds_long_texts_as_torch
     ours = load_openvino_encoder(str(path), cache=str(tmp_path / "cache")).embed(texts)
     theirs = load_encoder(str(path)).embed(texts)
     np.testing.assert_allclose(ours, theirs, atol=1e-5)
+
+
+def test_a_span_checkpoint_with_one_token_type_is_refused(tiny_model: str, tmp_path: Path) -> None:
+    """The reader gives the context token type 1: with one type, torch raised IndexError on every
+    question and OpenVINO's gather silently read zeros. A sentence encoder (type 0 only) still runs."""
+    from transformers import BertConfig, BertForQuestionAnswering
+
+    from keymiss.qa.backends import load_openvino_qa_model, resolve_backend
+    from keymiss.qa.graph import BrokenCheckpoint, check_checkpoint
+
+    path = tmp_path / "one-type"
+    shutil.copytree(tiny_model, path)
+    config = BertConfig.from_pretrained(tiny_model)
+    config.type_vocab_size = 1
+    BertForQuestionAnswering(config).save_pretrained(str(path))
+    with pytest.raises(ConfigError, match="type_vocab_size is 1"):
+        resolve_backend("auto", str(path))
+    with pytest.raises(BrokenCheckpoint, match="type_vocab_size is 1"):
+        load_openvino_qa_model(str(path), dtype="float32", cache=str(tmp_path / "cache"))
+    assert check_checkpoint(str(path), "encoder")["type_vocab_size"] == 1
