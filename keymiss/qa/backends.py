@@ -41,7 +41,7 @@ BACKENDS = ("auto", "openvino", "torch")
 
 #: The settle margins of OpenVINO's bf16 span reader, measured with ``bench/qa_margins.py`` (six
 #: sets of 600 answers): with the residual stream, layer norms and span head in float32 (the graph
-#: as built), redoing answers led by less than 6 % (about 4 % of them) left 99.5-99.8 % of each
+#: as built), redoing answers led by less than 6 % (about 4 % of them) left 99.33-100 % of each
 #: set identical to float32; with everything in bfloat16 (an OpenVINO that ignores the graph's
 #: marks) bf16 answers that differed from float32 led by up to 16 %, so 20 % (about 15 %).
 STREAM_MARGIN = 0.06
