@@ -27,3 +27,7 @@ def test_the_quick_hit_ratio_run_prints_every_policy_and_the_front_end() -> None
     assert all(0 <= r <= 100 for r in ratios) and max(ratios) > 0, row
     if " frontend |" in header:  # a server binary is here: the front end was replayed for real
         assert ratios[header.strip("|").split("|")[2:].index(" frontend ")] > 0
+        # and is held against GDSF simulated under the server's own bytes per key
+        assert " gdsf-srv |" in header and " gdsf-cost-srv |" in header, header
+        against = next(line for line in out.stdout.splitlines() if "frontend − gdsf-srv (pts)" in line)
+        assert "frontend − gdsf-cost-srv (s)" in against and "worth − gdsf (pts)" in against, against
