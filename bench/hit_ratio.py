@@ -224,9 +224,10 @@ def one(task: tuple[str, float, str, int]) -> tuple[str, float, str, float, floa
     budget = int(total_bytes(keys, sizes) * share)
     weight = (sizes + len("k0000000") + ENTRY_OVERHEAD).tolist()
     t0 = time.perf_counter()
-    # the server's own bytes per key (its per-key overhead, not Python's), the same share
-    server_weight = sizes + len("k0000000") + frontend_replay.KEY_OVERHEAD
-    server_budget = int(server_weight[np.unique(keys)].sum() * share)
+    if policy in SERVER_SIMS or policy.startswith("frontend"):
+        # the server's own bytes per key (its per-key overhead, not Python's), the same share
+        server_weight = sizes + len("k0000000") + frontend_replay.KEY_OVERHEAD
+        server_budget = int(server_weight[np.unique(keys)].sum() * share)
     if policy in SERVER_SIMS:
         hits, saved, hit_bytes = policy_sims.run_gdsf(
             keys, sizes, costs, server_weight.tolist(), server_budget, cost=policy == "gdsf-cost-srv"

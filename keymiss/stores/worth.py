@@ -9,15 +9,15 @@ more than that one, the newcomer itself is evicted instead (admission). GDSF ran
 over every entry with a heap; sampling gives nearly its choices at O(1) per eviction, and the
 sketch remembers keys that were evicted or never admitted, which GDSF forgets.
 
-The halving period is a compromise between two needs (``bench/hit_ratio.py``, docs/benchmarks.md):
-a small cache wants a long memory (the entries at its margin are read a few times per period, and
-halving every 10 accesses per entry, TinyLFU's period, left their counts little above those of
-keys read once or twice),
-while favourites that stop being read must lose their counts before the new ones can displace them
-(a popularity shift). So the sketch halves every ``AGING`` accesses per entry, but at least every
-``AGING_MAX`` accesses, unless that is under ``AGING_MIN`` accesses per entry (a large cache, whose
-counts would then say too little). Measured: halving every 10 accesses per entry lost compute
-seconds to GDSF-with-cost on every steady zipf run, every 40 lost 3 points of hits after a shift.
+The halving period is a compromise between two needs (``bench/hit_ratio.py``, docs/benchmarks.md): a
+small cache wants a long memory (the entries at its margin are read a few times per period, and
+halving every 10 accesses per entry, TinyLFU's period, left their counts little above those of keys
+read once or twice), while favourites that stop being read must lose their counts before the new
+ones can displace them (a popularity shift). So the sketch halves every ``AGING`` accesses per
+entry, but at least every ``AGING_MAX`` accesses, unless that is under ``AGING_MIN`` accesses per
+entry (a large cache, whose counts would then say too little). Measured: halving every 10 accesses
+per entry lost compute seconds to GDSF-with-cost on every steady zipf run, every 40 lost 3 points of
+hits after a shift.
 
 The square root balances the two things a cache can maximise: with the full cost weight the
 policy saved the most compute seconds but lost hits, with none the reverse (``bench/hit_ratio.py``).

@@ -27,9 +27,9 @@
  * records (`keymiss:`) are never victims, whatever a keyspace's glob matches. Under
  * maxmemory-policy noeviction the module deletes nothing (a loser is still answered, not stored);
  * under the volatile-* and allkeys-* policies the server would evict such a key itself, so the
- * module may. Everything runs on the main thread, at
- * FILL time only; a hit costs the filter one hash and four byte increments in one cache line, no
- * lookup (a read of another database's key of the same name counts as database 0's).
+ * module may. Everything runs on the main thread, at FILL time only; a hit costs the filter one
+ * hash and four byte increments in one cache line, no lookup (a read of another database's key of
+ * the same name counts as database 0's).
  */
 #include "keymiss.h"
 
@@ -171,9 +171,7 @@ static double km_cost_ms(unsigned char code) {
     return exp2((code - 1) / 16.0) - 1.0;
 }
 
-/* What keeping `bytes` of key hash `h` (of keyspace ks) is worth: frequency x sqrt(1 + cost ms) per
- * byte. The square root balances hits against compute seconds: on bench/hit_ratio.py's traces the
- * full cost weight saved the most seconds but lost hits to GDSF, no weight the reverse. */
+/* The share of maxmemory (max > 0) a FILL may fill without a contest (see KM_ADMIT_ROOM). */
 static double km_admit_high(unsigned long long max) {
     double room = (double)KM_ADMIT_ROOM / (double)max;
     if (room > 1.0 - KM_ADMIT_HIGH) room = 1.0 - KM_ADMIT_HIGH;
@@ -181,11 +179,15 @@ static double km_admit_high(unsigned long long max) {
     return 1.0 - room;
 }
 
+/* What keeping `bytes` of key hash `h` that cost `ms` to compute is worth: frequency x sqrt(1 + ms)
+ * per byte. The square root balances hits against compute seconds: on bench/hit_ratio.py's traces
+ * the full cost weight saved the most seconds but lost hits to GDSF, no weight the reverse. */
 static double km_worth_ms(uint64_t h, double ms, size_t bytes) {
     return (double)km_sketch_freq(h) * pow(1.0 + ms, KM_COST_WEIGHT) / (double)(bytes ? bytes : 1);
 }
 
-/* The same for a value held: its cost from its slot (its keyspace's mean if nobody noted one). */
+/* The same for a value held (of keyspace ks): its cost from its slot (its keyspace's mean if nobody
+ * noted one). */
 static double km_worth(uint64_t h, const KmKeyspace *ks, size_t bytes) {
     unsigned char code = sk.cost[h & sk.mask];
     return km_worth_ms(h, code ? km_cost_ms(code) : ks->mean_compute_ms, bytes);
@@ -323,6 +325,7 @@ static int km_admit_decide(RedisModuleCtx *ctx, RedisModuleString *key, uint64_t
     return 1;
 }
 
+/* km_admit_decide's answer for the FILL of `key`, its cost noted if the value is stored. */
 int km_admit(RedisModuleCtx *ctx, RedisModuleString *key, size_t vlen, double cost_ms) {
     if (sk.rows == NULL && km_sketch_grow(KM_SKETCH_MIN_WIDTH) != RM_OK) return 1;
     size_t klen;
