@@ -190,6 +190,7 @@ INFO_FIELDS = (
     "refused_clients",
     "admission_rejects",
     "admission_evictions",
+    "admission_sketch_bytes",
 )
 #: the fields of each ``keymiss_keyspace_<n>`` line, in order (``version`` only when versioned): the
 #: words the Python server's ``INFO keymiss`` uses for the same counters, in the same units

@@ -296,3 +296,30 @@ async def test_favourites_keep_their_counts_through_a_few_thousand_reads_of_othe
         await w.close()
     finally:
         proc.stop()
+
+
+async def test_the_sketch_follows_the_keys_held_while_memory_fills(kind: str, tmp_path: Path) -> None:
+    """600 computed values far below maxmemory: the sketch already has 8 counters a row for each
+    (8,192 wide: 40 KB with its cost slots, INFO ``admission_sketch_bytes``). Sized only once memory
+    was tight, it stayed 4,096 wide while the cache filled, and halved every 10,240 reads."""
+    proc = start(kind, tmp_path, maxmemory=64 * 1024 * 1024)
+    port = proc.port
+    try:
+        w = await raw_worker(port, protocol.register("a", "a:*", ttl_ms=3_600_000))
+        async with RespTestClient(port) as c:
+            for batch in range(6):
+                keys = [f"a:k:{batch}:{i}" for i in range(100)]
+                # in MULTI a miss queues its computation and answers nil instead of waiting
+                replies = await c.call_many([("MULTI",), *[("GET", k) for k in keys], ("EXEC",)])
+                assert replies[-1] == [None] * 100
+                taken = protocol.decode_take(await w.call(*protocol.take(1000, 1000, 10_000)))
+                assert sorted(k for k, _ in taken) == sorted(keys)
+                fills = await w.call_many([protocol.fill(k, token, b"v" * 64, cost=0.005) for k, token in taken])
+                assert fills == [protocol.FILL_STORED] * 100
+            assert await c.call("DBSIZE") == 600
+        info = (await resp(port, "INFO", protocol.INFO_SECTION)).decode()
+        assert f"{protocol.INFO_SECTION}_admission_sketch_bytes:{5 * 8192}\r" in info
+        assert await counters(port) == {"admission_rejects": 0, "admission_evictions": 0}
+        await w.close()
+    finally:
+        proc.stop()

@@ -14,6 +14,7 @@
 #define KM_SECTION_refused_clients (km.refused_clients) /* client connections refused past MAXCLIENTS */
 #define KM_SECTION_admission_rejects (km.admission_rejects)
 #define KM_SECTION_admission_evictions (km.admission_evictions)
+#define KM_SECTION_admission_sketch_bytes (km_sketch_bytes()) /* counted against maxmemory */
 
 /* A keyspace's field by its INFO name (one protocol.h adds must be given here). Most are the
  * keyspace's member of that name; INFO's words are the Python server's, so a member the module

@@ -381,6 +381,7 @@ void km_on_info(RedisModuleInfoCtx *ctx, int for_crash_report);
 
 void km_sketch_add(const RedisModuleString *key);
 int km_admit(RedisModuleCtx *ctx, RedisModuleString *key, size_t vlen, double cost_ms);
+long long km_sketch_bytes(void);
 
 #pragma GCC visibility pop
 

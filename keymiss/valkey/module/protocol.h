@@ -118,7 +118,7 @@
 /* the section's own fields (keymiss_<name> in INFO) */
 #define KM_INFO_FIELDS(X)                                                                             \
     X(keyspaces) X(workers) X(pending) X(blocked_readers) X(error_records) X(refused_clients) X(admission_rejects) \
-        X(admission_evictions)
+        X(admission_evictions) X(admission_sketch_bytes)
 /* the fields of each keymiss_keyspace_<n> line, in order (version only when versioned): the words
  * the Python server's INFO keymiss uses for the same counters, in the same units; the last ones are
  * KM_INFO_KEYSPACE_ALIASES */
