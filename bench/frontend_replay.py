@@ -80,8 +80,8 @@ def replay(
     send_cost: bool = True,
 ) -> tuple[int, float, dict[str, int]]:
     """(hits, compute seconds saved, INFO keymiss counters) of the trace replayed under ``budget``
-    bytes of values (maxmemory is the server's use with its connections warm plus the budget). ``send_cost=False`` for a
-    module build that predates FILL's COST."""
+    bytes of values (maxmemory is the server's use with its connections warm plus the budget).
+    ``send_cost=False`` for a module build that predates FILL's COST."""
     with tempfile.TemporaryDirectory() as tmp:
         proc = start(binary, module, 0, tmp, port)
         try:

@@ -314,7 +314,9 @@ async def test_the_sketch_follows_the_keys_held_while_memory_fills(kind: str, tm
                 assert replies[-1] == [None] * 100
                 taken = protocol.decode_take(await w.call(*protocol.take(1000, 1000, 10_000)))
                 assert sorted(k for k, _ in taken) == sorted(keys)
-                fills = await w.call_many([protocol.fill(k, token, b"v" * 64, cost=0.005) for k, token in taken])
+                fills = await w.call_many(
+                    [protocol.fill(k, token, b"v" * 64, cost=0.005) for k, token in taken]
+                )
                 assert fills == [protocol.FILL_STORED] * 100
             assert await c.call("DBSIZE") == 600
         info = (await resp(port, "INFO", protocol.INFO_SECTION)).decode()
