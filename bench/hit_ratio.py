@@ -353,6 +353,7 @@ def print_tables(
     defaults = [p for p in ("tinylfu", "worth", "frontend", "frontend-old") if p in policies]
     if not defaults:
         return
+
     # each default against GDSF under its own accounting: the front end's under the server's bytes
     def base(p: str, cost: bool) -> str:
         name = "gdsf-cost" if cost else "gdsf"
