@@ -7,7 +7,7 @@ from pathlib import Path
 from keymiss.valkey import protocol
 
 from ..support import RespTestClient, resp
-from .conftest import raw_worker
+from .conftest import info_field, raw_worker
 from .test_admission import ballast, compute, counters, start
 
 
@@ -39,6 +39,41 @@ async def test_a_fill_that_made_some_room_is_stored_though_a_later_sample_outwei
             assert await counters(port) == {"admission_rejects": 0, "admission_evictions": 1}
             assert reply == protocol.FILL_STORED
             assert await resp(port, "GET", "a:new") == b"n" * 3072
+        await w.close()
+    finally:
+        proc.stop()
+
+
+LOAD = "for i = 1, tonumber(ARGV[1]) do redis.call('SET', 'ctx:' .. i, 'x') end return 1"
+
+
+async def info_fields(port: int, section: str) -> dict[str, str]:
+    info = (await resp(port, "INFO", section)).decode()
+    return dict(line.split(":", 1) for line in info.splitlines() if ":" in line)
+
+
+async def test_the_sketch_grows_only_into_room_below_maxmemory(kind: str, tmp_path: Path) -> None:
+    """100,000 contexts (no TTL) and 50 computed values held, maxmemory set 1 MB above what they
+    use: the first FILL must not grow the sketch to 8 counters a row per key (5 MB) at once. It
+    did: memory went 4 MB over maxmemory, the server evicted every computed value (the only keys
+    with a TTL) and, still over, refused every write after it."""
+    proc = start(kind, tmp_path, maxmemory=0)
+    port = proc.port
+    try:
+        assert await resp(port, "EVAL", LOAD, 0, 100_000) == 1
+        for i in range(50):
+            assert await resp(port, "SET", f"a:held:{i}", b"h" * 100, "PX", 3_600_000) == "OK"
+        used = int((await info_fields(port, "memory"))["used_memory"])
+        assert await resp(port, "CONFIG", "SET", "maxmemory", used + 1024 * 1024) == "OK"
+        w = await raw_worker(port, protocol.register("a", "a:*", ttl_ms=3_600_000))
+        assert (await compute(port, w, "a:new", b"n" * 64))[0] == protocol.FILL_STORED
+        memory = await info_fields(port, "memory")
+        assert int(memory["used_memory"]) <= int(memory["maxmemory"])
+        assert (await info_fields(port, "stats"))["evicted_keys"] == "0"
+        assert await resp(port, "SET", "a:later", b"l", "PX", 3_600_000) == "OK"
+        assert await resp(port, "DBSIZE") == 100_000 + 50 + 2
+        sketch = await info_field(port, "admission_sketch_bytes")
+        assert 0 < sketch < 1024 * 1024  # grown into the room it had, not past it
         await w.close()
     finally:
         proc.stop()

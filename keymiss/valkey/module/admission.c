@@ -267,14 +267,20 @@ static RedisModuleString *km_sample_victim(RedisModuleCtx *ctx, const RedisModul
 
 /* KM_SKETCH_PER_KEY counters a row per key the server holds (the sketch also counts the keys
  * that were not admitted, or were evicted: a scan's one-off keys), and aging by km_aging_period, so
- * that yesterday's favourites make room. A failed growth keeps the table it has. */
-static int km_sketch_follow(RedisModuleCtx *ctx) {
+ * that yesterday's favourites make room. The table grows only into the room below `high` of `max`
+ * (doubling while the next size fits): grown past it, a server holding a million keys of others
+ * (contexts, no TTL) went 20 MB over maxmemory at its first FILL, evicted every computed value and
+ * refused every write after. A table that cannot grow keeps its width (crowded counts, not lost
+ * values), and a failed growth keeps the table it has. */
+static int km_sketch_follow(RedisModuleCtx *ctx, unsigned long long max, double high) {
     unsigned long long held = KM_DbSize(ctx);
     sk.period = km_aging_period(held);
     if (KM_SKETCH_PER_KEY * held <= sk.width || sk.width >= KM_SKETCH_MAX_WIDTH) return RM_OK;
+    double room = (high - (double)KM_GetUsedMemoryRatio()) * (double)max;
     uint32_t w = sk.width;
-    while (w < KM_SKETCH_PER_KEY * held && w < KM_SKETCH_MAX_WIDTH) w <<= 1;
-    return km_sketch_grow(w);
+    while (w < KM_SKETCH_PER_KEY * held && w < KM_SKETCH_MAX_WIDTH && 5.0 * (double)(2 * w - sk.width) <= room)
+        w <<= 1;
+    return w == sk.width ? RM_OK : km_sketch_grow(w);
 }
 
 /* The bytes the sketch holds (its counters and its cost slots), which count against maxmemory. */
@@ -296,7 +302,7 @@ static int km_admit_decide(RedisModuleCtx *ctx, RedisModuleString *key, uint64_t
      * is tight: sized at contests only, it stayed 4,096 counters wide and halved every 10,240 reads
      * while the cache filled, so the values held then were weighed by crowded, halved counts (0.8 to
      * 1.0 points of hits and 44-63 s lost at 20 % budgets in bench/hit_ratio.py). */
-    if (km_sketch_follow(ctx) != RM_OK) return 1;
+    if (km_sketch_follow(ctx, max, high) != RM_OK) return 1;
     if ((double)KM_GetUsedMemoryRatio() + need <= high) return 1;
     double mine = km_worth_ms(h, cost_ms, bytes);
     size_t freed = 0;
