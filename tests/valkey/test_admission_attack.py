@@ -6,7 +6,7 @@ from pathlib import Path
 
 from keymiss.valkey import protocol
 
-from ..support import RespTestClient, resp
+from ..support import RespTestClient, aeventually, resp
 from .conftest import info_field, raw_worker
 from .test_admission import ballast, compute, counters, start
 
@@ -74,6 +74,45 @@ async def test_the_sketch_grows_only_into_room_below_maxmemory(kind: str, tmp_pa
         assert await resp(port, "DBSIZE") == 100_000 + 50 + 2
         sketch = await info_field(port, "admission_sketch_bytes")
         assert 0 < sketch < 1024 * 1024  # grown into the room it had, not past it
+        await w.close()
+    finally:
+        proc.stop()
+
+
+def readme_sketch_bytes() -> int:
+    """The README's sample ``INFO keymiss`` (one FILL of ``keymiss serve``, which always sets a
+    maxmemory, over ten contexts): its ``admission_sketch_bytes``."""
+    text = (Path(__file__).parents[2] / "README.md").read_text()
+    return int(text.split(f"{protocol.INFO_SECTION}_admission_sketch_bytes:")[1].split()[0])
+
+
+async def test_the_sketch_exists_only_under_maxmemory_as_the_readme_shows(kind: str, tmp_path: Path) -> None:
+    """Without maxmemory nothing is counted and nothing weighed: a FILL left a 20 KB sketch all
+    the same (INFO 20480), and dropping maxmemory kept one of any size. Under a maxmemory the first
+    FILL makes the smallest one, which the README's sample (0) did not show."""
+    proc = start(kind, tmp_path, maxmemory=0)
+    port = proc.port
+    try:
+        w = await raw_worker(port, protocol.register("a", "a:*", ttl_ms=3_600_000))
+        assert (await compute(port, w, "a:1", b"v"))[0] == protocol.FILL_STORED
+        assert await info_field(port, "admission_sketch_bytes") == 0
+        assert await resp(port, "CONFIG", "SET", "maxmemory", 64 * 1024 * 1024) == "OK"
+
+        async def sized() -> bool:  # the module reads maxmemory once a second
+            await compute(port, w, "a:2", b"v")
+            await resp(port, "DEL", "a:2")
+            return await info_field(port, "admission_sketch_bytes") > 0
+
+        await aeventually(sized, timeout=5, interval=0.2)
+        assert await info_field(port, "admission_sketch_bytes") == readme_sketch_bytes()
+        assert await resp(port, "CONFIG", "SET", "maxmemory", 0) == "OK"
+
+        async def gone() -> bool:
+            await compute(port, w, "a:3", b"v")
+            await resp(port, "DEL", "a:3")
+            return await info_field(port, "admission_sketch_bytes") == 0
+
+        await aeventually(gone, timeout=5, interval=0.2)
         await w.close()
     finally:
         proc.stop()

@@ -132,6 +132,13 @@ static int km_sketch_grow(uint32_t width) {
     return RM_OK;
 }
 
+/* No table: its counts and costs are forgotten, as after CONFIG SET maxmemory (see km_admit). */
+static void km_sketch_free(void) {
+    KM_Free(sk.rows);
+    KM_Free(sk.cost);
+    sk = (KmSketch){0};
+}
+
 /* One read of a keyspace key (the filter's): its four counters, capped at 255; aging by halving. */
 void km_sketch_add(const RedisModuleString *key) {
     if (sk.rows == NULL && km_sketch_grow(KM_SKETCH_MIN_WIDTH) != RM_OK) return;
@@ -290,11 +297,9 @@ long long km_sketch_bytes(void) {
 
 /* Whether the FILL of `key` (a value of vlen bytes that took cost_ms) may be stored:
  * 1 if memory is not tight or it outweighs each value it displaces (those are deleted here first),
- * 0 if it loses to one (counted in km.admission_rejects). */
+ * 0 if it loses to one (counted in km.admission_rejects). `max` is the server's maxmemory (> 0). */
 static int km_admit_decide(RedisModuleCtx *ctx, RedisModuleString *key, uint64_t h, size_t klen, size_t vlen,
-                           double cost_ms) {
-    unsigned long long max = km_maxmemory(ctx, km_now_ms());
-    if (max == 0) return 1;
+                           double cost_ms, unsigned long long max) {
     size_t bytes = vlen + klen + KM_KEY_OVERHEAD;
     double need = (double)bytes / (double)max;
     double high = km_admit_high(max);
@@ -343,13 +348,19 @@ static int km_admit_decide(RedisModuleCtx *ctx, RedisModuleString *key, uint64_t
     return 1;
 }
 
-/* km_admit_decide's answer for the FILL of `key`, its cost noted if the value is stored. */
+/* km_admit_decide's answer for the FILL of `key`, its cost noted if the value is stored; without a
+ * maxmemory, 1 and no sketch. */
 int km_admit(RedisModuleCtx *ctx, RedisModuleString *key, size_t vlen, double cost_ms) {
+    unsigned long long max = km_maxmemory(ctx, km_now_ms());
+    if (max == 0) { /* nothing is counted or weighed: no sketch (one made under a maxmemory goes) */
+        km_sketch_free();
+        return 1;
+    }
     if (sk.rows == NULL && km_sketch_grow(KM_SKETCH_MIN_WIDTH) != RM_OK) return 1;
     size_t klen;
     const char *kp = KM_StringPtrLen(key, &klen);
     uint64_t h = km_hash(kp, klen);
-    int stored = km_admit_decide(ctx, key, h, klen, vlen, cost_ms);
+    int stored = km_admit_decide(ctx, key, h, klen, vlen, cost_ms, max);
     /* only a stored value's cost is kept: a slot is shared, and a value answered but not stored is
      * never sampled, so noting its cost would only overwrite a held value's */
     if (stored) km_note_cost(h, cost_ms);
