@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import resource
 from pathlib import Path
 
 from keymiss.valkey import protocol
@@ -113,6 +114,41 @@ async def test_the_sketch_exists_only_under_maxmemory_as_the_readme_shows(kind: 
             return await info_field(port, "admission_sketch_bytes") == 0
 
         await aeventually(gone, timeout=5, interval=0.2)
+        await w.close()
+    finally:
+        proc.stop()
+
+
+def address_space(pid: int) -> int:
+    """The bytes of address space process ``pid`` has mapped (VmSize)."""
+    status = Path(f"/proc/{pid}/status").read_text()
+    return int(next(line for line in status.splitlines() if line.startswith("VmSize:")).split()[1]) * 1024
+
+
+async def test_a_sketch_growth_the_system_cannot_allocate_keeps_the_table_it_has(
+    kind: str, tmp_path: Path
+) -> None:
+    """The server's address space capped 2 MB above what it maps when 100,000 keys ask the first
+    FILL for a 5 MB sketch: the growth fails, the FILL is stored with the 20 KB table kept. The
+    growth's allocator aborted the server on failure (out of memory: the whole cache lost for a
+    sketch); once the cap is lifted the next FILL grows it."""
+    proc = start(kind, tmp_path, maxmemory=1024 * 1024 * 1024)
+    port = proc.port
+    assert proc.proc is not None
+    pid = proc.proc.pid
+    try:
+        assert await resp(port, "EVAL", LOAD, 0, 100_000) == 1
+        w = await raw_worker(port, protocol.register("a", "a:*", ttl_ms=3_600_000))
+        limit = resource.prlimit(pid, resource.RLIMIT_AS)
+        resource.prlimit(pid, resource.RLIMIT_AS, (address_space(pid) + 2 * 1024 * 1024, limit[1]))
+        try:
+            assert (await compute(port, w, "a:1", b"v"))[0] == protocol.FILL_STORED
+            assert await info_field(port, "admission_sketch_bytes") == 5 * 4096
+        finally:
+            resource.prlimit(pid, resource.RLIMIT_AS, limit)
+        assert (await compute(port, w, "a:2", b"v"))[0] == protocol.FILL_STORED
+        assert await info_field(port, "admission_sketch_bytes") == 5 * (1 << 20)
+        assert await resp(port, "GET", "a:1") == b"v"
         await w.close()
     finally:
         proc.stop()

@@ -107,13 +107,14 @@ static inline size_t km_slot(uint64_t h, int r) {
 }
 
 /* A table `width` wide, every count kept: the old table is tiled across the new one (a key's new
- * block reduces to its old one under the old mask), as the memory store's sketch grows. */
+ * block reduces to its old one under the old mask), as the memory store's sketch grows. Allocated
+ * with TryAlloc, so that a table the system cannot give (up to 20 MB at once) fails this growth, not
+ * the server: Alloc's failure aborts it, and the whole cache with it. */
 static int km_sketch_grow(uint32_t width) {
-    unsigned char *rows = KM_Calloc((size_t)width * 4, 1);
-    unsigned char *cost = KM_Calloc(width, 1);
+    unsigned char *rows = KM_TryAlloc((size_t)width * 4);
+    unsigned char *cost = rows ? KM_TryAlloc(width) : NULL;
     if (rows == NULL || cost == NULL) {
         KM_Free(rows);
-        KM_Free(cost);
         return RM_ERR;
     }
     if (sk.rows) {
@@ -122,6 +123,8 @@ static int km_sketch_grow(uint32_t width) {
         KM_Free(sk.rows);
         KM_Free(sk.cost);
     } else {
+        memset(rows, 0, (size_t)width * 4);
+        memset(cost, 0, width);
         KM_GetRandomBytes((unsigned char *)&sk.seed, sizeof(sk.seed));
     }
     sk.rows = rows;

@@ -128,6 +128,7 @@ typedef void (*RedisModuleScanCB)(RedisModuleCtx *ctx, RedisModuleString *keynam
 #define KEYMISS_API_CALLS(X)                                                                          \
     X(void *, Alloc, (size_t bytes))                                                                 \
     X(void *, Calloc, (size_t nmemb, size_t size))                                                   \
+    X(void *, TryAlloc, (size_t bytes))                                                              \
     X(void *, Realloc, (void *ptr, size_t bytes))                                                    \
     X(void, Free, (void *ptr))                                                                       \
     X(int, CreateCommand, (RedisModuleCtx * ctx, const char *name, RedisModuleCmdFunc f,            \
