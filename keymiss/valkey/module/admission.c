@@ -59,6 +59,9 @@
 #ifndef KM_SKETCH_PER_KEY
 #define KM_SKETCH_PER_KEY 8 /* counters a row per key held: the sketch is charged to maxmemory too */
 #endif
+#ifndef KM_SKETCH_SHARE
+#define KM_SKETCH_SHARE (1.0 / 16) /* of maxmemory the sketch may take from values (km_sketch_follow) */
+#endif
 #define KM_ADMIT_ROUNDS 16             /* victims one FILL may delete at most */
 /* The sketch's memory, as the in-process policy's (keymiss/stores/worth.py, where the numbers were
  * measured): halved after KM_AGING additions per key held (TinyLFU's is 10, which forgot
@@ -277,19 +280,25 @@ static RedisModuleString *km_sample_victim(RedisModuleCtx *ctx, const RedisModul
 
 /* KM_SKETCH_PER_KEY counters a row per key the server holds (the sketch also counts the keys
  * that were not admitted, or were evicted: a scan's one-off keys), and aging by km_aging_period, so
- * that yesterday's favourites make room. The table grows only into the room below `high` of `max`
- * (doubling while the next size fits): grown past it, a server holding a million keys of others
- * (contexts, no TTL) went 20 MB over maxmemory at its first FILL, evicted every computed value and
- * refused every write after. A table that cannot grow keeps its width (crowded counts, not lost
- * values), and a failed growth keeps the table it has. */
+ * that yesterday's favourites make room. The table doubles while the next size fits the room below
+ * `high` of `max`, or, up to KM_SKETCH_SHARE of `max` in all, half the room below `max` itself (the
+ * other half is left to what comes and goes, client buffers; the contests that follow delete
+ * values by worth to get back under `high`). Never past `max`: a server holding a million keys of
+ * others (contexts, no TTL) went 20 MB over maxmemory at its first FILL, evicted every computed
+ * value and refused every write after. A table that cannot grow keeps its width (crowded counts,
+ * not lost values), and a failed growth keeps the table it has. */
 static int km_sketch_follow(RedisModuleCtx *ctx, unsigned long long max, double high) {
     unsigned long long held = KM_DbSize(ctx);
     sk.period = km_aging_period(held);
     if (KM_SKETCH_PER_KEY * held <= sk.width || sk.width >= KM_SKETCH_MAX_WIDTH) return RM_OK;
-    double room = (high - (double)KM_GetUsedMemoryRatio()) * (double)max;
+    double used = (double)KM_GetUsedMemoryRatio();
+    double below_high = (high - used) * (double)max, below_max = (1.0 - used) * (double)max / 2;
     uint32_t w = sk.width;
-    while (w < KM_SKETCH_PER_KEY * held && w < KM_SKETCH_MAX_WIDTH && 5.0 * (double)(2 * w - sk.width) <= room)
+    while (w < KM_SKETCH_PER_KEY * held && w < KM_SKETCH_MAX_WIDTH) {
+        double more = 5.0 * (double)(2 * w - sk.width), total = 10.0 * (double)w;
+        if (more > below_high && (more > below_max || total > KM_SKETCH_SHARE * (double)max)) break;
         w <<= 1;
+    }
     return w == sk.width ? RM_OK : km_sketch_grow(w);
 }
 
