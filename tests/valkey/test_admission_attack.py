@@ -9,7 +9,7 @@ from keymiss.valkey import protocol
 
 from ..support import RespTestClient, aeventually, resp
 from .conftest import info_field, raw_worker
-from .test_admission import ballast, compute, counters, start
+from .test_admission import ballast, compute, counters, memory_ratio, start
 
 
 async def test_a_fill_that_made_some_room_is_stored_though_a_later_sample_outweighs_it(
@@ -173,6 +173,50 @@ async def test_a_full_cache_s_sketch_still_grows_into_part_of_the_room_below_max
         memory = await info_fields(port, "memory")
         assert int(memory["used_memory"]) <= int(memory["maxmemory"])
         assert (await info_fields(port, "stats"))["evicted_keys"] == "0"
+        await w.close()
+    finally:
+        proc.stop()
+
+
+HOLD = "for i = 1, tonumber(ARGV[1]) do redis.call('SET', 'a:h:' .. i, 'h', 'PX', 3600000) end return 1"
+DROP = "for i = 1, tonumber(ARGV[1]) do redis.call('UNLINK', 'a:h:' .. i) end return 1"
+
+
+async def test_a_shrinking_keyspace_halves_the_counts_once_not_until_they_are_gone(
+    kind: str, tmp_path: Path
+) -> None:
+    """100,000 values held and 200,000 reads counted (the halving period: 1.2 million reads), then
+    all but one favourite (read 64 times) deleted: the period falls to 10,240 reads and the next
+    read halves the counts once, as a period that ends does. It halved them five times in a row
+    (the count of reads went on above the new period; 10 ms each for a 20 MB sketch, on the reads'
+    path): the favourite's 64 reads weighed 2, and a newcomer 8 readers waited on displaced it."""
+    proc = start(kind, tmp_path, maxmemory=64 * 1024 * 1024)
+    port = proc.port
+    try:
+        w = await raw_worker(port, protocol.register("a", "a:*", ttl_ms=3_600_000))
+        assert (await compute(port, w, "a:fav", b"f" * 1024))[0] == protocol.FILL_STORED
+        assert await resp(port, "EVAL", HOLD, 0, 100_000) == 1
+        assert (await compute(port, w, "a:sized", b"s"))[0] == protocol.FILL_STORED  # 1 M wide
+        async with RespTestClient(port) as c:
+            assert await c.call_many([("GET", "a:fav")] * 64) == [b"f" * 1024] * 64
+            for _ in range(100):
+                await c.call_many([("GET", f"a:h:{i}") for i in range(1, 2001)])
+        assert await resp(port, "EVAL", DROP, 0, 100_000) == 1
+        assert await resp(port, "DEL", "a:sized") == 1
+        assert (await compute(port, w, "a:shrunk", b"s"))[0] == protocol.FILL_STORED  # the new period
+        assert await resp(port, "DEL", "a:shrunk") == 1
+        assert await resp(port, "GET", "a:fav") == b"f" * 1024  # the halving's read
+        async with RespTestClient(port) as c:  # most of it in 1 MB steps, then 64 KB ones
+            for _ in range(64):  # bounded: 64 MB
+                if await memory_ratio(port, maxmemory=64 * 1024 * 1024) >= 0.95:
+                    break
+                assert await c.call("RPUSH", "a:ballast", b"b" * 1024 * 1024) > 0
+        # over the admission mark (99 % of 64 MB: all but 512 KB, at least 1 %), under maxmemory
+        await ballast(port, 0.991, maxmemory=64 * 1024 * 1024)
+        reply, got = await compute(port, w, "a:new", b"n" * 1024, readers=8)
+        assert got == [b"n" * 1024] * 8
+        assert reply == protocol.FILL_NOT_STORED  # 8 reads against the favourite's 64, halved once
+        assert await resp(port, "EXISTS", "a:fav") == 1
         await w.close()
     finally:
         proc.stop()

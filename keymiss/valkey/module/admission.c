@@ -161,7 +161,10 @@ void km_sketch_add(const RedisModuleString *key) {
     }
     if (added && ++sk.additions >= sk.period) {
         for (size_t i = 0; i < (size_t)sk.width * 4; i++) sk.rows[i] >>= 1;
-        sk.additions /= 2;
+        /* as if the period had just ended: once, even where the count went on past a period that
+         * fell since (fewer keys held: after a FLUSHALL it halved up to every read until the count
+         * was back under it, all the counts gone and the table swept each time) */
+        sk.additions = sk.additions / 2 < sk.period / 2 ? sk.additions / 2 : sk.period / 2;
     }
 }
 
