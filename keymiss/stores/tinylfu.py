@@ -128,9 +128,12 @@ class FrequencySketch:
         )
 
     def reset(self) -> None:
-        """Halve every counter (aging)."""
+        """Halve every counter (aging), once: the count of additions restarts at most half a period
+        in, so a period that fell since (``worth`` sets it from the entries held, fewer after a
+        clear) halves the counts once rather than at every addition until the count is back under
+        it, which would sweep the table each time and leave the favourites nothing."""
         self.table = bytearray(self.table.translate(_HALVE))
-        self.additions //= 2
+        self.additions = min(self.additions // 2, self.sample // 2)
 
 
 class TinyLFUPolicy(Policy):

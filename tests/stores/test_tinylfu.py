@@ -257,3 +257,19 @@ def test_aggregated_victims_keep_many_small_entries_over_one_big_one() -> None:
         store.set_now("next", b"x" * 100)  # pushes it out of the window: the admission contest
         kept[admission] = "big" in policy.probation or "big" in policy.protected
     assert kept == {"av": False, "iv": True}, kept
+
+
+def test_a_period_that_fell_halves_the_counts_once_not_at_every_addition() -> None:
+    """The worth policy sets the period from the entries held: after a clear it falls far below
+    the additions counted. The next addition halves the counts once; the ones after it do not."""
+    s = FrequencySketch(64, cap=255)
+    for _ in range(40):
+        s.increment("favourite")
+    s.sample = 100_000
+    s.additions = 99_999  # a long period, nearly over
+    s.sample = 100  # ... and then far fewer entries
+    s.increment("a")  # the period is over: one halving
+    assert s.frequency("favourite") == 20
+    for key in ("b", "c", "d", "e"):
+        s.increment(key)
+    assert s.frequency("favourite") == 20  # halved once, not at each of these
