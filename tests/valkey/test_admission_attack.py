@@ -220,3 +220,23 @@ async def test_a_shrinking_keyspace_halves_the_counts_once_not_until_they_are_go
         await w.close()
     finally:
         proc.stop()
+
+
+async def test_the_sketch_shrinks_when_far_fewer_keys_are_held(kind: str, tmp_path: Path) -> None:
+    """100,000 contexts grow the sketch to 8 counters a row for each (5 MB, within 1 GB); once they
+    are flushed, the next FILL folds it back to the width its keys need (the smallest), so its bytes
+    go back to the values. It never shrank: a table once grown for millions of keys kept its bytes
+    until the server restarted."""
+    proc = start(kind, tmp_path, maxmemory=1024 * 1024 * 1024)
+    port = proc.port
+    try:
+        assert await resp(port, "EVAL", LOAD, 0, 100_000) == 1
+        w = await raw_worker(port, protocol.register("a", "a:*", ttl_ms=3_600_000))
+        assert (await compute(port, w, "a:1", b"v"))[0] == protocol.FILL_STORED
+        assert await info_field(port, "admission_sketch_bytes") == 5 * (1 << 20)
+        assert await resp(port, "FLUSHALL", "SYNC") == "OK"
+        assert (await compute(port, w, "a:2", b"v"))[0] == protocol.FILL_STORED
+        assert await info_field(port, "admission_sketch_bytes") == 5 * 4096
+        await w.close()
+    finally:
+        proc.stop()

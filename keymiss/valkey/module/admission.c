@@ -138,6 +138,33 @@ static int km_sketch_grow(uint32_t width) {
     return RM_OK;
 }
 
+/* A table `width` wide (narrower than now) folding the old one: a key's counter lands where the
+ * old index reduces to under the new mask (its block's low bits), and takes the larger of the
+ * counters folded there, so no key's estimate drops. A failed allocation keeps the table it has. */
+static int km_sketch_shrink(uint32_t width) {
+    unsigned char *rows = KM_TryAlloc((size_t)width * 4);
+    unsigned char *cost = rows ? KM_TryAlloc(width) : NULL;
+    if (rows == NULL || cost == NULL) {
+        KM_Free(rows);
+        return RM_ERR;
+    }
+    memset(rows, 0, (size_t)width * 4);
+    memset(cost, 0, width);
+    for (size_t i = 0; i < (size_t)sk.width * 4; i++) {
+        unsigned char *c = &rows[i & ((size_t)width * 4 - 1)];
+        if (sk.rows[i] > *c) *c = sk.rows[i];
+    }
+    for (uint32_t i = 0; i < sk.width; i++)
+        if (cost[i & (width - 1)] == 0) cost[i & (width - 1)] = sk.cost[i];
+    KM_Free(sk.rows);
+    KM_Free(sk.cost);
+    sk.rows = rows;
+    sk.cost = cost;
+    sk.width = width;
+    sk.mask = width - 1;
+    return RM_OK;
+}
+
 /* No table: its counts and costs are forgotten, as after CONFIG SET maxmemory (see km_admit). */
 static void km_sketch_free(void) {
     KM_Free(sk.rows);
@@ -293,6 +320,14 @@ static RedisModuleString *km_sample_victim(RedisModuleCtx *ctx, const RedisModul
 static int km_sketch_follow(RedisModuleCtx *ctx, unsigned long long max, double high) {
     unsigned long long held = KM_DbSize(ctx);
     sk.period = km_aging_period(held);
+    if (4ULL * KM_SKETCH_PER_KEY * held < sk.width && sk.width > KM_SKETCH_MIN_WIDTH) {
+        /* far fewer keys held (a FLUSHALL, a mass delete): down to the width they need, so a table
+         * once grown for millions of keys does not keep their bytes from the values for good */
+        uint32_t w = KM_SKETCH_MIN_WIDTH;
+        while (w < KM_SKETCH_PER_KEY * held) w <<= 1;
+        (void)km_sketch_shrink(w); /* a failed one keeps the wider table: crowded by nothing */
+        return RM_OK;
+    }
     if (KM_SKETCH_PER_KEY * held <= sk.width || sk.width >= KM_SKETCH_MAX_WIDTH) return RM_OK;
     double used = (double)KM_GetUsedMemoryRatio();
     double below_high = (high - used) * (double)max, below_max = (1.0 - used) * (double)max / 2;
