@@ -8,7 +8,7 @@ from pathlib import Path
 from keymiss.valkey import protocol
 
 from ..support import RespTestClient, aeventually, resp
-from .conftest import info_field, raw_worker
+from .conftest import info_field, raw_worker, valgrind_valkey
 from .test_admission import ballast, compute, counters, memory_ratio, start
 
 
@@ -240,3 +240,31 @@ async def test_the_sketch_shrinks_when_far_fewer_keys_are_held(kind: str, tmp_pa
         await w.close()
     finally:
         proc.stop()
+
+
+async def test_the_sketch_grows_folds_back_and_goes_clean_under_valgrind(tmp_path: Path) -> None:
+    """Growth for 10,000 keys held, the fold back after a FLUSHALL, and the table freed when
+    maxmemory goes to 0, under valgrind: no invalid access, nothing definitely lost."""
+    server, vlog = valgrind_valkey(tmp_path, "--maxmemory", str(1024 * 1024 * 1024))
+    port = server.port
+    try:
+        assert await resp(port, "EVAL", LOAD, 0, 10_000, wait=60.0) == 1
+        w = await raw_worker(port, protocol.register("a", "a:*", ttl_ms=3_600_000), wait=60.0)
+        assert (await compute(port, w, "a:1", b"v", wait=60.0))[0] == protocol.FILL_STORED
+        assert await info_field(port, "admission_sketch_bytes") == 5 * (1 << 17)
+        assert await resp(port, "FLUSHALL", "SYNC", wait=60.0) == "OK"
+        assert (await compute(port, w, "a:2", b"v", wait=60.0))[0] == protocol.FILL_STORED
+        assert await info_field(port, "admission_sketch_bytes") == 5 * 4096
+        assert await resp(port, "CONFIG", "SET", "maxmemory", 0, wait=60.0) == "OK"
+
+        async def freed() -> bool:  # the module reads maxmemory once a second
+            await compute(port, w, "a:3", b"v", wait=60.0)
+            await resp(port, "DEL", "a:3", wait=60.0)
+            return await info_field(port, "admission_sketch_bytes") == 0
+
+        await aeventually(freed, timeout=30, interval=0.5)
+        await w.close()
+    finally:
+        server.stop()
+    text = vlog.read_text()
+    assert "ERROR SUMMARY: 0 errors" in text, text[-3000:]
