@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import functools
+import logging
 import time
 from collections.abc import Callable, Iterable
 
@@ -21,6 +22,10 @@ from keymiss.engine.singleflight import SingleFlight
 from keymiss.errors import ComputeTimeoutError, KeymissError, StoreError
 from keymiss.keyspace import DEFAULT_TIMEOUT, Keyspace
 from keymiss.stores import Item, LocalStore, SharedStore, Store, Write
+
+log = logging.getLogger("keymiss")
+#: an expiry the batch did not find (``None`` is PERSIST's)
+_UNCHANGED = object()
 
 
 class WriteBack:
@@ -287,7 +292,26 @@ class WriteBack:
                 for w, fut in batch
             ]
         if batch:
+            applied = {w.key: self._expiries.get(w.key, _UNCHANGED) for w, _ in batch}
             await self._write(batch)
+            await self._reapply_expiries(batch, applied)
+
+    async def _reapply_expiries(
+        self, batch: list[tuple[Write, asyncio.Future[bool | None]]], applied: dict[str, object]
+    ) -> None:
+        """A client's TTL change recorded while the batch was being written: its own write reached
+        the store before the value did (a change records itself once its write lands, and this
+        batch had read the expiries already), so the value overwrote it with the keyspace's TTL.
+        It is written again, on the value now stored (the read contract's ttl-during row)."""
+        now = time.time()
+        for w, fut in batch:
+            if self._expiries.get(w.key, _UNCHANGED) == applied[w.key] or w.key not in self._expiries:
+                continue
+            if fut.done() and not fut.cancelled() and fut.exception() is None and fut.result():
+                try:
+                    await self._store().expire(w.key, self._ttl_of(w.key, now))
+                except Exception:  # the value stays with the keyspace's TTL; the fill succeeded
+                    log.warning("could not give %r the TTL a client set while it was stored", w.key)
 
     def _ttl_of(self, key: str, now: float) -> float | None:
         expires_at = self._expiries[key]
