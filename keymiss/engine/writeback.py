@@ -307,6 +307,8 @@ class WriteBack:
         for w, fut in batch:
             if self._expiries.get(w.key, _UNCHANGED) == applied[w.key] or w.key not in self._expiries:
                 continue
+            if w.key in self._superseded or self._is_held(w.key):  # a client wrote it since: theirs
+                continue
             if fut.done() and not fut.cancelled() and fut.exception() is None and fut.result():
                 try:
                     await self._store().expire(w.key, self._ttl_of(w.key, now))
