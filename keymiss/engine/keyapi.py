@@ -293,26 +293,26 @@ class KeyCommands:
         """Give an existing key a time to live (zero or less deletes it)."""
         if seconds <= 0:
             self.written([key])
-        self.writeback.expiry_changing(key)
+        self.writeback.writing([key])  # a fill ending meanwhile waits for it, as for the server's
         try:
             done = await self.store.expire(key, seconds)
             if done and seconds > 0:
                 self.writeback.expiry_set(key, time.time() + seconds)
         finally:
-            self.writeback.expiry_landed(key)
+            self.writeback.landed([key])
         return done
 
     async def persist(self, key: str) -> bool:
         """Remove a key's expiry; False if the key does not exist or had none."""
         if await self.store.pttl(key) < 0:
             return False
-        self.writeback.expiry_changing(key)
+        self.writeback.writing([key])  # a fill ending meanwhile waits for it, as for the server's
         try:
             done = await self.store.expire(key, None)
             if done:
                 self.writeback.expiry_set(key, None)
         finally:
-            self.writeback.expiry_landed(key)
+            self.writeback.landed([key])
         return done
 
     async def forget(self, pattern: str) -> int:

@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import functools
-import logging
 import time
 from collections.abc import Callable, Iterable
 
@@ -22,10 +21,6 @@ from keymiss.engine.singleflight import SingleFlight
 from keymiss.errors import ComputeTimeoutError, KeymissError, StoreError
 from keymiss.keyspace import DEFAULT_TIMEOUT, Keyspace
 from keymiss.stores import Item, LocalStore, SharedStore, Store, Write
-
-log = logging.getLogger("keymiss")
-#: an expiry the batch did not find (``None`` is PERSIST's)
-_UNCHANGED = object()
 
 
 class WriteBack:
@@ -51,9 +46,6 @@ class WriteBack:
         #: expiries (unix seconds; None: persist) a client gave keys being filled: the value
         #: computed keeps the client's, not its keyspace's (the read contract's ttl-during row)
         self._expiries: dict[str, float | None] = {}
-        #: client TTL changes issued and not landed yet (a count each): a re-applied expiry is
-        #: older than they are, and must not land after them (``_reapply_expiries``)
-        self._ttl_changing: dict[str, int] = {}
         self._pending: list[tuple[Write, asyncio.Future[bool | None]]] = []
         self._writers: set[asyncio.Task[None]] = set()
         #: when a key whose refresh failed may be refreshed again
@@ -176,20 +168,6 @@ class WriteBack:
         if key in self._watch:
             self._expiries[key] = expires_at
 
-    def expiry_changing(self, key: str) -> None:
-        """A client's TTL change of ``key`` is on its way to the store (``expiry_landed`` ends it):
-        a command the server flags ``write`` says so with ``writing`` already; this is the
-        library's, which holds no fill."""
-        self._ttl_changing[key] = self._ttl_changing.get(key, 0) + 1
-
-    def expiry_landed(self, key: str) -> None:
-        """The TTL change ``expiry_changing`` announced has landed (or failed)."""
-        n = self._ttl_changing.get(key, 0) - 1
-        if n > 0:
-            self._ttl_changing[key] = n
-        else:
-            self._ttl_changing.pop(key, None)
-
     def supersede_matching(self, matches: Callable[[str], bool]) -> None:
         """``supersede`` every key being filled that ``matches`` (KEYMISS FORGET of a glob)."""
         self._superseded |= {k for k in self._watch if matches(k)}
@@ -309,56 +287,29 @@ class WriteBack:
                 for w, fut in batch
             ]
         if batch:
-            applied = {w.key: self._expiries.get(w.key, _UNCHANGED) for w, _ in batch}
-            outcomes: list[bool | KeymissError] = []
-            try:
-                outcomes = await self._write([w for w, _ in batch])
-                # before the fills end: a fill that has ended unwatches its key, forgetting
-                # its client's expiry and writes, which a later key's re-apply still needs
-                await self._reapply_expiries([w.key for w, _ in batch], applied, outcomes)
-            finally:
-                for (_, fut), ok in zip(batch, outcomes, strict=False):
-                    if fut.done():
-                        continue
-                    if isinstance(ok, KeymissError):
-                        fut.set_exception(ok)
-                    else:
-                        fut.set_result(ok)
-
-    async def _reapply_expiries(
-        self, keys: list[str], applied: dict[str, object], outcomes: list[bool | KeymissError]
-    ) -> None:
-        """A client's TTL change recorded while the batch was being written: its own write reached
-        the store before the value did (a change records itself once its write lands, and this
-        batch had read the expiries already), so the value overwrote it with the keyspace's TTL.
-        It is written again, on the value now stored (the read contract's ttl-during row)."""
-        for key, ok in zip(keys, outcomes, strict=True):
-            if ok is not True or key not in self._expiries:  # not stored, or no TTL change at all
-                continue
-            if self._expiries[key] == applied[key]:  # the value was written with it
-                continue
-            if key in self._superseded or self._is_held(key):  # a client wrote it since: theirs
-                continue
-            if key in self._ttl_changing:  # a later TTL change on its way: it lands after the value
-                continue
-            try:
-                await self._store().expire(key, self._ttl_of(key, time.time()))
-            except Exception:  # the value stays with the keyspace's TTL; the fill succeeded
-                log.warning("could not give %r the TTL a client set while it was stored", key)
+            await self._write(batch)
 
     def _ttl_of(self, key: str, now: float) -> float | None:
         expires_at = self._expiries[key]
         return None if expires_at is None else max(expires_at - now, 0.001)
 
-    async def _write(self, writes: list[Write]) -> list[bool | KeymissError]:
-        """Each value's outcome: stored, declined (False) or the error that kept it out."""
+    async def _write(self, batch: list[tuple[Write, asyncio.Future[bool | None]]]) -> None:
         try:
-            return list(await self._store().set_many(writes))
+            stored = await self._store().set_many([w for w, _ in batch])
         except Exception as exc:
-            if len(writes) > 1:  # one bad write must not fail the values that finished beside it
-                return [out for w in writes for out in await self._write([w])]
+            if len(batch) > 1:  # one bad write must not fail the values that finished beside it
+                for one in batch:
+                    await self._write([one])
+                return
             if isinstance(exc, KeymissError):  # StoreError, or the store's own reply (OOM)
-                return [exc]
-            err = StoreError(f"could not store computed values: {exc}")
-            err.__cause__ = exc
-            return [err]
+                err = exc
+            else:
+                err = StoreError(f"could not store computed values: {exc}")
+                err.__cause__ = exc
+            for _, fut in batch:
+                if not fut.done():
+                    fut.set_exception(err)
+            return
+        for (_, fut), ok in zip(batch, stored, strict=True):
+            if not fut.done():
+                fut.set_result(ok)

@@ -109,59 +109,40 @@ static inline size_t km_slot(uint64_t h, int r) {
     return block * 64 + 16 * (size_t)r + (size_t)((h >> (40 + 4 * r)) & 15);
 }
 
-/* A table `width` wide, every count kept: the old table is tiled across the new one (a key's new
- * block reduces to its old one under the old mask), as the memory store's sketch grows. Allocated
- * with TryAlloc, so that a table the system cannot give (up to 20 MB at once) fails this growth, not
- * the server: Alloc's failure aborts it, and the whole cache with it. */
-static int km_sketch_grow(uint32_t width) {
+/* The table made `width` wide, every count kept. Growing, the old table is tiled across the new one
+ * (a key's new block reduces to its old one under the old mask), as the memory store's sketch grows;
+ * shrinking (far fewer keys held), each old counter folds to where its index reduces under the new
+ * mask and the larger of those folded together stays, so no key's estimate drops. Allocated with
+ * TryAlloc, so that a table the system cannot give (up to 20 MB at once) fails this change, keeping
+ * the table there is, not the server: Alloc's failure aborts it, and the whole cache with it. */
+static int km_sketch_resize(uint32_t width) {
     unsigned char *rows = KM_TryAlloc((size_t)width * 4);
     unsigned char *cost = rows ? KM_TryAlloc(width) : NULL;
     if (rows == NULL || cost == NULL) {
         KM_Free(rows);
         return RM_ERR;
     }
-    if (sk.rows) {
+    if (sk.rows && width >= sk.width) {
         for (size_t i = 0; i < (size_t)width * 4; i++) rows[i] = sk.rows[i & ((size_t)sk.width * 4 - 1)];
         for (uint32_t i = 0; i < width; i++) cost[i] = sk.cost[i & sk.mask];
-        KM_Free(sk.rows);
-        KM_Free(sk.cost);
     } else {
         memset(rows, 0, (size_t)width * 4);
         memset(cost, 0, width);
-        KM_GetRandomBytes((unsigned char *)&sk.seed, sizeof(sk.seed));
+        for (size_t i = 0; sk.rows && i < (size_t)sk.width * 4; i++) {
+            unsigned char *c = &rows[i & ((size_t)width * 4 - 1)];
+            if (sk.rows[i] > *c) *c = sk.rows[i];
+        }
+        for (uint32_t i = 0; sk.rows && i < sk.width; i++)
+            if (cost[i & (width - 1)] == 0) cost[i & (width - 1)] = sk.cost[i];
     }
-    sk.rows = rows;
-    sk.cost = cost;
-    sk.width = width;
-    sk.mask = width - 1;
-    if (sk.period == 0) sk.period = km_aging_period(0);
-    return RM_OK;
-}
-
-/* A table `width` wide (narrower than now) folding the old one: a key's counter lands where the
- * old index reduces to under the new mask (its block's low bits), and takes the larger of the
- * counters folded there, so no key's estimate drops. A failed allocation keeps the table it has. */
-static int km_sketch_shrink(uint32_t width) {
-    unsigned char *rows = KM_TryAlloc((size_t)width * 4);
-    unsigned char *cost = rows ? KM_TryAlloc(width) : NULL;
-    if (rows == NULL || cost == NULL) {
-        KM_Free(rows);
-        return RM_ERR;
-    }
-    memset(rows, 0, (size_t)width * 4);
-    memset(cost, 0, width);
-    for (size_t i = 0; i < (size_t)sk.width * 4; i++) {
-        unsigned char *c = &rows[i & ((size_t)width * 4 - 1)];
-        if (sk.rows[i] > *c) *c = sk.rows[i];
-    }
-    for (uint32_t i = 0; i < sk.width; i++)
-        if (cost[i & (width - 1)] == 0) cost[i & (width - 1)] = sk.cost[i];
+    if (sk.rows == NULL) KM_GetRandomBytes((unsigned char *)&sk.seed, sizeof(sk.seed));
     KM_Free(sk.rows);
     KM_Free(sk.cost);
     sk.rows = rows;
     sk.cost = cost;
     sk.width = width;
     sk.mask = width - 1;
+    if (sk.period == 0) sk.period = km_aging_period(0);
     return RM_OK;
 }
 
@@ -174,7 +155,7 @@ static void km_sketch_free(void) {
 
 /* One read of a keyspace key (the filter's): its four counters, capped at 255; aging by halving. */
 void km_sketch_add(const RedisModuleString *key) {
-    if (sk.rows == NULL && km_sketch_grow(KM_SKETCH_MIN_WIDTH) != RM_OK) return;
+    if (sk.rows == NULL && km_sketch_resize(KM_SKETCH_MIN_WIDTH) != RM_OK) return;
     size_t len;
     const char *p = KM_StringPtrLen(key, &len);
     uint64_t h = km_hash(p, len);
@@ -325,7 +306,7 @@ static int km_sketch_follow(RedisModuleCtx *ctx, unsigned long long max, double 
          * once grown for millions of keys does not keep their bytes from the values for good */
         uint32_t w = KM_SKETCH_MIN_WIDTH;
         while (w < KM_SKETCH_PER_KEY * held) w <<= 1;
-        (void)km_sketch_shrink(w); /* a failed one keeps the wider table: crowded by nothing */
+        (void)km_sketch_resize(w); /* a failed one keeps the wider table: crowded by nothing */
         return RM_OK;
     }
     if (KM_SKETCH_PER_KEY * held <= sk.width || sk.width >= KM_SKETCH_MAX_WIDTH) return RM_OK;
@@ -337,7 +318,7 @@ static int km_sketch_follow(RedisModuleCtx *ctx, unsigned long long max, double 
         if (more > below_high && (more > below_max || total > KM_SKETCH_SHARE * (double)max)) break;
         w <<= 1;
     }
-    return w == sk.width ? RM_OK : km_sketch_grow(w);
+    return w == sk.width ? RM_OK : km_sketch_resize(w);
 }
 
 /* The bytes the sketch holds (its counters and its cost slots), which count against maxmemory. */
@@ -406,7 +387,7 @@ int km_admit(RedisModuleCtx *ctx, RedisModuleString *key, size_t vlen, double co
         km_sketch_free();
         return 1;
     }
-    if (sk.rows == NULL && km_sketch_grow(KM_SKETCH_MIN_WIDTH) != RM_OK) return 1;
+    if (sk.rows == NULL && km_sketch_resize(KM_SKETCH_MIN_WIDTH) != RM_OK) return 1;
     size_t klen;
     const char *kp = KM_StringPtrLen(key, &klen);
     uint64_t h = km_hash(kp, klen);
